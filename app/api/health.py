@@ -1,0 +1,47 @@
+"""`/healthz` (the process answers) and `/readyz` (database, Redis and a live worker)."""
+
+from typing import Any
+
+from fastapi import APIRouter
+from sqlalchemy import text
+
+from app import broker
+from app.api.deps import RedisDep, SessionsDep, SettingsDep
+from app.errors import ServiceError
+from app.schemas import HealthOut, ReadinessOut
+
+router = APIRouter(tags=["health"])
+
+
+@router.get("/healthz")
+def healthz() -> HealthOut:
+    return HealthOut(status="ok")
+
+
+@router.get("/readyz", responses={503: {"description": "A part is missing; `details.missing` names it."}})
+def readyz(settings: SettingsDep, sessions: SessionsDep, connection: RedisDep) -> ReadinessOut:
+    """Ready when the registry database answers, Redis answers, and at least one worker's
+    heartbeat is fresh."""
+    checks: dict[str, Any] = {}
+    missing: list[str] = []
+    try:
+        with sessions() as session:
+            session.execute(text("SELECT 1"))
+        checks["database"] = "ok"
+    except Exception as exc:  # any failure to answer means not ready
+        checks["database"] = f"unreachable: {exc}"
+        missing.append("database")
+    try:
+        connection.ping()
+        checks["redis"] = "ok"
+        workers = broker.live_workers(connection, settings)
+        checks["workers"] = [{"name": w["name"], "device": w["device"], "current_job": w.get("current_job")} for w in workers]
+        if not workers:
+            missing.append("worker")
+    except Exception as exc:
+        checks["redis"] = f"unreachable: {exc}"
+        checks["workers"] = []
+        missing.extend(["redis", "worker"])
+    if missing:
+        raise ServiceError(503, "not_ready", f"not ready: no {', no '.join(missing)}", missing=missing, checks=checks)
+    return ReadinessOut(status="ready", checks=checks)

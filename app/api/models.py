@@ -1,0 +1,74 @@
+"""`/v1/models`: register a base model, list and show them."""
+
+from typing import Annotated
+
+from fastapi import APIRouter, Query, Response, status
+from sqlalchemy import delete
+from sqlalchemy.exc import IntegrityError
+from sqlalchemy.orm import Session
+
+from app import broker, jobs
+from app.api.deps import RedisDep, SessionDep, SessionsDep, SettingsDep
+from app.errors import ServiceError
+from app.model_sources import read_model_shape, resolve_source
+from app.registry.database import transaction
+from app.registry.models import find_model, get_model, list_models, new_model
+from app.registry.tables import Job, Model
+from app.schemas import ModelCreate, ModelOut, ModelPage
+
+router = APIRouter(prefix="/v1/models", tags=["models"])
+
+
+@router.post(
+    "",
+    status_code=status.HTTP_201_CREATED,
+    responses={200: {"model": ModelOut, "description": "Already registered: the existing model."}},
+)
+def register_model(body: ModelCreate, response: Response, settings: SettingsDep, sessions: SessionsDep, connection: RedisDep) -> ModelOut:
+    """Register a base model and queue a check in which a worker loads it and runs one
+    token through it. The answer comes at once with `status: pending`."""
+    source = resolve_source(body.source, body.revision)
+    shape = read_model_shape(source.path)
+    model = new_model(body.name, source, body.revision, body.dtype, body.quantization, shape)
+    job = jobs.new_job("model_check", {"model_id": model.id}, broker.default_queue(settings), model_id=model.id)
+    model.check_job_id = job.id
+    try:
+        with transaction(sessions) as session:
+            existing = find_model(session, source, body.revision, body.dtype, body.quantization)
+            if existing is not None:
+                response.status_code = status.HTTP_200_OK
+                return ModelOut.of(existing)
+            session.add(model)
+            session.flush()
+            session.add(job)
+    except IntegrityError:  # registered concurrently by another request
+        with sessions() as session:
+            existing = find_model(session, source, body.revision, body.dtype, body.quantization)
+        if existing is None:
+            raise ServiceError(409, "conflict", "the model is being registered by another request; retry") from None
+        response.status_code = status.HTTP_200_OK
+        return ModelOut.of(existing)
+
+    def undo(session: Session) -> None:
+        session.execute(delete(Job).where(Job.id == job.id))
+        session.execute(delete(Model).where(Model.id == model.id))
+
+    jobs.enqueue(sessions, connection, settings, job, undo)
+    response.headers["Location"] = f"/v1/models/{model.id}"
+    return ModelOut.of(model)
+
+
+@router.get("")
+def list_registered_models(
+    session: SessionDep,
+    settings: SettingsDep,
+    cursor: Annotated[str | None, Query(max_length=40)] = None,
+    limit: Annotated[int, Query(ge=1, le=200)] = 50,
+) -> ModelPage:
+    models, next_cursor = list_models(session, cursor=cursor, limit=min(limit, settings.page_size_max))
+    return ModelPage(items=[ModelOut.of(model) for model in models], next_cursor=next_cursor)
+
+
+@router.get("/{model_id}")
+def show_model(model_id: str, session: SessionDep) -> ModelOut:
+    return ModelOut.of(get_model(session, model_id))

@@ -1,0 +1,106 @@
+"""The error envelope: every error answer is `{"error": {"code", "message", "details"}}`."""
+
+from typing import Any
+
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+
+class ServiceError(Exception):
+    """An error meant for the client: its status, a stable code, a message naming the problem."""
+
+    def __init__(self, status: int, code: str, message: str, **details: Any) -> None:
+        super().__init__(message)
+        self.status = status
+        self.code = code
+        self.message = message
+        self.details = details
+
+
+def not_found(resource: str, resource_id: str) -> ServiceError:
+    return ServiceError(404, "not_found", f"no {resource} with id {resource_id!r}", resource=resource, id=resource_id)
+
+
+def invalid_field(field: str, message: str, **details: Any) -> ServiceError:
+    return ServiceError(422, "invalid_field", f"{field}: {message}", field=field, **details)
+
+
+def error_body(code: str, message: str, details: dict[str, Any] | None = None) -> dict[str, Any]:
+    return {"error": {"code": code, "message": message, "details": details or {}}}
+
+
+def error_response(status: int, code: str, message: str, details: dict[str, Any] | None = None, headers: dict[str, str] | None = None) -> JSONResponse:
+    return JSONResponse(error_body(code, message, details), status_code=status, headers=headers)
+
+
+_HTTP_CODES = {
+    400: "bad_request",
+    401: "unauthorized",
+    403: "forbidden",
+    404: "not_found",
+    405: "method_not_allowed",
+    409: "conflict",
+    413: "payload_too_large",
+    415: "unsupported_media_type",
+    429: "rate_limited",
+    503: "unavailable",
+}
+
+
+def _field_name(location: tuple[Any, ...]) -> str:
+    """`('body', 'source')` → `source`; the place (body/query/path) stays in `details`."""
+    parts = [str(part) for part in location[1:]] if len(location) > 1 else [str(part) for part in location]
+    return ".".join(parts)
+
+
+async def _service_error(_request: Request, exc: Exception) -> JSONResponse:
+    assert isinstance(exc, ServiceError)
+    return error_response(exc.status, exc.code, exc.message, exc.details)
+
+
+async def _validation_error(_request: Request, exc: Exception) -> JSONResponse:
+    assert isinstance(exc, RequestValidationError)
+    fields = [
+        {
+            "field": "body" if err["type"] == "json_invalid" else _field_name(tuple(err["loc"])),
+            "in": str(err["loc"][0]),
+            "message": err["msg"] + (f" ({err['ctx']['error']})" if err["type"] == "json_invalid" and "ctx" in err else ""),
+            "type": err["type"],
+        }
+        for err in exc.errors()
+    ]
+    summary = "; ".join(f"{item['field'] or item['in']}: {item['message']}" for item in fields)
+    return error_response(422, "validation_error", f"invalid request: {summary}", {"fields": fields})
+
+
+async def _http_error(_request: Request, exc: Exception) -> JSONResponse:
+    assert isinstance(exc, StarletteHTTPException)
+    code = _HTTP_CODES.get(exc.status_code, "http_error")
+    message = exc.detail if isinstance(exc.detail, str) else code.replace("_", " ")
+    return error_response(exc.status_code, code, message, headers=getattr(exc, "headers", None))
+
+
+async def _backend_unavailable(_request: Request, exc: Exception) -> JSONResponse:
+    backend = "redis" if type(exc).__module__.startswith("redis") else "database"
+    return error_response(503, "unavailable", f"the {backend} is unreachable: {exc}", {"backend": backend}, headers={"Retry-After": "5"})
+
+
+async def _unexpected(_request: Request, exc: Exception) -> JSONResponse:
+    return error_response(500, "internal", f"internal error: {type(exc).__name__}")
+
+
+def install_error_handlers(app: FastAPI) -> None:
+    """Client errors keep their status; Redis or the database going away is a 503 with
+    `Retry-After`; anything else is a 500 in the same envelope."""
+    import redis.exceptions
+    import sqlalchemy.exc
+
+    app.add_exception_handler(ServiceError, _service_error)
+    app.add_exception_handler(RequestValidationError, _validation_error)
+    app.add_exception_handler(StarletteHTTPException, _http_error)
+    app.add_exception_handler(redis.exceptions.ConnectionError, _backend_unavailable)
+    app.add_exception_handler(redis.exceptions.TimeoutError, _backend_unavailable)
+    app.add_exception_handler(sqlalchemy.exc.OperationalError, _backend_unavailable)
+    app.add_exception_handler(Exception, _unexpected)

@@ -1,0 +1,53 @@
+"""The gateway application: `create_app()` wires settings, registry, Redis and routers."""
+
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+
+import redis
+import redis.asyncio
+from fastapi import FastAPI
+from fastapi_offline import FastAPIOffline
+
+from app import broker
+from app.api import health, jobs, models
+from app.errors import install_error_handlers
+from app.limits import BodySizeLimit
+from app.registry.database import create_registry_engine, session_factory
+from app.settings import Settings, get_settings
+
+DESCRIPTION = """
+Find out whether a fine-tuned LLM *knows when it is wrong*: register base models and LoRA
+adapters, extract hidden states on GPU workers, train correctness probes and read their
+calibration. Everything that runs a model is a **job**: follow it at `/v1/jobs/{id}`.
+"""
+
+
+def create_app(settings: Settings | None = None) -> FastAPI:
+    settings = settings or get_settings()
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        engine = create_registry_engine(settings.resolved_database_url)
+        app.state.settings = settings
+        app.state.sessions = session_factory(engine)
+        app.state.redis = broker.connect(settings)
+        app.state.async_redis = redis.asyncio.Redis.from_url(settings.resolved_redis_url, socket_connect_timeout=5)
+        try:
+            yield
+        finally:
+            await app.state.async_redis.aclose()
+            app.state.redis.close()
+            engine.dispose()
+
+    app = FastAPIOffline(
+        title="Confidence Probing Service",
+        version="1.0.0",
+        description=DESCRIPTION,
+        lifespan=lifespan,
+    )
+    app.add_middleware(BodySizeLimit, default_limit=settings.max_request_bytes)
+    install_error_handlers(app)
+    app.include_router(health.router)
+    app.include_router(models.router)
+    app.include_router(jobs.router)
+    return app

@@ -1,0 +1,103 @@
+"""Where a model's files are, and what its `config.json` says — read as plain JSON, so the
+gateway learns a model's shape without torch or transformers."""
+
+import json
+import re
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from app.errors import ServiceError, invalid_field
+
+HF_REPO_ID = re.compile(r"^[A-Za-z0-9][\w.-]{0,95}(/[A-Za-z0-9][\w.-]{0,95})?$")
+
+# Config keys that name the same thing across architectures (Llama/BERT, GPT-2, T5-style).
+LAYER_COUNT_KEYS = ("num_hidden_layers", "n_layer", "num_layers")
+HIDDEN_SIZE_KEYS = ("hidden_size", "n_embd", "d_model")
+
+
+@dataclass(frozen=True)
+class ModelShape:
+    architecture: str
+    model_type: str
+    num_layers: int
+    hidden_size: int
+
+
+@dataclass(frozen=True)
+class ResolvedSource:
+    kind: str  # "local" or "hf_cache"
+    identity: str  # what makes two registrations the same source
+    path: Path
+
+
+def _looks_like_path(source: str) -> bool:
+    return source.startswith(("/", "./", "../", "~")) or Path(source).expanduser().exists()
+
+
+def resolve_source(source: str, revision: str | None) -> ResolvedSource:
+    """A local folder, or a Hugging Face id that is already in the local cache. Nothing is
+    downloaded: a model not on this machine is a 404 naming `source`."""
+    if _looks_like_path(source):
+        path = Path(source).expanduser().resolve()
+        if not path.exists():
+            raise ServiceError(404, "not_found", f"source: no such folder {str(path)!r}", field="source")
+        if not path.is_dir():
+            raise invalid_field("source", f"{str(path)!r} is not a folder")
+        if revision is not None:
+            raise invalid_field("revision", "a local folder has no revisions; leave revision out")
+        return ResolvedSource(kind="local", identity=str(path), path=path)
+    if not HF_REPO_ID.match(source):
+        raise invalid_field("source", "neither an existing local folder nor a Hugging Face id like 'org/name'")
+    from huggingface_hub import snapshot_download
+    from huggingface_hub.errors import LocalEntryNotFoundError
+
+    try:
+        folder = snapshot_download(source, revision=revision, local_files_only=True)
+    except LocalEntryNotFoundError as exc:
+        raise ServiceError(
+            404,
+            "not_found",
+            f"source: {source!r} (revision {revision or 'main'}) is not in the local Hugging Face cache; "
+            "the service never downloads models — put it in the cache or pass a local folder",
+            field="source",
+        ) from exc
+    return ResolvedSource(kind="hf_cache", identity=source, path=Path(folder))
+
+
+def _first_int(config: dict[str, Any], keys: tuple[str, ...], name: str) -> int:
+    for key in keys:
+        value = config.get(key)
+        if isinstance(value, int) and not isinstance(value, bool) and value > 0:
+            return value
+    raise invalid_field("source", f"config.json has no {name} (looked for {', '.join(keys)})", config_keys=list(keys))
+
+
+def read_model_shape(folder: Path) -> ModelShape:
+    """Architecture, layer count and hidden size from `config.json`. A config that needs
+    remote code (`auto_map`) is refused: the service never runs `trust_remote_code`."""
+    config_path = folder / "config.json"
+    if not config_path.is_file():
+        raise invalid_field("source", f"{str(folder)!r} has no config.json")
+    try:
+        config = json.loads(config_path.read_text(encoding="utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise invalid_field("source", f"config.json is not valid JSON: {exc}") from exc
+    if not isinstance(config, dict):
+        raise invalid_field("source", "config.json is not a JSON object")
+    if config.get("auto_map") or config.get("trust_remote_code"):
+        raise invalid_field(
+            "source",
+            "the model needs trust_remote_code (its config.json has auto_map), which this service never enables",
+        )
+    model_type = config.get("model_type")
+    if not isinstance(model_type, str) or not model_type:
+        raise invalid_field("source", "config.json has no model_type")
+    architectures = config.get("architectures")
+    architecture = architectures[0] if isinstance(architectures, list) and architectures and isinstance(architectures[0], str) else model_type
+    return ModelShape(
+        architecture=architecture,
+        model_type=model_type,
+        num_layers=_first_int(config, LAYER_COUNT_KEYS, "layer count"),
+        hidden_size=_first_int(config, HIDDEN_SIZE_KEYS, "hidden size"),
+    )

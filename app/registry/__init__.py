@@ -1,0 +1,1 @@
+"""The registry: tables, queries and migrations for models, jobs and (later) every artifact."""

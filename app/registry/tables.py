@@ -1,0 +1,91 @@
+"""Registry tables. Times are stored and returned in UTC, timezone-aware on every backend."""
+
+import secrets
+import time
+from datetime import UTC, datetime
+from typing import Any
+
+from sqlalchemy import JSON, BigInteger, Boolean, DateTime, ForeignKey, Integer, String, Text, TypeDecorator, UniqueConstraint
+from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
+
+
+def new_id(prefix: str) -> str:
+    """An opaque id that sorts by creation time: prefix, 12 hex digits of milliseconds, 10 random."""
+    return f"{prefix}_{int(time.time() * 1000):012x}{secrets.token_hex(5)}"
+
+
+def utcnow() -> datetime:
+    return datetime.now(UTC)
+
+
+class UTCDateTime(TypeDecorator[datetime]):
+    """SQLite drops time zones; this gives every value back as aware UTC."""
+
+    impl = DateTime(timezone=True)
+    cache_ok = True
+
+    def process_bind_param(self, value: datetime | None, dialect: Any) -> datetime | None:
+        if value is not None and value.tzinfo is None:
+            raise ValueError("naive datetime given to the registry")
+        return value.astimezone(UTC) if value is not None else None
+
+    def process_result_value(self, value: datetime | None, dialect: Any) -> datetime | None:
+        if value is None:
+            return None
+        return value.replace(tzinfo=UTC) if value.tzinfo is None else value.astimezone(UTC)
+
+
+class Base(DeclarativeBase):
+    type_annotation_map = {datetime: UTCDateTime, dict[str, Any]: JSON}
+
+
+class Model(Base):
+    """A registered base model. Its identity is (source, revision, dtype, quantization)."""
+
+    __tablename__ = "models"
+    __table_args__ = (UniqueConstraint("source", "revision_key", "dtype", "quantization_key", name="uq_models_identity"),)
+
+    id: Mapped[str] = mapped_column(String(40), primary_key=True)
+    name: Mapped[str] = mapped_column(String(200))
+    source: Mapped[str] = mapped_column(String(1000))
+    source_kind: Mapped[str] = mapped_column(String(20))
+    resolved_path: Mapped[str] = mapped_column(String(2000))
+    revision: Mapped[str | None] = mapped_column(String(200))
+    revision_key: Mapped[str] = mapped_column(String(200), default="")
+    dtype: Mapped[str] = mapped_column(String(20))
+    quantization: Mapped[str | None] = mapped_column(String(10))
+    quantization_key: Mapped[str] = mapped_column(String(10), default="")
+    architecture: Mapped[str] = mapped_column(String(200))
+    model_type: Mapped[str] = mapped_column(String(100))
+    num_layers: Mapped[int] = mapped_column(Integer)
+    hidden_size: Mapped[int] = mapped_column(Integer)
+    status: Mapped[str] = mapped_column(String(20), default="pending")
+    status_reason: Mapped[str | None] = mapped_column(Text)
+    parameter_count: Mapped[int | None] = mapped_column(BigInteger)
+    memory_footprint_bytes: Mapped[int | None] = mapped_column(BigInteger)
+    check_job_id: Mapped[str | None] = mapped_column(String(40))
+    created_at: Mapped[datetime] = mapped_column(default=utcnow)
+    updated_at: Mapped[datetime] = mapped_column(default=utcnow, onupdate=utcnow)
+
+
+class Job(Base):
+    """Anything that runs on a worker. The row, not Redis, is the truth about its state."""
+
+    __tablename__ = "jobs"
+
+    id: Mapped[str] = mapped_column(String(40), primary_key=True)
+    kind: Mapped[str] = mapped_column(String(40), index=True)
+    status: Mapped[str] = mapped_column(String(20), index=True, default="queued")
+    params: Mapped[dict[str, Any]] = mapped_column(default=dict)
+    progress_stage: Mapped[str | None] = mapped_column(String(100))
+    progress_done: Mapped[int] = mapped_column(Integer, default=0)
+    progress_total: Mapped[int | None] = mapped_column(Integer)
+    result: Mapped[dict[str, Any] | None] = mapped_column(JSON)
+    error: Mapped[dict[str, Any] | None] = mapped_column(JSON)
+    cancel_requested: Mapped[bool] = mapped_column(Boolean, default=False)
+    queue: Mapped[str] = mapped_column(String(200))
+    worker: Mapped[str | None] = mapped_column(String(200))
+    model_id: Mapped[str | None] = mapped_column(ForeignKey("models.id", ondelete="SET NULL"), index=True)
+    created_at: Mapped[datetime] = mapped_column(default=utcnow)
+    started_at: Mapped[datetime | None] = mapped_column()
+    finished_at: Mapped[datetime | None] = mapped_column()

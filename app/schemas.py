@@ -1,0 +1,123 @@
+"""Request and response bodies of the HTTP API (v1). Tables live in `app.registry.tables`."""
+
+from datetime import datetime
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field
+
+from app.registry.tables import Job, Model
+
+JobStatus = Literal["queued", "running", "succeeded", "failed", "cancelled"]
+Dtype = Literal["float32", "bfloat16", "float16"]
+Quantization = Literal["8bit", "4bit"]
+
+
+class Request(BaseModel):
+    """Request bodies refuse unknown keys, so a typo is a 422 naming it, not a silent default."""
+
+    model_config = ConfigDict(extra="forbid")
+
+
+class ModelCreate(Request):
+    name: str = Field(min_length=1, max_length=200, description="Display name.")
+    source: str = Field(
+        min_length=1,
+        max_length=1000,
+        description="A local folder with config.json and weights, or a Hugging Face id already in the local cache.",
+    )
+    revision: str | None = Field(None, max_length=200, description="Hugging Face revision (branch, tag or commit).")
+    dtype: Dtype = Field("float32", description="Weights' dtype on the worker.")
+    quantization: Quantization | None = Field(None, description="bitsandbytes quantization of the linear layers.")
+
+
+class Progress(BaseModel):
+    stage: str | None
+    done: int
+    total: int | None
+
+
+class JobError(BaseModel):
+    code: str
+    message: str
+    details: dict[str, Any] = {}
+
+
+class JobOut(BaseModel):
+    id: str
+    kind: str
+    status: JobStatus
+    progress: Progress
+    result: dict[str, Any] | None
+    error: JobError | None
+    cancel_requested: bool
+    worker: str | None
+    model_id: str | None
+    created_at: datetime
+    started_at: datetime | None
+    finished_at: datetime | None
+
+    @classmethod
+    def of(cls, job: Job) -> "JobOut":
+        return cls(
+            id=job.id,
+            kind=job.kind,
+            status=job.status,  # type: ignore[arg-type]
+            progress=Progress(stage=job.progress_stage, done=job.progress_done, total=job.progress_total),
+            result=job.result,
+            error=JobError(**job.error) if job.error else None,
+            cancel_requested=job.cancel_requested,
+            worker=job.worker,
+            model_id=job.model_id,
+            created_at=job.created_at,
+            started_at=job.started_at,
+            finished_at=job.finished_at,
+        )
+
+
+class JobAccepted(BaseModel):
+    job: JobOut
+
+
+class JobPage(BaseModel):
+    items: list[JobOut]
+    next_cursor: str | None = Field(description="Pass as `cursor` for the next page; null on the last page.")
+
+
+class ModelOut(BaseModel):
+    id: str
+    name: str
+    source: str
+    source_kind: Literal["local", "hf_cache"]
+    resolved_path: str
+    revision: str | None
+    dtype: Dtype
+    quantization: Quantization | None
+    architecture: str
+    model_type: str
+    num_layers: int
+    hidden_size: int
+    status: Literal["pending", "ready", "failed"]
+    status_reason: str | None
+    parameter_count: int | None
+    memory_footprint_bytes: int | None
+    check_job_id: str | None
+    created_at: datetime
+    updated_at: datetime
+
+    @classmethod
+    def of(cls, model: Model) -> "ModelOut":
+        return cls.model_validate(model, from_attributes=True)
+
+
+class ModelPage(BaseModel):
+    items: list[ModelOut]
+    next_cursor: str | None
+
+
+class HealthOut(BaseModel):
+    status: Literal["ok"]
+
+
+class ReadinessOut(BaseModel):
+    status: Literal["ready"]
+    checks: dict[str, Any]

@@ -1,0 +1,77 @@
+"""Every setting of the service, read from the environment (or a `.env` file).
+
+Defaults are the embedded single-machine set-up: SQLite and artifacts under
+`./var/`, and a Redis server that `confprobe serve` starts itself when
+`REDIS_URL` is not set.
+"""
+
+from functools import lru_cache
+from pathlib import Path
+from typing import Literal
+
+from pydantic import Field
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+
+class Settings(BaseSettings):
+    model_config = SettingsConfigDict(env_file=".env", extra="ignore")
+
+    var_dir: Path = Field(
+        Path("var"),
+        description="Folder for the embedded defaults: SQLite file, artifacts, embedded Redis socket.",
+    )
+    database_url: str | None = Field(
+        None,
+        description="SQLAlchemy URL of the registry; default sqlite:///<VAR_DIR>/registry.db. "
+        "Use postgresql+psycopg://user@host/db for several machines.",
+    )
+    redis_url: str | None = Field(
+        None,
+        description="Redis URL of the job queue; unset: `serve` starts an embedded Redis "
+        "listening on <VAR_DIR>/redis.sock.",
+    )
+    artifact_dir: Path | None = Field(None, description="Artifact store folder; default <VAR_DIR>/artifacts.")
+    queue_prefix: str = Field("confprobe", description="Prefix of every Redis key and queue the service uses.")
+
+    host: str = Field("127.0.0.1", description="Address the gateway listens on.")
+    port: int = Field(8000, description="Port the gateway listens on.")
+    max_request_bytes: int = Field(
+        1_048_576, description="Largest JSON request body accepted; larger ones get 413."
+    )
+    page_size_max: int = Field(200, description="Largest page a list endpoint returns.")
+
+    worker_device: str = Field("cpu", description="Device a worker owns: `cpu` or `cuda:N`.")
+    worker_name: str | None = Field(None, description="Worker name; default <hostname>.<pid>.")
+    worker_memory_budget_mb: int = Field(
+        8192, description="Memory a worker may fill with resident models before evicting the least recently used."
+    )
+    heartbeat_interval_s: float = Field(2.0, description="How often a worker writes its heartbeat.")
+    heartbeat_ttl_s: float = Field(10.0, description="A worker whose heartbeat is older than this is gone.")
+    job_timeout_s: int = Field(6 * 3600, description="A job running longer than this is stopped and failed.")
+
+    log_level: Literal["debug", "info", "warning", "error"] = Field("info", description="Log level of every process.")
+
+    @property
+    def resolved_database_url(self) -> str:
+        if self.database_url:
+            return self.database_url
+        return f"sqlite:///{(self.var_dir / 'registry.db').resolve()}"
+
+    @property
+    def resolved_artifact_dir(self) -> Path:
+        return (self.artifact_dir or self.var_dir / "artifacts").resolve()
+
+    @property
+    def embedded_redis_socket(self) -> Path:
+        return (self.var_dir / "redis.sock").resolve()
+
+    @property
+    def resolved_redis_url(self) -> str:
+        if self.redis_url:
+            return self.redis_url
+        return f"unix://{self.embedded_redis_socket}"
+
+
+@lru_cache
+def get_settings() -> Settings:
+    return Settings()

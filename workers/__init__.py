@@ -1,0 +1,1 @@
+"""Worker processes: each owns one device, keeps models resident, and runs jobs."""

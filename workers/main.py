@@ -1,0 +1,32 @@
+"""Worker entry point: one process, one device, jobs run in this process (RQ SimpleWorker:
+no fork per job, so CUDA contexts and resident models survive between jobs)."""
+
+import logging
+
+from rq import Queue, SimpleWorker
+
+from app import broker
+from app.settings import Settings, get_settings
+from workers import runtime
+
+
+def run_worker(settings: Settings | None = None, burst: bool = False) -> None:
+    settings = settings or get_settings()
+    import torch  # noqa: F401  (imported once here, not inside the first job)
+    import transformers  # noqa: F401
+
+    worker_runtime = runtime.build_runtime(settings)
+    runtime.install(worker_runtime)
+    queue = Queue(broker.default_queue(settings), connection=worker_runtime.redis)
+    rq_worker = SimpleWorker([queue], connection=worker_runtime.redis, name=worker_runtime.name)
+    stop_heartbeats = worker_runtime.start_heartbeats()
+    try:
+        rq_worker.work(burst=burst, logging_level=settings.log_level.upper(), with_scheduler=False)
+    finally:
+        stop_heartbeats.set()
+        worker_runtime.forget()
+
+
+if __name__ == "__main__":
+    logging.basicConfig(level=get_settings().log_level.upper())
+    run_worker()

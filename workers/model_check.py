@@ -1,0 +1,64 @@
+"""The `model_check` job: load a registered model, run one token through it, and confirm
+what its config promised (layer count, hidden size)."""
+
+from typing import TYPE_CHECKING, Any
+
+from sqlalchemy import update
+
+from app.registry.models import get_model
+from app.registry.tables import Model
+from workers.errors import JobFailed
+
+if TYPE_CHECKING:
+    from workers.runner import JobContext
+
+
+def _one_token_hidden_states(model: Any, token_id: int, device: str) -> tuple[int, int]:
+    """(number of blocks, hidden size) as the model itself reports them."""
+    import torch
+
+    with torch.inference_mode():
+        output = model(input_ids=torch.tensor([[token_id]], device=device), output_hidden_states=True)
+    hidden_states = output.hidden_states
+    return len(hidden_states) - 1, int(hidden_states[-1].shape[-1])
+
+
+def run(context: "JobContext") -> dict[str, Any]:
+    model_id = context.params["model_id"]
+    sessions = context.runtime.sessions
+    with sessions() as session:
+        row = get_model(session, model_id)
+    try:
+        context.progress("loading", 0, 2)
+        loaded = context.runtime.models.get(row)
+        context.progress("forward", 1, 2)
+        tokenizer = loaded.tokenizer
+        token_id = next((t for t in (tokenizer.bos_token_id, tokenizer.cls_token_id, tokenizer.eos_token_id) if t is not None), 0)
+        num_layers, hidden_size = _one_token_hidden_states(loaded.model, token_id, context.runtime.models.device)
+        if (num_layers, hidden_size) != (row.num_layers, row.hidden_size):
+            raise JobFailed(
+                "shape_mismatch",
+                f"the loaded model has {num_layers} layers of width {hidden_size}; config.json says {row.num_layers} of {row.hidden_size}",
+                num_layers=num_layers,
+                hidden_size=hidden_size,
+            )
+    except BaseException as exc:
+        reason = exc.message if isinstance(exc, JobFailed) else f"{type(exc).__name__}: {exc}"
+        with sessions() as session, session.begin():
+            session.execute(update(Model).where(Model.id == model_id).values(status="failed", status_reason=reason))
+        raise
+    with sessions() as session, session.begin():
+        session.execute(
+            update(Model)
+            .where(Model.id == model_id)
+            .values(status="ready", status_reason=None, parameter_count=loaded.parameter_count, memory_footprint_bytes=loaded.footprint_bytes)
+        )
+    context.progress("done", 2, 2)
+    return {
+        "model_id": model_id,
+        "num_layers": num_layers,
+        "hidden_size": hidden_size,
+        "parameter_count": loaded.parameter_count,
+        "memory_footprint_bytes": loaded.footprint_bytes,
+        "resident_loads": context.runtime.models.loads,
+    }

@@ -1,0 +1,111 @@
+"""Loading models with transformers, and keeping them resident between jobs.
+
+A worker loads a registered model once and keeps it while it fits in the memory budget,
+evicting the least recently used model when a new one would not fit. Loading reads only
+local files (`local_files_only`) and never runs remote code.
+"""
+
+import gc
+from collections import OrderedDict
+from dataclasses import dataclass
+from typing import Any
+
+from app.registry.tables import Model
+from workers.errors import JobFailed
+
+TORCH_DTYPES = {"float32": "float32", "bfloat16": "bfloat16", "float16": "float16"}
+CAUSAL_LM_SUFFIXES = ("ForCausalLM", "LMHeadModel")
+
+
+@dataclass
+class LoadedModel:
+    model_id: str
+    model: Any  # a transformers PreTrainedModel
+    tokenizer: Any  # a transformers tokenizer
+    footprint_bytes: int
+    parameter_count: int
+    is_causal_lm: bool
+
+
+def _is_causal_lm(config: Any) -> bool:
+    return any(name.endswith(CAUSAL_LM_SUFFIXES) for name in (getattr(config, "architectures", None) or []))
+
+
+def _quantization_config(quantization: str, dtype: Any) -> Any:
+    try:
+        import bitsandbytes  # noqa: F401
+    except ImportError as exc:
+        raise JobFailed("quantization_unavailable", f"{quantization} quantization needs bitsandbytes, which this worker lacks") from exc
+    from transformers import BitsAndBytesConfig
+
+    if quantization == "8bit":
+        return BitsAndBytesConfig(load_in_8bit=True)
+    return BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_compute_dtype=dtype)
+
+
+def load_model(row: Model, device: str) -> LoadedModel:
+    """Load a registered model and its tokenizer onto `device`, in eval mode."""
+    import torch
+    from transformers import AutoConfig, AutoModel, AutoModelForCausalLM, AutoTokenizer
+
+    path = row.resolved_path
+    dtype = getattr(torch, TORCH_DTYPES[row.dtype])
+    try:
+        config = AutoConfig.from_pretrained(path, local_files_only=True, trust_remote_code=False)
+        is_causal_lm = _is_causal_lm(config)
+        model_class = AutoModelForCausalLM if is_causal_lm else AutoModel
+        options: dict[str, Any] = {"dtype": dtype, "local_files_only": True, "trust_remote_code": False}
+        if row.quantization:
+            options["quantization_config"] = _quantization_config(row.quantization, dtype)
+            options["device_map"] = {"": device}
+        model = model_class.from_pretrained(path, config=config, **options)
+        if not row.quantization:
+            model.to(device)
+        model.eval()
+        tokenizer = AutoTokenizer.from_pretrained(path, local_files_only=True, trust_remote_code=False)
+    except (OSError, ValueError, KeyError, RuntimeError) as exc:
+        raise JobFailed("model_load_failed", f"could not load {path}: {exc}", path=path) from exc
+    return LoadedModel(
+        model_id=row.id,
+        model=model,
+        tokenizer=tokenizer,
+        footprint_bytes=int(model.get_memory_footprint()),
+        parameter_count=sum(parameter.numel() for parameter in model.parameters()),
+        is_causal_lm=is_causal_lm,
+    )
+
+
+class ResidentModels:
+    """An LRU cache of loaded models bounded by a memory budget. `loads` counts real loads."""
+
+    def __init__(self, budget_bytes: int, device: str) -> None:
+        self.budget_bytes = budget_bytes
+        self.device = device
+        self.loads = 0
+        self._models: OrderedDict[str, LoadedModel] = OrderedDict()
+
+    @property
+    def used_bytes(self) -> int:
+        return sum(loaded.footprint_bytes for loaded in self._models.values())
+
+    def describe(self) -> list[dict[str, Any]]:
+        return [{"model_id": model_id, "bytes": loaded.footprint_bytes} for model_id, loaded in self._models.items()]
+
+    def get(self, row: Model) -> LoadedModel:
+        if row.id in self._models:
+            self._models.move_to_end(row.id)
+            return self._models[row.id]
+        loaded = load_model(row, self.device)
+        self.loads += 1
+        while self._models and self.used_bytes + loaded.footprint_bytes > self.budget_bytes:
+            self.evict(next(iter(self._models)))
+        self._models[row.id] = loaded
+        return loaded
+
+    def evict(self, model_id: str) -> None:
+        self._models.pop(model_id, None)
+        gc.collect()
+        if self.device.startswith("cuda"):
+            import torch
+
+            torch.cuda.empty_cache()

@@ -1,0 +1,82 @@
+"""The one function RQ calls: `run_job(job_id)`. It moves the job row through its states,
+hands the job to the handler for its kind, and records the outcome."""
+
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+from sqlalchemy import update
+
+from app import jobs
+from app.registry.tables import Job, utcnow
+from workers import model_check, runtime
+from workers.errors import JobCancelled, JobFailed
+from workers.runtime import WorkerRuntime
+
+
+@dataclass
+class JobContext:
+    """What a handler gets: its parameters, the worker's runtime, and `progress()`."""
+
+    job_id: str
+    params: dict[str, Any]
+    runtime: WorkerRuntime
+
+    def progress(self, stage: str, done: int, total: int | None = None) -> None:
+        """Record progress, and stop here if the user asked to cancel."""
+        with self.runtime.sessions() as session, session.begin():
+            session.execute(
+                update(Job).where(Job.id == self.job_id).values(progress_stage=stage, progress_done=done, progress_total=total)
+            )
+            job = jobs.get_job(session, self.job_id)
+        jobs.publish(self.runtime.redis, self.runtime.settings, job)
+        if job.cancel_requested:
+            raise JobCancelled()
+
+
+Handler = Callable[[JobContext], dict[str, Any]]
+
+HANDLERS: dict[str, Handler] = {
+    "model_check": model_check.run,
+}
+
+
+def _start(worker: WorkerRuntime, job_id: str) -> Job | None:
+    """queued → running, unless the job was cancelled (or is unknown) meanwhile."""
+    with worker.sessions() as session, session.begin():
+        started = session.execute(
+            update(Job).where(Job.id == job_id, Job.status == "queued").values(status="running", started_at=utcnow(), worker=worker.name)
+        ).rowcount
+        return session.get(Job, job_id) if started else None
+
+
+def _finish(worker: WorkerRuntime, job_id: str, **outcome: Any) -> None:
+    with worker.sessions() as session, session.begin():
+        session.execute(update(Job).where(Job.id == job_id).values(finished_at=utcnow(), **outcome))
+        job = jobs.get_job(session, job_id)
+    jobs.publish(worker.redis, worker.settings, job)
+
+
+def run_job(job_id: str) -> None:
+    worker = runtime.current()
+    job = _start(worker, job_id)
+    if job is None:
+        return
+    jobs.publish(worker.redis, worker.settings, job)
+    worker.current_job = job_id
+    context = JobContext(job_id=job_id, params=dict(job.params), runtime=worker)
+    try:
+        handler = HANDLERS.get(job.kind)
+        if handler is None:
+            raise JobFailed("unknown_kind", f"this worker has no handler for jobs of kind {job.kind!r}")
+        result = handler(context)
+    except JobCancelled:
+        _finish(worker, job_id, status="cancelled", error={"code": "cancelled", "message": "cancelled while running", "details": {}})
+    except JobFailed as exc:
+        _finish(worker, job_id, status="failed", error={"code": exc.code, "message": exc.message, "details": exc.details})
+    except Exception as exc:  # a bug or an unexpected library error: record it, keep the worker alive
+        _finish(worker, job_id, status="failed", error={"code": "internal", "message": f"{type(exc).__name__}: {exc}", "details": {}})
+    else:
+        _finish(worker, job_id, status="succeeded", result=result)
+    finally:
+        worker.current_job = None

@@ -1,0 +1,89 @@
+"""What a worker process holds while it lives: settings, registry sessions, Redis, its
+resident models, and the job it is running (reported in its heartbeat)."""
+
+import json
+import os
+import socket
+import threading
+from dataclasses import dataclass, field
+from datetime import datetime
+
+import redis
+from sqlalchemy.orm import Session, sessionmaker
+
+from app import broker
+from app.registry.database import create_registry_engine, session_factory
+from app.registry.tables import utcnow
+from app.settings import Settings, get_settings
+from workers.models import ResidentModels
+
+
+@dataclass
+class WorkerRuntime:
+    settings: Settings
+    name: str
+    sessions: sessionmaker[Session]
+    redis: redis.Redis
+    models: ResidentModels
+    started_at: datetime = field(default_factory=utcnow)
+    current_job: str | None = None
+
+    def heartbeat(self) -> None:
+        state = {
+            "name": self.name,
+            "device": self.settings.worker_device,
+            "pid": os.getpid(),
+            "host": socket.gethostname(),
+            "started_at": self.started_at.isoformat(),
+            "last_heartbeat": utcnow().isoformat(),
+            "memory_budget_bytes": self.models.budget_bytes,
+            "memory_used_bytes": self.models.used_bytes,
+            "resident_models": self.models.describe(),
+            "current_job": self.current_job,
+        }
+        self.redis.set(broker.heartbeat_key(self.settings, self.name), json.dumps(state), px=int(self.settings.heartbeat_ttl_s * 1000))
+
+    def start_heartbeats(self) -> threading.Event:
+        """Heartbeat from a thread, so a long job does not make the worker look dead. Set the
+        returned event to stop."""
+        stop = threading.Event()
+
+        def beat() -> None:
+            while not stop.is_set():
+                try:
+                    self.heartbeat()
+                except redis.exceptions.RedisError:
+                    pass  # Redis is away; the next beat tries again
+                stop.wait(self.settings.heartbeat_interval_s)
+
+        threading.Thread(target=beat, name="heartbeat", daemon=True).start()
+        return stop
+
+    def forget(self) -> None:
+        self.redis.delete(broker.heartbeat_key(self.settings, self.name))
+
+
+_runtime: WorkerRuntime | None = None
+
+
+def build_runtime(settings: Settings) -> WorkerRuntime:
+    return WorkerRuntime(
+        settings=settings,
+        name=settings.worker_name or f"{socket.gethostname()}.{os.getpid()}",
+        sessions=session_factory(create_registry_engine(settings.resolved_database_url)),
+        redis=broker.connect(settings),
+        models=ResidentModels(budget_bytes=settings.worker_memory_budget_mb * 2**20, device=settings.worker_device),
+    )
+
+
+def install(runtime: WorkerRuntime) -> None:
+    global _runtime
+    _runtime = runtime
+
+
+def current() -> WorkerRuntime:
+    """The process's runtime; built from the environment if a job arrives before `install`."""
+    global _runtime
+    if _runtime is None:
+        _runtime = build_runtime(get_settings())
+    return _runtime
