@@ -35,7 +35,7 @@ def _looks_like_path(source: str) -> bool:
     return source.startswith(("/", "./", "../", "~")) or Path(source).expanduser().exists()
 
 
-def resolve_source(source: str, revision: str | None) -> ResolvedSource:
+def resolve_source(source: str, revision: str | None, hf_cache_dir: Path | None = None) -> ResolvedSource:
     """A local folder, or a Hugging Face id that is already in the local cache. Nothing is
     downloaded: a model not on this machine is a 404 naming `source`."""
     if _looks_like_path(source):
@@ -53,7 +53,7 @@ def resolve_source(source: str, revision: str | None) -> ResolvedSource:
     from huggingface_hub.errors import LocalEntryNotFoundError
 
     try:
-        folder = snapshot_download(source, revision=revision, local_files_only=True)
+        folder = snapshot_download(source, revision=revision, cache_dir=hf_cache_dir, local_files_only=True)
     except LocalEntryNotFoundError as exc:
         raise ServiceError(
             404,

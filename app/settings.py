@@ -31,6 +31,9 @@ class Settings(BaseSettings):
         "listening on <VAR_DIR>/redis.sock.",
     )
     artifact_dir: Path | None = Field(None, description="Artifact store folder; default <VAR_DIR>/artifacts.")
+    hf_cache_dir: Path | None = Field(
+        None, description="Hugging Face cache searched for model ids (default: the hub's own, HF_HUB_CACHE). Never downloaded into."
+    )
     queue_prefix: str = Field("confprobe", description="Prefix of every Redis key and queue the service uses.")
 
     host: str = Field("127.0.0.1", description="Address the gateway listens on.")

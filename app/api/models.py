@@ -3,7 +3,7 @@
 from typing import Annotated
 
 from fastapi import APIRouter, Query, Response, status
-from sqlalchemy import delete
+from sqlalchemy import delete, update
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
@@ -14,7 +14,7 @@ from app.model_sources import read_model_shape, resolve_source
 from app.registry.database import transaction
 from app.registry.models import find_model, get_model, list_models, new_model
 from app.registry.tables import Job, Model
-from app.schemas import ModelCreate, ModelOut, ModelPage
+from app.schemas import JobAccepted, JobOut, ModelCreate, ModelOut, ModelPage
 
 router = APIRouter(prefix="/v1/models", tags=["models"])
 
@@ -27,7 +27,7 @@ router = APIRouter(prefix="/v1/models", tags=["models"])
 def register_model(body: ModelCreate, response: Response, settings: SettingsDep, sessions: SessionsDep, connection: RedisDep) -> ModelOut:
     """Register a base model and queue a check in which a worker loads it and runs one
     token through it. The answer comes at once with `status: pending`."""
-    source = resolve_source(body.source, body.revision)
+    source = resolve_source(body.source, body.revision, settings.hf_cache_dir)
     shape = read_model_shape(source.path)
     model = new_model(body.name, source, body.revision, body.dtype, body.quantization, shape)
     job = jobs.new_job("model_check", {"model_id": model.id}, broker.default_queue(settings), model_id=model.id)
@@ -72,3 +72,24 @@ def list_registered_models(
 @router.get("/{model_id}")
 def show_model(model_id: str, session: SessionDep) -> ModelOut:
     return ModelOut.of(get_model(session, model_id))
+
+
+@router.post("/{model_id}/check", status_code=status.HTTP_202_ACCEPTED)
+def check_model(model_id: str, response: Response, settings: SettingsDep, sessions: SessionsDep, connection: RedisDep) -> JobAccepted:
+    """Queue another check of a registered model (after fixing its files, or to confirm a
+    worker can load it). The model keeps its status until the check ends."""
+    with transaction(sessions) as session:
+        model = get_model(session, model_id)
+        job = jobs.new_job("model_check", {"model_id": model.id}, broker.default_queue(settings), model_id=model.id)
+        session.add(job)
+        session.flush()
+        previous_check = model.check_job_id
+        model.check_job_id = job.id
+
+    def undo(session: Session) -> None:
+        session.execute(update(Model).where(Model.id == model_id).values(check_job_id=previous_check))
+        session.execute(delete(Job).where(Job.id == job.id))
+
+    jobs.enqueue(sessions, connection, settings, job, undo)
+    response.headers["Location"] = f"/v1/jobs/{job.id}"
+    return JobAccepted(job=JobOut.of(job))

@@ -1,0 +1,296 @@
+"""Real components for the tests: a Redis server, a PostgreSQL server, registry databases
+migrated by Alembic, worker processes, and tiny random models built on the spot.
+
+Outside CI a missing server binary skips the tests that need it; under CI (`CI=true`) it
+fails them, so CI never passes by skipping.
+"""
+
+import glob
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+import uuid
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import pytest
+import redis
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+from app.broker import redis_server_executable  # noqa: E402
+from app.registry.database import migrate  # noqa: E402
+from app.settings import Settings  # noqa: E402
+
+IN_CI = os.environ.get("CI") == "true"
+ROOT = Path(__file__).resolve().parent.parent
+BACKENDS = ["sqlite", "postgresql"]
+TERMINAL = {"succeeded", "failed", "cancelled"}
+
+
+def require(available: bool, reason: str) -> None:
+    if not available:
+        if IN_CI:
+            pytest.fail(f"CI needs this: {reason}")
+        pytest.skip(reason)
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def wait_until(predicate: Any, timeout: float, what: str, interval: float = 0.05) -> Any:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        value = predicate()
+        if value:
+            return value
+        time.sleep(interval)
+    raise AssertionError(f"timed out after {timeout} s waiting for {what}")
+
+
+# --- Redis -----------------------------------------------------------------------------
+
+
+@dataclass
+class RedisServer:
+    """A real redis-server on a free loopback port; `restart()` keeps the port."""
+
+    folder: Path
+    port: int = field(default_factory=free_port)
+    process: subprocess.Popen[bytes] | None = None
+
+    @property
+    def url(self) -> str:
+        return f"redis://127.0.0.1:{self.port}/0"
+
+    def start(self) -> None:
+        self.process = subprocess.Popen(
+            [redis_server_executable(), "--port", str(self.port), "--bind", "127.0.0.1", "--dir", str(self.folder), "--save", "", "--appendonly", "no"],
+            stdout=subprocess.DEVNULL,
+        )
+        client = redis.Redis(port=self.port)
+        wait_until(lambda: _pings(client), 10, "redis-server to answer")
+
+    def stop(self) -> None:
+        if self.process and self.process.poll() is None:
+            self.process.terminate()
+            self.process.wait(10)
+
+
+def _pings(client: redis.Redis) -> bool:
+    try:
+        return bool(client.ping())
+    except redis.exceptions.ConnectionError:
+        return False
+
+
+@pytest.fixture(scope="session")
+def redis_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RedisServer]:
+    server = RedisServer(folder=tmp_path_factory.mktemp("redis"))
+    server.start()
+    yield server
+    server.stop()
+
+
+# --- PostgreSQL ------------------------------------------------------------------------
+
+
+def _postgres_binary(name: str) -> str | None:
+    return shutil.which(name) or next(iter(sorted(glob.glob(f"/usr/lib/postgresql/*/bin/{name}"), reverse=True)), None)
+
+
+@dataclass
+class PostgresServer:
+    port: int
+    admin_url: str
+
+    def create_database(self, template: str | None = None) -> str:
+        import psycopg
+
+        name = f"registry_{uuid.uuid4().hex[:12]}"
+        with psycopg.connect(self.admin_url, autocommit=True) as connection:
+            connection.execute(f'CREATE DATABASE "{name}"' + (f' TEMPLATE "{template}"' if template else ""))
+        return name
+
+    def url(self, database: str) -> str:
+        return f"postgresql+psycopg://postgres@127.0.0.1:{self.port}/{database}"
+
+
+@pytest.fixture(scope="session")
+def postgres_server() -> Iterator[PostgresServer]:
+    initdb, pg_ctl = _postgres_binary("initdb"), _postgres_binary("pg_ctl")
+    require(bool(initdb and pg_ctl), "PostgreSQL server binaries (initdb, pg_ctl) are not installed")
+    assert initdb and pg_ctl
+    # PostgreSQL refuses to run as root: run it as the `postgres` user, in a folder it owns.
+    as_postgres = ["runuser", "-u", "postgres", "--"] if os.geteuid() == 0 else []
+    folder = Path(tempfile.mkdtemp(prefix="confprobe-pg-"))
+    if as_postgres:
+        shutil.chown(folder, "postgres", "postgres")
+    data, port = folder / "data", free_port()
+    subprocess.run([*as_postgres, initdb, "-D", str(data), "-A", "trust", "-U", "postgres", "--no-sync"], check=True, capture_output=True)
+    options = f"-p {port} -k {folder} -c listen_addresses=127.0.0.1 -c fsync=off -c synchronous_commit=off -c full_page_writes=off"
+    subprocess.run([*as_postgres, pg_ctl, "-D", str(data), "-o", options, "-l", str(folder / "log"), "-w", "start"], check=True, capture_output=True)
+    try:
+        yield PostgresServer(port=port, admin_url=f"postgresql://postgres@127.0.0.1:{port}/postgres")
+    finally:
+        subprocess.run([*as_postgres, pg_ctl, "-D", str(data), "-m", "immediate", "stop"], capture_output=True)
+        shutil.rmtree(folder, ignore_errors=True)
+
+
+# --- Registry databases ----------------------------------------------------------------
+
+
+class Databases:
+    """Fresh, migrated registry databases, copied from a template migrated once per backend."""
+
+    def __init__(self, request: pytest.FixtureRequest, folder: Path) -> None:
+        self._request = request
+        self._folder = folder
+        self._sqlite_template: Path | None = None
+        self._postgres_template: str | None = None
+
+    def new(self, backend: str) -> str:
+        if backend == "sqlite":
+            if self._sqlite_template is None:
+                self._sqlite_template = self._folder / "template.db"
+                migrate(f"sqlite:///{self._sqlite_template}")
+            path = self._folder / f"{uuid.uuid4().hex[:12]}.db"
+            shutil.copyfile(self._sqlite_template, path)
+            return f"sqlite:///{path}"
+        server: PostgresServer = self._request.getfixturevalue("postgres_server")
+        if self._postgres_template is None:
+            self._postgres_template = server.create_database()
+            migrate(server.url(self._postgres_template))
+        return server.url(server.create_database(template=self._postgres_template))
+
+
+@pytest.fixture(scope="session")
+def databases(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory) -> Databases:
+    return Databases(request, tmp_path_factory.mktemp("registries"))
+
+
+@pytest.fixture(params=BACKENDS)
+def database_url(request: pytest.FixtureRequest, databases: Databases) -> str:
+    return databases.new(request.param)
+
+
+def make_settings(database_url: str, redis_url: str, var_dir: Path, **overrides: Any) -> Settings:
+    values: dict[str, Any] = {
+        "var_dir": var_dir,
+        "database_url": database_url,
+        "redis_url": redis_url,
+        "queue_prefix": f"test-{uuid.uuid4().hex[:8]}",
+        "heartbeat_interval_s": 0.5,
+        "heartbeat_ttl_s": 5,
+        "hf_cache_dir": var_dir / "hf-cache",
+    }
+    values.update(overrides)
+    return Settings(**values)
+
+
+def settings_environment(settings: Settings) -> dict[str, str]:
+    """The environment that gives another process the same settings."""
+    env = dict(os.environ)
+    for name, value in settings.model_dump(exclude_none=True).items():
+        env[name.upper()] = str(value)
+    return env
+
+
+@pytest.fixture
+def settings(database_url: str, redis_server: RedisServer, tmp_path: Path) -> Settings:
+    return make_settings(database_url, redis_server.url, tmp_path / "var")
+
+
+@pytest.fixture
+def api(settings: Settings) -> Iterator[Any]:
+    """The gateway in-process against a fresh registry and a real Redis; no worker runs, so
+    jobs stay queued until a test runs them."""
+    from fastapi.testclient import TestClient
+
+    from app.main import create_app
+
+    with TestClient(create_app(settings)) as client:
+        yield client
+
+
+# --- Workers ---------------------------------------------------------------------------
+
+
+def start_worker(settings: Settings, name: str) -> subprocess.Popen[bytes]:
+    env = settings_environment(settings) | {"WORKER_NAME": name, "PYTHONUNBUFFERED": "1"}
+    process = subprocess.Popen([sys.executable, "-m", "workers.main"], env=env, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    client = redis.Redis.from_url(settings.resolved_redis_url)
+    key = f"{settings.queue_prefix}:worker:{name}"
+    wait_until(lambda: process.poll() is not None or client.exists(key), 120, f"worker {name} to heartbeat", interval=0.2)
+    assert process.poll() is None, f"worker {name} exited with {process.returncode}"
+    return process
+
+
+def stop_process(process: subprocess.Popen[bytes]) -> None:
+    if process.poll() is None:
+        process.send_signal(signal.SIGTERM)
+        try:
+            process.wait(20)
+        except subprocess.TimeoutExpired:
+            process.kill()
+            process.wait(5)
+
+
+@dataclass
+class Stack:
+    settings: Settings
+    client: Any
+    worker: subprocess.Popen[bytes]
+
+
+@pytest.fixture(scope="session", params=BACKENDS)
+def stack(request: pytest.FixtureRequest, databases: Databases, redis_server: RedisServer, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
+    """Gateway + one real worker process on a real Redis and a registry of each backend,
+    shared by the tests that need jobs to run."""
+    from fastapi.testclient import TestClient
+
+    from app.main import create_app
+
+    settings = make_settings(databases.new(request.param), redis_server.url, tmp_path_factory.mktemp("stack-var"))
+    worker = start_worker(settings, f"stack-{request.param}")
+    try:
+        with TestClient(create_app(settings)) as client:
+            yield Stack(settings=settings, client=client, worker=worker)
+    finally:
+        stop_process(worker)
+
+
+def wait_for_job(client: Any, job_id: str, timeout: float = 120) -> dict[str, Any]:
+    def final() -> dict[str, Any] | None:
+        job = client.get(f"/v1/jobs/{job_id}").json()
+        return job if job["status"] in TERMINAL else None
+
+    return wait_until(final, timeout, f"job {job_id} to finish", interval=0.05)
+
+
+# --- Models ----------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="session")
+def tiny_llama_template(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    from tests.tiny_models import save_tiny_llama
+
+    return save_tiny_llama(tmp_path_factory.mktemp("models") / "tiny-llama")
+
+
+@pytest.fixture
+def tiny_llama(tiny_llama_template: Path, tmp_path: Path) -> Path:
+    """A private copy, so registering it never collides with another test's registration."""
+    return Path(shutil.copytree(tiny_llama_template, tmp_path / "tiny-llama"))
