@@ -103,4 +103,5 @@ def install_error_handlers(app: FastAPI) -> None:
     app.add_exception_handler(redis.exceptions.ConnectionError, _backend_unavailable)
     app.add_exception_handler(redis.exceptions.TimeoutError, _backend_unavailable)
     app.add_exception_handler(sqlalchemy.exc.OperationalError, _backend_unavailable)
+    app.add_exception_handler(sqlalchemy.exc.TimeoutError, _backend_unavailable)  # connection pool exhausted
     app.add_exception_handler(Exception, _unexpected)

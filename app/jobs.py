@@ -10,7 +10,7 @@ from typing import Any
 
 import redis
 from rq import Queue
-from sqlalchemy import select, update
+from sqlalchemy import delete, select, update
 from sqlalchemy.orm import Session, sessionmaker
 
 from app import broker
@@ -45,6 +45,15 @@ def enqueue(
         with transaction(sessions) as session:
             undo(session)
         raise ServiceError(503, "unavailable", f"the job queue (Redis) is unreachable: {exc}", backend="redis") from exc
+
+
+def deleting(*job_ids: str) -> Callable[[Session], None]:
+    """An `undo` for `enqueue` that removes the given job rows."""
+
+    def undo(session: Session) -> None:
+        session.execute(delete(Job).where(Job.id.in_(job_ids)))
+
+    return undo
 
 
 def get_job(session: Session, job_id: str) -> Job:

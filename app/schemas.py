@@ -114,6 +114,29 @@ class ModelPage(BaseModel):
     next_cursor: str | None
 
 
+class ErrorBody(BaseModel):
+    code: str = Field(description="Stable machine-readable code, e.g. `not_found`, `validation_error`.")
+    message: str = Field(description="What is wrong, naming the field or resource.")
+    details: dict[str, Any] = Field(description="Context: `fields` for validation errors, `field`, `limit_bytes`…")
+
+
+class ErrorOut(BaseModel):
+    """The envelope of every error answer."""
+
+    error: ErrorBody
+
+
+ERROR_RESPONSES: dict[int | str, dict[str, Any]] = {
+    status: {"model": ErrorOut, "description": description}
+    for status, description in {
+        404: "No such resource.",
+        413: "Request body too large.",
+        422: "Invalid request: `details` names each bad field.",
+        503: "A back-end (database, Redis) is unreachable; retry after `Retry-After` seconds.",
+    }.items()
+}
+
+
 class HealthOut(BaseModel):
     status: Literal["ok"]
 

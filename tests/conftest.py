@@ -253,6 +253,7 @@ class Stack:
     settings: Settings
     client: Any
     worker: subprocess.Popen[bytes]
+    worker_name: str
 
 
 @pytest.fixture(scope="session", params=BACKENDS)
@@ -264,10 +265,11 @@ def stack(request: pytest.FixtureRequest, databases: Databases, redis_server: Re
     from app.main import create_app
 
     settings = make_settings(databases.new(request.param), redis_server.url, tmp_path_factory.mktemp("stack-var"))
-    worker = start_worker(settings, f"stack-{request.param}")
+    worker_name = f"stack-{request.param}"
+    worker = start_worker(settings, worker_name)
     try:
         with TestClient(create_app(settings)) as client:
-            yield Stack(settings=settings, client=client, worker=worker)
+            yield Stack(settings=settings, client=client, worker=worker, worker_name=worker_name)
     finally:
         stop_process(worker)
 

@@ -36,8 +36,13 @@ class JobContext:
 
 Handler = Callable[[JobContext], dict[str, Any]]
 
+def ping(context: JobContext) -> dict[str, Any]:
+    return {"worker": context.runtime.name, "device": context.runtime.settings.worker_device}
+
+
 HANDLERS: dict[str, Handler] = {
     "model_check": model_check.run,
+    "ping": ping,
 }
 
 
@@ -63,7 +68,7 @@ def run_job(job_id: str) -> None:
     if job is None:
         return
     jobs.publish(worker.redis, worker.settings, job)
-    worker.current_job = job_id
+    worker.set_current_job(job_id)
     context = JobContext(job_id=job_id, params=dict(job.params), runtime=worker)
     try:
         handler = HANDLERS.get(job.kind)
@@ -79,4 +84,4 @@ def run_job(job_id: str) -> None:
     else:
         _finish(worker, job_id, status="succeeded", result=result)
     finally:
-        worker.current_job = None
+        worker.set_current_job(None)

@@ -43,6 +43,14 @@ class WorkerRuntime:
         }
         self.redis.set(broker.heartbeat_key(self.settings, self.name), json.dumps(state), px=int(self.settings.heartbeat_ttl_s * 1000))
 
+    def set_current_job(self, job_id: str | None) -> None:
+        """Change what the heartbeat reports, and report it at once."""
+        self.current_job = job_id
+        try:
+            self.heartbeat()
+        except redis.exceptions.RedisError:
+            pass  # the heartbeat thread reports it when Redis is back
+
     def start_heartbeats(self) -> threading.Event:
         """Heartbeat from a thread, so a long job does not make the worker look dead. Set the
         returned event to stop."""

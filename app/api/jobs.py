@@ -4,15 +4,16 @@ import json
 from collections.abc import AsyncIterator
 from typing import Annotated
 
-from fastapi import APIRouter, Depends, Query, Request
+from fastapi import APIRouter, Depends, Query, Request, Response
 from fastapi.concurrency import run_in_threadpool
 from fastapi.sse import EventSourceResponse, ServerSentEvent
 
 from app import broker, jobs
 from app.api.deps import RedisDep, SessionDep, SessionsDep, SettingsDep
-from app.schemas import JobOut, JobPage, JobStatus
+from app.registry.database import transaction
+from app.schemas import ERROR_RESPONSES, JobAccepted, JobOut, JobPage, JobStatus
 
-router = APIRouter(prefix="/v1/jobs", tags=["jobs"])
+router = APIRouter(prefix="/v1/jobs", tags=["jobs"], responses=ERROR_RESPONSES)
 
 EVENT_POLL_S = 5.0
 
@@ -31,6 +32,18 @@ def list_all_jobs(
     return JobPage(items=[JobOut.of(job) for job in found], next_cursor=next_cursor)
 
 
+@router.post("/ping", status_code=202)
+def ping_workers(response: Response, settings: SettingsDep, sessions: SessionsDep, connection: RedisDep) -> JobAccepted:
+    """A canary job that does nothing on a worker: it proves the whole path (gateway →
+    Redis → worker → registry) works, and how fast, without touching a model."""
+    job = jobs.new_job("ping", {}, broker.default_queue(settings))
+    with transaction(sessions) as session:
+        session.add(job)
+    jobs.enqueue(sessions, connection, settings, job, jobs.deleting(job.id))
+    response.headers["Location"] = f"/v1/jobs/{job.id}"
+    return JobAccepted(job=JobOut.of(job))
+
+
 @router.get("/{job_id}")
 def show_job(job_id: str, session: SessionDep) -> JobOut:
     return JobOut.of(jobs.get_job(session, job_id))
@@ -43,9 +56,11 @@ def cancel_job(job_id: str, settings: SettingsDep, sessions: SessionsDep, connec
     return JobOut.of(jobs.cancel(sessions, connection, settings, job_id))
 
 
-def existing_job_id(job_id: str, session: SessionDep) -> str:
-    """Runs before a stream starts, so an unknown job is a plain 404."""
-    return jobs.get_job(session, job_id).id
+def existing_job_id(job_id: str, sessions: SessionsDep) -> str:
+    """Runs before a stream starts, so an unknown job is a plain 404. It holds no database
+    connection for the life of the stream (a session dependency would)."""
+    with sessions() as session:
+        return jobs.get_job(session, job_id).id
 
 
 @router.get("/{job_id}/events", response_class=EventSourceResponse, responses={404: {"description": "No such job."}})

@@ -13,10 +13,10 @@ from app.errors import ServiceError
 from app.model_sources import read_model_shape, resolve_source
 from app.registry.database import transaction
 from app.registry.models import find_model, get_model, list_models, new_model
-from app.registry.tables import Job, Model
-from app.schemas import JobAccepted, JobOut, ModelCreate, ModelOut, ModelPage
+from app.registry.tables import Model
+from app.schemas import ERROR_RESPONSES, JobAccepted, JobOut, ModelCreate, ModelOut, ModelPage
 
-router = APIRouter(prefix="/v1/models", tags=["models"])
+router = APIRouter(prefix="/v1/models", tags=["models"], responses=ERROR_RESPONSES)
 
 
 @router.post(
@@ -50,7 +50,7 @@ def register_model(body: ModelCreate, response: Response, settings: SettingsDep,
         return ModelOut.of(existing)
 
     def undo(session: Session) -> None:
-        session.execute(delete(Job).where(Job.id == job.id))
+        jobs.deleting(job.id)(session)
         session.execute(delete(Model).where(Model.id == model.id))
 
     jobs.enqueue(sessions, connection, settings, job, undo)
@@ -88,7 +88,7 @@ def check_model(model_id: str, response: Response, settings: SettingsDep, sessio
 
     def undo(session: Session) -> None:
         session.execute(update(Model).where(Model.id == model_id).values(check_job_id=previous_check))
-        session.execute(delete(Job).where(Job.id == job.id))
+        jobs.deleting(job.id)(session)
 
     jobs.enqueue(sessions, connection, settings, job, undo)
     response.headers["Location"] = f"/v1/jobs/{job.id}"

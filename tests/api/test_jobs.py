@@ -10,7 +10,7 @@ import redis
 
 from app.settings import Settings
 from tests.api.test_models import register
-from tests.conftest import wait_until
+from tests.conftest import wait_for_job, wait_until
 from workers import runner
 from workers.main import run_worker
 
@@ -141,3 +141,11 @@ def test_events_of_a_finished_job_are_its_final_state_then_the_end(api: Any, set
     run_queued_jobs(settings)
     events = read_events(api, job_id)
     assert [event["status"] for event in events] == ["succeeded"]
+
+
+def test_a_ping_job_travels_to_a_worker_and_back(stack: Any) -> None:
+    response = stack.client.post("/v1/jobs/ping")
+    assert response.status_code == 202
+    job = wait_for_job(stack.client, response.json()["job"]["id"])
+    assert job["status"] == "succeeded"
+    assert job["result"] == {"worker": stack.worker_name, "device": "cpu"}

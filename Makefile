@@ -1,0 +1,34 @@
+# Two commands do all set-up on a fresh machine with Python and pip:
+#   make run    installs the service and starts it on its embedded defaults
+#   make test   installs the service with its test tools and runs the tests
+PYTHON ?= python3
+VENV ?= .venv
+BIN = $(VENV)/bin
+# torch first, then everything else under the same pin, so no install pulls another torch
+PIP_INSTALL = $(BIN)/pip install --quiet --constraint constraints.txt
+
+.PHONY: install run test test-fast bench clean
+
+$(BIN)/.installed: pyproject.toml constraints.txt
+	$(PYTHON) -m venv $(VENV)
+	$(PIP_INSTALL) torch==2.13.0
+	$(PIP_INSTALL) --editable '.[worker,test]'
+	touch $@
+
+install: $(BIN)/.installed
+
+run: install
+	$(BIN)/confprobe serve
+
+test: install
+	$(BIN)/pytest
+
+# everything but the tests that start a browser or the whole service
+test-fast: install
+	$(BIN)/pytest -m "not slow"
+
+bench: install
+	$(BIN)/python bench/jobs.py
+
+clean:
+	rm -rf $(VENV) var .pytest_cache

@@ -1,0 +1,61 @@
+"""Every error answer is the envelope `{"error": {"code", "message", "details"}}`."""
+
+from pathlib import Path
+from typing import Any
+
+from fastapi.testclient import TestClient
+
+from app.main import create_app
+from app.settings import Settings
+from tests.conftest import free_port, make_settings
+
+
+def assert_envelope(response: Any, status: int, code: str) -> dict[str, Any]:
+    assert response.status_code == status
+    body = response.json()
+    assert set(body) == {"error"}
+    assert set(body["error"]) == {"code", "message", "details"}
+    assert body["error"]["code"] == code
+    return body["error"]
+
+
+def test_an_unknown_route_is_a_404_in_the_envelope(api: Any) -> None:
+    assert_envelope(api.get("/v1/nothing-here"), 404, "not_found")
+
+
+def test_a_wrong_method_is_a_405_in_the_envelope(api: Any) -> None:
+    assert_envelope(api.delete("/v1/jobs"), 405, "method_not_allowed")
+
+
+def test_malformed_json_is_a_422_naming_the_body(api: Any) -> None:
+    response = api.post("/v1/models", content=b"{not json", headers={"content-type": "application/json"})
+    error = assert_envelope(response, 422, "validation_error")
+    assert error["details"]["fields"][0]["field"] == "body"
+
+
+def test_a_body_over_the_limit_is_a_413_by_its_declared_length(api: Any, settings: Settings) -> None:
+    body = b'{"name": "' + b"x" * settings.max_request_bytes + b'"}'
+    response = api.post("/v1/models", content=body, headers={"content-type": "application/json"})
+    error = assert_envelope(response, 413, "payload_too_large")
+    assert error["details"]["limit_bytes"] == settings.max_request_bytes
+
+
+def test_a_chunked_body_over_the_limit_is_a_413_while_it_streams(api: Any, settings: Settings) -> None:
+    def chunks() -> Any:
+        yield b'{"name": "'
+        for _ in range(settings.max_request_bytes // 65536 + 2):
+            yield b"x" * 65536
+        yield b'"}'
+
+    response = api.post("/v1/models", content=chunks(), headers={"content-type": "application/json"})
+    assert_envelope(response, 413, "payload_too_large")
+
+
+def test_an_unreachable_redis_is_a_503_and_leaves_nothing_registered(database_url: str, tmp_path: Path, tiny_llama: Path) -> None:
+    settings = make_settings(database_url, f"redis://127.0.0.1:{free_port()}/0", tmp_path / "var")
+    with TestClient(create_app(settings)) as client:
+        response = client.post("/v1/models", json={"name": "tiny", "source": str(tiny_llama)})
+        error = assert_envelope(response, 503, "unavailable")
+        assert "redis" in error["message"].lower()
+        assert client.get("/v1/models").json()["items"] == []
+        assert client.get("/v1/jobs").json()["items"] == []

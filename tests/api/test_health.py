@@ -1,0 +1,57 @@
+from pathlib import Path
+from typing import Any
+
+from fastapi.testclient import TestClient
+
+from app.main import create_app
+from app.settings import Settings
+from tests.conftest import Stack, free_port, make_settings
+
+
+def test_healthz_answers_without_any_backend(database_url: str, tmp_path: Path) -> None:
+    settings = make_settings(database_url, f"redis://127.0.0.1:{free_port()}/0", tmp_path)
+    with TestClient(create_app(settings)) as client:
+        assert client.get("/healthz").json() == {"status": "ok"}
+
+
+def test_readyz_says_no_worker_is_alive(api: Any) -> None:
+    response = api.get("/readyz")
+    assert response.status_code == 503
+    error = response.json()["error"]
+    assert error["details"]["missing"] == ["worker"]
+    assert error["details"]["checks"]["database"] == "ok" and error["details"]["checks"]["redis"] == "ok"
+
+
+def test_readyz_says_redis_is_unreachable(database_url: str, tmp_path: Path) -> None:
+    settings = make_settings(database_url, f"redis://127.0.0.1:{free_port()}/0", tmp_path)
+    with TestClient(create_app(settings)) as client:
+        response = client.get("/readyz")
+    assert response.status_code == 503
+    assert response.json()["error"]["details"]["missing"] == ["redis", "worker"]
+
+
+def test_readyz_says_the_database_is_unreachable(redis_server: Any, tmp_path: Path) -> None:
+    settings = make_settings(f"postgresql+psycopg://nobody@127.0.0.1:{free_port()}/none", redis_server.url, tmp_path)
+    with TestClient(create_app(settings)) as client:
+        response = client.get("/readyz")
+    assert response.status_code == 503
+    assert "database" in response.json()["error"]["details"]["missing"]
+
+
+def test_readyz_is_ready_with_a_live_worker(stack: Stack) -> None:
+    response = stack.client.get("/readyz")
+    assert response.status_code == 200
+    workers = response.json()["checks"]["workers"]
+    assert [worker["device"] for worker in workers] == ["cpu"]
+
+
+def test_a_worker_that_stops_heartbeating_is_no_longer_counted(settings: Settings, api: Any) -> None:
+    import redis
+
+    from app.broker import heartbeat_key
+
+    client = redis.Redis.from_url(settings.resolved_redis_url)
+    client.set(heartbeat_key(settings, "short-lived"), '{"name": "short-lived", "device": "cpu"}', px=300)
+    assert api.get("/readyz").status_code == 200
+    client.delete(heartbeat_key(settings, "short-lived"))
+    assert api.get("/readyz").status_code == 503

@@ -1,0 +1,128 @@
+"""The container set-up (Dockerfile, docker-compose.yml) agrees with the project: settings
+names, build targets, where torch is and is not installed. Checked statically; the compose
+file is also validated by `docker compose config` where that CLI exists."""
+
+import re
+import shutil
+import subprocess
+import tomllib
+from pathlib import Path
+from typing import Any
+from urllib.parse import urlsplit
+
+import pytest
+import yaml
+
+from app.settings import Settings
+
+ROOT = Path(__file__).resolve().parent.parent
+APP_SERVICES = ("gateway", "worker")
+
+
+@pytest.fixture(scope="module")
+def services() -> dict[str, Any]:
+    return yaml.safe_load((ROOT / "docker-compose.yml").read_text())["services"]
+
+
+def _stages() -> dict[str, list[str]]:
+    """Instructions of each named Dockerfile stage, continuation lines joined, comments dropped."""
+    text = re.sub(r"\\\n", " ", (ROOT / "Dockerfile").read_text())
+    stages: dict[str, list[str]] = {}
+    current: list[str] = []
+    for line in (raw.strip() for raw in text.splitlines()):
+        if not line or line.startswith("#"):
+            continue
+        if match := re.match(r"FROM\s+\S+\s+AS\s+(\S+)", line, re.IGNORECASE):
+            current = stages.setdefault(match[1], [])
+        current.append(line)
+    return stages
+
+
+def _pip_installs(stage: str) -> list[str]:
+    return [line for line in _stages()[stage] if re.match(r"RUN\b.*\bpip install\b", line)]
+
+
+def _torch_pin(requirements: list[str]) -> str:
+    return next(req for req in requirements if re.match(r"torch\s*==", req)).replace(" ", "")
+
+
+def _constrained_torch() -> str:
+    return _torch_pin((ROOT / "constraints.txt").read_text().split())
+
+
+def test_compose_defines_redis_postgres_gateway_and_worker(services: dict[str, Any]) -> None:
+    assert {"redis", "postgres", "gateway", "worker"} <= services.keys()
+
+
+def test_gateway_publishes_port_8000(services: dict[str, Any]) -> None:
+    assert "8000:8000" in services["gateway"]["ports"]
+
+
+@pytest.mark.parametrize("service", APP_SERVICES)
+def test_service_registry_is_the_postgres_service(services: dict[str, Any], service: str) -> None:
+    url = urlsplit(services[service]["environment"]["DATABASE_URL"])
+    assert url.scheme == "postgresql+psycopg"
+    assert url.hostname == "postgres"
+
+
+@pytest.mark.parametrize("service", APP_SERVICES)
+def test_service_queue_is_the_redis_service(services: dict[str, Any], service: str) -> None:
+    url = urlsplit(services[service]["environment"]["REDIS_URL"])
+    assert (url.scheme, url.hostname) == ("redis", "redis")
+
+
+def test_worker_reserves_an_nvidia_gpu(services: dict[str, Any]) -> None:
+    devices = services["worker"]["deploy"]["resources"]["reservations"]["devices"]
+    assert any(d["driver"] == "nvidia" and "gpu" in d["capabilities"] for d in devices)
+
+
+@pytest.mark.parametrize("service", APP_SERVICES)
+def test_service_environment_names_only_existing_settings(services: dict[str, Any], service: str) -> None:
+    known = {name.upper() for name in Settings.model_fields}
+    assert set(services[service]["environment"]) - known == set()
+
+
+@pytest.mark.parametrize("service", APP_SERVICES)
+def test_service_builds_its_own_dockerfile_target(services: dict[str, Any], service: str) -> None:
+    assert services[service]["build"]["target"] == service
+
+
+def test_dockerfile_defines_gateway_and_worker_targets() -> None:
+    assert {"gateway", "worker"} <= _stages().keys()
+
+
+def test_gateway_image_installs_neither_torch_nor_worker_extra() -> None:
+    installs = _pip_installs("gateway")
+    assert installs, "the gateway stage installs the project"
+    assert not [line for line in installs if "torch" in line or "[worker]" in line]
+
+
+def test_worker_image_installs_cuda_torch_before_project_under_constraints() -> None:
+    installs = _pip_installs("worker")
+    torch_at = next(i for i, line in enumerate(installs) if _constrained_torch() in line)
+    project_at = next(i for i, line in enumerate(installs) if "[worker]" in line)
+    assert torch_at < project_at
+    assert re.search(r"(--constraint|-c)\s+\S*constraints\.txt", installs[project_at])
+
+
+def test_worker_image_takes_torch_from_pytorchs_cuda_index() -> None:
+    torch_install = next(line for line in _pip_installs("worker") if _constrained_torch() in line)
+    assert "--index-url" in torch_install
+    assert re.search(r"download\.pytorch\.org/whl/cu\d+", "\n".join(_stages()["worker"]))
+
+
+def test_constraints_pin_torch_2_13_0_as_the_worker_extra_does() -> None:
+    extra = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["optional-dependencies"]["worker"]
+    assert _constrained_torch() == _torch_pin(extra) == "torch==2.13.0"
+
+
+def _compose_available() -> bool:
+    if shutil.which("docker") is None:
+        return False
+    return subprocess.run(["docker", "compose", "version"], capture_output=True, timeout=30).returncode == 0
+
+
+@pytest.mark.skipif(not _compose_available(), reason="needs the docker CLI with its compose plugin")
+def test_compose_file_is_valid_for_docker_compose() -> None:
+    result = subprocess.run(["docker", "compose", "config", "-q"], cwd=ROOT, capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr

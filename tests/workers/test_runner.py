@@ -1,0 +1,51 @@
+"""How the runner ends jobs: success, a known failure, a bug, an unknown kind."""
+
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from app.settings import Settings
+from tests.api.test_jobs import run_queued_jobs
+from tests.api.test_models import register
+from workers import runner
+from workers.errors import JobFailed
+
+
+def test_a_known_failure_is_recorded_with_its_code_and_details(api: Any, settings: Settings, tiny_llama: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    def refuse(context: runner.JobContext) -> dict[str, Any]:
+        raise JobFailed("bad_input", "layer 99 is out of range", layer=99)
+
+    monkeypatch.setitem(runner.HANDLERS, "model_check", refuse)
+    job_id = register(api, tiny_llama).json()["check_job_id"]
+    run_queued_jobs(settings)
+    job = api.get(f"/v1/jobs/{job_id}").json()
+    assert job["status"] == "failed"
+    assert job["error"] == {"code": "bad_input", "message": "layer 99 is out of range", "details": {"layer": 99}}
+
+
+def test_a_bug_fails_its_job_and_the_worker_goes_on_to_the_next(api: Any, settings: Settings, tiny_llama: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    calls: list[str] = []
+
+    def crash_first(context: runner.JobContext) -> dict[str, Any]:
+        calls.append(context.job_id)
+        if len(calls) == 1:
+            raise ZeroDivisionError("division by zero")
+        return {"ok": True}
+
+    monkeypatch.setitem(runner.HANDLERS, "model_check", crash_first)
+    first = register(api, tiny_llama).json()["check_job_id"]
+    second = register(api, tiny_llama, dtype="bfloat16").json()["check_job_id"]
+    run_queued_jobs(settings)
+    crashed, fine = api.get(f"/v1/jobs/{first}").json(), api.get(f"/v1/jobs/{second}").json()
+    assert crashed["status"] == "failed"
+    assert crashed["error"]["code"] == "internal" and "ZeroDivisionError" in crashed["error"]["message"]
+    assert fine["status"] == "succeeded" and fine["result"] == {"ok": True}
+
+
+def test_a_job_of_unknown_kind_fails_clearly(api: Any, settings: Settings, tiny_llama: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.delitem(runner.HANDLERS, "model_check")
+    job_id = register(api, tiny_llama).json()["check_job_id"]
+    run_queued_jobs(settings)
+    error = api.get(f"/v1/jobs/{job_id}").json()["error"]
+    assert error["code"] == "unknown_kind" and "model_check" in error["message"]
