@@ -13,7 +13,9 @@ from workers import runtime
 def run_worker(settings: Settings | None = None, burst: bool = False) -> None:
     settings = settings or get_settings()
     import torch  # noqa: F401  (imported once here, not inside the first job)
-    import transformers  # noqa: F401
+    import transformers
+
+    transformers.utils.logging.disable_progress_bar()  # one bar per load would flood the worker's log
 
     worker_runtime = runtime.build_runtime(settings)
     runtime.install(worker_runtime)

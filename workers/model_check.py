@@ -7,7 +7,7 @@ from sqlalchemy import update
 
 from app.registry.models import get_model
 from app.registry.tables import Model
-from workers.errors import JobFailed
+from workers.errors import JobCancelled, JobFailed
 
 if TYPE_CHECKING:
     from workers.runner import JobContext
@@ -43,7 +43,12 @@ def run(context: "JobContext") -> dict[str, Any]:
                 hidden_size=hidden_size,
             )
     except BaseException as exc:
-        reason = exc.message if isinstance(exc, JobFailed) else f"{type(exc).__name__}: {exc}"
+        if isinstance(exc, JobFailed):
+            reason = exc.message
+        elif isinstance(exc, JobCancelled):
+            reason = "the check was cancelled before it finished"
+        else:
+            reason = f"{type(exc).__name__}: {exc}"
         with sessions() as session, session.begin():
             session.execute(update(Model).where(Model.id == model_id).values(status="failed", status_reason=reason))
         raise

@@ -149,3 +149,23 @@ def test_a_ping_job_travels_to_a_worker_and_back(stack: Any) -> None:
     job = wait_for_job(stack.client, response.json()["job"]["id"])
     assert job["status"] == "succeeded"
     assert job["result"] == {"worker": stack.worker_name, "device": "cpu"}
+
+
+def test_job_state_survives_a_redis_restart(database_url: str, tmp_path: Path, tiny_llama: Path) -> None:
+    from fastapi.testclient import TestClient
+
+    from app.main import create_app
+    from tests.conftest import RedisServer, make_settings
+
+    own_redis = RedisServer(folder=tmp_path)
+    own_redis.start()
+    settings = make_settings(database_url, own_redis.url, tmp_path / "var")
+    with TestClient(create_app(settings)) as client:
+        job_id = register(client, tiny_llama).json()["check_job_id"]
+        own_redis.stop()
+        assert client.get(f"/v1/jobs/{job_id}").json()["status"] == "queued"
+        assert client.get("/readyz").json()["error"]["details"]["missing"] == ["redis", "worker"]
+        own_redis.start()  # empty: nothing was saved
+        assert client.get(f"/v1/jobs/{job_id}").json()["status"] == "queued"
+        assert client.post(f"/v1/models/{client.get('/v1/models').json()['items'][0]['id']}/check").status_code == 202
+    own_redis.stop()
