@@ -1,6 +1,7 @@
 """Where a model's files are, and what its `config.json` says — read as plain JSON, so the
 gateway learns a model's shape without torch or transformers."""
 
+import hashlib
 import json
 import re
 from dataclasses import dataclass
@@ -63,6 +64,25 @@ def resolve_source(source: str, revision: str | None, hf_cache_dir: Path | None 
             field="source",
         ) from exc
     return ResolvedSource(kind="hf_cache", identity=source, path=Path(folder))
+
+
+WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".gguf")
+
+
+def fingerprint(source: ResolvedSource) -> str:
+    """What identifies the model's weights in cache keys. A Hugging Face snapshot is named
+    by its commit, which pins every file; a local folder is hashed from its config bytes and
+    each weight file's name, size and modification time (hashing gigabytes of weights on
+    every registration would cost minutes)."""
+    digest = hashlib.sha256()
+    if source.kind == "hf_cache":
+        digest.update(f"hf:{source.identity}@{source.path.name}".encode())
+        return digest.hexdigest()
+    digest.update(b"local:" + (source.path / "config.json").read_bytes())
+    for weights in sorted(p for p in source.path.iterdir() if p.name.endswith(WEIGHT_SUFFIXES)):
+        stat = weights.stat()
+        digest.update(f"{weights.name}:{stat.st_size}:{stat.st_mtime_ns}".encode())
+    return digest.hexdigest()
 
 
 def _first_int(config: dict[str, Any], keys: tuple[str, ...], name: str) -> int:

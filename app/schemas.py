@@ -92,6 +92,7 @@ class ModelOut(BaseModel):
     revision: str | None
     dtype: Dtype
     quantization: Quantization | None
+    fingerprint: str = Field(description="Identifies the weights: the snapshot commit, or a hash of a local folder's config and weight files.")
     architecture: str
     model_type: str
     num_layers: int

@@ -8,6 +8,7 @@ from fastapi import Depends, Request
 from sqlalchemy.orm import Session, sessionmaker
 
 from app.settings import Settings
+from app.storage import ArtifactStore
 
 
 def get_settings(request: Request) -> Settings:
@@ -27,7 +28,12 @@ def get_redis(request: Request) -> redis.Redis:
     return request.app.state.redis
 
 
+def get_artifacts(request: Request) -> ArtifactStore:
+    return request.app.state.artifacts
+
+
 SettingsDep = Annotated[Settings, Depends(get_settings)]
 SessionsDep = Annotated[sessionmaker[Session], Depends(get_sessions)]
 SessionDep = Annotated[Session, Depends(get_session)]
 RedisDep = Annotated[redis.Redis, Depends(get_redis)]
+ArtifactsDep = Annotated[ArtifactStore, Depends(get_artifacts)]

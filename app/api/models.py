@@ -10,7 +10,7 @@ from sqlalchemy.orm import Session
 from app import broker, jobs
 from app.api.deps import RedisDep, SessionDep, SessionsDep, SettingsDep
 from app.errors import ServiceError
-from app.model_sources import read_model_shape, resolve_source
+from app.model_sources import fingerprint, read_model_shape, resolve_source
 from app.registry.database import transaction
 from app.registry.models import find_model, get_model, list_models, new_model
 from app.registry.tables import Model
@@ -29,7 +29,7 @@ def register_model(body: ModelCreate, response: Response, settings: SettingsDep,
     token through it. The answer comes at once with `status: pending`."""
     source = resolve_source(body.source, body.revision, settings.hf_cache_dir)
     shape = read_model_shape(source.path)
-    model = new_model(body.name, source, body.revision, body.dtype, body.quantization, shape)
+    model = new_model(body.name, source, body.revision, body.dtype, body.quantization, shape, fingerprint(source))
     job = jobs.new_job("model_check", {"model_id": model.id}, broker.default_queue(settings), model_id=model.id)
     model.check_job_id = job.id
     try:

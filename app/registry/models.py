@@ -20,13 +20,16 @@ def find_model(session: Session, source: ResolvedSource, revision: str | None, d
     )
 
 
-def new_model(name: str, source: ResolvedSource, revision: str | None, dtype: str, quantization: str | None, shape: ModelShape) -> Model:
+def new_model(
+    name: str, source: ResolvedSource, revision: str | None, dtype: str, quantization: str | None, shape: ModelShape, weights_fingerprint: str
+) -> Model:
     return Model(
         id=new_id("mdl"),
         name=name,
         source=source.identity,
         source_kind=source.kind,
         resolved_path=str(source.path),
+        fingerprint=weights_fingerprint,
         revision=revision,
         revision_key=revision or "",
         dtype=dtype,

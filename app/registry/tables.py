@@ -55,6 +55,7 @@ class Model(Base):
     dtype: Mapped[str] = mapped_column(String(20))
     quantization: Mapped[str | None] = mapped_column(String(10))
     quantization_key: Mapped[str] = mapped_column(String(10), default="")
+    fingerprint: Mapped[str] = mapped_column(String(64), default="")
     architecture: Mapped[str] = mapped_column(String(200))
     model_type: Mapped[str] = mapped_column(String(100))
     num_layers: Mapped[int] = mapped_column(Integer)
@@ -89,3 +90,64 @@ class Job(Base):
     created_at: Mapped[datetime] = mapped_column(default=utcnow)
     started_at: Mapped[datetime | None] = mapped_column()
     finished_at: Mapped[datetime | None] = mapped_column()
+
+
+class Dataset(Base):
+    """An uploaded dataset, stored normalised as JSONL in the artifact store. Its identity
+    is the sha256 of that normalised content, so the same rows uploaded as CSV or JSONL,
+    or twice, are one dataset."""
+
+    __tablename__ = "datasets"
+
+    id: Mapped[str] = mapped_column(String(40), primary_key=True)
+    name: Mapped[str] = mapped_column(String(200))
+    kind: Mapped[str] = mapped_column(String(20))
+    source_format: Mapped[str] = mapped_column(String(10))
+    rows: Mapped[int] = mapped_column(Integer)
+    label_balance: Mapped[dict[str, Any]] = mapped_column()
+    sha256: Mapped[str] = mapped_column(String(64), unique=True)
+    upload_sha256: Mapped[str] = mapped_column(String(64))
+    artifact: Mapped[str] = mapped_column(String(500))
+    size_bytes: Mapped[int] = mapped_column(BigInteger)
+    created_at: Mapped[datetime] = mapped_column(default=utcnow)
+
+
+class Extraction(Base):
+    """Hidden states of some texts at some layers; the array lives in the artifact store."""
+
+    __tablename__ = "extractions"
+
+    id: Mapped[str] = mapped_column(String(40), primary_key=True)
+    job_id: Mapped[str] = mapped_column(String(40), index=True)
+    model_id: Mapped[str] = mapped_column(ForeignKey("models.id"), index=True)
+    adapter_id: Mapped[str | None] = mapped_column(String(40))
+    dataset_id: Mapped[str | None] = mapped_column(ForeignKey("datasets.id"), index=True)
+    text_count: Mapped[int] = mapped_column(Integer)
+    layers: Mapped[list[int]] = mapped_column(JSON)
+    token_position: Mapped[str] = mapped_column(String(10))
+    max_length: Mapped[int | None] = mapped_column(Integer)
+    artifact: Mapped[str | None] = mapped_column(String(500))
+    shape: Mapped[list[int] | None] = mapped_column(JSON)
+    dtype: Mapped[str | None] = mapped_column(String(20))
+    truncated_count: Mapped[int | None] = mapped_column(Integer)
+    cache_hits: Mapped[int | None] = mapped_column(Integer)
+    model_fingerprint: Mapped[str] = mapped_column(String(64))
+    adapter_fingerprint: Mapped[str | None] = mapped_column(String(64))
+    created_at: Mapped[datetime] = mapped_column(default=utcnow)
+    finished_at: Mapped[datetime | None] = mapped_column()
+
+
+class CachedHiddenState(Base):
+    """Where the hidden state of one text at one layer is kept: row `row`, layer slot `slot`
+    of a cache shard. `space` hashes everything else the state depends on (model, adapter,
+    quantization, dtype, token position, max_length)."""
+
+    __tablename__ = "hidden_state_cache"
+
+    space: Mapped[str] = mapped_column(String(64), primary_key=True)
+    text_sha256: Mapped[str] = mapped_column(String(64), primary_key=True)
+    layer: Mapped[int] = mapped_column(Integer, primary_key=True)
+    shard: Mapped[str] = mapped_column(String(500))
+    row: Mapped[int] = mapped_column(Integer)
+    slot: Mapped[int] = mapped_column(Integer)
+    truncated: Mapped[bool] = mapped_column(Boolean, default=False)

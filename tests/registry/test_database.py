@@ -47,11 +47,11 @@ def test_times_come_back_timezone_aware_in_utc(database_url: str) -> None:
 def test_a_model_is_unique_by_source_revision_dtype_and_quantization(database_url: str) -> None:
     sessions = session_factory(create_registry_engine(database_url))
     with transaction(sessions) as session:
-        session.add(new_model("a", source("/models/x"), None, "float32", None, SHAPE))
-        session.add(new_model("b", source("/models/x"), None, "bfloat16", None, SHAPE))
-        session.add(new_model("c", source("/models/x"), None, "float32", "8bit", SHAPE))
+        session.add(new_model("a", source("/models/x"), None, "float32", None, SHAPE, "f"))
+        session.add(new_model("b", source("/models/x"), None, "bfloat16", None, SHAPE, "f"))
+        session.add(new_model("c", source("/models/x"), None, "float32", "8bit", SHAPE, "f"))
     with pytest.raises(IntegrityError), transaction(sessions) as session:
-        session.add(new_model("d", source("/models/x"), None, "float32", None, SHAPE))
+        session.add(new_model("d", source("/models/x"), None, "float32", None, SHAPE, "f"))
     with sessions() as session:
         assert find_model(session, source("/models/x"), None, "float32", None).name == "a"  # type: ignore[union-attr]
 
