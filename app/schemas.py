@@ -5,7 +5,7 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
-from app.registry.tables import Job, Model
+from app.registry.tables import Dataset, Job, Model
 
 JobStatus = Literal["queued", "running", "succeeded", "failed", "cancelled"]
 Dtype = Literal["float32", "bfloat16", "float16"]
@@ -112,6 +112,30 @@ class ModelOut(BaseModel):
 
 class ModelPage(BaseModel):
     items: list[ModelOut]
+    next_cursor: str | None
+
+
+class DatasetOut(BaseModel):
+    id: str
+    name: str
+    kind: Literal["statements", "multiple_choice"]
+    source_format: Literal["jsonl", "csv"]
+    rows: int
+    label_balance: dict[str, int] = Field(
+        description="Statements: count per label (`'0'`, `'1'`). Multiple choice: count per gold answer index."
+    )
+    sha256: str = Field(description="sha256 of the normalised rows (JSONL); the same rows uploaded again give the same dataset.")
+    upload_sha256: str = Field(description="sha256 of the uploaded file as it came.")
+    size_bytes: int
+    created_at: datetime
+
+    @classmethod
+    def of(cls, dataset: Dataset) -> "DatasetOut":
+        return cls.model_validate(dataset, from_attributes=True)
+
+
+class DatasetPage(BaseModel):
+    items: list[DatasetOut]
     next_cursor: str | None
 
 

@@ -41,6 +41,7 @@ class Settings(BaseSettings):
     max_request_bytes: int = Field(
         1_048_576, description="Largest JSON request body accepted; larger ones get 413."
     )
+    max_dataset_bytes: int = Field(64 * 2**20, description="Largest dataset upload accepted; larger ones get 413.")
     page_size_max: int = Field(200, description="Largest page a list endpoint returns.")
 
     worker_device: str = Field("cpu", description="Device a worker owns: `cpu` or `cuda:N`.")
