@@ -9,7 +9,7 @@ from fastapi import FastAPI
 from fastapi_offline import FastAPIOffline
 
 from app import broker
-from app.api import datasets, health, jobs, models
+from app.api import datasets, extractions, health, jobs, models
 from app.errors import install_error_handlers
 from app.limits import BodySizeLimit
 from app.registry.database import create_registry_engine, session_factory
@@ -52,5 +52,6 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.include_router(health.router)
     app.include_router(models.router)
     app.include_router(datasets.router)
+    app.include_router(extractions.router)
     app.include_router(jobs.router)
     return app

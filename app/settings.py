@@ -53,6 +53,13 @@ class Settings(BaseSettings):
     heartbeat_ttl_s: float = Field(10.0, description="A worker whose heartbeat is older than this is gone.")
     job_timeout_s: int = Field(6 * 3600, description="A job running longer than this is stopped and failed.")
 
+    max_inline_texts: int = Field(2000, description="Most texts one extraction request may carry inline; more → 413 (upload a dataset).")
+    extraction_token_budget: int = Field(
+        16384, description="Padded tokens per forward batch (rows × longest text); lower it for big models on small devices."
+    )
+    extraction_max_batch_size: int = Field(256, description="Most texts in one forward batch.")
+    extraction_cache: bool = Field(True, description="Keep every extracted vector and serve repeated texts from it.")
+
     log_level: Literal["debug", "info", "warning", "error"] = Field("info", description="Log level of every process.")
 
     @property

@@ -33,6 +33,8 @@ from app.settings import Settings  # noqa: E402
 
 IN_CI = os.environ.get("CI") == "true"
 ROOT = Path(__file__).resolve().parent.parent
+# the real data sets sit beside the checkout, in shared/data
+SHARED_DATA = Path(os.environ.get("CONFPROBE_TEST_DATA", ROOT.parent / "shared" / "data"))
 BACKENDS = ["sqlite", "postgresql"]
 TERMINAL = {"succeeded", "failed", "cancelled"}
 

@@ -2,6 +2,7 @@
 no fork per job, so CUDA contexts and resident models survive between jobs)."""
 
 import logging
+import warnings
 
 from rq import Queue, SimpleWorker
 
@@ -16,6 +17,8 @@ def run_worker(settings: Settings | None = None, burst: bool = False) -> None:
     import transformers
 
     transformers.utils.logging.disable_progress_bar()  # one bar per load would flood the worker's log
+    # bitsandbytes warns on every 8-bit matmul that it casts float32 inputs to float16
+    warnings.filterwarnings("ignore", message="MatMul8bitLt")
 
     worker_runtime = runtime.build_runtime(settings)
     runtime.install(worker_runtime)

@@ -7,6 +7,8 @@ local files (`local_files_only`) and never runs remote code.
 
 import gc
 from collections import OrderedDict
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any
 
@@ -15,6 +17,7 @@ from workers.errors import JobFailed
 
 TORCH_DTYPES = {"float32": "float32", "bfloat16": "bfloat16", "float16": "float16"}
 CAUSAL_LM_SUFFIXES = ("ForCausalLM", "LMHeadModel")
+QUANTIZED_RUN_ERRORS = (AssertionError, RuntimeError, ValueError, NotImplementedError)
 
 
 @dataclass
@@ -41,6 +44,24 @@ def _quantization_config(quantization: str, dtype: Any) -> Any:
     if quantization == "8bit":
         return BitsAndBytesConfig(load_in_8bit=True)
     return BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_compute_dtype=dtype)
+
+
+@contextmanager
+def explained_quantization_errors(quantization: str | None, device: str) -> Iterator[None]:
+    """bitsandbytes refuses some shapes and devices only when a quantized layer first runs,
+    with a bare assertion; say what failed and why instead of an internal error. There is no
+    fallback to full precision: a quantized model either runs quantized or fails."""
+    try:
+        yield
+    except QUANTIZED_RUN_ERRORS as exc:
+        if not quantization or type(exc).__name__ == "OutOfMemoryError":
+            raise
+        hint = ""
+        if "block_n" in str(exc):
+            hint = " (bitsandbytes' 4-bit CPU kernels need every quantized layer's output size to be a multiple of 32)"
+        raise JobFailed(
+            "quantization_unsupported", f"bitsandbytes cannot run this model {quantization} on {device}: {exc or type(exc).__name__}{hint}", device=device
+        ) from exc
 
 
 def load_model(row: Model, device: str) -> LoadedModel:

@@ -15,6 +15,7 @@ from app import broker
 from app.registry.database import create_registry_engine, session_factory
 from app.registry.tables import utcnow
 from app.settings import Settings, get_settings
+from app.storage import ArtifactStore
 from workers.models import ResidentModels
 
 
@@ -25,6 +26,7 @@ class WorkerRuntime:
     sessions: sessionmaker[Session]
     redis: redis.Redis
     models: ResidentModels
+    artifacts: ArtifactStore
     started_at: datetime = field(default_factory=utcnow)
     current_job: str | None = None
 
@@ -81,6 +83,7 @@ def build_runtime(settings: Settings) -> WorkerRuntime:
         sessions=session_factory(create_registry_engine(settings.resolved_database_url)),
         redis=broker.connect(settings),
         models=ResidentModels(budget_bytes=settings.worker_memory_budget_mb * 2**20, device=settings.worker_device),
+        artifacts=ArtifactStore(settings.resolved_artifact_dir),
     )
 
 

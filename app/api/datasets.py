@@ -1,7 +1,56 @@
 """`/v1/datasets`: upload statements or multiple-choice sets, list and show them."""
 
-from fastapi import APIRouter
+from typing import Annotated
 
-from app.schemas import ERROR_RESPONSES
+from fastapi import APIRouter, File, Form, Query, Response, UploadFile, status
+
+from app.api.deps import ArtifactsDep, SessionDep, SessionsDep, SettingsDep
+from app.datasets import default_name, parse_upload
+from app.registry.datasets import get_dataset, list_datasets, register_dataset
+from app.schemas import ERROR_RESPONSES, DatasetOut, DatasetPage
 
 router = APIRouter(prefix="/v1/datasets", tags=["datasets"], responses=ERROR_RESPONSES)
+
+
+@router.post(
+    "",
+    status_code=status.HTTP_201_CREATED,
+    responses={200: {"model": DatasetOut, "description": "The same rows are already registered: that dataset."}},
+)
+def upload_dataset(
+    file: Annotated[
+        UploadFile,
+        File(description="JSONL or CSV (by the `.jsonl`/`.csv` extension, else by content), UTF-8. "
+        "Statements: `text` (or `statement`), `label` 0/1. Multiple choice: `question`, `choices` "
+        "(in CSV a JSON list), `answer` (0-based index)."),
+    ],
+    response: Response,
+    sessions: SessionsDep,
+    artifacts: ArtifactsDep,
+    name: Annotated[str | None, Form(min_length=1, max_length=200, description="Display name; default: the file name.")] = None,
+) -> DatasetOut:
+    """Upload a dataset. A malformed row is a 422 naming its line and field, and nothing is
+    kept. Rows already uploaded (as CSV or JSONL) answer 200 with the existing dataset."""
+    upload = parse_upload(file.file.read(), file.filename)
+    dataset, created = register_dataset(sessions, artifacts, upload, name or default_name(file.filename))
+    if created:
+        response.headers["Location"] = f"/v1/datasets/{dataset.id}"
+    else:
+        response.status_code = status.HTTP_200_OK
+    return DatasetOut.of(dataset)
+
+
+@router.get("")
+def list_uploaded_datasets(
+    session: SessionDep,
+    settings: SettingsDep,
+    cursor: Annotated[str | None, Query(max_length=40)] = None,
+    limit: Annotated[int, Query(ge=1, le=200)] = 50,
+) -> DatasetPage:
+    datasets, next_cursor = list_datasets(session, cursor=cursor, limit=min(limit, settings.page_size_max))
+    return DatasetPage(items=[DatasetOut.of(dataset) for dataset in datasets], next_cursor=next_cursor)
+
+
+@router.get("/{dataset_id}")
+def show_dataset(dataset_id: str, session: SessionDep) -> DatasetOut:
+    return DatasetOut.of(get_dataset(session, dataset_id))

@@ -14,7 +14,14 @@ from app.model_sources import fingerprint, read_model_shape, resolve_source
 from app.registry.database import transaction
 from app.registry.models import find_model, get_model, list_models, new_model
 from app.registry.tables import Model
-from app.schemas import ERROR_RESPONSES, JobAccepted, JobOut, ModelCreate, ModelOut, ModelPage
+from app.schemas import (
+    ERROR_RESPONSES,
+    JobAccepted,
+    JobOut,
+    ModelCreate,
+    ModelOut,
+    ModelPage,
+)
 
 router = APIRouter(prefix="/v1/models", tags=["models"], responses=ERROR_RESPONSES)
 

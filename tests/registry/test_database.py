@@ -2,14 +2,19 @@ import time
 from datetime import UTC, datetime, timedelta, timezone
 
 import pytest
+from alembic.config import Config
 from alembic.runtime.migration import MigrationContext
 from alembic.script import ScriptDirectory
-from alembic.config import Config
 from sqlalchemy import inspect
 from sqlalchemy.exc import IntegrityError
 
 from app.model_sources import ModelShape, ResolvedSource
-from app.registry.database import MIGRATIONS_DIR, create_registry_engine, session_factory, transaction
+from app.registry.database import (
+    MIGRATIONS_DIR,
+    create_registry_engine,
+    session_factory,
+    transaction,
+)
 from app.registry.models import find_model, new_model
 from app.registry.tables import Job, new_id
 

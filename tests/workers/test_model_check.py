@@ -1,6 +1,5 @@
 """The model check job, run by a real worker process through Redis, on both registries."""
 
-import json
 from pathlib import Path
 from typing import Any
 

@@ -1,0 +1,334 @@
+"""Dataset files: an upload (JSONL or CSV) parsed into rows and normalised to the JSONL that
+is stored and hashed, and the stored rows read back for the workers.
+
+Two kinds of rows. *Statements* `{text, label}`: label 1 when the statement is true. In CSV
+the text column may be called `statement` (the Geometry-of-Truth and Azaria–Mitchell files)
+and the label may be written `true`/`false`. *Multiple choice* `{question, choices, answer}`:
+`answer` is the 0-based index of the gold choice; in CSV `choices` is a JSON list. The first
+row decides the kind, every other row must be of it; other keys and columns are ignored.
+
+Normalising strips the surrounding whitespace of every text and writes one compact JSON
+object per row with only its kind's keys, in a fixed order. The sha256 of that content is
+the dataset's identity: the same rows as CSV or JSONL, with or without a BOM or blank
+lines, are one dataset.
+"""
+
+import csv
+import hashlib
+import io
+import json
+import string
+from collections import Counter
+from collections.abc import Iterable, Iterator, Sequence
+from dataclasses import dataclass
+from pathlib import PurePath
+from typing import Any, Literal
+
+from app.errors import ServiceError, invalid_field
+from app.registry.tables import Dataset
+from app.storage import ArtifactStore
+
+DatasetKind = Literal["statements", "multiple_choice"]
+SourceFormat = Literal["jsonl", "csv"]
+
+STATEMENT_KEYS = ("text", "statement", "label")
+MULTIPLE_CHOICE_KEYS = ("question", "choices", "answer")
+CHOICE_LETTERS = string.ascii_uppercase
+CSV_LABEL_WORDS = {"0": 0, "1": 1, "false": 0, "true": 1}
+
+
+@dataclass(frozen=True)
+class Statement:
+    text: str
+    label: int
+
+    @property
+    def gold(self) -> int:
+        return self.label
+
+    def normalised(self) -> dict[str, Any]:
+        return {"text": self.text, "label": self.label}
+
+
+@dataclass(frozen=True)
+class MultipleChoice:
+    question: str
+    choices: tuple[str, ...]
+    answer: int
+
+    @property
+    def gold(self) -> int:
+        return self.answer
+
+    def normalised(self) -> dict[str, Any]:
+        return {"question": self.question, "choices": list(self.choices), "answer": self.answer}
+
+
+Row = Statement | MultipleChoice
+
+
+@dataclass(frozen=True)
+class NormalisedDataset:
+    """An upload's rows as they are stored, and what the registry records of them."""
+
+    kind: DatasetKind
+    source_format: SourceFormat
+    content: bytes
+    sha256: str
+    upload_sha256: str
+    rows: int
+    label_balance: dict[str, int]
+
+    @property
+    def artifact_key(self) -> str:
+        return f"datasets/{self.sha256}.jsonl"
+
+
+def parse_upload(raw: bytes, filename: str | None) -> NormalisedDataset:
+    """Parse and normalise an uploaded file. A malformed row is a 422 whose message and
+    `details` give its line (1-based, as in the file) and field."""
+    text = _decoded(raw)
+    source_format = _format_of(filename, text)
+    records = _jsonl_records(text) if source_format == "jsonl" else _csv_records(text)
+    kind, rows = _rows_of(records)
+    content = b"".join(_json_line(row.normalised()) for row in rows)
+    return NormalisedDataset(
+        kind=kind,
+        source_format=source_format,
+        content=content,
+        sha256=hashlib.sha256(content).hexdigest(),
+        upload_sha256=hashlib.sha256(raw).hexdigest(),
+        rows=len(rows),
+        label_balance=_label_balance(kind, rows),
+    )
+
+
+def default_name(filename: str | None) -> str:
+    """An upload's name when the client gives none: its file name, cut to the column's width."""
+    return (filename or "dataset")[:200]
+
+
+def read_rows(store: ArtifactStore, dataset: Dataset) -> list[dict[str, Any]]:
+    """The stored rows: `{text, label}` or `{question, choices, answer}`, in upload order."""
+    # split on "\n" only: str.splitlines would also split at U+2028, which JSON leaves raw
+    lines = store.path(dataset.artifact).read_bytes().split(b"\n")
+    return [json.loads(line) for line in lines if line]
+
+
+def texts_of(store: ArtifactStore, dataset: Dataset) -> list[str]:
+    """What the model reads for each row: a statement's text, or a multiple-choice prompt."""
+    rows = read_rows(store, dataset)
+    if dataset.kind == "multiple_choice":
+        return [format_multiple_choice(row["question"], row["choices"]) for row in rows]
+    return [row["text"] for row in rows]
+
+
+def format_multiple_choice(question: str, choices: Sequence[str]) -> str:
+    """The question, then the choices lettered `A.`, `B.`, … one per line, then `Answer:`,
+    so that the model's next token is the letter of the choice it picks (SPEC §5)."""
+    if len(choices) > len(CHOICE_LETTERS):
+        raise ValueError(f"{len(choices)} choices, but only {len(CHOICE_LETTERS)} letters")
+    lettered = [f"{letter}. {choice}" for letter, choice in zip(CHOICE_LETTERS, choices)]
+    return "\n".join([question, *lettered, "Answer:"])
+
+
+# --- reading the upload ----------------------------------------------------------------
+
+Record = tuple[int, dict[str, Any]]  # the line a row starts on, and its values by key
+
+
+def _row_error(line: int, field: str, problem: str, name: str | None = None) -> ServiceError:
+    return ServiceError(422, "invalid_row", f"line {line}: {name or field} {problem}", line=line, field=field)
+
+
+def _decoded(raw: bytes) -> str:
+    try:
+        return raw.decode("utf-8-sig")
+    except UnicodeDecodeError as exc:
+        line = raw.count(b"\n", 0, exc.start) + 1
+        raise invalid_field("file", f"not UTF-8 text (byte {raw[exc.start]:#04x} on line {line})", line=line) from None
+
+
+def _format_of(filename: str | None, text: str) -> SourceFormat:
+    suffix = PurePath(filename or "").suffix.lower()
+    if suffix == ".jsonl":
+        return "jsonl"
+    if suffix == ".csv":
+        return "csv"
+    # a JSONL row is an object; a CSV header never starts with a brace
+    return "jsonl" if text.lstrip().startswith("{") else "csv"
+
+
+def _json_problem(exc: Exception) -> str:
+    if isinstance(exc, json.JSONDecodeError):
+        return f"{exc.msg} at column {exc.colno}"
+    if isinstance(exc, RecursionError):
+        return "nested too deeply"
+    return str(exc)
+
+
+def _jsonl_records(text: str) -> Iterator[Record]:
+    # split on "\n" only: a raw U+2028 inside a JSON string is not a line break
+    for number, line in enumerate(text.split("\n"), start=1):
+        if not line.strip():
+            continue
+        try:
+            record = json.loads(line)
+        except (ValueError, RecursionError) as exc:
+            raise _row_error(number, "row", f"is not valid JSON ({_json_problem(exc)})") from None
+        if not isinstance(record, dict):
+            raise _row_error(number, "row", f"must be a JSON object, not {type(record).__name__}")
+        yield number, record
+
+
+def _csv_records(text: str) -> Iterator[Record]:
+    reader = csv.reader(io.StringIO(text, newline=""))
+    columns: list[str] | None = None
+    while True:
+        start_line = reader.line_num + 1  # a quoted cell may span lines: name the first
+        try:
+            cells = next(reader)
+        except StopIteration:
+            return
+        except csv.Error as exc:
+            raise _row_error(start_line, "row", f"is not valid CSV ({exc})") from None
+        if not any(cell.strip() for cell in cells):
+            continue
+        if columns is None:
+            columns = _checked_header(cells, start_line)
+            continue
+        if len(cells) != len(columns):
+            raise _row_error(start_line, "row", f"has {len(cells)} cells where the header has {len(columns)}")
+        yield start_line, _typed_cells(dict(zip(columns, cells)))
+
+
+def _checked_header(cells: list[str], line: int) -> list[str]:
+    """The column names, when they hold one kind's columns; named by the header's line."""
+    columns = [cell.strip() for cell in cells]
+    kind = _kind_of(columns)
+    if kind is None:
+        raise _row_error(line, "header", "names neither statement columns (text or statement, label) nor multiple-choice columns (question, choices, answer)")
+    required = (_text_key(columns), "label") if kind == "statements" else MULTIPLE_CHOICE_KEYS
+    missing = [column for column in required if column not in columns]
+    if missing:
+        raise _row_error(line, missing[0], "column is missing from the header")
+    return columns
+
+
+def _typed_cells(cells: dict[str, str]) -> dict[str, Any]:
+    """CSV cells are text: read label words, answer numbers and the choices' JSON list, so
+    that CSV and JSONL rows go through one validation."""
+    typed: dict[str, Any] = dict(cells)
+    if "label" in cells:
+        typed["label"] = CSV_LABEL_WORDS.get(cells["label"].strip().lower(), cells["label"])
+    if "answer" in cells:
+        try:
+            typed["answer"] = int(cells["answer"])
+        except ValueError:
+            pass  # left as text: validation names it
+    if "choices" in cells:
+        try:
+            typed["choices"] = json.loads(cells["choices"])
+        except (ValueError, RecursionError):
+            pass  # left as text: validation names it
+    return typed
+
+
+# --- validating rows -------------------------------------------------------------------
+
+
+def _kind_of(keys: Iterable[str]) -> DatasetKind | None:
+    present = set(keys)
+    if not present.isdisjoint(MULTIPLE_CHOICE_KEYS):
+        return "multiple_choice"
+    if not present.isdisjoint(STATEMENT_KEYS):
+        return "statements"
+    return None
+
+
+def _rows_of(records: Iterable[Record]) -> tuple[DatasetKind, list[Row]]:
+    kind: DatasetKind | None = None
+    rows: list[Row] = []
+    for line, record in records:
+        if kind is None:
+            kind = _kind_of(record)
+            if kind is None:
+                raise _row_error(line, "row", "has neither statement keys (text, label) nor multiple-choice keys (question, choices, answer)")
+        rows.append(_statement(record, line) if kind == "statements" else _multiple_choice(record, line))
+    if kind is None:
+        raise invalid_field("file", "has no rows")
+    return kind, rows
+
+
+def _text_key(keys: Iterable[str]) -> str:
+    """The key of a statement's text: `text`, or `statement` as the Geometry-of-Truth CSVs name it."""
+    present = set(keys)
+    return "statement" if "statement" in present and "text" not in present else "text"
+
+
+def _shown(value: Any) -> str:
+    shown = json.dumps(value)
+    return shown if len(shown) <= 60 else shown[:57] + "..."
+
+
+def _required_value(record: dict[str, Any], key: str, line: int, kind: DatasetKind) -> Any:
+    if key in record:
+        return record[key]
+    row_kind = _kind_of(record)
+    if row_kind is not None and row_kind != kind:
+        spoken = {"statements": "statements", "multiple_choice": "multiple-choice"}
+        raise _row_error(line, key, f"is missing: a {spoken[row_kind]} row in a {spoken[kind]} dataset (the first row decides the kind)")
+    raise _row_error(line, key, "is missing")
+
+
+def _stripped_text(value: Any, line: int, field: str, name: str | None = None) -> str:
+    """A non-empty string, its surrounding whitespace stripped."""
+    if not isinstance(value, str):
+        raise _row_error(line, field, f"must be a string, not {_shown(value)}", name)
+    stripped = value.strip()
+    if not stripped:
+        raise _row_error(line, field, "is empty", name)
+    try:
+        stripped.encode("utf-8")
+    except UnicodeEncodeError:
+        raise _row_error(line, field, "holds a lone surrogate escape, which is not Unicode text", name) from None
+    return stripped
+
+
+def _statement(record: dict[str, Any], line: int) -> Statement:
+    text_key = _text_key(record)
+    text = _stripped_text(_required_value(record, text_key, line, "statements"), line, text_key)
+    label = _required_value(record, "label", line, "statements")
+    if isinstance(label, bool):
+        label = int(label)
+    if type(label) is not int or label not in (0, 1):
+        raise _row_error(line, "label", f"must be 0 or 1 (or true/false), not {_shown(label)}")
+    return Statement(text=text, label=label)
+
+
+def _multiple_choice(record: dict[str, Any], line: int) -> MultipleChoice:
+    question = _stripped_text(_required_value(record, "question", line, "multiple_choice"), line, "question")
+    choices = _required_value(record, "choices", line, "multiple_choice")
+    if not isinstance(choices, list):
+        raise _row_error(line, "choices", f"must be a list of strings (in CSV, a JSON list), not {_shown(choices)}")
+    if not 2 <= len(choices) <= len(CHOICE_LETTERS):
+        raise _row_error(line, "choices", f"must hold 2 to {len(CHOICE_LETTERS)} choices, not {len(choices)}")
+    cleaned = tuple(_stripped_text(choice, line, "choices", f"choices[{index}]") for index, choice in enumerate(choices))
+    answer = _required_value(record, "answer", line, "multiple_choice")
+    if type(answer) is not int:
+        raise _row_error(line, "answer", f"must be the index of the gold choice, not {_shown(answer)}")
+    if not 0 <= answer < len(cleaned):
+        raise _row_error(line, "answer", f"{answer} is out of range for {len(cleaned)} choices (0 to {len(cleaned) - 1})")
+    return MultipleChoice(question=question, choices=cleaned, answer=answer)
+
+
+def _json_line(values: dict[str, Any]) -> bytes:
+    return (json.dumps(values, ensure_ascii=False, separators=(",", ":")) + "\n").encode()
+
+
+def _label_balance(kind: DatasetKind, rows: list[Row]) -> dict[str, int]:
+    """Statements: rows per label. Multiple choice: rows per gold answer index."""
+    counts = Counter(row.gold for row in rows)
+    if kind == "statements":
+        counts.update({0: 0, 1: 0})  # both labels are named, even when one never occurs
+    return {str(gold): counts[gold] for gold in sorted(counts)}

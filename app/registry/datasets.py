@@ -1,0 +1,84 @@
+"""Queries on uploaded datasets, and their registration: the stored file first, then the row."""
+
+from sqlalchemy import select
+from sqlalchemy.exc import IntegrityError, SQLAlchemyError
+from sqlalchemy.orm import Session, sessionmaker
+
+from app.datasets import NormalisedDataset
+from app.errors import ServiceError, not_found
+from app.registry.database import keyset_page, transaction
+from app.registry.tables import Dataset, new_id
+from app.storage import ArtifactStore
+
+
+def find_dataset(session: Session, sha256: str) -> Dataset | None:
+    return session.scalar(select(Dataset).where(Dataset.sha256 == sha256))
+
+
+def new_dataset(name: str, upload: NormalisedDataset) -> Dataset:
+    return Dataset(
+        id=new_id("dst"),
+        name=name,
+        kind=upload.kind,
+        source_format=upload.source_format,
+        rows=upload.rows,
+        label_balance=upload.label_balance,
+        sha256=upload.sha256,
+        upload_sha256=upload.upload_sha256,
+        artifact=upload.artifact_key,
+        size_bytes=len(upload.content),
+    )
+
+
+def get_dataset(session: Session, dataset_id: str) -> Dataset:
+    dataset = session.get(Dataset, dataset_id)
+    if dataset is None:
+        raise not_found("dataset", dataset_id)
+    return dataset
+
+
+def list_datasets(session: Session, *, cursor: str | None, limit: int) -> tuple[list[Dataset], str | None]:
+    return keyset_page(session, select(Dataset), Dataset.id, cursor, limit)
+
+
+def _registered(sessions: sessionmaker[Session], sha256: str) -> Dataset | None:
+    with sessions() as session:
+        return find_dataset(session, sha256)
+
+
+def register_dataset(sessions: sessionmaker[Session], store: ArtifactStore, upload: NormalisedDataset, name: str) -> tuple[Dataset, bool]:
+    """The dataset holding the upload's rows, and whether this call created it.
+
+    The file is written (atomically) before the row is inserted, so no row ever lacks its
+    file. Its key is its content's hash: a concurrent upload of the same rows writes the
+    same bytes to the same key, and the loser of the insert keeps the file for the winner.
+    """
+    existing = _registered(sessions, upload.sha256)
+    if existing is not None:
+        return existing, False
+    store.write_bytes(upload.artifact_key, upload.content)
+    dataset = new_dataset(name, upload)
+    try:
+        with transaction(sessions) as session:
+            session.add(dataset)
+        return dataset, True
+    except IntegrityError:
+        existing = _registered(sessions, upload.sha256)
+        if existing is None:
+            _discard_unregistered_file(sessions, store, upload)
+            raise ServiceError(409, "conflict", "the dataset is being registered by another request; retry") from None
+        return existing, False
+    except Exception:
+        _discard_unregistered_file(sessions, store, upload)
+        raise
+
+
+def _discard_unregistered_file(sessions: sessionmaker[Session], store: ArtifactStore, upload: NormalisedDataset) -> None:
+    """After a failed insert: delete the file, unless a concurrent upload of the same rows
+    has registered it meanwhile and its row needs the file."""
+    try:
+        registered = _registered(sessions, upload.sha256) is not None
+    except SQLAlchemyError:
+        registered = False  # the database is out of reach, most likely for the other upload too
+    if not registered:
+        store.delete(upload.artifact_key)

@@ -1,0 +1,240 @@
+"""The `extraction` job: hidden states of texts at layers, shaped (texts, layers, hidden).
+
+Vectors already in the content cache are read from it; the rest are computed in batches
+of similar length, and added to the cache. The cache key is the one §4 of the spec names:
+model source, revision and weights fingerprint, adapter, quantization, dtype (together the
+cache *space*), then text sha256, layer, token position and max_length.
+"""
+
+import hashlib
+import json
+from collections import defaultdict
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+import torch
+from safetensors import safe_open
+from safetensors.numpy import save_file
+from sqlalchemy import select, update
+from sqlalchemy.dialects.postgresql import insert as postgresql_insert
+from sqlalchemy.dialects.sqlite import insert as sqlite_insert
+from sqlalchemy.orm import Session, sessionmaker
+
+from app.datasets import texts_of
+from app.registry.models import get_model
+from app.registry.tables import CachedHiddenState, Dataset, Extraction, Model, utcnow
+from app.storage import ArtifactStore
+from workers.errors import JobFailed
+from workers.hidden_states import pad, plan_batches, read_layers
+from workers.models import LoadedModel, explained_quantization_errors
+
+if TYPE_CHECKING:
+    from workers.runner import JobContext
+
+STATES_TENSOR = "hidden_states"
+LOOKUP_CHUNK = 500
+
+
+def text_sha256(text: str) -> str:
+    return hashlib.sha256(text.encode("utf-8")).hexdigest()
+
+
+def cache_space(model: Model, adapter_fingerprint: str | None, token_position: str, max_length: int | None) -> str:
+    key = [model.source, model.revision, model.fingerprint, adapter_fingerprint, model.quantization, model.dtype, token_position, max_length]
+    return hashlib.sha256(json.dumps(key).encode()).hexdigest()
+
+
+@dataclass(frozen=True)
+class Tokenized:
+    token_ids: list[list[int]]
+    truncated: list[bool]
+
+
+def model_token_limit(loaded: LoadedModel) -> int | None:
+    limit = getattr(loaded.model.config, "max_position_embeddings", None)
+    return limit if isinstance(limit, int) and limit > 0 else None
+
+
+def tokenize(tokenizer: Any, texts: Sequence[str], max_length: int | None) -> Tokenized:
+    """Token ids with the tokenizer's special tokens; texts longer than `max_length` are
+    truncated by the tokenizer itself (it knows which special tokens to keep)."""
+    token_ids = [list(ids) for ids in tokenizer(list(texts), add_special_tokens=True, truncation=False)["input_ids"]]
+    truncated = [max_length is not None and len(ids) > max_length for ids in token_ids]
+    too_long = [index for index, flag in enumerate(truncated) if flag]
+    if too_long:
+        shortened = tokenizer([texts[index] for index in too_long], add_special_tokens=True, truncation=True, max_length=max_length)["input_ids"]
+        for index, ids in zip(too_long, shortened, strict=True):
+            token_ids[index] = list(ids)
+    empty = [index for index, ids in enumerate(token_ids) if not ids]
+    if empty:
+        raise JobFailed("empty_text", f"text {empty[0]} has no tokens", text_index=empty[0])
+    return Tokenized(token_ids=token_ids, truncated=truncated)
+
+
+def _forward(loaded: LoadedModel, token_ids: list[list[int]], layers: Sequence[int], token_position: str, device: str) -> torch.Tensor:
+    """One batch; on an out-of-memory error the batch is split in two and retried."""
+    pad_id = loaded.tokenizer.pad_token_id if loaded.tokenizer.pad_token_id is not None else 0
+    try:
+        return read_layers(loaded.model, pad(token_ids, pad_id, "right", device), layers, token_position).cpu()
+    except torch.OutOfMemoryError as exc:
+        if len(token_ids) == 1:
+            raise JobFailed("out_of_memory", f"a single text of {len(token_ids[0])} tokens does not fit on {device}; lower max_length") from exc
+        if device.startswith("cuda"):
+            torch.cuda.empty_cache()
+        half = len(token_ids) // 2
+        return torch.cat(
+            [_forward(loaded, token_ids[:half], layers, token_position, device), _forward(loaded, token_ids[half:], layers, token_position, device)]
+        )
+
+
+def compute(
+    loaded: LoadedModel,
+    token_ids: list[list[int]],
+    layers: Sequence[int],
+    token_position: str,
+    *,
+    device: str,
+    token_budget: int,
+    max_batch_size: int,
+    on_batch: Callable[[int], None] = lambda done: None,
+) -> np.ndarray:
+    """(texts, layers, hidden) float32 for every text, computed in length-sorted batches."""
+    result: np.ndarray | None = None
+    done = 0
+    for indices in plan_batches([len(ids) for ids in token_ids], token_budget, max_batch_size):
+        states = _forward(loaded, [token_ids[index] for index in indices], layers, token_position, device).numpy()
+        if result is None:
+            result = np.empty((len(token_ids), len(layers), states.shape[-1]), dtype=np.float32)
+        result[indices] = states
+        done += len(indices)
+        on_batch(done)
+    assert result is not None, "compute() needs at least one text"
+    return result
+
+
+class HiddenStateCache:
+    """Per-text, per-layer vectors in safetensors shards, indexed in the registry."""
+
+    def __init__(self, sessions: sessionmaker[Session], store: ArtifactStore, space: str) -> None:
+        self.sessions = sessions
+        self.store = store
+        self.space = space
+
+    def lookup(self, shas: Sequence[str], layers: Sequence[int]) -> dict[tuple[str, int], CachedHiddenState]:
+        found: dict[tuple[str, int], CachedHiddenState] = {}
+        with self.sessions() as session:
+            for start in range(0, len(shas), LOOKUP_CHUNK):
+                query = select(CachedHiddenState).where(
+                    CachedHiddenState.space == self.space,
+                    CachedHiddenState.text_sha256.in_(shas[start : start + LOOKUP_CHUNK]),
+                    CachedHiddenState.layer.in_(list(layers)),
+                )
+                found.update(((entry.text_sha256, entry.layer), entry) for entry in session.scalars(query))
+        return found
+
+    def read(self, entries: Sequence[CachedHiddenState]) -> dict[tuple[str, int], np.ndarray]:
+        by_shard: dict[str, list[CachedHiddenState]] = defaultdict(list)
+        for entry in entries:
+            by_shard[entry.shard].append(entry)
+        vectors: dict[tuple[str, int], np.ndarray] = {}
+        for shard, shard_entries in by_shard.items():
+            with safe_open(self.store.path(shard), framework="numpy") as handle:
+                states = handle.get_tensor(STATES_TENSOR)
+            for entry in shard_entries:
+                vectors[(entry.text_sha256, entry.layer)] = states[entry.row, entry.slot]
+        return vectors
+
+    def add(self, shard_name: str, shas: Sequence[str], layers: Sequence[int], states: np.ndarray, truncated: Sequence[bool]) -> None:
+        """Write a shard, then index it; an index that fails to commit takes its shard away."""
+        shard = f"cache/{self.space[:2]}/{self.space}/{shard_name}.safetensors"
+        with self.store.temporary_path(shard) as path:
+            save_file({STATES_TENSOR: np.ascontiguousarray(states)}, str(path), metadata={"layers": json.dumps(list(layers))})
+        rows = [
+            {"space": self.space, "text_sha256": sha, "layer": layer, "shard": shard, "row": row, "slot": slot, "truncated": truncated[row]}
+            for row, sha in enumerate(shas)
+            for slot, layer in enumerate(layers)
+        ]
+        try:
+            with self.sessions() as session, session.begin():
+                insert = postgresql_insert if session.get_bind().dialect.name == "postgresql" else sqlite_insert
+                session.execute(insert(CachedHiddenState).on_conflict_do_nothing(), rows)
+        except BaseException:
+            self.store.delete(shard)
+            raise
+
+
+def run(context: "JobContext") -> dict[str, Any]:
+    worker = context.runtime
+    settings, store, sessions = worker.settings, worker.artifacts, worker.sessions
+    with sessions() as session:
+        extraction = session.get(Extraction, context.params["extraction_id"])
+        if extraction is None:
+            raise JobFailed("not_found", f"extraction {context.params['extraction_id']} is gone")
+        model = get_model(session, extraction.model_id)
+        dataset = session.get(Dataset, extraction.dataset_id) if extraction.dataset_id else None
+    texts: list[str] = context.params["texts"] if dataset is None else texts_of(store, dataset)
+    layers = list(extraction.layers)
+
+    shas = [text_sha256(text) for text in texts]
+    unique_shas = list(dict.fromkeys(shas))
+    text_of = dict(zip(shas, texts, strict=True))
+    cache = HiddenStateCache(sessions, store, cache_space(model, extraction.adapter_fingerprint, extraction.token_position, extraction.max_length))
+    hits = cache.lookup(unique_shas, layers) if settings.extraction_cache else {}
+    missing = [sha for sha in unique_shas if any((sha, layer) not in hits for layer in layers)]
+    context.progress("loading model", 0, len(missing))
+
+    vectors: dict[tuple[str, int], np.ndarray] = {}
+    truncated_by_sha: dict[str, bool] = {}
+    batches_run = 0
+    if missing:
+        loaded = worker.models.get(model)
+        tokenized = tokenize(loaded.tokenizer, [text_of[sha] for sha in missing], extraction.max_length or model_token_limit(loaded))
+        context.progress("forward", 0, len(missing))
+
+        def on_batch(done: int) -> None:
+            nonlocal batches_run
+            batches_run += 1
+            context.progress("forward", done, len(missing))
+
+        with explained_quantization_errors(model.quantization, worker.models.device):
+            computed = compute(
+                loaded, tokenized.token_ids, layers, extraction.token_position,
+                device=worker.models.device, token_budget=settings.extraction_token_budget,
+                max_batch_size=settings.extraction_max_batch_size, on_batch=on_batch,
+            )  # fmt: skip
+        if settings.extraction_cache:
+            cache.add(extraction.id, missing, layers, computed, tokenized.truncated)
+        for row, sha in enumerate(missing):
+            truncated_by_sha[sha] = tokenized.truncated[row]
+            for slot, layer in enumerate(layers):
+                vectors[(sha, layer)] = computed[row, slot]
+    served = [sha for sha in unique_shas if sha not in truncated_by_sha]
+    vectors.update(cache.read([hits[(sha, layer)] for sha in served for layer in layers]))
+    truncated_by_sha.update((sha, hits[(sha, layers[0])].truncated) for sha in served)
+
+    context.progress("writing", len(missing), len(missing))
+    states = np.stack([np.stack([vectors[(sha, layer)] for layer in layers]) for sha in shas]).astype(np.float32, copy=False)
+    artifact = f"extractions/{extraction.id}/hidden_states.safetensors"
+    metadata = {"layers": json.dumps(layers), "token_position": extraction.token_position, "model_id": model.id}
+    with store.temporary_path(artifact) as path:
+        save_file({STATES_TENSOR: states}, str(path), metadata=metadata)
+    truncated_count = sum(truncated_by_sha[sha] for sha in shas)
+    served_set = set(served)
+    cache_hits = sum(1 for sha in shas if sha in served_set)
+    with sessions() as session, session.begin():
+        session.execute(
+            update(Extraction)
+            .where(Extraction.id == extraction.id)
+            .values(artifact=artifact, shape=list(states.shape), dtype="float32", truncated_count=truncated_count, cache_hits=cache_hits, finished_at=utcnow())
+        )
+    return {
+        "extraction_id": extraction.id,
+        "shape": list(states.shape),
+        "truncated_count": truncated_count,
+        "cache_hits": cache_hits,
+        "computed_texts": len(missing),
+        "batches_run": batches_run,
+        "model_loads": worker.models.loads,
+    }
