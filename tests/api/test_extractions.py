@@ -222,3 +222,45 @@ def test_extractions_of_a_dataset(api: Any, settings: Settings, tiny_llama: Path
     job = api.get(f"/v1/jobs/{response.json()['job']['id']}").json()
     assert job["status"] == "succeeded", job["error"]
     np.testing.assert_allclose(download(api, response.json()["extraction"]["id"]), direct_reference(tiny_llama, TEXTS, [2]), atol=1e-5)
+
+
+def test_the_real_minilm_encoder_through_the_service_equals_a_direct_forward(stack: Stack) -> None:
+    from transformers import AutoModel, AutoTokenizer
+
+    from tests.tiny_models import minilm_folder
+
+    folder = minilm_folder()
+    model = register(stack.client, folder).json()
+    assert model["architecture"] == "BertModel" and model["num_layers"] == 6
+    layers = [0, 3, 6]
+    job = finished(stack.client, extract(stack.client, model["id"], texts=TEXTS, layers=layers, token_position="mean"))
+    reference_model = AutoModel.from_pretrained(folder, local_files_only=True).eval()
+    tokenizer = AutoTokenizer.from_pretrained(folder, local_files_only=True)
+    expected = []
+    with torch.inference_mode():
+        for text in TEXTS:
+            hidden_states = reference_model(**tokenizer(text, return_tensors="pt"), output_hidden_states=True).hidden_states
+            expected.append([hidden_states[layer][0].mean(dim=0).numpy() for layer in layers])
+    np.testing.assert_allclose(download(stack.client, job["result"]["extraction_id"]), np.array(expected), atol=1e-5)
+
+
+def test_progress_is_reported_per_batch(api: Any, settings: Settings, tiny_llama: Path) -> None:
+    import threading
+
+    import redis
+
+    from tests.api.test_jobs import read_events
+    from tests.conftest import wait_until
+
+    model = register(api, tiny_llama).json()
+    job_id = api.post("/v1/extractions", json={"model": model["id"], "layers": [1], "texts": TEXTS}).json()["job"]["id"]
+    events: list[dict[str, Any]] = []
+    listener = threading.Thread(target=lambda: events.extend(read_events(api, job_id)))
+    listener.start()
+    channel = f"{settings.queue_prefix}:job:{job_id}"
+    wait_until(lambda: redis.Redis.from_url(settings.resolved_redis_url).pubsub_numsub(channel)[0][1], 10, "the stream to subscribe")
+    run_queued_jobs(settings.model_copy(update={"extraction_max_batch_size": 1}))
+    listener.join(30)
+    forward = [event["progress"]["done"] for event in events if event["progress"]["stage"] == "forward"]
+    assert forward == list(range(len(TEXTS) + 1))
+    assert events[-1]["status"] == "succeeded"

@@ -79,3 +79,23 @@ def test_a_model_loads_in_the_registered_dtype(api: Any, settings: Settings, tin
     assert job["status"] == "succeeded", job["error"]
     assert job["result"]["memory_footprint_bytes"] == direct_load(tiny_llama, dtype).get_memory_footprint()
     assert job["result"]["memory_footprint_bytes"] < 0.6 * direct_load(tiny_llama).get_memory_footprint()
+
+
+def test_the_least_recently_used_model_is_evicted_when_the_budget_is_full(tmp_path: Path) -> None:
+    from app.model_sources import fingerprint, read_model_shape, resolve_source
+    from app.registry.models import new_model
+    from tests.tiny_models import save_tiny_llama
+    from workers.models import ResidentModels
+
+    rows = []
+    for name in ("a", "b", "c"):
+        source = resolve_source(str(save_tiny_llama(tmp_path / name)), None)
+        rows.append(new_model(name, source, None, "float32", None, read_model_shape(source.path), fingerprint(source)))
+    one_model = ResidentModels(budget_bytes=10**9, device="cpu").get(rows[0]).footprint_bytes
+    resident = ResidentModels(budget_bytes=2 * one_model, device="cpu")
+    for row in (rows[0], rows[1], rows[0], rows[2]):  # a, b, a again (so b is the least recent), c
+        resident.get(row)
+    assert [entry["model_id"] for entry in resident.describe()] == [rows[0].id, rows[2].id]
+    assert resident.loads == 3 and resident.used_bytes <= resident.budget_bytes
+    resident.get(rows[1])
+    assert resident.loads == 4
