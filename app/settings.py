@@ -60,6 +60,17 @@ class Settings(BaseSettings):
     extraction_max_batch_size: int = Field(256, description="Most texts in one forward batch.")
     extraction_cache: bool = Field(True, description="Keep every extracted vector and serve repeated texts from it.")
 
+    tinker_api_key: str | None = Field(None, description="Key for the Tinker service (starts with `tml-`); needed for tinker:// imports.")
+    tinker_base_url: str | None = Field(None, description="Tinker service address; default: the SDK's own.")
+    adapter_roots: list[Path] = Field(
+        default_factory=list, description="Folders local adapter imports may read from (JSON list); empty: local paths are refused."
+    )
+    adapter_url_hosts: list[str] = Field(
+        default_factory=list, description="Hosts `https://` adapter imports may download from (JSON list); others → 403."
+    )
+    max_adapter_bytes: int = Field(4 * 2**30, description="Largest adapter: archive, download, or files after extraction.")
+    max_archive_files: int = Field(64, description="Most files an adapter archive may hold.")
+
     log_level: Literal["debug", "info", "warning", "error"] = Field("info", description="Log level of every process.")
 
     @property

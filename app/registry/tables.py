@@ -162,3 +162,29 @@ class CachedHiddenState(Base):
     row: Mapped[int] = mapped_column(Integer)
     slot: Mapped[int] = mapped_column(Integer)
     truncated: Mapped[bool] = mapped_column(Boolean, default=False)
+
+
+class Adapter(Base):
+    """An imported LoRA adapter, converted to PEFT and checked against its base model.
+    A row exists only once its files are in the artifact store."""
+
+    __tablename__ = "adapters"
+    __table_args__ = (UniqueConstraint("base_model_id", "sha256", name="uq_adapters_base_weights"),)
+
+    id: Mapped[str] = mapped_column(String(40), primary_key=True)
+    name: Mapped[str] = mapped_column(String(200))
+    base_model_id: Mapped[str] = mapped_column(ForeignKey("models.id"), index=True)
+    source_kind: Mapped[str] = mapped_column(String(20))
+    source: Mapped[str] = mapped_column(String(2000))
+    tinker_path: Mapped[str | None] = mapped_column(String(1000))
+    tinker_run_id: Mapped[str | None] = mapped_column(String(300))
+    r: Mapped[int] = mapped_column(Integer)
+    lora_alpha: Mapped[float] = mapped_column()
+    target_modules: Mapped[list[str]] = mapped_column(JSON)
+    sha256: Mapped[str] = mapped_column(String(64))
+    size_bytes: Mapped[int] = mapped_column(BigInteger)
+    artifact: Mapped[str] = mapped_column(String(500))
+    conversion: Mapped[dict[str, Any]] = mapped_column(default=dict)
+    training: Mapped[dict[str, Any]] = mapped_column(default=dict)
+    import_job_id: Mapped[str | None] = mapped_column(String(40))
+    created_at: Mapped[datetime] = mapped_column(default=utcnow)

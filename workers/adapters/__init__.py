@@ -1,0 +1,1 @@
+"""Adapter import: fetching (Tinker, folders, archives, URLs), conversion to PEFT, validation."""
