@@ -5,7 +5,7 @@ from sqlalchemy.orm import Session
 
 from app.errors import ServiceError, invalid_field, not_found
 from app.registry.models import get_model
-from app.registry.tables import Dataset, Extraction, Model, new_id
+from app.registry.tables import Adapter, Dataset, Extraction, Model, new_id
 from app.schemas import ExtractionCreate
 from app.settings import Settings
 
@@ -40,8 +40,13 @@ def new_extraction(session: Session, request: ExtractionCreate, settings: Settin
     model = get_model(session, request.model)
     if model.status == "failed":
         raise ServiceError(409, "model_failed", f"model {model.id} failed its check: {model.status_reason}", field="model")
+    adapter = None
     if request.adapter is not None:
-        raise not_found("adapter", request.adapter)
+        adapter = session.get(Adapter, request.adapter)
+        if adapter is None:
+            raise not_found("adapter", request.adapter)
+        if adapter.base_model_id != model.id:
+            raise invalid_field("adapter", f"adapter {adapter.id} belongs to model {adapter.base_model_id}, not {model.id}")
     if (request.texts is None) == (request.dataset is None):
         raise invalid_field("texts", "give either texts or dataset, not both nor neither")
     text_count = 0
@@ -57,13 +62,13 @@ def new_extraction(session: Session, request: ExtractionCreate, settings: Settin
         id=new_id("ext"),
         job_id=job_id,
         model_id=model.id,
-        adapter_id=None,
+        adapter_id=adapter.id if adapter else None,
         dataset_id=request.dataset,
         text_count=text_count,
         layers=resolve_layers(request.layers, model.num_layers),
         token_position=request.token_position,
         max_length=request.max_length,
         model_fingerprint=model.fingerprint,
-        adapter_fingerprint=None,
+        adapter_fingerprint=adapter.sha256 if adapter else None,
     )
     return extraction, model

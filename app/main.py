@@ -9,7 +9,7 @@ from fastapi import FastAPI
 from fastapi_offline import FastAPIOffline
 
 from app import broker
-from app.api import datasets, extractions, health, jobs, models
+from app.api import adapters, datasets, extractions, health, jobs, models
 from app.errors import install_error_handlers
 from app.limits import BodySizeLimit
 from app.registry.database import create_registry_engine, session_factory
@@ -47,10 +47,15 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         description=DESCRIPTION,
         lifespan=lifespan,
     )
-    app.add_middleware(BodySizeLimit, default_limit=settings.max_request_bytes, limits={"/v1/datasets": settings.max_dataset_bytes})
+    app.add_middleware(
+        BodySizeLimit,
+        default_limit=settings.max_request_bytes,
+        limits={"/v1/datasets": settings.max_dataset_bytes, "/v1/adapters/upload": settings.max_adapter_bytes},
+    )
     install_error_handlers(app)
     app.include_router(health.router)
     app.include_router(models.router)
+    app.include_router(adapters.router)
     app.include_router(datasets.router)
     app.include_router(extractions.router)
     app.include_router(jobs.router)

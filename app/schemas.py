@@ -5,7 +5,7 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
-from app.registry.tables import Dataset, Extraction, Job, Model
+from app.registry.tables import Adapter, Dataset, Extraction, Job, Model
 
 JobStatus = Literal["queued", "running", "succeeded", "failed", "cancelled"]
 Dtype = Literal["float32", "bfloat16", "float16"]
@@ -184,6 +184,46 @@ class ExtractionAccepted(BaseModel):
 
 class ExtractionPage(BaseModel):
     items: list[ExtractionOut]
+    next_cursor: str | None
+
+
+class AdapterImport(Request):
+    source: str = Field(
+        min_length=1,
+        max_length=2000,
+        description="`tinker://<run>/external_weights/<name>`, a PEFT folder or archive under ADAPTER_ROOTS, "
+        "or an `https://` URL on ADAPTER_URL_HOSTS.",
+    )
+    base_model: str = Field(description="Id of the registered base model the adapter was trained on.")
+    name: str = Field(min_length=1, max_length=200)
+    metadata: dict[str, Any] = Field(default_factory=dict, description="Training metadata to keep with it (dataset, run, notes…).")
+
+
+class AdapterOut(BaseModel):
+    id: str
+    name: str
+    base_model_id: str
+    r: int
+    lora_alpha: float
+    target_modules: list[str]
+    sha256: str = Field(description="sha256 of the converted adapter_model.safetensors.")
+    size_bytes: int
+    source_kind: Literal["tinker", "local_folder", "local_archive", "url", "upload"]
+    source: str
+    tinker_path: str | None
+    tinker_run_id: str | None
+    conversion: dict[str, Any] = Field(description="What the import changed to make a PEFT adapter.")
+    training: dict[str, Any] = Field(description="Training metadata: the user's, and what Tinker reports.")
+    import_job_id: str | None
+    created_at: datetime
+
+    @classmethod
+    def of(cls, adapter: Adapter) -> "AdapterOut":
+        return cls.model_validate(adapter, from_attributes=True)
+
+
+class AdapterPage(BaseModel):
+    items: list[AdapterOut]
     next_cursor: str | None
 
 

@@ -6,6 +6,7 @@ fails them, so CI never passes by skipping.
 """
 
 import glob
+import json
 import os
 import shutil
 import signal
@@ -26,6 +27,7 @@ import redis
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+os.environ.setdefault("TINKER_TELEMETRY", "0")
 
 from app.broker import redis_server_executable  # noqa: E402
 from app.registry.database import migrate  # noqa: E402
@@ -188,9 +190,14 @@ def database_url(request: pytest.FixtureRequest, databases: Databases) -> str:
     return databases.new(request.param)
 
 
+TINKER_KEY = "tml-test-key"
+
+
 def make_settings(database_url: str, redis_url: str, var_dir: Path, **overrides: Any) -> Settings:
     values: dict[str, Any] = {
         "var_dir": var_dir,
+        "adapter_roots": [var_dir.parent / "adapter-sources"],
+        "tinker_api_key": TINKER_KEY,
         "database_url": database_url,
         "redis_url": redis_url,
         "queue_prefix": f"test-{uuid.uuid4().hex[:8]}",
@@ -205,8 +212,8 @@ def make_settings(database_url: str, redis_url: str, var_dir: Path, **overrides:
 def settings_environment(settings: Settings) -> dict[str, str]:
     """The environment that gives another process the same settings."""
     env = dict(os.environ)
-    for name, value in settings.model_dump(exclude_none=True).items():
-        env[name.upper()] = str(value)
+    for name, value in settings.model_dump(exclude_none=True, mode="json").items():
+        env[name.upper()] = json.dumps(value) if isinstance(value, list) else str(value)
     return env
 
 
@@ -258,15 +265,29 @@ class Stack:
     worker_name: str
 
 
+@pytest.fixture(scope="session")
+def tinker_standin() -> Iterator[Any]:
+    """The local stand-in of the Tinker service, shared by the session: workers started with
+    the stack fixture point at it."""
+    from tests.tinker_standin import TinkerStandin
+
+    with TinkerStandin(api_key=TINKER_KEY) as standin:
+        yield standin
+
+
 @pytest.fixture(scope="session", params=BACKENDS)
-def stack(request: pytest.FixtureRequest, databases: Databases, redis_server: RedisServer, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
+def stack(
+    request: pytest.FixtureRequest, databases: Databases, redis_server: RedisServer, tinker_standin: Any, tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[Stack]:
     """Gateway + one real worker process on a real Redis and a registry of each backend,
     shared by the tests that need jobs to run."""
     from fastapi.testclient import TestClient
 
     from app.main import create_app
 
-    settings = make_settings(databases.new(request.param), redis_server.url, tmp_path_factory.mktemp("stack-var"))
+    settings = make_settings(
+        databases.new(request.param), redis_server.url, tmp_path_factory.mktemp("stack") / "var", tinker_base_url=tinker_standin.base_url
+    )
     worker_name = f"stack-{request.param}"
     worker = start_worker(settings, worker_name)
     try:

@@ -24,11 +24,18 @@ from sqlalchemy.orm import Session, sessionmaker
 
 from app.datasets import texts_of
 from app.registry.models import get_model
-from app.registry.tables import CachedHiddenState, Dataset, Extraction, Model, utcnow
+from app.registry.tables import (
+    Adapter,
+    CachedHiddenState,
+    Dataset,
+    Extraction,
+    Model,
+    utcnow,
+)
 from app.storage import ArtifactStore
 from workers.errors import JobFailed
 from workers.hidden_states import pad, plan_batches, read_layers
-from workers.models import LoadedModel, explained_quantization_errors
+from workers.models import LoadedModel, active_adapter, explained_quantization_errors
 
 if TYPE_CHECKING:
     from workers.runner import JobContext
@@ -174,6 +181,9 @@ def run(context: "JobContext") -> dict[str, Any]:
             raise JobFailed("not_found", f"extraction {context.params['extraction_id']} is gone")
         model = get_model(session, extraction.model_id)
         dataset = session.get(Dataset, extraction.dataset_id) if extraction.dataset_id else None
+        adapter = session.get(Adapter, extraction.adapter_id) if extraction.adapter_id else None
+    if extraction.adapter_id and adapter is None:
+        raise JobFailed("not_found", f"adapter {extraction.adapter_id} was deleted")
     texts: list[str] = context.params["texts"] if dataset is None else texts_of(store, dataset)
     layers = list(extraction.layers)
 
@@ -189,7 +199,7 @@ def run(context: "JobContext") -> dict[str, Any]:
     truncated_by_sha: dict[str, bool] = {}
     batches_run = 0
     if missing:
-        loaded = worker.models.get(model)
+        loaded = worker.models.get(model, (adapter.id, store.path(adapter.artifact)) if adapter else None)
         tokenized = tokenize(loaded.tokenizer, [text_of[sha] for sha in missing], extraction.max_length or model_token_limit(loaded))
         context.progress("forward", 0, len(missing))
 
@@ -198,7 +208,7 @@ def run(context: "JobContext") -> dict[str, Any]:
             batches_run += 1
             context.progress("forward", done, len(missing))
 
-        with explained_quantization_errors(model.quantization, worker.models.device):
+        with explained_quantization_errors(model.quantization, worker.models.device), active_adapter(loaded, adapter.id if adapter else None):
             computed = compute(
                 loaded, tokenized.token_ids, layers, extraction.token_position,
                 device=worker.models.device, token_budget=settings.extraction_token_budget,
@@ -237,4 +247,5 @@ def run(context: "JobContext") -> dict[str, Any]:
         "computed_texts": len(missing),
         "batches_run": batches_run,
         "model_loads": worker.models.loads,
+        "adapter_loads": worker.models.adapter_loads,
     }

@@ -48,7 +48,10 @@ def find_blocks(model: Any) -> torch.nn.ModuleList:
 
 
 def backbone(model: Any) -> Any:
-    """The model without its head: the LM head never runs during extraction."""
+    """The model without its head: the LM head never runs during extraction. A PEFT model is
+    unwrapped first; its LoRA layers sit inside the base's modules and still run."""
+    if hasattr(model, "get_base_model"):
+        model = model.get_base_model()
     base = getattr(model, "base_model", model)
     return base if isinstance(base, torch.nn.Module) else model
 

@@ -8,7 +8,7 @@ from sqlalchemy import update
 from app.registry.models import get_model
 from app.registry.tables import Model
 from workers.errors import JobCancelled, JobFailed
-from workers.models import explained_quantization_errors
+from workers.models import active_adapter, explained_quantization_errors
 
 if TYPE_CHECKING:
     from workers.runner import JobContext
@@ -36,7 +36,7 @@ def run(context: "JobContext") -> dict[str, Any]:
         tokenizer = loaded.tokenizer
         token_id = next((t for t in (tokenizer.bos_token_id, tokenizer.cls_token_id, tokenizer.eos_token_id) if t is not None), 0)
         device = context.runtime.models.device
-        with explained_quantization_errors(row.quantization, device):
+        with explained_quantization_errors(row.quantization, device), active_adapter(loaded, None):
             num_layers, hidden_size = _one_token_hidden_states(loaded.model, token_id, device)
         if (num_layers, hidden_size) != (row.num_layers, row.hidden_size):
             raise JobFailed(

@@ -9,7 +9,8 @@ import gc
 from collections import OrderedDict
 from collections.abc import Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 from app.registry.tables import Model
@@ -23,11 +24,28 @@ QUANTIZED_RUN_ERRORS = (AssertionError, RuntimeError, ValueError, NotImplemented
 @dataclass
 class LoadedModel:
     model_id: str
-    model: Any  # a transformers PreTrainedModel
+    model: Any  # a transformers PreTrainedModel; a PeftModel around it once an adapter is attached
     tokenizer: Any  # a transformers tokenizer
     footprint_bytes: int
     parameter_count: int
     is_causal_lm: bool
+    adapters: set[str] = field(default_factory=set)
+
+
+@contextmanager
+def active_adapter(loaded: LoadedModel, adapter_id: str | None) -> Iterator[None]:
+    """Run the base alone (adapters disabled, not unloaded) or with one attached adapter."""
+    if not loaded.adapters:
+        if adapter_id is not None:
+            raise ValueError(f"adapter {adapter_id} is not attached")
+        yield
+        return
+    if adapter_id is None:
+        with loaded.model.disable_adapter():
+            yield
+        return
+    loaded.model.set_adapter(adapter_id)
+    yield
 
 
 def _is_causal_lm(config: Any) -> bool:
@@ -103,6 +121,7 @@ class ResidentModels:
         self.budget_bytes = budget_bytes
         self.device = device
         self.loads = 0
+        self.adapter_loads = 0
         self._models: OrderedDict[str, LoadedModel] = OrderedDict()
 
     @property
@@ -110,18 +129,42 @@ class ResidentModels:
         return sum(loaded.footprint_bytes for loaded in self._models.values())
 
     def describe(self) -> list[dict[str, Any]]:
-        return [{"model_id": model_id, "bytes": loaded.footprint_bytes} for model_id, loaded in self._models.items()]
+        return [
+            {"model_id": model_id, "bytes": loaded.footprint_bytes, "adapters": sorted(loaded.adapters)} for model_id, loaded in self._models.items()
+        ]
 
-    def get(self, row: Model) -> LoadedModel:
+    def get(self, row: Model, adapter: tuple[str, Path] | None = None) -> LoadedModel:
+        """The resident model, loaded if it is not; with `adapter` (id, PEFT folder) attached
+        to it — without reloading the base — if it is not yet."""
         if row.id in self._models:
             self._models.move_to_end(row.id)
-            return self._models[row.id]
-        loaded = load_model(row, self.device)
-        self.loads += 1
-        while self._models and self.used_bytes + loaded.footprint_bytes > self.budget_bytes:
-            self.evict(next(iter(self._models)))
-        self._models[row.id] = loaded
+            loaded = self._models[row.id]
+        else:
+            loaded = load_model(row, self.device)
+            self.loads += 1
+            self._make_room(loaded.footprint_bytes)
+            self._models[row.id] = loaded
+        if adapter is not None and adapter[0] not in loaded.adapters:
+            self._attach(loaded, *adapter)
         return loaded
+
+    def _make_room(self, needed_bytes: int) -> None:
+        while self._models and self.used_bytes + needed_bytes > self.budget_bytes:
+            self.evict(next(iter(self._models)))
+
+    def _attach(self, loaded: LoadedModel, adapter_id: str, folder: Path) -> None:
+        from peft import PeftModel
+
+        try:
+            if loaded.adapters:
+                loaded.model.load_adapter(str(folder), adapter_name=adapter_id, is_trainable=False)
+            else:
+                loaded.model = PeftModel.from_pretrained(loaded.model, str(folder), adapter_name=adapter_id, is_trainable=False)
+        except (OSError, ValueError, KeyError, RuntimeError) as exc:
+            raise JobFailed("adapter_load_failed", f"could not attach adapter {adapter_id}: {exc}", adapter_id=adapter_id) from exc
+        loaded.adapters.add(adapter_id)
+        self.adapter_loads += 1
+        loaded.footprint_bytes = int(loaded.model.get_memory_footprint())
 
     def evict(self, model_id: str) -> None:
         self._models.pop(model_id, None)

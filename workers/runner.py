@@ -10,6 +10,7 @@ from sqlalchemy import update
 from app import jobs
 from app.registry.tables import Job, utcnow
 from workers import extraction, model_check, runtime
+from workers.adapters import importer
 from workers.errors import JobCancelled, JobFailed
 from workers.runtime import WorkerRuntime
 
@@ -41,6 +42,7 @@ def ping(context: JobContext) -> dict[str, Any]:
 
 
 HANDLERS: dict[str, Handler] = {
+    "adapter_import": importer.run,
     "extraction": extraction.run,
     "model_check": model_check.run,
     "ping": ping,

@@ -21,7 +21,13 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from workers.adapters.safetensors_stream import InvalidSafetensors, OutputTensor, StoredTensor, read_index, write
+from workers.adapters.safetensors_stream import (
+    InvalidSafetensors,
+    OutputTensor,
+    StoredTensor,
+    read_index,
+    write,
+)
 from workers.errors import JobFailed
 
 PREFIX = "base_model.model."

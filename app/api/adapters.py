@@ -1,0 +1,133 @@
+"""`/v1/adapters`: import LoRA adapters (Tinker, folders, archives, URLs, uploads) as jobs;
+list, show and delete them."""
+
+import json
+import shutil
+from typing import Annotated, Any
+
+from fastapi import APIRouter, File, Form, Query, Response, UploadFile
+from sqlalchemy import select
+from sqlalchemy.orm import Session
+
+from app import broker, jobs
+from app.adapters import classify_source
+from app.api.deps import ArtifactsDep, RedisDep, SessionDep, SessionsDep, SettingsDep
+from app.archives import ArchiveRejected, archive_format
+from app.errors import ServiceError, invalid_field
+from app.registry.adapters import artifact_in_use, get_adapter, list_adapters
+from app.registry.database import transaction
+from app.registry.models import get_model
+from app.registry.tables import Extraction, Job, new_id
+from app.schemas import (
+    ERROR_RESPONSES,
+    AdapterImport,
+    AdapterOut,
+    AdapterPage,
+    JobAccepted,
+    JobOut,
+)
+from app.settings import Settings
+
+router = APIRouter(prefix="/v1/adapters", tags=["adapters"], responses=ERROR_RESPONSES)
+
+
+def _queue_import(sessions: Any, connection: Any, settings: Settings, base_model: str, params: dict[str, Any], undo_also: Any = None) -> Job:
+    with transaction(sessions) as session:
+        base = get_model(session, base_model)
+        job = jobs.new_job("adapter_import", params | {"base_model_id": base.id}, broker.default_queue(settings), model_id=base.id)
+        session.add(job)
+
+    def undo(session: Session) -> None:
+        jobs.deleting(job.id)(session)
+        if undo_also:
+            undo_also()
+
+    jobs.enqueue(sessions, connection, settings, job, undo)
+    return job
+
+
+@router.post("/import", status_code=202)
+def import_adapter(body: AdapterImport, response: Response, settings: SettingsDep, sessions: SessionsDep, connection: RedisDep) -> JobAccepted:
+    """Import from a Tinker checkpoint, a local PEFT folder or archive, or an allowed URL. The
+    job converts the adapter to PEFT, checks it against the base model, and registers it."""
+    source = classify_source(body.source, settings)
+    params = {"source_kind": source.kind, "source": source.location, "tinker_run_id": source.tinker_run_id, "name": body.name, "metadata": body.metadata}
+    job = _queue_import(sessions, connection, settings, body.base_model, params)
+    response.headers["Location"] = f"/v1/jobs/{job.id}"
+    return JobAccepted(job=JobOut.of(job))
+
+
+@router.post("/upload", status_code=202)
+def upload_adapter(
+    file: Annotated[UploadFile, File(description="`.tar`, `.tar.gz` or `.zip` of a PEFT adapter or a Tinker checkpoint.")],
+    base_model: Annotated[str, Form(description="Id of the base model it was trained on.")],
+    name: Annotated[str, Form(min_length=1, max_length=200)],
+    response: Response,
+    settings: SettingsDep,
+    sessions: SessionsDep,
+    connection: RedisDep,
+    artifacts: ArtifactsDep,
+    metadata: Annotated[str | None, Form(description="Training metadata as a JSON object.")] = None,
+) -> JobAccepted:
+    """Upload an adapter archive (including the legacy Tinker `.tar`); the job unpacks it as
+    hostile input, converts and registers it."""
+    try:
+        user_metadata = json.loads(metadata) if metadata else {}
+    except json.JSONDecodeError as exc:
+        raise invalid_field("metadata", f"not valid JSON: {exc}") from exc
+    if not isinstance(user_metadata, dict):
+        raise invalid_field("metadata", "must be a JSON object")
+    with sessions() as session:
+        get_model(session, base_model)
+    staged = f"staging/uploads/{new_id('upl')}.archive"
+    with artifacts.writer(staged) as handle:
+        shutil.copyfileobj(file.file, handle, 1 << 20)
+    try:
+        archive_format(artifacts.path(staged))
+    except ArchiveRejected as exc:
+        artifacts.delete(staged)
+        raise ServiceError(exc.status, exc.code, f"file: {exc.message}", field="file") from exc
+    params = {"source_kind": "upload", "source": file.filename or "upload", "upload": staged, "name": name, "metadata": user_metadata}
+    try:
+        job = _queue_import(sessions, connection, settings, base_model, params, undo_also=lambda: artifacts.delete(staged))
+    except ServiceError:
+        artifacts.delete(staged)
+        raise
+    response.headers["Location"] = f"/v1/jobs/{job.id}"
+    return JobAccepted(job=JobOut.of(job))
+
+
+@router.get("")
+def list_imported_adapters(
+    session: SessionDep,
+    settings: SettingsDep,
+    base_model: Annotated[str | None, Query(max_length=40)] = None,
+    cursor: Annotated[str | None, Query(max_length=40)] = None,
+    limit: Annotated[int, Query(ge=1, le=200)] = 50,
+) -> AdapterPage:
+    adapters, next_cursor = list_adapters(session, base_model_id=base_model, cursor=cursor, limit=min(limit, settings.page_size_max))
+    return AdapterPage(items=[AdapterOut.of(adapter) for adapter in adapters], next_cursor=next_cursor)
+
+
+@router.get("/{adapter_id}")
+def show_adapter(adapter_id: str, session: SessionDep) -> AdapterOut:
+    return AdapterOut.of(get_adapter(session, adapter_id))
+
+
+@router.delete("/{adapter_id}", status_code=204, responses={409: {"description": "In use by a queued or running job; `?force=true` deletes anyway."}})
+def delete_adapter(adapter_id: str, sessions: SessionsDep, artifacts: ArtifactsDep, force: bool = False) -> Response:
+    """Remove the adapter's row and files together."""
+    with transaction(sessions) as session:
+        adapter = get_adapter(session, adapter_id)
+        users = session.scalars(
+            select(Extraction.id).join(Job, Job.id == Extraction.job_id).where(Extraction.adapter_id == adapter_id, Job.status.in_(("queued", "running")))
+        ).all()
+        if users and not force:
+            raise ServiceError(409, "conflict", f"adapter {adapter_id} is used by {len(users)} unfinished jobs; pass force=true to delete anyway", used_by=list(users))
+        artifact = adapter.artifact
+        session.delete(adapter)
+        session.flush()
+        shared = artifact_in_use(session, artifact)
+    if not shared:
+        shutil.rmtree(artifacts.path(artifact), ignore_errors=True)
+    return Response(status_code=204)

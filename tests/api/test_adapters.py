@@ -1,0 +1,243 @@
+"""Adapter import end to end: the real Tinker SDK against the stand-in, folders, archives and
+uploads through a real worker; what the registry keeps; what the gateway refuses at once."""
+
+import io
+import tarfile
+import zipfile
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+import torch
+
+from tests import tiny_models
+from tests.api.test_extractions import download, finished
+from tests.api.test_models import register
+from tests.conftest import Stack, wait_for_job
+from tests.tinker_standin import StandinCheckpoint
+
+BASE_NAME = "tiny-org/tiny-llama"
+TEXTS = ["The city of Paris is in France.", "Fifty-one is larger than forty-nine."]
+
+
+def adapter_files(folder: Path) -> dict[str, bytes]:
+    return {name: (folder / name).read_bytes() for name in ("adapter_model.safetensors", "adapter_config.json")}
+
+
+def sources_root(stack: Stack) -> Path:
+    root = stack.settings.adapter_roots[0]
+    root.mkdir(parents=True, exist_ok=True)
+    return root
+
+
+def import_adapter(stack: Stack, source: str, base_model: str, name: str = "ft") -> dict[str, Any]:
+    response = stack.client.post("/v1/adapters/import", json={"source": source, "base_model": base_model, "name": name, "metadata": {"dataset": "cities"}})
+    assert response.status_code == 202, response.json()
+    return wait_for_job(stack.client, response.json()["job"]["id"])
+
+
+@pytest.fixture
+def base(stack: Stack, tiny_llama: Path) -> dict[str, Any]:
+    response = stack.client.post("/v1/models", json={"name": BASE_NAME, "source": str(tiny_llama)})
+    return response.json()
+
+
+def tinker_checkpoint(tinker_standin: Any, tmp_path: Path, base_folder: Path, base_model: str = BASE_NAME) -> tuple[StandinCheckpoint, dict[str, Any]]:
+    tensors = tiny_models.save_tinker_adapter(tmp_path / "tinker-export", base_folder)
+    checkpoint = tinker_standin.add_checkpoint(
+        StandinCheckpoint(run_id=f"{tmp_path.name}:train:0", name="final", base_model=base_model, files=adapter_files(tmp_path / "tinker-export"))
+    )
+    return checkpoint, tensors
+
+
+def hidden_layer_one(model: Any, texts: list[str], tokenizer: Any) -> np.ndarray:
+    with torch.inference_mode():
+        return np.array([model(**tokenizer(text, return_tensors="pt"), output_hidden_states=True).hidden_states[1][0, -1].numpy() for text in texts])
+
+
+def test_a_tinker_checkpoint_imports_through_the_sdk_and_changes_the_hidden_states(
+    stack: Stack, base: dict[str, Any], tiny_llama: Path, tinker_standin: Any, tmp_path: Path
+) -> None:
+    from transformers import AutoTokenizer
+
+    checkpoint, tensors = tinker_checkpoint(tinker_standin, tmp_path, tiny_llama)
+    job = import_adapter(stack, checkpoint.tinker_path, base["id"])
+    assert job["status"] == "succeeded", job["error"]
+    adapter = stack.client.get(f"/v1/adapters/{job['result']['adapter_id']}").json()
+    assert (adapter["r"], adapter["lora_alpha"]) == (4, 8)
+    assert adapter["tinker_path"] == checkpoint.tinker_path and adapter["tinker_run_id"] == checkpoint.run_id
+    assert adapter["training"]["user"] == {"dataset": "cities"} and adapter["training"]["tinker"]["base_model"] == BASE_NAME
+    assert "lm_head" in adapter["target_modules"]
+
+    tokenizer = AutoTokenizer.from_pretrained(tiny_llama)
+    with_adapter = finished(stack.client, stack.client.post("/v1/extractions", json={"model": base["id"], "adapter": adapter["id"], "layers": [1], "texts": TEXTS}))
+    without = finished(stack.client, stack.client.post("/v1/extractions", json={"model": base["id"], "layers": [1], "texts": TEXTS}))
+    merged = hidden_layer_one(tiny_models.merge_by_hand(tiny_llama, tensors), TEXTS, tokenizer)
+    plain = hidden_layer_one(tiny_models.merge_by_hand(tiny_llama, {}), TEXTS, tokenizer)
+    np.testing.assert_allclose(download(stack.client, with_adapter["result"]["extraction_id"])[:, 0], merged, atol=1e-5)
+    np.testing.assert_allclose(download(stack.client, without["result"]["extraction_id"])[:, 0], plain, atol=1e-5)
+    assert not np.allclose(merged, plain, atol=1e-3)
+    assert without["result"]["model_loads"] == with_adapter["result"]["model_loads"], "the base was loaded again"
+
+
+def test_importing_the_same_weights_twice_returns_the_existing_adapter(stack: Stack, base: dict[str, Any], tiny_llama: Path, tinker_standin: Any, tmp_path: Path) -> None:
+    checkpoint, _ = tinker_checkpoint(tinker_standin, tmp_path, tiny_llama)
+    first = import_adapter(stack, checkpoint.tinker_path, base["id"])
+    second = import_adapter(stack, checkpoint.tinker_path, base["id"])
+    assert second["result"]["adapter_id"] == first["result"]["adapter_id"] and second["result"]["created"] is False
+    assert [a["id"] for a in stack.client.get("/v1/adapters", params={"base_model": base["id"]}).json()["items"]] == [first["result"]["adapter_id"]]
+
+
+def test_a_checkpoint_of_another_base_model_is_refused(stack: Stack, base: dict[str, Any], tiny_llama: Path, tinker_standin: Any, tmp_path: Path) -> None:
+    checkpoint, _ = tinker_checkpoint(tinker_standin, tmp_path, tiny_llama, base_model="meta-llama/Llama-3.1-8B")
+    job = import_adapter(stack, checkpoint.tinker_path, base["id"])
+    assert job["status"] == "failed" and job["error"]["code"] == "base_model_mismatch"
+    assert "Llama-3.1-8B" in job["error"]["message"]
+    assert stack.client.get("/v1/adapters", params={"base_model": base["id"]}).json()["items"] == []
+
+
+def test_an_adapter_that_does_not_fit_the_base_fails_and_leaves_nothing(stack: Stack, base: dict[str, Any], tmp_path: Path) -> None:
+    wider = tiny_models.save_tiny_llama(tmp_path / "wider", hidden_size=32)
+    folder = sources_root(stack) / f"{tmp_path.name}-wide"
+    tiny_models.save_tinker_adapter(folder, wider)
+    job = import_adapter(stack, str(folder), base["id"])
+    assert job["status"] == "failed" and job["error"]["code"] == "adapter_base_mismatch"
+    assert stack.client.get("/v1/adapters", params={"base_model": base["id"]}).json()["items"] == []
+    staging = stack.settings.resolved_artifact_dir / "staging" / job["id"]
+    assert not staging.exists()
+
+
+def test_a_peft_folder_under_the_allowed_roots_imports(stack: Stack, base: dict[str, Any], tiny_llama: Path, tmp_path: Path) -> None:
+    folder = sources_root(stack) / f"{tmp_path.name}-peft"
+    tiny_models.save_tinker_adapter(folder, tiny_llama)
+    job = import_adapter(stack, str(folder), base["id"])
+    assert job["status"] == "succeeded", job["error"]
+    adapter = stack.client.get(f"/v1/adapters/{job['result']['adapter_id']}").json()
+    assert adapter["source_kind"] == "local_folder"
+    stored = stack.settings.resolved_artifact_dir / "adapters" / adapter["sha256"]
+    assert sorted(p.name for p in stored.iterdir()) == ["adapter_config.json", "adapter_model.safetensors"]
+
+
+def _archive(folder: Path, target: Path, kind: str) -> Path:
+    if kind == "zip":
+        with zipfile.ZipFile(target, "w", zipfile.ZIP_DEFLATED) as archive:
+            for file in folder.iterdir():
+                archive.write(file, f"checkpoint/{file.name}")
+    else:
+        with tarfile.open(target, "w:gz" if kind == "tar.gz" else "w") as archive:
+            for file in folder.iterdir():
+                archive.add(file, f"checkpoint/{file.name}")
+    return target
+
+
+@pytest.mark.parametrize("kind", ["tar", "tar.gz", "zip"])
+def test_an_uploaded_archive_imports(stack: Stack, base: dict[str, Any], tiny_llama: Path, tmp_path: Path, kind: str) -> None:
+    tiny_models.save_tinker_adapter(tmp_path / "legacy", tiny_llama)
+    archive = _archive(tmp_path / "legacy", tmp_path / f"adapter.{kind}", kind)
+    with archive.open("rb") as handle:
+        response = stack.client.post("/v1/adapters/upload", data={"base_model": base["id"], "name": "legacy"}, files={"file": (archive.name, handle)})
+    assert response.status_code == 202, response.json()
+    job = wait_for_job(stack.client, response.json()["job"]["id"])
+    assert job["status"] == "succeeded", job["error"]
+    assert stack.client.get(f"/v1/adapters/{job['result']['adapter_id']}").json()["source_kind"] == "upload"
+    assert not any((stack.settings.resolved_artifact_dir / "staging" / "uploads").iterdir())
+
+
+def test_a_hostile_upload_fails_and_leaves_nothing_behind(stack: Stack, base: dict[str, Any], tmp_path: Path) -> None:
+    payload = io.BytesIO()
+    with tarfile.open(fileobj=payload, mode="w") as archive:
+        member = tarfile.TarInfo("../../escaped.json")
+        member.size = 2
+        archive.addfile(member, io.BytesIO(b"{}"))
+    response = stack.client.post("/v1/adapters/upload", data={"base_model": base["id"], "name": "evil"}, files={"file": ("evil.tar", payload.getvalue())})
+    job = wait_for_job(stack.client, response.json()["job"]["id"])
+    assert job["status"] == "failed" and job["error"]["code"] == "path_traversal"
+    artifacts = stack.settings.resolved_artifact_dir
+    assert not (artifacts.parent / "escaped.json").exists() and not (artifacts / "escaped.json").exists()
+    assert not (artifacts / "staging" / job["id"]).exists()
+    assert not any((artifacts / "staging" / "uploads").iterdir())
+
+
+def test_deleting_an_adapter_removes_its_row_and_files(stack: Stack, base: dict[str, Any], tiny_llama: Path, tmp_path: Path) -> None:
+    folder = sources_root(stack) / f"{tmp_path.name}-delete"
+    tiny_models.save_tinker_adapter(folder, tiny_llama, seed=7)
+    adapter_id = import_adapter(stack, str(folder), base["id"])["result"]["adapter_id"]
+    sha = stack.client.get(f"/v1/adapters/{adapter_id}").json()["sha256"]
+    assert stack.client.delete(f"/v1/adapters/{adapter_id}").status_code == 204
+    assert stack.client.get(f"/v1/adapters/{adapter_id}").status_code == 404
+    assert not (stack.settings.resolved_artifact_dir / "adapters" / sha).exists()
+
+
+# --- refused by the gateway at once -----------------------------------------------------------
+
+
+@pytest.mark.parametrize("kind", ["sampler_weights", "weights"])
+def test_tinker_checkpoints_that_cannot_be_downloaded_are_422s_saying_what_to_do(api: Any, tiny_llama: Path, kind: str) -> None:
+    model = register(api, tiny_llama).json()
+    response = api.post("/v1/adapters/import", json={"source": f"tinker://run-1:train:0/{kind}/final", "base_model": model["id"], "name": "x"})
+    assert response.status_code == 422
+    message = response.json()["error"]["message"]
+    assert "external_weights" in message
+    assert api.get("/v1/jobs", params={"kind": "adapter_import"}).json()["items"] == []
+
+
+def test_a_tinker_import_without_a_key_is_a_503_naming_the_setting(database_url: str, redis_server: Any, tmp_path: Path, tiny_llama: Path) -> None:
+    from fastapi.testclient import TestClient
+
+    from app.main import create_app
+    from tests.conftest import make_settings
+
+    settings = make_settings(database_url, redis_server.url, tmp_path / "var", tinker_api_key=None)
+    with TestClient(create_app(settings)) as client:
+        model = register(client, tiny_llama).json()
+        response = client.post("/v1/adapters/import", json={"source": "tinker://run/external_weights/final", "base_model": model["id"], "name": "x"})
+    assert response.status_code == 503
+    assert "TINKER_API_KEY" in response.json()["error"]["message"]
+
+
+@pytest.mark.parametrize(
+    ("source", "status"),
+    [("https://evil.example.com/adapter.tar", 403), ("http://models.example.com/adapter.tar", 422), ("/etc", 403), ("tinker://only/two", 422)],
+)
+def test_sources_outside_what_is_allowed_are_refused(api: Any, tiny_llama: Path, source: str, status: int) -> None:
+    model = register(api, tiny_llama).json()
+    response = api.post("/v1/adapters/import", json={"source": source, "base_model": model["id"], "name": "x"})
+    assert response.status_code == status
+    assert response.json()["error"]["details"]["field"] == "source"
+
+
+def test_a_missing_file_under_the_roots_is_a_404(api: Any, settings: Any, tiny_llama: Path) -> None:
+    model = register(api, tiny_llama).json()
+    response = api.post("/v1/adapters/import", json={"source": str(settings.adapter_roots[0] / "nope"), "base_model": model["id"], "name": "x"})
+    assert response.status_code == 404
+
+
+def test_a_symlink_out_of_the_roots_is_refused(api: Any, settings: Any, tiny_llama: Path) -> None:
+    root = settings.adapter_roots[0]
+    root.mkdir(parents=True, exist_ok=True)
+    (root / "sneaky").symlink_to("/etc")
+    model = register(api, tiny_llama).json()
+    response = api.post("/v1/adapters/import", json={"source": str(root / "sneaky"), "base_model": model["id"], "name": "x"})
+    assert response.status_code == 403
+
+
+def test_an_upload_that_is_no_archive_is_a_422_and_nothing_stays(api: Any, settings: Any, tiny_llama: Path) -> None:
+    model = register(api, tiny_llama).json()
+    response = api.post("/v1/adapters/upload", data={"base_model": model["id"], "name": "x"}, files={"file": ("adapter.tar", b"not an archive at all")})
+    assert response.status_code == 422
+    assert response.json()["error"]["details"]["field"] == "file"
+    uploads = settings.resolved_artifact_dir / "staging" / "uploads"
+    assert not uploads.exists() or not any(uploads.iterdir())
+
+
+def test_an_unknown_adapter_is_a_404(api: Any) -> None:
+    assert api.get("/v1/adapters/adp_nope").status_code == 404
+    assert api.delete("/v1/adapters/adp_nope").status_code == 404
+
+
+def test_an_upload_for_an_unknown_model_is_a_404(api: Any) -> None:
+    response = api.post("/v1/adapters/upload", data={"base_model": "mdl_nope", "name": "x"}, files={"file": ("a.tar", b"x")})
+    assert response.status_code == 404
+
+

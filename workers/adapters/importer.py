@@ -1,0 +1,194 @@
+"""The `adapter_import` job: fetch the files (Tinker, folder, archive, URL, upload) into a
+staging folder, convert them to a PEFT adapter checked against the base model, move it into
+the artifact store and register it. Whatever fails, the staging folder goes, and no row or
+file is left without the other."""
+
+import shutil
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import httpx
+from sqlalchemy.exc import IntegrityError
+
+from app.archives import ArchiveLimits, ArchiveRejected, extract_archive
+from app.registry.adapters import artifact_in_use, find_adapter
+from app.registry.models import get_model
+from app.registry.tables import Adapter, Model, new_id
+from app.settings import Settings
+from workers.adapters.convert import base_modules, convert, read_config
+from workers.errors import JobFailed
+
+if TYPE_CHECKING:
+    from workers.runner import JobContext
+
+WEIGHTS_FILE = "adapter_model.safetensors"
+CONFIG_FILE = "adapter_config.json"
+DOWNLOAD_CHUNK = 1 << 20
+
+
+def _limits(settings: Settings) -> ArchiveLimits:
+    return ArchiveLimits(max_files=settings.max_archive_files, max_total_bytes=settings.max_adapter_bytes)
+
+
+def _unpack(archive: Path, destination: Path, settings: Settings) -> Path:
+    try:
+        extract_archive(archive, destination, _limits(settings))
+    except ArchiveRejected as exc:
+        raise JobFailed(exc.code, exc.message, member=exc.member) from exc
+    return destination
+
+
+def _download(url: str, destination: Path, max_bytes: int) -> Path:
+    """An allow-listed https URL; redirects are not followed (they could leave the allow-list)."""
+    received = 0
+    try:
+        with httpx.stream("GET", url, follow_redirects=False, timeout=60) as response:
+            if response.status_code != 200:
+                raise JobFailed("download_failed", f"{url} answered {response.status_code}", url=url)
+            with destination.open("wb") as handle:
+                for chunk in response.iter_bytes(DOWNLOAD_CHUNK):
+                    received += len(chunk)
+                    if received > max_bytes:
+                        raise JobFailed("too_large", f"{url} is larger than {max_bytes} bytes", url=url)
+                    handle.write(chunk)
+    except httpx.HTTPError as exc:
+        raise JobFailed("download_failed", f"could not download {url}: {exc}", url=url) from exc
+    return destination
+
+
+def _names_match(tinker_base: str, model: Model) -> bool:
+    wanted = tinker_base.lower()
+    candidates = {model.source.lower(), model.name.lower(), Path(model.source).name.lower()}
+    return wanted in candidates or wanted.rsplit("/", 1)[-1] in candidates
+
+
+def _fetch_tinker(context: "JobContext", model: Model, staging: Path) -> tuple[Path, dict[str, Any]]:
+    from workers.adapters.tinker import TinkerClient, parse_tinker_path
+
+    settings = context.runtime.settings
+    if not settings.tinker_api_key:
+        raise JobFailed("tinker_unconfigured", "the worker has no TINKER_API_KEY setting")
+    path = parse_tinker_path(context.params["source"])
+    client = TinkerClient(settings.tinker_api_key, settings.tinker_base_url)
+    info = client.weights_info(path)
+    if not info.is_lora:
+        raise JobFailed("unsupported_adapter", f"{context.params['source']} is not a LoRA checkpoint")
+    if not _names_match(info.base_model, model):
+        raise JobFailed(
+            "base_model_mismatch",
+            f"{context.params['source']} was trained on {info.base_model}, but model {model.id} is {model.source}",
+            tinker_base_model=info.base_model,
+        )
+    folder = staging / "files"
+    client.download_external_weights(path, folder, settings.max_adapter_bytes, on_file=lambda done, total: context.progress("downloading", done, total))
+    training = {key: value for key, value in vars(info).items() if value is not None}
+    return folder, {"tinker": training}
+
+
+def _fetch(context: "JobContext", model: Model, staging: Path) -> tuple[Path, dict[str, Any]]:
+    """The folder holding the adapter's files, and what the source says about training."""
+    settings, store = context.runtime.settings, context.runtime.artifacts
+    kind, source = context.params["source_kind"], context.params["source"]
+    if kind == "tinker":
+        return _fetch_tinker(context, model, staging)
+    if kind == "local_folder":
+        return Path(source), {}
+    if kind == "local_archive":
+        return _unpack(Path(source), staging / "files", settings), {}
+    if kind == "url":
+        return _unpack(_download(source, staging / "download", settings.max_adapter_bytes), staging / "files", settings), {}
+    if kind == "upload":
+        return _unpack(store.path(context.params["upload"]), staging / "files", settings), {}
+    raise JobFailed("unknown_source", f"unknown adapter source kind {kind!r}")
+
+
+def _locate(folder: Path) -> tuple[Path, Path]:
+    """(weights, config) inside the fetched files: the one `adapter_config.json`, and the
+    safetensors weights beside it."""
+    configs = [path for path in folder.rglob(CONFIG_FILE) if path.is_file() and not path.is_symlink()]
+    if len(configs) != 1:
+        raise JobFailed("unsupported_adapter", f"expected one {CONFIG_FILE}, found {len(configs)}")
+    config = configs[0]
+    weights = config.parent / WEIGHTS_FILE
+    if not weights.is_file():
+        candidates = sorted(config.parent.glob("*.safetensors"))
+        if len(candidates) != 1:
+            pickled = sorted(p.name for p in config.parent.iterdir() if p.suffix in {".bin", ".pt", ".pth"})
+            hint = f"; {', '.join(pickled)} are pickle-based: convert them to safetensors" if pickled else ""
+            raise JobFailed("unsupported_adapter", f"no {WEIGHTS_FILE} beside {CONFIG_FILE}{hint}")
+        weights = candidates[0]
+    if weights.is_symlink() or config.is_symlink():
+        raise JobFailed("link", "adapter files must not be symbolic links")
+    return weights, config
+
+
+def _register(context: "JobContext", model: Model, converted: Path, summary: Any, provenance: dict[str, Any]) -> tuple[Adapter, bool]:
+    store, sessions = context.runtime.artifacts, context.runtime.sessions
+    artifact = f"adapters/{summary.sha256}"
+    with sessions() as session:
+        existing = find_adapter(session, model.id, summary.sha256)
+    if existing is not None:
+        return existing, False
+    target = store.path(artifact)
+    moved = not target.exists()
+    if moved:
+        target.parent.mkdir(parents=True, exist_ok=True)
+        converted.rename(target)
+    adapter = Adapter(
+        id=new_id("adp"),
+        name=context.params["name"],
+        base_model_id=model.id,
+        source_kind=context.params["source_kind"],
+        source=context.params["source"],
+        tinker_path=context.params["source"] if context.params["source_kind"] == "tinker" else None,
+        tinker_run_id=context.params.get("tinker_run_id"),
+        r=summary.r,
+        lora_alpha=summary.lora_alpha,
+        target_modules=summary.target_modules,
+        sha256=summary.sha256,
+        size_bytes=summary.size_bytes,
+        artifact=artifact,
+        conversion={"notes": summary.notes},
+        training=provenance,
+        import_job_id=context.job_id,
+    )
+    try:
+        with sessions() as session, session.begin():
+            session.add(adapter)
+    except IntegrityError:  # the same weights were registered meanwhile
+        with sessions() as session:
+            existing = find_adapter(session, model.id, summary.sha256)
+        assert existing is not None
+        return existing, False
+    except BaseException:
+        with sessions() as session:
+            if moved and not artifact_in_use(session, artifact):
+                shutil.rmtree(target, ignore_errors=True)
+        raise
+    return adapter, True
+
+
+def run(context: "JobContext") -> dict[str, Any]:
+    store, sessions = context.runtime.artifacts, context.runtime.sessions
+    staging = store.path(f"staging/{context.job_id}")
+    shutil.rmtree(staging, ignore_errors=True)
+    staging.mkdir(parents=True)
+    try:
+        with sessions() as session:
+            model = get_model(session, context.params["base_model_id"])
+        context.progress("fetching", 0, 3)
+        files, provenance = _fetch(context, model, staging)
+        weights, config_path = _locate(files)
+        context.progress("converting", 1, 3)
+        converted = staging / "converted"
+        converted.mkdir()
+        summary = convert(weights, read_config(config_path), base_modules(model.resolved_path), converted, model.source)
+        context.progress("registering", 2, 3)
+        provenance = provenance | {"user": context.params.get("metadata") or {}}
+        adapter, created = _register(context, model, converted, summary, provenance)
+        context.progress("done", 3, 3)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+        if context.params.get("upload"):
+            store.delete(context.params["upload"])
+    return {"adapter_id": adapter.id, "sha256": adapter.sha256, "created": created, "conversion_notes": summary.notes}
