@@ -45,6 +45,7 @@ _HTTP_CODES = {
     413: "payload_too_large",
     415: "unsupported_media_type",
     429: "rate_limited",
+    502: "bad_gateway",
     503: "unavailable",
 }
 

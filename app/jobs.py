@@ -5,6 +5,7 @@ State changes are compare-and-set updates on the row, so a cancel racing a worke
 has exactly one winner.
 """
 
+import time
 from collections.abc import Callable
 from typing import Any
 
@@ -104,3 +105,31 @@ def cancel(sessions: sessionmaker[Session], connection: redis.Redis, settings: S
             pass  # the worker skips a cancelled row anyway
     publish(connection, settings, job)
     return job
+
+
+async def wait_for_final(
+    sessions: sessionmaker[Session], async_redis: Any, settings: Settings, job_id: str, timeout_s: float
+) -> JobOut:
+    """The job once it is final, or as it is when `timeout_s` runs out. Listens to the job's
+    events and re-reads the row now and then, so a missed event costs at most a poll."""
+    from fastapi.concurrency import run_in_threadpool
+
+    def read() -> JobOut:
+        with sessions() as session:
+            return JobOut.of(get_job(session, job_id))
+
+    deadline = time.monotonic() + timeout_s
+    pubsub = async_redis.pubsub()
+    await pubsub.subscribe(broker.job_channel(settings, job_id))
+    try:
+        job = await run_in_threadpool(read)
+        while job.status not in TERMINAL_STATUSES:
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                break
+            message = await pubsub.get_message(ignore_subscribe_messages=True, timeout=min(remaining, 1.0))
+            job = JobOut.model_validate_json(message["data"]) if message else await run_in_threadpool(read)
+        return job
+    finally:
+        await pubsub.unsubscribe()
+        await pubsub.aclose()

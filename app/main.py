@@ -9,7 +9,7 @@ from fastapi import FastAPI
 from fastapi_offline import FastAPIOffline
 
 from app import broker
-from app.api import adapters, datasets, extractions, health, jobs, models
+from app.api import adapters, datasets, extractions, health, jobs, models, tinker
 from app.errors import install_error_handlers
 from app.limits import BodySizeLimit
 from app.registry.database import create_registry_engine, session_factory
@@ -59,4 +59,5 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.include_router(datasets.router)
     app.include_router(extractions.router)
     app.include_router(jobs.router)
+    app.include_router(tinker.router)
     return app

@@ -227,6 +227,17 @@ class AdapterPage(BaseModel):
     next_cursor: str | None
 
 
+class TinkerModel(BaseModel):
+    model_name: str | None
+    max_context_length: int | None = None
+    trainable: bool | None = None
+    sampleable: bool | None = None
+
+
+class TinkerModels(BaseModel):
+    models: list[TinkerModel]
+
+
 class ErrorBody(BaseModel):
     code: str = Field(description="Stable machine-readable code, e.g. `not_found`, `validation_error`.")
     message: str = Field(description="What is wrong, naming the field or resource.")

@@ -14,7 +14,7 @@ import secrets
 import threading
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
-from typing import Any
+from typing import Any, Self
 
 import uvicorn
 from starlette.applications import Starlette
@@ -100,7 +100,7 @@ class TinkerStandin:
         for signed in self._signed_files.values():
             signed.expires = datetime.now(UTC)
 
-    def start(self) -> "TinkerStandin":
+    def start(self) -> Self:
         config = uvicorn.Config(self._app(), host="127.0.0.1", port=self.port, log_level="warning", lifespan="off")
         self._server = uvicorn.Server(config)
         self._thread = threading.Thread(target=self._server.run, name="tinker-standin", daemon=True)
@@ -114,7 +114,7 @@ class TinkerStandin:
             self._server.should_exit = True
             self._thread.join(10)
 
-    def __enter__(self) -> "TinkerStandin":
+    def __enter__(self) -> Self:
         return self.start()
 
     def __exit__(self, *exc_info: object) -> None:

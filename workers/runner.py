@@ -41,11 +41,20 @@ def ping(context: JobContext) -> dict[str, Any]:
     return {"worker": context.runtime.name, "device": context.runtime.settings.worker_device}
 
 
+def tinker_models(context: JobContext) -> dict[str, Any]:
+    from workers.adapters.tinker import TinkerClient
+
+    settings = context.runtime.settings
+    models = TinkerClient(settings.tinker_api_key or "", settings.tinker_base_url).supported_models()
+    return {"models": [vars(model) for model in models]}
+
+
 HANDLERS: dict[str, Handler] = {
     "adapter_import": importer.run,
     "extraction": extraction.run,
     "model_check": model_check.run,
     "ping": ping,
+    "tinker_models": tinker_models,
 }
 
 

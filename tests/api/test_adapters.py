@@ -241,3 +241,64 @@ def test_an_upload_for_an_unknown_model_is_a_404(api: Any) -> None:
     assert response.status_code == 404
 
 
+
+
+def test_tinker_models_come_from_the_service_through_a_worker_and_are_cached(stack: Stack, tinker_standin: Any) -> None:
+    import redis
+
+    redis.Redis.from_url(stack.settings.resolved_redis_url).delete(f"{stack.settings.queue_prefix}:tinker-models")
+    asked_before = tinker_standin.requests.count("GET /api/v1/get_server_capabilities")
+    response = stack.client.get("/v1/tinker/models")
+    assert response.status_code == 200, response.json()
+    assert [m["model_name"] for m in response.json()["models"]] == [m["model_name"] for m in tinker_standin.supported_models]
+    assert stack.client.get("/v1/tinker/models").json() == response.json()
+    assert tinker_standin.requests.count("GET /api/v1/get_server_capabilities") == asked_before + 1
+
+
+def test_tinker_models_without_a_worker_in_time_answer_202_with_the_job(api: Any) -> None:
+    response = api.get("/v1/tinker/models", params={"timeout_s": 0.3})
+    assert response.status_code == 202
+    assert response.json()["job"]["kind"] == "tinker_models"
+    assert response.headers["location"] == f"/v1/jobs/{response.json()['job']['id']}"
+
+
+def test_tinker_models_without_a_key_is_a_503_naming_the_setting(database_url: str, redis_server: Any, tmp_path: Path) -> None:
+    from fastapi.testclient import TestClient
+
+    from app.main import create_app
+    from tests.conftest import make_settings
+
+    with TestClient(create_app(make_settings(database_url, redis_server.url, tmp_path / "var", tinker_api_key=None))) as client:
+        response = client.get("/v1/tinker/models")
+    assert response.status_code == 503 and "TINKER_API_KEY" in response.json()["error"]["message"]
+
+
+def test_deleting_an_adapter_an_unfinished_job_uses_is_a_409_unless_forced(api: Any, settings: Any, tiny_llama: Path) -> None:
+    from tests.api.test_jobs import run_queued_jobs
+
+    model = register(api, tiny_llama).json()
+    folder = settings.adapter_roots[0] / "in-use"
+    tiny_models.save_tinker_adapter(folder, tiny_llama)
+    job_id = api.post("/v1/adapters/import", json={"source": str(folder), "base_model": model["id"], "name": "x"}).json()["job"]["id"]
+    run_queued_jobs(settings)
+    adapter = api.get(f"/v1/adapters/{api.get(f'/v1/jobs/{job_id}').json()['result']['adapter_id']}").json()
+    api.post("/v1/extractions", json={"model": model["id"], "adapter": adapter["id"], "layers": [1], "texts": ["x"]})
+    refused = api.delete(f"/v1/adapters/{adapter['id']}")
+    assert refused.status_code == 409 and len(refused.json()["error"]["details"]["used_by"]) == 1
+    assert api.get(f"/v1/adapters/{adapter['id']}").status_code == 200
+    assert api.delete(f"/v1/adapters/{adapter['id']}", params={"force": True}).status_code == 204
+    assert not (settings.resolved_artifact_dir / "adapters" / adapter["sha256"]).exists()
+
+
+def test_an_adapter_of_another_model_is_refused_for_extraction(api: Any, settings: Any, tiny_llama: Path) -> None:
+    from tests.api.test_jobs import run_queued_jobs
+
+    model = register(api, tiny_llama).json()
+    other = register(api, tiny_llama, dtype="bfloat16").json()
+    folder = settings.adapter_roots[0] / "mine"
+    tiny_models.save_tinker_adapter(folder, tiny_llama)
+    job_id = api.post("/v1/adapters/import", json={"source": str(folder), "base_model": model["id"], "name": "x"}).json()["job"]["id"]
+    run_queued_jobs(settings)
+    adapter_id = api.get(f"/v1/jobs/{job_id}").json()["result"]["adapter_id"]
+    response = api.post("/v1/extractions", json={"model": other["id"], "adapter": adapter_id, "layers": [1], "texts": ["x"]})
+    assert response.status_code == 422 and response.json()["error"]["details"]["field"] == "adapter"

@@ -95,9 +95,7 @@ def test_a_malformed_path_is_refused_saying_what_is_wrong(path: str, complaint: 
 
 
 def test_weights_info_reports_the_base_model_and_lora_settings(client: TinkerClient) -> None:
-    assert client.weights_info(external()) == WeightsInfo(
-        base_model=BASE_MODEL, is_lora=True, lora_rank=4, train_unembed=True, train_mlp=True, train_attn=True
-    )
+    assert client.weights_info(external()) == WeightsInfo(base_model=BASE_MODEL, is_lora=True, lora_rank=4, train_unembed=True, train_mlp=True, train_attn=True)
 
 
 def test_the_supported_models_are_listed(client: TinkerClient) -> None:

@@ -91,7 +91,7 @@ class TinkerClient:
         # failure to Tinker and can hold a failing call for ~30 s while doing so.
         os.environ["TINKER_TELEMETRY"] = "0"
         self.base_url = base_url
-        with self._failures_as_job_failed(f"connecting to {base_url or 'Tinker'}"):
+        with self._failures_as_job_failed("connecting to Tinker"):
             self._rest = _connect(api_key, base_url)
 
     def weights_info(self, path: TinkerPath) -> WeightsInfo:
@@ -102,9 +102,7 @@ class TinkerClient:
         capabilities = self._result(self._rest.get_server_capabilities(), "the supported models")
         return [SupportedModel(m.model_name, m.max_context_length, m.trainable, m.sampleable) for m in capabilities.supported_models]
 
-    def download_external_weights(
-        self, path: TinkerPath, destination: Path, max_bytes: int, on_file: Callable[[int, int], None] | None = None
-    ) -> list[Path]:
+    def download_external_weights(self, path: TinkerPath, destination: Path, max_bytes: int, on_file: Callable[[int, int], None] | None = None) -> list[Path]:
         """Download every file of the checkpoint into `destination` (missing or empty) and
         return their paths; on any failure nothing is left in `destination`."""
         _require_downloadable(path)
@@ -220,9 +218,7 @@ def _safe_targets(path: TinkerPath, names: list[str], destination: Path) -> dict
     return targets
 
 
-def _download_all(
-    path: TinkerPath, signed: SignedUrls, targets: dict[str, Path], max_bytes: int, on_file: Callable[[int, int], None] | None
-) -> list[Path]:
+def _download_all(path: TinkerPath, signed: SignedUrls, targets: dict[str, Path], max_bytes: int, on_file: Callable[[int, int], None] | None) -> list[Path]:
     with httpx.Client(timeout=DOWNLOAD_TIMEOUT, follow_redirects=True) as http:
         downloads = FileDownloads(path, signed, http, max_bytes)
         for done, (name, target) in enumerate(targets.items(), start=1):
@@ -266,7 +262,10 @@ class FileDownloads:
                 self.fetched_bytes += len(chunk)
                 if self.fetched_bytes > self.max_bytes:
                     raise JobFailed(
-                        "adapter_too_large", f"{self.path} is larger than the {self.max_bytes} bytes an adapter may have", path=str(self.path), limit_bytes=self.max_bytes
+                        "adapter_too_large",
+                        f"{self.path} is larger than the {self.max_bytes} bytes an adapter may have",
+                        path=str(self.path),
+                        limit_bytes=self.max_bytes,
                     )
                 partial.write(chunk)
         Path(partial.name).replace(target)

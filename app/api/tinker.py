@@ -1,0 +1,52 @@
+"""`/v1/tinker/models`: the base models the Tinker service supports.
+
+The Tinker SDK imports torch, which the gateway never does; a worker asks Tinker instead,
+in a short job the gateway waits for. Answers are cached for a few minutes.
+"""
+
+from typing import Annotated, Any
+
+from fastapi import APIRouter, Query, Request, Response
+
+from app import broker, jobs
+from app.api.deps import RedisDep, SessionsDep, SettingsDep
+from app.errors import ServiceError
+from app.registry.database import transaction
+from app.schemas import ERROR_RESPONSES, JobAccepted, TinkerModels
+
+router = APIRouter(prefix="/v1/tinker", tags=["tinker"], responses=ERROR_RESPONSES)
+
+CACHE_SECONDS = 300
+
+
+@router.get("/models", responses={202: {"model": JobAccepted, "description": "No worker answered in time: follow the job."}})
+async def tinker_models(
+    request: Request,
+    response: Response,
+    settings: SettingsDep,
+    sessions: SessionsDep,
+    connection: RedisDep,
+    timeout_s: Annotated[float, Query(gt=0, le=120)] = 30,
+) -> Any:
+    if not settings.tinker_api_key:
+        raise ServiceError(503, "unavailable", "listing Tinker models needs the TINKER_API_KEY setting, which is not set", setting="TINKER_API_KEY")
+    cache_key = f"{settings.queue_prefix}:tinker-models"
+    cached = await request.app.state.async_redis.get(cache_key)
+    if cached:
+        return TinkerModels.model_validate_json(cached)
+    job = jobs.new_job("tinker_models", {}, broker.default_queue(settings))
+    with transaction(sessions) as session:
+        session.add(job)
+    jobs.enqueue(sessions, connection, settings, job, jobs.deleting(job.id))
+    final = await jobs.wait_for_final(sessions, request.app.state.async_redis, settings, job.id, timeout_s)
+    if final.status == "succeeded" and final.result is not None:
+        answer = TinkerModels.model_validate(final.result)
+        await request.app.state.async_redis.set(cache_key, answer.model_dump_json(), ex=CACHE_SECONDS)
+        return answer
+    if final.status == "failed" and final.error is not None:
+        raise ServiceError(502, final.error.code, f"Tinker: {final.error.message}", job_id=job.id)
+    response.status_code = 202
+    response.headers["Location"] = f"/v1/jobs/{job.id}"
+    return JobAccepted(job=final)
+
+
