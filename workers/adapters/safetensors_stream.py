@@ -8,14 +8,18 @@ the raw bytes of every tensor.
 import hashlib
 import json
 import struct
+from collections import deque
 from collections.abc import Iterator, Sequence
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
+from itertools import chain
 from pathlib import Path
 from typing import BinaryIO
 
 import numpy as np
 
 COPY_CHUNK = 8 << 20
+HASH_BACKLOG = 3
 MAX_HEADER_BYTES = 100 << 20
 ITEM_SIZES = {"F64": 8, "F32": 4, "F16": 2, "BF16": 2, "I64": 8, "I32": 4, "I16": 2, "I8": 1, "U8": 1, "BOOL": 1, "F8_E4M3": 1, "F8_E5M2": 1}
 
@@ -109,12 +113,17 @@ def write(source: Path, tensors: Sequence[OutputTensor], destination: Path, meta
     encoded = json.dumps(header, separators=(",", ":")).encode()
     encoded += b" " * (-len(encoded) % 8)  # the data section starts 8-byte aligned
     digest = hashlib.sha256()
-    with source.open("rb") as reader, destination.open("wb") as writer:
-        for piece in (struct.pack("<Q", len(encoded)), encoded):
-            writer.write(piece)
-            digest.update(piece)
-        for tensor in tensors:
-            for chunk in _chunks(reader, tensor):
-                writer.write(chunk)
-                digest.update(chunk)
+    # Hashing runs on another core while this thread writes (hashlib releases the GIL on
+    # large buffers); a single-thread executor keeps the chunks in order, and at most
+    # HASH_BACKLOG chunks wait for it, so memory stays a few chunks whatever the file size.
+    pending: deque[Future[None]] = deque()
+    with source.open("rb") as reader, destination.open("wb") as writer, ThreadPoolExecutor(max_workers=1) as hasher:
+        chunks = chain([struct.pack("<Q", len(encoded)), encoded], (chunk for tensor in tensors for chunk in _chunks(reader, tensor)))
+        for chunk in chunks:
+            writer.write(chunk)
+            pending.append(hasher.submit(digest.update, chunk))
+            if len(pending) > HASH_BACKLOG:
+                pending.popleft().result()
+        for future in pending:
+            future.result()
     return digest.hexdigest()
