@@ -29,6 +29,8 @@ test-fast: install
 
 bench: install
 	$(BIN)/python bench/jobs.py
+	$(BIN)/python bench/extraction.py
+	$(BIN)/python bench/adapter_import.py
 
 clean:
 	rm -rf $(VENV) var .pytest_cache

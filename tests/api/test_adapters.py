@@ -70,6 +70,15 @@ def test_a_tinker_checkpoint_imports_through_the_sdk_and_changes_the_hidden_stat
     assert adapter["training"]["user"] == {"dataset": "cities"} and adapter["training"]["tinker"]["base_model"] == BASE_NAME
     assert "lm_head" in adapter["target_modules"]
 
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    stored = stack.settings.resolved_artifact_dir / "adapters" / adapter["sha256"]
+    imported = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(tiny_llama), stored).eval()
+    ids = torch.tensor([[1, 17, 5, 42, 9]])
+    with torch.inference_mode():
+        torch.testing.assert_close(imported(ids).logits, tiny_models.merge_by_hand(tiny_llama, tensors)(ids).logits, atol=1e-5, rtol=1e-5)
+
     tokenizer = AutoTokenizer.from_pretrained(tiny_llama)
     with_adapter = finished(stack.client, stack.client.post("/v1/extractions", json={"model": base["id"], "adapter": adapter["id"], "layers": [1], "texts": TEXTS}))
     without = finished(stack.client, stack.client.post("/v1/extractions", json={"model": base["id"], "layers": [1], "texts": TEXTS}))
@@ -117,6 +126,14 @@ def test_a_peft_folder_under_the_allowed_roots_imports(stack: Stack, base: dict[
     assert adapter["source_kind"] == "local_folder"
     stored = stack.settings.resolved_artifact_dir / "adapters" / adapter["sha256"]
     assert sorted(p.name for p in stored.iterdir()) == ["adapter_config.json", "adapter_model.safetensors"]
+
+
+def test_a_local_archive_under_the_allowed_roots_imports(stack: Stack, base: dict[str, Any], tiny_llama: Path, tmp_path: Path) -> None:
+    tiny_models.save_tinker_adapter(tmp_path / "export", tiny_llama, seed=3)
+    archive = _archive(tmp_path / "export", sources_root(stack) / f"{tmp_path.name}.tar.gz", "tar.gz")
+    job = import_adapter(stack, str(archive), base["id"])
+    assert job["status"] == "succeeded", job["error"]
+    assert stack.client.get(f"/v1/adapters/{job['result']['adapter_id']}").json()["source_kind"] == "local_archive"
 
 
 def _archive(folder: Path, target: Path, kind: str) -> Path:
