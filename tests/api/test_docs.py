@@ -4,16 +4,14 @@ import re
 import shutil
 import subprocess
 import tempfile
-import threading
 from collections.abc import Iterator
 from typing import Any
 
 import pytest
-import uvicorn
 
 from app.main import create_app
 from app.settings import Settings
-from tests.conftest import free_port, require, wait_until
+from tests.conftest import require, served
 
 CDN_HOSTS = ("cdn.jsdelivr.net", "unpkg.com", "cdnjs.cloudflare.com", "fonts.googleapis.com")
 
@@ -37,14 +35,8 @@ def test_openapi_documents_every_route_and_the_error_envelope(api: Any) -> None:
 
 @pytest.fixture
 def live_gateway(settings: Settings) -> Iterator[str]:
-    port = free_port()
-    server = uvicorn.Server(uvicorn.Config(create_app(settings), host="127.0.0.1", port=port, log_level="warning"))
-    thread = threading.Thread(target=server.run, daemon=True)
-    thread.start()
-    wait_until(lambda: server.started, 20, "the gateway to start")
-    yield f"http://127.0.0.1:{port}"
-    server.should_exit = True
-    thread.join(10)
+    with served(create_app(settings)) as base_url:
+        yield base_url
 
 
 def headless_chromium() -> str:

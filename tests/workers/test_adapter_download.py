@@ -1,16 +1,14 @@
 """Downloading an adapter archive from an allowed URL: streamed, capped, no redirects."""
 
-import threading
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-import uvicorn
 from starlette.applications import Starlette
 from starlette.responses import RedirectResponse, Response
 from starlette.routing import Route
 
-from tests.conftest import free_port, wait_until
+from tests.conftest import served
 from workers.adapters.importer import _download
 from workers.errors import JobFailed
 
@@ -25,15 +23,8 @@ def file_host() -> Iterator[str]:
     async def elsewhere(_request: object) -> Response:
         return RedirectResponse("http://169.254.169.254/latest/meta-data")
 
-    app = Starlette(routes=[Route("/adapter.tar", archive), Route("/moved.tar", elsewhere)])
-    port = free_port()
-    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning", lifespan="off"))
-    thread = threading.Thread(target=server.run, daemon=True)
-    thread.start()
-    wait_until(lambda: server.started, 10, "the file host to listen")
-    yield f"http://127.0.0.1:{port}"
-    server.should_exit = True
-    thread.join(10)
+    with served(Starlette(routes=[Route("/adapter.tar", archive), Route("/moved.tar", elsewhere)])) as base_url:
+        yield base_url
 
 
 def test_an_archive_downloads_byte_for_byte(file_host: str, tmp_path: Path) -> None:
