@@ -188,3 +188,67 @@ class Adapter(Base):
     training: Mapped[dict[str, Any]] = mapped_column(default=dict)
     import_job_id: Mapped[str | None] = mapped_column(String(40))
     created_at: Mapped[datetime] = mapped_column(default=utcnow)
+
+
+class ProbeRun(Base):
+    """One training request: probes for some layers and methods on one dataset, with the
+    labels, split and baseline they share."""
+
+    __tablename__ = "probe_runs"
+
+    id: Mapped[str] = mapped_column(String(40), primary_key=True)
+    job_id: Mapped[str] = mapped_column(String(40), index=True)
+    model_id: Mapped[str] = mapped_column(ForeignKey("models.id"), index=True)
+    adapter_id: Mapped[str | None] = mapped_column(String(40), index=True)
+    dataset_id: Mapped[str] = mapped_column(ForeignKey("datasets.id"))
+    layers: Mapped[list[int]] = mapped_column(JSON)
+    methods: Mapped[list[str]] = mapped_column(JSON)
+    token_position: Mapped[str] = mapped_column(String(10))
+    max_length: Mapped[int | None] = mapped_column(Integer)
+    split: Mapped[dict[str, Any]] = mapped_column()
+    recalibration: Mapped[str | None] = mapped_column(String(20))
+    artifact: Mapped[str | None] = mapped_column(String(500))
+    best_probe_id: Mapped[str | None] = mapped_column(String(40))
+    created_at: Mapped[datetime] = mapped_column(default=utcnow)
+    finished_at: Mapped[datetime | None] = mapped_column()
+
+
+class Probe(Base):
+    """A trained probe for one layer and method; its weights, held-out predictions and
+    calibration report live under `artifact` (a folder)."""
+
+    __tablename__ = "probes"
+
+    id: Mapped[str] = mapped_column(String(40), primary_key=True)
+    run_id: Mapped[str] = mapped_column(ForeignKey("probe_runs.id"), index=True)
+    model_id: Mapped[str] = mapped_column(ForeignKey("models.id"), index=True)
+    adapter_id: Mapped[str | None] = mapped_column(String(40), index=True)
+    dataset_id: Mapped[str] = mapped_column(ForeignKey("datasets.id"))
+    layer: Mapped[int] = mapped_column(Integer)
+    method: Mapped[str] = mapped_column(String(20))
+    token_position: Mapped[str] = mapped_column(String(10))
+    max_length: Mapped[int | None] = mapped_column(Integer)
+    recalibration: Mapped[str | None] = mapped_column(String(20))
+    is_best: Mapped[bool] = mapped_column(Boolean, default=False)
+    artifact: Mapped[str] = mapped_column(String(500))
+    validation: Mapped[dict[str, Any]] = mapped_column()
+    metrics: Mapped[dict[str, Any]] = mapped_column()
+    created_at: Mapped[datetime] = mapped_column(default=utcnow)
+
+
+class Comparison(Base):
+    """Base and adapters side by side on the same texts and layers."""
+
+    __tablename__ = "comparisons"
+
+    id: Mapped[str] = mapped_column(String(40), primary_key=True)
+    job_id: Mapped[str] = mapped_column(String(40), index=True)
+    model_id: Mapped[str] = mapped_column(ForeignKey("models.id"), index=True)
+    adapter_ids: Mapped[list[str]] = mapped_column(JSON)
+    dataset_id: Mapped[str] = mapped_column(ForeignKey("datasets.id"))
+    layers: Mapped[list[int]] = mapped_column(JSON)
+    method: Mapped[str] = mapped_column(String(20))
+    token_position: Mapped[str] = mapped_column(String(10))
+    artifact: Mapped[str | None] = mapped_column(String(500))
+    created_at: Mapped[datetime] = mapped_column(default=utcnow)
+    finished_at: Mapped[datetime | None] = mapped_column()

@@ -1,0 +1,1 @@
+"""Calibration: metrics with their estimators named, and report rendering."""
