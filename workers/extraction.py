@@ -172,9 +172,82 @@ class HiddenStateCache:
             raise
 
 
+@dataclass(frozen=True)
+class StatesRequest:
+    """Everything a set of hidden states depends on, besides the texts."""
+
+    model: Model
+    adapter: Adapter | None
+    layers: list[int]
+    token_position: str
+    max_length: int | None
+
+
+@dataclass
+class States:
+    states: np.ndarray  # (texts, layers, hidden), float32
+    truncated: list[bool]
+    cache_hits: int
+    computed_texts: int
+    batches_run: int
+
+
+def hidden_states(context: "JobContext", request: StatesRequest, texts: Sequence[str], shard_name: str) -> States:
+    """States of `texts`, from the content cache where they are, computed (and cached under
+    `shard_name`) where they are not."""
+    worker = context.runtime
+    settings, store = worker.settings, worker.artifacts
+    model, adapter, layers = request.model, request.adapter, request.layers
+    shas = [text_sha256(text) for text in texts]
+    unique_shas = list(dict.fromkeys(shas))
+    text_of = dict(zip(shas, texts, strict=True))
+    space = cache_space(model, adapter.sha256 if adapter else None, request.token_position, request.max_length)
+    cache = HiddenStateCache(worker.sessions, store, space)
+    hits = cache.lookup(unique_shas, layers) if settings.extraction_cache else {}
+    missing = [sha for sha in unique_shas if any((sha, layer) not in hits for layer in layers)]
+    context.progress("loading model", 0, len(missing))
+
+    vectors: dict[tuple[str, int], np.ndarray] = {}
+    truncated_by_sha: dict[str, bool] = {}
+    batches_run = 0
+    if missing:
+        loaded = worker.models.get(model, (adapter.id, store.path(adapter.artifact)) if adapter else None)
+        tokenized = tokenize(loaded.tokenizer, [text_of[sha] for sha in missing], request.max_length or model_token_limit(loaded))
+        context.progress("forward", 0, len(missing))
+
+        def on_batch(done: int) -> None:
+            nonlocal batches_run
+            batches_run += 1
+            context.progress("forward", done, len(missing))
+
+        with explained_quantization_errors(model.quantization, worker.models.device), active_adapter(loaded, adapter.id if adapter else None):
+            computed = compute(
+                loaded, tokenized.token_ids, layers, request.token_position,
+                device=worker.models.device, token_budget=settings.extraction_token_budget,
+                max_batch_size=settings.extraction_max_batch_size, on_batch=on_batch,
+            )  # fmt: skip
+        if settings.extraction_cache:
+            cache.add(shard_name, missing, layers, computed, tokenized.truncated)
+        for row, sha in enumerate(missing):
+            truncated_by_sha[sha] = tokenized.truncated[row]
+            for slot, layer in enumerate(layers):
+                vectors[(sha, layer)] = computed[row, slot]
+    served = [sha for sha in unique_shas if sha not in truncated_by_sha]
+    vectors.update(cache.read([hits[(sha, layer)] for sha in served for layer in layers]))
+    truncated_by_sha.update((sha, hits[(sha, layers[0])].truncated) for sha in served)
+    served_set = set(served)
+    return States(
+        states=np.stack([np.stack([vectors[(sha, layer)] for layer in layers]) for sha in shas]).astype(np.float32, copy=False),
+        truncated=[truncated_by_sha[sha] for sha in shas],
+        cache_hits=sum(1 for sha in shas if sha in served_set),
+        computed_texts=len(missing),
+        batches_run=batches_run,
+    )
+
+
 def run(context: "JobContext") -> dict[str, Any]:
     worker = context.runtime
-    settings, store, sessions = worker.settings, worker.artifacts, worker.sessions
+    store, sessions = worker.artifacts, worker.sessions
     with sessions() as session:
         extraction = session.get(Extraction, context.params["extraction_id"])
         if extraction is None:
@@ -186,66 +259,31 @@ def run(context: "JobContext") -> dict[str, Any]:
         raise JobFailed("not_found", f"adapter {extraction.adapter_id} was deleted")
     texts: list[str] = context.params["texts"] if dataset is None else texts_of(store, dataset)
     layers = list(extraction.layers)
+    request = StatesRequest(model, adapter, layers, extraction.token_position, extraction.max_length)
+    result = hidden_states(context, request, texts, shard_name=extraction.id)
 
-    shas = [text_sha256(text) for text in texts]
-    unique_shas = list(dict.fromkeys(shas))
-    text_of = dict(zip(shas, texts, strict=True))
-    cache = HiddenStateCache(sessions, store, cache_space(model, extraction.adapter_fingerprint, extraction.token_position, extraction.max_length))
-    hits = cache.lookup(unique_shas, layers) if settings.extraction_cache else {}
-    missing = [sha for sha in unique_shas if any((sha, layer) not in hits for layer in layers)]
-    context.progress("loading model", 0, len(missing))
-
-    vectors: dict[tuple[str, int], np.ndarray] = {}
-    truncated_by_sha: dict[str, bool] = {}
-    batches_run = 0
-    if missing:
-        loaded = worker.models.get(model, (adapter.id, store.path(adapter.artifact)) if adapter else None)
-        tokenized = tokenize(loaded.tokenizer, [text_of[sha] for sha in missing], extraction.max_length or model_token_limit(loaded))
-        context.progress("forward", 0, len(missing))
-
-        def on_batch(done: int) -> None:
-            nonlocal batches_run
-            batches_run += 1
-            context.progress("forward", done, len(missing))
-
-        with explained_quantization_errors(model.quantization, worker.models.device), active_adapter(loaded, adapter.id if adapter else None):
-            computed = compute(
-                loaded, tokenized.token_ids, layers, extraction.token_position,
-                device=worker.models.device, token_budget=settings.extraction_token_budget,
-                max_batch_size=settings.extraction_max_batch_size, on_batch=on_batch,
-            )  # fmt: skip
-        if settings.extraction_cache:
-            cache.add(extraction.id, missing, layers, computed, tokenized.truncated)
-        for row, sha in enumerate(missing):
-            truncated_by_sha[sha] = tokenized.truncated[row]
-            for slot, layer in enumerate(layers):
-                vectors[(sha, layer)] = computed[row, slot]
-    served = [sha for sha in unique_shas if sha not in truncated_by_sha]
-    vectors.update(cache.read([hits[(sha, layer)] for sha in served for layer in layers]))
-    truncated_by_sha.update((sha, hits[(sha, layers[0])].truncated) for sha in served)
-
-    context.progress("writing", len(missing), len(missing))
-    states = np.stack([np.stack([vectors[(sha, layer)] for layer in layers]) for sha in shas]).astype(np.float32, copy=False)
+    context.progress("writing", result.computed_texts, result.computed_texts)
     artifact = f"extractions/{extraction.id}/hidden_states.safetensors"
     metadata = {"layers": json.dumps(layers), "token_position": extraction.token_position, "model_id": model.id}
     with store.temporary_path(artifact) as path:
-        save_file({STATES_TENSOR: states}, str(path), metadata=metadata)
-    truncated_count = sum(truncated_by_sha[sha] for sha in shas)
-    served_set = set(served)
-    cache_hits = sum(1 for sha in shas if sha in served_set)
+        save_file({STATES_TENSOR: result.states}, str(path), metadata=metadata)
+    truncated_count = sum(result.truncated)
     with sessions() as session, session.begin():
         session.execute(
             update(Extraction)
             .where(Extraction.id == extraction.id)
-            .values(artifact=artifact, shape=list(states.shape), dtype="float32", truncated_count=truncated_count, cache_hits=cache_hits, finished_at=utcnow())
+            .values(
+                artifact=artifact, shape=list(result.states.shape), dtype="float32",
+                truncated_count=truncated_count, cache_hits=result.cache_hits, finished_at=utcnow(),
+            )  # fmt: skip
         )
     return {
         "extraction_id": extraction.id,
-        "shape": list(states.shape),
+        "shape": list(result.states.shape),
         "truncated_count": truncated_count,
-        "cache_hits": cache_hits,
-        "computed_texts": len(missing),
-        "batches_run": batches_run,
+        "cache_hits": result.cache_hits,
+        "computed_texts": result.computed_texts,
+        "batches_run": result.batches_run,
         "model_loads": worker.models.loads,
         "adapter_loads": worker.models.adapter_loads,
     }
