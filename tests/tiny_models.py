@@ -19,11 +19,12 @@ TRAINING_TEXT = [
 
 def save_tokenizer(folder: Path, vocab_size: int = 128) -> Any:
     """A byte-free BPE over printable ASCII: every printable text tokenizes without <unk>."""
-    from tokenizers import Tokenizer, models, pre_tokenizers, processors, trainers
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
     from transformers import PreTrainedTokenizerFast
 
     tokenizer = Tokenizer(models.BPE(unk_token="<unk>"))
     tokenizer.pre_tokenizer = pre_tokenizers.Metaspace()
+    tokenizer.decoder = decoders.Metaspace()
     trainer = trainers.BpeTrainer(
         vocab_size=vocab_size, special_tokens=SPECIAL_TOKENS, initial_alphabet=list(string.printable.strip()) + ["▁"], show_progress=False
     )

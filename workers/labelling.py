@@ -1,0 +1,77 @@
+"""Multiple-choice questions labelled by the model itself (SPEC §5).
+
+The prompt lists the choices with letters and ends with `Answer:`; the model's answer is
+the choice whose letter has the highest logit at that position, and the label is 1 when
+it is the gold one. The model's own probability of its answer — a softmax over the
+choices' letters only — is kept as a baseline confidence to compare probes against.
+"""
+
+import inspect
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import torch
+
+from app.datasets import CHOICE_LETTERS, format_multiple_choice
+from workers.errors import JobFailed
+from workers.hidden_states import pad, plan_batches
+from workers.models import LoadedModel
+
+
+@dataclass(frozen=True)
+class SelfLabels:
+    chosen: np.ndarray  # index of the choice the model picked
+    labels: np.ndarray  # 1 when that is the gold answer
+    confidence: np.ndarray  # the model's probability of its pick, over the choice letters
+
+
+def letter_token_ids(tokenizer: Any, choice_count: int) -> list[int]:
+    """The token each letter becomes when written right after `Answer:`: among the tokens
+    a prompt with ` A` appended has beyond the prompt alone, the one that decodes to `A`
+    (large vocabularies merge the space into it; small ones may give the space its own)."""
+    prompt = format_multiple_choice("Question?", [f"option {i}" for i in range(choice_count)])
+    without = tokenizer(prompt)["input_ids"]
+    ids = []
+    for letter in CHOICE_LETTERS[:choice_count]:
+        with_letter = tokenizer(f"{prompt} {letter}")["input_ids"]
+        first_new = next((i for i, (a, b) in enumerate(zip(without, with_letter, strict=False)) if a != b), len(without))
+        token = next((t for t in with_letter[first_new:] if tokenizer.decode([t]).strip() == letter), None)
+        if token is None:
+            raise JobFailed("unsupported_model", f"the tokenizer gives no token for the answer letter {letter}")
+        ids.append(token)
+    if len(set(ids)) != len(ids):
+        raise JobFailed("unsupported_model", "the tokenizer gives the same token to two answer letters")
+    return ids
+
+
+def _answer_logits(loaded: LoadedModel, token_ids: list[list[int]], device: str) -> torch.Tensor:
+    """Next-token logits after each prompt. Left padding puts every prompt's last token in
+    the last column, so the LM head runs on that column alone."""
+    pad_id = loaded.tokenizer.pad_token_id if loaded.tokenizer.pad_token_id is not None else 0
+    batch = pad(token_ids, pad_id, "left", device)
+    options: dict[str, Any] = {"input_ids": batch.input_ids, "attention_mask": batch.attention_mask, "position_ids": batch.position_ids}
+    if "logits_to_keep" in inspect.signature(loaded.model.forward).parameters:
+        options["logits_to_keep"] = 1
+    with torch.inference_mode():
+        return loaded.model(**options).logits[:, -1].float().cpu()
+
+
+def self_label(loaded: LoadedModel, rows: Sequence[dict[str, Any]], *, device: str, token_budget: int, max_batch_size: int) -> SelfLabels:
+    if not loaded.is_causal_lm:
+        raise JobFailed("unsupported_model", "multiple-choice labelling needs a causal language model (it reads the answer letter's logit)")
+    prompts = [format_multiple_choice(row["question"], row["choices"]) for row in rows]
+    token_ids = [list(ids) for ids in loaded.tokenizer(prompts)["input_ids"]]
+    letters = {count: letter_token_ids(loaded.tokenizer, count) for count in {len(row["choices"]) for row in rows}}
+    chosen = np.zeros(len(rows), dtype=np.int64)
+    confidence = np.zeros(len(rows), dtype=np.float64)
+    for indices in plan_batches([len(ids) for ids in token_ids], token_budget, max_batch_size):
+        logits = _answer_logits(loaded, [token_ids[i] for i in indices], device)
+        for row_logits, index in zip(logits, indices, strict=True):
+            choice_logits = row_logits[letters[len(rows[index]["choices"])]]
+            probabilities = torch.softmax(choice_logits.double(), dim=0)
+            chosen[index] = int(torch.argmax(choice_logits))
+            confidence[index] = float(probabilities[chosen[index]])
+    gold = np.array([row["answer"] for row in rows])
+    return SelfLabels(chosen=chosen, labels=(chosen == gold).astype(np.int64), confidence=confidence)
