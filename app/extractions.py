@@ -36,17 +36,23 @@ def check_texts(texts: list[str], settings: Settings) -> None:
             raise invalid_field(f"texts[{index}]", "is empty", index=index)
 
 
-def new_extraction(session: Session, request: ExtractionCreate, settings: Settings, job_id: str) -> tuple[Extraction, Model]:
-    model = get_model(session, request.model)
+def checked_model_and_adapter(session: Session, model_id: str, adapter_id: str | None) -> tuple[Model, Adapter | None]:
+    """The model (not one that failed its check) and, if named, its adapter (of that model)."""
+    model = get_model(session, model_id)
     if model.status == "failed":
         raise ServiceError(409, "model_failed", f"model {model.id} failed its check: {model.status_reason}", field="model")
-    adapter = None
-    if request.adapter is not None:
-        adapter = session.get(Adapter, request.adapter)
-        if adapter is None:
-            raise not_found("adapter", request.adapter)
-        if adapter.base_model_id != model.id:
-            raise invalid_field("adapter", f"adapter {adapter.id} belongs to model {adapter.base_model_id}, not {model.id}")
+    if adapter_id is None:
+        return model, None
+    adapter = session.get(Adapter, adapter_id)
+    if adapter is None:
+        raise not_found("adapter", adapter_id)
+    if adapter.base_model_id != model.id:
+        raise invalid_field("adapter", f"adapter {adapter.id} belongs to model {adapter.base_model_id}, not {model.id}")
+    return model, adapter
+
+
+def new_extraction(session: Session, request: ExtractionCreate, settings: Settings, job_id: str) -> tuple[Extraction, Model]:
+    model, adapter = checked_model_and_adapter(session, request.model, request.adapter)
     if (request.texts is None) == (request.dataset is None):
         raise invalid_field("texts", "give either texts or dataset, not both nor neither")
     text_count = 0

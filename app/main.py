@@ -9,7 +9,7 @@ from fastapi import FastAPI
 from fastapi_offline import FastAPIOffline
 
 from app import broker
-from app.api import adapters, datasets, extractions, health, jobs, models, tinker
+from app.api import adapters, comparisons, datasets, extractions, health, jobs, models, probes, tinker
 from app.errors import install_error_handlers
 from app.limits import BodySizeLimit
 from app.registry.database import create_registry_engine, session_factory
@@ -56,8 +56,10 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.include_router(health.router)
     app.include_router(models.router)
     app.include_router(adapters.router)
+    app.include_router(comparisons.router)
     app.include_router(datasets.router)
     app.include_router(extractions.router)
     app.include_router(jobs.router)
+    app.include_router(probes.router)
     app.include_router(tinker.router)
     return app

@@ -5,7 +5,7 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
-from app.registry.tables import Adapter, Dataset, Extraction, Job, Model
+from app.registry.tables import Adapter, Dataset, Extraction, Job, Model, Probe
 
 JobStatus = Literal["queued", "running", "succeeded", "failed", "cancelled"]
 Dtype = Literal["float32", "bfloat16", "float16"]
@@ -236,6 +236,124 @@ class TinkerModel(BaseModel):
 
 class TinkerModels(BaseModel):
     models: list[TinkerModel]
+
+
+ProbeMethod = Literal["logistic", "mass_mean"]
+
+
+class SplitFractions(Request):
+    train: float = Field(0.6, gt=0, lt=1)
+    validation: float = Field(0.2, gt=0, lt=1)
+    test: float = Field(0.2, gt=0, lt=1)
+
+
+class ProbeCreate(Request):
+    model: str = Field(description="Id of a registered base model.")
+    adapter: str | None = Field(None, description="Id of an adapter of that model; its own labels and states are used.")
+    dataset: str = Field(description="Statements (labels given) or multiple choice (labelled by the model itself).")
+    layers: list[int] = Field(min_length=1, max_length=128, description="One probe per layer (and method); negative counts from the end.")
+    token_position: Literal["last", "mean"] = "last"
+    max_length: int | None = Field(None, ge=1, le=1_000_000)
+    method: ProbeMethod | list[ProbeMethod] = Field("logistic", description="`logistic`, `mass_mean`, or a list of both.")
+    whiten: bool = Field(False, description="Mass-mean only: whiten the direction with a shrinkage covariance.")
+    split: SplitFractions = Field(default_factory=SplitFractions, description="Stratified train/validation/test fractions.")
+    seed: int = Field(0, ge=0, le=2**31 - 1)
+    recalibration: Literal["temperature", "platt"] | None = Field(None, description="Fitted on the validation split.")
+
+
+class ProbeOut(BaseModel):
+    id: str
+    run_id: str
+    model_id: str
+    adapter_id: str | None
+    dataset_id: str
+    layer: int
+    method: ProbeMethod
+    token_position: Literal["last", "mean"]
+    max_length: int | None
+    recalibration: str | None
+    is_best: bool = Field(description="The best of its run on the validation split.")
+    validation: dict[str, Any] = Field(description="Validation metrics the choices were made on.")
+    metrics: dict[str, Any] = Field(description="Held-out test metrics: value and 95% bootstrap interval each.")
+    created_at: datetime
+
+    @classmethod
+    def of(cls, probe: Probe) -> "ProbeOut":
+        return cls.model_validate(probe, from_attributes=True)
+
+
+class ProbePage(BaseModel):
+    items: list[ProbeOut]
+    next_cursor: str | None
+
+
+class ProbeRunOut(BaseModel):
+    id: str
+    job_id: str
+    status: JobStatus
+    model_id: str
+    adapter_id: str | None
+    dataset_id: str
+    layers: list[int]
+    methods: list[ProbeMethod]
+    token_position: Literal["last", "mean"]
+    split: dict[str, Any]
+    recalibration: str | None
+    best_probe_id: str | None
+    probes: list[ProbeOut]
+    created_at: datetime
+    finished_at: datetime | None
+
+
+class ProbeAccepted(BaseModel):
+    job: JobOut
+    run: ProbeRunOut
+
+
+class ScoreRequest(Request):
+    texts: list[str] = Field(min_length=1, description="Texts to score (statements, or multiple-choice prompts as the dataset formats them).")
+    timeout_s: float = Field(30, ge=0, le=300, description="How long to wait for the answer before answering 202 with the job.")
+
+
+class ScoreOut(BaseModel):
+    probe_id: str
+    layer: int
+    confidences: list[float] = Field(description="P(correct) for each text, recalibrated if the probe is.")
+
+
+class ComparisonCreate(Request):
+    model: str = Field(description="Id of the base model.")
+    adapters: list[str] = Field(min_length=1, max_length=8, description="Adapters of that base (same weights source).")
+    dataset: str
+    layers: list[int] = Field(min_length=1, max_length=64)
+    token_position: Literal["last", "mean"] = "last"
+    max_length: int | None = Field(None, ge=1, le=1_000_000)
+    method: ProbeMethod = "logistic"
+    split: SplitFractions = Field(default_factory=SplitFractions)
+    seed: int = Field(0, ge=0, le=2**31 - 1)
+    on_mixed_precision: Literal["fail", "flag"] = Field(
+        "fail", description="An adapter imported for another dtype or quantization of the same base: refuse (fail), or run it and flag the report."
+    )
+
+
+class ComparisonOut(BaseModel):
+    id: str
+    job_id: str
+    status: JobStatus
+    model_id: str
+    adapter_ids: list[str]
+    dataset_id: str
+    layers: list[int]
+    method: ProbeMethod
+    token_position: Literal["last", "mean"]
+    created_at: datetime
+    finished_at: datetime | None
+    report: dict[str, Any] | None = Field(None, description="Side-by-side metrics, paired differences, cross-transfer, flags.")
+
+
+class ComparisonAccepted(BaseModel):
+    job: JobOut
+    comparison: ComparisonOut
 
 
 class ErrorBody(BaseModel):

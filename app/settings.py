@@ -60,6 +60,8 @@ class Settings(BaseSettings):
     extraction_max_batch_size: int = Field(256, description="Most texts in one forward batch.")
     extraction_cache: bool = Field(True, description="Keep every extracted vector and serve repeated texts from it.")
 
+    bootstrap_resamples: int = Field(1000, description="Bootstrap resamples behind every reported interval.")
+    max_score_texts: int = Field(1000, description="Most texts one scoring request may carry.")
     tinker_api_key: str | None = Field(None, description="Key for the Tinker service (starts with `tml-`); needed for tinker:// imports.")
     tinker_base_url: str | None = Field(None, description="Tinker service address; default: the SDK's own.")
     adapter_roots: list[Path] = Field(

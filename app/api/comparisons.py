@@ -1,0 +1,100 @@
+"""`/v1/comparisons`: a base model and its adapters side by side, as a job; the report as
+JSON, SVG (one reliability curve per model) and HTML."""
+
+import json
+from typing import Any
+
+from fastapi import APIRouter, Response
+from fastapi.responses import HTMLResponse
+from sqlalchemy import delete
+from sqlalchemy.orm import Session
+
+from app import broker, jobs
+from app.api.deps import ArtifactsDep, RedisDep, SessionDep, SessionsDep, SettingsDep
+from app.comparisons import new_comparison
+from app.errors import ServiceError, not_found
+from app.registry.database import transaction
+from app.registry.tables import Comparison, Job
+from app.schemas import ERROR_RESPONSES, ComparisonAccepted, ComparisonCreate, ComparisonOut, JobOut
+from app.storage import ArtifactStore
+
+router = APIRouter(prefix="/v1/comparisons", tags=["comparisons"], responses=ERROR_RESPONSES)
+
+
+def _view(comparison: Comparison, status: str, report: dict[str, Any] | None) -> ComparisonOut:
+    fields = {name: getattr(comparison, name) for name in ComparisonOut.model_fields if name not in {"status", "report"}}
+    return ComparisonOut(**fields, status=status, report=report)
+
+
+@router.post("", status_code=202)
+def compare(body: ComparisonCreate, response: Response, settings: SettingsDep, sessions: SessionsDep, connection: RedisDep) -> ComparisonAccepted:
+    """Queue a comparison: the same texts, split and layers for the base and each adapter;
+    a probe per model and layer; metrics side by side with paired-bootstrap differences,
+    and cross-transfer (the base's probe on each adapter's states and back)."""
+    with transaction(sessions) as session:
+        job = jobs.new_job("comparison", {}, broker.default_queue(settings))
+        comparison = new_comparison(session, body, job.id)
+        split = body.split.model_dump() | {"seed": body.seed}
+        job.model_id = comparison.model_id
+        job.params = {"comparison_id": comparison.id, "split": split, "max_length": body.max_length, "on_mixed_precision": body.on_mixed_precision}
+        session.add(job)
+        session.flush()
+        session.add(comparison)
+
+    def undo(session: Session) -> None:
+        session.execute(delete(Comparison).where(Comparison.id == comparison.id))
+        jobs.deleting(job.id)(session)
+
+    jobs.enqueue(sessions, connection, settings, job, undo)
+    response.headers["Location"] = f"/v1/comparisons/{comparison.id}"
+    return ComparisonAccepted(job=JobOut.of(job), comparison=_view(comparison, job.status, None))
+
+
+def _comparison(session: Session, comparison_id: str) -> tuple[Comparison, str]:
+    comparison = session.get(Comparison, comparison_id)
+    if comparison is None:
+        raise not_found("comparison", comparison_id)
+    job = session.get(Job, comparison.job_id)
+    return comparison, job.status if job else "failed"
+
+
+def _report(artifacts: ArtifactStore, comparison: Comparison) -> dict[str, Any] | None:
+    return json.loads(artifacts.path(comparison.artifact).read_text()) if comparison.artifact else None
+
+
+def _finished_report(artifacts: ArtifactStore, comparison: Comparison, status: str) -> dict[str, Any]:
+    report = _report(artifacts, comparison)
+    if report is None:
+        raise ServiceError(409, "not_ready", f"comparison {comparison.id} is {status}; its report is not there yet", job_status=status)
+    return report
+
+
+def _curves(report: dict[str, Any]) -> list[tuple[str, dict[str, Any]]]:
+    return [(variant["label"], variant["report"]) for variant in report["variants"]]
+
+
+@router.get("/{comparison_id}")
+def show_comparison(comparison_id: str, session: SessionDep, artifacts: ArtifactsDep) -> ComparisonOut:
+    comparison, status = _comparison(session, comparison_id)
+    return _view(comparison, status, _report(artifacts, comparison))
+
+
+@router.get("/{comparison_id}/report.svg", response_class=Response, responses={200: {"content": {"image/svg+xml": {}}}})
+def comparison_svg(comparison_id: str, session: SessionDep, artifacts: ArtifactsDep) -> Response:
+    from app.calibration.report import render_svg
+
+    comparison, status = _comparison(session, comparison_id)
+    return Response(render_svg(_curves(_finished_report(artifacts, comparison, status))), media_type="image/svg+xml")
+
+
+@router.get("/{comparison_id}/report.html", response_class=HTMLResponse)
+def comparison_html(comparison_id: str, session: SessionDep, artifacts: ArtifactsDep) -> HTMLResponse:
+    from app.calibration.report import render_html
+
+    comparison, status = _comparison(session, comparison_id)
+    report = _finished_report(artifacts, comparison, status)
+    notes = [f"layer {report['layer']} (chosen on the base's validation split), {comparison.method} probes, held-out test split", *report["flags"]]
+    for label, transfer in report["cross_transfer"].items():
+        notes.append(f"cross-transfer {label}: AUROC {transfer['auroc']:.3f}" if transfer.get("auroc") is not None else f"cross-transfer {label}: —")
+    title = f"Comparison {comparison.id}: base vs {len(comparison.adapter_ids)} adapter(s)"
+    return HTMLResponse(render_html(title, _curves(report), differences=report["differences"], notes=notes))

@@ -1,0 +1,159 @@
+"""`/v1/probes`: train probes as a job, read their held-out metrics and calibration
+reports, and score new texts with them."""
+
+import json
+from typing import Annotated, Any
+
+from fastapi import APIRouter, Query, Request, Response
+from fastapi.responses import HTMLResponse
+from sqlalchemy import delete, select
+from sqlalchemy.orm import Session
+
+from app import broker, jobs
+from app.api.deps import ArtifactsDep, RedisDep, SessionDep, SessionsDep, SettingsDep
+from app.errors import ServiceError, not_found
+from app.probes import new_probe_run, run_view
+from app.registry.database import keyset_page, transaction
+from app.registry.tables import Job, Probe, ProbeRun
+from app.schemas import ERROR_RESPONSES, JobAccepted, JobOut, ProbeAccepted, ProbeCreate, ProbeOut, ProbePage, ProbeRunOut, ScoreOut, ScoreRequest
+from app.storage import ArtifactStore
+
+router = APIRouter(tags=["probes"], responses=ERROR_RESPONSES)
+
+
+@router.post("/v1/probes", status_code=202)
+def train_probes(body: ProbeCreate, response: Response, settings: SettingsDep, sessions: SessionsDep, connection: RedisDep) -> ProbeAccepted:
+    """Queue training: labels (given, or the model's own for multiple choice), hidden states
+    at each layer, one probe per layer and method, the best marked on validation, and a
+    calibration report on the held-out test split."""
+    with transaction(sessions) as session:
+        job = jobs.new_job("probe_training", {}, broker.default_queue(settings))
+        run = new_probe_run(session, body, job.id)
+        job.model_id = run.model_id
+        job.params = {"run_id": run.id}
+        session.add(job)
+        session.flush()
+        session.add(run)
+
+    def undo(session: Session) -> None:
+        session.execute(delete(ProbeRun).where(ProbeRun.id == run.id))
+        jobs.deleting(job.id)(session)
+
+    jobs.enqueue(sessions, connection, settings, job, undo)
+    response.headers["Location"] = f"/v1/probe-runs/{run.id}"
+    return ProbeAccepted(job=JobOut.of(job), run=run_view(run, job.status, []))
+
+
+@router.get("/v1/probe-runs/{run_id}")
+def show_probe_run(run_id: str, session: SessionDep) -> ProbeRunOut:
+    run = session.get(ProbeRun, run_id)
+    if run is None:
+        raise not_found("probe run", run_id)
+    job = session.get(Job, run.job_id)
+    probes = list(session.scalars(select(Probe).where(Probe.run_id == run_id).order_by(Probe.layer, Probe.method)))
+    return run_view(run, job.status if job else "failed", probes)
+
+
+@router.get("/v1/probes")
+def list_probes(
+    session: SessionDep,
+    settings: SettingsDep,
+    model: Annotated[str | None, Query(max_length=40)] = None,
+    dataset: Annotated[str | None, Query(max_length=40)] = None,
+    best: bool | None = None,
+    cursor: Annotated[str | None, Query(max_length=40)] = None,
+    limit: Annotated[int, Query(ge=1, le=200)] = 50,
+) -> ProbePage:
+    query = select(Probe)
+    if model:
+        query = query.where(Probe.model_id == model)
+    if dataset:
+        query = query.where(Probe.dataset_id == dataset)
+    if best is not None:
+        query = query.where(Probe.is_best == best)
+    probes, next_cursor = keyset_page(session, query, Probe.id, cursor, min(limit, settings.page_size_max))
+    return ProbePage(items=[ProbeOut.of(probe) for probe in probes], next_cursor=next_cursor)
+
+
+def _probe(session: Session, probe_id: str) -> Probe:
+    probe = session.get(Probe, probe_id)
+    if probe is None:
+        raise not_found("probe", probe_id)
+    return probe
+
+
+@router.get("/v1/probes/{probe_id}")
+def show_probe(probe_id: str, session: SessionDep) -> ProbeOut:
+    return ProbeOut.of(_probe(session, probe_id))
+
+
+def _report(artifacts: ArtifactStore, probe: Probe) -> dict[str, Any]:
+    return json.loads(artifacts.path(f"{probe.artifact}/report.json").read_text())
+
+
+def _labelled_reports(report: dict[str, Any], probe: Probe) -> list[tuple[str, dict[str, Any]]]:
+    curves = [(f"probe (layer {probe.layer}, {probe.method})", report["probe"])]
+    if report.get("baseline"):
+        curves.append(("model's own probability", report["baseline"]))
+    return curves
+
+
+@router.get("/v1/probes/{probe_id}/report")
+def probe_report(probe_id: str, session: SessionDep, artifacts: ArtifactsDep) -> dict[str, Any]:
+    """The calibration report on the held-out test split: every metric with its estimator
+    named and a bootstrap interval, and the reliability bins; for multiple choice, the same
+    for the model's own probability of its answer (`baseline`)."""
+    probe = _probe(session, probe_id)
+    return {"probe": ProbeOut.of(probe).model_dump(mode="json")} | _report(artifacts, probe)
+
+
+@router.get("/v1/probes/{probe_id}/report.svg", response_class=Response, responses={200: {"content": {"image/svg+xml": {}}}})
+def probe_report_svg(probe_id: str, session: SessionDep, artifacts: ArtifactsDep) -> Response:
+    from app.calibration.report import render_svg
+
+    probe = _probe(session, probe_id)
+    return Response(render_svg(_labelled_reports(_report(artifacts, probe), probe)), media_type="image/svg+xml")
+
+
+@router.get("/v1/probes/{probe_id}/report.png", response_class=Response, responses={200: {"content": {"image/png": {}}}})
+def probe_report_png(probe_id: str, session: SessionDep, artifacts: ArtifactsDep) -> Response:
+    from app.calibration.report import render_png
+
+    probe = _probe(session, probe_id)
+    return Response(render_png(_labelled_reports(_report(artifacts, probe), probe)), media_type="image/png")
+
+
+@router.get("/v1/probes/{probe_id}/report.html", response_class=HTMLResponse)
+def probe_report_html(probe_id: str, session: SessionDep, artifacts: ArtifactsDep) -> HTMLResponse:
+    from app.calibration.report import render_html
+
+    probe = _probe(session, probe_id)
+    report = _report(artifacts, probe)
+    title = f"Probe {probe.id}: layer {probe.layer}, {probe.method}" + (f", {probe.recalibration} recalibration" if probe.recalibration else "")
+    notes = [f"model {probe.model_id}" + (f" with adapter {probe.adapter_id}" if probe.adapter_id else ""), f"dataset {probe.dataset_id}", "held-out test split"]
+    return HTMLResponse(render_html(title, _labelled_reports(report, probe), notes=notes))
+
+
+@router.post("/v1/probes/{probe_id}/score", responses={202: {"model": JobAccepted, "description": "Not done within timeout_s: follow the job."}})
+async def score_texts(probe_id: str, body: ScoreRequest, request: Request, response: Response, settings: SettingsDep, sessions: SessionsDep, connection: RedisDep) -> Any:
+    """P(correct) for each text. Waits up to `timeout_s` for a worker, then answers 202 with
+    the job instead."""
+    if len(body.texts) > settings.max_score_texts:
+        raise ServiceError(413, "payload_too_large", f"texts: at most {settings.max_score_texts} texts per request", field="texts")
+    for index, text in enumerate(body.texts):
+        if not text.strip():
+            raise ServiceError(422, "invalid_field", f"texts[{index}]: is empty", field=f"texts[{index}]")
+    with transaction(sessions) as session:
+        probe = _probe(session, probe_id)
+        job = jobs.new_job("probe_scoring", {"probe_id": probe.id, "texts": body.texts}, broker.default_queue(settings), model_id=probe.model_id)
+        session.add(job)
+    jobs.enqueue(sessions, connection, settings, job, jobs.deleting(job.id))
+    final = await jobs.wait_for_final(sessions, request.app.state.async_redis, settings, job.id, body.timeout_s)
+    if final.status == "succeeded" and final.result is not None:
+        return ScoreOut(probe_id=probe_id, layer=probe.layer, confidences=final.result["confidences"])
+    if final.status == "failed" and final.error is not None:
+        # the job's own error: a bug in it is a 500, anything else is about this request
+        raise ServiceError(500 if final.error.code == "internal" else 422, final.error.code, final.error.message, job_id=job.id)
+    response.status_code = 202
+    response.headers["Location"] = f"/v1/jobs/{job.id}"
+    return JobAccepted(job=final)

@@ -1,0 +1,295 @@
+"""Report rendering: the reliability diagram as SVG and PNG, and the self-contained HTML page.
+
+Reports are built here, from synthetic bins or synthetic predictions, so these tests do
+not depend on the metrics module. `python -m tests.calibration.test_report` rewrites
+`docs/report-example.png` from the realistic comparison below.
+"""
+
+import io
+import re
+import shutil
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+from typing import Any
+from xml.etree import ElementTree
+
+import numpy as np
+import pytest
+from matplotlib.image import imread
+
+from app.calibration.report import reliability_figure, render_html, render_png, render_svg
+from tests.conftest import ROOT, require
+
+PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
+BINS = 15
+ECE_LABEL = "ECE — 15 equal-width bins, L1, binary P(y=1)"
+ECE_ESTIMATOR = {"name": "ece", "bins": BINS, "binning": "equal_width", "norm": "l1", "form": "binary"}
+BOOTSTRAP = {"resamples": 1000, "seed": 0, "level": 0.95}
+
+
+# --- Reports from synthetic bins ---------------------------------------------------------
+
+
+def report_from_bins(bins: dict[int, tuple[int, float, float]], metrics: dict[str, Any]) -> dict[str, Any]:
+    """A report whose equal-width bins are `{bin index: (count, mean confidence, accuracy)}`,
+    the other bins empty; n, base rate and histogram follow from the bins."""
+    edges = [index / BINS for index in range(BINS + 1)]
+    equal_width = [
+        {"lower": edges[index], "upper": edges[index + 1], "count": 0, "mean_confidence": None, "accuracy": None}
+        for index in range(BINS)
+    ]
+    for index, (count, confidence, accuracy) in bins.items():
+        equal_width[index] |= {"count": count, "mean_confidence": confidence, "accuracy": accuracy}
+    n = sum(count for count, _, _ in bins.values())
+    return {
+        "n": n,
+        "base_rate": sum(count * accuracy for count, _, accuracy in bins.values()) / n,
+        "metrics": metrics,
+        "bins": {"equal_width": equal_width, "equal_mass": []},
+        "histogram": {"edges": edges, "counts": [bin_["count"] for bin_ in equal_width]},
+        "bootstrap": BOOTSTRAP,
+    }
+
+
+BASE = report_from_bins(
+    {1: (20, 0.10, 0.15), 5: (40, 0.35, 0.45), 8: (60, 0.55, 0.50), 11: (80, 0.75, 0.70), 14: (100, 0.97, 0.90)},
+    {
+        "accuracy": {"value": 0.812, "interval": [0.776, 0.845], "label": "Accuracy (threshold 0.5)"},
+        "auroc": {"value": 0.874, "interval": [0.841, 0.903], "label": "AUROC (ties count half)"},
+        "brier": {"value": 0.139, "interval": None, "label": "Brier score"},
+        "ece": {"value": 0.052, "interval": [0.031, 0.071], "label": ECE_LABEL, "estimator": ECE_ESTIMATOR},
+    },
+)
+ADAPTER = report_from_bins(
+    {0: (30, 0.04, 0.10), 7: (50, 0.50, 0.40), 13: (220, 0.90, 0.78)},
+    {
+        "accuracy": {"value": 0.790, "interval": [0.751, 0.826], "label": "Accuracy (threshold 0.5)"},
+        "brier": {"value": 0.151, "interval": [0.132, 0.170], "label": "Brier score"},
+        "ece": {"value": 0.098, "interval": [0.074, 0.121], "label": ECE_LABEL, "estimator": ECE_ESTIMATOR},
+    },
+)
+TWO_REPORTS = [("base", BASE), ("adapter sft-v1", ADAPTER)]
+DIFFERENCES = {"adapter sft-v1": {"accuracy": {"value": -0.022, "interval": [-0.051, 0.004]}, "ece": {"value": 0.046, "interval": None}}}
+HOSTILE = "<script>alert(1)</script>"
+
+
+@pytest.fixture(scope="module")
+def page() -> str:
+    return render_html("Probe p-1: base vs adapter", TWO_REPORTS, differences=DIFFERENCES, notes=["layer 16, last token"])
+
+
+def table_cells(page: str, metric: str) -> list[str]:
+    """The row header and cells of the metrics table's row for `metric`."""
+    row = re.search(rf'<tr data-metric="{metric}">(.*?)</tr>', page)
+    assert row, f"no row for {metric}"
+    return re.findall(r"<t[hd][^>]*>(.*?)</t[hd]>", row.group(1))
+
+
+# --- Reports from synthetic predictions ----------------------------------------------------
+
+
+def bootstrap_estimate(statistic: Any, confidences: np.ndarray, outcomes: np.ndarray, label: str, rng: np.random.Generator) -> dict[str, Any]:
+    resampled = rng.integers(0, len(confidences), size=(200, len(confidences)))
+    values = [statistic(confidences[rows], outcomes[rows]) for rows in resampled]
+    lower, upper = np.percentile(values, [2.5, 97.5])
+    return {"value": float(statistic(confidences, outcomes)), "interval": [float(lower), float(upper)], "label": label}
+
+
+def equal_width_ece(confidences: np.ndarray, outcomes: np.ndarray) -> float:
+    bins = np.minimum((confidences * BINS).astype(int), BINS - 1)
+    counts = np.bincount(bins, minlength=BINS)
+    gaps = np.bincount(bins, weights=confidences - outcomes, minlength=BINS)
+    return float(np.abs(gaps).sum() / counts.sum())
+
+
+def report_from_predictions(confidences: np.ndarray, outcomes: np.ndarray, seed: int) -> dict[str, Any]:
+    """A report as the service would give it for these predictions, with accuracy, Brier
+    and ECE (the other metrics absent)."""
+    rng = np.random.default_rng(seed)
+    bins = np.minimum((confidences * BINS).astype(int), BINS - 1)
+    counts = np.bincount(bins, minlength=BINS)
+    equal_width = [
+        {
+            "lower": index / BINS, "upper": (index + 1) / BINS, "count": int(counts[index]),
+            "mean_confidence": float(confidences[bins == index].mean()) if counts[index] else None,
+            "accuracy": float(outcomes[bins == index].mean()) if counts[index] else None,
+        }
+        for index in range(BINS)
+    ]
+    ece = bootstrap_estimate(equal_width_ece, confidences, outcomes, ECE_LABEL, rng) | {"estimator": ECE_ESTIMATOR}
+    return {
+        "n": len(confidences),
+        "base_rate": float(outcomes.mean()),
+        "metrics": {
+            "accuracy": bootstrap_estimate(lambda c, y: ((c >= 0.5) == y).mean(), confidences, outcomes, "Accuracy (threshold 0.5)", rng),
+            "brier": bootstrap_estimate(lambda c, y: ((c - y) ** 2).mean(), confidences, outcomes, "Brier score", rng),
+            "ece": ece,
+        },
+        "bins": {"equal_width": equal_width, "equal_mass": []},
+        "histogram": {"edges": [index / BINS for index in range(BINS + 1)], "counts": counts.tolist()},
+        "bootstrap": {"resamples": 200, "seed": seed, "level": 0.95},
+    }
+
+
+def simulated_report(seed: int, sharpness: float, shift: float, items: int = 300) -> dict[str, Any]:
+    """Probe confidences from two humps (likely wrong, likely right); the truth is the
+    confidence's logit scaled by `sharpness` (< 1: overconfident) and moved by `shift`."""
+    rng = np.random.default_rng(seed)
+    right = rng.random(items) < 0.6
+    confidences = np.where(right, rng.beta(5, 1.6, items), rng.beta(1.8, 4, items)).clip(1e-3, 1 - 1e-3)
+    logits = np.log(confidences / (1 - confidences))
+    outcomes = (rng.random(items) < 1 / (1 + np.exp(-(sharpness * logits + shift)))).astype(float)
+    return report_from_predictions(confidences, outcomes, seed)
+
+
+def realistic_comparison() -> list[tuple[str, dict[str, Any]]]:
+    return [
+        ("base", simulated_report(seed=1, sharpness=0.75, shift=0.0)),
+        ("adapter sft-v1", simulated_report(seed=2, sharpness=0.5, shift=-0.3)),
+        ("adapter dpo-v2", simulated_report(seed=3, sharpness=0.95, shift=0.1)),
+    ]
+
+
+# --- The figure -----------------------------------------------------------------------------
+
+
+def test_svg_is_well_formed_xml() -> None:
+    root = ElementTree.fromstring(render_svg(TWO_REPORTS))
+    assert root.tag == "{http://www.w3.org/2000/svg}svg"
+
+
+def test_svg_names_one_curve_per_report() -> None:
+    svg = render_svg(TWO_REPORTS)
+    assert re.findall(r'id="(curve-\d+)"', svg) == ["curve-0", "curve-1"]
+
+
+def test_curves_pass_through_the_non_empty_bins_only() -> None:
+    figure = reliability_figure(TWO_REPORTS)
+    curve = next(line for line in figure.axes[0].get_lines() if line.get_gid() == "curve-1")
+    assert list(curve.get_xdata()) == [0.04, 0.50, 0.90]
+    assert list(curve.get_ydata()) == [0.10, 0.40, 0.78]
+
+
+def test_diagram_title_names_the_ece_variant_of_its_bins() -> None:
+    title = reliability_figure(TWO_REPORTS).axes[0].get_title()
+    assert "15 equal-width" in title and "L1" in title and "binary P(y=1)" in title
+
+
+def test_legend_gives_each_report_its_ece_and_interval() -> None:
+    legend = reliability_figure(TWO_REPORTS).legends[0]
+    assert [text.get_text() for text in legend.get_texts()] == [
+        "base — ECE 0.052 [0.031, 0.071]", "adapter sft-v1 — ECE 0.098 [0.074, 0.121]",
+    ]
+
+
+def test_png_starts_with_the_png_signature() -> None:
+    assert render_png(TWO_REPORTS).startswith(PNG_SIGNATURE)
+
+
+@pytest.mark.parametrize(("dpi", "size"), [(100, (600, 1200)), (50, (300, 600))])
+def test_png_is_twelve_by_six_inches_at_the_given_dpi(dpi: int, size: tuple[int, int]) -> None:
+    assert imread(io.BytesIO(render_png(TWO_REPORTS, dpi=dpi))).shape[:2] == size
+
+
+def test_labels_with_dollar_signs_render_as_text_not_mathtext() -> None:
+    assert render_png([(r"run $\nosuchcommand$", BASE)]).startswith(PNG_SIGNATURE)
+
+
+# --- The page ------------------------------------------------------------------------------
+
+
+def test_page_holds_the_diagram_as_inline_svg(page: str) -> None:
+    assert re.search(r'<figure id="reliability-diagram"><svg[ >]', page)
+    assert "<?xml" not in page
+
+
+def test_page_needs_nothing_from_the_network(page: str) -> None:
+    assert "<script" not in page and "<link" not in page and "@import" not in page and "url(http" not in page
+    assert all(target.startswith("#") for target in re.findall(r'href="([^"]*)"', page))
+
+
+def test_table_has_a_row_per_metric_label(page: str) -> None:
+    headers = [table_cells(page, metric)[0] for metric in ("n", "base_rate", "accuracy", "auroc", "brier", "ece")]
+    assert headers == ["n", "Base rate", "Accuracy (threshold 0.5)", "AUROC (ties count half)", "Brier score", ECE_LABEL]
+
+
+def test_table_gives_each_report_its_value_and_interval(page: str) -> None:
+    assert table_cells(page, "accuracy")[1:3] == ["0.812 [0.776, 0.845]", "0.790 [0.751, 0.826]"]
+    assert table_cells(page, "n")[1:3] == ["300", "300"]
+
+
+def test_an_absent_metric_renders_as_a_dash(page: str) -> None:
+    assert table_cells(page, "auroc")[2] == "—"
+
+
+def test_a_null_interval_renders_as_a_dash(page: str) -> None:
+    assert table_cells(page, "brier")[1] == "0.139 [—]"
+
+
+def test_differences_add_a_signed_column_per_adapter(page: str) -> None:
+    assert "<th scope=\"col\">Δ adapter sft-v1</th>" in page
+    assert table_cells(page, "accuracy")[3] == "-0.022 [-0.051, +0.004]"
+    assert table_cells(page, "ece")[3] == "+0.046 [—]"
+
+
+def test_caption_states_the_bootstrap_behind_the_intervals(page: str) -> None:
+    assert "(95%, 1000 resamples, seed 0)" in page
+
+
+def test_notes_appear_below_the_table(page: str) -> None:
+    assert "<li>layer 16, last token</li>" in page
+
+
+def test_every_caller_string_is_escaped() -> None:
+    hostile_metrics = BASE["metrics"] | {"nll": {"value": 0.4, "interval": None, "label": HOSTILE}}
+    page = render_html(HOSTILE, [(HOSTILE, BASE | {"metrics": hostile_metrics})], differences={HOSTILE: {}}, notes=[HOSTILE])
+    assert "<script" not in page
+    assert page.count("&lt;script&gt;alert(1)&lt;/script&gt;") >= 6
+
+
+# --- The module ----------------------------------------------------------------------------
+
+
+def test_importing_the_module_loads_no_matplotlib_numpy_or_torch() -> None:
+    probe = "import sys\nimport app.calibration.report\nprint(sorted(name for name in ('matplotlib', 'numpy', 'torch') if name in sys.modules))\n"
+    result = subprocess.run([sys.executable, "-c", probe], cwd=ROOT, capture_output=True, text=True, check=True)
+    assert result.stdout.strip() == "[]"
+
+
+# --- In a browser ----------------------------------------------------------------------------
+
+
+def run_headless_chromium(*arguments: str) -> subprocess.CompletedProcess[str]:
+    browser = shutil.which("chromium") or shutil.which("chromium-browser") or shutil.which("google-chrome")
+    require(browser is not None, "Chromium is not installed (Debian package `chromium`)")
+    assert browser
+    with tempfile.TemporaryDirectory() as profile:
+        return subprocess.run(
+            [
+                browser, "--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
+                "--disable-component-update", "--no-first-run", "--disable-sync", f"--user-data-dir={profile}", *arguments,
+            ],
+            capture_output=True, text=True, timeout=120, check=True,
+        )
+
+
+@pytest.mark.slow
+def test_page_renders_its_table_and_diagram_in_headless_chromium(tmp_path: Path) -> None:
+    page_path = tmp_path / "report.html"
+    page_path.write_text(render_html("Probe p-1: base vs adapters", realistic_comparison()), encoding="utf-8")
+    screenshot = tmp_path / "screenshot.png"
+
+    dom = run_headless_chromium("--dump-dom", page_path.as_uri()).stdout
+    run_headless_chromium(f"--screenshot={screenshot}", "--window-size=1280,1400", page_path.as_uri())
+
+    table = re.search(r'<table id="metrics">.*?</table>', dom, re.DOTALL)
+    assert table and re.findall(r'data-metric="([^"]+)"', table.group(0)) == ["n", "base_rate", "accuracy", "brier", "ece"]
+    assert re.search(r'<figure id="reliability-diagram"><svg[ >]', dom)
+    pixels = imread(str(screenshot))
+    assert len(np.unique(pixels.reshape(-1, pixels.shape[-1]), axis=0)) > 16
+
+
+if __name__ == "__main__":
+    (ROOT / "docs" / "report-example.png").write_bytes(render_png(realistic_comparison()))

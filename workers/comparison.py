@@ -1,0 +1,140 @@
+"""The `comparison` job: the base model and each adapter on the same texts, split and
+layers. Each model gets its own labels (its own answers, for multiple choice) and its own
+probe per layer; the reported layer is chosen on the base's validation split and used for
+every model, so the curves compare like with like."""
+
+import json
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+from sqlalchemy import update
+
+from app.calibration.metrics import auroc, brier, calibration_report, ece, paired_differences
+from app.datasets import texts_of
+from app.registry.models import get_model
+from app.registry.tables import Adapter, Comparison, Dataset, Model, utcnow
+from workers.errors import JobFailed
+from workers.extraction import StatesRequest, hidden_states
+from workers.probe_training import Labels, _labels, _summary, _train
+from workers.probes import probability_of_correct, stratified_split
+
+if TYPE_CHECKING:
+    from workers.runner import JobContext
+
+
+@dataclass
+class Variant:
+    label: str
+    model: Model
+    adapter: Adapter | None
+    labels: Labels | None = None
+    states: np.ndarray | None = None
+
+
+def _variants(session: Any, comparison: Comparison) -> list[Variant]:
+    base = get_model(session, comparison.model_id)
+    variants = [Variant("base", base, None)]
+    for adapter_id in comparison.adapter_ids:
+        adapter = session.get(Adapter, adapter_id)
+        if adapter is None:
+            raise JobFailed("not_found", f"adapter {adapter_id} was deleted")
+        variants.append(Variant(f"adapter {adapter.name} ({adapter.id})", get_model(session, adapter.base_model_id), adapter))
+    return variants
+
+
+def _transfer(probe: Any, x: np.ndarray, y: np.ndarray) -> dict[str, Any]:
+    p = probability_of_correct(probe, None, x)
+    return {"auroc": auroc(y, p).value, "ece": ece(y, p).value, "brier": brier(y, p).value, "n": int(len(y))}
+
+
+def run(context: "JobContext") -> dict[str, Any]:
+    worker = context.runtime
+    store, sessions, settings = worker.artifacts, worker.sessions, worker.settings
+    params = context.params
+    with sessions() as session:
+        comparison = session.get(Comparison, params["comparison_id"])
+        if comparison is None:
+            raise JobFailed("not_found", f"comparison {params['comparison_id']} is gone")
+        dataset = session.get(Dataset, comparison.dataset_id)
+        variants = _variants(session, comparison)
+    if dataset is None:
+        raise JobFailed("not_found", "the dataset of this comparison was deleted")
+    texts = texts_of(store, dataset)
+    layers = list(comparison.layers)
+    flags = [
+        f"{v.label} runs on {v.model.dtype}{'/' + v.model.quantization if v.model.quantization else ''}, the base on "
+        f"{variants[0].model.dtype}{'/' + variants[0].model.quantization if variants[0].model.quantization else ''}"
+        for v in variants[1:]
+        if (v.model.dtype, v.model.quantization) != (variants[0].model.dtype, variants[0].model.quantization)
+    ]
+    for number, variant in enumerate(variants):
+        context.progress(f"states of {variant.label}", number, len(variants))
+        variant.labels = _labels(context, variant.model, variant.adapter, dataset)
+        request = StatesRequest(variant.model, variant.adapter, layers, comparison.token_position, params.get("max_length"))
+        variant.states = hidden_states(context, request, texts, shard_name=f"{comparison.id}-{number}").states
+
+    spec = params["split"]
+    base_labels = variants[0].labels
+    assert base_labels is not None
+    try:  # one split for every model, stratified on the base's labels, so differences are paired
+        split = stratified_split(base_labels.y, fractions=(spec["train"], spec["validation"], spec["test"]), seed=spec["seed"])
+    except ValueError as exc:
+        raise JobFailed("unsplittable", f"cannot split the base's labels: {exc}") from exc
+
+    context.progress("training", 0, len(variants) * len(layers))
+    probes: dict[tuple[int, int], Any] = {}
+    per_layer: dict[str, dict[str, Any]] = {}
+    for number, variant in enumerate(variants):
+        assert variant.labels is not None and variant.states is not None
+        y = variant.labels.y
+        for slot, layer in enumerate(layers):
+            x = variant.states[:, slot]
+            try:
+                probe, _, _ = _train(comparison.method, x, y, split, False, None)
+            except ValueError as exc:
+                raise JobFailed("unsplittable", f"{variant.label}: {exc}") from exc
+            probes[(number, slot)] = probe
+            per_layer.setdefault(str(layer), {})[variant.label] = _summary(y[split.validation], probability_of_correct(probe, None, x[split.validation]))
+    best_slot = max(range(len(layers)), key=lambda slot: per_layer[str(layers[slot])]["base"]["auroc"] or -1)
+
+    context.progress("reporting", 0, len(variants))
+    resamples, seed = settings.bootstrap_resamples, spec["seed"]
+    test_probabilities = []
+    reports = []
+    for number, variant in enumerate(variants):
+        assert variant.labels is not None and variant.states is not None
+        p = probability_of_correct(probes[(number, best_slot)], None, variant.states[split.test, best_slot])
+        test_probabilities.append(p)
+        reports.append({"label": variant.label, "model_id": variant.model.id, "adapter_id": variant.adapter.id if variant.adapter else None,
+                        "precision": {"dtype": variant.model.dtype, "quantization": variant.model.quantization},
+                        "report": calibration_report(variant.labels.y[split.test], p, resamples=resamples, seed=seed).to_dict()})  # fmt: skip
+    differences: dict[str, Any] = {}
+    base_y = base_labels.y[split.test]
+    for number, variant in enumerate(variants[1:], start=1):
+        assert variant.labels is not None
+        if np.array_equal(variant.labels.y[split.test], base_y):
+            differences[variant.label] = paired_differences(base_y, test_probabilities[0], test_probabilities[number], resamples=resamples, seed=seed)
+        else:
+            flags.append(f"{variant.label} answers differently from the base, so its differences are unpaired point estimates")
+            own = reports[number]["report"]["metrics"]
+            differences[variant.label] = {
+                name: {"value": own[name]["value"] - reports[0]["report"]["metrics"][name]["value"], "interval": None}
+                for name in own
+                if own[name]["value"] is not None and reports[0]["report"]["metrics"][name]["value"] is not None
+            }
+    cross_transfer: dict[str, Any] = {}
+    base_states = variants[0].states
+    assert base_states is not None
+    for number, variant in enumerate(variants[1:], start=1):
+        assert variant.labels is not None and variant.states is not None
+        cross_transfer[f"base probe on {variant.label}"] = _transfer(probes[(0, best_slot)], variant.states[split.test, best_slot], variant.labels.y[split.test])
+        cross_transfer[f"{variant.label} probe on base"] = _transfer(probes[(number, best_slot)], base_states[split.test, best_slot], base_y)
+
+    report = {"layer": layers[best_slot], "variants": reports, "differences": differences, "cross_transfer": cross_transfer,
+              "per_layer_validation": per_layer, "flags": flags, "test_n": int(len(split.test))}  # fmt: skip
+    artifact = f"comparisons/{comparison.id}/report.json"
+    store.write_bytes(artifact, json.dumps(report).encode())
+    with sessions() as session, session.begin():
+        session.execute(update(Comparison).where(Comparison.id == comparison.id).values(artifact=artifact, finished_at=utcnow()))
+    return {"comparison_id": comparison.id, "layer": layers[best_slot], "flags": flags}

@@ -1,0 +1,217 @@
+"""The `probe_training` and `probe_scoring` jobs.
+
+Training: labels (given by statements, or the model's own for multiple choice), hidden
+states at every requested layer (through the content cache), a seeded stratified split,
+one probe per layer and method fitted on train, recalibration and the best probe chosen on
+validation, and the calibration report on the test split — which no choice ever sees.
+"""
+
+import json
+import shutil
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+from sqlalchemy import update
+
+from app.calibration.metrics import auroc, brier, calibration_report, nll
+from app.datasets import read_rows, texts_of
+from app.registry.models import get_model
+from app.registry.tables import Adapter, Dataset, Model, Probe, ProbeRun, new_id, utcnow
+from workers.errors import JobFailed
+from workers.extraction import StatesRequest, hidden_states
+from workers.labelling import self_label
+from workers.models import active_adapter, explained_quantization_errors
+from workers.probes import (
+    MassMeanProbe,
+    PlattScaling,
+    TemperatureScaling,
+    fit_logistic_probe,
+    load_probe,
+    probability_of_correct,
+    save_probe,
+    stratified_split,
+)
+
+if TYPE_CHECKING:
+    from workers.runner import JobContext
+
+RECALIBRATORS = {"temperature": TemperatureScaling, "platt": PlattScaling}
+
+
+@dataclass
+class Labels:
+    y: np.ndarray
+    baseline: np.ndarray | None  # the model's own probability of its answer (multiple choice)
+    chosen: np.ndarray | None
+
+
+@dataclass
+class TrainedProbe:
+    layer: int
+    method: str
+    probe: Any
+    recalibrator: Any
+    validation: dict[str, Any]
+    test_probabilities: np.ndarray
+
+
+def _labels(context: "JobContext", model: Model, adapter: Adapter | None, dataset: Dataset) -> Labels:
+    rows = read_rows(context.runtime.artifacts, dataset)
+    if dataset.kind == "statements":
+        return Labels(y=np.array([row["label"] for row in rows], dtype=np.int64), baseline=None, chosen=None)
+    worker = context.runtime
+    loaded = worker.models.get(model, (adapter.id, worker.artifacts.path(adapter.artifact)) if adapter else None)
+    context.progress("labelling", 0, len(rows))
+    with explained_quantization_errors(model.quantization, worker.models.device), active_adapter(loaded, adapter.id if adapter else None):
+        labelled = self_label(
+            loaded, rows, device=worker.models.device,
+            token_budget=worker.settings.extraction_token_budget, max_batch_size=worker.settings.extraction_max_batch_size,
+        )  # fmt: skip
+    context.progress("labelling", len(rows), len(rows))
+    return Labels(y=labelled.labels, baseline=labelled.confidence, chosen=labelled.chosen)
+
+
+def _summary(y: np.ndarray, p: np.ndarray) -> dict[str, Any]:
+    """Point metrics for choices on the validation split (no intervals needed there)."""
+    return {"n": int(len(y)), "auroc": auroc(y, p).value, "nll": nll(y, p).value, "brier": brier(y, p).value}
+
+
+def _train(method: str, x: np.ndarray, y: np.ndarray, split: Any, whiten: bool, recalibration: str | None) -> tuple[Any, Any, dict[str, Any]]:
+    if method == "logistic":
+        probe, search = fit_logistic_probe(x[split.train], y[split.train], x[split.validation], y[split.validation])
+    else:
+        probe, search = MassMeanProbe(whiten=whiten).fit(x[split.train], y[split.train]), {}
+    recalibrator = None
+    if recalibration:
+        recalibrator = RECALIBRATORS[recalibration]().fit(probe.decision_function(x[split.validation]), y[split.validation])
+    return probe, recalibrator, search
+
+
+def _best(candidates: list[TrainedProbe]) -> TrainedProbe:
+    """Highest validation AUROC; ties go to the lower validation log loss."""
+    return max(candidates, key=lambda c: (c.validation["auroc"] if c.validation["auroc"] is not None else -1, -c.validation["nll"]))
+
+
+def run(context: "JobContext") -> dict[str, Any]:
+    worker = context.runtime
+    store, sessions, settings = worker.artifacts, worker.sessions, worker.settings
+    with sessions() as session:
+        run_row = session.get(ProbeRun, context.params["run_id"])
+        if run_row is None:
+            raise JobFailed("not_found", f"probe run {context.params['run_id']} is gone")
+        model = get_model(session, run_row.model_id)
+        adapter = session.get(Adapter, run_row.adapter_id) if run_row.adapter_id else None
+        dataset = session.get(Dataset, run_row.dataset_id)
+    if dataset is None or (run_row.adapter_id and adapter is None):
+        raise JobFailed("not_found", "the dataset or adapter of this run was deleted")
+
+    labels = _labels(context, model, adapter, dataset)
+    split_spec = run_row.split
+    try:
+        split = stratified_split(labels.y, fractions=(split_spec["train"], split_spec["validation"], split_spec["test"]), seed=split_spec["seed"])
+    except ValueError as exc:
+        raise JobFailed("unsplittable", f"cannot split the labels for training: {exc}", positives=int(labels.y.sum()), n=int(len(labels.y))) from exc
+    layers = list(run_row.layers)
+    request = StatesRequest(model, adapter, layers, run_row.token_position, run_row.max_length)
+    states = hidden_states(context, request, texts_of(store, dataset), shard_name=run_row.id).states
+
+    candidates: list[TrainedProbe] = []
+    total = len(layers) * len(run_row.methods)
+    for slot, layer in enumerate(layers):
+        for method in run_row.methods:
+            context.progress("training", len(candidates), total)
+            x = states[:, slot]
+            probe, recalibrator, search = _train(method, x, labels.y, split, bool(split_spec.get("whiten")), run_row.recalibration)
+            validation = _summary(labels.y[split.validation], probability_of_correct(probe, recalibrator, x[split.validation])) | {"search": search}
+            candidates.append(TrainedProbe(layer, method, probe, recalibrator, validation, probability_of_correct(probe, recalibrator, x[split.test])))
+    best = _best(candidates)
+
+    context.progress("reporting", 0, len(candidates))
+    y_test = labels.y[split.test]
+    baseline_report = (
+        calibration_report(y_test, labels.baseline[split.test], resamples=settings.bootstrap_resamples, seed=split_spec["seed"]).to_dict()
+        if labels.baseline is not None
+        else None
+    )
+    run_artifact = f"probe_runs/{run_row.id}"
+    written = [run_artifact]
+    try:
+        rows = _write_probes(context, run_row, candidates, best, labels, split, baseline_report, written)
+        best_row = next(row for row in rows if row.is_best)
+        with sessions() as session, session.begin():
+            session.add_all(rows)
+            session.flush()
+            session.execute(
+                update(ProbeRun).where(ProbeRun.id == run_row.id).values(artifact=run_artifact, best_probe_id=best_row.id, finished_at=utcnow())
+            )
+    except BaseException:
+        for folder in written:  # no probe files without their rows
+            shutil.rmtree(store.path(folder), ignore_errors=True)
+        raise
+    return {
+        "run_id": run_row.id,
+        "probe_ids": [row.id for row in rows],
+        "best_probe_id": best_row.id,
+        "best_layer": best_row.layer,
+        "best_method": best_row.method,
+        "test_n": int(len(split.test)),
+        "test_auroc": best_row.metrics["auroc"]["value"],
+    }
+
+
+def _write_probes(
+    context: "JobContext", run_row: ProbeRun, candidates: list[TrainedProbe], best: TrainedProbe, labels: Labels, split: Any,
+    baseline_report: dict[str, Any] | None, written: list[str],
+) -> list[Probe]:  # fmt: skip
+    """Probe folders (weights, report, test predictions) and their rows, not yet added."""
+    store, settings = context.runtime.artifacts, context.runtime.settings
+    y_test = labels.y[split.test]
+    seed = run_row.split["seed"]
+    store.write_bytes(
+        f"probe_runs/{run_row.id}/labels.json",
+        json.dumps(
+            {
+                "labels": labels.y.tolist(),
+                "baseline_confidence": labels.baseline.tolist() if labels.baseline is not None else None,
+                "chosen": labels.chosen.tolist() if labels.chosen is not None else None,
+                "split": {"train": split.train.tolist(), "validation": split.validation.tolist(), "test": split.test.tolist()},
+            }
+        ).encode(),
+    )
+    rows: list[Probe] = []
+    for number, candidate in enumerate(candidates):
+        probe_id = new_id("prb")
+        folder = f"probes/{probe_id}"
+        written.append(folder)
+        save_probe(store.path(folder), candidate.probe, candidate.recalibrator)
+        report = calibration_report(y_test, candidate.test_probabilities, resamples=settings.bootstrap_resamples, seed=seed).to_dict()
+        store.write_bytes(f"{folder}/report.json", json.dumps({"probe": report, "baseline": baseline_report}).encode())
+        store.write_bytes(
+            f"{folder}/predictions.json",
+            json.dumps({"test_indices": split.test.tolist(), "labels": y_test.tolist(), "confidences": candidate.test_probabilities.tolist()}).encode(),
+        )
+        rows.append(
+            Probe(
+                id=probe_id, run_id=run_row.id, model_id=run_row.model_id, adapter_id=run_row.adapter_id, dataset_id=run_row.dataset_id,
+                layer=candidate.layer, method=candidate.method, token_position=run_row.token_position, max_length=run_row.max_length,
+                recalibration=run_row.recalibration, is_best=candidate is best, artifact=folder, validation=candidate.validation,
+                metrics={name: {"value": entry["value"], "interval": entry["interval"]} for name, entry in report["metrics"].items()},
+            )  # fmt: skip
+        )
+        context.progress("reporting", number + 1, len(candidates))
+    return rows
+
+
+def score(context: "JobContext") -> dict[str, Any]:
+    worker = context.runtime
+    with worker.sessions() as session:
+        probe_row = session.get(Probe, context.params["probe_id"])
+        if probe_row is None:
+            raise JobFailed("not_found", f"probe {context.params['probe_id']} is gone")
+        model = get_model(session, probe_row.model_id)
+        adapter = session.get(Adapter, probe_row.adapter_id) if probe_row.adapter_id else None
+    request = StatesRequest(model, adapter, [probe_row.layer], probe_row.token_position, probe_row.max_length)
+    states = hidden_states(context, request, context.params["texts"], shard_name=context.job_id).states[:, 0]
+    probe, recalibrator = load_probe(worker.artifacts.path(probe_row.artifact))
+    return {"confidences": [float(p) for p in probability_of_correct(probe, recalibrator, states)]}
