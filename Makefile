@@ -31,6 +31,7 @@ bench: install
 	$(BIN)/python bench/jobs.py
 	$(BIN)/python bench/extraction.py
 	$(BIN)/python bench/adapter_import.py
+	$(BIN)/python bench/calibration.py
 
 clean:
 	rm -rf $(VENV) var .pytest_cache

@@ -9,7 +9,17 @@ from fastapi import FastAPI
 from fastapi_offline import FastAPIOffline
 
 from app import broker
-from app.api import adapters, comparisons, datasets, extractions, health, jobs, models, probes, tinker
+from app.api import (
+    adapters,
+    comparisons,
+    datasets,
+    extractions,
+    health,
+    jobs,
+    models,
+    probes,
+    tinker,
+)
 from app.errors import install_error_handlers
 from app.limits import BodySizeLimit
 from app.registry.database import create_registry_engine, session_factory

@@ -19,7 +19,14 @@ TRAINING_TEXT = [
 
 def save_tokenizer(folder: Path, vocab_size: int = 128) -> Any:
     """A byte-free BPE over printable ASCII: every printable text tokenizes without <unk>."""
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
+    from tokenizers import (
+        Tokenizer,
+        decoders,
+        models,
+        pre_tokenizers,
+        processors,
+        trainers,
+    )
     from transformers import PreTrainedTokenizerFast
 
     tokenizer = Tokenizer(models.BPE(unk_token="<unk>"))

@@ -10,7 +10,13 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 from sqlalchemy import update
 
-from app.calibration.metrics import auroc, brier, calibration_report, ece, paired_differences
+from app.calibration.metrics import (
+    auroc,
+    brier,
+    calibration_report,
+    ece,
+    paired_differences,
+)
 from app.datasets import texts_of
 from app.registry.models import get_model
 from app.registry.tables import Adapter, Comparison, Dataset, Model, utcnow
@@ -114,7 +120,7 @@ def run(context: "JobContext") -> dict[str, Any]:
     for number, variant in enumerate(variants[1:], start=1):
         assert variant.labels is not None
         if np.array_equal(variant.labels.y[split.test], base_y):
-            differences[variant.label] = paired_differences(base_y, test_probabilities[0], test_probabilities[number], resamples=resamples, seed=seed)
+            differences[variant.label] = paired_differences(base_y, test_probabilities[0], test_probabilities[number], resamples=resamples, seed=seed).to_dict()
         else:
             flags.append(f"{variant.label} answers differently from the base, so its differences are unpaired point estimates")
             own = reports[number]["report"]["metrics"]

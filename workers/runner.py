@@ -9,7 +9,7 @@ from sqlalchemy import update
 
 from app import jobs
 from app.registry.tables import Job, utcnow
-from workers import extraction, model_check, runtime
+from workers import comparison, extraction, model_check, probe_training, runtime
 from workers.adapters import importer
 from workers.errors import JobCancelled, JobFailed
 from workers.runtime import WorkerRuntime
@@ -51,9 +51,12 @@ def tinker_models(context: JobContext) -> dict[str, Any]:
 
 HANDLERS: dict[str, Handler] = {
     "adapter_import": importer.run,
+    "comparison": comparison.run,
     "extraction": extraction.run,
     "model_check": model_check.run,
     "ping": ping,
+    "probe_scoring": probe_training.score,
+    "probe_training": probe_training.run,
     "tinker_models": tinker_models,
 }
 

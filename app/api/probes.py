@@ -15,7 +15,18 @@ from app.errors import ServiceError, not_found
 from app.probes import new_probe_run, run_view
 from app.registry.database import keyset_page, transaction
 from app.registry.tables import Job, Probe, ProbeRun
-from app.schemas import ERROR_RESPONSES, JobAccepted, JobOut, ProbeAccepted, ProbeCreate, ProbeOut, ProbePage, ProbeRunOut, ScoreOut, ScoreRequest
+from app.schemas import (
+    ERROR_RESPONSES,
+    JobAccepted,
+    JobOut,
+    ProbeAccepted,
+    ProbeCreate,
+    ProbeOut,
+    ProbePage,
+    ProbeRunOut,
+    ScoreOut,
+    ScoreRequest,
+)
 from app.storage import ArtifactStore
 
 router = APIRouter(tags=["probes"], responses=ERROR_RESPONSES)

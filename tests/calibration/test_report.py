@@ -19,7 +19,12 @@ import numpy as np
 import pytest
 from matplotlib.image import imread
 
-from app.calibration.report import reliability_figure, render_html, render_png, render_svg
+from app.calibration.report import (
+    reliability_figure,
+    render_html,
+    render_png,
+    render_svg,
+)
 from tests.conftest import ROOT, require
 
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"

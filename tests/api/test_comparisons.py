@@ -1,0 +1,94 @@
+"""Base against adapters, side by side, on the same texts, split and layer."""
+
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from tests import tiny_models
+from tests.api.test_adapters import import_adapter, sources_root
+from tests.api.test_models import register
+from tests.api.test_probes import shared_rows, upload_rows
+from tests.conftest import Stack, wait_for_job
+
+
+def adapter_for(stack: Stack, base: dict[str, Any], tiny_llama: Path, tmp_path: Path, seed: int) -> str:
+    folder = sources_root(stack) / f"{tmp_path.name}-adapter-{seed}-{base['dtype']}"
+    tiny_models.save_tinker_adapter(folder, tiny_llama, seed=seed)
+    job = import_adapter(stack, str(folder), base["id"], name=f"ft-{seed}")
+    assert job["status"] == "succeeded", job["error"]
+    return job["result"]["adapter_id"]
+
+
+def compare(stack: Stack, **body: Any) -> dict[str, Any]:
+    response = stack.client.post("/v1/comparisons", json=body)
+    assert response.status_code == 202, response.json()
+    job = wait_for_job(stack.client, response.json()["job"]["id"], timeout=300)
+    assert job["status"] == "succeeded", job["error"]
+    return stack.client.get(f"/v1/comparisons/{response.json()['comparison']['id']}").json()
+
+
+def test_a_base_and_two_adapters_give_one_diagram_with_three_curves(stack: Stack, tiny_llama: Path, tmp_path: Path) -> None:
+    base = register(stack.client, tiny_llama).json()
+    adapters = [adapter_for(stack, base, tiny_llama, tmp_path, seed) for seed in (11, 12)]
+    dataset = upload_rows(stack.client, shared_rows("geometry_of_truth/cities.jsonl", 120), "cities-120")
+    comparison = compare(stack, model=base["id"], adapters=adapters, dataset=dataset["id"], layers=[1, 2])
+    report = comparison["report"]
+    assert [variant["label"].split(" ")[0] for variant in report["variants"]] == ["base", "adapter", "adapter"]
+    assert report["layer"] in (1, 2) and report["flags"] == []
+    for variant in report["variants"]:
+        assert variant["report"]["n"] == report["test_n"]
+    for label, differences in report["differences"].items():
+        base_auroc = report["variants"][0]["report"]["metrics"]["auroc"]["value"]
+        own_auroc = next(v for v in report["variants"] if v["label"] == label)["report"]["metrics"]["auroc"]["value"]
+        assert differences["auroc"]["value"] == pytest.approx(own_auroc - base_auroc)
+        low, high = differences["auroc"]["interval"]
+        assert low <= differences["auroc"]["value"] <= high
+    assert len(report["cross_transfer"]) == 4
+    svg = stack.client.get(f"/v1/comparisons/{comparison['id']}/report.svg").text
+    assert all(f'id="curve-{index}"' in svg for index in range(3))
+    html = stack.client.get(f"/v1/comparisons/{comparison['id']}/report.html").text
+    assert "cross-transfer" in html and 'id="metrics"' in html
+
+
+def test_an_adapter_for_another_precision_is_refused_unless_flagged(stack: Stack, tiny_llama: Path, tmp_path: Path) -> None:
+    base = register(stack.client, tiny_llama).json()
+    half = register(stack.client, tiny_llama, dtype="bfloat16").json()
+    adapter = adapter_for(stack, half, tiny_llama, tmp_path, seed=21)
+    dataset = upload_rows(stack.client, shared_rows("geometry_of_truth/cities.jsonl", 120), "cities-120")
+    body = {"model": base["id"], "adapters": [adapter], "dataset": dataset["id"], "layers": [2]}
+    refused = stack.client.post("/v1/comparisons", json=body)
+    assert refused.status_code == 422 and "bfloat16" in refused.json()["error"]["message"]
+    flagged = compare(stack, **body, on_mixed_precision="flag")
+    assert any("bfloat16" in flag for flag in flagged["report"]["flags"])
+
+
+def test_an_adapter_of_another_model_is_refused(api: Any, tiny_llama: Path, tmp_path: Path) -> None:
+    from tests.api.test_jobs import run_queued_jobs
+
+    other_folder = tiny_models.save_tiny_llama(tmp_path / "other", seed=5)
+    base = register(api, tiny_llama).json()
+    other = register(api, other_folder).json()
+    settings = api.app.state.settings
+    folder = settings.adapter_roots[0] / "for-other"
+    tiny_models.save_tinker_adapter(folder, other_folder)
+    job_id = api.post("/v1/adapters/import", json={"source": str(folder), "base_model": other["id"], "name": "x"}).json()["job"]["id"]
+    run_queued_jobs(settings)
+    adapter_id = api.get(f"/v1/jobs/{job_id}").json()["result"]["adapter_id"]
+    dataset = upload_rows(api, [{"text": f"statement {i}", "label": i % 2} for i in range(20)], "small")
+    response = api.post("/v1/comparisons", json={"model": base["id"], "adapters": [adapter_id], "dataset": dataset["id"], "layers": [1]})
+    assert response.status_code == 422 and response.json()["error"]["details"]["field"] == "adapters"
+
+
+def test_a_comparison_report_before_it_is_done_is_a_409(api: Any, tiny_llama: Path, tmp_path: Path) -> None:
+    from app.registry.database import create_registry_engine, session_factory
+    from app.registry.tables import Comparison
+
+    base = register(api, tiny_llama).json()
+    dataset = upload_rows(api, [{"text": f"statement {i}", "label": i % 2} for i in range(20)], "small")
+    settings = api.app.state.settings
+    with session_factory(create_registry_engine(settings.resolved_database_url)).begin() as session:
+        session.add(Comparison(id="cmp_t", job_id=base["check_job_id"], model_id=base["id"], adapter_ids=[], dataset_id=dataset["id"], layers=[1], method="logistic", token_position="last"))
+    assert api.get("/v1/comparisons/cmp_t/report.svg").status_code == 409
+    assert api.get("/v1/comparisons/cmp_t").json()["report"] is None
+    assert api.get("/v1/comparisons/cmp_nope").status_code == 404

@@ -1,0 +1,175 @@
+"""Probes through the service: training on statements and on the model's own
+multiple-choice answers, held-out reports checked against scikit-learn, scoring, rendering."""
+
+import json
+import random
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+from sklearn.metrics import brier_score_loss, roc_auc_score
+
+from tests.api.test_models import register
+from tests.conftest import SHARED_DATA, Stack, require, wait_for_job
+
+
+def upload_rows(client: Any, rows: list[dict[str, Any]], name: str) -> dict[str, Any]:
+    content = "\n".join(json.dumps(row) for row in rows).encode()
+    response = client.post("/v1/datasets", files={"file": (f"{name}.jsonl", content)})
+    assert response.status_code in (200, 201), response.json()
+    return response.json()
+
+
+def shared_rows(relative: str, limit: int | None = None) -> list[dict[str, Any]]:
+    path = SHARED_DATA / relative
+    require(path.is_file(), f"{path} is not here")
+    rows = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    return rows[:limit] if limit else rows
+
+
+def train(client: Any, **body: Any) -> dict[str, Any]:
+    response = client.post("/v1/probes", json=body)
+    assert response.status_code == 202, response.json()
+    job = wait_for_job(client, response.json()["job"]["id"], timeout=300)
+    assert job["status"] == "succeeded", job["error"]
+    return client.get(f"/v1/probe-runs/{job['result']['run_id']}").json()
+
+
+def test_statement_probes_train_per_layer_and_method_with_one_best(stack: Stack, tiny_llama: Path) -> None:
+    rows = shared_rows("geometry_of_truth/cities.jsonl", 120)
+    dataset = upload_rows(stack.client, rows, "cities-120")
+    model = register(stack.client, tiny_llama).json()
+    run = train(stack.client, model=model["id"], dataset=dataset["id"], layers=[1, -1], method=["logistic", "mass_mean"], seed=3)
+    assert run["status"] == "succeeded"
+    assert sorted((p["layer"], p["method"]) for p in run["probes"]) == [(1, "logistic"), (1, "mass_mean"), (2, "logistic"), (2, "mass_mean")]
+    best = [p for p in run["probes"] if p["is_best"]]
+    assert len(best) == 1 and best[0]["id"] == run["best_probe_id"]
+    chosen_on = max(run["probes"], key=lambda p: (p["validation"]["auroc"], -p["validation"]["nll"]))
+    assert chosen_on["id"] == run["best_probe_id"]
+
+
+def test_held_out_metrics_match_scikit_learn_on_the_test_predictions(stack: Stack, tiny_llama: Path) -> None:
+    dataset = upload_rows(stack.client, shared_rows("geometry_of_truth/cities.jsonl", 120), "cities-120")
+    model = register(stack.client, tiny_llama).json()
+    run = train(stack.client, model=model["id"], dataset=dataset["id"], layers=[2], recalibration="temperature")
+    probe = run["probes"][0]
+    predictions = json.loads((stack.settings.resolved_artifact_dir / "probes" / probe["id"] / "predictions.json").read_text())
+    y, p = np.array(predictions["labels"]), np.array(predictions["confidences"])
+    assert len(y) == 24  # 20% of 120, stratified
+    assert [rows_label for rows_label in y] == [[row["label"] for row in shared_rows("geometry_of_truth/cities.jsonl", 120)][i] for i in predictions["test_indices"]]
+    report = stack.client.get(f"/v1/probes/{probe['id']}/report").json()
+    assert report["probe"]["n"] == 24
+    assert report["probe"]["metrics"]["auroc"]["value"] == pytest.approx(roc_auc_score(y, p))
+    assert report["probe"]["metrics"]["brier"]["value"] == pytest.approx(brier_score_loss(y, p))
+    low, high = report["probe"]["metrics"]["auroc"]["interval"]
+    assert low <= roc_auc_score(y, p) <= high
+    assert probe["metrics"]["auroc"]["value"] == pytest.approx(roc_auc_score(y, p))
+    assert report["baseline"] is None
+
+
+@pytest.mark.slow
+def test_minilm_probes_find_the_truth_of_city_statements_and_not_of_shuffled_labels(stack: Stack) -> None:
+    from tests.tiny_models import minilm_folder
+
+    rows = shared_rows("geometry_of_truth/cities.jsonl")
+    model = register(stack.client, minilm_folder()).json()
+    layers = {"layers": [3, 4, 5], "token_position": "last"}
+    real = train(stack.client, model=model["id"], dataset=upload_rows(stack.client, rows, "cities")["id"], **layers)
+    labels = [row["label"] for row in rows]
+    random.Random(0).shuffle(labels)
+    shuffled_rows = [{"text": row["text"], "label": label} for row, label in zip(rows, labels, strict=True)]
+    shuffled = train(stack.client, model=model["id"], dataset=upload_rows(stack.client, shuffled_rows, "cities-shuffled")["id"], **layers)
+    real_best = next(p for p in real["probes"] if p["is_best"])["metrics"]["auroc"]
+    shuffled_best = next(p for p in shuffled["probes"] if p["is_best"])["metrics"]["auroc"]
+    assert real_best["interval"][0] > 0.6, real_best  # 300 held-out statements: well clear of chance
+    assert abs(shuffled_best["value"] - 0.5) < 0.1 and shuffled_best["interval"][0] < 0.5 < shuffled_best["interval"][1], shuffled_best
+
+
+def test_multiple_choice_probes_use_the_models_own_labels_and_report_its_confidence(stack: Stack, tiny_llama: Path) -> None:
+    rows = shared_rows("mmlu/mmlu_test_sample.jsonl", 80)
+    dataset = upload_rows(stack.client, [{key: row[key] for key in ("question", "choices", "answer")} for row in rows], "mmlu-80")
+    model = register(stack.client, tiny_llama).json()
+    run = train(stack.client, model=model["id"], dataset=dataset["id"], layers=[2])
+    probe = run["probes"][0]
+    labels = json.loads((stack.settings.resolved_artifact_dir / "probe_runs" / run["id"] / "labels.json").read_text())
+    assert labels["labels"] == [int(chosen == row["answer"]) for chosen, row in zip(labels["chosen"], rows, strict=True)]
+    report = stack.client.get(f"/v1/probes/{probe['id']}/report").json()
+    test = labels["split"]["test"]
+    y = np.array([labels["labels"][i] for i in test])
+    baseline = np.array([labels["baseline_confidence"][i] for i in test])
+    assert report["baseline"]["metrics"]["brier"]["value"] == pytest.approx(brier_score_loss(y, baseline))
+
+
+def test_scoring_gives_the_probes_confidence_for_new_texts(stack: Stack, tiny_llama: Path) -> None:
+    rows = shared_rows("geometry_of_truth/cities.jsonl", 120)
+    dataset = upload_rows(stack.client, rows, "cities-120")
+    model = register(stack.client, tiny_llama).json()
+    probe = train(stack.client, model=model["id"], dataset=dataset["id"], layers=[2])["probes"][0]
+    predictions = json.loads((stack.settings.resolved_artifact_dir / "probes" / probe["id"] / "predictions.json").read_text())
+    texts = [rows[i]["text"] for i in predictions["test_indices"][:5]]
+    response = stack.client.post(f"/v1/probes/{probe['id']}/score", json={"texts": texts})
+    assert response.status_code == 200, response.json()
+    np.testing.assert_allclose(response.json()["confidences"], predictions["confidences"][:5], atol=1e-6)
+
+
+def test_reports_render_as_svg_png_and_html(stack: Stack, tiny_llama: Path) -> None:
+    dataset = upload_rows(stack.client, shared_rows("geometry_of_truth/cities.jsonl", 120), "cities-120")
+    model = register(stack.client, tiny_llama).json()
+    probe = train(stack.client, model=model["id"], dataset=dataset["id"], layers=[1])["probes"][0]
+    svg = stack.client.get(f"/v1/probes/{probe['id']}/report.svg")
+    assert svg.headers["content-type"].startswith("image/svg+xml") and "<svg" in svg.text
+    png = stack.client.get(f"/v1/probes/{probe['id']}/report.png")
+    assert png.headers["content-type"] == "image/png" and png.content.startswith(b"\x89PNG")
+    html = stack.client.get(f"/v1/probes/{probe['id']}/report.html")
+    assert 'id="metrics"' in html.text and 'id="reliability-diagram"' in html.text
+
+
+# --- refused at once --------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("body", "status", "field"),
+    [
+        ({"layers": [9]}, 422, "layers"),
+        ({"split": {"train": 0.5, "validation": 0.2, "test": 0.2}}, 422, "split"),
+        ({"dataset": "dst_nope"}, 404, None),
+        ({"method": ["logistic", "logistic"]}, 422, "method"),
+        ({"method": "svm"}, 422, "method"),
+    ],
+)
+def test_a_bad_training_request_is_refused_naming_the_field(api: Any, tiny_llama: Path, body: dict[str, Any], status: int, field: str | None) -> None:
+    dataset = upload_rows(api, [{"text": f"statement {i}", "label": i % 2} for i in range(20)], "small")
+    model = register(api, tiny_llama).json()
+    response = api.post("/v1/probes", json={"model": model["id"], "dataset": dataset["id"], "layers": [1]} | body)
+    assert response.status_code == status, response.json()
+    if field:
+        error = response.json()["error"]
+        assert field in {error["details"].get("field")} | {item["field"].split(".")[0] for item in error["details"].get("fields", [])}
+    assert [job["kind"] for job in api.get("/v1/jobs").json()["items"]] == ["model_check"]
+
+
+def test_a_dataset_too_small_to_split_is_a_422(api: Any, tiny_llama: Path) -> None:
+    dataset = upload_rows(api, [{"text": f"statement {i}", "label": int(i == 0)} for i in range(10)], "lopsided")
+    model = register(api, tiny_llama).json()
+    response = api.post("/v1/probes", json={"model": model["id"], "dataset": dataset["id"], "layers": [1]})
+    assert response.status_code == 422 and response.json()["error"]["details"]["field"] == "dataset"
+
+
+def test_scoring_with_no_worker_in_time_answers_202_with_the_job(api: Any, settings: Any, tiny_llama: Path) -> None:
+    from app.registry.database import create_registry_engine, session_factory
+    from app.registry.tables import Probe, ProbeRun
+
+    model = register(api, tiny_llama).json()
+    dataset = upload_rows(api, [{"text": f"statement {i}", "label": i % 2} for i in range(20)], "small")
+    with session_factory(create_registry_engine(settings.resolved_database_url)).begin() as session:
+        session.add(ProbeRun(id="prr_t", job_id="job_t", model_id=model["id"], dataset_id=dataset["id"], layers=[1], methods=["logistic"], token_position="last", split={}))
+        session.flush()
+        session.add(Probe(id="prb_t", run_id="prr_t", model_id=model["id"], dataset_id=dataset["id"], layer=1, method="logistic", token_position="last", artifact="probes/prb_t", validation={}, metrics={}))
+    response = api.post("/v1/probes/prb_t/score", json={"texts": ["Paris is in France."], "timeout_s": 0.2})
+    assert response.status_code == 202
+    assert response.json()["job"]["kind"] == "probe_scoring"
+
+
+def test_scoring_an_unknown_probe_is_a_404(api: Any) -> None:
+    assert api.post("/v1/probes/prb_nope/score", json={"texts": ["x"]}).status_code == 404
