@@ -5,7 +5,7 @@ probe's P(y = 1). A prediction says "correct" when p ≥ 0.5.
 
 Every function returns a small frozen dataclass whose docstring names the definition and
 its source; calibration errors also carry an `Estimator` that says which variant they are
-(ECE has many). `calibration_report` computes them all with bias-corrected percentile bootstrap intervals
+(ECE has many). `calibration_report` computes them all with percentile bootstrap intervals
 and `paired_differences` compares two probes on the same items. The bootstrap is
 vectorised: each resample is reduced to how often it drew each item, and every metric
 of every resample follows from prefix sums over the items sorted by p.
@@ -16,7 +16,6 @@ from __future__ import annotations
 import math
 from collections.abc import Callable, Iterator, Mapping
 from dataclasses import asdict, dataclass
-from statistics import NormalDist
 from typing import Any, ClassVar, Literal
 
 import numpy as np
@@ -419,7 +418,7 @@ class PairedDifferences:
 def calibration_report(
     y: npt.ArrayLike, p: npt.ArrayLike, *, bins: int = 15, resamples: int = 1000, seed: int = 0, level: float = 0.95
 ) -> CalibrationReport:
-    """All metrics of §5 with bias-corrected percentile bootstrap intervals; `resamples=0` skips them."""
+    """All metrics of §5 with percentile bootstrap intervals; `resamples=0` skips them."""
     labels, probabilities = _checked(y, p)
     settings = _bootstrap_settings(resamples, seed, level)
     values = _point_metrics(labels, probabilities, bins)
@@ -427,7 +426,7 @@ def calibration_report(
     return CalibrationReport(
         n=len(labels),
         base_rate=base_rate(labels).value,
-        metrics={name: _estimate(metric, _percentile_interval(resampled.get(name), level, metric.value)) for name, metric in values.items()},
+        metrics={name: _estimate(metric, _percentile_interval(resampled.get(name), level)) for name, metric in values.items()},
         bins={
             "equal_width": tuple(reliability_bins(labels, probabilities, bins, "equal_width")),
             "equal_mass": tuple(reliability_bins(labels, probabilities, bins, "equal_mass")),
@@ -452,7 +451,7 @@ def paired_differences(
         value_a, value_b = values_a[name].value, metric.value
         difference = None if value_a is None or value_b is None else value_b - value_a
         rows = resampled_b[name] - resampled_a[name] if name in resampled_b else None
-        differences[name] = Estimate(difference, _percentile_interval(rows, level, difference), metric.label, getattr(metric, "estimator", None))
+        differences[name] = Estimate(difference, _percentile_interval(rows, level), metric.label, getattr(metric, "estimator", None))
     return PairedDifferences(len(labels), differences, settings)
 
 
@@ -730,28 +729,17 @@ def _point_metrics(labels: np.ndarray, probabilities: np.ndarray, bins: int) -> 
     }
 
 
-NORMAL = NormalDist()
-
-
 def _estimate(metric: Metric, interval: Interval | None) -> Estimate:
     return Estimate(metric.value, interval, metric.label, getattr(metric, "estimator", None))
 
 
-def _percentile_interval(rows: np.ndarray | None, level: float, point: float | None) -> Interval | None:
-    """Bias-corrected percentile interval (Efron 1981): the percentiles are shifted by how
-    far the point estimate sits from the bootstrap median. Plain percentiles put binned ECE
-    — biased upward under resampling — above its own point estimate."""
+def _percentile_interval(rows: np.ndarray | None, level: float) -> Interval | None:
+    """Plain percentile interval. For binned ECE it can sit above the point estimate:
+    resampling duplicates items, which makes every bin look noisier, so the resampled ECEs
+    run high. `debiased_ece` is the estimate to read when that matters."""
     if rows is None or not np.isfinite(rows).any():
         return None
-    finite = rows[np.isfinite(rows)]
-    tail = 50.0 * (1.0 - level)
-    percentiles = [tail, 100.0 - tail]
-    if point is not None:
-        below = (np.count_nonzero(finite < point) + 0.5 * np.count_nonzero(finite == point)) / len(finite)
-        edge = 0.5 / len(finite)
-        bias = NORMAL.inv_cdf(min(max(below, edge), 1.0 - edge))
-        percentiles = [100.0 * NORMAL.cdf(2.0 * bias + NORMAL.inv_cdf(q / 100.0)) for q in percentiles]
-    lower, upper = np.percentile(finite, percentiles)
+    lower, upper = np.nanpercentile(rows, [50.0 * (1.0 - level), 50.0 * (1.0 + level)])
     return float(lower), float(upper)
 
 
