@@ -35,7 +35,7 @@ from app.registry.tables import (
 from app.storage import ArtifactStore
 from workers.errors import JobFailed
 from workers.hidden_states import pad, plan_batches, read_layers
-from workers.models import LoadedModel, active_adapter, explained_quantization_errors
+from workers.models import LoadedModel
 
 if TYPE_CHECKING:
     from workers.runner import JobContext
@@ -211,7 +211,7 @@ def hidden_states(context: "JobContext", request: StatesRequest, texts: Sequence
     truncated_by_sha: dict[str, bool] = {}
     batches_run = 0
     if missing:
-        loaded = worker.models.get(model, (adapter.id, store.path(adapter.artifact)) if adapter else None)
+        loaded = worker.resident(model, adapter)
         tokenized = tokenize(loaded.tokenizer, [text_of[sha] for sha in missing], request.max_length or model_token_limit(loaded))
         context.progress("forward", 0, len(missing))
 
@@ -220,7 +220,7 @@ def hidden_states(context: "JobContext", request: StatesRequest, texts: Sequence
             batches_run += 1
             context.progress("forward", done, len(missing))
 
-        with explained_quantization_errors(model.quantization, worker.models.device), active_adapter(loaded, adapter.id if adapter else None):
+        with worker.running(loaded, model, adapter):
             computed = compute(
                 loaded, tokenized.token_ids, layers, request.token_position,
                 device=worker.models.device, token_budget=settings.extraction_token_budget,

@@ -21,7 +21,6 @@ from app.registry.tables import Adapter, Dataset, Model, Probe, ProbeRun, new_id
 from workers.errors import JobFailed
 from workers.extraction import StatesRequest, hidden_states
 from workers.labelling import self_label
-from workers.models import active_adapter, explained_quantization_errors
 from workers.probes import (
     MassMeanProbe,
     PlattScaling,
@@ -61,9 +60,9 @@ def _labels(context: "JobContext", model: Model, adapter: Adapter | None, datase
     if dataset.kind == "statements":
         return Labels(y=np.array([row["label"] for row in rows], dtype=np.int64), baseline=None, chosen=None)
     worker = context.runtime
-    loaded = worker.models.get(model, (adapter.id, worker.artifacts.path(adapter.artifact)) if adapter else None)
+    loaded = worker.resident(model, adapter)
     context.progress("labelling", 0, len(rows))
-    with explained_quantization_errors(model.quantization, worker.models.device), active_adapter(loaded, adapter.id if adapter else None):
+    with worker.running(loaded, model, adapter):
         labelled = self_label(
             loaded, rows, device=worker.models.device,
             token_budget=worker.settings.extraction_token_budget, max_batch_size=worker.settings.extraction_max_batch_size,

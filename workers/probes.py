@@ -102,7 +102,23 @@ def binary_classes(y: np.ndarray) -> np.ndarray:
     return classes
 
 
-class LogisticProbe(ClassifierMixin, BaseEstimator):
+class LogitClassifierMixin(ClassifierMixin):
+    """Probabilities and predictions of a binary probe from its `decision_function` logits."""
+
+    classes_: np.ndarray
+
+    def decision_function(self, X: np.ndarray) -> np.ndarray:
+        raise NotImplementedError
+
+    def predict_proba(self, X: np.ndarray) -> np.ndarray:
+        return probabilities_of_both_classes(self.decision_function(X))
+
+    def predict(self, X: np.ndarray) -> np.ndarray:
+        is_positive = self.decision_function(X) > 0
+        return self.classes_[is_positive.astype(np.int64)]
+
+
+class LogisticProbe(LogitClassifierMixin, BaseEstimator):
     """L2-regularised logistic regression (lbfgs) on standardised features.
 
     `coef_` and `intercept_` live in the standardised space: logit = ((x − mean_) / scale_) · coef_
@@ -141,13 +157,6 @@ class LogisticProbe(ClassifierMixin, BaseEstimator):
         check_is_fitted(self)
         X = validate_data(self, X, reset=False, dtype=np.float64)
         return ((X - self.mean_) / self.scale_) @ self.coef_ + self.intercept_
-
-    def predict_proba(self, X: np.ndarray) -> np.ndarray:
-        return probabilities_of_both_classes(self.decision_function(X))
-
-    def predict(self, X: np.ndarray) -> np.ndarray:
-        is_positive = self.decision_function(X) > 0
-        return self.classes_[is_positive.astype(np.int64)]
 
     def to_state(self) -> tuple[dict[str, np.ndarray], dict[str, Any]]:
         check_is_fitted(self)
@@ -193,7 +202,7 @@ def fit_logistic_probe(
     return best, {"chosen_C": best.C, "validation_log_loss": losses}
 
 
-class MassMeanProbe(ClassifierMixin, BaseEstimator):
+class MassMeanProbe(LogitClassifierMixin, BaseEstimator):
     """Mass-mean probe: the direction from the mean of class 0 to the mean of class 1.
 
     Marks & Tegmark (2023), "The Geometry of Truth: Emergent Linear Structure in Large
@@ -236,13 +245,6 @@ class MassMeanProbe(ClassifierMixin, BaseEstimator):
         check_is_fitted(self)
         X = validate_data(self, X, reset=False, dtype=np.float64)
         return self.slope_ * (X @ self.direction_) + self.bias_
-
-    def predict_proba(self, X: np.ndarray) -> np.ndarray:
-        return probabilities_of_both_classes(self.decision_function(X))
-
-    def predict(self, X: np.ndarray) -> np.ndarray:
-        is_positive = self.decision_function(X) > 0
-        return self.classes_[is_positive.astype(np.int64)]
 
     def to_state(self) -> tuple[dict[str, np.ndarray], dict[str, Any]]:
         check_is_fitted(self)

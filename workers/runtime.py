@@ -5,6 +5,8 @@ import json
 import os
 import socket
 import threading
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from datetime import datetime
 
@@ -13,10 +15,15 @@ from sqlalchemy.orm import Session, sessionmaker
 
 from app import broker
 from app.registry.database import create_registry_engine, session_factory
-from app.registry.tables import utcnow
+from app.registry.tables import Adapter, Model, utcnow
 from app.settings import Settings, get_settings
 from app.storage import ArtifactStore
-from workers.models import ResidentModels
+from workers.models import (
+    LoadedModel,
+    ResidentModels,
+    active_adapter,
+    explained_quantization_errors,
+)
 
 
 @dataclass
@@ -44,6 +51,17 @@ class WorkerRuntime:
             "current_job": self.current_job,
         }
         self.redis.set(broker.heartbeat_key(self.settings, self.name), json.dumps(state), px=int(self.settings.heartbeat_ttl_s * 1000))
+
+    def resident(self, model: Model, adapter: Adapter | None) -> LoadedModel:
+        """The model, loaded once and kept, with `adapter` attached to it if given."""
+        return self.models.get(model, (adapter.id, self.artifacts.path(adapter.artifact)) if adapter else None)
+
+    @contextmanager
+    def running(self, loaded: LoadedModel, model: Model, adapter: Adapter | None) -> Iterator[None]:
+        """Forward passes of `model` with `adapter` active (or the base alone), with
+        bitsandbytes' refusals explained."""
+        with explained_quantization_errors(model.quantization, self.models.device), active_adapter(loaded, adapter.id if adapter else None):
+            yield
 
     def set_current_job(self, job_id: str | None) -> None:
         """Change what the heartbeat reports, and report it at once."""
