@@ -18,6 +18,13 @@ def connect(settings: Settings) -> redis.Redis:
     return redis.Redis.from_url(settings.resolved_redis_url, socket_connect_timeout=5, health_check_interval=30)
 
 
+def connect_async(settings: Settings) -> Any:
+    """The asyncio client, for server-sent events and waits; imported on first use."""
+    import redis.asyncio
+
+    return redis.asyncio.Redis.from_url(settings.resolved_redis_url, socket_connect_timeout=5)
+
+
 def default_queue(settings: Settings) -> str:
     """The RQ queue every worker listens on."""
     return f"{settings.queue_prefix}:jobs"

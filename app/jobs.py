@@ -10,7 +10,6 @@ from collections.abc import Callable
 from typing import Any
 
 import redis
-from rq import Queue
 from sqlalchemy import delete, select, update
 from sqlalchemy.orm import Session, sessionmaker
 
@@ -38,6 +37,8 @@ def enqueue(
 ) -> None:
     """Put a committed job on its RQ queue. If Redis refuses, `undo` removes what the
     request wrote (the job row and whatever it belongs to) and the client gets 503."""
+    from rq import Queue  # imported on first use: it is slow to import, and start-up is measured
+
     try:
         Queue(job.queue, connection=connection).enqueue(
             RUN_JOB, job.id, job_id=job.id, job_timeout=settings.job_timeout_s, result_ttl=0, failure_ttl=86400
@@ -99,6 +100,8 @@ def cancel(sessions: sessionmaker[Session], connection: redis.Redis, settings: S
     with sessions() as session:
         job = get_job(session, job_id)
     if cancelled_while_queued:
+        from rq import Queue
+
         try:
             Queue(job.queue, connection=connection).remove(job_id)
         except redis.exceptions.RedisError:

@@ -3,8 +3,6 @@
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 
-import redis
-import redis.asyncio
 from fastapi import FastAPI
 from fastapi_offline import FastAPIOffline
 
@@ -43,7 +41,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         app.state.sessions = session_factory(engine)
         app.state.redis = broker.connect(settings)
         app.state.artifacts = ArtifactStore(settings.resolved_artifact_dir)
-        app.state.async_redis = redis.asyncio.Redis.from_url(settings.resolved_redis_url, socket_connect_timeout=5)
+        app.state.async_redis = broker.connect_async(settings)
         try:
             yield
         finally:
