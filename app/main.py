@@ -11,6 +11,7 @@ from app.api import (
     adapters,
     comparisons,
     datasets,
+    experiments,
     extractions,
     health,
     jobs,
@@ -66,6 +67,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.include_router(adapters.router)
     app.include_router(comparisons.router)
     app.include_router(datasets.router)
+    app.include_router(experiments.router)
     app.include_router(extractions.router)
     app.include_router(jobs.router)
     app.include_router(probes.router)

@@ -31,7 +31,7 @@ from app.registry.tables import Job, Model  # noqa: E402
 from app.settings import Settings  # noqa: E402
 from workers import runtime  # noqa: E402
 from workers.adapters import convert, importer  # noqa: E402
-from workers.runner import JobContext  # noqa: E402
+from workers.context import JobContext  # noqa: E402
 
 RANK = 16
 LLAMA_3_1_8B = {

@@ -35,7 +35,7 @@ from app.registry.tables import Extraction, Job, Model  # noqa: E402
 from app.settings import Settings  # noqa: E402
 from tests.tiny_models import save_tokenizer  # noqa: E402
 from workers import extraction, runtime  # noqa: E402
-from workers.runner import JobContext  # noqa: E402
+from workers.context import JobContext  # noqa: E402
 
 TEXT_COUNT = 2000
 LAYERS = [2, 4]

@@ -26,7 +26,7 @@ from workers.probe_training import Labels, _labels, _summary, _train
 from workers.probes import probability_of_correct, stratified_split
 
 if TYPE_CHECKING:
-    from workers.runner import JobContext
+    from workers.context import JobContext
 
 
 @dataclass

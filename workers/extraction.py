@@ -38,7 +38,7 @@ from workers.hidden_states import pad, plan_batches, read_layers
 from workers.models import LoadedModel
 
 if TYPE_CHECKING:
-    from workers.runner import JobContext
+    from workers.context import JobContext
 
 STATES_TENSOR = "hidden_states"
 LOOKUP_CHUNK = 500

@@ -11,7 +11,7 @@ from workers.errors import JobCancelled, JobFailed
 from workers.models import active_adapter, explained_quantization_errors
 
 if TYPE_CHECKING:
-    from workers.runner import JobContext
+    from workers.context import JobContext
 
 
 def _one_token_hidden_states(model: Any, token_id: int, device: str) -> tuple[int, int]:

@@ -33,7 +33,7 @@ from workers.probes import (
 )
 
 if TYPE_CHECKING:
-    from workers.runner import JobContext
+    from workers.context import JobContext
 
 RECALIBRATORS = {"temperature": TemperatureScaling, "platt": PlattScaling}
 

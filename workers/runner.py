@@ -2,38 +2,24 @@
 hands the job to the handler for its kind, and records the outcome."""
 
 from collections.abc import Callable
-from dataclasses import dataclass
 from typing import Any
 
 from sqlalchemy import update
 
 from app import jobs
 from app.registry.tables import Job, utcnow
-from workers import comparison, extraction, model_check, probe_training, runtime
+from workers import (
+    comparison,
+    experiment,
+    extraction,
+    model_check,
+    probe_training,
+    runtime,
+)
 from workers.adapters import importer
+from workers.context import JobContext
 from workers.errors import JobCancelled, JobFailed
 from workers.runtime import WorkerRuntime
-
-
-@dataclass
-class JobContext:
-    """What a handler gets: its parameters, the worker's runtime, and `progress()`."""
-
-    job_id: str
-    params: dict[str, Any]
-    runtime: WorkerRuntime
-
-    def progress(self, stage: str, done: int, total: int | None = None) -> None:
-        """Record progress, and stop here if the user asked to cancel."""
-        with self.runtime.sessions() as session, session.begin():
-            session.execute(
-                update(Job).where(Job.id == self.job_id).values(progress_stage=stage, progress_done=done, progress_total=total)
-            )
-            job = jobs.get_job(session, self.job_id)
-        jobs.publish(self.runtime.redis, self.runtime.settings, job)
-        if job.cancel_requested:
-            raise JobCancelled()
-
 
 Handler = Callable[[JobContext], dict[str, Any]]
 
@@ -52,6 +38,7 @@ def tinker_models(context: JobContext) -> dict[str, Any]:
 HANDLERS: dict[str, Handler] = {
     "adapter_import": importer.run,
     "comparison": comparison.run,
+    "experiment": experiment.run,
     "extraction": extraction.run,
     "model_check": model_check.run,
     "ping": ping,

@@ -1,11 +1,11 @@
 """`/v1/models`: register a base model, list and show them."""
 
-from typing import Annotated
+from typing import Annotated, Any
 
 from fastapi import APIRouter, Query, Response, status
 from sqlalchemy import delete, update
 from sqlalchemy.exc import IntegrityError
-from sqlalchemy.orm import Session
+from sqlalchemy.orm import Session, sessionmaker
 
 from app import broker, jobs
 from app.api.deps import RedisDep, SessionDep, SessionsDep, SettingsDep
@@ -14,6 +14,7 @@ from app.model_sources import fingerprint, read_model_shape, resolve_source
 from app.registry.database import transaction
 from app.registry.models import find_model, get_model, list_models, new_model
 from app.registry.tables import Model
+from app.settings import Settings
 from app.schemas import (
     ERROR_RESPONSES,
     JobAccepted,
@@ -34,6 +35,16 @@ router = APIRouter(prefix="/v1/models", tags=["models"], responses=ERROR_RESPONS
 def register_model(body: ModelCreate, response: Response, settings: SettingsDep, sessions: SessionsDep, connection: RedisDep) -> ModelOut:
     """Register a base model and queue a check in which a worker loads it and runs one
     token through it. The answer comes at once with `status: pending`."""
+    model, created = register(body, settings, sessions, connection)
+    if created:
+        response.headers["Location"] = f"/v1/models/{model.id}"
+    else:
+        response.status_code = status.HTTP_200_OK
+    return ModelOut.of(model)
+
+
+def register(body: ModelCreate, settings: Settings, sessions: sessionmaker[Session], connection: Any) -> tuple[Model, bool]:
+    """The registered model, and whether this call registered it (else it already was)."""
     source = resolve_source(body.source, body.revision, settings.hf_cache_dir)
     shape = read_model_shape(source.path)
     model = new_model(body.name, source, body.revision, body.dtype, body.quantization, shape, fingerprint(source))
@@ -43,8 +54,7 @@ def register_model(body: ModelCreate, response: Response, settings: SettingsDep,
         with transaction(sessions) as session:
             existing = find_model(session, source, body.revision, body.dtype, body.quantization)
             if existing is not None:
-                response.status_code = status.HTTP_200_OK
-                return ModelOut.of(existing)
+                return existing, False
             session.add(model)
             session.flush()
             session.add(job)
@@ -53,16 +63,14 @@ def register_model(body: ModelCreate, response: Response, settings: SettingsDep,
             existing = find_model(session, source, body.revision, body.dtype, body.quantization)
         if existing is None:
             raise ServiceError(409, "conflict", "the model is being registered by another request; retry") from None
-        response.status_code = status.HTTP_200_OK
-        return ModelOut.of(existing)
+        return existing, False
 
     def undo(session: Session) -> None:
         jobs.deleting(job.id)(session)
         session.execute(delete(Model).where(Model.id == model.id))
 
     jobs.enqueue(sessions, connection, settings, job, undo)
-    response.headers["Location"] = f"/v1/models/{model.id}"
-    return ModelOut.of(model)
+    return model, True
 
 
 @router.get("")

@@ -19,7 +19,7 @@ from workers.adapters.convert import base_modules, convert, read_config
 from workers.errors import JobFailed
 
 if TYPE_CHECKING:
-    from workers.runner import JobContext
+    from workers.context import JobContext
 
 WEIGHTS_FILE = "adapter_model.safetensors"
 CONFIG_FILE = "adapter_config.json"

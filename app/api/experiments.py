@@ -1,0 +1,145 @@
+"""`/v1/experiments`: a whole experiment config (YAML or JSON, SPEC §6) run as one job that
+chains adapter import, extraction, probe training and the report."""
+
+import json
+from typing import Any
+
+import yaml
+from fastapi import APIRouter, Request, Response
+from fastapi.exceptions import RequestValidationError
+from pydantic import ValidationError
+from sqlalchemy import delete
+from sqlalchemy.orm import Session
+
+from app import broker, jobs
+from app.adapters import classify_source
+from app.api.deps import RedisDep, SessionDep, SessionsDep, SettingsDep
+from app.api.models import register
+from app.errors import invalid_field, not_found
+from app.extractions import resolve_layers
+from app.registry.database import transaction
+from app.registry.tables import Dataset, Experiment, Job, new_id
+from app.schemas import ERROR_RESPONSES, ExperimentAccepted, ExperimentConfig, ExperimentOut, JobOut, ModelCreate
+
+router = APIRouter(prefix="/v1/experiments", tags=["experiments"], responses=ERROR_RESPONSES)
+
+YAML_TYPES = ("application/yaml", "application/x-yaml", "text/yaml", "text/x-yaml")
+
+
+def _parse(raw: bytes, content_type: str) -> ExperimentConfig:
+    try:
+        document = yaml.safe_load(raw) if content_type.startswith(YAML_TYPES) else json.loads(raw)
+    except (yaml.YAMLError, json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise invalid_field("body", f"not valid {'YAML' if content_type.startswith(YAML_TYPES) else 'JSON'}: {exc}") from exc
+    try:
+        return ExperimentConfig.model_validate(document)
+    except ValidationError as exc:
+        # as FastAPI reports body errors, so the envelope names each key (`model.colour`)
+        raise RequestValidationError([error | {"loc": ("body", *error["loc"])} for error in exc.errors()]) from exc
+
+
+def _adapter_source(config: ExperimentConfig) -> str | None:
+    if config.tinker.enabled:
+        if not config.tinker.checkpoint_path:
+            raise invalid_field("tinker.checkpoint_path", "is required when tinker.enabled is true")
+        return config.tinker.checkpoint_path
+    return config.model.tinker_lora_path
+
+
+def links(experiment: Experiment, best_probe_id: str | None) -> dict[str, str | None]:
+    def path(prefix: str, value: str | None) -> str | None:
+        return f"{prefix}/{value}" if value else None
+
+    return {
+        "model": path("/v1/models", experiment.model_id),
+        "adapter": path("/v1/adapters", experiment.adapter_id),
+        "dataset": path("/v1/datasets", experiment.dataset_id),
+        "extraction": path("/v1/extractions", experiment.extraction_id),
+        "hidden_states": path("/v1/extractions", experiment.extraction_id) and f"/v1/extractions/{experiment.extraction_id}/hidden-states",
+        "probe_run": path("/v1/probe-runs", experiment.probe_run_id),
+        "best_probe": path("/v1/probes", best_probe_id),
+        "report": best_probe_id and f"/v1/probes/{best_probe_id}/report.html",
+        "job": f"/v1/jobs/{experiment.job_id}",
+    }
+
+
+def _view(experiment: Experiment, status: str, best_probe_id: str | None) -> ExperimentOut:
+    return ExperimentOut(
+        id=experiment.id, name=experiment.name, status=status, job_id=experiment.job_id, config=experiment.config,  # type: ignore[arg-type]
+        links=links(experiment, best_probe_id), created_at=experiment.created_at, finished_at=experiment.finished_at,
+    )  # fmt: skip
+
+
+@router.post(
+    "",
+    status_code=202,
+    openapi_extra={
+        "requestBody": {
+            "required": True,
+            "content": {
+                "application/json": {"schema": {"$ref": "#/components/schemas/ExperimentConfig"}},
+                "application/yaml": {"schema": {"$ref": "#/components/schemas/ExperimentConfig"}},
+            },
+        }
+    },
+)
+async def run_experiment(request: Request, response: Response, settings: SettingsDep, sessions: SessionsDep, connection: RedisDep) -> ExperimentAccepted:
+    """Run an experiment config as one job: import the adapter (Tinker checkpoint or PEFT
+    folder), extract hidden states, train probes, report. Steps already done — the same
+    model, adapter weights, dataset, texts — come from the registry and the cache, so a
+    re-run after a failure resumes where it stopped."""
+    from fastapi.concurrency import run_in_threadpool
+
+    config = _parse(await request.body(), request.headers.get("content-type", "application/json"))
+    return await run_in_threadpool(_submit, config, response, settings, sessions, connection)
+
+
+def _submit(config: ExperimentConfig, response: Response, settings: Any, sessions: Any, connection: Any) -> ExperimentAccepted:
+    adapter = _adapter_source(config)
+    adapter_source = classify_source(adapter, settings) if adapter else None
+    model, _ = register(
+        ModelCreate(name=config.model.name, source=config.model.name, revision=config.model.revision, dtype=config.model.dtype, quantization=config.model.quantization),
+        settings, sessions, connection,
+    )  # fmt: skip
+    dataset_path = None
+    with sessions() as session:
+        if session.get(Dataset, config.probe.dataset) is None:
+            dataset_path = classify_source(config.probe.dataset, settings)
+            if dataset_path.kind != "local_archive":
+                raise invalid_field("probe.dataset", "neither a dataset id nor a dataset file")
+    layers = resolve_layers(config.extraction.layers, model.num_layers)
+    with transaction(sessions) as session:
+        job = jobs.new_job("experiment", {}, broker.default_queue(settings), model_id=model.id)
+        experiment = Experiment(id=new_id("exp"), job_id=job.id, name=config.experiment.name, config=config.model_dump(mode="json"), model_id=model.id)
+        job.params = {
+            "experiment_id": experiment.id,
+            "layers": layers,
+            "adapter": {"source_kind": adapter_source.kind, "source": adapter_source.location, "tinker_run_id": adapter_source.tinker_run_id}
+            if adapter_source
+            else None,
+            "dataset": config.probe.dataset if dataset_path is None else None,
+            "dataset_path": dataset_path.location if dataset_path else None,
+        }
+        session.add(job)
+        session.flush()
+        session.add(experiment)
+
+    def undo(session: Session) -> None:
+        session.execute(delete(Experiment).where(Experiment.id == experiment.id))
+        jobs.deleting(job.id)(session)
+
+    jobs.enqueue(sessions, connection, settings, job, undo)
+    response.headers["Location"] = f"/v1/experiments/{experiment.id}"
+    return ExperimentAccepted(job=JobOut.of(job), experiment=_view(experiment, job.status, None))
+
+
+@router.get("/{experiment_id}")
+def show_experiment(experiment_id: str, session: SessionDep) -> ExperimentOut:
+    from app.registry.tables import ProbeRun
+
+    experiment = session.get(Experiment, experiment_id)
+    if experiment is None:
+        raise not_found("experiment", experiment_id)
+    job = session.get(Job, experiment.job_id)
+    run = session.get(ProbeRun, experiment.probe_run_id) if experiment.probe_run_id else None
+    return _view(experiment, job.status if job else "failed", run.best_probe_id if run else None)

@@ -1,0 +1,129 @@
+"""The `experiment` job: a §6 config run end to end in one job — adapter import, dataset,
+extraction, probes — each step through the same code as its own endpoint, so every step a
+previous run already did comes back from the registry or the cache."""
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from sqlalchemy import select, update
+
+from app.datasets import default_name, parse_upload
+from app.errors import ServiceError
+from app.registry.datasets import register_dataset
+from app.registry.models import get_model
+from app.registry.tables import (
+    Adapter,
+    Dataset,
+    Experiment,
+    Extraction,
+    Model,
+    ProbeRun,
+    new_id,
+    utcnow,
+)
+from workers import extraction, probe_training
+from workers.adapters import importer
+from workers.context import JobContext
+from workers.errors import JobFailed
+
+SPLIT = {"train": 0.6, "validation": 0.2, "test": 0.2}
+
+
+@dataclass
+class StageContext(JobContext):
+    """The experiment's job context for one step: progress is named after the step."""
+
+    step: str = ""
+
+    def progress(self, stage: str, done: int, total: int | None = None) -> None:
+        super().progress(f"{self.step}: {stage}", done, total)
+
+
+def _step(context: JobContext, step: str, params: dict[str, Any]) -> StageContext:
+    return StageContext(job_id=context.job_id, params=params, runtime=context.runtime, step=step)
+
+
+def _dataset(context: JobContext) -> Dataset:
+    worker = context.runtime
+    if context.params.get("dataset"):
+        with worker.sessions() as session:
+            dataset = session.get(Dataset, context.params["dataset"])
+        if dataset is None:
+            raise JobFailed("not_found", f"dataset {context.params['dataset']} was deleted")
+        return dataset
+    path = Path(context.params["dataset_path"])
+    try:
+        upload = parse_upload(path.read_bytes(), path.name)
+    except ServiceError as exc:  # a malformed file: the same message the upload endpoint gives
+        raise JobFailed(exc.code, f"{path.name}: {exc.message}", **exc.details) from exc
+    return register_dataset(worker.sessions, worker.artifacts, upload, default_name(path.name))[0]
+
+
+def _probe_run(context: JobContext, experiment: Experiment, model: Model, adapter: Adapter | None, dataset: Dataset) -> ProbeRun:
+    """A finished run with exactly these settings, or a new one trained now."""
+    config = experiment.config
+    methods = config["probe"]["method"] if isinstance(config["probe"]["method"], list) else [config["probe"]["method"]]
+    split = SPLIT | {"seed": config["experiment"]["seed"], "whiten": False}
+    settings = {
+        "model_id": model.id, "adapter_id": adapter.id if adapter else None, "dataset_id": dataset.id, "layers": context.params["layers"],
+        "methods": methods, "token_position": config["extraction"]["token_position"], "max_length": config["extraction"]["max_length"],
+        "split": split, "recalibration": config["probe"]["recalibration"],
+    }  # fmt: skip
+    with context.runtime.sessions() as session:
+        for run in session.scalars(select(ProbeRun).where(ProbeRun.model_id == model.id, ProbeRun.best_probe_id.is_not(None))):
+            if all(getattr(run, key) == value for key, value in settings.items()):
+                return run
+    run = ProbeRun(id=new_id("prr"), job_id=context.job_id, **settings)
+    with context.runtime.sessions() as session, session.begin():
+        session.add(run)
+    probe_training.run(_step(context, "probes", {"run_id": run.id}))
+    with context.runtime.sessions() as session:
+        finished = session.get(ProbeRun, run.id)
+    assert finished is not None
+    return finished
+
+
+def run(context: JobContext) -> dict[str, Any]:
+    worker = context.runtime
+    with worker.sessions() as session:
+        experiment = session.get(Experiment, context.params["experiment_id"])
+        if experiment is None:
+            raise JobFailed("not_found", f"experiment {context.params['experiment_id']} is gone")
+        model = get_model(session, experiment.model_id)
+
+    adapter = None
+    if context.params.get("adapter"):
+        params = context.params["adapter"] | {"base_model_id": model.id, "name": f"{experiment.name} adapter", "metadata": {"experiment": experiment.name}}
+        imported = importer.run(_step(context, "adapter import", params))
+        with worker.sessions() as session:
+            adapter = session.get(Adapter, imported["adapter_id"])
+    dataset = _dataset(context)
+
+    config = experiment.config["extraction"]
+    states = Extraction(
+        id=new_id("ext"), job_id=context.job_id, model_id=model.id, adapter_id=adapter.id if adapter else None, dataset_id=dataset.id,
+        text_count=dataset.rows, layers=context.params["layers"], token_position=config["token_position"], max_length=config["max_length"],
+        model_fingerprint=model.fingerprint, adapter_fingerprint=adapter.sha256 if adapter else None,
+    )  # fmt: skip
+    with worker.sessions() as session, session.begin():
+        session.add(states)
+    extracted = extraction.run(_step(context, "extraction", {"extraction_id": states.id}))
+    probe_run = _probe_run(context, experiment, model, adapter, dataset)
+
+    with worker.sessions() as session, session.begin():
+        session.execute(
+            update(Experiment)
+            .where(Experiment.id == experiment.id)
+            .values(adapter_id=adapter.id if adapter else None, dataset_id=dataset.id, extraction_id=states.id, probe_run_id=probe_run.id, finished_at=utcnow())
+        )
+    return {
+        "experiment_id": experiment.id,
+        "adapter_id": adapter.id if adapter else None,
+        "dataset_id": dataset.id,
+        "extraction_id": states.id,
+        "extraction_cache_hits": extracted["cache_hits"],
+        "probe_run_id": probe_run.id,
+        "best_probe_id": probe_run.best_probe_id,
+        "report": f"/v1/probes/{probe_run.best_probe_id}/report.html",
+    }
