@@ -32,6 +32,7 @@ bench: install
 	$(BIN)/python bench/extraction.py
 	$(BIN)/python bench/adapter_import.py
 	$(BIN)/python bench/calibration.py
+	$(BIN)/python bench/service_overhead.py
 
 clean:
 	rm -rf $(VENV) var .pytest_cache

@@ -37,7 +37,9 @@ def enqueue(
 ) -> None:
     """Put a committed job on its RQ queue. If Redis refuses, `undo` removes what the
     request wrote (the job row and whatever it belongs to) and the client gets 503."""
-    from rq import Queue  # imported on first use: it is slow to import, and start-up is measured
+    from rq import (
+        Queue,  # imported on first use: it is slow to import, and start-up is measured
+    )
 
     try:
         Queue(job.queue, connection=connection).enqueue(

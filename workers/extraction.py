@@ -262,7 +262,7 @@ def run(context: "JobContext") -> dict[str, Any]:
     request = StatesRequest(model, adapter, layers, extraction.token_position, extraction.max_length)
     result = hidden_states(context, request, texts, shard_name=extraction.id)
 
-    context.progress("writing", result.computed_texts, result.computed_texts)
+    context.progress("writing", len(texts), len(texts))
     artifact = f"extractions/{extraction.id}/hidden_states.safetensors"
     metadata = {"layers": json.dumps(layers), "token_position": extraction.token_position, "model_id": model.id}
     with store.temporary_path(artifact) as path:

@@ -19,7 +19,14 @@ from app.errors import invalid_field, not_found
 from app.extractions import resolve_layers
 from app.registry.database import transaction
 from app.registry.tables import Dataset, Experiment, Job, new_id
-from app.schemas import ERROR_RESPONSES, ExperimentAccepted, ExperimentConfig, ExperimentOut, JobOut, ModelCreate
+from app.schemas import (
+    ERROR_RESPONSES,
+    ExperimentAccepted,
+    ExperimentConfig,
+    ExperimentOut,
+    JobOut,
+    ModelCreate,
+)
 
 router = APIRouter(prefix="/v1/experiments", tags=["experiments"], responses=ERROR_RESPONSES)
 

@@ -14,7 +14,6 @@ from app.model_sources import fingerprint, read_model_shape, resolve_source
 from app.registry.database import transaction
 from app.registry.models import find_model, get_model, list_models, new_model
 from app.registry.tables import Model
-from app.settings import Settings
 from app.schemas import (
     ERROR_RESPONSES,
     JobAccepted,
@@ -23,6 +22,7 @@ from app.schemas import (
     ModelOut,
     ModelPage,
 )
+from app.settings import Settings
 
 router = APIRouter(prefix="/v1/models", tags=["models"], responses=ERROR_RESPONSES)
 

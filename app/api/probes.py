@@ -111,11 +111,12 @@ def _labelled_reports(report: dict[str, Any], probe: Probe) -> list[tuple[str, d
 
 @router.get("/v1/probes/{probe_id}/report")
 def probe_report(probe_id: str, session: SessionDep, artifacts: ArtifactsDep) -> dict[str, Any]:
-    """The calibration report on the held-out test split: every metric with its estimator
-    named and a bootstrap interval, and the reliability bins; for multiple choice, the same
-    for the model's own probability of its answer (`baseline`)."""
+    """The probe, and its calibration `report` on the held-out test split: every metric with
+    its estimator named and a bootstrap interval, and the reliability bins; for multiple
+    choice, the same for the model's own probability of its answer (`baseline`)."""
     probe = _probe(session, probe_id)
-    return {"probe": ProbeOut.of(probe).model_dump(mode="json")} | _report(artifacts, probe)
+    report = _report(artifacts, probe)
+    return {"probe": ProbeOut.of(probe).model_dump(mode="json"), "report": report["probe"], "baseline": report["baseline"]}
 
 
 @router.get("/v1/probes/{probe_id}/report.svg", response_class=Response, responses={200: {"content": {"image/svg+xml": {}}}})

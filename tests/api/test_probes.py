@@ -59,10 +59,10 @@ def test_held_out_metrics_match_scikit_learn_on_the_test_predictions(stack: Stac
     assert len(y) == 24  # 20% of 120, stratified
     assert [rows_label for rows_label in y] == [[row["label"] for row in shared_rows("geometry_of_truth/cities.jsonl", 120)][i] for i in predictions["test_indices"]]
     report = stack.client.get(f"/v1/probes/{probe['id']}/report").json()
-    assert report["probe"]["n"] == 24
-    assert report["probe"]["metrics"]["auroc"]["value"] == pytest.approx(roc_auc_score(y, p))
-    assert report["probe"]["metrics"]["brier"]["value"] == pytest.approx(brier_score_loss(y, p))
-    low, high = report["probe"]["metrics"]["auroc"]["interval"]
+    assert report["probe"]["id"] == probe["id"] and report["report"]["n"] == 24
+    assert report["report"]["metrics"]["auroc"]["value"] == pytest.approx(roc_auc_score(y, p))
+    assert report["report"]["metrics"]["brier"]["value"] == pytest.approx(brier_score_loss(y, p))
+    low, high = report["report"]["metrics"]["auroc"]["interval"]
     assert low <= roc_auc_score(y, p) <= high
     assert probe["metrics"]["auroc"]["value"] == pytest.approx(roc_auc_score(y, p))
     assert report["baseline"] is None

@@ -1,0 +1,79 @@
+"""Python client of the Confidence Probing Service (v1 API).
+
+    from confprobe_client import Client
+
+    with Client("http://127.0.0.1:8000") as client:
+        model = client.register_model("/models/Llama-3.1-8B", name="llama-8b")
+        client.wait(model.check_job_id)
+        states = client.extract(model.id, layers=[8, 16], texts=["Paris is in France."])
+
+It needs httpx and pydantic (numpy for hidden states, tqdm for progress bars), never torch
+or the service's own packages.
+"""
+
+from confprobe_client.client import DEFAULT_URL, Client
+from confprobe_client.errors import (
+    ApiError,
+    Conflict,
+    ConfprobeError,
+    InvalidRequest,
+    JobFailed,
+    NotFound,
+    Unavailable,
+    Unreachable,
+    WaitTimedOut,
+)
+from confprobe_client.types import (
+    Adapter,
+    CalibrationReport,
+    Comparison,
+    Dataset,
+    Estimate,
+    Experiment,
+    Extraction,
+    Health,
+    Job,
+    JobError,
+    Model,
+    Page,
+    Probe,
+    ProbeReport,
+    ProbeRun,
+    Progress,
+    Readiness,
+    Score,
+    TinkerModel,
+)
+
+__all__ = [
+    "Experiment",
+    "DEFAULT_URL",
+    "Adapter",
+    "ApiError",
+    "CalibrationReport",
+    "Client",
+    "Comparison",
+    "Conflict",
+    "ConfprobeError",
+    "Dataset",
+    "Estimate",
+    "Extraction",
+    "Health",
+    "InvalidRequest",
+    "Job",
+    "JobError",
+    "JobFailed",
+    "Model",
+    "NotFound",
+    "Page",
+    "Probe",
+    "ProbeReport",
+    "ProbeRun",
+    "Progress",
+    "Readiness",
+    "Score",
+    "TinkerModel",
+    "Unavailable",
+    "Unreachable",
+    "WaitTimedOut",
+]

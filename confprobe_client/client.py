@@ -1,0 +1,515 @@
+"""`Client`: one method per endpoint of the v1 API, typed answers, errors raised by kind,
+and `wait` to follow a job to its end."""
+
+import io
+import time
+from collections.abc import Callable, Iterable, Iterator, Sequence
+from contextlib import contextmanager
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Self
+
+import httpx
+
+from confprobe_client.errors import (
+    ApiError,
+    JobFailed,
+    Unreachable,
+    WaitTimedOut,
+    api_error,
+)
+from confprobe_client.types import (
+    Adapter,
+    Comparison,
+    Dataset,
+    Experiment,
+    Extraction,
+    Health,
+    Job,
+    Model,
+    Page,
+    Probe,
+    ProbeReport,
+    ProbeRun,
+    Readiness,
+    Score,
+    TinkerModel,
+)
+
+if TYPE_CHECKING:
+    import numpy as np
+
+DEFAULT_URL = "http://127.0.0.1:8000"
+# Polling, when the events stream is not there, starts fast for short jobs and slows down
+# for long ones.
+FIRST_POLL_S = 0.1
+LONGEST_POLL_S = 2.0
+
+JobListener = Callable[[Job], None]
+
+
+class Client:
+    """The Confidence Probing Service over HTTP.
+
+    `http` takes an existing client with httpx's interface (an `httpx.Client`, or FastAPI's
+    `TestClient` for a service in the same process), which then decides the base URL; else
+    the client makes its own from `base_url`, `timeout` (seconds) and an optional httpx
+    `transport`.
+    """
+
+    def __init__(
+        self,
+        base_url: str = DEFAULT_URL,
+        timeout: float = 30,
+        transport: httpx.BaseTransport | None = None,
+        http: httpx.Client | None = None,
+    ) -> None:
+        self._owns_http = http is None
+        self._http = http or httpx.Client(base_url=base_url, timeout=timeout, transport=transport)
+        self.timeout = timeout
+
+    @property
+    def base_url(self) -> str:
+        return str(self._http.base_url)
+
+    def close(self) -> None:
+        if self._owns_http:
+            self._http.close()
+
+    def __enter__(self) -> Self:
+        return self
+
+    def __exit__(self, *_: object) -> None:
+        self.close()
+
+    # --- health ----------------------------------------------------------------------------
+
+    def health(self) -> Health:
+        return Health.model_validate(self._json("GET", "/healthz"))
+
+    def ready(self) -> Readiness:
+        """Raises `Unavailable` naming what is missing (database, Redis, a worker)."""
+        return Readiness.model_validate(self._json("GET", "/readyz"))
+
+    # --- models ----------------------------------------------------------------------------
+
+    def register_model(
+        self, source: str, name: str | None = None, revision: str | None = None, dtype: str | None = None, quantization: str | None = None
+    ) -> Model:
+        """Register a base model (a local folder, or a Hugging Face id in the service's cache);
+        a worker checks it in the job `check_job_id`. The same source again gives the same model."""
+        body = _without_none(name=name or _last_path_part(source), source=source, revision=revision, dtype=dtype, quantization=quantization)
+        return Model.model_validate(self._json("POST", "/v1/models", json=body))
+
+    def check_model(self, model_id: str) -> Job:
+        return _accepted_job(self._json("POST", f"/v1/models/{model_id}/check"))
+
+    def get_model(self, model_id: str) -> Model:
+        return Model.model_validate(self._json("GET", f"/v1/models/{model_id}"))
+
+    def list_models(self, cursor: str | None = None, limit: int = 50) -> Page[Model]:
+        return Page[Model].model_validate(self._json("GET", "/v1/models", params=_without_none(cursor=cursor, limit=limit)))
+
+    # --- datasets --------------------------------------------------------------------------
+
+    def upload_dataset(self, path: str | Path, name: str | None = None) -> Dataset:
+        """Upload JSONL or CSV: statements `{text, label}` or multiple choice `{question,
+        choices, answer}`. The same rows again give the same dataset."""
+        path = Path(path)
+        with path.open("rb") as handle:
+            answer = self._json("POST", "/v1/datasets", files={"file": (path.name, handle)}, data=_without_none(name=name))
+        return Dataset.model_validate(answer)
+
+    def get_dataset(self, dataset_id: str) -> Dataset:
+        return Dataset.model_validate(self._json("GET", f"/v1/datasets/{dataset_id}"))
+
+    def list_datasets(self, cursor: str | None = None, limit: int = 50) -> Page[Dataset]:
+        return Page[Dataset].model_validate(self._json("GET", "/v1/datasets", params=_without_none(cursor=cursor, limit=limit)))
+
+    # --- adapters --------------------------------------------------------------------------
+
+    def import_adapter(self, source: str, base_model: str, name: str, metadata: dict[str, Any] | None = None) -> Job:
+        """Import from `tinker://…`, a folder or archive under the service's ADAPTER_ROOTS, or
+        an allowed URL; the job's result names the `adapter_id`."""
+        body = _without_none(source=source, base_model=base_model, name=name, metadata=metadata)
+        return _accepted_job(self._json("POST", "/v1/adapters/import", json=body))
+
+    def upload_adapter(self, path: str | Path, base_model: str, name: str, metadata: dict[str, Any] | None = None) -> Job:
+        """Upload a `.tar`, `.tar.gz` or `.zip` of a PEFT adapter or Tinker checkpoint."""
+        import json
+
+        path = Path(path)
+        form = _without_none(base_model=base_model, name=name, metadata=json.dumps(metadata) if metadata is not None else None)
+        with path.open("rb") as handle:
+            return _accepted_job(self._json("POST", "/v1/adapters/upload", files={"file": (path.name, handle)}, data=form))
+
+    def list_adapters(self, base_model: str | None = None, cursor: str | None = None, limit: int = 50) -> Page[Adapter]:
+        params = _without_none(base_model=base_model, cursor=cursor, limit=limit)
+        return Page[Adapter].model_validate(self._json("GET", "/v1/adapters", params=params))
+
+    def get_adapter(self, adapter_id: str) -> Adapter:
+        return Adapter.model_validate(self._json("GET", f"/v1/adapters/{adapter_id}"))
+
+    def delete_adapter(self, adapter_id: str, force: bool = False) -> None:
+        """Raises `Conflict` while an unfinished job uses it, unless `force`."""
+        self._send("DELETE", f"/v1/adapters/{adapter_id}", params={"force": "true"} if force else None)
+
+    # --- extractions -----------------------------------------------------------------------
+
+    def create_extraction(
+        self,
+        model: str,
+        layers: Sequence[int],
+        texts: Sequence[str] | None = None,
+        dataset: str | None = None,
+        adapter: str | None = None,
+        token_position: str | None = None,
+        max_length: int | None = None,
+    ) -> Extraction:
+        """Queue an extraction of `texts` or a `dataset`; follow `job_id`, then download."""
+        body = _without_none(
+            model=model,
+            adapter=adapter,
+            texts=list(texts) if texts is not None else None,
+            dataset=dataset,
+            layers=list(layers),
+            token_position=token_position,
+            max_length=max_length,
+        )
+        return Extraction.model_validate(self._json("POST", "/v1/extractions", json=body)["extraction"])
+
+    def get_extraction(self, extraction_id: str) -> Extraction:
+        return Extraction.model_validate(self._json("GET", f"/v1/extractions/{extraction_id}"))
+
+    def list_extractions(self, cursor: str | None = None, limit: int = 50) -> Page[Extraction]:
+        return Page[Extraction].model_validate(self._json("GET", "/v1/extractions", params=_without_none(cursor=cursor, limit=limit)))
+
+    def download_hidden_states(self, extraction_id: str) -> "np.ndarray":
+        """The `(texts, layers, hidden)` float32 array, streamed into memory as `.npy`.
+        Raises `Conflict` while it is not computed yet."""
+        import numpy as np
+
+        buffer = io.BytesIO()
+        with self._stream("GET", f"/v1/extractions/{extraction_id}/hidden-states", params={"format": "npy"}) as response:
+            for chunk in response.iter_bytes():
+                buffer.write(chunk)
+        buffer.seek(0)
+        return np.load(buffer, allow_pickle=False)
+
+    def extract(
+        self,
+        model: str,
+        layers: Sequence[int],
+        texts: Sequence[str] | None = None,
+        dataset: str | None = None,
+        adapter: str | None = None,
+        token_position: str | None = None,
+        max_length: int | None = None,
+        timeout: float | None = None,
+        progress: bool = True,
+    ) -> "np.ndarray":
+        """Extract, wait and download: hidden states shaped `(texts, layers, hidden)`."""
+        extraction = self.create_extraction(model, layers, texts, dataset, adapter, token_position, max_length)
+        self.wait(extraction.job_id, timeout=timeout, progress=progress)
+        return self.download_hidden_states(extraction.id)
+
+    # --- probes ----------------------------------------------------------------------------
+
+    def train_probes(
+        self,
+        model: str,
+        dataset: str,
+        layers: Sequence[int],
+        method: str | Sequence[str] | None = None,
+        adapter: str | None = None,
+        token_position: str | None = None,
+        max_length: int | None = None,
+        whiten: bool | None = None,
+        split: dict[str, float] | None = None,
+        seed: int | None = None,
+        recalibration: str | None = None,
+    ) -> ProbeRun:
+        """Queue training of one probe per layer and method; follow the run's `job_id`."""
+        body = _without_none(
+            model=model,
+            adapter=adapter,
+            dataset=dataset,
+            layers=list(layers),
+            token_position=token_position,
+            max_length=max_length,
+            method=method if method is None or isinstance(method, str) else list(method),
+            whiten=whiten,
+            split=split,
+            seed=seed,
+            recalibration=recalibration,
+        )
+        return ProbeRun.model_validate(self._json("POST", "/v1/probes", json=body)["run"])
+
+    def train(
+        self,
+        model: str,
+        dataset: str,
+        layers: Sequence[int],
+        method: str | Sequence[str] | None = None,
+        adapter: str | None = None,
+        token_position: str | None = None,
+        max_length: int | None = None,
+        whiten: bool | None = None,
+        split: dict[str, float] | None = None,
+        seed: int | None = None,
+        recalibration: str | None = None,
+        timeout: float | None = None,
+        progress: bool = True,
+    ) -> ProbeRun:
+        """Train, wait, and return the finished run with its probes and the best one marked."""
+        run = self.train_probes(model, dataset, layers, method, adapter, token_position, max_length, whiten, split, seed, recalibration)
+        self.wait(run.job_id, timeout=timeout, progress=progress)
+        return self.get_probe_run(run.id)
+
+    def get_probe_run(self, run_id: str) -> ProbeRun:
+        return ProbeRun.model_validate(self._json("GET", f"/v1/probe-runs/{run_id}"))
+
+    def list_probes(
+        self, model: str | None = None, dataset: str | None = None, best: bool | None = None, cursor: str | None = None, limit: int = 50
+    ) -> Page[Probe]:
+        params = _without_none(model=model, dataset=dataset, best=best, cursor=cursor, limit=limit)
+        return Page[Probe].model_validate(self._json("GET", "/v1/probes", params=params))
+
+    def get_probe(self, probe_id: str) -> Probe:
+        return Probe.model_validate(self._json("GET", f"/v1/probes/{probe_id}"))
+
+    def probe_report(self, probe_id: str) -> ProbeReport:
+        return ProbeReport.model_validate(self._json("GET", f"/v1/probes/{probe_id}/report"))
+
+    def probe_report_html(self, probe_id: str) -> str:
+        """A standalone page: reliability diagram, confidence histogram and metrics table."""
+        return self._send("GET", f"/v1/probes/{probe_id}/report.html").text
+
+    def probe_report_svg(self, probe_id: str) -> str:
+        return self._send("GET", f"/v1/probes/{probe_id}/report.svg").text
+
+    def probe_report_png(self, probe_id: str) -> bytes:
+        return self._send("GET", f"/v1/probes/{probe_id}/report.png").content
+
+    def score(self, probe_id: str, texts: Sequence[str], timeout_s: float | None = None) -> Score:
+        """P(correct) per text. The service answers within `timeout_s` or hands back a job,
+        which this then waits for."""
+        response = self._send("POST", f"/v1/probes/{probe_id}/score", json=_without_none(texts=list(texts), timeout_s=timeout_s))
+        if response.status_code != 202:
+            return Score.model_validate(response.json())
+        job = self.wait(_accepted_job(response.json()).id, progress=False)
+        return Score(probe_id=probe_id, layer=self.get_probe(probe_id).layer, confidences=_result(job)["confidences"])
+
+    # --- comparisons -----------------------------------------------------------------------
+
+    def compare(
+        self,
+        model: str,
+        adapters: Sequence[str],
+        dataset: str,
+        layers: Sequence[int],
+        method: str | None = None,
+        token_position: str | None = None,
+        max_length: int | None = None,
+        split: dict[str, float] | None = None,
+        seed: int | None = None,
+        on_mixed_precision: str | None = None,
+    ) -> Comparison:
+        """Queue a base-versus-adapters comparison; follow its `job_id`, then `get_comparison`."""
+        body = _without_none(
+            model=model,
+            adapters=list(adapters),
+            dataset=dataset,
+            layers=list(layers),
+            method=method,
+            token_position=token_position,
+            max_length=max_length,
+            split=split,
+            seed=seed,
+            on_mixed_precision=on_mixed_precision,
+        )
+        return Comparison.model_validate(self._json("POST", "/v1/comparisons", json=body)["comparison"])
+
+    def run_experiment(self, config: str | Path | dict[str, Any]) -> Experiment:
+        """Queue an experiment config (SPEC §6): a YAML or JSON file, YAML text, or a dict."""
+        if isinstance(config, dict):
+            answer = self._json("POST", "/v1/experiments", json=config)
+        else:
+            text = Path(config).read_text(encoding="utf-8") if isinstance(config, Path) or Path(str(config)).is_file() else str(config)
+            answer = self._json("POST", "/v1/experiments", content=text.encode(), headers={"content-type": "application/yaml"})
+        return Experiment.model_validate(answer["experiment"])
+
+    def get_experiment(self, experiment_id: str) -> Experiment:
+        return Experiment.model_validate(self._json("GET", f"/v1/experiments/{experiment_id}"))
+
+    def get_comparison(self, comparison_id: str) -> Comparison:
+        return Comparison.model_validate(self._json("GET", f"/v1/comparisons/{comparison_id}"))
+
+    def comparison_report_html(self, comparison_id: str) -> str:
+        return self._send("GET", f"/v1/comparisons/{comparison_id}/report.html").text
+
+    def comparison_report_svg(self, comparison_id: str) -> str:
+        return self._send("GET", f"/v1/comparisons/{comparison_id}/report.svg").text
+
+    # --- Tinker ----------------------------------------------------------------------------
+
+    def tinker_models(self) -> list[TinkerModel]:
+        """The base models the Tinker service supports (the service needs TINKER_API_KEY)."""
+        response = self._send("GET", "/v1/tinker/models")
+        answer = response.json() if response.status_code != 202 else _result(self.wait(_accepted_job(response.json()).id, progress=False))
+        return [TinkerModel.model_validate(model) for model in answer["models"]]
+
+    # --- jobs ------------------------------------------------------------------------------
+
+    def get_job(self, job_id: str) -> Job:
+        return Job.model_validate(self._json("GET", f"/v1/jobs/{job_id}"))
+
+    def list_jobs(self, status: str | None = None, kind: str | None = None, cursor: str | None = None, limit: int = 50) -> Page[Job]:
+        """Newest first."""
+        params = _without_none(status=status, kind=kind, cursor=cursor, limit=limit)
+        return Page[Job].model_validate(self._json("GET", "/v1/jobs", params=params))
+
+    def cancel_job(self, job_id: str) -> Job:
+        """A queued job is cancelled at once, a running one at its next progress point;
+        raises `Conflict` for a finished one."""
+        return Job.model_validate(self._json("POST", f"/v1/jobs/{job_id}/cancel"))
+
+    def ping(self) -> Job:
+        """A canary job that runs the whole path to a worker and back without a model."""
+        return _accepted_job(self._json("POST", "/v1/jobs/ping"))
+
+    def wait(self, job_id: str, timeout: float | None = None, progress: bool = True) -> Job:
+        """Follow a job to its end and return it; raise `JobFailed` (with the job's error
+        code and message) when it failed or was cancelled, `WaitTimedOut` after `timeout`
+        seconds. Follows the job's server-sent events and falls back to polling when the
+        stream is refused or breaks. `progress` draws a progress bar on stderr."""
+        deadline = None if timeout is None else time.monotonic() + timeout
+        with _listener(progress) as show:
+            job = self._final_job_from_events(job_id, deadline, show) or self._final_job_by_polling(job_id, deadline, show)
+        if job.status != "succeeded":
+            raise JobFailed(job)
+        return job
+
+    def _final_job_from_events(self, job_id: str, deadline: float | None, show: JobListener) -> Job | None:
+        """The final job as `GET /v1/jobs/{id}/events` tells it; None when the stream is
+        refused (a proxy may answer it with an error of its own), is not one, breaks, ends
+        early or outlives the deadline, so that polling takes over. An error that is really
+        the service's comes back from polling."""
+        read_timeout = self.timeout if deadline is None else max(0.1, min(self.timeout, deadline - time.monotonic()))
+        timeouts = httpx.Timeout(self.timeout, read=read_timeout)
+        try:
+            with self._stream("GET", f"/v1/jobs/{job_id}/events", headers={"accept": "text/event-stream"}, timeout=timeouts) as response:
+                if not response.headers.get("content-type", "").startswith("text/event-stream"):
+                    return None
+                for event, data in _server_sent_events(response.iter_lines(), deadline):
+                    if event != "job":
+                        continue
+                    job = Job.model_validate_json(data)
+                    show(job)
+                    if job.is_final:
+                        return job
+        except (ApiError, Unreachable):
+            return None
+        return None
+
+    def _final_job_by_polling(self, job_id: str, deadline: float | None, show: JobListener) -> Job:
+        interval = FIRST_POLL_S
+        while True:
+            job = self.get_job(job_id)
+            show(job)
+            if job.is_final:
+                return job
+            if deadline is not None and time.monotonic() >= deadline:
+                raise WaitTimedOut(job)
+            time.sleep(interval if deadline is None else max(0.0, min(interval, deadline - time.monotonic())))
+            interval = min(interval * 2, LONGEST_POLL_S)
+
+    # --- transport -------------------------------------------------------------------------
+
+    def _send(self, method: str, path: str, **request: Any) -> httpx.Response:
+        try:
+            response = self._http.request(method, path, **request)
+        except httpx.TransportError as exc:
+            raise self._unreachable(method, path, exc) from exc
+        if response.is_error:
+            raise api_error(response.status_code, _json_or_none(response))
+        return response
+
+    def _json(self, method: str, path: str, **request: Any) -> Any:
+        return self._send(method, path, **request).json()
+
+    @contextmanager
+    def _stream(self, method: str, path: str, **request: Any) -> Iterator[httpx.Response]:
+        """A response whose body is read as it comes; errors as in `_send`, including a
+        connection that breaks mid-body."""
+        try:
+            with self._http.stream(method, path, **request) as response:
+                if response.is_error:
+                    response.read()
+                    raise api_error(response.status_code, _json_or_none(response))
+                yield response
+        except httpx.TransportError as exc:
+            raise self._unreachable(method, path, exc) from exc
+
+    def _unreachable(self, method: str, path: str, cause: httpx.TransportError) -> Unreachable:
+        return Unreachable(f"no answer from {self.base_url.rstrip('/')} to {method} {path}: {cause or type(cause).__name__}")
+
+
+def _without_none(**fields: Any) -> dict[str, Any]:
+    """Request fields the caller gave; the service's defaults apply to the rest."""
+    return {name: value for name, value in fields.items() if value is not None}
+
+
+def _last_path_part(source: str) -> str:
+    return source.rstrip("/").rsplit("/", 1)[-1] or source
+
+
+def _accepted_job(answer: dict[str, Any]) -> Job:
+    return Job.model_validate(answer["job"])
+
+
+def _result(job: Job) -> dict[str, Any]:
+    return job.result or {}
+
+
+def _json_or_none(response: httpx.Response) -> Any:
+    try:
+        return response.json()
+    except ValueError:
+        return None
+
+
+def _server_sent_events(lines: Iterable[str], deadline: float | None) -> Iterator[tuple[str, str]]:
+    """(event, data) pairs of a text/event-stream; stops at the deadline, which keep-alive
+    comments let it notice even while the job is quiet."""
+    event, data = "message", []
+    for line in lines:
+        if deadline is not None and time.monotonic() >= deadline:
+            return
+        if not line:
+            if data:
+                yield event, "\n".join(data)
+            event, data = "message", []
+        elif line.startswith(":"):
+            continue
+        else:
+            name, _, value = line.partition(":")
+            value = value.removeprefix(" ")
+            if name == "event":
+                event = value
+            elif name == "data":
+                data.append(value)
+
+
+@contextmanager
+def _listener(progress: bool) -> Iterator[JobListener]:
+    """What `wait` tells about each new state of the job: a progress bar, or nothing."""
+    if not progress:
+        yield lambda _job: None
+        return
+    from confprobe_client.progress import JobProgressBar
+
+    bar = JobProgressBar()
+    try:
+        yield bar.show
+    finally:
+        bar.close()

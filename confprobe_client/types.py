@@ -1,0 +1,251 @@
+"""What the service answers, as typed values. These mirror the v1 response bodies; fields
+the client does not know yet are ignored, so a newer service does not break an older client."""
+
+from datetime import datetime
+from typing import Any, Generic, Literal, TypeVar
+
+from pydantic import BaseModel, ConfigDict, Field
+
+JobStatus = Literal["queued", "running", "succeeded", "failed", "cancelled"]
+TokenPosition = Literal["last", "mean"]
+ProbeMethod = Literal["logistic", "mass_mean"]
+
+FINAL_STATUSES: frozenset[str] = frozenset({"succeeded", "failed", "cancelled"})
+
+
+class Answer(BaseModel):
+    model_config = ConfigDict(frozen=True, extra="ignore")
+
+
+class Health(Answer):
+    status: str
+
+
+class Readiness(Answer):
+    status: str
+    checks: dict[str, Any]
+
+
+class Progress(Answer):
+    stage: str | None
+    done: int
+    total: int | None
+
+
+class JobError(Answer):
+    code: str
+    message: str
+    details: dict[str, Any] = {}
+
+
+class Job(Answer):
+    id: str
+    kind: str
+    status: JobStatus
+    progress: Progress
+    result: dict[str, Any] | None
+    error: JobError | None
+    cancel_requested: bool
+    worker: str | None
+    model_id: str | None
+    created_at: datetime
+    started_at: datetime | None
+    finished_at: datetime | None
+
+    @property
+    def is_final(self) -> bool:
+        return self.status in FINAL_STATUSES
+
+
+class Model(Answer):
+    id: str
+    name: str
+    source: str
+    source_kind: str
+    resolved_path: str
+    revision: str | None
+    dtype: str
+    quantization: str | None
+    fingerprint: str
+    architecture: str
+    model_type: str
+    num_layers: int
+    hidden_size: int
+    status: Literal["pending", "ready", "failed"]
+    status_reason: str | None
+    parameter_count: int | None
+    memory_footprint_bytes: int | None
+    check_job_id: str | None
+    created_at: datetime
+    updated_at: datetime
+
+
+class Dataset(Answer):
+    id: str
+    name: str
+    kind: Literal["statements", "multiple_choice"]
+    source_format: str
+    rows: int
+    label_balance: dict[str, int]
+    sha256: str
+    upload_sha256: str
+    size_bytes: int
+    created_at: datetime
+
+
+class Adapter(Answer):
+    id: str
+    name: str
+    base_model_id: str
+    r: int
+    lora_alpha: float
+    target_modules: list[str]
+    sha256: str
+    size_bytes: int
+    source_kind: str
+    source: str
+    tinker_path: str | None
+    tinker_run_id: str | None
+    conversion: dict[str, Any]
+    training: dict[str, Any]
+    import_job_id: str | None
+    created_at: datetime
+
+
+class Extraction(Answer):
+    id: str
+    status: JobStatus
+    job_id: str
+    model_id: str
+    adapter_id: str | None
+    dataset_id: str | None
+    text_count: int
+    layers: list[int]
+    token_position: TokenPosition
+    max_length: int | None
+    shape: list[int] | None
+    dtype: str | None
+    truncated_count: int | None
+    cache_hits: int | None
+    model_fingerprint: str
+    adapter_fingerprint: str | None
+    created_at: datetime
+    finished_at: datetime | None
+
+
+class Estimate(Answer):
+    """A metric's value with its 95% percentile bootstrap interval (None where undefined)."""
+
+    value: float | None
+    interval: list[float] | None
+    label: str | None = None
+    estimator: dict[str, Any] | None = Field(None, description="Which definition: bins, binning, norm and form for ECE-like metrics.")
+
+
+class Probe(Answer):
+    id: str
+    run_id: str
+    model_id: str
+    adapter_id: str | None
+    dataset_id: str
+    layer: int
+    method: ProbeMethod
+    token_position: TokenPosition
+    max_length: int | None
+    recalibration: str | None
+    is_best: bool
+    validation: dict[str, Any]
+    metrics: dict[str, Estimate]
+    created_at: datetime
+
+
+class ProbeRun(Answer):
+    id: str
+    job_id: str
+    status: JobStatus
+    model_id: str
+    adapter_id: str | None
+    dataset_id: str
+    layers: list[int]
+    methods: list[ProbeMethod]
+    token_position: TokenPosition
+    split: dict[str, Any]
+    recalibration: str | None
+    best_probe_id: str | None
+    probes: list[Probe]
+    created_at: datetime
+    finished_at: datetime | None
+
+    @property
+    def best_probe(self) -> Probe | None:
+        return next((probe for probe in self.probes if probe.id == self.best_probe_id), None)
+
+
+class CalibrationReport(Answer):
+    """Every §5 metric on one set of items, with the reliability bins (`equal_width`,
+    `equal_mass`), the confidence histogram and the bootstrap settings."""
+
+    n: int
+    base_rate: float
+    metrics: dict[str, Estimate]
+    bins: dict[str, list[dict[str, Any]]]
+    histogram: dict[str, list[float]]
+    bootstrap: dict[str, Any]
+
+
+class ProbeReport(Answer):
+    """A probe's calibration on its held-out test split; `baseline` is the same for a
+    multiple-choice model's own probability of its answer, None for statements."""
+
+    probe: Probe
+    report: CalibrationReport
+    baseline: CalibrationReport | None
+
+
+class Score(Answer):
+    probe_id: str
+    layer: int
+    confidences: list[float]
+
+
+class Comparison(Answer):
+    id: str
+    job_id: str
+    status: JobStatus
+    model_id: str
+    adapter_ids: list[str]
+    dataset_id: str
+    layers: list[int]
+    method: ProbeMethod
+    token_position: TokenPosition
+    created_at: datetime
+    finished_at: datetime | None
+    report: dict[str, Any] | None = None
+
+
+class TinkerModel(Answer):
+    model_name: str | None
+    max_context_length: int | None = None
+    trainable: bool | None = None
+    sampleable: bool | None = None
+
+
+Item = TypeVar("Item", bound=Answer)
+
+
+class Page(Answer, Generic[Item]):
+    """One page of a list, newest first; pass `next_cursor` as `cursor` for the next one."""
+
+    items: list[Item]
+    next_cursor: str | None
+
+
+class Experiment(Answer):
+    id: str
+    name: str
+    status: JobStatus
+    job_id: str
+    config: dict[str, Any]
+    links: dict[str, str | None]
+    created_at: datetime
+    finished_at: datetime | None
