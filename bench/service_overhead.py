@@ -8,7 +8,7 @@ both paths, so both compute every vector.
 (a) direct — the worker's own function (`workers.extraction.hidden_states`) called in this
     process, the model already loaded.
 (b) service — `confprobe serve` (embedded Redis, SQLite, one worker that has already loaded
-    the model) driven by the Python client: submit the job, wait for it over server-sent
+    the model; both paths first run the same 8-text warm-up) driven by the Python client: submit the job, wait for it over server-sent
     events, download the `.npy` array.
 
 `overhead_ratio` = service_s / direct_s. Both arrays are compared, so the two paths are
@@ -93,6 +93,7 @@ def through_service(folder: Path, model_folder: Path, texts: list[str]) -> tuple
                 time.sleep(0.2)
         model = client.register_model(str(model_folder), name="bench")
         client.wait(model.check_job_id, progress=False)  # the worker now has the model loaded
+        client.extract(model.id, LAYERS, texts=texts[:8], progress=False)  # the same warm-up as the direct path
         start = time.perf_counter()
         states = client.extract(model.id, LAYERS, texts=texts, progress=False)
         return time.perf_counter() - start, states
