@@ -60,15 +60,19 @@ def _url_source(source: str, settings: Settings) -> AdapterSource:
 
 
 def _local_source(source: str, settings: Settings) -> AdapterSource:
-    path = Path(source).expanduser().resolve()
+    try:
+        path = Path(source).expanduser().resolve()
+        exists, is_folder = path.exists(), path.is_dir()
+    except (OSError, ValueError) as exc:  # too long, or a NUL byte
+        raise invalid_field("source", f"not a usable path: {exc}") from exc
     roots = [root.expanduser().resolve() for root in settings.adapter_roots]
     if not any(path.is_relative_to(root) for root in roots):
         raise ServiceError(
             403, "forbidden", f"source: {str(path)!r} is outside the folders adapters may be imported from (ADAPTER_ROOTS)", field="source"
         )
-    if not path.exists():
+    if not exists:
         raise ServiceError(404, "not_found", f"source: no such file or folder {str(path)!r}", field="source")
-    return AdapterSource(kind="local_folder" if path.is_dir() else "local_archive", location=str(path))
+    return AdapterSource(kind="local_folder" if is_folder else "local_archive", location=str(path))
 
 
 def classify_source(source: str, settings: Settings) -> AdapterSource:

@@ -10,7 +10,7 @@ from typing import Any
 
 from app.errors import ServiceError, invalid_field
 
-HF_REPO_ID = re.compile(r"^[A-Za-z0-9][\w.-]{0,95}(/[A-Za-z0-9][\w.-]{0,95})?$")
+HF_REPO_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,95}(/[A-Za-z0-9][A-Za-z0-9_.-]{0,95})?$", re.ASCII)
 
 # Config keys that name the same thing across architectures (Llama/BERT, GPT-2, T5-style).
 LAYER_COUNT_KEYS = ("num_hidden_layers", "n_layer", "num_layers")
@@ -33,15 +33,22 @@ class ResolvedSource:
 
 
 def _looks_like_path(source: str) -> bool:
-    return source.startswith(("/", "./", "../", "~")) or Path(source).expanduser().exists()
+    try:
+        return source.startswith(("/", "./", "../", "~")) or Path(source).expanduser().exists()
+    except (OSError, ValueError):  # a name too long, or with a NUL, for this filesystem
+        return False
 
 
 def resolve_source(source: str, revision: str | None, hf_cache_dir: Path | None = None) -> ResolvedSource:
     """A local folder, or a Hugging Face id that is already in the local cache. Nothing is
     downloaded: a model not on this machine is a 404 naming `source`."""
     if _looks_like_path(source):
-        path = Path(source).expanduser().resolve()
-        if not path.exists():
+        try:
+            path = Path(source).expanduser().resolve()
+            exists = path.exists()
+        except (OSError, ValueError) as exc:
+            raise invalid_field("source", f"not a usable path: {exc}") from exc
+        if not exists:
             raise ServiceError(404, "not_found", f"source: no such folder {str(path)!r}", field="source")
         if not path.is_dir():
             raise invalid_field("source", f"{str(path)!r} is not a folder")
@@ -51,10 +58,12 @@ def resolve_source(source: str, revision: str | None, hf_cache_dir: Path | None 
     if not HF_REPO_ID.match(source):
         raise invalid_field("source", "neither an existing local folder nor a Hugging Face id like 'org/name'")
     from huggingface_hub import snapshot_download
-    from huggingface_hub.errors import LocalEntryNotFoundError
+    from huggingface_hub.errors import HFValidationError, LocalEntryNotFoundError
 
     try:
         folder = snapshot_download(source, revision=revision, cache_dir=hf_cache_dir, local_files_only=True)
+    except HFValidationError as exc:
+        raise invalid_field("source", f"not a valid Hugging Face id: {exc}") from exc
     except LocalEntryNotFoundError as exc:
         raise ServiceError(
             404,

@@ -150,3 +150,12 @@ def show_experiment(experiment_id: str, session: SessionDep) -> ExperimentOut:
     job = session.get(Job, experiment.job_id)
     run = session.get(ProbeRun, experiment.probe_run_id) if experiment.probe_run_id else None
     return _view(experiment, job.status if job else "failed", run.best_probe_id if run else None)
+
+
+def add_config_schema(openapi: dict[str, Any]) -> None:
+    """The config's schema in the OpenAPI components: the route reads its body itself (JSON
+    or YAML), so FastAPI does not add it on its own."""
+    schema = ExperimentConfig.model_json_schema(ref_template="#/components/schemas/{model}")
+    components = openapi.setdefault("components", {}).setdefault("schemas", {})
+    components.update(schema.pop("$defs", {}))
+    components["ExperimentConfig"] = schema

@@ -319,3 +319,9 @@ def test_an_adapter_of_another_model_is_refused_for_extraction(api: Any, setting
     adapter_id = api.get(f"/v1/jobs/{job_id}").json()["result"]["adapter_id"]
     response = api.post("/v1/extractions", json={"model": other["id"], "adapter": adapter_id, "layers": [1], "texts": ["x"]})
     assert response.status_code == 422 and response.json()["error"]["details"]["field"] == "adapter"
+
+
+def test_an_adapter_path_too_long_for_the_filesystem_is_a_422(api: Any, tiny_llama: Path) -> None:
+    model = register(api, tiny_llama).json()
+    response = api.post("/v1/adapters/import", json={"source": "/" + "a" * 900, "base_model": model["id"], "name": "x"})
+    assert response.status_code == 422 and response.json()["error"]["details"]["field"] == "source"

@@ -153,3 +153,13 @@ def test_a_recheck_queues_a_new_job_for_the_model(api: Any, tiny_llama: Path) ->
     assert job["status"] not in TERMINAL and job["kind"] == "model_check"
     assert response.headers["location"] == f"/v1/jobs/{job['id']}"
     assert api.get(f"/v1/models/{model['id']}").json()["check_job_id"] == job["id"]
+
+
+def test_a_source_too_long_for_the_filesystem_is_a_422(api: Any) -> None:
+    response = register(api, "0" * 900)  # within the field's limit, over the filesystem's 255 per name
+    assert response.status_code == 422 and response.json()["error"]["details"]["field"] == "source"
+
+
+def test_a_path_too_long_for_the_filesystem_is_a_422(api: Any) -> None:
+    response = register(api, "/" + "a" * 900)
+    assert response.status_code == 422 and response.json()["error"]["details"]["field"] == "source"
