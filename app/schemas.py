@@ -415,6 +415,29 @@ class ExperimentAccepted(BaseModel):
     experiment: ExperimentOut
 
 
+class ResidentModel(BaseModel):
+    model_id: str
+    bytes: int
+    adapters: list[str] = []
+
+
+class WorkerOut(BaseModel):
+    name: str
+    device: str
+    host: str | None = None
+    pid: int | None = None
+    started_at: datetime | None = None
+    last_heartbeat: datetime | None = None
+    memory_budget_bytes: int | None = None
+    memory_used_bytes: int | None = None
+    resident_models: list[ResidentModel] = []
+    current_job: str | None = None
+
+
+class WorkerList(BaseModel):
+    items: list[WorkerOut]
+
+
 class ErrorBody(BaseModel):
     code: str = Field(description="Stable machine-readable code, e.g. `not_found`, `validation_error`.")
     message: str = Field(description="What is wrong, naming the field or resource.")

@@ -8,9 +8,16 @@ from sqlalchemy import text
 from app import broker
 from app.api.deps import RedisDep, SessionsDep, SettingsDep
 from app.errors import ServiceError
-from app.schemas import HealthOut, ReadinessOut
+from app.schemas import HealthOut, ReadinessOut, WorkerList, WorkerOut
 
 router = APIRouter(tags=["health"])
+
+
+@router.get("/v1/workers", tags=["workers"])
+def list_workers(settings: SettingsDep, connection: RedisDep) -> WorkerList:
+    """Live workers (fresh heartbeat): device, memory budget and use, resident models with
+    their attached adapters, and the job each is running."""
+    return WorkerList(items=[WorkerOut.model_validate(worker) for worker in broker.live_workers(connection, settings)])
 
 
 @router.get("/healthz")

@@ -55,3 +55,27 @@ def test_a_worker_that_stops_heartbeating_is_no_longer_counted(settings: Setting
     assert api.get("/readyz").status_code == 200
     client.delete(heartbeat_key(settings, "short-lived"))
     assert api.get("/readyz").status_code == 503
+
+
+def test_workers_list_their_device_memory_and_resident_models(stack: Stack, tiny_llama: Any) -> None:
+    from tests.api.test_models import register
+    from tests.conftest import wait_for_job, wait_until
+
+    model = register(stack.client, tiny_llama).json()
+    wait_for_job(stack.client, model["check_job_id"])
+
+    def listed() -> dict[str, Any] | None:
+        workers = stack.client.get("/v1/workers").json()["items"]
+        worker = next((w for w in workers if w["name"] == stack.worker_name), None)
+        return worker if worker and any(m["model_id"] == model["id"] for m in worker["resident_models"]) else None
+
+    worker = wait_until(listed, 10, "the worker to report the model resident")
+    assert worker["device"] == "cpu" and worker["current_job"] is None
+    assert worker["memory_budget_bytes"] == stack.settings.worker_memory_budget_mb * 2**20
+    resident = next(m for m in worker["resident_models"] if m["model_id"] == model["id"])
+    assert resident["bytes"] == stack.client.get(f"/v1/models/{model['id']}").json()["memory_footprint_bytes"]
+    assert 0 < worker["memory_used_bytes"] <= worker["memory_budget_bytes"]
+
+
+def test_no_worker_means_an_empty_list(api: Any) -> None:
+    assert api.get("/v1/workers").json() == {"items": []}
