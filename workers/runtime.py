@@ -8,14 +8,16 @@ import threading
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
-from datetime import datetime
+from datetime import datetime, timedelta
 
 import redis
+import sqlalchemy.exc
+from sqlalchemy import select, update
 from sqlalchemy.orm import Session, sessionmaker
 
-from app import broker
+from app import broker, jobs
 from app.registry.database import create_registry_engine, session_factory
-from app.registry.tables import Adapter, Model, utcnow
+from app.registry.tables import Adapter, Job, Model, utcnow
 from app.settings import Settings, get_settings
 from app.storage import ArtifactStore
 from workers.models import (
@@ -80,12 +82,39 @@ class WorkerRuntime:
             while not stop.is_set():
                 try:
                     self.heartbeat()
-                except redis.exceptions.RedisError:
-                    pass  # Redis is away; the next beat tries again
+                    self.fail_jobs_of_lost_workers()
+                except (redis.exceptions.RedisError, sqlalchemy.exc.OperationalError):
+                    pass  # Redis or the database is away; the next beat tries again
                 stop.wait(self.settings.heartbeat_interval_s)
 
         threading.Thread(target=beat, name="heartbeat", daemon=True).start()
         return stop
+
+    def fail_jobs_of_lost_workers(self) -> list[str]:
+        """Jobs left `running` by a worker whose heartbeat has stopped (killed, or its machine
+        gone) are failed with that reason, so nothing stays `running` forever. A job younger
+        than the heartbeat TTL is left alone: its worker may not have beaten yet."""
+        alive = {worker["name"] for worker in broker.live_workers(self.redis, self.settings)} | {self.name}
+        cutoff = utcnow() - timedelta(seconds=self.settings.heartbeat_ttl_s)
+        with self.sessions() as session, session.begin():
+            lost = [
+                job
+                for job in session.scalars(select(Job).where(Job.status == "running", Job.started_at < cutoff))
+                if job.worker not in alive
+            ]
+            for job in lost:
+                session.execute(
+                    update(Job)
+                    .where(Job.id == job.id, Job.status == "running")
+                    .values(
+                        status="failed", finished_at=utcnow(),
+                        error={"code": "worker_lost", "message": f"worker {job.worker} stopped while running this job", "details": {"worker": job.worker}},
+                    )  # fmt: skip
+                )
+        for job_id in [job.id for job in lost]:
+            with self.sessions() as session:
+                jobs.publish(self.redis, self.settings, jobs.get_job(session, job_id))
+        return [job.id for job in lost]
 
     def forget(self) -> None:
         self.redis.delete(broker.heartbeat_key(self.settings, self.name))
