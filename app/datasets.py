@@ -117,8 +117,12 @@ def read_rows(store: ArtifactStore, dataset: Dataset) -> list[dict[str, Any]]:
 
 def texts_of(store: ArtifactStore, dataset: Dataset) -> list[str]:
     """What the model reads for each row: a statement's text, or a multiple-choice prompt."""
-    rows = read_rows(store, dataset)
-    if dataset.kind == "multiple_choice":
+    return texts_of_rows(read_rows(store, dataset), dataset.kind)
+
+
+def texts_of_rows(rows: Sequence[dict[str, Any]], kind: str) -> list[str]:
+    """`texts_of` for rows already read."""
+    if kind == "multiple_choice":
         return [format_multiple_choice(row["question"], row["choices"]) for row in rows]
     return [row["text"] for row in rows]
 

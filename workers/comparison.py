@@ -17,12 +17,12 @@ from app.calibration.metrics import (
     ece,
     paired_differences,
 )
-from app.datasets import texts_of
+from app.datasets import read_rows, texts_of_rows
 from app.registry.models import get_model
 from app.registry.tables import Adapter, Comparison, Dataset, Model, utcnow
 from workers.errors import JobFailed
 from workers.extraction import StatesRequest, hidden_states
-from workers.probe_training import Labels, _labels, _summary, _train
+from workers.probe_training import Labels, labels_for, train_probe, validation_summary
 from workers.probes import probability_of_correct, stratified_split
 
 if TYPE_CHECKING:
@@ -66,7 +66,8 @@ def run(context: "JobContext") -> dict[str, Any]:
         variants = _variants(session, comparison)
     if dataset is None:
         raise JobFailed("not_found", "the dataset of this comparison was deleted")
-    texts = texts_of(store, dataset)
+    rows = read_rows(store, dataset)
+    texts = texts_of_rows(rows, dataset.kind)
     layers = list(comparison.layers)
     flags = [
         f"{v.label} runs on {v.model.dtype}{'/' + v.model.quantization if v.model.quantization else ''}, the base on "
@@ -76,7 +77,7 @@ def run(context: "JobContext") -> dict[str, Any]:
     ]
     for number, variant in enumerate(variants):
         context.progress(f"states of {variant.label}", number, len(variants))
-        variant.labels = _labels(context, variant.model, variant.adapter, dataset)
+        variant.labels = labels_for(context, variant.model, variant.adapter, dataset, rows)
         request = StatesRequest(variant.model, variant.adapter, layers, comparison.token_position, params.get("max_length"))
         variant.states = hidden_states(context, request, texts, shard_name=f"{comparison.id}-{number}").states
 
@@ -97,11 +98,11 @@ def run(context: "JobContext") -> dict[str, Any]:
         for slot, layer in enumerate(layers):
             x = variant.states[:, slot]
             try:
-                probe, _, _ = _train(comparison.method, x, y, split, False, None)
+                probe, _, _ = train_probe(comparison.method, x, y, split, False, None)
             except ValueError as exc:
                 raise JobFailed("unsplittable", f"{variant.label}: {exc}") from exc
             probes[(number, slot)] = probe
-            per_layer.setdefault(str(layer), {})[variant.label] = _summary(y[split.validation], probability_of_correct(probe, None, x[split.validation]))
+            per_layer.setdefault(str(layer), {})[variant.label] = validation_summary(y[split.validation], probability_of_correct(probe, None, x[split.validation]))
     best_slot = max(range(len(layers)), key=lambda slot: per_layer[str(layers[slot])]["base"]["auroc"] or -1)
 
     context.progress("reporting", 0, len(variants))

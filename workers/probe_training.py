@@ -15,7 +15,7 @@ import numpy as np
 from sqlalchemy import update
 
 from app.calibration.metrics import auroc, brier, calibration_report, nll
-from app.datasets import read_rows, texts_of
+from app.datasets import read_rows, texts_of_rows
 from app.registry.models import get_model
 from app.registry.tables import Adapter, Dataset, Model, Probe, ProbeRun, new_id, utcnow
 from workers.errors import JobFailed
@@ -55,8 +55,8 @@ class TrainedProbe:
     test_probabilities: np.ndarray
 
 
-def _labels(context: "JobContext", model: Model, adapter: Adapter | None, dataset: Dataset) -> Labels:
-    rows = read_rows(context.runtime.artifacts, dataset)
+def labels_for(context: "JobContext", model: Model, adapter: Adapter | None, dataset: Dataset, rows: list[dict[str, Any]]) -> Labels:
+    """Statements' own labels, or the model's (with its adapter) for multiple choice."""
     if dataset.kind == "statements":
         return Labels(y=np.array([row["label"] for row in rows], dtype=np.int64), baseline=None, chosen=None)
     worker = context.runtime
@@ -71,12 +71,12 @@ def _labels(context: "JobContext", model: Model, adapter: Adapter | None, datase
     return Labels(y=labelled.labels, baseline=labelled.confidence, chosen=labelled.chosen)
 
 
-def _summary(y: np.ndarray, p: np.ndarray) -> dict[str, Any]:
+def validation_summary(y: np.ndarray, p: np.ndarray) -> dict[str, Any]:
     """Point metrics for choices on the validation split (no intervals needed there)."""
     return {"n": int(len(y)), "auroc": auroc(y, p).value, "nll": nll(y, p).value, "brier": brier(y, p).value}
 
 
-def _train(method: str, x: np.ndarray, y: np.ndarray, split: Any, whiten: bool, recalibration: str | None) -> tuple[Any, Any, dict[str, Any]]:
+def train_probe(method: str, x: np.ndarray, y: np.ndarray, split: Any, whiten: bool, recalibration: str | None) -> tuple[Any, Any, dict[str, Any]]:
     if method == "logistic":
         probe, search = fit_logistic_probe(x[split.train], y[split.train], x[split.validation], y[split.validation])
     else:
@@ -105,7 +105,8 @@ def run(context: "JobContext") -> dict[str, Any]:
     if dataset is None or (run_row.adapter_id and adapter is None):
         raise JobFailed("not_found", "the dataset or adapter of this run was deleted")
 
-    labels = _labels(context, model, adapter, dataset)
+    rows = read_rows(store, dataset)
+    labels = labels_for(context, model, adapter, dataset, rows)
     split_spec = run_row.split
     try:
         split = stratified_split(labels.y, fractions=(split_spec["train"], split_spec["validation"], split_spec["test"]), seed=split_spec["seed"])
@@ -113,7 +114,7 @@ def run(context: "JobContext") -> dict[str, Any]:
         raise JobFailed("unsplittable", f"cannot split the labels for training: {exc}", positives=int(labels.y.sum()), n=int(len(labels.y))) from exc
     layers = list(run_row.layers)
     request = StatesRequest(model, adapter, layers, run_row.token_position, run_row.max_length)
-    states = hidden_states(context, request, texts_of(store, dataset), shard_name=run_row.id).states
+    states = hidden_states(context, request, texts_of_rows(rows, dataset.kind), shard_name=run_row.id).states
 
     candidates: list[TrainedProbe] = []
     total = len(layers) * len(run_row.methods)
@@ -121,8 +122,8 @@ def run(context: "JobContext") -> dict[str, Any]:
         for method in run_row.methods:
             context.progress("training", len(candidates), total)
             x = states[:, slot]
-            probe, recalibrator, search = _train(method, x, labels.y, split, bool(split_spec.get("whiten")), run_row.recalibration)
-            validation = _summary(labels.y[split.validation], probability_of_correct(probe, recalibrator, x[split.validation])) | {"search": search}
+            probe, recalibrator, search = train_probe(method, x, labels.y, split, bool(split_spec.get("whiten")), run_row.recalibration)
+            validation = validation_summary(labels.y[split.validation], probability_of_correct(probe, recalibrator, x[split.validation])) | {"search": search}
             candidates.append(TrainedProbe(layer, method, probe, recalibrator, validation, probability_of_correct(probe, recalibrator, x[split.test])))
     best = _best(candidates)
 

@@ -3,11 +3,13 @@ list, show and delete them."""
 
 import json
 import shutil
+from collections.abc import Callable
 from typing import Annotated, Any
 
+import redis
 from fastapi import APIRouter, File, Form, Query, Response, UploadFile
 from sqlalchemy import select
-from sqlalchemy.orm import Session
+from sqlalchemy.orm import Session, sessionmaker
 
 from app import broker, jobs
 from app.adapters import classify_source
@@ -31,7 +33,10 @@ from app.settings import Settings
 router = APIRouter(prefix="/v1/adapters", tags=["adapters"], responses=ERROR_RESPONSES)
 
 
-def _queue_import(sessions: Any, connection: Any, settings: Settings, base_model: str, params: dict[str, Any], undo_also: Any = None) -> Job:
+def _queue_import(
+    sessions: sessionmaker[Session], connection: redis.Redis, settings: Settings, base_model: str, params: dict[str, Any],
+    undo_also: Callable[[], None] | None = None,
+) -> Job:  # fmt: skip
     with transaction(sessions) as session:
         base = get_model(session, base_model)
         job = jobs.new_job("adapter_import", params | {"base_model_id": base.id}, broker.default_queue(settings), model_id=base.id)

@@ -4,12 +4,13 @@ chains adapter import, extraction, probe training and the report."""
 import json
 from typing import Any
 
+import redis
 import yaml
 from fastapi import APIRouter, Request, Response
 from fastapi.exceptions import RequestValidationError
 from pydantic import ValidationError
 from sqlalchemy import delete
-from sqlalchemy.orm import Session
+from sqlalchemy.orm import Session, sessionmaker
 
 from app import broker, jobs
 from app.adapters import classify_source
@@ -27,6 +28,7 @@ from app.schemas import (
     JobOut,
     ModelCreate,
 )
+from app.settings import Settings
 
 router = APIRouter(prefix="/v1/experiments", tags=["experiments"], responses=ERROR_RESPONSES)
 
@@ -101,7 +103,9 @@ async def run_experiment(request: Request, response: Response, settings: Setting
     return await run_in_threadpool(_submit, config, response, settings, sessions, connection)
 
 
-def _submit(config: ExperimentConfig, response: Response, settings: Any, sessions: Any, connection: Any) -> ExperimentAccepted:
+def _submit(
+    config: ExperimentConfig, response: Response, settings: Settings, sessions: sessionmaker[Session], connection: redis.Redis
+) -> ExperimentAccepted:
     adapter = _adapter_source(config)
     adapter_source = classify_source(adapter, settings) if adapter else None
     model, _ = register(
