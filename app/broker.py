@@ -26,8 +26,14 @@ def connect_async(settings: Settings) -> Any:
 
 
 def default_queue(settings: Settings) -> str:
-    """The RQ queue every worker listens on."""
+    """The shared RQ queue every worker listens on."""
     return f"{settings.queue_prefix}:jobs"
+
+
+def worker_queue(settings: Settings, worker_name: str) -> str:
+    """A worker's own RQ queue: it takes jobs from here before the shared queue. Jobs for a
+    model go here when the worker holds that model resident."""
+    return f"{settings.queue_prefix}:jobs:{worker_name}"
 
 
 def job_channel(settings: Settings, job_id: str) -> str:
@@ -38,12 +44,58 @@ def heartbeat_key(settings: Settings, worker_name: str) -> str:
     return f"{settings.queue_prefix}:worker:{worker_name}"
 
 
+def _worker_index(settings: Settings) -> str:
+    return f"{settings.queue_prefix}:workers"
+
+
+def beat(connection: redis.Redis, settings: Settings, state: dict[str, Any]) -> None:
+    """Record a worker's heartbeat: its state under a key that expires after the TTL, and its
+    name in a sorted set by time, so finding live workers never scans the keyspace."""
+    now = time.time()
+    pipeline = connection.pipeline(transaction=False)
+    pipeline.set(heartbeat_key(settings, state["name"]), json.dumps(state), px=int(settings.heartbeat_ttl_s * 1000))
+    pipeline.zadd(_worker_index(settings), {state["name"]: now})
+    pipeline.zremrangebyscore(_worker_index(settings), "-inf", now - 10 * settings.heartbeat_ttl_s)
+    pipeline.execute()
+
+
+def forget(connection: redis.Redis, settings: Settings, worker_name: str) -> None:
+    pipeline = connection.pipeline(transaction=False)
+    pipeline.delete(heartbeat_key(settings, worker_name))
+    pipeline.zrem(_worker_index(settings), worker_name)
+    pipeline.execute()
+
+
 def live_workers(connection: redis.Redis, settings: Settings) -> list[dict[str, Any]]:
-    """Workers whose heartbeat has not expired, with what they reported."""
-    keys = sorted(connection.scan_iter(match=heartbeat_key(settings, "*"), count=500))
-    if not keys:
+    """Workers whose heartbeat has not expired, with what they reported, by name."""
+    names = sorted(name.decode() for name in connection.zrangebyscore(_worker_index(settings), time.time() - settings.heartbeat_ttl_s, "+inf"))
+    if not names:
         return []
-    return [json.loads(raw) for raw in connection.mget(keys) if raw is not None]
+    states = connection.mget([heartbeat_key(settings, name) for name in names])
+    return [json.loads(raw) for raw in states if raw is not None]
+
+
+def route(connection: redis.Redis, settings: Settings, model_id: str) -> str:
+    """The queue for a job on `model_id` (model-affinity routing).
+
+    The job goes to the own queue of a live worker that holds the model resident — the one
+    with the shortest backlog — unless every such worker already has `affinity_max_backlog`
+    jobs ahead of it; then it goes to the shared queue, where any worker takes it and loads
+    the model on demand within its memory budget."""
+    holders = [w for w in live_workers(connection, settings) if any(m.get("model_id") == model_id for m in w.get("resident_models", []))]
+    if not holders:
+        return default_queue(settings)
+    pipeline = connection.pipeline(transaction=False)
+    for worker in holders:
+        pipeline.llen(rq_queue_key(worker_queue(settings, worker["name"])))
+    backlogs = [queued + (1 if worker.get("current_job") else 0) for worker, queued in zip(holders, pipeline.execute(), strict=True)]
+    backlog, name = min(zip(backlogs, [w["name"] for w in holders], strict=True))
+    return worker_queue(settings, name) if backlog < settings.affinity_max_backlog else default_queue(settings)
+
+
+def rq_queue_key(queue: str) -> str:
+    """The Redis list behind an RQ queue (RQ's `Queue.key`, without importing RQ)."""
+    return f"rq:queue:{queue}"
 
 
 def redis_server_executable() -> str:

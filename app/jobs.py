@@ -7,6 +7,7 @@ has exactly one winner.
 
 import time
 from collections.abc import Callable
+from datetime import timedelta
 from typing import Any
 
 import redis
@@ -28,6 +29,24 @@ def new_job(kind: str, params: dict[str, Any], queue: str, model_id: str | None 
     return Job(id=new_id("job"), kind=kind, params=params, queue=queue, model_id=model_id, status="queued")
 
 
+def rq_job_id(job: Job) -> str:
+    """RQ's id for the job's current attempt. A retry gets a fresh RQ job, so nothing RQ
+    still holds about a dead attempt (its started-job registry entry) can touch the retry."""
+    return f"{job.id}-{job.attempts}" if job.attempts else job.id
+
+
+def put_on_queue(connection: redis.Redis, settings: Settings, job: Job) -> None:
+    """Hand the job to RQ on `job.queue`. Running it twice is harmless: a worker starts a
+    job only by moving its row from `queued` to `running`."""
+    from rq import (
+        Queue,  # imported on first use: it is slow to import, and start-up is measured
+    )
+
+    Queue(job.queue, connection=connection).enqueue(
+        RUN_JOB, job.id, job_id=rq_job_id(job), job_timeout=settings.job_timeout_s, result_ttl=0, failure_ttl=86400
+    )
+
+
 def enqueue(
     sessions: sessionmaker[Session],
     connection: redis.Redis,
@@ -35,20 +54,58 @@ def enqueue(
     job: Job,
     undo: Callable[[Session], None],
 ) -> None:
-    """Put a committed job on its RQ queue. If Redis refuses, `undo` removes what the
-    request wrote (the job row and whatever it belongs to) and the client gets 503."""
-    from rq import (
-        Queue,  # imported on first use: it is slow to import, and start-up is measured
-    )
-
+    """Put a committed job on its RQ queue — a job for a model on the queue of a worker that
+    holds the model, when there is one (`broker.route`). If Redis refuses, `undo` removes
+    what the request wrote (the job row and whatever it belongs to) and the client gets 503."""
     try:
-        Queue(job.queue, connection=connection).enqueue(
-            RUN_JOB, job.id, job_id=job.id, job_timeout=settings.job_timeout_s, result_ttl=0, failure_ttl=86400
-        )
+        if job.model_id:
+            queue = broker.route(connection, settings, job.model_id)
+            if queue != job.queue:
+                with transaction(sessions) as session:
+                    session.execute(update(Job).where(Job.id == job.id).values(queue=queue))
+                job.queue = queue
+        put_on_queue(connection, settings, job)
     except redis.exceptions.RedisError as exc:
         with transaction(sessions) as session:
             undo(session)
         raise ServiceError(503, "unavailable", f"the job queue (Redis) is unreachable: {exc}", backend="redis") from exc
+
+
+def requeue_orphans(sessions: sessionmaker[Session], connection: redis.Redis, settings: Settings, min_age_s: float) -> list[str]:
+    """Queued jobs that RQ no longer holds go back on a queue, from the registry.
+
+    That covers a Redis that restarted empty (or lost its last writes), a gateway that died
+    between committing a job and enqueueing it, and jobs waiting on the own queue of a worker
+    that has since died (they move to the shared queue). Jobs younger than `min_age_s` are
+    left alone: their gateway may be enqueueing them right now."""
+    from rq.job import Job as RQJob
+    from rq.job import JobStatus
+
+    cutoff = utcnow() - timedelta(seconds=min_age_s)
+    with sessions() as session:
+        waiting = list(session.scalars(select(Job).where(Job.status == "queued", Job.created_at < cutoff).order_by(Job.id)))
+    if not waiting:
+        return []
+    live = {worker["name"] for worker in broker.live_workers(connection, settings)}
+    live_queues = {broker.worker_queue(settings, name) for name in live}
+    shared = broker.default_queue(settings)
+    requeued = []
+    for job in waiting:
+        if job.queue != shared and job.queue not in live_queues:
+            connection.lrem(broker.rq_queue_key(job.queue), 0, rq_job_id(job))
+            with transaction(sessions) as session:
+                moved = session.execute(update(Job).where(Job.id == job.id, Job.status == "queued").values(queue=shared)).rowcount
+            if not moved:
+                continue
+            job.queue = shared
+        else:
+            held = RQJob.fetch_many([rq_job_id(job)], connection=connection)[0]
+            status = held.get_status(refresh=False) if held is not None else None
+            if status == JobStatus.QUEUED or (status == JobStatus.STARTED and held.worker_name in live):
+                continue  # waiting on its queue, or being started by a live worker right now
+        put_on_queue(connection, settings, job)
+        requeued.append(job.id)
+    return requeued
 
 
 def deleting(*job_ids: str) -> Callable[[Session], None]:
@@ -105,7 +162,7 @@ def cancel(sessions: sessionmaker[Session], connection: redis.Redis, settings: S
         from rq import Queue
 
         try:
-            Queue(job.queue, connection=connection).remove(job_id)
+            Queue(job.queue, connection=connection).remove(rq_job_id(job))
         except redis.exceptions.RedisError:
             pass  # the worker skips a cancelled row anyway
     publish(connection, settings, job)

@@ -52,6 +52,13 @@ class Settings(BaseSettings):
     heartbeat_interval_s: float = Field(2.0, description="How often a worker writes its heartbeat.")
     heartbeat_ttl_s: float = Field(10.0, description="A worker whose heartbeat is older than this is gone.")
     job_timeout_s: int = Field(6 * 3600, description="A job running longer than this is stopped and failed.")
+    job_max_attempts: int = Field(
+        2, ge=1, description="Starts a job gets in all: a job whose worker dies is queued again until it has had this many, then failed."
+    )
+    affinity_max_backlog: int = Field(
+        2, ge=1, description="A job for a model waits for a worker holding it resident only while fewer jobs are ahead of it there; "
+        "otherwise it goes to the shared queue and another worker loads the model.",
+    )
 
     max_inline_texts: int = Field(2000, description="Most texts one extraction request may carry inline; more → 413 (upload a dataset).")
     extraction_token_budget: int = Field(

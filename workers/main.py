@@ -22,8 +22,9 @@ def run_worker(settings: Settings | None = None, burst: bool = False) -> None:
 
     worker_runtime = runtime.build_runtime(settings)
     runtime.install(worker_runtime)
-    queue = Queue(broker.default_queue(settings), connection=worker_runtime.redis)
-    rq_worker = SimpleWorker([queue], connection=worker_runtime.redis, name=worker_runtime.name)
+    # its own queue first (jobs routed here for the models it holds), then the shared one
+    queues = [Queue(name, connection=worker_runtime.redis) for name in (broker.worker_queue(settings, worker_runtime.name), broker.default_queue(settings))]
+    rq_worker = SimpleWorker(queues, connection=worker_runtime.redis, name=worker_runtime.name)
     stop_heartbeats = worker_runtime.start_heartbeats()
     try:
         rq_worker.work(burst=burst, logging_level=settings.log_level.upper(), with_scheduler=False)

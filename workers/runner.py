@@ -52,7 +52,9 @@ def _start(worker: WorkerRuntime, job_id: str) -> Job | None:
     """queued → running, unless the job was cancelled (or is unknown) meanwhile."""
     with worker.sessions() as session, session.begin():
         started = session.execute(
-            update(Job).where(Job.id == job_id, Job.status == "queued").values(status="running", started_at=utcnow(), worker=worker.name)
+            update(Job)
+            .where(Job.id == job_id, Job.status == "queued")
+            .values(status="running", started_at=utcnow(), worker=worker.name, attempts=Job.attempts + 1)
         ).rowcount
         return session.get(Job, job_id) if started else None
 

@@ -1,7 +1,6 @@
 """What a worker process holds while it lives: settings, registry sessions, Redis, its
 resident models, and the job it is running (reported in its heartbeat)."""
 
-import json
 import os
 import socket
 import threading
@@ -52,7 +51,7 @@ class WorkerRuntime:
             "resident_models": self.models.describe(),
             "current_job": self.current_job,
         }
-        self.redis.set(broker.heartbeat_key(self.settings, self.name), json.dumps(state), px=int(self.settings.heartbeat_ttl_s * 1000))
+        broker.beat(self.redis, self.settings, state)
 
     def resident(self, model: Model, adapter: Adapter | None) -> LoadedModel:
         """The model, loaded once and kept, with `adapter` attached to it if given."""
@@ -74,7 +73,8 @@ class WorkerRuntime:
             pass  # the heartbeat thread reports it when Redis is back
 
     def start_heartbeats(self) -> threading.Event:
-        """Heartbeat from a thread, so a long job does not make the worker look dead. Set the
+        """Heartbeat from a thread, so a long job does not make the worker look dead; each
+        beat also looks after the jobs other workers and Redis may have dropped. Set the
         returned event to stop."""
         stop = threading.Event()
 
@@ -82,7 +82,8 @@ class WorkerRuntime:
             while not stop.is_set():
                 try:
                     self.heartbeat()
-                    self.fail_jobs_of_lost_workers()
+                    self.recover_jobs_of_lost_workers()
+                    self.requeue_orphans()
                 except (redis.exceptions.RedisError, sqlalchemy.exc.OperationalError):
                     pass  # Redis or the database is away; the next beat tries again
                 stop.wait(self.settings.heartbeat_interval_s)
@@ -90,12 +91,15 @@ class WorkerRuntime:
         threading.Thread(target=beat, name="heartbeat", daemon=True).start()
         return stop
 
-    def fail_jobs_of_lost_workers(self) -> list[str]:
+    def recover_jobs_of_lost_workers(self) -> list[str]:
         """Jobs left `running` by a worker whose heartbeat has stopped (killed, or its machine
-        gone) are failed with that reason, so nothing stays `running` forever. A job younger
-        than the heartbeat TTL is left alone: its worker may not have beaten yet."""
+        gone) are queued again on the shared queue while they have attempts left, and failed
+        with the reason after that — nothing stays `running` forever. A job younger than the
+        heartbeat TTL is left alone: its worker may not have beaten yet."""
         alive = {worker["name"] for worker in broker.live_workers(self.redis, self.settings)} | {self.name}
         cutoff = utcnow() - timedelta(seconds=self.settings.heartbeat_ttl_s)
+        shared = broker.default_queue(self.settings)
+        retried, failed = [], []
         with self.sessions() as session, session.begin():
             lost = [
                 job
@@ -103,21 +107,46 @@ class WorkerRuntime:
                 if job.worker not in alive
             ]
             for job in lost:
-                session.execute(
-                    update(Job)
-                    .where(Job.id == job.id, Job.status == "running")
-                    .values(
-                        status="failed", finished_at=utcnow(),
-                        error={"code": "worker_lost", "message": f"worker {job.worker} stopped while running this job", "details": {"worker": job.worker}},
-                    )  # fmt: skip
-                )
-        for job_id in [job.id for job in lost]:
+                still_running = (Job.id == job.id, Job.status == "running", Job.worker == job.worker)
+                if job.attempts < self.settings.job_max_attempts:
+                    session.execute(
+                        update(Job).where(*still_running).values(
+                            status="queued", queue=shared, worker=None, started_at=None, progress_stage=None, progress_done=0, progress_total=None
+                        )
+                    )
+                    retried.append(job.id)
+                else:
+                    session.execute(
+                        update(Job)
+                        .where(*still_running)
+                        .values(
+                            status="failed", finished_at=utcnow(),
+                            error={
+                                "code": "worker_lost",
+                                "message": f"worker {job.worker} stopped while running this job (attempt {job.attempts} of {self.settings.job_max_attempts})",
+                                "details": {"worker": job.worker, "attempts": job.attempts},
+                            },
+                        )  # fmt: skip
+                    )
+                    failed.append(job.id)
+        for job_id in retried + failed:
             with self.sessions() as session:
-                jobs.publish(self.redis, self.settings, jobs.get_job(session, job_id))
-        return [job.id for job in lost]
+                job = jobs.get_job(session, job_id)
+            if job_id in retried and job.status == "queued":
+                jobs.put_on_queue(self.redis, self.settings, job)
+            jobs.publish(self.redis, self.settings, job)
+        return retried + failed
+
+    def requeue_orphans(self) -> list[str]:
+        """Queued jobs RQ lost (a Redis restart) or that wait on a dead worker's queue go back
+        on a queue. One worker at a time does it, at most once per heartbeat TTL."""
+        lock = f"{self.settings.queue_prefix}:requeue-lock"
+        if not self.redis.set(lock, self.name, nx=True, px=int(self.settings.heartbeat_ttl_s * 1000)):
+            return []
+        return jobs.requeue_orphans(self.sessions, self.redis, self.settings, min_age_s=self.settings.heartbeat_ttl_s)
 
     def forget(self) -> None:
-        self.redis.delete(broker.heartbeat_key(self.settings, self.name))
+        broker.forget(self.redis, self.settings, self.name)
 
 
 _runtime: WorkerRuntime | None = None

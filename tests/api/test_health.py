@@ -48,12 +48,12 @@ def test_readyz_is_ready_with_a_live_worker(stack: Stack) -> None:
 def test_a_worker_that_stops_heartbeating_is_no_longer_counted(settings: Settings, api: Any) -> None:
     import redis
 
-    from app.broker import heartbeat_key
+    from app.broker import beat, heartbeat_key
 
     client = redis.Redis.from_url(settings.resolved_redis_url)
-    client.set(heartbeat_key(settings, "short-lived"), '{"name": "short-lived", "device": "cpu"}', px=300)
+    beat(client, settings, {"name": "short-lived", "device": "cpu"})
     assert api.get("/readyz").status_code == 200
-    client.delete(heartbeat_key(settings, "short-lived"))
+    client.delete(heartbeat_key(settings, "short-lived"))  # what its expiry does
     assert api.get("/readyz").status_code == 503
 
 

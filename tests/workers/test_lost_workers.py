@@ -1,46 +1,88 @@
-"""A worker that dies mid-job: its job is failed with the reason, never left `running`."""
+"""Jobs that lose their worker or their queue: a dead worker's job is retried on another
+worker (bounded) or failed with the reason, never left `running`; queued jobs that Redis
+forgot, or that wait on a dead worker's own queue, go back on the shared queue."""
 
 import signal
 from datetime import timedelta
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import pytest
 import redis
+from rq import Queue
 
-from app.broker import heartbeat_key
+from app import broker, jobs
 from app.registry.tables import Job, utcnow
 from app.settings import Settings
 from tests.api.test_models import register
-from tests.conftest import start_worker, stop_process, wait_until
+from tests.conftest import start_worker, stop_process, wait_for_job, wait_until
 from workers import runtime
 
 
-def running_job(settings: Settings, job_id: str, worker: str, started_ago_s: float) -> None:
+def add_job(settings: Settings, job_id: str, status: str, worker: str | None = None, started_ago_s: float = 0, **values: Any) -> None:
     worker_runtime = runtime.build_runtime(settings)
+    started_at = utcnow() - timedelta(seconds=started_ago_s) if status == "running" else None
     with worker_runtime.sessions() as session, session.begin():
-        session.add(Job(id=job_id, kind="extraction", params={}, queue="q", status="running", worker=worker, started_at=utcnow() - timedelta(seconds=started_ago_s)))
+        values = {"queue": broker.default_queue(settings)} | values
+        session.add(Job(id=job_id, kind="ping", params={}, status=status, worker=worker, started_at=started_at, **values))
 
+def rq_ids(connection: redis.Redis, queue: str) -> list[str]:
+    return Queue(queue, connection=connection).get_job_ids()
 
-def test_a_job_whose_worker_stopped_beating_is_failed_with_the_reason(api: Any, settings: Settings) -> None:
-    running_job(settings, "job_lost", "gone-worker", started_ago_s=60)
-    running_job(settings, "job_alive", "busy-worker", started_ago_s=60)
-    running_job(settings, "job_new", "gone-worker", started_ago_s=0)
-    redis.Redis.from_url(settings.resolved_redis_url).set(heartbeat_key(settings, "busy-worker"), '{"name": "busy-worker", "device": "cpu"}', ex=30)
-    assert runtime.build_runtime(settings).fail_jobs_of_lost_workers() == ["job_lost"]
-    lost = api.get("/v1/jobs/job_lost").json()
-    assert lost["status"] == "failed" and lost["error"]["code"] == "worker_lost" and "gone-worker" in lost["error"]["message"]
-    assert lost["finished_at"] is not None
+def test_a_lost_job_with_attempts_left_is_queued_again_and_then_failed_with_the_reason(api: Any, settings: Settings) -> None:
+    connection = redis.Redis.from_url(settings.resolved_redis_url)
+    add_job(settings, "job_retry", "running", "gone-worker", started_ago_s=60, attempts=1)
+    add_job(settings, "job_spent", "running", "gone-worker", started_ago_s=60, attempts=settings.job_max_attempts)
+    add_job(settings, "job_alive", "running", "busy-worker", started_ago_s=60, attempts=1)
+    add_job(settings, "job_new", "running", "gone-worker", started_ago_s=0, attempts=1)
+    broker.beat(connection, settings, {"name": "busy-worker", "device": "cpu"})
+
+    assert sorted(runtime.build_runtime(settings).recover_jobs_of_lost_workers()) == ["job_retry", "job_spent"]
+
+    retried = api.get("/v1/jobs/job_retry").json()
+    assert retried["status"] == "queued" and retried["started_at"] is None and retried["progress"]["done"] == 0
+    assert rq_ids(connection, broker.default_queue(settings)) == ["job_retry-1"]  # a fresh RQ job for the new attempt
+    spent = api.get("/v1/jobs/job_spent").json()
+    assert spent["status"] == "failed" and spent["error"]["code"] == "worker_lost" and "gone-worker" in spent["error"]["message"]
+    assert spent["error"]["details"]["attempts"] == settings.job_max_attempts and spent["finished_at"] is not None
     assert api.get("/v1/jobs/job_alive").json()["status"] == "running"
     assert api.get("/v1/jobs/job_new").json()["status"] == "running"
 
+def test_queued_jobs_redis_forgot_or_left_on_a_dead_workers_queue_are_queued_again(api: Any, settings: Settings) -> None:
+    connection = redis.Redis.from_url(settings.resolved_redis_url)
+
+    def j(name: str) -> str:  # RQ's job keys are global to the Redis server, so ids differ per run
+        return f"{name}_{settings.queue_prefix.rsplit('-', 1)[-1]}"
+
+    created = utcnow() - timedelta(seconds=60)
+    add_job(settings, j("job_forgotten"), "queued", created_at=created)
+    add_job(settings, j("job_waiting"), "queued", created_at=created)
+    add_job(settings, j("job_fresh"), "queued")
+    add_job(settings, j("job_stranded"), "queued", created_at=created, queue=broker.worker_queue(settings, "gone-worker"))
+    add_job(settings, j("job_parked"), "queued", created_at=created, queue=broker.worker_queue(settings, "busy-worker"))
+    broker.beat(connection, settings, {"name": "busy-worker", "device": "cpu"})
+    with runtime.build_runtime(settings).sessions() as session:
+        for job_id in (j("job_waiting"), j("job_stranded"), j("job_parked")):
+            jobs.put_on_queue(connection, settings, session.get(Job, job_id))
+
+    requeued = jobs.requeue_orphans(runtime.build_runtime(settings).sessions, connection, settings, min_age_s=10)
+
+    assert sorted(requeued) == [j("job_forgotten"), j("job_stranded")]
+    assert sorted(rq_ids(connection, broker.default_queue(settings))) == [j("job_forgotten"), j("job_stranded"), j("job_waiting")]
+    assert rq_ids(connection, broker.worker_queue(settings, "gone-worker")) == []
+    assert rq_ids(connection, broker.worker_queue(settings, "busy-worker")) == [j("job_parked")]
+    with runtime.build_runtime(settings).sessions() as session:
+        assert session.get(Job, j("job_stranded")).queue == broker.default_queue(settings)
+    assert jobs.requeue_orphans(runtime.build_runtime(settings).sessions, connection, settings, min_age_s=10) == []  # nothing twice
 
 @pytest.mark.slow
-def test_a_worker_killed_mid_job_leaves_a_failed_job_that_another_worker_reports(api: Any, settings: Settings, tiny_llama: Path) -> None:
+def test_a_worker_killed_mid_job_has_its_job_finished_by_another_worker(api: Any, settings: Settings, tiny_llama: Path) -> None:
     slow = settings.model_copy(update={"extraction_max_batch_size": 1, "extraction_cache": False, "heartbeat_ttl_s": 2.0})
     model = register(api, tiny_llama).json()
-    texts = [f"statement number {i} about the city of Paris" for i in range(1900)]
-    job_id = api.post("/v1/extractions", json={"model": model["id"], "layers": [1], "texts": texts}).json()["job"]["id"]
+    texts = [f"statement number {i} about the city of Paris" for i in range(600)]
+    created = api.post("/v1/extractions", json={"model": model["id"], "layers": [1], "texts": texts}).json()
+    job_id = created["job"]["id"]
     doomed_name, survivor_name = f"doomed-{slow.queue_prefix}", f"survivor-{slow.queue_prefix}"  # RQ wants unique names
     doomed = start_worker(slow, doomed_name)
     try:
@@ -50,9 +92,25 @@ def test_a_worker_killed_mid_job_leaves_a_failed_job_that_another_worker_reports
         assert api.get(f"/v1/jobs/{job_id}").json()["status"] == "running"
         survivor = start_worker(slow, survivor_name)
         try:
-            job = wait_until(lambda: (j := api.get(f"/v1/jobs/{job_id}").json())["status"] != "running" and j, 60, "the lost job to be reported")
+            job = wait_for_job(api, job_id, timeout=180)
         finally:
             stop_process(survivor)
     finally:
         stop_process(doomed)
-    assert job["status"] == "failed" and job["error"]["code"] == "worker_lost" and job["error"]["details"]["worker"] == doomed_name
+    assert job["status"] == "succeeded", job["error"]
+    with runtime.build_runtime(settings).sessions() as session:
+        row = session.get(Job, job_id)
+        assert (row.attempts, row.worker) == (2, survivor_name)
+    download = api.get(f"/v1/extractions/{created['extraction']['id']}/hidden-states?format=npy")
+    import io
+
+    states = np.load(io.BytesIO(download.content))
+    assert states.shape == (len(texts), 1, model["hidden_size"]) and np.isfinite(states).all()
+
+def test_a_job_whose_last_attempt_dies_is_failed_with_the_reason(api: Any, settings: Settings) -> None:
+    once = settings.model_copy(update={"job_max_attempts": 1})
+    add_job(once, "job_once", "running", "gone-worker", started_ago_s=60, attempts=1)
+    assert runtime.build_runtime(once).recover_jobs_of_lost_workers() == ["job_once"]
+    job = api.get("/v1/jobs/job_once").json()
+    assert job["status"] == "failed" and job["error"]["details"] == {"worker": "gone-worker", "attempts": 1}
+
