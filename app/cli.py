@@ -61,11 +61,13 @@ def gateway(host: str | None, port: int | None) -> None:
     """Run the HTTP gateway alone (migrates the registry first)."""
     import uvicorn
 
+    from app import logs
     from app.registry.database import migrate as upgrade
 
     settings = get_settings()
+    logs.configure(settings)
     upgrade(settings.resolved_database_url)
-    uvicorn.run("app.main:create_app", factory=True, host=host or settings.host, port=port or settings.port, log_level=settings.log_level)
+    uvicorn.run("app.main:create_app", factory=True, host=host or settings.host, port=port or settings.port, log_level=settings.log_level, log_config=None)
 
 
 @main.command()

@@ -5,6 +5,7 @@ State changes are compare-and-set updates on the row, so a cancel racing a worke
 has exactly one winner.
 """
 
+import logging
 import time
 from collections.abc import Callable
 from datetime import timedelta
@@ -21,6 +22,7 @@ from app.registry.tables import Job, new_id, utcnow
 from app.schemas import JobOut
 from app.settings import Settings
 
+log = logging.getLogger("app.jobs")
 TERMINAL_STATUSES = frozenset({"succeeded", "failed", "cancelled"})
 RUN_JOB = "workers.runner.run_job"
 
@@ -65,7 +67,9 @@ def enqueue(
                     session.execute(update(Job).where(Job.id == job.id).values(queue=queue))
                 job.queue = queue
         put_on_queue(connection, settings, job)
+        log.info("job queued", extra={"job_id": job.id, "kind": job.kind, "queue": job.queue})
     except redis.exceptions.RedisError as exc:
+        log.warning("job not queued, Redis refused: %s", exc, extra={"job_id": job.id, "kind": job.kind})
         with transaction(sessions) as session:
             undo(session)
         raise ServiceError(503, "unavailable", f"the job queue (Redis) is unreachable: {exc}", backend="redis") from exc
@@ -104,6 +108,7 @@ def requeue_orphans(sessions: sessionmaker[Session], connection: redis.Redis, se
             if status == JobStatus.QUEUED or (status == JobStatus.STARTED and held.worker_name in live):
                 continue  # waiting on its queue, or being started by a live worker right now
         put_on_queue(connection, settings, job)
+        log.info("job queued again: RQ no longer held it", extra={"job_id": job.id, "queue": job.queue})
         requeued.append(job.id)
     return requeued
 

@@ -20,8 +20,10 @@ from app.api import (
     probes,
     tinker,
 )
+from app.api import metrics as metrics_api
 from app.errors import install_error_handlers
 from app.limits import BodySizeLimit
+from app.metrics import DeploymentCollector, RequestMetrics
 from app.registry.database import create_registry_engine, session_factory
 from app.settings import Settings, get_settings
 from app.storage import ArtifactStore
@@ -35,6 +37,9 @@ calibration. Everything that runs a model is a **job**: follow it at `/v1/jobs/{
 
 def create_app(settings: Settings | None = None) -> FastAPI:
     settings = settings or get_settings()
+    from prometheus_client import CollectorRegistry
+
+    metrics = CollectorRegistry()
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
@@ -44,9 +49,13 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         app.state.redis = broker.connect(settings)
         app.state.artifacts = ArtifactStore(settings.resolved_artifact_dir)
         app.state.async_redis = broker.connect_async(settings)
+        app.state.metrics = metrics
+        collector = DeploymentCollector(app.state.sessions, app.state.redis, settings)
+        metrics.register(collector)
         try:
             yield
         finally:
+            metrics.unregister(collector)
             await app.state.async_redis.aclose()
             app.state.redis.close()
             engine.dispose()
@@ -62,8 +71,10 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         default_limit=settings.max_request_bytes,
         limits={"/v1/datasets": settings.max_dataset_bytes, "/v1/adapters/upload": settings.max_adapter_bytes},
     )
+    app.add_middleware(RequestMetrics, registry=metrics)
     install_error_handlers(app)
     app.include_router(health.router)
+    app.include_router(metrics_api.router)
     app.include_router(models.router)
     app.include_router(adapters.router)
     app.include_router(comparisons.router)

@@ -81,6 +81,9 @@ class Settings(BaseSettings):
     max_archive_files: int = Field(64, description="Most files an adapter archive may hold.")
 
     log_level: Literal["debug", "info", "warning", "error"] = Field("info", description="Log level of every process.")
+    log_format: Literal["json", "text"] = Field(
+        "json", description="`json`: one JSON object per line with the job id (null outside a job); `text`: for reading in a terminal."
+    )
 
     @property
     def resolved_database_url(self) -> str:

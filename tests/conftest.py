@@ -257,9 +257,10 @@ def api(settings: Settings) -> Iterator[Any]:
 # --- Workers ---------------------------------------------------------------------------
 
 
-def start_worker(settings: Settings, name: str) -> subprocess.Popen[bytes]:
+def start_worker(settings: Settings, name: str, log_file: Path | None = None) -> subprocess.Popen[bytes]:
     env = settings_environment(settings) | {"WORKER_NAME": name, "PYTHONUNBUFFERED": "1"}
-    process = subprocess.Popen([sys.executable, "-m", "workers.main"], env=env, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    output: Any = open(log_file, "wb") if log_file else subprocess.DEVNULL  # noqa: SIM115 (the child owns it)
+    process = subprocess.Popen([sys.executable, "-m", "workers.main"], env=env, cwd=ROOT, stdout=output, stderr=output)
     client = redis.Redis.from_url(settings.resolved_redis_url)
     key = f"{settings.queue_prefix}:worker:{name}"
     wait_until(lambda: process.poll() is not None or client.exists(key), 120, f"worker {name} to heartbeat", interval=0.2)

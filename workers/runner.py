@@ -1,12 +1,15 @@
 """The one function RQ calls: `run_job(job_id)`. It moves the job row through its states,
 hands the job to the handler for its kind, and records the outcome."""
 
+import logging
+import time
 from collections.abc import Callable
 from typing import Any
 
+import redis
 from sqlalchemy import update
 
-from app import jobs
+from app import jobs, logs, metrics
 from app.registry.tables import Job, utcnow
 from workers import (
     comparison,
@@ -22,6 +25,7 @@ from workers.errors import JobCancelled, JobFailed
 from workers.runtime import WorkerRuntime
 
 Handler = Callable[[JobContext], dict[str, Any]]
+log = logging.getLogger("workers.runner")
 
 def ping(context: JobContext) -> dict[str, Any]:
     return {"worker": context.runtime.name, "device": context.runtime.settings.worker_device}
@@ -59,18 +63,32 @@ def _start(worker: WorkerRuntime, job_id: str) -> Job | None:
         return session.get(Job, job_id) if started else None
 
 
-def _finish(worker: WorkerRuntime, job_id: str, **outcome: Any) -> None:
+def _finish(worker: WorkerRuntime, job_id: str, started: float, **outcome: Any) -> None:
     with worker.sessions() as session, session.begin():
         session.execute(update(Job).where(Job.id == job_id).values(finished_at=utcnow(), **outcome))
         job = jobs.get_job(session, job_id)
+    seconds = time.monotonic() - started
+    log.info("job %s", job.status, extra={"kind": job.kind, "status": job.status, "seconds": round(seconds, 3), "error_code": (job.error or {}).get("code")})
     jobs.publish(worker.redis, worker.settings, job)
+    try:
+        metrics.record_job_duration(worker.redis, worker.settings, job.kind, job.status, seconds)
+    except redis.exceptions.RedisError:
+        pass  # a figure lost to a Redis outage; the job's outcome is in the registry
 
 
 def run_job(job_id: str) -> None:
+    with logs.job_scope(job_id):
+        _run_job(job_id)
+
+
+def _run_job(job_id: str) -> None:
     worker = runtime.current()
     job = _start(worker, job_id)
     if job is None:
+        log.info("job skipped: no longer queued")
         return
+    log.info("job started", extra={"kind": job.kind, "attempt": job.attempts, "worker": worker.name})
+    started = time.monotonic()
     jobs.publish(worker.redis, worker.settings, job)
     worker.set_current_job(job_id)
     context = JobContext(job_id=job_id, params=dict(job.params), runtime=worker)
@@ -80,12 +98,13 @@ def run_job(job_id: str) -> None:
             raise JobFailed("unknown_kind", f"this worker has no handler for jobs of kind {job.kind!r}")
         result = handler(context)
     except JobCancelled:
-        _finish(worker, job_id, status="cancelled", error={"code": "cancelled", "message": "cancelled while running", "details": {}})
+        _finish(worker, job_id, started, status="cancelled", error={"code": "cancelled", "message": "cancelled while running", "details": {}})
     except JobFailed as exc:
-        _finish(worker, job_id, status="failed", error={"code": exc.code, "message": exc.message, "details": exc.details})
+        _finish(worker, job_id, started, status="failed", error={"code": exc.code, "message": exc.message, "details": exc.details})
     except Exception as exc:  # a bug or an unexpected library error: record it, keep the worker alive
-        _finish(worker, job_id, status="failed", error={"code": "internal", "message": f"{type(exc).__name__}: {exc}", "details": {}})
+        log.exception("job failed with an unexpected error")
+        _finish(worker, job_id, started, status="failed", error={"code": "internal", "message": f"{type(exc).__name__}: {exc}", "details": {}})
     else:
-        _finish(worker, job_id, status="succeeded", result=result)
+        _finish(worker, job_id, started, status="succeeded", result=result)
     finally:
         worker.set_current_job(None)

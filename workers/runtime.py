@@ -1,6 +1,7 @@
 """What a worker process holds while it lives: settings, registry sessions, Redis, its
 resident models, and the job it is running (reported in its heartbeat)."""
 
+import logging
 import os
 import socket
 import threading
@@ -25,6 +26,8 @@ from workers.models import (
     active_adapter,
     explained_quantization_errors,
 )
+
+log = logging.getLogger("workers.runtime")
 
 
 @dataclass
@@ -134,6 +137,7 @@ class WorkerRuntime:
                 job = jobs.get_job(session, job_id)
             if job_id in retried and job.status == "queued":
                 jobs.put_on_queue(self.redis, self.settings, job)
+            log.warning("job %s: its worker was lost", "queued again" if job_id in retried else "failed", extra={"job_id": job_id, "attempts": job.attempts})
             jobs.publish(self.redis, self.settings, job)
         return retried + failed
 

@@ -1,0 +1,59 @@
+"""Structured logs: one JSON object per line (or plain text, for a terminal), every line
+carrying the id of the job it was written for — `null` outside a job — so a job's story can
+be pulled out of many processes' logs with one filter."""
+
+import logging
+import sys
+from collections.abc import Iterator
+from contextlib import contextmanager
+from contextvars import ContextVar
+
+from app.settings import Settings
+
+current_job_id: ContextVar[str | None] = ContextVar("current_job_id", default=None)
+
+
+@contextmanager
+def job_scope(job_id: str) -> Iterator[None]:
+    """Lines logged inside the block (in this thread or task) carry `job_id`."""
+    token = current_job_id.set(job_id)
+    try:
+        yield
+    finally:
+        current_job_id.reset(token)
+
+
+class JobIdFilter(logging.Filter):
+    def filter(self, record: logging.LogRecord) -> bool:
+        if not hasattr(record, "job_id"):
+            record.job_id = current_job_id.get()
+        record.__dict__.pop("color_message", None)  # uvicorn's copy of the message with terminal colours
+        return True
+
+
+def formatter(log_format: str) -> logging.Formatter:
+    if log_format == "json":
+        from pythonjsonlogger.json import JsonFormatter
+
+        return JsonFormatter(
+            "{levelname}{name}{process}{message}{job_id}",
+            style="{",
+            rename_fields={"levelname": "level", "name": "logger", "process": "pid"},
+            timestamp="time",  # ISO 8601 in UTC, to the microsecond
+        )
+    return logging.Formatter("%(asctime)s %(levelname)s %(name)s [job %(job_id)s] %(message)s")
+
+
+def configure(settings: Settings) -> None:
+    """Send every logger's lines (ours, uvicorn's, RQ's) through one handler on stderr."""
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(formatter(settings.log_format))
+    handler.addFilter(JobIdFilter())
+    root = logging.getLogger()
+    root.handlers[:] = [handler]
+    root.setLevel(settings.log_level.upper())
+    for name in ("uvicorn", "uvicorn.error", "uvicorn.access", "rq.worker", "rq.job"):
+        logger = logging.getLogger(name)
+        logger.handlers[:] = []
+        logger.propagate = True
+    logging.getLogger("alembic").setLevel(logging.WARNING)  # migrations say a dozen lines at every start

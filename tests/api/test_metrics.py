@@ -1,0 +1,89 @@
+"""`GET /metrics`: Prometheus text whose figures match what the API itself reports."""
+
+from typing import Any
+
+import redis
+from prometheus_client.parser import text_string_to_metric_families
+
+from app import broker
+from app.settings import Settings
+from tests.conftest import Stack, wait_for_job
+
+
+def samples(client: Any) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:
+    response = client.get("/metrics")
+    assert response.status_code == 200 and response.headers["content-type"].startswith("text/plain")
+    return {
+        (sample.name, tuple(sorted(sample.labels.items()))): sample.value
+        for family in text_string_to_metric_families(response.text)
+        for sample in family.samples
+    }
+
+
+def test_queued_jobs_show_as_queue_depth_and_as_jobs_by_kind_and_status(api: Any, settings: Settings) -> None:
+    for _ in range(3):
+        assert api.post("/v1/jobs/ping").status_code == 202
+    figures = samples(api)
+    assert figures[("confprobe_queue_depth", (("queue", broker.default_queue(settings)),))] == 3
+    assert figures[("confprobe_jobs", (("kind", "ping"), ("status", "queued")))] == 3
+    assert figures[("confprobe_workers", ())] == 0
+
+    api.post(f"/v1/jobs/{api.get('/v1/jobs').json()['items'][0]['id']}/cancel")
+    figures = samples(api)
+    assert figures[("confprobe_jobs", (("kind", "ping"), ("status", "queued")))] == 2
+    assert figures[("confprobe_jobs", (("kind", "ping"), ("status", "cancelled")))] == 1
+    assert figures[("confprobe_queue_depth", (("queue", broker.default_queue(settings)),))] == 2
+
+
+def test_requests_are_counted_by_route_template_not_by_path(api: Any) -> None:
+    ids = [api.post("/v1/jobs/ping").json()["job"]["id"] for _ in range(2)]
+    before = samples(api).get(("confprobe_http_requests_total", (("method", "GET"), ("route", "/v1/jobs/{job_id}"), ("status", "200"))), 0)
+    for job_id in ids * 2:
+        api.get(f"/v1/jobs/{job_id}")
+    api.get("/v1/jobs/job_missing")
+    figures = samples(api)
+    assert figures[("confprobe_http_requests_total", (("method", "GET"), ("route", "/v1/jobs/{job_id}"), ("status", "200")))] == before + 4
+    assert figures[("confprobe_http_requests_total", (("method", "GET"), ("route", "/v1/jobs/{job_id}"), ("status", "404")))] == 1
+    assert not any(name == "confprobe_http_requests_total" and ids[0] in str(labels) for name, labels in figures)
+
+
+def test_finished_jobs_fill_the_duration_histogram_and_workers_report_memory(stack: Stack) -> None:
+    client = stack.client
+    before = samples(client).get(("confprobe_job_duration_seconds_count", (("kind", "ping"), ("status", "succeeded"))), 0)
+    for _ in range(3):
+        assert wait_for_job(client, client.post("/v1/jobs/ping").json()["job"]["id"])["status"] == "succeeded"
+    figures = samples(client)
+    count = figures[("confprobe_job_duration_seconds_count", (("kind", "ping"), ("status", "succeeded")))]
+    assert count == before + 3
+    buckets = sorted(
+        (float(dict(labels)["le"]), value)
+        for (name, labels), value in figures.items()
+        if name == "confprobe_job_duration_seconds_bucket" and dict(labels)["kind"] == "ping" and dict(labels)["status"] == "succeeded"
+    )
+    assert [value for _, value in buckets] == sorted(value for _, value in buckets) and buckets[-1] == (float("inf"), count)
+    assert 0 < figures[("confprobe_job_duration_seconds_sum", (("kind", "ping"), ("status", "succeeded")))] < 60 * count
+
+    workers = {w["name"]: w for w in client.get("/v1/workers").json()["items"]}
+    labels = (("device", "cpu"), ("worker", stack.worker_name))
+    assert figures[("confprobe_worker_memory_budget_bytes", labels)] == workers[stack.worker_name]["memory_budget_bytes"]
+    assert figures[("confprobe_worker_memory_used_bytes", labels)] == workers[stack.worker_name]["memory_used_bytes"]
+    assert figures[("confprobe_workers", ())] == len(workers)
+    succeeded = client.get("/v1/jobs", params={"kind": "ping", "status": "succeeded", "limit": 200}).json()["items"]
+    assert figures[("confprobe_jobs", (("kind", "ping"), ("status", "succeeded")))] == len(succeeded)
+
+
+def test_a_scrape_while_redis_is_away_still_answers_and_says_so(api: Any, settings: Settings) -> None:
+    from app.metrics import DeploymentCollector
+
+    assert samples(api)[("confprobe_backend_up", (("backend", "redis"),))] == 1
+    api.post("/v1/jobs/ping")
+    collector = next(c for c in list(api.app.state.metrics._collector_to_names) if isinstance(c, DeploymentCollector))
+    healthy, collector.connection = collector.connection, redis.Redis(port=1, socket_connect_timeout=0.2)
+    try:
+        figures = samples(api)
+    finally:
+        collector.connection = healthy
+    assert figures[("confprobe_backend_up", (("backend", "redis"),))] == 0
+    assert figures[("confprobe_backend_up", (("backend", "database"),))] == 1
+    assert figures[("confprobe_jobs", (("kind", "ping"), ("status", "queued")))] == 1
+    assert not any(name == "confprobe_queue_depth" for name, _ in figures)

@@ -1,0 +1,63 @@
+"""Structured logs: every line a process writes is one JSON object carrying `job_id`, and a
+job's lines — the gateway's, the worker's and RQ's — can be found by it."""
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+import httpx
+
+from app.settings import Settings
+from tests.conftest import (
+    ROOT,
+    free_port,
+    settings_environment,
+    start_worker,
+    stop_process,
+    wait_for_job,
+    wait_until,
+)
+
+
+def json_lines(path: Path) -> list[dict[str, Any]]:
+    lines = [line for line in path.read_text().splitlines() if line.strip()]
+    assert lines, f"{path.name} is empty"
+    return [json.loads(line) for line in lines]  # every line parses
+
+
+def test_gateway_and_worker_write_json_lines_with_the_job_id(settings: Settings, tmp_path: Path) -> None:
+    settings = settings.model_copy(update={"log_format": "json", "log_level": "info"})
+    port = free_port()
+    gateway_log, worker_log = tmp_path / "gateway.log", tmp_path / "worker.log"
+    with open(gateway_log, "wb") as output:
+        gateway = subprocess.Popen(
+            [sys.executable, "-m", "app.cli", "gateway", "--port", str(port)], env=settings_environment(settings), cwd=ROOT, stdout=output, stderr=output
+        )
+    worker = start_worker(settings, f"logged-{settings.queue_prefix}", log_file=worker_log)
+    try:
+        client = httpx.Client(base_url=f"http://127.0.0.1:{port}")
+        wait_until(lambda: _answers(client), 60, "the gateway to answer", interval=0.1)
+        job_id = client.post("/v1/jobs/ping").json()["job"]["id"]
+        assert wait_for_job(client, job_id)["status"] == "succeeded"
+    finally:
+        stop_process(worker)
+        stop_process(gateway)
+
+    gateway_lines, worker_lines = json_lines(gateway_log), json_lines(worker_log)
+    for line in gateway_lines + worker_lines:
+        assert {"time", "level", "logger", "message", "job_id"} <= set(line)
+    assert any(line["job_id"] == job_id and line["message"] == "job queued" and line["kind"] == "ping" for line in gateway_lines)
+    assert any(line["logger"] == "uvicorn.access" and "/v1/jobs/ping" in line["message"] for line in gateway_lines)
+    mine = [line for line in worker_lines if line["job_id"] == job_id]
+    assert [line["message"] for line in mine if line["logger"] == "workers.runner"] == ["job started", "job succeeded"]
+    assert any(line["logger"].startswith("rq.") for line in mine)  # RQ's own lines about the job carry its id too
+    assert all(line["job_id"] is None for line in worker_lines if line["logger"] == "workers.main" or "Listening on" in line["message"])
+
+
+def _answers(client: httpx.Client) -> bool:
+    try:
+        return client.get("/healthz").status_code == 200
+    except httpx.HTTPError:
+        return False
