@@ -50,6 +50,7 @@ class JobOut(BaseModel):
     result: dict[str, Any] | None
     error: JobError | None
     cancel_requested: bool
+    attempts: int = Field(0, description="Times a worker has started the job; a job whose worker died is started again, up to JOB_MAX_ATTEMPTS.")
     worker: str | None
     model_id: str | None
     created_at: datetime
@@ -66,6 +67,7 @@ class JobOut(BaseModel):
             result=job.result,
             error=JobError(**job.error) if job.error else None,
             cancel_requested=job.cancel_requested,
+            attempts=job.attempts or 0,
             worker=job.worker,
             model_id=job.model_id,
             created_at=job.created_at,

@@ -46,6 +46,7 @@ class Job(Answer):
     result: dict[str, Any] | None
     error: JobError | None
     cancel_requested: bool
+    attempts: int = 0
     worker: str | None
     model_id: str | None
     created_at: datetime

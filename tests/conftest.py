@@ -5,7 +5,6 @@ Outside CI a missing server binary skips the tests that need it; under CI (`CI=t
 fails them, so CI never passes by skipping.
 """
 
-import glob
 import json
 import os
 import shutil
@@ -13,7 +12,6 @@ import signal
 import socket
 import subprocess
 import sys
-import tempfile
 import time
 import uuid
 from collections.abc import Iterator
@@ -33,6 +31,7 @@ os.environ.setdefault("TINKER_TELEMETRY", "0")
 from app.broker import redis_server_executable  # noqa: E402
 from app.registry.database import migrate  # noqa: E402
 from app.settings import Settings  # noqa: E402
+from tests.servers import PostgresServer, local_postgres, local_postgres_available  # noqa: E402
 
 IN_CI = os.environ.get("CI") == "true"
 ROOT = Path(__file__).resolve().parent.parent
@@ -131,46 +130,11 @@ def redis_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RedisServ
 # --- PostgreSQL ------------------------------------------------------------------------
 
 
-def _postgres_binary(name: str) -> str | None:
-    return shutil.which(name) or next(iter(sorted(glob.glob(f"/usr/lib/postgresql/*/bin/{name}"), reverse=True)), None)
-
-
-@dataclass
-class PostgresServer:
-    port: int
-    admin_url: str
-
-    def create_database(self, template: str | None = None) -> str:
-        import psycopg
-
-        name = f"registry_{uuid.uuid4().hex[:12]}"
-        with psycopg.connect(self.admin_url, autocommit=True) as connection:
-            connection.execute(f'CREATE DATABASE "{name}"' + (f' TEMPLATE "{template}"' if template else ""))
-        return name
-
-    def url(self, database: str) -> str:
-        return f"postgresql+psycopg://postgres@127.0.0.1:{self.port}/{database}"
-
-
 @pytest.fixture(scope="session")
 def postgres_server() -> Iterator[PostgresServer]:
-    initdb, pg_ctl = _postgres_binary("initdb"), _postgres_binary("pg_ctl")
-    require(bool(initdb and pg_ctl), "PostgreSQL server binaries (initdb, pg_ctl) are not installed")
-    assert initdb and pg_ctl
-    # PostgreSQL refuses to run as root: run it as the `postgres` user, in a folder it owns.
-    as_postgres = ["runuser", "-u", "postgres", "--"] if os.geteuid() == 0 else []
-    folder = Path(tempfile.mkdtemp(prefix="confprobe-pg-"))
-    if as_postgres:
-        shutil.chown(folder, "postgres", "postgres")
-    data, port = folder / "data", free_port()
-    subprocess.run([*as_postgres, initdb, "-D", str(data), "-A", "trust", "-U", "postgres", "--no-sync"], check=True, capture_output=True)
-    options = f"-p {port} -k {folder} -c listen_addresses=127.0.0.1 -c fsync=off -c synchronous_commit=off -c full_page_writes=off"
-    subprocess.run([*as_postgres, pg_ctl, "-D", str(data), "-o", options, "-l", str(folder / "log"), "-w", "start"], check=True, capture_output=True)
-    try:
-        yield PostgresServer(port=port, admin_url=f"postgresql://postgres@127.0.0.1:{port}/postgres")
-    finally:
-        subprocess.run([*as_postgres, pg_ctl, "-D", str(data), "-m", "immediate", "stop"], capture_output=True)
-        shutil.rmtree(folder, ignore_errors=True)
+    require(local_postgres_available(), "PostgreSQL server binaries (initdb, pg_ctl) are not installed")
+    with local_postgres() as server:
+        yield server
 
 
 # --- Registry databases ----------------------------------------------------------------
