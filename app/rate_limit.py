@@ -24,7 +24,7 @@ from app.settings import Settings
 logger = logging.getLogger(__name__)
 
 # KEYS[1]: the bucket; ARGV: refill rate (tokens/s), capacity. Returns {allowed, seconds
-# until the next token, tokens left}, numbers as strings (Redis truncates Lua numbers).
+# until the next token}, the seconds as a string (Redis truncates Lua numbers to integers).
 TAKE_TOKEN = """
 local rate = tonumber(ARGV[1])
 local capacity = tonumber(ARGV[2])
@@ -44,7 +44,7 @@ else
 end
 redis.call('HSET', KEYS[1], 'tokens', tostring(tokens), 'at', tostring(now))
 redis.call('EXPIRE', KEYS[1], math.ceil(capacity / rate) + 1)
-return {allowed, tostring(wait), tostring(tokens)}
+return {allowed, tostring(wait)}
 """
 
 OUTAGE_LOG_INTERVAL_S = 60.0
@@ -77,7 +77,7 @@ def take_token(connection: redis.Redis, settings: Settings, key_id: str, limit: 
     the next one would be. Allowed, too, when Redis does not answer (see the module)."""
     script = connection.register_script(TAKE_TOKEN)
     try:
-        allowed, wait, _left = script(keys=[bucket_key(settings, key_id)], args=[limit.per_minute / 60, limit.burst])
+        allowed, wait = script(keys=[bucket_key(settings, key_id)], args=[limit.per_minute / 60, limit.burst])
     except redis.exceptions.RedisError as exc:
         _log_outage(exc)
         return None
