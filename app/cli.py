@@ -1,7 +1,8 @@
 """`confprobe`: run the service (`serve`: embedded Redis + gateway + one worker), or one
-part of it (`gateway`, `worker`), or migrate the registry (`migrate`); and use a running
-service through its API (`models`, `adapters`, `datasets`, `extract`, `probes`, `compare`,
-`jobs`), with the `confprobe_client` package."""
+part of it (`gateway`, `worker`), or migrate the registry (`migrate`); manage API keys in
+the registry (`keys`); and use a running service through its API (`models`, `adapters`,
+`datasets`, `extract`, `probes`, `compare`, `jobs`), with the `confprobe_client` package
+(the API key comes from CONFPROBE_API_KEY)."""
 
 import json
 import os
@@ -9,8 +10,9 @@ import signal
 import subprocess
 import sys
 import time
-from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -20,7 +22,9 @@ from app.settings import get_settings
 
 if TYPE_CHECKING:
     from pydantic import BaseModel
+    from sqlalchemy.orm import Session
 
+    from app.auth import Scope
     from confprobe_client import Client, Estimate, Job
 
 
@@ -35,7 +39,10 @@ Exit codes of the API commands:
   3  not found (404)
   4  invalid request (422, 413 too large, 409 conflict)
   5  job failed or was cancelled
-  6  service unavailable (503) or unreachable""",
+  6  service unavailable (503) or unreachable
+  7  not authorized: no or no valid API key (401; set CONFPROBE_API_KEY), or a key
+     without the scope needed (403)
+  8  rate limited (429): retry after the seconds the message gives""",
 )
 @click.option("--url", envvar="CONFPROBE_URL", default=None, help="The service's base URL [default: $CONFPROBE_URL, else http://127.0.0.1:8000].")
 @click.option("--json", "as_json", is_flag=True, help="Print answers as JSON (errors as the API's error envelope, on stderr).")
@@ -126,6 +133,119 @@ def serve(host: str | None, port: int | None) -> None:
         raise SystemExit(f"stopped because a part exited: {failed[0]}")
 
 
+# --- API keys, on the registry database -------------------------------------------------
+
+
+class ScopeList(click.ParamType):
+    """`submit,read` → ["read", "submit"], each one a known scope."""
+
+    name = "scopes"
+
+    def convert(self, value: Any, param: click.Parameter | None, ctx: click.Context | None) -> "list[Scope]":
+        from app.auth import SCOPES
+
+        if isinstance(value, list):
+            return value
+        requested = comma_separated(str(value))
+        unknown = [scope for scope in requested if scope not in SCOPES]
+        if unknown or not requested:
+            self.fail(f"{', '.join(unknown) or 'nothing'} is not a scope (choose from {', '.join(SCOPES)})", param, ctx)
+        return [scope for scope in SCOPES if scope in requested]
+
+
+json_option = click.option("--json", "as_json", is_flag=True, help="Print JSON (same as the global --json).")
+
+
+@contextmanager
+def registry_session() -> Iterator["Session"]:
+    """A transaction on the registry of this machine's settings (DATABASE_URL), brought to
+    the newest schema first: the first key is often made before the gateway ever ran."""
+    from app.registry.database import (
+        create_registry_engine,
+        migrate,
+        session_factory,
+        transaction,
+    )
+
+    url = get_settings().resolved_database_url
+    migrate(url)
+    engine = create_registry_engine(url)
+    try:
+        with transaction(session_factory(engine)) as session:
+            yield session
+    finally:
+        engine.dispose()
+
+
+def key_output(api: "ApiContext", as_json: bool) -> "ApiContext":
+    """`--json` given to the command or to `confprobe` itself."""
+    return replace(api, as_json=api.as_json or as_json)
+
+
+@main.group()
+def keys() -> None:
+    """API keys, made and revoked directly in the registry database (DATABASE_URL): the way
+    to the first admin key of a service with AUTH_ENABLED."""
+
+
+@keys.command("create")
+@click.option("--name", required=True, help="What the key is for, e.g. who holds it.")
+@click.option("--scopes", type=ScopeList(), required=True, help="Comma-separated: read, submit (includes read), admin (includes both).")
+@click.option("--rate-limit", type=click.IntRange(min=0), help="This key's requests per minute (0: none) [default: RATE_LIMIT_PER_MINUTE].")
+@click.option("--burst", type=click.IntRange(min=1), help="Requests at once after a quiet spell (with --rate-limit) [default: the rate limit].")
+@json_option
+@click.pass_obj
+def create_api_key(api: "ApiContext", name: str, scopes: "list[Scope]", rate_limit: int | None, burst: int | None, as_json: bool) -> None:
+    """Make a key and print it once (the registry keeps only its hash)."""
+    from app.auth import create_key
+    from app.schemas import ApiKeyCreated, ApiKeyOut
+
+    if burst is not None and rate_limit is None:
+        raise click.UsageError("--burst needs --rate-limit")
+    with registry_session() as session:
+        key, secret = create_key(session, name, scopes, rate_limit, burst)
+    output = key_output(api, as_json)
+    output.show(ApiKeyCreated(**ApiKeyOut.of(key).model_dump(), secret=secret), KEY_COLUMNS)
+    if not output.as_json:
+        click.echo(f"\nkey: {secret}\nshown this once; keep it somewhere safe (e.g. export CONFPROBE_API_KEY=…)")
+
+
+@keys.command("list")
+@click.option("--all", "include_revoked", is_flag=True, help="Revoked keys too.")
+@json_option
+@click.pass_obj
+def list_api_keys(api: "ApiContext", include_revoked: bool, as_json: bool) -> None:
+    """API keys, newest first, without their secrets."""
+    from app.registry.api_keys import list_keys
+    from app.schemas import ApiKeyOut
+
+    with registry_session() as session:
+        found, _ = list_keys(session, include_revoked=include_revoked, cursor=None, limit=10_000)
+    key_output(api, as_json).show([ApiKeyOut.of(key) for key in found], KEY_COLUMNS)
+
+
+keys.add_command(list_api_keys, "ls")  # as `models ls`, `jobs ls`…
+
+
+@keys.command("revoke")
+@click.argument("key_id")
+@json_option
+@click.pass_obj
+def revoke_api_key(api: "ApiContext", key_id: str, as_json: bool) -> None:
+    """Revoke KEY_ID: it stops working at once, on every gateway."""
+    from app.errors import ServiceError
+    from app.registry.api_keys import revoke_key
+    from app.schemas import ApiKeyOut
+
+    try:
+        with registry_session() as session:
+            revoked = ApiKeyOut.of(revoke_key(session, key_id))
+    except ServiceError as error:
+        click.echo(f"error: {error.message}", err=True)
+        raise SystemExit(EXIT_NOT_FOUND) from error
+    key_output(api, as_json).show(revoked, KEY_COLUMNS)
+
+
 # --- API commands --------------------------------------------------------------------------
 
 
@@ -134,6 +254,8 @@ EXIT_NOT_FOUND = 3
 EXIT_INVALID_REQUEST = 4
 EXIT_JOB_FAILED = 5
 EXIT_UNAVAILABLE = 6
+EXIT_NOT_AUTHORIZED = 7
+EXIT_RATE_LIMITED = 8
 
 
 def make_client(url: str | None) -> "Client":
@@ -146,15 +268,22 @@ def make_client(url: str | None) -> "Client":
 def exit_code_of(error: Exception) -> int:
     from confprobe_client import (
         Conflict,
+        Forbidden,
         InvalidRequest,
         JobFailed,
         NotFound,
+        RateLimited,
+        Unauthorized,
         Unavailable,
         Unreachable,
     )
 
     if isinstance(error, NotFound):
         return EXIT_NOT_FOUND
+    if isinstance(error, Unauthorized | Forbidden):
+        return EXIT_NOT_AUTHORIZED
+    if isinstance(error, RateLimited):
+        return EXIT_RATE_LIMITED
     if isinstance(error, InvalidRequest | Conflict):
         return EXIT_INVALID_REQUEST
     if isinstance(error, JobFailed):
@@ -220,8 +349,18 @@ class ApiCommand(click.Command):
             if api is not None and api.as_json:
                 click.echo(json.dumps(error_envelope(error)), err=True)
             else:
-                click.echo(f"error: {error}", err=True)
+                click.echo(f"error: {error}{hint_for(error)}", err=True)
             ctx.exit(exit_code_of(error))
+
+
+def hint_for(error: Exception) -> str:
+    """What to do about a refused key, which the service's message cannot know."""
+    from confprobe_client import API_KEY_VARIABLE, Unauthorized
+
+    if isinstance(error, Unauthorized):
+        state = "is set but not accepted" if os.environ.get(API_KEY_VARIABLE) else "is not set"
+        return f"\n{API_KEY_VARIABLE} {state}: export {API_KEY_VARIABLE}=<key> (an admin makes one with `confprobe keys create`)"
+    return ""
 
 
 class ApiGroup(click.Group):
@@ -315,6 +454,15 @@ RUN_COLUMNS: list[Column] = [
     ("STATUS", lambda r: r.status),
     ("LAYERS", lambda r: ",".join(map(str, r.layers))),
     ("METHODS", lambda r: ",".join(r.methods)),
+]
+KEY_COLUMNS: list[Column] = [
+    ("ID", lambda k: k.id),
+    ("NAME", lambda k: k.name),
+    ("PREFIX", lambda k: k.prefix),
+    ("SCOPES", lambda k: ",".join(k.scopes)),
+    ("RATE/MIN", lambda k: "default" if k.rate_limit_per_minute is None else str(k.rate_limit_per_minute)),
+    ("LAST USED", lambda k: k.last_used_at.isoformat(timespec="minutes") if k.last_used_at else "-"),
+    ("REVOKED", lambda k: k.revoked_at.isoformat(timespec="minutes") if k.revoked_at else "-"),
 ]
 COMPARISON_COLUMNS: list[Column] = [
     ("ID", lambda c: c.id),

@@ -9,13 +9,15 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 
 class ServiceError(Exception):
-    """An error meant for the client: its status, a stable code, a message naming the problem."""
+    """An error meant for the client: its status, a stable code, a message naming the problem,
+    and the headers the status calls for (`WWW-Authenticate` on 401, `Retry-After` on 429)."""
 
-    def __init__(self, status: int, code: str, message: str, **details: Any) -> None:
+    def __init__(self, status: int, code: str, message: str, *, headers: dict[str, str] | None = None, **details: Any) -> None:
         super().__init__(message)
         self.status = status
         self.code = code
         self.message = message
+        self.headers = headers
         self.details = details
 
 
@@ -58,7 +60,7 @@ def _field_name(location: tuple[Any, ...]) -> str:
 
 async def _service_error(_request: Request, exc: Exception) -> JSONResponse:
     assert isinstance(exc, ServiceError)
-    return error_response(exc.status, exc.code, exc.message, exc.details)
+    return error_response(exc.status, exc.code, exc.message, exc.details, headers=exc.headers)
 
 
 async def _validation_error(_request: Request, exc: Exception) -> JSONResponse:
@@ -83,9 +85,14 @@ async def _http_error(_request: Request, exc: Exception) -> JSONResponse:
     return error_response(exc.status_code, code, message, headers=getattr(exc, "headers", None))
 
 
-async def _backend_unavailable(_request: Request, exc: Exception) -> JSONResponse:
+def backend_unavailable(exc: Exception) -> JSONResponse:
+    """Redis or the database went away: 503 with `Retry-After` (middleware answers it too)."""
     backend = "redis" if type(exc).__module__.startswith("redis") else "database"
     return error_response(503, "unavailable", f"the {backend} is unreachable: {exc}", {"backend": backend}, headers={"Retry-After": "5"})
+
+
+async def _backend_unavailable(_request: Request, exc: Exception) -> JSONResponse:
+    return backend_unavailable(exc)
 
 
 async def _unexpected(_request: Request, exc: Exception) -> JSONResponse:

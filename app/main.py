@@ -4,7 +4,7 @@ from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from typing import Any
 
-from fastapi import FastAPI
+from fastapi import Depends, FastAPI
 from fastapi_offline import FastAPIOffline
 
 from app import broker
@@ -16,8 +16,10 @@ from app.api import (
     extractions,
     health,
     jobs,
+    keys,
     models,
     probes,
+    security,
     tinker,
 )
 from app.api import metrics as metrics_api
@@ -71,19 +73,25 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         default_limit=settings.max_request_bytes,
         limits={"/v1/datasets": settings.max_dataset_bytes, "/v1/adapters/upload": settings.max_adapter_bytes},
     )
-    app.add_middleware(RequestMetrics, registry=metrics)
+    app.add_middleware(security.AuthenticateFirst)  # before the body: no body is read for a caller without a key
+    app.add_middleware(RequestMetrics, registry=metrics)  # outermost: refused requests are counted too
     install_error_handlers(app)
+    # Every /v1 route asks for an API key with the scope its method needs (when
+    # AUTH_ENABLED); health checks and the docs stay open. `/v1/workers` lives in the
+    # health router and asks on its own.
+    by_method: dict[str, Any] = {"dependencies": [Depends(security.scope_by_method)], "responses": security.AUTH_RESPONSES}
     app.include_router(health.router)
     app.include_router(metrics_api.router)
-    app.include_router(models.router)
-    app.include_router(adapters.router)
-    app.include_router(comparisons.router)
-    app.include_router(datasets.router)
-    app.include_router(experiments.router)
-    app.include_router(extractions.router)
-    app.include_router(jobs.router)
-    app.include_router(probes.router)
-    app.include_router(tinker.router)
+    app.include_router(models.router, **by_method)
+    app.include_router(adapters.router, **by_method)
+    app.include_router(comparisons.router, **by_method)
+    app.include_router(datasets.router, **by_method)
+    app.include_router(experiments.router, **by_method)
+    app.include_router(extractions.router, **by_method)
+    app.include_router(jobs.router, **by_method)
+    app.include_router(probes.router, **by_method)
+    app.include_router(tinker.router, **by_method)
+    app.include_router(keys.router, dependencies=[Depends(security.admin_scope)], responses=security.AUTH_RESPONSES)
 
     def openapi() -> dict[str, Any]:
         if app.openapi_schema is None:

@@ -9,7 +9,7 @@ from functools import lru_cache
 from pathlib import Path
 from typing import Literal
 
-from pydantic import Field
+from pydantic import Field, SecretStr, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 
@@ -84,6 +84,32 @@ class Settings(BaseSettings):
     log_format: Literal["json", "text"] = Field(
         "json", description="`json`: one JSON object per line with the job id (null outside a job); `text`: for reading in a terminal."
     )
+
+    # Authentication and rate limits (README, "Authentication"). Off by default: the
+    # embedded single-user service needs no key.
+    auth_enabled: bool = Field(
+        False, description="Require an API key (`Authorization: Bearer <key>` or `X-API-Key`) on every /v1 route."
+    )
+    bootstrap_admin_key: SecretStr | None = Field(
+        None,
+        description="A key chosen by the operator (at least 32 characters) admitted with the admin scope, "
+        "for deployments that cannot run `confprobe keys create` first. Never stored; compared in constant time.",
+    )
+    rate_limit_per_minute: int = Field(
+        600, ge=0, description="Requests a key may make per minute, shared by every gateway process (Redis); 0: no limit."
+    )
+    rate_limit_burst: int | None = Field(
+        None, ge=1, description="Requests a key may make at once after a quiet spell; default: RATE_LIMIT_PER_MINUTE."
+    )
+
+    @field_validator("bootstrap_admin_key")
+    @classmethod
+    def _long_enough_to_be_secret(cls, key: SecretStr | None) -> SecretStr | None:
+        if key is None or key.get_secret_value() == "":  # `BOOTSTRAP_ADMIN_KEY=`: none
+            return None
+        if len(key.get_secret_value()) < 32:
+            raise ValueError("must be at least 32 characters (e.g. `python -c 'import secrets; print(secrets.token_urlsafe(32))'`)")
+        return key
 
     @property
     def resolved_database_url(self) -> str:

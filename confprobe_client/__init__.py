@@ -11,22 +11,27 @@ It needs httpx and pydantic (numpy for hidden states, tqdm for progress bars), n
 or the service's own packages.
 """
 
-from confprobe_client.client import DEFAULT_URL, Client
+from confprobe_client.client import API_KEY_VARIABLE, DEFAULT_URL, Client
 from confprobe_client.errors import (
     ApiError,
     Conflict,
     ConfprobeError,
+    Forbidden,
     InvalidRequest,
     JobFailed,
     NotFound,
+    RateLimited,
+    Unauthorized,
     Unavailable,
     Unreachable,
     WaitTimedOut,
 )
 from confprobe_client.types import (
     Adapter,
+    ApiKey,
     CalibrationReport,
     Comparison,
+    CreatedApiKey,
     Dataset,
     Estimate,
     Experiment,
@@ -46,18 +51,22 @@ from confprobe_client.types import (
 )
 
 __all__ = [
+    "API_KEY_VARIABLE",
     "Experiment",
     "DEFAULT_URL",
     "Adapter",
     "ApiError",
+    "ApiKey",
     "CalibrationReport",
     "Client",
     "Comparison",
     "Conflict",
     "ConfprobeError",
+    "CreatedApiKey",
     "Dataset",
     "Estimate",
     "Extraction",
+    "Forbidden",
     "Health",
     "InvalidRequest",
     "Job",
@@ -70,9 +79,11 @@ __all__ = [
     "ProbeReport",
     "ProbeRun",
     "Progress",
+    "RateLimited",
     "Readiness",
     "Score",
     "TinkerModel",
+    "Unauthorized",
     "Unavailable",
     "Unreachable",
     "WaitTimedOut",

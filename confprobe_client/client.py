@@ -2,6 +2,7 @@
 and `wait` to follow a job to its end."""
 
 import io
+import os
 import time
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from contextlib import contextmanager
@@ -19,7 +20,9 @@ from confprobe_client.errors import (
 )
 from confprobe_client.types import (
     Adapter,
+    ApiKey,
     Comparison,
+    CreatedApiKey,
     Dataset,
     Experiment,
     Extraction,
@@ -39,6 +42,7 @@ if TYPE_CHECKING:
     import numpy as np
 
 DEFAULT_URL = "http://127.0.0.1:8000"
+API_KEY_VARIABLE = "CONFPROBE_API_KEY"
 # Polling, when the events stream is not there, starts fast for short jobs and slows down
 # for long ones.
 FIRST_POLL_S = 0.1
@@ -53,7 +57,8 @@ class Client:
     `http` takes an existing client with httpx's interface (an `httpx.Client`, or FastAPI's
     `TestClient` for a service in the same process), which then decides the base URL; else
     the client makes its own from `base_url`, `timeout` (seconds) and an optional httpx
-    `transport`.
+    `transport`. `api_key` (default: the CONFPROBE_API_KEY environment variable) is sent
+    as a bearer token with every request, for a service that runs with AUTH_ENABLED.
     """
 
     def __init__(
@@ -62,10 +67,14 @@ class Client:
         timeout: float = 30,
         transport: httpx.BaseTransport | None = None,
         http: httpx.Client | None = None,
+        api_key: str | None = None,
     ) -> None:
         self._owns_http = http is None
         self._http = http or httpx.Client(base_url=base_url, timeout=timeout, transport=transport)
         self.timeout = timeout
+        key = api_key if api_key is not None else os.environ.get(API_KEY_VARIABLE)
+        # per request rather than on `http`: a client handed in is not ours to change
+        self._auth_headers = {"authorization": f"Bearer {key}"} if key else {}
 
     @property
     def base_url(self) -> str:
@@ -423,15 +432,32 @@ class Client:
             time.sleep(interval if deadline is None else max(0.0, min(interval, deadline - time.monotonic())))
             interval = min(interval * 2, LONGEST_POLL_S)
 
+    # --- API keys (admin scope) ------------------------------------------------------------
+
+    def create_key(
+        self, name: str, scopes: Sequence[str], rate_limit_per_minute: int | None = None, rate_limit_burst: int | None = None
+    ) -> CreatedApiKey:
+        """A new API key; its `secret` is in this answer only."""
+        body = _without_none(name=name, scopes=list(scopes), rate_limit_per_minute=rate_limit_per_minute, rate_limit_burst=rate_limit_burst)
+        return CreatedApiKey.model_validate(self._json("POST", "/v1/keys", json=body))
+
+    def list_keys(self, include_revoked: bool = False, cursor: str | None = None, limit: int = 50) -> Page[ApiKey]:
+        params = _without_none(include_revoked=include_revoked or None, cursor=cursor, limit=limit)
+        return Page[ApiKey].model_validate(self._json("GET", "/v1/keys", params=params))
+
+    def revoke_key(self, key_id: str) -> ApiKey:
+        """The key stops working at once."""
+        return ApiKey.model_validate(self._json("DELETE", f"/v1/keys/{key_id}"))
+
     # --- transport -------------------------------------------------------------------------
 
     def _send(self, method: str, path: str, **request: Any) -> httpx.Response:
         try:
-            response = self._http.request(method, path, **request)
+            response = self._http.request(method, path, **self._authenticated(request))
         except httpx.TransportError as exc:
             raise self._unreachable(method, path, exc) from exc
         if response.is_error:
-            raise api_error(response.status_code, _json_or_none(response))
+            raise api_error(response.status_code, _json_or_none(response), response.headers)
         return response
 
     def _json(self, method: str, path: str, **request: Any) -> Any:
@@ -442,13 +468,18 @@ class Client:
         """A response whose body is read as it comes; errors as in `_send`, including a
         connection that breaks mid-body."""
         try:
-            with self._http.stream(method, path, **request) as response:
+            with self._http.stream(method, path, **self._authenticated(request)) as response:
                 if response.is_error:
                     response.read()
-                    raise api_error(response.status_code, _json_or_none(response))
+                    raise api_error(response.status_code, _json_or_none(response), response.headers)
                 yield response
         except httpx.TransportError as exc:
             raise self._unreachable(method, path, exc) from exc
+
+    def _authenticated(self, request: dict[str, Any]) -> dict[str, Any]:
+        if not self._auth_headers:
+            return request
+        return request | {"headers": self._auth_headers | dict(request.get("headers") or {})}
 
     def _unreachable(self, method: str, path: str, cause: httpx.TransportError) -> Unreachable:
         return Unreachable(f"no answer from {self.base_url.rstrip('/')} to {method} {path}: {cause or type(cause).__name__}")

@@ -1,5 +1,6 @@
 """What can go wrong, by kind, so callers can `except` on the kind they handle."""
 
+from collections.abc import Mapping
 from typing import Any
 
 from confprobe_client.types import Job
@@ -32,6 +33,29 @@ class Conflict(ApiError):
     """409: the resource's state forbids it (in use, already finished, not computed yet)."""
 
 
+class Unauthorized(ApiError):
+    """401: no API key, or not a live one (unknown, revoked); pass `api_key=` or set
+    CONFPROBE_API_KEY."""
+
+
+class Forbidden(ApiError):
+    """403: the API key lacks the scope the call needs (`required_scope`), or the service
+    refuses the resource (a path outside its allowed roots)."""
+
+    @property
+    def required_scope(self) -> str | None:
+        return self.details.get("required_scope")
+
+
+class RateLimited(ApiError):
+    """429: the API key is over its rate limit; `retry_after` says in how many seconds a
+    call will be let through again."""
+
+    def __init__(self, status: int, code: str, message: str, details: dict[str, Any] | None = None, retry_after: float | None = None) -> None:
+        super().__init__(status, code, message, details)
+        self.retry_after = retry_after
+
+
 class Unavailable(ApiError):
     """503: a back-end (database, Redis, a worker) is missing; retrying later may work."""
 
@@ -61,6 +85,8 @@ class WaitTimedOut(ConfprobeError, TimeoutError):
 
 ERRORS_BY_STATUS: dict[int, type[ApiError]] = {
     400: InvalidRequest,
+    401: Unauthorized,
+    403: Forbidden,
     404: NotFound,
     409: Conflict,
     413: InvalidRequest,
@@ -69,12 +95,22 @@ ERRORS_BY_STATUS: dict[int, type[ApiError]] = {
 }
 
 
-def api_error(status: int, body: Any) -> ApiError:
+def api_error(status: int, body: Any, headers: Mapping[str, str] | None = None) -> ApiError:
     """The exception for an error answer: the §3 envelope when the body is one, else the
-    status alone (a proxy's HTML page, an empty body)."""
+    status alone (a proxy's HTML page, an empty body); a 429 keeps its `Retry-After`."""
     envelope = body.get("error") if isinstance(body, dict) else None
     if isinstance(envelope, dict) and "code" in envelope:
         code, message, details = str(envelope["code"]), str(envelope.get("message", "")), envelope.get("details") or {}
     else:
         code, message, details = f"http_{status}", f"HTTP {status} without an error envelope", {}
+    if status == 429:
+        return RateLimited(status, code, message, details, retry_after=_seconds((headers or {}).get("retry-after")))
     return ERRORS_BY_STATUS.get(status, ApiError)(status, code, message, details)
+
+
+def _seconds(retry_after: str | None) -> float | None:
+    """`Retry-After` in seconds; None when absent or an HTTP date (this service sends seconds)."""
+    try:
+        return float(retry_after) if retry_after is not None else None
+    except ValueError:
+        return None

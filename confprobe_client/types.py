@@ -231,6 +231,26 @@ class TinkerModel(Answer):
     sampleable: bool | None = None
 
 
+class ApiKey(Answer):
+    """An API key as the service lists it: `prefix` recognises it, the key itself is not there."""
+
+    id: str
+    name: str
+    prefix: str
+    scopes: list[str]
+    rate_limit_per_minute: int | None
+    rate_limit_burst: int | None
+    created_at: datetime
+    last_used_at: datetime | None
+    revoked_at: datetime | None
+
+
+class CreatedApiKey(ApiKey):
+    """The answer to a key's creation, the only one that holds the key (`secret`)."""
+
+    secret: str = Field(repr=False)
+
+
 Item = TypeVar("Item", bound=Answer)
 
 

@@ -2,18 +2,19 @@
 
 from typing import Any
 
-from fastapi import APIRouter
+from fastapi import APIRouter, Depends
 from sqlalchemy import text
 
 from app import broker
 from app.api.deps import RedisDep, SessionsDep, SettingsDep
+from app.api.security import AUTH_RESPONSES, scope_by_method
 from app.errors import ServiceError
 from app.schemas import HealthOut, ReadinessOut, WorkerList, WorkerOut
 
 router = APIRouter(tags=["health"])
 
 
-@router.get("/v1/workers", tags=["workers"])
+@router.get("/v1/workers", tags=["workers"], dependencies=[Depends(scope_by_method)], responses=AUTH_RESPONSES)
 def list_workers(settings: SettingsDep, connection: RedisDep) -> WorkerList:
     """Live workers (fresh heartbeat): device, memory budget and use, resident models with
     their attached adapters, and the job each is running."""
