@@ -14,8 +14,11 @@ import redis
 from app.settings import Settings
 
 
-def connect(settings: Settings) -> redis.Redis:
-    return redis.Redis.from_url(settings.resolved_redis_url, socket_connect_timeout=5, health_check_interval=30)
+def connect(settings: Settings, socket_timeout: float | None = None) -> redis.Redis:
+    """The synchronous client. The gateway passes a `socket_timeout` so a Redis that hangs
+    (rather than refusing) costs a request seconds, not forever; workers pass none, because
+    RQ blocks on its queues for minutes at a time."""
+    return redis.Redis.from_url(settings.resolved_redis_url, socket_connect_timeout=5, socket_timeout=socket_timeout, health_check_interval=30)
 
 
 def connect_async(settings: Settings) -> Any:

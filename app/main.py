@@ -48,7 +48,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         engine = create_registry_engine(settings.resolved_database_url)
         app.state.settings = settings
         app.state.sessions = session_factory(engine)
-        app.state.redis = broker.connect(settings)
+        app.state.redis = broker.connect(settings, socket_timeout=10)
         app.state.artifacts = ArtifactStore(settings.resolved_artifact_dir)
         app.state.async_redis = broker.connect_async(settings)
         app.state.metrics = metrics

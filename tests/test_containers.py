@@ -82,6 +82,13 @@ def test_service_environment_names_only_existing_settings(services: dict[str, An
     assert set(services[service]["environment"]) - known == set()
 
 
+def test_compose_turns_auth_on_by_default(services: dict[str, Any]) -> None:
+    """`${AUTH_ENABLED:-true}`: on unless the operator says otherwise, the reverse of the embedded default."""
+    value = services["gateway"]["environment"]["AUTH_ENABLED"]
+    assert value.removeprefix("${AUTH_ENABLED:-").removesuffix("}") == "true"
+    assert Settings().auth_enabled is False
+
+
 @pytest.mark.parametrize("service", APP_SERVICES)
 def test_service_builds_its_own_dockerfile_target(services: dict[str, Any], service: str) -> None:
     assert services[service]["build"]["target"] == service
