@@ -24,7 +24,7 @@ from app.errors import install_error_handlers
 from app.limits import BodySizeLimit
 from app.registry.database import create_registry_engine, session_factory
 from app.settings import Settings, get_settings
-from app.storage import ArtifactStore
+from app.storage import open_store
 
 DESCRIPTION = """
 Find out whether a fine-tuned LLM *knows when it is wrong*: register base models and LoRA
@@ -42,7 +42,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         app.state.settings = settings
         app.state.sessions = session_factory(engine)
         app.state.redis = broker.connect(settings)
-        app.state.artifacts = ArtifactStore(settings.resolved_artifact_dir)
+        app.state.artifacts = open_store(settings)
         app.state.async_redis = broker.connect_async(settings)
         try:
             yield
