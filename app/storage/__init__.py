@@ -9,19 +9,17 @@ from typing import TYPE_CHECKING
 from urllib.parse import unquote, urlsplit
 
 from app.storage.base import (
-    CHUNK_BYTES,
     PARTIAL_SUFFIX,
     ArtifactStore,
     StoredObject,
     StoreUnavailable,
-    checked_key,
 )
 from app.storage.folder import FolderStore
 
 if TYPE_CHECKING:
     from app.settings import Settings
 
-__all__ = ["CHUNK_BYTES", "PARTIAL_SUFFIX", "ArtifactStore", "FolderStore", "StoreUnavailable", "StoredObject", "checked_key", "open_store"]
+__all__ = ["PARTIAL_SUFFIX", "ArtifactStore", "FolderStore", "StoreUnavailable", "StoredObject", "open_store"]
 
 
 def open_store(settings: "Settings") -> ArtifactStore:
