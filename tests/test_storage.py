@@ -1,6 +1,7 @@
 """The artifact store's contract, held by each backend: a local folder, a shared folder
 (`file://`), and an S3 bucket on a real S3-compatible server."""
 
+import io
 import os
 import threading
 import time
@@ -320,3 +321,24 @@ def test_an_unreachable_or_missing_bucket_is_store_unavailable(s3_server: S3Serv
     with pytest.raises(StoreUnavailable, match="unreachable"):
         unreachable.exists("datasets/d.jsonl")
     assert local_files(missing) == []
+
+
+class BreaksHalfWay(io.BytesIO):
+    """A source that fails after its first part has been sent, like a disk going away."""
+
+    def read(self, size: int | None = -1) -> bytes:
+        if self.tell() >= 6 * 2**20:
+            raise OSError("the source went away")
+        return super().read(size)
+
+
+def test_an_s3_upload_that_fails_half_way_is_aborted_and_leaves_nothing(s3_server: S3Server, tmp_path: Path) -> None:
+    store = open_store(settings_for("s3", tmp_path, s3_server))
+    assert isinstance(store, BucketStore)
+    calls: list[str] = []
+    store.client.meta.events.register("before-call.s3", lambda model, **_: calls.append(model.name))
+    with pytest.raises(OSError, match="went away"):
+        store._upload(BreaksHalfWay(os.urandom(12 * 2**20)), "extractions/e/states.bin")
+    assert "CreateMultipartUpload" in calls and "AbortMultipartUpload" in calls and "CompleteMultipartUpload" not in calls
+    assert not store.exists("extractions/e/states.bin")
+    assert unfinished_uploads(store) == []
