@@ -46,6 +46,7 @@ CHUNK_BYTES = 1 << 20
 # tarfile reads a pax or GNU long-name header whole into memory before it yields the member,
 # so the bytes it may read between two members are capped; real headers take a few KiB.
 TAR_METADATA_BYTES = 1 << 20
+FORMAT_HEAD_BYTES = 262  # a tar's `ustar` magic ends at byte 262
 PICKLE_SUFFIXES = frozenset({".bin", ".pt", ".pth", ".pkl", ".pickle", ".ckpt"})
 PICKLE_PROTOCOLS = range(2, 6)
 ZIP_ENCRYPTED_FLAG = 0x1
@@ -97,7 +98,11 @@ class _Member:
 def archive_format(path: Path) -> ArchiveFormat:
     """The archive's format by its magic bytes; the file name is the user's and may lie."""
     with path.open("rb") as handle:
-        head = handle.read(262)
+        return archive_format_of(handle.read(FORMAT_HEAD_BYTES))
+
+
+def archive_format_of(head: bytes) -> ArchiveFormat:
+    """`archive_format` from the first `FORMAT_HEAD_BYTES` of the file."""
     if head.startswith(b"\x1f\x8b"):
         return "tar.gz"
     if head[:4] in (b"PK\x03\x04", b"PK\x05\x06"):  # a zip with members, an empty zip

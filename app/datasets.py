@@ -111,7 +111,7 @@ def default_name(filename: str | None) -> str:
 def read_rows(store: ArtifactStore, dataset: Dataset) -> list[dict[str, Any]]:
     """The stored rows: `{text, label}` or `{question, choices, answer}`, in upload order."""
     # split on "\n" only: str.splitlines would also split at U+2028, which JSON leaves raw
-    lines = store.path(dataset.artifact).read_bytes().split(b"\n")
+    lines = store.read_bytes(dataset.artifact).split(b"\n")
     return [json.loads(line) for line in lines if line]
 
 

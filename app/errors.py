@@ -95,15 +95,21 @@ async def _backend_unavailable(_request: Request, exc: Exception) -> JSONRespons
     return backend_unavailable(exc)
 
 
+async def _store_unavailable(_request: Request, exc: Exception) -> JSONResponse:
+    return error_response(503, "unavailable", str(exc), {"backend": "artifact store"}, headers={"Retry-After": "5"})
+
+
 async def _unexpected(_request: Request, exc: Exception) -> JSONResponse:
     return error_response(500, "internal", f"internal error: {type(exc).__name__}")
 
 
 def install_error_handlers(app: FastAPI) -> None:
-    """Client errors keep their status; Redis or the database going away is a 503 with
-    `Retry-After`; anything else is a 500 in the same envelope."""
+    """Client errors keep their status; Redis, the database or the artifact store going away
+    is a 503 with `Retry-After`; anything else is a 500 in the same envelope."""
     import redis.exceptions
     import sqlalchemy.exc
+
+    from app.storage import StoreUnavailable
 
     app.add_exception_handler(ServiceError, _service_error)
     app.add_exception_handler(RequestValidationError, _validation_error)
@@ -112,4 +118,5 @@ def install_error_handlers(app: FastAPI) -> None:
     app.add_exception_handler(redis.exceptions.TimeoutError, _backend_unavailable)
     app.add_exception_handler(sqlalchemy.exc.OperationalError, _backend_unavailable)
     app.add_exception_handler(sqlalchemy.exc.TimeoutError, _backend_unavailable)  # connection pool exhausted
+    app.add_exception_handler(StoreUnavailable, _store_unavailable)
     app.add_exception_handler(Exception, _unexpected)

@@ -28,7 +28,7 @@ from app.limits import BodySizeLimit
 from app.metrics import DeploymentCollector, RequestMetrics
 from app.registry.database import create_registry_engine, session_factory
 from app.settings import Settings, get_settings
-from app.storage import ArtifactStore
+from app.storage import open_store
 
 DESCRIPTION = """
 Find out whether a fine-tuned LLM *knows when it is wrong*: register base models and LoRA
@@ -49,7 +49,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         app.state.settings = settings
         app.state.sessions = session_factory(engine)
         app.state.redis = broker.connect(settings, socket_timeout=10)
-        app.state.artifacts = ArtifactStore(settings.resolved_artifact_dir)
+        app.state.artifacts = open_store(settings)
         app.state.async_redis = broker.connect_async(settings)
         app.state.metrics = metrics
         collector = DeploymentCollector(app.state.sessions, app.state.redis, settings)

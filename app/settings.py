@@ -5,12 +5,18 @@ Defaults are the embedded single-machine set-up: SQLite and artifacts under
 `REDIS_URL` is not set.
 """
 
+import re
 from functools import lru_cache
 from pathlib import Path
-from typing import Literal
+from typing import Literal, Self
+from urllib.parse import unquote, urlsplit
 
-from pydantic import Field, SecretStr, field_validator
+from pydantic import Field, SecretStr, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
+
+from app.storage.base import checked_prefix
+
+BUCKET_NAME = re.compile(r"[a-z0-9][a-z0-9.-]{1,61}[a-z0-9]")
 
 
 class Settings(BaseSettings):
@@ -30,7 +36,17 @@ class Settings(BaseSettings):
         description="Redis URL of the job queue; unset: `serve` starts an embedded Redis "
         "listening on <VAR_DIR>/redis.sock.",
     )
-    artifact_dir: Path | None = Field(None, description="Artifact store folder; default <VAR_DIR>/artifacts.")
+    artifact_dir: Path | None = Field(None, description="Artifact store folder on this machine; default <VAR_DIR>/artifacts.")
+    artifact_store: str | None = Field(
+        None,
+        description="Where artifacts live when workers run on several machines, as a URL (instead of ARTIFACT_DIR): "
+        "`file:///mnt/shared/artifacts`, a folder every machine mounts (writes are synced for the other machines); "
+        "`s3://bucket/prefix`, an S3-compatible bucket (credentials and region from the standard AWS_* variables).",
+    )
+    s3_endpoint_url: str | None = Field(None, description="Endpoint of an S3-compatible server (MinIO: `http://minio:9000`); unset: AWS S3.")
+    artifact_cache_dir: Path | None = Field(
+        None, description="Where a machine keeps its copies of artifacts read from an s3:// store, and uploads in progress; default <VAR_DIR>/cache/artifacts."
+    )
     hf_cache_dir: Path | None = Field(
         None, description="Hugging Face cache searched for model ids (default: the hub's own, HF_HUB_CACHE). Never downloaded into."
     )
@@ -111,6 +127,35 @@ class Settings(BaseSettings):
             raise ValueError("must be at least 32 characters (e.g. `python -c 'import secrets; print(secrets.token_urlsafe(32))'`)")
         return key
 
+    @field_validator("artifact_store")
+    @classmethod
+    def _artifact_store_url(cls, value: str | None) -> str | None:
+        """Refuse at start-up what `open_store` could not open."""
+        if value is None:
+            return None
+        url = urlsplit(value)
+        if url.query or url.fragment:
+            raise ValueError("takes no query or fragment")
+        if url.scheme == "file":
+            if url.netloc not in ("", "localhost") or not url.path.startswith("/"):
+                raise ValueError("a file:// URL names an absolute folder on this machine: file:///mnt/shared/artifacts")
+        elif url.scheme == "s3":
+            if not BUCKET_NAME.fullmatch(url.netloc):
+                raise ValueError(f"{url.netloc!r} is not an S3 bucket name (3-63 lowercase letters, digits, dots, hyphens)")
+            try:
+                checked_prefix(url.path.strip("/"))
+            except ValueError:
+                raise ValueError(f"the prefix {url.path!r} climbs out of the bucket") from None
+        else:
+            raise ValueError("must be a file:// or s3:// URL")
+        return value
+
+    @model_validator(mode="after")
+    def _one_artifact_location(self) -> Self:
+        if self.artifact_dir is not None and self.artifact_store is not None:
+            raise ValueError("set ARTIFACT_STORE or ARTIFACT_DIR, not both")
+        return self
+
     @property
     def resolved_database_url(self) -> str:
         if self.database_url:
@@ -119,7 +164,14 @@ class Settings(BaseSettings):
 
     @property
     def resolved_artifact_dir(self) -> Path:
+        """The folder of a local or shared (`file://`) store."""
+        if self.artifact_store and self.artifact_store.startswith("file:"):
+            return Path(unquote(urlsplit(self.artifact_store).path))
         return (self.artifact_dir or self.var_dir / "artifacts").resolve()
+
+    @property
+    def resolved_artifact_cache_dir(self) -> Path:
+        return (self.artifact_cache_dir or self.var_dir / "cache" / "artifacts").resolve()
 
     @property
     def embedded_redis_socket(self) -> Path:

@@ -124,7 +124,7 @@ def main() -> None:
 
             from safetensors.numpy import load_file
 
-            service_states = load_file(str(worker.artifacts.path("extractions/ext_computed/hidden_states.safetensors")))["hidden_states"]
+            service_states = load_file(str(worker.artifacts.local_path("extractions/ext_computed/hidden_states.safetensors")))["hidden_states"]
             max_difference = float((torch.from_numpy(service_states) - naive_states).abs().max())
         finally:
             redis.terminate()

@@ -290,6 +290,67 @@ def wait_for_job(client: Any, job_id: str, timeout: float = 120) -> dict[str, An
     return wait_until(final, timeout, f"job {job_id} to finish", interval=0.05)
 
 
+# --- S3 --------------------------------------------------------------------------------
+
+S3_BUCKET = "confprobe-test"
+
+
+@dataclass
+class S3Server:
+    """moto's S3-compatible server in its own process (as MinIO would be), with one bucket;
+    every test store gets a fresh prefix in it."""
+
+    endpoint_url: str
+    bucket: str = S3_BUCKET
+
+    def client(self) -> Any:
+        import boto3
+
+        return boto3.session.Session().client("s3", endpoint_url=self.endpoint_url)
+
+    def new_prefix(self) -> str:
+        return f"t-{uuid.uuid4().hex[:12]}"
+
+    def keys(self, prefix: str) -> list[str]:
+        """Every object name under `prefix/`, straight from the server."""
+        pages = self.client().get_paginator("list_objects_v2").paginate(Bucket=self.bucket, Prefix=f"{prefix}/")
+        return sorted(item["Key"] for page in pages for item in page.get("Contents", []))
+
+
+def _answers(url: str) -> bool:
+    import httpx
+
+    try:
+        return httpx.get(url, timeout=1).status_code < 500
+    except httpx.HTTPError:
+        return False
+
+
+@pytest.fixture(scope="session")
+def s3_server() -> Iterator[S3Server]:
+    import importlib.util
+
+    require(importlib.util.find_spec("moto") is not None and importlib.util.find_spec("flask") is not None, "moto[server] is not installed")
+    port = free_port()
+    process = subprocess.Popen(
+        [sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(port)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
+    )
+    # test credentials for this process and the workers it starts: never a real account
+    with pytest.MonkeyPatch.context() as environment:
+        for name, value in {"AWS_ACCESS_KEY_ID": "test", "AWS_SECRET_ACCESS_KEY": "test", "AWS_DEFAULT_REGION": "us-east-1"}.items():
+            environment.setenv(name, value)
+        environment.delenv("AWS_SESSION_TOKEN", raising=False)
+        environment.delenv("AWS_PROFILE", raising=False)
+        try:
+            server = S3Server(endpoint_url=f"http://127.0.0.1:{port}")
+            wait_until(lambda: process.poll() is not None or _answers(server.endpoint_url), 30, "the S3 server to answer", interval=0.1)
+            assert process.poll() is None, f"moto_server exited with {process.returncode}"
+            server.client().create_bucket(Bucket=server.bucket)
+            yield server
+        finally:
+            stop_process(process)
+
+
 # --- Models ----------------------------------------------------------------------------
 
 

@@ -32,3 +32,37 @@ def test_a_malformed_setting_is_refused(monkeypatch: pytest.MonkeyPatch) -> None
     monkeypatch.setenv("WORKER_MEMORY_BUDGET_MB", "a lot")
     with pytest.raises(ValueError, match="worker_memory_budget_mb"):
         Settings()
+
+
+def test_the_artifact_store_setting_picks_the_backend(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    from app.storage import FolderStore, open_store
+    from app.storage.bucket import BucketStore
+
+    for name in ("ARTIFACT_DIR", "ARTIFACT_STORE", "ARTIFACT_CACHE_DIR"):
+        monkeypatch.delenv(name, raising=False)
+    local = open_store(Settings(var_dir=tmp_path))
+    assert isinstance(local, FolderStore) and (local.root, local.durable) == (tmp_path / "artifacts", False)
+    monkeypatch.setenv("ARTIFACT_STORE", "file:///mnt/shared/artifacts")
+    shared = open_store(Settings(var_dir=tmp_path))
+    assert isinstance(shared, FolderStore) and (shared.root, shared.durable) == (Path("/mnt/shared/artifacts"), True)
+    monkeypatch.setenv("ARTIFACT_STORE", "s3://lab-artifacts/confprobe/prod/")
+    monkeypatch.setenv("S3_ENDPOINT_URL", "http://minio:9000")
+    bucket = open_store(Settings(var_dir=tmp_path))
+    assert isinstance(bucket, BucketStore)
+    assert (bucket.bucket, bucket.prefix, bucket.endpoint_url) == ("lab-artifacts", "confprobe/prod/", "http://minio:9000")
+    assert bucket.local_dir == tmp_path / "cache" / "artifacts"
+
+
+@pytest.mark.parametrize(
+    "url", ["/mnt/shared", "file://otherhost/mnt/shared", "file:relative/path", "s3://", "s3://Upper_Case/x", "s3://bucket/../escape", "gs://bucket/x", "s3://bucket/x?region=eu"]
+)
+def test_an_artifact_store_that_cannot_be_opened_is_refused_naming_the_setting(url: str) -> None:
+    with pytest.raises(ValueError, match="artifact_store"):
+        Settings(artifact_store=url)
+
+
+def test_artifact_dir_and_artifact_store_together_are_refused(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("ARTIFACT_DIR", "/data/artifacts")
+    monkeypatch.setenv("ARTIFACT_STORE", "s3://bucket/prefix")
+    with pytest.raises(ValueError, match="ARTIFACT_STORE or ARTIFACT_DIR"):
+        Settings()

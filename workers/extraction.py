@@ -147,7 +147,7 @@ class HiddenStateCache:
             by_shard[entry.shard].append(entry)
         vectors: dict[tuple[str, int], np.ndarray] = {}
         for shard, shard_entries in by_shard.items():
-            with safe_open(self.store.path(shard), framework="numpy") as handle:
+            with safe_open(self.store.local_path(shard), framework="numpy") as handle:
                 states = handle.get_tensor(STATES_TENSOR)
             for entry in shard_entries:
                 vectors[(entry.text_sha256, entry.layer)] = states[entry.row, entry.slot]

@@ -7,7 +7,6 @@ validation, and the calibration report on the test split — which no choice eve
 """
 
 import json
-import shutil
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
@@ -147,7 +146,7 @@ def run(context: "JobContext") -> dict[str, Any]:
             )
     except BaseException:
         for folder in written:  # no probe files without their rows
-            shutil.rmtree(store.path(folder), ignore_errors=True)
+            store.delete_prefix(folder)
         raise
     return {
         "run_id": run_row.id,
@@ -164,7 +163,8 @@ def _write_probes(
     context: "JobContext", run_row: ProbeRun, candidates: list[TrainedProbe], best: TrainedProbe, labels: Labels, split: Any,
     baseline_report: dict[str, Any] | None, written: list[str],
 ) -> list[Probe]:  # fmt: skip
-    """Probe folders (weights, report, test predictions) and their rows, not yet added."""
+    """Probe folders (weights, report, test predictions) and their rows, not yet added. Each
+    folder is made locally and published whole, so no reader finds half a probe."""
     store, settings = context.runtime.artifacts, context.runtime.settings
     y_test = labels.y[split.test]
     seed = run_row.split["seed"]
@@ -184,13 +184,14 @@ def _write_probes(
         probe_id = new_id("prb")
         folder = f"probes/{probe_id}"
         written.append(folder)
-        save_probe(store.path(folder), candidate.probe, candidate.recalibrator)
         report = calibration_report(y_test, candidate.test_probabilities, resamples=settings.bootstrap_resamples, seed=seed).to_dict()
-        store.write_bytes(f"{folder}/report.json", json.dumps({"probe": report, "baseline": baseline_report}).encode())
-        store.write_bytes(
-            f"{folder}/predictions.json",
-            json.dumps({"test_indices": split.test.tolist(), "labels": y_test.tolist(), "confidences": candidate.test_probabilities.tolist()}).encode(),
-        )
+        with store.scratch(folder) as scratch:
+            save_probe(scratch, candidate.probe, candidate.recalibrator)
+            (scratch / "report.json").write_text(json.dumps({"probe": report, "baseline": baseline_report}))
+            (scratch / "predictions.json").write_text(
+                json.dumps({"test_indices": split.test.tolist(), "labels": y_test.tolist(), "confidences": candidate.test_probabilities.tolist()})
+            )
+            store.publish_folder(folder, scratch)
         rows.append(
             Probe(
                 id=probe_id, run_id=run_row.id, model_id=run_row.model_id, adapter_id=run_row.adapter_id, dataset_id=run_row.dataset_id,
@@ -213,5 +214,5 @@ def score(context: "JobContext") -> dict[str, Any]:
         adapter = session.get(Adapter, probe_row.adapter_id) if probe_row.adapter_id else None
     request = StatesRequest(model, adapter, [probe_row.layer], probe_row.token_position, probe_row.max_length)
     states = hidden_states(context, request, context.params["texts"], shard_name=context.job_id).states[:, 0]
-    probe, recalibrator = load_probe(worker.artifacts.path(probe_row.artifact))
+    probe, recalibrator = load_probe(worker.artifacts.local_folder(probe_row.artifact))
     return {"confidences": [float(p) for p in probability_of_correct(probe, recalibrator, states)]}

@@ -19,7 +19,7 @@ from app import broker, jobs
 from app.registry.database import create_registry_engine, session_factory
 from app.registry.tables import Adapter, Job, Model, utcnow
 from app.settings import Settings, get_settings
-from app.storage import ArtifactStore
+from app.storage import ArtifactStore, open_store
 from workers.models import (
     LoadedModel,
     ResidentModels,
@@ -58,7 +58,7 @@ class WorkerRuntime:
 
     def resident(self, model: Model, adapter: Adapter | None) -> LoadedModel:
         """The model, loaded once and kept, with `adapter` attached to it if given."""
-        return self.models.get(model, (adapter.id, self.artifacts.path(adapter.artifact)) if adapter else None)
+        return self.models.get(model, (adapter.id, self.artifacts.local_folder(adapter.artifact)) if adapter else None)
 
     @contextmanager
     def running(self, loaded: LoadedModel, model: Model, adapter: Adapter | None) -> Iterator[None]:
@@ -163,7 +163,7 @@ def build_runtime(settings: Settings) -> WorkerRuntime:
         sessions=session_factory(create_registry_engine(settings.resolved_database_url)),
         redis=broker.connect(settings),
         models=ResidentModels(budget_bytes=settings.worker_memory_budget_mb * 2**20, device=settings.worker_device),
-        artifacts=ArtifactStore(settings.resolved_artifact_dir),
+        artifacts=open_store(settings),
     )
 
 

@@ -14,7 +14,7 @@ from sqlalchemy.orm import Session, sessionmaker
 from app import broker, jobs
 from app.adapters import classify_source
 from app.api.deps import ArtifactsDep, RedisDep, SessionDep, SessionsDep, SettingsDep
-from app.archives import ArchiveRejected, archive_format
+from app.archives import FORMAT_HEAD_BYTES, ArchiveRejected, archive_format_of
 from app.errors import ServiceError, invalid_field
 from app.registry.adapters import artifact_in_use, get_adapter, list_adapters
 from app.registry.database import transaction
@@ -84,14 +84,15 @@ def upload_adapter(
         raise invalid_field("metadata", "must be a JSON object")
     with sessions() as session:
         get_model(session, base_model)
+    try:
+        archive_format_of(file.file.read(FORMAT_HEAD_BYTES))
+    except ArchiveRejected as exc:
+        raise ServiceError(exc.status, exc.code, f"file: {exc.message}", field="file") from exc
+    file.file.seek(0)
+    # through the store, not a local folder: the worker that imports it may be on another machine
     staged = f"staging/uploads/{new_id('upl')}.archive"
     with artifacts.writer(staged) as handle:
         shutil.copyfileobj(file.file, handle, 1 << 20)
-    try:
-        archive_format(artifacts.path(staged))
-    except ArchiveRejected as exc:
-        artifacts.delete(staged)
-        raise ServiceError(exc.status, exc.code, f"file: {exc.message}", field="file") from exc
     params = {"source_kind": "upload", "source": file.filename or "upload", "upload": staged, "name": name, "metadata": user_metadata}
     try:
         job = _queue_import(sessions, connection, settings, base_model, params, undo_also=lambda: artifacts.delete(staged))
@@ -134,5 +135,5 @@ def delete_adapter(adapter_id: str, sessions: SessionsDep, artifacts: ArtifactsD
         session.flush()
         shared = artifact_in_use(session, artifact)
     if not shared:
-        shutil.rmtree(artifacts.path(artifact), ignore_errors=True)
+        artifacts.delete_prefix(artifact)
     return Response(status_code=204)

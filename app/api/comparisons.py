@@ -65,7 +65,7 @@ def _comparison(session: Session, comparison_id: str) -> tuple[Comparison, str]:
 
 
 def _report(artifacts: ArtifactStore, comparison: Comparison) -> dict[str, Any] | None:
-    return json.loads(artifacts.path(comparison.artifact).read_text()) if comparison.artifact else None
+    return json.loads(artifacts.read_bytes(comparison.artifact)) if comparison.artifact else None
 
 
 def _finished_report(artifacts: ArtifactStore, comparison: Comparison, status: str) -> dict[str, Any]:

@@ -2,6 +2,7 @@
 `.npy` or `.safetensors`."""
 
 import io
+import itertools
 import json
 import struct
 from collections.abc import Iterator
@@ -26,6 +27,7 @@ from app.schemas import (
     ExtractionPage,
     JobOut,
 )
+from app.storage import ArtifactStore
 
 router = APIRouter(prefix="/v1/extractions", tags=["extractions"], responses=ERROR_RESPONSES)
 
@@ -86,26 +88,13 @@ def _npy_header(shape: list[int]) -> bytes:
     return buffer.getvalue()
 
 
-def _safetensors_data_range(path: str) -> tuple[int, int]:
+def _safetensors_data_range(artifacts: ArtifactStore, key: str) -> tuple[int, int]:
     """Byte range of the one tensor's data in a safetensors file (8-byte header length,
     JSON header, then data), so `.npy` is streamed from the same bytes without loading them."""
-    with open(path, "rb") as handle:
-        (header_length,) = struct.unpack("<Q", handle.read(8))
-        header = json.loads(handle.read(header_length))
+    (header_length,) = struct.unpack("<Q", artifacts.read_bytes(key, 0, 8))
+    header = json.loads(artifacts.read_bytes(key, 8, 8 + header_length))
     start, end = header["hidden_states"]["data_offsets"]
     return 8 + header_length + start, 8 + header_length + end
-
-
-def _file_chunks(path: str, start: int, end: int) -> Iterator[bytes]:
-    with open(path, "rb") as handle:
-        handle.seek(start)
-        remaining = end - start
-        while remaining > 0:
-            chunk = handle.read(min(CHUNK_BYTES, remaining))
-            if not chunk:
-                return
-            remaining -= len(chunk)
-            yield chunk
 
 
 @router.get(
@@ -120,18 +109,19 @@ def download_hidden_states(
     extraction, job = _get(session, extraction_id)
     if extraction.artifact is None or extraction.shape is None:
         raise ServiceError(409, "not_ready", f"extraction {extraction_id} is {job.status}; its hidden states are not there yet", status_of_job=job.status)
-    path = str(artifacts.path(extraction.artifact))
+    key = extraction.artifact
     if format == "safetensors":
-        return FileResponse(path, media_type="application/octet-stream", filename=f"{extraction_id}.safetensors")
+        path = artifacts.direct_path(key)
+        if path is not None:
+            return FileResponse(path, media_type="application/octet-stream", filename=f"{extraction_id}.safetensors")
+        size = artifacts.size(key)
+        return _attachment(artifacts.iter_bytes(key, chunk_bytes=CHUNK_BYTES), size, f"{extraction_id}.safetensors")
     header = _npy_header(extraction.shape)
-    start, end = _safetensors_data_range(path)
+    start, end = _safetensors_data_range(artifacts, key)
+    return _attachment(itertools.chain([header], artifacts.iter_bytes(key, start, end, CHUNK_BYTES)), len(header) + end - start, f"{extraction_id}.npy")
 
-    def body() -> Iterator[bytes]:
-        yield header
-        yield from _file_chunks(path, start, end)
 
+def _attachment(chunks: Iterator[bytes], length: int, filename: str) -> StreamingResponse:
     return StreamingResponse(
-        body(),
-        media_type="application/octet-stream",
-        headers={"Content-Length": str(len(header) + end - start), "Content-Disposition": f'attachment; filename="{extraction_id}.npy"'},
+        chunks, media_type="application/octet-stream", headers={"Content-Length": str(length), "Content-Disposition": f'attachment; filename="{filename}"'}
     )

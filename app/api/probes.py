@@ -99,7 +99,7 @@ def show_probe(probe_id: str, session: SessionDep) -> ProbeOut:
 
 
 def _report(artifacts: ArtifactStore, probe: Probe) -> dict[str, Any]:
-    return json.loads(artifacts.path(f"{probe.artifact}/report.json").read_text())
+    return json.loads(artifacts.read_bytes(f"{probe.artifact}/report.json"))
 
 
 def _labelled_reports(report: dict[str, Any], probe: Probe) -> list[tuple[str, dict[str, Any]]]:

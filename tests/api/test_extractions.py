@@ -190,13 +190,13 @@ def test_a_large_array_streams_in_chunks(api: Any, settings: Settings, tiny_llam
     from app.api.extractions import CHUNK_BYTES
     from app.registry.database import create_registry_engine, session_factory
     from app.registry.tables import Extraction
-    from app.storage import ArtifactStore
+    from app.storage import FolderStore
 
     model = register(api, tiny_llama).json()
     extraction = api.post("/v1/extractions", json={"model": model["id"], "layers": [1], "texts": ["x"]}).json()["extraction"]
     states = np.random.default_rng(0).standard_normal((2000, 4, 512), dtype=np.float32)  # 16 MiB
     key = f"extractions/{extraction['id']}/hidden_states.safetensors"
-    with ArtifactStore(settings.resolved_artifact_dir).temporary_path(key) as path:
+    with FolderStore(settings.resolved_artifact_dir).temporary_path(key) as path:
         save_file({"hidden_states": states}, str(path))
     with session_factory(create_registry_engine(settings.resolved_database_url)).begin() as session:
         session.execute(update(Extraction).where(Extraction.id == extraction["id"]).values(artifact=key, shape=list(states.shape)))

@@ -1,9 +1,8 @@
 """The `adapter_import` job: fetch the files (Tinker, folder, archive, URL, upload) into a
-staging folder, convert them to a PEFT adapter checked against the base model, move it into
-the artifact store and register it. Whatever fails, the staging folder goes, and no row or
-file is left without the other."""
+staging folder, convert them to a PEFT adapter checked against the base model, publish it
+to the artifact store and register it. Whatever fails, the staging folder and the uploaded
+archive go, and no row or file is left without the other."""
 
-import shutil
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -97,8 +96,8 @@ def _fetch(context: "JobContext", model: Model, staging: Path) -> tuple[Path, di
         return _unpack(Path(source), staging / "files", settings), {}
     if kind == "url":
         return _unpack(_download(source, staging / "download", settings.max_adapter_bytes), staging / "files", settings), {}
-    if kind == "upload":
-        return _unpack(store.path(context.params["upload"]), staging / "files", settings), {}
+    if kind == "upload":  # staged in the store by the gateway, which may be on another machine
+        return _unpack(store.local_path(context.params["upload"]), staging / "files", settings), {}
     raise JobFailed("unknown_source", f"unknown adapter source kind {kind!r}")
 
 
@@ -129,11 +128,7 @@ def _register(context: "JobContext", model: Model, converted: Path, summary: Any
         existing = find_adapter(session, model.id, summary.sha256)
     if existing is not None:
         return existing, False
-    target = store.path(artifact)
-    moved = not target.exists()
-    if moved:
-        target.parent.mkdir(parents=True, exist_ok=True)
-        converted.rename(target)
+    published = store.publish_folder(artifact, converted)
     adapter = Adapter(
         id=new_id("adp"),
         name=context.params["name"],
@@ -162,33 +157,30 @@ def _register(context: "JobContext", model: Model, converted: Path, summary: Any
         return existing, False
     except BaseException:
         with sessions() as session:
-            if moved and not artifact_in_use(session, artifact):
-                shutil.rmtree(target, ignore_errors=True)
+            if published and not artifact_in_use(session, artifact):
+                store.delete_prefix(artifact)
         raise
     return adapter, True
 
 
 def run(context: "JobContext") -> dict[str, Any]:
     store, sessions = context.runtime.artifacts, context.runtime.sessions
-    staging = store.path(f"staging/{context.job_id}")
-    shutil.rmtree(staging, ignore_errors=True)
-    staging.mkdir(parents=True)
     try:
         with sessions() as session:
             model = get_model(session, context.params["base_model_id"])
-        context.progress("fetching", 0, 3)
-        files, provenance = _fetch(context, model, staging)
-        weights, config_path = _locate(files)
-        context.progress("converting", 1, 3)
-        converted = staging / "converted"
-        converted.mkdir()
-        summary = convert(weights, read_config(config_path), base_modules(model.resolved_path), converted, model.source)
-        context.progress("registering", 2, 3)
-        provenance = provenance | {"user": context.params.get("metadata") or {}}
-        adapter, created = _register(context, model, converted, summary, provenance)
-        context.progress("done", 3, 3)
+        with store.scratch(context.job_id) as staging:
+            context.progress("fetching", 0, 3)
+            files, provenance = _fetch(context, model, staging)
+            weights, config_path = _locate(files)
+            context.progress("converting", 1, 3)
+            converted = staging / "converted"
+            converted.mkdir()
+            summary = convert(weights, read_config(config_path), base_modules(model.resolved_path), converted, model.source)
+            context.progress("registering", 2, 3)
+            provenance = provenance | {"user": context.params.get("metadata") or {}}
+            adapter, created = _register(context, model, converted, summary, provenance)
+            context.progress("done", 3, 3)
     finally:
-        shutil.rmtree(staging, ignore_errors=True)
         if context.params.get("upload"):
             store.delete(context.params["upload"])
     return {"adapter_id": adapter.id, "sha256": adapter.sha256, "created": created, "conversion_notes": summary.notes}

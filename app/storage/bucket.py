@@ -1,0 +1,270 @@
+"""The artifact store as an S3-compatible bucket (AWS S3, MinIO, Ceph RGW, …), for workers
+on several machines that share no filesystem.
+
+An S3 object appears whole or not at all: a single PUT, or a multipart upload once it is
+completed (a failed one is aborted, and its parts never show). So every write goes to a
+local temporary file first and is uploaded when it is complete. Workers read artifacts
+through a local cache (`objects/` for files, `folders/` for folder artifacts), filled by
+downloading to a temporary name and renaming it into place; artifacts never change, so a
+cached copy stays good.
+
+boto3 is imported when the first request is made, so a gateway on the local store never
+pays for it. Credentials and region come from the standard AWS settings (environment
+variables, `~/.aws`, instance roles).
+"""
+
+import io
+import os
+import shutil
+import tempfile
+import threading
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path, PurePosixPath
+from typing import Any, BinaryIO
+
+from app.storage.base import (
+    CHUNK_BYTES,
+    PARTIAL_SUFFIX,
+    ArtifactStore,
+    StoredObject,
+    StoreUnavailable,
+    checked_key,
+    checked_prefix,
+)
+from app.storage.folder import partial_name, refuse_links, sync_file
+
+DELETE_BATCH = 1000  # the most keys one DeleteObjects request takes
+MISSING_CODES = {"404", "NoSuchKey", "NotFound"}
+
+
+class BucketStore(ArtifactStore):
+    """Artifacts as objects `<prefix><key>` in `bucket`; local copies under `local_dir`."""
+
+    def __init__(
+        self, bucket: str, prefix: str, local_dir: Path, *, endpoint_url: str | None = None, multipart_threshold: int = 8 * 2**20,
+    ) -> None:  # fmt: skip
+        self.bucket = bucket
+        self.prefix = f"{checked_key(prefix)}/" if prefix else ""
+        self.local_dir = local_dir
+        self.endpoint_url = endpoint_url
+        self.multipart_threshold = multipart_threshold
+        self.location = f"s3://{bucket}/{self.prefix}"
+        self._client: Any = None
+        self._client_lock = threading.Lock()
+
+    # --- the connection ------------------------------------------------------------------
+
+    @property
+    def client(self) -> Any:
+        """The boto3 client, made on first use (clients are thread-safe; making one is not)."""
+        with self._client_lock:
+            if self._client is None:
+                import boto3
+                from botocore.config import Config
+
+                options: dict[str, Any] = {"retries": {"mode": "standard", "max_attempts": 3}, "connect_timeout": 5, "read_timeout": 60}
+                if self.endpoint_url:
+                    # S3-compatible servers are addressed by path (no bucket DNS names), and
+                    # many do not accept the checksum trailers boto3 sends to AWS by default.
+                    options |= {"s3": {"addressing_style": "path"}, "request_checksum_calculation": "when_required", "response_checksum_validation": "when_required"}
+                self._client = boto3.session.Session().client("s3", endpoint_url=self.endpoint_url, config=Config(**options))
+            return self._client
+
+    def _transfer_config(self) -> Any:
+        from boto3.s3.transfer import TransferConfig
+
+        return TransferConfig(multipart_threshold=self.multipart_threshold)
+
+    @contextmanager
+    def _translated(self, key: str) -> Iterator[None]:
+        """botocore's errors as the store's: a missing object is FileNotFoundError, as on a
+        folder; anything else the service or the network says is StoreUnavailable."""
+        from boto3.exceptions import Boto3Error
+        from botocore.exceptions import BotoCoreError, ClientError
+
+        try:
+            yield
+        except ClientError as exc:
+            code = str(exc.response.get("Error", {}).get("Code", ""))
+            if code in MISSING_CODES:
+                raise FileNotFoundError(f"artifact {key} is not in {self.location}") from exc
+            raise StoreUnavailable(f"the artifact store {self.location} refused a request for {key}: {code or exc}") from exc
+        except (BotoCoreError, Boto3Error) as exc:  # Boto3Error: an upload or download that failed
+            raise StoreUnavailable(f"the artifact store {self.location} is unreachable: {exc}") from exc
+
+    def _name(self, key: str) -> str:
+        return self.prefix + checked_key(key)
+
+    def _folder_name(self, prefix: str) -> str:
+        prefix = checked_prefix(prefix)
+        return self.prefix + (f"{prefix}/" if prefix else "")
+
+    # --- reading -----------------------------------------------------------------------
+
+    def exists(self, key: str) -> bool:
+        try:
+            self.size(key)
+        except FileNotFoundError:
+            return False
+        return True
+
+    def size(self, key: str) -> int:
+        with self._translated(key):
+            return int(self.client.head_object(Bucket=self.bucket, Key=self._name(key))["ContentLength"])
+
+    def iter_bytes(self, key: str, start: int = 0, end: int | None = None, chunk_bytes: int = CHUNK_BYTES) -> Iterator[bytes]:
+        if end is not None and end <= start:
+            return iter(())
+        request = {"Bucket": self.bucket, "Key": self._name(key)}
+        if start or end is not None:
+            request["Range"] = f"bytes={start}-{'' if end is None else end - 1}"
+        with self._translated(key):
+            body = self.client.get_object(**request)["Body"]
+        return self._chunks(key, body, chunk_bytes)
+
+    def _chunks(self, key: str, body: Any, chunk_bytes: int) -> Iterator[bytes]:
+        try:
+            with self._translated(key):
+                yield from body.iter_chunks(chunk_bytes)
+        finally:
+            body.close()
+
+    def direct_path(self, key: str) -> Path | None:
+        return None
+
+    def _cached(self, area: str, key: str) -> Path:
+        return self.local_dir.joinpath(area, self.bucket, *PurePosixPath(self.prefix + key).parts)
+
+    def local_path(self, key: str) -> Path:
+        cached = self._cached("objects", checked_key(key))
+        if not cached.is_file():
+            cached.parent.mkdir(parents=True, exist_ok=True)
+            temporary = partial_name(cached)
+            try:
+                self._download(key, temporary)
+                os.replace(temporary, cached)
+            finally:
+                temporary.unlink(missing_ok=True)
+        return cached
+
+    def local_folder(self, prefix: str) -> Path:
+        cached = self._cached("folders", checked_key(prefix))
+        if cached.is_dir():
+            return cached
+        keys = [stored.key for stored in self.iter_objects(prefix)]
+        if not keys:
+            raise FileNotFoundError(f"artifact folder {prefix} is not in {self.location}")
+        cached.parent.mkdir(parents=True, exist_ok=True)
+        temporary = partial_name(cached)
+        try:
+            for key in keys:
+                destination = temporary.joinpath(*PurePosixPath(key).relative_to(checked_key(prefix)).parts)
+                destination.parent.mkdir(parents=True, exist_ok=True)
+                self._download(key, destination)
+            try:
+                temporary.rename(cached)
+            except OSError:
+                if not cached.is_dir():
+                    raise  # not another download finishing first
+        finally:
+            shutil.rmtree(temporary, ignore_errors=True)
+        return cached
+
+    def _download(self, key: str, destination: Path) -> None:
+        with self._translated(key), destination.open("wb") as handle:
+            self.client.download_fileobj(self.bucket, self._name(key), handle, Config=self._transfer_config())
+        sync_file(destination)
+
+    def iter_objects(self, prefix: str = "") -> Iterator[StoredObject]:
+        pages = self.client.get_paginator("list_objects_v2").paginate(Bucket=self.bucket, Prefix=self._folder_name(prefix))
+        with self._translated(prefix):
+            for page in pages:
+                for item in page.get("Contents", []):
+                    yield StoredObject(item["Key"][len(self.prefix) :], int(item["Size"]), item["LastModified"], partial=False)
+
+    # --- writing -----------------------------------------------------------------------
+
+    @contextmanager
+    def _upload_file(self) -> Iterator[Path]:
+        """A local temporary file, removed whatever happens."""
+        folder = self.local_dir / "uploads"
+        folder.mkdir(parents=True, exist_ok=True)
+        descriptor, name = tempfile.mkstemp(dir=folder, prefix=".upload.", suffix=PARTIAL_SUFFIX)
+        os.close(descriptor)
+        try:
+            yield Path(name)
+        finally:
+            Path(name).unlink(missing_ok=True)
+
+    def _upload(self, source: Path | BinaryIO, key: str) -> None:
+        """One PUT, or a multipart upload that boto3 completes or aborts: never half an object."""
+        with self._translated(key):
+            if isinstance(source, Path):
+                self.client.upload_file(str(source), self.bucket, self._name(key), Config=self._transfer_config())
+            else:
+                self.client.upload_fileobj(source, self.bucket, self._name(key), Config=self._transfer_config())
+
+    @contextmanager
+    def writer(self, key: str) -> Iterator[BinaryIO]:
+        checked_key(key)
+        with self._upload_file() as temporary:
+            with temporary.open("wb") as handle:
+                yield handle
+            self._upload(temporary, key)
+
+    @contextmanager
+    def temporary_path(self, key: str) -> Iterator[Path]:
+        checked_key(key)
+        with self._upload_file() as temporary:
+            yield temporary
+            self._upload(temporary, key)
+
+    def write_bytes(self, key: str, data: bytes) -> None:
+        self._upload(io.BytesIO(data), key)
+
+    def publish_folder(self, prefix: str, folder: Path) -> bool:
+        """Uploads every file even when `prefix` already holds some, so an upload that died
+        half-way is completed rather than kept; an upload that fails now takes away what it
+        added."""
+        files = refuse_links(folder)
+        prefix = checked_key(prefix)
+        existed = next(self.iter_objects(prefix), None) is not None
+        try:
+            for file in files:
+                self._upload(file, f"{prefix}/{file.relative_to(folder).as_posix()}")
+        except BaseException:
+            if not existed:
+                self.delete_prefix(prefix)
+            raise
+        return not existed
+
+    @contextmanager
+    def scratch(self, name: str) -> Iterator[Path]:
+        folder = self.local_dir.joinpath("staging", *PurePosixPath(checked_key(name)).parts)
+        shutil.rmtree(folder, ignore_errors=True)
+        folder.mkdir(parents=True)
+        try:
+            yield folder
+        finally:
+            shutil.rmtree(folder, ignore_errors=True)
+
+    # --- removing ----------------------------------------------------------------------
+
+    def delete(self, key: str) -> None:
+        with self._translated(key):
+            self.client.delete_object(Bucket=self.bucket, Key=self._name(key))
+        self._cached("objects", checked_key(key)).unlink(missing_ok=True)
+
+    def delete_prefix(self, prefix: str) -> None:
+        prefix = checked_key(prefix)
+        names = [self.prefix + stored.key for stored in self.iter_objects(prefix)]
+        for start in range(0, len(names), DELETE_BATCH):
+            batch = [{"Key": name} for name in names[start : start + DELETE_BATCH]]
+            with self._translated(prefix):
+                answer = self.client.delete_objects(Bucket=self.bucket, Delete={"Objects": batch, "Quiet": True})
+            if answer.get("Errors"):
+                first = answer["Errors"][0]
+                raise StoreUnavailable(f"the artifact store {self.location} did not delete {first.get('Key')}: {first.get('Code')}")
+        shutil.rmtree(self._cached("folders", prefix), ignore_errors=True)
+        shutil.rmtree(self._cached("objects", prefix), ignore_errors=True)

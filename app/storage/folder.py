@@ -1,0 +1,217 @@
+"""The artifact store as a folder: on the local disk (the embedded default), or on a
+filesystem that several machines mount (NFS, CephFS, a cloud file share).
+
+A write goes to a temporary name beside its final one (`.<name>.<random>.partial`) and is
+renamed into place: a rename within a folder is atomic, so a reader never sees half an
+artifact. On a shared filesystem (`durable`) the file is synced before the rename and its
+folder after it, so another machine that is told about the artifact finds it whole.
+"""
+
+import errno
+import os
+import secrets
+import shutil
+import tempfile
+from collections.abc import Iterator
+from contextlib import contextmanager
+from datetime import UTC, datetime
+from pathlib import Path, PurePosixPath
+from typing import BinaryIO
+
+from app.storage.base import (
+    CHUNK_BYTES,
+    PARTIAL_SUFFIX,
+    ArtifactStore,
+    StoredObject,
+    checked_key,
+    checked_prefix,
+    is_partial,
+)
+
+SCRATCH_FOLDER = "staging"
+
+
+def refuse_links(folder: Path) -> list[Path]:
+    """The regular files under `folder`; ValueError for a symbolic link or anything else."""
+    files = []
+    for path in sorted(folder.rglob("*")):
+        if path.is_symlink() or not (path.is_file() or path.is_dir()):
+            raise ValueError(f"{path.relative_to(folder)} in {folder} is not a regular file or folder")
+        if path.is_file():
+            files.append(path)
+    return files
+
+
+def partial_name(target: Path) -> Path:
+    return target.with_name(f".{target.name}.{secrets.token_hex(4)}{PARTIAL_SUFFIX}")
+
+
+def sync_file(path: Path) -> None:
+    descriptor = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(descriptor)
+    finally:
+        os.close(descriptor)
+
+
+def sync_directory(path: Path) -> None:
+    """Make a rename or removal in `path` durable: the entry lives in the folder, not the file."""
+    descriptor = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        os.fsync(descriptor)
+    finally:
+        os.close(descriptor)
+
+
+class FolderStore(ArtifactStore):
+    """Artifacts as files under `root`; `durable` for a filesystem other machines read."""
+
+    def __init__(self, root: Path, *, durable: bool = False) -> None:
+        self.root = root
+        self.durable = durable
+        self.location = str(root)
+
+    def path(self, key: str) -> Path:
+        """The file behind `key`; keys are relative and never leave the store."""
+        return self.root.joinpath(*PurePosixPath(checked_key(key)).parts)
+
+    # --- reading -----------------------------------------------------------------------
+
+    def exists(self, key: str) -> bool:
+        return self.path(key).is_file()
+
+    def size(self, key: str) -> int:
+        return self.path(key).stat().st_size
+
+    def iter_bytes(self, key: str, start: int = 0, end: int | None = None, chunk_bytes: int = CHUNK_BYTES) -> Iterator[bytes]:
+        handle = self.path(key).open("rb")
+        handle.seek(start)
+        return _chunks(handle, None if end is None else end - start, chunk_bytes)
+
+    def direct_path(self, key: str) -> Path | None:
+        return self.path(key)
+
+    def local_path(self, key: str) -> Path:
+        path = self.path(key)
+        if not path.is_file():
+            raise FileNotFoundError(f"artifact {key} is not in {self.location}")
+        return path
+
+    def local_folder(self, prefix: str) -> Path:
+        path = self.path(prefix)
+        if not path.is_dir():
+            raise FileNotFoundError(f"artifact folder {prefix} is not in {self.location}")
+        return path
+
+    def iter_objects(self, prefix: str = "") -> Iterator[StoredObject]:
+        prefix = checked_prefix(prefix)
+        top = self.path(prefix) if prefix else self.root
+        for folder, subfolders, files in os.walk(top):
+            subfolders.sort()
+            for name in sorted(files):
+                path = Path(folder, name)
+                try:
+                    status = path.stat()
+                except FileNotFoundError:  # removed while we walked
+                    continue
+                key = path.relative_to(self.root).as_posix()
+                yield StoredObject(key, status.st_size, datetime.fromtimestamp(status.st_mtime, UTC), is_partial(key))
+
+    # --- writing -----------------------------------------------------------------------
+
+    @contextmanager
+    def writer(self, key: str) -> Iterator[BinaryIO]:
+        with self.temporary_path(key) as temporary, temporary.open("wb") as handle:
+            yield handle
+
+    @contextmanager
+    def temporary_path(self, key: str) -> Iterator[Path]:
+        target = self.path(key)
+        target.parent.mkdir(parents=True, exist_ok=True)
+        descriptor, name = tempfile.mkstemp(dir=target.parent, prefix=f".{target.name}.", suffix=PARTIAL_SUFFIX)
+        os.close(descriptor)
+        temporary = Path(name)
+        try:
+            yield temporary
+            sync_file(temporary)
+            os.replace(temporary, target)
+        except BaseException:
+            temporary.unlink(missing_ok=True)
+            raise
+        if self.durable:
+            sync_directory(target.parent)
+
+    def publish_folder(self, prefix: str, folder: Path) -> bool:
+        refuse_links(folder)
+        target = self.path(prefix)
+        if target.exists():
+            return False
+        target.parent.mkdir(parents=True, exist_ok=True)
+        temporary = partial_name(target)
+        try:
+            try:
+                os.rename(folder, temporary)
+            except OSError as exc:
+                if exc.errno != errno.EXDEV:
+                    raise
+                shutil.copytree(folder, temporary)  # the scratch folder is on another filesystem
+            if self.durable:
+                for file in refuse_links(temporary):
+                    sync_file(file)
+            try:
+                os.rename(temporary, target)
+            except OSError as exc:
+                if exc.errno not in (errno.EEXIST, errno.ENOTEMPTY):
+                    raise
+                shutil.rmtree(temporary, ignore_errors=True)  # published meanwhile by another writer
+                return False
+        except BaseException:
+            shutil.rmtree(temporary, ignore_errors=True)
+            raise
+        if self.durable:
+            sync_directory(target.parent)
+        return True
+
+    @contextmanager
+    def scratch(self, name: str) -> Iterator[Path]:
+        folder = self.path(f"{SCRATCH_FOLDER}/{checked_key(name)}")
+        shutil.rmtree(folder, ignore_errors=True)
+        folder.mkdir(parents=True)
+        try:
+            yield folder
+        finally:
+            shutil.rmtree(folder, ignore_errors=True)
+
+    # --- removing ----------------------------------------------------------------------
+
+    def delete(self, key: str) -> None:
+        path = self.path(key)
+        path.unlink(missing_ok=True)
+        if self.durable and path.parent.is_dir():
+            sync_directory(path.parent)
+
+    def delete_prefix(self, prefix: str) -> None:
+        """The folder is renamed to a temporary name first, so it leaves at once, and an
+        interrupted removal leaves a leftover a janitor recognises."""
+        target = self.path(prefix)
+        if not target.is_dir():
+            return
+        doomed = partial_name(target)
+        try:
+            os.rename(target, doomed)
+        except FileNotFoundError:  # removed meanwhile
+            return
+        if self.durable:
+            sync_directory(target.parent)
+        shutil.rmtree(doomed, ignore_errors=True)
+
+
+def _chunks(handle: BinaryIO, remaining: int | None, chunk_bytes: int) -> Iterator[bytes]:
+    with handle:
+        while remaining is None or remaining > 0:
+            chunk = handle.read(chunk_bytes if remaining is None else min(chunk_bytes, remaining))
+            if not chunk:
+                return
+            if remaining is not None:
+                remaining -= len(chunk)
+            yield chunk
