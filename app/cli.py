@@ -62,6 +62,33 @@ def migrate() -> None:
 
 
 @main.command()
+@click.option("--dry-run", is_flag=True, help="List what would go; remove nothing.")
+@click.option("--grace-s", type=float, default=None, help="Leave objects younger than this alone (default: JANITOR_GRACE_S).")
+@click.option("--json", "as_json", is_flag=True, help="Print the report as JSON.")
+def janitor(dry_run: bool, grace_s: float | None, as_json: bool) -> None:
+    """Remove artifacts no registry row refers to (left by work that stopped half-way). Workers
+    also do it every JANITOR_INTERVAL_S."""
+    import json
+
+    from app import janitor as sweeper
+    from app.registry.database import create_registry_engine, session_factory
+    from app.storage import open_store
+
+    settings = get_settings()
+    engine = create_registry_engine(settings.resolved_database_url)
+    try:
+        report = sweeper.sweep(session_factory(engine), open_store(settings), settings.janitor_grace_s if grace_s is None else grace_s, dry_run=dry_run)
+    finally:
+        engine.dispose()
+    if as_json:
+        click.echo(json.dumps({"dry_run": dry_run, "cutoff": report.cutoff.isoformat(), "removed": report.removed, "freed_bytes": report.freed_bytes, "kept": report.kept}))
+        return
+    for key in report.removed:
+        click.echo(f"{'would remove' if dry_run else 'removed'} {key}")
+    click.echo(f"{len(report.removed)} orphan objects ({report.freed_bytes} bytes) {'found' if dry_run else 'removed'}; {report.kept} kept")
+
+
+@main.command()
 @click.option("--host", default=None, help="Address to listen on (default: HOST setting).")
 @click.option("--port", type=int, default=None, help="Port to listen on (default: PORT setting).")
 def gateway(host: str | None, port: int | None) -> None:

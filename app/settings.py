@@ -71,6 +71,10 @@ class Settings(BaseSettings):
     job_max_attempts: int = Field(
         2, ge=1, description="Starts a job gets in all: a job whose worker dies is queued again until it has had this many, then failed."
     )
+    janitor_interval_s: float = Field(
+        3600, ge=0, description="How often (deployment-wide) a worker removes artifacts no registry row refers to; 0: never (run `confprobe janitor`)."
+    )
+    janitor_grace_s: float = Field(3600, ge=0, description="The janitor leaves alone objects younger than this (and than the oldest running job).")
     affinity_max_backlog: int = Field(
         2, ge=1, description="A job for a model waits for a worker holding it resident only while fewer jobs are ahead of it there; "
         "otherwise it goes to the shared queue and another worker loads the model.",

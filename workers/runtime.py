@@ -15,7 +15,7 @@ import sqlalchemy.exc
 from sqlalchemy import select, update
 from sqlalchemy.orm import Session, sessionmaker
 
-from app import broker, jobs
+from app import broker, janitor, jobs
 from app.registry.database import create_registry_engine, session_factory
 from app.registry.tables import Adapter, Job, Model, utcnow
 from app.settings import Settings, get_settings
@@ -87,6 +87,7 @@ class WorkerRuntime:
                     self.heartbeat()
                     self.recover_jobs_of_lost_workers()
                     self.requeue_orphans()
+                    self.maybe_sweep_artifacts()
                 except (redis.exceptions.RedisError, sqlalchemy.exc.OperationalError):
                     pass  # Redis or the database is away; the next beat tries again
                 stop.wait(self.settings.heartbeat_interval_s)
@@ -148,6 +149,25 @@ class WorkerRuntime:
         if not self.redis.set(lock, self.name, nx=True, px=int(self.settings.heartbeat_ttl_s * 1000)):
             return []
         return jobs.requeue_orphans(self.sessions, self.redis, self.settings, min_age_s=self.settings.heartbeat_ttl_s)
+
+    def maybe_sweep_artifacts(self) -> bool:
+        """Start the janitor in its own thread when the deployment's turn is due (a Redis key
+        lives for one interval, so one worker somewhere sweeps per interval); a long listing
+        must not delay heartbeats."""
+        if not self.settings.janitor_interval_s:
+            return False
+        turn = f"{self.settings.queue_prefix}:janitor-turn"
+        if not self.redis.set(turn, self.name, nx=True, px=int(self.settings.janitor_interval_s * 1000)):
+            return False
+
+        def run() -> None:
+            try:
+                janitor.sweep(self.sessions, self.artifacts, grace_s=self.settings.janitor_grace_s)
+            except Exception:  # noqa: BLE001 (a failed sweep is retried next interval; the worker goes on)
+                log.exception("artifact sweep failed")
+
+        threading.Thread(target=run, name="janitor", daemon=True).start()
+        return True
 
     def forget(self) -> None:
         broker.forget(self.redis, self.settings, self.name)

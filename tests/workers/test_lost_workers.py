@@ -12,9 +12,10 @@ import pytest
 import redis
 from rq import Queue
 
-from app import broker, jobs
+from app import broker, janitor, jobs
 from app.registry.tables import Job, utcnow
 from app.settings import Settings
+from app.storage import open_store
 from tests.api.test_models import register
 from tests.conftest import start_worker, stop_process, wait_for_job, wait_until
 from workers import runtime
@@ -106,6 +107,12 @@ def test_a_worker_killed_mid_job_has_its_job_finished_by_another_worker(api: Any
 
     states = np.load(io.BytesIO(download.content))
     assert states.shape == (len(texts), 1, model["hidden_size"]) and np.isfinite(states).all()
+    # whatever the killed attempt left half-written is an orphan the janitor finds; nothing else is
+    store = open_store(settings)
+    janitor.sweep(runtime.build_runtime(settings).sessions, store, grace_s=0)
+    assert not any(stored.partial for stored in store.iter_objects(""))
+    assert janitor.sweep(runtime.build_runtime(settings).sessions, store, grace_s=0).removed == []
+    assert api.get(f"/v1/extractions/{created['extraction']['id']}/hidden-states?format=npy").content == download.content
 
 def test_a_job_whose_last_attempt_dies_is_failed_with_the_reason(api: Any, settings: Settings) -> None:
     once = settings.model_copy(update={"job_max_attempts": 1})
