@@ -78,8 +78,19 @@ def test_worker_reserves_an_nvidia_gpu(services: dict[str, Any]) -> None:
 
 @pytest.mark.parametrize("service", APP_SERVICES)
 def test_service_environment_names_only_existing_settings(services: dict[str, Any], service: str) -> None:
-    known = {name.upper() for name in Settings.model_fields}
+    known = {name.upper() for name in Settings.model_fields} | {"AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY"}  # boto3 reads those
     assert set(services[service]["environment"]) - known == set()
+
+
+def test_compose_default_store_is_the_shared_volume_and_s3_is_a_profile(services: dict[str, Any]) -> None:
+    environment = services["gateway"]["environment"]
+    default = environment["ARTIFACT_STORE"].removeprefix("${ARTIFACT_STORE:-").removesuffix("}")
+    store = Settings(artifact_store=default, s3_endpoint_url=environment["S3_ENDPOINT_URL"].split(":-", 1)[1].rstrip("}"))
+    assert default == "file:///artifacts" and store.artifact_store == default
+    for service in APP_SERVICES:
+        assert "artifacts:/artifacts" in services[service]["volumes"]
+    assert services["minio"]["profiles"] == ["s3"] and services["minio-bucket"]["profiles"] == ["s3"]
+    assert "local/confprobe" in " ".join(services["minio-bucket"]["entrypoint"])
 
 
 def test_compose_turns_auth_on_by_default(services: dict[str, Any]) -> None:
@@ -123,13 +134,17 @@ def test_constraints_pin_torch_2_13_0_as_the_worker_extra_does() -> None:
     assert _constrained_torch() == _torch_pin(extra) == "torch==2.13.0"
 
 
-def _compose_available() -> bool:
-    if shutil.which("docker") is None:
-        return False
-    return subprocess.run(["docker", "compose", "version"], capture_output=True, timeout=30).returncode == 0
+def _compose_command() -> list[str] | None:
+    """`docker compose` (the plugin) where it exists, else the standalone `docker-compose`."""
+    if shutil.which("docker") and subprocess.run(["docker", "compose", "version"], capture_output=True).returncode == 0:
+        return ["docker", "compose"]
+    return ["docker-compose"] if shutil.which("docker-compose") else None
 
 
-@pytest.mark.skipif(not _compose_available(), reason="needs the docker CLI with its compose plugin")
-def test_compose_file_is_valid_for_docker_compose() -> None:
-    result = subprocess.run(["docker", "compose", "config", "-q"], cwd=ROOT, capture_output=True, text=True)
+@pytest.mark.skipif(_compose_command() is None, reason="needs docker compose or docker-compose")
+@pytest.mark.parametrize("profile", [[], ["--profile", "s3"]], ids=["default", "s3"])
+def test_compose_file_is_valid_for_docker_compose(profile: list[str]) -> None:
+    command = _compose_command()
+    assert command is not None
+    result = subprocess.run([*command, *profile, "config", "-q"], cwd=ROOT, capture_output=True, text=True)
     assert result.returncode == 0, result.stderr
