@@ -33,6 +33,7 @@ bench: install
 	$(BIN)/python bench/adapter_import.py
 	$(BIN)/python bench/calibration.py
 	$(BIN)/python bench/service_overhead.py
+	$(BIN)/python bench/load.py
 
 clean:
 	rm -rf $(VENV) var .pytest_cache
