@@ -11,6 +11,7 @@ from sqlalchemy import update
 
 from app import jobs, logs, metrics
 from app.registry.tables import Job, utcnow
+from app.storage import StoreUnavailable
 from workers import (
     comparison,
     experiment,
@@ -101,6 +102,9 @@ def _run_job(job_id: str) -> None:
         _finish(worker, job_id, started, status="cancelled", error={"code": "cancelled", "message": "cancelled while running", "details": {}})
     except JobFailed as exc:
         _finish(worker, job_id, started, status="failed", error={"code": exc.code, "message": exc.message, "details": exc.details})
+    except StoreUnavailable as exc:
+        log.warning("job failed: the artifact store is unreachable: %s", exc)
+        _finish(worker, job_id, started, status="failed", error={"code": "unavailable", "message": str(exc), "details": {"backend": "artifact store"}})
     except Exception as exc:  # a bug or an unexpected library error: record it, keep the worker alive
         log.exception("job failed with an unexpected error")
         _finish(worker, job_id, started, status="failed", error={"code": "internal", "message": f"{type(exc).__name__}: {exc}", "details": {}})

@@ -49,3 +49,16 @@ def test_a_job_of_unknown_kind_fails_clearly(api: Any, settings: Settings, tiny_
     run_queued_jobs(settings)
     error = api.get(f"/v1/jobs/{job_id}").json()["error"]
     assert error["code"] == "unknown_kind" and "model_check" in error["message"]
+
+
+def test_an_unreachable_artifact_store_fails_the_job_as_unavailable(api: Any, settings: Settings, tiny_llama: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from app.storage import StoreUnavailable
+
+    def store_gone(context: runner.JobContext) -> dict[str, Any]:
+        raise StoreUnavailable("the artifact store is unreachable: bucket confprobe does not exist")
+
+    monkeypatch.setitem(runner.HANDLERS, "model_check", store_gone)
+    job_id = register(api, tiny_llama).json()["check_job_id"]
+    run_queued_jobs(settings)
+    error = api.get(f"/v1/jobs/{job_id}").json()["error"]
+    assert error["code"] == "unavailable" and error["details"] == {"backend": "artifact store"} and "bucket confprobe" in error["message"]
