@@ -11,7 +11,7 @@ from app.api.security import AUTH_RESPONSES, scope_by_method
 from app.errors import ServiceError
 from app.schemas import HealthOut, ReadinessOut, WorkerList, WorkerOut
 
-router = APIRouter(tags=["health"])
+router = APIRouter()
 
 
 @router.get("/v1/workers", tags=["workers"], dependencies=[Depends(scope_by_method)], responses=AUTH_RESPONSES)
@@ -21,12 +21,12 @@ def list_workers(settings: SettingsDep, connection: RedisDep) -> WorkerList:
     return WorkerList(items=[WorkerOut.model_validate(worker) for worker in broker.live_workers(connection, settings)])
 
 
-@router.get("/healthz")
+@router.get("/healthz", tags=["health"])
 def healthz() -> HealthOut:
     return HealthOut(status="ok")
 
 
-@router.get("/readyz", responses={503: {"description": "A part is missing; `details.missing` names it."}})
+@router.get("/readyz", tags=["health"], responses={503: {"description": "A part is missing; `details.missing` names it."}})
 def readyz(settings: SettingsDep, sessions: SessionsDep, connection: RedisDep) -> ReadinessOut:
     """Ready when the registry database answers, Redis answers, and at least one worker's
     heartbeat is fresh."""
