@@ -39,12 +39,17 @@ def _looks_like_path(source: str) -> bool:
         return False
 
 
-def resolve_source(source: str, revision: str | None, hf_cache_dir: Path | None = None) -> ResolvedSource:
+def resolve_source(source: str, revision: str | None, hf_cache_dir: Path | None = None, model_roots: list[Path] | None = None) -> ResolvedSource:
     """A local folder, or a Hugging Face id that is already in the local cache. Nothing is
-    downloaded: a model not on this machine is a 404 naming `source`."""
+    downloaded: a model not on this machine is a 404 naming `source`. With `model_roots`,
+    a local folder must lie under one of them (after resolving links), else 403 — checked
+    before existence, so callers cannot map the filesystem."""
     if _looks_like_path(source):
         try:
             path = Path(source).expanduser().resolve()
+            roots = [root.expanduser().resolve() for root in model_roots or []]
+            if roots and not any(path.is_relative_to(root) for root in roots):
+                raise ServiceError(403, "forbidden", f"source: {str(path)!r} is outside the folders models may be registered from (MODEL_ROOTS)", field="source")
             exists = path.exists()
         except (OSError, ValueError) as exc:
             raise invalid_field("source", f"not a usable path: {exc}") from exc

@@ -91,6 +91,11 @@ class Settings(BaseSettings):
     max_score_texts: int = Field(1000, description="Most texts one scoring request may carry.")
     tinker_api_key: str | None = Field(None, description="Key for the Tinker service (starts with `tml-`); needed for tinker:// imports.")
     tinker_base_url: str | None = Field(None, description="Tinker service address; default: the SDK's own.")
+    model_roots: list[Path] = Field(
+        default_factory=list,
+        description="Folders local model sources must lie under (JSON list); empty: any local folder (the single-user default). "
+        "Set it on a shared service, so a caller cannot read other folders' config.json.",
+    )
     adapter_roots: list[Path] = Field(
         default_factory=list, description="Folders local adapter imports may read from (JSON list); empty: local paths are refused."
     )

@@ -45,7 +45,7 @@ def register_model(body: ModelCreate, response: Response, settings: SettingsDep,
 
 def register(body: ModelCreate, settings: Settings, sessions: sessionmaker[Session], connection: Any) -> tuple[Model, bool]:
     """The registered model, and whether this call registered it (else it already was)."""
-    source = resolve_source(body.source, body.revision, settings.hf_cache_dir)
+    source = resolve_source(body.source, body.revision, settings.hf_cache_dir, settings.model_roots)
     shape = read_model_shape(source.path)
     model = new_model(body.name, source, body.revision, body.dtype, body.quantization, shape, fingerprint(source))
     job = jobs.new_job("model_check", {"model_id": model.id}, broker.default_queue(settings), model_id=model.id)

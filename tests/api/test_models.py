@@ -163,3 +163,21 @@ def test_a_source_too_long_for_the_filesystem_is_a_422(api: Any) -> None:
 def test_a_path_too_long_for_the_filesystem_is_a_422(api: Any) -> None:
     response = register(api, "/" + "a" * 900)
     assert response.status_code == 422 and response.json()["error"]["details"]["field"] == "source"
+
+
+def test_with_model_roots_a_folder_outside_them_is_a_403_whether_or_not_it_exists(settings: Settings, tiny_llama: Path, tmp_path: Path) -> None:
+    from fastapi.testclient import TestClient
+
+    from app.main import create_app
+
+    inside = tmp_path / "models"
+    inside.mkdir()
+    allowed = shutil.copytree(tiny_llama, inside / "tiny")
+    (inside / "escape").symlink_to(tiny_llama)  # a link out of the root is judged by where it leads
+    with TestClient(create_app(settings.model_copy(update={"model_roots": [inside]}))) as api:
+        assert register(api, allowed).status_code == 201
+        for outside in (tiny_llama, tmp_path / "nowhere", inside / "escape", f"{inside}/../elsewhere"):
+            response = register(api, outside)
+            assert response.status_code == 403, outside
+            assert response.json()["error"]["details"]["field"] == "source" and "MODEL_ROOTS" in response.json()["error"]["message"]
+        assert len(api.get("/v1/models").json()["items"]) == 1
