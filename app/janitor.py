@@ -49,13 +49,15 @@ def referenced(session: Session) -> tuple[set[str], tuple[str, ...]]:
     """Keys the registry refers to, and folder prefixes (with their trailing slash) whose
     contents it refers to."""
     files: set[str] = set()
-    for column in (Dataset.artifact, Extraction.artifact, Comparison.artifact):
+    for column in (Dataset.artifact, Extraction.artifact):
         files.update(key for key in session.scalars(select(column).where(column.is_not(None))))
     files.update(session.scalars(select(CachedHiddenState.shard).distinct()))
     for params in session.scalars(select(Job.params).where(Job.status.not_in(TERMINAL))):
         if isinstance(params, dict) and isinstance(params.get("upload"), str):
             files.add(params["upload"])  # an uploaded archive its import job has yet to read
     folders = {f"{prefix.rstrip('/')}/" for column in (Adapter.artifact, Probe.artifact, ProbeRun.artifact) for prefix in session.scalars(select(column).where(column.is_not(None)))}
+    # a comparison's folder holds its report and the renderings of it
+    folders.update(f"{key.rsplit('/', 1)[0]}/" for key in session.scalars(select(Comparison.artifact).where(Comparison.artifact.is_not(None))))
     return files, tuple(sorted(folders))
 
 

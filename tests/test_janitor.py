@@ -11,7 +11,7 @@ from typing import Any
 import pytest
 
 from app import janitor
-from app.registry.tables import Adapter, Job, utcnow
+from app.registry.tables import Adapter, Comparison, Job, utcnow
 from app.settings import Settings
 from app.storage import ArtifactStore, open_store
 from tests.api.test_models import register
@@ -39,18 +39,25 @@ def _fill(api: Any, settings: Settings, store: ArtifactStore, tiny_llama: Path) 
             id="adp_kept", name="a", base_model_id=model["id"], source_kind="upload", source="x", r=4, lora_alpha=8.0,
             target_modules=["q_proj"], sha256="f" * 64, size_bytes=3, artifact="adapters/" + "f" * 64,
         ))  # fmt: skip
+        session.add(Comparison(
+            id="cmp_kept", job_id="job_c", model_id=model["id"], adapter_ids=[], dataset_id=dataset["id"], layers=[1], method="logistic",
+            token_position="last", artifact="comparisons/cmp_kept/report.json",
+        ))  # fmt: skip
         session.add(Job(id="job_waiting_upload", kind="adapter_import", status="queued", queue="q", params={"upload": "staging/uploads/upl_queued.archive"}))
         session.add(Job(id="job_done_upload", kind="adapter_import", status="cancelled", queue="q", params={"upload": "staging/uploads/upl_cancelled.archive"}))
     kept = [
         f"adapters/{'f' * 64}/adapter_model.safetensors",
         f"adapters/{'f' * 64}/adapter_config.json",
         "staging/uploads/upl_queued.archive",
+        "comparisons/cmp_kept/report.json",
+        "comparisons/cmp_kept/rendered/v1/report.svg",  # renderings are kept beside their report
         "elsewhere/not-ours.txt",  # outside the service's folders: never touched
     ]
     orphans = [
         "staging/uploads/upl_cancelled.archive",  # its job was cancelled before it ran
         f"adapters/{'e' * 64}/adapter_model.safetensors",  # published, then the worker died before the row
         "probes/prb_gone/report.json",
+        "comparisons/cmp_gone/report.json",
         "extractions/ext_gone/hidden_states.safetensors",
         "staging/job_dead/files/weights.bin",  # scratch of a killed job
         "cache/space/.shard.safetensors.abc123.partial",  # a temporary name a killed writer never renamed

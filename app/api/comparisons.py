@@ -11,6 +11,7 @@ from sqlalchemy.orm import Session
 
 from app import broker, jobs
 from app.api.deps import ArtifactsDep, RedisDep, SessionDep, SessionsDep, SettingsDep
+from app.api.rendering import cached_render
 from app.comparisons import new_comparison
 from app.errors import ServiceError, not_found
 from app.registry.database import transaction
@@ -75,6 +76,12 @@ def _finished_report(artifacts: ArtifactStore, comparison: Comparison, status: s
     return report
 
 
+def _folder(comparison: Comparison) -> str:
+    """The folder of the comparison's report, where its renderings are kept too."""
+    assert comparison.artifact is not None  # _finished_report has checked
+    return comparison.artifact.rsplit("/", 1)[0]
+
+
 def _curves(report: dict[str, Any]) -> list[tuple[str, dict[str, Any]]]:
     return [(variant["label"], variant["report"]) for variant in report["variants"]]
 
@@ -90,7 +97,9 @@ def comparison_svg(comparison_id: str, session: SessionDep, artifacts: Artifacts
     from app.calibration.report import render_svg
 
     comparison, status = _comparison(session, comparison_id)
-    return Response(render_svg(_curves(_finished_report(artifacts, comparison, status))), media_type="image/svg+xml")
+    report = _finished_report(artifacts, comparison, status)
+    svg = cached_render(artifacts, _folder(comparison), "report.svg", lambda: render_svg(_curves(report)).encode())
+    return Response(svg, media_type="image/svg+xml")
 
 
 @router.get("/{comparison_id}/report.html", response_class=HTMLResponse)
@@ -99,8 +108,12 @@ def comparison_html(comparison_id: str, session: SessionDep, artifacts: Artifact
 
     comparison, status = _comparison(session, comparison_id)
     report = _finished_report(artifacts, comparison, status)
-    notes = [f"layer {report['layer']} (chosen on the base's validation split), {comparison.method} probes, held-out test split", *report["flags"]]
-    for label, transfer in report["cross_transfer"].items():
-        notes.append(f"cross-transfer {label}: AUROC {transfer['auroc']:.3f}" if transfer.get("auroc") is not None else f"cross-transfer {label}: —")
-    title = f"Comparison {comparison.id}: base vs {len(comparison.adapter_ids)} adapter(s)"
-    return HTMLResponse(render_html(title, _curves(report), differences=report["differences"], notes=notes))
+
+    def render() -> bytes:
+        notes = [f"layer {report['layer']} (chosen on the base's validation split), {comparison.method} probes, held-out test split", *report["flags"]]
+        for label, transfer in report["cross_transfer"].items():
+            notes.append(f"cross-transfer {label}: AUROC {transfer['auroc']:.3f}" if transfer.get("auroc") is not None else f"cross-transfer {label}: —")
+        title = f"Comparison {comparison.id}: base vs {len(comparison.adapter_ids)} adapter(s)"
+        return render_html(title, _curves(report), differences=report["differences"], notes=notes).encode()
+
+    return HTMLResponse(cached_render(artifacts, _folder(comparison), "report.html", render))

@@ -11,6 +11,7 @@ from sqlalchemy.orm import Session
 
 from app import broker, jobs
 from app.api.deps import ArtifactsDep, RedisDep, SessionDep, SessionsDep, SettingsDep
+from app.api.rendering import cached_render
 from app.errors import ServiceError, not_found
 from app.probes import new_probe_run, run_view
 from app.registry.database import keyset_page, transaction
@@ -124,7 +125,8 @@ def probe_report_svg(probe_id: str, session: SessionDep, artifacts: ArtifactsDep
     from app.calibration.report import render_svg
 
     probe = _probe(session, probe_id)
-    return Response(render_svg(_labelled_reports(_report(artifacts, probe), probe)), media_type="image/svg+xml")
+    svg = cached_render(artifacts, probe.artifact, "report.svg", lambda: render_svg(_labelled_reports(_report(artifacts, probe), probe)).encode())
+    return Response(svg, media_type="image/svg+xml")
 
 
 @router.get("/v1/probes/{probe_id}/report.png", response_class=Response, responses={200: {"content": {"image/png": {}}}})
@@ -132,7 +134,7 @@ def probe_report_png(probe_id: str, session: SessionDep, artifacts: ArtifactsDep
     from app.calibration.report import render_png
 
     probe = _probe(session, probe_id)
-    return Response(render_png(_labelled_reports(_report(artifacts, probe), probe)), media_type="image/png")
+    return Response(cached_render(artifacts, probe.artifact, "report.png", lambda: render_png(_labelled_reports(_report(artifacts, probe), probe))), media_type="image/png")
 
 
 @router.get("/v1/probes/{probe_id}/report.html", response_class=HTMLResponse)
@@ -140,10 +142,13 @@ def probe_report_html(probe_id: str, session: SessionDep, artifacts: ArtifactsDe
     from app.calibration.report import render_html
 
     probe = _probe(session, probe_id)
-    report = _report(artifacts, probe)
-    title = f"Probe {probe.id}: layer {probe.layer}, {probe.method}" + (f", {probe.recalibration} recalibration" if probe.recalibration else "")
-    notes = [f"model {probe.model_id}" + (f" with adapter {probe.adapter_id}" if probe.adapter_id else ""), f"dataset {probe.dataset_id}", "held-out test split"]
-    return HTMLResponse(render_html(title, _labelled_reports(report, probe), notes=notes))
+
+    def render() -> bytes:
+        title = f"Probe {probe.id}: layer {probe.layer}, {probe.method}" + (f", {probe.recalibration} recalibration" if probe.recalibration else "")
+        notes = [f"model {probe.model_id}" + (f" with adapter {probe.adapter_id}" if probe.adapter_id else ""), f"dataset {probe.dataset_id}", "held-out test split"]
+        return render_html(title, _labelled_reports(_report(artifacts, probe), probe), notes=notes).encode()
+
+    return HTMLResponse(cached_render(artifacts, probe.artifact, "report.html", render))
 
 
 @router.post("/v1/probes/{probe_id}/score", responses={202: {"model": JobAccepted, "description": "Not done within timeout_s: follow the job."}})

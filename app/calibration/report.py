@@ -68,8 +68,12 @@ def reliability_figure(reports: LabelledReports) -> Figure:
 
 
 def render_svg(reports: LabelledReports) -> str:
+    """The same reports always give the same bytes (no date, fixed element ids)."""
+    import matplotlib
+
     buffer = io.BytesIO()
-    reliability_figure(reports).savefig(buffer, format="svg", metadata={"Date": None})
+    with matplotlib.rc_context({"svg.hashsalt": "confprobe"}):
+        reliability_figure(reports).savefig(buffer, format="svg", metadata={"Date": None})
     return buffer.getvalue().decode("utf-8")
 
 

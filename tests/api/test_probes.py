@@ -124,6 +124,18 @@ def test_reports_render_as_svg_png_and_html(stack: Stack, tiny_llama: Path) -> N
     html = stack.client.get(f"/v1/probes/{probe['id']}/report.html")
     assert 'id="metrics"' in html.text and 'id="reliability-diagram"' in html.text
 
+    # each is rendered once and kept beside the report: a later request reads the kept copy
+    from app.api.rendering import RENDER_VERSION
+    from app.storage import open_store
+
+    store = open_store(stack.settings)
+    folder = f"probes/{probe['id']}/rendered/v{RENDER_VERSION}"
+    assert store.read_bytes(f"{folder}/report.png") == png.content and store.read_bytes(f"{folder}/report.html") == html.content
+    store.write_bytes(f"{folder}/report.svg", b"<svg>kept</svg>")
+    assert stack.client.get(f"/v1/probes/{probe['id']}/report.svg").text == "<svg>kept</svg>"
+    store.delete(f"{folder}/report.svg")
+    assert stack.client.get(f"/v1/probes/{probe['id']}/report.svg").text == svg.text  # rendered again, the same
+
 
 # --- refused at once --------------------------------------------------------------------------
 
