@@ -82,6 +82,7 @@ def requeue_orphans(sessions: sessionmaker[Session], connection: redis.Redis, se
     between committing a job and enqueueing it, and jobs waiting on the own queue of a worker
     that has since died (they move to the shared queue). Jobs younger than `min_age_s` are
     left alone: their gateway may be enqueueing them right now."""
+    from rq import Queue
     from rq.job import Job as RQJob
     from rq.job import JobStatus
 
@@ -96,7 +97,7 @@ def requeue_orphans(sessions: sessionmaker[Session], connection: redis.Redis, se
     requeued = []
     for job in waiting:
         if job.queue != shared and job.queue not in live_queues:
-            connection.lrem(broker.rq_queue_key(job.queue), 0, rq_job_id(job))
+            Queue(job.queue, connection=connection).remove(rq_job_id(job))
             with transaction(sessions) as session:
                 moved = session.execute(update(Job).where(Job.id == job.id, Job.status == "queued").values(queue=shared)).rowcount
             if not moved:

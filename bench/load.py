@@ -23,7 +23,6 @@ import os
 import random
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import tempfile
@@ -39,19 +38,15 @@ import redis
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from app.broker import redis_server_executable  # noqa: E402
+from app.broker import heartbeat_key, redis_server_executable  # noqa: E402
 from app.registry.database import migrate  # noqa: E402
-from tests.servers import local_postgres, local_postgres_available  # noqa: E402
+from app.settings import Settings  # noqa: E402
+from tests.servers import answers, free_port, local_postgres, local_postgres_available  # noqa: E402
 from tests.tiny_models import save_tiny_llama  # noqa: E402
 
 FINAL = {"succeeded", "failed", "cancelled"}
+STACK = Settings(queue_prefix="load", heartbeat_ttl_s=4)  # what the stack runs with, for its Redis key names
 WORDS = "the river city mountain north paris rome seven blue quiet bridge capital old market".split()
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 def wait_for(predicate: Any, timeout: float, what: str) -> Any:
@@ -64,13 +59,6 @@ def wait_for(predicate: Any, timeout: float, what: str) -> Any:
     raise TimeoutError(f"waited {timeout} s for {what}")
 
 
-def answers(base: str) -> bool:
-    try:
-        return httpx.get(f"{base}/healthz", timeout=1).status_code == 200
-    except httpx.HTTPError:
-        return False
-
-
 class Stack:
     """Redis, registry, gateway and workers as real processes."""
 
@@ -81,9 +69,9 @@ class Stack:
             "DATABASE_URL": database_url,
             "REDIS_URL": f"redis://127.0.0.1:{self.redis_port}/0",
             "VAR_DIR": str(folder / "var"),
-            "QUEUE_PREFIX": "load",
+            "QUEUE_PREFIX": STACK.queue_prefix,
             "HEARTBEAT_INTERVAL_S": "1",
-            "HEARTBEAT_TTL_S": "4",
+            "HEARTBEAT_TTL_S": str(STACK.heartbeat_ttl_s),
             "LOG_LEVEL": "warning",
             "HF_HUB_OFFLINE": "1",
             "PYTHONUNBUFFERED": "1",
@@ -112,10 +100,10 @@ class Stack:
     def start_worker(self, name: str) -> None:
         self.workers[name] = self._spawn([sys.executable, "-m", "workers.main"], f"{name}.log", WORKER_NAME=name)
         client = redis.Redis(port=self.redis_port)
-        wait_for(lambda: client.exists(f"load:worker:{name}"), 120, f"worker {name}")
+        wait_for(lambda: client.exists(heartbeat_key(STACK, name)), 120, f"worker {name}")
 
     def heartbeat(self, name: str) -> dict[str, Any] | None:
-        raw = redis.Redis(port=self.redis_port).get(f"load:worker:{name}")
+        raw = redis.Redis(port=self.redis_port).get(heartbeat_key(STACK, name))
         return json.loads(raw) if raw else None
 
     def stop(self) -> None:

@@ -9,7 +9,6 @@ import json
 import os
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -31,7 +30,13 @@ os.environ.setdefault("TINKER_TELEMETRY", "0")
 from app.broker import redis_server_executable  # noqa: E402
 from app.registry.database import migrate  # noqa: E402
 from app.settings import Settings  # noqa: E402
-from tests.servers import PostgresServer, local_postgres, local_postgres_available  # noqa: E402
+from tests.servers import (  # noqa: E402
+    PostgresServer,
+    answers,
+    free_port,
+    local_postgres,
+    local_postgres_available,
+)
 
 IN_CI = os.environ.get("CI") == "true"
 ROOT = Path(__file__).resolve().parent.parent
@@ -46,12 +51,6 @@ def require(available: bool, reason: str) -> None:
         if IN_CI:
             pytest.fail(f"CI needs this: {reason}")
         pytest.skip(reason)
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 def wait_until(predicate: Any, timeout: float, what: str, interval: float = 0.05) -> Any:
@@ -229,6 +228,17 @@ def start_worker(settings: Settings, name: str, log_file: Path | None = None) ->
     key = f"{settings.queue_prefix}:worker:{name}"
     wait_until(lambda: process.poll() is not None or client.exists(key), 120, f"worker {name} to heartbeat", interval=0.2)
     assert process.poll() is None, f"worker {name} exited with {process.returncode}"
+    return process
+
+
+def start_gateway(settings: Settings, port: int, log_file: Path | None = None) -> subprocess.Popen[bytes]:
+    """`confprobe gateway` in its own process on `port`, answering when this returns."""
+    output: Any = open(log_file, "wb") if log_file else subprocess.DEVNULL  # noqa: SIM115 (the child owns it)
+    process = subprocess.Popen(
+        [sys.executable, "-m", "app.cli", "gateway", "--port", str(port)], env=settings_environment(settings), cwd=ROOT, stdout=output, stderr=output
+    )
+    wait_until(lambda: process.poll() is not None or answers(f"http://127.0.0.1:{port}"), 60, "the gateway to answer", interval=0.1)
+    assert process.poll() is None, f"the gateway exited with {process.returncode}"
     return process
 
 

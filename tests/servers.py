@@ -1,5 +1,6 @@
-"""A private PostgreSQL server for the tests and benchmarks: initdb in a temporary folder,
-started on a free loopback port, thrown away afterwards."""
+"""Servers for the tests and benchmarks: free ports, a gateway's liveness, and a private
+PostgreSQL server (initdb in a temporary folder, started on a free loopback port, thrown
+away afterwards)."""
 
 import glob
 import os
@@ -39,10 +40,20 @@ class PostgresServer:
         return f"postgresql+psycopg://postgres@127.0.0.1:{self.port}/{database}"
 
 
-def _free_port() -> int:
+def free_port() -> int:
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
         return sock.getsockname()[1]
+
+
+def answers(base_url: str) -> bool:
+    """Whether a gateway at `base_url` says it is alive."""
+    import httpx
+
+    try:
+        return httpx.get(f"{base_url}/healthz", timeout=1).status_code == 200
+    except httpx.HTTPError:
+        return False
 
 
 @contextmanager
@@ -54,7 +65,7 @@ def local_postgres(max_connections: int = 100) -> Iterator[PostgresServer]:
     folder = Path(tempfile.mkdtemp(prefix="confprobe-pg-"))
     if as_postgres:
         shutil.chown(folder, "postgres", "postgres")
-    data, port = folder / "data", _free_port()
+    data, port = folder / "data", free_port()
     subprocess.run([*as_postgres, initdb, "-D", str(data), "-A", "trust", "-U", "postgres", "--no-sync"], check=True, capture_output=True)
     options = (
         f"-p {port} -k {folder} -c listen_addresses=127.0.0.1 -c max_connections={max_connections} "

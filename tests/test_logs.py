@@ -2,8 +2,6 @@
 job's lines — the gateway's, the worker's and RQ's — can be found by it."""
 
 import json
-import subprocess
-import sys
 from pathlib import Path
 from typing import Any
 
@@ -11,13 +9,11 @@ import httpx
 
 from app.settings import Settings
 from tests.conftest import (
-    ROOT,
     free_port,
-    settings_environment,
+    start_gateway,
     start_worker,
     stop_process,
     wait_for_job,
-    wait_until,
 )
 
 
@@ -31,14 +27,10 @@ def test_gateway_and_worker_write_json_lines_with_the_job_id(settings: Settings,
     settings = settings.model_copy(update={"log_format": "json", "log_level": "info"})
     port = free_port()
     gateway_log, worker_log = tmp_path / "gateway.log", tmp_path / "worker.log"
-    with open(gateway_log, "wb") as output:
-        gateway = subprocess.Popen(
-            [sys.executable, "-m", "app.cli", "gateway", "--port", str(port)], env=settings_environment(settings), cwd=ROOT, stdout=output, stderr=output
-        )
+    gateway = start_gateway(settings, port, log_file=gateway_log)
     worker = start_worker(settings, f"logged-{settings.queue_prefix}", log_file=worker_log)
     try:
         client = httpx.Client(base_url=f"http://127.0.0.1:{port}")
-        wait_until(lambda: _answers(client), 60, "the gateway to answer", interval=0.1)
         job_id = client.post("/v1/jobs/ping").json()["job"]["id"]
         assert wait_for_job(client, job_id)["status"] == "succeeded"
     finally:
@@ -54,10 +46,3 @@ def test_gateway_and_worker_write_json_lines_with_the_job_id(settings: Settings,
     assert [line["message"] for line in mine if line["logger"] == "workers.runner"] == ["job started", "job succeeded"]
     assert any(line["logger"].startswith("rq.") for line in mine)  # RQ's own lines about the job carry its id too
     assert all(line["job_id"] is None for line in worker_lines if line["logger"] == "workers.main" or "Listening on" in line["message"])
-
-
-def _answers(client: httpx.Client) -> bool:
-    try:
-        return client.get("/healthz").status_code == 200
-    except httpx.HTTPError:
-        return False

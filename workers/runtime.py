@@ -142,11 +142,15 @@ class WorkerRuntime:
             jobs.publish(self.redis, self.settings, job)
         return retried + failed
 
+    def _takes_turn(self, chore: str, every_s: float) -> bool:
+        """Whether this worker does `chore` now: the first to ask in each `every_s` window of
+        the deployment does (a Redis key that lives for the window)."""
+        return bool(self.redis.set(f"{self.settings.queue_prefix}:turn:{chore}", self.name, nx=True, px=int(every_s * 1000)))
+
     def requeue_orphans(self) -> list[str]:
         """Queued jobs RQ lost (a Redis restart) or that wait on a dead worker's queue go back
         on a queue. One worker at a time does it, at most once per heartbeat TTL."""
-        lock = f"{self.settings.queue_prefix}:requeue-lock"
-        if not self.redis.set(lock, self.name, nx=True, px=int(self.settings.heartbeat_ttl_s * 1000)):
+        if not self._takes_turn("requeue", self.settings.heartbeat_ttl_s):
             return []
         return jobs.requeue_orphans(self.sessions, self.redis, self.settings, min_age_s=self.settings.heartbeat_ttl_s)
 
@@ -154,10 +158,7 @@ class WorkerRuntime:
         """Start the janitor in its own thread when the deployment's turn is due (a Redis key
         lives for one interval, so one worker somewhere sweeps per interval); a long listing
         must not delay heartbeats."""
-        if not self.settings.janitor_interval_s:
-            return False
-        turn = f"{self.settings.queue_prefix}:janitor-turn"
-        if not self.redis.set(turn, self.name, nx=True, px=int(self.settings.janitor_interval_s * 1000)):
+        if not self.settings.janitor_interval_s or not self._takes_turn("janitor", self.settings.janitor_interval_s):
             return False
 
         def run() -> None:

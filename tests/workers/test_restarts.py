@@ -2,8 +2,6 @@
 gets its queued jobs again, and a gateway killed and started again serves the same jobs."""
 
 import signal
-import subprocess
-import sys
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -13,11 +11,10 @@ import pytest
 from app.settings import Settings
 from tests.api.test_models import register
 from tests.conftest import (
-    ROOT,
     RedisServer,
     free_port,
     make_settings,
-    settings_environment,
+    start_gateway,
     start_worker,
     stop_process,
     wait_for_job,
@@ -65,30 +62,15 @@ def test_a_redis_restart_loses_no_job(database_url: str, own_redis: RedisServer,
         stop_process(worker)
 
 
-def _gateway(settings: Settings, port: int) -> subprocess.Popen[bytes]:
-    env = settings_environment(settings) | {"PORT": str(port)}
-    process = subprocess.Popen([sys.executable, "-m", "app.cli", "gateway"], env=env, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    wait_until(lambda: process.poll() is not None or _answers(port), 60, "the gateway to answer", interval=0.1)
-    assert process.poll() is None, f"the gateway exited with {process.returncode}"
-    return process
-
-
-def _answers(port: int) -> bool:
-    try:
-        return httpx.get(f"http://127.0.0.1:{port}/healthz", timeout=1).status_code == 200
-    except httpx.HTTPError:
-        return False
-
-
 def test_a_gateway_killed_and_started_again_loses_nothing(settings: Settings, tmp_path: Path) -> None:
     port = free_port()
-    gateway = _gateway(settings, port)
+    gateway = start_gateway(settings, port)
     base = f"http://127.0.0.1:{port}"
     try:
         submitted = [httpx.post(f"{base}/v1/jobs/ping").json()["job"]["id"] for _ in range(5)]  # no worker yet: all queued
         gateway.send_signal(signal.SIGKILL)
         gateway.wait(10)
-        gateway = _gateway(settings, port)
+        gateway = start_gateway(settings, port)
         listed = {job["id"]: job for job in httpx.get(f"{base}/v1/jobs", params={"kind": "ping"}).json()["items"]}
         assert set(submitted) <= set(listed) and all(listed[j]["status"] == "queued" for j in submitted)
         worker = start_worker(settings, f"late-{settings.queue_prefix}")
