@@ -7,8 +7,10 @@ Routes outside /v1 (health checks, docs, metrics) are open.
 
 FastAPI reads a request's body — an upload of gigabytes included — before it runs the
 route's dependencies, so `AuthenticateFirst` checks the key of every /v1 request before the
-body is read and leaves the caller in the request state; the dependencies then only check
-the scope. Without the middleware they would authenticate by themselves.
+body is read — and the scope the route will need (`required_scope`), so a read-only key
+cannot make the gateway take in an upload either — and leaves the caller in the request
+state; the dependencies then check the scope again. Without the middleware they would
+authenticate by themselves.
 """
 
 from typing import Annotated, Any
@@ -33,6 +35,7 @@ bearer_scheme = HTTPBearer(
 api_key_header = APIKeyHeader(name="X-API-Key", auto_error=False, description="The same API key, for clients that cannot send a bearer token.")
 
 PROTECTED_PREFIX = "/v1/"
+ADMIN_PREFIX = "/v1/keys"
 READ_METHODS = frozenset({"GET", "HEAD"})
 
 AUTH_RESPONSES: dict[int | str, dict[str, Any]] = {
@@ -59,6 +62,14 @@ def authenticate(state: State, token: str | None) -> Caller:
     return found
 
 
+def required_scope(method: str, path: str) -> auth.Scope:
+    """The scope a /v1 request needs: `admin` for API keys, else `read` to read and
+    `submit` for anything else (the routes' dependencies ask for the same)."""
+    if path == ADMIN_PREFIX or path.startswith(ADMIN_PREFIX + "/"):
+        return "admin"
+    return "read" if method in READ_METHODS else "submit"
+
+
 def presented_key(headers: Headers) -> str | None:
     """The key of `Authorization: Bearer <key>`, else of `X-API-Key` (as the schemes read them)."""
     scheme, _, credentials = headers.get("authorization", "").partition(" ")
@@ -80,6 +91,7 @@ class AuthenticateFirst:
             return
         try:
             found = await run_in_threadpool(authenticate, state, presented_key(Headers(scope=scope)))
+            _holding(found, required_scope(scope["method"], scope["path"]))
         except ServiceError as error:
             await error_response(error.status, error.code, error.message, error.details, headers=error.headers)(scope, receive, send)
             return
@@ -106,7 +118,7 @@ CallerDep = Annotated[Caller, Depends(caller)]
 
 def scope_by_method(request: Request, who: CallerDep) -> Caller:
     """`read` for GET and HEAD; `submit` for everything that creates, changes, deletes or runs."""
-    return _holding(who, "read" if request.method in READ_METHODS else "submit")
+    return _holding(who, required_scope(request.method, request.url.path))
 
 
 def admin_scope(who: CallerDep) -> Caller:

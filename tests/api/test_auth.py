@@ -104,6 +104,16 @@ def test_an_upload_without_a_key_is_refused_before_its_body_is_read(api: Any) ->
     assert_envelope(response, 401, "unauthorized")
 
 
+def test_an_upload_with_a_read_key_is_refused_before_its_body_is_read(api: Any, read_key: str) -> None:
+    def body() -> Iterator[bytes]:
+        yield b"--b\r\ncontent-disposition: form-data; name=file; filename=x.jsonl\r\n\r\n"
+        raise AssertionError("the body was read")
+
+    for path in ["/v1/datasets", "/v1/adapters/upload"]:
+        response = api.post(path, content=body(), headers={"content-type": "multipart/form-data; boundary=b", **bearer(read_key)})
+        assert assert_envelope(response, 403, "forbidden")["details"]["required_scope"] == "submit", path
+
+
 def test_a_key_that_is_not_one_of_ours_is_a_401(api: Any, read_key: str) -> None:
     public_part, _ = public_and_secret(read_key)
     for key in ["not-a-key", f"cpk_{'0' * 12}_{'A' * 43}", f"{public_part}_{'A' * 43}"]:
