@@ -1,5 +1,6 @@
 """The error envelope: every error answer is `{"error": {"code", "message", "details"}}`."""
 
+import logging
 from typing import Any
 
 from fastapi import FastAPI, Request
@@ -44,6 +45,7 @@ _HTTP_CODES = {
     404: "not_found",
     405: "method_not_allowed",
     409: "conflict",
+    410: "gone",
     413: "payload_too_large",
     415: "unsupported_media_type",
     429: "rate_limited",
@@ -99,6 +101,14 @@ async def _store_unavailable(_request: Request, exc: Exception) -> JSONResponse:
     return error_response(503, "unavailable", str(exc), {"backend": "artifact store"}, headers={"Retry-After": "5"})
 
 
+async def _artifact_missing(_request: Request, exc: Exception) -> JSONResponse:
+    """A registry row names an artifact the store no longer holds (deleted by hand, or a
+    store restored from an older backup): the row's data is gone, so 410, not a 500."""
+    key = getattr(exc, "key", None)
+    logging.getLogger(__name__).error("artifact missing from the store: %s", exc)
+    return error_response(410, "artifact_missing", f"{exc}: the record remains but its data is gone; delete it and create it again", {"key": key})
+
+
 async def _unexpected(_request: Request, exc: Exception) -> JSONResponse:
     return error_response(500, "internal", f"internal error: {type(exc).__name__}")
 
@@ -109,7 +119,7 @@ def install_error_handlers(app: FastAPI) -> None:
     import redis.exceptions
     import sqlalchemy.exc
 
-    from app.storage import StoreUnavailable
+    from app.storage import ArtifactMissing, StoreUnavailable
 
     app.add_exception_handler(ServiceError, _service_error)
     app.add_exception_handler(RequestValidationError, _validation_error)
@@ -119,4 +129,5 @@ def install_error_handlers(app: FastAPI) -> None:
     app.add_exception_handler(sqlalchemy.exc.OperationalError, _backend_unavailable)
     app.add_exception_handler(sqlalchemy.exc.TimeoutError, _backend_unavailable)  # connection pool exhausted
     app.add_exception_handler(StoreUnavailable, _store_unavailable)
+    app.add_exception_handler(ArtifactMissing, _artifact_missing)
     app.add_exception_handler(Exception, _unexpected)

@@ -15,6 +15,7 @@ import pytest
 from app.settings import Settings
 from app.storage import (
     PARTIAL_SUFFIX,
+    ArtifactMissing,
     ArtifactStore,
     FolderStore,
     StoreUnavailable,
@@ -85,8 +86,9 @@ def test_a_key_has_one_canonical_name(store: ArtifactStore) -> None:
 
 def test_a_missing_key_is_file_not_found_on_every_read(store: ArtifactStore) -> None:
     for read in (store.size, store.read_bytes, store.iter_bytes, store.local_path, store.local_folder):
-        with pytest.raises(FileNotFoundError):
-            read("nothing/here")
+        with pytest.raises(ArtifactMissing) as missing:
+            read("nothing//here")
+        assert isinstance(missing.value, FileNotFoundError) and missing.value.key == "nothing/here", read
     assert local_files(store) == []
 
 

@@ -11,7 +11,7 @@ from sqlalchemy import update
 
 from app import jobs, logs, metrics
 from app.registry.tables import Job, utcnow
-from app.storage import StoreUnavailable
+from app.storage import ArtifactMissing, StoreUnavailable
 from workers import (
     comparison,
     experiment,
@@ -102,6 +102,9 @@ def _run_job(job_id: str) -> None:
         _finish(worker, job_id, started, status="cancelled", error={"code": "cancelled", "message": "cancelled while running", "details": {}})
     except JobFailed as exc:
         _finish(worker, job_id, started, status="failed", error={"code": exc.code, "message": exc.message, "details": exc.details})
+    except ArtifactMissing as exc:
+        log.error("artifact missing from the store: %s", exc)
+        _finish(worker, job_id, started, status="failed", error={"code": "artifact_missing", "message": str(exc), "details": {"key": exc.key}})
     except StoreUnavailable as exc:
         log.warning("job failed: the artifact store is unreachable: %s", exc)
         _finish(worker, job_id, started, status="failed", error={"code": "unavailable", "message": str(exc), "details": {"backend": "artifact store"}})

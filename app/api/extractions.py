@@ -111,10 +111,10 @@ def download_hidden_states(
         raise ServiceError(409, "not_ready", f"extraction {extraction_id} is {job.status}; its hidden states are not there yet", status_of_job=job.status)
     key = extraction.artifact
     if format == "safetensors":
+        size = artifacts.size(key)  # ArtifactMissing (410) before any answer starts
         path = artifacts.direct_path(key)
         if path is not None:
             return FileResponse(path, media_type="application/octet-stream", filename=f"{extraction_id}.safetensors")
-        size = artifacts.size(key)
         return _attachment(artifacts.iter_bytes(key, chunk_bytes=CHUNK_BYTES), size, f"{extraction_id}.safetensors")
     header = _npy_header(extraction.shape)
     start, end = _safetensors_data_range(artifacts, key)

@@ -10,6 +10,7 @@ from urllib.parse import unquote, urlsplit
 
 from app.storage.base import (
     PARTIAL_SUFFIX,
+    ArtifactMissing,
     ArtifactStore,
     StoredObject,
     StoreUnavailable,
@@ -19,7 +20,7 @@ from app.storage.folder import FolderStore
 if TYPE_CHECKING:
     from app.settings import Settings
 
-__all__ = ["PARTIAL_SUFFIX", "ArtifactStore", "FolderStore", "StoreUnavailable", "StoredObject", "open_store"]
+__all__ = ["PARTIAL_SUFFIX", "ArtifactMissing", "ArtifactStore", "FolderStore", "StoreUnavailable", "StoredObject", "open_store"]
 
 
 def open_store(settings: "Settings") -> ArtifactStore:

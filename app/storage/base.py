@@ -26,6 +26,14 @@ class StoreUnavailable(RuntimeError):
     not the request's fault, and worth retrying."""
 
 
+class ArtifactMissing(FileNotFoundError):
+    """`key` is not in the store: never written, or removed from under the row that names it."""
+
+    def __init__(self, key: str, location: str, *, folder: bool = False) -> None:
+        self.key = checked_key(key)
+        super().__init__(f"artifact {'folder ' if folder else ''}{self.key} is not in {location}")
+
+
 def checked_key(key: str) -> str:
     """`key` in its one canonical form (`a//b/./c` is `a/b/c`, so every backend names the same
     object). Raises ValueError for a key that is empty, absolute, or climbs out with `..`."""

@@ -26,6 +26,7 @@ from typing import Any, BinaryIO
 from app.storage.base import (
     CHUNK_BYTES,
     PARTIAL_SUFFIX,
+    ArtifactMissing,
     ArtifactStore,
     StoredObject,
     StoreUnavailable,
@@ -88,7 +89,7 @@ class BucketStore(ArtifactStore):
         except ClientError as exc:
             code = str(exc.response.get("Error", {}).get("Code", ""))
             if code in MISSING_CODES:
-                raise FileNotFoundError(f"artifact {key} is not in {self.location}") from exc
+                raise ArtifactMissing(key, self.location) from exc
             raise StoreUnavailable(f"the artifact store {self.location} refused a request for {key}: {code or exc}") from exc
         except (BotoCoreError, Boto3Error) as exc:  # Boto3Error: an upload or download that failed
             raise StoreUnavailable(f"the artifact store {self.location} is unreachable: {exc}") from exc
@@ -154,7 +155,7 @@ class BucketStore(ArtifactStore):
             return cached
         keys = [stored.key for stored in self.iter_objects(prefix)]
         if not keys:
-            raise FileNotFoundError(f"artifact folder {prefix} is not in {self.location}")
+            raise ArtifactMissing(prefix, self.location, folder=True)
         cached.parent.mkdir(parents=True, exist_ok=True)
         temporary = partial_name(cached)
         try:

@@ -21,6 +21,7 @@ from typing import BinaryIO
 from app.storage.base import (
     CHUNK_BYTES,
     PARTIAL_SUFFIX,
+    ArtifactMissing,
     ArtifactStore,
     StoredObject,
     checked_key,
@@ -81,10 +82,16 @@ class FolderStore(ArtifactStore):
         return self.path(key).is_file()
 
     def size(self, key: str) -> int:
-        return self.path(key).stat().st_size
+        try:
+            return self.path(key).stat().st_size
+        except FileNotFoundError:
+            raise ArtifactMissing(key, self.location) from None
 
     def iter_bytes(self, key: str, start: int = 0, end: int | None = None, chunk_bytes: int = CHUNK_BYTES) -> Iterator[bytes]:
-        handle = self.path(key).open("rb")
+        try:
+            handle = self.path(key).open("rb")
+        except FileNotFoundError:
+            raise ArtifactMissing(key, self.location) from None
         handle.seek(start)
         return _chunks(handle, None if end is None else end - start, chunk_bytes)
 
@@ -94,13 +101,13 @@ class FolderStore(ArtifactStore):
     def local_path(self, key: str) -> Path:
         path = self.path(key)
         if not path.is_file():
-            raise FileNotFoundError(f"artifact {key} is not in {self.location}")
+            raise ArtifactMissing(key, self.location)
         return path
 
     def local_folder(self, prefix: str) -> Path:
         path = self.path(prefix)
         if not path.is_dir():
-            raise FileNotFoundError(f"artifact folder {prefix} is not in {self.location}")
+            raise ArtifactMissing(prefix, self.location, folder=True)
         return path
 
     def iter_objects(self, prefix: str = "") -> Iterator[StoredObject]:

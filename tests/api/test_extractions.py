@@ -207,6 +207,11 @@ def test_a_large_array_streams_in_chunks(api: Any, settings: Settings, tiny_llam
     assert max(len(chunk) for chunk in chunks) <= CHUNK_BYTES
     np.testing.assert_array_equal(np.load(io.BytesIO(b"".join(chunks))), states)
 
+    FolderStore(settings.resolved_artifact_dir).delete(key)  # removed from under its row: gone, not a 500
+    for fmt in ["npy", "safetensors"]:
+        response = api.get(f"/v1/extractions/{extraction['id']}/hidden-states", params={"format": fmt})
+        assert (response.status_code, response.json()["error"]["code"], response.json()["error"]["details"]["key"]) == (410, "artifact_missing", key)
+
 
 def test_extractions_of_a_dataset(api: Any, settings: Settings, tiny_llama: Path, tmp_path: Path) -> None:
     rows = [{"text": text, "label": index % 2} for index, text in enumerate(TEXTS)]

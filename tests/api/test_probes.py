@@ -136,6 +136,14 @@ def test_reports_render_as_svg_png_and_html(stack: Stack, tiny_llama: Path) -> N
     store.delete(f"{folder}/report.svg")
     assert stack.client.get(f"/v1/probes/{probe['id']}/report.svg").text == svg.text  # rendered again, the same
 
+    # the probe's files removed from under its row: the record still reads, its data is gone (410, not a 500)
+    store.delete_prefix(f"probes/{probe['id']}")
+    assert stack.client.get(f"/v1/probes/{probe['id']}").status_code == 200
+    for suffix in ["report", "report.svg", "report.png", "report.html"]:
+        response = stack.client.get(f"/v1/probes/{probe['id']}/{suffix}")
+        assert response.status_code == 410 and response.json()["error"]["code"] == "artifact_missing", (suffix, response.text)
+        assert response.json()["error"]["details"]["key"] == f"probes/{probe['id']}/report.json"
+
 
 # --- refused at once --------------------------------------------------------------------------
 
