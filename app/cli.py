@@ -118,46 +118,68 @@ def worker(burst: bool) -> None:
 @click.option("--port", type=int, default=None, help="Port to listen on (default: PORT setting).")
 def serve(host: str | None, port: int | None) -> None:
     """Start everything on this machine: an embedded Redis (unless REDIS_URL is set), the
-    gateway and one worker. Ctrl-C stops them all."""
+    gateway and one worker. Ctrl-C stops them all: the gateway and the worker first (the
+    worker finishes the job it is running; Ctrl-C again stops it at once), Redis last."""
     from app import broker
     from app.registry.database import migrate as upgrade
 
     settings = get_settings()
     settings.var_dir.mkdir(parents=True, exist_ok=True)
-    children: list[subprocess.Popen[bytes]] = []
+    # Each child has its own process group, so Ctrl-C in the terminal reaches only this
+    # process, which stops the children in order: Redis must outlive the worker's last job.
+    embedded_redis: subprocess.Popen[bytes] | None = None
     env = dict(os.environ)
     if not settings.redis_url:
-        children.append(broker.start_embedded_redis(settings.embedded_redis_socket))
+        embedded_redis = broker.start_embedded_redis(settings.embedded_redis_socket, process_group=0)
         env["REDIS_URL"] = settings.resolved_redis_url
         click.echo(f"embedded Redis on {settings.embedded_redis_socket}")
     upgrade(settings.resolved_database_url)
     listen = ["--host", host or settings.host, "--port", str(port or settings.port)]
-    children.append(subprocess.Popen([sys.executable, "-m", "app.cli", "worker"], env=env))
-    children.append(subprocess.Popen([sys.executable, "-m", "app.cli", "gateway", *listen], env=env))
+    services = [
+        subprocess.Popen([sys.executable, "-m", "app.cli", "worker"], env=env, process_group=0),
+        subprocess.Popen([sys.executable, "-m", "app.cli", "gateway", *listen], env=env, process_group=0),
+    ]
+    children = [*services, *([embedded_redis] if embedded_redis else [])]
     click.echo(f"gateway on http://{host or settings.host}:{port or settings.port} (docs at /docs); Ctrl-C stops")
 
-    stopping = False
+    def stop_services(at_once: bool) -> None:
+        for child in services:
+            if child.poll() is None:
+                # killed at once, the worker's job is started again on the next start
+                child.kill() if at_once else child.send_signal(signal.SIGTERM)
 
-    def stop(_signum: int, _frame: object) -> None:
-        nonlocal stopping
-        stopping = True
+    requests = 0
 
-    signal.signal(signal.SIGINT, stop)
-    signal.signal(signal.SIGTERM, stop)
-    while not stopping and all(child.poll() is None for child in children):
-        time.sleep(0.2)
-    for child in reversed(children):
-        if child.poll() is None:
-            child.send_signal(signal.SIGTERM)
-    deadline = time.monotonic() + 15
-    for child in reversed(children):
-        try:
-            child.wait(timeout=max(0.1, deadline - time.monotonic()))
-        except subprocess.TimeoutExpired:
-            child.kill()
+    def on_signal(_signum: int, _frame: object) -> None:
+        nonlocal requests
+        requests += 1
+        if requests == 1:
+            click.echo("stopping: the worker finishes the job it is running (Ctrl-C again to stop at once)", err=True)
+        stop_services(at_once=requests > 1)
+
+    signal.signal(signal.SIGINT, on_signal)
+    signal.signal(signal.SIGTERM, on_signal)
+    try:
+        while not requests and all(child.poll() is None for child in children):
+            time.sleep(0.2)
+        exited_by_itself = not requests
+        if exited_by_itself:
+            stop_services(at_once=False)
+        while any(child.poll() is None for child in services):
+            time.sleep(0.2)
+    finally:
+        for child in services:  # only left running if this process is being torn down
+            if child.poll() is None:
+                child.kill()
+        if embedded_redis is not None and embedded_redis.poll() is None:
+            embedded_redis.terminate()  # saves the queue to disk on the way out
+            try:
+                embedded_redis.wait(timeout=30)
+            except subprocess.TimeoutExpired:
+                embedded_redis.kill()
     failed = [child.args for child in children if child.returncode not in (0, -signal.SIGTERM, -signal.SIGINT)]
-    if failed and not stopping:
-        raise SystemExit(f"stopped because a part exited: {failed[0]}")
+    if exited_by_itself:
+        raise SystemExit(f"stopped because a part exited: {(failed or children)[0].args if not failed else failed[0]}")
 
 
 # --- API keys, on the registry database -------------------------------------------------
