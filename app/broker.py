@@ -53,12 +53,12 @@ def _worker_index(settings: Settings) -> str:
 
 def beat(connection: redis.Redis, settings: Settings, state: dict[str, Any]) -> None:
     """Record a worker's heartbeat: its state under a key that expires after the TTL, and its
-    name in a sorted set by time, so finding live workers never scans the keyspace."""
-    now = time.time()
+    name in a set, so finding live workers never scans the keyspace. Whether a worker is
+    alive is whether its key still exists: Redis's own clock decides, never the clocks of
+    the machines, which may disagree."""
     pipeline = connection.pipeline(transaction=False)
     pipeline.set(heartbeat_key(settings, state["name"]), json.dumps(state), px=int(settings.heartbeat_ttl_s * 1000))
-    pipeline.zadd(_worker_index(settings), {state["name"]: now})
-    pipeline.zremrangebyscore(_worker_index(settings), "-inf", now - 10 * settings.heartbeat_ttl_s)
+    pipeline.zadd(_worker_index(settings), {state["name"]: time.time()})  # the score only orders the listing
     pipeline.execute()
 
 
@@ -70,11 +70,15 @@ def forget(connection: redis.Redis, settings: Settings, worker_name: str) -> Non
 
 
 def live_workers(connection: redis.Redis, settings: Settings) -> list[dict[str, Any]]:
-    """Workers whose heartbeat has not expired, with what they reported, by name."""
-    names = sorted(name.decode() for name in connection.zrangebyscore(_worker_index(settings), time.time() - settings.heartbeat_ttl_s, "+inf"))
+    """Workers whose heartbeat has not expired, with what they reported, by name. Names
+    whose heartbeat has expired leave the set here."""
+    names = sorted(name.decode() for name in connection.zrange(_worker_index(settings), 0, -1))
     if not names:
         return []
     states = connection.mget([heartbeat_key(settings, name) for name in names])
+    gone = [name for name, raw in zip(names, states, strict=True) if raw is None]
+    if gone:
+        connection.zrem(_worker_index(settings), *gone)
     return [json.loads(raw) for raw in states if raw is not None]
 
 

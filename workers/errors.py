@@ -15,3 +15,8 @@ class JobFailed(Exception):
 
 class JobCancelled(Exception):
     """The user cancelled the job; raised at a progress point."""
+
+
+class AttemptSuperseded(Exception):
+    """This attempt at the job was taken back (its worker looked lost) and the job was queued
+    again or failed: this run must stop and write nothing more; raised at a progress point."""

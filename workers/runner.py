@@ -1,12 +1,14 @@
 """The one function RQ calls: `run_job(job_id)`. It moves the job row through its states,
 hands the job to the handler for its kind, and records the outcome."""
 
+import functools
 import logging
 import time
 from collections.abc import Callable
 from typing import Any
 
 import redis
+import sqlalchemy.exc
 from sqlalchemy import update
 
 from app import jobs, logs, metrics
@@ -21,12 +23,14 @@ from workers import (
     runtime,
 )
 from workers.adapters import importer
-from workers.context import JobContext
-from workers.errors import JobCancelled, JobFailed
+from workers.context import JobContext, this_attempt
+from workers.errors import AttemptSuperseded, JobCancelled, JobFailed
 from workers.runtime import WorkerRuntime
 
 Handler = Callable[[JobContext], dict[str, Any]]
 log = logging.getLogger("workers.runner")
+# how long a finished job waits for an unreachable database to record its outcome
+FINISH_RETRY_S = 60.0
 
 def ping(context: JobContext) -> dict[str, Any]:
     return {"worker": context.runtime.name, "device": context.runtime.settings.worker_device}
@@ -64,10 +68,26 @@ def _start(worker: WorkerRuntime, job_id: str) -> Job | None:
         return session.get(Job, job_id) if started else None
 
 
-def _finish(worker: WorkerRuntime, job_id: str, started: float, **outcome: Any) -> None:
-    with worker.sessions() as session, session.begin():
-        session.execute(update(Job).where(Job.id == job_id).values(finished_at=utcnow(), **outcome))
-        job = jobs.get_job(session, job_id)
+def _finish(worker: WorkerRuntime, job_id: str, attempt: int, started: float, **outcome: Any) -> None:
+    """Record the outcome, only while the job is still this attempt's (`this_attempt`). A
+    database that is away is waited for, up to FINISH_RETRY_S; after that the row stays
+    `running` while this worker's heartbeat names no job, and a sweep takes it back."""
+    deadline, pause = time.monotonic() + FINISH_RETRY_S, 0.5
+    while True:
+        try:
+            with worker.sessions() as session, session.begin():
+                recorded = session.execute(update(Job).where(*this_attempt(job_id, worker.name, attempt)).values(finished_at=utcnow(), **outcome)).rowcount
+                job = jobs.get_job(session, job_id)
+            break
+        except sqlalchemy.exc.OperationalError:
+            if time.monotonic() > deadline:
+                log.error("job outcome %s could not be recorded: the database is unreachable; the job will be taken back and run again", outcome.get("status"))
+                return
+            time.sleep(pause)
+            pause = min(2 * pause, 5.0)
+    if not recorded:
+        log.warning("job outcome %s dropped: the job was taken back from this attempt (now %s)", outcome.get("status"), job.status, extra={"attempt": attempt})
+        return
     seconds = time.monotonic() - started
     log.info("job %s", job.status, extra={"kind": job.kind, "status": job.status, "seconds": round(seconds, 3), "error_code": (job.error or {}).get("code")})
     jobs.publish(worker.redis, worker.settings, job)
@@ -92,26 +112,32 @@ def _run_job(job_id: str) -> None:
     started = time.monotonic()
     jobs.publish(worker.redis, worker.settings, job)
     worker.set_current_job(job_id)
-    context = JobContext(job_id=job_id, params=dict(job.params), runtime=worker)
+    context = JobContext(job_id=job_id, params=dict(job.params), runtime=worker, attempt=job.attempts)
+    finish = functools.partial(_finish, worker, job_id, job.attempts, started)
     try:
         handler = HANDLERS.get(job.kind)
         if handler is None:
             raise JobFailed("unknown_kind", f"this worker has no handler for jobs of kind {job.kind!r}")
         result = handler(context)
+    except AttemptSuperseded:
+        log.warning("job stopped: it was taken back from this attempt", extra={"attempt": job.attempts})
     except JobCancelled:
-        _finish(worker, job_id, started, status="cancelled", error={"code": "cancelled", "message": "cancelled while running", "details": {}})
+        finish(status="cancelled", error={"code": "cancelled", "message": "cancelled while running", "details": {}})
     except JobFailed as exc:
-        _finish(worker, job_id, started, status="failed", error={"code": exc.code, "message": exc.message, "details": exc.details})
+        finish(status="failed", error={"code": exc.code, "message": exc.message, "details": exc.details})
     except ArtifactMissing as exc:
         log.error("artifact missing from the store: %s", exc)
-        _finish(worker, job_id, started, status="failed", error={"code": "artifact_missing", "message": str(exc), "details": {"key": exc.key}})
+        finish(status="failed", error={"code": "artifact_missing", "message": str(exc), "details": {"key": exc.key}})
     except StoreUnavailable as exc:
         log.warning("job failed: the artifact store is unreachable: %s", exc)
-        _finish(worker, job_id, started, status="failed", error={"code": "unavailable", "message": str(exc), "details": {"backend": "artifact store"}})
+        finish(status="failed", error={"code": "unavailable", "message": str(exc), "details": {"backend": "artifact store"}})
+    except sqlalchemy.exc.OperationalError as exc:
+        log.warning("job failed: the database is unreachable: %s", exc)
+        finish(status="failed", error={"code": "unavailable", "message": f"the database is unreachable: {exc}", "details": {"backend": "database"}})
     except Exception as exc:  # a bug or an unexpected library error: record it, keep the worker alive
         log.exception("job failed with an unexpected error")
-        _finish(worker, job_id, started, status="failed", error={"code": "internal", "message": f"{type(exc).__name__}: {exc}", "details": {}})
+        finish(status="failed", error={"code": "internal", "message": f"{type(exc).__name__}: {exc}", "details": {}})
     else:
-        _finish(worker, job_id, started, status="succeeded", result=result)
+        finish(status="succeeded", result=result)
     finally:
         worker.set_current_job(None)

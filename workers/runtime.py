@@ -95,32 +95,45 @@ class WorkerRuntime:
         threading.Thread(target=beat, name="heartbeat", daemon=True).start()
         return stop
 
-    def recover_jobs_of_lost_workers(self) -> list[str]:
-        """Jobs left `running` by a worker whose heartbeat has stopped (killed, or its machine
-        gone) are queued again on the shared queue while they have attempts left, and failed
-        with the reason after that — nothing stays `running` forever. A job younger than the
-        heartbeat TTL is left alone: its worker may not have beaten yet."""
-        alive = {worker["name"] for worker in broker.live_workers(self.redis, self.settings)} | {self.name}
+    def recover_jobs_of_lost_workers(self, suspect_for_s: float | None = None) -> list[str]:
+        """Jobs left `running` by a worker that no longer runs them are queued again on the
+        shared queue while they have attempts left, and failed with the reason after that —
+        nothing stays `running` forever.
+
+        A job is suspect when its worker has no live heartbeat (killed, its machine gone) or
+        heartbeats about another job (it restarted under the same name, or could not record
+        the outcome). It is taken back only once it has stayed suspect for `suspect_for_s`
+        (default: the heartbeat TTL) by Redis's clock, so a worker that is merely late — after
+        Redis restarted empty, say — beats again before anyone takes its job. A job younger
+        than the TTL is left alone: its worker may not have reported it yet. Should the old
+        attempt still be running somewhere, it can no longer write: its updates are fenced
+        by attempt (`workers/context.py`)."""
+        wait_s = self.settings.heartbeat_ttl_s if suspect_for_s is None else suspect_for_s
+        running_on = {worker["name"]: worker.get("current_job") for worker in broker.live_workers(self.redis, self.settings)}
         cutoff = utcnow() - timedelta(seconds=self.settings.heartbeat_ttl_s)
+        with self.sessions() as session:
+            suspects = {
+                job_id: worker
+                for job_id, worker in session.execute(select(Job.id, Job.worker).where(Job.status == "running", Job.started_at < cutoff))
+                if worker not in running_on or running_on[worker] != job_id
+            }
+        confirmed = self._confirmed(suspects, wait_s)
         shared = broker.default_queue(self.settings)
         retried, failed = [], []
         with self.sessions() as session, session.begin():
-            lost = [
-                job
-                for job in session.scalars(select(Job).where(Job.status == "running", Job.started_at < cutoff))
-                if job.worker not in alive
-            ]
+            lost = [job for job in session.scalars(select(Job).where(Job.id.in_(confirmed), Job.status == "running")) if job.worker == suspects[job.id]]
             for job in lost:
-                still_running = (Job.id == job.id, Job.status == "running", Job.worker == job.worker)
+                still_running = (Job.id == job.id, Job.status == "running", Job.worker == job.worker, Job.attempts == job.attempts)
                 if job.attempts < self.settings.job_max_attempts:
-                    session.execute(
+                    taken = session.execute(
                         update(Job).where(*still_running).values(
                             status="queued", queue=shared, worker=None, started_at=None, progress_stage=None, progress_done=0, progress_total=None
                         )
-                    )
-                    retried.append(job.id)
+                    ).rowcount
+                    if taken:  # not already taken back by another worker's sweep
+                        retried.append(job.id)
                 else:
-                    session.execute(
+                    taken = session.execute(
                         update(Job)
                         .where(*still_running)
                         .values(
@@ -131,8 +144,9 @@ class WorkerRuntime:
                                 "details": {"worker": job.worker, "attempts": job.attempts},
                             },
                         )  # fmt: skip
-                    )
-                    failed.append(job.id)
+                    ).rowcount
+                    if taken:
+                        failed.append(job.id)
         for job_id in retried + failed:
             with self.sessions() as session:
                 job = jobs.get_job(session, job_id)
@@ -141,6 +155,27 @@ class WorkerRuntime:
             log.warning("job %s: its worker was lost", "queued again" if job_id in retried else "failed", extra={"job_id": job_id, "attempts": job.attempts})
             jobs.publish(self.redis, self.settings, job)
         return retried + failed
+
+    def _confirmed(self, suspects: dict[str, str | None], wait_s: float) -> list[str]:
+        """The suspects that have been suspect for `wait_s` by Redis's clock. When each job
+        was first suspected is kept in a Redis hash; a job that is no longer suspect leaves it."""
+        key = f"{self.settings.queue_prefix}:suspect_jobs"
+        seconds, microseconds = self.redis.time()
+        now = seconds + microseconds / 1e6
+        since = {job_id.decode(): float(first) for job_id, first in self.redis.hgetall(key).items()}
+        cleared = [job_id for job_id in since if job_id not in suspects]
+        fresh = {job_id: now for job_id in suspects if job_id not in since}
+        pipeline = self.redis.pipeline(transaction=False)
+        if cleared:
+            pipeline.hdel(key, *cleared)
+        if fresh:
+            pipeline.hset(key, mapping=fresh)
+        pipeline.execute()
+        since |= fresh
+        confirmed = [job_id for job_id in suspects if now - since[job_id] >= wait_s]
+        if confirmed:
+            self.redis.hdel(key, *confirmed)
+        return confirmed
 
     def _takes_turn(self, chore: str, every_s: float) -> bool:
         """Whether this worker does `chore` now: the first to ask in each `every_s` window of

@@ -3,6 +3,7 @@ worker (bounded) or failed with the reason, never left `running`; queued jobs th
 forgot, or that wait on a dead worker's own queue, go back on the shared queue."""
 
 import signal
+import time
 from datetime import timedelta
 from pathlib import Path
 from typing import Any
@@ -18,7 +19,9 @@ from app.settings import Settings
 from app.storage import open_store
 from tests.api.test_models import register
 from tests.conftest import start_worker, stop_process, wait_for_job, wait_until
-from workers import runtime
+from workers import runner, runtime
+from workers.context import JobContext
+from workers.errors import AttemptSuperseded
 
 
 def add_job(settings: Settings, job_id: str, status: str, worker: str | None = None, started_ago_s: float = 0, **values: Any) -> None:
@@ -37,9 +40,9 @@ def test_a_lost_job_with_attempts_left_is_queued_again_and_then_failed_with_the_
     add_job(settings, "job_spent", "running", "gone-worker", started_ago_s=60, attempts=settings.job_max_attempts)
     add_job(settings, "job_alive", "running", "busy-worker", started_ago_s=60, attempts=1)
     add_job(settings, "job_new", "running", "gone-worker", started_ago_s=0, attempts=1)
-    broker.beat(connection, settings, {"name": "busy-worker", "device": "cpu"})
+    broker.beat(connection, settings, {"name": "busy-worker", "device": "cpu", "current_job": "job_alive"})
 
-    assert sorted(runtime.build_runtime(settings).recover_jobs_of_lost_workers()) == ["job_retry", "job_spent"]
+    assert sorted(runtime.build_runtime(settings).recover_jobs_of_lost_workers(suspect_for_s=0)) == ["job_retry", "job_spent"]
 
     retried = api.get("/v1/jobs/job_retry").json()
     assert retried["status"] == "queued" and retried["started_at"] is None and retried["progress"]["done"] == 0
@@ -78,13 +81,17 @@ def test_queued_jobs_redis_forgot_or_left_on_a_dead_workers_queue_are_queued_aga
     assert jobs.requeue_orphans(runtime.build_runtime(settings).sessions, connection, settings, min_age_s=10) == []  # nothing twice
 
 @pytest.mark.slow
-def test_a_worker_killed_mid_job_has_its_job_finished_by_another_worker(api: Any, settings: Settings, tiny_llama: Path) -> None:
+@pytest.mark.parametrize("successor", ["another worker", "the same worker restarted"])
+def test_a_worker_killed_mid_job_has_its_job_finished_by_another_worker(api: Any, settings: Settings, tiny_llama: Path, successor: str) -> None:
+    """Also when the worker comes back under its old name, as a container restarted with the
+    same hostname and pid does: it starts (RQ still lists the killed one) and takes the job back."""
     slow = settings.model_copy(update={"extraction_max_batch_size": 1, "extraction_cache": False, "heartbeat_ttl_s": 2.0})
     model = register(api, tiny_llama).json()
     texts = [f"statement number {i} about the city of Paris" for i in range(600)]
     created = api.post("/v1/extractions", json={"model": model["id"], "layers": [1], "texts": texts}).json()
     job_id = created["job"]["id"]
-    doomed_name, survivor_name = f"doomed-{slow.queue_prefix}", f"survivor-{slow.queue_prefix}"  # RQ wants unique names
+    doomed_name = f"doomed-{slow.queue_prefix}"
+    survivor_name = f"survivor-{slow.queue_prefix}" if successor == "another worker" else doomed_name
     doomed = start_worker(slow, doomed_name)
     try:
         wait_until(lambda: api.get(f"/v1/jobs/{job_id}").json()["progress"]["done"] > 0, 120, "the job to make progress", interval=0.1)
@@ -117,7 +124,59 @@ def test_a_worker_killed_mid_job_has_its_job_finished_by_another_worker(api: Any
 def test_a_job_whose_last_attempt_dies_is_failed_with_the_reason(api: Any, settings: Settings) -> None:
     once = settings.model_copy(update={"job_max_attempts": 1})
     add_job(once, "job_once", "running", "gone-worker", started_ago_s=60, attempts=1)
-    assert runtime.build_runtime(once).recover_jobs_of_lost_workers() == ["job_once"]
+    assert runtime.build_runtime(once).recover_jobs_of_lost_workers(suspect_for_s=0) == ["job_once"]
     job = api.get("/v1/jobs/job_once").json()
     assert job["status"] == "failed" and job["error"]["details"] == {"worker": "gone-worker", "attempts": 1}
 
+
+
+def test_a_job_is_taken_back_only_after_its_worker_stayed_silent_for_the_heartbeat_ttl(api: Any, settings: Settings) -> None:
+    """After Redis restarts empty, a live worker's heartbeat is missing until its next beat:
+    a sweep in between must not take its job."""
+    quick = settings.model_copy(update={"heartbeat_ttl_s": 0.5})
+    connection = redis.Redis.from_url(settings.resolved_redis_url)
+    add_job(quick, "job_late", "running", "late-worker", started_ago_s=60, attempts=1)
+    sweeper = runtime.build_runtime(quick)
+
+    assert sweeper.recover_jobs_of_lost_workers() == []  # silent, but not yet for a whole TTL
+    broker.beat(connection, quick, {"name": "late-worker", "device": "cpu", "current_job": "job_late"})
+    assert sweeper.recover_jobs_of_lost_workers() == []  # alive: no longer suspect
+    time.sleep(0.6)  # the heartbeat has expired by now: suspect again, counted from now
+    assert sweeper.recover_jobs_of_lost_workers() == []
+    assert api.get("/v1/jobs/job_late").json()["status"] == "running"
+    time.sleep(0.6)
+    assert sweeper.recover_jobs_of_lost_workers() == ["job_late"]  # silent for a whole TTL since
+    assert api.get("/v1/jobs/job_late").json()["status"] == "queued"
+
+
+def test_a_live_worker_that_heartbeats_about_another_job_loses_the_one_it_left_running(api: Any, settings: Settings) -> None:
+    """A worker restarted under the same name (a container keeps its hostname and pid) is
+    alive, but no longer runs the job its earlier life left `running`."""
+    connection = redis.Redis.from_url(settings.resolved_redis_url)
+    add_job(settings, "job_left", "running", "same-name", started_ago_s=60, attempts=1)
+    add_job(settings, "job_now", "running", "other-worker", started_ago_s=60, attempts=1)
+    broker.beat(connection, settings, {"name": "same-name", "device": "cpu", "current_job": None})
+    broker.beat(connection, settings, {"name": "other-worker", "device": "cpu", "current_job": "job_now"})
+    assert runtime.build_runtime(settings).recover_jobs_of_lost_workers(suspect_for_s=0) == ["job_left"]
+    assert api.get("/v1/jobs/job_now").json()["status"] == "running"
+
+
+def test_an_attempt_taken_back_can_no_longer_write_progress_or_an_outcome(api: Any, settings: Settings) -> None:
+    old = runtime.build_runtime(settings.model_copy(update={"worker_name": "old-worker"}))
+    new = runtime.build_runtime(settings.model_copy(update={"worker_name": "new-worker"}))
+    add_job(settings, "job_fenced", "running", "old-worker", started_ago_s=60, attempts=1)
+    old_attempt = JobContext(job_id="job_fenced", params={}, runtime=old, attempt=1)
+    old_attempt.progress("working", 1, 3)
+    assert api.get("/v1/jobs/job_fenced").json()["progress"]["done"] == 1
+
+    assert new.recover_jobs_of_lost_workers(suspect_for_s=0) == ["job_fenced"]  # old-worker has no heartbeat
+    with pytest.raises(AttemptSuperseded):
+        old_attempt.progress("working", 2, 3)
+    assert runner._start(new, "job_fenced") is not None  # the second attempt starts
+    runner._finish(old, "job_fenced", 1, time.monotonic(), status="succeeded", result={"from": "the old attempt"})
+    job = api.get("/v1/jobs/job_fenced").json()
+    assert (job["status"], job["result"], job["attempts"], job["progress"]["done"]) == ("running", None, 2, 0)
+
+    runner._finish(new, "job_fenced", 2, time.monotonic(), status="succeeded", result={"from": "the new attempt"})
+    job = api.get("/v1/jobs/job_fenced").json()
+    assert (job["status"], job["result"]) == ("succeeded", {"from": "the new attempt"})
