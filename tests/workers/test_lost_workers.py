@@ -81,17 +81,19 @@ def test_queued_jobs_redis_forgot_or_left_on_a_dead_workers_queue_are_queued_aga
     assert jobs.requeue_orphans(runtime.build_runtime(settings).sessions, connection, settings, min_age_s=10) == []  # nothing twice
 
 @pytest.mark.slow
-@pytest.mark.parametrize("successor", ["another worker", "the same worker restarted"])
+@pytest.mark.parametrize("successor", ["another worker", "the same worker restarted", "no attempt left"])
 def test_a_worker_killed_mid_job_has_its_job_finished_by_another_worker(api: Any, settings: Settings, tiny_llama: Path, successor: str) -> None:
     """Also when the worker comes back under its old name, as a container restarted with the
-    same hostname and pid does: it starts (RQ still lists the killed one) and takes the job back."""
-    slow = settings.model_copy(update={"extraction_max_batch_size": 1, "extraction_cache": False, "heartbeat_ttl_s": 2.0})
+    same hostname and pid does: it starts (RQ still lists the killed one) and takes the job back.
+    With no attempt left, the job fails with the reason instead, and nothing half-written stays."""
+    attempts = 1 if successor == "no attempt left" else 2
+    slow = settings.model_copy(update={"extraction_max_batch_size": 1, "extraction_cache": False, "heartbeat_ttl_s": 2.0, "job_max_attempts": attempts})
     model = register(api, tiny_llama).json()
     texts = [f"statement number {i} about the city of Paris" for i in range(600)]
     created = api.post("/v1/extractions", json={"model": model["id"], "layers": [1], "texts": texts}).json()
     job_id = created["job"]["id"]
     doomed_name = f"doomed-{slow.queue_prefix}"
-    survivor_name = f"survivor-{slow.queue_prefix}" if successor == "another worker" else doomed_name
+    survivor_name = doomed_name if successor == "the same worker restarted" else f"survivor-{slow.queue_prefix}"
     doomed = start_worker(slow, doomed_name)
     try:
         wait_until(lambda: api.get(f"/v1/jobs/{job_id}").json()["progress"]["done"] > 0, 120, "the job to make progress", interval=0.1)
@@ -105,6 +107,13 @@ def test_a_worker_killed_mid_job_has_its_job_finished_by_another_worker(api: Any
             stop_process(survivor)
     finally:
         stop_process(doomed)
+    store = open_store(settings)
+    if successor == "no attempt left":
+        assert (job["status"], job["error"]["code"], job["error"]["details"]) == ("failed", "worker_lost", {"worker": doomed_name, "attempts": 1})
+        janitor.sweep(runtime.build_runtime(settings).sessions, store, grace_s=0)
+        assert not any(stored.partial or stored.key.startswith("extractions/") for stored in store.iter_objects(""))
+        assert api.get(f"/v1/extractions/{created['extraction']['id']}/hidden-states").status_code == 409
+        return
     assert job["status"] == "succeeded", job["error"]
     with runtime.build_runtime(settings).sessions() as session:
         row = session.get(Job, job_id)
@@ -115,7 +124,6 @@ def test_a_worker_killed_mid_job_has_its_job_finished_by_another_worker(api: Any
     states = np.load(io.BytesIO(download.content))
     assert states.shape == (len(texts), 1, model["hidden_size"]) and np.isfinite(states).all()
     # whatever the killed attempt left half-written is an orphan the janitor finds; nothing else is
-    store = open_store(settings)
     janitor.sweep(runtime.build_runtime(settings).sessions, store, grace_s=0)
     assert not any(stored.partial for stored in store.iter_objects(""))
     assert janitor.sweep(runtime.build_runtime(settings).sessions, store, grace_s=0).removed == []

@@ -2,8 +2,10 @@
 gets its queued jobs again, and a gateway killed and started again serves the same jobs."""
 
 import signal
+import threading
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import httpx
 import pytest
@@ -84,3 +86,59 @@ def test_a_gateway_killed_and_started_again_loses_nothing(settings: Settings, tm
         stop_process(gateway)
 
 
+
+
+def test_a_gateway_killed_while_jobs_pour_in_leaves_no_job_behind(settings: Settings, tmp_path: Path) -> None:
+    """SIGKILL lands among submissions in flight — some committed and not yet queued, some
+    queued and not yet answered. Every job the registry holds still reaches a final state,
+    and every job a client was told about is among them."""
+    quick = settings.model_copy(update={"heartbeat_ttl_s": 2.0, "heartbeat_interval_s": 0.5})
+    port = free_port()
+    base = f"http://127.0.0.1:{port}"
+    gateway = start_gateway(quick, port)
+    accepted: list[str] = []
+    stop = threading.Event()
+
+    def submit() -> None:
+        with httpx.Client(base_url=base, timeout=5) as client:
+            while not stop.is_set():
+                try:
+                    response = client.post("/v1/jobs/ping")
+                except httpx.TransportError:
+                    continue  # the gateway is down: the request may or may not have been recorded
+                if response.status_code == 202:
+                    accepted.append(response.json()["job"]["id"])
+
+    clients = [threading.Thread(target=submit) for _ in range(8)]
+    for thread in clients:
+        thread.start()
+    worker = None
+    try:
+        wait_until(lambda: len(accepted) >= 40, 60, "submissions to pour in", interval=0.02)
+        gateway.send_signal(signal.SIGKILL)
+        gateway.wait(10)
+        stop.set()
+        for thread in clients:
+            thread.join(10)
+        gateway = start_gateway(quick, port)
+        worker = start_worker(quick, f"after-{quick.queue_prefix}")
+        client = httpx.Client(base_url=base)
+
+        def every_job_final() -> list[dict[str, Any]] | None:
+            listed, cursor = [], None
+            while True:  # every page
+                page = client.get("/v1/jobs", params={"kind": "ping", "limit": 200} | ({"cursor": cursor} if cursor else {})).json()
+                listed += page["items"]
+                cursor = page.get("next_cursor")
+                if not cursor:
+                    break
+            return listed if all(job["status"] in ("succeeded", "failed", "cancelled") for job in listed) else None
+
+        listed = wait_until(every_job_final, 120, "every job in the registry to finish", interval=0.2)
+        assert set(accepted) <= {job["id"] for job in listed}
+        assert {job["status"] for job in listed} == {"succeeded"}, [job for job in listed if job["status"] != "succeeded"]
+    finally:
+        stop.set()
+        if worker is not None:
+            stop_process(worker)
+        stop_process(gateway)
