@@ -16,7 +16,6 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 import torch
 from safetensors import safe_open
-from safetensors.numpy import save_file
 from sqlalchemy import select, update
 from sqlalchemy.dialects.postgresql import insert as postgresql_insert
 from sqlalchemy.dialects.sqlite import insert as sqlite_insert
@@ -33,6 +32,7 @@ from app.registry.tables import (
     utcnow,
 )
 from app.storage import ArtifactStore
+from workers import arrays
 from workers.errors import JobFailed
 from workers.hidden_states import pad, plan_batches, read_layers
 from workers.models import LoadedModel
@@ -141,23 +141,25 @@ class HiddenStateCache:
                 found.update(((entry.text_sha256, entry.layer), entry) for entry in session.scalars(query))
         return found
 
-    def read(self, entries: Sequence[CachedHiddenState]) -> dict[tuple[str, int], np.ndarray]:
+    def read_into(self, entries: Sequence[CachedHiddenState], out: np.ndarray, positions: dict[str, list[int]], slots: dict[int, int]) -> None:
+        """Copy each entry's vector into `out` at every position of its text and the slot of
+        its layer, one shard at a time."""
         by_shard: dict[str, list[CachedHiddenState]] = defaultdict(list)
         for entry in entries:
             by_shard[entry.shard].append(entry)
-        vectors: dict[tuple[str, int], np.ndarray] = {}
         for shard, shard_entries in by_shard.items():
             with safe_open(self.store.local_path(shard), framework="numpy") as handle:
                 states = handle.get_tensor(STATES_TENSOR)
-            for entry in shard_entries:
-                vectors[(entry.text_sha256, entry.layer)] = states[entry.row, entry.slot]
-        return vectors
+            pairs = [(position, slots[entry.layer], entry.row, entry.slot) for entry in shard_entries for position in positions[entry.text_sha256]]
+            to_text, to_slot, from_row, from_slot = (np.array(column, dtype=np.int64) for column in zip(*pairs, strict=True))
+            out[to_text, to_slot] = states[from_row, from_slot]
+            del states
 
     def add(self, shard_name: str, shas: Sequence[str], layers: Sequence[int], states: np.ndarray, truncated: Sequence[bool]) -> None:
         """Write a shard, then index it; an index that fails to commit takes its shard away."""
         shard = f"cache/{self.space[:2]}/{self.space}/{shard_name}.safetensors"
         with self.store.temporary_path(shard) as path:
-            save_file({STATES_TENSOR: np.ascontiguousarray(states)}, str(path), metadata={"layers": json.dumps(list(layers))})
+            arrays.write(path, STATES_TENSOR, states, metadata={"layers": json.dumps(list(layers))})
         rows = [
             {"space": self.space, "text_sha256": sha, "layer": layer, "shard": shard, "row": row, "slot": slot, "truncated": truncated[row]}
             for row, sha in enumerate(shas)
@@ -192,9 +194,10 @@ class States:
     batches_run: int
 
 
-def hidden_states(context: "JobContext", request: StatesRequest, texts: Sequence[str], shard_name: str) -> States:
+def hidden_states(context: "JobContext", request: StatesRequest, texts: Sequence[str], shard_name: str, out: np.ndarray | None = None) -> States:
     """States of `texts`, from the content cache where they are, computed (and cached under
-    `shard_name`) where they are not."""
+    `shard_name`) where they are not; written into `out` (texts, layers, hidden) when given —
+    a mapped file, say — else into a new array."""
     worker = context.runtime
     settings, store = worker.settings, worker.artifacts
     model, adapter, layers = request.model, request.adapter, request.layers
@@ -207,7 +210,12 @@ def hidden_states(context: "JobContext", request: StatesRequest, texts: Sequence
     missing = [sha for sha in unique_shas if any((sha, layer) not in hits for layer in layers)]
     context.progress("loading model", 0, len(missing))
 
-    vectors: dict[tuple[str, int], np.ndarray] = {}
+    positions: dict[str, list[int]] = defaultdict(list)
+    for index, sha in enumerate(shas):
+        positions[sha].append(index)
+    slots = {layer: slot for slot, layer in enumerate(layers)}
+    if out is None:
+        out = np.empty((len(shas), len(layers), model.hidden_size), dtype=np.float32)
     truncated_by_sha: dict[str, bool] = {}
     batches_run = 0
     if missing:
@@ -230,14 +238,14 @@ def hidden_states(context: "JobContext", request: StatesRequest, texts: Sequence
             cache.add(shard_name, missing, layers, computed, tokenized.truncated)
         for row, sha in enumerate(missing):
             truncated_by_sha[sha] = tokenized.truncated[row]
-            for slot, layer in enumerate(layers):
-                vectors[(sha, layer)] = computed[row, slot]
+            out[positions[sha]] = computed[row]
+        del computed
     served = [sha for sha in unique_shas if sha not in truncated_by_sha]
-    vectors.update(cache.read([hits[(sha, layer)] for sha in served for layer in layers]))
+    cache.read_into([hits[(sha, layer)] for sha in served for layer in layers], out, positions, slots)
     truncated_by_sha.update((sha, hits[(sha, layers[0])].truncated) for sha in served)
     served_set = set(served)
     return States(
-        states=np.stack([np.stack([vectors[(sha, layer)] for layer in layers]) for sha in shas]).astype(np.float32, copy=False),
+        states=out,
         truncated=[truncated_by_sha[sha] for sha in shas],
         cache_hits=sum(1 for sha in shas if sha in served_set),
         computed_texts=len(missing),
@@ -260,26 +268,29 @@ def run(context: "JobContext") -> dict[str, Any]:
     texts: list[str] = context.params["texts"] if dataset is None else texts_of(store, dataset)
     layers = list(extraction.layers)
     request = StatesRequest(model, adapter, layers, extraction.token_position, extraction.max_length)
-    result = hidden_states(context, request, texts, shard_name=extraction.id)
-
-    context.progress("writing", len(texts), len(texts))
     artifact = f"extractions/{extraction.id}/hidden_states.safetensors"
     metadata = {"layers": json.dumps(layers), "token_position": extraction.token_position, "model_id": model.id}
+    # the result is written in place as it is computed: never held whole in memory
     with store.temporary_path(artifact) as path:
-        save_file({STATES_TENSOR: result.states}, str(path), metadata=metadata)
+        out = arrays.allocate(path, STATES_TENSOR, (len(texts), len(layers), model.hidden_size), metadata)
+        result = hidden_states(context, request, texts, shard_name=extraction.id, out=out)
+        context.progress("writing", len(texts), len(texts))
+        out.flush()
+        shape = list(out.shape)
+        del out
     truncated_count = sum(result.truncated)
     with sessions() as session, session.begin():
         session.execute(
             update(Extraction)
             .where(Extraction.id == extraction.id)
             .values(
-                artifact=artifact, shape=list(result.states.shape), dtype="float32",
+                artifact=artifact, shape=shape, dtype="float32",
                 truncated_count=truncated_count, cache_hits=result.cache_hits, finished_at=utcnow(),
             )  # fmt: skip
         )
     return {
         "extraction_id": extraction.id,
-        "shape": list(result.states.shape),
+        "shape": shape,
         "truncated_count": truncated_count,
         "cache_hits": result.cache_hits,
         "computed_texts": result.computed_texts,

@@ -1,0 +1,36 @@
+"""One-tensor safetensors files written without an in-memory copy read back, through the
+safetensors library itself, as the arrays and metadata that were written."""
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+from safetensors import safe_open
+from safetensors.numpy import load_file
+
+from workers import arrays
+
+
+@pytest.mark.parametrize("shape", [(3, 2, 5), (1, 1, 1), (7, 3, 384)])
+def test_an_allocated_file_filled_in_place_reads_back_as_written(tmp_path: Path, shape: tuple[int, ...]) -> None:
+    expected = np.random.default_rng(0).standard_normal(shape).astype(np.float32)
+    path = tmp_path / "states.safetensors"
+    out = arrays.allocate(path, "hidden_states", shape, {"layers": json.dumps([1, 2])})
+    for row in reversed(range(shape[0])):  # in any order, as batches finish
+        out[row] = expected[row]
+    out.flush()
+    del out
+    np.testing.assert_array_equal(load_file(path)["hidden_states"], expected)
+    with safe_open(path, framework="numpy") as handle:
+        assert handle.metadata() == {"layers": "[1, 2]"}
+    header_length = int.from_bytes(path.read_bytes()[:8], "little")
+    assert (8 + header_length) % 8 == 0  # the data section is aligned, as the format asks
+
+
+def test_a_written_array_reads_back_equal_whatever_its_layout(tmp_path: Path) -> None:
+    array = np.arange(24, dtype=np.float64).reshape(2, 3, 4).transpose(1, 0, 2)  # not contiguous, not float32
+    arrays.write(tmp_path / "shard.safetensors", "hidden_states", array, {})
+    loaded = load_file(tmp_path / "shard.safetensors")["hidden_states"]
+    assert loaded.dtype == np.float32
+    np.testing.assert_array_equal(loaded, array.astype(np.float32))

@@ -1,0 +1,41 @@
+"""Float32 arrays written as one-tensor safetensors files without an in-memory copy.
+
+`safetensors.numpy.save_file` turns every tensor into `bytes` before it writes, so saving
+an array costs its size again in memory. An extraction result can be gigabytes; here the
+file is laid out first (the 8-byte header length, the JSON header, then the data, 8-byte
+aligned, as the format says) and its data section is mapped, so rows are written into
+place as they are computed or read from the cache, and the page cache — not the worker's
+heap — holds them until they reach the disk.
+"""
+
+import json
+import struct
+from pathlib import Path
+
+import numpy as np
+
+
+def _header(name: str, shape: tuple[int, ...], metadata: dict[str, str]) -> bytes:
+    nbytes = int(np.prod(shape, dtype=np.int64)) * 4
+    header = {"__metadata__": metadata, name: {"dtype": "F32", "shape": list(shape), "data_offsets": [0, nbytes]}}
+    encoded = json.dumps(header, separators=(",", ":")).encode()
+    encoded += b" " * (-len(encoded) % 8)
+    return struct.pack("<Q", len(encoded)) + encoded
+
+
+def allocate(path: Path, name: str, shape: tuple[int, ...], metadata: dict[str, str]) -> np.memmap:
+    """A new file at `path` holding tensor `name` of `shape` (float32, zeros until written),
+    and its data mapped for writing. Call `.flush()` before the file is read or moved."""
+    header = _header(name, shape, metadata)
+    with path.open("wb") as handle:
+        handle.write(header)
+        handle.truncate(len(header) + int(np.prod(shape, dtype=np.int64)) * 4)
+    return np.memmap(path, dtype="<f4", mode="r+", offset=len(header), shape=shape)
+
+
+def write(path: Path, name: str, array: np.ndarray, metadata: dict[str, str]) -> None:
+    """`array` (float32) as a one-tensor safetensors file, streamed from its own buffer."""
+    array = np.ascontiguousarray(array, dtype="<f4")
+    with path.open("wb") as handle:
+        handle.write(_header(name, array.shape, metadata))
+        array.tofile(handle)
