@@ -5,15 +5,25 @@ work that stopped half-way: a worker killed between publishing a folder and comm
 row, a temporary name a killed writer never renamed, an uploaded archive whose import job
 was cancelled before it ran, a scratch folder of a job that died. They are harmless to
 readers but take space, and the store should hold exactly what the registry describes.
+Two kinds of leftover are not objects at all: on a bucket, a multipart upload a killed
+worker never completed or aborted (its parts are invisible, yet stored and billed); and on
+each machine, the local temporaries of a killed process — files being prepared for upload,
+downloads being received, scratch folders (on a folder store, only their empty folders: their
+files are objects).
 
 An object is removed only when nothing refers to it *and* it is older than both the grace
 period and the start of the oldest running job — so the files of a job still at work, not
-yet registered, are never touched. Only the service's own top-level folders are looked at;
-anything else in a shared bucket is left alone."""
+yet registered, are never touched; an upload or a local temporary goes only when nothing
+has happened to it since that same cutoff. Only the service's own top-level folders are
+looked at; anything else in a shared bucket is left alone.
+
+`sweep` runs on one machine a turn and sees only that machine's temporaries; `sweep_local`
+is the part for every other machine."""
 
 import logging
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
+from typing import Any
 
 from sqlalchemy import func, select
 from sqlalchemy.orm import Session, sessionmaker
@@ -39,10 +49,27 @@ TERMINAL = ("succeeded", "failed", "cancelled")
 
 @dataclass
 class SweepReport:
+    """What a sweep removed (or, in a dry run, would remove), and the cutoff it used."""
+
     cutoff: datetime
-    removed: list[str] = field(default_factory=list)
-    freed_bytes: int = 0
-    kept: int = 0
+    dry_run: bool = False
+    removed: list[str] = field(default_factory=list)  # keys of orphan objects
+    aborted_uploads: list[str] = field(default_factory=list)  # keys of stale incomplete uploads
+    local_removed: list[str] = field(default_factory=list)  # paths of this machine's temporaries
+    freed_bytes: int = 0  # by all three
+    kept: int = 0  # objects left in place
+
+    def as_dict(self) -> dict[str, Any]:
+        """The report as JSON-ready values."""
+        return {
+            "dry_run": self.dry_run,
+            "cutoff": self.cutoff.isoformat(),
+            "removed": self.removed,
+            "aborted_uploads": self.aborted_uploads,
+            "local_removed": self.local_removed,
+            "freed_bytes": self.freed_bytes,
+            "kept": self.kept,
+        }
 
 
 def referenced(session: Session) -> tuple[set[str], tuple[str, ...]]:
@@ -69,11 +96,12 @@ def cutoff_time(session: Session, grace_s: float) -> datetime:
 
 
 def sweep(sessions: sessionmaker[Session], store: ArtifactStore, grace_s: float, dry_run: bool = False) -> SweepReport:
-    """Remove (or, with `dry_run`, list) every orphan object older than the cutoff."""
+    """Remove (or, with `dry_run`, list) every orphan object and stale incomplete upload older
+    than the cutoff, and this machine's stale temporaries."""
     with sessions() as session:
         cutoff = cutoff_time(session, grace_s)
         files, folders = referenced(session)
-    report = SweepReport(cutoff=cutoff)
+    report = SweepReport(cutoff=cutoff, dry_run=dry_run)
     for folder in SERVICE_FOLDERS:
         for stored in list(store.iter_objects(folder)):
             in_use = not stored.partial and (stored.key in files or stored.key.startswith(folders))
@@ -84,6 +112,40 @@ def sweep(sessions: sessionmaker[Session], store: ArtifactStore, grace_s: float,
                 store.delete(stored.key)
             report.removed.append(stored.key)
             report.freed_bytes += stored.size
-    if report.removed:
-        log.info("artifact sweep %s %d orphan objects (%d bytes)", "found" if dry_run else "removed", len(report.removed), report.freed_bytes)
+        # an upload never completed holds no artifact, whatever its key: only its age matters
+        for upload in store.list_multipart_uploads(folder):
+            if upload.last_activity >= cutoff:
+                continue
+            if not dry_run:
+                store.abort_multipart_upload(upload.key, upload.upload_id)
+            report.aborted_uploads.append(upload.key)
+            report.freed_bytes += upload.size
+    if report.removed or report.aborted_uploads:
+        log.info(
+            "artifact sweep %s %d orphan objects and %d incomplete uploads (%d bytes)",
+            "found" if dry_run else "removed", len(report.removed), len(report.aborted_uploads), report.freed_bytes,
+        )  # fmt: skip
+    remove_local_leftovers(store, report)
     return report
+
+
+def sweep_local(sessions: sessionmaker[Session], store: ArtifactStore, grace_s: float, dry_run: bool = False) -> SweepReport:
+    """Remove (or list) this machine's stale temporaries only: for every machine that runs
+    workers, since a deployment-wide `sweep` sees the temporaries of its own machine alone."""
+    with sessions() as session:
+        report = SweepReport(cutoff=cutoff_time(session, grace_s), dry_run=dry_run)
+    remove_local_leftovers(store, report)
+    return report
+
+
+def remove_local_leftovers(store: ArtifactStore, report: SweepReport) -> None:
+    """This machine's temporaries untouched since the report's cutoff go (unless it is a dry
+    run), into the report."""
+    freed = 0
+    for leftover in store.local_leftovers(report.cutoff):
+        if report.dry_run or store.remove_local_leftover(leftover):
+            report.local_removed.append(str(leftover.path))
+            freed += leftover.size
+    report.freed_bytes += freed
+    if report.local_removed:
+        log.info("artifact sweep %s %d local temporaries (%d bytes)", "found" if report.dry_run else "removed", len(report.local_removed), freed)

@@ -2,8 +2,10 @@
 still at work may be about to register, and nothing outside the service's folders."""
 
 import json
+import os
 import subprocess
 import sys
+import time
 from datetime import timedelta
 from pathlib import Path
 from typing import Any
@@ -13,7 +15,10 @@ import pytest
 from app import janitor
 from app.registry.tables import Adapter, Comparison, Job, utcnow
 from app.settings import Settings
-from app.storage import ArtifactStore, open_store
+from app.storage import ArtifactStore, FolderStore, open_store
+from app.storage.base import is_partial
+from app.storage.bucket import BucketStore
+from app.storage.folder import partial_name
 from tests.api.test_models import register
 from tests.conftest import ROOT, S3Server, settings_environment, wait_until
 from workers import runtime
@@ -122,3 +127,187 @@ def test_one_worker_a_turn_sweeps_in_the_background(api: Any, settings: Settings
     assert second.maybe_sweep_artifacts() is False  # the deployment's turn is taken for the interval
     wait_until(lambda: not store.exists("probes/prb_gone/report.json"), 10, "the sweep to remove the orphan")
     assert runtime.build_runtime(settings.model_copy(update={"janitor_interval_s": 0})).maybe_sweep_artifacts() is False
+
+
+# --- incomplete uploads to a bucket --------------------------------------------------------
+
+
+@pytest.fixture
+def s3_settings(settings: Settings, s3_server: S3Server) -> Settings:
+    return settings.model_copy(update={"artifact_store": f"s3://{s3_server.bucket}/{s3_server.new_prefix()}", "s3_endpoint_url": s3_server.endpoint_url, "artifact_dir": None})
+
+
+def start_upload(s3_server: S3Server, name: str) -> str:
+    """What a worker killed mid-upload leaves in the bucket: an upload started, a part sent,
+    never completed or aborted."""
+    client = s3_server.client()
+    upload_id = client.create_multipart_upload(Bucket=s3_server.bucket, Key=name)["UploadId"]
+    client.upload_part(Bucket=s3_server.bucket, Key=name, UploadId=upload_id, PartNumber=1, Body=b"part")
+    return upload_id
+
+
+def incomplete_uploads(s3_server: S3Server, prefix: str) -> list[str]:
+    """Names of the uploads under `prefix` still open, straight from the server."""
+    answer = s3_server.client().list_multipart_uploads(Bucket=s3_server.bucket, Prefix=prefix)
+    return sorted(upload["Key"] for upload in answer.get("Uploads", []))
+
+
+def test_a_stale_incomplete_upload_is_aborted_and_a_recent_one_kept(s3_settings: Settings, s3_server: S3Server) -> None:
+    store = open_store(s3_settings)
+    assert isinstance(store, BucketStore)
+    start_upload(s3_server, f"{store.prefix}extractions/ext_dead/hidden_states.safetensors")
+    sessions = runtime.build_runtime(s3_settings).sessions
+
+    # moto dates every upload's start in 2010: only its part says it is recent
+    assert janitor.sweep(sessions, store, grace_s=3600).aborted_uploads == []
+    dry = janitor.sweep(sessions, store, grace_s=0, dry_run=True)
+    assert dry.aborted_uploads == ["extractions/ext_dead/hidden_states.safetensors"] and dry.freed_bytes == len(b"part")
+    assert incomplete_uploads(s3_server, store.prefix) == [f"{store.prefix}extractions/ext_dead/hidden_states.safetensors"]
+
+    report = janitor.sweep(sessions, store, grace_s=0)
+    assert report.aborted_uploads == ["extractions/ext_dead/hidden_states.safetensors"] and report.removed == []
+    assert json.loads(json.dumps(report.as_dict()))["aborted_uploads"] == ["extractions/ext_dead/hidden_states.safetensors"]
+    assert incomplete_uploads(s3_server, store.prefix) == []
+    assert janitor.sweep(sessions, store, grace_s=0).aborted_uploads == []
+
+
+def test_an_incomplete_upload_of_a_job_still_running_is_kept(s3_settings: Settings, s3_server: S3Server) -> None:
+    store = open_store(s3_settings)
+    assert isinstance(store, BucketStore)
+    sessions = runtime.build_runtime(s3_settings).sessions
+    with sessions() as session, session.begin():
+        session.add(Job(id="job_busy", kind="extraction", status="running", queue="q", params={}, started_at=utcnow() - timedelta(minutes=5)))
+    start_upload(s3_server, f"{store.prefix}extractions/ext_busy/hidden_states.safetensors")
+    assert janitor.sweep(sessions, store, grace_s=0).aborted_uploads == []
+    assert incomplete_uploads(s3_server, store.prefix) == [f"{store.prefix}extractions/ext_busy/hidden_states.safetensors"]
+
+
+def test_uploads_outside_the_store_s_prefix_or_the_service_s_folders_are_never_touched(s3_settings: Settings, s3_server: S3Server) -> None:
+    store = open_store(s3_settings)
+    assert isinstance(store, BucketStore)
+    outside = [
+        f"{store.prefix.rstrip('/')}-other/extractions/ext_x/hidden_states.safetensors",  # a prefix that merely starts like ours
+        f"{s3_server.new_prefix()}/extractions/ext_x/hidden_states.safetensors",  # another deployment's
+        f"{store.prefix}elsewhere/big.bin",  # ours, but not a folder of the service
+    ]
+    uploads = {name: start_upload(s3_server, name) for name in outside}
+    try:
+        report = janitor.sweep(runtime.build_runtime(s3_settings).sessions, store, grace_s=0)
+        assert report.aborted_uploads == []
+        for name in outside:
+            assert incomplete_uploads(s3_server, name) == [name]
+    finally:
+        for name, upload_id in uploads.items():
+            s3_server.client().abort_multipart_upload(Bucket=s3_server.bucket, Key=name, UploadId=upload_id)
+
+
+# --- temporaries on this machine -----------------------------------------------------------
+
+KILLED_MID_WRITE = """
+import time
+
+from app.settings import get_settings
+from app.storage import open_store
+
+store = open_store(get_settings())
+with store.scratch("job_dead") as scratch, store.writer("extractions/ext_dead/hidden_states.safetensors") as handle:
+    (scratch / "converted").mkdir()
+    (scratch / "converted" / "weights.bin").write_bytes(b"w" * 1000)
+    handle.write(b"s" * 1000)
+    handle.flush()
+    print("ready", flush=True)
+    time.sleep(600)
+"""
+
+
+def kill_mid_write(settings: Settings) -> None:
+    """A worker SIGKILLed while it works in a scratch folder and writes an artifact."""
+    process = subprocess.Popen([sys.executable, "-c", KILLED_MID_WRITE], env=settings_environment(settings), cwd=ROOT, stdout=subprocess.PIPE)
+    try:
+        assert process.stdout is not None and process.stdout.readline() == b"ready\n"
+    finally:
+        process.kill()
+        process.wait()
+
+
+def age(path: Path, seconds: float = 7200) -> None:
+    """Make `path` and everything in it look untouched for `seconds`, as if its process had
+    died that long ago."""
+    when = time.time() - seconds
+    for item in [*path.rglob("*"), path] if path.is_dir() else [path]:
+        os.utime(item, (when, when), follow_symlinks=False)
+
+
+def test_local_temporaries_a_killed_process_left_beside_an_s3_store_are_swept(s3_settings: Settings) -> None:
+    store = open_store(s3_settings)
+    assert isinstance(store, BucketStore)
+    store.write_bytes("datasets/d.jsonl", b"rows")
+    store.write_bytes("adapters/sha/adapter_config.json", b"{}")
+    cached_file, cached_folder = store.local_path("datasets/d.jsonl"), store.local_folder("adapters/sha")
+    kill_mid_write(s3_settings)
+    # downloads that were being received when their process died, beside the copies they would have become
+    download = partial_name(cached_file)
+    download.write_bytes(b"ro")
+    folder_download = partial_name(cached_folder)
+    (folder_download / "nested").mkdir(parents=True)
+    (folder_download / "nested" / "adapter_model.safetensors").write_bytes(b"weights")
+    [upload] = (store.local_dir / "uploads").iterdir()
+    scratch = store.local_dir / "staging" / "job_dead"
+    for path in (cached_file, cached_folder, upload, download, folder_download, scratch):
+        age(path)
+    sessions = runtime.build_runtime(s3_settings).sessions
+
+    with store.scratch("job_alive") as alive:  # a job at work now
+        (alive / "weights.bin").write_bytes(b"w")
+        dry = janitor.sweep_local(sessions, store, grace_s=3600, dry_run=True)
+        report = janitor.sweep_local(sessions, store, grace_s=3600)
+        assert alive.is_dir()
+    leftovers = {str(path) for path in (upload, download, folder_download, scratch)}
+    assert set(dry.local_removed) == set(report.local_removed) == leftovers
+    assert report.freed_bytes == 1000 + len(b"ro") + len(b"weights") + 1000
+    assert not any(Path(path).exists() for path in leftovers)
+    assert cached_file.read_bytes() == b"rows" and (cached_folder / "adapter_config.json").read_bytes() == b"{}"
+    assert (store.local_dir / "uploads").is_dir() and (store.local_dir / "staging").is_dir()
+    assert report.removed == [] and store.exists("datasets/d.jsonl")  # the store itself is the deployment-wide sweep's
+
+
+def test_the_deployment_wide_sweep_also_sweeps_its_own_machine(s3_settings: Settings) -> None:
+    store = open_store(s3_settings)
+    assert isinstance(store, BucketStore)
+    kill_mid_write(s3_settings)
+    [upload] = (store.local_dir / "uploads").iterdir()
+    sessions = runtime.build_runtime(s3_settings).sessions
+    assert janitor.sweep(sessions, store, grace_s=3600).local_removed == []  # written a moment ago
+    age(upload)
+    age(store.local_dir / "staging" / "job_dead")
+    report = janitor.sweep(sessions, store, grace_s=3600)
+    assert sorted(report.local_removed) == sorted([str(upload), str(store.local_dir / "staging" / "job_dead")])
+    assert report.as_dict()["local_removed"] == report.local_removed
+
+
+def test_a_killed_process_s_scratch_in_a_folder_store_goes_as_objects_then_as_empty_folders(settings: Settings) -> None:
+    store = open_store(settings)
+    assert isinstance(store, FolderStore)
+    kill_mid_write(settings)
+    doomed = partial_name(store.path("probes/prb_gone"))  # a folder removal that was interrupted
+    doomed.mkdir(parents=True)
+    (doomed / "report.json").write_bytes(b"{}")
+    staging, extraction = store.path("staging"), store.path("extractions/ext_dead")
+    for path in (staging, extraction, doomed.parent):
+        age(path)
+    sessions = runtime.build_runtime(settings).sessions
+
+    first = janitor.sweep(sessions, store, grace_s=3600)
+    [temporary] = [key for key in first.removed if key.startswith("extractions/")]
+    assert is_partial(temporary)
+    assert sorted(first.removed) == sorted([temporary, "staging/job_dead/converted/weights.bin", f"probes/{doomed.name}/report.json"])
+    assert first.local_removed == []  # the folders were emptied just now
+    assert (staging / "job_dead" / "converted").is_dir() and doomed.is_dir()
+
+    age(staging)
+    age(doomed)
+    dry = janitor.sweep(sessions, store, grace_s=3600, dry_run=True)
+    second = janitor.sweep(sessions, store, grace_s=3600)
+    assert sorted(dry.local_removed) == sorted(second.local_removed) == sorted([str(staging / "job_dead"), str(doomed)])
+    assert second.removed == [] and not (staging / "job_dead").exists() and not doomed.exists()
+    assert staging.is_dir() and store.path("probes").is_dir()

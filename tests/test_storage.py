@@ -269,6 +269,53 @@ def test_scratch_is_an_empty_local_folder_removed_afterwards(store: ArtifactStor
     assert not scratch.exists()
 
 
+# --- leftovers of interrupted work ----------------------------------------------------------
+
+
+def test_incomplete_uploads_are_listed_under_a_folder_and_aborted_once(store: ArtifactStore) -> None:
+    if not isinstance(store, BucketStore):
+        assert store.list_multipart_uploads("extractions") == []  # a folder store writes temporary files instead
+        return
+    name = f"{store.prefix}extractions/e/states.bin"
+    upload_id = store.client.create_multipart_upload(Bucket=store.bucket, Key=name)["UploadId"]
+    store.client.upload_part(Bucket=store.bucket, Key=name, UploadId=upload_id, PartNumber=1, Body=b"12345")
+    [pending] = store.list_multipart_uploads("extractions")
+    assert (pending.key, pending.upload_id, pending.size) == ("extractions/e/states.bin", upload_id, 5)
+    assert datetime.now(UTC) - timedelta(minutes=1) < pending.last_activity <= datetime.now(UTC)
+    assert store.list_multipart_uploads("extractions/e2") == [] and store.list_multipart_uploads("probes") == []
+    store.abort_multipart_upload("extractions/e/states.bin", upload_id)
+    store.abort_multipart_upload("extractions/e/states.bin", upload_id)
+    assert store.list_multipart_uploads("extractions") == [] and unfinished_uploads(store) == []
+
+
+def abandoned_scratch(store: ArtifactStore) -> Path:
+    """An empty scratch folder its process never removed (it was killed), untouched for two hours."""
+    with store.scratch("job_dead") as scratch:
+        pass
+    scratch.mkdir(parents=True)
+    long_ago = time.time() - 7200
+    os.utime(scratch, (long_ago, long_ago))
+    return scratch
+
+
+def test_a_leftover_is_listed_once_idle_and_removed(store: ArtifactStore) -> None:
+    scratch = abandoned_scratch(store)
+    assert store.local_leftovers(datetime.now(UTC) - timedelta(hours=3)) == []
+    [leftover] = store.local_leftovers(datetime.now(UTC) - timedelta(hours=1))
+    assert leftover.path == scratch and leftover.size == 0
+    assert store.remove_local_leftover(leftover) is True
+    assert not scratch.exists() and scratch.parent.is_dir()
+    assert store.local_leftovers(datetime.now(UTC)) == []
+
+
+def test_a_leftover_a_process_came_back_to_is_not_removed(store: ArtifactStore) -> None:
+    scratch = abandoned_scratch(store)
+    [leftover] = store.local_leftovers(datetime.now(UTC) - timedelta(hours=1))
+    (scratch / "converted").mkdir()  # a retried job made a fresh folder of the same name meanwhile
+    assert store.remove_local_leftover(leftover) is False
+    assert (scratch / "converted").is_dir()
+
+
 # --- local copies --------------------------------------------------------------------------
 
 

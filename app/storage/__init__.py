@@ -12,6 +12,8 @@ from app.storage.base import (
     PARTIAL_SUFFIX,
     ArtifactMissing,
     ArtifactStore,
+    LocalLeftover,
+    PendingUpload,
     StoredObject,
     StoreUnavailable,
 )
@@ -20,7 +22,17 @@ from app.storage.folder import FolderStore
 if TYPE_CHECKING:
     from app.settings import Settings
 
-__all__ = ["PARTIAL_SUFFIX", "ArtifactMissing", "ArtifactStore", "FolderStore", "StoreUnavailable", "StoredObject", "open_store"]
+__all__ = [
+    "PARTIAL_SUFFIX",
+    "ArtifactMissing",
+    "ArtifactStore",
+    "FolderStore",
+    "LocalLeftover",
+    "PendingUpload",
+    "StoreUnavailable",
+    "StoredObject",
+    "open_store",
+]
 
 
 def open_store(settings: "Settings") -> ArtifactStore:

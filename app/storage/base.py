@@ -63,6 +63,29 @@ class StoredObject:
     partial: bool  # a leftover temporary name, not an artifact
 
 
+@dataclass(frozen=True)
+class PendingUpload:
+    """A multipart upload that was started and neither completed nor aborted, as
+    `list_multipart_uploads` lists it. Readers and listings never see it, but its parts take
+    space (and are billed) until it is aborted; a worker killed mid-upload leaves one."""
+
+    key: str
+    upload_id: str
+    size: int  # bytes in the parts sent so far
+    last_activity: datetime  # its start or its newest part, whichever is later; timezone-aware
+
+
+@dataclass(frozen=True)
+class LocalLeftover:
+    """A temporary file or folder on this machine, outside the artifact keys, as
+    `local_leftovers` lists it: an upload being prepared, a download being received, a
+    job's scratch folder. Once its process is gone, nothing will ever use it."""
+
+    path: Path
+    size: int  # bytes in it (every file, for a folder)
+    last_activity: datetime  # the newest change to it or anything inside it; timezone-aware
+
+
 class ArtifactStore(ABC):
     """A place for artifacts: a local folder, a shared folder, or an S3-compatible bucket."""
 
@@ -137,6 +160,29 @@ class ArtifactStore(ABC):
     def scratch(self, name: str) -> AbstractContextManager[Path]:
         """A fresh local folder for a job's work in progress, removed when the block ends;
         on the same filesystem as the store when there is one, so publishing is a rename."""
+
+    # --- leftovers of interrupted work ------------------------------------------------
+
+    def list_multipart_uploads(self, prefix: str) -> list[PendingUpload]:
+        """Uploads under the folder `prefix` that were started and never completed or
+        aborted, whatever their age. Only a bucket has them: a folder store writes a
+        temporary file instead, which `iter_objects` lists."""
+        return []
+
+    def abort_multipart_upload(self, key: str, upload_id: str) -> None:
+        """Throw away the parts of an upload `list_multipart_uploads` listed; one already
+        completed or aborted is no error."""
+
+    @abstractmethod
+    def local_leftovers(self, older_than: datetime) -> list[LocalLeftover]:
+        """This machine's temporaries that lie outside the artifact keys (so `iter_objects`
+        never lists them) and have not changed since `older_than`: what a killed process
+        left behind."""
+
+    @abstractmethod
+    def remove_local_leftover(self, leftover: LocalLeftover) -> bool:
+        """Remove what `local_leftovers` listed, unless a process has come back to it since;
+        whether it was removed."""
 
     # --- removing ----------------------------------------------------------------------
 

@@ -20,6 +20,7 @@ import tempfile
 import threading
 from collections.abc import Iterator
 from contextlib import contextmanager
+from datetime import datetime
 from pathlib import Path, PurePosixPath
 from typing import Any, BinaryIO
 
@@ -28,15 +29,27 @@ from app.storage.base import (
     PARTIAL_SUFFIX,
     ArtifactMissing,
     ArtifactStore,
+    LocalLeftover,
+    PendingUpload,
     StoredObject,
     StoreUnavailable,
     checked_key,
     checked_prefix,
 )
-from app.storage.folder import partial_name, refuse_links, sync_file
+from app.storage.folder import (
+    SCRATCH_FOLDER,
+    idle_trees,
+    partial_name,
+    partial_names,
+    refuse_links,
+    remove_leftover,
+    sync_file,
+)
 
 DELETE_BATCH = 1000  # the most keys one DeleteObjects request takes
 MISSING_CODES = {"404", "NoSuchKey", "NotFound"}
+NO_SUCH_UPLOAD = "NoSuchUpload"  # completed or aborted meanwhile
+UPLOADS_FOLDER = "uploads"  # local files being written, uploaded when they are complete
 
 
 class BucketStore(ArtifactStore):
@@ -87,7 +100,7 @@ class BucketStore(ArtifactStore):
         try:
             yield
         except ClientError as exc:
-            code = str(exc.response.get("Error", {}).get("Code", ""))
+            code = error_code(exc)
             if code in MISSING_CODES:
                 raise ArtifactMissing(key, self.location) from exc
             raise StoreUnavailable(f"the artifact store {self.location} refused a request for {key}: {code or exc}") from exc
@@ -189,7 +202,7 @@ class BucketStore(ArtifactStore):
     @contextmanager
     def _upload_file(self) -> Iterator[Path]:
         """A local temporary file, removed whatever happens."""
-        folder = self.local_dir / "uploads"
+        folder = self.local_dir / UPLOADS_FOLDER
         folder.mkdir(parents=True, exist_ok=True)
         descriptor, name = tempfile.mkstemp(dir=folder, prefix=".upload.", suffix=PARTIAL_SUFFIX)
         os.close(descriptor)
@@ -242,13 +255,72 @@ class BucketStore(ArtifactStore):
 
     @contextmanager
     def scratch(self, name: str) -> Iterator[Path]:
-        folder = self.local_dir.joinpath("staging", *PurePosixPath(checked_key(name)).parts)
+        folder = self.local_dir.joinpath(SCRATCH_FOLDER, *PurePosixPath(checked_key(name)).parts)
         shutil.rmtree(folder, ignore_errors=True)
         folder.mkdir(parents=True)
         try:
             yield folder
         finally:
             shutil.rmtree(folder, ignore_errors=True)
+
+    # --- leftovers of interrupted work ------------------------------------------------
+
+    def list_multipart_uploads(self, prefix: str) -> list[PendingUpload]:
+        """An upload's age is that of its newest part, not of its start: a large upload that
+        began long ago may still be sending parts."""
+        pending = []
+        pages = self.client.get_paginator("list_multipart_uploads").paginate(Bucket=self.bucket, Prefix=self._folder_name(prefix))
+        with self._translated(prefix):
+            for page in pages:
+                for upload in page.get("Uploads", []):
+                    parts = self._parts(upload["Key"], upload["UploadId"])
+                    if parts is None:
+                        continue
+                    pending.append(
+                        PendingUpload(
+                            key=upload["Key"][len(self.prefix) :],
+                            upload_id=upload["UploadId"],
+                            size=sum(int(part["Size"]) for part in parts),
+                            last_activity=max([upload["Initiated"], *(part["LastModified"] for part in parts)]),
+                        )
+                    )
+        return pending
+
+    def _parts(self, name: str, upload_id: str) -> list[dict[str, Any]] | None:
+        """The parts an upload has received; None when it was completed or aborted meanwhile."""
+        from botocore.exceptions import ClientError
+
+        pages = self.client.get_paginator("list_parts").paginate(Bucket=self.bucket, Key=name, UploadId=upload_id)
+        try:
+            return [part for page in pages for part in page.get("Parts", [])]
+        except ClientError as exc:
+            if error_code(exc) == NO_SUCH_UPLOAD:
+                return None
+            raise
+
+    def abort_multipart_upload(self, key: str, upload_id: str) -> None:
+        from botocore.exceptions import ClientError
+
+        with self._translated(key):
+            try:
+                self.client.abort_multipart_upload(Bucket=self.bucket, Key=self._name(key), UploadId=upload_id)
+            except ClientError as exc:
+                if error_code(exc) != NO_SUCH_UPLOAD:
+                    raise
+
+    def local_leftovers(self, older_than: datetime) -> list[LocalLeftover]:
+        """Files being prepared for upload (`uploads/`), downloads being received (temporary
+        names among the cached copies) and scratch folders (`staging/`). The cached copies
+        themselves are not leftovers: they are kept for reuse."""
+        candidates = sorted((self.local_dir / UPLOADS_FOLDER).glob(f"*{PARTIAL_SUFFIX}"))
+        for area in ("objects", "folders"):
+            candidates += partial_names(self.local_dir / area)
+        scratch = self.local_dir / SCRATCH_FOLDER
+        candidates += sorted(scratch.iterdir()) if scratch.is_dir() else []
+        return list(idle_trees(candidates, older_than))
+
+    def remove_local_leftover(self, leftover: LocalLeftover) -> bool:
+        return remove_leftover(leftover, files=True)
 
     # --- removing ----------------------------------------------------------------------
 
@@ -269,3 +341,8 @@ class BucketStore(ArtifactStore):
                 raise StoreUnavailable(f"the artifact store {self.location} did not delete {first.get('Key')}: {first.get('Code')}")
         shutil.rmtree(self._cached("folders", prefix), ignore_errors=True)
         shutil.rmtree(self._cached("objects", prefix), ignore_errors=True)
+
+
+def error_code(exc: Any) -> str:
+    """The service's error code in a botocore ClientError (`NoSuchKey`, `404`, …)."""
+    return str(exc.response.get("Error", {}).get("Code", ""))

@@ -11,8 +11,9 @@ import errno
 import os
 import secrets
 import shutil
+import stat
 import tempfile
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
 from datetime import UTC, datetime
 from pathlib import Path, PurePosixPath
@@ -23,6 +24,7 @@ from app.storage.base import (
     PARTIAL_SUFFIX,
     ArtifactMissing,
     ArtifactStore,
+    LocalLeftover,
     StoredObject,
     checked_key,
     checked_prefix,
@@ -45,6 +47,76 @@ def refuse_links(folder: Path) -> list[Path]:
 
 def partial_name(target: Path) -> Path:
     return target.with_name(f".{target.name}.{secrets.token_hex(4)}{PARTIAL_SUFFIX}")
+
+
+def partial_names(top: Path) -> Iterator[Path]:
+    """Temporary names (files and folders) anywhere under `top`, not looking inside them."""
+    for folder, subfolders, files in os.walk(top):
+        for name in [*subfolders, *files]:
+            if is_partial(name):
+                yield Path(folder, name)
+        subfolders[:] = [name for name in subfolders if not is_partial(name)]
+
+
+def measure(path: Path) -> tuple[LocalLeftover, bool] | None:
+    """`path` as a leftover (its bytes, and the newest change to it or anything in it), and
+    whether it is or holds a file; None if it is gone."""
+    try:
+        status = path.lstat()
+    except FileNotFoundError:
+        return None
+    if not stat.S_ISDIR(status.st_mode):
+        return LocalLeftover(path, status.st_size, datetime.fromtimestamp(status.st_mtime, UTC)), True
+    size, newest, holds_files = 0, status.st_mtime, False
+    for folder, subfolders, files in os.walk(path):
+        for names, are_files in ((subfolders, False), (files, True)):
+            for name in names:
+                try:
+                    inner = Path(folder, name).lstat()
+                except FileNotFoundError:  # removed while we walked
+                    continue
+                newest = max(newest, inner.st_mtime)
+                if are_files:
+                    size, holds_files = size + inner.st_size, True
+    return LocalLeftover(path, size, datetime.fromtimestamp(newest, UTC)), holds_files
+
+
+def idle_trees(paths: Iterable[Path], older_than: datetime, *, empty_only: bool = False) -> Iterator[LocalLeftover]:
+    """The largest files and folders among `paths` and below them in which nothing changed
+    since `older_than` (with `empty_only`: folders with no file anywhere inside)."""
+    for path in paths:
+        measured = measure(path)
+        if measured is None:
+            continue
+        leftover, holds_files = measured
+        if leftover.last_activity < older_than and not (empty_only and holds_files):
+            yield leftover
+        elif path.is_dir() and not path.is_symlink():
+            yield from idle_trees(sorted(path.iterdir()), older_than, empty_only=empty_only)
+
+
+def remove_leftover(leftover: LocalLeftover, *, files: bool) -> bool:
+    """Remove what `local_leftovers` listed, unless it has changed since (a process came back
+    to it, or made a new one of the same name) or is gone; without `files`, only empty folders
+    go, so a file written meanwhile is never lost. Whether it was removed."""
+    measured = measure(leftover.path)
+    if measured is None or measured[0].last_activity > leftover.last_activity:
+        return False
+    path = leftover.path
+    if path.is_dir() and not path.is_symlink():
+        if files:
+            shutil.rmtree(path, ignore_errors=True)
+        else:
+            for folder, _, _ in os.walk(path, topdown=False):
+                try:
+                    os.rmdir(folder)
+                except OSError:  # not empty after all
+                    pass
+        return not path.exists()
+    if not files:
+        return False
+    path.unlink(missing_ok=True)
+    return True
 
 
 def sync_file(path: Path) -> None:
@@ -134,8 +206,11 @@ class FolderStore(ArtifactStore):
     @contextmanager
     def temporary_path(self, key: str) -> Iterator[Path]:
         target = self.path(key)
-        target.parent.mkdir(parents=True, exist_ok=True)
-        descriptor, name = tempfile.mkstemp(dir=target.parent, prefix=f".{target.name}.", suffix=PARTIAL_SUFFIX)
+        try:
+            descriptor, name = tempfile.mkstemp(dir=target.parent, prefix=f".{target.name}.", suffix=PARTIAL_SUFFIX)
+        except FileNotFoundError:  # a new folder, or an empty one the janitor has just removed
+            target.parent.mkdir(parents=True, exist_ok=True)
+            descriptor, name = tempfile.mkstemp(dir=target.parent, prefix=f".{target.name}.", suffix=PARTIAL_SUFFIX)
         os.close(descriptor)
         temporary = Path(name)
         try:
@@ -188,6 +263,21 @@ class FolderStore(ArtifactStore):
             yield folder
         finally:
             shutil.rmtree(folder, ignore_errors=True)
+
+    # --- leftovers of interrupted work ------------------------------------------------
+
+    def local_leftovers(self, older_than: datetime) -> list[LocalLeftover]:
+        """Scratch folders and temporary names live in the store, so every file a killed
+        process left is a stored object (`iter_objects` lists it, and the janitor removes it);
+        what stays behind is their folders, empty: those under `staging/` and temporary
+        names, with no file anywhere inside."""
+        scratch = self.root / SCRATCH_FOLDER
+        candidates = sorted(scratch.iterdir()) if scratch.is_dir() else []
+        candidates += [path for path in partial_names(self.root) if path.is_dir() and not path.is_relative_to(scratch)]
+        return list(idle_trees(candidates, older_than, empty_only=True))
+
+    def remove_local_leftover(self, leftover: LocalLeftover) -> bool:
+        return remove_leftover(leftover, files=False)
 
     # --- removing ----------------------------------------------------------------------
 
