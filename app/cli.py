@@ -81,11 +81,19 @@ def janitor(dry_run: bool, grace_s: float | None, as_json: bool) -> None:
     finally:
         engine.dispose()
     if as_json:
-        click.echo(json.dumps({"dry_run": dry_run, "cutoff": report.cutoff.isoformat(), "removed": report.removed, "freed_bytes": report.freed_bytes, "kept": report.kept}))
+        click.echo(json.dumps(report.as_dict()))
         return
+    verb = "would remove" if dry_run else "removed"
     for key in report.removed:
-        click.echo(f"{'would remove' if dry_run else 'removed'} {key}")
-    click.echo(f"{len(report.removed)} orphan objects ({report.freed_bytes} bytes) {'found' if dry_run else 'removed'}; {report.kept} kept")
+        click.echo(f"{verb} {key}")
+    for key in report.aborted_uploads:
+        click.echo(f"{'would abort' if dry_run else 'aborted'} the incomplete upload of {key}")
+    for path in report.local_removed:
+        click.echo(f"{verb} the local leftover {path}")
+    click.echo(
+        f"{len(report.removed)} orphan objects, {len(report.aborted_uploads)} incomplete uploads and {len(report.local_removed)} local leftovers "
+        f"({report.freed_bytes} bytes) {'found' if dry_run else 'removed'}; {report.kept} kept"
+    )
 
 
 @main.command()

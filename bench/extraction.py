@@ -100,7 +100,7 @@ def main() -> None:
 
             def service_run(name: str) -> tuple[float, dict]:
                 with sessions.begin() as session:
-                    session.add(Job(id=f"job_{name}", kind="extraction", params={}, queue="bench", status="running"))
+                    session.add(Job(id=f"job_{name}", kind="extraction", params={}, queue="bench", status="running", worker=worker.name, attempts=1))
                     session.add(
                         Extraction(
                             id=f"ext_{name}", job_id=f"job_{name}", model_id="mdl_bench", text_count=len(texts),

@@ -115,6 +115,7 @@ def test_the_cli_reports_what_it_removed(api: Any, settings: Settings, tiny_llam
     result = subprocess.run([sys.executable, "-m", "app.cli", "janitor", "--grace-s", "0", "--json"], env=env, cwd=ROOT, capture_output=True, text=True, check=True)
     report = json.loads(result.stdout)
     assert sorted(report["removed"]) == sorted(files["orphans"]) and report["dry_run"] is False
+    assert report["aborted_uploads"] == [] and report["local_removed"] == [] and report["freed_bytes"] > 0
     assert not set(files["orphans"]) & _keys(store)
 
 
@@ -124,8 +125,14 @@ def test_one_worker_a_turn_sweeps_in_the_background(api: Any, settings: Settings
     store.write_bytes("probes/prb_gone/report.json", b"{}")
     first, second = runtime.build_runtime(settings), runtime.build_runtime(settings.model_copy(update={"worker_name": "another"}))
     assert first.maybe_sweep_artifacts() is True
-    assert second.maybe_sweep_artifacts() is False  # the deployment's turn is taken for the interval
+    assert second.maybe_sweep_artifacts() is False  # the deployment's turn is taken for the interval, and this machine's
     wait_until(lambda: not store.exists("probes/prb_gone/report.json"), 10, "the sweep to remove the orphan")
+    # a worker on another machine still sweeps that machine's own temporaries, once per interval
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(runtime.socket, "gethostname", lambda: "another-machine")
+        elsewhere = runtime.build_runtime(settings.model_copy(update={"worker_name": "elsewhere"}))
+        assert elsewhere.maybe_sweep_artifacts() is True
+        assert runtime.build_runtime(settings.model_copy(update={"worker_name": "elsewhere-2"})).maybe_sweep_artifacts() is False
     assert runtime.build_runtime(settings.model_copy(update={"janitor_interval_s": 0})).maybe_sweep_artifacts() is False
 
 

@@ -190,15 +190,25 @@ class WorkerRuntime:
         return jobs.requeue_orphans(self.sessions, self.redis, self.settings, min_age_s=self.settings.heartbeat_ttl_s)
 
     def maybe_sweep_artifacts(self) -> bool:
-        """Start the janitor in its own thread when the deployment's turn is due (a Redis key
-        lives for one interval, so one worker somewhere sweeps per interval); a long listing
-        must not delay heartbeats."""
-        if not self.settings.janitor_interval_s or not self._takes_turn("janitor", self.settings.janitor_interval_s):
+        """Start the janitor in its own thread when a turn is due; a long listing must not
+        delay heartbeats. One worker in the deployment sweeps the store per interval (a Redis
+        key lives for the interval), and one worker on every other machine sweeps that
+        machine's own temporaries (a key per host)."""
+        interval = self.settings.janitor_interval_s
+        if not interval:
+            return False
+        deployment = self._takes_turn("janitor", interval)
+        this_machine = self._takes_turn(f"janitor-local:{socket.gethostname()}", interval)
+        if deployment:
+            sweep = janitor.sweep  # this machine's temporaries included
+        elif this_machine:
+            sweep = janitor.sweep_local
+        else:
             return False
 
         def run() -> None:
             try:
-                janitor.sweep(self.sessions, self.artifacts, grace_s=self.settings.janitor_grace_s)
+                sweep(self.sessions, self.artifacts, grace_s=self.settings.janitor_grace_s)
             except Exception:  # noqa: BLE001 (a failed sweep is retried next interval; the worker goes on)
                 log.exception("artifact sweep failed")
 
