@@ -6,6 +6,8 @@ local files (`local_files_only`) and never runs remote code.
 """
 
 import gc
+import json
+import math
 from collections import OrderedDict
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -19,6 +21,10 @@ from workers.errors import JobFailed
 TORCH_DTYPES = {"float32": "float32", "bfloat16": "bfloat16", "float16": "float16"}
 CAUSAL_LM_SUFFIXES = ("ForCausalLM", "LMHeadModel")
 QUANTIZED_RUN_ERRORS = (AssertionError, RuntimeError, ValueError, NotImplementedError)
+# Tensors transformers never casts to the requested dtype, by their safetensors dtype code.
+SAFETENSORS_FIXED_WIDTHS = {"BOOL": 1, "U8": 1, "I8": 1, "U16": 2, "I16": 2, "U32": 4, "I32": 4, "U64": 8, "I64": 8}
+# PEFT keeps LoRA weights in float32 whatever the base's dtype (`autocast_adapter_dtype`).
+ADAPTER_WEIGHT_BYTES = 4
 
 
 @dataclass
@@ -50,6 +56,12 @@ def active_adapter(loaded: LoadedModel, adapter_id: str | None) -> Iterator[None
 
 def _is_causal_lm(config: Any) -> bool:
     return any(name.endswith(CAUSAL_LM_SUFFIXES) for name in (getattr(config, "architectures", None) or []))
+
+
+def _model_class(config: Any) -> Any:
+    from transformers import AutoModel, AutoModelForCausalLM
+
+    return AutoModelForCausalLM if _is_causal_lm(config) else AutoModel
 
 
 def _quantization_config(quantization: str, dtype: Any) -> Any:
@@ -85,14 +97,14 @@ def explained_quantization_errors(quantization: str | None, device: str) -> Iter
 def load_model(row: Model, device: str) -> LoadedModel:
     """Load a registered model and its tokenizer onto `device`, in eval mode."""
     import torch
-    from transformers import AutoConfig, AutoModel, AutoModelForCausalLM, AutoTokenizer
+    from transformers import AutoConfig, AutoTokenizer
 
     path = row.resolved_path
     dtype = getattr(torch, TORCH_DTYPES[row.dtype])
     try:
         config = AutoConfig.from_pretrained(path, local_files_only=True, trust_remote_code=False)
         is_causal_lm = _is_causal_lm(config)
-        model_class = AutoModelForCausalLM if is_causal_lm else AutoModel
+        model_class = _model_class(config)
         options: dict[str, Any] = {"dtype": dtype, "local_files_only": True, "trust_remote_code": False}
         if row.quantization:
             options["quantization_config"] = _quantization_config(row.quantization, dtype)
@@ -112,6 +124,96 @@ def load_model(row: Model, device: str) -> LoadedModel:
         parameter_count=sum(parameter.numel() for parameter in model.parameters()),
         is_causal_lm=is_causal_lm,
     )
+
+
+def _safetensors_files(folder: Path) -> list[Path]:
+    """The weight files transformers loads from `folder` — the shards its index names, or the
+    single file — and no others (some repositories also ship a consolidated copy)."""
+    from transformers.utils import SAFE_WEIGHTS_INDEX_NAME, SAFE_WEIGHTS_NAME
+
+    index = folder / SAFE_WEIGHTS_INDEX_NAME
+    if index.is_file():
+        shards = set(json.loads(index.read_text(encoding="utf-8"))["weight_map"].values())
+        return [folder / shard for shard in sorted(shards)]
+    single = folder / SAFE_WEIGHTS_NAME
+    return [single] if single.is_file() else []
+
+
+def _safetensors_bytes(files: list[Path], floating_width: int) -> int:
+    """What the tensors in `files` take once loaded, read from their headers alone: floating
+    tensors at `floating_width` bytes per number (they are cast to the requested dtype),
+    integer ones as stored."""
+    from safetensors import safe_open
+
+    total = 0
+    for file in files:
+        with safe_open(file, framework="pt") as weights:
+            for name in weights.keys():
+                tensor = weights.get_slice(name)
+                total += math.prod(tensor.get_shape()) * SAFETENSORS_FIXED_WIDTHS.get(tensor.get_dtype(), floating_width)
+    return total
+
+
+def _empty_model_bytes(config: Any, dtype: Any, quantization: str | None) -> int:
+    """The parameters and buffers of the model built from `config` on the meta device (no
+    memory, no weights read; tied weights tied, as in a loaded model). Layers bitsandbytes quantizes — chosen by transformers' own
+    rule — count at one byte per weight for 8-bit and half a byte for 4-bit, as bitsandbytes
+    stores them; their scaling constants are left out, as `get_memory_footprint` leaves them."""
+    import torch
+    from accelerate.utils import CustomDtype, compute_module_sizes
+    from torch import nn
+    from transformers.pytorch_utils import Conv1D
+    from transformers.quantizers.base import HfQuantizer
+    from transformers.quantizers.quantizers_utils import should_convert_module
+
+    with torch.device("meta"):
+        model = _model_class(config).from_config(config, dtype=dtype, trust_remote_code=False)
+    quantized_weights: dict[str, Any] = {}
+    if quantization:
+        width = torch.int8 if quantization == "8bit" else CustomDtype.INT4
+        kept = HfQuantizer.get_modules_to_not_convert(model, None, model._keep_in_fp32_modules)
+        for name, module in model.named_modules():
+            if (type(module) is nn.Linear or isinstance(module, Conv1D)) and should_convert_module(name, kept):
+                quantized_weights[f"{name}.weight"] = width
+    return int(compute_module_sizes(model, special_dtypes=quantized_weights)[""])
+
+
+def estimate_footprint(row: Model) -> int:
+    """Bytes `load_model` will take for `row`, found without loading it. Without quantization,
+    from the safetensors headers of its weights: exact for what the checkpoint holds, short by
+    the few buffers models compute rather than store (rotary frequencies, position ids) and
+    any weights the checkpoint lacks (transformers initializes them), over by the weights an
+    `AutoModel` drops from a checkpoint with a head. Quantized, or without safetensors
+    weights, from the model built empty from its config."""
+    import torch
+    from safetensors import SafetensorError
+    from transformers import AutoConfig
+
+    path = Path(row.resolved_path)
+    dtype = getattr(torch, TORCH_DTYPES[row.dtype])
+    try:
+        files = [] if row.quantization else _safetensors_files(path)
+        if files:
+            return _safetensors_bytes(files, dtype.itemsize)
+        config = AutoConfig.from_pretrained(path, local_files_only=True, trust_remote_code=False)
+        return _empty_model_bytes(config, dtype, row.quantization)
+    except (OSError, ValueError, KeyError, RuntimeError, SafetensorError) as exc:
+        raise JobFailed("model_load_failed", f"could not size {path}: {exc}", path=str(path)) from exc
+
+
+def estimate_adapter_footprint(folder: Path) -> int:
+    """Bytes attaching the PEFT adapter in `folder` adds, from its safetensors header; 0 when it
+    has no weights file (attaching it then fails and says why)."""
+    from peft.utils.constants import SAFETENSORS_WEIGHTS_NAME
+    from safetensors import SafetensorError
+
+    weights = folder / SAFETENSORS_WEIGHTS_NAME
+    if not weights.is_file():
+        return 0
+    try:
+        return _safetensors_bytes([weights], ADAPTER_WEIGHT_BYTES)
+    except (OSError, SafetensorError) as exc:
+        raise JobFailed("adapter_load_failed", f"could not read {weights}: {exc}") from exc
 
 
 class ResidentModels:
