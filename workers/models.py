@@ -1,11 +1,15 @@
 """Loading models with transformers, and keeping them resident between jobs.
 
 A worker loads a registered model once and keeps it while it fits in the memory budget,
-evicting the least recently used model when a new one would not fit. Loading reads only
-local files (`local_files_only`) and never runs remote code.
+evicting the least recently used models before a new one is loaded, so the worker never
+holds both. How much room to make comes from an estimate of the model's footprint taken
+without loading it. Loading reads only local files (`local_files_only`) and never runs
+remote code.
 """
 
 import gc
+import json
+import math
 from collections import OrderedDict
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -19,6 +23,11 @@ from workers.errors import JobFailed
 TORCH_DTYPES = {"float32": "float32", "bfloat16": "bfloat16", "float16": "float16"}
 CAUSAL_LM_SUFFIXES = ("ForCausalLM", "LMHeadModel")
 QUANTIZED_RUN_ERRORS = (AssertionError, RuntimeError, ValueError, NotImplementedError)
+# Tensors transformers never casts to the requested dtype, by their safetensors dtype code.
+SAFETENSORS_FIXED_WIDTHS = {"BOOL": 1, "U8": 1, "I8": 1, "U16": 2, "I16": 2, "U32": 4, "I32": 4, "U64": 8, "I64": 8}
+# PEFT keeps LoRA weights in float32 whatever the base's dtype (`autocast_adapter_dtype`).
+ADAPTER_WEIGHT_BYTES = 4
+BUDGET_SETTING = "WORKER_MEMORY_BUDGET_MB"
 
 
 @dataclass
@@ -50,6 +59,12 @@ def active_adapter(loaded: LoadedModel, adapter_id: str | None) -> Iterator[None
 
 def _is_causal_lm(config: Any) -> bool:
     return any(name.endswith(CAUSAL_LM_SUFFIXES) for name in (getattr(config, "architectures", None) or []))
+
+
+def _model_class(config: Any) -> Any:
+    from transformers import AutoModel, AutoModelForCausalLM
+
+    return AutoModelForCausalLM if _is_causal_lm(config) else AutoModel
 
 
 def _quantization_config(quantization: str, dtype: Any) -> Any:
@@ -85,14 +100,14 @@ def explained_quantization_errors(quantization: str | None, device: str) -> Iter
 def load_model(row: Model, device: str) -> LoadedModel:
     """Load a registered model and its tokenizer onto `device`, in eval mode."""
     import torch
-    from transformers import AutoConfig, AutoModel, AutoModelForCausalLM, AutoTokenizer
+    from transformers import AutoConfig, AutoTokenizer
 
     path = row.resolved_path
     dtype = getattr(torch, TORCH_DTYPES[row.dtype])
     try:
         config = AutoConfig.from_pretrained(path, local_files_only=True, trust_remote_code=False)
         is_causal_lm = _is_causal_lm(config)
-        model_class = AutoModelForCausalLM if is_causal_lm else AutoModel
+        model_class = _model_class(config)
         options: dict[str, Any] = {"dtype": dtype, "local_files_only": True, "trust_remote_code": False}
         if row.quantization:
             options["quantization_config"] = _quantization_config(row.quantization, dtype)
@@ -114,8 +129,128 @@ def load_model(row: Model, device: str) -> LoadedModel:
     )
 
 
+def _safetensors_files(folder: Path) -> list[Path]:
+    """The weight files transformers loads from `folder` — the shards its index names, or the
+    single file — and no others (some repositories also ship a consolidated copy)."""
+    from transformers.utils import SAFE_WEIGHTS_INDEX_NAME, SAFE_WEIGHTS_NAME
+
+    index = folder / SAFE_WEIGHTS_INDEX_NAME
+    if index.is_file():
+        shards = set(json.loads(index.read_text(encoding="utf-8"))["weight_map"].values())
+        return [folder / shard for shard in sorted(shards)]
+    single = folder / SAFE_WEIGHTS_NAME
+    return [single] if single.is_file() else []
+
+
+def _safetensors_bytes(files: list[Path], floating_width: int) -> int:
+    """What the tensors in `files` take once loaded, read from their headers alone: floating
+    tensors at `floating_width` bytes per number (they are cast to the requested dtype),
+    integer ones as stored."""
+    from safetensors import safe_open
+
+    total = 0
+    for file in files:
+        with safe_open(file, framework="pt") as weights:
+            for name in weights.keys():
+                tensor = weights.get_slice(name)
+                total += math.prod(tensor.get_shape()) * SAFETENSORS_FIXED_WIDTHS.get(tensor.get_dtype(), floating_width)
+    return total
+
+
+def _empty_model_bytes(config: Any, dtype: Any, quantization: str | None) -> int:
+    """The parameters and buffers of the model built from `config` on the meta device (no
+    memory, no weights read; tied weights tied, as in a loaded model). Layers bitsandbytes quantizes — chosen by transformers' own
+    rule — count at one byte per weight for 8-bit and half a byte for 4-bit, as bitsandbytes
+    stores them; their scaling constants are left out, as `get_memory_footprint` leaves them."""
+    import torch
+    from accelerate.utils import CustomDtype, compute_module_sizes
+    from torch import nn
+    from transformers.pytorch_utils import Conv1D
+    from transformers.quantizers.base import HfQuantizer
+    from transformers.quantizers.quantizers_utils import should_convert_module
+
+    with torch.device("meta"):
+        model = _model_class(config).from_config(config, dtype=dtype, trust_remote_code=False)
+    quantized_weights: dict[str, Any] = {}
+    if quantization:
+        width = torch.int8 if quantization == "8bit" else CustomDtype.INT4
+        kept = HfQuantizer.get_modules_to_not_convert(model, None, model._keep_in_fp32_modules)
+        for name, module in model.named_modules():
+            if (type(module) is nn.Linear or isinstance(module, Conv1D)) and should_convert_module(name, kept):
+                quantized_weights[f"{name}.weight"] = width
+    return int(compute_module_sizes(model, special_dtypes=quantized_weights)[""])
+
+
+def estimate_footprint(row: Model) -> int:
+    """Bytes `load_model` will take for `row`, found without loading it. Without quantization,
+    from the safetensors headers of its weights: exact for what the checkpoint holds, short by
+    the few buffers models compute rather than store (rotary frequencies, position ids) and
+    any weights the checkpoint lacks (transformers initializes them), over by the weights an
+    `AutoModel` drops from a checkpoint with a head. Quantized, or without safetensors
+    weights, from the model built empty from its config."""
+    import torch
+    from safetensors import SafetensorError
+    from transformers import AutoConfig
+
+    path = Path(row.resolved_path)
+    dtype = getattr(torch, TORCH_DTYPES[row.dtype])
+    try:
+        files = [] if row.quantization else _safetensors_files(path)
+        if files:
+            return _safetensors_bytes(files, dtype.itemsize)
+        config = AutoConfig.from_pretrained(path, local_files_only=True, trust_remote_code=False)
+        return _empty_model_bytes(config, dtype, row.quantization)
+    except (OSError, ValueError, KeyError, RuntimeError, SafetensorError) as exc:
+        raise JobFailed("model_load_failed", f"could not size {path}: {exc}", path=str(path)) from exc
+
+
+def estimate_adapter_footprint(folder: Path) -> int:
+    """Bytes attaching the PEFT adapter in `folder` adds, from its safetensors header; 0 when it
+    has no weights file (attaching it then fails and says why)."""
+    from peft.utils.constants import SAFETENSORS_WEIGHTS_NAME
+    from safetensors import SafetensorError
+
+    weights = folder / SAFETENSORS_WEIGHTS_NAME
+    if not weights.is_file():
+        return 0
+    try:
+        return _safetensors_bytes([weights], ADAPTER_WEIGHT_BYTES)
+    except (OSError, SafetensorError) as exc:
+        raise JobFailed("adapter_load_failed", f"could not read {weights}: {exc}") from exc
+
+
+def attach_adapter(loaded: LoadedModel, adapter_id: str, folder: Path) -> None:
+    """Attach the PEFT adapter in `folder` to the loaded base, beside any already attached."""
+    from peft import PeftModel
+
+    try:
+        if loaded.adapters:
+            loaded.model.load_adapter(str(folder), adapter_name=adapter_id, is_trainable=False)
+        else:
+            loaded.model = PeftModel.from_pretrained(loaded.model, str(folder), adapter_name=adapter_id, is_trainable=False)
+    except (OSError, ValueError, KeyError, RuntimeError) as exc:
+        raise JobFailed("adapter_load_failed", f"could not attach adapter {adapter_id}: {exc}", adapter_id=adapter_id) from exc
+    loaded.adapters.add(adapter_id)
+    loaded.footprint_bytes = int(loaded.model.get_memory_footprint())
+
+
+def _mib(size_bytes: int) -> str:
+    return f"{size_bytes / 2**20:,.2f} MiB"
+
+
+def _named(row: Model) -> str:
+    return f"model {row.name!r} ({row.id}, {row.quantization or row.dtype})"
+
+
 class ResidentModels:
-    """An LRU cache of loaded models bounded by a memory budget. `loads` counts real loads."""
+    """An LRU cache of loaded models bounded by a memory budget. `loads` counts real loads.
+
+    Room is made from estimates before a model loads or an adapter attaches, so the evicted
+    and the new are never held together; then the real footprint replaces the estimate (and
+    more is evicted if it is larger). What is estimated not to fit even alone — a base, or a
+    base with its adapter — fails its job with `over_memory_budget` before anything is evicted
+    or loaded; what turns out larger than the whole budget once loaded is dropped and fails
+    the same way."""
 
     def __init__(self, budget_bytes: int, device: str) -> None:
         self.budget_bytes = budget_bytes
@@ -124,47 +259,73 @@ class ResidentModels:
         self.adapter_loads = 0
         self._models: OrderedDict[str, LoadedModel] = OrderedDict()
 
+    # The heartbeat thread reads these while a job loads and evicts: each copies the entries
+    # in one step instead of iterating the live dict.
     @property
     def used_bytes(self) -> int:
-        return sum(loaded.footprint_bytes for loaded in self._models.values())
+        return sum(loaded.footprint_bytes for loaded in list(self._models.values()))
 
     def describe(self) -> list[dict[str, Any]]:
         return [
-            {"model_id": model_id, "bytes": loaded.footprint_bytes, "adapters": sorted(loaded.adapters)} for model_id, loaded in self._models.items()
+            {"model_id": model_id, "bytes": loaded.footprint_bytes, "adapters": sorted(loaded.adapters)}
+            for model_id, loaded in list(self._models.items())
         ]
 
     def get(self, row: Model, adapter: tuple[str, Path] | None = None) -> LoadedModel:
         """The resident model, loaded if it is not; with `adapter` (id, PEFT folder) attached
         to it — without reloading the base — if it is not yet."""
-        if row.id in self._models:
-            self._models.move_to_end(row.id)
-            loaded = self._models[row.id]
-        else:
+        loaded = self._models.get(row.id)
+        attaching = adapter if adapter is not None and (loaded is None or adapter[0] not in loaded.adapters) else None
+        adapter_bytes = estimate_adapter_footprint(attaching[1]) if attaching else 0
+        if loaded is None:
+            estimate = estimate_footprint(row)
+            with_adapter = f" with adapter {attaching[0]} ({_mib(estimate)} + {_mib(adapter_bytes)})" if attaching else ""
+            self._refuse_beyond_budget(estimate + adapter_bytes, f"{_named(row)}{with_adapter} needs about")
+            self._make_room(estimate + adapter_bytes)
             loaded = load_model(row, self.device)
             self.loads += 1
-            self._make_room(loaded.footprint_bytes)
             self._models[row.id] = loaded
-        if adapter is not None and adapter[0] not in loaded.adapters:
-            self._attach(loaded, *adapter)
+            self._settle(loaded, f"{_named(row)} takes, once loaded,")
+        else:
+            self._models.move_to_end(row.id)
+        if attaching:
+            self._attach(loaded, *attaching, adapter_bytes)
         return loaded
 
-    def _make_room(self, needed_bytes: int) -> None:
-        while self._models and self.used_bytes + needed_bytes > self.budget_bytes:
-            self.evict(next(iter(self._models)))
+    def _refuse_beyond_budget(self, needed_bytes: int, what: str) -> None:
+        if needed_bytes > self.budget_bytes:
+            raise JobFailed(
+                "over_memory_budget",
+                f"{what} {_mib(needed_bytes)}, more than this worker's whole memory budget of {_mib(self.budget_bytes)}; "
+                f"raise {BUDGET_SETTING}, or register the model in a smaller dtype or quantized",
+                needed_bytes=needed_bytes,
+                budget_bytes=self.budget_bytes,
+                setting=BUDGET_SETTING,
+            )
 
-    def _attach(self, loaded: LoadedModel, adapter_id: str, folder: Path) -> None:
-        from peft import PeftModel
+    def _make_room(self, needed_bytes: int, keep: str | None = None) -> None:
+        """Evict the least recently used models, never `keep`, until `needed_bytes` more fit."""
+        for model_id in list(self._models):
+            if self.used_bytes + needed_bytes <= self.budget_bytes:
+                return
+            if model_id != keep:
+                self.evict(model_id)
 
-        try:
-            if loaded.adapters:
-                loaded.model.load_adapter(str(folder), adapter_name=adapter_id, is_trainable=False)
-            else:
-                loaded.model = PeftModel.from_pretrained(loaded.model, str(folder), adapter_name=adapter_id, is_trainable=False)
-        except (OSError, ValueError, KeyError, RuntimeError) as exc:
-            raise JobFailed("adapter_load_failed", f"could not attach adapter {adapter_id}: {exc}", adapter_id=adapter_id) from exc
-        loaded.adapters.add(adapter_id)
+    def _settle(self, loaded: LoadedModel, what: str) -> None:
+        """After `loaded` grew to its real size: evict others until it fits, or evict it too
+        and fail when it cannot fit even alone (its estimate was short)."""
+        self._make_room(0, keep=loaded.model_id)
+        if loaded.footprint_bytes > self.budget_bytes:
+            self.evict(loaded.model_id)
+            self._refuse_beyond_budget(loaded.footprint_bytes, what)
+
+    def _attach(self, loaded: LoadedModel, adapter_id: str, folder: Path, adapter_bytes: int) -> None:
+        described = f"model {loaded.model_id} with adapter {adapter_id} ({_mib(loaded.footprint_bytes)} + {_mib(adapter_bytes)})"
+        self._refuse_beyond_budget(loaded.footprint_bytes + adapter_bytes, f"{described} needs about")
+        self._make_room(adapter_bytes, keep=loaded.model_id)
+        attach_adapter(loaded, adapter_id, folder)
         self.adapter_loads += 1
-        loaded.footprint_bytes = int(loaded.model.get_memory_footprint())
+        self._settle(loaded, f"model {loaded.model_id} with adapter {adapter_id} takes, once attached,")
 
     def evict(self, model_id: str) -> None:
         self._models.pop(model_id, None)
