@@ -231,6 +231,18 @@ def test_a_bad_key_request_is_a_422_naming_the_field(api: Any, admin_key: str) -
     assert assert_envelope(burst_alone, 422, "invalid_field")["details"]["field"] == "rate_limit_burst"
 
 
+def test_a_key_limit_beyond_what_the_registry_holds_is_a_422_naming_the_field(api: Any, admin_key: str) -> None:
+    for field, value in [("rate_limit_per_minute", 2**63), ("rate_limit_per_minute", 2**31), ("rate_limit_burst", 2**31)]:
+        body = {"name": "n", "scopes": ["read"], "rate_limit_per_minute": 60} | {field: value}
+        response = api.post("/v1/keys", json=body, headers=bearer(admin_key))
+        assert assert_envelope(response, 422, "validation_error")["details"]["fields"][0]["field"] == field, (field, value)
+    largest = api.post(
+        "/v1/keys", json={"name": "n", "scopes": ["read"], "rate_limit_per_minute": 1_000_000, "rate_limit_burst": 1_000_000}, headers=bearer(admin_key)
+    )
+    assert largest.status_code == 201
+    assert (largest.json()["rate_limit_per_minute"], largest.json()["rate_limit_burst"]) == (1_000_000, 1_000_000)
+
+
 # --- rate limits -----------------------------------------------------------------------
 
 
