@@ -77,11 +77,11 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.add_middleware(RequestMetrics, registry=metrics)  # outermost: refused requests are counted too
     install_error_handlers(app)
     # Every /v1 route asks for an API key with the scope its method needs (when
-    # AUTH_ENABLED); health checks and the docs stay open. `/v1/workers` lives in the
-    # health router and asks on its own.
+    # AUTH_ENABLED), and so does /metrics unless METRICS_REQUIRE_KEY is off; health checks
+    # and the docs stay open. `/v1/workers` lives in the health router and asks on its own.
     by_method: dict[str, Any] = {"dependencies": [Depends(security.scope_by_method)], "responses": security.AUTH_RESPONSES}
     app.include_router(health.router)
-    app.include_router(metrics_api.router)
+    app.include_router(metrics_api.router, **(by_method if settings.metrics_require_key else {}))
     app.include_router(models.router, **by_method)
     app.include_router(adapters.router, **by_method)
     app.include_router(comparisons.router, **by_method)

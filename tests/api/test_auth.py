@@ -143,6 +143,22 @@ def test_open_paths_need_no_key(api: Any) -> None:
     assert assets and all(api.get(asset).status_code == 200 for asset in assets)
 
 
+def test_metrics_need_a_read_key_when_auth_is_on(api: Any, read_key: str) -> None:
+    response = api.get("/metrics")
+    assert_envelope(response, 401, "unauthorized")
+    assert response.headers["WWW-Authenticate"] == "Bearer"
+    scraped = api.get("/metrics", headers=bearer(read_key))
+    assert scraped.status_code == 200 and "confprobe_jobs" in scraped.text
+    assert api.get("/metrics", headers={"X-API-Key": read_key}).status_code == 200
+
+
+def test_metrics_stay_open_when_the_operator_says_so(database_url: str, redis_server: RedisServer, tmp_path: Path) -> None:
+    open_metrics = make_settings(database_url, redis_server.url, tmp_path / "var", auth_enabled=True, metrics_require_key=False)
+    with TestClient(create_app(open_metrics)) as client:
+        assert client.get("/metrics").status_code == 200
+        assert_envelope(client.get("/v1/models"), 401, "unauthorized")
+
+
 def test_openapi_declares_the_schemes_on_v1_operations_only(api: Any) -> None:
     spec = api.get("/openapi.json").json()
     schemes = spec["components"]["securitySchemes"]
