@@ -24,7 +24,7 @@ from app.api import (
 )
 from app.api import metrics as metrics_api
 from app.errors import install_error_handlers
-from app.limits import BodySizeLimit
+from app.limits import BodySizeLimit, RefuseNulCharacters
 from app.metrics import DeploymentCollector, RequestMetrics
 from app.registry.database import create_registry_engine, session_factory
 from app.settings import Settings, get_settings
@@ -68,6 +68,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         description=DESCRIPTION,
         lifespan=lifespan,
     )
+    app.add_middleware(RefuseNulCharacters)
     app.add_middleware(
         BodySizeLimit,
         default_limit=settings.max_request_bytes,
