@@ -38,6 +38,16 @@ def error_response(status: int, code: str, message: str, details: dict[str, Any]
     return JSONResponse(error_body(code, message, details), status_code=status, headers=headers)
 
 
+NUL_MESSAGE = "holds a NUL character (\\u0000), which the registry cannot store"
+
+
+def nul_refused(fields: list[tuple[str, str]]) -> JSONResponse:
+    """A 422 like a validation error's, for (field, where) pairs holding a NUL character."""
+    items = [{"field": field, "in": where, "message": NUL_MESSAGE, "type": "string_nul"} for field, where in fields]
+    summary = "; ".join(f"{item['field']}: {NUL_MESSAGE}" for item in items)
+    return error_response(422, "validation_error", f"invalid request: {summary}", {"fields": items})
+
+
 _HTTP_CODES = {
     400: "bad_request",
     401: "unauthorized",

@@ -1,11 +1,14 @@
-"""Request body size limits, answered in the error envelope (413) before a byte too many is
-read: by the declared `Content-Length`, or while a chunked body streams in."""
+"""What a request may hold, answered in the error envelope before a route runs: a body no
+larger than its limit (413, before a byte too many is read: by the declared `Content-Length`,
+or while a chunked body streams in), and no NUL character in its path or query (422)."""
+
+from urllib.parse import parse_qsl
 
 from starlette.datastructures import Headers
 from starlette.exceptions import HTTPException
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from app.errors import ServiceError, error_response
+from app.errors import ServiceError, error_response, nul_refused
 
 
 def _too_large(limit: int) -> ServiceError:
@@ -46,3 +49,22 @@ class BodySizeLimit:
             return message
 
         await self.app(scope, receive_within_limit, send)
+
+
+class RefuseNulCharacters:
+    """Pure ASGI middleware: PostgreSQL cannot store a NUL character, and SQLite can, so an id
+    or filter holding one (`%00`) would be a 500 on one registry and a 404 on the other; it
+    is a 422 on both. Bodies are checked by their schemas (`app.schemas.Request`)."""
+
+    def __init__(self, app: ASGIApp) -> None:
+        self.app = app
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] == "http":
+            query = parse_qsl(scope["query_string"].decode("latin-1"), keep_blank_values=True)
+            bad = [("path", "path")] if "\x00" in scope["path"] else []
+            bad += [(name, "query") for name, value in query if "\x00" in name + value]
+            if bad:
+                await nul_refused(bad)(scope, receive, send)
+                return
+        await self.app(scope, receive, send)

@@ -45,7 +45,8 @@ def formatter(log_format: str) -> logging.Formatter:
 
 
 def configure(settings: Settings) -> None:
-    """Send every logger's lines (ours, uvicorn's, RQ's) through one handler on stderr."""
+    """Send every logger's lines (ours, uvicorn's, RQ's, and Python's warnings) through one
+    handler on stderr."""
     handler = logging.StreamHandler(sys.stderr)
     handler.setFormatter(formatter(settings.log_format))
     handler.addFilter(JobIdFilter())
@@ -57,3 +58,18 @@ def configure(settings: Settings) -> None:
         logger.handlers[:] = []
         logger.propagate = True
     logging.getLogger("alembic").setLevel(logging.WARNING)  # migrations say a dozen lines at every start
+    logging.captureWarnings(True)  # `warnings.warn` would otherwise print raw text on stderr
+
+
+def route_library_logs() -> None:
+    """Send the lines of transformers, which writes through a plain-text handler of its own
+    and keeps them from the root logger, through the one handler too.
+
+    Only where transformers is already imported (a worker): importing it here would load
+    torch into the gateway."""
+    if "transformers" not in sys.modules:
+        return
+    from transformers.utils import logging as transformers_logging
+
+    transformers_logging.disable_default_handler()
+    transformers_logging.enable_propagation()

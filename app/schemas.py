@@ -3,9 +3,10 @@
 from datetime import datetime
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from app.auth import display_prefix
+from app.errors import NUL_MESSAGE
 from app.registry.tables import Adapter, ApiKey, Dataset, Extraction, Job, Model, Probe
 
 JobStatus = Literal["queued", "running", "succeeded", "failed", "cancelled"]
@@ -13,10 +14,34 @@ Dtype = Literal["float32", "bfloat16", "float16"]
 Quantization = Literal["8bit", "4bit"]
 
 
+def _holds_nul(value: Any) -> bool:
+    if isinstance(value, str):
+        return "\x00" in value
+    if isinstance(value, list | tuple):
+        return any(_holds_nul(item) for item in value)
+    if isinstance(value, dict):
+        return any(_holds_nul(key) or _holds_nul(item) for key, item in value.items())
+    return False  # numbers, and nested request bodies, which check themselves
+
+
+def without_nul(value: Any) -> Any:
+    """PostgreSQL cannot store a NUL character and SQLite can: refused in every string a
+    request carries, so the answer does not depend on the registry's backend."""
+    if _holds_nul(value):
+        raise ValueError(NUL_MESSAGE)
+    return value
+
+
 class Request(BaseModel):
-    """Request bodies refuse unknown keys, so a typo is a 422 naming it, not a silent default."""
+    """Request bodies refuse unknown keys, so a typo is a 422 naming it, not a silent default,
+    and NUL characters (`without_nul`)."""
 
     model_config = ConfigDict(extra="forbid")
+
+    @field_validator("*")
+    @classmethod
+    def _without_nul(cls, value: Any) -> Any:
+        return without_nul(value)
 
 
 class ModelCreate(Request):
@@ -442,6 +467,7 @@ class WorkerList(BaseModel):
 
 
 ApiScope = Literal["read", "submit", "admin"]
+MAX_RATE_LIMIT = 1_000_000
 
 
 class ApiKeyCreate(Request):
@@ -449,11 +475,12 @@ class ApiKeyCreate(Request):
     scopes: list[ApiScope] = Field(
         min_length=1, description="`read` (GET), `submit` (create, change, delete, run; includes read), `admin` (API keys; includes both)."
     )
+    # bounded well inside the registry's 32-bit columns: a million a minute is more than any gateway answers
     rate_limit_per_minute: int | None = Field(
-        None, ge=0, description="This key's own limit (0: none); default: the service's RATE_LIMIT_PER_MINUTE."
+        None, ge=0, le=MAX_RATE_LIMIT, description="This key's own limit (0: none); default: the service's RATE_LIMIT_PER_MINUTE."
     )
     rate_limit_burst: int | None = Field(
-        None, ge=1, description="Requests at once after a quiet spell (needs rate_limit_per_minute); default: rate_limit_per_minute."
+        None, ge=1, le=MAX_RATE_LIMIT, description="Requests at once after a quiet spell (needs rate_limit_per_minute); default: rate_limit_per_minute."
     )
 
 

@@ -120,6 +120,11 @@ class Settings(BaseSettings):
         description="A key chosen by the operator (at least 32 characters) admitted with the admin scope, "
         "for deployments that cannot run `confprobe keys create` first. Never stored; compared in constant time.",
     )
+    metrics_require_key: bool = Field(
+        True,
+        description="With AUTH_ENABLED, `GET /metrics` (job counts, queues, workers of the whole deployment) needs a key with the `read` "
+        "scope, as /v1 does (Prometheus: `authorization: {credentials: <key>}` in the scrape config); false: it stays open.",
+    )
     rate_limit_per_minute: int = Field(
         600, ge=0, description="Requests a key may make per minute, shared by every gateway process (Redis); 0: no limit."
     )

@@ -2,6 +2,8 @@
 job's lines — the gateway's, the worker's and RQ's — can be found by it."""
 
 import json
+import subprocess
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -9,7 +11,9 @@ import httpx
 
 from app.settings import Settings
 from tests.conftest import (
+    ROOT,
     free_port,
+    settings_environment,
     start_gateway,
     start_worker,
     stop_process,
@@ -46,3 +50,40 @@ def test_gateway_and_worker_write_json_lines_with_the_job_id(settings: Settings,
     assert [line["message"] for line in mine if line["logger"] == "workers.runner"] == ["job started", "job succeeded"]
     assert any(line["logger"].startswith("rq.") for line in mine)  # RQ's own lines about the job carry its id too
     assert all(line["job_id"] is None for line in worker_lines if line["logger"] == "workers.main" or "Listening on" in line["message"])
+
+
+# A worker as `confprobe worker` starts it, whose ping job also writes through transformers'
+# own logger and Python's `warnings`: neither goes through the root logger by itself.
+NOISY_WORKER = """
+import warnings
+
+import transformers
+
+from workers import main, runner
+
+
+def noisy_ping(context):
+    transformers.utils.logging.get_logger("transformers.modeling_utils").warning("a library's warning")
+    warnings.warn("a Python warning")
+    return runner.ping(context)
+
+
+runner.HANDLERS["ping"] = noisy_ping
+main.run_worker(burst=True)
+"""
+
+
+def test_library_lines_and_python_warnings_in_a_job_are_json_lines_with_its_id(api: Any, settings: Settings, tmp_path: Path) -> None:
+    job_id = api.post("/v1/jobs/ping").json()["job"]["id"]
+    worker_log = tmp_path / "worker.log"
+    environment = settings_environment(settings.model_copy(update={"log_format": "json", "log_level": "info"}))
+    with open(worker_log, "wb") as output:
+        subprocess.run([sys.executable, "-c", NOISY_WORKER], env=environment | {"WORKER_NAME": "noisy"}, cwd=ROOT, stdout=output, stderr=output, check=True)
+    assert api.get(f"/v1/jobs/{job_id}").json()["status"] == "succeeded"
+
+    lines = json_lines(worker_log)
+    assert all("job_id" in line for line in lines)
+    library = [line for line in lines if line["message"] == "a library's warning"]
+    python_warning = [line for line in lines if "a Python warning" in line["message"]]
+    assert [(line["logger"], line["level"], line["job_id"]) for line in library] == [("transformers.modeling_utils", "WARNING", job_id)]
+    assert [(line["logger"], line["job_id"]) for line in python_warning] == [("py.warnings", job_id)]

@@ -27,6 +27,7 @@ def run_worker(settings: Settings | None = None, burst: bool = False) -> None:
     import transformers
 
     transformers.utils.logging.disable_progress_bar()  # one bar per load would flood the worker's log
+    logs.route_library_logs()
     # bitsandbytes warns on every 8-bit matmul that it casts float32 inputs to float16
     warnings.filterwarnings("ignore", message="MatMul8bitLt")
 

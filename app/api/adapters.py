@@ -8,6 +8,7 @@ from typing import Annotated, Any
 
 import redis
 from fastapi import APIRouter, File, Form, Query, Response, UploadFile
+from pydantic import AfterValidator
 from sqlalchemy import select
 from sqlalchemy.orm import Session, sessionmaker
 
@@ -27,6 +28,7 @@ from app.schemas import (
     AdapterPage,
     JobAccepted,
     JobOut,
+    without_nul,
 )
 from app.settings import Settings
 
@@ -65,14 +67,14 @@ def import_adapter(body: AdapterImport, response: Response, settings: SettingsDe
 @router.post("/upload", status_code=202)
 def upload_adapter(
     file: Annotated[UploadFile, File(description="`.tar`, `.tar.gz` or `.zip` of a PEFT adapter or a Tinker checkpoint.")],
-    base_model: Annotated[str, Form(description="Id of the base model it was trained on.")],
-    name: Annotated[str, Form(min_length=1, max_length=200)],
+    base_model: Annotated[str, Form(description="Id of the base model it was trained on."), AfterValidator(without_nul)],
+    name: Annotated[str, Form(min_length=1, max_length=200), AfterValidator(without_nul)],
     response: Response,
     settings: SettingsDep,
     sessions: SessionsDep,
     connection: RedisDep,
     artifacts: ArtifactsDep,
-    metadata: Annotated[str | None, Form(description="Training metadata as a JSON object.")] = None,
+    metadata: Annotated[str | None, Form(description="Training metadata as a JSON object."), AfterValidator(without_nul)] = None,
 ) -> JobAccepted:
     """Upload an adapter archive (including the legacy Tinker `.tar`); the job unpacks it as
     hostile input, converts and registers it."""

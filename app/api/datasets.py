@@ -3,11 +3,12 @@
 from typing import Annotated
 
 from fastapi import APIRouter, File, Form, Query, Response, UploadFile, status
+from pydantic import AfterValidator
 
 from app.api.deps import ArtifactsDep, SessionDep, SessionsDep, SettingsDep
 from app.datasets import default_name, parse_upload
 from app.registry.datasets import get_dataset, list_datasets, register_dataset
-from app.schemas import ERROR_RESPONSES, DatasetOut, DatasetPage
+from app.schemas import ERROR_RESPONSES, DatasetOut, DatasetPage, without_nul
 
 router = APIRouter(prefix="/v1/datasets", tags=["datasets"], responses=ERROR_RESPONSES)
 
@@ -27,7 +28,7 @@ def upload_dataset(
     response: Response,
     sessions: SessionsDep,
     artifacts: ArtifactsDep,
-    name: Annotated[str | None, Form(min_length=1, max_length=200, description="Display name; default: the file name.")] = None,
+    name: Annotated[str | None, Form(min_length=1, max_length=200, description="Display name; default: the file name."), AfterValidator(without_nul)] = None,
 ) -> DatasetOut:
     """Upload a dataset. A malformed row is a 422 naming its line and field, and nothing is
     kept. Rows already uploaded (as CSV or JSONL) answer 200 with the existing dataset."""

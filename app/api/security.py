@@ -3,7 +3,8 @@ the scope the route needs.
 
 `app/main.py` includes every /v1 router with these dependencies; they are FastAPI security
 schemes, so `/openapi.json` declares them and the docs page offers its Authorize button.
-Routes outside /v1 (health checks, docs, metrics) are open.
+`/metrics` has them too, unless METRICS_REQUIRE_KEY is off; the health checks and the docs
+are open.
 
 FastAPI reads a request's body — an upload of gigabytes included — before it runs the
 route's dependencies, so `AuthenticateFirst` checks the key of every /v1 request before the

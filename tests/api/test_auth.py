@@ -143,6 +143,22 @@ def test_open_paths_need_no_key(api: Any) -> None:
     assert assets and all(api.get(asset).status_code == 200 for asset in assets)
 
 
+def test_metrics_need_a_read_key_when_auth_is_on(api: Any, read_key: str) -> None:
+    response = api.get("/metrics")
+    assert_envelope(response, 401, "unauthorized")
+    assert response.headers["WWW-Authenticate"] == "Bearer"
+    scraped = api.get("/metrics", headers=bearer(read_key))
+    assert scraped.status_code == 200 and "confprobe_jobs" in scraped.text
+    assert api.get("/metrics", headers={"X-API-Key": read_key}).status_code == 200
+
+
+def test_metrics_stay_open_when_the_operator_says_so(database_url: str, redis_server: RedisServer, tmp_path: Path) -> None:
+    open_metrics = make_settings(database_url, redis_server.url, tmp_path / "var", auth_enabled=True, metrics_require_key=False)
+    with TestClient(create_app(open_metrics)) as client:
+        assert client.get("/metrics").status_code == 200
+        assert_envelope(client.get("/v1/models"), 401, "unauthorized")
+
+
 def test_openapi_declares_the_schemes_on_v1_operations_only(api: Any) -> None:
     spec = api.get("/openapi.json").json()
     schemes = spec["components"]["securitySchemes"]
@@ -229,6 +245,18 @@ def test_a_bad_key_request_is_a_422_naming_the_field(api: Any, admin_key: str) -
     assert assert_envelope(unknown_scope, 422, "validation_error")["details"]["fields"][0]["field"] == "scopes.0"
     burst_alone = api.post("/v1/keys", json={"name": "n", "scopes": ["read"], "rate_limit_burst": 5}, headers=bearer(admin_key))
     assert assert_envelope(burst_alone, 422, "invalid_field")["details"]["field"] == "rate_limit_burst"
+
+
+def test_a_key_limit_beyond_what_the_registry_holds_is_a_422_naming_the_field(api: Any, admin_key: str) -> None:
+    for field, value in [("rate_limit_per_minute", 2**63), ("rate_limit_per_minute", 2**31), ("rate_limit_burst", 2**31)]:
+        body = {"name": "n", "scopes": ["read"], "rate_limit_per_minute": 60} | {field: value}
+        response = api.post("/v1/keys", json=body, headers=bearer(admin_key))
+        assert assert_envelope(response, 422, "validation_error")["details"]["fields"][0]["field"] == field, (field, value)
+    largest = api.post(
+        "/v1/keys", json={"name": "n", "scopes": ["read"], "rate_limit_per_minute": 1_000_000, "rate_limit_burst": 1_000_000}, headers=bearer(admin_key)
+    )
+    assert largest.status_code == 201
+    assert (largest.json()["rate_limit_per_minute"], largest.json()["rate_limit_burst"]) == (1_000_000, 1_000_000)
 
 
 # --- rate limits -----------------------------------------------------------------------

@@ -59,3 +59,38 @@ def test_an_unreachable_redis_is_a_503_and_leaves_nothing_registered(database_ur
         assert "redis" in error["message"].lower()
         assert client.get("/v1/models").json()["items"] == []
         assert client.get("/v1/jobs").json()["items"] == []
+
+
+def nul_fields(response: Any) -> list[tuple[str, str]]:
+    error = assert_envelope(response, 422, "validation_error")
+    return [(item["field"], item["in"]) for item in error["details"]["fields"]]
+
+
+def test_a_nul_character_in_a_path_or_query_is_a_422_naming_where_on_either_registry(api: Any) -> None:
+    """PostgreSQL cannot store one; without the check the same request is a 500 there and a
+    404 on SQLite."""
+    assert nul_fields(api.get("/v1/models/mdl_%00")) == [("path", "path")]
+    assert nul_fields(api.post("/v1/jobs/job_%00/cancel")) == [("path", "path")]
+    assert nul_fields(api.get("/v1/adapters", params={"base_model": "mdl_\x00", "cursor": "c"})) == [("base_model", "query")]
+    assert api.get("/v1/models/mdl_0").status_code == 404  # the same request without it
+
+
+def test_a_nul_character_anywhere_in_a_body_or_form_is_a_422_naming_the_field(api: Any, tiny_llama: Path) -> None:
+    assert nul_fields(api.post("/v1/models", json={"name": "tiny\x00", "source": str(tiny_llama)})) == [("name", "body")]
+    assert nul_fields(api.post("/v1/keys", json={"name": "k\x00", "scopes": ["read"]})) == [("name", "body")]
+    extraction = {"model": "mdl_0", "texts": ["fine", "not\x00fine"], "layers": [0]}
+    assert nul_fields(api.post("/v1/extractions", json=extraction)) == [("texts", "body")]
+    experiment = {
+        "experiment": {"name": "e\x00"},
+        "model": {"name": str(tiny_llama)},
+        "extraction": {"layers": [0]},
+        "probe": {"dataset": "dst_0"},
+    }
+    assert nul_fields(api.post("/v1/experiments", json=experiment)) == [("experiment.name", "body")]
+    statements = b'{"text": "a", "label": 1}\n' * 3 + b'{"text": "b", "label": 0}\n' * 3
+    upload = api.post("/v1/datasets", files={"file": ("s.jsonl", statements)}, data={"name": "s\x00"})
+    assert nul_fields(upload) == [("name", "body")]
+    adapter = api.post("/v1/adapters/upload", files={"file": ("a.tar", b"archive")}, data={"base_model": "mdl_\x00", "name": "a"})
+    assert nul_fields(adapter) == [("base_model", "body")]
+    assert api.get("/v1/datasets").json()["items"] == []
+    assert api.post("/v1/models", json={"name": "tiny", "source": str(tiny_llama)}).status_code == 201

@@ -1,5 +1,6 @@
 """`GET /metrics`: Prometheus text whose figures match what the API itself reports."""
 
+from pathlib import Path
 from typing import Any
 
 import redis
@@ -7,7 +8,7 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from app import broker
 from app.settings import Settings
-from tests.conftest import Stack, wait_for_job
+from tests.conftest import Stack, wait_for_job, wait_until
 
 
 def samples(client: Any) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:
@@ -63,13 +64,30 @@ def test_finished_jobs_fill_the_duration_histogram_and_workers_report_memory(sta
     assert [value for _, value in buckets] == sorted(value for _, value in buckets) and buckets[-1] == (float("inf"), count)
     assert 0 < figures[("confprobe_job_duration_seconds_sum", (("kind", "ping"), ("status", "succeeded")))] < 60 * count
 
-    workers = {w["name"]: w for w in client.get("/v1/workers").json()["items"]}
+    workers = client.get("/v1/workers").json()["items"]
     labels = (("device", "cpu"), ("worker", stack.worker_name))
-    assert figures[("confprobe_worker_memory_budget_bytes", labels)] == workers[stack.worker_name]["memory_budget_bytes"]
-    assert figures[("confprobe_worker_memory_used_bytes", labels)] == workers[stack.worker_name]["memory_used_bytes"]
+    assert figures[("confprobe_worker_memory_budget_bytes", labels)] == stack.settings.worker_memory_budget_mb * 2**20
     assert figures[("confprobe_workers", ())] == len(workers)
     succeeded = client.get("/v1/jobs", params={"kind": "ping", "status": "succeeded", "limit": 200}).json()["items"]
     assert figures[("confprobe_jobs", (("kind", "ping"), ("status", "succeeded")))] == len(succeeded)
+
+
+def test_a_worker_holding_a_model_reports_the_footprint_its_check_recorded_as_memory_used(stack: Stack, tiny_llama: Path) -> None:
+    client = stack.client
+    model = client.post("/v1/models", json={"name": "tiny", "source": str(tiny_llama)}).json()
+    assert wait_for_job(client, model["check_job_id"])["status"] == "succeeded"
+    model = client.get(f"/v1/models/{model['id']}").json()
+    footprint = model["memory_footprint_bytes"]
+    assert footprint >= model["parameter_count"] * 4 > 0  # float32 weights, at the least
+
+    def holding_it() -> dict[str, Any] | None:
+        worker = next(w for w in client.get("/v1/workers").json()["items"] if w["name"] == stack.worker_name)
+        return worker if any(resident["model_id"] == model["id"] for resident in worker["resident_models"]) else None
+
+    worker = wait_until(holding_it, 30, "the worker's heartbeat to list the model")  # it beats on its own clock
+    assert next(resident["bytes"] for resident in worker["resident_models"] if resident["model_id"] == model["id"]) == footprint
+    used = samples(client)[("confprobe_worker_memory_used_bytes", (("device", "cpu"), ("worker", stack.worker_name)))]
+    assert used == sum(resident["bytes"] for resident in worker["resident_models"]) >= footprint
 
 
 def test_a_scrape_while_redis_is_away_still_answers_and_says_so(api: Any, settings: Settings) -> None:
