@@ -18,7 +18,7 @@ from typing import TYPE_CHECKING, Any
 
 import click
 
-from app.settings import get_settings
+from app.settings import MAX_RATE_LIMIT, get_settings
 
 if TYPE_CHECKING:
     from pydantic import BaseModel
@@ -248,8 +248,8 @@ def keys() -> None:
 @keys.command("create")
 @click.option("--name", required=True, help="What the key is for, e.g. who holds it.")
 @click.option("--scopes", type=ScopeList(), required=True, help="Comma-separated: read, submit (includes read), admin (includes both).")
-@click.option("--rate-limit", type=click.IntRange(min=0), help="This key's requests per minute (0: none) [default: RATE_LIMIT_PER_MINUTE].")
-@click.option("--burst", type=click.IntRange(min=1), help="Requests at once after a quiet spell (with --rate-limit) [default: the rate limit].")
+@click.option("--rate-limit", type=click.IntRange(min=0, max=MAX_RATE_LIMIT), help="This key's requests per minute (0: none) [default: RATE_LIMIT_PER_MINUTE].")
+@click.option("--burst", type=click.IntRange(min=1, max=MAX_RATE_LIMIT), help="Requests at once after a quiet spell (with --rate-limit) [default: the rate limit].")
 @json_option
 @click.pass_obj
 def create_api_key(api: "ApiContext", name: str, scopes: "list[Scope]", rate_limit: int | None, burst: int | None, as_json: bool) -> None:

@@ -8,6 +8,7 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator
 from app.auth import display_prefix
 from app.errors import NUL_MESSAGE
 from app.registry.tables import Adapter, ApiKey, Dataset, Extraction, Job, Model, Probe
+from app.settings import MAX_RATE_LIMIT
 
 JobStatus = Literal["queued", "running", "succeeded", "failed", "cancelled"]
 Dtype = Literal["float32", "bfloat16", "float16"]
@@ -467,7 +468,6 @@ class WorkerList(BaseModel):
 
 
 ApiScope = Literal["read", "submit", "admin"]
-MAX_RATE_LIMIT = 1_000_000
 
 
 class ApiKeyCreate(Request):

@@ -19,6 +19,10 @@ from app.storage.base import checked_prefix
 BUCKET_NAME = re.compile(r"[a-z0-9][a-z0-9.-]{1,61}[a-z0-9]")
 
 
+# A key's own rate limit, in requests a minute, at most (the registry keeps it as an integer).
+MAX_RATE_LIMIT = 1_000_000
+
+
 class Settings(BaseSettings):
     model_config = SettingsConfigDict(env_file=".env", extra="ignore")
 

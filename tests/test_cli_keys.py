@@ -87,6 +87,11 @@ def test_an_unknown_scope_exits_2_naming_it(registry: str) -> None:
     assert result.exit_code == 2 and "root is not a scope" in result.stderr
 
 
+def test_a_rate_limit_beyond_what_the_registry_keeps_exits_2_naming_the_option(registry: str) -> None:
+    result = confprobe("keys", "create", "--name", "x", "--scopes", "read", "--rate-limit", str(2**31))
+    assert result.exit_code == 2 and "--rate-limit" in result.stderr
+
+
 def test_revoking_an_unknown_key_exits_3(registry: str) -> None:
     result = confprobe("keys", "revoke", "key_nothing")
     assert result.exit_code == 3 and "key_nothing" in result.stderr
