@@ -25,7 +25,9 @@ def _header(name: str, shape: tuple[int, ...], metadata: dict[str, str]) -> byte
 
 def allocate(path: Path, name: str, shape: tuple[int, ...], metadata: dict[str, str]) -> np.memmap:
     """A new file at `path` holding tensor `name` of `shape` (float32, zeros until written),
-    and its data mapped for writing. Call `.flush()` before the file is read or moved."""
+    and its data mapped for writing. A shared mapping writes into the page cache itself, so
+    the file reads as written at once, with no `flush()` (an msync that would wait for the
+    disk); a store that promises durability syncs the file when it publishes it."""
     header = _header(name, shape, metadata)
     with path.open("wb") as handle:
         handle.write(header)

@@ -150,8 +150,18 @@ class HiddenStateCache:
         for shard, shard_entries in by_shard.items():
             with safe_open(self.store.local_path(shard), framework="numpy") as handle:
                 states = handle.get_tensor(STATES_TENSOR)
-            pairs = [(position, slots[entry.layer], entry.row, entry.slot) for entry in shard_entries for position in positions[entry.text_sha256]]
-            to_text, to_slot, from_row, from_slot = (np.array(column, dtype=np.int64) for column in zip(*pairs, strict=True))
+            # four lists of ints, not a tuple per vector: thousands of small tuples would set
+            # off a full garbage collection over the worker's whole heap (the model's included)
+            to_text: list[int] = []
+            to_slot: list[int] = []
+            from_row: list[int] = []
+            from_slot: list[int] = []
+            for entry in shard_entries:
+                for position in positions[entry.text_sha256]:
+                    to_text.append(position)
+                    to_slot.append(slots[entry.layer])
+                    from_row.append(entry.row)
+                    from_slot.append(entry.slot)
             out[to_text, to_slot] = states[from_row, from_slot]
             del states
 
@@ -275,7 +285,6 @@ def run(context: "JobContext") -> dict[str, Any]:
         out = arrays.allocate(path, STATES_TENSOR, (len(texts), len(layers), model.hidden_size), metadata)
         result = hidden_states(context, request, texts, shard_name=extraction.id, out=out)
         context.progress("writing", len(texts), len(texts))
-        out.flush()
         shape = list(out.shape)
         del out
     truncated_count = sum(result.truncated)
