@@ -90,6 +90,8 @@ def janitor(dry_run: bool, grace_s: float | None, as_json: bool) -> None:
         click.echo(f"{'would abort' if dry_run else 'aborted'} the incomplete upload of {key}")
     for path in report.local_removed:
         click.echo(f"{verb} the local leftover {path}")
+    for path in report.cache_evicted:
+        click.echo(f"{'would evict' if dry_run else 'evicted'} the cached copy {path}")
     click.echo(
         f"{len(report.removed)} orphan objects, {len(report.aborted_uploads)} incomplete uploads and {len(report.local_removed)} local leftovers "
         f"({report.freed_bytes} bytes) {'found' if dry_run else 'removed'}; {report.kept} kept"

@@ -56,7 +56,8 @@ class SweepReport:
     removed: list[str] = field(default_factory=list)  # keys of orphan objects
     aborted_uploads: list[str] = field(default_factory=list)  # keys of stale incomplete uploads
     local_removed: list[str] = field(default_factory=list)  # paths of this machine's temporaries
-    freed_bytes: int = 0  # by all three
+    cache_evicted: list[str] = field(default_factory=list)  # paths of this machine's least recently used copies
+    freed_bytes: int = 0  # by all four
     kept: int = 0  # objects left in place
 
     def as_dict(self) -> dict[str, Any]:
@@ -67,6 +68,7 @@ class SweepReport:
             "removed": self.removed,
             "aborted_uploads": self.aborted_uploads,
             "local_removed": self.local_removed,
+            "cache_evicted": self.cache_evicted,
             "freed_bytes": self.freed_bytes,
             "kept": self.kept,
         }
@@ -149,3 +151,8 @@ def remove_local_leftovers(store: ArtifactStore, report: SweepReport) -> None:
     report.freed_bytes += freed
     if report.local_removed:
         log.info("artifact sweep %s %d local temporaries (%d bytes)", "found" if report.dry_run else "removed", len(report.local_removed), freed)
+    evicted = store.trim_local_cache(report.cutoff, dry_run=report.dry_run)
+    report.cache_evicted += [str(copy.path) for copy in evicted]
+    report.freed_bytes += sum(copy.size for copy in evicted)
+    if evicted:
+        log.info("artifact sweep %s %d cached copies over the cache limit", "would evict" if report.dry_run else "evicted", len(evicted))

@@ -48,6 +48,10 @@ class Settings(BaseSettings):
         "`s3://bucket/prefix`, an S3-compatible bucket (credentials and region from the standard AWS_* variables).",
     )
     s3_endpoint_url: str | None = Field(None, description="Endpoint of an S3-compatible server (MinIO: `http://minio:9000`); unset: AWS S3.")
+    artifact_cache_max_mb: int = Field(
+        51200, ge=0, description="With an s3:// store, the most a machine keeps of its local copies of artifacts; the janitor evicts "
+        "the least recently used beyond it (none used within JANITOR_GRACE_S). 0: no limit.",
+    )
     artifact_cache_dir: Path | None = Field(
         None, description="Where a machine keeps its copies of artifacts read from an s3:// store, and uploads in progress; default <VAR_DIR>/cache/artifacts."
     )

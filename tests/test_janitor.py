@@ -278,6 +278,21 @@ def test_local_temporaries_a_killed_process_left_beside_an_s3_store_are_swept(s3
     assert report.removed == [] and store.exists("datasets/d.jsonl")  # the store itself is the deployment-wide sweep's
 
 
+def test_the_sweep_evicts_least_recently_used_s3_copies_beyond_the_cache_limit(s3_settings: Settings) -> None:
+    store = open_store(s3_settings.model_copy(update={"artifact_cache_max_mb": 1}))
+    assert isinstance(store, BucketStore) and store.cache_max_bytes == 2**20
+    store.write_bytes("extractions/big/hidden_states.safetensors", b"x" * 2**20)
+    store.write_bytes("datasets/d.jsonl", b"rows")
+    big, small = store.local_path("extractions/big/hidden_states.safetensors"), store.local_path("datasets/d.jsonl")
+    age(big)
+    sessions = runtime.build_runtime(s3_settings).sessions
+    report = janitor.sweep_local(sessions, store, grace_s=3600)
+    assert report.cache_evicted == [str(big)] and report.freed_bytes == 2**20 and report.as_dict()["cache_evicted"] == [str(big)]
+    assert not big.exists() and small.read_bytes() == b"rows"
+    assert store.exists("extractions/big/hidden_states.safetensors")  # only this machine's copy went
+    assert janitor.sweep_local(sessions, store, grace_s=3600).cache_evicted == []
+
+
 def test_the_deployment_wide_sweep_also_sweeps_its_own_machine(s3_settings: Settings) -> None:
     store = open_store(s3_settings)
     assert isinstance(store, BucketStore)

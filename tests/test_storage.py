@@ -350,6 +350,48 @@ def test_s3_copies_are_downloaded_once_and_reused(s3_server: S3Server, tmp_path:
     assert [p for p in local_files(store) if p.name.endswith(PARTIAL_SUFFIX)] == []
 
 
+def test_s3_copies_beyond_the_cache_limit_are_evicted_least_recently_used_first(s3_server: S3Server, tmp_path: Path) -> None:
+    store = open_store(settings_for("s3", tmp_path, s3_server))
+    assert isinstance(store, BucketStore)
+    store.cache_max_bytes = 2500
+    now = datetime.now(UTC)
+
+    def used_ago(path: Path, hours: float) -> None:
+        when = (now - timedelta(hours=hours)).timestamp()
+        os.utime(path, (when, when))
+
+    for name in ("oldest", "older", "recent"):
+        store.write_bytes(f"extractions/{name}/states.bin", name.encode() * (1000 // len(name)))
+    store.write_bytes("adapters/sha/adapter_config.json", b"{}")
+    store.write_bytes("adapters/sha/adapter_model.safetensors", b"w" * 1000)
+    used_ago(store.local_path("extractions/oldest/states.bin"), 5)
+    used_ago(store.local_path("extractions/older/states.bin"), 4)
+    used_ago(store.local_folder("adapters/sha"), 3)  # a folder artifact is one copy
+    store.local_path("extractions/recent/states.bin")
+    # using a copy again makes it the most recent
+    used_ago(store.local_path("extractions/older/states.bin"), 4)
+    assert store.local_path("extractions/older/states.bin").stat().st_mtime > (now - timedelta(minutes=1)).timestamp()
+    used_ago(store._cached("objects", "extractions/older/states.bin"), 2)
+
+    copies = {copy.path: copy.size for copy in store.cached_copies()}
+    assert sum(copies.values()) > store.cache_max_bytes and len(copies) == 4
+    cutoff = now - timedelta(hours=1)
+    assert [copy.path.name for copy in store.trim_local_cache(cutoff, dry_run=True)] == ["states.bin", "sha"]
+    assert len(store.cached_copies()) == 4  # a dry run evicts nothing
+    evicted = store.trim_local_cache(cutoff)
+    assert [copy.path for copy in evicted] == [store._cached("objects", "extractions/oldest/states.bin"), store._cached("folders", "adapters/sha")]
+    assert sum(copy.size for copy in store.cached_copies()) <= store.cache_max_bytes
+    assert store.trim_local_cache(cutoff) == []
+    # nothing used since the cutoff goes, even over the limit
+    store.cache_max_bytes = 10
+    assert [copy.path.parent.name for copy in store.trim_local_cache(cutoff)] == ["older"]
+    assert [copy.path.parent.name for copy in store.cached_copies()] == ["recent"]
+    # an evicted copy is downloaded again, whole, when it is needed
+    assert (store.local_folder("adapters/sha") / "adapter_model.safetensors").read_bytes() == b"w" * 1000
+    assert store.local_path("extractions/oldest/states.bin").read_bytes() == b"oldest" * 166
+    assert [p for p in local_files(store) if PARTIAL_SUFFIX in p.as_posix()] == []
+
+
 def test_s3_objects_live_under_the_prefix_in_the_bucket(s3_server: S3Server, tmp_path: Path) -> None:
     store = open_store(settings_for("s3", tmp_path, s3_server))
     assert isinstance(store, BucketStore)

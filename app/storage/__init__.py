@@ -44,4 +44,7 @@ def open_store(settings: "Settings") -> ArtifactStore:
         return FolderStore(settings.resolved_artifact_dir, durable=True)
     from app.storage.bucket import BucketStore
 
-    return BucketStore(url.netloc, unquote(url.path).strip("/"), settings.resolved_artifact_cache_dir, endpoint_url=settings.s3_endpoint_url)
+    return BucketStore(
+        url.netloc, unquote(url.path).strip("/"), settings.resolved_artifact_cache_dir, endpoint_url=settings.s3_endpoint_url,
+        cache_max_bytes=settings.artifact_cache_max_mb * 2**20 or None,
+    )  # fmt: skip

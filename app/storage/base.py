@@ -184,6 +184,13 @@ class ArtifactStore(ABC):
         """Remove what `local_leftovers` listed, unless a process has come back to it since;
         whether it was removed."""
 
+    def trim_local_cache(self, untouched_since: datetime, dry_run: bool = False) -> list[LocalLeftover]:
+        """Evict this machine's least recently used copies of artifacts until they fit in the
+        store's cache limit, never one used since `untouched_since`; what was (or, with
+        `dry_run`, would be) evicted. Evicted copies are downloaded again when next needed.
+        Only a bucket keeps copies: a folder store is read in place."""
+        return []
+
     # --- removing ----------------------------------------------------------------------
 
     @abstractmethod

@@ -20,7 +20,7 @@ import tempfile
 import threading
 from collections.abc import Iterator
 from contextlib import contextmanager
-from datetime import datetime
+from datetime import UTC, datetime
 from pathlib import Path, PurePosixPath
 from typing import Any, BinaryIO
 
@@ -35,6 +35,7 @@ from app.storage.base import (
     StoreUnavailable,
     checked_key,
     checked_prefix,
+    is_partial,
 )
 from app.storage.folder import (
     SCRATCH_FOLDER,
@@ -53,11 +54,14 @@ UPLOADS_FOLDER = "uploads"  # local files being written, uploaded when they are 
 
 
 class BucketStore(ArtifactStore):
-    """Artifacts as objects `<prefix><key>` in `bucket`; local copies under `local_dir`."""
+    """Artifacts as objects `<prefix><key>` in `bucket`; local copies under `local_dir`, at most
+    `cache_max_bytes` of them once the janitor has trimmed them (None: no limit)."""
 
     def __init__(
         self, bucket: str, prefix: str, local_dir: Path, *, endpoint_url: str | None = None, multipart_threshold: int = 8 * 2**20,
+        cache_max_bytes: int | None = None,
     ) -> None:  # fmt: skip
+        self.cache_max_bytes = cache_max_bytes
         self.bucket = bucket
         self.prefix = f"{checked_key(prefix)}/" if prefix else ""
         self.local_dir = local_dir
@@ -152,6 +156,8 @@ class BucketStore(ArtifactStore):
 
     def local_path(self, key: str) -> Path:
         cached = self._cached("objects", checked_key(key))
+        if _used(cached):
+            return cached
         if not cached.is_file():
             cached.parent.mkdir(parents=True, exist_ok=True)
             temporary = partial_name(cached)
@@ -164,7 +170,7 @@ class BucketStore(ArtifactStore):
 
     def local_folder(self, prefix: str) -> Path:
         cached = self._cached("folders", checked_key(prefix))
-        if cached.is_dir():
+        if _used(cached):
             return cached
         keys = [stored.key for stored in self.iter_objects(prefix)]
         if not keys:
@@ -322,6 +328,36 @@ class BucketStore(ArtifactStore):
     def remove_local_leftover(self, leftover: LocalLeftover) -> bool:
         return remove_leftover(leftover, files=True)
 
+    def cached_copies(self) -> list[LocalLeftover]:
+        """This machine's copies of objects and folder artifacts, each with its size and its
+        last use (`local_path` and `local_folder` touch a copy each time they hand it out)."""
+        copies = []
+        for area in ("objects", "folders"):
+            for folder, subfolders, files in os.walk(self.local_dir / area / self.bucket):
+                subfolders[:] = sorted(name for name in subfolders if not is_partial(name))
+                names = [name for name in files if not is_partial(name)]
+                if area == "objects":
+                    copies += [found for name in names if (found := _measured(Path(folder, name))) is not None]
+                elif names:  # a folder artifact: the first folder down that holds files
+                    subfolders[:] = []
+                    if (found := _measured(Path(folder))) is not None:
+                        copies.append(found)
+        return copies
+
+    def trim_local_cache(self, untouched_since: datetime, dry_run: bool = False) -> list[LocalLeftover]:
+        if self.cache_max_bytes is None:
+            return []
+        copies = sorted(self.cached_copies(), key=lambda copy: copy.last_activity)
+        total = sum(copy.size for copy in copies)
+        evicted = []
+        for copy in copies:
+            if total <= self.cache_max_bytes or copy.last_activity >= untouched_since:
+                break
+            if dry_run or _evict(copy.path):
+                evicted.append(copy)
+                total -= copy.size
+        return evicted
+
     # --- removing ----------------------------------------------------------------------
 
     def delete(self, key: str) -> None:
@@ -346,3 +382,41 @@ class BucketStore(ArtifactStore):
 def error_code(exc: Any) -> str:
     """The service's error code in a botocore ClientError (`NoSuchKey`, `404`, …)."""
     return str(exc.response.get("Error", {}).get("Code", ""))
+
+
+def _used(cached: Path) -> bool:
+    """Mark a local copy as just used (its time is what the cache trimming goes by); whether
+    it is there."""
+    try:
+        os.utime(cached)
+    except FileNotFoundError:
+        return False
+    return True
+
+
+def _measured(path: Path) -> LocalLeftover | None:
+    """A cached copy's bytes and last use: a file's own time, or a folder's (touched on use)."""
+    try:
+        used = datetime.fromtimestamp(path.stat().st_mtime, UTC)
+        size = path.stat().st_size if path.is_file() else sum(inner.stat().st_size for inner in path.rglob("*") if inner.is_file())
+    except FileNotFoundError:
+        return None
+    return LocalLeftover(path, size, used)
+
+
+def _evict(path: Path) -> bool:
+    """Remove a cached copy so that no reader finds half of it: a folder is renamed to a
+    temporary name first, then removed."""
+    if path.is_dir():
+        doomed = partial_name(path)
+        try:
+            path.rename(doomed)
+        except FileNotFoundError:
+            return False
+        shutil.rmtree(doomed, ignore_errors=True)
+        return True
+    try:
+        path.unlink()
+    except FileNotFoundError:
+        return False
+    return True
