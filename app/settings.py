@@ -178,6 +178,16 @@ class Settings(BaseSettings):
             raise ValueError("set ARTIFACT_STORE or ARTIFACT_DIR, not both")
         return self
 
+    @model_validator(mode="after")
+    def _heartbeats_outlast_their_interval(self) -> Self:
+        # a heartbeat that expires before the next one is written makes a live worker look
+        # dead between beats, and its jobs would be taken from it
+        if self.heartbeat_ttl_s < 2 * self.heartbeat_interval_s:
+            raise ValueError(
+                f"HEARTBEAT_TTL_S ({self.heartbeat_ttl_s:g}) must be at least twice HEARTBEAT_INTERVAL_S ({self.heartbeat_interval_s:g})"
+            )
+        return self
+
     @property
     def resolved_database_url(self) -> str:
         if self.database_url:

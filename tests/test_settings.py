@@ -66,3 +66,12 @@ def test_artifact_dir_and_artifact_store_together_are_refused(monkeypatch: pytes
     monkeypatch.setenv("ARTIFACT_STORE", "s3://bucket/prefix")
     with pytest.raises(ValueError, match="ARTIFACT_STORE or ARTIFACT_DIR"):
         Settings()
+
+
+def test_a_heartbeat_ttl_shorter_than_two_intervals_is_refused_naming_both(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("HEARTBEAT_INTERVAL_S", "5")
+    monkeypatch.setenv("HEARTBEAT_TTL_S", "8")
+    with pytest.raises(ValueError, match=r"HEARTBEAT_TTL_S \(8\) must be at least twice HEARTBEAT_INTERVAL_S \(5\)"):
+        Settings()
+    monkeypatch.setenv("HEARTBEAT_TTL_S", "10")
+    assert Settings().heartbeat_ttl_s == 10

@@ -141,7 +141,7 @@ def test_a_job_whose_last_attempt_dies_is_failed_with_the_reason(api: Any, setti
 def test_a_job_is_taken_back_only_after_its_worker_stayed_silent_for_the_heartbeat_ttl(api: Any, settings: Settings) -> None:
     """After Redis restarts empty, a live worker's heartbeat is missing until its next beat:
     a sweep in between must not take its job."""
-    quick = settings.model_copy(update={"heartbeat_ttl_s": 0.5})
+    quick = settings.model_copy(update={"heartbeat_ttl_s": 0.5, "heartbeat_interval_s": 0.1})
     connection = redis.Redis.from_url(settings.resolved_redis_url)
     add_job(quick, "job_late", "running", "late-worker", started_ago_s=60, attempts=1)
     sweeper = runtime.build_runtime(quick)

@@ -36,12 +36,15 @@ def own_redis(tmp_path: Path) -> Iterator[RedisServer]:
 
 
 def test_a_redis_restart_loses_no_job(database_url: str, own_redis: RedisServer, tmp_path: Path, tiny_llama: Path) -> None:
+    """Two workers: the one not running the long job sweeps for lost jobs all along, and must
+    not take the long job while the restarted Redis has not yet heard its worker again."""
     from fastapi.testclient import TestClient
 
     from app.main import create_app
 
     settings = make_settings(database_url, own_redis.url, tmp_path / "var", extraction_max_batch_size=1, extraction_cache=False, heartbeat_ttl_s=2.0)
     worker = start_worker(settings, f"steady-{settings.queue_prefix}")
+    other = start_worker(settings, f"other-{settings.queue_prefix}")
     try:
         with TestClient(create_app(settings)) as api:
             model = register(api, tiny_llama).json()
@@ -60,8 +63,10 @@ def test_a_redis_restart_loses_no_job(database_url: str, own_redis: RedisServer,
             for job_id in [long_job, *waiting, after.json()["job"]["id"]]:
                 job = wait_for_job(api, job_id, timeout=120)
                 assert job["status"] == "succeeded", (job_id, job["error"])
+            assert api.get(f"/v1/jobs/{long_job}").json()["attempts"] == 1  # never taken from its worker
     finally:
         stop_process(worker)
+        stop_process(other)
 
 
 def test_a_gateway_killed_and_started_again_loses_nothing(settings: Settings, tmp_path: Path) -> None:
