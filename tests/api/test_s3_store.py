@@ -1,6 +1,6 @@
 """The whole service on an S3 bucket (a real S3-compatible server): the gateway and a worker
-that share no folder — as on two machines — and meet only in the bucket, the registry and
-Redis."""
+that share no folder — as on two machines — and meet only in the bucket, the registry (on
+PostgreSQL, as several machines have it) and Redis."""
 
 import io
 import json
@@ -38,7 +38,7 @@ TEXTS = ["The city of Paris is in France.", "Fifty-one is larger than forty-nine
 
 def s3_settings(databases: Databases, redis_server: RedisServer, s3_server: S3Server, var_dir: Path, bucket: str | None = None) -> Settings:
     store = f"s3://{bucket or s3_server.bucket}/{s3_server.new_prefix()}"
-    return make_settings(databases.new("sqlite"), redis_server.url, var_dir, artifact_store=store, s3_endpoint_url=s3_server.endpoint_url)
+    return make_settings(databases.new("postgresql"), redis_server.url, var_dir, artifact_store=store, s3_endpoint_url=s3_server.endpoint_url)
 
 
 @pytest.fixture(scope="module")
