@@ -41,6 +41,14 @@ def error_response(status: int, code: str, message: str, details: dict[str, Any]
 NUL_MESSAGE = "holds a NUL character (\\u0000), which the registry cannot store"
 
 
+def nul_free_filename(filename: str | None) -> str | None:
+    """An uploaded file's name, which is kept (a dataset's default name, an import's source):
+    refused like any other field when it holds a NUL character."""
+    if filename and "\x00" in filename:
+        raise invalid_field("file", f"the file name {NUL_MESSAGE}")
+    return filename
+
+
 def nul_refused(fields: list[tuple[str, str]]) -> JSONResponse:
     """A 422 like a validation error's, for (field, where) pairs holding a NUL character."""
     items = [{"field": field, "in": where, "message": NUL_MESSAGE, "type": "string_nul"} for field, where in fields]

@@ -16,13 +16,21 @@ Quantization = Literal["8bit", "4bit"]
 
 
 def _holds_nul(value: Any) -> bool:
-    if isinstance(value, str):
-        return "\x00" in value
-    if isinstance(value, list | tuple):
-        return any(_holds_nul(item) for item in value)
-    if isinstance(value, dict):
-        return any(_holds_nul(key) or _holds_nul(item) for key, item in value.items())
-    return False  # numbers, and nested request bodies, which check themselves
+    """Whether any string in `value`, however deeply nested, holds a NUL (a loop, not
+    recursion: a deeply nested body must not exhaust the stack). Numbers, and nested request
+    bodies, which check themselves, hold none."""
+    pending = [value]
+    while pending:
+        item = pending.pop()
+        if isinstance(item, str):
+            if "\x00" in item:
+                return True
+        elif isinstance(item, list | tuple):
+            pending.extend(item)
+        elif isinstance(item, dict):
+            pending.extend(item.keys())
+            pending.extend(item.values())
+    return False
 
 
 def without_nul(value: Any) -> Any:

@@ -9,6 +9,7 @@ heap — holds them until they reach the disk.
 """
 
 import json
+import os
 import struct
 from pathlib import Path
 
@@ -31,7 +32,10 @@ def allocate(path: Path, name: str, shape: tuple[int, ...], metadata: dict[str, 
     header = _header(name, shape, metadata)
     with path.open("wb") as handle:
         handle.write(header)
-        handle.truncate(len(header) + int(np.prod(shape, dtype=np.int64)) * 4)
+        handle.flush()
+        # the blocks are reserved now, so a full disk is an OSError here — not a SIGBUS that
+        # kills the worker when a write through the mapping finds no room
+        os.posix_fallocate(handle.fileno(), 0, len(header) + int(np.prod(shape, dtype=np.int64)) * 4)
     return np.memmap(path, dtype="<f4", mode="r+", offset=len(header), shape=shape)
 
 

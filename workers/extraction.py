@@ -245,7 +245,8 @@ def hidden_states(context: "JobContext", request: StatesRequest, texts: Sequence
                 max_batch_size=settings.extraction_max_batch_size, on_batch=on_batch,
             )  # fmt: skip
         if settings.extraction_cache:
-            cache.add(shard_name, missing, layers, computed, tokenized.truncated)
+            # one shard per attempt: an attempt taken back must not overwrite the next one's
+            cache.add(f"{shard_name}-{context.attempt}", missing, layers, computed, tokenized.truncated)
         for row, sha in enumerate(missing):
             truncated_by_sha[sha] = tokenized.truncated[row]
             out[positions[sha]] = computed[row]

@@ -7,7 +7,7 @@ from sqlalchemy import update
 
 from app.registry.models import get_model
 from app.registry.tables import Model
-from workers.errors import JobCancelled, JobFailed
+from workers.errors import AttemptSuperseded, JobCancelled, JobFailed
 from workers.models import active_adapter, explained_quantization_errors
 
 if TYPE_CHECKING:
@@ -45,6 +45,8 @@ def run(context: "JobContext") -> dict[str, Any]:
                 num_layers=num_layers,
                 hidden_size=hidden_size,
             )
+    except AttemptSuperseded:
+        raise  # the model is another attempt's to judge now
     except BaseException as exc:
         if isinstance(exc, JobFailed):
             reason = exc.message

@@ -16,7 +16,7 @@ from app import broker, jobs
 from app.adapters import classify_source
 from app.api.deps import ArtifactsDep, RedisDep, SessionDep, SessionsDep, SettingsDep
 from app.archives import FORMAT_HEAD_BYTES, ArchiveRejected, archive_format_of
-from app.errors import ServiceError, invalid_field
+from app.errors import ServiceError, invalid_field, nul_free_filename
 from app.registry.adapters import artifact_in_use, get_adapter, list_adapters
 from app.registry.database import transaction
 from app.registry.models import get_model
@@ -78,6 +78,7 @@ def upload_adapter(
 ) -> JobAccepted:
     """Upload an adapter archive (including the legacy Tinker `.tar`); the job unpacks it as
     hostile input, converts and registers it."""
+    source = nul_free_filename(file.filename) or "upload"
     try:
         user_metadata = json.loads(metadata) if metadata else {}
     except json.JSONDecodeError as exc:
@@ -95,7 +96,7 @@ def upload_adapter(
     staged = f"staging/uploads/{new_id('upl')}.archive"
     with artifacts.writer(staged) as handle:
         shutil.copyfileobj(file.file, handle, 1 << 20)
-    params = {"source_kind": "upload", "source": file.filename or "upload", "upload": staged, "name": name, "metadata": user_metadata}
+    params = {"source_kind": "upload", "source": source, "upload": staged, "name": name, "metadata": user_metadata}
     try:
         job = _queue_import(sessions, connection, settings, base_model, params, undo_also=lambda: artifacts.delete(staged))
     except ServiceError:

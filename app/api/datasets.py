@@ -7,6 +7,7 @@ from pydantic import AfterValidator
 
 from app.api.deps import ArtifactsDep, SessionDep, SessionsDep, SettingsDep
 from app.datasets import default_name, parse_upload
+from app.errors import nul_free_filename
 from app.registry.datasets import get_dataset, list_datasets, register_dataset
 from app.schemas import ERROR_RESPONSES, DatasetOut, DatasetPage, without_nul
 
@@ -32,8 +33,9 @@ def upload_dataset(
 ) -> DatasetOut:
     """Upload a dataset. A malformed row is a 422 naming its line and field, and nothing is
     kept. Rows already uploaded (as CSV or JSONL) answer 200 with the existing dataset."""
-    upload = parse_upload(file.file.read(), file.filename)
-    dataset, created = register_dataset(sessions, artifacts, upload, name or default_name(file.filename))
+    filename = nul_free_filename(file.filename)
+    upload = parse_upload(file.file.read(), filename)
+    dataset, created = register_dataset(sessions, artifacts, upload, name or default_name(filename))
     if created:
         response.headers["Location"] = f"/v1/datasets/{dataset.id}"
     else:

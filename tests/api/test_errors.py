@@ -92,5 +92,24 @@ def test_a_nul_character_anywhere_in_a_body_or_form_is_a_422_naming_the_field(ap
     assert nul_fields(upload) == [("name", "body")]
     adapter = api.post("/v1/adapters/upload", files={"file": ("a.tar", b"archive")}, data={"base_model": "mdl_\x00", "name": "a"})
     assert nul_fields(adapter) == [("base_model", "body")]
+    # a file's name is kept too (a dataset's default name, an import's source)
+    def raw_form(filename: bytes, content: bytes, **fields: str) -> dict[str, Any]:
+        """A multipart body written by hand: clients escape a NUL in a file name, a hostile one need not."""
+        parts = [f'--b\r\ncontent-disposition: form-data; name="{name}"\r\n\r\n{value}\r\n'.encode() for name, value in fields.items()]
+        parts.append(b'--b\r\ncontent-disposition: form-data; name="file"; filename="' + filename + b'"\r\n\r\n' + content + b"\r\n--b--\r\n")
+        return {"content": b"".join(parts), "headers": {"content-type": "multipart/form-data; boundary=b"}}
+
+    named = api.post("/v1/datasets", **raw_form(b"s\x00.jsonl", statements))
+    assert (named.status_code, named.json()["error"]["details"].get("field")) == (422, "file")
+    model = api.post("/v1/models", json={"name": "tiny", "source": str(tiny_llama)}).json()
+    archive = api.post("/v1/adapters/upload", **raw_form(b"a\x00.tar", b"archive", base_model=model["id"], name="a"))
+    assert (archive.status_code, archive.json()["error"]["details"].get("field")) == (422, "file")
+    assert api.get("/v1/jobs", params={"kind": "adapter_import"}).json()["items"] == []
     assert api.get("/v1/datasets").json()["items"] == []
-    assert api.post("/v1/models", json={"name": "tiny", "source": str(tiny_llama)}).status_code == 201
+    # however deeply a body nests, its check is a loop, not a recursion that could run out of stack
+    for depth, status in ((400, 422), (5000, 400)):  # the second deeper than JSON parsing itself goes
+        deep = '{"k": [' * depth + '"end\\u0000"' + "]}" * depth
+        body = f'{{"source": "/nowhere", "base_model": "{model["id"]}", "name": "n", "metadata": {deep}}}'
+        nested = api.post("/v1/adapters/import", content=body, headers={"content-type": "application/json"})
+        assert nested.status_code == status, (depth, nested.text[:300])
+    assert api.post("/v1/models", json={"name": "tiny-2", "source": str(tiny_llama)}).status_code in (200, 201)

@@ -15,7 +15,7 @@ from app.registry.models import get_model
 from app.registry.tables import Adapter, Model, new_id
 from app.settings import Settings
 from workers.adapters.convert import base_modules, convert, read_config
-from workers.errors import JobFailed
+from workers.errors import AttemptSuperseded, JobFailed
 
 if TYPE_CHECKING:
     from workers.context import JobContext
@@ -168,7 +168,7 @@ def run(context: "JobContext") -> dict[str, Any]:
     try:
         with sessions() as session:
             model = get_model(session, context.params["base_model_id"])
-        with store.scratch(context.job_id) as staging:
+        with store.scratch(f"{context.job_id}-{context.attempt}") as staging:  # attempts never share one
             context.progress("fetching", 0, 3)
             files, provenance = _fetch(context, model, staging)
             weights, config_path = _locate(files)
@@ -180,7 +180,16 @@ def run(context: "JobContext") -> dict[str, Any]:
             provenance = provenance | {"user": context.params.get("metadata") or {}}
             adapter, created = _register(context, model, converted, summary, provenance)
             context.progress("done", 3, 3)
-    finally:
-        if context.params.get("upload"):
-            store.delete(context.params["upload"])
+    except AttemptSuperseded:
+        raise  # the job runs again elsewhere, and needs its upload
+    except BaseException:
+        _drop_upload(context)
+        raise
+    _drop_upload(context)
     return {"adapter_id": adapter.id, "sha256": adapter.sha256, "created": created, "conversion_notes": summary.notes}
+
+
+def _drop_upload(context: "JobContext") -> None:
+    """An uploaded archive is read by its job's one finishing attempt, then removed."""
+    if context.params.get("upload"):
+        context.runtime.artifacts.delete(context.params["upload"])
