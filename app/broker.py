@@ -69,6 +69,14 @@ def forget(connection: redis.Redis, settings: Settings, worker_name: str) -> Non
     pipeline.execute()
 
 
+# KEYS[1]: the set of worker names; ARGV[1]: the heartbeat keys' prefix; then the names
+_FORGET_SILENT = """
+for i = 2, #ARGV do
+  if redis.call('EXISTS', ARGV[1] .. ARGV[i]) == 0 then redis.call('ZREM', KEYS[1], ARGV[i]) end
+end
+"""
+
+
 def live_workers(connection: redis.Redis, settings: Settings) -> list[dict[str, Any]]:
     """Workers whose heartbeat has not expired, with what they reported, by name. Names
     whose heartbeat has expired leave the set here."""
@@ -77,8 +85,8 @@ def live_workers(connection: redis.Redis, settings: Settings) -> list[dict[str, 
         return []
     states = connection.mget([heartbeat_key(settings, name) for name in names])
     gone = [name for name, raw in zip(names, states, strict=True) if raw is None]
-    if gone:
-        connection.zrem(_worker_index(settings), *gone)
+    if gone:  # only while their heartbeat is still missing: one may have beaten meanwhile
+        connection.eval(_FORGET_SILENT, 1, _worker_index(settings), heartbeat_key(settings, ""), *gone)
     return [json.loads(raw) for raw in states if raw is not None]
 
 

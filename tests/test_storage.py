@@ -21,6 +21,7 @@ from app.storage import (
     StoreUnavailable,
     open_store,
 )
+from app.storage import bucket as bucket_module
 from app.storage.bucket import BucketStore
 from tests.conftest import S3Server, free_port
 
@@ -386,6 +387,11 @@ def test_s3_copies_beyond_the_cache_limit_are_evicted_least_recently_used_first(
     store.cache_max_bytes = 10
     assert [copy.path.parent.name for copy in store.trim_local_cache(cutoff)] == ["older"]
     assert [copy.path.parent.name for copy in store.cached_copies()] == ["recent"]
+    # a copy handed out after it was listed is not evicted from under its reader
+    [listed] = store.cached_copies()
+    time.sleep(0.01)
+    store.local_path("extractions/recent/states.bin")
+    assert bucket_module._evict(listed) is False and listed.path.is_file()
     # an evicted copy is downloaded again, whole, when it is needed
     assert (store.local_folder("adapters/sha") / "adapter_model.safetensors").read_bytes() == b"w" * 1000
     assert store.local_path("extractions/oldest/states.bin").read_bytes() == b"oldest" * 166

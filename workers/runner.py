@@ -85,6 +85,8 @@ def _finish(worker: WorkerRuntime, job_id: str, attempt: int, started: float, **
                 return
             time.sleep(pause)
             pause = min(2 * pause, 5.0)
+    if not recorded and (job.status, job.worker, job.attempts) == (outcome.get("status"), worker.name, attempt):
+        recorded = True  # an earlier try committed it, and only its answer was lost
     if not recorded:
         log.warning("job outcome %s dropped: the job was taken back from this attempt (now %s)", outcome.get("status"), job.status, extra={"attempt": attempt})
         return

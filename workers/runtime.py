@@ -90,6 +90,8 @@ class WorkerRuntime:
                     self.maybe_sweep_artifacts()
                 except (redis.exceptions.RedisError, sqlalchemy.exc.OperationalError):
                     pass  # Redis or the database is away; the next beat tries again
+                except Exception:  # noqa: BLE001 (the thread must live on: a worker without heartbeats loses every job it runs)
+                    log.exception("heartbeat chores failed; the next beat tries again")
                 stop.wait(self.settings.heartbeat_interval_s)
 
         threading.Thread(target=beat, name="heartbeat", daemon=True).start()

@@ -31,7 +31,9 @@ def create_registry_engine(url: str) -> Engine:
             cursor.close()
 
         return engine
-    return create_engine(url, pool_pre_ping=True, pool_size=10, max_overflow=20)
+    # a database that stops answering fails a connection in seconds, not at the TCP timeout
+    connect_args = {"connect_timeout": 10} if url.startswith("postgresql") else {}
+    return create_engine(url, pool_pre_ping=True, pool_size=10, max_overflow=20, connect_args=connect_args)
 
 
 def session_factory(engine: Engine) -> sessionmaker[Session]:

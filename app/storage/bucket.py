@@ -353,7 +353,7 @@ class BucketStore(ArtifactStore):
         for copy in copies:
             if total <= self.cache_max_bytes or copy.last_activity >= untouched_since:
                 break
-            if dry_run or _evict(copy.path):
+            if dry_run or _evict(copy):
                 evicted.append(copy)
                 total -= copy.size
         return evicted
@@ -404,9 +404,15 @@ def _measured(path: Path) -> LocalLeftover | None:
     return LocalLeftover(path, size, used)
 
 
-def _evict(path: Path) -> bool:
-    """Remove a cached copy so that no reader finds half of it: a folder is renamed to a
-    temporary name first, then removed."""
+def _evict(copy: LocalLeftover) -> bool:
+    """Remove a cached copy so that no reader finds half of it (a folder is renamed to a
+    temporary name first, then removed) — unless it was handed out since it was listed."""
+    path = copy.path
+    try:
+        if datetime.fromtimestamp(path.stat().st_mtime, UTC) > copy.last_activity:
+            return False
+    except FileNotFoundError:
+        return False
     if path.is_dir():
         doomed = partial_name(path)
         try:

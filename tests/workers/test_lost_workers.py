@@ -188,3 +188,14 @@ def test_an_attempt_taken_back_can_no_longer_write_progress_or_an_outcome(api: A
     runner._finish(new, "job_fenced", 2, time.monotonic(), status="succeeded", result={"from": "the new attempt"})
     job = api.get("/v1/jobs/job_fenced").json()
     assert (job["status"], job["result"]) == ("succeeded", {"from": "the new attempt"})
+
+
+def test_a_worker_whose_heartbeat_expired_leaves_the_listing_until_it_beats_again(settings: Settings) -> None:
+    connection = redis.Redis.from_url(settings.resolved_redis_url)
+    broker.beat(connection, settings, {"name": "blinking", "device": "cpu"})
+    broker.beat(connection, settings, {"name": "steady", "device": "cpu"})
+    connection.delete(broker.heartbeat_key(settings, "blinking"))  # its key expired
+    assert [worker["name"] for worker in broker.live_workers(connection, settings)] == ["steady"]
+    assert connection.zrange(f"{settings.queue_prefix}:workers", 0, -1) == [b"steady"]
+    broker.beat(connection, settings, {"name": "blinking", "device": "cpu"})
+    assert [worker["name"] for worker in broker.live_workers(connection, settings)] == ["blinking", "steady"]
