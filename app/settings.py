@@ -24,7 +24,7 @@ MAX_RATE_LIMIT = 1_000_000
 
 
 class Settings(BaseSettings):
-    model_config = SettingsConfigDict(env_file=".env", extra="ignore")
+    model_config = SettingsConfigDict(env_file=".env", extra="ignore", env_ignore_empty=True)  # `NAME=` leaves the default
 
     var_dir: Path = Field(
         Path("var"),
@@ -70,8 +70,9 @@ class Settings(BaseSettings):
 
     worker_device: str = Field("cpu", description="Device a worker owns: `cpu` or `cuda:N`.")
     worker_name: str | None = Field(None, description="Worker name; default <hostname>.<pid>.")
-    worker_memory_budget_mb: int = Field(
-        8192, description="Memory a worker may fill with resident models before evicting the least recently used."
+    worker_memory_budget_mb: int | None = Field(
+        None, ge=1, description="Memory a worker may fill with resident models before evicting the least recently used; a model "
+        "that does not fit alone fails with `over_memory_budget`. Unset: 90% of the GPU's memory on cuda:N, half the machine's on cpu.",
     )
     heartbeat_interval_s: float = Field(2.0, description="How often a worker writes its heartbeat.")
     heartbeat_ttl_s: float = Field(10.0, description="A worker whose heartbeat is older than this is gone.")

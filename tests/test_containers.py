@@ -96,11 +96,13 @@ def test_only_the_first_gpu_worker_starts_by_default(services: dict[str, Any]) -
     assert services["worker-gpu1"]["profiles"] == ["gpu1"]
 
 
-def test_workers_memory_budget_is_set_from_the_environment_with_a_valid_default(services: dict[str, Any]) -> None:
+def test_workers_memory_budget_is_set_from_the_environment_with_a_valid_default(services: dict[str, Any], monkeypatch: pytest.MonkeyPatch) -> None:
+    """Unset, the variable is empty in the container, and the worker sizes its budget by its GPU."""
     for service in WORKER_SERVICES:
         value = services[service]["environment"]["WORKER_MEMORY_BUDGET_MB"]
         default = value.removeprefix("${WORKER_MEMORY_BUDGET_MB:-").removesuffix("}")
-        assert value != default and Settings(worker_memory_budget_mb=default).worker_memory_budget_mb == 8192
+        monkeypatch.setenv("WORKER_MEMORY_BUDGET_MB", default)
+        assert value != default and Settings().worker_memory_budget_mb is None
 
 
 @pytest.mark.parametrize("service", APP_SERVICES)

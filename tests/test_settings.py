@@ -1,3 +1,4 @@
+import os
 from pathlib import Path
 
 import pytest
@@ -75,3 +76,16 @@ def test_a_heartbeat_ttl_shorter_than_two_intervals_is_refused_naming_both(monke
         Settings()
     monkeypatch.setenv("HEARTBEAT_TTL_S", "10")
     assert Settings().heartbeat_ttl_s == 10
+
+
+def test_a_workers_memory_budget_defaults_to_half_the_machine_on_cpu(monkeypatch: pytest.MonkeyPatch) -> None:
+    from workers.runtime import memory_budget_bytes
+
+    monkeypatch.setenv("WORKER_MEMORY_BUDGET_MB", "")  # as docker compose passes an unset variable
+    settings = Settings(worker_device="cpu")
+    assert settings.worker_memory_budget_mb is None
+    physical = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    assert memory_budget_bytes(settings) == physical // 2
+    assert memory_budget_bytes(Settings(worker_memory_budget_mb=3000)) == 3000 * 2**20
+    with pytest.raises(ValueError, match="worker_memory_budget_mb"):
+        Settings(worker_memory_budget_mb=0)

@@ -224,13 +224,26 @@ class WorkerRuntime:
 _runtime: WorkerRuntime | None = None
 
 
+def memory_budget_bytes(settings: Settings) -> int:
+    """WORKER_MEMORY_BUDGET_MB, or by default most of the device: 90% of a GPU's memory (the
+    rest for activations and CUDA's own), half of the machine's memory for a CPU worker (the
+    rest for activations, the OS and the other processes on it)."""
+    if settings.worker_memory_budget_mb is not None:
+        return settings.worker_memory_budget_mb * 2**20
+    if settings.worker_device.startswith("cuda"):
+        import torch
+
+        return int(torch.cuda.get_device_properties(torch.device(settings.worker_device)).total_memory * 0.9)
+    return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") // 2
+
+
 def build_runtime(settings: Settings) -> WorkerRuntime:
     return WorkerRuntime(
         settings=settings,
         name=settings.worker_name or f"{socket.gethostname()}.{os.getpid()}",
         sessions=session_factory(create_registry_engine(settings.resolved_database_url)),
         redis=broker.connect(settings),
-        models=ResidentModels(budget_bytes=settings.worker_memory_budget_mb * 2**20, device=settings.worker_device),
+        models=ResidentModels(budget_bytes=memory_budget_bytes(settings), device=settings.worker_device),
         artifacts=open_store(settings),
     )
 

@@ -6,6 +6,7 @@ from fastapi.testclient import TestClient
 from app.main import create_app
 from app.settings import Settings
 from tests.conftest import Stack, free_port, make_settings
+from workers.runtime import memory_budget_bytes
 
 
 def test_healthz_answers_without_any_backend(database_url: str, tmp_path: Path) -> None:
@@ -71,7 +72,7 @@ def test_workers_list_their_device_memory_and_resident_models(stack: Stack, tiny
 
     worker = wait_until(listed, 10, "the worker to report the model resident")
     assert worker["device"] == "cpu" and worker["current_job"] is None
-    assert worker["memory_budget_bytes"] == stack.settings.worker_memory_budget_mb * 2**20
+    assert worker["memory_budget_bytes"] == memory_budget_bytes(stack.settings)
     resident = next(m for m in worker["resident_models"] if m["model_id"] == model["id"])
     assert resident["bytes"] == stack.client.get(f"/v1/models/{model['id']}").json()["memory_footprint_bytes"]
     assert 0 < worker["memory_used_bytes"] <= worker["memory_budget_bytes"]

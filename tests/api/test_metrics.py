@@ -9,6 +9,7 @@ from prometheus_client.parser import text_string_to_metric_families
 from app import broker
 from app.settings import Settings
 from tests.conftest import Stack, wait_for_job, wait_until
+from workers.runtime import memory_budget_bytes
 
 
 def samples(client: Any) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:
@@ -66,7 +67,7 @@ def test_finished_jobs_fill_the_duration_histogram_and_workers_report_memory(sta
 
     workers = client.get("/v1/workers").json()["items"]
     labels = (("device", "cpu"), ("worker", stack.worker_name))
-    assert figures[("confprobe_worker_memory_budget_bytes", labels)] == stack.settings.worker_memory_budget_mb * 2**20
+    assert figures[("confprobe_worker_memory_budget_bytes", labels)] == memory_budget_bytes(stack.settings)
     assert figures[("confprobe_workers", ())] == len(workers)
     succeeded = client.get("/v1/jobs", params={"kind": "ping", "status": "succeeded", "limit": 200}).json()["items"]
     assert figures[("confprobe_jobs", (("kind", "ping"), ("status", "succeeded")))] == len(succeeded)
