@@ -138,19 +138,7 @@ def serve(host: str | None, port: int | None) -> None:
     # Each child has its own process group, so Ctrl-C in the terminal reaches only this
     # process, which stops the children in order: Redis must outlive the worker's last job.
     embedded_redis: subprocess.Popen[bytes] | None = None
-    env = dict(os.environ)
-    if not settings.redis_url:
-        embedded_redis = broker.start_embedded_redis(settings.embedded_redis_socket, process_group=0)
-        env["REDIS_URL"] = settings.resolved_redis_url
-        click.echo(f"embedded Redis on {settings.embedded_redis_socket}")
-    upgrade(settings.resolved_database_url)
-    listen = ["--host", host or settings.host, "--port", str(port or settings.port)]
-    services = [
-        subprocess.Popen([sys.executable, "-m", "app.cli", "worker"], env=env, process_group=0),
-        subprocess.Popen([sys.executable, "-m", "app.cli", "gateway", *listen], env=env, process_group=0),
-    ]
-    children = [*services, *([embedded_redis] if embedded_redis else [])]
-    click.echo(f"gateway on http://{host or settings.host}:{port or settings.port} (docs at /docs); Ctrl-C stops")
+    services: list[subprocess.Popen[bytes]] = []
 
     def stop_services(at_once: bool) -> None:
         for child in services:
@@ -167,13 +155,27 @@ def serve(host: str | None, port: int | None) -> None:
             click.echo("stopping: the worker finishes the job it is running (Ctrl-C again to stop at once)", err=True)
         stop_services(at_once=requests > 1)
 
-    signal.signal(signal.SIGINT, on_signal)
-    signal.signal(signal.SIGTERM, on_signal)
+    for signum in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):  # SIGHUP: its terminal closed
+        signal.signal(signum, on_signal)
+    exited: subprocess.Popen[bytes] | None = None
     try:
-        while not requests and all(child.poll() is None for child in children):
+        env = dict(os.environ)
+        if not settings.redis_url:
+            embedded_redis = broker.start_embedded_redis(settings.embedded_redis_socket, process_group=0)
+            env["REDIS_URL"] = settings.resolved_redis_url
+            click.echo(f"embedded Redis on {settings.embedded_redis_socket}")
+        upgrade(settings.resolved_database_url)
+        listen = ["--host", host or settings.host, "--port", str(port or settings.port)]
+        for command in (["worker"], ["gateway", *listen]):
+            if not requests:
+                services.append(subprocess.Popen([sys.executable, "-m", "app.cli", *command], env=env, process_group=0))
+        children = [*services, *([embedded_redis] if embedded_redis else [])]
+        if not requests:
+            click.echo(f"gateway on http://{host or settings.host}:{port or settings.port} (docs at /docs); Ctrl-C stops")
+        while not requests and exited is None:
+            exited = next((child for child in children if child.poll() is not None), None)
             time.sleep(0.2)
-        exited_by_itself = not requests
-        if exited_by_itself:
+        if exited is not None:  # a part exited by itself: stop the others
             stop_services(at_once=False)
         while any(child.poll() is None for child in services):
             time.sleep(0.2)
@@ -187,9 +189,8 @@ def serve(host: str | None, port: int | None) -> None:
                 embedded_redis.wait(timeout=30)
             except subprocess.TimeoutExpired:
                 embedded_redis.kill()
-    failed = [child.args for child in children if child.returncode not in (0, -signal.SIGTERM, -signal.SIGINT)]
-    if exited_by_itself:
-        raise SystemExit(f"stopped because a part exited: {(failed or children)[0].args if not failed else failed[0]}")
+    if exited is not None:
+        raise SystemExit(f"stopped because a part exited with {exited.returncode}: {' '.join(map(str, exited.args))}")
 
 
 # --- API keys, on the registry database -------------------------------------------------
