@@ -199,3 +199,26 @@ def test_a_worker_whose_heartbeat_expired_leaves_the_listing_until_it_beats_agai
     assert connection.zrange(f"{settings.queue_prefix}:workers", 0, -1) == [b"steady"]
     broker.beat(connection, settings, {"name": "blinking", "device": "cpu"})
     assert [worker["name"] for worker in broker.live_workers(connection, settings)] == ["blinking", "steady"]
+
+
+def test_a_queued_job_a_live_worker_is_starting_is_left_to_it(api: Any, settings: Settings) -> None:
+    """RQ marks a job started a moment before the worker moves its row to `running`; RQ knows
+    the worker as `<name>.<suffix>`."""
+    from rq.job import JobStatus
+
+    connection = redis.Redis.from_url(settings.resolved_redis_url)
+    suffix = settings.queue_prefix.rsplit("-", 1)[-1]
+    created = utcnow() - timedelta(seconds=60)
+    for name, worker in ((f"job_starting_{suffix}", "busy-worker"), (f"job_started_by_dead_{suffix}", "gone-worker")):
+        add_job(settings, name, "queued", created_at=created)
+        with runtime.build_runtime(settings).sessions() as session:
+            jobs.put_on_queue(connection, settings, session.get(Job, name))
+        held = Queue(broker.default_queue(settings), connection=connection).fetch_job(name)
+        Queue(broker.default_queue(settings), connection=connection).remove(held)
+        held.worker_name = f"{worker}.0a1b2c3d"
+        held.set_status(JobStatus.STARTED)
+        held.save()
+    broker.beat(connection, settings, {"name": "busy-worker", "device": "cpu"})
+
+    requeued = jobs.requeue_orphans(runtime.build_runtime(settings).sessions, connection, settings, min_age_s=10)
+    assert requeued == [f"job_started_by_dead_{suffix}"]
