@@ -92,7 +92,7 @@ def test_datasets_and_hidden_states_go_through_the_bucket(s3_stack: Stack, s3_se
     assert any(key.startswith(f"{prefix}/cache/") for key in keys)
     # the cache hit read the shard through the worker's own local copy
     worker_cache = s3_stack.settings.var_dir.parent / "worker-var" / "cache" / "artifacts" / "objects"
-    assert list(worker_cache.rglob(f"{first['extraction_id']}.safetensors"))
+    assert list(worker_cache.rglob(f"{first['extraction_id']}-1.safetensors"))  # its shard, from the job's first attempt
     assert nothing_stored_locally(s3_stack)
 
 
