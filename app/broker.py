@@ -3,6 +3,7 @@ worker heartbeats, and the embedded Redis server that `serve` starts when `REDIS
 is unset."""
 
 import json
+import secrets
 import shutil
 import subprocess
 import time
@@ -106,6 +107,18 @@ def route(connection: redis.Redis, settings: Settings, model_id: str) -> str:
     backlogs = [queued + (1 if worker.get("current_job") else 0) for worker, queued in zip(holders, pipeline.execute(), strict=True)]
     backlog, name = min(zip(backlogs, [w["name"] for w in holders], strict=True))
     return worker_queue(settings, name) if backlog < settings.affinity_max_backlog else default_queue(settings)
+
+
+def rq_worker_name(worker_name: str) -> str:
+    """The name a worker registers with RQ: its own and a random suffix. RQ refuses a name its
+    registry still lists, and a worker killed with SIGKILL stays listed for hours, so a
+    container restarted under the same hostname and pid must not reuse it."""
+    return f"{worker_name}.{secrets.token_hex(4)}"
+
+
+def worker_of_rq_name(rq_name: str | None) -> str:
+    """The worker's own name, from the name it gave RQ (`rq_worker_name`)."""
+    return (rq_name or "").rsplit(".", 1)[0]
 
 
 def rq_queue_key(queue: str) -> str:

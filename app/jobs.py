@@ -106,8 +106,7 @@ def requeue_orphans(sessions: sessionmaker[Session], connection: redis.Redis, se
         else:
             held = RQJob.fetch_many([rq_job_id(job)], connection=connection)[0]
             status = held.get_status(refresh=False) if held is not None else None
-            # RQ names a worker `<our name>.<random suffix>` (workers/main.py)
-            if status == JobStatus.QUEUED or (status == JobStatus.STARTED and (held.worker_name or "").rsplit(".", 1)[0] in live):
+            if status == JobStatus.QUEUED or (status == JobStatus.STARTED and broker.worker_of_rq_name(held.worker_name) in live):
                 continue  # waiting on its queue, or being started by a live worker right now
         put_on_queue(connection, settings, job)
         log.info("job queued again: RQ no longer held it", extra={"job_id": job.id, "queue": job.queue})

@@ -1,7 +1,6 @@
 """Worker entry point: one process, one device, jobs run in this process (RQ SimpleWorker:
 no fork per job, so CUDA contexts and resident models survive between jobs)."""
 
-import secrets
 import warnings
 from typing import Any
 
@@ -35,9 +34,7 @@ def run_worker(settings: Settings | None = None, burst: bool = False) -> None:
     runtime.install(worker_runtime)
     # its own queue first (jobs routed here for the models it holds), then the shared one
     queues = [Queue(name, connection=worker_runtime.redis) for name in (broker.worker_queue(settings, worker_runtime.name), broker.default_queue(settings))]
-    # RQ refuses a name its registry still lists, and a worker killed with SIGKILL stays
-    # listed for hours: a container restarted under the same hostname and pid must start.
-    rq_worker = ServiceWorker(queues, connection=worker_runtime.redis, name=f"{worker_runtime.name}.{secrets.token_hex(4)}")
+    rq_worker = ServiceWorker(queues, connection=worker_runtime.redis, name=broker.rq_worker_name(worker_runtime.name))
     stop_heartbeats = worker_runtime.start_heartbeats()
     try:
         rq_worker.work(burst=burst, logging_level=settings.log_level.upper(), with_scheduler=False)

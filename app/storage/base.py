@@ -7,9 +7,10 @@ interrupted leaves nothing under its key. Artifacts are never changed once writt
 keys carry a content hash or a fresh id), which is what lets a worker keep a local copy.
 """
 
+import shutil
 from abc import ABC, abstractmethod
 from collections.abc import Iterator
-from contextlib import AbstractContextManager
+from contextlib import AbstractContextManager, contextmanager
 from dataclasses import dataclass
 from datetime import datetime
 from pathlib import Path, PurePosixPath
@@ -18,6 +19,7 @@ from typing import BinaryIO
 # Marks temporary names (`.<name>.<random>.partial`), so a janitor can find what an
 # interrupted process left behind.
 PARTIAL_SUFFIX = ".partial"
+SCRATCH_FOLDER = "staging"  # jobs' scratch folders, beside the store's own folders
 CHUNK_BYTES = 1 << 20
 
 
@@ -156,10 +158,22 @@ class ArtifactStore(ABC):
         Symbolic links are refused (ValueError) before anything is written. Register the
         artifact only after this returns: a reader must never find a row before its files."""
 
+    @property
     @abstractmethod
-    def scratch(self, name: str) -> AbstractContextManager[Path]:
-        """A fresh local folder for a job's work in progress, removed when the block ends;
-        on the same filesystem as the store when there is one, so publishing is a rename."""
+    def scratch_root(self) -> Path:
+        """The local folder that holds `scratch` folders: on the same filesystem as the store
+        when there is one, so publishing is a rename."""
+
+    @contextmanager
+    def scratch(self, name: str) -> Iterator[Path]:
+        """A fresh local folder for a job's work in progress, removed when the block ends."""
+        folder = self.scratch_root.joinpath(*PurePosixPath(checked_key(name)).parts)
+        shutil.rmtree(folder, ignore_errors=True)
+        folder.mkdir(parents=True)
+        try:
+            yield folder
+        finally:
+            shutil.rmtree(folder, ignore_errors=True)
 
     # --- leftovers of interrupted work ------------------------------------------------
 

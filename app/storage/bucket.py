@@ -27,6 +27,7 @@ from typing import Any, BinaryIO
 from app.storage.base import (
     CHUNK_BYTES,
     PARTIAL_SUFFIX,
+    SCRATCH_FOLDER,
     ArtifactMissing,
     ArtifactStore,
     LocalLeftover,
@@ -38,7 +39,6 @@ from app.storage.base import (
     is_partial,
 )
 from app.storage.folder import (
-    SCRATCH_FOLDER,
     idle_trees,
     partial_name,
     partial_names,
@@ -259,15 +259,9 @@ class BucketStore(ArtifactStore):
             raise
         return not existed
 
-    @contextmanager
-    def scratch(self, name: str) -> Iterator[Path]:
-        folder = self.local_dir.joinpath(SCRATCH_FOLDER, *PurePosixPath(checked_key(name)).parts)
-        shutil.rmtree(folder, ignore_errors=True)
-        folder.mkdir(parents=True)
-        try:
-            yield folder
-        finally:
-            shutil.rmtree(folder, ignore_errors=True)
+    @property
+    def scratch_root(self) -> Path:
+        return self.local_dir / SCRATCH_FOLDER
 
     # --- leftovers of interrupted work ------------------------------------------------
 
@@ -321,7 +315,7 @@ class BucketStore(ArtifactStore):
         candidates = sorted((self.local_dir / UPLOADS_FOLDER).glob(f"*{PARTIAL_SUFFIX}"))
         for area in ("objects", "folders"):
             candidates += partial_names(self.local_dir / area)
-        scratch = self.local_dir / SCRATCH_FOLDER
+        scratch = self.scratch_root
         candidates += sorted(scratch.iterdir()) if scratch.is_dir() else []
         return list(idle_trees(candidates, older_than))
 
@@ -397,11 +391,11 @@ def _used(cached: Path) -> bool:
 def _measured(path: Path) -> LocalLeftover | None:
     """A cached copy's bytes and last use: a file's own time, or a folder's (touched on use)."""
     try:
-        used = datetime.fromtimestamp(path.stat().st_mtime, UTC)
-        size = path.stat().st_size if path.is_file() else sum(inner.stat().st_size for inner in path.rglob("*") if inner.is_file())
+        status = path.stat()
+        size = status.st_size if path.is_file() else sum(inner.stat().st_size for inner in path.rglob("*") if inner.is_file())
     except FileNotFoundError:
         return None
-    return LocalLeftover(path, size, used)
+    return LocalLeftover(path, size, datetime.fromtimestamp(status.st_mtime, UTC))
 
 
 def _evict(copy: LocalLeftover) -> bool:

@@ -22,6 +22,7 @@ from typing import BinaryIO
 from app.storage.base import (
     CHUNK_BYTES,
     PARTIAL_SUFFIX,
+    SCRATCH_FOLDER,
     ArtifactMissing,
     ArtifactStore,
     LocalLeftover,
@@ -30,8 +31,6 @@ from app.storage.base import (
     checked_prefix,
     is_partial,
 )
-
-SCRATCH_FOLDER = "staging"
 
 
 def refuse_links(folder: Path) -> list[Path]:
@@ -254,15 +253,9 @@ class FolderStore(ArtifactStore):
             sync_directory(target.parent)
         return True
 
-    @contextmanager
-    def scratch(self, name: str) -> Iterator[Path]:
-        folder = self.path(f"{SCRATCH_FOLDER}/{checked_key(name)}")
-        shutil.rmtree(folder, ignore_errors=True)
-        folder.mkdir(parents=True)
-        try:
-            yield folder
-        finally:
-            shutil.rmtree(folder, ignore_errors=True)
+    @property
+    def scratch_root(self) -> Path:
+        return self.root / SCRATCH_FOLDER
 
     # --- leftovers of interrupted work ------------------------------------------------
 
@@ -271,7 +264,7 @@ class FolderStore(ArtifactStore):
         process left is a stored object (`iter_objects` lists it, and the janitor removes it);
         what stays behind is their folders, empty: those under `staging/` and temporary
         names, with no file anywhere inside."""
-        scratch = self.root / SCRATCH_FOLDER
+        scratch = self.scratch_root
         candidates = sorted(scratch.iterdir()) if scratch.is_dir() else []
         candidates += [path for path in partial_names(self.root) if path.is_dir() and not path.is_relative_to(scratch)]
         return list(idle_trees(candidates, older_than, empty_only=True))

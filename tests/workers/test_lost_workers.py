@@ -215,7 +215,7 @@ def test_a_queued_job_a_live_worker_is_starting_is_left_to_it(api: Any, settings
             jobs.put_on_queue(connection, settings, session.get(Job, name))
         held = Queue(broker.default_queue(settings), connection=connection).fetch_job(name)
         Queue(broker.default_queue(settings), connection=connection).remove(held)
-        held.worker_name = f"{worker}.0a1b2c3d"
+        held.worker_name = broker.rq_worker_name(worker)
         held.set_status(JobStatus.STARTED)
         held.save()
     broker.beat(connection, settings, {"name": "busy-worker", "device": "cpu"})
