@@ -1,5 +1,6 @@
 """The error envelope: every error answer is `{"error": {"code", "message", "details"}}`."""
 
+import errno
 import logging
 from typing import Any
 
@@ -100,6 +101,11 @@ async def _validation_error(_request: Request, exc: Exception) -> JSONResponse:
 
 async def _http_error(_request: Request, exc: Exception) -> JSONResponse:
     assert isinstance(exc, StarletteHTTPException)
+    # FastAPI answers 400 for any failure to parse a body; two of them are not malformed bodies
+    if isinstance(exc.__cause__, RecursionError):
+        return error_response(422, "invalid_field", "body: nests too deeply to parse", {"field": "body"})
+    if disk_full(exc.__cause__):
+        return _disk_full_response()
     code = _HTTP_CODES.get(exc.status_code, "http_error")
     message = exc.detail if isinstance(exc.detail, str) else code.replace("_", " ")
     return error_response(exc.status_code, code, message, headers=getattr(exc, "headers", None))
@@ -127,6 +133,24 @@ async def _artifact_missing(_request: Request, exc: Exception) -> JSONResponse:
     return error_response(410, "artifact_missing", f"{exc}: the record remains but its data is gone; delete it and create it again", {"key": key})
 
 
+def disk_full(exc: BaseException | None) -> bool:
+    """Whether `exc` is a write refused for lack of space (or of quota) on a disk."""
+    return isinstance(exc, OSError) and exc.errno in (errno.ENOSPC, errno.EDQUOT)
+
+
+def _disk_full_response() -> JSONResponse:
+    return error_response(503, "store_full", "the service's disk is full; try again once space is freed", {"backend": "disk"}, headers={"Retry-After": "60"})
+
+
+async def _os_error(request: Request, exc: Exception) -> JSONResponse:
+    """A full disk is the store's fault, not the client's: 503. Any other OSError that reaches
+    here is unexpected."""
+    if disk_full(exc):
+        logging.getLogger(__name__).error("a write failed for lack of space: %s", exc)
+        return _disk_full_response()
+    return await _unexpected(request, exc)
+
+
 async def _unexpected(_request: Request, exc: Exception) -> JSONResponse:
     return error_response(500, "internal", f"internal error: {type(exc).__name__}")
 
@@ -148,4 +172,5 @@ def install_error_handlers(app: FastAPI) -> None:
     app.add_exception_handler(sqlalchemy.exc.TimeoutError, _backend_unavailable)  # connection pool exhausted
     app.add_exception_handler(StoreUnavailable, _store_unavailable)
     app.add_exception_handler(ArtifactMissing, _artifact_missing)
+    app.add_exception_handler(OSError, _os_error)
     app.add_exception_handler(Exception, _unexpected)

@@ -1,17 +1,19 @@
 """Request and response bodies of the HTTP API (v1). Tables live in `app.registry.tables`."""
 
 from datetime import datetime
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, field_validator
 
 from app.auth import display_prefix
+from app.documents import within_depth_limit
 from app.errors import NUL_MESSAGE
 from app.registry.tables import Adapter, ApiKey, Dataset, Extraction, Job, Model, Probe
 from app.settings import MAX_RATE_LIMIT
 
 JobStatus = Literal["queued", "running", "succeeded", "failed", "cancelled"]
 Dtype = Literal["float32", "bfloat16", "float16"]
+DISPLAY_NAME_MAX = 200  # characters in a resource's display name
 Quantization = Literal["8bit", "4bit"]
 
 
@@ -54,7 +56,7 @@ class Request(BaseModel):
 
 
 class ModelCreate(Request):
-    name: str = Field(min_length=1, max_length=200, description="Display name.")
+    name: str = Field(min_length=1, max_length=DISPLAY_NAME_MAX, description="Display name.")
     source: str = Field(
         min_length=1,
         max_length=1000,
@@ -233,7 +235,9 @@ class AdapterImport(Request):
     )
     base_model: str = Field(description="Id of the registered base model the adapter was trained on.")
     name: str = Field(min_length=1, max_length=200)
-    metadata: dict[str, Any] = Field(default_factory=dict, description="Training metadata to keep with it (dataset, run, notes…).")
+    metadata: Annotated[dict[str, Any], AfterValidator(within_depth_limit)] = Field(
+        default_factory=dict, description="Training metadata to keep with it (dataset, run, notes…)."
+    )
 
 
 class AdapterOut(BaseModel):

@@ -1,7 +1,6 @@
 """`/v1/adapters`: import LoRA adapters (Tinker, folders, archives, URLs, uploads) as jobs;
 list, show and delete them."""
 
-import json
 import shutil
 from collections.abc import Callable
 from typing import Annotated, Any
@@ -16,6 +15,7 @@ from app import broker, jobs
 from app.adapters import classify_source
 from app.api.deps import ArtifactsDep, RedisDep, SessionDep, SessionsDep, SettingsDep
 from app.archives import FORMAT_HEAD_BYTES, ArchiveRejected, archive_format_of
+from app.documents import parse_document
 from app.errors import ServiceError, invalid_field, nul_free_filename
 from app.registry.adapters import artifact_in_use, get_adapter, list_adapters
 from app.registry.database import transaction
@@ -79,10 +79,7 @@ def upload_adapter(
     """Upload an adapter archive (including the legacy Tinker `.tar`); the job unpacks it as
     hostile input, converts and registers it."""
     source = nul_free_filename(file.filename) or "upload"
-    try:
-        user_metadata = json.loads(metadata) if metadata else {}
-    except json.JSONDecodeError as exc:
-        raise invalid_field("metadata", f"not valid JSON: {exc}") from exc
+    user_metadata = parse_document(metadata, "json", "metadata") if metadata else {}
     if not isinstance(user_metadata, dict):
         raise invalid_field("metadata", "must be a JSON object")
     with sessions() as session:

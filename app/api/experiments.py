@@ -1,11 +1,10 @@
 """`/v1/experiments`: a whole experiment config (YAML or JSON, SPEC §6) run as one job that
 chains adapter import, extraction, probe training and the report."""
 
-import json
+from pathlib import PurePath
 from typing import Any
 
 import redis
-import yaml
 from fastapi import APIRouter, Request, Response
 from fastapi.exceptions import RequestValidationError
 from pydantic import ValidationError
@@ -16,14 +15,17 @@ from app import broker, jobs
 from app.adapters import classify_source
 from app.api.deps import RedisDep, SessionDep, SessionsDep, SettingsDep
 from app.api.models import register
-from app.errors import invalid_field, not_found
+from app.documents import parse_document
+from app.errors import ServiceError, invalid_field, not_found
 from app.extractions import resolve_layers
 from app.registry.database import transaction
 from app.registry.tables import Dataset, Experiment, Job, new_id
 from app.schemas import (
     ERROR_RESPONSES,
     ExperimentAccepted,
+    DISPLAY_NAME_MAX,
     ExperimentConfig,
+    ExperimentModel,
     ExperimentOut,
     JobOut,
     ModelCreate,
@@ -36,15 +38,42 @@ YAML_TYPES = ("application/yaml", "application/x-yaml", "text/yaml", "text/x-yam
 
 
 def _parse(raw: bytes, content_type: str) -> ExperimentConfig:
-    try:
-        document = yaml.safe_load(raw) if content_type.startswith(YAML_TYPES) else json.loads(raw)
-    except (yaml.YAMLError, json.JSONDecodeError, UnicodeDecodeError) as exc:
-        raise invalid_field("body", f"not valid {'YAML' if content_type.startswith(YAML_TYPES) else 'JSON'}: {exc}") from exc
+    document = parse_document(raw, "yaml" if content_type.startswith(YAML_TYPES) else "json", "body")
     try:
         return ExperimentConfig.model_validate(document)
     except ValidationError as exc:
-        # as FastAPI reports body errors, so the envelope names each key (`model.colour`)
-        raise RequestValidationError([error | {"loc": ("body", *error["loc"])} for error in exc.errors()]) from exc
+        raise _body_errors(exc, ()) from exc
+
+
+def _body_errors(exc: ValidationError, at: tuple[str, ...]) -> RequestValidationError:
+    """As FastAPI reports body errors, so the envelope names each key (`model.colour`)."""
+    return RequestValidationError([error | {"loc": ("body", *at, *error["loc"])} for error in exc.errors()])
+
+
+def _model_registration(model: ExperimentModel) -> ModelCreate:
+    """The config's model as a registration. Its `name` is the source (an id or a folder);
+    the display name is that, or the folder's own name when the path is longer than a
+    display name may be. Anything else the registration refuses is named under `model`."""
+    display_name = model.name if len(model.name) <= DISPLAY_NAME_MAX else PurePath(model.name).name[-DISPLAY_NAME_MAX:]
+    try:
+        return ModelCreate(name=display_name or model.name[-DISPLAY_NAME_MAX:], source=model.name, revision=model.revision, dtype=model.dtype, quantization=model.quantization)
+    except ValidationError as exc:
+        raise _body_errors(exc, ("model",)) from exc
+
+
+# where each field of a model registration comes from in a config
+REGISTRATION_FIELDS = {"name": "model.name", "source": "model.name", "revision": "model.revision", "dtype": "model.dtype", "quantization": "model.quantization"}
+
+
+def _named_in_config(exc: ServiceError) -> ServiceError:
+    """A registration's error, naming the config's key (`model.name`) instead of the
+    registration's field (`source`)."""
+    field = exc.details.get("field")
+    if field not in REGISTRATION_FIELDS:
+        return exc
+    key = REGISTRATION_FIELDS[field]
+    message = f"{key}: {exc.message.removeprefix(f'{field}: ')}"
+    return ServiceError(exc.status, exc.code, message, headers=exc.headers, **(exc.details | {"field": key}))
 
 
 def _adapter_source(config: ExperimentConfig) -> str | None:
@@ -108,10 +137,10 @@ def _submit(
 ) -> ExperimentAccepted:
     adapter = _adapter_source(config)
     adapter_source = classify_source(adapter, settings) if adapter else None
-    model, _ = register(
-        ModelCreate(name=config.model.name, source=config.model.name, revision=config.model.revision, dtype=config.model.dtype, quantization=config.model.quantization),
-        settings, sessions, connection,
-    )  # fmt: skip
+    try:
+        model, _ = register(_model_registration(config.model), settings, sessions, connection)
+    except ServiceError as exc:
+        raise _named_in_config(exc) from exc
     dataset_path = None
     with sessions() as session:
         if session.get(Dataset, config.probe.dataset) is None:
