@@ -107,9 +107,9 @@ def test_a_nul_character_anywhere_in_a_body_or_form_is_a_422_naming_the_field(ap
     assert api.get("/v1/jobs", params={"kind": "adapter_import"}).json()["items"] == []
     assert api.get("/v1/datasets").json()["items"] == []
     # however deeply a body nests, its check is a loop, not a recursion that could run out of stack
-    for depth, status in ((400, 422), (5000, 400)):  # the second deeper than JSON parsing itself goes
+    for depth in (400, 5000):  # the second deeper than JSON parsing itself goes
         deep = '{"k": [' * depth + '"end\\u0000"' + "]}" * depth
         body = f'{{"source": "/nowhere", "base_model": "{model["id"]}", "name": "n", "metadata": {deep}}}'
         nested = api.post("/v1/adapters/import", content=body, headers={"content-type": "application/json"})
-        assert nested.status_code == status, (depth, nested.text[:300])
+        assert nested.status_code == 422, (depth, nested.text[:300])
     assert api.post("/v1/models", json={"name": "tiny-2", "source": str(tiny_llama)}).status_code in (200, 201)
