@@ -3,6 +3,7 @@ carrying the id of the job it was written for — `null` outside a job — so a 
 be pulled out of many processes' logs with one filter."""
 
 import logging
+import re
 import sys
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -31,6 +32,36 @@ class JobIdFilter(logging.Filter):
         return True
 
 
+# Query parameters that carry credentials: API keys sent as `?api_key=` (refused, but still
+# logged by the access log), tokens, and the signature parts of presigned URLs.
+CREDENTIAL_PARAMETERS = re.compile(
+    r"(?P<name>[?&](?:api[_-]?key|key|token|access[_-]?token|secret|password|signature|x-amz-signature|x-amz-credential|x-amz-security-token)=)[^&#\s\"']*",
+    re.IGNORECASE,
+)
+# The service's own keys (`cpk_<prefix>_<secret>`) wherever they appear: the public prefix
+# stays, so a line still says which key it was.
+API_KEY_SECRET = re.compile(r"\b(?P<kept>cpk_[0-9a-fA-F]{0,12}_?)[A-Za-z0-9_-]+")
+REDACTED = "***"
+
+
+def redacted(text: str) -> str:
+    """`text` with credentials in URLs and the secrets of API keys replaced by `***`."""
+    text = CREDENTIAL_PARAMETERS.sub(rf"\g<name>{REDACTED}", text)
+    return API_KEY_SECRET.sub(rf"\g<kept>{REDACTED}", text)
+
+
+class RedactCredentials(logging.Filter):
+    """Every line leaves the process without credentials in it: uvicorn's access log writes
+    the full query string, and a message may quote a URL or a key a client sent."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        message = record.getMessage()
+        cleaned = redacted(message)
+        if cleaned != message:
+            record.msg, record.args = cleaned, ()
+        return True
+
+
 def formatter(log_format: str) -> logging.Formatter:
     if log_format == "json":
         from pythonjsonlogger.json import JsonFormatter
@@ -50,6 +81,7 @@ def configure(settings: Settings) -> None:
     handler = logging.StreamHandler(sys.stderr)
     handler.setFormatter(formatter(settings.log_format))
     handler.addFilter(JobIdFilter())
+    handler.addFilter(RedactCredentials())
     root = logging.getLogger()
     root.handlers[:] = [handler]
     root.setLevel(settings.log_level.upper())

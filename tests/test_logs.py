@@ -87,3 +87,30 @@ def test_library_lines_and_python_warnings_in_a_job_are_json_lines_with_its_id(a
     python_warning = [line for line in lines if "a Python warning" in line["message"]]
     assert [(line["logger"], line["level"], line["job_id"]) for line in library] == [("transformers.modeling_utils", "WARNING", job_id)]
     assert [(line["logger"], line["job_id"]) for line in python_warning] == [("py.warnings", job_id)]
+
+
+def test_credentials_in_urls_and_api_keys_never_reach_the_gateways_log(settings: Settings, tmp_path: Path) -> None:
+    settings = settings.model_copy(update={"log_format": "json", "log_level": "info", "auth_enabled": True})
+    from app import auth
+    from app.registry.database import create_registry_engine, session_factory, transaction
+
+    with transaction(session_factory(create_registry_engine(settings.resolved_database_url))) as session:
+        _, key = auth.create_key(session, "logged", ["read"])
+    secret = key.split("_", 2)[2]
+    port = free_port()
+    gateway_log = tmp_path / "gateway.log"
+    gateway = start_gateway(settings, port, log_file=gateway_log)
+    try:
+        client = httpx.Client(base_url=f"http://127.0.0.1:{port}")
+        assert client.get("/v1/models", params={"api_key": key, "limit": 5}).status_code == 401  # keys go in headers only
+        assert client.get("/v1/models", params={"token": "hunter2-token", "X-Amz-Signature": "f00dfeed"}).status_code == 401
+        assert client.get(f"/v1/jobs/{key}", headers={"Authorization": f"Bearer {key}"}).status_code == 404
+    finally:
+        stop_process(gateway)
+
+    lines = json_lines(gateway_log)
+    access = [line["message"] for line in lines if line["logger"] == "uvicorn.access" and "/v1/" in line["message"]]
+    assert len(access) == 3 and "api_key=***&limit=5" in access[0]
+    logged = gateway_log.read_text()
+    for credential in (secret, "hunter2-token", "f00dfeed"):
+        assert credential not in logged

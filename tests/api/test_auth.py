@@ -295,3 +295,25 @@ def test_without_redis_keys_are_still_checked_and_limits_are_not(database_url: s
         key = make_key(client.app.state.sessions, ["read"])
         assert [client.get("/v1/models", headers=bearer(key)).status_code for _ in range(3)] == [200, 200, 200]
         assert_envelope(client.get("/v1/models"), 401, "unauthorized")
+
+
+def heartbeat_of_a_worker(settings: Settings) -> None:
+    """A worker's heartbeat in Redis, as a worker on `host-17` running a job writes it."""
+    import redis
+
+    from app import broker
+
+    state = {"name": "gpu-box-3", "device": "cuda:0", "pid": 4242, "host": "host-17", "current_job": "job_secret_work"}
+    broker.beat(redis.Redis.from_url(settings.resolved_redis_url), settings, state)
+
+
+def test_readyz_tells_anyone_whether_it_is_ready_but_not_where_workers_run(api: Any, settings: Settings) -> None:
+    heartbeat_of_a_worker(settings)
+    response = api.get("/readyz")
+    assert response.status_code == 200
+    assert response.json()["checks"] == {"database": "ok", "redis": "ok", "workers": 1}
+    assert "host-17" not in response.text and "gpu-box-3" not in response.text and "job_secret_work" not in response.text
+    read_key = make_key(api.app.state.sessions, ["read"])
+    assert api.get("/readyz", headers={"X-API-Key": "cpk_000000000000_" + "A" * 43}).json()["checks"]["workers"] == 1
+    detailed = api.get("/readyz", headers=bearer(read_key)).json()["checks"]["workers"]
+    assert detailed == [{"name": "gpu-box-3", "device": "cuda:0", "current_job": "job_secret_work"}]
