@@ -273,6 +273,53 @@ def test_scratch_is_an_empty_local_folder_removed_afterwards(store: ArtifactStor
 # --- leftovers of interrupted work ----------------------------------------------------------
 
 
+KILLED_WRITER = """
+import os, sys, time
+from app.settings import Settings
+from app.storage import open_store
+
+store = open_store(Settings.model_validate_json(sys.argv[1]))
+with store.temporary_path(sys.argv[2]) as path:
+    path.write_bytes(os.urandom(1 << 20))
+    print("written", flush=True)
+    time.sleep(600)
+"""
+
+
+def killed_mid_write(settings: Settings, key: str) -> None:
+    """A real process that dies (SIGKILL) while it writes `key`, as a worker killed mid-job."""
+    import signal
+    import subprocess
+    import sys
+
+    writer = subprocess.Popen([sys.executable, "-c", KILLED_WRITER, settings.model_dump_json(), key], stdout=subprocess.PIPE)
+    assert writer.stdout is not None and writer.stdout.readline() == b"written\n"
+    writer.send_signal(signal.SIGKILL)
+    writer.wait(10)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_what_a_killed_writer_left_of_a_key_is_removed_and_nothing_else(backend: str, tmp_path: Path, request: pytest.FixtureRequest) -> None:
+    s3_server = request.getfixturevalue("s3_server") if backend == "s3" else None
+    settings = settings_for(backend, tmp_path, s3_server)
+    store = open_store(settings)
+    store.write_bytes("extractions/e/states.bin", b"an earlier, finished artifact")
+    killed_mid_write(settings, "extractions/e/states.bin")
+    killed_mid_write(settings, "extractions/e/states.bin.more")
+    killed_mid_write(settings, "extractions/other/states.bin")
+    assert len([path for path in local_files(store) if path.name.endswith(PARTIAL_SUFFIX)]) == 3
+    if isinstance(store, BucketStore):
+        name = f"{store.prefix}extractions/e/states.bin"
+        upload_id = store.client.create_multipart_upload(Bucket=store.bucket, Key=name)["UploadId"]
+        store.client.upload_part(Bucket=store.bucket, Key=name, UploadId=upload_id, PartNumber=1, Body=b"12345")
+
+    assert store.remove_partials("extractions/e/states.bin") == (2 if isinstance(store, BucketStore) else 1)
+    assert unfinished_uploads(store) == []
+    assert len([path for path in local_files(store) if path.name.endswith(PARTIAL_SUFFIX)]) == 2  # other keys' are not its to remove
+    assert store.read_bytes("extractions/e/states.bin") == b"an earlier, finished artifact"
+    assert store.remove_partials("extractions/e/states.bin") == 0
+
+
 def test_incomplete_uploads_are_listed_under_a_folder_and_aborted_once(store: ArtifactStore) -> None:
     if not isinstance(store, BucketStore):
         assert store.list_multipart_uploads("extractions") == []  # a folder store writes temporary files instead

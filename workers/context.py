@@ -1,6 +1,9 @@
 """What a job handler gets: its parameters, the worker's runtime, and `progress()`."""
 
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 from sqlalchemy import ColumnElement, update
@@ -42,3 +45,22 @@ class JobContext:
         jobs.publish(self.runtime.redis, self.runtime.settings, job)
         if job.cancel_requested:
             raise JobCancelled()
+
+    def clear_earlier_attempts(self, *keys: str) -> None:
+        """Before this attempt writes `keys`, remove what earlier attempts at the job left
+        half-written under them (killed mid-write, they never cleaned up): on a nearly full
+        disk the retry needs that space, and the janitor would give it back only after its
+        grace period. Earlier attempts are fenced off by now, so nothing live uses it."""
+        if self.attempt > 1:
+            for key in keys:
+                self.runtime.artifacts.remove_partials(key)
+
+    @contextmanager
+    def scratch(self) -> Iterator[Path]:
+        """This attempt's scratch folder (attempts never share one), after removing the ones
+        earlier attempts left on this machine."""
+        store = self.runtime.artifacts
+        for earlier in range(1, self.attempt):
+            store.discard_scratch(f"{self.job_id}-{earlier}")
+        with store.scratch(f"{self.job_id}-{self.attempt}") as folder:
+            yield folder

@@ -165,9 +165,12 @@ class HiddenStateCache:
             out[to_text, to_slot] = states[from_row, from_slot]
             del states
 
+    def shard_key(self, shard_name: str) -> str:
+        return f"cache/{self.space[:2]}/{self.space}/{shard_name}.safetensors"
+
     def add(self, shard_name: str, shas: Sequence[str], layers: Sequence[int], states: np.ndarray, truncated: Sequence[bool]) -> None:
         """Write a shard, then index it; an index that fails to commit takes its shard away."""
-        shard = f"cache/{self.space[:2]}/{self.space}/{shard_name}.safetensors"
+        shard = self.shard_key(shard_name)
         with self.store.temporary_path(shard) as path:
             arrays.write(path, STATES_TENSOR, states, metadata={"layers": json.dumps(list(layers))})
         rows = [
@@ -246,6 +249,7 @@ def hidden_states(context: "JobContext", request: StatesRequest, texts: Sequence
             )  # fmt: skip
         if settings.extraction_cache:
             # one shard per attempt: an attempt taken back must not overwrite the next one's
+            context.clear_earlier_attempts(*(cache.shard_key(f"{shard_name}-{earlier}") for earlier in range(1, context.attempt)))
             cache.add(f"{shard_name}-{context.attempt}", missing, layers, computed, tokenized.truncated)
         for row, sha in enumerate(missing):
             truncated_by_sha[sha] = tokenized.truncated[row]
@@ -282,6 +286,7 @@ def run(context: "JobContext") -> dict[str, Any]:
     artifact = f"extractions/{extraction.id}/hidden_states.safetensors"
     metadata = {"layers": json.dumps(layers), "token_position": extraction.token_position, "model_id": model.id}
     # the result is written in place as it is computed: never held whole in memory
+    context.clear_earlier_attempts(artifact)
     with store.temporary_path(artifact) as path:
         out = arrays.allocate(path, STATES_TENSOR, (len(texts), len(layers), model.hidden_size), metadata)
         result = hidden_states(context, request, texts, shard_name=extraction.id, out=out)

@@ -167,13 +167,28 @@ class ArtifactStore(ABC):
     @contextmanager
     def scratch(self, name: str) -> Iterator[Path]:
         """A fresh local folder for a job's work in progress, removed when the block ends."""
-        folder = self.scratch_root.joinpath(*PurePosixPath(checked_key(name)).parts)
+        folder = self._scratch_folder(name)
         shutil.rmtree(folder, ignore_errors=True)
         folder.mkdir(parents=True)
         try:
             yield folder
         finally:
             shutil.rmtree(folder, ignore_errors=True)
+
+    def discard_scratch(self, name: str) -> None:
+        """Remove the scratch folder `name` that a killed process left on this machine."""
+        shutil.rmtree(self._scratch_folder(name), ignore_errors=True)
+
+    def _scratch_folder(self, name: str) -> Path:
+        return self.scratch_root.joinpath(*PurePosixPath(checked_key(name)).parts)
+
+    @abstractmethod
+    def remove_partials(self, key: str) -> int:
+        """Remove what interrupted writes of `key` left: temporary files (in the store, or on
+        this machine before an upload) and unfinished multipart uploads; return how many.
+        Only for a caller that knows no live writer uses them — a job's next attempt, once
+        the earlier ones are fenced off — so that a retry on a nearly full disk does not
+        wait for the janitor's grace period to get its space back."""
 
     # --- leftovers of interrupted work ------------------------------------------------
 

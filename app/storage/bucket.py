@@ -13,6 +13,7 @@ pays for it. Credentials and region come from the standard AWS settings (environ
 variables, `~/.aws`, instance roles).
 """
 
+import hashlib
 import io
 import os
 import shutil
@@ -42,8 +43,10 @@ from app.storage.folder import (
     idle_trees,
     partial_name,
     partial_names,
+    partials_of,
     refuse_links,
     remove_leftover,
+    remove_paths,
     sync_file,
 )
 
@@ -206,11 +209,12 @@ class BucketStore(ArtifactStore):
     # --- writing -----------------------------------------------------------------------
 
     @contextmanager
-    def _upload_file(self) -> Iterator[Path]:
-        """A local temporary file, removed whatever happens."""
+    def _upload_file(self, key: str) -> Iterator[Path]:
+        """A local temporary file, removed whatever happens; named for `key`, so that what a
+        killed writer left can be found (`remove_partials`)."""
         folder = self.local_dir / UPLOADS_FOLDER
         folder.mkdir(parents=True, exist_ok=True)
-        descriptor, name = tempfile.mkstemp(dir=folder, prefix=".upload.", suffix=PARTIAL_SUFFIX)
+        descriptor, name = tempfile.mkstemp(dir=folder, prefix=f".{_upload_name(key)}.", suffix=PARTIAL_SUFFIX)
         os.close(descriptor)
         try:
             yield Path(name)
@@ -228,7 +232,7 @@ class BucketStore(ArtifactStore):
     @contextmanager
     def writer(self, key: str) -> Iterator[BinaryIO]:
         checked_key(key)
-        with self._upload_file() as temporary:
+        with self._upload_file(key) as temporary:
             with temporary.open("wb") as handle:
                 yield handle
             self._upload(temporary, key)
@@ -236,7 +240,7 @@ class BucketStore(ArtifactStore):
     @contextmanager
     def temporary_path(self, key: str) -> Iterator[Path]:
         checked_key(key)
-        with self._upload_file() as temporary:
+        with self._upload_file(key) as temporary:
             yield temporary
             self._upload(temporary, key)
 
@@ -297,6 +301,15 @@ class BucketStore(ArtifactStore):
             if error_code(exc) == NO_SUCH_UPLOAD:
                 return None
             raise
+
+    def remove_partials(self, key: str) -> int:
+        key = checked_key(key)
+        removed = remove_paths(partials_of(self.local_dir / UPLOADS_FOLDER, _upload_name(key)))
+        for upload in self.list_multipart_uploads(PurePosixPath(key).parent.as_posix() if "/" in key else ""):
+            if upload.key == key:
+                self.abort_multipart_upload(key, upload.upload_id)
+                removed += 1
+        return removed
 
     def abort_multipart_upload(self, key: str, upload_id: str) -> None:
         from botocore.exceptions import ClientError
@@ -371,6 +384,11 @@ class BucketStore(ArtifactStore):
                 raise StoreUnavailable(f"the artifact store {self.location} did not delete {first.get('Key')}: {first.get('Code')}")
         shutil.rmtree(self._cached("folders", prefix), ignore_errors=True)
         shutil.rmtree(self._cached("objects", prefix), ignore_errors=True)
+
+
+def _upload_name(key: str) -> str:
+    """What a local upload file of `key` is named after: a digest, as keys hold slashes."""
+    return "upload-" + hashlib.sha256(key.encode()).hexdigest()[:16]
 
 
 def error_code(exc: Any) -> str:

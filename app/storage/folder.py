@@ -9,6 +9,7 @@ folder after it, so another machine that is told about the artifact finds it who
 
 import errno
 import os
+import re
 import secrets
 import shutil
 import stat
@@ -46,6 +47,31 @@ def refuse_links(folder: Path) -> list[Path]:
 
 def partial_name(target: Path) -> Path:
     return target.with_name(f".{target.name}.{secrets.token_hex(4)}{PARTIAL_SUFFIX}")
+
+
+def partials_of(folder: Path, name: str) -> list[Path]:
+    """The temporary names in `folder` of writes of `name`: `.<name>.<8 random>.partial`, as
+    `partial_name` and `tempfile.mkstemp` make them."""
+    pattern = re.compile(rf"\.{re.escape(name)}\.[A-Za-z0-9_]{{8}}{re.escape(PARTIAL_SUFFIX)}")
+    try:
+        return sorted(path for path in folder.iterdir() if pattern.fullmatch(path.name))
+    except (FileNotFoundError, NotADirectoryError):
+        return []
+
+
+def remove_paths(paths: list[Path]) -> int:
+    """Remove files and folders that may vanish meanwhile; how many this call removed."""
+    removed = 0
+    for path in paths:
+        try:
+            if path.is_dir() and not path.is_symlink():
+                shutil.rmtree(path)
+            else:
+                path.unlink()
+            removed += 1
+        except FileNotFoundError:
+            continue
+    return removed
 
 
 def partial_names(top: Path) -> Iterator[Path]:
@@ -201,6 +227,10 @@ class FolderStore(ArtifactStore):
     def writer(self, key: str) -> Iterator[BinaryIO]:
         with self.temporary_path(key) as temporary, temporary.open("wb") as handle:
             yield handle
+
+    def remove_partials(self, key: str) -> int:
+        target = self.path(key)
+        return remove_paths(partials_of(target.parent, target.name))
 
     @contextmanager
     def temporary_path(self, key: str) -> Iterator[Path]:
