@@ -287,6 +287,9 @@ def safetensors_header(file: Path) -> dict[str, Any]:
     for name, entry in header.items():
         if not _matches_its_bytes(entry, data_bytes):
             raise ValueError(f"{file.name}: tensor {name[:100]!r} does not match its byte range")
+    ranges = sorted(tuple(entry["data_offsets"]) for entry in header.values())
+    if any(begin < previous_end for (_, previous_end), (begin, _) in zip(ranges, ranges[1:], strict=False)):
+        raise ValueError(f"{file.name}: tensors overlap, so their sizes cannot all be real")
     return header
 
 

@@ -148,6 +148,13 @@ def test_a_tensor_whose_shape_the_file_does_not_back_is_refused(folder: Path, en
     assert failure.code == "model_load_failed" and "does not match its byte range" in failure.message
 
 
+def test_tensors_claiming_the_same_bytes_are_refused(folder: Path) -> None:
+    entry = {"dtype": "F32", "shape": [2, 2], "data_offsets": [0, 16]}
+    write_safetensors(folder / "model.safetensors", {"a.weight": entry, "b.weight": entry}, bytes(16))
+    failure = job_failure(lambda: estimate_footprint(unchecked_row(folder)))
+    assert failure.code == "model_load_failed" and "overlap" in failure.message
+
+
 @pytest.mark.parametrize("shard", ["../elsewhere/model.safetensors", "/etc/passwd"])
 def test_a_shard_index_naming_a_file_outside_the_folder_is_refused(folder: Path, shard: str) -> None:
     (folder / "model.safetensors.index.json").write_text(json.dumps({"weight_map": {"lm_head.weight": shard}}))
