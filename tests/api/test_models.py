@@ -337,6 +337,17 @@ def test_with_model_roots_a_cached_snapshot_outside_them_is_a_403(settings: Sett
         assert str(settings.hf_cache_dir) not in _error(response)["message"]
 
 
+def test_with_model_roots_holding_the_cache_a_cached_model_registers(settings: Settings, tiny_llama: Path) -> None:
+    from fastapi.testclient import TestClient
+
+    from app.main import create_app
+
+    _hf_repository(settings, tiny_llama)
+    assert settings.hf_cache_dir is not None
+    with TestClient(create_app(settings.model_copy(update={"model_roots": [settings.hf_cache_dir]}))) as api:
+        assert register(api, "tiny-org/tiny-llama").status_code == 201
+
+
 def test_a_config_json_that_is_a_fifo_is_a_prompt_422_naming_the_source(api: Any, tiny_llama: Path) -> None:
     (tiny_llama / "config.json").unlink()
     os.mkfifo(tiny_llama / "config.json")
