@@ -273,10 +273,17 @@ def _hf_snapshot(source: str, revision: str | None, hf_cache_dir: Path | None, m
     """The snapshot folder of a Hugging Face id in the local cache, found by hand in the
     layout huggingface_hub writes (`models--org--name/{refs/<revision>, snapshots/<commit>/}`)
     so that nothing but a checked name is ever joined to a path. The snapshot, links
-    resolved, must lie in that repository's `snapshots/` (and under MODEL_ROOTS when set)."""
+    resolved, must lie in that repository's `snapshots/`; with MODEL_ROOTS set, the cache
+    and the snapshot must both lie under them."""
     wanted = check_revision(revision) if revision is not None else "main"
+    outside_roots = ServiceError(
+        403, "forbidden", f"source: the cached snapshot of {source!r} is outside the folders models may be registered from (MODEL_ROOTS)", field="source"
+    )
     try:
-        repository = _hf_cache_root(hf_cache_dir).expanduser().resolve() / f"models--{source.replace('/', '--')}"
+        cache = _hf_cache_root(hf_cache_dir).expanduser().resolve()
+        if _outside_roots(cache, model_roots):  # before anything is looked up, so the answer says nothing of what is cached
+            raise outside_roots
+        repository = cache / f"models--{source.replace('/', '--')}"
         commit = wanted if COMMIT_HASH.fullmatch(wanted) else _commit_of(repository / "refs" / wanted, source, wanted)
         snapshot = (repository / "snapshots" / commit).resolve()
         is_dir = snapshot.is_dir()
@@ -287,9 +294,7 @@ def _hf_snapshot(source: str, revision: str | None, hf_cache_dir: Path | None, m
     if not snapshot.is_relative_to(repository / "snapshots"):
         raise ServiceError(403, "forbidden", f"source: the cached snapshot of {source!r} (revision {wanted}) lies outside the Hugging Face cache", field="source")
     if _outside_roots(snapshot, model_roots):
-        raise ServiceError(
-            403, "forbidden", f"source: the cached snapshot of {source!r} is outside the folders models may be registered from (MODEL_ROOTS)", field="source"
-        )
+        raise outside_roots
     return ResolvedSource(kind="hf_cache", identity=source, path=snapshot)
 
 

@@ -323,7 +323,7 @@ def test_a_snapshot_linked_out_of_the_cache_is_a_403_that_does_not_say_where_it_
     assert api.get("/v1/models").json()["items"] == []
 
 
-def test_with_model_roots_a_cached_snapshot_outside_them_is_a_403(settings: Settings, tiny_llama: Path, tmp_path: Path) -> None:
+def test_with_model_roots_a_cache_outside_them_is_a_403_whether_or_not_the_model_is_cached(settings: Settings, tiny_llama: Path, tmp_path: Path) -> None:
     from fastapi.testclient import TestClient
 
     from app.main import create_app
@@ -331,10 +331,11 @@ def test_with_model_roots_a_cached_snapshot_outside_them_is_a_403(settings: Sett
     _hf_repository(settings, tiny_llama)
     (tmp_path / "roots").mkdir()
     with TestClient(create_app(settings.model_copy(update={"model_roots": [tmp_path / "roots"]}))) as api:
-        response = register(api, "tiny-org/tiny-llama")
-        assert response.status_code == 403
-        assert _names_field(response, "source") and "MODEL_ROOTS" in _error(response)["message"]
-        assert str(settings.hf_cache_dir) not in _error(response)["message"]
+        for repo_id in ("tiny-org/tiny-llama", "tiny-org/not-cached"):
+            response = register(api, repo_id)
+            assert response.status_code == 403, repo_id
+            assert _names_field(response, "source") and "MODEL_ROOTS" in _error(response)["message"]
+            assert str(settings.hf_cache_dir) not in _error(response)["message"]
 
 
 def test_with_model_roots_holding_the_cache_a_cached_model_registers(settings: Settings, tiny_llama: Path) -> None:
