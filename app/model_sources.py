@@ -1,20 +1,187 @@
 """Where a model's files are, and what its `config.json` says — read as plain JSON, so the
-gateway learns a model's shape without torch or transformers."""
+gateway learns a model's shape without torch or transformers.
+
+Every path here comes from a request, so nothing is trusted: a Hugging Face revision is a
+checked ref name or commit hash and is resolved here, inside the cache, never handed to
+huggingface_hub as a path; files are read only when regular and within a bound
+(`app.user_files`); and a config's sizes are bounded, so a worker never tries to build an
+absurd model.
+"""
 
 import hashlib
 import json
 import re
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Annotated, Any
+
+from pydantic import BeforeValidator, Field
 
 from app.errors import ServiceError, invalid_field
+from app.user_files import METADATA_MAX_BYTES, FileTooLarge, NotARegularFile, read_regular_file
 
 HF_REPO_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,95}(/[A-Za-z0-9][A-Za-z0-9_.-]{0,95})?$", re.ASCII)
 
 # Config keys that name the same thing across architectures (Llama/BERT, GPT-2, T5-style).
 LAYER_COUNT_KEYS = ("num_hidden_layers", "n_layer", "num_layers")
 HIDDEN_SIZE_KEYS = ("hidden_size", "n_embd", "d_model")
+
+# --- Revisions -------------------------------------------------------------------------
+
+# The registry's column width for a revision.
+REVISION_MAX_LENGTH = 200
+COMMIT_HASH = re.compile(r"[0-9a-f]{40}")
+# A branch or tag name, roughly as `git check-ref-format` allows: components of
+# [A-Za-z0-9._-] joined by single slashes, none starting with a dot. Published in the API
+# schema; `check_revision` adds what a regular expression without look-arounds cannot say.
+REVISION_PATTERN = r"^[A-Za-z0-9_-][A-Za-z0-9._-]*(/[A-Za-z0-9_-][A-Za-z0-9._-]*)*$"
+# A `refs/<revision>` file holds one 40-hex commit hash (and perhaps a newline).
+REF_MAX_BYTES = 256
+
+
+def check_revision(value: Any) -> Any:
+    """A revision names a ref inside the cache's `refs/` folder, so it must never be able to
+    name anything else: no absolute path, no `..`, no empty or hidden component. Anything
+    not a string is left to the field's type to refuse."""
+    if not isinstance(value, str):
+        return value
+    if not 1 <= len(value) <= REVISION_MAX_LENGTH:
+        raise ValueError(f"a revision is 1 to {REVISION_MAX_LENGTH} characters")
+    if not re.fullmatch(REVISION_PATTERN, value, re.ASCII):
+        raise ValueError(
+            "a revision is a 40-hex commit hash or a branch or tag name: letters, digits, '.', '_', '-' "
+            "and single '/' between parts, not starting or ending with '/', no part starting with '.'"
+        )
+    if ".." in value or any(part.endswith((".", ".lock")) for part in value.split("/")):
+        raise ValueError("a revision holds no '..' and no part ending in '.' or '.lock'")
+    return value
+
+
+Revision = Annotated[
+    str,
+    BeforeValidator(check_revision),
+    Field(
+        min_length=1,
+        max_length=REVISION_MAX_LENGTH,
+        pattern=REVISION_PATTERN,
+        description="Hugging Face revision: a 40-hex commit hash, or a branch or tag name in the local cache's refs/.",
+    ),
+]
+
+# --- Config sizes ----------------------------------------------------------------------
+
+# Bounds on a config's sizes: well above every published model (the largest have ~130
+# layers, width ~25k, vocabularies ~260k, contexts ~10M), far below what would make a
+# worker build a model it cannot hold. A key may hold a whole number, a list of them (one
+# per layer) or null.
+MAX_LAYERS = 1_024
+MAX_HIDDEN_SIZE = 65_536
+MAX_INTERMEDIATE_SIZE = 262_144
+MAX_ATTENTION_HEADS = 1_024
+MAX_VOCAB_SIZE = 1_048_576
+MAX_POSITION_EMBEDDINGS = 16_777_216
+MAX_EXPERTS = 1_024
+# Layers times experts per layer: the number of expert blocks a model builds (DeepSeek-V3
+# has 61 x 256).
+MAX_EXPERT_BLOCKS = 65_536
+
+CONFIG_SIZE_BOUNDS: dict[str, tuple[int, str]] = {
+    **dict.fromkeys(
+        ("num_hidden_layers", "n_layer", "n_layers", "num_layers", "num_decoder_layers", "num_encoder_layers", "encoder_layers", "decoder_layers"),
+        (MAX_LAYERS, "MAX_LAYERS"),
+    ),
+    **dict.fromkeys(
+        ("hidden_size", "n_embd", "d_model", "embedding_size", "word_embed_proj_dim", "head_dim", "d_kv", "kv_channels",
+         "kv_lora_rank", "q_lora_rank", "qk_rope_head_dim", "qk_nope_head_dim", "v_head_dim"),
+        (MAX_HIDDEN_SIZE, "MAX_HIDDEN_SIZE"),
+    ),
+    **dict.fromkeys(
+        ("intermediate_size", "n_inner", "ffn_dim", "d_ff", "ffn_hidden_size", "encoder_ffn_dim", "decoder_ffn_dim",
+         "moe_intermediate_size", "shared_expert_intermediate_size", "intermediate_size_mlp"),
+        (MAX_INTERMEDIATE_SIZE, "MAX_INTERMEDIATE_SIZE"),
+    ),
+    **dict.fromkeys(
+        ("num_attention_heads", "n_head", "num_heads", "num_key_value_heads", "num_kv_heads", "n_head_kv", "multi_query_group_num",
+         "encoder_attention_heads", "decoder_attention_heads"),
+        (MAX_ATTENTION_HEADS, "MAX_ATTENTION_HEADS"),
+    ),
+    **dict.fromkeys(("vocab_size", "padded_vocab_size", "type_vocab_size"), (MAX_VOCAB_SIZE, "MAX_VOCAB_SIZE")),
+    **dict.fromkeys(
+        ("max_position_embeddings", "n_positions", "n_ctx", "seq_length", "max_sequence_length", "max_seq_len"),
+        (MAX_POSITION_EMBEDDINGS, "MAX_POSITION_EMBEDDINGS"),
+    ),
+    **dict.fromkeys(
+        ("num_experts", "num_local_experts", "n_routed_experts", "n_shared_experts", "moe_num_experts", "num_experts_per_tok"),
+        (MAX_EXPERTS, "MAX_EXPERTS"),
+    ),
+}
+EXPERT_COUNT_KEYS = ("num_experts", "num_local_experts", "n_routed_experts", "moe_num_experts")
+
+
+class UnreasonableConfig(ValueError):
+    """A config value outside what this service accepts; `key` is its dotted path."""
+
+    def __init__(self, key: str, message: str, bound: int | None = None) -> None:
+        super().__init__(f"config.json: {key} {message}")
+        self.key = key
+        self.bound = bound
+
+
+def _whole_numbers(value: Any) -> list[int] | None:
+    """The non-negative whole numbers a size key holds (one, or one per layer), or None
+    when it holds anything else. Null holds none."""
+    values = value if isinstance(value, list) else [] if value is None else [value]
+    if all(isinstance(item, int) and not isinstance(item, bool) and item >= 0 for item in values):
+        return values
+    return None
+
+
+def _largest(config: dict[str, Any], keys: tuple[str, ...]) -> int:
+    return max((max(_whole_numbers(config.get(key)) or [0], default=0) for key in keys), default=0)
+
+
+def check_config_sizes(config: dict[str, Any]) -> None:
+    """Raise `UnreasonableConfig` naming the first size key (at any depth: multimodal models
+    nest a `text_config`) that is not a non-negative whole number or passes its bound. The
+    walk is a loop, not recursion, so a deeply nested config cannot exhaust the stack."""
+    pending: list[tuple[str, dict[str, Any]]] = [("", config)]
+    while pending:
+        prefix, section = pending.pop()
+        for key, value in section.items():
+            path = f"{prefix}{key}"
+            if key not in CONFIG_SIZE_BOUNDS:
+                if isinstance(value, dict):
+                    pending.append((f"{path}.", value))
+                continue
+            bound, name = CONFIG_SIZE_BOUNDS[key]
+            numbers = _whole_numbers(value)
+            if numbers is None:
+                shown = json.dumps(value)[:40]
+                raise UnreasonableConfig(path, f"must be a non-negative whole number (or a list of them), not {shown}")
+            if numbers and max(numbers) > bound:
+                raise UnreasonableConfig(path, f"is {max(numbers)}, over this service's bound of {bound:,} ({name})", bound)
+        layers, experts = _largest(section, LAYER_COUNT_KEYS), _largest(section, EXPERT_COUNT_KEYS)
+        if layers * experts > MAX_EXPERT_BLOCKS:
+            raise UnreasonableConfig(
+                f"{prefix}num_experts",
+                f"times the layer count is {layers * experts:,} expert blocks, over this service's bound of {MAX_EXPERT_BLOCKS:,} (MAX_EXPERT_BLOCKS)",
+                MAX_EXPERT_BLOCKS,
+            )
+
+
+def parse_config(raw: bytes) -> dict[str, Any]:
+    """A config.json's bytes as a JSON object, or `ValueError` saying why not (bad UTF-8 or
+    JSON, nesting too deep to parse, a number too long to convert, not an object)."""
+    try:
+        config = json.loads(raw.decode("utf-8"))
+    except (ValueError, RecursionError) as exc:  # UnicodeDecodeError and JSONDecodeError are ValueErrors
+        raise ValueError(f"config.json is not valid JSON: {str(exc)[:200]}") from exc
+    if not isinstance(config, dict):
+        raise ValueError("config.json is not a JSON object")
+    return config
+
+
+# --- Sources ---------------------------------------------------------------------------
 
 
 @dataclass(frozen=True)
@@ -39,63 +206,151 @@ def _looks_like_path(source: str) -> bool:
         return False
 
 
+def _outside_roots(path: Path, model_roots: list[Path] | None) -> bool:
+    roots = [root.expanduser().resolve() for root in model_roots or []]
+    return bool(roots) and not any(path.is_relative_to(root) for root in roots)
+
+
+def _local_folder(source: str, revision: str | None, model_roots: list[Path] | None) -> ResolvedSource:
+    """A local folder, judged by where its links lead; messages name it as the caller did,
+    never where its links lead or the gateway's working directory."""
+    try:
+        path = Path(source).expanduser().resolve()
+        if _outside_roots(path, model_roots):
+            raise ServiceError(403, "forbidden", f"source: {source!r} is outside the folders models may be registered from (MODEL_ROOTS)", field="source")
+        exists = path.exists()
+        is_dir = path.is_dir()
+    except (OSError, ValueError, RuntimeError) as exc:
+        raise invalid_field("source", f"{source!r} is not a usable path") from exc
+    if not exists:
+        raise ServiceError(404, "not_found", f"source: no such folder {source!r}", field="source")
+    if not is_dir:
+        raise invalid_field("source", f"{source!r} is not a folder")
+    if revision is not None:
+        raise invalid_field("revision", "a local folder has no revisions; leave revision out")
+    return ResolvedSource(kind="local", identity=str(path), path=path)
+
+
+def _hf_cache_root(hf_cache_dir: Path | None) -> Path:
+    if hf_cache_dir is not None:
+        return hf_cache_dir
+    from huggingface_hub import constants
+
+    return Path(constants.HF_HUB_CACHE)
+
+
+def _not_cached(source: str, revision: str) -> ServiceError:
+    return ServiceError(
+        404,
+        "not_found",
+        f"source: {source!r} (revision {revision}) is not in the local Hugging Face cache; "
+        "the service never downloads models — put it in the cache or pass a local folder",
+        field="source",
+    )
+
+
+def _commit_of(ref: Path, source: str, revision: str) -> str:
+    """The commit hash a `refs/` file holds, read only when it is a small regular file. A
+    missing ref and a folder in its place (a ref named like a prefix of others) answer alike."""
+    try:
+        text = read_regular_file(ref, REF_MAX_BYTES).decode("ascii").strip()
+    except (FileNotFoundError, NotADirectoryError):
+        raise _not_cached(source, revision) from None
+    except NotARegularFile as exc:
+        if exc.kind == "directory":
+            raise _not_cached(source, revision) from None
+        raise invalid_field("revision", f"the local cache's ref for {revision!r} is a {exc.kind}, not a file holding a commit hash") from None
+    except (FileTooLarge, UnicodeDecodeError):
+        text = ""
+    except OSError as exc:
+        raise invalid_field("revision", f"the local cache's ref for {revision!r} cannot be read ({exc.strerror})") from None
+    if not COMMIT_HASH.fullmatch(text):
+        raise invalid_field("revision", f"the local cache's ref for {revision!r} does not hold a commit hash")
+    return text
+
+
+def _hf_snapshot(source: str, revision: str | None, hf_cache_dir: Path | None, model_roots: list[Path] | None) -> ResolvedSource:
+    """The snapshot folder of a Hugging Face id in the local cache, found by hand in the
+    layout huggingface_hub writes (`models--org--name/{refs/<revision>, snapshots/<commit>/}`)
+    so that nothing but a checked name is ever joined to a path. The snapshot, links
+    resolved, must lie in that repository's `snapshots/`; with MODEL_ROOTS set, the cache
+    and the snapshot must both lie under them."""
+    wanted = check_revision(revision) if revision is not None else "main"
+    outside_roots = ServiceError(
+        403, "forbidden", f"source: the cached snapshot of {source!r} is outside the folders models may be registered from (MODEL_ROOTS)", field="source"
+    )
+    try:
+        cache = _hf_cache_root(hf_cache_dir).expanduser().resolve()
+        if _outside_roots(cache, model_roots):  # before anything is looked up, so the answer says nothing of what is cached
+            raise outside_roots
+        repository = cache / f"models--{source.replace('/', '--')}"
+        commit = wanted if COMMIT_HASH.fullmatch(wanted) else _commit_of(repository / "refs" / wanted, source, wanted)
+        snapshot = (repository / "snapshots" / commit).resolve()
+        is_dir = snapshot.is_dir()
+    except (OSError, RuntimeError):  # a link loop, or a path this filesystem refuses
+        raise _not_cached(source, wanted) from None
+    if not is_dir:
+        raise _not_cached(source, wanted)
+    if not snapshot.is_relative_to(repository / "snapshots"):
+        raise ServiceError(403, "forbidden", f"source: the cached snapshot of {source!r} (revision {wanted}) lies outside the Hugging Face cache", field="source")
+    if _outside_roots(snapshot, model_roots):
+        raise outside_roots
+    return ResolvedSource(kind="hf_cache", identity=source, path=snapshot)
+
+
 def resolve_source(source: str, revision: str | None, hf_cache_dir: Path | None = None, model_roots: list[Path] | None = None) -> ResolvedSource:
     """A local folder, or a Hugging Face id that is already in the local cache. Nothing is
     downloaded: a model not on this machine is a 404 naming `source`. With `model_roots`,
-    a local folder must lie under one of them (after resolving links), else 403 — checked
+    the folder must lie under one of them (after resolving links), else 403 — checked
     before existence, so callers cannot map the filesystem."""
     if _looks_like_path(source):
-        try:
-            path = Path(source).expanduser().resolve()
-            roots = [root.expanduser().resolve() for root in model_roots or []]
-            if roots and not any(path.is_relative_to(root) for root in roots):
-                raise ServiceError(403, "forbidden", f"source: {str(path)!r} is outside the folders models may be registered from (MODEL_ROOTS)", field="source")
-            exists = path.exists()
-        except (OSError, ValueError) as exc:
-            raise invalid_field("source", f"not a usable path: {exc}") from exc
-        if not exists:
-            raise ServiceError(404, "not_found", f"source: no such folder {str(path)!r}", field="source")
-        if not path.is_dir():
-            raise invalid_field("source", f"{str(path)!r} is not a folder")
-        if revision is not None:
-            raise invalid_field("revision", "a local folder has no revisions; leave revision out")
-        return ResolvedSource(kind="local", identity=str(path), path=path)
-    if not HF_REPO_ID.match(source):
+        return _local_folder(source, revision, model_roots)
+    if not HF_REPO_ID.match(source) or "--" in source or ".." in source:
         raise invalid_field("source", "neither an existing local folder nor a Hugging Face id like 'org/name'")
-    from huggingface_hub import snapshot_download
-    from huggingface_hub.errors import HFValidationError, LocalEntryNotFoundError
-
     try:
-        folder = snapshot_download(source, revision=revision, cache_dir=hf_cache_dir, local_files_only=True)
-    except HFValidationError as exc:
-        raise invalid_field("source", f"not a valid Hugging Face id: {exc}") from exc
-    except LocalEntryNotFoundError as exc:
-        raise ServiceError(
-            404,
-            "not_found",
-            f"source: {source!r} (revision {revision or 'main'}) is not in the local Hugging Face cache; "
-            "the service never downloads models — put it in the cache or pass a local folder",
-            field="source",
-        ) from exc
-    return ResolvedSource(kind="hf_cache", identity=source, path=Path(folder))
+        return _hf_snapshot(source, revision, hf_cache_dir, model_roots)
+    except ValueError as exc:  # a revision that did not come through the request schema
+        raise invalid_field("revision", str(exc)) from exc
 
 
 WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".gguf")
+
+
+def read_config_bytes(folder: Path) -> bytes:
+    """The bytes of the folder's `config.json`, read only when it is a regular file of at
+    most METADATA_MAX_BYTES; else a 422 naming `source` (never where the folder is)."""
+    try:
+        return read_regular_file(folder / "config.json", METADATA_MAX_BYTES)
+    except (FileNotFoundError, NotADirectoryError):
+        raise invalid_field("source", "the model folder has no config.json") from None
+    except NotARegularFile as exc:
+        raise invalid_field("source", f"the model folder's config.json is a {exc.kind}, not a regular file") from None
+    except FileTooLarge:
+        raise invalid_field("source", f"the model folder's config.json is larger than {METADATA_MAX_BYTES:,} bytes") from None
+    except OSError as exc:
+        raise invalid_field("source", f"the model folder's config.json cannot be read ({exc.strerror})") from None
 
 
 def fingerprint(source: ResolvedSource) -> str:
     """What identifies the model's weights in cache keys. A Hugging Face snapshot is named
     by its commit, which pins every file; a local folder is hashed from its config bytes and
     each weight file's name, size and modification time (hashing gigabytes of weights on
-    every registration would cost minutes)."""
+    every registration would cost minutes). Weight files are only stat'ed, never opened, so
+    a FIFO or device among them cannot block the request."""
     digest = hashlib.sha256()
     if source.kind == "hf_cache":
         digest.update(f"hf:{source.identity}@{source.path.name}".encode())
         return digest.hexdigest()
-    digest.update(b"local:" + (source.path / "config.json").read_bytes())
-    for weights in sorted(p for p in source.path.iterdir() if p.name.endswith(WEIGHT_SUFFIXES)):
-        stat = weights.stat()
-        digest.update(f"{weights.name}:{stat.st_size}:{stat.st_mtime_ns}".encode())
+    digest.update(b"local:" + read_config_bytes(source.path))
+    try:
+        for weights in sorted(p for p in source.path.iterdir() if p.name.endswith(WEIGHT_SUFFIXES)):
+            try:
+                stat = weights.stat()
+            except OSError:  # a dangling link: the worker's check says what is wrong
+                continue
+            digest.update(f"{weights.name}:{stat.st_size}:{stat.st_mtime_ns}".encode())
+    except OSError as exc:
+        raise invalid_field("source", f"the model folder cannot be listed ({exc.strerror})") from None
     return digest.hexdigest()
 
 
@@ -109,21 +364,21 @@ def _first_int(config: dict[str, Any], keys: tuple[str, ...], name: str) -> int:
 
 def read_model_shape(folder: Path) -> ModelShape:
     """Architecture, layer count and hidden size from `config.json`. A config that needs
-    remote code (`auto_map`) is refused: the service never runs `trust_remote_code`."""
-    config_path = folder / "config.json"
-    if not config_path.is_file():
-        raise invalid_field("source", f"{str(folder)!r} has no config.json")
+    remote code (`auto_map`) is refused: the service never runs `trust_remote_code`; so is
+    one whose sizes pass this service's bounds (`check_config_sizes`)."""
     try:
-        config = json.loads(config_path.read_text(encoding="utf-8"))
-    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise invalid_field("source", f"config.json is not valid JSON: {exc}") from exc
-    if not isinstance(config, dict):
-        raise invalid_field("source", "config.json is not a JSON object")
+        config = parse_config(read_config_bytes(folder))
+    except ValueError as exc:
+        raise invalid_field("source", str(exc)) from exc
     if config.get("auto_map") or config.get("trust_remote_code"):
         raise invalid_field(
             "source",
             "the model needs trust_remote_code (its config.json has auto_map), which this service never enables",
         )
+    try:
+        check_config_sizes(config)
+    except UnreasonableConfig as exc:
+        raise invalid_field("source", str(exc), config_key=exc.key, bound=exc.bound) from exc
     model_type = config.get("model_type")
     if not isinstance(model_type, str) or not model_type:
         raise invalid_field("source", "config.json has no model_type")

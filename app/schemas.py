@@ -8,6 +8,7 @@ from pydantic import AfterValidator, BaseModel, ConfigDict, Field, field_validat
 from app.auth import display_prefix
 from app.documents import within_depth_limit
 from app.errors import NUL_MESSAGE
+from app.model_sources import Revision
 from app.registry.tables import Adapter, ApiKey, Dataset, Extraction, Job, Model, Probe
 from app.settings import MAX_RATE_LIMIT
 
@@ -62,7 +63,7 @@ class ModelCreate(Request):
         max_length=1000,
         description="A local folder with config.json and weights, or a Hugging Face id already in the local cache.",
     )
-    revision: str | None = Field(None, max_length=200, description="Hugging Face revision (branch, tag or commit).")
+    revision: Revision | None = Field(None, description="Hugging Face revision: a 40-hex commit hash, or a branch or tag name in the local cache.")
     dtype: Dtype = Field("float32", description="Weights' dtype on the worker.")
     quantization: Quantization | None = Field(None, description="bitsandbytes quantization of the linear layers.")
 
@@ -404,7 +405,7 @@ class ExperimentMeta(Request):
 
 class ExperimentModel(Request):
     name: str = Field(min_length=1, max_length=1000, description="Hugging Face id in the local cache, or a local folder.")
-    revision: str | None = None
+    revision: Revision | None = None
     dtype: Dtype = "float32"
     quantization: Quantization | None = None
     tinker_lora_path: str | None = Field(None, description="A PEFT adapter folder (under ADAPTER_ROOTS) to use when Tinker is not enabled.")

@@ -10,14 +10,33 @@ remote code.
 import gc
 import json
 import math
+import os
+import stat
+import struct
 from collections import OrderedDict
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
-from pathlib import Path
+from pathlib import Path, PurePosixPath
 from typing import Any
 
+from app.model_sources import (
+    HIDDEN_SIZE_KEYS,
+    LAYER_COUNT_KEYS,
+    UnreasonableConfig,
+    check_config_sizes,
+    parse_config,
+)
 from app.registry.tables import Model
+from app.user_files import (
+    METADATA_MAX_BYTES,
+    FileTooLarge,
+    NotARegularFile,
+    file_kind,
+    open_regular_file,
+    read_regular_file,
+    regular_file_or_none,
+)
 from workers.errors import JobFailed
 
 TORCH_DTYPES = {"float32": "float32", "bfloat16": "bfloat16", "float16": "float16"}
@@ -28,6 +47,24 @@ SAFETENSORS_FIXED_WIDTHS = {"BOOL": 1, "U8": 1, "I8": 1, "U16": 2, "I16": 2, "U3
 # PEFT keeps LoRA weights in float32 whatever the base's dtype (`autocast_adapter_dtype`).
 ADAPTER_WEIGHT_BYTES = 4
 BUDGET_SETTING = "WORKER_MEMORY_BUDGET_MB"
+# Bits per number of each safetensors dtype code, for checking a header's shapes against its
+# byte ranges.
+SAFETENSORS_BITS = {
+    **dict.fromkeys(("BOOL", "U8", "I8", "F8_E4M3", "F8_E5M2", "F8_E8M0"), 8),
+    **dict.fromkeys(("U16", "I16", "F16", "BF16"), 16),
+    **dict.fromkeys(("U32", "I32", "F32"), 32),
+    **dict.fromkeys(("U64", "I64", "F64", "C64"), 64),
+    **dict.fromkeys(("F6_E2M3", "F6_E3M2"), 6),
+    "F4": 4,
+}
+# A safetensors header is JSON naming each tensor (~100 bytes each): a model with 100,000
+# tensors has a ~10 MiB header. The format itself allows 100 MB.
+SAFETENSORS_HEADER_MAX_BYTES = 32 << 20
+# A sharded checkpoint's index maps every tensor to its shard: ~100 bytes per tensor too.
+SAFETENSORS_INDEX_MAX_BYTES = 32 << 20
+# Config keys read for the parameter floor, beyond the layer count and hidden size.
+VOCAB_SIZE_KEYS = ("vocab_size", "padded_vocab_size")
+INTERMEDIATE_SIZE_KEYS = ("intermediate_size", "n_inner", "ffn_dim", "d_ff", "ffn_hidden_size")
 
 
 @dataclass
@@ -104,6 +141,7 @@ def load_model(row: Model, device: str) -> LoadedModel:
 
     path = row.resolved_path
     dtype = getattr(torch, TORCH_DTYPES[row.dtype])
+    read_model_config(Path(path))
     try:
         config = AutoConfig.from_pretrained(path, local_files_only=True, trust_remote_code=False)
         is_causal_lm = _is_causal_lm(config)
@@ -129,31 +167,158 @@ def load_model(row: Model, device: str) -> LoadedModel:
     )
 
 
+def refuse_special_files(folder: Path) -> None:
+    """transformers opens a model folder's files with a plain `open()`, which blocks forever
+    on a FIFO and never ends on a device; so before anything reads the folder, each of its
+    entries (links followed) must be a regular file or a folder. Entries are stat'ed, never
+    opened. A file swapped in after this check is not caught here; the files this module
+    reads itself are checked again on the open descriptor."""
+    try:
+        entries = list(os.scandir(folder))
+    except OSError as exc:
+        raise JobFailed("model_load_failed", f"could not list {folder}: {exc.strerror}", path=str(folder)) from None
+    for entry in entries:
+        try:
+            mode = os.stat(entry.path).st_mode
+        except OSError:  # a dangling link: loading says what is missing
+            continue
+        if not (stat.S_ISREG(mode) or stat.S_ISDIR(mode)):
+            raise JobFailed(
+                "model_file_not_regular",
+                f"{entry.name!r} in the model folder is a {file_kind(mode)}, not a regular file",
+                file=entry.name,
+            )
+
+
+def _not_regular(exc: NotARegularFile) -> JobFailed:
+    return JobFailed("model_file_not_regular", f"{exc} in the model folder", file=exc.path.name)
+
+
+def read_model_config(folder: Path) -> dict[str, Any]:
+    """The folder's `config.json`, read only as a regular file of at most METADATA_MAX_BYTES,
+    its sizes checked against the gateway's bounds again (the folder may have changed since
+    registration), after `refuse_special_files`. An unreasonable config fails the job with
+    `unsupported_model` before transformers builds anything from it."""
+    refuse_special_files(folder)
+    try:
+        config = parse_config(read_regular_file(folder / "config.json", METADATA_MAX_BYTES))
+    except NotARegularFile as exc:
+        raise _not_regular(exc) from None
+    except (OSError, FileTooLarge, ValueError) as exc:
+        raise JobFailed("model_load_failed", f"could not read the config.json of {folder}: {exc}", path=str(folder)) from None
+    try:
+        check_config_sizes(config)
+    except UnreasonableConfig as exc:
+        raise JobFailed("unsupported_model", str(exc), config_key=exc.key, bound=exc.bound) from None
+    return config
+
+
+def _config_size(config: dict[str, Any], keys: tuple[str, ...], smallest: bool = False) -> int:
+    """The first of `keys` the config sets to a positive size (the smallest or largest of a
+    per-layer list), else 0. Sizes are already checked to be whole numbers."""
+    for key in keys:
+        value = config.get(key)
+        values = [v for v in (value if isinstance(value, list) else [value]) if isinstance(v, int) and not isinstance(v, bool) and v > 0]
+        if values:
+            return min(values) if smallest else max(values)
+    return 0
+
+
+def parameter_floor(config: dict[str, Any]) -> int:
+    """A parameter count the model built from `config` has at least, from its arithmetic
+    alone: the input embeddings (vocabulary x embedding width) and, in each layer that holds
+    its own weights, one projection of its feed-forward block (width x intermediate size) or
+    else one width-sized norm. Attention, the other projections and any head are left out,
+    so it stays well below the real count and cannot refuse a model that would fit; but a
+    floor over the budget refuses an absurd model before anything is built."""
+    hidden = _config_size(config, HIDDEN_SIZE_KEYS)
+    narrower = [size for size in (_config_size(config, ("embedding_size",)), _config_size(config, ("word_embed_proj_dim",))) if size]
+    embedding = min([hidden, *narrower])  # ALBERT and OPT embed narrower, then project
+    layers = _config_size(config, ("num_hidden_groups",)) or _config_size(config, LAYER_COUNT_KEYS)  # ALBERT shares layers in groups
+    intermediate = _config_size(config, INTERMEDIATE_SIZE_KEYS, smallest=True)
+    return _config_size(config, VOCAB_SIZE_KEYS) * embedding + layers * hidden * max(intermediate, 1)
+
+
 def _safetensors_files(folder: Path) -> list[Path]:
     """The weight files transformers loads from `folder` — the shards its index names, or the
-    single file — and no others (some repositories also ship a consolidated copy)."""
+    single file — and no others (some repositories also ship a consolidated copy). The index
+    is read only as a regular file within SAFETENSORS_INDEX_MAX_BYTES, and may name only
+    files inside the folder."""
     from transformers.utils import SAFE_WEIGHTS_INDEX_NAME, SAFE_WEIGHTS_NAME
 
     index = folder / SAFE_WEIGHTS_INDEX_NAME
-    if index.is_file():
-        shards = set(json.loads(index.read_text(encoding="utf-8"))["weight_map"].values())
-        return [folder / shard for shard in sorted(shards)]
+    if regular_file_or_none(index) is not None:
+        document = json.loads(read_regular_file(index, SAFETENSORS_INDEX_MAX_BYTES))
+        weight_map = document.get("weight_map") if isinstance(document, dict) else None
+        if not isinstance(weight_map, dict) or not all(isinstance(shard, str) for shard in weight_map.values()):
+            raise ValueError(f"{SAFE_WEIGHTS_INDEX_NAME} has no weight_map of tensor names to shard files")
+        shards = sorted(set(weight_map.values()))
+        for shard in shards:
+            parts = PurePosixPath(shard).parts
+            if not parts or PurePosixPath(shard).is_absolute() or ".." in parts or "\\" in shard:
+                raise ValueError(f"{SAFE_WEIGHTS_INDEX_NAME} names a shard outside the model folder: {shard[:100]!r}")
+        return [folder / shard for shard in shards]
     single = folder / SAFE_WEIGHTS_NAME
-    return [single] if single.is_file() else []
+    return [single] if regular_file_or_none(single) is not None else []
+
+
+def safetensors_header(file: Path) -> dict[str, Any]:
+    """A safetensors file's header, `{name: {dtype, shape, data_offsets}}`, read from a
+    descriptor opened without blocking and only on a regular file; the header's length is
+    bounded by SAFETENSORS_HEADER_MAX_BYTES and by the file, and every tensor's shape must
+    match its byte range inside the file, so a header cannot claim more than the file holds."""
+    with open_regular_file(file) as handle:
+        size = os.fstat(handle.fileno()).st_size
+        prefix = handle.read(8)
+        if len(prefix) != 8:
+            raise ValueError(f"{file.name} is too short to be a safetensors file")
+        (length,) = struct.unpack("<Q", prefix)
+        if length > min(SAFETENSORS_HEADER_MAX_BYTES, size - 8):
+            raise ValueError(f"{file.name} claims a {length:,}-byte header, more than the file or SAFETENSORS_HEADER_MAX_BYTES allows")
+        raw = handle.read(length)
+    try:
+        header = json.loads(raw)
+    except (ValueError, RecursionError) as exc:
+        raise ValueError(f"{file.name} has an unreadable header: {str(exc)[:200]}") from None
+    if not isinstance(header, dict):
+        raise ValueError(f"{file.name} has an unreadable header")
+    header.pop("__metadata__", None)
+    data_bytes = size - 8 - length
+    for name, entry in header.items():
+        if not _matches_its_bytes(entry, data_bytes):
+            raise ValueError(f"{file.name}: tensor {name[:100]!r} does not match its byte range")
+    ranges = sorted(tuple(entry["data_offsets"]) for entry in header.values())
+    if any(begin < previous_end for (_, previous_end), (begin, _) in zip(ranges, ranges[1:], strict=False)):
+        raise ValueError(f"{file.name}: tensors overlap, so their sizes cannot all be real")
+    return header
+
+
+def _whole(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and value >= 0
+
+
+def _matches_its_bytes(entry: Any, data_bytes: int) -> bool:
+    """Whether a header entry has a known dtype and a shape whose bytes are exactly its range,
+    a range inside the file's data."""
+    if not isinstance(entry, dict) or entry.get("dtype") not in SAFETENSORS_BITS:
+        return False
+    shape, offsets = entry.get("shape"), entry.get("data_offsets")
+    if not isinstance(shape, list) or not all(_whole(n) for n in shape):
+        return False
+    if not isinstance(offsets, list) or len(offsets) != 2 or not all(_whole(n) for n in offsets):
+        return False
+    begin, end = offsets
+    return begin <= end <= data_bytes and end - begin == (math.prod(shape) * SAFETENSORS_BITS[entry["dtype"]] + 7) // 8
 
 
 def _safetensors_bytes(files: list[Path], floating_width: int) -> int:
     """What the tensors in `files` take once loaded, read from their headers alone: floating
     tensors at `floating_width` bytes per number (they are cast to the requested dtype),
     integer ones as stored."""
-    from safetensors import safe_open
-
     total = 0
     for file in files:
-        with safe_open(file, framework="pt") as weights:
-            for name in weights.keys():
-                tensor = weights.get_slice(name)
-                total += math.prod(tensor.get_shape()) * SAFETENSORS_FIXED_WIDTHS.get(tensor.get_dtype(), floating_width)
+        for entry in safetensors_header(file).values():
+            total += math.prod(entry["shape"]) * SAFETENSORS_FIXED_WIDTHS.get(entry["dtype"], floating_width)
     return total
 
 
@@ -181,26 +346,41 @@ def _empty_model_bytes(config: Any, dtype: Any, quantization: str | None) -> int
     return int(compute_module_sizes(model, special_dtypes=quantized_weights)[""])
 
 
-def estimate_footprint(row: Model) -> int:
+def _floor_bytes(config: dict[str, Any], width: int, quantization: str | None) -> int:
+    """`parameter_floor` in bytes: at the quantized width (all of it, to stay a floor)."""
+    floor = parameter_floor(config)
+    if quantization == "8bit":
+        return floor
+    return floor // 2 if quantization == "4bit" else floor * width
+
+
+def estimate_footprint(row: Model, budget_bytes: int | None = None) -> int:
     """Bytes `load_model` will take for `row`, found without loading it. Without quantization,
     from the safetensors headers of its weights: exact for what the checkpoint holds, short by
     the few buffers models compute rather than store (rotary frequencies, position ids) and
     any weights the checkpoint lacks (transformers initializes them), over by the weights an
     `AutoModel` drops from a checkpoint with a head. Quantized, or without safetensors
-    weights, from the model built empty from its config."""
+    weights, from the model built empty from its config — unless the config's arithmetic
+    (`parameter_floor`) already passes `budget_bytes`: that floor is the answer then, and
+    nothing is built."""
     import torch
-    from safetensors import SafetensorError
     from transformers import AutoConfig
 
     path = Path(row.resolved_path)
     dtype = getattr(torch, TORCH_DTYPES[row.dtype])
+    config = read_model_config(path)
     try:
         files = [] if row.quantization else _safetensors_files(path)
         if files:
             return _safetensors_bytes(files, dtype.itemsize)
-        config = AutoConfig.from_pretrained(path, local_files_only=True, trust_remote_code=False)
-        return _empty_model_bytes(config, dtype, row.quantization)
-    except (OSError, ValueError, KeyError, RuntimeError, SafetensorError) as exc:
+        floor = _floor_bytes(config, dtype.itemsize, row.quantization)
+        if budget_bytes is not None and floor > budget_bytes:
+            return floor
+        built = AutoConfig.from_pretrained(path, local_files_only=True, trust_remote_code=False)
+        return _empty_model_bytes(built, dtype, row.quantization)
+    except NotARegularFile as exc:
+        raise _not_regular(exc) from None
+    except (OSError, ValueError, KeyError, RuntimeError, RecursionError, FileTooLarge) as exc:
         raise JobFailed("model_load_failed", f"could not size {path}: {exc}", path=str(path)) from exc
 
 
@@ -208,14 +388,13 @@ def estimate_adapter_footprint(folder: Path) -> int:
     """Bytes attaching the PEFT adapter in `folder` adds, from its safetensors header; 0 when it
     has no weights file (attaching it then fails and says why)."""
     from peft.utils.constants import SAFETENSORS_WEIGHTS_NAME
-    from safetensors import SafetensorError
 
     weights = folder / SAFETENSORS_WEIGHTS_NAME
-    if not weights.is_file():
-        return 0
     try:
+        if regular_file_or_none(weights) is None:
+            return 0
         return _safetensors_bytes([weights], ADAPTER_WEIGHT_BYTES)
-    except (OSError, SafetensorError) as exc:
+    except (OSError, ValueError, NotARegularFile) as exc:
         raise JobFailed("adapter_load_failed", f"could not read {weights}: {exc}") from exc
 
 
@@ -278,7 +457,7 @@ class ResidentModels:
         attaching = adapter if adapter is not None and (loaded is None or adapter[0] not in loaded.adapters) else None
         adapter_bytes = estimate_adapter_footprint(attaching[1]) if attaching else 0
         if loaded is None:
-            estimate = estimate_footprint(row)
+            estimate = estimate_footprint(row, self.budget_bytes)
             with_adapter = f" with adapter {attaching[0]} ({_mib(estimate)} + {_mib(adapter_bytes)})" if attaching else ""
             self._refuse_beyond_budget(estimate + adapter_bytes, f"{_named(row)}{with_adapter} needs about")
             self._make_room(estimate + adapter_bytes)

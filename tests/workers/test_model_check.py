@@ -1,5 +1,7 @@
 """The model check job, run by a real worker process through Redis, on both registries."""
 
+import json
+import os
 from pathlib import Path
 from typing import Any
 
@@ -99,3 +101,27 @@ def test_the_least_recently_used_model_is_evicted_when_the_budget_is_full(tmp_pa
     assert resident.loads == 3 and resident.used_bytes <= resident.budget_bytes
     resident.get(rows[1])
     assert resident.loads == 4
+
+
+def test_a_config_made_absurd_after_registration_fails_the_check_as_unsupported(api: Any, settings: Settings, tiny_llama: Path) -> None:
+    model = register(api, tiny_llama).json()
+    config = json.loads((tiny_llama / "config.json").read_text())
+    (tiny_llama / "config.json").write_text(json.dumps({**config, "num_hidden_layers": 10**9}))
+    run_queued_jobs(settings)
+    job = api.get(f"/v1/jobs/{model['check_job_id']}").json()
+    assert job["status"] == "failed"
+    assert job["error"]["code"] == "unsupported_model" and job["error"]["details"]["config_key"] == "num_hidden_layers"
+    failed = api.get(f"/v1/models/{model['id']}").json()
+    assert failed["status"] == "failed" and "num_hidden_layers" in failed["status_reason"]
+
+
+def test_weights_replaced_by_a_fifo_after_registration_fail_the_check_instead_of_blocking_the_worker(
+    api: Any, settings: Settings, tiny_llama: Path
+) -> None:
+    model = register(api, tiny_llama).json()
+    (tiny_llama / "model.safetensors").unlink()
+    os.mkfifo(tiny_llama / "model.safetensors")
+    run_queued_jobs(settings)
+    job = api.get(f"/v1/jobs/{model['check_job_id']}").json()
+    assert job["status"] == "failed"
+    assert job["error"]["code"] == "model_file_not_regular" and job["error"]["details"]["file"] == "model.safetensors"
