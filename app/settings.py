@@ -103,7 +103,8 @@ class Settings(BaseSettings):
     model_roots: list[Path] = Field(
         default_factory=list,
         description="Folders local model sources must lie under (JSON list); empty: any local folder (the single-user default). "
-        "Set it on a shared service, so a caller cannot read other folders' config.json.",
+        "Set it on a shared service, so a caller cannot read other folders' config.json. When set, the Hugging Face cache "
+        "(HF_CACHE_DIR) must lie under one of them too, for models registered by id.",
     )
     adapter_roots: list[Path] = Field(
         default_factory=list, description="Folders local adapter imports may read from (JSON list); empty: local paths are refused."
