@@ -2,6 +2,7 @@
 uploads through a real worker; what the registry keeps; what the gateway refuses at once."""
 
 import io
+import os
 import tarfile
 import zipfile
 from pathlib import Path
@@ -15,6 +16,7 @@ from tests import tiny_models
 from tests.api.test_extractions import download, finished
 from tests.api.test_models import register
 from tests.conftest import Stack, wait_for_job
+from tests.special_files import call_without_blocking
 from tests.tinker_standin import StandinCheckpoint
 
 BASE_NAME = "tiny-org/tiny-llama"
@@ -222,6 +224,40 @@ def test_sources_outside_what_is_allowed_are_refused(api: Any, tiny_llama: Path,
     response = api.post("/v1/adapters/import", json={"source": source, "base_model": model["id"], "name": "x"})
     assert response.status_code == status
     assert response.json()["error"]["details"]["field"] == "source"
+
+
+@pytest.mark.parametrize("special", ["archive", "weights", "config", "device_link"])
+def test_a_fifo_or_device_as_the_source_or_in_its_folder_is_a_422_naming_the_source(api: Any, settings: Any, tiny_llama: Path, tmp_path: Path, special: str) -> None:
+    root = settings.adapter_roots[0]
+    root.mkdir(parents=True, exist_ok=True)
+    folder = root / f"{tmp_path.name}-{special}"
+    tiny_models.save_tinker_adapter(folder, tiny_llama)
+    fifo = {"archive": root / f"{tmp_path.name}.zip", "weights": folder / "adapter_model.safetensors", "config": folder / "adapter_config.json"}.get(special)
+    if fifo is None:
+        (folder / "adapter_model.safetensors").unlink()
+        (folder / "adapter_model.safetensors").symlink_to("/dev/zero")
+    else:
+        fifo.unlink(missing_ok=True)
+        os.mkfifo(fifo)
+    source = root / f"{tmp_path.name}.zip" if special == "archive" else folder
+    model = register(api, tiny_llama).json()
+    response = call_without_blocking(
+        lambda: api.post("/v1/adapters/import", json={"source": str(source), "base_model": model["id"], "name": "x"}), [fifo] if fifo else []
+    )
+    assert response.status_code == 422, response.json()
+    error = response.json()["error"]
+    assert error["details"]["field"] == "source" and ("FIFO" in error["message"] or "character device" in error["message"])
+    assert api.get("/v1/jobs", params={"kind": "adapter_import"}).json()["items"] == []
+
+
+def test_a_folder_of_more_files_than_an_archive_may_hold_is_a_413(api: Any, settings: Any, tiny_llama: Path, tmp_path: Path) -> None:
+    folder = settings.adapter_roots[0] / f"{tmp_path.name}-crowded"
+    tiny_models.save_tinker_adapter(folder, tiny_llama)
+    for index in range(settings.max_archive_files):
+        (folder / f"note-{index}.txt").write_text("x")
+    model = register(api, tiny_llama).json()
+    response = api.post("/v1/adapters/import", json={"source": str(folder), "base_model": model["id"], "name": "x"})
+    assert (response.status_code, response.json()["error"]["code"]) == (413, "too_many_files")
 
 
 def test_a_missing_file_under_the_roots_is_a_404(api: Any, settings: Any, tiny_llama: Path) -> None:
