@@ -75,7 +75,7 @@ def test_a_tinker_checkpoint_imports_through_the_sdk_and_changes_the_hidden_stat
     from peft import PeftModel
     from transformers import AutoModelForCausalLM
 
-    stored = stack.settings.resolved_artifact_dir / "adapters" / adapter["sha256"]
+    stored = stack.settings.resolved_artifact_dir / "adapters" / adapter["identity"]
     imported = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(tiny_llama), stored).eval()
     ids = torch.tensor([[1, 17, 5, 42, 9]])
     with torch.inference_mode():
@@ -126,7 +126,7 @@ def test_a_peft_folder_under_the_allowed_roots_imports(stack: Stack, base: dict[
     assert job["status"] == "succeeded", job["error"]
     adapter = stack.client.get(f"/v1/adapters/{job['result']['adapter_id']}").json()
     assert adapter["source_kind"] == "local_folder"
-    stored = stack.settings.resolved_artifact_dir / "adapters" / adapter["sha256"]
+    stored = stack.settings.resolved_artifact_dir / "adapters" / adapter["identity"]
     assert sorted(p.name for p in stored.iterdir()) == ["adapter_config.json", "adapter_model.safetensors"]
 
 
@@ -182,10 +182,10 @@ def test_deleting_an_adapter_removes_its_row_and_files(stack: Stack, base: dict[
     folder = sources_root(stack) / f"{tmp_path.name}-delete"
     tiny_models.save_tinker_adapter(folder, tiny_llama, seed=7)
     adapter_id = import_adapter(stack, str(folder), base["id"])["result"]["adapter_id"]
-    sha = stack.client.get(f"/v1/adapters/{adapter_id}").json()["sha256"]
+    identity = stack.client.get(f"/v1/adapters/{adapter_id}").json()["identity"]
     assert stack.client.delete(f"/v1/adapters/{adapter_id}").status_code == 204
     assert stack.client.get(f"/v1/adapters/{adapter_id}").status_code == 404
-    assert not (stack.settings.resolved_artifact_dir / "adapters" / sha).exists()
+    assert not (stack.settings.resolved_artifact_dir / "adapters" / identity).exists()
 
 
 # --- refused by the gateway at once -----------------------------------------------------------
@@ -340,7 +340,7 @@ def test_deleting_an_adapter_an_unfinished_job_uses_is_a_409_unless_forced(api: 
     assert refused.status_code == 409 and len(refused.json()["error"]["details"]["used_by"]) == 1
     assert api.get(f"/v1/adapters/{adapter['id']}").status_code == 200
     assert api.delete(f"/v1/adapters/{adapter['id']}", params={"force": True}).status_code == 204
-    assert not (settings.resolved_artifact_dir / "adapters" / adapter["sha256"]).exists()
+    assert not (settings.resolved_artifact_dir / "adapters" / adapter["identity"]).exists()
 
 
 def test_an_adapter_of_another_model_is_refused_for_extraction(api: Any, settings: Any, tiny_llama: Path) -> None:

@@ -6,65 +6,18 @@ import json
 import os
 import struct
 import zipfile
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import pytest
 
-from app import broker
-from app.model_sources import ModelShape, ResolvedSource
-from app.registry.models import new_model
-from app.registry.tables import Adapter, Job, new_id
-from app.settings import Settings
-from tests import tiny_models
-from tests.conftest import Databases, RedisServer, make_settings
+from app.registry.tables import Adapter
 from tests.special_files import call_without_blocking
+from tests.workers.adapter_jobs import CONFIG, WEIGHTS, adapter_folder, import_job, model_id, settings, worker  # noqa: F401 (fixtures)
 from workers import runtime
 from workers.adapters import importer
-from workers.context import JobContext
 from workers.errors import JobFailed
-
-WEIGHTS = "adapter_model.safetensors"
-CONFIG = "adapter_config.json"
-
-
-@pytest.fixture
-def settings(databases: Databases, redis_server: RedisServer, tmp_path: Path) -> Settings:
-    return make_settings(databases.new("sqlite"), redis_server.url, tmp_path / "var")
-
-
-@pytest.fixture
-def worker(settings: Settings) -> Iterator[runtime.WorkerRuntime]:
-    yield runtime.build_runtime(settings)
-
-
-@pytest.fixture
-def model_id(worker: runtime.WorkerRuntime, tiny_llama: Path) -> str:
-    shape = ModelShape(architecture="LlamaForCausalLM", model_type="llama", num_layers=2, hidden_size=16)
-    model = new_model("tiny", ResolvedSource(kind="local", identity=str(tiny_llama), path=tiny_llama), None, "float32", None, shape, "f")
-    model.status = "ready"
-    with worker.sessions() as session, session.begin():
-        session.add(model)
-    return model.id
-
-
-def import_job(worker: runtime.WorkerRuntime, model_id: str, source_kind: str, source: Path, attempt: int = 1) -> JobContext:
-    """A running `adapter_import` job of this worker, at `attempt`, and its context."""
-    params = {"source_kind": source_kind, "source": str(source), "base_model_id": model_id, "name": "ft", "metadata": {}}
-    job_id = new_id("job")
-    with worker.sessions() as session, session.begin():
-        session.add(
-            Job(id=job_id, kind="adapter_import", params=params, status="running", worker=worker.name, attempts=attempt, queue=broker.default_queue(worker.settings))
-        )
-    return JobContext(job_id=job_id, params=params, runtime=worker, attempt=attempt)
-
-
-def adapter_folder(folder: Path, base: Path, **config: Any) -> Path:
-    tiny_models.save_tinker_adapter(folder, base)
-    if config:
-        (folder / CONFIG).write_text(json.dumps({"r": 4, "lora_alpha": 8} | config))
-    return folder
 
 
 # --- hostile inputs ------------------------------------------------------------------
@@ -184,6 +137,7 @@ HOSTILE: dict[str, tuple[Callable[[Path, Path], Path], str]] = {
     "an entry is a list": (with_header(lambda h: h.update({"base_model.model.x.lora_A.weight": [1, 2]})), "invalid_weights"),
     "the header length is past the file": (with_header_length(1 << 40), "invalid_weights"),
     "the weights are a FIFO": (with_fifo(WEIGHTS), "invalid_weights"),
+    "the config is a FIFO": (with_fifo(CONFIG), "unsupported_adapter"),
     "a zip member's name is too long": (zipped_adapter_with_long_name, "name_too_long"),
     "a zip lists too many entries": (zipped([(f"f{index}.json", b"{}") for index in range(100)]), "too_many_files"),
 }
