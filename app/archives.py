@@ -60,6 +60,9 @@ ZIP_DIRECTORY_BYTES_PER_ENTRY = 4096
 # A name longer than the filesystems' limits fails when written (ENAMETOOLONG): it is
 # refused, as a name, before.
 MAX_NAME_COMPONENT_BYTES = 255
+# A central directory record's fixed part; the name, extra field and comment lengths are
+# its fields 12, 13 and 14 (zipfile's structCentralDir).
+ZIP_DIRECTORY_RECORD = struct.Struct("<4s4B4HL2L5H2L")
 MAX_NAME_BYTES = 1024
 WINDOWS_DRIVE = re.compile(r"^[A-Za-z]:")
 # Backslashes count as separators too: an archive made on Windows may use them, and a name
@@ -351,8 +354,8 @@ def _relative_parts(name: str) -> tuple[str, ...]:
         raise ArchiveRejected("path_traversal", f"member {name!r} climbs out of the archive with '..'", name)
     if "\x00" in name:
         raise ArchiveRejected("path_traversal", f"member {name!r} has a NUL byte in its name", name)
-    if len(name.encode("utf-8", "surrogateescape")) > MAX_NAME_BYTES or any(
-        len(part.encode("utf-8", "surrogateescape")) > MAX_NAME_COMPONENT_BYTES for part in parts
+    if len(name.encode("utf-8", "surrogatepass")) > MAX_NAME_BYTES or any(
+        len(part.encode("utf-8", "surrogatepass")) > MAX_NAME_COMPONENT_BYTES for part in parts
     ):
         shown = name[:80] + "…" if len(name) > 80 else name
         raise ArchiveRejected(
@@ -401,11 +404,38 @@ def _holds_pickle(path: Path) -> bool:
 
 
 def _is_torch_checkpoint(path: Path) -> bool:
+    """A zip (as torch writes its checkpoints) with a `data.pkl` in it. Its names are read
+    from the central directory record by record: `zipfile.ZipFile` would hold the whole
+    directory, and a member may be a zip listing millions of entries."""
     if not zipfile.is_zipfile(path):
         return False
     try:
-        with zipfile.ZipFile(path) as nested:
-            names = nested.namelist()
+        with path.open("rb") as handle:
+            return any(name.rsplit(b"/", 1)[-1] == b"data.pkl" for name in _zip_directory_names(handle))
     except CORRUPTION_ERRORS:
         return False  # too damaged to list: whatever it is, it holds no readable data.pkl
-    return any(PurePosixPath(name).name == "data.pkl" for name in names)
+
+
+def _zip_directory_names(handle: BinaryIO) -> Iterator[bytes]:
+    """The raw names in a zip's central directory, one record in memory at a time; the
+    directory is found where `zipfile.ZipFile` finds it."""
+    record = zipfile._EndRecData(handle)  # type: ignore[attr-defined]
+    if not record:
+        raise zipfile.BadZipFile("no end-of-central-directory record")
+    size = record[zipfile._ECD_SIZE]  # type: ignore[attr-defined]
+    start = record[zipfile._ECD_LOCATION] - size  # type: ignore[attr-defined]
+    if record[zipfile._ECD_SIGNATURE] == zipfile.stringEndArchive64:  # type: ignore[attr-defined]
+        start -= zipfile.sizeEndCentDir64 + zipfile.sizeEndCentDir64Locator  # type: ignore[attr-defined]
+    if start < 0:
+        raise zipfile.BadZipFile("the central directory starts before the file")
+    handle.seek(start)
+    consumed = 0
+    while consumed < size:
+        fixed = handle.read(ZIP_DIRECTORY_RECORD.size)
+        if len(fixed) != ZIP_DIRECTORY_RECORD.size or fixed[:4] != b"PK\x01\x02":
+            raise zipfile.BadZipFile("a central directory record is damaged")
+        fields = ZIP_DIRECTORY_RECORD.unpack(fixed)
+        name_length, extra_length, comment_length = fields[12], fields[13], fields[14]
+        yield handle.read(name_length)
+        handle.seek(extra_length + comment_length, io.SEEK_CUR)
+        consumed += ZIP_DIRECTORY_RECORD.size + name_length + extra_length + comment_length

@@ -10,6 +10,7 @@ import struct
 import subprocess
 import sys
 import tarfile
+import tracemalloc
 import warnings
 import zipfile
 from collections.abc import Iterator
@@ -251,6 +252,33 @@ def test_a_pickle_under_any_name_is_refused(tmp_path: Path, protocol: int) -> No
     archive = packed(tmp_path, "zip", [GOOD_FILE, ("adapter_model.safetensors", disguised)])
     error = assert_rejected(archive, tmp_path / "out", "pickle_weights", "adapter_model.safetensors")
     assert "safetensors" in error.message
+
+
+def zip_of_many_entries(entries: int, last: str) -> bytes:
+    """A zip of `entries` empty members, the last named `last`."""
+    content = io.BytesIO()
+    with zipfile.ZipFile(content, "w") as bundle:
+        for index in range(entries - 1):
+            bundle.writestr(f"e/{index:08d}", b"")
+        bundle.writestr(last, b"")
+    return content.getvalue()
+
+
+def test_a_member_that_is_a_zip_of_many_entries_is_inspected_without_holding_its_directory(tmp_path: Path) -> None:
+    nested = zip_of_many_entries(40_000, "e/last.txt")
+    archive = packed(tmp_path, "tar", [GOOD_FILE, ("notes.zip", nested)])
+    tracemalloc.start()
+    try:
+        extract_archive(archive, tmp_path / "out", LIMITS)
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert peak < 2 * len(nested), f"{peak} bytes traced to inspect a {len(nested)}-byte nested zip"  # zipfile would hold ~6x
+
+
+def test_a_torch_checkpoint_whose_data_pkl_is_listed_last_is_still_found(tmp_path: Path) -> None:
+    archive = packed(tmp_path, "zip", [GOOD_FILE, ("weights.safetensors", zip_of_many_entries(500, "archive/data.pkl"))])
+    assert_rejected(archive, tmp_path / "out", "pickle_weights", "weights.safetensors")
 
 
 def test_a_torch_zip_checkpoint_under_any_name_is_refused(tmp_path: Path) -> None:
