@@ -93,6 +93,12 @@ def with_fifo(name: str) -> Callable[[Path, Path], Path]:
     return make
 
 
+def fifo_archive(folder: Path, base: Path) -> Path:
+    archive = folder.with_suffix(".tar.gz")
+    os.mkfifo(archive)
+    return archive
+
+
 def zipped(members: list[tuple[str, bytes]]) -> Callable[[Path, Path], Path]:
     def make(folder: Path, base: Path) -> Path:
         archive = folder.with_suffix(".zip")
@@ -138,6 +144,7 @@ HOSTILE: dict[str, tuple[Callable[[Path, Path], Path], str]] = {
     "the header length is past the file": (with_header_length(1 << 40), "invalid_weights"),
     "the weights are a FIFO": (with_fifo(WEIGHTS), "invalid_weights"),
     "the config is a FIFO": (with_fifo(CONFIG), "unsupported_adapter"),
+    "the archive is a FIFO": (fifo_archive, "special_file"),
     "a zip member's name is too long": (zipped_adapter_with_long_name, "name_too_long"),
     "a zip lists too many entries": (zipped([(f"f{index}.json", b"{}") for index in range(100)]), "too_many_files"),
 }
@@ -150,7 +157,7 @@ def test_a_hostile_adapter_fails_with_its_own_code_naming_no_server_path(
     make, code = HOSTILE[case]
     source = make(tmp_path / "adapter", tiny_llama)
     context = import_job(worker, model_id, "local_folder" if source.is_dir() else "local_archive", source)
-    fifos = [path for path in source.parent.rglob("*") if path.is_fifo()] if source.is_dir() else []
+    fifos = [path for path in tmp_path.rglob("*") if path.is_fifo()]
     with pytest.raises(JobFailed) as failure:
         call_without_blocking(lambda: importer.run(context), fifos)
     assert (failure.value.code, case) == (code, case), failure.value.message
