@@ -13,6 +13,11 @@ linear layers, so those tensors keep their names. What changes:
 
 Every mapped tensor must name a module of the base with matching shapes; the first
 mismatches are reported and nothing is written.
+
+The user's adapter_config.json is hostile input too: the values the converted adapter keeps
+(r, lora_alpha, use_rslora) are checked for type and range, NaN and infinities are refused,
+and a setting that would make the adapter compute something else than a plain LoRA update
+(DoRA, biases, patterns, extra trained modules…) is refused rather than silently dropped.
 """
 
 import json
@@ -23,7 +28,7 @@ from pathlib import Path
 from typing import Any
 
 from app.adapters import PUBLISHED_DEFAULTS, adapter_identity
-from app.user_files import FileTooLarge, NotARegularFile, read_regular_file
+from app.user_files import METADATA_MAX_BYTES, FileTooLarge, NotARegularFile, read_regular_file
 from workers.adapters.safetensors_stream import (
     InvalidSafetensors,
     OutputTensor,
@@ -39,7 +44,7 @@ EMBEDDING_SUFFIXES = {".lora_embedding_A": "A", ".lora_embedding_B": "B"}
 TINKER_UNEMBED_PATHS = ("model.unembed_tokens", "model.lm_head")  # PEFT's own top-level `lm_head` keeps its place
 MOE_EXPERT = re.compile(r"\.experts\.(w1|w2|w3)$|\.experts$")
 MAX_REPORTED = 5
-CONFIG_MAX_BYTES = 1 << 20  # real adapter_config.json files take a few KiB
+CONFIG_MAX_BYTES = METADATA_MAX_BYTES
 MAX_LORA_RANK = 16384
 MAX_LORA_ALPHA = 1e6
 # Settings that change what a LoRA adapter computes but that this conversion does not carry
