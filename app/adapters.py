@@ -1,6 +1,7 @@
 """Where an adapter import may read from, decided before any job is queued: Tinker paths
-(external weights only), folders and archives under the configured roots, and `https` URLs
-on the configured hosts."""
+(external weights only), folders and archives under the configured roots — regular files
+only, so no worker blocks on a FIFO or reads a device for ever — and `https` URLs on the
+configured hosts. Also what makes two adapters the same (`adapter_identity`)."""
 
 import hashlib
 import json
