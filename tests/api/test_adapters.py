@@ -130,6 +130,25 @@ def test_a_peft_folder_under_the_allowed_roots_imports(stack: Stack, base: dict[
     assert sorted(p.name for p in stored.iterdir()) == ["adapter_config.json", "adapter_model.safetensors"]
 
 
+def test_the_same_weights_with_two_alphas_are_two_adapters_each_extracting_its_own_hidden_states(
+    stack: Stack, base: dict[str, Any], tiny_llama: Path, tmp_path: Path
+) -> None:
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(tiny_llama)
+    seen: dict[float, np.ndarray] = {}
+    for alpha in (8, 32):
+        folder = sources_root(stack) / f"{tmp_path.name}-alpha-{alpha}"
+        tensors = tiny_models.save_tinker_adapter(folder, tiny_llama, seed=7, lora_alpha=alpha)
+        job = import_adapter(stack, str(folder), base["id"])
+        assert job["status"] == "succeeded" and job["result"]["created"], job
+        request = {"model": base["id"], "adapter": job["result"]["adapter_id"], "layers": [1], "texts": TEXTS}
+        seen[alpha] = download(stack.client, finished(stack.client, stack.client.post("/v1/extractions", json=request))["result"]["extraction_id"])[:, 0]
+        expected = hidden_layer_one(tiny_models.merge_by_hand(tiny_llama, tensors, lora_alpha=alpha), TEXTS, tokenizer)
+        np.testing.assert_allclose(seen[alpha], expected, rtol=1e-4, atol=1e-4, err_msg=f"lora_alpha={alpha}")
+    assert not np.allclose(seen[8], seen[32], atol=1e-3)
+
+
 def test_a_local_archive_under_the_allowed_roots_imports(stack: Stack, base: dict[str, Any], tiny_llama: Path, tmp_path: Path) -> None:
     tiny_models.save_tinker_adapter(tmp_path / "export", tiny_llama, seed=3)
     archive = _archive(tmp_path / "export", sources_root(stack) / f"{tmp_path.name}.tar.gz", "tar.gz")
