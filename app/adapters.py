@@ -1,18 +1,30 @@
 """Where an adapter import may read from, decided before any job is queued: Tinker paths
-(external weights only), folders and archives under the configured roots, and `https` URLs
-on the configured hosts."""
+(external weights only), folders and archives under the configured roots — regular files
+only, so no worker blocks on a FIFO or reads a device for ever — and `https` URLs on the
+configured hosts. Also what makes two adapters the same (`adapter_identity`)."""
 
+import hashlib
+import json
+import os
 import re
+import stat
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Literal
+from typing import Any, Literal
 from urllib.parse import urlsplit
 
 from app.errors import ServiceError, invalid_field
 from app.settings import Settings
+from app.user_files import NotARegularFile, file_kind, regular_file_or_none
 
 TINKER_PATH = re.compile(r"^tinker://(?P<run_id>[^/]+)/(?P<kind>[^/]+)/(?P<name>[^/]+)$")
 SourceKind = Literal["tinker", "local_folder", "local_archive", "url", "upload"]
+# What a converted adapter's config always says about settings it does not vary.
+PUBLISHED_DEFAULTS: dict[str, Any] = {"bias": "none", "fan_in_fan_out": False}
+# The config values that change what an adapter computes, with the value an adapter
+# converted before a setting was kept had. With the weights' sha256 they are its identity.
+IDENTITY_DEFAULTS: dict[str, Any] = {"use_rslora": False, **PUBLISHED_DEFAULTS}
+IDENTITY_KEYS = ("r", "lora_alpha", "target_modules", *IDENTITY_DEFAULTS)
 
 
 @dataclass(frozen=True)
@@ -20,6 +32,18 @@ class AdapterSource:
     kind: SourceKind
     location: str  # the tinker path, the resolved local path, or the URL
     tinker_run_id: str | None = None
+
+
+def adapter_identity(weights_sha256: str, config: dict[str, Any]) -> str:
+    """The sha256 of the weights' sha256 and the canonical JSON of the converted config's
+    values that change the adapter's output (`IDENTITY_KEYS`): the same weights with another
+    lora_alpha are another adapter, with its own row, files and cached hidden states.
+    Migration 0008 keeps a frozen copy of this for rows converted before it; they agree."""
+    relevant = {key: config.get(key, IDENTITY_DEFAULTS.get(key)) for key in IDENTITY_KEYS}
+    relevant["lora_alpha"] = float(relevant["lora_alpha"])
+    relevant["target_modules"] = sorted(relevant["target_modules"])
+    canonical = json.dumps({"weights_sha256": weights_sha256, "config": relevant}, sort_keys=True, separators=(",", ":"), allow_nan=False)
+    return hashlib.sha256(canonical.encode()).hexdigest()
 
 
 def _tinker_source(source: str, settings: Settings) -> AdapterSource:
@@ -72,7 +96,58 @@ def _local_source(source: str, settings: Settings) -> AdapterSource:
         )
     if not exists:
         raise ServiceError(404, "not_found", f"source: no such file or folder {str(path)!r}", field="source")
+    if is_folder:
+        _check_folder(path, settings.max_archive_files)
+    else:
+        _check_regular_file(path)
     return AdapterSource(kind="local_folder" if is_folder else "local_archive", location=str(path))
+
+
+def _check_regular_file(path: Path) -> None:
+    """A FIFO or a device would hang or never end the worker's read; refused here, where the
+    user can still be told."""
+    try:
+        regular_file_or_none(path)
+    except NotARegularFile as exc:
+        raise invalid_field("source", f"{exc}; only regular files and folders of them are imported", kind=exc.kind) from exc
+
+
+def _check_folder(folder: Path, max_entries: int) -> None:
+    """Every entry of `folder` (links followed, without opening anything) is a regular file
+    or a folder, and there are at most `max_entries` files and as many folders, the limits an
+    archive has: the worker reads and walks this folder as it is. Listed entry by entry, so a
+    folder of millions of files is refused without being listed whole."""
+    counts = {"files": 0, "folders": 0}
+    pending = [folder]
+    while pending:
+        try:
+            listing = os.scandir(pending.pop())
+        except OSError as exc:
+            raise invalid_field("source", f"a folder in it cannot be listed: {exc.strerror}") from exc
+        with listing as entries:
+            for entry in entries:
+                is_folder = entry.is_dir(follow_symlinks=False)
+                counts["folders" if is_folder else "files"] += 1
+                if max(counts.values()) > max_entries:
+                    raise ServiceError(
+                        413, "too_many_files", f"source: the folder holds more than {max_entries} files or folders (MAX_ARCHIVE_FILES)", field="source"
+                    )
+                if is_folder:
+                    pending.append(Path(entry.path))
+                else:
+                    _check_folder_entry(Path(entry.path), folder)
+
+
+def _check_folder_entry(path: Path, folder: Path) -> None:
+    try:
+        mode = path.stat().st_mode
+    except OSError:
+        return  # a dangling link: nothing there to read, and never chosen as adapter files
+    if not stat.S_ISREG(mode) and not stat.S_ISDIR(mode):
+        raise invalid_field(
+            "source", f"{str(path.relative_to(folder))!r} in the folder is a {file_kind(mode)}; an adapter folder may hold only regular files and folders",
+            kind=file_kind(mode),
+        )
 
 
 def classify_source(source: str, settings: Settings) -> AdapterSource:

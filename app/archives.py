@@ -26,7 +26,9 @@ from contextlib import closing, nullcontext
 from dataclasses import dataclass
 from functools import partial
 from pathlib import Path, PurePosixPath
-from typing import Literal
+from typing import BinaryIO, Literal
+
+from app.user_files import NotARegularFile, open_regular_file
 
 ArchiveFormat = Literal["tar", "tar.gz", "zip"]
 MemberKind = Literal["file", "directory", "link", "special_file"]
@@ -40,6 +42,7 @@ RejectionCode = Literal[
     "pickle_weights",
     "unsupported_format",
     "corrupt_archive",
+    "name_too_long",
 ]
 
 CHUNK_BYTES = 1 << 20
@@ -50,6 +53,17 @@ FORMAT_HEAD_BYTES = 262  # a tar's `ustar` magic ends at byte 262
 PICKLE_SUFFIXES = frozenset({".bin", ".pt", ".pth", ".pkl", ".pickle", ".ckpt"})
 PICKLE_PROTOCOLS = range(2, 6)
 ZIP_ENCRYPTED_FLAG = 0x1
+# zipfile reads the whole central directory into memory, one object per entry, before it
+# lists anything; its size is bounded by the entries allowed. A real entry takes 46 fixed
+# bytes, its name and a few extra fields: well under this.
+ZIP_DIRECTORY_BYTES_PER_ENTRY = 4096
+# A name longer than the filesystems' limits fails when written (ENAMETOOLONG): it is
+# refused, as a name, before.
+MAX_NAME_COMPONENT_BYTES = 255
+# A central directory record's fixed part; the name, extra field and comment lengths are
+# its fields 12, 13 and 14 (zipfile's structCentralDir).
+ZIP_DIRECTORY_RECORD = struct.Struct("<4s4B4HL2L5H2L")
+MAX_NAME_BYTES = 1024
 WINDOWS_DRIVE = re.compile(r"^[A-Za-z]:")
 # Backslashes count as separators too: an archive made on Windows may use them, and a name
 # that climbs out with `..\` must be caught whichever way it is spelled.
@@ -97,8 +111,17 @@ class _Member:
 
 def archive_format(path: Path) -> ArchiveFormat:
     """The archive's format by its magic bytes; the file name is the user's and may lie."""
-    with path.open("rb") as handle:
+    with _open_archive(path) as handle:
         return archive_format_of(handle.read(FORMAT_HEAD_BYTES))
+
+
+def _open_archive(path: Path) -> BinaryIO:
+    """The archive opened without blocking, refused unless it is a regular file: a FIFO or a
+    device under a user-named path would otherwise hang or never end the read."""
+    try:
+        return open_regular_file(path)
+    except NotARegularFile as error:
+        raise ArchiveRejected("special_file", f"the archive is a {error.kind}, not a regular file") from error
 
 
 def archive_format_of(head: bytes) -> ArchiveFormat:
@@ -127,9 +150,13 @@ def extract_archive(archive: Path, destination: Path, limits: ArchiveLimits) -> 
 def _extract(archive: Path, destination: Path, limits: ArchiveLimits) -> list[Path]:
     extraction = _Extraction(destination, limits)
     try:
-        with closing(_members(archive, archive_format(archive))) as members:
-            for member in members:
-                extraction.add(member)
+        # opened once: what is checked is what is read, even if the path changes meanwhile
+        with _open_archive(archive) as handle:
+            archive_type = archive_format_of(handle.read(FORMAT_HEAD_BYTES))
+            handle.seek(0)
+            with closing(_members(handle, archive_type, limits)) as members:
+                for member in members:
+                    extraction.add(member)
     except NotImplementedError as error:  # a zip compression method Python cannot read
         raise ArchiveRejected("unsupported_format", f"member {extraction.current!r}: {error}", extraction.current) from error
     except CORRUPTION_ERRORS as error:
@@ -138,16 +165,16 @@ def _extract(archive: Path, destination: Path, limits: ArchiveLimits) -> list[Pa
     return extraction.files
 
 
-def _members(archive: Path, archive_type: ArchiveFormat) -> Iterator[_Member]:
+def _members(archive: BinaryIO, archive_type: ArchiveFormat, limits: ArchiveLimits) -> Iterator[_Member]:
     if archive_type == "zip":
-        return _zip_members(archive)
+        return _zip_members(archive, limits)
     return _tar_members(archive, compressed=archive_type == "tar.gz")
 
 
-def _tar_members(archive: Path, compressed: bool) -> Iterator[_Member]:
+def _tar_members(raw: BinaryIO, compressed: bool) -> Iterator[_Member]:
     """Members in stream order (`r|`): the archive is read once, front to back, and each
     member's data must be consumed before the next member is asked for."""
-    with archive.open("rb") as raw, gzip.GzipFile(fileobj=raw) if compressed else nullcontext(raw) as stream:
+    with gzip.GzipFile(fileobj=raw) if compressed else nullcontext(raw) as stream:
         metered = _MeteredStream(stream, allowance=TAR_METADATA_BYTES)
         with tarfile.open(fileobj=metered, mode="r|") as tar:
             for info in tar:
@@ -192,12 +219,37 @@ class _MeteredStream:
         return data
 
 
-def _zip_members(archive: Path) -> Iterator[_Member]:
+def _zip_members(archive: BinaryIO, limits: ArchiveLimits) -> Iterator[_Member]:
+    _check_zip_directory(archive, limits)
     with zipfile.ZipFile(archive) as bundle:
+        if len(bundle.infolist()) > limits.max_files:  # the record's count may lie; the directory cannot
+            raise _too_many_entries(len(bundle.infolist()), limits)
         for info in bundle.infolist():
             if info.flag_bits & ZIP_ENCRYPTED_FLAG:
                 raise ArchiveRejected("unsupported_format", f"member {info.filename!r} is encrypted", info.filename)
             yield _Member(info.filename, _zip_member_kind(info), partial(bundle.open, info))
+
+
+def _check_zip_directory(archive: BinaryIO, limits: ArchiveLimits) -> None:
+    """Refuse a zip whose end-of-central-directory record (zip64's included) announces more
+    entries, files and folders together, than `limits.max_files`, or a central directory
+    larger than that many entries need, before `zipfile` reads the directory into memory.
+    The record is read by the same routine `zipfile.ZipFile` uses, so the numbers checked are
+    the ones it would act on."""
+    record = zipfile._EndRecData(archive)  # type: ignore[attr-defined]  # reads only the archive's tail
+    if not record:
+        raise zipfile.BadZipFile("no end-of-central-directory record")
+    entries, directory_bytes = record[zipfile._ECD_ENTRIES_TOTAL], record[zipfile._ECD_SIZE]  # type: ignore[attr-defined]
+    if entries > limits.max_files:
+        raise _too_many_entries(entries, limits)
+    allowed = max(limits.max_files, 1) * ZIP_DIRECTORY_BYTES_PER_ENTRY
+    if directory_bytes > allowed:
+        raise ArchiveRejected("too_large", f"the zip's central directory takes {directory_bytes} bytes; {limits.max_files} entries need at most {allowed}")
+    archive.seek(0)
+
+
+def _too_many_entries(entries: int, limits: ArchiveLimits) -> ArchiveRejected:
+    return ArchiveRejected("too_many_files", f"the zip lists {entries} entries (files and folders); at most {limits.max_files} are accepted")
 
 
 def _zip_member_kind(info: zipfile.ZipInfo) -> MemberKind:
@@ -300,6 +352,17 @@ def _relative_parts(name: str) -> tuple[str, ...]:
     parts = tuple(part for part in SEPARATORS.split(name) if part not in ("", "."))
     if ".." in parts:
         raise ArchiveRejected("path_traversal", f"member {name!r} climbs out of the archive with '..'", name)
+    if "\x00" in name:
+        raise ArchiveRejected("path_traversal", f"member {name!r} has a NUL byte in its name", name)
+    if len(name.encode("utf-8", "surrogatepass")) > MAX_NAME_BYTES or any(
+        len(part.encode("utf-8", "surrogatepass")) > MAX_NAME_COMPONENT_BYTES for part in parts
+    ):
+        shown = name[:80] + "…" if len(name) > 80 else name
+        raise ArchiveRejected(
+            "name_too_long",
+            f"member {shown!r} has a name over {MAX_NAME_BYTES} bytes or a part of it over {MAX_NAME_COMPONENT_BYTES} bytes",
+            shown,
+        )
     return parts
 
 
@@ -341,11 +404,38 @@ def _holds_pickle(path: Path) -> bool:
 
 
 def _is_torch_checkpoint(path: Path) -> bool:
+    """A zip (as torch writes its checkpoints) with a `data.pkl` in it. Its names are read
+    from the central directory record by record: `zipfile.ZipFile` would hold the whole
+    directory, and a member may be a zip listing millions of entries."""
     if not zipfile.is_zipfile(path):
         return False
     try:
-        with zipfile.ZipFile(path) as nested:
-            names = nested.namelist()
+        with path.open("rb") as handle:
+            return any(name.rsplit(b"/", 1)[-1] == b"data.pkl" for name in _zip_directory_names(handle))
     except CORRUPTION_ERRORS:
         return False  # too damaged to list: whatever it is, it holds no readable data.pkl
-    return any(PurePosixPath(name).name == "data.pkl" for name in names)
+
+
+def _zip_directory_names(handle: BinaryIO) -> Iterator[bytes]:
+    """The raw names in a zip's central directory, one record in memory at a time; the
+    directory is found where `zipfile.ZipFile` finds it."""
+    record = zipfile._EndRecData(handle)  # type: ignore[attr-defined]
+    if not record:
+        raise zipfile.BadZipFile("no end-of-central-directory record")
+    size = record[zipfile._ECD_SIZE]  # type: ignore[attr-defined]
+    start = record[zipfile._ECD_LOCATION] - size  # type: ignore[attr-defined]
+    if record[zipfile._ECD_SIGNATURE] == zipfile.stringEndArchive64:  # type: ignore[attr-defined]
+        start -= zipfile.sizeEndCentDir64 + zipfile.sizeEndCentDir64Locator  # type: ignore[attr-defined]
+    if start < 0:
+        raise zipfile.BadZipFile("the central directory starts before the file")
+    handle.seek(start)
+    consumed = 0
+    while consumed < size:
+        fixed = handle.read(ZIP_DIRECTORY_RECORD.size)
+        if len(fixed) != ZIP_DIRECTORY_RECORD.size or fixed[:4] != b"PK\x01\x02":
+            raise zipfile.BadZipFile("a central directory record is damaged")
+        fields = ZIP_DIRECTORY_RECORD.unpack(fixed)
+        name_length, extra_length, comment_length = fields[12], fields[13], fields[14]
+        yield handle.read(name_length)
+        handle.seek(extra_length + comment_length, io.SEEK_CUR)
+        consumed += ZIP_DIRECTORY_RECORD.size + name_length + extra_length + comment_length

@@ -75,6 +75,6 @@ def new_extraction(session: Session, request: ExtractionCreate, settings: Settin
         token_position=request.token_position,
         max_length=request.max_length,
         model_fingerprint=model.fingerprint,
-        adapter_fingerprint=adapter.sha256 if adapter else None,
+        adapter_fingerprint=adapter.identity if adapter else None,
     )
     return extraction, model

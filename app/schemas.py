@@ -249,6 +249,10 @@ class AdapterOut(BaseModel):
     lora_alpha: float
     target_modules: list[str]
     sha256: str = Field(description="sha256 of the converted adapter_model.safetensors.")
+    identity: str = Field(
+        description="sha256 over the weights' sha256 and the config values that change the adapter's output (r, lora_alpha, "
+        "target_modules, use_rslora, bias, fan_in_fan_out); one adapter per identity and base model."
+    )
     size_bytes: int
     source_kind: Literal["tinker", "local_folder", "local_archive", "url", "upload"]
     source: str

@@ -102,6 +102,7 @@ class Adapter(Answer):
     lora_alpha: float
     target_modules: list[str]
     sha256: str
+    identity: str | None = None  # the weights and output-changing config, hashed; None from gateways before it existed
     size_bytes: int
     source_kind: str
     source: str

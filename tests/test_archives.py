@@ -3,11 +3,14 @@ leaves nothing behind; good archives come out byte for byte. The hostile corpus 
 
 import gzip
 import io
+import os
 import pickle
 import stat
+import struct
 import subprocess
 import sys
 import tarfile
+import tracemalloc
 import warnings
 import zipfile
 from collections.abc import Iterator
@@ -19,6 +22,7 @@ from safetensors.numpy import save_file
 
 from app.archives import ArchiveLimits, ArchiveRejected, archive_format, extract_archive
 from tests.conftest import ROOT
+from tests.special_files import call_without_blocking
 
 LIMITS = ArchiveLimits(max_files=8, max_total_bytes=4 * 2**20)
 FORMATS = ["tar", "tar.gz", "zip"]
@@ -111,11 +115,95 @@ def test_zip_fifos_are_special_files(tmp_path: Path) -> None:
     assert_rejected(archive, tmp_path / "out", "special_file", "pipe")
 
 
-@pytest.mark.parametrize("archive_type", FORMATS)
+@pytest.mark.parametrize("archive_type", ["tar", "tar.gz"])
 def test_one_file_more_than_the_limit_is_too_many_files(tmp_path: Path, archive_type: str) -> None:
     files = [(f"shard-{index}.json", b"{}") for index in range(LIMITS.max_files + 1)]
     error = assert_rejected(packed(tmp_path, archive_type, files), tmp_path / "out", "too_many_files", files[-1][0])
     assert error.status == 413
+
+
+def test_a_zip_listing_more_entries_than_the_limit_is_refused_before_any_member_is_read(tmp_path: Path) -> None:
+    files = [(f"shard-{index}.json", b"{}") for index in range(LIMITS.max_files * 4)]
+    archive = with_damaged_local_header(packed(tmp_path, "zip", files), member=1)  # reading members would fail there
+    error = rejection(archive, tmp_path / "out")
+    assert (error.code, error.status, error.member) == ("too_many_files", 413, None)
+    assert str(LIMITS.max_files * 4) in error.message
+
+
+def test_a_zip64_end_record_listing_too_many_entries_is_refused(tmp_path: Path) -> None:
+    files = [(f"shard-{index}.json", b"{}") for index in range(LIMITS.max_files + 1)]
+    archive = with_zip64_end_record(with_damaged_local_header(packed(tmp_path, "zip", files), member=1))
+    error = rejection(archive, tmp_path / "out")
+    assert (error.code, error.status) == ("too_many_files", 413)
+
+
+def test_a_zip64_end_record_within_the_limit_still_extracts(tmp_path: Path) -> None:
+    archive = with_zip64_end_record(packed(tmp_path, "zip", [GOOD_FILE]))
+    assert [path.read_bytes() for path in extract_archive(archive, tmp_path / "out", LIMITS)] == [GOOD_FILE[1]]
+
+
+def test_a_zip_central_directory_larger_than_its_entries_need_is_too_large(tmp_path: Path) -> None:
+    members = []
+    for index in range(3):
+        info, data = zip_member(f"file-{index}.json", b"{}")
+        info.comment = b"c" * 60_000
+        members.append((info, data))
+    error = rejection(write_zip(tmp_path / "a.zip", members), tmp_path / "out")
+    assert (error.code, error.status) == ("too_large", 413)
+    assert "central directory" in error.message
+
+
+def with_damaged_local_header(path: Path, member: int) -> Path:
+    """The zip with the local header signature of its `member`-th member overwritten."""
+    with zipfile.ZipFile(path) as bundle:
+        offset = bundle.infolist()[member].header_offset
+    content = bytearray(path.read_bytes())
+    content[offset : offset + 4] = b"XXXX"
+    path.write_bytes(bytes(content))
+    return path
+
+
+def with_zip64_end_record(path: Path) -> Path:
+    """The zip rewritten to announce its entries through a zip64 end record and locator, the
+    classic record saying only 'see zip64' (0xFFFF, 0xFFFFFFFF)."""
+    content = path.read_bytes()
+    classic = content[-22:]
+    assert classic[:4] == b"PK\x05\x06"
+    _, _, _, _, entries, directory_bytes, directory_offset, _ = struct.unpack("<4s4H2LH", classic)
+    zip64_at = len(content) - 22
+    zip64 = struct.pack("<4sQ2H2L4Q", b"PK\x06\x06", 44, 45, 45, 0, 0, entries, entries, directory_bytes, directory_offset)
+    locator = struct.pack("<4sLQL", b"PK\x06\x07", 0, zip64_at, 1)
+    end = struct.pack("<4s4H2LH", b"PK\x05\x06", 0, 0, 0xFFFF, 0xFFFF, 0xFFFFFFFF, 0xFFFFFFFF, 0)
+    path.write_bytes(content[:zip64_at] + zip64 + locator + end)
+    return path
+
+
+@pytest.mark.parametrize("archive_type", FORMATS)
+def test_a_name_part_longer_than_filesystems_allow_is_name_too_long(tmp_path: Path, archive_type: str) -> None:
+    name = f"folder/{'a' * 300}.safetensors"
+    error = rejection(packed(tmp_path, archive_type, [GOOD_FILE, (name, b"{}")]), tmp_path / "out")
+    assert (error.code, error.status) == ("name_too_long", 422)
+    assert str(tmp_path) not in error.message
+
+
+def test_an_archive_that_is_a_fifo_is_refused_without_blocking(tmp_path: Path) -> None:
+    fifo = tmp_path / "adapter.zip"
+    os.mkfifo(fifo)
+    with pytest.raises(ArchiveRejected) as raised:
+        call_without_blocking(lambda: extract_archive(fifo, tmp_path / "out", LIMITS), [fifo])
+    assert (raised.value.code, raised.value.status) == ("special_file", 422)
+    assert "FIFO" in raised.value.message and str(tmp_path) not in raised.value.message
+    assert not (tmp_path / "out").exists()
+
+
+def test_the_format_of_a_fifo_or_a_device_behind_a_link_is_not_read(tmp_path: Path) -> None:
+    fifo, device = tmp_path / "adapter.tar", tmp_path / "zeros.tar"
+    os.mkfifo(fifo)
+    device.symlink_to("/dev/zero")
+    for path in (fifo, device):
+        with pytest.raises(ArchiveRejected) as raised:
+            call_without_blocking(lambda path=path: archive_format(path), [fifo])
+        assert raised.value.code == "special_file"
 
 
 def test_a_flood_of_directory_entries_is_too_many_files(tmp_path: Path) -> None:
@@ -164,6 +252,33 @@ def test_a_pickle_under_any_name_is_refused(tmp_path: Path, protocol: int) -> No
     archive = packed(tmp_path, "zip", [GOOD_FILE, ("adapter_model.safetensors", disguised)])
     error = assert_rejected(archive, tmp_path / "out", "pickle_weights", "adapter_model.safetensors")
     assert "safetensors" in error.message
+
+
+def zip_of_many_entries(entries: int, last: str) -> bytes:
+    """A zip of `entries` empty members, the last named `last`."""
+    content = io.BytesIO()
+    with zipfile.ZipFile(content, "w") as bundle:
+        for index in range(entries - 1):
+            bundle.writestr(f"e/{index:08d}", b"")
+        bundle.writestr(last, b"")
+    return content.getvalue()
+
+
+def test_a_member_that_is_a_zip_of_many_entries_is_inspected_without_holding_its_directory(tmp_path: Path) -> None:
+    nested = zip_of_many_entries(40_000, "e/last.txt")
+    archive = packed(tmp_path, "tar", [GOOD_FILE, ("notes.zip", nested)])
+    tracemalloc.start()
+    try:
+        extract_archive(archive, tmp_path / "out", LIMITS)
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert peak < 2 * len(nested), f"{peak} bytes traced to inspect a {len(nested)}-byte nested zip"  # zipfile would hold ~6x
+
+
+def test_a_torch_checkpoint_whose_data_pkl_is_listed_last_is_still_found(tmp_path: Path) -> None:
+    archive = packed(tmp_path, "zip", [GOOD_FILE, ("weights.safetensors", zip_of_many_entries(500, "archive/data.pkl"))])
+    assert_rejected(archive, tmp_path / "out", "pickle_weights", "weights.safetensors")
 
 
 def test_a_torch_zip_checkpoint_under_any_name_is_refused(tmp_path: Path) -> None:

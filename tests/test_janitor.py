@@ -42,7 +42,7 @@ def _fill(api: Any, settings: Settings, store: ArtifactStore, tiny_llama: Path) 
     with runtime.build_runtime(settings).sessions() as session, session.begin():
         session.add(Adapter(
             id="adp_kept", name="a", base_model_id=model["id"], source_kind="upload", source="x", r=4, lora_alpha=8.0,
-            target_modules=["q_proj"], sha256="f" * 64, size_bytes=3, artifact="adapters/" + "f" * 64,
+            target_modules=["q_proj"], sha256="f" * 64, identity="f" * 64, size_bytes=3, artifact="adapters/" + "f" * 64,
         ))  # fmt: skip
         session.add(Comparison(
             id="cmp_kept", job_id="job_c", model_id=model["id"], adapter_ids=[], dataset_id=dataset["id"], layers=[1], method="logistic",

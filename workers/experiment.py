@@ -104,7 +104,7 @@ def run(context: JobContext) -> dict[str, Any]:
     states = Extraction(
         id=new_id("ext"), job_id=context.job_id, model_id=model.id, adapter_id=adapter.id if adapter else None, dataset_id=dataset.id,
         text_count=dataset.rows, layers=context.params["layers"], token_position=config["token_position"], max_length=config["max_length"],
-        model_fingerprint=model.fingerprint, adapter_fingerprint=adapter.sha256 if adapter else None,
+        model_fingerprint=model.fingerprint, adapter_fingerprint=adapter.identity if adapter else None,
     )  # fmt: skip
     with worker.sessions() as session, session.begin():
         session.add(states)

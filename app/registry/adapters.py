@@ -15,8 +15,10 @@ def get_adapter(session: Session, adapter_id: str) -> Adapter:
     return adapter
 
 
-def find_adapter(session: Session, base_model_id: str, sha256: str) -> Adapter | None:
-    return session.scalar(select(Adapter).where(Adapter.base_model_id == base_model_id, Adapter.sha256 == sha256))
+def find_adapter(session: Session, base_model_id: str, identity: str) -> Adapter | None:
+    """The adapter of this base with these weights and these output-changing config values
+    (`Adapter.identity`); the same weights with another lora_alpha are another adapter."""
+    return session.scalar(select(Adapter).where(Adapter.base_model_id == base_model_id, Adapter.identity == identity))
 
 
 def list_adapters(session: Session, *, base_model_id: str | None, cursor: str | None, limit: int) -> tuple[list[Adapter], str | None]:

@@ -170,7 +170,7 @@ class Adapter(Base):
     A row exists only once its files are in the artifact store."""
 
     __tablename__ = "adapters"
-    __table_args__ = (UniqueConstraint("base_model_id", "sha256", name="uq_adapters_base_weights"),)
+    __table_args__ = (UniqueConstraint("base_model_id", "identity", name="uq_adapters_base_identity"),)
 
     id: Mapped[str] = mapped_column(String(40), primary_key=True)
     name: Mapped[str] = mapped_column(String(200))
@@ -183,6 +183,8 @@ class Adapter(Base):
     lora_alpha: Mapped[float] = mapped_column()
     target_modules: Mapped[list[str]] = mapped_column(JSON)
     sha256: Mapped[str] = mapped_column(String(64))
+    # the weights' sha256 and the config values that change the output (app.adapters.adapter_identity)
+    identity: Mapped[str] = mapped_column(String(64))
     size_bytes: Mapped[int] = mapped_column(BigInteger)
     artifact: Mapped[str] = mapped_column(String(500))
     conversion: Mapped[dict[str, Any]] = mapped_column(default=dict)

@@ -2,6 +2,7 @@
 uploads through a real worker; what the registry keeps; what the gateway refuses at once."""
 
 import io
+import os
 import tarfile
 import zipfile
 from pathlib import Path
@@ -15,6 +16,7 @@ from tests import tiny_models
 from tests.api.test_extractions import download, finished
 from tests.api.test_models import register
 from tests.conftest import Stack, wait_for_job
+from tests.special_files import call_without_blocking
 from tests.tinker_standin import StandinCheckpoint
 
 BASE_NAME = "tiny-org/tiny-llama"
@@ -73,7 +75,7 @@ def test_a_tinker_checkpoint_imports_through_the_sdk_and_changes_the_hidden_stat
     from peft import PeftModel
     from transformers import AutoModelForCausalLM
 
-    stored = stack.settings.resolved_artifact_dir / "adapters" / adapter["sha256"]
+    stored = stack.settings.resolved_artifact_dir / "adapters" / adapter["identity"]
     imported = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(tiny_llama), stored).eval()
     ids = torch.tensor([[1, 17, 5, 42, 9]])
     with torch.inference_mode():
@@ -124,8 +126,27 @@ def test_a_peft_folder_under_the_allowed_roots_imports(stack: Stack, base: dict[
     assert job["status"] == "succeeded", job["error"]
     adapter = stack.client.get(f"/v1/adapters/{job['result']['adapter_id']}").json()
     assert adapter["source_kind"] == "local_folder"
-    stored = stack.settings.resolved_artifact_dir / "adapters" / adapter["sha256"]
+    stored = stack.settings.resolved_artifact_dir / "adapters" / adapter["identity"]
     assert sorted(p.name for p in stored.iterdir()) == ["adapter_config.json", "adapter_model.safetensors"]
+
+
+def test_the_same_weights_with_two_alphas_are_two_adapters_each_extracting_its_own_hidden_states(
+    stack: Stack, base: dict[str, Any], tiny_llama: Path, tmp_path: Path
+) -> None:
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(tiny_llama)
+    seen: dict[float, np.ndarray] = {}
+    for alpha in (8, 32):
+        folder = sources_root(stack) / f"{tmp_path.name}-alpha-{alpha}"
+        tensors = tiny_models.save_tinker_adapter(folder, tiny_llama, seed=7, lora_alpha=alpha)
+        job = import_adapter(stack, str(folder), base["id"])
+        assert job["status"] == "succeeded" and job["result"]["created"], job
+        request = {"model": base["id"], "adapter": job["result"]["adapter_id"], "layers": [1], "texts": TEXTS}
+        seen[alpha] = download(stack.client, finished(stack.client, stack.client.post("/v1/extractions", json=request))["result"]["extraction_id"])[:, 0]
+        expected = hidden_layer_one(tiny_models.merge_by_hand(tiny_llama, tensors, lora_alpha=alpha), TEXTS, tokenizer)
+        np.testing.assert_allclose(seen[alpha], expected, rtol=1e-4, atol=1e-4, err_msg=f"lora_alpha={alpha}")
+    assert not np.allclose(seen[8], seen[32], atol=1e-3)
 
 
 def test_a_local_archive_under_the_allowed_roots_imports(stack: Stack, base: dict[str, Any], tiny_llama: Path, tmp_path: Path) -> None:
@@ -180,10 +201,10 @@ def test_deleting_an_adapter_removes_its_row_and_files(stack: Stack, base: dict[
     folder = sources_root(stack) / f"{tmp_path.name}-delete"
     tiny_models.save_tinker_adapter(folder, tiny_llama, seed=7)
     adapter_id = import_adapter(stack, str(folder), base["id"])["result"]["adapter_id"]
-    sha = stack.client.get(f"/v1/adapters/{adapter_id}").json()["sha256"]
+    identity = stack.client.get(f"/v1/adapters/{adapter_id}").json()["identity"]
     assert stack.client.delete(f"/v1/adapters/{adapter_id}").status_code == 204
     assert stack.client.get(f"/v1/adapters/{adapter_id}").status_code == 404
-    assert not (stack.settings.resolved_artifact_dir / "adapters" / sha).exists()
+    assert not (stack.settings.resolved_artifact_dir / "adapters" / identity).exists()
 
 
 # --- refused by the gateway at once -----------------------------------------------------------
@@ -222,6 +243,40 @@ def test_sources_outside_what_is_allowed_are_refused(api: Any, tiny_llama: Path,
     response = api.post("/v1/adapters/import", json={"source": source, "base_model": model["id"], "name": "x"})
     assert response.status_code == status
     assert response.json()["error"]["details"]["field"] == "source"
+
+
+@pytest.mark.parametrize("special", ["archive", "weights", "config", "device_link"])
+def test_a_fifo_or_device_as_the_source_or_in_its_folder_is_a_422_naming_the_source(api: Any, settings: Any, tiny_llama: Path, tmp_path: Path, special: str) -> None:
+    root = settings.adapter_roots[0]
+    root.mkdir(parents=True, exist_ok=True)
+    folder = root / f"{tmp_path.name}-{special}"
+    tiny_models.save_tinker_adapter(folder, tiny_llama)
+    fifo = {"archive": root / f"{tmp_path.name}.zip", "weights": folder / "adapter_model.safetensors", "config": folder / "adapter_config.json"}.get(special)
+    if fifo is None:
+        (folder / "adapter_model.safetensors").unlink()
+        (folder / "adapter_model.safetensors").symlink_to("/dev/zero")
+    else:
+        fifo.unlink(missing_ok=True)
+        os.mkfifo(fifo)
+    source = root / f"{tmp_path.name}.zip" if special == "archive" else folder
+    model = register(api, tiny_llama).json()
+    response = call_without_blocking(
+        lambda: api.post("/v1/adapters/import", json={"source": str(source), "base_model": model["id"], "name": "x"}), [fifo] if fifo else []
+    )
+    assert response.status_code == 422, response.json()
+    error = response.json()["error"]
+    assert error["details"]["field"] == "source" and ("FIFO" in error["message"] or "character device" in error["message"])
+    assert api.get("/v1/jobs", params={"kind": "adapter_import"}).json()["items"] == []
+
+
+def test_a_folder_of_more_files_than_an_archive_may_hold_is_a_413(api: Any, settings: Any, tiny_llama: Path, tmp_path: Path) -> None:
+    folder = settings.adapter_roots[0] / f"{tmp_path.name}-crowded"
+    tiny_models.save_tinker_adapter(folder, tiny_llama)
+    for index in range(settings.max_archive_files):
+        (folder / f"note-{index}.txt").write_text("x")
+    model = register(api, tiny_llama).json()
+    response = api.post("/v1/adapters/import", json={"source": str(folder), "base_model": model["id"], "name": "x"})
+    assert (response.status_code, response.json()["error"]["code"]) == (413, "too_many_files")
 
 
 def test_a_missing_file_under_the_roots_is_a_404(api: Any, settings: Any, tiny_llama: Path) -> None:
@@ -304,7 +359,7 @@ def test_deleting_an_adapter_an_unfinished_job_uses_is_a_409_unless_forced(api: 
     assert refused.status_code == 409 and len(refused.json()["error"]["details"]["used_by"]) == 1
     assert api.get(f"/v1/adapters/{adapter['id']}").status_code == 200
     assert api.delete(f"/v1/adapters/{adapter['id']}", params={"force": True}).status_code == 204
-    assert not (settings.resolved_artifact_dir / "adapters" / adapter["sha256"]).exists()
+    assert not (settings.resolved_artifact_dir / "adapters" / adapter["identity"]).exists()
 
 
 def test_an_adapter_of_another_model_is_refused_for_extraction(api: Any, settings: Any, tiny_llama: Path) -> None:

@@ -116,7 +116,7 @@ def test_an_uploaded_adapter_imports_from_the_bucket_and_is_probed_and_compared(
     assert job["status"] == "succeeded", job["error"]
     adapter = client.get(f"/v1/adapters/{job['result']['adapter_id']}").json()
     keys = s3_server.keys(prefix)
-    assert {f"{prefix}/adapters/{adapter['sha256']}/adapter_config.json", f"{prefix}/adapters/{adapter['sha256']}/adapter_model.safetensors"} <= set(keys)
+    assert {f"{prefix}/adapters/{adapter['identity']}/adapter_config.json", f"{prefix}/adapters/{adapter['identity']}/adapter_model.safetensors"} <= set(keys)
     assert not [key for key in keys if key.startswith(f"{prefix}/staging/")], "the staged upload stayed"
 
     extraction = finished(client, client.post("/v1/extractions", json={"model": model["id"], "adapter": adapter["id"], "layers": [1], "texts": TEXTS}))
@@ -141,7 +141,7 @@ def test_an_uploaded_adapter_imports_from_the_bucket_and_is_probed_and_compared(
     assert [variant["label"].split()[0] for variant in comparison["report"]["variants"]] == ["base", "adapter"]
 
     assert client.delete(f"/v1/adapters/{adapter['id']}").status_code == 204
-    assert not [key for key in s3_server.keys(prefix) if key.startswith(f"{prefix}/adapters/{adapter['sha256']}/")]
+    assert not [key for key in s3_server.keys(prefix) if key.startswith(f"{prefix}/adapters/{adapter['identity']}/")]
     assert nothing_stored_locally(s3_stack)
 
 

@@ -13,14 +13,22 @@ linear layers, so those tensors keep their names. What changes:
 
 Every mapped tensor must name a module of the base with matching shapes; the first
 mismatches are reported and nothing is written.
+
+The user's adapter_config.json is hostile input too: the values the converted adapter keeps
+(r, lora_alpha, use_rslora) are checked for type and range, NaN and infinities are refused,
+and a setting that would make the adapter compute something else than a plain LoRA update
+(DoRA, biases, patterns, extra trained modules…) is refused rather than silently dropped.
 """
 
 import json
+import math
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from app.adapters import PUBLISHED_DEFAULTS, adapter_identity
+from app.user_files import METADATA_MAX_BYTES, FileTooLarge, NotARegularFile, read_regular_file
 from workers.adapters.safetensors_stream import (
     InvalidSafetensors,
     OutputTensor,
@@ -36,6 +44,26 @@ EMBEDDING_SUFFIXES = {".lora_embedding_A": "A", ".lora_embedding_B": "B"}
 TINKER_UNEMBED_PATHS = ("model.unembed_tokens", "model.lm_head")  # PEFT's own top-level `lm_head` keeps its place
 MOE_EXPERT = re.compile(r"\.experts\.(w1|w2|w3)$|\.experts$")
 MAX_REPORTED = 5
+CONFIG_MAX_BYTES = METADATA_MAX_BYTES
+MAX_LORA_RANK = 16384
+MAX_LORA_ALPHA = 1e6
+# Settings that change what a LoRA adapter computes but that this conversion does not carry
+# into the PEFT adapter it writes: an adapter using any of them is refused, never applied
+# differently from how it was trained. Each maps to the values that mean "not used".
+UNSUPPORTED_SETTINGS: dict[str, tuple[Any, ...]] = {
+    "use_dora": (None, False),
+    "fan_in_fan_out": (None, False),
+    "bias": (None, "none"),
+    "modules_to_save": (None, []),
+    "rank_pattern": (None, {}),
+    "alpha_pattern": (None, {}),
+    "layers_to_transform": (None, []),
+    "layer_replication": (None, []),
+    "trainable_token_indices": (None, [], {}),
+    "target_parameters": (None, []),
+    "lora_bias": (None, False),
+    "use_qalora": (None, False),
+}
 
 
 @dataclass(frozen=True)
@@ -53,11 +81,23 @@ class BaseModules:
 class ConvertedAdapter:
     config: dict[str, Any]
     sha256: str
+    identity: str
+    """The weights' sha256 and the config values that change the adapter's output, hashed:
+    two adapters are the same only when this is."""
     size_bytes: int
     r: int
     lora_alpha: float
     target_modules: list[str]
     notes: list[str] = field(default_factory=list)
+
+
+@dataclass(frozen=True)
+class LoraSettings:
+    """What of a user's adapter_config.json the converted adapter keeps, checked."""
+
+    r: int | None
+    lora_alpha: float
+    use_rslora: bool
 
 
 def _split_key(key: str) -> tuple[str, str, bool]:
@@ -95,18 +135,24 @@ def _rank(tensors: dict[str, StoredTensor]) -> int:
     ranks = {t.shape[0] if side == "A" else t.shape[-1] for key, t in tensors.items() for _, side, _ in [_split_key(key)] if len(t.shape) == 2}
     if len(ranks) != 1:
         raise JobFailed("unsupported_adapter", f"the LoRA tensors disagree on their rank: {sorted(ranks)}", ranks=sorted(ranks))
-    return ranks.pop()
+    rank = ranks.pop()
+    if not 1 <= rank <= MAX_LORA_RANK:
+        raise JobFailed("unsupported_adapter", f"the LoRA tensors have rank {rank}; ranks from 1 to {MAX_LORA_RANK} are accepted", rank=rank)
+    return rank
 
 
 def plan(tensors: dict[str, StoredTensor], base: BaseModules) -> tuple[list[OutputTensor], int, list[str], list[str]]:
     """The output tensors, the rank, the target module names, and notes."""
-    experts = [key for key in tensors if len(tensors[key].shape) != 2 or MOE_EXPERT.search(_split_key(key)[0])]
+    experts = [key for key in tensors if MOE_EXPERT.search(_split_key(key)[0])]
     if experts:
         raise JobFailed(
             "unsupported_adapter",
             f"MoE expert LoRA tensors cannot be converted to PEFT: {', '.join(experts[:MAX_REPORTED])}",
             tensors=experts[:MAX_REPORTED],
         )
+    not_matrices = [f"{key} ({len(tensor.shape)} dimensions)" for key, tensor in tensors.items() if len(tensor.shape) != 2]
+    if not_matrices:
+        raise JobFailed("unsupported_adapter", f"LoRA weights are matrices, and these tensors are not: {', '.join(not_matrices[:MAX_REPORTED])}")
     r = _rank(tensors)
     outputs: list[OutputTensor] = []
     targets: set[str] = set()
@@ -138,36 +184,120 @@ def plan(tensors: dict[str, StoredTensor], base: BaseModules) -> tuple[list[Outp
     return sorted(outputs, key=lambda o: o.name), r, sorted(targets), sorted(notes)
 
 
+class _NonFiniteNumber(ValueError):
+    pass
+
+
+def _finite_float(text: str) -> float:
+    value = float(text)
+    if not math.isfinite(value):  # 1e999 parses as infinity
+        raise _NonFiniteNumber(f"the number {text[:40]} is out of range")
+    return value
+
+
+def _refuse_constant(name: str) -> float:
+    raise _NonFiniteNumber(f"{name} is not a number JSON allows")
+
+
 def read_config(path: Path) -> dict[str, Any]:
+    """adapter_config.json as a JSON object: read only if it is a regular file of at most
+    `CONFIG_MAX_BYTES`, with NaN, Infinity and out-of-range numbers refused (Python's json
+    accepts them; the adapter's scale must be a real number)."""
     try:
-        config = json.loads(path.read_text(encoding="utf-8"))
-    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise JobFailed("unsupported_adapter", f"adapter_config.json is not valid JSON: {exc}") from exc
+        raw = read_regular_file(path, CONFIG_MAX_BYTES)
+    except NotARegularFile as exc:
+        raise JobFailed("unsupported_adapter", f"adapter_config.json is a {exc.kind}, not a regular file") from exc
+    except FileTooLarge as exc:
+        raise JobFailed("too_large", f"adapter_config.json is larger than {CONFIG_MAX_BYTES} bytes") from exc
+    try:
+        config = json.loads(raw.decode("utf-8"), parse_constant=_refuse_constant, parse_float=_finite_float)
+    except _NonFiniteNumber as exc:
+        raise JobFailed("unsupported_adapter", f"adapter_config.json: {exc}") from exc
+    except (UnicodeDecodeError, json.JSONDecodeError, RecursionError) as exc:
+        raise JobFailed("unsupported_adapter", f"adapter_config.json is not valid JSON: {str(exc)[:200]}") from exc
     if not isinstance(config, dict):
-        raise JobFailed("unsupported_adapter", "adapter_config.json is not a JSON object")
+        raise JobFailed("unsupported_adapter", f"adapter_config.json is a JSON {_json_type(config)}, not an object")
     if config.get("peft_type", "LORA") != "LORA":
-        raise JobFailed("unsupported_adapter", f"only LoRA adapters are supported, not {config['peft_type']}")
+        raise JobFailed("unsupported_adapter", f"only LoRA adapters are supported, not {_shown(config['peft_type'])}")
     return config
+
+
+def lora_settings(config: dict[str, Any]) -> LoraSettings:
+    """The values of `config` the converted adapter keeps, each checked for type and range;
+    settings this conversion cannot carry are refused. Raises `JobFailed`
+    (`unsupported_adapter`) naming the setting and the value."""
+    for name, unused in UNSUPPORTED_SETTINGS.items():
+        if name in config and not any(type(config[name]) is type(value) and config[name] == value for value in unused):
+            raise JobFailed(
+                "unsupported_adapter",
+                f"adapter_config.json sets {name}={_shown(config[name])}, which changes what the adapter computes and which this service "
+                "cannot apply; only plain LoRA adapters are imported",
+                setting=name,
+            )
+    r = config.get("r")
+    if r is not None and not (_is_whole(r) and 1 <= r <= MAX_LORA_RANK):
+        raise _bad_setting("r", r, f"a whole number from 1 to {MAX_LORA_RANK}")
+    if "lora_alpha" not in config:
+        raise JobFailed(
+            "unsupported_adapter", "adapter_config.json lacks lora_alpha, and the scale of a LoRA update cannot be read from its tensors"
+        )
+    alpha = config["lora_alpha"]
+    if not (_is_number(alpha) and 0 < alpha <= MAX_LORA_ALPHA):
+        raise _bad_setting("lora_alpha", alpha, f"a number greater than 0 and at most {MAX_LORA_ALPHA:g}")
+    dropout = config.get("lora_dropout")
+    if dropout is not None and not (_is_number(dropout) and 0 <= dropout < 1):
+        raise _bad_setting("lora_dropout", dropout, "a number from 0 up to (not including) 1")
+    use_rslora = config.get("use_rslora")
+    if use_rslora is not None and not isinstance(use_rslora, bool):
+        raise _bad_setting("use_rslora", use_rslora, "true or false")
+    target_modules = config.get("target_modules")
+    if target_modules is not None and not isinstance(target_modules, str) and not (
+        isinstance(target_modules, list) and all(isinstance(name, str) for name in target_modules)
+    ):
+        raise _bad_setting("target_modules", target_modules, "a list of module names, or one pattern")
+    return LoraSettings(r=r, lora_alpha=float(alpha), use_rslora=bool(use_rslora))
+
+
+def _is_whole(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _is_number(value: Any) -> bool:
+    return isinstance(value, int | float) and not isinstance(value, bool) and math.isfinite(value)
+
+
+def _bad_setting(name: str, value: Any, wanted: str) -> JobFailed:
+    return JobFailed("unsupported_adapter", f"adapter_config.json: {name} must be {wanted}, not {_shown(value)}", setting=name)
+
+
+def _shown(value: Any) -> str:
+    """A user's value in a message, cut short."""
+    text = json.dumps(value) if not isinstance(value, float) or math.isfinite(value) else repr(value)
+    return text if len(text) <= 60 else text[:57] + "..."
+
+
+def _json_type(value: Any) -> str:
+    return {list: "array", str: "string", int: "number", float: "number", bool: "boolean", type(None): "null"}.get(type(value), "value")
 
 
 def convert(source: Path, config: dict[str, Any], base: BaseModules, destination: Path, base_model_source: str) -> ConvertedAdapter:
     """Write `adapter_model.safetensors` and a complete `adapter_config.json` into
     `destination` (an existing empty folder)."""
+    settings = lora_settings(config)  # before anything is written
     try:
         tensors, metadata = read_index(source)
     except InvalidSafetensors as exc:
-        raise JobFailed("unsupported_adapter", str(exc)) from exc
+        raise JobFailed("invalid_weights", str(exc)) from exc
     if not tensors:
         raise JobFailed("unsupported_adapter", f"{source.name} holds no tensors")
     outputs, r, target_modules, notes = plan(tensors, base)
-    if "r" in config and int(config["r"]) != r:
-        raise JobFailed("unsupported_adapter", f"adapter_config.json says r={config['r']}, the tensors have rank {r}")
-    if "lora_alpha" not in config:
-        raise JobFailed(
-            "unsupported_adapter", "adapter_config.json lacks lora_alpha, and the scale of a LoRA update cannot be read from its tensors"
-        )
-    lora_alpha = float(config["lora_alpha"])
-    sha256 = write(source, outputs, destination / "adapter_model.safetensors", metadata | {"format": "pt"})
+    if settings.r is not None and settings.r != r:
+        raise JobFailed("unsupported_adapter", f"adapter_config.json says r={settings.r}, the tensors have rank {r}")
+    lora_alpha = settings.lora_alpha
+    try:
+        sha256 = write(source, outputs, destination / "adapter_model.safetensors", metadata | {"format": "pt"})
+    except InvalidSafetensors as exc:
+        raise JobFailed("invalid_weights", str(exc)) from exc
     peft_config = {
         "peft_type": "LORA",
         "task_type": "CAUSAL_LM",
@@ -176,14 +306,15 @@ def convert(source: Path, config: dict[str, Any], base: BaseModules, destination
         "lora_alpha": lora_alpha,
         "target_modules": target_modules,
         "lora_dropout": 0.0,
-        "bias": "none",
-        "fan_in_fan_out": False,
+        **PUBLISHED_DEFAULTS,
+        "use_rslora": settings.use_rslora,
         "inference_mode": True,
     }
-    (destination / "adapter_config.json").write_text(json.dumps(peft_config, indent=2))
+    (destination / "adapter_config.json").write_text(json.dumps(peft_config, indent=2, allow_nan=False))
     return ConvertedAdapter(
         config=peft_config,
         sha256=sha256,
+        identity=adapter_identity(sha256, peft_config),
         size_bytes=(destination / "adapter_model.safetensors").stat().st_size,
         r=r,
         lora_alpha=lora_alpha,

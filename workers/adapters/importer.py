@@ -3,6 +3,8 @@ staging folder, convert them to a PEFT adapter checked against the base model, p
 to the artifact store and register it. Whatever fails, the staging folder and the uploaded
 archive go, and no row or file is left without the other."""
 
+import errno
+import shutil
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -14,6 +16,7 @@ from app.registry.adapters import artifact_in_use, find_adapter
 from app.registry.models import get_model
 from app.registry.tables import Adapter, Model, new_id
 from app.settings import Settings
+from app.storage.base import ArtifactStore
 from workers.adapters.convert import base_modules, convert, read_config
 from workers.errors import AttemptSuperseded, JobFailed
 
@@ -23,6 +26,7 @@ if TYPE_CHECKING:
 WEIGHTS_FILE = "adapter_model.safetensors"
 CONFIG_FILE = "adapter_config.json"
 DOWNLOAD_CHUNK = 1 << 20
+DISK_FULL = frozenset({errno.ENOSPC, errno.EDQUOT})
 
 
 def _limits(settings: Settings) -> ArchiveLimits:
@@ -122,10 +126,13 @@ def _locate(folder: Path) -> tuple[Path, Path]:
 
 
 def _register(context: "JobContext", model: Model, converted: Path, summary: Any, provenance: dict[str, Any]) -> tuple[Adapter, bool]:
+    """The adapter with this identity for this base: the existing one, or a new row over
+    files published under `adapters/<identity>/` — keyed by identity, not by weights, so
+    two adapters sharing weights never share a config file."""
     store, sessions = context.runtime.artifacts, context.runtime.sessions
-    artifact = f"adapters/{summary.sha256}"
+    artifact = f"adapters/{summary.identity}"
     with sessions() as session:
-        existing = find_adapter(session, model.id, summary.sha256)
+        existing = find_adapter(session, model.id, summary.identity)
     if existing is not None:
         return existing, False
     published = store.publish_folder(artifact, converted)
@@ -141,6 +148,7 @@ def _register(context: "JobContext", model: Model, converted: Path, summary: Any
         lora_alpha=summary.lora_alpha,
         target_modules=summary.target_modules,
         sha256=summary.sha256,
+        identity=summary.identity,
         size_bytes=summary.size_bytes,
         artifact=artifact,
         conversion={"notes": summary.notes},
@@ -150,43 +158,81 @@ def _register(context: "JobContext", model: Model, converted: Path, summary: Any
     try:
         with sessions() as session, session.begin():
             session.add(adapter)
-    except IntegrityError:  # the same weights were registered meanwhile
+    except IntegrityError:
         with sessions() as session:
-            existing = find_adapter(session, model.id, summary.sha256)
-        assert existing is not None
-        return existing, False
+            existing = find_adapter(session, model.id, summary.identity)
+        if existing is not None:  # the same adapter was registered meanwhile
+            return existing, False
+        _unpublish(context, artifact, published)
+        raise
     except BaseException:
-        with sessions() as session:
-            if published and not artifact_in_use(session, artifact):
-                store.delete_prefix(artifact)
+        _unpublish(context, artifact, published)
         raise
     return adapter, True
 
 
+def _unpublish(context: "JobContext", artifact: str, published: bool) -> None:
+    """Files this attempt published, removed when no row came to name them."""
+    with context.runtime.sessions() as session:
+        if published and not artifact_in_use(session, artifact):
+            context.runtime.artifacts.delete_prefix(artifact)
+
+
+def os_failure(error: OSError) -> JobFailed | None:
+    """The job failure an operating-system error stands for when it is about the machine, not
+    a bug — with a message naming the problem and no path of the server; None otherwise."""
+    if error.errno in DISK_FULL:
+        return JobFailed(
+            "store_full", "no space is left on the worker's disk or in the artifact store for this adapter; free some and import it again",
+            errno=errno.errorcode[error.errno],
+        )
+    if error.errno == errno.EFBIG:
+        return JobFailed("too_large", "a file of the adapter is larger than the worker's filesystem accepts", errno="EFBIG")
+    if error.errno == errno.ENAMETOOLONG:
+        return JobFailed("name_too_long", "a file name of the adapter is longer than the worker's filesystem accepts", errno="ENAMETOOLONG")
+    return None
+
+
+def _remove_earlier_attempts(store: ArtifactStore, job_id: str, attempt: int) -> None:
+    """Scratch folders of this job's earlier attempts: a worker taken for lost cannot have
+    removed its own, and this one knows their names."""
+    for earlier in range(1, attempt):
+        shutil.rmtree(store.scratch_root / f"{job_id}-{earlier}", ignore_errors=True)
+
+
 def run(context: "JobContext") -> dict[str, Any]:
-    store, sessions = context.runtime.artifacts, context.runtime.sessions
     try:
-        with sessions() as session:
-            model = get_model(session, context.params["base_model_id"])
-        with store.scratch(f"{context.job_id}-{context.attempt}") as staging:  # attempts never share one
-            context.progress("fetching", 0, 3)
-            files, provenance = _fetch(context, model, staging)
-            weights, config_path = _locate(files)
-            context.progress("converting", 1, 3)
-            converted = staging / "converted"
-            converted.mkdir()
-            summary = convert(weights, read_config(config_path), base_modules(model.resolved_path), converted, model.source)
-            context.progress("registering", 2, 3)
-            provenance = provenance | {"user": context.params.get("metadata") or {}}
-            adapter, created = _register(context, model, converted, summary, provenance)
-            context.progress("done", 3, 3)
+        adapter, created, notes = _import(context)
     except AttemptSuperseded:
         raise  # the job runs again elsewhere, and needs its upload
-    except BaseException:
+    except BaseException as exc:
         _drop_upload(context)
+        failure = os_failure(exc) if isinstance(exc, OSError) else None
+        if failure is not None:
+            raise failure from exc
         raise
     _drop_upload(context)
-    return {"adapter_id": adapter.id, "sha256": adapter.sha256, "created": created, "conversion_notes": summary.notes}
+    return {"adapter_id": adapter.id, "sha256": adapter.sha256, "identity": adapter.identity, "created": created, "conversion_notes": notes}
+
+
+def _import(context: "JobContext") -> tuple[Adapter, bool, list[str]]:
+    store, sessions = context.runtime.artifacts, context.runtime.sessions
+    with sessions() as session:
+        model = get_model(session, context.params["base_model_id"])
+    _remove_earlier_attempts(store, context.job_id, context.attempt)
+    with store.scratch(f"{context.job_id}-{context.attempt}") as staging:  # attempts never share one
+        context.progress("fetching", 0, 3)
+        files, provenance = _fetch(context, model, staging)
+        weights, config_path = _locate(files)
+        context.progress("converting", 1, 3)
+        converted = staging / "converted"
+        converted.mkdir()
+        summary = convert(weights, read_config(config_path), base_modules(model.resolved_path), converted, model.source)
+        context.progress("registering", 2, 3)
+        provenance = provenance | {"user": context.params.get("metadata") or {}}
+        adapter, created = _register(context, model, converted, summary, provenance)
+        context.progress("done", 3, 3)
+    return adapter, created, summary.notes
 
 
 def _drop_upload(context: "JobContext") -> None:
