@@ -88,14 +88,15 @@ def _local_source(source: str, settings: Settings) -> AdapterSource:
         path = Path(source).expanduser().resolve()
         exists, is_folder = path.exists(), path.is_dir()
     except (OSError, ValueError) as exc:  # too long, or a NUL byte
-        raise invalid_field("source", f"not a usable path: {exc}") from exc
+        reason = exc.strerror if isinstance(exc, OSError) and exc.strerror else str(exc)  # an OSError's text repeats the path
+        raise invalid_field("source", f"not a usable path: {reason}") from exc
     roots = [root.expanduser().resolve() for root in settings.adapter_roots]
     if not any(path.is_relative_to(root) for root in roots):
         raise ServiceError(
-            403, "forbidden", f"source: {str(path)!r} is outside the folders adapters may be imported from (ADAPTER_ROOTS)", field="source"
+            403, "forbidden", f"source: {source!r} is outside the folders adapters may be imported from (ADAPTER_ROOTS)", field="source"
         )
     if not exists:
-        raise ServiceError(404, "not_found", f"source: no such file or folder {str(path)!r}", field="source")
+        raise ServiceError(404, "not_found", f"source: no such file or folder {source!r}", field="source")
     if is_folder:
         _check_folder(path, settings.max_archive_files)
     else:

@@ -217,7 +217,7 @@ def hidden_states(context: "JobContext", request: StatesRequest, texts: Sequence
     shas = [text_sha256(text) for text in texts]
     unique_shas = list(dict.fromkeys(shas))
     text_of = dict(zip(shas, texts, strict=True))
-    space = cache_space(model, adapter.sha256 if adapter else None, request.token_position, request.max_length)
+    space = cache_space(model, adapter.identity if adapter else None, request.token_position, request.max_length)
     cache = HiddenStateCache(worker.sessions, store, space)
     hits = cache.lookup(unique_shas, layers) if settings.extraction_cache else {}
     missing = [sha for sha in unique_shas if any((sha, layer) not in hits for layer in layers)]

@@ -139,7 +139,7 @@ def test_the_same_weights_with_two_alphas_are_two_adapters_each_extracting_its_o
     seen: dict[float, np.ndarray] = {}
     for alpha in (8, 32):
         folder = sources_root(stack) / f"{tmp_path.name}-alpha-{alpha}"
-        tensors = tiny_models.save_tinker_adapter(folder, tiny_llama, seed=7, lora_alpha=alpha)
+        tensors = tiny_models.save_tinker_adapter(folder, tiny_llama, seed=71, lora_alpha=alpha)
         job = import_adapter(stack, str(folder), base["id"])
         assert job["status"] == "succeeded" and job["result"]["created"], job
         request = {"model": base["id"], "adapter": job["result"]["adapter_id"], "layers": [1], "texts": TEXTS}
@@ -380,3 +380,16 @@ def test_an_adapter_path_too_long_for_the_filesystem_is_a_422(api: Any, tiny_lla
     model = register(api, tiny_llama).json()
     response = api.post("/v1/adapters/import", json={"source": "/" + "a" * 900, "base_model": model["id"], "name": "x"})
     assert response.status_code == 422 and response.json()["error"]["details"]["field"] == "source"
+
+
+def test_refusals_of_a_local_source_quote_it_as_given_never_where_links_lead_or_the_working_directory(api: Any, settings: Any, tmp_path: Path) -> None:
+    outside = tmp_path / "private-target-folder"
+    outside.mkdir()
+    root = settings.adapter_roots[0]
+    root.mkdir(parents=True, exist_ok=True)
+    link = root / f"{tmp_path.name}-link"
+    link.symlink_to(outside)
+    for source in (str(link), "relative/adapter", f"{root}/{tmp_path.name}-missing", str(root / ("x" * 300))):
+        error = api.post("/v1/adapters/import", json={"source": source, "base_model": "mdl_x", "name": "a"}).json()["error"]
+        assert source in error["message"] or error["message"] == "source: not a usable path: File name too long", error
+        assert "private-target-folder" not in error["message"] and os.getcwd() not in error["message"].replace(source, "")
