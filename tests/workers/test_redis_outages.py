@@ -1,0 +1,118 @@
+"""Redis going away for longer than a blip: workers wait for it and carry on, and the job
+they were running when it went still finishes, because the registry row is its truth."""
+
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+import redis
+
+from app import broker
+from app.settings import Settings
+from workers.runtime import backoff
+from tests.api.test_models import register
+from tests.conftest import (
+    RedisServer,
+    make_settings,
+    start_worker,
+    stop_process,
+    wait_for_job,
+    wait_until,
+)
+
+# a worker process against a private Redis: one registry backend is enough
+only_sqlite = pytest.mark.parametrize("database_url", ["sqlite"], indirect=True)
+
+# longer than RQ's own worker loop survives a refused connection
+OUTAGE_S = 12.0
+
+
+@pytest.fixture
+def own_redis(tmp_path: Path) -> Iterator[RedisServer]:
+    """A Redis of this test alone (no persistence), so killing it disturbs nobody else."""
+    server = RedisServer(folder=tmp_path)
+    server.start()
+    yield server
+    server.stop()
+
+
+def kill(server: RedisServer) -> None:
+    """SIGKILL: Redis gets no chance to tell its clients, and comes back empty."""
+    assert server.process is not None
+    server.process.kill()
+    server.process.wait(10)
+
+
+def is_live(settings: Settings, name: str) -> bool:
+    try:
+        return any(worker["name"] == name for worker in broker.live_workers(broker.connect(settings, socket_timeout=2), settings))
+    except redis.exceptions.RedisError:
+        return False
+
+
+def test_pauses_between_tries_to_reach_redis_double_up_to_their_cap() -> None:
+    pauses = backoff(cap_s=10.0)
+    assert [next(pauses) for _ in range(8)] == [0.5, 1.0, 2.0, 4.0, 8.0, 10.0, 10.0, 10.0]
+
+
+@pytest.mark.slow
+@only_sqlite
+def test_a_worker_outlives_a_long_redis_outage_and_takes_jobs_again(database_url: str, own_redis: RedisServer, tmp_path: Path) -> None:
+    from fastapi.testclient import TestClient
+
+    from app.main import create_app
+
+    settings = make_settings(database_url, own_redis.url, tmp_path / "var", heartbeat_ttl_s=2.0)
+    name = f"patient-{settings.queue_prefix}"
+    log_file = tmp_path / "worker.log"
+    worker = start_worker(settings, name, log_file=log_file)
+    try:
+        kill(own_redis)
+        time.sleep(OUTAGE_S)
+        assert worker.poll() is None, log_file.read_text()[-3000:]
+        own_redis.start()
+        wait_until(lambda: is_live(settings, name), 30, "the worker to heartbeat again", interval=0.2)
+        with TestClient(create_app(settings)) as api:
+            assert api.get("/readyz").status_code == 200
+            job_id = api.post("/v1/jobs/ping").json()["job"]["id"]
+            assert wait_for_job(api, job_id, timeout=40)["status"] == "succeeded"
+        assert worker.poll() is None
+        outage_lines = [line for line in log_file.read_text().splitlines() if "Redis is unreachable" in line]
+        assert len(outage_lines) == 1, outage_lines
+    finally:
+        stop_process(worker)
+
+
+@pytest.mark.slow
+@only_sqlite
+def test_a_job_that_finishes_while_redis_is_away_succeeds_and_the_worker_goes_on(database_url: str, own_redis: RedisServer, tmp_path: Path, tiny_llama: Path) -> None:
+    from fastapi.testclient import TestClient
+
+    from app.main import create_app
+
+    settings = make_settings(database_url, own_redis.url, tmp_path / "var", extraction_max_batch_size=1, extraction_cache=False, heartbeat_ttl_s=2.0)
+    log_file = tmp_path / "worker.log"
+    worker = start_worker(settings, f"steady-{settings.queue_prefix}", log_file=log_file)
+    try:
+        with TestClient(create_app(settings)) as api:
+            model = register(api, tiny_llama).json()
+            assert wait_for_job(api, model["check_job_id"])["status"] == "succeeded"
+            # a few seconds of work: it ends while Redis is away, and RQ cannot record that
+            texts = [f"statement number {i} about the city of Rome" for i in range(120)]
+            long_job = api.post("/v1/extractions", json={"model": model["id"], "layers": [1], "texts": texts}).json()["job"]["id"]
+            wait_until(lambda: api.get(f"/v1/jobs/{long_job}").json()["progress"]["done"] > 0, 60, "the long job to start", interval=0.05)
+
+            kill(own_redis)
+            time.sleep(OUTAGE_S)
+            assert worker.poll() is None, log_file.read_text()[-3000:]
+            own_redis.start()
+
+            job = wait_for_job(api, long_job, timeout=60)
+            assert job["status"] == "succeeded", (job["error"], log_file.read_text()[-3000:])
+            assert job["attempts"] == 1
+            assert worker.poll() is None
+            after = api.post("/v1/jobs/ping").json()["job"]["id"]
+            assert wait_for_job(api, after, timeout=40)["status"] == "succeeded"
+    finally:
+        stop_process(worker)
