@@ -1,6 +1,7 @@
 """Redis going away for longer than a blip: workers wait for it and carry on, and the job
 they were running when it went still finishes, because the registry row is its truth."""
 
+import signal
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -114,5 +115,60 @@ def test_a_job_that_finishes_while_redis_is_away_succeeds_and_the_worker_goes_on
             assert worker.poll() is None
             after = api.post("/v1/jobs/ping").json()["job"]["id"]
             assert wait_for_job(api, after, timeout=40)["status"] == "succeeded"
+    finally:
+        stop_process(worker)
+
+
+@pytest.mark.slow
+@only_sqlite
+def test_a_worker_told_to_stop_while_redis_is_away_finishes_its_job_first(database_url: str, own_redis: RedisServer, tmp_path: Path, tiny_llama: Path) -> None:
+    """SIGTERM is a warm shutdown: RQ notes the request in Redis from inside the job, and that
+    note failing must not fail the job."""
+    from fastapi.testclient import TestClient
+
+    from app.main import create_app
+
+    settings = make_settings(database_url, own_redis.url, tmp_path / "var", extraction_max_batch_size=1, extraction_cache=False, heartbeat_ttl_s=2.0)
+    log_file = tmp_path / "worker.log"
+    worker = start_worker(settings, f"stopping-{settings.queue_prefix}", log_file=log_file)
+    try:
+        with TestClient(create_app(settings)) as api:
+            model = register(api, tiny_llama).json()
+            assert wait_for_job(api, model["check_job_id"])["status"] == "succeeded"
+            texts = [f"statement number {i} about the city of Rome" for i in range(200)]
+            job_id = api.post("/v1/extractions", json={"model": model["id"], "layers": [1], "texts": texts}).json()["job"]["id"]
+            wait_until(lambda: api.get(f"/v1/jobs/{job_id}").json()["progress"]["done"] > 0, 60, "the job to start", interval=0.05)
+
+            kill(own_redis)
+            worker.send_signal(signal.SIGTERM)
+            assert worker.wait(60) == 0, log_file.read_text()[-3000:]
+            job = api.get(f"/v1/jobs/{job_id}").json()
+            assert job["status"] == "succeeded", job["error"]
+    finally:
+        stop_process(worker)
+
+
+@pytest.mark.slow
+@only_sqlite
+def test_a_job_that_runs_past_its_time_limit_fails_with_timeout(database_url: str, redis_server: RedisServer, tmp_path: Path, tiny_llama: Path) -> None:
+    """The limit is RQ's alarm in the worker's main thread, set on every job when it is queued."""
+    from fastapi.testclient import TestClient
+
+    from app.main import create_app
+
+    settings = make_settings(database_url, redis_server.url, tmp_path / "var", extraction_max_batch_size=1, extraction_cache=False)
+    worker = start_worker(settings, f"limited-{settings.queue_prefix}")
+    try:
+        with TestClient(create_app(settings)) as api:
+            model = register(api, tiny_llama).json()
+            assert wait_for_job(api, model["check_job_id"])["status"] == "succeeded"
+        with TestClient(create_app(settings.model_copy(update={"job_timeout_s": 2}))) as api:
+            texts = [f"statement number {i} about the city of Rome" for i in range(2000)]
+            job_id = api.post("/v1/extractions", json={"model": model["id"], "layers": [1], "texts": texts}).json()["job"]["id"]
+            job = wait_for_job(api, job_id, timeout=30)
+            assert (job["status"], job["error"]["code"]) == ("failed", "timeout"), job["error"]
+            assert job["error"]["details"] == {"limit_s": 2}
+            after = api.post("/v1/jobs/ping").json()["job"]["id"]
+            assert wait_for_job(api, after)["status"] == "succeeded"
     finally:
         stop_process(worker)
