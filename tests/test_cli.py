@@ -4,6 +4,7 @@ import json
 import os
 import shutil
 import signal
+import socket
 import sqlite3
 import subprocess
 import sys
@@ -175,3 +176,19 @@ def test_serve_restarts_a_killed_worker_and_the_job_it_was_running_succeeds(tmp_
         assert serve.poll() is None
         output = stop_and_read(serve)
     assert "restarted worker (exit code -9)" in output, output
+
+
+@pytest.mark.slow
+def test_serve_gives_up_on_a_part_that_keeps_exiting_and_names_it(tmp_path: Path) -> None:
+    var_dir, port = tmp_path / "var", free_port()
+    with socket.socket() as taken:  # the gateway cannot listen: uvicorn exits with code 3 each time
+        taken.bind(("127.0.0.1", port))
+        taken.listen()
+        env = embedded_environment(var_dir, port) | {"SERVE_RESTART_LIMIT": "3"}
+        result = subprocess.run([CONFPROBE, "serve"], env=env, cwd=tmp_path, start_new_session=True, capture_output=True, text=True, timeout=120)
+    output = result.stdout + result.stderr
+    assert result.returncode == 1, output
+    assert output.count("restarted gateway (exit code 3)") == 2, output
+    assert "stopped because the gateway exited 3 times within 60 s (last exit code 3)" in output, output
+    with pytest.raises(redis.exceptions.ConnectionError):
+        redis.Redis(unix_socket_path=str(var_dir / "redis.sock"), socket_connect_timeout=1).ping()
