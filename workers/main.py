@@ -9,7 +9,7 @@ from typing import Any
 
 import sqlalchemy.exc
 from rq import Queue, SimpleWorker
-from rq.exceptions import StopRequested
+from rq.exceptions import InvalidJobOperation, StopRequested
 
 from app import broker, jobs, logs
 from app.registry.tables import Job
@@ -63,6 +63,15 @@ class ServiceWorker(SimpleWorker):
         self.runtime.wait_for_redis()
         jobs.put_on_queue(self.runtime.redis, self.runtime.settings, row)
         log.info("job put back on its queue: Redis went away before it started", extra={"queue": row.queue})
+
+    def handle_job_success(self, job: Any, queue: Queue, started_job_registry: Any, execution: Any) -> None:
+        """RQ's record of a job that ran while Redis restarted empty is gone, and RQ cannot
+        close it: the job's outcome is in the registry, so the worker drops RQ's remnant."""
+        try:
+            super().handle_job_success(job, queue, started_job_registry, execution)
+        except InvalidJobOperation:
+            log.info("RQ no longer held this job (Redis restarted without it); its outcome is in the registry")
+            self._best_effort(self.connection.delete, job.key)  # the remnant RQ's last heartbeat wrote
 
     def heartbeat(self, timeout: int | None = None, pipeline: Any = None) -> None:
         self._best_effort(super().heartbeat, timeout, pipeline)

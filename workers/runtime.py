@@ -60,7 +60,7 @@ class RedisOutage:
             if self._since is not None:
                 return
             self._since = time.monotonic()
-        log.warning("Redis is unreachable (%s); waiting for it, and the running job goes on", error)
+        log.warning("Redis is unreachable (%s); waiting for it, and a running job goes on", error)
 
     def up(self) -> None:
         with self._lock:
