@@ -7,6 +7,7 @@ import warnings
 from collections.abc import Callable
 from typing import Any
 
+import redis
 import sqlalchemy.exc
 from rq import Queue, SimpleWorker
 from rq.exceptions import InvalidJobOperation, StopRequested
@@ -28,8 +29,8 @@ class ServiceWorker(SimpleWorker):
     going away must neither fail the job nor end the worker's loop: RQ's writes that fail
     while Redis is away are skipped, and its loop waits for Redis between tries."""
 
-    def __init__(self, worker_runtime: WorkerRuntime, queues: list[Queue], name: str) -> None:
-        super().__init__(queues, connection=worker_runtime.redis, name=name)
+    def __init__(self, worker_runtime: WorkerRuntime, queues: list[Queue], connection: redis.Redis, name: str) -> None:
+        super().__init__(queues, connection=connection, name=name)
         self.runtime = worker_runtime
         self.max_connection_wait_time = worker_runtime.settings.redis_retry_max_s  # RQ's own dequeue retries
 
@@ -124,14 +125,17 @@ def work_until_stopped(worker_runtime: WorkerRuntime, burst: bool, logging_level
     settings = worker_runtime.settings
     # its own queue first (jobs routed here for the models it holds), then the shared one
     names = (broker.worker_queue(settings, worker_runtime.name), broker.default_queue(settings))
+    # RQ's own connection: RQ gives it a socket timeout of minutes, for its blocking reads
+    # of the queues, which must not apply to the worker's other commands
+    rq_connection = broker.connect(settings)
     pauses = backoff(settings.redis_retry_max_s)
     while True:
         try:
             worker_runtime.wait_for_redis()
         except StopRequested:
             return  # SIGTERM while waiting between loops: the last loop's handler raises this
-        queues = [Queue(name, connection=worker_runtime.redis) for name in names]
-        rq_worker = ServiceWorker(worker_runtime, queues, name=broker.rq_worker_name(worker_runtime.name))
+        queues = [Queue(name, connection=rq_connection) for name in names]
+        rq_worker = ServiceWorker(worker_runtime, queues, rq_connection, name=broker.rq_worker_name(worker_runtime.name))
         started = time.monotonic()
         try:
             rq_worker.work(burst=burst, logging_level=logging_level, with_scheduler=False)

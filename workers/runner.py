@@ -95,6 +95,8 @@ def _finish(worker: WorkerRuntime, job_id: str, attempt: int, started: float, **
     seconds = time.monotonic() - started
     log.info("job %s", job.status, extra={"kind": job.kind, "status": job.status, "seconds": round(seconds, 3), "error_code": (job.error or {}).get("code")})
     jobs.publish(worker.redis, worker.settings, job)
+    if worker.outage.ongoing:
+        return  # a figure lost to the Redis outage; the job's outcome is in the registry
     try:
         metrics.record_job_duration(worker.redis, worker.settings, job.kind, job.status, seconds)
     except redis.exceptions.RedisError:

@@ -33,6 +33,10 @@ log = logging.getLogger("workers.runtime")
 # silent (TimeoutError)
 REDIS_DOWN = (redis.exceptions.ConnectionError, redis.exceptions.TimeoutError)
 FIRST_RETRY_S = 0.5
+# How long one command of the worker's own (heartbeats, job events, sweeps) waits for Redis
+# to answer: a Redis that hangs rather than refusing (stopped, or cut off without a reset)
+# costs a job's progress point this much, not the minutes RQ's blocking reads allow.
+REDIS_COMMAND_TIMEOUT_S = 5.0
 
 
 def backoff(cap_s: float, first_s: float = FIRST_RETRY_S) -> Iterator[float]:
@@ -111,6 +115,8 @@ class WorkerRuntime:
     def set_current_job(self, job_id: str | None) -> None:
         """Change what the heartbeat reports, and report it at once."""
         self.current_job = job_id
+        if self.outage.ongoing:
+            return  # the heartbeat thread reports it when Redis is back
         try:
             self.heartbeat()
         except redis.exceptions.RedisError:
@@ -300,7 +306,7 @@ def build_runtime(settings: Settings) -> WorkerRuntime:
         settings=settings,
         name=settings.worker_name or f"{socket.gethostname()}.{os.getpid()}",
         sessions=session_factory(create_registry_engine(settings.resolved_database_url)),
-        redis=broker.connect(settings),
+        redis=broker.connect(settings, socket_timeout=REDIS_COMMAND_TIMEOUT_S),  # RQ has a connection of its own
         models=ResidentModels(budget_bytes=memory_budget_bytes(settings), device=settings.worker_device),
         artifacts=open_store(settings),
     )

@@ -181,3 +181,36 @@ def test_a_job_that_runs_past_its_time_limit_fails_with_timeout(database_url: st
             assert wait_for_job(api, after)["status"] == "succeeded"
     finally:
         stop_process(worker)
+
+
+@pytest.mark.slow
+@only_sqlite
+def test_a_job_finishes_while_redis_hangs_without_answering(database_url: str, own_redis: RedisServer, tmp_path: Path, tiny_llama: Path) -> None:
+    """A stopped Redis still accepts connections and never answers, as one cut off by the
+    network does: the job's events wait seconds for it, not minutes."""
+    from fastapi.testclient import TestClient
+
+    from app.main import create_app
+
+    settings = make_settings(database_url, own_redis.url, tmp_path / "var", extraction_max_batch_size=64, extraction_cache=False, heartbeat_ttl_s=2.0)
+    log_file = tmp_path / "worker.log"
+    worker = start_worker(settings, f"hung-{settings.queue_prefix}", log_file=log_file)
+    assert own_redis.process is not None
+    try:
+        with TestClient(create_app(settings)) as api:
+            model = register(api, tiny_llama).json()
+            assert wait_for_job(api, model["check_job_id"])["status"] == "succeeded"
+            texts = [f"statement number {i} about the city of Rome" for i in range(256)]
+            job_id = api.post("/v1/extractions", json={"model": model["id"], "layers": [1], "texts": texts}).json()["job"]["id"]
+            wait_until(lambda: api.get(f"/v1/jobs/{job_id}").json()["status"] == "running", 60, "the job to start", interval=0.05)
+
+            own_redis.process.send_signal(signal.SIGSTOP)
+            try:
+                job = wait_for_job(api, job_id, timeout=40)
+                assert job["status"] == "succeeded", job["error"]
+            finally:
+                own_redis.process.send_signal(signal.SIGCONT)
+            after = api.post("/v1/jobs/ping").json()["job"]["id"]
+            assert wait_for_job(api, after, timeout=40)["status"] == "succeeded"
+    finally:
+        stop_process(worker)
