@@ -93,7 +93,7 @@ def error_lines(log_file: Path) -> list[str]:
 @only_sqlite
 # a few seconds of work ends while Redis is away, and RQ cannot record that; longer work
 # ends after Redis came back empty, without RQ's record of the job
-@pytest.mark.parametrize("texts", [120, 900], ids=["ends-while-redis-is-away", "ends-after-redis-is-back"])
+@pytest.mark.parametrize("texts", [120, 1200], ids=["ends-while-redis-is-away", "ends-after-redis-is-back"])
 def test_a_job_running_when_redis_goes_away_succeeds_and_the_worker_goes_on(
     database_url: str, own_redis: RedisServer, tmp_path: Path, tiny_llama: Path, texts: int
 ) -> None:
