@@ -1,4 +1,4 @@
-"""`confprobe serve`: the whole embedded service from one command, stopped by Ctrl-C."""
+"""`confprobe serve`: the whole embedded service from one command; a part that dies is started again, and Ctrl-C stops it all."""
 
 import json
 import os
