@@ -139,11 +139,23 @@ def list_jobs(session: Session, *, status: str | None, kind: str | None, cursor:
     return keyset_page(session, query, Job.id, cursor, limit)
 
 
+# After Redis failed to answer an event in time, events on that connection are dropped for
+# this long without asking: a hung Redis would otherwise cost every progress point a job
+# makes a whole socket timeout. (A refused connection fails at once and costs nothing.)
+QUIET_AFTER_TIMEOUT_S = 5.0
+_quiet_until: dict[int, float] = {}
+
+
 def publish(connection: redis.Redis, settings: Settings, job: Job) -> None:
     """Tell `GET /v1/jobs/{id}/events` listeners the job changed. Best effort: the row is
     the truth, and listeners re-read it when Redis is silent."""
+    pool = id(connection.connection_pool)
+    if time.monotonic() < _quiet_until.get(pool, 0.0):
+        return
     try:
         connection.publish(broker.job_channel(settings, job.id), JobOut.of(job).model_dump_json())
+    except redis.exceptions.TimeoutError:
+        _quiet_until[pool] = time.monotonic() + QUIET_AFTER_TIMEOUT_S
     except redis.exceptions.RedisError:
         pass
 

@@ -80,6 +80,15 @@ class Settings(BaseSettings):
     job_max_attempts: int = Field(
         2, ge=1, description="Starts a job gets in all: a job whose worker dies is queued again until it has had this many, then failed."
     )
+    redis_retry_max_s: float = Field(
+        10.0, gt=0, description="Longest pause between a worker's tries to reach Redis while it is away (the pauses start at 0.5 s and "
+        "double up to this); a worker waits out any outage, runs its current job on, and never exits for it.",
+    )
+    serve_restart_limit: int = Field(
+        5, ge=1, description="`confprobe serve` restarts a part (embedded Redis, worker, gateway) that exits by itself, with a growing "
+        "pause; after this many exits of one part within SERVE_RESTART_WINDOW_S it gives up and stops everything.",
+    )
+    serve_restart_window_s: float = Field(60.0, gt=0, description="The window SERVE_RESTART_LIMIT counts a part's exits in.")
     janitor_interval_s: float = Field(
         3600, ge=0, description="How often (deployment-wide) a worker removes artifacts no registry row refers to; 0: never (run `confprobe janitor`)."
     )

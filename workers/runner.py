@@ -9,6 +9,8 @@ from typing import Any
 
 import redis
 import sqlalchemy.exc
+from rq import get_current_job
+from rq.timeouts import JobTimeoutException
 from sqlalchemy import update
 
 from app import jobs, logs, metrics
@@ -93,6 +95,8 @@ def _finish(worker: WorkerRuntime, job_id: str, attempt: int, started: float, **
     seconds = time.monotonic() - started
     log.info("job %s", job.status, extra={"kind": job.kind, "status": job.status, "seconds": round(seconds, 3), "error_code": (job.error or {}).get("code")})
     jobs.publish(worker.redis, worker.settings, job)
+    if worker.outage.ongoing:
+        return  # a figure lost to the Redis outage; the job's outcome is in the registry
     try:
         metrics.record_job_duration(worker.redis, worker.settings, job.kind, job.status, seconds)
     except redis.exceptions.RedisError:
@@ -136,6 +140,12 @@ def _run_job(job_id: str) -> None:
     except sqlalchemy.exc.OperationalError as exc:
         log.warning("job failed: the database is unreachable: %s", exc)
         finish(status="failed", error={"code": "unavailable", "message": f"the database is unreachable: {exc}", "details": {"backend": "database"}})
+    except JobTimeoutException:
+        # RQ's alarm (JOB_TIMEOUT_S, set on every job when it is queued) went off in the handler
+        rq_job = get_current_job()
+        limit = int(rq_job.timeout) if rq_job is not None and rq_job.timeout else worker.settings.job_timeout_s
+        log.warning("job stopped: it ran longer than its limit of %d s", limit)
+        finish(status="failed", error={"code": "timeout", "message": f"the job ran longer than its limit of {limit} s (JOB_TIMEOUT_S)", "details": {"limit_s": limit}})
     except Exception as exc:  # a bug or an unexpected library error: record it, keep the worker alive
         log.exception("job failed with an unexpected error")
         finish(status="failed", error={"code": "internal", "message": f"{type(exc).__name__}: {exc}", "details": {}})

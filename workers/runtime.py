@@ -5,6 +5,7 @@ import logging
 import os
 import socket
 import threading
+import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -28,6 +29,49 @@ from workers.models import (
 )
 
 log = logging.getLogger("workers.runtime")
+# Redis away, as redis-py reports it: refused, reset or still loading (ConnectionError), or
+# silent (TimeoutError)
+REDIS_DOWN = (redis.exceptions.ConnectionError, redis.exceptions.TimeoutError)
+FIRST_RETRY_S = 0.5
+# How long one command of the worker's own (heartbeats, job events, sweeps) waits for Redis
+# to answer: a Redis that hangs rather than refusing (stopped, or cut off without a reset)
+# costs a job's progress point this much, not the minutes RQ's blocking reads allow.
+REDIS_COMMAND_TIMEOUT_S = 5.0
+
+
+def backoff(cap_s: float, first_s: float = FIRST_RETRY_S) -> Iterator[float]:
+    """Pauses between tries: `first_s`, doubling, never above `cap_s`, for ever."""
+    pause = first_s
+    while True:
+        yield min(pause, cap_s)
+        pause = min(2 * pause, cap_s)
+
+
+class RedisOutage:
+    """Whether this process last found Redis away. An outage is logged once as it starts and
+    once as it ends, however many tries fail in between and whichever thread makes them."""
+
+    def __init__(self) -> None:
+        self._since: float | None = None
+        self._lock = threading.Lock()
+
+    @property
+    def ongoing(self) -> bool:
+        return self._since is not None
+
+    def down(self, error: BaseException) -> None:
+        with self._lock:
+            if self._since is not None:
+                return
+            self._since = time.monotonic()
+        log.warning("Redis is unreachable (%s); waiting for it, and a running job goes on", error)
+
+    def up(self) -> None:
+        with self._lock:
+            if self._since is None:
+                return
+            lasted, self._since = time.monotonic() - self._since, None
+        log.info("Redis is reachable again after %.1f s", lasted)
 
 
 @dataclass
@@ -40,6 +84,7 @@ class WorkerRuntime:
     artifacts: ArtifactStore
     started_at: datetime = field(default_factory=utcnow)
     current_job: str | None = None
+    outage: RedisOutage = field(default_factory=RedisOutage)
 
     def heartbeat(self) -> None:
         state = {
@@ -70,10 +115,26 @@ class WorkerRuntime:
     def set_current_job(self, job_id: str | None) -> None:
         """Change what the heartbeat reports, and report it at once."""
         self.current_job = job_id
+        if self.outage.ongoing:
+            return  # the heartbeat thread reports it when Redis is back
         try:
             self.heartbeat()
         except redis.exceptions.RedisError:
             pass  # the heartbeat thread reports it when Redis is back
+
+    def wait_for_redis(self) -> None:
+        """Return once Redis answers, trying again after pauses that double up to
+        REDIS_RETRY_MAX_S. Never gives up: Redis coming back is all a worker needs, while a
+        worker that exited would need someone to start it again."""
+        for pause in backoff(self.settings.redis_retry_max_s):
+            try:
+                self.redis.ping()
+            except REDIS_DOWN as exc:
+                self.outage.down(exc)
+                time.sleep(pause)
+            else:
+                self.outage.up()
+                return
 
     def start_heartbeats(self) -> threading.Event:
         """Heartbeat from a thread, so a long job does not make the worker look dead; each
@@ -85,9 +146,12 @@ class WorkerRuntime:
             while not stop.is_set():
                 try:
                     self.heartbeat()
+                    self.outage.up()
                     self.recover_jobs_of_lost_workers()
                     self.requeue_orphans()
                     self.maybe_sweep_artifacts()
+                except REDIS_DOWN as exc:
+                    self.outage.down(exc)  # the next beat tries again, and resumes the beats
                 except (redis.exceptions.RedisError, sqlalchemy.exc.OperationalError):
                     pass  # Redis or the database is away; the next beat tries again
                 except Exception:  # noqa: BLE001 (the thread must live on: a worker without heartbeats loses every job it runs)
@@ -242,7 +306,7 @@ def build_runtime(settings: Settings) -> WorkerRuntime:
         settings=settings,
         name=settings.worker_name or f"{socket.gethostname()}.{os.getpid()}",
         sessions=session_factory(create_registry_engine(settings.resolved_database_url)),
-        redis=broker.connect(settings),
+        redis=broker.connect(settings, socket_timeout=REDIS_COMMAND_TIMEOUT_S),  # RQ has a connection of its own
         models=ResidentModels(budget_bytes=memory_budget_bytes(settings), device=settings.worker_device),
         artifacts=open_store(settings),
     )
