@@ -14,6 +14,7 @@ from rq.timeouts import JobTimeoutException
 from sqlalchemy import update
 
 from app import jobs, logs, metrics
+from app.errors import disk_full
 from app.registry.tables import Job, utcnow
 from app.storage import ArtifactMissing, StoreUnavailable
 from workers import (
@@ -103,6 +104,14 @@ def _finish(worker: WorkerRuntime, job_id: str, attempt: int, started: float, **
         pass  # a figure lost to a Redis outage; the job's outcome is in the registry
 
 
+def unexpected_error_message(exc: Exception) -> str:
+    """What a job's record says of an unexpected error: its kind and text, but for an OSError
+    only the system's reason, as its text repeats the server's paths (the log keeps them)."""
+    if isinstance(exc, OSError) and exc.strerror:
+        return f"{type(exc).__name__}: {exc.strerror}"
+    return f"{type(exc).__name__}: {exc}"
+
+
 def run_job(job_id: str) -> None:
     with logs.job_scope(job_id):
         _run_job(job_id)
@@ -146,9 +155,14 @@ def _run_job(job_id: str) -> None:
         limit = int(rq_job.timeout) if rq_job is not None and rq_job.timeout else worker.settings.job_timeout_s
         log.warning("job stopped: it ran longer than its limit of %d s", limit)
         finish(status="failed", error={"code": "timeout", "message": f"the job ran longer than its limit of {limit} s (JOB_TIMEOUT_S)", "details": {"limit_s": limit}})
-    except Exception as exc:  # a bug or an unexpected library error: record it, keep the worker alive
-        log.exception("job failed with an unexpected error")
-        finish(status="failed", error={"code": "internal", "message": f"{type(exc).__name__}: {exc}", "details": {}})
+    except Exception as exc:
+        if disk_full(exc):
+            log.error("job failed: no space left: %s", exc)
+            message = "no space is left on the worker's disk or in the artifact store; free some and run the job again"
+            finish(status="failed", error={"code": "store_full", "message": message, "details": {"backend": "disk"}})
+        else:  # a bug or an unexpected library error: record it, keep the worker alive
+            log.exception("job failed with an unexpected error")
+            finish(status="failed", error={"code": "internal", "message": unexpected_error_message(exc), "details": {}})
     else:
         finish(status="succeeded", result=result)
     finally:

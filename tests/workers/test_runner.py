@@ -62,3 +62,29 @@ def test_an_unreachable_artifact_store_fails_the_job_as_unavailable(api: Any, se
     run_queued_jobs(settings)
     error = api.get(f"/v1/jobs/{job_id}").json()["error"]
     assert error["code"] == "unavailable" and error["details"] == {"backend": "artifact store"} and "bucket confprobe" in error["message"]
+
+
+def test_a_job_that_runs_out_of_disk_fails_as_store_full(api: Any, settings: Settings, tiny_llama: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    def write_to_a_full_disk(context: runner.JobContext) -> dict[str, Any]:
+        with open("/dev/full", "wb") as full:  # a real device that answers every write with ENOSPC
+            full.write(b"x" * 65536)
+            full.flush()
+        return {}
+
+    monkeypatch.setitem(runner.HANDLERS, "model_check", write_to_a_full_disk)
+    job_id = register(api, tiny_llama).json()["check_job_id"]
+    run_queued_jobs(settings)
+    error = api.get(f"/v1/jobs/{job_id}").json()["error"]
+    assert (error["code"], error["details"]) == ("store_full", {"backend": "disk"})
+
+
+def test_an_unexpected_os_error_is_recorded_without_the_servers_paths(api: Any, settings: Settings, tiny_llama: Path, monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    def open_what_is_not_there(context: runner.JobContext) -> dict[str, Any]:
+        (tmp_path / "server-side-secret-folder" / "file").read_bytes()
+        return {}
+
+    monkeypatch.setitem(runner.HANDLERS, "model_check", open_what_is_not_there)
+    job_id = register(api, tiny_llama).json()["check_job_id"]
+    run_queued_jobs(settings)
+    error = api.get(f"/v1/jobs/{job_id}").json()["error"]
+    assert error == {"code": "internal", "message": "FileNotFoundError: No such file or directory", "details": {}}

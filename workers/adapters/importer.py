@@ -11,6 +11,7 @@ from typing import TYPE_CHECKING, Any
 import httpx
 from sqlalchemy.exc import IntegrityError
 
+from app.errors import disk_full
 from app.archives import ArchiveLimits, ArchiveRejected, extract_archive
 from app.registry.adapters import artifact_in_use, find_adapter
 from app.registry.models import get_model
@@ -26,7 +27,6 @@ if TYPE_CHECKING:
 WEIGHTS_FILE = "adapter_model.safetensors"
 CONFIG_FILE = "adapter_config.json"
 DOWNLOAD_CHUNK = 1 << 20
-DISK_FULL = frozenset({errno.ENOSPC, errno.EDQUOT})
 
 
 def _limits(settings: Settings) -> ArchiveLimits:
@@ -181,7 +181,7 @@ def _unpublish(context: "JobContext", artifact: str, published: bool) -> None:
 def os_failure(error: OSError) -> JobFailed | None:
     """The job failure an operating-system error stands for when it is about the machine, not
     a bug — with a message naming the problem and no path of the server; None otherwise."""
-    if error.errno in DISK_FULL:
+    if disk_full(error):
         return JobFailed(
             "store_full", "no space is left on the worker's disk or in the artifact store for this adapter; free some and import it again",
             errno=errno.errorcode[error.errno],
