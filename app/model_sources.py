@@ -18,7 +18,12 @@ from typing import Annotated, Any
 from pydantic import BeforeValidator, Field
 
 from app.errors import ServiceError, invalid_field
-from app.user_files import METADATA_MAX_BYTES, FileTooLarge, NotARegularFile, read_regular_file
+from app.user_files import (
+    METADATA_MAX_BYTES,
+    FileTooLarge,
+    NotARegularFile,
+    read_regular_file,
+)
 
 HF_REPO_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,95}(/[A-Za-z0-9][A-Za-z0-9_.-]{0,95})?$", re.ASCII)
 

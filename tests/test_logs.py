@@ -92,7 +92,11 @@ def test_library_lines_and_python_warnings_in_a_job_are_json_lines_with_its_id(a
 def test_credentials_in_urls_and_api_keys_never_reach_the_gateways_log(settings: Settings, tmp_path: Path) -> None:
     settings = settings.model_copy(update={"log_format": "json", "log_level": "info", "auth_enabled": True})
     from app import auth
-    from app.registry.database import create_registry_engine, session_factory, transaction
+    from app.registry.database import (
+        create_registry_engine,
+        session_factory,
+        transaction,
+    )
 
     with transaction(session_factory(create_registry_engine(settings.resolved_database_url))) as session:
         _, key = auth.create_key(session, "logged", ["read"])

@@ -22,6 +22,7 @@ from app.registry.tables import (
     new_id,
     utcnow,
 )
+from app.user_files import FileTooLarge, NotARegularFile, read_regular_file
 from workers import extraction, probe_training
 from workers.adapters import importer
 from workers.context import JobContext
@@ -53,8 +54,16 @@ def _dataset(context: JobContext) -> Dataset:
             raise JobFailed("not_found", f"dataset {context.params['dataset']} was deleted")
         return dataset
     path = Path(context.params["dataset_path"])
+    limit = worker.settings.max_dataset_bytes
     try:
-        upload = parse_upload(path.read_bytes(), path.name)
+        # a user-named path: it may have become a FIFO or a device, or grown, since the gateway looked
+        upload = parse_upload(read_regular_file(path, limit), path.name)
+    except FileNotFoundError as exc:
+        raise JobFailed("not_found", f"{path.name}: the dataset file is gone") from exc
+    except NotARegularFile as exc:
+        raise JobFailed("invalid_dataset", f"{exc}; a dataset file must be a regular file", kind=exc.kind) from exc
+    except FileTooLarge as exc:
+        raise JobFailed("too_large", f"{path.name} is larger than {limit} bytes (MAX_DATASET_BYTES)", limit_bytes=limit) from exc
     except ServiceError as exc:  # a malformed file: the same message the upload endpoint gives
         raise JobFailed(exc.code, f"{path.name}: {exc.message}", **exc.details) from exc
     return register_dataset(worker.sessions, worker.artifacts, upload, default_name(path.name))[0]

@@ -21,9 +21,9 @@ from app.extractions import resolve_layers
 from app.registry.database import transaction
 from app.registry.tables import Dataset, Experiment, Job, new_id
 from app.schemas import (
+    DISPLAY_NAME_MAX,
     ERROR_RESPONSES,
     ExperimentAccepted,
-    DISPLAY_NAME_MAX,
     ExperimentConfig,
     ExperimentModel,
     ExperimentOut,

@@ -14,7 +14,12 @@ from sqlalchemy.exc import IntegrityError
 
 from app.adapters import adapter_identity
 from app.model_sources import ModelShape, ResolvedSource
-from app.registry.database import MIGRATIONS_DIR, create_registry_engine, session_factory, transaction
+from app.registry.database import (
+    MIGRATIONS_DIR,
+    create_registry_engine,
+    session_factory,
+    transaction,
+)
 from app.registry.models import new_model
 from app.registry.tables import UTCDateTime
 

@@ -11,7 +11,15 @@ from safetensors.torch import load_file
 
 from app.registry.tables import Adapter
 from tests import tiny_models
-from tests.workers.adapter_jobs import CONFIG, WEIGHTS, adapter_folder, import_job, model_id, settings, worker  # noqa: F401 (fixtures)
+from tests.workers.adapter_jobs import (  # noqa: F401 (fixtures)
+    CONFIG,
+    WEIGHTS,
+    adapter_folder,
+    import_job,
+    model_id,
+    settings,
+    worker,
+)
 from workers import runtime
 from workers.adapters import importer
 

@@ -14,11 +14,18 @@ import pytest
 
 from app.registry.tables import Adapter
 from tests.special_files import call_without_blocking
-from tests.workers.adapter_jobs import CONFIG, WEIGHTS, adapter_folder, import_job, model_id, settings, worker  # noqa: F401 (fixtures)
+from tests.workers.adapter_jobs import (  # noqa: F401 (fixtures)
+    CONFIG,
+    WEIGHTS,
+    adapter_folder,
+    import_job,
+    model_id,
+    settings,
+    worker,
+)
 from workers import runtime
 from workers.adapters import importer
 from workers.errors import JobFailed
-
 
 # --- hostile inputs ------------------------------------------------------------------
 

@@ -12,7 +12,13 @@ from typing import Any
 
 import pytest
 
-from app.model_sources import MAX_HIDDEN_SIZE, MAX_INTERMEDIATE_SIZE, MAX_LAYERS, ModelShape, resolve_source
+from app.model_sources import (
+    MAX_HIDDEN_SIZE,
+    MAX_INTERMEDIATE_SIZE,
+    MAX_LAYERS,
+    ModelShape,
+    resolve_source,
+)
 from app.registry.models import new_model
 from app.registry.tables import Model
 from tests import tiny_models

@@ -11,7 +11,6 @@ import redis
 
 from app import broker
 from app.settings import Settings
-from workers.runtime import backoff
 from tests.api.test_models import register
 from tests.conftest import (
     RedisServer,
@@ -21,6 +20,7 @@ from tests.conftest import (
     wait_for_job,
     wait_until,
 )
+from workers.runtime import backoff
 
 # a worker process against a private Redis: one registry backend is enough
 only_sqlite = pytest.mark.parametrize("database_url", ["sqlite"], indirect=True)

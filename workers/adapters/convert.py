@@ -28,7 +28,12 @@ from pathlib import Path
 from typing import Any
 
 from app.adapters import PUBLISHED_DEFAULTS, adapter_identity
-from app.user_files import METADATA_MAX_BYTES, FileTooLarge, NotARegularFile, read_regular_file
+from app.user_files import (
+    METADATA_MAX_BYTES,
+    FileTooLarge,
+    NotARegularFile,
+    read_regular_file,
+)
 from workers.adapters.safetensors_stream import (
     InvalidSafetensors,
     OutputTensor,
