@@ -8,7 +8,7 @@ from app.errors import invalid_field, not_found
 from app.extractions import checked_model_and_adapter, resolve_layers
 from app.registry.models import get_model
 from app.registry.tables import Adapter, Comparison, Dataset, new_id
-from app.schemas import ComparisonCreate
+from app.schemas.comparisons import ComparisonCreate
 
 
 def _precision(model_dtype: str, quantization: str | None) -> str:

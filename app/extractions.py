@@ -6,7 +6,7 @@ from sqlalchemy.orm import Session
 from app.errors import ServiceError, invalid_field, not_found
 from app.registry.models import get_model
 from app.registry.tables import Adapter, Dataset, Extraction, Model, new_id
-from app.schemas import ExtractionCreate
+from app.schemas.extractions import ExtractionCreate
 from app.settings import Settings
 
 

@@ -19,7 +19,7 @@ from app import broker
 from app.errors import ServiceError, not_found
 from app.registry.database import keyset_page, transaction
 from app.registry.tables import Job, new_id, utcnow
-from app.schemas import JobOut
+from app.schemas.jobs import JobOut
 from app.settings import Settings
 
 log = logging.getLogger("app.jobs")

@@ -54,7 +54,7 @@ class BodySizeLimit:
 class RefuseNulCharacters:
     """Pure ASGI middleware: PostgreSQL cannot store a NUL character, and SQLite can, so an id
     or filter holding one (`%00`) would be a 500 on one registry and a 404 on the other; it
-    is a 422 on both. Bodies are checked by their schemas (`app.schemas.Request`)."""
+    is a 422 on both. Bodies are checked by their schemas (`app.schemas.common.Request`)."""
 
     def __init__(self, app: ASGIApp) -> None:
         self.app = app

@@ -7,7 +7,7 @@ from sqlalchemy.orm import Session
 from app.errors import invalid_field, not_found
 from app.extractions import checked_model_and_adapter, resolve_layers
 from app.registry.tables import Dataset, Probe, ProbeRun, new_id
-from app.schemas import ProbeCreate, ProbeOut, ProbeRunOut
+from app.schemas.probes import ProbeCreate, ProbeOut, ProbeRunOut
 
 MIN_PER_CLASS = 3  # each of train, validation and test needs both classes
 

@@ -21,15 +21,9 @@ from app.registry.adapters import artifact_in_use, get_adapter, list_adapters
 from app.registry.database import transaction
 from app.registry.models import get_model
 from app.registry.tables import Extraction, Job, new_id
-from app.schemas import (
-    ERROR_RESPONSES,
-    AdapterImport,
-    AdapterOut,
-    AdapterPage,
-    JobAccepted,
-    JobOut,
-    without_nul,
-)
+from app.schemas.adapters import AdapterImport, AdapterOut, AdapterPage
+from app.schemas.common import ERROR_RESPONSES, without_nul
+from app.schemas.jobs import JobAccepted, JobOut
 from app.settings import Settings
 
 router = APIRouter(prefix="/v1/adapters", tags=["adapters"], responses=ERROR_RESPONSES)

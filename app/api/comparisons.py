@@ -16,13 +16,9 @@ from app.comparisons import new_comparison
 from app.errors import ServiceError, not_found
 from app.registry.database import transaction
 from app.registry.tables import Comparison, Job
-from app.schemas import (
-    ERROR_RESPONSES,
-    ComparisonAccepted,
-    ComparisonCreate,
-    ComparisonOut,
-    JobOut,
-)
+from app.schemas.common import ERROR_RESPONSES
+from app.schemas.comparisons import ComparisonAccepted, ComparisonCreate, ComparisonOut
+from app.schemas.jobs import JobOut
 from app.storage import ArtifactStore
 
 router = APIRouter(prefix="/v1/comparisons", tags=["comparisons"], responses=ERROR_RESPONSES)

@@ -9,7 +9,8 @@ from app.api.deps import ArtifactsDep, SessionDep, SessionsDep, SettingsDep
 from app.datasets import default_name, parse_upload
 from app.errors import nul_free_filename
 from app.registry.datasets import get_dataset, list_datasets, register_dataset
-from app.schemas import ERROR_RESPONSES, DatasetOut, DatasetPage, without_nul
+from app.schemas.common import ERROR_RESPONSES, without_nul
+from app.schemas.datasets import DatasetOut, DatasetPage
 
 router = APIRouter(prefix="/v1/datasets", tags=["datasets"], responses=ERROR_RESPONSES)
 

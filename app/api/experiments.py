@@ -20,16 +20,15 @@ from app.errors import ServiceError, invalid_field, not_found
 from app.extractions import resolve_layers
 from app.registry.database import transaction
 from app.registry.tables import Dataset, Experiment, Job, new_id
-from app.schemas import (
-    DISPLAY_NAME_MAX,
-    ERROR_RESPONSES,
+from app.schemas.common import DISPLAY_NAME_MAX, ERROR_RESPONSES
+from app.schemas.experiments import (
     ExperimentAccepted,
     ExperimentConfig,
     ExperimentModel,
     ExperimentOut,
-    JobOut,
-    ModelCreate,
 )
+from app.schemas.jobs import JobOut
+from app.schemas.models import ModelCreate
 from app.settings import Settings
 
 router = APIRouter(prefix="/v1/experiments", tags=["experiments"], responses=ERROR_RESPONSES)

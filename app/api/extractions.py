@@ -19,14 +19,14 @@ from app.errors import ServiceError, not_found
 from app.extractions import new_extraction
 from app.registry.database import keyset_page, transaction
 from app.registry.tables import Extraction, Job
-from app.schemas import (
-    ERROR_RESPONSES,
+from app.schemas.common import ERROR_RESPONSES
+from app.schemas.extractions import (
     ExtractionAccepted,
     ExtractionCreate,
     ExtractionOut,
     ExtractionPage,
-    JobOut,
 )
+from app.schemas.jobs import JobOut
 from app.storage import ArtifactStore
 
 router = APIRouter(prefix="/v1/extractions", tags=["extractions"], responses=ERROR_RESPONSES)

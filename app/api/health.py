@@ -10,7 +10,7 @@ from app import auth, broker
 from app.api.deps import RedisDep, SessionsDep, SettingsDep
 from app.api.security import AUTH_RESPONSES, presented_key, scope_by_method
 from app.errors import ServiceError
-from app.schemas import HealthOut, ReadinessOut, WorkerList, WorkerOut
+from app.schemas.health import HealthOut, ReadinessOut, WorkerList, WorkerOut
 from app.settings import Settings
 
 router = APIRouter()

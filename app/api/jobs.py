@@ -11,7 +11,8 @@ from fastapi.sse import EventSourceResponse, ServerSentEvent
 from app import broker, jobs
 from app.api.deps import RedisDep, SessionDep, SessionsDep, SettingsDep
 from app.registry.database import transaction
-from app.schemas import ERROR_RESPONSES, JobAccepted, JobOut, JobPage, JobStatus
+from app.schemas.common import ERROR_RESPONSES
+from app.schemas.jobs import JobAccepted, JobOut, JobPage, JobStatus
 
 router = APIRouter(prefix="/v1/jobs", tags=["jobs"], responses=ERROR_RESPONSES)
 

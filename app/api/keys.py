@@ -10,13 +10,8 @@ from app.api.deps import SessionDep, SessionsDep, SettingsDep
 from app.errors import invalid_field
 from app.registry.api_keys import list_keys, revoke_key
 from app.registry.database import transaction
-from app.schemas import (
-    ERROR_RESPONSES,
-    ApiKeyCreate,
-    ApiKeyCreated,
-    ApiKeyOut,
-    ApiKeyPage,
-)
+from app.schemas.common import ERROR_RESPONSES
+from app.schemas.keys import ApiKeyCreate, ApiKeyCreated, ApiKeyOut, ApiKeyPage
 
 router = APIRouter(prefix="/v1/keys", tags=["keys"], responses=ERROR_RESPONSES)
 

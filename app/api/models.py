@@ -14,14 +14,9 @@ from app.model_sources import fingerprint, read_model_shape, resolve_source
 from app.registry.database import transaction
 from app.registry.models import find_model, get_model, list_models, new_model
 from app.registry.tables import Model
-from app.schemas import (
-    ERROR_RESPONSES,
-    JobAccepted,
-    JobOut,
-    ModelCreate,
-    ModelOut,
-    ModelPage,
-)
+from app.schemas.common import ERROR_RESPONSES
+from app.schemas.jobs import JobAccepted, JobOut
+from app.schemas.models import ModelCreate, ModelOut, ModelPage
 from app.settings import Settings
 
 router = APIRouter(prefix="/v1/models", tags=["models"], responses=ERROR_RESPONSES)

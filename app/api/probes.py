@@ -16,10 +16,9 @@ from app.errors import ServiceError, not_found
 from app.probes import new_probe_run, run_view
 from app.registry.database import keyset_page, transaction
 from app.registry.tables import Job, Probe, ProbeRun
-from app.schemas import (
-    ERROR_RESPONSES,
-    JobAccepted,
-    JobOut,
+from app.schemas.common import ERROR_RESPONSES
+from app.schemas.jobs import JobAccepted, JobOut
+from app.schemas.probes import (
     ProbeAccepted,
     ProbeCreate,
     ProbeOut,

@@ -26,7 +26,7 @@ from starlette.types import ASGIApp, Receive, Scope, Send
 from app import auth, rate_limit
 from app.auth import Caller
 from app.errors import ServiceError, backend_unavailable, error_response
-from app.schemas import ErrorOut
+from app.schemas.common import ErrorOut
 
 bearer_scheme = HTTPBearer(
     auto_error=False,

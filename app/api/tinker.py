@@ -12,7 +12,9 @@ from app import broker, jobs
 from app.api.deps import RedisDep, SessionsDep, SettingsDep
 from app.errors import ServiceError
 from app.registry.database import transaction
-from app.schemas import ERROR_RESPONSES, JobAccepted, TinkerModels
+from app.schemas.adapters import TinkerModels
+from app.schemas.common import ERROR_RESPONSES
+from app.schemas.jobs import JobAccepted
 
 router = APIRouter(prefix="/v1/tinker", tags=["tinker"], responses=ERROR_RESPONSES)
 

@@ -1,0 +1,45 @@
+"""Comparisons of a base model with its adapters."""
+
+from datetime import datetime
+from typing import Any, Literal
+
+from pydantic import BaseModel, Field
+
+from app.schemas.common import Request
+from app.schemas.jobs import JobOut, JobStatus
+from app.schemas.probes import ProbeMethod, SplitFractions
+
+
+class ComparisonCreate(Request):
+    model: str = Field(description="Id of the base model.")
+    adapters: list[str] = Field(min_length=1, max_length=8, description="Adapters of that base (same weights source).")
+    dataset: str
+    layers: list[int] = Field(min_length=1, max_length=64)
+    token_position: Literal["last", "mean"] = "last"
+    max_length: int | None = Field(None, ge=1, le=1_000_000)
+    method: ProbeMethod = "logistic"
+    split: SplitFractions = Field(default_factory=SplitFractions)
+    seed: int = Field(0, ge=0, le=2**31 - 1)
+    on_mixed_precision: Literal["fail", "flag"] = Field(
+        "fail", description="An adapter imported for another dtype or quantization of the same base: refuse (fail), or run it and flag the report."
+    )
+
+
+class ComparisonOut(BaseModel):
+    id: str
+    job_id: str
+    status: JobStatus
+    model_id: str
+    adapter_ids: list[str]
+    dataset_id: str
+    layers: list[int]
+    method: ProbeMethod
+    token_position: Literal["last", "mean"]
+    created_at: datetime
+    finished_at: datetime | None
+    report: dict[str, Any] | None = Field(None, description="Side-by-side metrics, paired differences, cross-transfer, flags.")
+
+
+class ComparisonAccepted(BaseModel):
+    job: JobOut
+    comparison: ComparisonOut

@@ -1,0 +1,70 @@
+"""Experiment configs (the seed framework's format, run as one job) and their records."""
+
+from datetime import datetime
+from typing import Any, Literal
+
+from pydantic import BaseModel, Field
+
+from app.model_sources import Revision
+from app.schemas.common import Dtype, Quantization, Request
+from app.schemas.jobs import JobOut, JobStatus
+from app.schemas.probes import ProbeMethod
+
+
+class ExperimentMeta(Request):
+    name: str = Field(min_length=1, max_length=200)
+    seed: int = Field(0, ge=0, le=2**31 - 1)
+
+
+class ExperimentModel(Request):
+    name: str = Field(min_length=1, max_length=1000, description="Hugging Face id in the local cache, or a local folder.")
+    revision: Revision | None = None
+    dtype: Dtype = "float32"
+    quantization: Quantization | None = None
+    tinker_lora_path: str | None = Field(None, description="A PEFT adapter folder (under ADAPTER_ROOTS) to use when Tinker is not enabled.")
+
+
+class ExperimentTinker(Request):
+    enabled: bool = False
+    checkpoint_path: str | None = Field(None, description="`tinker://<run>/external_weights/<name>`.")
+    download_weights: bool = Field(True, description="Accepted for compatibility: weights are always downloaded.")
+    output_dir: str | None = Field(None, description="Accepted for compatibility: adapters go to the artifact store.")
+
+
+class ExperimentExtraction(Request):
+    layers: list[int] = Field(min_length=1, max_length=128)
+    token_position: Literal["last", "mean"] = "last"
+    max_length: int | None = Field(None, ge=1, le=1_000_000)
+    cache_dir: str | None = Field(None, description="Accepted for compatibility: the service keeps its own content cache.")
+
+
+class ExperimentProbe(Request):
+    dataset: str = Field(description="Id of an uploaded dataset, or a JSONL/CSV file under ADAPTER_ROOTS.")
+    method: ProbeMethod | list[ProbeMethod] = "logistic"
+    recalibration: Literal["temperature", "platt"] | None = None
+
+
+class ExperimentConfig(Request):
+    """The experiment config format of the seed framework (SPEC §6)."""
+
+    experiment: ExperimentMeta
+    model: ExperimentModel
+    tinker: ExperimentTinker = Field(default_factory=ExperimentTinker)
+    extraction: ExperimentExtraction
+    probe: ExperimentProbe
+
+
+class ExperimentOut(BaseModel):
+    id: str
+    name: str
+    status: JobStatus
+    job_id: str
+    config: dict[str, Any]
+    links: dict[str, str | None] = Field(description="Everything the experiment made or reused, by API path.")
+    created_at: datetime
+    finished_at: datetime | None
+
+
+class ExperimentAccepted(BaseModel):
+    job: JobOut
+    experiment: ExperimentOut

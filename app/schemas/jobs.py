@@ -1,0 +1,65 @@
+"""Jobs: their status, progress, error and pages of them."""
+
+from datetime import datetime
+from typing import Any, Literal
+
+from pydantic import BaseModel, Field
+
+from app.registry.tables import Job
+
+JobStatus = Literal["queued", "running", "succeeded", "failed", "cancelled"]
+
+
+class Progress(BaseModel):
+    stage: str | None
+    done: int
+    total: int | None
+
+
+class JobError(BaseModel):
+    code: str
+    message: str
+    details: dict[str, Any] = {}
+
+
+class JobOut(BaseModel):
+    id: str
+    kind: str
+    status: JobStatus
+    progress: Progress
+    result: dict[str, Any] | None
+    error: JobError | None
+    cancel_requested: bool
+    attempts: int = Field(0, description="Times a worker has started the job; a job whose worker died is started again, up to JOB_MAX_ATTEMPTS.")
+    worker: str | None
+    model_id: str | None
+    created_at: datetime
+    started_at: datetime | None
+    finished_at: datetime | None
+
+    @classmethod
+    def of(cls, job: Job) -> "JobOut":
+        return cls(
+            id=job.id,
+            kind=job.kind,
+            status=job.status,  # type: ignore[arg-type]
+            progress=Progress(stage=job.progress_stage, done=job.progress_done, total=job.progress_total),
+            result=job.result,
+            error=JobError(**job.error) if job.error else None,
+            cancel_requested=job.cancel_requested,
+            attempts=job.attempts or 0,
+            worker=job.worker,
+            model_id=job.model_id,
+            created_at=job.created_at,
+            started_at=job.started_at,
+            finished_at=job.finished_at,
+        )
+
+
+class JobAccepted(BaseModel):
+    job: JobOut
+
+
+class JobPage(BaseModel):
+    items: list[JobOut]
+    next_cursor: str | None = Field(description="Pass as `cursor` for the next page; null on the last page.")
