@@ -8,8 +8,9 @@ has exactly one winner.
 import logging
 import time
 from collections.abc import Callable
+from dataclasses import dataclass
 from datetime import timedelta
-from typing import Any
+from typing import Any, Generic, TypeVar
 
 import redis
 from sqlalchemy import delete, select, update
@@ -18,7 +19,7 @@ from sqlalchemy.orm import Session, sessionmaker
 from app import broker
 from app.errors import ServiceError, not_found
 from app.registry.database import keyset_page, transaction
-from app.registry.tables import Job, new_id, utcnow
+from app.registry.tables import Base, Job, new_id, utcnow
 from app.schemas.jobs import JobOut
 from app.settings import Settings
 
@@ -112,6 +113,54 @@ def requeue_orphans(sessions: sessionmaker[Session], connection: redis.Redis, se
         log.info("job queued again: RQ no longer held it", extra={"job_id": job.id, "queue": job.queue})
         requeued.append(job.id)
     return requeued
+
+
+SubjectT = TypeVar("SubjectT", bound=Base | None)
+
+
+@dataclass(frozen=True)
+class Submission(Generic[SubjectT]):
+    """What a job is submitted with: its parameters, the model it runs (for routing), and the
+    row it works on (an extraction, a probe run…), inserted with it and removed with it."""
+
+    params: dict[str, Any]
+    model_id: str | None
+    subject: SubjectT
+
+
+def submit(
+    sessions: sessionmaker[Session],
+    connection: redis.Redis,
+    settings: Settings,
+    kind: str,
+    prepare: Callable[[Session, str], Submission[SubjectT]],
+    undo_also: Callable[[], None] | None = None,
+) -> tuple[Job, SubjectT]:
+    """Submit a job of `kind` in one call: `prepare(session, job_id)` checks the request and
+    builds the job's subject row, which is committed together with the job row (the job
+    first: the subject points at it); then the job goes on its queue. If Redis refuses, the
+    subject row and the job row are removed together, `undo_also` runs (a staged upload,
+    say), and the client gets 503 — nothing half-submitted remains."""
+    with transaction(sessions) as session:
+        job = new_job(kind, {}, broker.default_queue(settings))
+        submission = prepare(session, job.id)
+        job.params, job.model_id = submission.params, submission.model_id
+        session.add(job)
+        session.flush()
+        if submission.subject is not None:
+            session.add(submission.subject)
+
+    def undo(session: Session) -> None:
+        subject = submission.subject
+        if subject is not None:
+            table = type(subject)
+            session.execute(delete(table).where(table.id == subject.id))  # type: ignore[attr-defined]
+        session.execute(delete(Job).where(Job.id == job.id))
+        if undo_also is not None:
+            undo_also()
+
+    enqueue(sessions, connection, settings, job, undo)
+    return job, submission.subject
 
 
 def deleting(*job_ids: str) -> Callable[[Session], None]:

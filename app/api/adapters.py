@@ -11,7 +11,7 @@ from pydantic import AfterValidator
 from sqlalchemy import select
 from sqlalchemy.orm import Session, sessionmaker
 
-from app import broker, jobs
+from app import jobs
 from app.adapters import classify_source
 from app.api.deps import ArtifactsDep, RedisDep, SessionDep, SessionsDep, SettingsDep
 from app.archives import FORMAT_HEAD_BYTES, ArchiveRejected, archive_format_of
@@ -33,17 +33,11 @@ def _queue_import(
     sessions: sessionmaker[Session], connection: redis.Redis, settings: Settings, base_model: str, params: dict[str, Any],
     undo_also: Callable[[], None] | None = None,
 ) -> Job:  # fmt: skip
-    with transaction(sessions) as session:
+    def prepare(session: Session, _job_id: str) -> jobs.Submission[None]:
         base = get_model(session, base_model)
-        job = jobs.new_job("adapter_import", params | {"base_model_id": base.id}, broker.default_queue(settings), model_id=base.id)
-        session.add(job)
+        return jobs.Submission(params | {"base_model_id": base.id}, base.id, None)
 
-    def undo(session: Session) -> None:
-        jobs.deleting(job.id)(session)
-        if undo_also:
-            undo_also()
-
-    jobs.enqueue(sessions, connection, settings, job, undo)
+    job, _ = jobs.submit(sessions, connection, settings, "adapter_import", prepare, undo_also)
     return job
 
 

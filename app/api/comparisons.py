@@ -6,15 +6,13 @@ from typing import Any
 
 from fastapi import APIRouter, Response
 from fastapi.responses import HTMLResponse
-from sqlalchemy import delete
 from sqlalchemy.orm import Session
 
-from app import broker, jobs
+from app import jobs
 from app.api.deps import ArtifactsDep, RedisDep, SessionDep, SessionsDep, SettingsDep
 from app.api.rendering import cached_render
 from app.comparisons import new_comparison
 from app.errors import ServiceError, not_found
-from app.registry.database import transaction
 from app.registry.tables import Comparison, Job
 from app.schemas.common import ERROR_RESPONSES
 from app.schemas.comparisons import ComparisonAccepted, ComparisonCreate, ComparisonOut
@@ -34,21 +32,14 @@ def compare(body: ComparisonCreate, response: Response, settings: SettingsDep, s
     """Queue a comparison: the same texts, split and layers for the base and each adapter;
     a probe per model and layer; metrics side by side with paired-bootstrap differences,
     and cross-transfer (the base's probe on each adapter's states and back)."""
-    with transaction(sessions) as session:
-        job = jobs.new_job("comparison", {}, broker.default_queue(settings))
-        comparison = new_comparison(session, body, job.id)
+
+    def prepare(session: Session, job_id: str) -> jobs.Submission[Comparison]:
+        comparison = new_comparison(session, body, job_id)
         split = body.split.model_dump() | {"seed": body.seed}
-        job.model_id = comparison.model_id
-        job.params = {"comparison_id": comparison.id, "split": split, "max_length": body.max_length, "on_mixed_precision": body.on_mixed_precision}
-        session.add(job)
-        session.flush()
-        session.add(comparison)
+        params = {"comparison_id": comparison.id, "split": split, "max_length": body.max_length, "on_mixed_precision": body.on_mixed_precision}
+        return jobs.Submission(params, comparison.model_id, comparison)
 
-    def undo(session: Session) -> None:
-        session.execute(delete(Comparison).where(Comparison.id == comparison.id))
-        jobs.deleting(job.id)(session)
-
-    jobs.enqueue(sessions, connection, settings, job, undo)
+    job, comparison = jobs.submit(sessions, connection, settings, "comparison", prepare)
     response.headers["Location"] = f"/v1/comparisons/{comparison.id}"
     return ComparisonAccepted(job=JobOut.of(job), comparison=_view(comparison, job.status, None))
 

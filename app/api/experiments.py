@@ -8,17 +8,15 @@ import redis
 from fastapi import APIRouter, Request, Response
 from fastapi.exceptions import RequestValidationError
 from pydantic import ValidationError
-from sqlalchemy import delete
 from sqlalchemy.orm import Session, sessionmaker
 
-from app import broker, jobs
+from app import jobs
 from app.adapters import classify_source
 from app.api.deps import RedisDep, SessionDep, SessionsDep, SettingsDep
 from app.api.models import register
 from app.documents import parse_document
 from app.errors import ServiceError, invalid_field, not_found
 from app.extractions import resolve_layers
-from app.registry.database import transaction
 from app.registry.tables import Dataset, Experiment, Job, new_id
 from app.schemas.common import DISPLAY_NAME_MAX, ERROR_RESPONSES
 from app.schemas.experiments import (
@@ -147,10 +145,10 @@ def _submit(
             if dataset_path.kind != "local_archive":
                 raise invalid_field("probe.dataset", "neither a dataset id nor a dataset file")
     layers = resolve_layers(config.extraction.layers, model.num_layers)
-    with transaction(sessions) as session:
-        job = jobs.new_job("experiment", {}, broker.default_queue(settings), model_id=model.id)
-        experiment = Experiment(id=new_id("exp"), job_id=job.id, name=config.experiment.name, config=config.model_dump(mode="json"), model_id=model.id)
-        job.params = {
+
+    def prepare(_session: Session, job_id: str) -> jobs.Submission[Experiment]:
+        experiment = Experiment(id=new_id("exp"), job_id=job_id, name=config.experiment.name, config=config.model_dump(mode="json"), model_id=model.id)
+        params = {
             "experiment_id": experiment.id,
             "layers": layers,
             "adapter": {"source_kind": adapter_source.kind, "source": adapter_source.location, "tinker_run_id": adapter_source.tinker_run_id}
@@ -159,15 +157,9 @@ def _submit(
             "dataset": config.probe.dataset if dataset_path is None else None,
             "dataset_path": dataset_path.location if dataset_path else None,
         }
-        session.add(job)
-        session.flush()
-        session.add(experiment)
+        return jobs.Submission(params, model.id, experiment)
 
-    def undo(session: Session) -> None:
-        session.execute(delete(Experiment).where(Experiment.id == experiment.id))
-        jobs.deleting(job.id)(session)
-
-    jobs.enqueue(sessions, connection, settings, job, undo)
+    job, experiment = jobs.submit(sessions, connection, settings, "experiment", prepare)
     response.headers["Location"] = f"/v1/experiments/{experiment.id}"
     return ExperimentAccepted(job=JobOut.of(job), experiment=_view(experiment, job.status, None))
 

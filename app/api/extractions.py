@@ -10,14 +10,14 @@ from typing import Annotated, Literal
 
 from fastapi import APIRouter, Query, Response
 from fastapi.responses import FileResponse, StreamingResponse
-from sqlalchemy import delete, select
+from sqlalchemy import select
 from sqlalchemy.orm import Session
 
-from app import broker, jobs
+from app import jobs
 from app.api.deps import ArtifactsDep, RedisDep, SessionDep, SessionsDep, SettingsDep
 from app.errors import ServiceError, not_found
 from app.extractions import new_extraction
-from app.registry.database import keyset_page, transaction
+from app.registry.database import keyset_page
 from app.registry.tables import Extraction, Job
 from app.schemas.common import ERROR_RESPONSES
 from app.schemas.extractions import (
@@ -37,20 +37,13 @@ CHUNK_BYTES = 1 << 20
 @router.post("", status_code=202)
 def create_extraction(body: ExtractionCreate, response: Response, settings: SettingsDep, sessions: SessionsDep, connection: RedisDep) -> ExtractionAccepted:
     """Queue an extraction. The answer comes at once; follow the job, then download."""
-    with transaction(sessions) as session:
-        job = jobs.new_job("extraction", {}, broker.default_queue(settings))
-        extraction, model = new_extraction(session, body, settings, job.id)
-        job.model_id = model.id
-        job.params = {"extraction_id": extraction.id} | ({"texts": body.texts} if body.texts is not None else {})
-        session.add(job)
-        session.flush()
-        session.add(extraction)
 
-    def undo(session: Session) -> None:
-        session.execute(delete(Extraction).where(Extraction.id == extraction.id))
-        jobs.deleting(job.id)(session)
+    def prepare(session: Session, job_id: str) -> jobs.Submission[Extraction]:
+        extraction, model = new_extraction(session, body, settings, job_id)
+        params = {"extraction_id": extraction.id} | ({"texts": body.texts} if body.texts is not None else {})
+        return jobs.Submission(params, model.id, extraction)
 
-    jobs.enqueue(sessions, connection, settings, job, undo)
+    job, extraction = jobs.submit(sessions, connection, settings, "extraction", prepare)
     response.headers["Location"] = f"/v1/extractions/{extraction.id}"
     return ExtractionAccepted(job=JobOut.of(job), extraction=ExtractionOut.of(extraction, job.status))
 

@@ -10,7 +10,6 @@ from fastapi.sse import EventSourceResponse, ServerSentEvent
 
 from app import broker, jobs
 from app.api.deps import RedisDep, SessionDep, SessionsDep, SettingsDep
-from app.registry.database import transaction
 from app.schemas.common import ERROR_RESPONSES
 from app.schemas.jobs import JobAccepted, JobOut, JobPage, JobStatus
 
@@ -37,10 +36,7 @@ def list_all_jobs(
 def ping_workers(response: Response, settings: SettingsDep, sessions: SessionsDep, connection: RedisDep) -> JobAccepted:
     """A canary job that does nothing on a worker: it proves the whole path (gateway →
     Redis → worker → registry) works, and how fast, without touching a model."""
-    job = jobs.new_job("ping", {}, broker.default_queue(settings))
-    with transaction(sessions) as session:
-        session.add(job)
-    jobs.enqueue(sessions, connection, settings, job, jobs.deleting(job.id))
+    job, _ = jobs.submit(sessions, connection, settings, "ping", lambda _session, _job_id: jobs.Submission({}, None, None))
     response.headers["Location"] = f"/v1/jobs/{job.id}"
     return JobAccepted(job=JobOut.of(job))
 

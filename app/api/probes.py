@@ -6,15 +6,15 @@ from typing import Annotated, Any
 
 from fastapi import APIRouter, Query, Request, Response
 from fastapi.responses import HTMLResponse
-from sqlalchemy import delete, select
+from sqlalchemy import select
 from sqlalchemy.orm import Session
 
-from app import broker, jobs
+from app import jobs
 from app.api.deps import ArtifactsDep, RedisDep, SessionDep, SessionsDep, SettingsDep
 from app.api.rendering import cached_render
 from app.errors import ServiceError, not_found
 from app.probes import new_probe_run, run_view
-from app.registry.database import keyset_page, transaction
+from app.registry.database import keyset_page
 from app.registry.tables import Job, Probe, ProbeRun
 from app.schemas.common import ERROR_RESPONSES
 from app.schemas.jobs import JobAccepted, JobOut
@@ -37,20 +37,11 @@ def train_probes(body: ProbeCreate, response: Response, settings: SettingsDep, s
     """Queue training: labels (given, or the model's own for multiple choice), hidden states
     at each layer, one probe per layer and method, the best marked on validation, and a
     calibration report on the held-out test split."""
-    with transaction(sessions) as session:
-        job = jobs.new_job("probe_training", {}, broker.default_queue(settings))
-        run = new_probe_run(session, body, job.id)
-        job.model_id = run.model_id
-        job.params = {"run_id": run.id}
-        session.add(job)
-        session.flush()
-        session.add(run)
+    def prepare(session: Session, job_id: str) -> jobs.Submission:
+        run = new_probe_run(session, body, job_id)
+        return jobs.Submission({"run_id": run.id}, run.model_id, run)
 
-    def undo(session: Session) -> None:
-        session.execute(delete(ProbeRun).where(ProbeRun.id == run.id))
-        jobs.deleting(job.id)(session)
-
-    jobs.enqueue(sessions, connection, settings, job, undo)
+    job, run = jobs.submit(sessions, connection, settings, "probe_training", prepare)
     response.headers["Location"] = f"/v1/probe-runs/{run.id}"
     return ProbeAccepted(job=JobOut.of(job), run=run_view(run, job.status, []))
 
@@ -159,11 +150,11 @@ async def score_texts(probe_id: str, body: ScoreRequest, request: Request, respo
     for index, text in enumerate(body.texts):
         if not text.strip():
             raise ServiceError(422, "invalid_field", f"texts[{index}]: is empty", field=f"texts[{index}]")
-    with transaction(sessions) as session:
+    with sessions() as session:
         probe = _probe(session, probe_id)
-        job = jobs.new_job("probe_scoring", {"probe_id": probe.id, "texts": body.texts}, broker.default_queue(settings), model_id=probe.model_id)
-        session.add(job)
-    jobs.enqueue(sessions, connection, settings, job, jobs.deleting(job.id))
+    job, _ = jobs.submit(
+        sessions, connection, settings, "probe_scoring", lambda _session, _job_id: jobs.Submission({"probe_id": probe.id, "texts": body.texts}, probe.model_id, None)
+    )
     final = await jobs.wait_for_final(sessions, request.app.state.async_redis, settings, job.id, body.timeout_s)
     if final.status == "succeeded" and final.result is not None:
         return ScoreOut(probe_id=probe_id, layer=probe.layer, confidences=final.result["confidences"])

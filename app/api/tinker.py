@@ -8,10 +8,9 @@ from typing import Annotated, Any
 
 from fastapi import APIRouter, Query, Request, Response
 
-from app import broker, jobs
+from app import jobs
 from app.api.deps import RedisDep, SessionsDep, SettingsDep
 from app.errors import ServiceError
-from app.registry.database import transaction
 from app.schemas.adapters import TinkerModels
 from app.schemas.common import ERROR_RESPONSES
 from app.schemas.jobs import JobAccepted
@@ -36,10 +35,7 @@ async def tinker_models(
     cached = await request.app.state.async_redis.get(cache_key)
     if cached:
         return TinkerModels.model_validate_json(cached)
-    job = jobs.new_job("tinker_models", {}, broker.default_queue(settings))
-    with transaction(sessions) as session:
-        session.add(job)
-    jobs.enqueue(sessions, connection, settings, job, jobs.deleting(job.id))
+    job, _ = jobs.submit(sessions, connection, settings, "tinker_models", lambda _session, _job_id: jobs.Submission({}, None, None))
     final = await jobs.wait_for_final(sessions, request.app.state.async_redis, settings, job.id, timeout_s)
     if final.status == "succeeded" and final.result is not None:
         answer = TinkerModels.model_validate(final.result)

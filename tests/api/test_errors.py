@@ -4,8 +4,10 @@ from pathlib import Path
 from typing import Any
 
 from fastapi.testclient import TestClient
+from sqlalchemy import select
 
 from app.main import create_app
+from app.registry.tables import Extraction, ProbeRun
 from app.settings import Settings
 from tests.conftest import free_port, make_settings
 
@@ -113,3 +115,24 @@ def test_a_nul_character_anywhere_in_a_body_or_form_is_a_422_naming_the_field(ap
         nested = api.post("/v1/adapters/import", content=body, headers={"content-type": "application/json"})
         assert nested.status_code == 422, (depth, nested.text[:300])
     assert api.post("/v1/models", json={"name": "tiny-2", "source": str(tiny_llama)}).status_code in (200, 201)
+
+
+def test_a_job_the_queue_refuses_leaves_neither_its_row_nor_what_it_works_on(database_url: str, redis_server: Any, tmp_path: Path, tiny_llama: Path) -> None:
+    up = make_settings(database_url, redis_server.url, tmp_path / "var")
+    with TestClient(create_app(up)) as client:
+        model = client.post("/v1/models", json={"name": "tiny", "source": str(tiny_llama)}).json()
+        rows = "".join(f'{{"text": "statement {i}", "label": {i % 2}}}\n' for i in range(20))
+        dataset = client.post("/v1/datasets", files={"file": ("rows.jsonl", rows.encode(), "application/jsonl")}).json()
+    down = up.model_copy(update={"redis_url": f"redis://127.0.0.1:{free_port()}/0"})
+    with TestClient(create_app(down)) as client:
+        requests = {
+            "/v1/extractions": {"model": model["id"], "layers": [1], "texts": ["a text"]},
+            "/v1/probes": {"model": model["id"], "dataset": dataset["id"], "layers": [1]},
+            "/v1/jobs/ping": None,
+        }
+        for route, body in requests.items():
+            response = client.post(route, json=body) if body is not None else client.post(route)
+            assert (response.status_code, response.json()["error"]["details"]) == (503, {"backend": "redis"}), route
+        with client.app.state.sessions() as session:  # type: ignore[attr-defined]
+            assert session.scalars(select(ProbeRun)).all() == [] and session.scalars(select(Extraction)).all() == []
+        assert [job["kind"] for job in client.get("/v1/jobs").json()["items"]] == ["model_check"]
