@@ -20,6 +20,7 @@ from app.calibration.metrics import (
 from app.datasets import read_rows, texts_of_rows
 from app.registry.models import get_model
 from app.registry.tables import Adapter, Comparison, Dataset, Model, utcnow
+from workers.context import subject_row
 from workers.errors import JobFailed
 from workers.extraction import StatesRequest, hidden_states
 from workers.probe_training import Labels, labels_for, train_probe, validation_summary
@@ -59,9 +60,7 @@ def run(context: "JobContext") -> dict[str, Any]:
     store, sessions, settings = worker.artifacts, worker.sessions, worker.settings
     params = context.params
     with sessions() as session:
-        comparison = session.get(Comparison, params["comparison_id"])
-        if comparison is None:
-            raise JobFailed("not_found", f"comparison {params['comparison_id']} is gone")
+        comparison = subject_row(session, Comparison, params["comparison_id"], "comparison")
         dataset = session.get(Dataset, comparison.dataset_id)
         variants = _variants(session, comparison)
     if dataset is None:

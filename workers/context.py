@@ -4,14 +4,26 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 from sqlalchemy import ColumnElement, update
+from sqlalchemy.orm import Session
 
 from app import jobs
 from app.registry.tables import Job
-from workers.errors import AttemptSuperseded, JobCancelled
+from workers.errors import AttemptSuperseded, JobCancelled, JobFailed
 from workers.runtime import WorkerRuntime
+
+RowT = TypeVar("RowT")
+
+
+def subject_row(session: Session, table: type[RowT], row_id: str, what: str) -> RowT:
+    """The row a job works on (its extraction, probe run…). It can be deleted between the
+    job being queued and it starting; the job then fails with `not_found` naming it."""
+    row = session.get(table, row_id)
+    if row is None:
+        raise JobFailed("not_found", f"{what} {row_id} is gone")
+    return row
 
 
 def this_attempt(job_id: str, worker: str, attempt: int) -> tuple[ColumnElement[bool], ...]:

@@ -25,7 +25,7 @@ from app.registry.tables import (
 from app.user_files import FileTooLarge, NotARegularFile, read_regular_file
 from workers import extraction, probe_training
 from workers.adapters import importer
-from workers.context import JobContext
+from workers.context import JobContext, subject_row
 from workers.errors import JobFailed
 
 SPLIT = {"train": 0.6, "validation": 0.2, "test": 0.2}
@@ -96,9 +96,7 @@ def _probe_run(context: JobContext, experiment: Experiment, model: Model, adapte
 def run(context: JobContext) -> dict[str, Any]:
     worker = context.runtime
     with worker.sessions() as session:
-        experiment = session.get(Experiment, context.params["experiment_id"])
-        if experiment is None:
-            raise JobFailed("not_found", f"experiment {context.params['experiment_id']} is gone")
+        experiment = subject_row(session, Experiment, context.params["experiment_id"], "experiment")
         model = get_model(session, experiment.model_id)
 
     adapter = None

@@ -33,6 +33,7 @@ from app.registry.tables import (
 )
 from app.storage import ArtifactStore
 from workers import arrays
+from workers.context import subject_row
 from workers.errors import JobFailed
 from workers.hidden_states import pad, plan_batches, read_layers
 from workers.models import LoadedModel
@@ -272,9 +273,7 @@ def run(context: "JobContext") -> dict[str, Any]:
     worker = context.runtime
     store, sessions = worker.artifacts, worker.sessions
     with sessions() as session:
-        extraction = session.get(Extraction, context.params["extraction_id"])
-        if extraction is None:
-            raise JobFailed("not_found", f"extraction {context.params['extraction_id']} is gone")
+        extraction = subject_row(session, Extraction, context.params["extraction_id"], "extraction")
         model = get_model(session, extraction.model_id)
         dataset = session.get(Dataset, extraction.dataset_id) if extraction.dataset_id else None
         adapter = session.get(Adapter, extraction.adapter_id) if extraction.adapter_id else None

@@ -17,6 +17,7 @@ from app.calibration.metrics import auroc, brier, calibration_report, nll
 from app.datasets import read_rows, texts_of_rows
 from app.registry.models import get_model
 from app.registry.tables import Adapter, Dataset, Model, Probe, ProbeRun, new_id, utcnow
+from workers.context import subject_row
 from workers.errors import JobFailed
 from workers.extraction import StatesRequest, hidden_states
 from workers.labelling import self_label
@@ -95,9 +96,7 @@ def run(context: "JobContext") -> dict[str, Any]:
     worker = context.runtime
     store, sessions, settings = worker.artifacts, worker.sessions, worker.settings
     with sessions() as session:
-        run_row = session.get(ProbeRun, context.params["run_id"])
-        if run_row is None:
-            raise JobFailed("not_found", f"probe run {context.params['run_id']} is gone")
+        run_row = subject_row(session, ProbeRun, context.params["run_id"], "probe run")
         model = get_model(session, run_row.model_id)
         adapter = session.get(Adapter, run_row.adapter_id) if run_row.adapter_id else None
         dataset = session.get(Dataset, run_row.dataset_id)
@@ -207,9 +206,7 @@ def _write_probes(
 def score(context: "JobContext") -> dict[str, Any]:
     worker = context.runtime
     with worker.sessions() as session:
-        probe_row = session.get(Probe, context.params["probe_id"])
-        if probe_row is None:
-            raise JobFailed("not_found", f"probe {context.params['probe_id']} is gone")
+        probe_row = subject_row(session, Probe, context.params["probe_id"], "probe")
         model = get_model(session, probe_row.model_id)
         adapter = session.get(Adapter, probe_row.adapter_id) if probe_row.adapter_id else None
     request = StatesRequest(model, adapter, [probe_row.layer], probe_row.token_position, probe_row.max_length)
