@@ -44,7 +44,8 @@ from sklearn.metrics import (
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from app.calibration.metrics import calibration_report, resampled_metrics  # noqa: E402
+from app.calibration.bootstrap import resampled_metrics  # noqa: E402
+from app.calibration.reporting import calibration_report  # noqa: E402
 
 METRICS_N = 1_000_000
 BOOTSTRAP_N = 100_000

@@ -10,13 +10,9 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 from sqlalchemy import update
 
-from app.calibration.metrics import (
-    auroc,
-    brier,
-    calibration_report,
-    ece,
-    paired_differences,
-)
+from app.calibration.binned import ece
+from app.calibration.reporting import calibration_report, paired_differences
+from app.calibration.scoring import auroc, brier
 from app.datasets import read_rows, texts_of_rows
 from app.registry.models import get_model
 from app.registry.tables import Adapter, Comparison, Dataset, Model, utcnow

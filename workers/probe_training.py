@@ -13,7 +13,8 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 from sqlalchemy import update
 
-from app.calibration.metrics import auroc, brier, calibration_report, nll
+from app.calibration.reporting import calibration_report
+from app.calibration.scoring import auroc, brier, nll
 from app.datasets import read_rows, texts_of_rows
 from app.registry.models import get_model
 from app.registry.tables import Adapter, Dataset, Model, Probe, ProbeRun, new_id, utcnow

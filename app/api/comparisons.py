@@ -81,7 +81,7 @@ def show_comparison(comparison_id: str, session: SessionDep, artifacts: Artifact
 
 @router.get("/{comparison_id}/report.svg", response_class=Response, responses={200: {"content": {"image/svg+xml": {}}}})
 def comparison_svg(comparison_id: str, session: SessionDep, artifacts: ArtifactsDep) -> Response:
-    from app.calibration.report import render_svg
+    from app.calibration.rendering import render_svg
 
     comparison, status = _comparison(session, comparison_id)
     report = _finished_report(artifacts, comparison, status)
@@ -91,7 +91,7 @@ def comparison_svg(comparison_id: str, session: SessionDep, artifacts: Artifacts
 
 @router.get("/{comparison_id}/report.html", response_class=HTMLResponse)
 def comparison_html(comparison_id: str, session: SessionDep, artifacts: ArtifactsDep) -> HTMLResponse:
-    from app.calibration.report import render_html
+    from app.calibration.rendering import render_html
 
     comparison, status = _comparison(session, comparison_id)
     report = _finished_report(artifacts, comparison, status)

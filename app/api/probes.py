@@ -112,7 +112,7 @@ def probe_report(probe_id: str, session: SessionDep, artifacts: ArtifactsDep) ->
 
 @router.get("/v1/probes/{probe_id}/report.svg", response_class=Response, responses={200: {"content": {"image/svg+xml": {}}}})
 def probe_report_svg(probe_id: str, session: SessionDep, artifacts: ArtifactsDep) -> Response:
-    from app.calibration.report import render_svg
+    from app.calibration.rendering import render_svg
 
     probe = _probe(session, probe_id)
     svg = cached_render(artifacts, probe.artifact, "report.svg", lambda: render_svg(_labelled_reports(_report(artifacts, probe), probe)).encode())
@@ -121,7 +121,7 @@ def probe_report_svg(probe_id: str, session: SessionDep, artifacts: ArtifactsDep
 
 @router.get("/v1/probes/{probe_id}/report.png", response_class=Response, responses={200: {"content": {"image/png": {}}}})
 def probe_report_png(probe_id: str, session: SessionDep, artifacts: ArtifactsDep) -> Response:
-    from app.calibration.report import render_png
+    from app.calibration.rendering import render_png
 
     probe = _probe(session, probe_id)
     return Response(cached_render(artifacts, probe.artifact, "report.png", lambda: render_png(_labelled_reports(_report(artifacts, probe), probe))), media_type="image/png")
@@ -129,7 +129,7 @@ def probe_report_png(probe_id: str, session: SessionDep, artifacts: ArtifactsDep
 
 @router.get("/v1/probes/{probe_id}/report.html", response_class=HTMLResponse)
 def probe_report_html(probe_id: str, session: SessionDep, artifacts: ArtifactsDep) -> HTMLResponse:
-    from app.calibration.report import render_html
+    from app.calibration.rendering import render_html
 
     probe = _probe(session, probe_id)
 

@@ -1,1 +1,8 @@
-"""Calibration: metrics with their estimators named, and report rendering."""
+"""Calibration of correctness probes: metrics with their estimators named, and report rendering.
+
+`values` holds the typed results; `scoring` accuracy, AUROC, AUPRC, Brier score and log
+loss; `binned` the binned ECE family; `smooth` smooth ECE; `table` the one table of
+reported metrics; `bootstrap` their vectorised percentile bootstrap; `reporting` builds a
+`calibration_report` or `paired_differences`; `rendering` draws a report and writes its page.
+The gateway imports `rendering` only, so this package imports nothing at start-up.
+"""

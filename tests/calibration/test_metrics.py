@@ -17,25 +17,12 @@ from sklearn.metrics import (
     roc_auc_score,
 )
 
-from app.calibration import metrics
-from app.calibration.metrics import (
-    accuracy,
-    ace,
-    auprc,
-    auroc,
-    base_rate,
-    brier,
-    calibration_report,
-    confidence_histogram,
-    debiased_ece,
-    ece,
-    mce,
-    nll,
-    paired_differences,
-    reliability_bins,
-    resampled_metrics,
-    smooth_ece,
-)
+from app.calibration import bootstrap as metrics
+from app.calibration.binned import ace, confidence_histogram, debiased_ece, ece, mce, reliability_bins
+from app.calibration.bootstrap import resampled_metrics
+from app.calibration.reporting import calibration_report, paired_differences
+from app.calibration.scoring import accuracy, auprc, auroc, base_rate, brier, nll
+from app.calibration.smooth import smooth_ece
 
 REPORTED = (
     "accuracy", "auroc", "auprc", "brier", "nll", "ece", "ece_equal_mass", "ece_l2", "ece_equal_mass_l2",

@@ -19,7 +19,7 @@ import numpy as np
 import pytest
 from matplotlib.image import imread
 
-from app.calibration.report import (
+from app.calibration.rendering import (
     reliability_figure,
     render_html,
     render_png,
@@ -258,7 +258,7 @@ def test_every_caller_string_is_escaped() -> None:
 
 
 def test_importing_the_module_loads_no_matplotlib_numpy_or_torch() -> None:
-    probe = "import sys\nimport app.calibration.report\nprint(sorted(name for name in ('matplotlib', 'numpy', 'torch') if name in sys.modules))\n"
+    probe = "import sys\nimport app.calibration.rendering\nprint(sorted(name for name in ('matplotlib', 'numpy', 'torch') if name in sys.modules))\n"
     result = subprocess.run([sys.executable, "-c", probe], cwd=ROOT, capture_output=True, text=True, check=True)
     assert result.stdout.strip() == "[]"
 
