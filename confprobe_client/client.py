@@ -28,6 +28,7 @@ from confprobe_client.types import (
     Extraction,
     Health,
     Job,
+    JobStatus,
     Model,
     Page,
     Probe,
@@ -372,7 +373,7 @@ class Client:
     def get_job(self, job_id: str) -> Job:
         return Job.model_validate(self._json("GET", f"/v1/jobs/{job_id}"))
 
-    def list_jobs(self, status: str | None = None, kind: str | None = None, cursor: str | None = None, limit: int = 50) -> Page[Job]:
+    def list_jobs(self, status: JobStatus | None = None, kind: str | None = None, cursor: str | None = None, limit: int = 50) -> Page[Job]:
         """Newest first."""
         params = _without_none(status=status, kind=kind, cursor=cursor, limit=limit)
         return Page[Job].model_validate(self._json("GET", "/v1/jobs", params=params))

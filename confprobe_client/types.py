@@ -1,16 +1,22 @@
 """What the service answers, as typed values. These mirror the v1 response bodies; fields
-the client does not know yet are ignored, so a newer service does not break an older client."""
+the client does not know yet are ignored, so a newer service does not break an older client.
+They are copies, so that the client imports without the service: tests/client/test_wire_contract.py
+compares them with the service's OpenAPI document, field by field and enum value by value."""
 
 from datetime import datetime
-from typing import Any, Generic, Literal, TypeVar
+from typing import Any, Generic, Literal, TypeVar, get_args
 
 from pydantic import BaseModel, ConfigDict, Field
 
-JobStatus = Literal["queued", "running", "succeeded", "failed", "cancelled"]
+TerminalStatus = Literal["succeeded", "failed", "cancelled"]
+JobStatus = Literal["queued", "running", TerminalStatus]
+# read from the Literal, so that the terminal statuses are written once
+TERMINAL_STATUSES: frozenset[str] = frozenset(get_args(TerminalStatus))
 TokenPosition = Literal["last", "mean"]
 ProbeMethod = Literal["logistic", "mass_mean"]
-
-FINAL_STATUSES: frozenset[str] = frozenset({"succeeded", "failed", "cancelled"})
+Dtype = Literal["float32", "bfloat16", "float16"]
+Quantization = Literal["8bit", "4bit"]
+ApiScope = Literal["read", "submit", "admin"]
 
 
 class Answer(BaseModel):
@@ -18,11 +24,11 @@ class Answer(BaseModel):
 
 
 class Health(Answer):
-    status: str
+    status: Literal["ok"]
 
 
 class Readiness(Answer):
-    status: str
+    status: Literal["ready"]
     checks: dict[str, Any]
 
 
@@ -55,18 +61,18 @@ class Job(Answer):
 
     @property
     def is_final(self) -> bool:
-        return self.status in FINAL_STATUSES
+        return self.status in TERMINAL_STATUSES
 
 
 class Model(Answer):
     id: str
     name: str
     source: str
-    source_kind: str
+    source_kind: Literal["local", "hf_cache"]
     resolved_path: str
     revision: str | None
-    dtype: str
-    quantization: str | None
+    dtype: Dtype
+    quantization: Quantization | None
     fingerprint: str
     architecture: str
     model_type: str
@@ -85,7 +91,7 @@ class Dataset(Answer):
     id: str
     name: str
     kind: Literal["statements", "multiple_choice"]
-    source_format: str
+    source_format: Literal["jsonl", "csv"]
     rows: int
     label_balance: dict[str, int]
     sha256: str
@@ -104,7 +110,7 @@ class Adapter(Answer):
     sha256: str
     identity: str | None = None  # the weights and output-changing config, hashed; None from gateways before it existed
     size_bytes: int
-    source_kind: str
+    source_kind: Literal["tinker", "local_folder", "local_archive", "url", "upload"]
     source: str
     tinker_path: str | None
     tinker_run_id: str | None
@@ -238,7 +244,7 @@ class ApiKey(Answer):
     id: str
     name: str
     prefix: str
-    scopes: list[str]
+    scopes: list[ApiScope]
     rate_limit_per_minute: int | None
     rate_limit_burst: int | None
     created_at: datetime
