@@ -125,16 +125,19 @@ JSON_TYPES: dict[str, Shape] = {"string": ("str",), "integer": ("int",), "number
 def service_schemas(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Schema]:
     """The component schemas of the app's /openapi.json, built in-process. `.openapi()` runs
     no lifespan, so neither the registry nor Redis is touched."""
-    from app import schemas
     from app.main import create_app
+    from app.schemas.adapters import TinkerModels
+    from app.schemas.probes import ScoreOut
 
     var_dir = tmp_path_factory.mktemp("wire") / "var"
     settings = make_settings(f"sqlite:///{var_dir.parent / 'registry.db'}", "redis://127.0.0.1:1/0", var_dir)
     document = create_app(settings).openapi()
     components: dict[str, Schema] = dict(document["components"]["schemas"])
     components["#responses"] = {"anyOf": _response_schemas(document)}
+    unnamed = {"ScoreOut": ScoreOut, "TinkerModels": TinkerModels}
+    assert set(unnamed) == set(UNNAMED_IN_DOCUMENT)
     for name in UNNAMED_IN_DOCUMENT:
-        schema = getattr(schemas, name).model_json_schema(ref_template="#/components/schemas/{model}", mode="serialization")
+        schema = unnamed[name].model_json_schema(ref_template="#/components/schemas/{model}", mode="serialization")
         for inner, definition in schema.pop("$defs", {}).items():
             components.setdefault(inner, definition)
         components.setdefault(name, schema)
