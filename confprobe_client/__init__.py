@@ -7,8 +7,8 @@
         client.wait(model.check_job_id)
         states = client.extract(model.id, layers=[8, 16], texts=["Paris is in France."])
 
-It needs httpx and pydantic (numpy for hidden states, tqdm for progress bars), never torch
-or the service's own packages.
+It needs httpx and pydantic (numpy for hidden states, tqdm for progress bars, click for the
+`confprobe` API commands in `confprobe_client.cli`), never torch or the service's own packages.
 """
 
 from confprobe_client.client import API_KEY_VARIABLE, DEFAULT_URL, Client

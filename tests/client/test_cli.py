@@ -10,8 +10,7 @@ import numpy as np
 import pytest
 from click.testing import CliRunner, Result
 
-from app import cli
-from confprobe_client import Client, Dataset, Model
+from confprobe_client import Client, Dataset, Model, cli
 from tests.client.test_client import TEXTS, hostile_archive, statements, write_jsonl
 from tests.conftest import Stack
 

@@ -233,7 +233,8 @@ def test_score_gives_a_confidence_per_text(client: Client, trained: ProbeRun) ->
     assert all(0 <= confidence <= 1 for confidence in score.confidences)
 
 
-def test_importing_the_client_imports_neither_torch_nor_the_service() -> None:
-    probe = "import sys\nimport confprobe_client\nprint(sorted({name.split('.')[0] for name in sys.modules} & {'torch', 'app', 'workers', 'numpy'}))\n"
+@pytest.mark.parametrize("module", ["confprobe_client", "confprobe_client.cli"], ids=["client", "command line"])
+def test_importing_the_client_imports_neither_torch_nor_the_service(module: str) -> None:
+    probe = f"import sys\nimport {module}\n" + "print(sorted({name.split('.')[0] for name in sys.modules} & {'torch', 'app', 'workers', 'numpy'}))\n"
     result = subprocess.run([sys.executable, "-c", probe], cwd=ROOT, capture_output=True, text=True, check=True)
     assert result.stdout.strip() == "[]"

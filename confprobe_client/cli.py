@@ -1,0 +1,406 @@
+"""`confprobe`'s API commands (`models`, `adapters`, `datasets`, `extract`, `probes`,
+`compare`, `experiment`, `jobs`): a running service used through `Client`, with progress
+bars, `--json` and an exit code per kind of failure. Like the rest of the package it never
+imports the service's own code or torch, so it works on any machine with the client."""
+
+import json
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import click
+from pydantic import BaseModel
+
+from confprobe_client.client import Client
+from confprobe_client.errors import ConfprobeError
+from confprobe_client.exit_codes import EXIT_CODES_HELP, error_envelope, exit_code_of, hint_for
+from confprobe_client.options import LAYERS, comma_separated, no_wait_option
+from confprobe_client.tables import (
+    ADAPTER_COLUMNS,
+    COMPARISON_COLUMNS,
+    DATASET_COLUMNS,
+    EXTRACTION_COLUMNS,
+    JOB_COLUMNS,
+    MODEL_COLUMNS,
+    PROBE_COLUMNS,
+    RUN_COLUMNS,
+    Column,
+    aligned_table,
+    interval,
+    metric,
+)
+from confprobe_client.types import CalibrationReport, Job
+
+
+def make_client(url: str | None) -> Client:
+    """The API client the commands use (tests replace it with one on an in-process service)."""
+    return Client(url) if url else Client()
+
+
+@dataclass
+class ApiContext:
+    """What the global options say to every API command."""
+
+    url: str | None
+    as_json: bool
+
+    def client(self) -> Client:
+        """A client closed when the command ends."""
+        return click.get_current_context().with_resource(make_client(self.url))
+
+    def show(self, answer: BaseModel | Sequence[BaseModel], columns: Sequence[Column]) -> None:
+        """JSON as the API gives it (`--json`), else an aligned table."""
+        items = [answer] if not isinstance(answer, Sequence) else list(answer)
+        if self.as_json:
+            dumped = [item.model_dump(mode="json") for item in items]
+            click.echo(json.dumps(dumped if isinstance(answer, Sequence) else dumped[0], indent=2))
+        else:
+            click.echo(aligned_table([header for header, _ in columns], [[cell(item) for _, cell in columns] for item in items]))
+
+
+pass_api = click.make_pass_decorator(ApiContext)
+
+
+def root_group(description: str) -> click.Group:
+    """A `confprobe` group with the global options, which every API command reads through its
+    `ApiContext`; `app.cli` makes the full one from it, with the service's own commands."""
+
+    @click.group(help=description)
+    @click.option("--url", envvar="CONFPROBE_URL", default=None, help="The service's base URL [default: $CONFPROBE_URL, else http://127.0.0.1:8000].")
+    @click.option("--json", "as_json", is_flag=True, help="Print answers as JSON (errors as the API's error envelope, on stderr).")
+    @click.pass_context
+    def main(ctx: click.Context, url: str | None, as_json: bool) -> None:
+        ctx.obj = ApiContext(url=url, as_json=as_json)
+
+    return main
+
+
+class ApiCommand(click.Command):
+    """A command that uses the API: when it fails, a message on stderr and an exit code by
+    kind of failure, so scripts can tell them apart."""
+
+    def invoke(self, ctx: click.Context) -> Any:
+        try:
+            return super().invoke(ctx)
+        except ConfprobeError as error:
+            api = ctx.find_object(ApiContext)
+            if api is not None and api.as_json:
+                click.echo(json.dumps(error_envelope(error)), err=True)
+            else:
+                click.echo(f"error: {error}{hint_for(error)}", err=True)
+            ctx.exit(exit_code_of(error))
+
+
+class ApiGroup(click.Group):
+    """Commands that use the API, each an `ApiCommand`."""
+
+    command_class = ApiCommand
+
+
+main = root_group(f"Use a running Confidence Probing Service through its API.\n\n{EXIT_CODES_HELP}")
+
+
+@main.group(cls=ApiGroup)
+def models() -> None:
+    """Base models."""
+
+
+@models.command("add")
+@click.argument("source")
+@click.option("--name", help="Display name [default: the last part of SOURCE].")
+@click.option("--dtype", type=click.Choice(["float32", "bfloat16", "float16"]), help="Weights' dtype on the worker [default: float32].")
+@click.option("--quantization", type=click.Choice(["8bit", "4bit"]))
+@no_wait_option
+@pass_api
+def add_model(api: ApiContext, source: str, name: str | None, dtype: str | None, quantization: str | None, no_wait: bool) -> None:
+    """Register the base model at SOURCE (a folder, or a Hugging Face id in the service's
+    cache) and wait for a worker to check it."""
+    client = api.client()
+    model = client.register_model(source, name=name, dtype=dtype, quantization=quantization)
+    if not no_wait and model.status == "pending" and model.check_job_id:
+        client.wait(model.check_job_id)
+        model = client.get_model(model.id)
+    api.show(model, MODEL_COLUMNS)
+
+
+@models.command("ls")
+@click.option("--limit", type=click.IntRange(1, 200), default=50, show_default=True)
+@pass_api
+def list_models(api: ApiContext, limit: int) -> None:
+    """Registered base models, newest first."""
+    api.show(api.client().list_models(limit=limit).items, MODEL_COLUMNS)
+
+
+@main.group(cls=ApiGroup)
+def adapters() -> None:
+    """LoRA adapters of the base models."""
+
+
+def show_imported_adapter(api: ApiContext, client: Client, job: Job, no_wait: bool) -> None:
+    """The adapter once its import job ends; with --no-wait, the queued job instead."""
+    if no_wait:
+        api.show(job, JOB_COLUMNS)
+        return
+    finished = client.wait(job.id)
+    api.show(client.get_adapter((finished.result or {})["adapter_id"]), ADAPTER_COLUMNS)
+
+
+@adapters.command("import")
+@click.argument("source")
+@click.option("--base-model", required=True, help="Id of the base model it was trained on.")
+@click.option("--name", required=True)
+@no_wait_option
+@pass_api
+def import_adapter(api: ApiContext, source: str, base_model: str, name: str, no_wait: bool) -> None:
+    """Import the adapter at SOURCE: tinker://…/external_weights/…, a folder or archive under
+    the service's ADAPTER_ROOTS, or an allowed https URL."""
+    client = api.client()
+    show_imported_adapter(api, client, client.import_adapter(source, base_model, name), no_wait)
+
+
+@adapters.command("upload")
+@click.argument("file", type=click.Path(exists=True, dir_okay=False, path_type=Path))
+@click.option("--base-model", required=True, help="Id of the base model it was trained on.")
+@click.option("--name", required=True)
+@no_wait_option
+@pass_api
+def upload_adapter(api: ApiContext, file: Path, base_model: str, name: str, no_wait: bool) -> None:
+    """Upload FILE, a .tar, .tar.gz or .zip of a PEFT adapter or a Tinker checkpoint."""
+    client = api.client()
+    show_imported_adapter(api, client, client.upload_adapter(file, base_model, name), no_wait)
+
+
+@adapters.command("ls")
+@click.option("--base-model", help="Only the adapters of this base model.")
+@click.option("--limit", type=click.IntRange(1, 200), default=50, show_default=True)
+@pass_api
+def list_adapters(api: ApiContext, base_model: str | None, limit: int) -> None:
+    """Imported adapters, newest first."""
+    api.show(api.client().list_adapters(base_model=base_model, limit=limit).items, ADAPTER_COLUMNS)
+
+
+@adapters.command("rm")
+@click.argument("adapter_id")
+@click.option("--force", is_flag=True, help="Delete even while unfinished jobs use it.")
+@pass_api
+def remove_adapter(api: ApiContext, adapter_id: str, force: bool) -> None:
+    """Delete an adapter's registration and files."""
+    api.client().delete_adapter(adapter_id, force=force)
+    click.echo(json.dumps({"deleted": adapter_id}) if api.as_json else f"deleted {adapter_id}")
+
+
+@main.group(cls=ApiGroup)
+def datasets() -> None:
+    """Statements and multiple-choice datasets."""
+
+
+@datasets.command("add")
+@click.argument("file", type=click.Path(exists=True, dir_okay=False, path_type=Path))
+@click.option("--name", help="Display name [default: the file name].")
+@pass_api
+def add_dataset(api: ApiContext, file: Path, name: str | None) -> None:
+    """Upload FILE (JSONL or CSV): statements {text, label} or multiple choice {question,
+    choices, answer}."""
+    api.show(api.client().upload_dataset(file, name=name), DATASET_COLUMNS)
+
+
+@datasets.command("ls")
+@click.option("--limit", type=click.IntRange(1, 200), default=50, show_default=True)
+@pass_api
+def list_datasets(api: ApiContext, limit: int) -> None:
+    """Uploaded datasets, newest first."""
+    api.show(api.client().list_datasets(limit=limit).items, DATASET_COLUMNS)
+
+
+@main.command(cls=ApiCommand)
+@click.option("--model", required=True, help="Id of the base model.")
+@click.option("--adapter", help="Id of an adapter of that model.")
+@click.option("--layers", type=LAYERS, required=True, help="Comma-separated, e.g. 8,16,-1 (0 = embeddings).")
+@click.option("--texts-file", type=click.Path(exists=True, dir_okay=False, path_type=Path), help="One text per line.")
+@click.option("--dataset", help="Id of an uploaded dataset (instead of --texts-file).")
+@click.option("--token-position", type=click.Choice(["last", "mean"]), help="[default: last]")
+@click.option("--max-length", type=click.IntRange(min=1), help="Truncate texts to this many tokens.")
+@click.option("--out", type=click.Path(dir_okay=False, writable=True, path_type=Path), help="Write the (texts, layers, hidden) array here as .npy.")
+@no_wait_option
+@pass_api
+def extract(
+    api: ApiContext,
+    model: str,
+    adapter: str | None,
+    layers: list[int],
+    texts_file: Path | None,
+    dataset: str | None,
+    token_position: str | None,
+    max_length: int | None,
+    out: Path | None,
+    no_wait: bool,
+) -> None:
+    """Extract hidden states of texts at layers; with --out, save them as .npy."""
+    if (texts_file is None) == (dataset is None):
+        raise click.UsageError("give exactly one of --texts-file and --dataset")
+    if out is not None and no_wait:
+        raise click.UsageError("--out needs the states, which --no-wait does not wait for")
+    texts = [line for line in texts_file.read_text().splitlines() if line.strip()] if texts_file else None
+    client = api.client()
+    extraction = client.create_extraction(model, layers, texts=texts, dataset=dataset, adapter=adapter, token_position=token_position, max_length=max_length)
+    if not no_wait:
+        client.wait(extraction.job_id)
+        extraction = client.get_extraction(extraction.id)
+    if out is not None:
+        import numpy as np
+
+        np.save(out, client.download_hidden_states(extraction.id))
+    api.show(extraction, EXTRACTION_COLUMNS)
+    if out is not None and not api.as_json:
+        click.echo(f"states: {out}")
+
+
+@main.group(cls=ApiGroup)
+def probes() -> None:
+    """Correctness probes and their calibration reports."""
+
+
+@probes.command("train")
+@click.option("--model", required=True, help="Id of the base model.")
+@click.option("--adapter", help="Id of an adapter of that model.")
+@click.option("--dataset", required=True, help="Id of a statements or multiple-choice dataset.")
+@click.option("--layers", type=LAYERS, required=True, help="Comma-separated; one probe per layer and method.")
+@click.option("--method", default="logistic", show_default=True, help="logistic, mass_mean, or both: logistic,mass_mean.")
+@click.option("--recalibration", type=click.Choice(["temperature", "platt"]), help="Fitted on the validation split.")
+@click.option("--seed", type=click.IntRange(min=0), help="Seed of the split [default: 0].")
+@no_wait_option
+@pass_api
+def train_probes(
+    api: ApiContext, model: str, adapter: str | None, dataset: str, layers: list[int], method: str, recalibration: str | None, seed: int | None, no_wait: bool
+) -> None:
+    """Train probes and show their held-out metrics; the best on validation is starred."""
+    methods = comma_separated(method)
+    client = api.client()
+    run = client.train_probes(model, dataset, layers, method=methods[0] if len(methods) == 1 else methods, adapter=adapter, seed=seed, recalibration=recalibration)
+    if no_wait:
+        api.show(run, RUN_COLUMNS)
+        return
+    client.wait(run.job_id)
+    api.show(client.get_probe_run(run.id).probes, PROBE_COLUMNS)
+
+
+@probes.command("ls")
+@click.option("--model", help="Only the probes of this model.")
+@click.option("--dataset", help="Only the probes trained on this dataset.")
+@click.option("--best", is_flag=True, help="Only the best probe of each run.")
+@click.option("--limit", type=click.IntRange(1, 200), default=50, show_default=True)
+@pass_api
+def list_probes(api: ApiContext, model: str | None, dataset: str | None, best: bool, limit: int) -> None:
+    """Trained probes with their held-out metrics."""
+    api.show(api.client().list_probes(model=model, dataset=dataset, best=True if best else None, limit=limit).items, PROBE_COLUMNS)
+
+
+@probes.command("report")
+@click.argument("probe_id")
+@click.option("--out", type=click.Path(dir_okay=False, writable=True, path_type=Path), help="Where to write the HTML report [default: PROBE_ID.html].")
+@click.option("--open", "open_in_browser", is_flag=True, help="Open the HTML report in a web browser.")
+@pass_api
+def probe_report(api: ApiContext, probe_id: str, out: Path | None, open_in_browser: bool) -> None:
+    """Write a probe's calibration report (reliability diagram, histogram, metrics) as HTML
+    and show its held-out metrics."""
+    client = api.client()
+    report = client.probe_report(probe_id)
+    path = out or Path(f"{probe_id}.html")
+    path.write_text(client.probe_report_html(probe_id), encoding="utf-8")
+    if api.as_json:
+        click.echo(json.dumps(report.model_dump(mode="json") | {"html": str(path)}, indent=2))
+    else:
+        rows = [[name, metric(report.probe.metrics, name), interval(estimate.interval)] for name, estimate in report.probe.metrics.items()]
+        click.echo(aligned_table(["METRIC", "VALUE", "95% INTERVAL"], rows))
+        click.echo(f"report: {path}")
+    if open_in_browser:
+        import webbrowser
+
+        webbrowser.open(path.resolve().as_uri())
+
+
+@main.command(cls=ApiCommand)
+@click.option("--model", required=True, help="Id of the base model.")
+@click.option("--adapters", "adapter_ids", required=True, help="Comma-separated adapter ids of that model.")
+@click.option("--dataset", required=True)
+@click.option("--layers", type=LAYERS, required=True, help="Comma-separated; the best on the base's validation split is reported.")
+@click.option("--method", type=click.Choice(["logistic", "mass_mean"]), help="[default: logistic]")
+@no_wait_option
+@pass_api
+def compare(api: ApiContext, model: str, adapter_ids: str, dataset: str, layers: list[int], method: str | None, no_wait: bool) -> None:
+    """Compare a base model with its adapters on the same texts, split and layer."""
+    client = api.client()
+    comparison = client.compare(model, comma_separated(adapter_ids), dataset, layers, method=method)
+    if not no_wait:
+        client.wait(comparison.job_id)
+        comparison = client.get_comparison(comparison.id)
+    if api.as_json or comparison.report is None:
+        api.show(comparison, COMPARISON_COLUMNS)
+        return
+    reports = [(variant["label"], CalibrationReport.model_validate(variant["report"])) for variant in comparison.report["variants"]]
+    rows = [[label, *(metric(report.metrics, name) for name in ("auroc", "ece", "brier"))] for label, report in reports]
+    click.echo(aligned_table(["MODEL", "AUROC", "ECE", "BRIER"], rows))
+    click.echo(f"comparison {comparison.id}, layer {comparison.report['layer']}")
+
+
+@main.group(cls=ApiGroup)
+def experiment() -> None:
+    """Experiment configs (the seed framework's YAML) run as one job."""
+
+
+@experiment.command("run")
+@click.argument("config", type=click.Path(exists=True, dir_okay=False, path_type=Path))
+@no_wait_option
+@pass_api
+def run_experiment(api: ApiContext, config: Path, no_wait: bool) -> None:
+    """Run CONFIG (YAML or JSON): adapter import, extraction, probes and report, resumed from
+    what earlier runs already made."""
+    client = api.client()
+    started = client.run_experiment(config)
+    if not no_wait:
+        client.wait(started.job_id)
+    finished = client.get_experiment(started.id)
+    if api.as_json:
+        click.echo(json.dumps(finished.model_dump(mode="json"), indent=2))
+        return
+    click.echo(aligned_table(["ARTIFACT", "LINK"], [[name, link or "—"] for name, link in finished.links.items()]))
+    click.echo(f"experiment {finished.id}: {finished.status}")
+
+
+@main.group(cls=ApiGroup)
+def jobs() -> None:
+    """Jobs: list, show, cancel, watch."""
+
+
+@jobs.command("ls")
+@click.option("--status", type=click.Choice(["queued", "running", "succeeded", "failed", "cancelled"]))
+@click.option("--kind", help="e.g. extraction, probe_training, adapter_import, model_check.")
+@click.option("--limit", type=click.IntRange(1, 200), default=50, show_default=True)
+@pass_api
+def list_jobs(api: ApiContext, status: str | None, kind: str | None, limit: int) -> None:
+    """Jobs, newest first."""
+    api.show(api.client().list_jobs(status=status, kind=kind, limit=limit).items, JOB_COLUMNS)
+
+
+@jobs.command("show")
+@click.argument("job_id")
+@pass_api
+def show_job(api: ApiContext, job_id: str) -> None:
+    api.show(api.client().get_job(job_id), JOB_COLUMNS)
+
+
+@jobs.command("cancel")
+@click.argument("job_id")
+@pass_api
+def cancel_job(api: ApiContext, job_id: str) -> None:
+    """Cancel a queued job at once, or a running one at its next progress point."""
+    api.show(api.client().cancel_job(job_id), JOB_COLUMNS)
+
+
+@jobs.command("watch")
+@click.argument("job_id")
+@pass_api
+def watch_job(api: ApiContext, job_id: str) -> None:
+    """Follow a job with a progress bar until it ends (exit code 5 when it fails)."""
+    api.show(api.client().wait(job_id), JOB_COLUMNS)
