@@ -129,7 +129,7 @@ def keys() -> None:
 def create_api_key(api: ApiContext, name: str, scopes: "list[Scope]", rate_limit: int | None, burst: int | None, as_json: bool) -> None:
     """Make a key and print it once (the registry keeps only its hash)."""
     from app.auth import create_key
-    from app.schemas import ApiKeyCreated, ApiKeyOut
+    from app.schemas.keys import ApiKeyCreated, ApiKeyOut
 
     if burst is not None and rate_limit is None:
         raise click.UsageError("--burst needs --rate-limit")
@@ -148,7 +148,7 @@ def create_api_key(api: ApiContext, name: str, scopes: "list[Scope]", rate_limit
 def list_api_keys(api: ApiContext, include_revoked: bool, as_json: bool) -> None:
     """API keys, newest first, without their secrets."""
     from app.registry.api_keys import list_keys
-    from app.schemas import ApiKeyOut
+    from app.schemas.keys import ApiKeyOut
 
     with registry_session() as session:
         found, _ = list_keys(session, include_revoked=include_revoked, cursor=None, limit=10_000)
@@ -166,7 +166,7 @@ def revoke_api_key(api: ApiContext, key_id: str, as_json: bool) -> None:
     """Revoke KEY_ID: it stops working at once, on every gateway."""
     from app.errors import ServiceError
     from app.registry.api_keys import revoke_key
-    from app.schemas import ApiKeyOut
+    from app.schemas.keys import ApiKeyOut
 
     try:
         with registry_session() as session:

@@ -7,14 +7,19 @@ import json
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, get_args
 
 import click
 from pydantic import BaseModel
 
 from confprobe_client.client import Client
 from confprobe_client.errors import ConfprobeError
-from confprobe_client.exit_codes import EXIT_CODES_HELP, error_envelope, exit_code_of, hint_for
+from confprobe_client.exit_codes import (
+    EXIT_CODES_HELP,
+    error_envelope,
+    exit_code_of,
+    hint_for,
+)
 from confprobe_client.options import LAYERS, comma_separated, no_wait_option
 from confprobe_client.tables import (
     ADAPTER_COLUMNS,
@@ -30,7 +35,7 @@ from confprobe_client.tables import (
     interval,
     metric,
 )
-from confprobe_client.types import CalibrationReport, Job
+from confprobe_client.types import CalibrationReport, Job, JobStatus
 
 
 def make_client(url: str | None) -> Client:
@@ -374,7 +379,7 @@ def jobs() -> None:
 
 
 @jobs.command("ls")
-@click.option("--status", type=click.Choice(["queued", "running", "succeeded", "failed", "cancelled"]))
+@click.option("--status", type=click.Choice(get_args(JobStatus)))
 @click.option("--kind", help="e.g. extraction, probe_training, adapter_import, model_check.")
 @click.option("--limit", type=click.IntRange(1, 200), default=50, show_default=True)
 @pass_api

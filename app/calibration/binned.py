@@ -12,7 +12,12 @@ from typing import Literal
 import numpy as np
 import numpy.typing as npt
 
-from app.calibration.inputs import THRESHOLD, check_choice, checked, checked_probabilities
+from app.calibration.inputs import (
+    THRESHOLD,
+    check_choice,
+    checked,
+    checked_probabilities,
+)
 from app.calibration.values import (
     AdaptiveCalibrationError,
     ConfidenceHistogram,

@@ -7,11 +7,21 @@ from __future__ import annotations
 import numpy.typing as npt
 
 from app.calibration.binned import confidence_histogram, reliability_bins
-from app.calibration.bootstrap import bootstrap_settings, percentile_interval, resampled_values
+from app.calibration.bootstrap import (
+    bootstrap_settings,
+    percentile_interval,
+    resampled_values,
+)
 from app.calibration.inputs import checked
 from app.calibration.scoring import base_rate
 from app.calibration.table import point_metrics
-from app.calibration.values import CalibrationReport, Estimate, Interval, Metric, PairedDifferences
+from app.calibration.values import (
+    CalibrationReport,
+    Estimate,
+    Interval,
+    Metric,
+    PairedDifferences,
+)
 
 
 def calibration_report(

@@ -7,7 +7,15 @@ import numpy as np
 import numpy.typing as npt
 
 from app.calibration.inputs import THRESHOLD, checked, checked_labels
-from app.calibration.values import Accuracy, Auprc, Auroc, BaseRate, BrierScore, LogLoss, finite_or_none
+from app.calibration.values import (
+    Accuracy,
+    Auprc,
+    Auroc,
+    BaseRate,
+    BrierScore,
+    LogLoss,
+    finite_or_none,
+)
 
 LOG_LOSS_CLIP = 1e-15
 
