@@ -134,16 +134,19 @@ def work_until_stopped(worker_runtime: WorkerRuntime, burst: bool, logging_level
             worker_runtime.wait_for_redis()
         except StopRequested:
             return  # SIGTERM while waiting between loops: the last loop's handler raises this
-        queues = [Queue(name, connection=rq_connection) for name in names]
-        rq_worker = ServiceWorker(worker_runtime, queues, rq_connection, name=broker.rq_worker_name(worker_runtime.name))
         started = time.monotonic()
+        rq_worker: ServiceWorker | None = None
         try:
+            queues = [Queue(name, connection=rq_connection) for name in names]
+            # RQ talks to Redis as it registers the worker: Redis may have gone again since
+            # the wait above, so this is inside the outage handling too
+            rq_worker = ServiceWorker(worker_runtime, queues, rq_connection, name=broker.rq_worker_name(worker_runtime.name))
             rq_worker.work(burst=burst, logging_level=logging_level, with_scheduler=False)
         except REDIS_DOWN as exc:
             worker_runtime.outage.down(exc)
         except StopRequested:
             return
-        if burst or rq_worker.asked_to_stop:
+        if burst or (rq_worker is not None and rq_worker.asked_to_stop):
             return
         if time.monotonic() - started > STEADY_LOOP_S:
             pauses = backoff(settings.redis_retry_max_s)
