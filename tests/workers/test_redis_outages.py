@@ -192,7 +192,8 @@ def test_a_job_finishes_while_redis_hangs_without_answering(database_url: str, o
 
     from app.main import create_app
 
-    settings = make_settings(database_url, own_redis.url, tmp_path / "var", extraction_max_batch_size=64, extraction_cache=False, heartbeat_ttl_s=2.0)
+    # a thousand batches: long enough to be seen running, however fast the machine
+    settings = make_settings(database_url, own_redis.url, tmp_path / "var", extraction_max_batch_size=2, extraction_cache=False, heartbeat_ttl_s=2.0)
     log_file = tmp_path / "worker.log"
     worker = start_worker(settings, f"hung-{settings.queue_prefix}", log_file=log_file)
     assert own_redis.process is not None
@@ -200,9 +201,9 @@ def test_a_job_finishes_while_redis_hangs_without_answering(database_url: str, o
         with TestClient(create_app(settings)) as api:
             model = register(api, tiny_llama).json()
             assert wait_for_job(api, model["check_job_id"])["status"] == "succeeded"
-            texts = [f"statement number {i} about the city of Rome" for i in range(256)]
+            texts = [f"statement number {i} about the city of Rome" for i in range(2000)]
             job_id = api.post("/v1/extractions", json={"model": model["id"], "layers": [1], "texts": texts}).json()["job"]["id"]
-            wait_until(lambda: api.get(f"/v1/jobs/{job_id}").json()["status"] == "running", 60, "the job to start", interval=0.05)
+            wait_until(lambda: api.get(f"/v1/jobs/{job_id}").json()["progress"]["done"] > 0, 60, "the job to start", interval=0.05)
 
             own_redis.process.send_signal(signal.SIGSTOP)
             try:
