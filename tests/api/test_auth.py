@@ -275,7 +275,7 @@ def test_a_key_over_its_limit_gets_a_429_with_retry_after_and_another_key_does_n
 
 
 def test_the_default_limit_applies_to_keys_without_their_own(database_url: str, redis_server: RedisServer, tmp_path: Path) -> None:
-    strict = make_settings(database_url, redis_server.url, tmp_path / "var", auth_enabled=True, rate_limit_per_minute=60, rate_limit_burst=3)
+    strict = make_settings(database_url, redis_server.url, tmp_path / "var", auth_enabled=True, rate_limit_per_minute=1, rate_limit_burst=3)
     with TestClient(create_app(strict)) as client:
         key = make_key(client.app.state.sessions, ["read"])
         statuses = [client.get("/v1/models", headers=bearer(key)).status_code for _ in range(4)]
