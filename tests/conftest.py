@@ -126,6 +126,16 @@ def redis_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RedisServ
     server.stop()
 
 
+@pytest.fixture
+def own_redis(tmp_path: Path) -> Iterator[RedisServer]:
+    """A Redis of this test alone (no persistence), so stopping, killing or restarting it
+    disturbs nobody else."""
+    server = RedisServer(folder=tmp_path)
+    server.start()
+    yield server
+    server.stop()
+
+
 # --- PostgreSQL ------------------------------------------------------------------------
 
 

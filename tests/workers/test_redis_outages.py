@@ -3,7 +3,6 @@ they were running when it went still finishes, because the registry row is its t
 
 import signal
 import time
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -27,15 +26,6 @@ only_sqlite = pytest.mark.parametrize("database_url", ["sqlite"], indirect=True)
 
 # longer than RQ's own worker loop survives a refused connection
 OUTAGE_S = 12.0
-
-
-@pytest.fixture
-def own_redis(tmp_path: Path) -> Iterator[RedisServer]:
-    """A Redis of this test alone (no persistence), so killing it disturbs nobody else."""
-    server = RedisServer(folder=tmp_path)
-    server.start()
-    yield server
-    server.stop()
 
 
 def kill(server: RedisServer) -> None:

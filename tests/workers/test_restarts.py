@@ -3,7 +3,6 @@ gets its queued jobs again, and a gateway killed and started again serves the sa
 
 import signal
 import threading
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -24,15 +23,6 @@ from tests.conftest import (
 )
 
 pytestmark = pytest.mark.slow
-
-
-@pytest.fixture
-def own_redis(tmp_path: Path) -> Iterator[RedisServer]:
-    """A Redis of this test alone (no persistence), so restarting it disturbs nobody else."""
-    server = RedisServer(folder=tmp_path)
-    server.start()
-    yield server
-    server.stop()
 
 
 def test_a_redis_restart_loses_no_job(database_url: str, own_redis: RedisServer, tmp_path: Path, tiny_llama: Path) -> None:
