@@ -42,7 +42,9 @@ def adapter_identity(weights_sha256: str, config: dict[str, Any]) -> str:
     relevant = {key: config.get(key, IDENTITY_DEFAULTS.get(key)) for key in IDENTITY_KEYS}
     relevant["lora_alpha"] = float(relevant["lora_alpha"])
     relevant["target_modules"] = sorted(relevant["target_modules"])
-    canonical = json.dumps({"weights_sha256": weights_sha256, "config": relevant}, sort_keys=True, separators=(",", ":"), allow_nan=False)
+    canonical = json.dumps(
+        {"weights_sha256": weights_sha256, "config": relevant}, sort_keys=True, separators=(",", ":"), allow_nan=False
+    )
     return hashlib.sha256(canonical.encode()).hexdigest()
 
 
@@ -67,9 +69,16 @@ def _tinker_source(source: str, settings: Settings) -> AdapterSource:
             tinker_kind=kind,
         )
     if kind != "external_weights":
-        raise invalid_field("source", f"unknown Tinker checkpoint kind {kind!r} (external_weights, sampler_weights or weights)")
+        raise invalid_field(
+            "source", f"unknown Tinker checkpoint kind {kind!r} (external_weights, sampler_weights or weights)"
+        )
     if not settings.tinker_api_key:
-        raise ServiceError(503, "unavailable", "Tinker imports need the TINKER_API_KEY setting, which is not set", setting="TINKER_API_KEY")
+        raise ServiceError(
+            503,
+            "unavailable",
+            "Tinker imports need the TINKER_API_KEY setting, which is not set",
+            setting="TINKER_API_KEY",
+        )
     return AdapterSource(kind="tinker", location=source, tinker_run_id=match["run_id"])
 
 
@@ -79,7 +88,13 @@ def _url_source(source: str, settings: Settings) -> AdapterSource:
         raise invalid_field("source", f"only https URLs are imported, not {parts.scheme}://")
     host = (parts.hostname or "").lower()
     if host not in {allowed.lower() for allowed in settings.adapter_url_hosts}:
-        raise ServiceError(403, "forbidden", f"source: {host!r} is not on the allow-list of adapter hosts (ADAPTER_URL_HOSTS)", field="source", host=host)
+        raise ServiceError(
+            403,
+            "forbidden",
+            f"source: {host!r} is not on the allow-list of adapter hosts (ADAPTER_URL_HOSTS)",
+            field="source",
+            host=host,
+        )
     return AdapterSource(kind="url", location=source)
 
 
@@ -88,12 +103,17 @@ def _local_source(source: str, settings: Settings) -> AdapterSource:
         path = Path(source).expanduser().resolve()
         exists, is_folder = path.exists(), path.is_dir()
     except (OSError, ValueError) as exc:  # too long, or a NUL byte
-        reason = exc.strerror if isinstance(exc, OSError) and exc.strerror else str(exc)  # an OSError's text repeats the path
+        reason = (
+            exc.strerror if isinstance(exc, OSError) and exc.strerror else str(exc)
+        )  # an OSError's text repeats the path
         raise invalid_field("source", f"not a usable path: {reason}") from exc
     roots = [root.expanduser().resolve() for root in settings.adapter_roots]
     if not any(path.is_relative_to(root) for root in roots):
         raise ServiceError(
-            403, "forbidden", f"source: {source!r} is outside the folders adapters may be imported from (ADAPTER_ROOTS)", field="source"
+            403,
+            "forbidden",
+            f"source: {source!r} is outside the folders adapters may be imported from (ADAPTER_ROOTS)",
+            field="source",
         )
     if not exists:
         raise ServiceError(404, "not_found", f"source: no such file or folder {source!r}", field="source")
@@ -110,7 +130,9 @@ def _check_regular_file(path: Path) -> None:
     try:
         regular_file_or_none(path)
     except NotARegularFile as exc:
-        raise invalid_field("source", f"{exc}; only regular files and folders of them are imported", kind=exc.kind) from exc
+        raise invalid_field(
+            "source", f"{exc}; only regular files and folders of them are imported", kind=exc.kind
+        ) from exc
 
 
 def _check_folder(folder: Path, max_entries: int) -> None:
@@ -131,7 +153,10 @@ def _check_folder(folder: Path, max_entries: int) -> None:
                 counts["folders" if is_folder else "files"] += 1
                 if max(counts.values()) > max_entries:
                     raise ServiceError(
-                        413, "too_many_files", f"source: the folder holds more than {max_entries} files or folders (MAX_ARCHIVE_FILES)", field="source"
+                        413,
+                        "too_many_files",
+                        f"source: the folder holds more than {max_entries} files or folders (MAX_ARCHIVE_FILES)",
+                        field="source",
                     )
                 if is_folder:
                     pending.append(Path(entry.path))
@@ -146,7 +171,8 @@ def _check_folder_entry(path: Path, folder: Path) -> None:
         return  # a dangling link: nothing there to read, and never chosen as adapter files
     if not stat.S_ISREG(mode) and not stat.S_ISDIR(mode):
         raise invalid_field(
-            "source", f"{str(path.relative_to(folder))!r} in the folder is a {file_kind(mode)}; an adapter folder may hold only regular files and folders",
+            "source",
+            f"{str(path.relative_to(folder))!r} in the folder is a {file_kind(mode)}; an adapter folder may hold only regular files and folders",
             kind=file_kind(mode),
         )
 

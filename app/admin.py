@@ -13,8 +13,8 @@ import click
 from app.settings import MAX_RATE_LIMIT, get_settings
 from confprobe_client.cli import ApiContext
 from confprobe_client.exit_codes import EXIT_NOT_FOUND
+from confprobe_client.formatting import KEY_COLUMNS
 from confprobe_client.options import comma_separated
-from confprobe_client.tables import KEY_COLUMNS
 
 if TYPE_CHECKING:
     from sqlalchemy.orm import Session
@@ -34,7 +34,9 @@ def migrate() -> None:
 
 @click.command()
 @click.option("--dry-run", is_flag=True, help="List what would go; remove nothing.")
-@click.option("--grace-s", type=float, default=None, help="Leave objects younger than this alone (default: JANITOR_GRACE_S).")
+@click.option(
+    "--grace-s", type=float, default=None, help="Leave objects younger than this alone (default: JANITOR_GRACE_S)."
+)
 @click.option("--json", "as_json", is_flag=True, help="Print the report as JSON.")
 def janitor(dry_run: bool, grace_s: float | None, as_json: bool) -> None:
     """Remove artifacts no registry row refers to (left by work that stopped half-way). Workers
@@ -46,7 +48,12 @@ def janitor(dry_run: bool, grace_s: float | None, as_json: bool) -> None:
     settings = get_settings()
     engine = create_registry_engine(settings.resolved_database_url)
     try:
-        report = sweeper.sweep(session_factory(engine), open_store(settings), settings.janitor_grace_s if grace_s is None else grace_s, dry_run=dry_run)
+        report = sweeper.sweep(
+            session_factory(engine),
+            open_store(settings),
+            settings.janitor_grace_s if grace_s is None else grace_s,
+            dry_run=dry_run,
+        )
     finally:
         engine.dispose()
     if as_json:
@@ -121,12 +128,27 @@ def keys() -> None:
 
 @keys.command("create")
 @click.option("--name", required=True, help="What the key is for, e.g. who holds it.")
-@click.option("--scopes", type=ScopeList(), required=True, help="Comma-separated: read, submit (includes read), admin (includes both).")
-@click.option("--rate-limit", type=click.IntRange(min=0, max=MAX_RATE_LIMIT), help="This key's requests per minute (0: none) [default: RATE_LIMIT_PER_MINUTE].")
-@click.option("--burst", type=click.IntRange(min=1, max=MAX_RATE_LIMIT), help="Requests at once after a quiet spell (with --rate-limit) [default: the rate limit].")
+@click.option(
+    "--scopes",
+    type=ScopeList(),
+    required=True,
+    help="Comma-separated: read, submit (includes read), admin (includes both).",
+)
+@click.option(
+    "--rate-limit",
+    type=click.IntRange(min=0, max=MAX_RATE_LIMIT),
+    help="This key's requests per minute (0: none) [default: RATE_LIMIT_PER_MINUTE].",
+)
+@click.option(
+    "--burst",
+    type=click.IntRange(min=1, max=MAX_RATE_LIMIT),
+    help="Requests at once after a quiet spell (with --rate-limit) [default: the rate limit].",
+)
 @json_option
 @click.pass_obj
-def create_api_key(api: ApiContext, name: str, scopes: "list[Scope]", rate_limit: int | None, burst: int | None, as_json: bool) -> None:
+def create_api_key(
+    api: ApiContext, name: str, scopes: "list[Scope]", rate_limit: int | None, burst: int | None, as_json: bool
+) -> None:
     """Make a key and print it once (the registry keeps only its hash)."""
     from app.auth import create_key
     from app.schemas.keys import ApiKeyCreated, ApiKeyOut
@@ -175,7 +197,6 @@ def revoke_api_key(api: ApiContext, key_id: str, as_json: bool) -> None:
         click.echo(f"error: {error.message}", err=True)
         raise SystemExit(EXIT_NOT_FOUND) from error
     key_output(api, as_json).show(revoked, KEY_COLUMNS)
-
 
 
 COMMANDS: tuple[click.Command, ...] = (migrate, janitor, keys)

@@ -132,7 +132,9 @@ def archive_format_of(head: bytes) -> ArchiveFormat:
         return "zip"
     if head[257:262] == b"ustar":
         return "tar"
-    raise ArchiveRejected("unsupported_format", "the upload is not a .tar, .tar.gz or .zip archive (judged by its content)")
+    raise ArchiveRejected(
+        "unsupported_format", "the upload is not a .tar, .tar.gz or .zip archive (judged by its content)"
+    )
 
 
 def extract_archive(archive: Path, destination: Path, limits: ArchiveLimits) -> list[Path]:
@@ -158,10 +160,14 @@ def _extract(archive: Path, destination: Path, limits: ArchiveLimits) -> list[Pa
                 for member in members:
                     extraction.add(member)
     except NotImplementedError as error:  # a zip compression method Python cannot read
-        raise ArchiveRejected("unsupported_format", f"member {extraction.current!r}: {error}", extraction.current) from error
+        raise ArchiveRejected(
+            "unsupported_format", f"member {extraction.current!r}: {error}", extraction.current
+        ) from error
     except CORRUPTION_ERRORS as error:
         near = f" near member {extraction.current!r}" if extraction.current else ""
-        raise ArchiveRejected("corrupt_archive", f"the archive is corrupt or truncated{near}: {error}", extraction.current) from error
+        raise ArchiveRejected(
+            "corrupt_archive", f"the archive is corrupt or truncated{near}: {error}", extraction.current
+        ) from error
     return extraction.files
 
 
@@ -215,7 +221,9 @@ class _MeteredStream:
         data = self.stream.read(size)
         self.allowance -= len(data)
         if self.allowance < 0:
-            raise ArchiveRejected("too_large", f"the tar headers between two members hold more than {TAR_METADATA_BYTES} bytes")
+            raise ArchiveRejected(
+                "too_large", f"the tar headers between two members hold more than {TAR_METADATA_BYTES} bytes"
+            )
         return data
 
 
@@ -244,12 +252,18 @@ def _check_zip_directory(archive: BinaryIO, limits: ArchiveLimits) -> None:
         raise _too_many_entries(entries, limits)
     allowed = max(limits.max_files, 1) * ZIP_DIRECTORY_BYTES_PER_ENTRY
     if directory_bytes > allowed:
-        raise ArchiveRejected("too_large", f"the zip's central directory takes {directory_bytes} bytes; {limits.max_files} entries need at most {allowed}")
+        raise ArchiveRejected(
+            "too_large",
+            f"the zip's central directory takes {directory_bytes} bytes; {limits.max_files} entries need at most {allowed}",
+        )
     archive.seek(0)
 
 
 def _too_many_entries(entries: int, limits: ArchiveLimits) -> ArchiveRejected:
-    return ArchiveRejected("too_many_files", f"the zip lists {entries} entries (files and folders); at most {limits.max_files} are accepted")
+    return ArchiveRejected(
+        "too_many_files",
+        f"the zip lists {entries} entries (files and folders); at most {limits.max_files} are accepted",
+    )
 
 
 def _zip_member_kind(info: zipfile.ZipInfo) -> MemberKind:
@@ -283,9 +297,13 @@ class _Extraction:
         self.current = member.name
         parts = _relative_parts(member.name)
         if member.kind == "link":
-            raise ArchiveRejected("link", f"member {member.name!r} is a symbolic or hard link; links are not accepted", member.name)
+            raise ArchiveRejected(
+                "link", f"member {member.name!r} is a symbolic or hard link; links are not accepted", member.name
+            )
         if member.kind == "special_file":
-            raise ArchiveRejected("special_file", f"member {member.name!r} is not a regular file or a directory", member.name)
+            raise ArchiveRejected(
+                "special_file", f"member {member.name!r} is not a regular file or a directory", member.name
+            )
         if member.kind == "directory":
             self._admit_directory(member.name, parts)
             return
@@ -302,7 +320,9 @@ class _Extraction:
         self.directory_count += 1
         if self.directory_count > self.limits.max_files:
             raise ArchiveRejected(
-                "too_many_files", f"member {name!r} is directory number {self.directory_count}; at most {self.limits.max_files} are accepted", name
+                "too_many_files",
+                f"member {name!r} is directory number {self.directory_count}; at most {self.limits.max_files} are accepted",
+                name,
             )
         if not parts:
             return
@@ -316,7 +336,9 @@ class _Extraction:
         if not parts:
             raise ArchiveRejected("path_traversal", f"member {name!r} does not name a file inside the archive", name)
         if len(self.files) >= self.limits.max_files:
-            raise ArchiveRejected("too_many_files", f"member {name!r} is one file more than the {self.limits.max_files} accepted", name)
+            raise ArchiveRejected(
+                "too_many_files", f"member {name!r} is one file more than the {self.limits.max_files} accepted", name
+            )
         key, ancestors = _collision_key(parts), _ancestor_keys(parts)
         if key in self.file_keys or key in self.directory_keys or not self.file_keys.isdisjoint(ancestors):
             raise _duplicate(name)
@@ -339,7 +361,9 @@ class _Extraction:
                 self.total_bytes += len(chunk)
                 if self.total_bytes > self.limits.max_total_bytes:
                     raise ArchiveRejected(
-                        "too_large", f"member {name!r} takes the archive past {self.limits.max_total_bytes} bytes once decompressed", name
+                        "too_large",
+                        f"member {name!r} takes the archive past {self.limits.max_total_bytes} bytes once decompressed",
+                        name,
                     )
                 handle.write(chunk)
 

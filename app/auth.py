@@ -75,7 +75,11 @@ def new_key() -> NewKey:
 
 
 def create_key(
-    session: Session, name: str, scopes: list[Scope], rate_limit_per_minute: int | None = None, rate_limit_burst: int | None = None
+    session: Session,
+    name: str,
+    scopes: list[Scope],
+    rate_limit_per_minute: int | None = None,
+    rate_limit_burst: int | None = None,
 ) -> tuple[ApiKey, str]:
     """A new key's row (scopes stored with all they include) and the key itself, which
     nothing keeps: show it once."""
@@ -114,7 +118,13 @@ def unauthorized(message: str, reason: str) -> ServiceError:
 
 def forbidden(caller: Caller, scope: Scope) -> ServiceError:
     held = granted_scopes(list(caller.scopes))
-    return ServiceError(403, "forbidden", f"this API key lacks the `{scope}` scope (it has: {', '.join(held)})", required_scope=scope, scopes=held)
+    return ServiceError(
+        403,
+        "forbidden",
+        f"this API key lacks the `{scope}` scope (it has: {', '.join(held)})",
+        required_scope=scope,
+        scopes=held,
+    )
 
 
 def identify(sessions: sessionmaker[Session], settings: Settings, token: str) -> Caller:
@@ -130,9 +140,15 @@ def identify(sessions: sessionmaker[Session], settings: Settings, token: str) ->
     if key is None or not hmac.compare_digest(key.secret_sha256, key_sha256(token)):
         raise unauthorized("the API key is not valid", "invalid")
     if key.revoked_at is not None:
-        raise unauthorized(f"the API key {display_prefix(key.prefix)} was revoked at {key.revoked_at.isoformat()}", "revoked")
+        raise unauthorized(
+            f"the API key {display_prefix(key.prefix)} was revoked at {key.revoked_at.isoformat()}", "revoked"
+        )
     _note_use(sessions, key)
-    return Caller(key.id, frozenset(granted_scopes(key.scopes)), limit_for(key.rate_limit_per_minute, key.rate_limit_burst, settings))
+    return Caller(
+        key.id,
+        frozenset(granted_scopes(key.scopes)),
+        limit_for(key.rate_limit_per_minute, key.rate_limit_burst, settings),
+    )
 
 
 def _note_use(sessions: sessionmaker[Session], key: ApiKey) -> None:

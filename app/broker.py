@@ -19,7 +19,9 @@ def connect(settings: Settings, socket_timeout: float | None = None) -> redis.Re
     """The synchronous client. The gateway passes a `socket_timeout` so a Redis that hangs
     (rather than refusing) costs a request seconds, not forever; workers pass none, because
     RQ blocks on its queues for minutes at a time."""
-    return redis.Redis.from_url(settings.resolved_redis_url, socket_connect_timeout=5, socket_timeout=socket_timeout, health_check_interval=30)
+    return redis.Redis.from_url(
+        settings.resolved_redis_url, socket_connect_timeout=5, socket_timeout=socket_timeout, health_check_interval=30
+    )
 
 
 def connect_async(settings: Settings) -> Any:
@@ -98,13 +100,20 @@ def route(connection: redis.Redis, settings: Settings, model_id: str) -> str:
     with the shortest backlog — unless every such worker already has `affinity_max_backlog`
     jobs ahead of it; then it goes to the shared queue, where any worker takes it and loads
     the model on demand within its memory budget."""
-    holders = [w for w in live_workers(connection, settings) if any(m.get("model_id") == model_id for m in w.get("resident_models", []))]
+    holders = [
+        w
+        for w in live_workers(connection, settings)
+        if any(m.get("model_id") == model_id for m in w.get("resident_models", []))
+    ]
     if not holders:
         return default_queue(settings)
     pipeline = connection.pipeline(transaction=False)
     for worker in holders:
         pipeline.llen(rq_queue_key(worker_queue(settings, worker["name"])))
-    backlogs = [queued + (1 if worker.get("current_job") else 0) for worker, queued in zip(holders, pipeline.execute(), strict=True)]
+    backlogs = [
+        queued + (1 if worker.get("current_job") else 0)
+        for worker, queued in zip(holders, pipeline.execute(), strict=True)
+    ]
     backlog, name = min(zip(backlogs, [w["name"] for w in holders], strict=True))
     return worker_queue(settings, name) if backlog < settings.affinity_max_backlog else default_queue(settings)
 
@@ -144,14 +153,22 @@ def start_embedded_redis(socket_path: Path, process_group: int | None = None) ->
     process = subprocess.Popen(
         [
             redis_server_executable(),
-            "--port", "0",
-            "--unixsocket", str(socket_path),
-            "--unixsocketperm", "700",
-            "--dir", str(socket_path.parent),
-            "--dbfilename", "redis.rdb",
-            "--save", "60 1",
-            "--daemonize", "no",
-            "--loglevel", "warning",
+            "--port",
+            "0",
+            "--unixsocket",
+            str(socket_path),
+            "--unixsocketperm",
+            "700",
+            "--dir",
+            str(socket_path.parent),
+            "--dbfilename",
+            "redis.rdb",
+            "--save",
+            "60 1",
+            "--daemonize",
+            "no",
+            "--loglevel",
+            "warning",
         ],
         stdout=subprocess.DEVNULL,
         process_group=process_group,

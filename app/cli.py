@@ -14,7 +14,9 @@ from confprobe_client.exit_codes import EXIT_CODES_HELP
 
 def compose() -> click.Group:
     """The full `confprobe`: the API commands' global options, and every command of the three."""
-    group = api_commands.root_group(f"Confidence Probing Service: run it, or use a running one through its API.\n\n{EXIT_CODES_HELP}")
+    group = api_commands.root_group(
+        f"Confidence Probing Service: run it, or use a running one through its API.\n\n{EXIT_CODES_HELP}"
+    )
     for name, command in api_commands.main.commands.items():
         group.add_command(command, name)
     for command in (*supervisor.COMMANDS, *admin.COMMANDS):

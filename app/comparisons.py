@@ -30,7 +30,9 @@ def new_comparison(session: Session, request: ComparisonCreate, job_id: str) -> 
             raise not_found("adapter", adapter_id)
         base = get_model(session, adapter.base_model_id)
         if base.source != model.source or base.revision != model.revision:
-            raise invalid_field("adapters", f"adapter {adapter_id} belongs to {base.source}, not {model.source}", adapter=adapter_id)
+            raise invalid_field(
+                "adapters", f"adapter {adapter_id} belongs to {base.source}, not {model.source}", adapter=adapter_id
+            )
         if (base.dtype, base.quantization) != (model.dtype, model.quantization):
             mixed.append(f"{adapter_id} ({_precision(base.dtype, base.quantization)})")
     if mixed and request.on_mixed_precision == "fail":

@@ -132,7 +132,7 @@ def format_multiple_choice(question: str, choices: Sequence[str]) -> str:
     so that the model's next token is the letter of the choice it picks (SPEC §5)."""
     if len(choices) > len(CHOICE_LETTERS):
         raise ValueError(f"{len(choices)} choices, but only {len(CHOICE_LETTERS)} letters")
-    lettered = [f"{letter}. {choice}" for letter, choice in zip(CHOICE_LETTERS, choices)]
+    lettered = [f"{letter}. {choice}" for letter, choice in zip(CHOICE_LETTERS, choices, strict=False)]
     return "\n".join([question, *lettered, "Answer:"])
 
 
@@ -203,7 +203,7 @@ def _csv_records(text: str) -> Iterator[Record]:
             continue
         if len(cells) != len(columns):
             raise _row_error(start_line, "row", f"has {len(cells)} cells where the header has {len(columns)}")
-        yield start_line, _typed_cells(dict(zip(columns, cells)))
+        yield start_line, _typed_cells(dict(zip(columns, cells, strict=False)))
 
 
 def _checked_header(cells: list[str], line: int) -> list[str]:
@@ -211,7 +211,11 @@ def _checked_header(cells: list[str], line: int) -> list[str]:
     columns = [cell.strip() for cell in cells]
     kind = _kind_of(columns)
     if kind is None:
-        raise _row_error(line, "header", "names neither statement columns (text or statement, label) nor multiple-choice columns (question, choices, answer)")
+        raise _row_error(
+            line,
+            "header",
+            "names neither statement columns (text or statement, label) nor multiple-choice columns (question, choices, answer)",
+        )
     required = (_text_key(columns), "label") if kind == "statements" else MULTIPLE_CHOICE_KEYS
     missing = [column for column in required if column not in columns]
     if missing:
@@ -257,7 +261,11 @@ def _rows_of(records: Iterable[Record]) -> tuple[DatasetKind, list[Row]]:
         if kind is None:
             kind = _kind_of(record)
             if kind is None:
-                raise _row_error(line, "row", "has neither statement keys (text, label) nor multiple-choice keys (question, choices, answer)")
+                raise _row_error(
+                    line,
+                    "row",
+                    "has neither statement keys (text, label) nor multiple-choice keys (question, choices, answer)",
+                )
         rows.append(_statement(record, line) if kind == "statements" else _multiple_choice(record, line))
     if kind is None:
         raise invalid_field("file", "has no rows")
@@ -281,7 +289,11 @@ def _required_value(record: dict[str, Any], key: str, line: int, kind: DatasetKi
     row_kind = _kind_of(record)
     if row_kind is not None and row_kind != kind:
         spoken = {"statements": "statements", "multiple_choice": "multiple-choice"}
-        raise _row_error(line, key, f"is missing: a {spoken[row_kind]} row in a {spoken[kind]} dataset (the first row decides the kind)")
+        raise _row_error(
+            line,
+            key,
+            f"is missing: a {spoken[row_kind]} row in a {spoken[kind]} dataset (the first row decides the kind)",
+        )
     raise _row_error(line, key, "is missing")
 
 
@@ -317,12 +329,16 @@ def _multiple_choice(record: dict[str, Any], line: int) -> MultipleChoice:
         raise _row_error(line, "choices", f"must be a list of strings (in CSV, a JSON list), not {_shown(choices)}")
     if not 2 <= len(choices) <= len(CHOICE_LETTERS):
         raise _row_error(line, "choices", f"must hold 2 to {len(CHOICE_LETTERS)} choices, not {len(choices)}")
-    cleaned = tuple(_stripped_text(choice, line, "choices", f"choices[{index}]") for index, choice in enumerate(choices))
+    cleaned = tuple(
+        _stripped_text(choice, line, "choices", f"choices[{index}]") for index, choice in enumerate(choices)
+    )
     answer = _required_value(record, "answer", line, "multiple_choice")
     if type(answer) is not int:
         raise _row_error(line, "answer", f"must be the index of the gold choice, not {_shown(answer)}")
     if not 0 <= answer < len(cleaned):
-        raise _row_error(line, "answer", f"{answer} is out of range for {len(cleaned)} choices (0 to {len(cleaned) - 1})")
+        raise _row_error(
+            line, "answer", f"{answer} is out of range for {len(cleaned)} choices (0 to {len(cleaned) - 1})"
+        )
     return MultipleChoice(question=question, choices=cleaned, answer=answer)
 
 

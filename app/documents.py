@@ -82,7 +82,9 @@ def parse_document(raw: bytes | str, document_format: DocumentFormat, field: str
     try:
         document = yaml.safe_load(raw) if document_format == "yaml" else json.loads(raw)
     except RecursionError as exc:
-        raise invalid_field(field, f"nests deeper than {MAX_DOCUMENT_DEPTH} levels", max_depth=MAX_DOCUMENT_DEPTH) from exc
+        raise invalid_field(
+            field, f"nests deeper than {MAX_DOCUMENT_DEPTH} levels", max_depth=MAX_DOCUMENT_DEPTH
+        ) from exc
     except (yaml.YAMLError, ValueError) as exc:  # JSONDecodeError and UnicodeDecodeError are ValueErrors
         raise invalid_field(field, f"not valid {name}: {exc}") from exc
     return check_depth(document, field)

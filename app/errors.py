@@ -14,7 +14,9 @@ class ServiceError(Exception):
     """An error meant for the client: its status, a stable code, a message naming the problem,
     and the headers the status calls for (`WWW-Authenticate` on 401, `Retry-After` on 429)."""
 
-    def __init__(self, status: int, code: str, message: str, *, headers: dict[str, str] | None = None, **details: Any) -> None:
+    def __init__(
+        self, status: int, code: str, message: str, *, headers: dict[str, str] | None = None, **details: Any
+    ) -> None:
         super().__init__(message)
         self.status = status
         self.code = code
@@ -35,7 +37,9 @@ def error_body(code: str, message: str, details: dict[str, Any] | None = None) -
     return {"error": {"code": code, "message": message, "details": details or {}}}
 
 
-def error_response(status: int, code: str, message: str, details: dict[str, Any] | None = None, headers: dict[str, str] | None = None) -> JSONResponse:
+def error_response(
+    status: int, code: str, message: str, details: dict[str, Any] | None = None, headers: dict[str, str] | None = None
+) -> JSONResponse:
     return JSONResponse(error_body(code, message, details), status_code=status, headers=headers)
 
 
@@ -90,7 +94,8 @@ async def _validation_error(_request: Request, exc: Exception) -> JSONResponse:
         {
             "field": "body" if err["type"] == "json_invalid" else _field_name(tuple(err["loc"])),
             "in": str(err["loc"][0]),
-            "message": err["msg"] + (f" ({err['ctx']['error']})" if err["type"] == "json_invalid" and "ctx" in err else ""),
+            "message": err["msg"]
+            + (f" ({err['ctx']['error']})" if err["type"] == "json_invalid" and "ctx" in err else ""),
             "type": err["type"],
         }
         for err in exc.errors()
@@ -114,7 +119,9 @@ async def _http_error(_request: Request, exc: Exception) -> JSONResponse:
 def backend_unavailable(exc: Exception) -> JSONResponse:
     """Redis or the database went away: 503 with `Retry-After` (middleware answers it too)."""
     backend = "redis" if type(exc).__module__.startswith("redis") else "database"
-    return error_response(503, "unavailable", f"the {backend} is unreachable: {exc}", {"backend": backend}, headers={"Retry-After": "5"})
+    return error_response(
+        503, "unavailable", f"the {backend} is unreachable: {exc}", {"backend": backend}, headers={"Retry-After": "5"}
+    )
 
 
 async def _backend_unavailable(_request: Request, exc: Exception) -> JSONResponse:
@@ -130,7 +137,12 @@ async def _artifact_missing(_request: Request, exc: Exception) -> JSONResponse:
     store restored from an older backup): the row's data is gone, so 410, not a 500."""
     key = getattr(exc, "key", None)
     logging.getLogger(__name__).error("artifact missing from the store: %s", exc)
-    return error_response(410, "artifact_missing", f"{exc}: the record remains but its data is gone; delete it and create it again", {"key": key})
+    return error_response(
+        410,
+        "artifact_missing",
+        f"{exc}: the record remains but its data is gone; delete it and create it again",
+        {"key": key},
+    )
 
 
 def disk_full(exc: BaseException | None) -> bool:
@@ -139,7 +151,13 @@ def disk_full(exc: BaseException | None) -> bool:
 
 
 def _disk_full_response() -> JSONResponse:
-    return error_response(503, "store_full", "the service's disk is full; try again once space is freed", {"backend": "disk"}, headers={"Retry-After": "60"})
+    return error_response(
+        503,
+        "store_full",
+        "the service's disk is full; try again once space is freed",
+        {"backend": "disk"},
+        headers={"Retry-After": "60"},
+    )
 
 
 async def _os_error(request: Request, exc: Exception) -> JSONResponse:

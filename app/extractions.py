@@ -16,7 +16,10 @@ def resolve_layers(layers: list[int], num_layers: int) -> list[int]:
     for layer in layers:
         if not -(num_layers + 1) <= layer <= num_layers:
             raise invalid_field(
-                "layers", f"layer {layer} is out of range: the model has layers 0…{num_layers} (or {-(num_layers + 1)}…-1)", layer=layer, num_layers=num_layers
+                "layers",
+                f"layer {layer} is out of range: the model has layers 0…{num_layers} (or {-(num_layers + 1)}…-1)",
+                layer=layer,
+                num_layers=num_layers,
             )
         resolved.append(layer if layer >= 0 else num_layers + 1 + layer)
     if len(set(resolved)) != len(resolved):
@@ -29,7 +32,10 @@ def check_texts(texts: list[str], settings: Settings) -> None:
         raise invalid_field("texts", "give at least one text")
     if len(texts) > settings.max_inline_texts:
         raise ServiceError(
-            413, "payload_too_large", f"texts: {len(texts)} texts inline, at most {settings.max_inline_texts}; upload a dataset instead", field="texts"
+            413,
+            "payload_too_large",
+            f"texts: {len(texts)} texts inline, at most {settings.max_inline_texts}; upload a dataset instead",
+            field="texts",
         )
     for index, text in enumerate(texts):
         if not text.strip():
@@ -40,7 +46,9 @@ def checked_model_and_adapter(session: Session, model_id: str, adapter_id: str |
     """The model (not one that failed its check) and, if named, its adapter (of that model)."""
     model = get_model(session, model_id)
     if model.status == "failed":
-        raise ServiceError(409, "model_failed", f"model {model.id} failed its check: {model.status_reason}", field="model")
+        raise ServiceError(
+            409, "model_failed", f"model {model.id} failed its check: {model.status_reason}", field="model"
+        )
     if adapter_id is None:
         return model, None
     adapter = session.get(Adapter, adapter_id)
@@ -51,7 +59,9 @@ def checked_model_and_adapter(session: Session, model_id: str, adapter_id: str |
     return model, adapter
 
 
-def new_extraction(session: Session, request: ExtractionCreate, settings: Settings, job_id: str) -> tuple[Extraction, Model]:
+def new_extraction(
+    session: Session, request: ExtractionCreate, settings: Settings, job_id: str
+) -> tuple[Extraction, Model]:
     model, adapter = checked_model_and_adapter(session, request.model, request.adapter)
     if (request.texts is None) == (request.dataset is None):
         raise invalid_field("texts", "give either texts or dataset, not both nor neither")

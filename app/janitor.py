@@ -84,9 +84,16 @@ def referenced(session: Session) -> tuple[set[str], tuple[str, ...]]:
     for params in session.scalars(select(Job.params).where(Job.status.not_in(TERMINAL))):
         if isinstance(params, dict) and isinstance(params.get("upload"), str):
             files.add(params["upload"])  # an uploaded archive its import job has yet to read
-    folders = {f"{prefix.rstrip('/')}/" for column in (Adapter.artifact, Probe.artifact, ProbeRun.artifact) for prefix in session.scalars(select(column).where(column.is_not(None)))}
+    folders = {
+        f"{prefix.rstrip('/')}/"
+        for column in (Adapter.artifact, Probe.artifact, ProbeRun.artifact)
+        for prefix in session.scalars(select(column).where(column.is_not(None)))
+    }
     # a comparison's folder holds its report and the renderings of it
-    folders.update(f"{key.rsplit('/', 1)[0]}/" for key in session.scalars(select(Comparison.artifact).where(Comparison.artifact.is_not(None))))
+    folders.update(
+        f"{key.rsplit('/', 1)[0]}/"
+        for key in session.scalars(select(Comparison.artifact).where(Comparison.artifact.is_not(None)))
+    )
     return files, tuple(sorted(folders))
 
 
@@ -125,13 +132,18 @@ def sweep(sessions: sessionmaker[Session], store: ArtifactStore, grace_s: float,
     if report.removed or report.aborted_uploads:
         log.info(
             "artifact sweep %s %d orphan objects and %d incomplete uploads (%d bytes)",
-            "found" if dry_run else "removed", len(report.removed), len(report.aborted_uploads), report.freed_bytes,
-        )  # fmt: skip
+            "found" if dry_run else "removed",
+            len(report.removed),
+            len(report.aborted_uploads),
+            report.freed_bytes,
+        )
     remove_local_leftovers(store, report)
     return report
 
 
-def sweep_local(sessions: sessionmaker[Session], store: ArtifactStore, grace_s: float, dry_run: bool = False) -> SweepReport:
+def sweep_local(
+    sessions: sessionmaker[Session], store: ArtifactStore, grace_s: float, dry_run: bool = False
+) -> SweepReport:
     """Remove (or list) this machine's stale temporaries only: for every machine that runs
     workers, since a deployment-wide `sweep` sees the temporaries of its own machine alone."""
     with sessions() as session:
@@ -150,9 +162,18 @@ def remove_local_leftovers(store: ArtifactStore, report: SweepReport) -> None:
             freed += leftover.size
     report.freed_bytes += freed
     if report.local_removed:
-        log.info("artifact sweep %s %d local temporaries (%d bytes)", "found" if report.dry_run else "removed", len(report.local_removed), freed)
+        log.info(
+            "artifact sweep %s %d local temporaries (%d bytes)",
+            "found" if report.dry_run else "removed",
+            len(report.local_removed),
+            freed,
+        )
     evicted = store.trim_local_cache(report.cutoff, dry_run=report.dry_run)
     report.cache_evicted += [str(copy.path) for copy in evicted]
     report.freed_bytes += sum(copy.size for copy in evicted)
     if evicted:
-        log.info("artifact sweep %s %d cached copies over the cache limit", "would evict" if report.dry_run else "evicted", len(evicted))
+        log.info(
+            "artifact sweep %s %d cached copies over the cache limit",
+            "would evict" if report.dry_run else "evicted",
+            len(evicted),
+        )

@@ -76,7 +76,9 @@ def enqueue(
         raise ServiceError(503, "unavailable", f"the job queue (Redis) is unreachable: {exc}", backend="redis") from exc
 
 
-def requeue_orphans(sessions: sessionmaker[Session], connection: redis.Redis, settings: Settings, min_age_s: float) -> list[str]:
+def requeue_orphans(
+    sessions: sessionmaker[Session], connection: redis.Redis, settings: Settings, min_age_s: float
+) -> list[str]:
     """Queued jobs that RQ no longer holds go back on a queue, from the registry.
 
     That covers a Redis that restarted empty (or lost its last writes), a gateway that died
@@ -89,7 +91,9 @@ def requeue_orphans(sessions: sessionmaker[Session], connection: redis.Redis, se
 
     cutoff = utcnow() - timedelta(seconds=min_age_s)
     with sessions() as session:
-        waiting = list(session.scalars(select(Job).where(Job.status == "queued", Job.created_at < cutoff).order_by(Job.id)))
+        waiting = list(
+            session.scalars(select(Job).where(Job.status == "queued", Job.created_at < cutoff).order_by(Job.id))
+        )
     if not waiting:
         return []
     live = {worker["name"] for worker in broker.live_workers(connection, settings)}
@@ -100,14 +104,18 @@ def requeue_orphans(sessions: sessionmaker[Session], connection: redis.Redis, se
         if job.queue != shared and job.queue not in live_queues:
             Queue(job.queue, connection=connection).remove(rq_job_id(job))
             with transaction(sessions) as session:
-                moved = session.execute(update(Job).where(Job.id == job.id, Job.status == "queued").values(queue=shared)).rowcount
+                moved = session.execute(
+                    update(Job).where(Job.id == job.id, Job.status == "queued").values(queue=shared)
+                ).rowcount
             if not moved:
                 continue
             job.queue = shared
         else:
             held = RQJob.fetch_many([rq_job_id(job)], connection=connection)[0]
             status = held.get_status(refresh=False) if held is not None else None
-            if status == JobStatus.QUEUED or (status == JobStatus.STARTED and broker.worker_of_rq_name(held.worker_name) in live):
+            if status == JobStatus.QUEUED or (
+                status == JobStatus.STARTED and broker.worker_of_rq_name(held.worker_name) in live
+            ):
                 continue  # waiting on its queue, or being started by a live worker right now
         put_on_queue(connection, settings, job)
         log.info("job queued again: RQ no longer held it", extra={"job_id": job.id, "queue": job.queue})
@@ -179,7 +187,9 @@ def get_job(session: Session, job_id: str) -> Job:
     return job
 
 
-def list_jobs(session: Session, *, status: str | None, kind: str | None, cursor: str | None, limit: int) -> tuple[list[Job], str | None]:
+def list_jobs(
+    session: Session, *, status: str | None, kind: str | None, cursor: str | None, limit: int
+) -> tuple[list[Job], str | None]:
     query = select(Job)
     if status:
         query = query.where(Job.status == status)
@@ -219,7 +229,12 @@ def cancel(sessions: sessionmaker[Session], connection: redis.Redis, settings: S
         cancelled_while_queued = session.execute(
             update(Job)
             .where(Job.id == job_id, Job.status == "queued")
-            .values(status="cancelled", cancel_requested=True, finished_at=utcnow(), error={"code": "cancelled", "message": "cancelled before it started", "details": {}})
+            .values(
+                status="cancelled",
+                cancel_requested=True,
+                finished_at=utcnow(),
+                error={"code": "cancelled", "message": "cancelled before it started", "details": {}},
+            )
         ).rowcount
         if not cancelled_while_queued:
             session.execute(update(Job).where(Job.id == job_id, Job.status == "running").values(cancel_requested=True))

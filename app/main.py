@@ -25,7 +25,7 @@ from app.api import (
 from app.api import metrics as metrics_api
 from app.errors import install_error_handlers
 from app.limits import BodySizeLimit, RefuseNulCharacters
-from app.metrics import DeploymentCollector, RequestMetrics
+from app.monitoring import DeploymentCollector, RequestMetrics
 from app.registry.database import create_registry_engine, session_factory
 from app.settings import Settings, get_settings
 from app.storage import open_store
@@ -80,7 +80,10 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     # Every /v1 route asks for an API key with the scope its method needs (when
     # AUTH_ENABLED), and so does /metrics unless METRICS_REQUIRE_KEY is off; health checks
     # and the docs stay open. `/v1/workers` lives in the health router and asks on its own.
-    by_method: dict[str, Any] = {"dependencies": [Depends(security.scope_by_method)], "responses": security.AUTH_RESPONSES}
+    by_method: dict[str, Any] = {
+        "dependencies": [Depends(security.scope_by_method)],
+        "responses": security.AUTH_RESPONSES,
+    }
     app.include_router(health.router)
     app.include_router(metrics_api.router, **(by_method if settings.metrics_require_key else {}))
     app.include_router(models.router, **by_method)

@@ -92,22 +92,63 @@ MAX_EXPERT_BLOCKS = 65_536
 
 CONFIG_SIZE_BOUNDS: dict[str, tuple[int, str]] = {
     **dict.fromkeys(
-        ("num_hidden_layers", "n_layer", "n_layers", "num_layers", "num_decoder_layers", "num_encoder_layers", "encoder_layers", "decoder_layers"),
+        (
+            "num_hidden_layers",
+            "n_layer",
+            "n_layers",
+            "num_layers",
+            "num_decoder_layers",
+            "num_encoder_layers",
+            "encoder_layers",
+            "decoder_layers",
+        ),
         (MAX_LAYERS, "MAX_LAYERS"),
     ),
     **dict.fromkeys(
-        ("hidden_size", "n_embd", "d_model", "embedding_size", "word_embed_proj_dim", "head_dim", "d_kv", "kv_channels",
-         "kv_lora_rank", "q_lora_rank", "qk_rope_head_dim", "qk_nope_head_dim", "v_head_dim"),
+        (
+            "hidden_size",
+            "n_embd",
+            "d_model",
+            "embedding_size",
+            "word_embed_proj_dim",
+            "head_dim",
+            "d_kv",
+            "kv_channels",
+            "kv_lora_rank",
+            "q_lora_rank",
+            "qk_rope_head_dim",
+            "qk_nope_head_dim",
+            "v_head_dim",
+        ),
         (MAX_HIDDEN_SIZE, "MAX_HIDDEN_SIZE"),
     ),
     **dict.fromkeys(
-        ("intermediate_size", "n_inner", "ffn_dim", "d_ff", "ffn_hidden_size", "encoder_ffn_dim", "decoder_ffn_dim",
-         "moe_intermediate_size", "shared_expert_intermediate_size", "intermediate_size_mlp"),
+        (
+            "intermediate_size",
+            "n_inner",
+            "ffn_dim",
+            "d_ff",
+            "ffn_hidden_size",
+            "encoder_ffn_dim",
+            "decoder_ffn_dim",
+            "moe_intermediate_size",
+            "shared_expert_intermediate_size",
+            "intermediate_size_mlp",
+        ),
         (MAX_INTERMEDIATE_SIZE, "MAX_INTERMEDIATE_SIZE"),
     ),
     **dict.fromkeys(
-        ("num_attention_heads", "n_head", "num_heads", "num_key_value_heads", "num_kv_heads", "n_head_kv", "multi_query_group_num",
-         "encoder_attention_heads", "decoder_attention_heads"),
+        (
+            "num_attention_heads",
+            "n_head",
+            "num_heads",
+            "num_key_value_heads",
+            "num_kv_heads",
+            "n_head_kv",
+            "multi_query_group_num",
+            "encoder_attention_heads",
+            "decoder_attention_heads",
+        ),
         (MAX_ATTENTION_HEADS, "MAX_ATTENTION_HEADS"),
     ),
     **dict.fromkeys(("vocab_size", "padded_vocab_size", "type_vocab_size"), (MAX_VOCAB_SIZE, "MAX_VOCAB_SIZE")),
@@ -116,7 +157,14 @@ CONFIG_SIZE_BOUNDS: dict[str, tuple[int, str]] = {
         (MAX_POSITION_EMBEDDINGS, "MAX_POSITION_EMBEDDINGS"),
     ),
     **dict.fromkeys(
-        ("num_experts", "num_local_experts", "n_routed_experts", "n_shared_experts", "moe_num_experts", "num_experts_per_tok"),
+        (
+            "num_experts",
+            "num_local_experts",
+            "n_routed_experts",
+            "n_shared_experts",
+            "moe_num_experts",
+            "num_experts_per_tok",
+        ),
         (MAX_EXPERTS, "MAX_EXPERTS"),
     ),
 }
@@ -164,7 +212,9 @@ def check_config_sizes(config: dict[str, Any]) -> None:
                 shown = json.dumps(value)[:40]
                 raise UnreasonableConfig(path, f"must be a non-negative whole number (or a list of them), not {shown}")
             if numbers and max(numbers) > bound:
-                raise UnreasonableConfig(path, f"is {max(numbers)}, over this service's bound of {bound:,} ({name})", bound)
+                raise UnreasonableConfig(
+                    path, f"is {max(numbers)}, over this service's bound of {bound:,} ({name})", bound
+                )
         layers, experts = _largest(section, LAYER_COUNT_KEYS), _largest(section, EXPERT_COUNT_KEYS)
         if layers * experts > MAX_EXPERT_BLOCKS:
             raise UnreasonableConfig(
@@ -222,7 +272,12 @@ def _local_folder(source: str, revision: str | None, model_roots: list[Path] | N
     try:
         path = Path(source).expanduser().resolve()
         if _outside_roots(path, model_roots):
-            raise ServiceError(403, "forbidden", f"source: {source!r} is outside the folders models may be registered from (MODEL_ROOTS)", field="source")
+            raise ServiceError(
+                403,
+                "forbidden",
+                f"source: {source!r} is outside the folders models may be registered from (MODEL_ROOTS)",
+                field="source",
+            )
         exists = path.exists()
         is_dir = path.is_dir()
     except (OSError, ValueError, RuntimeError) as exc:
@@ -264,17 +319,23 @@ def _commit_of(ref: Path, source: str, revision: str) -> str:
     except NotARegularFile as exc:
         if exc.kind == "directory":
             raise _not_cached(source, revision) from None
-        raise invalid_field("revision", f"the local cache's ref for {revision!r} is a {exc.kind}, not a file holding a commit hash") from None
+        raise invalid_field(
+            "revision", f"the local cache's ref for {revision!r} is a {exc.kind}, not a file holding a commit hash"
+        ) from None
     except (FileTooLarge, UnicodeDecodeError):
         text = ""
     except OSError as exc:
-        raise invalid_field("revision", f"the local cache's ref for {revision!r} cannot be read ({exc.strerror})") from None
+        raise invalid_field(
+            "revision", f"the local cache's ref for {revision!r} cannot be read ({exc.strerror})"
+        ) from None
     if not COMMIT_HASH.fullmatch(text):
         raise invalid_field("revision", f"the local cache's ref for {revision!r} does not hold a commit hash")
     return text
 
 
-def _hf_snapshot(source: str, revision: str | None, hf_cache_dir: Path | None, model_roots: list[Path] | None) -> ResolvedSource:
+def _hf_snapshot(
+    source: str, revision: str | None, hf_cache_dir: Path | None, model_roots: list[Path] | None
+) -> ResolvedSource:
     """The snapshot folder of a Hugging Face id in the local cache, found by hand in the
     layout huggingface_hub writes (`models--org--name/{refs/<revision>, snapshots/<commit>/}`)
     so that nothing but a checked name is ever joined to a path. The snapshot, links
@@ -282,11 +343,16 @@ def _hf_snapshot(source: str, revision: str | None, hf_cache_dir: Path | None, m
     and the snapshot must both lie under them."""
     wanted = check_revision(revision) if revision is not None else "main"
     outside_roots = ServiceError(
-        403, "forbidden", f"source: the cached snapshot of {source!r} is outside the folders models may be registered from (MODEL_ROOTS)", field="source"
+        403,
+        "forbidden",
+        f"source: the cached snapshot of {source!r} is outside the folders models may be registered from (MODEL_ROOTS)",
+        field="source",
     )
     try:
         cache = _hf_cache_root(hf_cache_dir).expanduser().resolve()
-        if _outside_roots(cache, model_roots):  # before anything is looked up, so the answer says nothing of what is cached
+        if _outside_roots(
+            cache, model_roots
+        ):  # before anything is looked up, so the answer says nothing of what is cached
             raise outside_roots
         repository = cache / f"models--{source.replace('/', '--')}"
         commit = wanted if COMMIT_HASH.fullmatch(wanted) else _commit_of(repository / "refs" / wanted, source, wanted)
@@ -297,13 +363,20 @@ def _hf_snapshot(source: str, revision: str | None, hf_cache_dir: Path | None, m
     if not is_dir:
         raise _not_cached(source, wanted)
     if not snapshot.is_relative_to(repository / "snapshots"):
-        raise ServiceError(403, "forbidden", f"source: the cached snapshot of {source!r} (revision {wanted}) lies outside the Hugging Face cache", field="source")
+        raise ServiceError(
+            403,
+            "forbidden",
+            f"source: the cached snapshot of {source!r} (revision {wanted}) lies outside the Hugging Face cache",
+            field="source",
+        )
     if _outside_roots(snapshot, model_roots):
         raise outside_roots
     return ResolvedSource(kind="hf_cache", identity=source, path=snapshot)
 
 
-def resolve_source(source: str, revision: str | None, hf_cache_dir: Path | None = None, model_roots: list[Path] | None = None) -> ResolvedSource:
+def resolve_source(
+    source: str, revision: str | None, hf_cache_dir: Path | None = None, model_roots: list[Path] | None = None
+) -> ResolvedSource:
     """A local folder, or a Hugging Face id that is already in the local cache. Nothing is
     downloaded: a model not on this machine is a 404 naming `source`. With `model_roots`,
     the folder must lie under one of them (after resolving links), else 403 — checked
@@ -331,7 +404,9 @@ def read_config_bytes(folder: Path) -> bytes:
     except NotARegularFile as exc:
         raise invalid_field("source", f"the model folder's config.json is a {exc.kind}, not a regular file") from None
     except FileTooLarge:
-        raise invalid_field("source", f"the model folder's config.json is larger than {METADATA_MAX_BYTES:,} bytes") from None
+        raise invalid_field(
+            "source", f"the model folder's config.json is larger than {METADATA_MAX_BYTES:,} bytes"
+        ) from None
     except OSError as exc:
         raise invalid_field("source", f"the model folder's config.json cannot be read ({exc.strerror})") from None
 
@@ -388,7 +463,11 @@ def read_model_shape(folder: Path) -> ModelShape:
     if not isinstance(model_type, str) or not model_type:
         raise invalid_field("source", "config.json has no model_type")
     architectures = config.get("architectures")
-    architecture = architectures[0] if isinstance(architectures, list) and architectures and isinstance(architectures[0], str) else model_type
+    architecture = (
+        architectures[0]
+        if isinstance(architectures, list) and architectures and isinstance(architectures[0], str)
+        else model_type
+    )
     return ModelShape(
         architecture=architecture,
         model_type=model_type,

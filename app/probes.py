@@ -20,8 +20,13 @@ def new_probe_run(session: Session, request: ProbeCreate, job_id: str) -> ProbeR
     fractions = request.split
     if abs(fractions.train + fractions.validation + fractions.test - 1) > 1e-6:
         raise invalid_field("split", "train, validation and test must add up to 1")
-    if dataset.kind == "statements" and min(dataset.label_balance.get("0", 0), dataset.label_balance.get("1", 0)) < MIN_PER_CLASS:
-        raise invalid_field("dataset", f"each label needs at least {MIN_PER_CLASS} statements to split: {dataset.label_balance}")
+    if (
+        dataset.kind == "statements"
+        and min(dataset.label_balance.get("0", 0), dataset.label_balance.get("1", 0)) < MIN_PER_CLASS
+    ):
+        raise invalid_field(
+            "dataset", f"each label needs at least {MIN_PER_CLASS} statements to split: {dataset.label_balance}"
+        )
     methods = request.method if isinstance(request.method, list) else [request.method]
     if len(set(methods)) != len(methods):
         raise invalid_field("method", "a method is listed twice")
@@ -35,11 +40,19 @@ def new_probe_run(session: Session, request: ProbeCreate, job_id: str) -> ProbeR
         methods=methods,
         token_position=request.token_position,
         max_length=request.max_length,
-        split={"train": fractions.train, "validation": fractions.validation, "test": fractions.test, "seed": request.seed, "whiten": request.whiten},
+        split={
+            "train": fractions.train,
+            "validation": fractions.validation,
+            "test": fractions.test,
+            "seed": request.seed,
+            "whiten": request.whiten,
+        },
         recalibration=request.recalibration,
     )
 
 
 def run_view(run: ProbeRun, status: str, probes: list[Probe]) -> ProbeRunOut:
-    fields: dict[str, Any] = {name: getattr(run, name) for name in ProbeRunOut.model_fields if name not in {"status", "probes"}}
+    fields: dict[str, Any] = {
+        name: getattr(run, name) for name in ProbeRunOut.model_fields if name not in {"status", "probes"}
+    }
     return ProbeRunOut(**fields, status=status, probes=[ProbeOut.of(probe) for probe in probes])

@@ -24,7 +24,9 @@ MAX_RATE_LIMIT = 1_000_000
 
 
 class Settings(BaseSettings):
-    model_config = SettingsConfigDict(env_file=".env", extra="ignore", env_ignore_empty=True)  # `NAME=` leaves the default
+    model_config = SettingsConfigDict(
+        env_file=".env", extra="ignore", env_ignore_empty=True
+    )  # `NAME=` leaves the default
 
     var_dir: Path = Field(
         Path("var"),
@@ -40,74 +42,101 @@ class Settings(BaseSettings):
         description="Redis URL of the job queue; unset: `serve` starts an embedded Redis "
         "listening on <VAR_DIR>/redis.sock.",
     )
-    artifact_dir: Path | None = Field(None, description="Artifact store folder on this machine; default <VAR_DIR>/artifacts.")
+    artifact_dir: Path | None = Field(
+        None, description="Artifact store folder on this machine; default <VAR_DIR>/artifacts."
+    )
     artifact_store: str | None = Field(
         None,
         description="Where artifacts live when workers run on several machines, as a URL (instead of ARTIFACT_DIR): "
         "`file:///mnt/shared/artifacts`, a folder every machine mounts (writes are synced for the other machines); "
         "`s3://bucket/prefix`, an S3-compatible bucket (credentials and region from the standard AWS_* variables).",
     )
-    s3_endpoint_url: str | None = Field(None, description="Endpoint of an S3-compatible server (MinIO: `http://minio:9000`); unset: AWS S3.")
+    s3_endpoint_url: str | None = Field(
+        None, description="Endpoint of an S3-compatible server (MinIO: `http://minio:9000`); unset: AWS S3."
+    )
     artifact_cache_max_mb: int = Field(
-        51200, ge=0, description="With an s3:// store, the most a machine keeps of its local copies of artifacts; the janitor evicts "
+        51200,
+        ge=0,
+        description="With an s3:// store, the most a machine keeps of its local copies of artifacts; the janitor evicts "
         "the least recently used beyond it (none used within JANITOR_GRACE_S). 0: no limit.",
     )
     artifact_cache_dir: Path | None = Field(
-        None, description="Where a machine keeps its copies of artifacts read from an s3:// store, and uploads in progress; default <VAR_DIR>/cache/artifacts."
+        None,
+        description="Where a machine keeps its copies of artifacts read from an s3:// store, and uploads in progress; default <VAR_DIR>/cache/artifacts.",
     )
     hf_cache_dir: Path | None = Field(
-        None, description="Hugging Face cache searched for model ids (default: the hub's own, HF_HUB_CACHE). Never downloaded into."
+        None,
+        description="Hugging Face cache searched for model ids (default: the hub's own, HF_HUB_CACHE). Never downloaded into.",
     )
     queue_prefix: str = Field("confprobe", description="Prefix of every Redis key and queue the service uses.")
 
     host: str = Field("127.0.0.1", description="Address the gateway listens on.")
     port: int = Field(8000, description="Port the gateway listens on.")
-    max_request_bytes: int = Field(
-        1_048_576, description="Largest JSON request body accepted; larger ones get 413."
-    )
+    max_request_bytes: int = Field(1_048_576, description="Largest JSON request body accepted; larger ones get 413.")
     max_dataset_bytes: int = Field(64 * 2**20, description="Largest dataset upload accepted; larger ones get 413.")
     page_size_max: int = Field(200, description="Largest page a list endpoint returns.")
 
     worker_device: str = Field("cpu", description="Device a worker owns: `cpu` or `cuda:N`.")
     worker_name: str | None = Field(None, description="Worker name; default <hostname>.<pid>.")
     worker_memory_budget_mb: int | None = Field(
-        None, ge=1, description="Memory a worker may fill with resident models before evicting the least recently used; a model "
+        None,
+        ge=1,
+        description="Memory a worker may fill with resident models before evicting the least recently used; a model "
         "that does not fit alone fails with `over_memory_budget`. Unset: 90% of the GPU's memory on cuda:N, half the machine's on cpu.",
     )
     heartbeat_interval_s: float = Field(2.0, description="How often a worker writes its heartbeat.")
     heartbeat_ttl_s: float = Field(10.0, description="A worker whose heartbeat is older than this is gone.")
     job_timeout_s: int = Field(6 * 3600, description="A job running longer than this is stopped and failed.")
     job_max_attempts: int = Field(
-        2, ge=1, description="Starts a job gets in all: a job whose worker dies is queued again until it has had this many, then failed."
+        2,
+        ge=1,
+        description="Starts a job gets in all: a job whose worker dies is queued again until it has had this many, then failed.",
     )
     redis_retry_max_s: float = Field(
-        10.0, gt=0, description="Longest pause between a worker's tries to reach Redis while it is away (the pauses start at 0.5 s and "
+        10.0,
+        gt=0,
+        description="Longest pause between a worker's tries to reach Redis while it is away (the pauses start at 0.5 s and "
         "double up to this); a worker waits out any outage, runs its current job on, and never exits for it.",
     )
     serve_restart_limit: int = Field(
-        5, ge=1, description="`confprobe serve` restarts a part (embedded Redis, worker, gateway) that exits by itself, with a growing "
+        5,
+        ge=1,
+        description="`confprobe serve` restarts a part (embedded Redis, worker, gateway) that exits by itself, with a growing "
         "pause; after this many exits of one part within SERVE_RESTART_WINDOW_S it gives up and stops everything.",
     )
-    serve_restart_window_s: float = Field(60.0, gt=0, description="The window SERVE_RESTART_LIMIT counts a part's exits in.")
-    janitor_interval_s: float = Field(
-        3600, ge=0, description="How often (deployment-wide) a worker removes artifacts no registry row refers to; 0: never (run `confprobe janitor`)."
+    serve_restart_window_s: float = Field(
+        60.0, gt=0, description="The window SERVE_RESTART_LIMIT counts a part's exits in."
     )
-    janitor_grace_s: float = Field(3600, ge=0, description="The janitor leaves alone objects younger than this (and than the oldest running job).")
+    janitor_interval_s: float = Field(
+        3600,
+        ge=0,
+        description="How often (deployment-wide) a worker removes artifacts no registry row refers to; 0: never (run `confprobe janitor`).",
+    )
+    janitor_grace_s: float = Field(
+        3600, ge=0, description="The janitor leaves alone objects younger than this (and than the oldest running job)."
+    )
     affinity_max_backlog: int = Field(
-        2, ge=1, description="A job for a model waits for a worker holding it resident only while fewer jobs are ahead of it there; "
+        2,
+        ge=1,
+        description="A job for a model waits for a worker holding it resident only while fewer jobs are ahead of it there; "
         "otherwise it goes to the shared queue and another worker loads the model.",
     )
 
-    max_inline_texts: int = Field(2000, description="Most texts one extraction request may carry inline; more → 413 (upload a dataset).")
+    max_inline_texts: int = Field(
+        2000, description="Most texts one extraction request may carry inline; more → 413 (upload a dataset)."
+    )
     extraction_token_budget: int = Field(
-        16384, description="Padded tokens per forward batch (rows × longest text); lower it for big models on small devices."
+        16384,
+        description="Padded tokens per forward batch (rows × longest text); lower it for big models on small devices.",
     )
     extraction_max_batch_size: int = Field(256, description="Most texts in one forward batch.")
     extraction_cache: bool = Field(True, description="Keep every extracted vector and serve repeated texts from it.")
 
     bootstrap_resamples: int = Field(1000, description="Bootstrap resamples behind every reported interval.")
     max_score_texts: int = Field(1000, description="Most texts one scoring request may carry.")
-    tinker_api_key: str | None = Field(None, description="Key for the Tinker service (starts with `tml-`); needed for tinker:// imports.")
+    tinker_api_key: str | None = Field(
+        None, description="Key for the Tinker service (starts with `tml-`); needed for tinker:// imports."
+    )
     tinker_base_url: str | None = Field(None, description="Tinker service address; default: the SDK's own.")
     model_roots: list[Path] = Field(
         default_factory=list,
@@ -116,17 +145,22 @@ class Settings(BaseSettings):
         "(HF_CACHE_DIR) must lie under one of them too, for models registered by id.",
     )
     adapter_roots: list[Path] = Field(
-        default_factory=list, description="Folders local adapter imports may read from (JSON list); empty: local paths are refused."
+        default_factory=list,
+        description="Folders local adapter imports may read from (JSON list); empty: local paths are refused.",
     )
     adapter_url_hosts: list[str] = Field(
-        default_factory=list, description="Hosts `https://` adapter imports may download from (JSON list); others → 403."
+        default_factory=list,
+        description="Hosts `https://` adapter imports may download from (JSON list); others → 403.",
     )
-    max_adapter_bytes: int = Field(4 * 2**30, description="Largest adapter: archive, download, or files after extraction.")
+    max_adapter_bytes: int = Field(
+        4 * 2**30, description="Largest adapter: archive, download, or files after extraction."
+    )
     max_archive_files: int = Field(64, description="Most files an adapter archive may hold.")
 
     log_level: Literal["debug", "info", "warning", "error"] = Field("info", description="Log level of every process.")
     log_format: Literal["json", "text"] = Field(
-        "json", description="`json`: one JSON object per line with the job id (null outside a job); `text`: for reading in a terminal."
+        "json",
+        description="`json`: one JSON object per line with the job id (null outside a job); `text`: for reading in a terminal.",
     )
 
     # Authentication and rate limits (README, "Authentication"). Off by default: the
@@ -145,7 +179,9 @@ class Settings(BaseSettings):
         "scope, as /v1 does (Prometheus: `authorization: {credentials: <key>}` in the scrape config); false: it stays open.",
     )
     rate_limit_per_minute: int = Field(
-        600, ge=0, description="Requests a key may make per minute, shared by every gateway process (Redis); 0: no limit."
+        600,
+        ge=0,
+        description="Requests a key may make per minute, shared by every gateway process (Redis); 0: no limit.",
     )
     rate_limit_burst: int | None = Field(
         None, ge=1, description="Requests a key may make at once after a quiet spell; default: RATE_LIMIT_PER_MINUTE."
@@ -157,7 +193,9 @@ class Settings(BaseSettings):
         if key is None or key.get_secret_value() == "":  # `BOOTSTRAP_ADMIN_KEY=`: none
             return None
         if len(key.get_secret_value()) < 32:
-            raise ValueError("must be at least 32 characters (e.g. `python -c 'import secrets; print(secrets.token_urlsafe(32))'`)")
+            raise ValueError(
+                "must be at least 32 characters (e.g. `python -c 'import secrets; print(secrets.token_urlsafe(32))'`)"
+            )
         return key
 
     @field_validator("artifact_store")
@@ -174,7 +212,9 @@ class Settings(BaseSettings):
                 raise ValueError("a file:// URL names an absolute folder on this machine: file:///mnt/shared/artifacts")
         elif url.scheme == "s3":
             if not BUCKET_NAME.fullmatch(url.netloc):
-                raise ValueError(f"{url.netloc!r} is not an S3 bucket name (3-63 lowercase letters, digits, dots, hyphens)")
+                raise ValueError(
+                    f"{url.netloc!r} is not an S3 bucket name (3-63 lowercase letters, digits, dots, hyphens)"
+                )
             try:
                 checked_prefix(url.path.strip("/"))
             except ValueError:

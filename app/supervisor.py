@@ -32,7 +32,14 @@ def gateway(host: str | None, port: int | None) -> None:
     settings = get_settings()
     logs.configure(settings)
     upgrade(settings.resolved_database_url)
-    uvicorn.run("app.main:create_app", factory=True, host=host or settings.host, port=port or settings.port, log_level=settings.log_level, log_config=None)
+    uvicorn.run(
+        "app.main:create_app",
+        factory=True,
+        host=host or settings.host,
+        port=port or settings.port,
+        log_level=settings.log_level,
+        log_config=None,
+    )
 
 
 @click.command()
@@ -133,19 +140,28 @@ def serve(host: str | None, port: int | None) -> None:
             # the job its killed predecessor left running is taken back and run again
             env["WORKER_NAME"] = f"{socket.gethostname()}.serve-{os.getpid()}"
         if not settings.redis_url:
-            redis_part = Part("embedded Redis", lambda: broker.start_embedded_redis(settings.embedded_redis_socket, process_group=0))
+            redis_part = Part(
+                "embedded Redis", lambda: broker.start_embedded_redis(settings.embedded_redis_socket, process_group=0)
+            )
             redis_part.process = redis_part.start()
             env["REDIS_URL"] = settings.resolved_redis_url
             click.echo(f"embedded Redis on {settings.embedded_redis_socket}")
         upgrade(settings.resolved_database_url)
         listen = ["--host", host or settings.host, "--port", str(port or settings.port)]
         for name, command in (("worker", ["worker"]), ("gateway", ["gateway", *listen])):
-            part = Part(name, lambda command=command: subprocess.Popen([sys.executable, "-m", "app.cli", *command], env=env, process_group=0))
+            part = Part(
+                name,
+                lambda command=command: subprocess.Popen(
+                    [sys.executable, "-m", "app.cli", *command], env=env, process_group=0
+                ),
+            )
             if not requests:
                 part.process = part.start()
             services.append(part)
         if not requests:
-            click.echo(f"gateway on http://{host or settings.host}:{port or settings.port} (docs at /docs); Ctrl-C stops")
+            click.echo(
+                f"gateway on http://{host or settings.host}:{port or settings.port} (docs at /docs); Ctrl-C stops"
+            )
         gave_up = supervise([*([redis_part] if redis_part else []), *services], settings, lambda: requests > 0)
         if gave_up is not None:  # a part keeps exiting: stop the others
             stop_services(at_once=False)
@@ -179,7 +195,10 @@ def supervise(parts: list[Part], settings: "Settings", stopping: Callable[[], bo
             if part.restart_at is None and not part.running():
                 exits = part.exited(now, settings.serve_restart_window_s)
                 if exits >= settings.serve_restart_limit:
-                    click.echo(f"{part.name} exited with code {part.last_code}, {exits} times within {settings.serve_restart_window_s:g} s: giving up", err=True)
+                    click.echo(
+                        f"{part.name} exited with code {part.last_code}, {exits} times within {settings.serve_restart_window_s:g} s: giving up",
+                        err=True,
+                    )
                     return part
                 pause = part.restart_pause_s()
                 click.echo(f"{part.name} exited with code {part.last_code}; restarting it in {pause:g} s", err=True)

@@ -35,11 +35,22 @@ from workers.context import JobContext  # noqa: E402
 
 RANK = 16
 LLAMA_3_1_8B = {
-    "architectures": ["LlamaForCausalLM"], "model_type": "llama", "hidden_size": 4096, "intermediate_size": 14336,
-    "num_hidden_layers": 32, "num_attention_heads": 32, "num_key_value_heads": 8, "vocab_size": 128256,
-    "max_position_embeddings": 131072, "rms_norm_eps": 1e-5, "rope_theta": 500000.0, "tie_word_embeddings": False,
-    "torch_dtype": "bfloat16", "bos_token_id": 128000, "eos_token_id": 128001,
-}  # fmt: skip
+    "architectures": ["LlamaForCausalLM"],
+    "model_type": "llama",
+    "hidden_size": 4096,
+    "intermediate_size": 14336,
+    "num_hidden_layers": 32,
+    "num_attention_heads": 32,
+    "num_key_value_heads": 8,
+    "vocab_size": 128256,
+    "max_position_embeddings": 131072,
+    "rms_norm_eps": 1e-5,
+    "rope_theta": 500000.0,
+    "tie_word_embeddings": False,
+    "torch_dtype": "bfloat16",
+    "bos_token_id": 128000,
+    "eos_token_id": 128001,
+}
 
 BUILD_ADAPTER = """
 import json, sys
@@ -75,16 +86,27 @@ def main() -> None:
         subprocess.run([sys.executable, "-c", BUILD_ADAPTER, str(adapter), str(RANK)], check=True)
         adapter_bytes = (adapter / "adapter_model.safetensors").stat().st_size
 
-        settings = Settings(var_dir=folder / "var", redis_url="redis://127.0.0.1:1/0", adapter_roots=[folder / "sources"])
+        settings = Settings(
+            var_dir=folder / "var", redis_url="redis://127.0.0.1:1/0", adapter_roots=[folder / "sources"]
+        )
         migrate(settings.resolved_database_url)
         worker = runtime.build_runtime(settings)
         sessions = session_factory(create_registry_engine(settings.resolved_database_url))
         with sessions.begin() as session:
             session.add(
                 Model(
-                    id="mdl_8b", name="meta-llama/Llama-3.1-8B", source=str(base), source_kind="local", resolved_path=str(base),
-                    fingerprint="8b", dtype="bfloat16", architecture="LlamaForCausalLM", model_type="llama", num_layers=32, hidden_size=4096,
-                )  # fmt: skip
+                    id="mdl_8b",
+                    name="meta-llama/Llama-3.1-8B",
+                    source=str(base),
+                    source_kind="local",
+                    resolved_path=str(base),
+                    fingerprint="8b",
+                    dtype="bfloat16",
+                    architecture="LlamaForCausalLM",
+                    model_type="llama",
+                    num_layers=32,
+                    hidden_size=4096,
+                )
             )
             session.add(Job(id="job_import", kind="adapter_import", params={}, queue="bench", status="running"))
         convert.base_modules(str(base))  # imports torch and transformers before the measurement
@@ -94,7 +116,13 @@ def main() -> None:
         copy_s = time.perf_counter() - copy_start
 
         rss_before = peak_rss_bytes()
-        params = {"source_kind": "local_folder", "source": str(adapter), "base_model_id": "mdl_8b", "name": "bench", "metadata": {}}
+        params = {
+            "source_kind": "local_folder",
+            "source": str(adapter),
+            "base_model_id": "mdl_8b",
+            "name": "bench",
+            "metadata": {},
+        }
         start = time.perf_counter()
         result = importer.run(NoRedisContext(job_id="job_import", params=params, runtime=worker))
         import_s = time.perf_counter() - start

@@ -53,9 +53,17 @@ def build_model(folder: Path) -> None:
 
     torch.manual_seed(0)
     config = LlamaConfig(
-        hidden_size=512, intermediate_size=1376, num_hidden_layers=8, num_attention_heads=8, num_key_value_heads=8,
-        vocab_size=32000, max_position_embeddings=512, bos_token_id=1, eos_token_id=2, pad_token_id=0,
-    )  # fmt: skip
+        hidden_size=512,
+        intermediate_size=1376,
+        num_hidden_layers=8,
+        num_attention_heads=8,
+        num_key_value_heads=8,
+        vocab_size=32000,
+        max_position_embeddings=512,
+        bos_token_id=1,
+        eos_token_id=2,
+        pad_token_id=0,
+    )
     LlamaForCausalLM(config).save_pretrained(folder)
     save_tokenizer(folder, vocab_size=1000)
 
@@ -79,20 +87,32 @@ def main() -> None:
         model_folder = folder / "llama-8x512"
         build_model(model_folder)
         redis = subprocess.Popen(
-            [redis_server_executable(), "--port", "0", "--unixsocket", str(folder / "redis.sock"), "--save", ""], stdout=subprocess.DEVNULL
+            [redis_server_executable(), "--port", "0", "--unixsocket", str(folder / "redis.sock"), "--save", ""],
+            stdout=subprocess.DEVNULL,
         )
         try:
             time.sleep(0.3)
-            settings = Settings(var_dir=folder / "var", redis_url=f"unix://{folder / 'redis.sock'}", worker_memory_budget_mb=4096)
+            settings = Settings(
+                var_dir=folder / "var", redis_url=f"unix://{folder / 'redis.sock'}", worker_memory_budget_mb=4096
+            )
             migrate(settings.resolved_database_url)
             worker = runtime.build_runtime(settings)
             sessions = session_factory(create_registry_engine(settings.resolved_database_url))
             with sessions.begin() as session:
                 session.add(
                     Model(
-                        id="mdl_bench", name="bench", source=str(model_folder), source_kind="local", resolved_path=str(model_folder),
-                        fingerprint="bench", dtype="float32", architecture="LlamaForCausalLM", model_type="llama", num_layers=8, hidden_size=512,
-                    )  # fmt: skip
+                        id="mdl_bench",
+                        name="bench",
+                        source=str(model_folder),
+                        source_kind="local",
+                        resolved_path=str(model_folder),
+                        fingerprint="bench",
+                        dtype="float32",
+                        architecture="LlamaForCausalLM",
+                        model_type="llama",
+                        num_layers=8,
+                        hidden_size=512,
+                    )
                 )
             with sessions() as session:
                 model_row = session.get(Model, "mdl_bench")
@@ -100,15 +120,34 @@ def main() -> None:
 
             def service_run(name: str) -> tuple[float, dict]:
                 with sessions.begin() as session:
-                    session.add(Job(id=f"job_{name}", kind="extraction", params={}, queue="bench", status="running", worker=worker.name, attempts=1))
+                    session.add(
+                        Job(
+                            id=f"job_{name}",
+                            kind="extraction",
+                            params={},
+                            queue="bench",
+                            status="running",
+                            worker=worker.name,
+                            attempts=1,
+                        )
+                    )
                     session.add(
                         Extraction(
-                            id=f"ext_{name}", job_id=f"job_{name}", model_id="mdl_bench", text_count=len(texts),
-                            layers=LAYERS, token_position="last", model_fingerprint="bench",
-                        )  # fmt: skip
+                            id=f"ext_{name}",
+                            job_id=f"job_{name}",
+                            model_id="mdl_bench",
+                            text_count=len(texts),
+                            layers=LAYERS,
+                            token_position="last",
+                            model_fingerprint="bench",
+                        )
                     )
                 start = time.perf_counter()
-                result = extraction.run(JobContext(job_id=f"job_{name}", params={"extraction_id": f"ext_{name}", "texts": texts}, runtime=worker))
+                result = extraction.run(
+                    JobContext(
+                        job_id=f"job_{name}", params={"extraction_id": f"ext_{name}", "texts": texts}, runtime=worker
+                    )
+                )
                 return time.perf_counter() - start, result
 
             from transformers import AutoModelForCausalLM, AutoTokenizer
@@ -124,7 +163,9 @@ def main() -> None:
 
             from safetensors.numpy import load_file
 
-            service_states = load_file(str(worker.artifacts.local_path("extractions/ext_computed/hidden_states.safetensors")))["hidden_states"]
+            service_states = load_file(
+                str(worker.artifacts.local_path("extractions/ext_computed/hidden_states.safetensors"))
+            )["hidden_states"]
             max_difference = float((torch.from_numpy(service_states) - naive_states).abs().max())
         finally:
             redis.terminate()

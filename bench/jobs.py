@@ -48,7 +48,9 @@ def import_seconds(code: str) -> float:
     runs = []
     for _ in range(5):
         probe = f"import time\nstart = time.perf_counter()\n{code}\nprint(time.perf_counter() - start)"
-        output = subprocess.run([sys.executable, "-c", probe], cwd=ROOT, capture_output=True, text=True, check=True).stdout
+        output = subprocess.run(
+            [sys.executable, "-c", probe], cwd=ROOT, capture_output=True, text=True, check=True
+        ).stdout
         runs.append(float(output.strip().splitlines()[-1]))
     return min(runs)
 
@@ -109,13 +111,26 @@ def percentile(values: list[float], q: float) -> float:
 
 def main() -> None:
     gateway_import = import_seconds("from app.main import create_app\ncreate_app()")
-    bare_import = import_seconds("from fastapi import FastAPI\napp = FastAPI()\n@app.get('/')\ndef hello():\n    return {'hello': 'world'}")
+    bare_import = import_seconds(
+        "from fastapi import FastAPI\napp = FastAPI()\n@app.get('/')\ndef hello():\n    return {'hello': 'world'}"
+    )
 
     with tempfile.TemporaryDirectory(prefix="confprobe-bench-") as folder:
         port = free_port()
-        env = {name: value for name, value in os.environ.items() if name not in {"DATABASE_URL", "REDIS_URL", "QUEUE_PREFIX"}}
+        env = {
+            name: value
+            for name, value in os.environ.items()
+            if name not in {"DATABASE_URL", "REDIS_URL", "QUEUE_PREFIX"}
+        }
         env |= {"VAR_DIR": str(Path(folder) / "var"), "PORT": str(port), "LOG_LEVEL": "warning"}
-        serve = subprocess.Popen([sys.executable, "-m", "app.cli", "serve"], env=env, cwd=ROOT, start_new_session=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        serve = subprocess.Popen(
+            [sys.executable, "-m", "app.cli", "serve"],
+            env=env,
+            cwd=ROOT,
+            start_new_session=True,
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+        )
         base = f"http://127.0.0.1:{port}"
         try:
             deadline = time.monotonic() + 120

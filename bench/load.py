@@ -61,7 +61,22 @@ from tests.tiny_models import save_tiny_llama  # noqa: E402
 FINAL = {"succeeded", "failed", "cancelled"}
 THINK_SPREAD = (0.4, 1.6)  # a client's pause, as fractions of the mean: the 100-400 ms of a 250 ms mean
 STACK = Settings(queue_prefix="load", heartbeat_ttl_s=4)  # what the stack runs with, for its Redis key names
-WORDS = "the river city mountain north paris rome seven blue quiet bridge capital old market".split()
+WORDS = [
+    "the",
+    "river",
+    "city",
+    "mountain",
+    "north",
+    "paris",
+    "rome",
+    "seven",
+    "blue",
+    "quiet",
+    "bridge",
+    "capital",
+    "old",
+    "market",
+]
 
 
 def wait_for(predicate: Any, timeout: float, what: str) -> Any:
@@ -105,7 +120,20 @@ class Stack:
         return process
 
     def start(self) -> None:
-        self._spawn([redis_server_executable(), "--port", str(self.redis_port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no"], "redis.log")
+        self._spawn(
+            [
+                redis_server_executable(),
+                "--port",
+                str(self.redis_port),
+                "--bind",
+                "127.0.0.1",
+                "--save",
+                "",
+                "--appendonly",
+                "no",
+            ],
+            "redis.log",
+        )
         client = redis.Redis(port=self.redis_port)
         wait_for(lambda: _pings(client), 10, "redis")
         migrate(self.env["DATABASE_URL"])
@@ -118,9 +146,26 @@ class Stack:
     def create_key(self) -> str:
         """A submit key, made the way an operator makes the first one."""
         made = subprocess.run(
-            [sys.executable, "-m", "app.cli", "keys", "create", "--name", "load benchmark", "--scopes", "submit", "--rate-limit", "0", "--json"],
-            env=self.env, cwd=ROOT, capture_output=True, text=True, check=True,
-        )  # fmt: skip
+            [
+                sys.executable,
+                "-m",
+                "app.cli",
+                "keys",
+                "create",
+                "--name",
+                "load benchmark",
+                "--scopes",
+                "submit",
+                "--rate-limit",
+                "0",
+                "--json",
+            ],
+            env=self.env,
+            cwd=ROOT,
+            capture_output=True,
+            text=True,
+            check=True,
+        )
         return json.loads(made.stdout)["secret"]
 
     def client(self, timeout: float) -> httpx.Client:
@@ -154,7 +199,9 @@ def _pings(client: redis.Redis) -> bool:
 
 
 class Load:
-    def __init__(self, stack: Stack, model_id: str, extraction_id: str, clients: int, seconds: float, think_ms: float) -> None:
+    def __init__(
+        self, stack: Stack, model_id: str, extraction_id: str, clients: int, seconds: float, think_ms: float
+    ) -> None:
         self.base, self.api_key, self.model_id, self.extraction_id = stack.base, stack.api_key, model_id, extraction_id
         self.clients, self.seconds, self.think_s = clients, seconds, think_ms / 1000
         self.latencies: list[float] = []
@@ -187,12 +234,19 @@ class Load:
                     response = await self.request(client, "POST", "/v1/jobs/ping")
                 elif roll < 0.08:
                     texts = [" ".join(rng.choices(WORDS, k=rng.randint(4, 12))) for _ in range(8)]
-                    response = await self.request(client, "POST", "/v1/extractions", json={"model": self.model_id, "layers": [1, 2], "texts": texts})
+                    response = await self.request(
+                        client,
+                        "POST",
+                        "/v1/extractions",
+                        json={"model": self.model_id, "layers": [1, 2], "texts": texts},
+                    )
                 elif roll < 0.65 and mine:
                     await self.request(client, "GET", f"/v1/jobs/{rng.choice(mine)}")
                     continue
                 elif roll < 0.8:
-                    await self.request(client, "GET", f"/v1/extractions/{self.extraction_id}/hidden-states", params={"format": "npy"})
+                    await self.request(
+                        client, "GET", f"/v1/extractions/{self.extraction_id}/hidden-states", params={"format": "npy"}
+                    )
                     continue
                 else:
                     await self.request(client, "GET", "/v1/jobs", params={"limit": 20})
@@ -215,10 +269,21 @@ def kill_mid_extraction(stack: Stack, model_id: str, after_s: float) -> dict[str
     time.sleep(after_s)
     client = stack.client(timeout=30)
     texts = [" ".join(random.Random(-i).choices(WORDS, k=24)) for i in range(2000)]
-    job_id = client.post("/v1/extractions", json={"model": model_id, "layers": [1, 2, 3], "texts": texts}).raise_for_status().json()["job"]["id"]
+    job_id = (
+        client.post("/v1/extractions", json={"model": model_id, "layers": [1, 2, 3], "texts": texts})
+        .raise_for_status()
+        .json()["job"]["id"]
+    )
 
     def runner() -> str | None:
-        return next((name for name, process in stack.workers.items() if process.poll() is None and (stack.heartbeat(name) or {}).get("current_job") == job_id), None)
+        return next(
+            (
+                name
+                for name, process in stack.workers.items()
+                if process.poll() is None and (stack.heartbeat(name) or {}).get("current_job") == job_id
+            ),
+            None,
+        )
 
     victim = wait_for(runner, 300, "a worker to run the long extraction")
     time.sleep(0.5)
@@ -263,11 +328,23 @@ def settle(stack: Stack, job_ids: list[str], timeout: float) -> Settled:
 
 def prepare(stack: Stack, model_folder: Path) -> tuple[str, str]:
     client = stack.client(timeout=120)
-    model = client.post("/v1/models", json={"name": "tiny-llama", "source": str(model_folder)}).raise_for_status().json()
-    wait_for(lambda: client.get(f"/v1/jobs/{model['check_job_id']}").json()["status"] == "succeeded", 120, "the model check")
+    model = (
+        client.post("/v1/models", json={"name": "tiny-llama", "source": str(model_folder)}).raise_for_status().json()
+    )
+    wait_for(
+        lambda: client.get(f"/v1/jobs/{model['check_job_id']}").json()["status"] == "succeeded", 120, "the model check"
+    )
     texts = [" ".join(random.Random(i).choices(WORDS, k=10)) for i in range(256)]
-    created = client.post("/v1/extractions", json={"model": model["id"], "layers": [1, 2], "texts": texts}).raise_for_status().json()
-    wait_for(lambda: client.get(f"/v1/jobs/{created['job']['id']}").json()["status"] == "succeeded", 120, "the first extraction")
+    created = (
+        client.post("/v1/extractions", json={"model": model["id"], "layers": [1, 2], "texts": texts})
+        .raise_for_status()
+        .json()
+    )
+    wait_for(
+        lambda: client.get(f"/v1/jobs/{created['job']['id']}").json()["status"] == "succeeded",
+        120,
+        "the first extraction",
+    )
     return model["id"], created["extraction"]["id"]
 
 
@@ -276,11 +353,17 @@ def main() -> int:
     parser.add_argument("--seconds", type=float, default=60)
     parser.add_argument("--clients", type=int, default=50)
     parser.add_argument("--kill-after", type=float, default=20, help="seconds into the run before the kill")
-    parser.add_argument("--think-ms", type=float, default=250, help="a client's mean pause between requests; 0: none (saturation)")
-    parser.add_argument("--sqlite", action="store_true", help="run on a SQLite registry (without it, PostgreSQL is required)")
+    parser.add_argument(
+        "--think-ms", type=float, default=250, help="a client's mean pause between requests; 0: none (saturation)"
+    )
+    parser.add_argument(
+        "--sqlite", action="store_true", help="run on a SQLite registry (without it, PostgreSQL is required)"
+    )
     args = parser.parse_args()
     if not args.sqlite and not local_postgres_available():
-        parser.error("PostgreSQL server binaries (initdb, pg_ctl) are not installed; install them, or pass --sqlite to measure on SQLite")
+        parser.error(
+            "PostgreSQL server binaries (initdb, pg_ctl) are not installed; install them, or pass --sqlite to measure on SQLite"
+        )
 
     folder = Path(tempfile.mkdtemp(prefix="confprobe-load-"))
     with ExitStack() as cleanup:
@@ -291,7 +374,9 @@ def main() -> int:
             server = cleanup.enter_context(local_postgres(max_connections=200))
             database_url, database = server.url(server.create_database()), "postgresql"
         # a model big enough that an extraction takes a moment, so the kill lands mid-job
-        model_folder = save_tiny_llama(folder / "model", hidden_size=256, layers=6, heads=4, kv_heads=2, vocab_size=4096)
+        model_folder = save_tiny_llama(
+            folder / "model", hidden_size=256, layers=6, heads=4, kv_heads=2, vocab_size=4096
+        )
         stack = Stack(folder, database_url)
         cleanup.callback(stack.stop)
         stack.start()
@@ -305,14 +390,18 @@ def main() -> int:
         kill = loop.run_until_complete(killer)
         loop.close()
 
-        settled = settle(stack, load.submitted + [kill["job"]], timeout=300)
+        watched = [*load.submitted, kill["job"]]
+        settled = settle(stack, watched, timeout=300)
         jobs = settled.jobs
-        lost = [job_id for job_id in load.submitted + [kill["job"]] if jobs.get(job_id, {}).get("status") not in FINAL]
+        lost = [job_id for job_id in watched if jobs.get(job_id, {}).get("status") not in FINAL]
         killed_job = jobs.get(kill["job"], {"status": "unknown", "worker": None, "attempts": 0})
         latencies_ms = np.array(load.latencies or [float("nan")]) * 1000
         errors_5xx = sum(count for status, count in load.statuses.items() if status >= 500)
-        print(f"statuses: {dict(sorted(load.statuses.items()))}; killed {kill['worker']} running {kill['job']} at {kill['at_s']} s → "
-              f"{killed_job['status']} on {killed_job['worker']} after {killed_job['attempts']} attempts", file=sys.stderr)
+        print(
+            f"statuses: {dict(sorted(load.statuses.items()))}; killed {kill['worker']} running {kill['job']} at {kill['at_s']} s → "
+            f"{killed_job['status']} on {killed_job['worker']} after {killed_job['attempts']} attempts",
+            file=sys.stderr,
+        )
         result = {
             "requests": int(sum(load.statuses.values())),
             "errors_5xx": int(errors_5xx),
@@ -333,8 +422,12 @@ def main() -> int:
             "workers": 2,
             "database": database,
             "auth": True,
-        }  # fmt: skip
-        failures = [f"{name}={result[name]}" for name in ("errors_5xx", "transport_errors", "jobs_lost", "settle_errors") if result[name]]
+        }
+        failures = [
+            f"{name}={result[name]}"
+            for name in ("errors_5xx", "transport_errors", "jobs_lost", "settle_errors")
+            if result[name]
+        ]
         if failures:
             print(f"FAILED: {', '.join(failures)}", file=sys.stderr, flush=True)
         print(json.dumps(result), flush=True)

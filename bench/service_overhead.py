@@ -37,7 +37,7 @@ from confprobe_client import Client  # noqa: E402
 from tests.tiny_models import save_tiny_llama  # noqa: E402
 from workers import runtime  # noqa: E402
 from workers.context import JobContext  # noqa: E402
-from workers.extraction import StatesRequest, hidden_states  # noqa: E402
+from workers.extraction import StatesRequest, cached_states  # noqa: E402
 
 TEXT_COUNT = 1000
 LAYERS = [2, 4]
@@ -62,24 +62,44 @@ def direct(folder: Path, model_folder: Path, texts: list[str]) -> tuple[float, n
     migrate(settings.resolved_database_url)
     worker = runtime.build_runtime(settings)
     model = Model(
-        id="mdl_direct", name="bench", source=str(model_folder), source_kind="local", resolved_path=str(model_folder), fingerprint="bench",
-        dtype="float32", architecture="LlamaForCausalLM", model_type="llama", num_layers=4, hidden_size=256,
-    )  # fmt: skip
+        id="mdl_direct",
+        name="bench",
+        source=str(model_folder),
+        source_kind="local",
+        resolved_path=str(model_folder),
+        fingerprint="bench",
+        dtype="float32",
+        architecture="LlamaForCausalLM",
+        model_type="llama",
+        num_layers=4,
+        hidden_size=256,
+    )
     with session_factory(create_registry_engine(settings.resolved_database_url)).begin() as session:
         session.add(Job(id="job_direct", kind="extraction", params={}, queue="bench", status="running"))
     worker.models.get(model)
     context = QuietContext(job_id="job_direct", params={}, runtime=worker)
-    hidden_states(context, StatesRequest(model, None, LAYERS, "last", None), texts[:8], shard_name="warm-up")  # as the worker's model check did
+    cached_states(
+        context, StatesRequest(model, None, LAYERS, "last", None), texts[:8], shard_name="warm-up"
+    )  # as the worker's model check did
     start = time.perf_counter()
-    states = hidden_states(context, StatesRequest(model, None, LAYERS, "last", None), texts, shard_name="direct").states
+    states = cached_states(context, StatesRequest(model, None, LAYERS, "last", None), texts, shard_name="direct").states
     return time.perf_counter() - start, states
 
 
 def through_service(folder: Path, model_folder: Path, texts: list[str]) -> tuple[float, np.ndarray]:
     port = free_port()
-    env = {name: value for name, value in os.environ.items() if name not in {"DATABASE_URL", "REDIS_URL", "QUEUE_PREFIX"}}
+    env = {
+        name: value for name, value in os.environ.items() if name not in {"DATABASE_URL", "REDIS_URL", "QUEUE_PREFIX"}
+    }
     env |= {"VAR_DIR": str(folder / "service"), "PORT": str(port), "EXTRACTION_CACHE": "false", "LOG_LEVEL": "warning"}
-    serve = subprocess.Popen([sys.executable, "-m", "app.cli", "serve"], env=env, cwd=ROOT, start_new_session=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    serve = subprocess.Popen(
+        [sys.executable, "-m", "app.cli", "serve"],
+        env=env,
+        cwd=ROOT,
+        start_new_session=True,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
     try:
         client = Client(f"http://127.0.0.1:{port}", timeout=120)
         deadline = time.monotonic() + 120
@@ -107,7 +127,9 @@ def main() -> None:
     texts = statements[:TEXT_COUNT]
     with tempfile.TemporaryDirectory(prefix="confprobe-bench-") as folder_name:
         folder = Path(folder_name)
-        model_folder = save_tiny_llama(folder / "llama-4x256", hidden_size=256, layers=4, heads=4, kv_heads=4, vocab_size=512)
+        model_folder = save_tiny_llama(
+            folder / "llama-4x256", hidden_size=256, layers=4, heads=4, kv_heads=4, vocab_size=512
+        )
         direct_s, direct_states = direct(folder, model_folder, texts)
         service_s, service_states = through_service(folder, model_folder, texts)
     figures = {

@@ -52,7 +52,6 @@ from confprobe_client.types import (
 
 __all__ = [
     "API_KEY_VARIABLE",
-    "Experiment",
     "DEFAULT_URL",
     "Adapter",
     "ApiError",
@@ -65,6 +64,7 @@ __all__ = [
     "CreatedApiKey",
     "Dataset",
     "Estimate",
+    "Experiment",
     "Extraction",
     "Forbidden",
     "Health",

@@ -20,8 +20,7 @@ from confprobe_client.exit_codes import (
     exit_code_of,
     hint_for,
 )
-from confprobe_client.options import LAYERS, comma_separated, no_wait_option
-from confprobe_client.tables import (
+from confprobe_client.formatting import (
     ADAPTER_COLUMNS,
     COMPARISON_COLUMNS,
     DATASET_COLUMNS,
@@ -35,6 +34,7 @@ from confprobe_client.tables import (
     interval,
     metric,
 )
+from confprobe_client.options import LAYERS, comma_separated, no_wait_option
 from confprobe_client.types import CalibrationReport, Job, JobStatus
 
 
@@ -61,7 +61,11 @@ class ApiContext:
             dumped = [item.model_dump(mode="json") for item in items]
             click.echo(json.dumps(dumped if isinstance(answer, Sequence) else dumped[0], indent=2))
         else:
-            click.echo(aligned_table([header for header, _ in columns], [[cell(item) for _, cell in columns] for item in items]))
+            click.echo(
+                aligned_table(
+                    [header for header, _ in columns], [[cell(item) for _, cell in columns] for item in items]
+                )
+            )
 
 
 pass_api = click.make_pass_decorator(ApiContext)
@@ -72,8 +76,15 @@ def root_group(description: str) -> click.Group:
     `ApiContext`; `app.cli` makes the full one from it, with the service's own commands."""
 
     @click.group(help=description)
-    @click.option("--url", envvar="CONFPROBE_URL", default=None, help="The service's base URL [default: $CONFPROBE_URL, else http://127.0.0.1:8000].")
-    @click.option("--json", "as_json", is_flag=True, help="Print answers as JSON (errors as the API's error envelope, on stderr).")
+    @click.option(
+        "--url",
+        envvar="CONFPROBE_URL",
+        default=None,
+        help="The service's base URL [default: $CONFPROBE_URL, else http://127.0.0.1:8000].",
+    )
+    @click.option(
+        "--json", "as_json", is_flag=True, help="Print answers as JSON (errors as the API's error envelope, on stderr)."
+    )
     @click.pass_context
     def main(ctx: click.Context, url: str | None, as_json: bool) -> None:
         ctx.obj = ApiContext(url=url, as_json=as_json)
@@ -114,11 +125,17 @@ def models() -> None:
 @models.command("add")
 @click.argument("source")
 @click.option("--name", help="Display name [default: the last part of SOURCE].")
-@click.option("--dtype", type=click.Choice(["float32", "bfloat16", "float16"]), help="Weights' dtype on the worker [default: float32].")
+@click.option(
+    "--dtype",
+    type=click.Choice(["float32", "bfloat16", "float16"]),
+    help="Weights' dtype on the worker [default: float32].",
+)
 @click.option("--quantization", type=click.Choice(["8bit", "4bit"]))
 @no_wait_option
 @pass_api
-def add_model(api: ApiContext, source: str, name: str | None, dtype: str | None, quantization: str | None, no_wait: bool) -> None:
+def add_model(
+    api: ApiContext, source: str, name: str | None, dtype: str | None, quantization: str | None, no_wait: bool
+) -> None:
     """Register the base model at SOURCE (a folder, or a Hugging Face id in the service's
     cache) and wait for a worker to check it."""
     client = api.client()
@@ -226,7 +243,11 @@ def list_datasets(api: ApiContext, limit: int) -> None:
 @click.option("--dataset", help="Id of an uploaded dataset (instead of --texts-file).")
 @click.option("--token-position", type=click.Choice(["last", "mean"]), help="[default: last]")
 @click.option("--max-length", type=click.IntRange(min=1), help="Truncate texts to this many tokens.")
-@click.option("--out", type=click.Path(dir_okay=False, writable=True, path_type=Path), help="Write the (texts, layers, hidden) array here as .npy.")
+@click.option(
+    "--out",
+    type=click.Path(dir_okay=False, writable=True, path_type=Path),
+    help="Write the (texts, layers, hidden) array here as .npy.",
+)
 @no_wait_option
 @pass_api
 def extract(
@@ -248,7 +269,15 @@ def extract(
         raise click.UsageError("--out needs the states, which --no-wait does not wait for")
     texts = [line for line in texts_file.read_text().splitlines() if line.strip()] if texts_file else None
     client = api.client()
-    extraction = client.create_extraction(model, layers, texts=texts, dataset=dataset, adapter=adapter, token_position=token_position, max_length=max_length)
+    extraction = client.create_extraction(
+        model,
+        layers,
+        texts=texts,
+        dataset=dataset,
+        adapter=adapter,
+        token_position=token_position,
+        max_length=max_length,
+    )
     if not no_wait:
         client.wait(extraction.job_id)
         extraction = client.get_extraction(extraction.id)
@@ -271,18 +300,36 @@ def probes() -> None:
 @click.option("--adapter", help="Id of an adapter of that model.")
 @click.option("--dataset", required=True, help="Id of a statements or multiple-choice dataset.")
 @click.option("--layers", type=LAYERS, required=True, help="Comma-separated; one probe per layer and method.")
-@click.option("--method", default="logistic", show_default=True, help="logistic, mass_mean, or both: logistic,mass_mean.")
+@click.option(
+    "--method", default="logistic", show_default=True, help="logistic, mass_mean, or both: logistic,mass_mean."
+)
 @click.option("--recalibration", type=click.Choice(["temperature", "platt"]), help="Fitted on the validation split.")
 @click.option("--seed", type=click.IntRange(min=0), help="Seed of the split [default: 0].")
 @no_wait_option
 @pass_api
 def train_probes(
-    api: ApiContext, model: str, adapter: str | None, dataset: str, layers: list[int], method: str, recalibration: str | None, seed: int | None, no_wait: bool
+    api: ApiContext,
+    model: str,
+    adapter: str | None,
+    dataset: str,
+    layers: list[int],
+    method: str,
+    recalibration: str | None,
+    seed: int | None,
+    no_wait: bool,
 ) -> None:
     """Train probes and show their held-out metrics; the best on validation is starred."""
     methods = comma_separated(method)
     client = api.client()
-    run = client.train_probes(model, dataset, layers, method=methods[0] if len(methods) == 1 else methods, adapter=adapter, seed=seed, recalibration=recalibration)
+    run = client.train_probes(
+        model,
+        dataset,
+        layers,
+        method=methods[0] if len(methods) == 1 else methods,
+        adapter=adapter,
+        seed=seed,
+        recalibration=recalibration,
+    )
     if no_wait:
         api.show(run, RUN_COLUMNS)
         return
@@ -298,12 +345,19 @@ def train_probes(
 @pass_api
 def list_probes(api: ApiContext, model: str | None, dataset: str | None, best: bool, limit: int) -> None:
     """Trained probes with their held-out metrics."""
-    api.show(api.client().list_probes(model=model, dataset=dataset, best=True if best else None, limit=limit).items, PROBE_COLUMNS)
+    api.show(
+        api.client().list_probes(model=model, dataset=dataset, best=True if best else None, limit=limit).items,
+        PROBE_COLUMNS,
+    )
 
 
 @probes.command("report")
 @click.argument("probe_id")
-@click.option("--out", type=click.Path(dir_okay=False, writable=True, path_type=Path), help="Where to write the HTML report [default: PROBE_ID.html].")
+@click.option(
+    "--out",
+    type=click.Path(dir_okay=False, writable=True, path_type=Path),
+    help="Where to write the HTML report [default: PROBE_ID.html].",
+)
 @click.option("--open", "open_in_browser", is_flag=True, help="Open the HTML report in a web browser.")
 @pass_api
 def probe_report(api: ApiContext, probe_id: str, out: Path | None, open_in_browser: bool) -> None:
@@ -316,7 +370,10 @@ def probe_report(api: ApiContext, probe_id: str, out: Path | None, open_in_brows
     if api.as_json:
         click.echo(json.dumps(report.model_dump(mode="json") | {"html": str(path)}, indent=2))
     else:
-        rows = [[name, metric(report.probe.metrics, name), interval(estimate.interval)] for name, estimate in report.probe.metrics.items()]
+        rows = [
+            [name, metric(report.probe.metrics, name), interval(estimate.interval)]
+            for name, estimate in report.probe.metrics.items()
+        ]
         click.echo(aligned_table(["METRIC", "VALUE", "95% INTERVAL"], rows))
         click.echo(f"report: {path}")
     if open_in_browser:
@@ -329,11 +386,15 @@ def probe_report(api: ApiContext, probe_id: str, out: Path | None, open_in_brows
 @click.option("--model", required=True, help="Id of the base model.")
 @click.option("--adapters", "adapter_ids", required=True, help="Comma-separated adapter ids of that model.")
 @click.option("--dataset", required=True)
-@click.option("--layers", type=LAYERS, required=True, help="Comma-separated; the best on the base's validation split is reported.")
+@click.option(
+    "--layers", type=LAYERS, required=True, help="Comma-separated; the best on the base's validation split is reported."
+)
 @click.option("--method", type=click.Choice(["logistic", "mass_mean"]), help="[default: logistic]")
 @no_wait_option
 @pass_api
-def compare(api: ApiContext, model: str, adapter_ids: str, dataset: str, layers: list[int], method: str | None, no_wait: bool) -> None:
+def compare(
+    api: ApiContext, model: str, adapter_ids: str, dataset: str, layers: list[int], method: str | None, no_wait: bool
+) -> None:
     """Compare a base model with its adapters on the same texts, split and layer."""
     client = api.client()
     comparison = client.compare(model, comma_separated(adapter_ids), dataset, layers, method=method)
@@ -343,7 +404,10 @@ def compare(api: ApiContext, model: str, adapter_ids: str, dataset: str, layers:
     if api.as_json or comparison.report is None:
         api.show(comparison, COMPARISON_COLUMNS)
         return
-    reports = [(variant["label"], CalibrationReport.model_validate(variant["report"])) for variant in comparison.report["variants"]]
+    reports = [
+        (variant["label"], CalibrationReport.model_validate(variant["report"]))
+        for variant in comparison.report["variants"]
+    ]
     rows = [[label, *(metric(report.metrics, name) for name in ("auroc", "ece", "brier"))] for label, report in reports]
     click.echo(aligned_table(["MODEL", "AUROC", "ECE", "BRIER"], rows))
     click.echo(f"comparison {comparison.id}, layer {comparison.report['layer']}")

@@ -103,11 +103,22 @@ class Client:
     # --- models ----------------------------------------------------------------------------
 
     def register_model(
-        self, source: str, name: str | None = None, revision: str | None = None, dtype: str | None = None, quantization: str | None = None
+        self,
+        source: str,
+        name: str | None = None,
+        revision: str | None = None,
+        dtype: str | None = None,
+        quantization: str | None = None,
     ) -> Model:
         """Register a base model (a local folder, or a Hugging Face id in the service's cache);
         a worker checks it in the job `check_job_id`. The same source again gives the same model."""
-        body = _without_none(name=name or _last_path_part(source), source=source, revision=revision, dtype=dtype, quantization=quantization)
+        body = _without_none(
+            name=name or _last_path_part(source),
+            source=source,
+            revision=revision,
+            dtype=dtype,
+            quantization=quantization,
+        )
         return Model.model_validate(self._json("POST", "/v1/models", json=body))
 
     def check_model(self, model_id: str) -> Job:
@@ -117,7 +128,9 @@ class Client:
         return Model.model_validate(self._json("GET", f"/v1/models/{model_id}"))
 
     def list_models(self, cursor: str | None = None, limit: int = 50) -> Page[Model]:
-        return Page[Model].model_validate(self._json("GET", "/v1/models", params=_without_none(cursor=cursor, limit=limit)))
+        return Page[Model].model_validate(
+            self._json("GET", "/v1/models", params=_without_none(cursor=cursor, limit=limit))
+        )
 
     # --- datasets --------------------------------------------------------------------------
 
@@ -126,14 +139,18 @@ class Client:
         choices, answer}`. The same rows again give the same dataset."""
         path = Path(path)
         with path.open("rb") as handle:
-            answer = self._json("POST", "/v1/datasets", files={"file": (path.name, handle)}, data=_without_none(name=name))
+            answer = self._json(
+                "POST", "/v1/datasets", files={"file": (path.name, handle)}, data=_without_none(name=name)
+            )
         return Dataset.model_validate(answer)
 
     def get_dataset(self, dataset_id: str) -> Dataset:
         return Dataset.model_validate(self._json("GET", f"/v1/datasets/{dataset_id}"))
 
     def list_datasets(self, cursor: str | None = None, limit: int = 50) -> Page[Dataset]:
-        return Page[Dataset].model_validate(self._json("GET", "/v1/datasets", params=_without_none(cursor=cursor, limit=limit)))
+        return Page[Dataset].model_validate(
+            self._json("GET", "/v1/datasets", params=_without_none(cursor=cursor, limit=limit))
+        )
 
     # --- adapters --------------------------------------------------------------------------
 
@@ -143,14 +160,20 @@ class Client:
         body = _without_none(source=source, base_model=base_model, name=name, metadata=metadata)
         return _accepted_job(self._json("POST", "/v1/adapters/import", json=body))
 
-    def upload_adapter(self, path: str | Path, base_model: str, name: str, metadata: dict[str, Any] | None = None) -> Job:
+    def upload_adapter(
+        self, path: str | Path, base_model: str, name: str, metadata: dict[str, Any] | None = None
+    ) -> Job:
         """Upload a `.tar`, `.tar.gz` or `.zip` of a PEFT adapter or Tinker checkpoint."""
         import json
 
         path = Path(path)
-        form = _without_none(base_model=base_model, name=name, metadata=json.dumps(metadata) if metadata is not None else None)
+        form = _without_none(
+            base_model=base_model, name=name, metadata=json.dumps(metadata) if metadata is not None else None
+        )
         with path.open("rb") as handle:
-            return _accepted_job(self._json("POST", "/v1/adapters/upload", files={"file": (path.name, handle)}, data=form))
+            return _accepted_job(
+                self._json("POST", "/v1/adapters/upload", files={"file": (path.name, handle)}, data=form)
+            )
 
     def list_adapters(self, base_model: str | None = None, cursor: str | None = None, limit: int = 50) -> Page[Adapter]:
         params = _without_none(base_model=base_model, cursor=cursor, limit=limit)
@@ -191,7 +214,9 @@ class Client:
         return Extraction.model_validate(self._json("GET", f"/v1/extractions/{extraction_id}"))
 
     def list_extractions(self, cursor: str | None = None, limit: int = 50) -> Page[Extraction]:
-        return Page[Extraction].model_validate(self._json("GET", "/v1/extractions", params=_without_none(cursor=cursor, limit=limit)))
+        return Page[Extraction].model_validate(
+            self._json("GET", "/v1/extractions", params=_without_none(cursor=cursor, limit=limit))
+        )
 
     def download_hidden_states(self, extraction_id: str) -> "np.ndarray":
         """The `(texts, layers, hidden)` float32 array, streamed into memory as `.npy`.
@@ -199,7 +224,9 @@ class Client:
         import numpy as np
 
         buffer = io.BytesIO()
-        with self._stream("GET", f"/v1/extractions/{extraction_id}/hidden-states", params={"format": "npy"}) as response:
+        with self._stream(
+            "GET", f"/v1/extractions/{extraction_id}/hidden-states", params={"format": "npy"}
+        ) as response:
             for chunk in response.iter_bytes():
                 buffer.write(chunk)
         buffer.seek(0)
@@ -271,7 +298,9 @@ class Client:
         progress: bool = True,
     ) -> ProbeRun:
         """Train, wait, and return the finished run with its probes and the best one marked."""
-        run = self.train_probes(model, dataset, layers, method, adapter, token_position, max_length, whiten, split, seed, recalibration)
+        run = self.train_probes(
+            model, dataset, layers, method, adapter, token_position, max_length, whiten, split, seed, recalibration
+        )
         self.wait(run.job_id, timeout=timeout, progress=progress)
         return self.get_probe_run(run.id)
 
@@ -279,7 +308,12 @@ class Client:
         return ProbeRun.model_validate(self._json("GET", f"/v1/probe-runs/{run_id}"))
 
     def list_probes(
-        self, model: str | None = None, dataset: str | None = None, best: bool | None = None, cursor: str | None = None, limit: int = 50
+        self,
+        model: str | None = None,
+        dataset: str | None = None,
+        best: bool | None = None,
+        cursor: str | None = None,
+        limit: int = 50,
     ) -> Page[Probe]:
         params = _without_none(model=model, dataset=dataset, best=best, cursor=cursor, limit=limit)
         return Page[Probe].model_validate(self._json("GET", "/v1/probes", params=params))
@@ -303,7 +337,9 @@ class Client:
     def score(self, probe_id: str, texts: Sequence[str], timeout_s: float | None = None) -> Score:
         """P(correct) per text. The service answers within `timeout_s` or hands back a job,
         which this then waits for."""
-        response = self._send("POST", f"/v1/probes/{probe_id}/score", json=_without_none(texts=list(texts), timeout_s=timeout_s))
+        response = self._send(
+            "POST", f"/v1/probes/{probe_id}/score", json=_without_none(texts=list(texts), timeout_s=timeout_s)
+        )
         if response.status_code != 202:
             return Score.model_validate(response.json())
         job = self.wait(_accepted_job(response.json()).id, progress=False)
@@ -344,8 +380,14 @@ class Client:
         if isinstance(config, dict):
             answer = self._json("POST", "/v1/experiments", json=config)
         else:
-            text = Path(config).read_text(encoding="utf-8") if isinstance(config, Path) or Path(str(config)).is_file() else str(config)
-            answer = self._json("POST", "/v1/experiments", content=text.encode(), headers={"content-type": "application/yaml"})
+            text = (
+                Path(config).read_text(encoding="utf-8")
+                if isinstance(config, Path) or Path(str(config)).is_file()
+                else str(config)
+            )
+            answer = self._json(
+                "POST", "/v1/experiments", content=text.encode(), headers={"content-type": "application/yaml"}
+            )
         return Experiment.model_validate(answer["experiment"])
 
     def get_experiment(self, experiment_id: str) -> Experiment:
@@ -365,7 +407,11 @@ class Client:
     def tinker_models(self) -> list[TinkerModel]:
         """The base models the Tinker service supports (the service needs TINKER_API_KEY)."""
         response = self._send("GET", "/v1/tinker/models")
-        answer = response.json() if response.status_code != 202 else _result(self.wait(_accepted_job(response.json()).id, progress=False))
+        answer = (
+            response.json()
+            if response.status_code != 202
+            else _result(self.wait(_accepted_job(response.json()).id, progress=False))
+        )
         return [TinkerModel.model_validate(model) for model in answer["models"]]
 
     # --- jobs ------------------------------------------------------------------------------
@@ -373,7 +419,9 @@ class Client:
     def get_job(self, job_id: str) -> Job:
         return Job.model_validate(self._json("GET", f"/v1/jobs/{job_id}"))
 
-    def list_jobs(self, status: JobStatus | None = None, kind: str | None = None, cursor: str | None = None, limit: int = 50) -> Page[Job]:
+    def list_jobs(
+        self, status: JobStatus | None = None, kind: str | None = None, cursor: str | None = None, limit: int = 50
+    ) -> Page[Job]:
         """Newest first."""
         params = _without_none(status=status, kind=kind, cursor=cursor, limit=limit)
         return Page[Job].model_validate(self._json("GET", "/v1/jobs", params=params))
@@ -394,7 +442,9 @@ class Client:
         stream is refused or breaks. `progress` draws a progress bar on stderr."""
         deadline = None if timeout is None else time.monotonic() + timeout
         with _listener(progress) as show:
-            job = self._final_job_from_events(job_id, deadline, show) or self._final_job_by_polling(job_id, deadline, show)
+            job = self._final_job_from_events(job_id, deadline, show) or self._final_job_by_polling(
+                job_id, deadline, show
+            )
         if job.status != "succeeded":
             raise JobFailed(job)
         return job
@@ -407,7 +457,9 @@ class Client:
         read_timeout = self.timeout if deadline is None else max(0.1, min(self.timeout, deadline - time.monotonic()))
         timeouts = httpx.Timeout(self.timeout, read=read_timeout)
         try:
-            with self._stream("GET", f"/v1/jobs/{job_id}/events", headers={"accept": "text/event-stream"}, timeout=timeouts) as response:
+            with self._stream(
+                "GET", f"/v1/jobs/{job_id}/events", headers={"accept": "text/event-stream"}, timeout=timeouts
+            ) as response:
                 if not response.headers.get("content-type", "").startswith("text/event-stream"):
                     return None
                 for event, data in _server_sent_events(response.iter_lines(), deadline):
@@ -436,10 +488,19 @@ class Client:
     # --- API keys (admin scope) ------------------------------------------------------------
 
     def create_key(
-        self, name: str, scopes: Sequence[str], rate_limit_per_minute: int | None = None, rate_limit_burst: int | None = None
+        self,
+        name: str,
+        scopes: Sequence[str],
+        rate_limit_per_minute: int | None = None,
+        rate_limit_burst: int | None = None,
     ) -> CreatedApiKey:
         """A new API key; its `secret` is in this answer only."""
-        body = _without_none(name=name, scopes=list(scopes), rate_limit_per_minute=rate_limit_per_minute, rate_limit_burst=rate_limit_burst)
+        body = _without_none(
+            name=name,
+            scopes=list(scopes),
+            rate_limit_per_minute=rate_limit_per_minute,
+            rate_limit_burst=rate_limit_burst,
+        )
         return CreatedApiKey.model_validate(self._json("POST", "/v1/keys", json=body))
 
     def list_keys(self, include_revoked: bool = False, cursor: str | None = None, limit: int = 50) -> Page[ApiKey]:
@@ -483,7 +544,9 @@ class Client:
         return request | {"headers": self._auth_headers | dict(request.get("headers") or {})}
 
     def _unreachable(self, method: str, path: str, cause: httpx.TransportError) -> Unreachable:
-        return Unreachable(f"no answer from {self.base_url.rstrip('/')} to {method} {path}: {cause or type(cause).__name__}")
+        return Unreachable(
+            f"no answer from {self.base_url.rstrip('/')} to {method} {path}: {cause or type(cause).__name__}"
+        )
 
 
 def _without_none(**fields: Any) -> dict[str, Any]:

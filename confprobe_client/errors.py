@@ -51,7 +51,14 @@ class RateLimited(ApiError):
     """429: the API key is over its rate limit; `retry_after` says in how many seconds a
     call will be let through again."""
 
-    def __init__(self, status: int, code: str, message: str, details: dict[str, Any] | None = None, retry_after: float | None = None) -> None:
+    def __init__(
+        self,
+        status: int,
+        code: str,
+        message: str,
+        details: dict[str, Any] | None = None,
+        retry_after: float | None = None,
+    ) -> None:
         super().__init__(status, code, message, details)
         self.retry_after = retry_after
 

@@ -24,5 +24,7 @@ def comma_separated(value: str) -> list[str]:
     return [part.strip() for part in value.split(",") if part.strip()]
 
 
-no_wait_option = click.option("--no-wait", is_flag=True, help="Answer once the job is queued instead of following it with a progress bar.")
+no_wait_option = click.option(
+    "--no-wait", is_flag=True, help="Answer once the job is queued instead of following it with a progress bar."
+)
 LAYERS = IntegerList()

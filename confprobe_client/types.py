@@ -147,7 +147,9 @@ class Estimate(Answer):
     value: float | None
     interval: list[float] | None
     label: str | None = None
-    estimator: dict[str, Any] | None = Field(None, description="Which definition: bins, binning, norm and form for ECE-like metrics.")
+    estimator: dict[str, Any] | None = Field(
+        None, description="Which definition: bins, binning, norm and form for ECE-like metrics."
+    )
 
 
 class Probe(Answer):

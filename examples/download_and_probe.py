@@ -24,7 +24,9 @@ def main() -> None:
     print(f"hidden states: {states.shape} (texts, layers, hidden)")
     run = client.train(model.id, dataset=dataset.id, layers=[1, 2, 3, 4])
     best = next(probe for probe in run.probes if probe.is_best)
-    print(f"best probe: layer {best.layer}, test AUROC {best.metrics['auroc'].value:.3f}, ECE {best.metrics['ece'].value:.3f}")
+    print(
+        f"best probe: layer {best.layer}, test AUROC {best.metrics['auroc'].value:.3f}, ECE {best.metrics['ece'].value:.3f}"
+    )
     report = WORK / "download_and_probe.html"
     report.write_text(client.probe_report_html(best.id))
     print(f"report: {report}")

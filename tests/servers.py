@@ -66,12 +66,20 @@ def local_postgres(max_connections: int = 100) -> Iterator[PostgresServer]:
     if as_postgres:
         shutil.chown(folder, "postgres", "postgres")
     data, port = folder / "data", free_port()
-    subprocess.run([*as_postgres, initdb, "-D", str(data), "-A", "trust", "-U", "postgres", "--no-sync"], check=True, capture_output=True)
+    subprocess.run(
+        [*as_postgres, initdb, "-D", str(data), "-A", "trust", "-U", "postgres", "--no-sync"],
+        check=True,
+        capture_output=True,
+    )
     options = (
         f"-p {port} -k {folder} -c listen_addresses=127.0.0.1 -c max_connections={max_connections} "
         "-c fsync=off -c synchronous_commit=off -c full_page_writes=off"
     )
-    subprocess.run([*as_postgres, pg_ctl, "-D", str(data), "-o", options, "-l", str(folder / "log"), "-w", "start"], check=True, capture_output=True)
+    subprocess.run(
+        [*as_postgres, pg_ctl, "-D", str(data), "-o", options, "-l", str(folder / "log"), "-w", "start"],
+        check=True,
+        capture_output=True,
+    )
     try:
         yield PostgresServer(port=port, admin_url=f"postgresql://postgres@127.0.0.1:{port}/postgres")
     finally:

@@ -21,7 +21,7 @@ def call_without_blocking(function: Callable[[], Any], fifos: list[Path], wait_s
     def target() -> None:
         try:
             outcome["result"] = function()
-        except BaseException as error:  # noqa: BLE001 (handed back to the test)
+        except BaseException as error:
             outcome["error"] = error
 
     thread = threading.Thread(target=target, daemon=True)

@@ -76,7 +76,9 @@ def rejection(archive: Path, destination: Path, limits: ArchiveLimits = LIMITS) 
     return raised.value
 
 
-def assert_rejected(archive: Path, destination: Path, code: str, member: str, limits: ArchiveLimits = LIMITS) -> ArchiveRejected:
+def assert_rejected(
+    archive: Path, destination: Path, code: str, member: str, limits: ArchiveLimits = LIMITS
+) -> ArchiveRejected:
     error = rejection(archive, destination, limits)
     assert (error.code, error.member) == (code, member)
     assert repr(member) in error.message
@@ -84,7 +86,10 @@ def assert_rejected(archive: Path, destination: Path, code: str, member: str, li
 
 
 @pytest.mark.parametrize("archive_type", FORMATS)
-@pytest.mark.parametrize("name", ["../evil.json", "adapter/../../evil.json", "/etc/evil.json", "C:\\evil.json", "\\evil.json", "..\\evil.json"])
+@pytest.mark.parametrize(
+    "name",
+    ["../evil.json", "adapter/../../evil.json", "/etc/evil.json", "C:\\evil.json", "\\evil.json", "..\\evil.json"],
+)
 def test_names_that_escape_the_destination_are_path_traversal(tmp_path: Path, archive_type: str, name: str) -> None:
     archive = packed(tmp_path, archive_type, [GOOD_FILE, (name, b"{}")])
     error = assert_rejected(archive, tmp_path / "out", "path_traversal", name)
@@ -94,7 +99,10 @@ def test_names_that_escape_the_destination_are_path_traversal(tmp_path: Path, ar
 
 @pytest.mark.parametrize("kind", [tarfile.SYMTYPE, tarfile.LNKTYPE], ids=["symlink", "hardlink"])
 def test_tar_links_are_refused(tmp_path: Path, kind: bytes) -> None:
-    archive = write_tar(tmp_path / "a.tar", [tar_member(*GOOD_FILE), tar_member("adapter_model.safetensors", kind=kind, linkname="/etc/passwd")])
+    archive = write_tar(
+        tmp_path / "a.tar",
+        [tar_member(*GOOD_FILE), tar_member("adapter_model.safetensors", kind=kind, linkname="/etc/passwd")],
+    )
     assert_rejected(archive, tmp_path / "out", "link", "adapter_model.safetensors")
 
 
@@ -171,7 +179,9 @@ def with_zip64_end_record(path: Path) -> Path:
     assert classic[:4] == b"PK\x05\x06"
     _, _, _, _, entries, directory_bytes, directory_offset, _ = struct.unpack("<4s4H2LH", classic)
     zip64_at = len(content) - 22
-    zip64 = struct.pack("<4sQ2H2L4Q", b"PK\x06\x06", 44, 45, 45, 0, 0, entries, entries, directory_bytes, directory_offset)
+    zip64 = struct.pack(
+        "<4sQ2H2L4Q", b"PK\x06\x06", 44, 45, 45, 0, 0, entries, entries, directory_bytes, directory_offset
+    )
     locator = struct.pack("<4sLQL", b"PK\x06\x07", 0, zip64_at, 1)
     end = struct.pack("<4s4H2LH", b"PK\x05\x06", 0, 0, 0xFFFF, 0xFFFF, 0xFFFFFFFF, 0xFFFFFFFF, 0)
     path.write_bytes(content[:zip64_at] + zip64 + locator + end)
@@ -233,7 +243,9 @@ def test_files_over_the_byte_limit_together_are_too_large(tmp_path: Path, archiv
     ],
     ids=["same", "dot-and-double-slash", "letter-case", "file-then-folder", "folder-then-file", "unicode-composition"],
 )
-def test_members_that_land_on_one_path_are_duplicate_names(tmp_path: Path, archive_type: str, first: str, second: str) -> None:
+def test_members_that_land_on_one_path_are_duplicate_names(
+    tmp_path: Path, archive_type: str, first: str, second: str
+) -> None:
     archive = packed(tmp_path, archive_type, [(first, b"{}"), (second, b"{}")])
     assert_rejected(archive, tmp_path / "out", "duplicate_name", second)
 
@@ -273,11 +285,15 @@ def test_a_member_that_is_a_zip_of_many_entries_is_inspected_without_holding_its
         peak = tracemalloc.get_traced_memory()[1]
     finally:
         tracemalloc.stop()
-    assert peak < 2 * len(nested), f"{peak} bytes traced to inspect a {len(nested)}-byte nested zip"  # zipfile would hold ~6x
+    assert peak < 2 * len(nested), (
+        f"{peak} bytes traced to inspect a {len(nested)}-byte nested zip"
+    )  # zipfile would hold ~6x
 
 
 def test_a_torch_checkpoint_whose_data_pkl_is_listed_last_is_still_found(tmp_path: Path) -> None:
-    archive = packed(tmp_path, "zip", [GOOD_FILE, ("weights.safetensors", zip_of_many_entries(500, "archive/data.pkl"))])
+    archive = packed(
+        tmp_path, "zip", [GOOD_FILE, ("weights.safetensors", zip_of_many_entries(500, "archive/data.pkl"))]
+    )
     assert_rejected(archive, tmp_path / "out", "pickle_weights", "weights.safetensors")
 
 
@@ -308,13 +324,20 @@ def corrupt_archives(directory: Path) -> Iterator[tuple[str, Path]]:
     yield "truncated tar", truncated(packed(directory, "tar", [GOOD_FILE, ("weights.safetensors", noise)]), 0.6)
     yield "truncated tar.gz", truncated(packed(directory, "tar.gz", [GOOD_FILE, ("weights.safetensors", noise)]), 0.6)
     yield "truncated zip", truncated(packed(directory, "zip", [GOOD_FILE, ("weights.safetensors", noise)]), 0.6)
-    yield "zip with damaged data", with_flipped_bytes(packed(directory, "zip", [("weights.safetensors", noise)]), 100_000, 16)
+    yield (
+        "zip with damaged data",
+        with_flipped_bytes(packed(directory, "zip", [("weights.safetensors", noise)]), 100_000, 16),
+    )
     not_a_tar = directory / "not-a-tar.tar.gz"
     not_a_tar.write_bytes(gzip.compress(b"adapter_config.json\n" * 100))
     yield "gzip of no tar", not_a_tar
 
 
-@pytest.mark.parametrize("case", range(5), ids=["truncated tar", "truncated tar.gz", "truncated zip", "zip with damaged data", "gzip of no tar"])
+@pytest.mark.parametrize(
+    "case",
+    range(5),
+    ids=["truncated tar", "truncated tar.gz", "truncated zip", "zip with damaged data", "gzip of no tar"],
+)
 def test_corrupt_or_truncated_archives_are_corrupt_archive(tmp_path: Path, case: int) -> None:
     _, archive = list(corrupt_archives(tmp_path))[case]
     error = rejection(archive, tmp_path / "out")
@@ -323,12 +346,16 @@ def test_corrupt_or_truncated_archives_are_corrupt_archive(tmp_path: Path, case:
 
 def test_an_oversized_tar_header_is_refused_before_it_is_read_into_memory(tmp_path: Path) -> None:
     # a GNU long name is read whole by tarfile; one bigger than any real path must not be
-    archive = write_tar(tmp_path / "a.tar.gz", [tar_member(*GOOD_FILE), tar_member("a" * (2 * 2**20), b"{}")], compressed=True)
+    archive = write_tar(
+        tmp_path / "a.tar.gz", [tar_member(*GOOD_FILE), tar_member("a" * (2 * 2**20), b"{}")], compressed=True
+    )
     error = rejection(archive, tmp_path / "out")
     assert (error.code, error.status, error.member) == ("too_large", 413, None)
 
 
-@pytest.mark.parametrize("content", [b"BZh91AY&SY" + bytes(600), b"adapter_config.json\n" * 40, b""], ids=["bzip2", "text", "empty"])
+@pytest.mark.parametrize(
+    "content", [b"BZh91AY&SY" + bytes(600), b"adapter_config.json\n" * 40, b""], ids=["bzip2", "text", "empty"]
+)
 def test_anything_but_tar_gzip_or_zip_is_an_unsupported_format(tmp_path: Path, content: bytes) -> None:
     upload = tmp_path / "adapter.tar.gz"
     upload.write_bytes(content)
@@ -349,20 +376,30 @@ def test_an_existing_destination_is_refused_and_left_alone(tmp_path: Path) -> No
 
 def adapter_files(directory: Path) -> dict[str, bytes]:
     weights = directory / "weights.safetensors"
-    save_file({"base_model.model.layers.0.self_attn.q_proj.lora_A.weight": np.arange(64, dtype=np.float32).reshape(4, 16)}, weights)
+    save_file(
+        {"base_model.model.layers.0.self_attn.q_proj.lora_A.weight": np.arange(64, dtype=np.float32).reshape(4, 16)},
+        weights,
+    )
     return {GOOD_FILE[0]: GOOD_FILE[1], "adapter_model.safetensors": weights.read_bytes()}
 
 
 @pytest.mark.parametrize("archive_type", FORMATS)
-@pytest.mark.parametrize("folder", ["", "./", "my-adapter/", "./my-adapter/"], ids=["top-level", "dot", "one-folder", "dot-folder"])
+@pytest.mark.parametrize(
+    "folder", ["", "./", "my-adapter/", "./my-adapter/"], ids=["top-level", "dot", "one-folder", "dot-folder"]
+)
 def test_a_good_adapter_extracts_byte_for_byte(tmp_path: Path, archive_type: str, folder: str) -> None:
     files = adapter_files(tmp_path)
     members = [(f"{folder}{name}", content) for name, content in files.items()]
     if archive_type == "zip":
-        archive = write_zip(tmp_path / "a.zip", ([zip_member(folder, mode=stat.S_IFDIR | 0o755)] if folder else []) + [zip_member(*m) for m in members])
+        archive = write_zip(
+            tmp_path / "a.zip",
+            ([zip_member(folder, mode=stat.S_IFDIR | 0o755)] if folder else []) + [zip_member(*m) for m in members],
+        )
     else:
         directory = [tar_member(folder, kind=tarfile.DIRTYPE)] if folder else []
-        archive = write_tar(tmp_path / "a.tar", directory + [tar_member(*m) for m in members], compressed=archive_type == "tar.gz")
+        archive = write_tar(
+            tmp_path / "a.tar", directory + [tar_member(*m) for m in members], compressed=archive_type == "tar.gz"
+        )
     destination = tmp_path / "out"
     extracted = extract_archive(archive, destination, LIMITS)
     expected = [destination / folder / name for name in files]
@@ -371,7 +408,9 @@ def test_a_good_adapter_extracts_byte_for_byte(tmp_path: Path, archive_type: str
     assert sorted(path for path in destination.rglob("*") if path.is_file()) == sorted(extracted)
 
 
-@pytest.mark.parametrize(("archive_type", "lying_name"), [("zip", "adapter.tar.gz"), ("tar.gz", "adapter.zip"), ("tar", "adapter.tgz")])
+@pytest.mark.parametrize(
+    ("archive_type", "lying_name"), [("zip", "adapter.tar.gz"), ("tar.gz", "adapter.zip"), ("tar", "adapter.tgz")]
+)
 def test_the_format_is_read_from_the_content_not_the_name(tmp_path: Path, archive_type: str, lying_name: str) -> None:
     files = adapter_files(tmp_path)
     archive = packed(tmp_path, archive_type, list(files.items())).rename(tmp_path / lying_name)
@@ -435,6 +474,8 @@ def test_a_zip_bomb_is_stopped_just_past_the_limit(tmp_path: Path, decompressed_
 
 
 def test_the_module_imports_nothing_heavy() -> None:
-    probe = "import sys, app.archives\nprint([name for name in ('torch', 'numpy', 'safetensors') if name in sys.modules])\n"
+    probe = (
+        "import sys, app.archives\nprint([name for name in ('torch', 'numpy', 'safetensors') if name in sys.modules])\n"
+    )
     result = subprocess.run([sys.executable, "-c", probe], cwd=ROOT, capture_output=True, text=True, check=True)
     assert result.stdout.strip() == "[]"

@@ -23,7 +23,11 @@ CONFPROBE = shutil.which("confprobe") or str(Path(sys.executable).parent / "conf
 
 
 def embedded_environment(var_dir: Path, port: int) -> dict[str, str]:
-    env = {name: value for name, value in os.environ.items() if name not in {"DATABASE_URL", "REDIS_URL", "ARTIFACT_DIR", "QUEUE_PREFIX"}}
+    env = {
+        name: value
+        for name, value in os.environ.items()
+        if name not in {"DATABASE_URL", "REDIS_URL", "ARTIFACT_DIR", "QUEUE_PREFIX"}
+    }
     return env | {"VAR_DIR": str(var_dir), "PORT": str(port), "HEARTBEAT_INTERVAL_S": "0.5"}
 
 
@@ -38,7 +42,14 @@ def is_alive(pid: int) -> bool:
 @pytest.mark.slow
 def test_serve_runs_redis_gateway_and_worker_and_ctrl_c_stops_them_all(tmp_path: Path, tiny_llama: Path) -> None:
     var_dir, port = tmp_path / "var", free_port()
-    serve = subprocess.Popen([CONFPROBE, "serve"], env=embedded_environment(var_dir, port), cwd=tmp_path, start_new_session=True, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+    serve = subprocess.Popen(
+        [CONFPROBE, "serve"],
+        env=embedded_environment(var_dir, port),
+        cwd=tmp_path,
+        start_new_session=True,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+    )
     try:
         base = f"http://127.0.0.1:{port}"
 
@@ -50,23 +61,33 @@ def test_serve_runs_redis_gateway_and_worker_and_ctrl_c_stops_them_all(tmp_path:
 
         wait_until(ready, 120, "the embedded service to be ready", interval=0.25)
         model = httpx.post(f"{base}/v1/models", json={"name": "tiny", "source": str(tiny_llama)}).json()
-        wait_until(lambda: httpx.get(f"{base}/v1/models/{model['id']}").json()["status"] == "ready", 60, "the model check")
+        wait_until(
+            lambda: httpx.get(f"{base}/v1/models/{model['id']}").json()["status"] == "ready", 60, "the model check"
+        )
         assert (var_dir / "registry.db").exists()
 
         embedded_redis = redis.Redis(unix_socket_path=str(var_dir / "redis.sock"))
-        worker_pid = next(json.loads(embedded_redis.get(key))["pid"] for key in embedded_redis.scan_iter("confprobe:worker:*"))
+        worker_pid = next(
+            json.loads(embedded_redis.get(key))["pid"] for key in embedded_redis.scan_iter("confprobe:worker:*")
+        )
         assert is_alive(worker_pid)
 
         # Ctrl-C while the worker runs a job: the job finishes, then Redis stops (not before)
         texts = [f"statement number {index} about the city of {index * 7}" for index in range(2000)]
-        job_id = httpx.post(f"{base}/v1/extractions", json={"model": model["id"], "layers": [1], "texts": texts}, timeout=30).json()["job"]["id"]
-        wait_until(lambda: httpx.get(f"{base}/v1/jobs/{job_id}").json()["status"] != "queued", 60, "the extraction to start")
+        job_id = httpx.post(
+            f"{base}/v1/extractions", json={"model": model["id"], "layers": [1], "texts": texts}, timeout=30
+        ).json()["job"]["id"]
+        wait_until(
+            lambda: httpx.get(f"{base}/v1/jobs/{job_id}").json()["status"] != "queued", 60, "the extraction to start"
+        )
         os.killpg(serve.pid, signal.SIGINT)  # what Ctrl-C in a terminal does: only this process group
         output = serve.communicate(timeout=120)[0].decode()
         assert serve.returncode == 0, output
         wait_until(lambda: not is_alive(worker_pid), 30, "the worker to exit")
         with sqlite3.connect(var_dir / "registry.db") as registry:
-            assert registry.execute("select status from jobs where id = ?", (job_id,)).fetchone() == ("succeeded",), output
+            assert registry.execute("select status from jobs where id = ?", (job_id,)).fetchone() == ("succeeded",), (
+                output
+            )
         assert "Traceback" not in output, output
         with pytest.raises(redis.exceptions.ConnectionError):
             redis.Redis(unix_socket_path=str(var_dir / "redis.sock"), socket_connect_timeout=1).ping()
@@ -82,7 +103,13 @@ def test_serve_runs_redis_gateway_and_worker_and_ctrl_c_stops_them_all(tmp_path:
 
 
 def test_migrate_creates_the_embedded_registry(tmp_path: Path) -> None:
-    result = subprocess.run([CONFPROBE, "migrate"], env=embedded_environment(tmp_path / "var", free_port()), cwd=ROOT, capture_output=True, text=True)
+    result = subprocess.run(
+        [CONFPROBE, "migrate"],
+        env=embedded_environment(tmp_path / "var", free_port()),
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+    )
     assert result.returncode == 0, result.stderr
     assert (tmp_path / "var" / "registry.db").stat().st_size > 0
 
@@ -91,7 +118,14 @@ def test_migrate_creates_the_embedded_registry(tmp_path: Path) -> None:
 def serving(var_dir: Path, port: int, **environment: str) -> Iterator[subprocess.Popen[bytes]]:
     """`confprobe serve` in a session of its own, ready when this yields; Ctrl-C'd at the end."""
     env = embedded_environment(var_dir, port) | environment
-    serve = subprocess.Popen([CONFPROBE, "serve"], env=env, cwd=var_dir.parent, start_new_session=True, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+    serve = subprocess.Popen(
+        [CONFPROBE, "serve"],
+        env=env,
+        cwd=var_dir.parent,
+        start_new_session=True,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+    )
     try:
         wait_until(lambda: ready(f"http://127.0.0.1:{port}"), 120, "the embedded service to be ready", interval=0.25)
         yield serve
@@ -123,8 +157,12 @@ def start_long_extraction(base: str, tiny_llama: Path) -> str:
     model = httpx.post(f"{base}/v1/models", json={"name": "tiny", "source": str(tiny_llama)}).json()
     wait_until(lambda: httpx.get(f"{base}/v1/models/{model['id']}").json()["status"] == "ready", 60, "the model check")
     texts = [f"statement number {index} about the city of {index * 7}" for index in range(2000)]
-    job_id = httpx.post(f"{base}/v1/extractions", json={"model": model["id"], "layers": [1], "texts": texts}, timeout=30).json()["job"]["id"]
-    wait_until(lambda: httpx.get(f"{base}/v1/jobs/{job_id}").json()["status"] != "queued", 60, "the extraction to start")
+    job_id = httpx.post(
+        f"{base}/v1/extractions", json={"model": model["id"], "layers": [1], "texts": texts}, timeout=30
+    ).json()["job"]["id"]
+    wait_until(
+        lambda: httpx.get(f"{base}/v1/jobs/{job_id}").json()["status"] != "queued", 60, "the extraction to start"
+    )
     return job_id
 
 
@@ -138,13 +176,17 @@ def final_job(base: str, job_id: str, timeout: float = 60) -> dict[str, Any]:
 
 def redis_pid(var_dir: Path) -> int | None:
     try:
-        return int(redis.Redis(unix_socket_path=str(var_dir / "redis.sock"), socket_timeout=1).info("server")["process_id"])
+        return int(
+            redis.Redis(unix_socket_path=str(var_dir / "redis.sock"), socket_timeout=1).info("server")["process_id"]
+        )
     except redis.exceptions.RedisError:
         return None
 
 
 @pytest.mark.slow
-def test_serve_restarts_its_embedded_redis_killed_mid_job_and_the_job_succeeds(tmp_path: Path, tiny_llama: Path) -> None:
+def test_serve_restarts_its_embedded_redis_killed_mid_job_and_the_job_succeeds(
+    tmp_path: Path, tiny_llama: Path
+) -> None:
     var_dir, port = tmp_path / "var", free_port()
     base = f"http://127.0.0.1:{port}"
     with serving(var_dir, port) as serve:
@@ -169,7 +211,9 @@ def test_serve_restarts_a_killed_worker_and_the_job_it_was_running_succeeds(tmp_
     with serving(var_dir, port, HEARTBEAT_TTL_S="2") as serve:
         job_id = start_long_extraction(base, tiny_llama)
         embedded_redis = redis.Redis(unix_socket_path=str(var_dir / "redis.sock"))
-        worker_pid = next(json.loads(embedded_redis.get(key))["pid"] for key in embedded_redis.scan_iter("confprobe:worker:*"))
+        worker_pid = next(
+            json.loads(embedded_redis.get(key))["pid"] for key in embedded_redis.scan_iter("confprobe:worker:*")
+        )
         os.kill(worker_pid, signal.SIGKILL)
         job = final_job(base, job_id, timeout=90)
         assert (job["status"], job["attempts"]) == ("succeeded", 2), job["error"]
@@ -185,7 +229,15 @@ def test_serve_gives_up_on_a_part_that_keeps_exiting_and_names_it(tmp_path: Path
         taken.bind(("127.0.0.1", port))
         taken.listen()
         env = embedded_environment(var_dir, port) | {"SERVE_RESTART_LIMIT": "3"}
-        result = subprocess.run([CONFPROBE, "serve"], env=env, cwd=tmp_path, start_new_session=True, capture_output=True, text=True, timeout=120)
+        result = subprocess.run(
+            [CONFPROBE, "serve"],
+            env=env,
+            cwd=tmp_path,
+            start_new_session=True,
+            capture_output=True,
+            text=True,
+            timeout=120,
+        )
     output = result.stdout + result.stderr
     assert result.returncode == 1, output
     assert output.count("restarted gateway (exit code 3)") == 2, output

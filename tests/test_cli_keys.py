@@ -33,7 +33,9 @@ def registry(database_url: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch)
 @pytest.fixture
 def gateway(registry: str, redis_server: RedisServer, tmp_path: Path) -> Iterator[Any]:
     """A gateway with AUTH_ENABLED on the same registry."""
-    with TestClient(create_app(make_settings(registry, redis_server.url, tmp_path / "var", auth_enabled=True))) as client:
+    with TestClient(
+        create_app(make_settings(registry, redis_server.url, tmp_path / "var", auth_enabled=True))
+    ) as client:
         yield client
 
 

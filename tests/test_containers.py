@@ -86,7 +86,9 @@ def test_each_worker_reserves_a_gpu_of_its_own_and_sees_it_as_cuda_0(services: d
         assert device["driver"] == "nvidia" and "gpu" in device["capabilities"] and "count" not in device, service
         reserved.append(device["device_ids"])
         assert services[service]["environment"]["WORKER_DEVICE"] == "cuda:0"
-        assert "replicas" not in services[service].get("deploy", {}), "replicas would share one GPU, each with a whole budget"
+        assert "replicas" not in services[service].get("deploy", {}), (
+            "replicas would share one GPU, each with a whole budget"
+        )
     assert reserved == [["0"], ["1"]]
 
 
@@ -96,7 +98,9 @@ def test_only_the_first_gpu_worker_starts_by_default(services: dict[str, Any]) -
     assert services["worker-gpu1"]["profiles"] == ["gpu1"]
 
 
-def test_workers_memory_budget_is_set_from_the_environment_with_a_valid_default(services: dict[str, Any], monkeypatch: pytest.MonkeyPatch) -> None:
+def test_workers_memory_budget_is_set_from_the_environment_with_a_valid_default(
+    services: dict[str, Any], monkeypatch: pytest.MonkeyPatch
+) -> None:
     """Unset, the variable is empty in the container, and the worker sizes its budget by its GPU."""
     for service in WORKER_SERVICES:
         value = services[service]["environment"]["WORKER_MEMORY_BUDGET_MB"]
@@ -106,8 +110,13 @@ def test_workers_memory_budget_is_set_from_the_environment_with_a_valid_default(
 
 
 @pytest.mark.parametrize("service", APP_SERVICES)
-def test_service_environment_names_only_existing_settings(services: dict[str, Any], s3_services: dict[str, Any], service: str) -> None:
-    known = {name.upper() for name in Settings.model_fields} | {"AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY"}  # boto3 reads those
+def test_service_environment_names_only_existing_settings(
+    services: dict[str, Any], s3_services: dict[str, Any], service: str
+) -> None:
+    known = {name.upper() for name in Settings.model_fields} | {
+        "AWS_ACCESS_KEY_ID",
+        "AWS_SECRET_ACCESS_KEY",
+    }  # boto3 reads those
     assert set(services[service]["environment"]) - known == set()
     assert set(s3_services[service]["environment"]) - known == set()
 
@@ -115,16 +124,21 @@ def test_service_environment_names_only_existing_settings(services: dict[str, An
 def test_compose_default_store_is_the_shared_volume(services: dict[str, Any]) -> None:
     environment = services["gateway"]["environment"]
     default = environment["ARTIFACT_STORE"].removeprefix("${ARTIFACT_STORE:-").removesuffix("}")
-    store = Settings(artifact_store=default, s3_endpoint_url=environment["S3_ENDPOINT_URL"].split(":-", 1)[1].rstrip("}"))
+    store = Settings(
+        artifact_store=default, s3_endpoint_url=environment["S3_ENDPOINT_URL"].split(":-", 1)[1].rstrip("}")
+    )
     assert default == "file:///artifacts" and store.artifact_store == default
     for service in APP_SERVICES:
         assert "artifacts:/artifacts" in services[service]["volumes"]
     assert not {"minio", "minio-bucket"} & services.keys()
 
 
-def test_the_s3_override_stores_artifacts_in_the_bucket_it_creates(services: dict[str, Any], s3_services: dict[str, Any]) -> None:
+def test_the_s3_override_stores_artifacts_in_the_bucket_it_creates(
+    services: dict[str, Any], s3_services: dict[str, Any]
+) -> None:
     bucket_store = {
-        s3_services[service]["environment"]["ARTIFACT_STORE"].removeprefix("${ARTIFACT_STORE:-").removesuffix("}") for service in APP_SERVICES
+        s3_services[service]["environment"]["ARTIFACT_STORE"].removeprefix("${ARTIFACT_STORE:-").removesuffix("}")
+        for service in APP_SERVICES
     }
     assert bucket_store == {"s3://confprobe/artifacts"}
     assert Settings(artifact_store="s3://confprobe/artifacts").artifact_store == "s3://confprobe/artifacts"
@@ -132,13 +146,17 @@ def test_the_s3_override_stores_artifacts_in_the_bucket_it_creates(services: dic
     assert services["gateway"]["environment"]["S3_ENDPOINT_URL"] == "${S3_ENDPOINT_URL:-http://minio:9000}"
 
 
-def test_under_the_s3_override_every_app_service_waits_for_the_bucket(services: dict[str, Any], s3_services: dict[str, Any]) -> None:
+def test_under_the_s3_override_every_app_service_waits_for_the_bucket(
+    services: dict[str, Any], s3_services: dict[str, Any]
+) -> None:
     """An upload before the bucket exists would fail; `depends_on` on a service of another
     profile breaks the default start, hence an override file rather than a profile."""
     app_services = {name for name, service in services.items() if "build" in service}
     assert app_services == set(APP_SERVICES)
     for service in app_services:
-        assert s3_services[service]["depends_on"]["minio-bucket"] == {"condition": "service_completed_successfully"}, service
+        assert s3_services[service]["depends_on"]["minio-bucket"] == {"condition": "service_completed_successfully"}, (
+            service
+        )
     assert s3_services["minio-bucket"]["depends_on"]["minio"] == {"condition": "service_healthy"}
 
 
@@ -201,7 +219,9 @@ needs_compose = pytest.mark.skipif(_compose_command() is None, reason="needs doc
 
 @needs_compose
 @pytest.mark.parametrize(
-    "arguments", [[], ["--profile", "gpu1"], S3_OVERRIDE, [*S3_OVERRIDE, "--profile", "gpu1"]], ids=["default", "gpu1", "s3", "s3-gpu1"]
+    "arguments",
+    [[], ["--profile", "gpu1"], S3_OVERRIDE, [*S3_OVERRIDE, "--profile", "gpu1"]],
+    ids=["default", "gpu1", "s3", "s3-gpu1"],
 )
 def test_compose_file_is_valid_for_docker_compose(arguments: list[str]) -> None:
     result = _compose_config(arguments)

@@ -28,7 +28,14 @@ def service(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, str]
         "ADAPTER_ROOTS": json.dumps([str(EXAMPLES / "work")]),
         "CONFPROBE_URL": f"http://127.0.0.1:{port}",
     }
-    serve = subprocess.Popen([sys.executable, "-m", "app.cli", "serve"], env=env, cwd=ROOT, start_new_session=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    serve = subprocess.Popen(
+        [sys.executable, "-m", "app.cli", "serve"],
+        env=env,
+        cwd=ROOT,
+        start_new_session=True,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
 
     def ready() -> bool:
         try:

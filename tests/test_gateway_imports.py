@@ -18,7 +18,7 @@ def test_gateway_app_builds_without_importing_torch_or_transformers() -> None:
 
 
 def test_the_import_probe_would_notice_torch() -> None:
-    probe = "import sys\nimport workers.models\nimport torch\nprint('torch' in sys.modules)\n"
+    probe = "import sys\nimport workers.resident_models\nimport torch\nprint('torch' in sys.modules)\n"
     result = subprocess.run([sys.executable, "-c", probe], cwd=ROOT, capture_output=True, text=True, check=True)
     assert result.stdout.strip() == "True"
 

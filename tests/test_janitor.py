@@ -31,7 +31,13 @@ def store_settings(request: pytest.FixtureRequest, settings: Settings) -> Settin
     if request.param == "local":
         return settings
     s3: S3Server = request.getfixturevalue("s3_server")
-    return settings.model_copy(update={"artifact_store": f"s3://{s3.bucket}/{s3.new_prefix()}", "s3_endpoint_url": s3.endpoint_url, "artifact_dir": None})
+    return settings.model_copy(
+        update={
+            "artifact_store": f"s3://{s3.bucket}/{s3.new_prefix()}",
+            "s3_endpoint_url": s3.endpoint_url,
+            "artifact_dir": None,
+        }
+    )
 
 
 def _fill(api: Any, settings: Settings, store: ArtifactStore, tiny_llama: Path) -> dict[str, list[str]]:
@@ -40,16 +46,53 @@ def _fill(api: Any, settings: Settings, store: ArtifactStore, tiny_llama: Path) 
     dataset = api.post("/v1/datasets", files={"file": ("s.jsonl", STATEMENTS)}, data={"name": "s"}).json()
     model = register(api, tiny_llama).json()
     with runtime.build_runtime(settings).sessions() as session, session.begin():
-        session.add(Adapter(
-            id="adp_kept", name="a", base_model_id=model["id"], source_kind="upload", source="x", r=4, lora_alpha=8.0,
-            target_modules=["q_proj"], sha256="f" * 64, identity="f" * 64, size_bytes=3, artifact="adapters/" + "f" * 64,
-        ))  # fmt: skip
-        session.add(Comparison(
-            id="cmp_kept", job_id="job_c", model_id=model["id"], adapter_ids=[], dataset_id=dataset["id"], layers=[1], method="logistic",
-            token_position="last", artifact="comparisons/cmp_kept/report.json",
-        ))  # fmt: skip
-        session.add(Job(id="job_waiting_upload", kind="adapter_import", status="queued", queue="q", params={"upload": "staging/uploads/upl_queued.archive"}))
-        session.add(Job(id="job_done_upload", kind="adapter_import", status="cancelled", queue="q", params={"upload": "staging/uploads/upl_cancelled.archive"}))
+        session.add(
+            Adapter(
+                id="adp_kept",
+                name="a",
+                base_model_id=model["id"],
+                source_kind="upload",
+                source="x",
+                r=4,
+                lora_alpha=8.0,
+                target_modules=["q_proj"],
+                sha256="f" * 64,
+                identity="f" * 64,
+                size_bytes=3,
+                artifact="adapters/" + "f" * 64,
+            )
+        )
+        session.add(
+            Comparison(
+                id="cmp_kept",
+                job_id="job_c",
+                model_id=model["id"],
+                adapter_ids=[],
+                dataset_id=dataset["id"],
+                layers=[1],
+                method="logistic",
+                token_position="last",
+                artifact="comparisons/cmp_kept/report.json",
+            )
+        )
+        session.add(
+            Job(
+                id="job_waiting_upload",
+                kind="adapter_import",
+                status="queued",
+                queue="q",
+                params={"upload": "staging/uploads/upl_queued.archive"},
+            )
+        )
+        session.add(
+            Job(
+                id="job_done_upload",
+                kind="adapter_import",
+                status="cancelled",
+                queue="q",
+                params={"upload": "staging/uploads/upl_cancelled.archive"},
+            )
+        )
     kept = [
         f"adapters/{'f' * 64}/adapter_model.safetensors",
         f"adapters/{'f' * 64}/adapter_config.json",
@@ -96,14 +139,25 @@ def test_orphans_go_and_everything_referenced_stays(api: Any, store_settings: Se
     assert janitor.sweep(sessions, store, grace_s=0).removed == []
 
 
-def test_nothing_younger_than_the_grace_period_or_the_oldest_running_job_is_touched(api: Any, settings: Settings, tiny_llama: Path) -> None:
+def test_nothing_younger_than_the_grace_period_or_the_oldest_running_job_is_touched(
+    api: Any, settings: Settings, tiny_llama: Path
+) -> None:
     store = open_store(settings)
     files = _fill(api, settings, store, tiny_llama)
     sessions = runtime.build_runtime(settings).sessions
     assert janitor.sweep(sessions, store, grace_s=3600).removed == []
 
     with sessions() as session, session.begin():  # a job at work since before the orphans were written
-        session.add(Job(id="job_busy", kind="extraction", status="running", queue="q", params={}, started_at=utcnow() - timedelta(minutes=5)))
+        session.add(
+            Job(
+                id="job_busy",
+                kind="extraction",
+                status="running",
+                queue="q",
+                params={},
+                started_at=utcnow() - timedelta(minutes=5),
+            )
+        )
     assert janitor.sweep(sessions, store, grace_s=0).removed == []
     assert set(files["orphans"]) <= _keys(store)
 
@@ -112,7 +166,14 @@ def test_the_cli_reports_what_it_removed(api: Any, settings: Settings, tiny_llam
     store = open_store(settings)
     files = _fill(api, settings, store, tiny_llama)
     env = settings_environment(settings)
-    result = subprocess.run([sys.executable, "-m", "app.cli", "janitor", "--grace-s", "0", "--json"], env=env, cwd=ROOT, capture_output=True, text=True, check=True)
+    result = subprocess.run(
+        [sys.executable, "-m", "app.cli", "janitor", "--grace-s", "0", "--json"],
+        env=env,
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        check=True,
+    )
     report = json.loads(result.stdout)
     assert sorted(report["removed"]) == sorted(files["orphans"]) and report["dry_run"] is False
     assert report["aborted_uploads"] == [] and report["local_removed"] == [] and report["freed_bytes"] > 0
@@ -123,16 +184,24 @@ def test_one_worker_a_turn_sweeps_in_the_background(api: Any, settings: Settings
     settings = settings.model_copy(update={"janitor_interval_s": 60, "janitor_grace_s": 0})
     store = open_store(settings)
     store.write_bytes("probes/prb_gone/report.json", b"{}")
-    first, second = runtime.build_runtime(settings), runtime.build_runtime(settings.model_copy(update={"worker_name": "another"}))
+    first, second = (
+        runtime.build_runtime(settings),
+        runtime.build_runtime(settings.model_copy(update={"worker_name": "another"})),
+    )
     assert first.maybe_sweep_artifacts() is True
-    assert second.maybe_sweep_artifacts() is False  # the deployment's turn is taken for the interval, and this machine's
+    assert (
+        second.maybe_sweep_artifacts() is False
+    )  # the deployment's turn is taken for the interval, and this machine's
     wait_until(lambda: not store.exists("probes/prb_gone/report.json"), 10, "the sweep to remove the orphan")
     # a worker on another machine still sweeps that machine's own temporaries, once per interval
     with pytest.MonkeyPatch.context() as patch:
         patch.setattr(runtime.socket, "gethostname", lambda: "another-machine")
         elsewhere = runtime.build_runtime(settings.model_copy(update={"worker_name": "elsewhere"}))
         assert elsewhere.maybe_sweep_artifacts() is True
-        assert runtime.build_runtime(settings.model_copy(update={"worker_name": "elsewhere-2"})).maybe_sweep_artifacts() is False
+        assert (
+            runtime.build_runtime(settings.model_copy(update={"worker_name": "elsewhere-2"})).maybe_sweep_artifacts()
+            is False
+        )
     assert runtime.build_runtime(settings.model_copy(update={"janitor_interval_s": 0})).maybe_sweep_artifacts() is False
 
 
@@ -141,7 +210,13 @@ def test_one_worker_a_turn_sweeps_in_the_background(api: Any, settings: Settings
 
 @pytest.fixture
 def s3_settings(settings: Settings, s3_server: S3Server) -> Settings:
-    return settings.model_copy(update={"artifact_store": f"s3://{s3_server.bucket}/{s3_server.new_prefix()}", "s3_endpoint_url": s3_server.endpoint_url, "artifact_dir": None})
+    return settings.model_copy(
+        update={
+            "artifact_store": f"s3://{s3_server.bucket}/{s3_server.new_prefix()}",
+            "s3_endpoint_url": s3_server.endpoint_url,
+            "artifact_dir": None,
+        }
+    )
 
 
 def start_upload(s3_server: S3Server, name: str) -> str:
@@ -169,11 +244,15 @@ def test_a_stale_incomplete_upload_is_aborted_and_a_recent_one_kept(s3_settings:
     assert janitor.sweep(sessions, store, grace_s=3600).aborted_uploads == []
     dry = janitor.sweep(sessions, store, grace_s=0, dry_run=True)
     assert dry.aborted_uploads == ["extractions/ext_dead/hidden_states.safetensors"] and dry.freed_bytes == len(b"part")
-    assert incomplete_uploads(s3_server, store.prefix) == [f"{store.prefix}extractions/ext_dead/hidden_states.safetensors"]
+    assert incomplete_uploads(s3_server, store.prefix) == [
+        f"{store.prefix}extractions/ext_dead/hidden_states.safetensors"
+    ]
 
     report = janitor.sweep(sessions, store, grace_s=0)
     assert report.aborted_uploads == ["extractions/ext_dead/hidden_states.safetensors"] and report.removed == []
-    assert json.loads(json.dumps(report.as_dict()))["aborted_uploads"] == ["extractions/ext_dead/hidden_states.safetensors"]
+    assert json.loads(json.dumps(report.as_dict()))["aborted_uploads"] == [
+        "extractions/ext_dead/hidden_states.safetensors"
+    ]
     assert incomplete_uploads(s3_server, store.prefix) == []
     assert janitor.sweep(sessions, store, grace_s=0).aborted_uploads == []
 
@@ -183,13 +262,26 @@ def test_an_incomplete_upload_of_a_job_still_running_is_kept(s3_settings: Settin
     assert isinstance(store, BucketStore)
     sessions = runtime.build_runtime(s3_settings).sessions
     with sessions() as session, session.begin():
-        session.add(Job(id="job_busy", kind="extraction", status="running", queue="q", params={}, started_at=utcnow() - timedelta(minutes=5)))
+        session.add(
+            Job(
+                id="job_busy",
+                kind="extraction",
+                status="running",
+                queue="q",
+                params={},
+                started_at=utcnow() - timedelta(minutes=5),
+            )
+        )
     start_upload(s3_server, f"{store.prefix}extractions/ext_busy/hidden_states.safetensors")
     assert janitor.sweep(sessions, store, grace_s=0).aborted_uploads == []
-    assert incomplete_uploads(s3_server, store.prefix) == [f"{store.prefix}extractions/ext_busy/hidden_states.safetensors"]
+    assert incomplete_uploads(s3_server, store.prefix) == [
+        f"{store.prefix}extractions/ext_busy/hidden_states.safetensors"
+    ]
 
 
-def test_uploads_outside_the_store_s_prefix_or_the_service_s_folders_are_never_touched(s3_settings: Settings, s3_server: S3Server) -> None:
+def test_uploads_outside_the_store_s_prefix_or_the_service_s_folders_are_never_touched(
+    s3_settings: Settings, s3_server: S3Server
+) -> None:
     store = open_store(s3_settings)
     assert isinstance(store, BucketStore)
     outside = [
@@ -229,7 +321,9 @@ with store.scratch("job_dead") as scratch, store.writer("extractions/ext_dead/hi
 
 def kill_mid_write(settings: Settings) -> None:
     """A worker SIGKILLed while it works in a scratch folder and writes an artifact."""
-    process = subprocess.Popen([sys.executable, "-c", KILLED_MID_WRITE], env=settings_environment(settings), cwd=ROOT, stdout=subprocess.PIPE)
+    process = subprocess.Popen(
+        [sys.executable, "-c", KILLED_MID_WRITE], env=settings_environment(settings), cwd=ROOT, stdout=subprocess.PIPE
+    )
     try:
         assert process.stdout is not None and process.stdout.readline() == b"ready\n"
     finally:
@@ -287,7 +381,11 @@ def test_the_sweep_evicts_least_recently_used_s3_copies_beyond_the_cache_limit(s
     age(big)
     sessions = runtime.build_runtime(s3_settings).sessions
     report = janitor.sweep_local(sessions, store, grace_s=3600)
-    assert report.cache_evicted == [str(big)] and report.freed_bytes == 2**20 and report.as_dict()["cache_evicted"] == [str(big)]
+    assert (
+        report.cache_evicted == [str(big)]
+        and report.freed_bytes == 2**20
+        and report.as_dict()["cache_evicted"] == [str(big)]
+    )
     assert not big.exists() and small.read_bytes() == b"rows"
     assert store.exists("extractions/big/hidden_states.safetensors")  # only this machine's copy went
     assert janitor.sweep_local(sessions, store, grace_s=3600).cache_evicted == []
@@ -322,7 +420,9 @@ def test_a_killed_process_s_scratch_in_a_folder_store_goes_as_objects_then_as_em
     first = janitor.sweep(sessions, store, grace_s=3600)
     [temporary] = [key for key in first.removed if key.startswith("extractions/")]
     assert is_partial(temporary)
-    assert sorted(first.removed) == sorted([temporary, "staging/job_dead/converted/weights.bin", f"probes/{doomed.name}/report.json"])
+    assert sorted(first.removed) == sorted(
+        [temporary, "staging/job_dead/converted/weights.bin", f"probes/{doomed.name}/report.json"]
+    )
     assert first.local_removed == []  # the folders were emptied just now
     assert (staging / "job_dead" / "converted").is_dir() and doomed.is_dir()
 

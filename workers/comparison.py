@@ -18,7 +18,7 @@ from app.registry.models import get_model
 from app.registry.tables import Adapter, Comparison, Dataset, Model, utcnow
 from workers.context import subject_row
 from workers.errors import JobFailed
-from workers.extraction import StatesRequest, hidden_states
+from workers.extraction import StatesRequest, cached_states
 from workers.probe_training import Labels, labels_for, train_probe, validation_summary
 from workers.probes import probability_of_correct, stratified_split
 
@@ -42,13 +42,15 @@ def _variants(session: Any, comparison: Comparison) -> list[Variant]:
         adapter = session.get(Adapter, adapter_id)
         if adapter is None:
             raise JobFailed("not_found", f"adapter {adapter_id} was deleted")
-        variants.append(Variant(f"adapter {adapter.name} ({adapter.id})", get_model(session, adapter.base_model_id), adapter))
+        variants.append(
+            Variant(f"adapter {adapter.name} ({adapter.id})", get_model(session, adapter.base_model_id), adapter)
+        )
     return variants
 
 
 def _transfer(probe: Any, x: np.ndarray, y: np.ndarray) -> dict[str, Any]:
     p = probability_of_correct(probe, None, x)
-    return {"auroc": auroc(y, p).value, "ece": ece(y, p).value, "brier": brier(y, p).value, "n": int(len(y))}
+    return {"auroc": auroc(y, p).value, "ece": ece(y, p).value, "brier": brier(y, p).value, "n": len(y)}
 
 
 def run(context: "JobContext") -> dict[str, Any]:
@@ -73,14 +75,18 @@ def run(context: "JobContext") -> dict[str, Any]:
     for number, variant in enumerate(variants):
         context.progress(f"states of {variant.label}", number, len(variants))
         variant.labels = labels_for(context, variant.model, variant.adapter, dataset, rows)
-        request = StatesRequest(variant.model, variant.adapter, layers, comparison.token_position, params.get("max_length"))
-        variant.states = hidden_states(context, request, texts, shard_name=f"{comparison.id}-{number}").states
+        request = StatesRequest(
+            variant.model, variant.adapter, layers, comparison.token_position, params.get("max_length")
+        )
+        variant.states = cached_states(context, request, texts, shard_name=f"{comparison.id}-{number}").states
 
     spec = params["split"]
     base_labels = variants[0].labels
     assert base_labels is not None
     try:  # one split for every model, stratified on the base's labels, so differences are paired
-        split = stratified_split(base_labels.y, fractions=(spec["train"], spec["validation"], spec["test"]), seed=spec["seed"])
+        split = stratified_split(
+            base_labels.y, fractions=(spec["train"], spec["validation"], spec["test"]), seed=spec["seed"]
+        )
     except ValueError as exc:
         raise JobFailed("unsplittable", f"cannot split the base's labels: {exc}") from exc
 
@@ -97,7 +103,9 @@ def run(context: "JobContext") -> dict[str, Any]:
             except ValueError as exc:
                 raise JobFailed("unsplittable", f"{variant.label}: {exc}") from exc
             probes[(number, slot)] = probe
-            per_layer.setdefault(str(layer), {})[variant.label] = validation_summary(y[split.validation], probability_of_correct(probe, None, x[split.validation]))
+            per_layer.setdefault(str(layer), {})[variant.label] = validation_summary(
+                y[split.validation], probability_of_correct(probe, None, x[split.validation])
+            )
     best_slot = max(range(len(layers)), key=lambda slot: per_layer[str(layers[slot])]["base"]["auroc"] or -1)
 
     context.progress("reporting", 0, len(variants))
@@ -108,17 +116,27 @@ def run(context: "JobContext") -> dict[str, Any]:
         assert variant.labels is not None and variant.states is not None
         p = probability_of_correct(probes[(number, best_slot)], None, variant.states[split.test, best_slot])
         test_probabilities.append(p)
-        reports.append({"label": variant.label, "model_id": variant.model.id, "adapter_id": variant.adapter.id if variant.adapter else None,
-                        "precision": {"dtype": variant.model.dtype, "quantization": variant.model.quantization},
-                        "report": calibration_report(variant.labels.y[split.test], p, resamples=resamples, seed=seed).to_dict()})  # fmt: skip
+        reports.append(
+            {
+                "label": variant.label,
+                "model_id": variant.model.id,
+                "adapter_id": variant.adapter.id if variant.adapter else None,
+                "precision": {"dtype": variant.model.dtype, "quantization": variant.model.quantization},
+                "report": calibration_report(variant.labels.y[split.test], p, resamples=resamples, seed=seed).to_dict(),
+            }
+        )
     differences: dict[str, Any] = {}
     base_y = base_labels.y[split.test]
     for number, variant in enumerate(variants[1:], start=1):
         assert variant.labels is not None
         if np.array_equal(variant.labels.y[split.test], base_y):
-            differences[variant.label] = paired_differences(base_y, test_probabilities[0], test_probabilities[number], resamples=resamples, seed=seed).to_dict()
+            differences[variant.label] = paired_differences(
+                base_y, test_probabilities[0], test_probabilities[number], resamples=resamples, seed=seed
+            ).to_dict()
         else:
-            flags.append(f"{variant.label} answers differently from the base, so its differences are unpaired point estimates")
+            flags.append(
+                f"{variant.label} answers differently from the base, so its differences are unpaired point estimates"
+            )
             own = reports[number]["report"]["metrics"]
             differences[variant.label] = {
                 name: {"value": own[name]["value"] - reports[0]["report"]["metrics"][name]["value"], "interval": None}
@@ -130,13 +148,26 @@ def run(context: "JobContext") -> dict[str, Any]:
     assert base_states is not None
     for number, variant in enumerate(variants[1:], start=1):
         assert variant.labels is not None and variant.states is not None
-        cross_transfer[f"base probe on {variant.label}"] = _transfer(probes[(0, best_slot)], variant.states[split.test, best_slot], variant.labels.y[split.test])
-        cross_transfer[f"{variant.label} probe on base"] = _transfer(probes[(number, best_slot)], base_states[split.test, best_slot], base_y)
+        cross_transfer[f"base probe on {variant.label}"] = _transfer(
+            probes[(0, best_slot)], variant.states[split.test, best_slot], variant.labels.y[split.test]
+        )
+        cross_transfer[f"{variant.label} probe on base"] = _transfer(
+            probes[(number, best_slot)], base_states[split.test, best_slot], base_y
+        )
 
-    report = {"layer": layers[best_slot], "variants": reports, "differences": differences, "cross_transfer": cross_transfer,
-              "per_layer_validation": per_layer, "flags": flags, "test_n": int(len(split.test))}  # fmt: skip
+    report = {
+        "layer": layers[best_slot],
+        "variants": reports,
+        "differences": differences,
+        "cross_transfer": cross_transfer,
+        "per_layer_validation": per_layer,
+        "flags": flags,
+        "test_n": len(split.test),
+    }
     artifact = f"comparisons/{comparison.id}/report.json"
     store.write_bytes(artifact, json.dumps(report).encode())
     with sessions() as session, session.begin():
-        session.execute(update(Comparison).where(Comparison.id == comparison.id).values(artifact=artifact, finished_at=utcnow()))
+        session.execute(
+            update(Comparison).where(Comparison.id == comparison.id).values(artifact=artifact, finished_at=utcnow())
+        )
     return {"comparison_id": comparison.id, "layer": layers[best_slot], "flags": flags}

@@ -63,24 +63,36 @@ def _dataset(context: JobContext) -> Dataset:
     except NotARegularFile as exc:
         raise JobFailed("invalid_dataset", f"{exc}; a dataset file must be a regular file", kind=exc.kind) from exc
     except FileTooLarge as exc:
-        raise JobFailed("too_large", f"{path.name} is larger than {limit} bytes (MAX_DATASET_BYTES)", limit_bytes=limit) from exc
+        raise JobFailed(
+            "too_large", f"{path.name} is larger than {limit} bytes (MAX_DATASET_BYTES)", limit_bytes=limit
+        ) from exc
     except ServiceError as exc:  # a malformed file: the same message the upload endpoint gives
         raise JobFailed(exc.code, f"{path.name}: {exc.message}", **exc.details) from exc
     return register_dataset(worker.sessions, worker.artifacts, upload, default_name(path.name))[0]
 
 
-def _probe_run(context: JobContext, experiment: Experiment, model: Model, adapter: Adapter | None, dataset: Dataset) -> ProbeRun:
+def _probe_run(
+    context: JobContext, experiment: Experiment, model: Model, adapter: Adapter | None, dataset: Dataset
+) -> ProbeRun:
     """A finished run with exactly these settings, or a new one trained now."""
     config = experiment.config
     methods = config["probe"]["method"] if isinstance(config["probe"]["method"], list) else [config["probe"]["method"]]
     split = SPLIT | {"seed": config["experiment"]["seed"], "whiten": False}
     settings = {
-        "model_id": model.id, "adapter_id": adapter.id if adapter else None, "dataset_id": dataset.id, "layers": context.params["layers"],
-        "methods": methods, "token_position": config["extraction"]["token_position"], "max_length": config["extraction"]["max_length"],
-        "split": split, "recalibration": config["probe"]["recalibration"],
-    }  # fmt: skip
+        "model_id": model.id,
+        "adapter_id": adapter.id if adapter else None,
+        "dataset_id": dataset.id,
+        "layers": context.params["layers"],
+        "methods": methods,
+        "token_position": config["extraction"]["token_position"],
+        "max_length": config["extraction"]["max_length"],
+        "split": split,
+        "recalibration": config["probe"]["recalibration"],
+    }
     with context.runtime.sessions() as session:
-        for run in session.scalars(select(ProbeRun).where(ProbeRun.model_id == model.id, ProbeRun.best_probe_id.is_not(None))):
+        for run in session.scalars(
+            select(ProbeRun).where(ProbeRun.model_id == model.id, ProbeRun.best_probe_id.is_not(None))
+        ):
             if all(getattr(run, key) == value for key, value in settings.items()):
                 return run
     run = ProbeRun(id=new_id("prr"), job_id=context.job_id, **settings)
@@ -101,7 +113,11 @@ def run(context: JobContext) -> dict[str, Any]:
 
     adapter = None
     if context.params.get("adapter"):
-        params = context.params["adapter"] | {"base_model_id": model.id, "name": f"{experiment.name} adapter", "metadata": {"experiment": experiment.name}}
+        params = context.params["adapter"] | {
+            "base_model_id": model.id,
+            "name": f"{experiment.name} adapter",
+            "metadata": {"experiment": experiment.name},
+        }
         imported = importer.run(_step(context, "adapter import", params))
         with worker.sessions() as session:
             adapter = session.get(Adapter, imported["adapter_id"])
@@ -109,10 +125,18 @@ def run(context: JobContext) -> dict[str, Any]:
 
     config = experiment.config["extraction"]
     states = Extraction(
-        id=new_id("ext"), job_id=context.job_id, model_id=model.id, adapter_id=adapter.id if adapter else None, dataset_id=dataset.id,
-        text_count=dataset.rows, layers=context.params["layers"], token_position=config["token_position"], max_length=config["max_length"],
-        model_fingerprint=model.fingerprint, adapter_fingerprint=adapter.identity if adapter else None,
-    )  # fmt: skip
+        id=new_id("ext"),
+        job_id=context.job_id,
+        model_id=model.id,
+        adapter_id=adapter.id if adapter else None,
+        dataset_id=dataset.id,
+        text_count=dataset.rows,
+        layers=context.params["layers"],
+        token_position=config["token_position"],
+        max_length=config["max_length"],
+        model_fingerprint=model.fingerprint,
+        adapter_fingerprint=adapter.identity if adapter else None,
+    )
     with worker.sessions() as session, session.begin():
         session.add(states)
     extracted = extraction.run(_step(context, "extraction", {"extraction_id": states.id}))
@@ -122,7 +146,13 @@ def run(context: JobContext) -> dict[str, Any]:
         session.execute(
             update(Experiment)
             .where(Experiment.id == experiment.id)
-            .values(adapter_id=adapter.id if adapter else None, dataset_id=dataset.id, extraction_id=states.id, probe_run_id=probe_run.id, finished_at=utcnow())
+            .values(
+                adapter_id=adapter.id if adapter else None,
+                dataset_id=dataset.id,
+                extraction_id=states.id,
+                probe_run_id=probe_run.id,
+                finished_at=utcnow(),
+            )
         )
     return {
         "experiment_id": experiment.id,

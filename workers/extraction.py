@@ -36,7 +36,7 @@ from workers import arrays
 from workers.context import subject_row
 from workers.errors import JobFailed
 from workers.hidden_states import pad, plan_batches, read_layers
-from workers.models import LoadedModel
+from workers.resident_models import LoadedModel
 
 if TYPE_CHECKING:
     from workers.context import JobContext
@@ -50,7 +50,16 @@ def text_sha256(text: str) -> str:
 
 
 def cache_space(model: Model, adapter_fingerprint: str | None, token_position: str, max_length: int | None) -> str:
-    key = [model.source, model.revision, model.fingerprint, adapter_fingerprint, model.quantization, model.dtype, token_position, max_length]
+    key = [
+        model.source,
+        model.revision,
+        model.fingerprint,
+        adapter_fingerprint,
+        model.quantization,
+        model.dtype,
+        token_position,
+        max_length,
+    ]
     return hashlib.sha256(json.dumps(key).encode()).hexdigest()
 
 
@@ -72,7 +81,9 @@ def tokenize(tokenizer: Any, texts: Sequence[str], max_length: int | None) -> To
     truncated = [max_length is not None and len(ids) > max_length for ids in token_ids]
     too_long = [index for index, flag in enumerate(truncated) if flag]
     if too_long:
-        shortened = tokenizer([texts[index] for index in too_long], add_special_tokens=True, truncation=True, max_length=max_length)["input_ids"]
+        shortened = tokenizer(
+            [texts[index] for index in too_long], add_special_tokens=True, truncation=True, max_length=max_length
+        )["input_ids"]
         for index, ids in zip(too_long, shortened, strict=True):
             token_ids[index] = list(ids)
     empty = [index for index, ids in enumerate(token_ids) if not ids]
@@ -81,19 +92,27 @@ def tokenize(tokenizer: Any, texts: Sequence[str], max_length: int | None) -> To
     return Tokenized(token_ids=token_ids, truncated=truncated)
 
 
-def _forward(loaded: LoadedModel, token_ids: list[list[int]], layers: Sequence[int], token_position: str, device: str) -> torch.Tensor:
+def _forward(
+    loaded: LoadedModel, token_ids: list[list[int]], layers: Sequence[int], token_position: str, device: str
+) -> torch.Tensor:
     """One batch; on an out-of-memory error the batch is split in two and retried."""
     pad_id = loaded.tokenizer.pad_token_id if loaded.tokenizer.pad_token_id is not None else 0
     try:
         return read_layers(loaded.model, pad(token_ids, pad_id, "right", device), layers, token_position).cpu()
     except torch.OutOfMemoryError as exc:
         if len(token_ids) == 1:
-            raise JobFailed("out_of_memory", f"a single text of {len(token_ids[0])} tokens does not fit on {device}; lower max_length") from exc
+            raise JobFailed(
+                "out_of_memory",
+                f"a single text of {len(token_ids[0])} tokens does not fit on {device}; lower max_length",
+            ) from exc
         if device.startswith("cuda"):
             torch.cuda.empty_cache()
         half = len(token_ids) // 2
         return torch.cat(
-            [_forward(loaded, token_ids[:half], layers, token_position, device), _forward(loaded, token_ids[half:], layers, token_position, device)]
+            [
+                _forward(loaded, token_ids[:half], layers, token_position, device),
+                _forward(loaded, token_ids[half:], layers, token_position, device),
+            ]
         )
 
 
@@ -142,7 +161,13 @@ class HiddenStateCache:
                 found.update(((entry.text_sha256, entry.layer), entry) for entry in session.scalars(query))
         return found
 
-    def read_into(self, entries: Sequence[CachedHiddenState], out: np.ndarray, positions: dict[str, list[int]], slots: dict[int, int]) -> None:
+    def read_into(
+        self,
+        entries: Sequence[CachedHiddenState],
+        out: np.ndarray,
+        positions: dict[str, list[int]],
+        slots: dict[int, int],
+    ) -> None:
         """Copy each entry's vector into `out` at every position of its text and the slot of
         its layer, one shard at a time."""
         by_shard: dict[str, list[CachedHiddenState]] = defaultdict(list)
@@ -169,13 +194,23 @@ class HiddenStateCache:
     def shard_key(self, shard_name: str) -> str:
         return f"cache/{self.space[:2]}/{self.space}/{shard_name}.safetensors"
 
-    def add(self, shard_name: str, shas: Sequence[str], layers: Sequence[int], states: np.ndarray, truncated: Sequence[bool]) -> None:
+    def add(
+        self, shard_name: str, shas: Sequence[str], layers: Sequence[int], states: np.ndarray, truncated: Sequence[bool]
+    ) -> None:
         """Write a shard, then index it; an index that fails to commit takes its shard away."""
         shard = self.shard_key(shard_name)
         with self.store.temporary_path(shard) as path:
             arrays.write(path, STATES_TENSOR, states, metadata={"layers": json.dumps(list(layers))})
         rows = [
-            {"space": self.space, "text_sha256": sha, "layer": layer, "shard": shard, "row": row, "slot": slot, "truncated": truncated[row]}
+            {
+                "space": self.space,
+                "text_sha256": sha,
+                "layer": layer,
+                "shard": shard,
+                "row": row,
+                "slot": slot,
+                "truncated": truncated[row],
+            }
             for row, sha in enumerate(shas)
             for slot, layer in enumerate(layers)
         ]
@@ -208,7 +243,9 @@ class States:
     batches_run: int
 
 
-def hidden_states(context: "JobContext", request: StatesRequest, texts: Sequence[str], shard_name: str, out: np.ndarray | None = None) -> States:
+def cached_states(
+    context: "JobContext", request: StatesRequest, texts: Sequence[str], shard_name: str, out: np.ndarray | None = None
+) -> States:
     """States of `texts`, from the content cache where they are, computed (and cached under
     `shard_name`) where they are not; written into `out` (texts, layers, hidden) when given —
     a mapped file, say — else into a new array."""
@@ -234,7 +271,9 @@ def hidden_states(context: "JobContext", request: StatesRequest, texts: Sequence
     batches_run = 0
     if missing:
         loaded = worker.resident(model, adapter)
-        tokenized = tokenize(loaded.tokenizer, [text_of[sha] for sha in missing], request.max_length or model_token_limit(loaded))
+        tokenized = tokenize(
+            loaded.tokenizer, [text_of[sha] for sha in missing], request.max_length or model_token_limit(loaded)
+        )
         context.progress("forward", 0, len(missing))
 
         def on_batch(done: int) -> None:
@@ -244,13 +283,20 @@ def hidden_states(context: "JobContext", request: StatesRequest, texts: Sequence
 
         with worker.running(loaded, model, adapter):
             computed = compute(
-                loaded, tokenized.token_ids, layers, request.token_position,
-                device=worker.models.device, token_budget=settings.extraction_token_budget,
-                max_batch_size=settings.extraction_max_batch_size, on_batch=on_batch,
-            )  # fmt: skip
+                loaded,
+                tokenized.token_ids,
+                layers,
+                request.token_position,
+                device=worker.models.device,
+                token_budget=settings.extraction_token_budget,
+                max_batch_size=settings.extraction_max_batch_size,
+                on_batch=on_batch,
+            )
         if settings.extraction_cache:
             # one shard per attempt: an attempt taken back must not overwrite the next one's
-            context.clear_earlier_attempts(*(cache.shard_key(f"{shard_name}-{earlier}") for earlier in range(1, context.attempt)))
+            context.clear_earlier_attempts(
+                *(cache.shard_key(f"{shard_name}-{earlier}") for earlier in range(1, context.attempt))
+            )
             cache.add(f"{shard_name}-{context.attempt}", missing, layers, computed, tokenized.truncated)
         for row, sha in enumerate(missing):
             truncated_by_sha[sha] = tokenized.truncated[row]
@@ -288,7 +334,7 @@ def run(context: "JobContext") -> dict[str, Any]:
     context.clear_earlier_attempts(artifact)
     with store.temporary_path(artifact) as path:
         out = arrays.allocate(path, STATES_TENSOR, (len(texts), len(layers), model.hidden_size), metadata)
-        result = hidden_states(context, request, texts, shard_name=extraction.id, out=out)
+        result = cached_states(context, request, texts, shard_name=extraction.id, out=out)
         context.progress("writing", len(texts), len(texts))
         shape = list(out.shape)
         del out
@@ -298,9 +344,13 @@ def run(context: "JobContext") -> dict[str, Any]:
             update(Extraction)
             .where(Extraction.id == extraction.id)
             .values(
-                artifact=artifact, shape=shape, dtype="float32",
-                truncated_count=truncated_count, cache_hits=result.cache_hits, finished_at=utcnow(),
-            )  # fmt: skip
+                artifact=artifact,
+                shape=shape,
+                dtype="float32",
+                truncated_count=truncated_count,
+                cache_hits=result.cache_hits,
+                finished_at=utcnow(),
+            )
         )
     return {
         "extraction_id": extraction.id,

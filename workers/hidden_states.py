@@ -41,7 +41,11 @@ def find_blocks(model: Any) -> torch.nn.ModuleList:
     (`model.layers`, `transformer.h`, `encoder.layer`, …). Lists of experts sit inside
     blocks, so they are never the outermost."""
     count = num_blocks(model)
-    stacks = [(name, module) for name, module in model.named_modules() if isinstance(module, torch.nn.ModuleList) and len(module) == count]
+    stacks = [
+        (name, module)
+        for name, module in model.named_modules()
+        if isinstance(module, torch.nn.ModuleList) and len(module) == count
+    ]
     if not stacks:
         raise JobFailed("unsupported_model", f"found no list of {count} blocks in {type(model).__name__}")
     return min(stacks, key=lambda item: item[0].count("."))[1]

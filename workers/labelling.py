@@ -17,7 +17,7 @@ import torch
 from app.datasets import CHOICE_LETTERS, format_multiple_choice
 from workers.errors import JobFailed
 from workers.hidden_states import pad, plan_batches
-from workers.models import LoadedModel
+from workers.resident_models import LoadedModel
 
 
 @dataclass(frozen=True)
@@ -36,7 +36,9 @@ def letter_token_ids(tokenizer: Any, choice_count: int) -> list[int]:
     ids = []
     for letter in CHOICE_LETTERS[:choice_count]:
         with_letter = tokenizer(f"{prompt} {letter}")["input_ids"]
-        first_new = next((i for i, (a, b) in enumerate(zip(without, with_letter, strict=False)) if a != b), len(without))
+        first_new = next(
+            (i for i, (a, b) in enumerate(zip(without, with_letter, strict=False)) if a != b), len(without)
+        )
         token = next((t for t in with_letter[first_new:] if tokenizer.decode([t]).strip() == letter), None)
         if token is None:
             raise JobFailed("unsupported_model", f"the tokenizer gives no token for the answer letter {letter}")
@@ -51,16 +53,25 @@ def _answer_logits(loaded: LoadedModel, token_ids: list[list[int]], device: str)
     the last column, so the LM head runs on that column alone."""
     pad_id = loaded.tokenizer.pad_token_id if loaded.tokenizer.pad_token_id is not None else 0
     batch = pad(token_ids, pad_id, "left", device)
-    options: dict[str, Any] = {"input_ids": batch.input_ids, "attention_mask": batch.attention_mask, "position_ids": batch.position_ids}
+    options: dict[str, Any] = {
+        "input_ids": batch.input_ids,
+        "attention_mask": batch.attention_mask,
+        "position_ids": batch.position_ids,
+    }
     if "logits_to_keep" in inspect.signature(loaded.model.forward).parameters:
         options["logits_to_keep"] = 1
     with torch.inference_mode():
         return loaded.model(**options).logits[:, -1].float().cpu()
 
 
-def self_label(loaded: LoadedModel, rows: Sequence[dict[str, Any]], *, device: str, token_budget: int, max_batch_size: int) -> SelfLabels:
+def self_label(
+    loaded: LoadedModel, rows: Sequence[dict[str, Any]], *, device: str, token_budget: int, max_batch_size: int
+) -> SelfLabels:
     if not loaded.is_causal_lm:
-        raise JobFailed("unsupported_model", "multiple-choice labelling needs a causal language model (it reads the answer letter's logit)")
+        raise JobFailed(
+            "unsupported_model",
+            "multiple-choice labelling needs a causal language model (it reads the answer letter's logit)",
+        )
     prompts = [format_multiple_choice(row["question"], row["choices"]) for row in rows]
     token_ids = [list(ids) for ids in loaded.tokenizer(prompts)["input_ids"]]
     letters = {count: letter_token_ids(loaded.tokenizer, count) for count in {len(row["choices"]) for row in rows}}

@@ -44,7 +44,9 @@ class ServiceWorker(SimpleWorker):
         with logs.job_scope(str(job.args[0]) if job.args else job.id):
             try:
                 return super().execute_job(job, queue)
-            except REDIS_DOWN as exc:  # RQ's bookkeeping before or after the job; the job's own outcome is in the registry
+            except (
+                REDIS_DOWN
+            ) as exc:  # RQ's bookkeeping before or after the job; the job's own outcome is in the registry
                 self.runtime.outage.down(exc)
                 self._put_back_if_unstarted(job)
 
@@ -140,7 +142,9 @@ def work_until_stopped(worker_runtime: WorkerRuntime, burst: bool, logging_level
             queues = [Queue(name, connection=rq_connection) for name in names]
             # RQ talks to Redis as it registers the worker: Redis may have gone again since
             # the wait above, so this is inside the outage handling too
-            rq_worker = ServiceWorker(worker_runtime, queues, rq_connection, name=broker.rq_worker_name(worker_runtime.name))
+            rq_worker = ServiceWorker(
+                worker_runtime, queues, rq_connection, name=broker.rq_worker_name(worker_runtime.name)
+            )
             rq_worker.work(burst=burst, logging_level=logging_level, with_scheduler=False)
         except REDIS_DOWN as exc:
             worker_runtime.outage.down(exc)

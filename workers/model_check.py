@@ -8,7 +8,7 @@ from sqlalchemy import update
 from app.registry.models import get_model
 from app.registry.tables import Model
 from workers.errors import AttemptSuperseded, JobCancelled, JobFailed
-from workers.models import active_adapter, explained_quantization_errors
+from workers.resident_models import active_adapter, explained_quantization_errors
 
 if TYPE_CHECKING:
     from workers.context import JobContext
@@ -34,7 +34,9 @@ def run(context: "JobContext") -> dict[str, Any]:
         loaded = context.runtime.models.get(row)
         context.progress("forward", 1, 2)
         tokenizer = loaded.tokenizer
-        token_id = next((t for t in (tokenizer.bos_token_id, tokenizer.cls_token_id, tokenizer.eos_token_id) if t is not None), 0)
+        token_id = next(
+            (t for t in (tokenizer.bos_token_id, tokenizer.cls_token_id, tokenizer.eos_token_id) if t is not None), 0
+        )
         device = context.runtime.models.device
         with explained_quantization_errors(row.quantization, device), active_adapter(loaded, None):
             num_layers, hidden_size = _one_token_hidden_states(loaded.model, token_id, device)
@@ -61,7 +63,12 @@ def run(context: "JobContext") -> dict[str, Any]:
         session.execute(
             update(Model)
             .where(Model.id == model_id)
-            .values(status="ready", status_reason=None, parameter_count=loaded.parameter_count, memory_footprint_bytes=loaded.footprint_bytes)
+            .values(
+                status="ready",
+                status_reason=None,
+                parameter_count=loaded.parameter_count,
+                memory_footprint_bytes=loaded.footprint_bytes,
+            )
         )
     context.progress("done", 2, 2)
     return {

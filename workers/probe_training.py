@@ -20,7 +20,7 @@ from app.registry.models import get_model
 from app.registry.tables import Adapter, Dataset, Model, Probe, ProbeRun, new_id, utcnow
 from workers.context import subject_row
 from workers.errors import JobFailed
-from workers.extraction import StatesRequest, hidden_states
+from workers.extraction import StatesRequest, cached_states
 from workers.labelling import self_label
 from workers.probes import (
     MassMeanProbe,
@@ -56,7 +56,9 @@ class TrainedProbe:
     test_probabilities: np.ndarray
 
 
-def labels_for(context: "JobContext", model: Model, adapter: Adapter | None, dataset: Dataset, rows: list[dict[str, Any]]) -> Labels:
+def labels_for(
+    context: "JobContext", model: Model, adapter: Adapter | None, dataset: Dataset, rows: list[dict[str, Any]]
+) -> Labels:
     """Statements' own labels, or the model's (with its adapter) for multiple choice."""
     if dataset.kind == "statements":
         return Labels(y=np.array([row["label"] for row in rows], dtype=np.int64), baseline=None, chosen=None)
@@ -65,32 +67,42 @@ def labels_for(context: "JobContext", model: Model, adapter: Adapter | None, dat
     context.progress("labelling", 0, len(rows))
     with worker.running(loaded, model, adapter):
         labelled = self_label(
-            loaded, rows, device=worker.models.device,
-            token_budget=worker.settings.extraction_token_budget, max_batch_size=worker.settings.extraction_max_batch_size,
-        )  # fmt: skip
+            loaded,
+            rows,
+            device=worker.models.device,
+            token_budget=worker.settings.extraction_token_budget,
+            max_batch_size=worker.settings.extraction_max_batch_size,
+        )
     context.progress("labelling", len(rows), len(rows))
     return Labels(y=labelled.labels, baseline=labelled.confidence, chosen=labelled.chosen)
 
 
 def validation_summary(y: np.ndarray, p: np.ndarray) -> dict[str, Any]:
     """Point metrics for choices on the validation split (no intervals needed there)."""
-    return {"n": int(len(y)), "auroc": auroc(y, p).value, "nll": nll(y, p).value, "brier": brier(y, p).value}
+    return {"n": len(y), "auroc": auroc(y, p).value, "nll": nll(y, p).value, "brier": brier(y, p).value}
 
 
-def train_probe(method: str, x: np.ndarray, y: np.ndarray, split: Any, whiten: bool, recalibration: str | None) -> tuple[Any, Any, dict[str, Any]]:
+def train_probe(
+    method: str, x: np.ndarray, y: np.ndarray, split: Any, whiten: bool, recalibration: str | None
+) -> tuple[Any, Any, dict[str, Any]]:
     if method == "logistic":
         probe, search = fit_logistic_probe(x[split.train], y[split.train], x[split.validation], y[split.validation])
     else:
         probe, search = MassMeanProbe(whiten=whiten).fit(x[split.train], y[split.train]), {}
     recalibrator = None
     if recalibration:
-        recalibrator = RECALIBRATORS[recalibration]().fit(probe.decision_function(x[split.validation]), y[split.validation])
+        recalibrator = RECALIBRATORS[recalibration]().fit(
+            probe.decision_function(x[split.validation]), y[split.validation]
+        )
     return probe, recalibrator, search
 
 
 def _best(candidates: list[TrainedProbe]) -> TrainedProbe:
     """Highest validation AUROC; ties go to the lower validation log loss."""
-    return max(candidates, key=lambda c: (c.validation["auroc"] if c.validation["auroc"] is not None else -1, -c.validation["nll"]))
+    return max(
+        candidates,
+        key=lambda c: (c.validation["auroc"] if c.validation["auroc"] is not None else -1, -c.validation["nll"]),
+    )
 
 
 def run(context: "JobContext") -> dict[str, Any]:
@@ -108,12 +120,21 @@ def run(context: "JobContext") -> dict[str, Any]:
     labels = labels_for(context, model, adapter, dataset, rows)
     split_spec = run_row.split
     try:
-        split = stratified_split(labels.y, fractions=(split_spec["train"], split_spec["validation"], split_spec["test"]), seed=split_spec["seed"])
+        split = stratified_split(
+            labels.y,
+            fractions=(split_spec["train"], split_spec["validation"], split_spec["test"]),
+            seed=split_spec["seed"],
+        )
     except ValueError as exc:
-        raise JobFailed("unsplittable", f"cannot split the labels for training: {exc}", positives=int(labels.y.sum()), n=int(len(labels.y))) from exc
+        raise JobFailed(
+            "unsplittable",
+            f"cannot split the labels for training: {exc}",
+            positives=int(labels.y.sum()),
+            n=len(labels.y),
+        ) from exc
     layers = list(run_row.layers)
     request = StatesRequest(model, adapter, layers, run_row.token_position, run_row.max_length)
-    states = hidden_states(context, request, texts_of_rows(rows, dataset.kind), shard_name=run_row.id).states
+    states = cached_states(context, request, texts_of_rows(rows, dataset.kind), shard_name=run_row.id).states
 
     candidates: list[TrainedProbe] = []
     total = len(layers) * len(run_row.methods)
@@ -121,15 +142,30 @@ def run(context: "JobContext") -> dict[str, Any]:
         for method in run_row.methods:
             context.progress("training", len(candidates), total)
             x = states[:, slot]
-            probe, recalibrator, search = train_probe(method, x, labels.y, split, bool(split_spec.get("whiten")), run_row.recalibration)
-            validation = validation_summary(labels.y[split.validation], probability_of_correct(probe, recalibrator, x[split.validation])) | {"search": search}
-            candidates.append(TrainedProbe(layer, method, probe, recalibrator, validation, probability_of_correct(probe, recalibrator, x[split.test])))
+            probe, recalibrator, search = train_probe(
+                method, x, labels.y, split, bool(split_spec.get("whiten")), run_row.recalibration
+            )
+            validation = validation_summary(
+                labels.y[split.validation], probability_of_correct(probe, recalibrator, x[split.validation])
+            ) | {"search": search}
+            candidates.append(
+                TrainedProbe(
+                    layer,
+                    method,
+                    probe,
+                    recalibrator,
+                    validation,
+                    probability_of_correct(probe, recalibrator, x[split.test]),
+                )
+            )
     best = _best(candidates)
 
     context.progress("reporting", 0, len(candidates))
     y_test = labels.y[split.test]
     baseline_report = (
-        calibration_report(y_test, labels.baseline[split.test], resamples=settings.bootstrap_resamples, seed=split_spec["seed"]).to_dict()
+        calibration_report(
+            y_test, labels.baseline[split.test], resamples=settings.bootstrap_resamples, seed=split_spec["seed"]
+        ).to_dict()
         if labels.baseline is not None
         else None
     )
@@ -142,7 +178,9 @@ def run(context: "JobContext") -> dict[str, Any]:
             session.add_all(rows)
             session.flush()
             session.execute(
-                update(ProbeRun).where(ProbeRun.id == run_row.id).values(artifact=run_artifact, best_probe_id=best_row.id, finished_at=utcnow())
+                update(ProbeRun)
+                .where(ProbeRun.id == run_row.id)
+                .values(artifact=run_artifact, best_probe_id=best_row.id, finished_at=utcnow())
             )
     except BaseException:
         for folder in written:  # no probe files without their rows
@@ -154,15 +192,21 @@ def run(context: "JobContext") -> dict[str, Any]:
         "best_probe_id": best_row.id,
         "best_layer": best_row.layer,
         "best_method": best_row.method,
-        "test_n": int(len(split.test)),
+        "test_n": len(split.test),
         "test_auroc": best_row.metrics["auroc"]["value"],
     }
 
 
 def _write_probes(
-    context: "JobContext", run_row: ProbeRun, candidates: list[TrainedProbe], best: TrainedProbe, labels: Labels, split: Any,
-    baseline_report: dict[str, Any] | None, written: list[str],
-) -> list[Probe]:  # fmt: skip
+    context: "JobContext",
+    run_row: ProbeRun,
+    candidates: list[TrainedProbe],
+    best: TrainedProbe,
+    labels: Labels,
+    split: Any,
+    baseline_report: dict[str, Any] | None,
+    written: list[str],
+) -> list[Probe]:
     """Probe folders (weights, report, test predictions) and their rows, not yet added. Each
     folder is made locally and published whole, so no reader finds half a probe."""
     store, settings = context.runtime.artifacts, context.runtime.settings
@@ -175,7 +219,11 @@ def _write_probes(
                 "labels": labels.y.tolist(),
                 "baseline_confidence": labels.baseline.tolist() if labels.baseline is not None else None,
                 "chosen": labels.chosen.tolist() if labels.chosen is not None else None,
-                "split": {"train": split.train.tolist(), "validation": split.validation.tolist(), "test": split.test.tolist()},
+                "split": {
+                    "train": split.train.tolist(),
+                    "validation": split.validation.tolist(),
+                    "test": split.test.tolist(),
+                },
             }
         ).encode(),
     )
@@ -184,21 +232,42 @@ def _write_probes(
         probe_id = new_id("prb")
         folder = f"probes/{probe_id}"
         written.append(folder)
-        report = calibration_report(y_test, candidate.test_probabilities, resamples=settings.bootstrap_resamples, seed=seed).to_dict()
+        report = calibration_report(
+            y_test, candidate.test_probabilities, resamples=settings.bootstrap_resamples, seed=seed
+        ).to_dict()
         with store.scratch(folder) as scratch:
             save_probe(scratch, candidate.probe, candidate.recalibrator)
             (scratch / "report.json").write_text(json.dumps({"probe": report, "baseline": baseline_report}))
             (scratch / "predictions.json").write_text(
-                json.dumps({"test_indices": split.test.tolist(), "labels": y_test.tolist(), "confidences": candidate.test_probabilities.tolist()})
+                json.dumps(
+                    {
+                        "test_indices": split.test.tolist(),
+                        "labels": y_test.tolist(),
+                        "confidences": candidate.test_probabilities.tolist(),
+                    }
+                )
             )
             store.publish_folder(folder, scratch)
         rows.append(
             Probe(
-                id=probe_id, run_id=run_row.id, model_id=run_row.model_id, adapter_id=run_row.adapter_id, dataset_id=run_row.dataset_id,
-                layer=candidate.layer, method=candidate.method, token_position=run_row.token_position, max_length=run_row.max_length,
-                recalibration=run_row.recalibration, is_best=candidate is best, artifact=folder, validation=candidate.validation,
-                metrics={name: {"value": entry["value"], "interval": entry["interval"]} for name, entry in report["metrics"].items()},
-            )  # fmt: skip
+                id=probe_id,
+                run_id=run_row.id,
+                model_id=run_row.model_id,
+                adapter_id=run_row.adapter_id,
+                dataset_id=run_row.dataset_id,
+                layer=candidate.layer,
+                method=candidate.method,
+                token_position=run_row.token_position,
+                max_length=run_row.max_length,
+                recalibration=run_row.recalibration,
+                is_best=candidate is best,
+                artifact=folder,
+                validation=candidate.validation,
+                metrics={
+                    name: {"value": entry["value"], "interval": entry["interval"]}
+                    for name, entry in report["metrics"].items()
+                },
+            )
         )
         context.progress("reporting", number + 1, len(candidates))
     return rows
@@ -211,6 +280,6 @@ def score(context: "JobContext") -> dict[str, Any]:
         model = get_model(session, probe_row.model_id)
         adapter = session.get(Adapter, probe_row.adapter_id) if probe_row.adapter_id else None
     request = StatesRequest(model, adapter, [probe_row.layer], probe_row.token_position, probe_row.max_length)
-    states = hidden_states(context, request, context.params["texts"], shard_name=context.job_id).states[:, 0]
+    states = cached_states(context, request, context.params["texts"], shard_name=context.job_id).states[:, 0]
     probe, recalibrator = load_probe(worker.artifacts.local_folder(probe_row.artifact))
     return {"confidences": [float(p) for p in probability_of_correct(probe, recalibrator, states)]}

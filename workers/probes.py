@@ -50,7 +50,9 @@ class Split:
     test: np.ndarray
 
 
-def stratified_split(y: Sequence[Any] | np.ndarray, *, fractions: tuple[float, float, float] = DEFAULT_FRACTIONS, seed: int) -> Split:
+def stratified_split(
+    y: Sequence[Any] | np.ndarray, *, fractions: tuple[float, float, float] = DEFAULT_FRACTIONS, seed: int
+) -> Split:
     """Split rows into train, validation and test, class by class, seeded.
 
     Each class is divided in the given fractions (largest remainder rounding, so each part
@@ -67,14 +69,18 @@ def stratified_split(y: Sequence[Any] | np.ndarray, *, fractions: tuple[float, f
     classes, class_sizes = np.unique(labels, return_counts=True)
     if len(classes) != 2:
         raise ValueError(f"a split needs labels of exactly two classes, got {len(classes)}: {classes.tolist()}")
-    for label, size in zip(classes.tolist(), class_sizes.tolist()):
+    for label, size in zip(classes.tolist(), class_sizes.tolist(), strict=False):
         if size < 3:
-            raise ValueError(f"class {label!r} has {size} member(s); train, validation and test each need one, so every class needs at least 3")
+            raise ValueError(
+                f"class {label!r} has {size} member(s); train, validation and test each need one, so every class needs at least 3"
+            )
     rng = np.random.default_rng(seed)
     parts: list[list[np.ndarray]] = [[], [], []]
-    for label, size in zip(classes, class_sizes):
+    for label, size in zip(classes, class_sizes, strict=False):
         members = rng.permutation(np.flatnonzero(labels == label))
-        for part, chunk in zip(parts, np.split(members, np.cumsum(class_part_sizes(int(size), fractions))[:-1])):
+        for part, chunk in zip(
+            parts, np.split(members, np.cumsum(class_part_sizes(int(size), fractions))[:-1]), strict=False
+        ):
             part.append(chunk)
     train, validation, test = (np.sort(np.concatenate(part)) for part in parts)
     return Split(train, validation, test)
@@ -161,7 +167,13 @@ class LogisticProbe(LogitClassifierMixin, BaseEstimator):
     def to_state(self) -> tuple[dict[str, np.ndarray], dict[str, Any]]:
         check_is_fitted(self)
         arrays = {"mean": self.mean_, "scale": self.scale_, "coef": self.coef_, "classes": self.classes_}
-        return arrays, {"kind": "logistic", "C": float(self.C), "max_iter": int(self.max_iter), "intercept": self.intercept_, "n_iter": self.n_iter_}
+        return arrays, {
+            "kind": "logistic",
+            "C": float(self.C),
+            "max_iter": int(self.max_iter),
+            "intercept": self.intercept_,
+            "n_iter": self.n_iter_,
+        }
 
     @classmethod
     def from_state(cls, arrays: dict[str, np.ndarray], params: dict[str, Any]) -> "LogisticProbe":
@@ -174,7 +186,12 @@ class LogisticProbe(LogitClassifierMixin, BaseEstimator):
 
 
 def fit_logistic_probe(
-    x_train: np.ndarray, y_train: np.ndarray, x_val: np.ndarray, y_val: np.ndarray, *, grid: Sequence[float] = DEFAULT_C_GRID
+    x_train: np.ndarray,
+    y_train: np.ndarray,
+    x_val: np.ndarray,
+    y_val: np.ndarray,
+    *,
+    grid: Sequence[float] = DEFAULT_C_GRID,
 ) -> tuple[LogisticProbe, dict[str, Any]]:
     """A `LogisticProbe` fitted on the training split, its C chosen on the validation split.
 
@@ -289,7 +306,9 @@ def zero_one_labels(logits: np.ndarray, y: np.ndarray) -> tuple[np.ndarray, np.n
     logits = np.asarray(logits, dtype=np.float64)
     labels = np.asarray(y)
     if logits.ndim != 1 or labels.shape != logits.shape:
-        raise ValueError(f"logits and labels must be one-dimensional and of one length, got shapes {logits.shape} and {labels.shape}")
+        raise ValueError(
+            f"logits and labels must be one-dimensional and of one length, got shapes {logits.shape} and {labels.shape}"
+        )
     if not np.isin(labels, (0, 1)).all():
         raise ValueError("recalibration labels must be 0 or 1")
     return logits, labels.astype(np.float64)

@@ -13,7 +13,7 @@ from rq import get_current_job
 from rq.timeouts import JobTimeoutException
 from sqlalchemy import update
 
-from app import jobs, logs, metrics
+from app import jobs, logs, monitoring
 from app.errors import disk_full
 from app.registry.tables import Job, utcnow
 from app.storage import ArtifactMissing, StoreUnavailable
@@ -34,6 +34,7 @@ Handler = Callable[[JobContext], dict[str, Any]]
 log = logging.getLogger("workers.runner")
 # how long a finished job waits for an unreachable database to record its outcome
 FINISH_RETRY_S = 60.0
+
 
 def ping(context: JobContext) -> dict[str, Any]:
     return {"worker": context.runtime.name, "device": context.runtime.settings.worker_device}
@@ -79,27 +80,48 @@ def _finish(worker: WorkerRuntime, job_id: str, attempt: int, started: float, **
     while True:
         try:
             with worker.sessions() as session, session.begin():
-                recorded = session.execute(update(Job).where(*this_attempt(job_id, worker.name, attempt)).values(finished_at=utcnow(), **outcome)).rowcount
+                recorded = session.execute(
+                    update(Job)
+                    .where(*this_attempt(job_id, worker.name, attempt))
+                    .values(finished_at=utcnow(), **outcome)
+                ).rowcount
                 job = jobs.get_job(session, job_id)
             break
         except sqlalchemy.exc.OperationalError:
             if time.monotonic() > deadline:
-                log.error("job outcome %s could not be recorded: the database is unreachable; the job will be taken back and run again", outcome.get("status"))
+                log.error(
+                    "job outcome %s could not be recorded: the database is unreachable; the job will be taken back and run again",
+                    outcome.get("status"),
+                )
                 return
             time.sleep(pause)
             pause = min(2 * pause, 5.0)
     if not recorded and (job.status, job.worker, job.attempts) == (outcome.get("status"), worker.name, attempt):
         recorded = True  # an earlier try committed it, and only its answer was lost
     if not recorded:
-        log.warning("job outcome %s dropped: the job was taken back from this attempt (now %s)", outcome.get("status"), job.status, extra={"attempt": attempt})
+        log.warning(
+            "job outcome %s dropped: the job was taken back from this attempt (now %s)",
+            outcome.get("status"),
+            job.status,
+            extra={"attempt": attempt},
+        )
         return
     seconds = time.monotonic() - started
-    log.info("job %s", job.status, extra={"kind": job.kind, "status": job.status, "seconds": round(seconds, 3), "error_code": (job.error or {}).get("code")})
+    log.info(
+        "job %s",
+        job.status,
+        extra={
+            "kind": job.kind,
+            "status": job.status,
+            "seconds": round(seconds, 3),
+            "error_code": (job.error or {}).get("code"),
+        },
+    )
     jobs.publish(worker.redis, worker.settings, job)
     if worker.outage.ongoing:
         return  # a figure lost to the Redis outage; the job's outcome is in the registry
     try:
-        metrics.record_job_duration(worker.redis, worker.settings, job.kind, job.status, seconds)
+        monitoring.record_job_duration(worker.redis, worker.settings, job.kind, job.status, seconds)
     except redis.exceptions.RedisError:
         pass  # a figure lost to a Redis outage; the job's outcome is in the registry
 
@@ -145,16 +167,33 @@ def _run_job(job_id: str) -> None:
         finish(status="failed", error={"code": "artifact_missing", "message": str(exc), "details": {"key": exc.key}})
     except StoreUnavailable as exc:
         log.warning("job failed: the artifact store is unreachable: %s", exc)
-        finish(status="failed", error={"code": "unavailable", "message": str(exc), "details": {"backend": "artifact store"}})
+        finish(
+            status="failed",
+            error={"code": "unavailable", "message": str(exc), "details": {"backend": "artifact store"}},
+        )
     except sqlalchemy.exc.OperationalError as exc:
         log.warning("job failed: the database is unreachable: %s", exc)
-        finish(status="failed", error={"code": "unavailable", "message": f"the database is unreachable: {exc}", "details": {"backend": "database"}})
+        finish(
+            status="failed",
+            error={
+                "code": "unavailable",
+                "message": f"the database is unreachable: {exc}",
+                "details": {"backend": "database"},
+            },
+        )
     except JobTimeoutException:
         # RQ's alarm (JOB_TIMEOUT_S, set on every job when it is queued) went off in the handler
         rq_job = get_current_job()
         limit = int(rq_job.timeout) if rq_job is not None and rq_job.timeout else worker.settings.job_timeout_s
         log.warning("job stopped: it ran longer than its limit of %d s", limit)
-        finish(status="failed", error={"code": "timeout", "message": f"the job ran longer than its limit of {limit} s (JOB_TIMEOUT_S)", "details": {"limit_s": limit}})
+        finish(
+            status="failed",
+            error={
+                "code": "timeout",
+                "message": f"the job ran longer than its limit of {limit} s (JOB_TIMEOUT_S)",
+                "details": {"limit_s": limit},
+            },
+        )
     except Exception as exc:
         if disk_full(exc):
             log.error("job failed: no space left: %s", exc)

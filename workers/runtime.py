@@ -21,7 +21,7 @@ from app.registry.database import create_registry_engine, session_factory
 from app.registry.tables import Adapter, Job, Model, utcnow
 from app.settings import Settings, get_settings
 from app.storage import ArtifactStore, open_store
-from workers.models import (
+from workers.resident_models import (
     LoadedModel,
     ResidentModels,
     active_adapter,
@@ -109,7 +109,10 @@ class WorkerRuntime:
     def running(self, loaded: LoadedModel, model: Model, adapter: Adapter | None) -> Iterator[None]:
         """Forward passes of `model` with `adapter` active (or the base alone), with
         bitsandbytes' refusals explained."""
-        with explained_quantization_errors(model.quantization, self.models.device), active_adapter(loaded, adapter.id if adapter else None):
+        with (
+            explained_quantization_errors(model.quantization, self.models.device),
+            active_adapter(loaded, adapter.id if adapter else None),
+        ):
             yield
 
     def set_current_job(self, job_id: str | None) -> None:
@@ -154,7 +157,7 @@ class WorkerRuntime:
                     self.outage.down(exc)  # the next beat tries again, and resumes the beats
                 except (redis.exceptions.RedisError, sqlalchemy.exc.OperationalError):
                     pass  # Redis or the database is away; the next beat tries again
-                except Exception:  # noqa: BLE001 (the thread must live on: a worker without heartbeats loses every job it runs)
+                except Exception:
                     log.exception("heartbeat chores failed; the next beat tries again")
                 stop.wait(self.settings.heartbeat_interval_s)
 
@@ -175,25 +178,46 @@ class WorkerRuntime:
         attempt still be running somewhere, it can no longer write: its updates are fenced
         by attempt (`workers/context.py`)."""
         wait_s = self.settings.heartbeat_ttl_s if suspect_for_s is None else suspect_for_s
-        running_on = {worker["name"]: worker.get("current_job") for worker in broker.live_workers(self.redis, self.settings)}
+        running_on = {
+            worker["name"]: worker.get("current_job") for worker in broker.live_workers(self.redis, self.settings)
+        }
         cutoff = utcnow() - timedelta(seconds=self.settings.heartbeat_ttl_s)
         with self.sessions() as session:
             suspects = {
                 job_id: worker
-                for job_id, worker in session.execute(select(Job.id, Job.worker).where(Job.status == "running", Job.started_at < cutoff))
+                for job_id, worker in session.execute(
+                    select(Job.id, Job.worker).where(Job.status == "running", Job.started_at < cutoff)
+                )
                 if worker not in running_on or running_on[worker] != job_id
             }
         confirmed = self._confirmed(suspects, wait_s)
         shared = broker.default_queue(self.settings)
         retried, failed = [], []
         with self.sessions() as session, session.begin():
-            lost = [job for job in session.scalars(select(Job).where(Job.id.in_(confirmed), Job.status == "running")) if job.worker == suspects[job.id]]
+            lost = [
+                job
+                for job in session.scalars(select(Job).where(Job.id.in_(confirmed), Job.status == "running"))
+                if job.worker == suspects[job.id]
+            ]
             for job in lost:
-                still_running = (Job.id == job.id, Job.status == "running", Job.worker == job.worker, Job.attempts == job.attempts)
+                still_running = (
+                    Job.id == job.id,
+                    Job.status == "running",
+                    Job.worker == job.worker,
+                    Job.attempts == job.attempts,
+                )
                 if job.attempts < self.settings.job_max_attempts:
                     taken = session.execute(
-                        update(Job).where(*still_running).values(
-                            status="queued", queue=shared, worker=None, started_at=None, progress_stage=None, progress_done=0, progress_total=None
+                        update(Job)
+                        .where(*still_running)
+                        .values(
+                            status="queued",
+                            queue=shared,
+                            worker=None,
+                            started_at=None,
+                            progress_stage=None,
+                            progress_done=0,
+                            progress_total=None,
                         )
                     ).rowcount
                     if taken:  # not already taken back by another worker's sweep
@@ -203,13 +227,14 @@ class WorkerRuntime:
                         update(Job)
                         .where(*still_running)
                         .values(
-                            status="failed", finished_at=utcnow(),
+                            status="failed",
+                            finished_at=utcnow(),
                             error={
                                 "code": "worker_lost",
                                 "message": f"worker {job.worker} stopped while running this job (attempt {job.attempts} of {self.settings.job_max_attempts})",
                                 "details": {"worker": job.worker, "attempts": job.attempts},
                             },
-                        )  # fmt: skip
+                        )
                     ).rowcount
                     if taken:
                         failed.append(job.id)
@@ -218,7 +243,11 @@ class WorkerRuntime:
                 job = jobs.get_job(session, job_id)
             if job_id in retried and job.status == "queued":
                 jobs.put_on_queue(self.redis, self.settings, job)
-            log.warning("job %s: its worker was lost", "queued again" if job_id in retried else "failed", extra={"job_id": job_id, "attempts": job.attempts})
+            log.warning(
+                "job %s: its worker was lost",
+                "queued again" if job_id in retried else "failed",
+                extra={"job_id": job_id, "attempts": job.attempts},
+            )
             jobs.publish(self.redis, self.settings, job)
         return retried + failed
 
@@ -246,7 +275,9 @@ class WorkerRuntime:
     def _takes_turn(self, chore: str, every_s: float) -> bool:
         """Whether this worker does `chore` now: the first to ask in each `every_s` window of
         the deployment does (a Redis key that lives for the window)."""
-        return bool(self.redis.set(f"{self.settings.queue_prefix}:turn:{chore}", self.name, nx=True, px=int(every_s * 1000)))
+        return bool(
+            self.redis.set(f"{self.settings.queue_prefix}:turn:{chore}", self.name, nx=True, px=int(every_s * 1000))
+        )
 
     def requeue_orphans(self) -> list[str]:
         """Queued jobs RQ lost (a Redis restart) or that wait on a dead worker's queue go back
@@ -275,7 +306,7 @@ class WorkerRuntime:
         def run() -> None:
             try:
                 sweep(self.sessions, self.artifacts, grace_s=self.settings.janitor_grace_s)
-            except Exception:  # noqa: BLE001 (a failed sweep is retried next interval; the worker goes on)
+            except Exception:
                 log.exception("artifact sweep failed")
 
         threading.Thread(target=run, name="janitor", daemon=True).start()

@@ -30,9 +30,13 @@ router = APIRouter(prefix="/v1/adapters", tags=["adapters"], responses=ERROR_RES
 
 
 def _queue_import(
-    sessions: sessionmaker[Session], connection: redis.Redis, settings: Settings, base_model: str, params: dict[str, Any],
+    sessions: sessionmaker[Session],
+    connection: redis.Redis,
+    settings: Settings,
+    base_model: str,
+    params: dict[str, Any],
     undo_also: Callable[[], None] | None = None,
-) -> Job:  # fmt: skip
+) -> Job:
     def prepare(session: Session, _job_id: str) -> jobs.Submission[None]:
         base = get_model(session, base_model)
         return jobs.Submission(params | {"base_model_id": base.id}, base.id, None)
@@ -42,11 +46,19 @@ def _queue_import(
 
 
 @router.post("/import", status_code=202)
-def import_adapter(body: AdapterImport, response: Response, settings: SettingsDep, sessions: SessionsDep, connection: RedisDep) -> JobAccepted:
+def import_adapter(
+    body: AdapterImport, response: Response, settings: SettingsDep, sessions: SessionsDep, connection: RedisDep
+) -> JobAccepted:
     """Import from a Tinker checkpoint, a local PEFT folder or archive, or an allowed URL. The
     job converts the adapter to PEFT, checks it against the base model, and registers it."""
     source = classify_source(body.source, settings)
-    params = {"source_kind": source.kind, "source": source.location, "tinker_run_id": source.tinker_run_id, "name": body.name, "metadata": body.metadata}
+    params = {
+        "source_kind": source.kind,
+        "source": source.location,
+        "tinker_run_id": source.tinker_run_id,
+        "name": body.name,
+        "metadata": body.metadata,
+    }
     job = _queue_import(sessions, connection, settings, body.base_model, params)
     response.headers["Location"] = f"/v1/jobs/{job.id}"
     return JobAccepted(job=JobOut.of(job))
@@ -54,15 +66,21 @@ def import_adapter(body: AdapterImport, response: Response, settings: SettingsDe
 
 @router.post("/upload", status_code=202)
 def upload_adapter(
-    file: Annotated[UploadFile, File(description="`.tar`, `.tar.gz` or `.zip` of a PEFT adapter or a Tinker checkpoint.")],
-    base_model: Annotated[str, Form(description="Id of the base model it was trained on."), AfterValidator(without_nul)],
+    file: Annotated[
+        UploadFile, File(description="`.tar`, `.tar.gz` or `.zip` of a PEFT adapter or a Tinker checkpoint.")
+    ],
+    base_model: Annotated[
+        str, Form(description="Id of the base model it was trained on."), AfterValidator(without_nul)
+    ],
     name: Annotated[str, Form(min_length=1, max_length=200), AfterValidator(without_nul)],
     response: Response,
     settings: SettingsDep,
     sessions: SessionsDep,
     connection: RedisDep,
     artifacts: ArtifactsDep,
-    metadata: Annotated[str | None, Form(description="Training metadata as a JSON object."), AfterValidator(without_nul)] = None,
+    metadata: Annotated[
+        str | None, Form(description="Training metadata as a JSON object."), AfterValidator(without_nul)
+    ] = None,
 ) -> JobAccepted:
     """Upload an adapter archive (including the legacy Tinker `.tar`); the job unpacks it as
     hostile input, converts and registers it."""
@@ -83,7 +101,9 @@ def upload_adapter(
         shutil.copyfileobj(file.file, handle, 1 << 20)
     params = {"source_kind": "upload", "source": source, "upload": staged, "name": name, "metadata": user_metadata}
     try:
-        job = _queue_import(sessions, connection, settings, base_model, params, undo_also=lambda: artifacts.delete(staged))
+        job = _queue_import(
+            sessions, connection, settings, base_model, params, undo_also=lambda: artifacts.delete(staged)
+        )
     except ServiceError:
         artifacts.delete(staged)
         raise
@@ -99,7 +119,9 @@ def list_imported_adapters(
     cursor: Annotated[str | None, Query(max_length=40)] = None,
     limit: Annotated[int, Query(ge=1, le=200)] = 50,
 ) -> AdapterPage:
-    adapters, next_cursor = list_adapters(session, base_model_id=base_model, cursor=cursor, limit=min(limit, settings.page_size_max))
+    adapters, next_cursor = list_adapters(
+        session, base_model_id=base_model, cursor=cursor, limit=min(limit, settings.page_size_max)
+    )
     return AdapterPage(items=[AdapterOut.of(adapter) for adapter in adapters], next_cursor=next_cursor)
 
 
@@ -108,16 +130,27 @@ def show_adapter(adapter_id: str, session: SessionDep) -> AdapterOut:
     return AdapterOut.of(get_adapter(session, adapter_id))
 
 
-@router.delete("/{adapter_id}", status_code=204, responses={409: {"description": "In use by a queued or running job; `?force=true` deletes anyway."}})
+@router.delete(
+    "/{adapter_id}",
+    status_code=204,
+    responses={409: {"description": "In use by a queued or running job; `?force=true` deletes anyway."}},
+)
 def delete_adapter(adapter_id: str, sessions: SessionsDep, artifacts: ArtifactsDep, force: bool = False) -> Response:
     """Remove the adapter's row and files together."""
     with transaction(sessions) as session:
         adapter = get_adapter(session, adapter_id)
         users = session.scalars(
-            select(Extraction.id).join(Job, Job.id == Extraction.job_id).where(Extraction.adapter_id == adapter_id, Job.status.in_(("queued", "running")))
+            select(Extraction.id)
+            .join(Job, Job.id == Extraction.job_id)
+            .where(Extraction.adapter_id == adapter_id, Job.status.in_(("queued", "running")))
         ).all()
         if users and not force:
-            raise ServiceError(409, "conflict", f"adapter {adapter_id} is used by {len(users)} unfinished jobs; pass force=true to delete anyway", used_by=list(users))
+            raise ServiceError(
+                409,
+                "conflict",
+                f"adapter {adapter_id} is used by {len(users)} unfinished jobs; pass force=true to delete anyway",
+                used_by=list(users),
+            )
         artifact = adapter.artifact
         session.delete(adapter)
         session.flush()

@@ -10,7 +10,7 @@ from sqlalchemy.orm import Session
 
 from app import jobs
 from app.api.deps import ArtifactsDep, RedisDep, SessionDep, SessionsDep, SettingsDep
-from app.api.rendering import cached_render
+from app.api.render_cache import cached_render
 from app.comparisons import new_comparison
 from app.errors import ServiceError, not_found
 from app.registry.tables import Comparison, Job
@@ -23,12 +23,16 @@ router = APIRouter(prefix="/v1/comparisons", tags=["comparisons"], responses=ERR
 
 
 def _view(comparison: Comparison, status: str, report: dict[str, Any] | None) -> ComparisonOut:
-    fields = {name: getattr(comparison, name) for name in ComparisonOut.model_fields if name not in {"status", "report"}}
+    fields = {
+        name: getattr(comparison, name) for name in ComparisonOut.model_fields if name not in {"status", "report"}
+    }
     return ComparisonOut(**fields, status=status, report=report)
 
 
 @router.post("", status_code=202)
-def compare(body: ComparisonCreate, response: Response, settings: SettingsDep, sessions: SessionsDep, connection: RedisDep) -> ComparisonAccepted:
+def compare(
+    body: ComparisonCreate, response: Response, settings: SettingsDep, sessions: SessionsDep, connection: RedisDep
+) -> ComparisonAccepted:
     """Queue a comparison: the same texts, split and layers for the base and each adapter;
     a probe per model and layer; metrics side by side with paired-bootstrap differences,
     and cross-transfer (the base's probe on each adapter's states and back)."""
@@ -36,7 +40,12 @@ def compare(body: ComparisonCreate, response: Response, settings: SettingsDep, s
     def prepare(session: Session, job_id: str) -> jobs.Submission[Comparison]:
         comparison = new_comparison(session, body, job_id)
         split = body.split.model_dump() | {"seed": body.seed}
-        params = {"comparison_id": comparison.id, "split": split, "max_length": body.max_length, "on_mixed_precision": body.on_mixed_precision}
+        params = {
+            "comparison_id": comparison.id,
+            "split": split,
+            "max_length": body.max_length,
+            "on_mixed_precision": body.on_mixed_precision,
+        }
         return jobs.Submission(params, comparison.model_id, comparison)
 
     job, comparison = jobs.submit(sessions, connection, settings, "comparison", prepare)
@@ -59,7 +68,9 @@ def _report(artifacts: ArtifactStore, comparison: Comparison) -> dict[str, Any] 
 def _finished_report(artifacts: ArtifactStore, comparison: Comparison, status: str) -> dict[str, Any]:
     report = _report(artifacts, comparison)
     if report is None:
-        raise ServiceError(409, "not_ready", f"comparison {comparison.id} is {status}; its report is not there yet", job_status=status)
+        raise ServiceError(
+            409, "not_ready", f"comparison {comparison.id} is {status}; its report is not there yet", job_status=status
+        )
     return report
 
 
@@ -97,9 +108,16 @@ def comparison_html(comparison_id: str, session: SessionDep, artifacts: Artifact
     report = _finished_report(artifacts, comparison, status)
 
     def render() -> bytes:
-        notes = [f"layer {report['layer']} (chosen on the base's validation split), {comparison.method} probes, held-out test split", *report["flags"]]
+        notes = [
+            f"layer {report['layer']} (chosen on the base's validation split), {comparison.method} probes, held-out test split",
+            *report["flags"],
+        ]
         for label, transfer in report["cross_transfer"].items():
-            notes.append(f"cross-transfer {label}: AUROC {transfer['auroc']:.3f}" if transfer.get("auroc") is not None else f"cross-transfer {label}: —")
+            notes.append(
+                f"cross-transfer {label}: AUROC {transfer['auroc']:.3f}"
+                if transfer.get("auroc") is not None
+                else f"cross-transfer {label}: —"
+            )
         title = f"Comparison {comparison.id}: base vs {len(comparison.adapter_ids)} adapter(s)"
         return render_html(title, _curves(report), differences=report["differences"], notes=notes).encode()
 

@@ -23,14 +23,20 @@ router = APIRouter(prefix="/v1/datasets", tags=["datasets"], responses=ERROR_RES
 def upload_dataset(
     file: Annotated[
         UploadFile,
-        File(description="JSONL or CSV (by the `.jsonl`/`.csv` extension, else by content), UTF-8. "
-        "Statements: `text` (or `statement`), `label` 0/1. Multiple choice: `question`, `choices` "
-        "(in CSV a JSON list), `answer` (0-based index)."),
+        File(
+            description="JSONL or CSV (by the `.jsonl`/`.csv` extension, else by content), UTF-8. "
+            "Statements: `text` (or `statement`), `label` 0/1. Multiple choice: `question`, `choices` "
+            "(in CSV a JSON list), `answer` (0-based index)."
+        ),
     ],
     response: Response,
     sessions: SessionsDep,
     artifacts: ArtifactsDep,
-    name: Annotated[str | None, Form(min_length=1, max_length=200, description="Display name; default: the file name."), AfterValidator(without_nul)] = None,
+    name: Annotated[
+        str | None,
+        Form(min_length=1, max_length=200, description="Display name; default: the file name."),
+        AfterValidator(without_nul),
+    ] = None,
 ) -> DatasetOut:
     """Upload a dataset. A malformed row is a 422 naming its line and field, and nothing is
     kept. Rows already uploaded (as CSV or JSONL) answer 200 with the existing dataset."""

@@ -11,29 +11,29 @@ from app.settings import Settings
 from app.storage import ArtifactStore
 
 
-def get_settings(request: Request) -> Settings:
+def app_settings(request: Request) -> Settings:
     return request.app.state.settings
 
 
-def get_sessions(request: Request) -> sessionmaker[Session]:
+def app_sessions(request: Request) -> sessionmaker[Session]:
     return request.app.state.sessions
 
 
-def get_session(request: Request) -> Iterator[Session]:
+def request_session(request: Request) -> Iterator[Session]:
     with request.app.state.sessions() as session:
         yield session
 
 
-def get_redis(request: Request) -> redis.Redis:
+def app_redis(request: Request) -> redis.Redis:
     return request.app.state.redis
 
 
-def get_artifacts(request: Request) -> ArtifactStore:
+def app_artifacts(request: Request) -> ArtifactStore:
     return request.app.state.artifacts
 
 
-SettingsDep = Annotated[Settings, Depends(get_settings)]
-SessionsDep = Annotated[sessionmaker[Session], Depends(get_sessions)]
-SessionDep = Annotated[Session, Depends(get_session)]
-RedisDep = Annotated[redis.Redis, Depends(get_redis)]
-ArtifactsDep = Annotated[ArtifactStore, Depends(get_artifacts)]
+SettingsDep = Annotated[Settings, Depends(app_settings)]
+SessionsDep = Annotated[sessionmaker[Session], Depends(app_sessions)]
+SessionDep = Annotated[Session, Depends(request_session)]
+RedisDep = Annotated[redis.Redis, Depends(app_redis)]
+ArtifactsDep = Annotated[ArtifactStore, Depends(app_artifacts)]

@@ -53,13 +53,25 @@ def _model_registration(model: ExperimentModel) -> ModelCreate:
     display name may be. Anything else the registration refuses is named under `model`."""
     display_name = model.name if len(model.name) <= DISPLAY_NAME_MAX else PurePath(model.name).name[-DISPLAY_NAME_MAX:]
     try:
-        return ModelCreate(name=display_name or model.name[-DISPLAY_NAME_MAX:], source=model.name, revision=model.revision, dtype=model.dtype, quantization=model.quantization)
+        return ModelCreate(
+            name=display_name or model.name[-DISPLAY_NAME_MAX:],
+            source=model.name,
+            revision=model.revision,
+            dtype=model.dtype,
+            quantization=model.quantization,
+        )
     except ValidationError as exc:
         raise _body_errors(exc, ("model",)) from exc
 
 
 # where each field of a model registration comes from in a config
-REGISTRATION_FIELDS = {"name": "model.name", "source": "model.name", "revision": "model.revision", "dtype": "model.dtype", "quantization": "model.quantization"}
+REGISTRATION_FIELDS = {
+    "name": "model.name",
+    "source": "model.name",
+    "revision": "model.revision",
+    "dtype": "model.dtype",
+    "quantization": "model.quantization",
+}
 
 
 def _named_in_config(exc: ServiceError) -> ServiceError:
@@ -90,7 +102,8 @@ def links(experiment: Experiment, best_probe_id: str | None) -> dict[str, str | 
         "adapter": path("/v1/adapters", experiment.adapter_id),
         "dataset": path("/v1/datasets", experiment.dataset_id),
         "extraction": path("/v1/extractions", experiment.extraction_id),
-        "hidden_states": path("/v1/extractions", experiment.extraction_id) and f"/v1/extractions/{experiment.extraction_id}/hidden-states",
+        "hidden_states": path("/v1/extractions", experiment.extraction_id)
+        and f"/v1/extractions/{experiment.extraction_id}/hidden-states",
         "probe_run": path("/v1/probe-runs", experiment.probe_run_id),
         "best_probe": path("/v1/probes", best_probe_id),
         "report": best_probe_id and f"/v1/probes/{best_probe_id}/report.html",
@@ -100,9 +113,15 @@ def links(experiment: Experiment, best_probe_id: str | None) -> dict[str, str | 
 
 def _view(experiment: Experiment, status: str, best_probe_id: str | None) -> ExperimentOut:
     return ExperimentOut(
-        id=experiment.id, name=experiment.name, status=status, job_id=experiment.job_id, config=experiment.config,  # type: ignore[arg-type]
-        links=links(experiment, best_probe_id), created_at=experiment.created_at, finished_at=experiment.finished_at,
-    )  # fmt: skip
+        id=experiment.id,
+        name=experiment.name,
+        status=status,
+        job_id=experiment.job_id,
+        config=experiment.config,  # type: ignore[arg-type]
+        links=links(experiment, best_probe_id),
+        created_at=experiment.created_at,
+        finished_at=experiment.finished_at,
+    )
 
 
 @router.post(
@@ -118,7 +137,9 @@ def _view(experiment: Experiment, status: str, best_probe_id: str | None) -> Exp
         }
     },
 )
-async def run_experiment(request: Request, response: Response, settings: SettingsDep, sessions: SessionsDep, connection: RedisDep) -> ExperimentAccepted:
+async def run_experiment(
+    request: Request, response: Response, settings: SettingsDep, sessions: SessionsDep, connection: RedisDep
+) -> ExperimentAccepted:
     """Run an experiment config as one job: import the adapter (Tinker checkpoint or PEFT
     folder), extract hidden states, train probes, report. Steps already done — the same
     model, adapter weights, dataset, texts — come from the registry and the cache, so a
@@ -130,7 +151,11 @@ async def run_experiment(request: Request, response: Response, settings: Setting
 
 
 def _submit(
-    config: ExperimentConfig, response: Response, settings: Settings, sessions: sessionmaker[Session], connection: redis.Redis
+    config: ExperimentConfig,
+    response: Response,
+    settings: Settings,
+    sessions: sessionmaker[Session],
+    connection: redis.Redis,
 ) -> ExperimentAccepted:
     adapter = _adapter_source(config)
     adapter_source = classify_source(adapter, settings) if adapter else None
@@ -147,11 +172,21 @@ def _submit(
     layers = resolve_layers(config.extraction.layers, model.num_layers)
 
     def prepare(_session: Session, job_id: str) -> jobs.Submission[Experiment]:
-        experiment = Experiment(id=new_id("exp"), job_id=job_id, name=config.experiment.name, config=config.model_dump(mode="json"), model_id=model.id)
+        experiment = Experiment(
+            id=new_id("exp"),
+            job_id=job_id,
+            name=config.experiment.name,
+            config=config.model_dump(mode="json"),
+            model_id=model.id,
+        )
         params = {
             "experiment_id": experiment.id,
             "layers": layers,
-            "adapter": {"source_kind": adapter_source.kind, "source": adapter_source.location, "tinker_run_id": adapter_source.tinker_run_id}
+            "adapter": {
+                "source_kind": adapter_source.kind,
+                "source": adapter_source.location,
+                "tinker_run_id": adapter_source.tinker_run_id,
+            }
             if adapter_source
             else None,
             "dataset": config.probe.dataset if dataset_path is None else None,

@@ -35,7 +35,9 @@ CHUNK_BYTES = 1 << 20
 
 
 @router.post("", status_code=202)
-def create_extraction(body: ExtractionCreate, response: Response, settings: SettingsDep, sessions: SessionsDep, connection: RedisDep) -> ExtractionAccepted:
+def create_extraction(
+    body: ExtractionCreate, response: Response, settings: SettingsDep, sessions: SessionsDep, connection: RedisDep
+) -> ExtractionAccepted:
     """Queue an extraction. The answer comes at once; follow the job, then download."""
 
     def prepare(session: Session, job_id: str) -> jobs.Submission[Extraction]:
@@ -49,7 +51,9 @@ def create_extraction(body: ExtractionCreate, response: Response, settings: Sett
 
 
 def _get(session: SessionDep, extraction_id: str) -> tuple[Extraction, Job]:
-    row = session.execute(select(Extraction, Job).join(Job, Job.id == Extraction.job_id).where(Extraction.id == extraction_id)).first()
+    row = session.execute(
+        select(Extraction, Job).join(Job, Job.id == Extraction.job_id).where(Extraction.id == extraction_id)
+    ).first()
     if row is None:
         raise not_found("extraction", extraction_id)
     return row[0], row[1]
@@ -62,7 +66,9 @@ def list_extractions(
     cursor: Annotated[str | None, Query(max_length=40)] = None,
     limit: Annotated[int, Query(ge=1, le=200)] = 50,
 ) -> ExtractionPage:
-    found, next_cursor = keyset_page(session, select(Extraction), Extraction.id, cursor, min(limit, settings.page_size_max))
+    found, next_cursor = keyset_page(
+        session, select(Extraction), Extraction.id, cursor, min(limit, settings.page_size_max)
+    )
     statuses = dict(session.execute(select(Job.id, Job.status).where(Job.id.in_([e.job_id for e in found]))).all())
     return ExtractionPage(items=[ExtractionOut.of(e, statuses[e.job_id]) for e in found], next_cursor=next_cursor)
 
@@ -92,7 +98,10 @@ def _safetensors_data_range(artifacts: ArtifactStore, key: str) -> tuple[int, in
 
 @router.get(
     "/{extraction_id}/hidden-states",
-    responses={200: {"content": {"application/octet-stream": {}}, "description": "The (texts, layers, hidden) float32 array."}, 409: {"description": "Not computed yet."}},
+    responses={
+        200: {"content": {"application/octet-stream": {}}, "description": "The (texts, layers, hidden) float32 array."},
+        409: {"description": "Not computed yet."},
+    },
 )
 def download_hidden_states(
     extraction_id: str, session: SessionDep, artifacts: ArtifactsDep, format: Literal["npy", "safetensors"] = "npy"
@@ -101,7 +110,12 @@ def download_hidden_states(
     `safetensors` (tensor `hidden_states`, layers in its metadata)."""
     extraction, job = _get(session, extraction_id)
     if extraction.artifact is None or extraction.shape is None:
-        raise ServiceError(409, "not_ready", f"extraction {extraction_id} is {job.status}; its hidden states are not there yet", status_of_job=job.status)
+        raise ServiceError(
+            409,
+            "not_ready",
+            f"extraction {extraction_id} is {job.status}; its hidden states are not there yet",
+            status_of_job=job.status,
+        )
     key = extraction.artifact
     if format == "safetensors":
         size = artifacts.size(key)  # ArtifactMissing (410) before any answer starts
@@ -111,10 +125,16 @@ def download_hidden_states(
         return _attachment(artifacts.iter_bytes(key, chunk_bytes=CHUNK_BYTES), size, f"{extraction_id}.safetensors")
     header = _npy_header(extraction.shape)
     start, end = _safetensors_data_range(artifacts, key)
-    return _attachment(itertools.chain([header], artifacts.iter_bytes(key, start, end, CHUNK_BYTES)), len(header) + end - start, f"{extraction_id}.npy")
+    return _attachment(
+        itertools.chain([header], artifacts.iter_bytes(key, start, end, CHUNK_BYTES)),
+        len(header) + end - start,
+        f"{extraction_id}.npy",
+    )
 
 
 def _attachment(chunks: Iterator[bytes], length: int, filename: str) -> StreamingResponse:
     return StreamingResponse(
-        chunks, media_type="application/octet-stream", headers={"Content-Length": str(length), "Content-Disposition": f'attachment; filename="{filename}"'}
+        chunks,
+        media_type="application/octet-stream",
+        headers={"Content-Length": str(length), "Content-Disposition": f'attachment; filename="{filename}"'},
     )

@@ -28,7 +28,9 @@ def healthz() -> HealthOut:
     return HealthOut(status="ok")
 
 
-@router.get("/readyz", tags=["health"], responses={503: {"description": "A part is missing; `details.missing` names it."}})
+@router.get(
+    "/readyz", tags=["health"], responses={503: {"description": "A part is missing; `details.missing` names it."}}
+)
 def readyz(request: Request, settings: SettingsDep, sessions: SessionsDep, connection: RedisDep) -> ReadinessOut:
     """Ready when the registry database answers, Redis answers, and at least one worker's
     heartbeat is fresh. Open to anyone, as load balancers probe it; with authentication on,
@@ -48,7 +50,11 @@ def readyz(request: Request, settings: SettingsDep, sessions: SessionsDep, conne
         connection.ping()
         checks["redis"] = "ok"
         workers = broker.live_workers(connection, settings)
-        checks["workers"] = [{"name": w["name"], "device": w["device"], "current_job": w.get("current_job")} for w in workers] if detailed else len(workers)
+        checks["workers"] = (
+            [{"name": w["name"], "device": w["device"], "current_job": w.get("current_job")} for w in workers]
+            if detailed
+            else len(workers)
+        )
         if not workers:
             missing.append("worker")
     except Exception as exc:

@@ -28,7 +28,9 @@ def list_all_jobs(
     limit: Annotated[int, Query(ge=1, le=200)] = 50,
 ) -> JobPage:
     """Newest first, filtered by status and kind; follow `next_cursor` for older ones."""
-    found, next_cursor = jobs.list_jobs(session, status=status, kind=kind, cursor=cursor, limit=min(limit, settings.page_size_max))
+    found, next_cursor = jobs.list_jobs(
+        session, status=status, kind=kind, cursor=cursor, limit=min(limit, settings.page_size_max)
+    )
     return JobPage(items=[JobOut.of(job) for job in found], next_cursor=next_cursor)
 
 
@@ -36,7 +38,9 @@ def list_all_jobs(
 def ping_workers(response: Response, settings: SettingsDep, sessions: SessionsDep, connection: RedisDep) -> JobAccepted:
     """A canary job that does nothing on a worker: it proves the whole path (gateway →
     Redis → worker → registry) works, and how fast, without touching a model."""
-    job, _ = jobs.submit(sessions, connection, settings, "ping", lambda _session, _job_id: jobs.Submission({}, None, None))
+    job, _ = jobs.submit(
+        sessions, connection, settings, "ping", lambda _session, _job_id: jobs.Submission({}, None, None)
+    )
     response.headers["Location"] = f"/v1/jobs/{job.id}"
     return JobAccepted(job=JobOut.of(job))
 
@@ -75,7 +79,9 @@ async def job_events(
     await pubsub.subscribe(broker.job_channel(settings, job_id))
     try:
         current = await run_in_threadpool(read_job)  # read after subscribing: no change is missed
-        yield ServerSentEvent(event="job", id=f"{current.status}:{current.progress.done}", raw_data=current.model_dump_json())
+        yield ServerSentEvent(
+            event="job", id=f"{current.status}:{current.progress.done}", raw_data=current.model_dump_json()
+        )
         while current.status not in jobs.TERMINAL_STATUSES:
             if await request.is_disconnected():
                 return
@@ -88,7 +94,9 @@ async def job_events(
             else:
                 latest = JobOut.model_validate(json.loads(message["data"]))
             current = latest
-            yield ServerSentEvent(event="job", id=f"{current.status}:{current.progress.done}", raw_data=current.model_dump_json())
+            yield ServerSentEvent(
+                event="job", id=f"{current.status}:{current.progress.done}", raw_data=current.model_dump_json()
+            )
     finally:
         await pubsub.unsubscribe()
         await pubsub.aclose()

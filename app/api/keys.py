@@ -20,9 +20,14 @@ router = APIRouter(prefix="/v1/keys", tags=["keys"], responses=ERROR_RESPONSES)
 def create_api_key(body: ApiKeyCreate, sessions: SessionsDep) -> ApiKeyCreated:
     """A new key; `secret` is the key, shown this once."""
     if body.rate_limit_burst is not None and body.rate_limit_per_minute is None:
-        raise invalid_field("rate_limit_burst", "needs rate_limit_per_minute (a burst of the service's default rate is RATE_LIMIT_BURST)")
+        raise invalid_field(
+            "rate_limit_burst",
+            "needs rate_limit_per_minute (a burst of the service's default rate is RATE_LIMIT_BURST)",
+        )
     with transaction(sessions) as session:
-        key, secret = auth.create_key(session, body.name, body.scopes, body.rate_limit_per_minute, body.rate_limit_burst)
+        key, secret = auth.create_key(
+            session, body.name, body.scopes, body.rate_limit_per_minute, body.rate_limit_burst
+        )
     return ApiKeyCreated(**ApiKeyOut.of(key).model_dump(), secret=secret)
 
 
@@ -35,7 +40,9 @@ def list_api_keys(
     limit: Annotated[int, Query(ge=1, le=200)] = 50,
 ) -> ApiKeyPage:
     """Newest first, without their secrets."""
-    keys, next_cursor = list_keys(session, include_revoked=include_revoked, cursor=cursor, limit=min(limit, settings.page_size_max))
+    keys, next_cursor = list_keys(
+        session, include_revoked=include_revoked, cursor=cursor, limit=min(limit, settings.page_size_max)
+    )
     return ApiKeyPage(items=[ApiKeyOut.of(key) for key in keys], next_cursor=next_cursor)
 
 

@@ -27,7 +27,9 @@ router = APIRouter(prefix="/v1/models", tags=["models"], responses=ERROR_RESPONS
     status_code=status.HTTP_201_CREATED,
     responses={200: {"model": ModelOut, "description": "Already registered: the existing model."}},
 )
-def register_model(body: ModelCreate, response: Response, settings: SettingsDep, sessions: SessionsDep, connection: RedisDep) -> ModelOut:
+def register_model(
+    body: ModelCreate, response: Response, settings: SettingsDep, sessions: SessionsDep, connection: RedisDep
+) -> ModelOut:
     """Register a base model and queue a check in which a worker loads it and runs one
     token through it. The answer comes at once with `status: pending`."""
     model, created = register(body, settings, sessions, connection)
@@ -38,7 +40,9 @@ def register_model(body: ModelCreate, response: Response, settings: SettingsDep,
     return ModelOut.of(model)
 
 
-def register(body: ModelCreate, settings: Settings, sessions: sessionmaker[Session], connection: Any) -> tuple[Model, bool]:
+def register(
+    body: ModelCreate, settings: Settings, sessions: sessionmaker[Session], connection: Any
+) -> tuple[Model, bool]:
     """The registered model, and whether this call registered it (else it already was)."""
     source = resolve_source(body.source, body.revision, settings.hf_cache_dir, settings.model_roots)
     shape = read_model_shape(source.path)
@@ -85,7 +89,9 @@ def show_model(model_id: str, session: SessionDep) -> ModelOut:
 
 
 @router.post("/{model_id}/check", status_code=status.HTTP_202_ACCEPTED)
-def check_model(model_id: str, response: Response, settings: SettingsDep, sessions: SessionsDep, connection: RedisDep) -> JobAccepted:
+def check_model(
+    model_id: str, response: Response, settings: SettingsDep, sessions: SessionsDep, connection: RedisDep
+) -> JobAccepted:
     """Queue another check of a registered model (after fixing its files, or to confirm a
     worker can load it). The model keeps its status until the check ends."""
     with transaction(sessions) as session:

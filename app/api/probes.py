@@ -11,7 +11,7 @@ from sqlalchemy.orm import Session
 
 from app import jobs
 from app.api.deps import ArtifactsDep, RedisDep, SessionDep, SessionsDep, SettingsDep
-from app.api.rendering import cached_render
+from app.api.render_cache import cached_render
 from app.errors import ServiceError, not_found
 from app.probes import new_probe_run, run_view
 from app.registry.database import keyset_page
@@ -33,10 +33,13 @@ router = APIRouter(tags=["probes"], responses=ERROR_RESPONSES)
 
 
 @router.post("/v1/probes", status_code=202)
-def train_probes(body: ProbeCreate, response: Response, settings: SettingsDep, sessions: SessionsDep, connection: RedisDep) -> ProbeAccepted:
+def train_probes(
+    body: ProbeCreate, response: Response, settings: SettingsDep, sessions: SessionsDep, connection: RedisDep
+) -> ProbeAccepted:
     """Queue training: labels (given, or the model's own for multiple choice), hidden states
     at each layer, one probe per layer and method, the best marked on validation, and a
     calibration report on the held-out test split."""
+
     def prepare(session: Session, job_id: str) -> jobs.Submission:
         run = new_probe_run(session, body, job_id)
         return jobs.Submission({"run_id": run.id}, run.model_id, run)
@@ -107,24 +110,45 @@ def probe_report(probe_id: str, session: SessionDep, artifacts: ArtifactsDep) ->
     choice, the same for the model's own probability of its answer (`baseline`)."""
     probe = _probe(session, probe_id)
     report = _report(artifacts, probe)
-    return {"probe": ProbeOut.of(probe).model_dump(mode="json"), "report": report["probe"], "baseline": report["baseline"]}
+    return {
+        "probe": ProbeOut.of(probe).model_dump(mode="json"),
+        "report": report["probe"],
+        "baseline": report["baseline"],
+    }
 
 
-@router.get("/v1/probes/{probe_id}/report.svg", response_class=Response, responses={200: {"content": {"image/svg+xml": {}}}})
+@router.get(
+    "/v1/probes/{probe_id}/report.svg", response_class=Response, responses={200: {"content": {"image/svg+xml": {}}}}
+)
 def probe_report_svg(probe_id: str, session: SessionDep, artifacts: ArtifactsDep) -> Response:
     from app.calibration.rendering import render_svg
 
     probe = _probe(session, probe_id)
-    svg = cached_render(artifacts, probe.artifact, "report.svg", lambda: render_svg(_labelled_reports(_report(artifacts, probe), probe)).encode())
+    svg = cached_render(
+        artifacts,
+        probe.artifact,
+        "report.svg",
+        lambda: render_svg(_labelled_reports(_report(artifacts, probe), probe)).encode(),
+    )
     return Response(svg, media_type="image/svg+xml")
 
 
-@router.get("/v1/probes/{probe_id}/report.png", response_class=Response, responses={200: {"content": {"image/png": {}}}})
+@router.get(
+    "/v1/probes/{probe_id}/report.png", response_class=Response, responses={200: {"content": {"image/png": {}}}}
+)
 def probe_report_png(probe_id: str, session: SessionDep, artifacts: ArtifactsDep) -> Response:
     from app.calibration.rendering import render_png
 
     probe = _probe(session, probe_id)
-    return Response(cached_render(artifacts, probe.artifact, "report.png", lambda: render_png(_labelled_reports(_report(artifacts, probe), probe))), media_type="image/png")
+    return Response(
+        cached_render(
+            artifacts,
+            probe.artifact,
+            "report.png",
+            lambda: render_png(_labelled_reports(_report(artifacts, probe), probe)),
+        ),
+        media_type="image/png",
+    )
 
 
 @router.get("/v1/probes/{probe_id}/report.html", response_class=HTMLResponse)
@@ -134,33 +158,58 @@ def probe_report_html(probe_id: str, session: SessionDep, artifacts: ArtifactsDe
     probe = _probe(session, probe_id)
 
     def render() -> bytes:
-        title = f"Probe {probe.id}: layer {probe.layer}, {probe.method}" + (f", {probe.recalibration} recalibration" if probe.recalibration else "")
-        notes = [f"model {probe.model_id}" + (f" with adapter {probe.adapter_id}" if probe.adapter_id else ""), f"dataset {probe.dataset_id}", "held-out test split"]
+        title = f"Probe {probe.id}: layer {probe.layer}, {probe.method}" + (
+            f", {probe.recalibration} recalibration" if probe.recalibration else ""
+        )
+        notes = [
+            f"model {probe.model_id}" + (f" with adapter {probe.adapter_id}" if probe.adapter_id else ""),
+            f"dataset {probe.dataset_id}",
+            "held-out test split",
+        ]
         return render_html(title, _labelled_reports(_report(artifacts, probe), probe), notes=notes).encode()
 
     return HTMLResponse(cached_render(artifacts, probe.artifact, "report.html", render))
 
 
-@router.post("/v1/probes/{probe_id}/score", responses={202: {"model": JobAccepted, "description": "Not done within timeout_s: follow the job."}})
-async def score_texts(probe_id: str, body: ScoreRequest, request: Request, response: Response, settings: SettingsDep, sessions: SessionsDep, connection: RedisDep) -> Any:
+@router.post(
+    "/v1/probes/{probe_id}/score",
+    responses={202: {"model": JobAccepted, "description": "Not done within timeout_s: follow the job."}},
+)
+async def score_texts(
+    probe_id: str,
+    body: ScoreRequest,
+    request: Request,
+    response: Response,
+    settings: SettingsDep,
+    sessions: SessionsDep,
+    connection: RedisDep,
+) -> Any:
     """P(correct) for each text. Waits up to `timeout_s` for a worker, then answers 202 with
     the job instead."""
     if len(body.texts) > settings.max_score_texts:
-        raise ServiceError(413, "payload_too_large", f"texts: at most {settings.max_score_texts} texts per request", field="texts")
+        raise ServiceError(
+            413, "payload_too_large", f"texts: at most {settings.max_score_texts} texts per request", field="texts"
+        )
     for index, text in enumerate(body.texts):
         if not text.strip():
             raise ServiceError(422, "invalid_field", f"texts[{index}]: is empty", field=f"texts[{index}]")
     with sessions() as session:
         probe = _probe(session, probe_id)
     job, _ = jobs.submit(
-        sessions, connection, settings, "probe_scoring", lambda _session, _job_id: jobs.Submission({"probe_id": probe.id, "texts": body.texts}, probe.model_id, None)
+        sessions,
+        connection,
+        settings,
+        "probe_scoring",
+        lambda _session, _job_id: jobs.Submission({"probe_id": probe.id, "texts": body.texts}, probe.model_id, None),
     )
     final = await jobs.wait_for_final(sessions, request.app.state.async_redis, settings, job.id, body.timeout_s)
     if final.status == "succeeded" and final.result is not None:
         return ScoreOut(probe_id=probe_id, layer=probe.layer, confidences=final.result["confidences"])
     if final.status == "failed" and final.error is not None:
         # the job's own error: a bug in it is a 500, anything else is about this request
-        raise ServiceError(500 if final.error.code == "internal" else 422, final.error.code, final.error.message, job_id=job.id)
+        raise ServiceError(
+            500 if final.error.code == "internal" else 422, final.error.code, final.error.message, job_id=job.id
+        )
     response.status_code = 202
     response.headers["Location"] = f"/v1/jobs/{job.id}"
     return JobAccepted(job=final)

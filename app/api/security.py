@@ -33,7 +33,9 @@ bearer_scheme = HTTPBearer(
     bearerFormat="cpk_<prefix>_<secret>",
     description="An API key (`confprobe keys create`, or `POST /v1/keys`), needed when the service runs with AUTH_ENABLED.",
 )
-api_key_header = APIKeyHeader(name="X-API-Key", auto_error=False, description="The same API key, for clients that cannot send a bearer token.")
+api_key_header = APIKeyHeader(
+    name="X-API-Key", auto_error=False, description="The same API key, for clients that cannot send a bearer token."
+)
 
 PROTECTED_PREFIX = "/v1/"
 ADMIN_PREFIX = "/v1/keys"
@@ -56,7 +58,9 @@ def authenticate(state: State, token: str | None) -> Caller:
     if not settings.auth_enabled:
         return auth.ANONYMOUS
     if not token:
-        raise auth.unauthorized("an API key is needed: send `Authorization: Bearer <key>` (or `X-API-Key: <key>`)", "missing")
+        raise auth.unauthorized(
+            "an API key is needed: send `Authorization: Bearer <key>` (or `X-API-Key: <key>`)", "missing"
+        )
     found = auth.identify(state.sessions, settings, token)
     if found.key_id is not None:
         rate_limit.enforce(state.redis, settings, found.key_id, found.rate_limit)
@@ -94,7 +98,9 @@ class AuthenticateFirst:
             found = await run_in_threadpool(authenticate, state, presented_key(Headers(scope=scope)))
             _holding(found, required_scope(scope["method"], scope["path"]))
         except ServiceError as error:
-            await error_response(error.status, error.code, error.message, error.details, headers=error.headers)(scope, receive, send)
+            await error_response(error.status, error.code, error.message, error.details, headers=error.headers)(
+                scope, receive, send
+            )
             return
         except (sqlalchemy.exc.OperationalError, sqlalchemy.exc.TimeoutError) as exc:
             await backend_unavailable(exc)(scope, receive, send)

@@ -20,7 +20,9 @@ router = APIRouter(prefix="/v1/tinker", tags=["tinker"], responses=ERROR_RESPONS
 CACHE_SECONDS = 300
 
 
-@router.get("/models", responses={202: {"model": JobAccepted, "description": "No worker answered in time: follow the job."}})
+@router.get(
+    "/models", responses={202: {"model": JobAccepted, "description": "No worker answered in time: follow the job."}}
+)
 async def tinker_models(
     request: Request,
     response: Response,
@@ -30,12 +32,19 @@ async def tinker_models(
     timeout_s: Annotated[float, Query(gt=0, le=120)] = 30,
 ) -> Any:
     if not settings.tinker_api_key:
-        raise ServiceError(503, "unavailable", "listing Tinker models needs the TINKER_API_KEY setting, which is not set", setting="TINKER_API_KEY")
+        raise ServiceError(
+            503,
+            "unavailable",
+            "listing Tinker models needs the TINKER_API_KEY setting, which is not set",
+            setting="TINKER_API_KEY",
+        )
     cache_key = f"{settings.queue_prefix}:tinker-models"
     cached = await request.app.state.async_redis.get(cache_key)
     if cached:
         return TinkerModels.model_validate_json(cached)
-    job, _ = jobs.submit(sessions, connection, settings, "tinker_models", lambda _session, _job_id: jobs.Submission({}, None, None))
+    job, _ = jobs.submit(
+        sessions, connection, settings, "tinker_models", lambda _session, _job_id: jobs.Submission({}, None, None)
+    )
     final = await jobs.wait_for_final(sessions, request.app.state.async_redis, settings, job.id, timeout_s)
     if final.status == "succeeded" and final.result is not None:
         answer = TinkerModels.model_validate(final.result)
@@ -46,5 +55,3 @@ async def tinker_models(
     response.status_code = 202
     response.headers["Location"] = f"/v1/jobs/{job.id}"
     return JobAccepted(job=final)
-
-

@@ -31,10 +31,13 @@ from app.calibration.values import (
 
 
 def ece(
-    y: npt.ArrayLike, p: npt.ArrayLike, bins: int = 15,
+    y: npt.ArrayLike,
+    p: npt.ArrayLike,
+    bins: int = 15,
     binning: Literal["equal_width", "equal_mass"] = "equal_width",
-    norm: Literal["l1", "l2"] = "l1", form: Form = "binary",
-) -> ExpectedCalibrationError:  # fmt: skip
+    norm: Literal["l1", "l2"] = "l1",
+    form: Form = "binary",
+) -> ExpectedCalibrationError:
     check_choice("norm", norm, ("l1", "l2"))
     sums = _bin_sums(*checked(y, p), bins, binning, form)
     return ExpectedCalibrationError(float(count_weighted_gap(sums, norm)), Estimator("ece", bins, binning, norm, form))
@@ -54,7 +57,9 @@ def debiased_ece(
     y: npt.ArrayLike, p: npt.ArrayLike, bins: int = 15, binning: Literal["equal_width", "equal_mass"] = "equal_mass"
 ) -> DebiasedCalibrationError:
     sums = _bin_sums(*checked(y, p), bins, binning, "binary")
-    return DebiasedCalibrationError(float(debiased_l2_gap(sums)), Estimator("debiased_ece", bins, binning, "l2", "binary"))
+    return DebiasedCalibrationError(
+        float(debiased_l2_gap(sums)), Estimator("debiased_ece", bins, binning, "l2", "binary")
+    )
 
 
 def reliability_bins(
@@ -105,7 +110,9 @@ def _confidence_and_outcome(labels: np.ndarray, probabilities: np.ndarray, form:
     if form == "binary":
         return probabilities, labels
     says_correct = probabilities >= THRESHOLD
-    return np.where(says_correct, probabilities, 1.0 - probabilities), (says_correct == (labels == 1)).astype(np.float64)
+    return np.where(says_correct, probabilities, 1.0 - probabilities), (says_correct == (labels == 1)).astype(
+        np.float64
+    )
 
 
 def equal_width_ids(confidences: np.ndarray, bins: int) -> np.ndarray:
@@ -131,7 +138,9 @@ def _equal_mass_ids(confidences: np.ndarray, outcomes: np.ndarray, bins: int) ->
     return ids
 
 
-def _bin_ids(labels: np.ndarray, probabilities: np.ndarray, bins: int, binning: str, form: Form = "binary") -> np.ndarray:
+def _bin_ids(
+    labels: np.ndarray, probabilities: np.ndarray, bins: int, binning: str, form: Form = "binary"
+) -> np.ndarray:
     if bins < 1:
         raise ValueError("bins must be 1 or more")
     check_choice("binning", binning, ("equal_width", "equal_mass"))
@@ -156,7 +165,9 @@ def _sums_by_bin(ids: np.ndarray, confidences: np.ndarray, outcomes: np.ndarray,
 
 def _gaps(sums: BinSums) -> np.ndarray:
     """|mean confidence − mean outcome| per bin; 0 for an empty bin."""
-    return np.divide(np.abs(sums.confidence - sums.outcome), sums.count, out=np.zeros_like(sums.count), where=sums.count > 0)
+    return np.divide(
+        np.abs(sums.confidence - sums.outcome), sums.count, out=np.zeros_like(sums.count), where=sums.count > 0
+    )
 
 
 def count_weighted_gap(sums: BinSums, norm: str) -> np.ndarray:

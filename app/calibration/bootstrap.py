@@ -43,19 +43,28 @@ def percentile_interval(rows: np.ndarray | None, level: float) -> Interval | Non
     return float(lower), float(upper)
 
 
-def resampled_metrics(y: npt.ArrayLike, p: npt.ArrayLike, indices: npt.ArrayLike, *, bins: int = 15) -> dict[str, np.ndarray]:
+def resampled_metrics(
+    y: npt.ArrayLike, p: npt.ArrayLike, indices: npt.ArrayLike, *, bins: int = 15
+) -> dict[str, np.ndarray]:
     """Every bootstrapped metric (all but smooth ECE) of each row of `indices`, a
     (resamples, n) matrix of item indices: row r is the data set (y[indices[r]],
     p[indices[r]]). AUROC and AUPRC are NaN for a row that holds one class only."""
     labels, probabilities = checked(y, p)
     index_matrix = np.asarray(indices)
-    if index_matrix.ndim != 2 or index_matrix.shape[1] != len(labels) or not np.issubdtype(index_matrix.dtype, np.integer):
+    if (
+        index_matrix.ndim != 2
+        or index_matrix.shape[1] != len(labels)
+        or not np.issubdtype(index_matrix.dtype, np.integer)
+    ):
         raise ValueError(f"indices must be an integer matrix of shape (resamples, {len(labels)})")
     if index_matrix.size and (index_matrix.min() < 0 or index_matrix.max() >= len(labels)):
         raise ValueError(f"indices must lie in [0, {len(labels)})")
     plan = _ResamplingPlan.of(labels, probabilities, bins)
     rows_per_block = _rows_per_block(len(labels))
-    blocks = [plan.metrics_of(index_matrix[start : start + rows_per_block]) for start in range(0, len(index_matrix), rows_per_block)]
+    blocks = [
+        plan.metrics_of(index_matrix[start : start + rows_per_block])
+        for start in range(0, len(index_matrix), rows_per_block)
+    ]
     return _concatenated(blocks)
 
 
@@ -102,7 +111,9 @@ class _Runs:
     bin_of_run: np.ndarray
     flipped: np.ndarray
 
-    def sums(self, prefix_count: np.ndarray, prefix_probability: np.ndarray, prefix_outcome: np.ndarray, bins: int) -> BinSums:
+    def sums(
+        self, prefix_count: np.ndarray, prefix_probability: np.ndarray, prefix_outcome: np.ndarray, bins: int
+    ) -> BinSums:
         """Bin sums from prefix sums (resamples, n + 1) of the drawn counts, counts·p and counts·y."""
         run_count, run_probability, run_outcome = (
             np.diff(prefix[:, self.bounds], axis=1) for prefix in (prefix_count, prefix_probability, prefix_outcome)
@@ -170,7 +181,11 @@ class _ResamplingPlan:
     def sums_of(self, indices: np.ndarray) -> ResampledSums:
         """The sums every bootstrapped metric of each resample of `indices` follows from."""
         counts = self.drawn_counts(indices)
-        prefixes = [_prefix_sums(counts), _prefix_sums(counts * self.probabilities), _prefix_sums(counts * self.outcomes)]
+        prefixes = [
+            _prefix_sums(counts),
+            _prefix_sums(counts * self.probabilities),
+            _prefix_sums(counts * self.outcomes),
+        ]
         prefix_count, _, prefix_outcome = prefixes
         squared_error, log_loss = (counts @ self.item_scores).T
         return ResampledSums(
@@ -190,7 +205,9 @@ class _ResamplingPlan:
         wrong_below = prefix_count[:, below] - prefix_outcome[:, below]
         return wrong_below + prefix_outcome[:, -1] - prefix_outcome[:, below]
 
-    def _equal_mass_sums(self, prefix_count: np.ndarray, prefix_probability: np.ndarray, prefix_outcome: np.ndarray) -> BinSums:
+    def _equal_mass_sums(
+        self, prefix_count: np.ndarray, prefix_probability: np.ndarray, prefix_outcome: np.ndarray
+    ) -> BinSums:
         """The sorted resample lists item j counts[j] times; an equal-mass cut at position t
         falls inside the copies of the item j with prefix_count[j] ≤ t < prefix_count[j+1],
         so the sum of any quantity q before the cut is prefix_q[j] + (t − prefix_count[j])·q[j]."""

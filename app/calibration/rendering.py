@@ -33,9 +33,20 @@ SMALLEST_MARKER_AREA = 12.0
 LARGEST_MARKER_AREA = 320.0
 # The order a reader takes a report in; metrics not listed follow in the order they appear.
 METRIC_ORDER = (
-    "accuracy", "auroc", "auprc", "brier", "nll",
-    "ece", "ece_equal_mass", "ece_l2", "ece_equal_mass_l2", "ece_max_probability",
-    "mce", "ace", "smooth_ece", "debiased_ece",
+    "accuracy",
+    "auroc",
+    "auprc",
+    "brier",
+    "nll",
+    "ece",
+    "ece_equal_mass",
+    "ece_l2",
+    "ece_equal_mass_l2",
+    "ece_max_probability",
+    "mce",
+    "ace",
+    "smooth_ece",
+    "debiased_ece",
 )
 
 
@@ -53,16 +64,19 @@ def reliability_figure(reports: LabelledReports) -> Figure:
     reliability, histogram = figure.subplots(1, 2)
     largest_count = max((bin_["count"] for _, report in reports for bin_ in plotted_bins(report)), default=1)
     curves = [
-        draw_reliability_curve(reliability, index, report, largest_count)
-        for index, (_, report) in enumerate(reports)
+        draw_reliability_curve(reliability, index, report, largest_count) for index, (_, report) in enumerate(reports)
     ]
     for index, (_, report) in enumerate(reports):
         draw_histogram_bars(histogram, index, len(reports), report)
     style_reliability_axes(reliability, diagram_bins_description(reports), largest_count)
     style_histogram_axes(histogram)
     figure.legend(
-        curves, [legend_label(label, report) for label, report in reports],
-        loc="outside lower center", ncols=min(len(reports), 3) or 1, frameon=False, fontsize=10,
+        curves,
+        [legend_label(label, report) for label, report in reports],
+        loc="outside lower center",
+        ncols=min(len(reports), 3) or 1,
+        frameon=False,
+        fontsize=10,
     )
     return figure
 
@@ -87,7 +101,8 @@ def render_png(reports: LabelledReports, dpi: int = 100) -> bytes:
 def plotted_bins(report: Report) -> list[Mapping[str, Any]]:
     """The equal-width bins that have items and both means."""
     return [
-        bin_ for bin_ in (report.get("bins") or {}).get("equal_width", [])
+        bin_
+        for bin_ in (report.get("bins") or {}).get("equal_width", [])
         if bin_.get("count") and bin_.get("mean_confidence") is not None and bin_.get("accuracy") is not None
     ]
 
@@ -103,10 +118,19 @@ def draw_reliability_curve(axes: Axes, index: int, report: Report, largest_count
     confidences = [bin_["mean_confidence"] for bin_ in bins]
     accuracies = [bin_["accuracy"] for bin_ in bins]
     color = f"C{index % 10}"
-    (line,) = axes.plot(confidences, accuracies, color=color, linewidth=1.8, marker="o", markersize=3, gid=f"curve-{index}", zorder=3)
+    (line,) = axes.plot(
+        confidences, accuracies, color=color, linewidth=1.8, marker="o", markersize=3, gid=f"curve-{index}", zorder=3
+    )
     axes.scatter(
-        confidences, accuracies, s=[marker_area(bin_["count"], largest_count) for bin_ in bins],
-        color=color, alpha=0.35, edgecolors=color, linewidths=0.8, gid=f"bins-{index}", zorder=2,
+        confidences,
+        accuracies,
+        s=[marker_area(bin_["count"], largest_count) for bin_ in bins],
+        color=color,
+        alpha=0.35,
+        edgecolors=color,
+        linewidths=0.8,
+        gid=f"bins-{index}",
+        zorder=2,
     )
     return line
 
@@ -129,12 +153,29 @@ def style_reliability_axes(axes: Axes, bins_description: str, largest_count: int
     axes.set_xlabel("Mean confidence P(y=1) in bin")
     axes.set_ylabel("Accuracy in bin (fraction with y=1)")
     axes.grid(color="0.92")
-    axes.text(0.03, 0.97, "perfect calibration on the dashed diagonal", transform=axes.transAxes, fontsize=8, color="0.4", va="top")
+    axes.text(
+        0.03,
+        0.97,
+        "perfect calibration on the dashed diagonal",
+        transform=axes.transAxes,
+        fontsize=8,
+        color="0.4",
+        va="top",
+    )
     counts = key_counts(largest_count)
     axes.legend(
-        handles=[axes.scatter([], [], s=marker_area(count, largest_count), color="0.6", alpha=0.5, edgecolors="0.4") for count in counts],
+        handles=[
+            axes.scatter([], [], s=marker_area(count, largest_count), color="0.6", alpha=0.5, edgecolors="0.4")
+            for count in counts
+        ],
         labels=[str(count) for count in counts],
-        title="items in bin", loc="lower right", fontsize=8, title_fontsize=8, labelspacing=1.1, borderpad=0.8, framealpha=0.9,
+        title="items in bin",
+        loc="lower right",
+        fontsize=8,
+        title_fontsize=8,
+        labelspacing=1.1,
+        borderpad=0.8,
+        framealpha=0.9,
     )
 
 
@@ -226,7 +267,9 @@ td.difference { background: #f6f6f2; }
 """
 
 
-def render_html(title: str, reports: LabelledReports, *, differences: Differences | None = None, notes: Sequence[str] = ()) -> str:
+def render_html(
+    title: str, reports: LabelledReports, *, differences: Differences | None = None, notes: Sequence[str] = ()
+) -> str:
     """A self-contained page (inline SVG and CSS, nothing fetched) with the diagram and
     the metrics table; every string from the caller is escaped."""
     note_items = "".join(f"<li>{html.escape(note)}</li>" for note in notes)
@@ -244,7 +287,7 @@ def render_html(title: str, reports: LabelledReports, *, differences: Difference
 
 def inline_svg(svg_document: str) -> str:
     """The `<svg>` element alone: an XML declaration or DOCTYPE is out of place inside HTML."""
-    return svg_document[svg_document.index("<svg"):]
+    return svg_document[svg_document.index("<svg") :]
 
 
 def metrics_table(reports: LabelledReports, differences: Differences) -> str:
@@ -252,11 +295,17 @@ def metrics_table(reports: LabelledReports, differences: Differences) -> str:
     header += "".join(f'<th scope="col">Δ {html.escape(label)}</th>' for label in differences)
     rows = [
         table_row("n", "n", [format_count(report.get("n")) for _, report in reports], [MISSING] * len(differences)),
-        table_row("base_rate", "Base rate", [format_number(report.get("base_rate")) for _, report in reports], [MISSING] * len(differences)),
+        table_row(
+            "base_rate",
+            "Base rate",
+            [format_number(report.get("base_rate")) for _, report in reports],
+            [MISSING] * len(differences),
+        ),
     ]
     rows += [
         table_row(
-            name, metric_label(name, reports),
+            name,
+            metric_label(name, reports),
             [format_estimate(metric(report, name)) for _, report in reports],
             [format_estimate(by_metric.get(name), signed=True) for by_metric in differences.values()],
         )

@@ -35,7 +35,9 @@ def calibration_report(
     return CalibrationReport(
         n=len(labels),
         base_rate=base_rate(labels).value,
-        metrics={name: _estimate(metric, percentile_interval(resampled.get(name), level)) for name, metric in values.items()},
+        metrics={
+            name: _estimate(metric, percentile_interval(resampled.get(name), level)) for name, metric in values.items()
+        },
         bins={
             "equal_width": tuple(reliability_bins(labels, probabilities, bins, "equal_width")),
             "equal_mass": tuple(reliability_bins(labels, probabilities, bins, "equal_mass")),
@@ -46,9 +48,15 @@ def calibration_report(
 
 
 def paired_differences(
-    y: npt.ArrayLike, p_a: npt.ArrayLike, p_b: npt.ArrayLike, *,
-    bins: int = 15, resamples: int = 1000, seed: int = 0, level: float = 0.95,
-) -> PairedDifferences:  # fmt: skip
+    y: npt.ArrayLike,
+    p_a: npt.ArrayLike,
+    p_b: npt.ArrayLike,
+    *,
+    bins: int = 15,
+    resamples: int = 1000,
+    seed: int = 0,
+    level: float = 0.95,
+) -> PairedDifferences:
     """Each metric of `p_b` minus the same metric of `p_a` on the same items and labels."""
     labels, first = checked(y, p_a)
     second = checked(labels, p_b)[1]
@@ -60,7 +68,9 @@ def paired_differences(
         value_a, value_b = values_a[name].value, metric.value
         difference = None if value_a is None or value_b is None else value_b - value_a
         rows = resampled_b[name] - resampled_a[name] if name in resampled_b else None
-        differences[name] = Estimate(difference, percentile_interval(rows, level), metric.label, getattr(metric, "estimator", None))
+        differences[name] = Estimate(
+            difference, percentile_interval(rows, level), metric.label, getattr(metric, "estimator", None)
+        )
     return PairedDifferences(len(labels), differences, settings)
 
 

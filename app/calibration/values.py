@@ -184,9 +184,17 @@ class DebiasedCalibrationError(_LabelledByEstimator):
 
 
 Metric = (
-    Accuracy | Auroc | Auprc | BrierScore | LogLoss | ExpectedCalibrationError | MaximumCalibrationError
-    | AdaptiveCalibrationError | SmoothCalibrationError | DebiasedCalibrationError
-)  # fmt: skip
+    Accuracy
+    | Auroc
+    | Auprc
+    | BrierScore
+    | LogLoss
+    | ExpectedCalibrationError
+    | MaximumCalibrationError
+    | AdaptiveCalibrationError
+    | SmoothCalibrationError
+    | DebiasedCalibrationError
+)
 
 
 @dataclass(frozen=True)

@@ -21,7 +21,9 @@ def find_adapter(session: Session, base_model_id: str, identity: str) -> Adapter
     return session.scalar(select(Adapter).where(Adapter.base_model_id == base_model_id, Adapter.identity == identity))
 
 
-def list_adapters(session: Session, *, base_model_id: str | None, cursor: str | None, limit: int) -> tuple[list[Adapter], str | None]:
+def list_adapters(
+    session: Session, *, base_model_id: str | None, cursor: str | None, limit: int
+) -> tuple[list[Adapter], str | None]:
     query = select(Adapter)
     if base_model_id:
         query = query.where(Adapter.base_model_id == base_model_id)

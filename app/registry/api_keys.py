@@ -11,7 +11,14 @@ from app.registry.tables import ApiKey, new_id, utcnow
 
 
 def add_key(
-    session: Session, *, name: str, prefix: str, secret_sha256: str, scopes: list[str], rate_limit_per_minute: int | None, rate_limit_burst: int | None
+    session: Session,
+    *,
+    name: str,
+    prefix: str,
+    secret_sha256: str,
+    scopes: list[str],
+    rate_limit_per_minute: int | None,
+    rate_limit_burst: int | None,
 ) -> ApiKey:
     key = ApiKey(
         id=new_id("key"),
@@ -38,7 +45,9 @@ def get_key(session: Session, key_id: str) -> ApiKey:
     return key
 
 
-def list_keys(session: Session, *, include_revoked: bool, cursor: str | None, limit: int) -> tuple[list[ApiKey], str | None]:
+def list_keys(
+    session: Session, *, include_revoked: bool, cursor: str | None, limit: int
+) -> tuple[list[ApiKey], str | None]:
     query = select(ApiKey)
     if not include_revoked:
         query = query.where(ApiKey.revoked_at.is_(None))

@@ -64,7 +64,9 @@ def migrate(url: str) -> None:
         engine.dispose()
 
 
-def keyset_page(session: Session, query: Select[tuple[RowT]], id_column: InstrumentedAttribute[str], cursor: str | None, limit: int) -> tuple[list[RowT], str | None]:
+def keyset_page(
+    session: Session, query: Select[tuple[RowT]], id_column: InstrumentedAttribute[str], cursor: str | None, limit: int
+) -> tuple[list[RowT], str | None]:
     """Newest first by id (ids sort by creation time); `cursor` is the last id of the
     previous page, and the returned cursor is None on the last page."""
     query = query.order_by(id_column.desc()).limit(limit + 1)

@@ -46,7 +46,9 @@ def _registered(sessions: sessionmaker[Session], sha256: str) -> Dataset | None:
         return find_dataset(session, sha256)
 
 
-def register_dataset(sessions: sessionmaker[Session], store: ArtifactStore, upload: NormalisedDataset, name: str) -> tuple[Dataset, bool]:
+def register_dataset(
+    sessions: sessionmaker[Session], store: ArtifactStore, upload: NormalisedDataset, name: str
+) -> tuple[Dataset, bool]:
     """The dataset holding the upload's rows, and whether this call created it.
 
     The file is written (atomically) before the row is inserted, so no row ever lacks its
@@ -73,7 +75,9 @@ def register_dataset(sessions: sessionmaker[Session], store: ArtifactStore, uplo
         raise
 
 
-def _discard_unregistered_file(sessions: sessionmaker[Session], store: ArtifactStore, upload: NormalisedDataset) -> None:
+def _discard_unregistered_file(
+    sessions: sessionmaker[Session], store: ArtifactStore, upload: NormalisedDataset
+) -> None:
     """After a failed insert: delete the file, unless a concurrent upload of the same rows
     has registered it meanwhile and its row needs the file."""
     try:

@@ -9,7 +9,9 @@ from app.registry.database import keyset_page
 from app.registry.tables import Model, new_id
 
 
-def find_model(session: Session, source: ResolvedSource, revision: str | None, dtype: str, quantization: str | None) -> Model | None:
+def find_model(
+    session: Session, source: ResolvedSource, revision: str | None, dtype: str, quantization: str | None
+) -> Model | None:
     return session.scalar(
         select(Model).where(
             Model.source == source.identity,
@@ -21,7 +23,13 @@ def find_model(session: Session, source: ResolvedSource, revision: str | None, d
 
 
 def new_model(
-    name: str, source: ResolvedSource, revision: str | None, dtype: str, quantization: str | None, shape: ModelShape, weights_fingerprint: str
+    name: str,
+    source: ResolvedSource,
+    revision: str | None,
+    dtype: str,
+    quantization: str | None,
+    shape: ModelShape,
+    weights_fingerprint: str,
 ) -> Model:
     return Model(
         id=new_id("mdl"),

@@ -3,7 +3,7 @@
 import secrets
 import time
 from datetime import UTC, datetime
-from typing import Any
+from typing import Any, ClassVar
 
 from sqlalchemy import (
     JSON,
@@ -47,14 +47,16 @@ class UTCDateTime(TypeDecorator[datetime]):
 
 
 class Base(DeclarativeBase):
-    type_annotation_map = {datetime: UTCDateTime, dict[str, Any]: JSON}
+    type_annotation_map: ClassVar[dict[Any, Any]] = {datetime: UTCDateTime, dict[str, Any]: JSON}
 
 
 class Model(Base):
     """A registered base model. Its identity is (source, revision, dtype, quantization)."""
 
     __tablename__ = "models"
-    __table_args__ = (UniqueConstraint("source", "revision_key", "dtype", "quantization_key", name="uq_models_identity"),)
+    __table_args__ = (
+        UniqueConstraint("source", "revision_key", "dtype", "quantization_key", name="uq_models_identity"),
+    )
 
     id: Mapped[str] = mapped_column(String(40), primary_key=True)
     name: Mapped[str] = mapped_column(String(200))

@@ -21,7 +21,8 @@ class ComparisonCreate(Request):
     split: SplitFractions = Field(default_factory=SplitFractions)
     seed: int = Field(0, ge=0, le=2**31 - 1)
     on_mixed_precision: Literal["fail", "flag"] = Field(
-        "fail", description="An adapter imported for another dtype or quantization of the same base: refuse (fail), or run it and flag the report."
+        "fail",
+        description="An adapter imported for another dtype or quantization of the same base: refuse (fail), or run it and flag the report.",
     )
 
 
@@ -37,7 +38,9 @@ class ComparisonOut(BaseModel):
     token_position: Literal["last", "mean"]
     created_at: datetime
     finished_at: datetime | None
-    report: dict[str, Any] | None = Field(None, description="Side-by-side metrics, paired differences, cross-transfer, flags.")
+    report: dict[str, Any] | None = Field(
+        None, description="Side-by-side metrics, paired differences, cross-transfer, flags."
+    )
 
 
 class ComparisonAccepted(BaseModel):

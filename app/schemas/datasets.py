@@ -17,7 +17,9 @@ class DatasetOut(BaseModel):
     label_balance: dict[str, int] = Field(
         description="Statements: count per label (`'0'`, `'1'`). Multiple choice: count per gold answer index."
     )
-    sha256: str = Field(description="sha256 of the normalised rows (JSONL); the same rows uploaded again give the same dataset.")
+    sha256: str = Field(
+        description="sha256 of the normalised rows (JSONL); the same rows uploaded again give the same dataset."
+    )
     upload_sha256: str = Field(description="sha256 of the uploaded file as it came.")
     size_bytes: int
     created_at: datetime

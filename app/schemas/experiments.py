@@ -17,11 +17,15 @@ class ExperimentMeta(Request):
 
 
 class ExperimentModel(Request):
-    name: str = Field(min_length=1, max_length=1000, description="Hugging Face id in the local cache, or a local folder.")
+    name: str = Field(
+        min_length=1, max_length=1000, description="Hugging Face id in the local cache, or a local folder."
+    )
     revision: Revision | None = None
     dtype: Dtype = "float32"
     quantization: Quantization | None = None
-    tinker_lora_path: str | None = Field(None, description="A PEFT adapter folder (under ADAPTER_ROOTS) to use when Tinker is not enabled.")
+    tinker_lora_path: str | None = Field(
+        None, description="A PEFT adapter folder (under ADAPTER_ROOTS) to use when Tinker is not enabled."
+    )
 
 
 class ExperimentTinker(Request):
@@ -35,7 +39,9 @@ class ExperimentExtraction(Request):
     layers: list[int] = Field(min_length=1, max_length=128)
     token_position: Literal["last", "mean"] = "last"
     max_length: int | None = Field(None, ge=1, le=1_000_000)
-    cache_dir: str | None = Field(None, description="Accepted for compatibility: the service keeps its own content cache.")
+    cache_dir: str | None = Field(
+        None, description="Accepted for compatibility: the service keeps its own content cache."
+    )
 
 
 class ExperimentProbe(Request):

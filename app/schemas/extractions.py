@@ -16,10 +16,16 @@ class ExtractionCreate(Request):
     texts: list[str] | None = Field(None, description="Texts inline (at most MAX_INLINE_TEXTS); or give `dataset`.")
     dataset: str | None = Field(None, description="Id of an uploaded dataset; or give `texts`.")
     layers: list[int] = Field(
-        min_length=1, max_length=512, description="0 = embeddings, i = output of block i (before the final norm); negative counts from the end."
+        min_length=1,
+        max_length=512,
+        description="0 = embeddings, i = output of block i (before the final norm); negative counts from the end.",
     )
-    token_position: Literal["last", "mean"] = Field("last", description="The last real token, or the mean over real tokens.")
-    max_length: int | None = Field(None, ge=1, le=1_000_000, description="Truncate texts to this many tokens (the job counts how many were).")
+    token_position: Literal["last", "mean"] = Field(
+        "last", description="The last real token, or the mean over real tokens."
+    )
+    max_length: int | None = Field(
+        None, ge=1, le=1_000_000, description="Truncate texts to this many tokens (the job counts how many were)."
+    )
 
 
 class ExtractionOut(BaseModel):

@@ -30,7 +30,10 @@ class JobOut(BaseModel):
     result: dict[str, Any] | None
     error: JobError | None
     cancel_requested: bool
-    attempts: int = Field(0, description="Times a worker has started the job; a job whose worker died is started again, up to JOB_MAX_ATTEMPTS.")
+    attempts: int = Field(
+        0,
+        description="Times a worker has started the job; a job whose worker died is started again, up to JOB_MAX_ATTEMPTS.",
+    )
     worker: str | None
     model_id: str | None
     created_at: datetime

@@ -16,14 +16,21 @@ ApiScope = Literal["read", "submit", "admin"]
 class ApiKeyCreate(Request):
     name: str = Field(min_length=1, max_length=200, description="What the key is for, e.g. who holds it.")
     scopes: list[ApiScope] = Field(
-        min_length=1, description="`read` (GET), `submit` (create, change, delete, run; includes read), `admin` (API keys; includes both)."
+        min_length=1,
+        description="`read` (GET), `submit` (create, change, delete, run; includes read), `admin` (API keys; includes both).",
     )
     # bounded well inside the registry's 32-bit columns: a million a minute is more than any gateway answers
     rate_limit_per_minute: int | None = Field(
-        None, ge=0, le=MAX_RATE_LIMIT, description="This key's own limit (0: none); default: the service's RATE_LIMIT_PER_MINUTE."
+        None,
+        ge=0,
+        le=MAX_RATE_LIMIT,
+        description="This key's own limit (0: none); default: the service's RATE_LIMIT_PER_MINUTE.",
     )
     rate_limit_burst: int | None = Field(
-        None, ge=1, le=MAX_RATE_LIMIT, description="Requests at once after a quiet spell (needs rate_limit_per_minute); default: rate_limit_per_minute."
+        None,
+        ge=1,
+        le=MAX_RATE_LIMIT,
+        description="Requests at once after a quiet spell (needs rate_limit_per_minute); default: rate_limit_per_minute.",
     )
 
 

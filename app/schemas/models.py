@@ -17,7 +17,9 @@ class ModelCreate(Request):
         max_length=1000,
         description="A local folder with config.json and weights, or a Hugging Face id already in the local cache.",
     )
-    revision: Revision | None = Field(None, description="Hugging Face revision: a 40-hex commit hash, or a branch or tag name in the local cache.")
+    revision: Revision | None = Field(
+        None, description="Hugging Face revision: a 40-hex commit hash, or a branch or tag name in the local cache."
+    )
     dtype: Dtype = Field("float32", description="Weights' dtype on the worker.")
     quantization: Quantization | None = Field(None, description="bitsandbytes quantization of the linear layers.")
 
@@ -31,7 +33,9 @@ class ModelOut(BaseModel):
     revision: str | None
     dtype: Dtype
     quantization: Quantization | None
-    fingerprint: str = Field(description="Identifies the weights: the snapshot commit, or a hash of a local folder's config and weight files.")
+    fingerprint: str = Field(
+        description="Identifies the weights: the snapshot commit, or a hash of a local folder's config and weight files."
+    )
     architecture: str
     model_type: str
     num_layers: int

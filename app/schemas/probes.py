@@ -22,12 +22,18 @@ class ProbeCreate(Request):
     model: str = Field(description="Id of a registered base model.")
     adapter: str | None = Field(None, description="Id of an adapter of that model; its own labels and states are used.")
     dataset: str = Field(description="Statements (labels given) or multiple choice (labelled by the model itself).")
-    layers: list[int] = Field(min_length=1, max_length=128, description="One probe per layer (and method); negative counts from the end.")
+    layers: list[int] = Field(
+        min_length=1, max_length=128, description="One probe per layer (and method); negative counts from the end."
+    )
     token_position: Literal["last", "mean"] = "last"
     max_length: int | None = Field(None, ge=1, le=1_000_000)
-    method: ProbeMethod | list[ProbeMethod] = Field("logistic", description="`logistic`, `mass_mean`, or a list of both.")
+    method: ProbeMethod | list[ProbeMethod] = Field(
+        "logistic", description="`logistic`, `mass_mean`, or a list of both."
+    )
     whiten: bool = Field(False, description="Mass-mean only: whiten the direction with a shrinkage covariance.")
-    split: SplitFractions = Field(default_factory=SplitFractions, description="Stratified train/validation/test fractions.")
+    split: SplitFractions = Field(
+        default_factory=SplitFractions, description="Stratified train/validation/test fractions."
+    )
     seed: int = Field(0, ge=0, le=2**31 - 1)
     recalibration: Literal["temperature", "platt"] | None = Field(None, description="Fitted on the validation split.")
 
@@ -82,8 +88,12 @@ class ProbeAccepted(BaseModel):
 
 
 class ScoreRequest(Request):
-    texts: list[str] = Field(min_length=1, description="Texts to score (statements, or multiple-choice prompts as the dataset formats them).")
-    timeout_s: float = Field(30, ge=0, le=300, description="How long to wait for the answer before answering 202 with the job.")
+    texts: list[str] = Field(
+        min_length=1, description="Texts to score (statements, or multiple-choice prompts as the dataset formats them)."
+    )
+    timeout_s: float = Field(
+        30, ge=0, le=300, description="How long to wait for the answer before answering 202 with the job."
+    )
 
 
 class ScoreOut(BaseModel):

@@ -45,6 +45,9 @@ def open_store(settings: "Settings") -> ArtifactStore:
     from app.storage.bucket import BucketStore
 
     return BucketStore(
-        url.netloc, unquote(url.path).strip("/"), settings.resolved_artifact_cache_dir, endpoint_url=settings.s3_endpoint_url,
+        url.netloc,
+        unquote(url.path).strip("/"),
+        settings.resolved_artifact_cache_dir,
+        endpoint_url=settings.s3_endpoint_url,
         cache_max_bytes=settings.artifact_cache_max_mb * 2**20 or None,
-    )  # fmt: skip
+    )

@@ -103,7 +103,9 @@ class ArtifactStore(ABC):
         """Bytes in `key`; FileNotFoundError if it is not there."""
 
     @abstractmethod
-    def iter_bytes(self, key: str, start: int = 0, end: int | None = None, chunk_bytes: int = CHUNK_BYTES) -> Iterator[bytes]:
+    def iter_bytes(
+        self, key: str, start: int = 0, end: int | None = None, chunk_bytes: int = CHUNK_BYTES
+    ) -> Iterator[bytes]:
         """Bytes `start` to `end` (exclusive; None: to the end) in chunks of at most
         `chunk_bytes`, read as they are sent, never held whole. The object is opened
         before this returns, so a missing key (FileNotFoundError) or an unreachable store
@@ -198,7 +200,7 @@ class ArtifactStore(ABC):
         temporary file instead, which `iter_objects` lists."""
         return []
 
-    def abort_multipart_upload(self, key: str, upload_id: str) -> None:
+    def abort_multipart_upload(self, key: str, upload_id: str) -> None:  # noqa: B027 (optional: only a bucket has uploads to abort)
         """Throw away the parts of an upload `list_multipart_uploads` listed; one already
         completed or aborted is no error."""
 

@@ -61,9 +61,15 @@ class BucketStore(ArtifactStore):
     `cache_max_bytes` of them once the janitor has trimmed them (None: no limit)."""
 
     def __init__(
-        self, bucket: str, prefix: str, local_dir: Path, *, endpoint_url: str | None = None, multipart_threshold: int = 8 * 2**20,
+        self,
+        bucket: str,
+        prefix: str,
+        local_dir: Path,
+        *,
+        endpoint_url: str | None = None,
+        multipart_threshold: int = 8 * 2**20,
         cache_max_bytes: int | None = None,
-    ) -> None:  # fmt: skip
+    ) -> None:
         self.cache_max_bytes = cache_max_bytes
         self.bucket = bucket
         self.prefix = f"{checked_key(prefix)}/" if prefix else ""
@@ -84,12 +90,22 @@ class BucketStore(ArtifactStore):
                 import boto3
                 from botocore.config import Config
 
-                options: dict[str, Any] = {"retries": {"mode": "standard", "max_attempts": 3}, "connect_timeout": 5, "read_timeout": 60}
+                options: dict[str, Any] = {
+                    "retries": {"mode": "standard", "max_attempts": 3},
+                    "connect_timeout": 5,
+                    "read_timeout": 60,
+                }
                 if self.endpoint_url:
                     # S3-compatible servers are addressed by path (no bucket DNS names), and
                     # many do not accept the checksum trailers boto3 sends to AWS by default.
-                    options |= {"s3": {"addressing_style": "path"}, "request_checksum_calculation": "when_required", "response_checksum_validation": "when_required"}
-                self._client = boto3.session.Session().client("s3", endpoint_url=self.endpoint_url, config=Config(**options))
+                    options |= {
+                        "s3": {"addressing_style": "path"},
+                        "request_checksum_calculation": "when_required",
+                        "response_checksum_validation": "when_required",
+                    }
+                self._client = boto3.session.Session().client(
+                    "s3", endpoint_url=self.endpoint_url, config=Config(**options)
+                )
             return self._client
 
     def _transfer_config(self) -> Any:
@@ -110,7 +126,9 @@ class BucketStore(ArtifactStore):
             code = error_code(exc)
             if code in MISSING_CODES:
                 raise ArtifactMissing(key, self.location) from exc
-            raise StoreUnavailable(f"the artifact store {self.location} refused a request for {key}: {code or exc}") from exc
+            raise StoreUnavailable(
+                f"the artifact store {self.location} refused a request for {key}: {code or exc}"
+            ) from exc
         except (BotoCoreError, Boto3Error) as exc:  # Boto3Error: an upload or download that failed
             raise StoreUnavailable(f"the artifact store {self.location} is unreachable: {exc}") from exc
 
@@ -134,7 +152,9 @@ class BucketStore(ArtifactStore):
         with self._translated(key):
             return int(self.client.head_object(Bucket=self.bucket, Key=self._name(key))["ContentLength"])
 
-    def iter_bytes(self, key: str, start: int = 0, end: int | None = None, chunk_bytes: int = CHUNK_BYTES) -> Iterator[bytes]:
+    def iter_bytes(
+        self, key: str, start: int = 0, end: int | None = None, chunk_bytes: int = CHUNK_BYTES
+    ) -> Iterator[bytes]:
         if end is not None and end <= start:
             return iter(())
         request = {"Bucket": self.bucket, "Key": self._name(key)}
@@ -200,11 +220,15 @@ class BucketStore(ArtifactStore):
         sync_file(destination)
 
     def iter_objects(self, prefix: str = "") -> Iterator[StoredObject]:
-        pages = self.client.get_paginator("list_objects_v2").paginate(Bucket=self.bucket, Prefix=self._folder_name(prefix))
+        pages = self.client.get_paginator("list_objects_v2").paginate(
+            Bucket=self.bucket, Prefix=self._folder_name(prefix)
+        )
         with self._translated(prefix):
             for page in pages:
                 for item in page.get("Contents", []):
-                    yield StoredObject(item["Key"][len(self.prefix) :], int(item["Size"]), item["LastModified"], partial=False)
+                    yield StoredObject(
+                        item["Key"][len(self.prefix) :], int(item["Size"]), item["LastModified"], partial=False
+                    )
 
     # --- writing -----------------------------------------------------------------------
 
@@ -273,7 +297,9 @@ class BucketStore(ArtifactStore):
         """An upload's age is that of its newest part, not of its start: a large upload that
         began long ago may still be sending parts."""
         pending = []
-        pages = self.client.get_paginator("list_multipart_uploads").paginate(Bucket=self.bucket, Prefix=self._folder_name(prefix))
+        pages = self.client.get_paginator("list_multipart_uploads").paginate(
+            Bucket=self.bucket, Prefix=self._folder_name(prefix)
+        )
         with self._translated(prefix):
             for page in pages:
                 for upload in page.get("Uploads", []):
@@ -381,7 +407,9 @@ class BucketStore(ArtifactStore):
                 answer = self.client.delete_objects(Bucket=self.bucket, Delete={"Objects": batch, "Quiet": True})
             if answer.get("Errors"):
                 first = answer["Errors"][0]
-                raise StoreUnavailable(f"the artifact store {self.location} did not delete {first.get('Key')}: {first.get('Code')}")
+                raise StoreUnavailable(
+                    f"the artifact store {self.location} did not delete {first.get('Key')}: {first.get('Code')}"
+                )
         shutil.rmtree(self._cached("folders", prefix), ignore_errors=True)
         shutil.rmtree(self._cached("objects", prefix), ignore_errors=True)
 
@@ -410,7 +438,11 @@ def _measured(path: Path) -> LocalLeftover | None:
     """A cached copy's bytes and last use: a file's own time, or a folder's (touched on use)."""
     try:
         status = path.stat()
-        size = status.st_size if path.is_file() else sum(inner.stat().st_size for inner in path.rglob("*") if inner.is_file())
+        size = (
+            status.st_size
+            if path.is_file()
+            else sum(inner.stat().st_size for inner in path.rglob("*") if inner.is_file())
+        )
     except FileNotFoundError:
         return None
     return LocalLeftover(path, size, datetime.fromtimestamp(status.st_mtime, UTC))

@@ -184,7 +184,9 @@ class FolderStore(ArtifactStore):
         except FileNotFoundError:
             raise ArtifactMissing(key, self.location) from None
 
-    def iter_bytes(self, key: str, start: int = 0, end: int | None = None, chunk_bytes: int = CHUNK_BYTES) -> Iterator[bytes]:
+    def iter_bytes(
+        self, key: str, start: int = 0, end: int | None = None, chunk_bytes: int = CHUNK_BYTES
+    ) -> Iterator[bytes]:
         try:
             handle = self.path(key).open("rb")
         except FileNotFoundError:

@@ -26,7 +26,9 @@ BOOTSTRAP_KEY = "operator-chosen-bootstrap-key-0123456789abcdef"
 @pytest.fixture
 def settings(database_url: str, redis_server: RedisServer, tmp_path: Path) -> Settings:
     """This module's gateway (the `api` fixture) requires keys."""
-    return make_settings(database_url, redis_server.url, tmp_path / "var", auth_enabled=True, bootstrap_admin_key=BOOTSTRAP_KEY)
+    return make_settings(
+        database_url, redis_server.url, tmp_path / "var", auth_enabled=True, bootstrap_admin_key=BOOTSTRAP_KEY
+    )
 
 
 def make_key(sessions: sessionmaker[Session], scopes: list[str], **limits: int) -> str:
@@ -63,13 +65,20 @@ def admin_key(api: Any) -> str:
 def v1_operations(api: Any) -> list[tuple[str, str]]:
     """(method, path with every parameter filled) of each /v1 operation the service documents."""
     paths = api.get("/openapi.json").json()["paths"]
-    return [(method.upper(), re.sub(r"\{[^}]+\}", "x", path)) for path, operations in paths.items() if path.startswith("/v1/") for method in operations]
+    return [
+        (method.upper(), re.sub(r"\{[^}]+\}", "x", path))
+        for path, operations in paths.items()
+        if path.startswith("/v1/")
+        for method in operations
+    ]
 
 
 # --- off by default --------------------------------------------------------------------
 
 
-def test_auth_is_off_by_default_and_every_route_answers_without_a_key(database_url: str, redis_server: RedisServer, tmp_path: Path) -> None:
+def test_auth_is_off_by_default_and_every_route_answers_without_a_key(
+    database_url: str, redis_server: RedisServer, tmp_path: Path
+) -> None:
     default = make_settings(database_url, redis_server.url, tmp_path / "var")
     assert default.auth_enabled is False
     with TestClient(create_app(default)) as client:
@@ -110,7 +119,9 @@ def test_an_upload_with_a_read_key_is_refused_before_its_body_is_read(api: Any, 
         raise AssertionError("the body was read")
 
     for path in ["/v1/datasets", "/v1/adapters/upload"]:
-        response = api.post(path, content=body(), headers={"content-type": "multipart/form-data; boundary=b", **bearer(read_key)})
+        response = api.post(
+            path, content=body(), headers={"content-type": "multipart/form-data; boundary=b", **bearer(read_key)}
+        )
         assert assert_envelope(response, 403, "forbidden")["details"]["required_scope"] == "submit", path
 
 
@@ -129,10 +140,14 @@ def test_the_key_is_accepted_in_x_api_key_too(api: Any, read_key: str) -> None:
 
 def test_a_revoked_key_is_a_401_from_the_moment_it_is_revoked(api: Any, read_key: str, admin_key: str) -> None:
     assert api.get("/v1/models", headers=bearer(read_key)).status_code == 200
-    key_id = next(key["id"] for key in api.get("/v1/keys", headers=bearer(admin_key)).json()["items"] if read_key.startswith(key["prefix"]))
+    key_id = next(
+        key["id"]
+        for key in api.get("/v1/keys", headers=bearer(admin_key)).json()["items"]
+        if read_key.startswith(key["prefix"])
+    )
     assert api.delete(f"/v1/keys/{key_id}", headers=bearer(admin_key)).status_code == 200
     response = api.get("/v1/models", headers=bearer(read_key))
-    assert_envelope(response, 401, "unauthorized")["details"]["reason"] == "revoked"
+    assert assert_envelope(response, 401, "unauthorized")["details"]["reason"] == "revoked"
 
 
 def test_open_paths_need_no_key(api: Any) -> None:
@@ -152,8 +167,12 @@ def test_metrics_need_a_read_key_when_auth_is_on(api: Any, read_key: str) -> Non
     assert api.get("/metrics", headers={"X-API-Key": read_key}).status_code == 200
 
 
-def test_metrics_stay_open_when_the_operator_says_so(database_url: str, redis_server: RedisServer, tmp_path: Path) -> None:
-    open_metrics = make_settings(database_url, redis_server.url, tmp_path / "var", auth_enabled=True, metrics_require_key=False)
+def test_metrics_stay_open_when_the_operator_says_so(
+    database_url: str, redis_server: RedisServer, tmp_path: Path
+) -> None:
+    open_metrics = make_settings(
+        database_url, redis_server.url, tmp_path / "var", auth_enabled=True, metrics_require_key=False
+    )
     with TestClient(create_app(open_metrics)) as client:
         assert client.get("/metrics").status_code == 200
         assert_envelope(client.get("/v1/models"), 401, "unauthorized")
@@ -170,7 +189,10 @@ def test_openapi_declares_the_schemes_on_v1_operations_only(api: Any) -> None:
 
 
 def test_the_bootstrap_admin_key_is_admitted_as_admin_and_a_near_miss_is_not(api: Any) -> None:
-    assert api.post("/v1/keys", json={"name": "first", "scopes": ["read"]}, headers=bearer(BOOTSTRAP_KEY)).status_code == 201
+    assert (
+        api.post("/v1/keys", json={"name": "first", "scopes": ["read"]}, headers=bearer(BOOTSTRAP_KEY)).status_code
+        == 201
+    )
     near_miss = BOOTSTRAP_KEY[:-1] + "0"
     assert_envelope(api.get("/v1/keys", headers=bearer(near_miss)), 401, "unauthorized")
 
@@ -197,13 +219,19 @@ def test_every_v1_route_that_changes_something_refuses_a_read_key(api: Any, read
     for method, path in changing:
         response = api.request(method, path, headers=bearer(read_key))
         needed = "admin" if path.startswith("/v1/keys") else "submit"
-        assert (response.status_code, response.json()["error"]["details"].get("required_scope")) == (403, needed), (method, path)
+        assert (response.status_code, response.json()["error"]["details"].get("required_scope")) == (403, needed), (
+            method,
+            path,
+        )
 
 
 def test_a_submit_key_runs_and_reads_but_does_not_manage_keys(api: Any, submit_key: str) -> None:
     assert api.post("/v1/jobs/ping", headers=bearer(submit_key)).status_code == 202
     assert api.get("/v1/jobs", headers=bearer(submit_key)).status_code == 200
-    for response in [api.get("/v1/keys", headers=bearer(submit_key)), api.post("/v1/keys", json={"name": "n", "scopes": ["read"]}, headers=bearer(submit_key))]:
+    for response in [
+        api.get("/v1/keys", headers=bearer(submit_key)),
+        api.post("/v1/keys", json={"name": "n", "scopes": ["read"]}, headers=bearer(submit_key)),
+    ]:
         assert assert_envelope(response, 403, "forbidden")["details"]["required_scope"] == "admin"
 
 
@@ -243,17 +271,28 @@ def test_the_registry_row_holds_no_secret(api: Any, admin_key: str) -> None:
 def test_a_bad_key_request_is_a_422_naming_the_field(api: Any, admin_key: str) -> None:
     unknown_scope = api.post("/v1/keys", json={"name": "n", "scopes": ["root"]}, headers=bearer(admin_key))
     assert assert_envelope(unknown_scope, 422, "validation_error")["details"]["fields"][0]["field"] == "scopes.0"
-    burst_alone = api.post("/v1/keys", json={"name": "n", "scopes": ["read"], "rate_limit_burst": 5}, headers=bearer(admin_key))
+    burst_alone = api.post(
+        "/v1/keys", json={"name": "n", "scopes": ["read"], "rate_limit_burst": 5}, headers=bearer(admin_key)
+    )
     assert assert_envelope(burst_alone, 422, "invalid_field")["details"]["field"] == "rate_limit_burst"
 
 
 def test_a_key_limit_beyond_what_the_registry_holds_is_a_422_naming_the_field(api: Any, admin_key: str) -> None:
-    for field, value in [("rate_limit_per_minute", 2**63), ("rate_limit_per_minute", 2**31), ("rate_limit_burst", 2**31)]:
+    for field, value in [
+        ("rate_limit_per_minute", 2**63),
+        ("rate_limit_per_minute", 2**31),
+        ("rate_limit_burst", 2**31),
+    ]:
         body = {"name": "n", "scopes": ["read"], "rate_limit_per_minute": 60} | {field: value}
         response = api.post("/v1/keys", json=body, headers=bearer(admin_key))
-        assert assert_envelope(response, 422, "validation_error")["details"]["fields"][0]["field"] == field, (field, value)
+        assert assert_envelope(response, 422, "validation_error")["details"]["fields"][0]["field"] == field, (
+            field,
+            value,
+        )
     largest = api.post(
-        "/v1/keys", json={"name": "n", "scopes": ["read"], "rate_limit_per_minute": 1_000_000, "rate_limit_burst": 1_000_000}, headers=bearer(admin_key)
+        "/v1/keys",
+        json={"name": "n", "scopes": ["read"], "rate_limit_per_minute": 1_000_000, "rate_limit_burst": 1_000_000},
+        headers=bearer(admin_key),
     )
     assert largest.status_code == 201
     assert (largest.json()["rate_limit_per_minute"], largest.json()["rate_limit_burst"]) == (1_000_000, 1_000_000)
@@ -274,8 +313,12 @@ def test_a_key_over_its_limit_gets_a_429_with_retry_after_and_another_key_does_n
     assert api.get("/v1/models", headers=bearer(other)).status_code == 200
 
 
-def test_the_default_limit_applies_to_keys_without_their_own(database_url: str, redis_server: RedisServer, tmp_path: Path) -> None:
-    strict = make_settings(database_url, redis_server.url, tmp_path / "var", auth_enabled=True, rate_limit_per_minute=1, rate_limit_burst=3)
+def test_the_default_limit_applies_to_keys_without_their_own(
+    database_url: str, redis_server: RedisServer, tmp_path: Path
+) -> None:
+    strict = make_settings(
+        database_url, redis_server.url, tmp_path / "var", auth_enabled=True, rate_limit_per_minute=1, rate_limit_burst=3
+    )
     with TestClient(create_app(strict)) as client:
         key = make_key(client.app.state.sessions, ["read"])
         statuses = [client.get("/v1/models", headers=bearer(key)).status_code for _ in range(4)]
@@ -285,12 +328,16 @@ def test_the_default_limit_applies_to_keys_without_their_own(database_url: str, 
 def test_the_limit_is_shared_by_gateways_on_the_same_redis(api: Any, settings: Settings) -> None:
     key = make_key(api.app.state.sessions, ["read"], rate_limit_per_minute=3)
     with TestClient(create_app(settings)) as second:
-        statuses = [gateway.get("/v1/models", headers=bearer(key)).status_code for gateway in (api, api, second, second, api)]
+        statuses = [
+            gateway.get("/v1/models", headers=bearer(key)).status_code for gateway in (api, api, second, second, api)
+        ]
     assert statuses == [200, 200, 200, 429, 429]
 
 
 def test_without_redis_keys_are_still_checked_and_limits_are_not(database_url: str, tmp_path: Path) -> None:
-    no_redis = make_settings(database_url, f"redis://127.0.0.1:{free_port()}/0", tmp_path / "var", auth_enabled=True, rate_limit_per_minute=1)
+    no_redis = make_settings(
+        database_url, f"redis://127.0.0.1:{free_port()}/0", tmp_path / "var", auth_enabled=True, rate_limit_per_minute=1
+    )
     with TestClient(create_app(no_redis)) as client:
         key = make_key(client.app.state.sessions, ["read"])
         assert [client.get("/v1/models", headers=bearer(key)).status_code for _ in range(3)] == [200, 200, 200]
@@ -312,7 +359,9 @@ def test_readyz_tells_anyone_whether_it_is_ready_but_not_where_workers_run(api: 
     response = api.get("/readyz")
     assert response.status_code == 200
     assert response.json()["checks"] == {"database": "ok", "redis": "ok", "workers": 1}
-    assert "host-17" not in response.text and "gpu-box-3" not in response.text and "job_secret_work" not in response.text
+    assert (
+        "host-17" not in response.text and "gpu-box-3" not in response.text and "job_secret_work" not in response.text
+    )
     read_key = make_key(api.app.state.sessions, ["read"])
     assert api.get("/readyz", headers={"X-API-Key": "cpk_000000000000_" + "A" * 43}).json()["checks"]["workers"] == 1
     detailed = api.get("/readyz", headers=bearer(read_key)).json()["checks"]["workers"]

@@ -28,7 +28,9 @@ def compare(stack: Stack, **body: Any) -> dict[str, Any]:
     return stack.client.get(f"/v1/comparisons/{response.json()['comparison']['id']}").json()
 
 
-def test_a_base_and_two_adapters_give_one_diagram_with_three_curves(stack: Stack, tiny_llama: Path, tmp_path: Path) -> None:
+def test_a_base_and_two_adapters_give_one_diagram_with_three_curves(
+    stack: Stack, tiny_llama: Path, tmp_path: Path
+) -> None:
     base = register(stack.client, tiny_llama).json()
     adapters = [adapter_for(stack, base, tiny_llama, tmp_path, seed) for seed in (11, 12)]
     dataset = upload_rows(stack.client, shared_rows("geometry_of_truth/cities.jsonl", 120), "cities-120")
@@ -51,7 +53,9 @@ def test_a_base_and_two_adapters_give_one_diagram_with_three_curves(stack: Stack
     assert "cross-transfer" in html and 'id="metrics"' in html
 
 
-def test_an_adapter_for_another_precision_is_refused_unless_flagged(stack: Stack, tiny_llama: Path, tmp_path: Path) -> None:
+def test_an_adapter_for_another_precision_is_refused_unless_flagged(
+    stack: Stack, tiny_llama: Path, tmp_path: Path
+) -> None:
     base = register(stack.client, tiny_llama).json()
     half = register(stack.client, tiny_llama, dtype="bfloat16").json()
     adapter = adapter_for(stack, half, tiny_llama, tmp_path, seed=21)
@@ -72,11 +76,15 @@ def test_an_adapter_of_another_model_is_refused(api: Any, tiny_llama: Path, tmp_
     settings = api.app.state.settings
     folder = settings.adapter_roots[0] / "for-other"
     tiny_models.save_tinker_adapter(folder, other_folder)
-    job_id = api.post("/v1/adapters/import", json={"source": str(folder), "base_model": other["id"], "name": "x"}).json()["job"]["id"]
+    job_id = api.post(
+        "/v1/adapters/import", json={"source": str(folder), "base_model": other["id"], "name": "x"}
+    ).json()["job"]["id"]
     run_queued_jobs(settings)
     adapter_id = api.get(f"/v1/jobs/{job_id}").json()["result"]["adapter_id"]
     dataset = upload_rows(api, [{"text": f"statement {i}", "label": i % 2} for i in range(20)], "small")
-    response = api.post("/v1/comparisons", json={"model": base["id"], "adapters": [adapter_id], "dataset": dataset["id"], "layers": [1]})
+    response = api.post(
+        "/v1/comparisons", json={"model": base["id"], "adapters": [adapter_id], "dataset": dataset["id"], "layers": [1]}
+    )
     assert response.status_code == 422 and response.json()["error"]["details"]["field"] == "adapters"
 
 
@@ -88,7 +96,18 @@ def test_a_comparison_report_before_it_is_done_is_a_409(api: Any, tiny_llama: Pa
     dataset = upload_rows(api, [{"text": f"statement {i}", "label": i % 2} for i in range(20)], "small")
     settings = api.app.state.settings
     with session_factory(create_registry_engine(settings.resolved_database_url)).begin() as session:
-        session.add(Comparison(id="cmp_t", job_id=base["check_job_id"], model_id=base["id"], adapter_ids=[], dataset_id=dataset["id"], layers=[1], method="logistic", token_position="last"))
+        session.add(
+            Comparison(
+                id="cmp_t",
+                job_id=base["check_job_id"],
+                model_id=base["id"],
+                adapter_ids=[],
+                dataset_id=dataset["id"],
+                layers=[1],
+                method="logistic",
+                token_position="last",
+            )
+        )
     assert api.get("/v1/comparisons/cmp_t/report.svg").status_code == 409
     assert api.get("/v1/comparisons/cmp_t").json()["report"] is None
     assert api.get("/v1/comparisons/cmp_nope").status_code == 404

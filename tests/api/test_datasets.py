@@ -115,15 +115,30 @@ MALFORMED = {
     "bad JSON on a line": ("rows.jsonl", b'{"text": "a", "label": 1}\n{"text": "b", "label": 0,}\n', 2, "row"),
     "a line that is not an object": ("rows.jsonl", b'{"text": "a", "label": 1}\n["b", 0]\n', 2, "row"),
     "a missing label": ("rows.jsonl", b'{"text": "a", "label": 1}\n{"text": "b"}\n', 2, "label"),
-    "label 2": ("rows.jsonl", b'{"text": "a", "label": 1}\n{"text": "b", "label": 0}\n{"text": "c", "label": 2}\n', 3, "label"),
+    "label 2": (
+        "rows.jsonl",
+        b'{"text": "a", "label": 1}\n{"text": "b", "label": 0}\n{"text": "c", "label": 2}\n',
+        3,
+        "label",
+    ),
     "label 2 in CSV": ("rows.csv", b"statement,label\na,1\nb,2\n", 3, "label"),
     "an empty text": ("rows.jsonl", b'{"text": "a", "label": 1}\n{"text": "  ", "label": 0}\n', 2, "text"),
     "an empty statement in CSV": ("rows.csv", b'statement,label\n"",1\n', 2, "statement"),
     "a text that is not a string": ("rows.jsonl", b'{"text": 7, "label": 1}\n', 1, "text"),
     "an empty question": ("rows.jsonl", b'{"question": "", "choices": ["a", "b"], "answer": 0}\n', 1, "question"),
-    "an answer out of range": ("rows.jsonl", QUESTION + b'{"question": "q", "choices": ["a", "b"], "answer": 2}\n', 2, "answer"),
+    "an answer out of range": (
+        "rows.jsonl",
+        QUESTION + b'{"question": "q", "choices": ["a", "b"], "answer": 2}\n',
+        2,
+        "answer",
+    ),
     "an answer out of range in CSV": ("rows.csv", b'question,choices,answer\nq,"[""a"", ""b""]",2\n', 2, "answer"),
-    "choices that are not a list": ("rows.jsonl", b'{"question": "q", "choices": "a or b", "answer": 0}\n', 1, "choices"),
+    "choices that are not a list": (
+        "rows.jsonl",
+        b'{"question": "q", "choices": "a or b", "answer": 0}\n',
+        1,
+        "choices",
+    ),
     "an empty choice": ("rows.jsonl", b'{"question": "q", "choices": ["a", ""], "answer": 0}\n', 1, "choices"),
     "a single choice": ("rows.jsonl", b'{"question": "q", "choices": ["a"], "answer": 0}\n', 1, "choices"),
     "a row of the other kind in the middle": ("rows.jsonl", STATEMENTS + QUESTION + STATEMENTS, 3, "text"),
@@ -186,20 +201,29 @@ def test_csv_statements_may_name_the_column_text_and_write_labels_as_words(api: 
 
 def test_csv_multiple_choice_reads_choices_as_a_json_list(api: Any) -> None:
     from_jsonl = upload(api, "rows.jsonl", QUESTION).json()
-    from_csv = upload(api, "rows.csv", b'question,choices,answer,subject\nWhat is 2 + 2?,"[""3"", ""4""]",1,arithmetic\n')
+    from_csv = upload(
+        api, "rows.csv", b'question,choices,answer,subject\nWhat is 2 + 2?,"[""3"", ""4""]",1,arithmetic\n'
+    )
     assert from_csv.status_code == 200
     assert from_csv.json()["id"] == from_jsonl["id"]
     assert from_jsonl["kind"] == "multiple_choice" and from_jsonl["label_balance"] == {"1": 1}
 
 
-@pytest.mark.parametrize(("filename", "content", "source_format"), [("rows", STATEMENTS, "jsonl"), ("rows.txt", b"statement,label\na,1\n", "csv")])
-def test_without_a_known_extension_the_format_comes_from_the_content(api: Any, filename: str, content: bytes, source_format: str) -> None:
+@pytest.mark.parametrize(
+    ("filename", "content", "source_format"),
+    [("rows", STATEMENTS, "jsonl"), ("rows.txt", b"statement,label\na,1\n", "csv")],
+)
+def test_without_a_known_extension_the_format_comes_from_the_content(
+    api: Any, filename: str, content: bytes, source_format: str
+) -> None:
     response = upload(api, filename, content)
     assert response.status_code == 201
     assert response.json()["source_format"] == source_format
 
 
-def test_a_file_over_max_dataset_bytes_is_a_413_and_nothing_is_kept(database_url: str, redis_server: RedisServer, tmp_path: Path) -> None:
+def test_a_file_over_max_dataset_bytes_is_a_413_and_nothing_is_kept(
+    database_url: str, redis_server: RedisServer, tmp_path: Path
+) -> None:
     settings = make_settings(database_url, redis_server.url, tmp_path / "var", max_dataset_bytes=1024)
     with TestClient(create_app(settings)) as client:
         response = upload(client, "rows.jsonl", STATEMENTS * 20)
@@ -210,7 +234,9 @@ def test_a_file_over_max_dataset_bytes_is_a_413_and_nothing_is_kept(database_url
 
 
 def test_the_stored_file_is_compact_jsonl_with_only_the_kinds_keys_in_order(api: Any, settings: Settings) -> None:
-    dataset = upload(api, "rows.jsonl", b'{"subject": "s", "answer": 0, "choices": [" yes ", "no"], "question": " Is it? "}\n').json()
+    dataset = upload(
+        api, "rows.jsonl", b'{"subject": "s", "answer": 0, "choices": [" yes ", "no"], "question": " Is it? "}\n'
+    ).json()
     stored = (settings.resolved_artifact_dir / "datasets" / f"{dataset['sha256']}.jsonl").read_bytes()
     assert stored == b'{"question":"Is it?","choices":["yes","no"],"answer":0}\n'
     assert dataset["size_bytes"] == len(stored)
@@ -284,10 +310,18 @@ def refuse_dataset_inserts(database_url: str) -> None:
     engine = create_registry_engine(database_url)
     with engine.begin() as connection:
         if database_url.startswith("sqlite"):
-            connection.execute(text("CREATE TRIGGER refuse BEFORE INSERT ON datasets BEGIN SELECT RAISE(ABORT, 'refused'); END"))
+            connection.execute(
+                text("CREATE TRIGGER refuse BEFORE INSERT ON datasets BEGIN SELECT RAISE(ABORT, 'refused'); END")
+            )
         else:
-            connection.execute(text("CREATE FUNCTION refuse() RETURNS trigger AS $$ BEGIN RAISE EXCEPTION 'refused'; END $$ LANGUAGE plpgsql"))
-            connection.execute(text("CREATE TRIGGER refuse BEFORE INSERT ON datasets FOR EACH ROW EXECUTE FUNCTION refuse()"))
+            connection.execute(
+                text(
+                    "CREATE FUNCTION refuse() RETURNS trigger AS $$ BEGIN RAISE EXCEPTION 'refused'; END $$ LANGUAGE plpgsql"
+                )
+            )
+            connection.execute(
+                text("CREATE TRIGGER refuse BEFORE INSERT ON datasets FOR EACH ROW EXECUTE FUNCTION refuse()")
+            )
     engine.dispose()
 
 

@@ -28,7 +28,15 @@ def test_docs_pages_load_their_assets_from_this_server(api: Any, page: str) -> N
 
 def test_openapi_documents_every_route_and_the_error_envelope(api: Any) -> None:
     spec = api.get("/openapi.json").json()
-    assert {"/v1/models", "/v1/models/{model_id}", "/v1/jobs", "/v1/jobs/{job_id}", "/v1/jobs/{job_id}/cancel", "/v1/jobs/{job_id}/events", "/readyz"} <= set(spec["paths"])
+    assert {
+        "/v1/models",
+        "/v1/models/{model_id}",
+        "/v1/jobs",
+        "/v1/jobs/{job_id}",
+        "/v1/jobs/{job_id}/cancel",
+        "/v1/jobs/{job_id}/events",
+        "/readyz",
+    } <= set(spec["paths"])
     unprocessable = spec["paths"]["/v1/models"]["post"]["responses"]["422"]["content"]["application/json"]["schema"]
     assert unprocessable == {"$ref": "#/components/schemas/ErrorOut"}
 
@@ -52,11 +60,31 @@ def test_docs_render_every_operation_in_headless_chromium(live_gateway: str) -> 
     with tempfile.TemporaryDirectory() as profile:
         result = subprocess.run(
             [
-                browser, "--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
-                "--disable-component-update", "--no-first-run", "--disable-sync", f"--user-data-dir={profile}",
-                "--virtual-time-budget=15000", "--dump-dom", f"{live_gateway}/docs",
+                browser,
+                "--headless",
+                "--no-sandbox",
+                "--disable-gpu",
+                "--disable-background-networking",
+                "--disable-component-update",
+                "--no-first-run",
+                "--disable-sync",
+                f"--user-data-dir={profile}",
+                "--virtual-time-budget=15000",
+                "--dump-dom",
+                f"{live_gateway}/docs",
             ],
-            capture_output=True, text=True, timeout=120,
+            capture_output=True,
+            text=True,
+            timeout=120,
         )
     rendered = set(re.findall(r'class="opblock-summary-path" data-path="([^"]+)"', result.stdout))
-    assert {"/healthz", "/readyz", "/v1/models", "/v1/models/{model_id}", "/v1/jobs", "/v1/jobs/{job_id}", "/v1/jobs/{job_id}/cancel", "/v1/jobs/{job_id}/events"} <= rendered
+    assert {
+        "/healthz",
+        "/readyz",
+        "/v1/models",
+        "/v1/models/{model_id}",
+        "/v1/jobs",
+        "/v1/jobs/{job_id}",
+        "/v1/jobs/{job_id}/cancel",
+        "/v1/jobs/{job_id}/events",
+    } <= rendered

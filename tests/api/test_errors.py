@@ -53,7 +53,9 @@ def test_a_chunked_body_over_the_limit_is_a_413_while_it_streams(api: Any, setti
     assert_envelope(response, 413, "payload_too_large")
 
 
-def test_an_unreachable_redis_is_a_503_and_leaves_nothing_registered(database_url: str, tmp_path: Path, tiny_llama: Path) -> None:
+def test_an_unreachable_redis_is_a_503_and_leaves_nothing_registered(
+    database_url: str, tmp_path: Path, tiny_llama: Path
+) -> None:
     settings = make_settings(database_url, f"redis://127.0.0.1:{free_port()}/0", tmp_path / "var")
     with TestClient(create_app(settings)) as client:
         response = client.post("/v1/models", json={"name": "tiny", "source": str(tiny_llama)})
@@ -73,12 +75,16 @@ def test_a_nul_character_in_a_path_or_query_is_a_422_naming_where_on_either_regi
     404 on SQLite."""
     assert nul_fields(api.get("/v1/models/mdl_%00")) == [("path", "path")]
     assert nul_fields(api.post("/v1/jobs/job_%00/cancel")) == [("path", "path")]
-    assert nul_fields(api.get("/v1/adapters", params={"base_model": "mdl_\x00", "cursor": "c"})) == [("base_model", "query")]
+    assert nul_fields(api.get("/v1/adapters", params={"base_model": "mdl_\x00", "cursor": "c"})) == [
+        ("base_model", "query")
+    ]
     assert api.get("/v1/models/mdl_0").status_code == 404  # the same request without it
 
 
 def test_a_nul_character_anywhere_in_a_body_or_form_is_a_422_naming_the_field(api: Any, tiny_llama: Path) -> None:
-    assert nul_fields(api.post("/v1/models", json={"name": "tiny\x00", "source": str(tiny_llama)})) == [("name", "body")]
+    assert nul_fields(api.post("/v1/models", json={"name": "tiny\x00", "source": str(tiny_llama)})) == [
+        ("name", "body")
+    ]
     assert nul_fields(api.post("/v1/keys", json={"name": "k\x00", "scopes": ["read"]})) == [("name", "body")]
     extraction = {"model": "mdl_0", "texts": ["fine", "not\x00fine"], "layers": [0]}
     assert nul_fields(api.post("/v1/extractions", json=extraction)) == [("texts", "body")]
@@ -92,13 +98,25 @@ def test_a_nul_character_anywhere_in_a_body_or_form_is_a_422_naming_the_field(ap
     statements = b'{"text": "a", "label": 1}\n' * 3 + b'{"text": "b", "label": 0}\n' * 3
     upload = api.post("/v1/datasets", files={"file": ("s.jsonl", statements)}, data={"name": "s\x00"})
     assert nul_fields(upload) == [("name", "body")]
-    adapter = api.post("/v1/adapters/upload", files={"file": ("a.tar", b"archive")}, data={"base_model": "mdl_\x00", "name": "a"})
+    adapter = api.post(
+        "/v1/adapters/upload", files={"file": ("a.tar", b"archive")}, data={"base_model": "mdl_\x00", "name": "a"}
+    )
     assert nul_fields(adapter) == [("base_model", "body")]
+
     # a file's name is kept too (a dataset's default name, an import's source)
     def raw_form(filename: bytes, content: bytes, **fields: str) -> dict[str, Any]:
         """A multipart body written by hand: clients escape a NUL in a file name, a hostile one need not."""
-        parts = [f'--b\r\ncontent-disposition: form-data; name="{name}"\r\n\r\n{value}\r\n'.encode() for name, value in fields.items()]
-        parts.append(b'--b\r\ncontent-disposition: form-data; name="file"; filename="' + filename + b'"\r\n\r\n' + content + b"\r\n--b--\r\n")
+        parts = [
+            f'--b\r\ncontent-disposition: form-data; name="{name}"\r\n\r\n{value}\r\n'.encode()
+            for name, value in fields.items()
+        ]
+        parts.append(
+            b'--b\r\ncontent-disposition: form-data; name="file"; filename="'
+            + filename
+            + b'"\r\n\r\n'
+            + content
+            + b"\r\n--b--\r\n"
+        )
         return {"content": b"".join(parts), "headers": {"content-type": "multipart/form-data; boundary=b"}}
 
     named = api.post("/v1/datasets", **raw_form(b"s\x00.jsonl", statements))
@@ -117,7 +135,9 @@ def test_a_nul_character_anywhere_in_a_body_or_form_is_a_422_naming_the_field(ap
     assert api.post("/v1/models", json={"name": "tiny-2", "source": str(tiny_llama)}).status_code in (200, 201)
 
 
-def test_a_job_the_queue_refuses_leaves_neither_its_row_nor_what_it_works_on(database_url: str, redis_server: Any, tmp_path: Path, tiny_llama: Path) -> None:
+def test_a_job_the_queue_refuses_leaves_neither_its_row_nor_what_it_works_on(
+    database_url: str, redis_server: Any, tmp_path: Path, tiny_llama: Path
+) -> None:
     up = make_settings(database_url, redis_server.url, tmp_path / "var")
     with TestClient(create_app(up)) as client:
         model = client.post("/v1/models", json={"name": "tiny", "source": str(tiny_llama)}).json()

@@ -19,7 +19,9 @@ HF_ID = "tiny-org/experiment-llama"
 
 def submit(client: Any, config: dict[str, Any], as_yaml: bool = True) -> Any:
     if as_yaml:
-        return client.post("/v1/experiments", content=yaml.safe_dump(config).encode(), headers={"content-type": "application/yaml"})
+        return client.post(
+            "/v1/experiments", content=yaml.safe_dump(config).encode(), headers={"content-type": "application/yaml"}
+        )
     return client.post("/v1/experiments", json=config)
 
 
@@ -53,12 +55,19 @@ def test_the_seed_config_with_a_tinker_checkpoint_runs_end_to_end_and_resumes(
     snapshot = next((stack.settings.hf_cache_dir / f"models--{HF_ID.replace('/', '--')}" / "snapshots").iterdir())  # type: ignore[operator]
     tiny_models.save_tinker_adapter(tmp_path / "export", snapshot, seed=31)
     checkpoint = tinker_standin.add_checkpoint(
-        StandinCheckpoint(run_id=f"{tmp_path.name}:train:0", name="final", base_model=HF_ID, files=adapter_files(tmp_path / "export"))
+        StandinCheckpoint(
+            run_id=f"{tmp_path.name}:train:0", name="final", base_model=HF_ID, files=adapter_files(tmp_path / "export")
+        )
     )
     config = {
         "experiment": {"name": "tinker-finetuned-probe", "seed": 42},
         "model": {"name": cached_model, "tinker_lora_path": "weights/x/peft_adapter"},
-        "tinker": {"enabled": True, "checkpoint_path": checkpoint.tinker_path, "download_weights": True, "output_dir": "weights/x"},
+        "tinker": {
+            "enabled": True,
+            "checkpoint_path": checkpoint.tinker_path,
+            "download_weights": True,
+            "output_dir": "weights/x",
+        },
         "extraction": {"layers": [1, 2], "cache_dir": "cache/x"},
         "probe": {"method": "logistic", "dataset": str(cities_file(stack, f"{tmp_path.name}.jsonl"))},
     }
@@ -77,7 +86,9 @@ def test_the_seed_config_with_a_tinker_checkpoint_runs_end_to_end_and_resumes(
     assert again["result"]["probe_run_id"] == first["result"]["probe_run_id"]
 
 
-def test_a_json_config_with_a_peft_folder_runs(stack: Stack, cached_model: str, tiny_llama: Path, tmp_path: Path) -> None:
+def test_a_json_config_with_a_peft_folder_runs(
+    stack: Stack, cached_model: str, tiny_llama: Path, tmp_path: Path
+) -> None:
     folder = sources_root(stack) / f"{tmp_path.name}-peft"
     tiny_models.save_tinker_adapter(folder, tiny_llama, seed=32)
     config = {
@@ -88,7 +99,9 @@ def test_a_json_config_with_a_peft_folder_runs(stack: Stack, cached_model: str, 
     }
     job = finished(stack, config, as_yaml=False)
     run = stack.client.get(f"/v1/probe-runs/{job['result']['probe_run_id']}").json()
-    assert {probe["method"] for probe in run["probes"]} == {"logistic", "mass_mean"} and run["adapter_id"] == job["result"]["adapter_id"]
+    assert {probe["method"] for probe in run["probes"]} == {"logistic", "mass_mean"} and run["adapter_id"] == job[
+        "result"
+    ]["adapter_id"]
 
 
 def test_unknown_keys_are_a_422_naming_each(api: Any) -> None:
@@ -112,7 +125,9 @@ def test_a_missing_required_key_is_a_422_naming_it(api: Any) -> None:
 
 
 def test_malformed_yaml_is_a_422(api: Any) -> None:
-    response = api.post("/v1/experiments", content=b"experiment: [unclosed", headers={"content-type": "application/yaml"})
+    response = api.post(
+        "/v1/experiments", content=b"experiment: [unclosed", headers={"content-type": "application/yaml"}
+    )
     assert response.status_code == 422 and "YAML" in response.json()["error"]["message"]
 
 

@@ -15,7 +15,12 @@ from tests.api.test_jobs import run_queued_jobs
 from tests.api.test_models import register
 from tests.conftest import Stack, wait_for_job
 
-TEXTS = ["The city of Paris is in France.", "The city of Tokyo is in Japan.", "Fifty-one is larger than forty-nine.", "Tokyo"]
+TEXTS = [
+    "The city of Paris is in France.",
+    "The city of Tokyo is in Japan.",
+    "Fifty-one is larger than forty-nine.",
+    "Tokyo",
+]
 
 
 def ready_model(client: Any, folder: Path, **extra: Any) -> dict[str, Any]:
@@ -44,7 +49,14 @@ def direct_reference(folder: Path, texts: list[str], layers: list[int], token_po
     with torch.inference_mode():
         for text in texts:
             hidden_states = model(**tokenizer(text, return_tensors="pt"), output_hidden_states=True).hidden_states
-            rows.append([(hidden_states[layer][0, -1] if token_position == "last" else hidden_states[layer][0].mean(0)).numpy() for layer in layers])
+            rows.append(
+                [
+                    (
+                        hidden_states[layer][0, -1] if token_position == "last" else hidden_states[layer][0].mean(0)
+                    ).numpy()
+                    for layer in layers
+                ]
+            )
     return np.array(rows, dtype=np.float32)
 
 
@@ -58,7 +70,9 @@ def download(client: Any, extraction_id: str, format: str = "npy") -> np.ndarray
     return load(response.content)["hidden_states"]
 
 
-def test_an_extraction_returns_texts_by_layers_by_hidden_equal_to_a_direct_forward(stack: Stack, tiny_llama: Path) -> None:
+def test_an_extraction_returns_texts_by_layers_by_hidden_equal_to_a_direct_forward(
+    stack: Stack, tiny_llama: Path
+) -> None:
     model = ready_model(stack.client, tiny_llama)
     response = extract(stack.client, model["id"], texts=TEXTS)
     assert response.headers["location"] == f"/v1/extractions/{response.json()['extraction']['id']}"
@@ -90,7 +104,8 @@ def test_a_repeated_request_is_served_from_the_cache_without_running_the_model(s
     assert second["result"]["batches_run"] == 0 and second["result"]["computed_texts"] == 0
     assert second["result"]["cache_hits"] == len(TEXTS)
     np.testing.assert_array_equal(
-        download(stack.client, first["result"]["extraction_id"]), download(stack.client, second["result"]["extraction_id"])
+        download(stack.client, first["result"]["extraction_id"]),
+        download(stack.client, second["result"]["extraction_id"]),
     )
 
 
@@ -99,7 +114,11 @@ def test_an_overlapping_request_computes_only_the_new_texts(stack: Stack, tiny_l
     finished(stack.client, extract(stack.client, model["id"], texts=TEXTS[:2]))
     job = finished(stack.client, extract(stack.client, model["id"], texts=TEXTS))
     assert job["result"]["computed_texts"] == 2 and job["result"]["cache_hits"] == 2
-    np.testing.assert_allclose(download(stack.client, job["result"]["extraction_id"]), direct_reference(tiny_llama, TEXTS, [0, 1, 2]), atol=1e-5)
+    np.testing.assert_allclose(
+        download(stack.client, job["result"]["extraction_id"]),
+        direct_reference(tiny_llama, TEXTS, [0, 1, 2]),
+        atol=1e-5,
+    )
 
 
 def test_other_layers_of_cached_texts_are_computed(stack: Stack, tiny_llama: Path) -> None:
@@ -107,7 +126,9 @@ def test_other_layers_of_cached_texts_are_computed(stack: Stack, tiny_llama: Pat
     finished(stack.client, extract(stack.client, model["id"], texts=TEXTS, layers=[1]))
     job = finished(stack.client, extract(stack.client, model["id"], texts=TEXTS, layers=[1, 2]))
     assert job["result"]["computed_texts"] == len(TEXTS)
-    np.testing.assert_allclose(download(stack.client, job["result"]["extraction_id"]), direct_reference(tiny_llama, TEXTS, [1, 2]), atol=1e-5)
+    np.testing.assert_allclose(
+        download(stack.client, job["result"]["extraction_id"]), direct_reference(tiny_llama, TEXTS, [1, 2]), atol=1e-5
+    )
 
 
 def test_truncation_is_explicit_and_counted(stack: Stack, tiny_llama: Path) -> None:
@@ -124,7 +145,10 @@ def test_truncation_is_explicit_and_counted(stack: Stack, tiny_llama: Path) -> N
 def test_the_worker_loads_the_base_model_once_across_jobs(stack: Stack, tiny_llama: Path) -> None:
     model = ready_model(stack.client, tiny_llama)
     wait_for_job(stack.client, model["check_job_id"])
-    loads = [finished(stack.client, extract(stack.client, model["id"], texts=[f"text number {i}"]))["result"]["model_loads"] for i in range(3)]
+    loads = [
+        finished(stack.client, extract(stack.client, model["id"], texts=[f"text number {i}"]))["result"]["model_loads"]
+        for i in range(3)
+    ]
     assert loads[0] == loads[1] == loads[2]
 
 
@@ -158,7 +182,9 @@ def test_a_bad_request_is_a_422_naming_the_field(api: Any, tiny_llama: Path, bod
 
 def test_too_many_inline_texts_is_a_413_that_points_to_datasets(api: Any, settings: Settings, tiny_llama: Path) -> None:
     model = register(api, tiny_llama).json()
-    response = api.post("/v1/extractions", json={"model": model["id"], "layers": [1], "texts": ["x"] * (settings.max_inline_texts + 1)})
+    response = api.post(
+        "/v1/extractions", json={"model": model["id"], "layers": [1], "texts": ["x"] * (settings.max_inline_texts + 1)}
+    )
     assert response.status_code == 413
     assert "dataset" in response.json()["error"]["message"]
 
@@ -176,7 +202,9 @@ def test_an_unknown_reference_is_a_404(api: Any, tiny_llama: Path, field: str, v
 
 def test_hidden_states_before_the_job_ran_are_a_409(api: Any, tiny_llama: Path) -> None:
     model = register(api, tiny_llama).json()
-    extraction = api.post("/v1/extractions", json={"model": model["id"], "layers": [1], "texts": ["x"]}).json()["extraction"]
+    extraction = api.post("/v1/extractions", json={"model": model["id"], "layers": [1], "texts": ["x"]}).json()[
+        "extraction"
+    ]
     response = api.get(f"/v1/extractions/{extraction['id']}/hidden-states")
     assert response.status_code == 409
     assert response.json()["error"]["code"] == "not_ready"
@@ -193,13 +221,17 @@ def test_a_large_array_streams_in_chunks(api: Any, settings: Settings, tiny_llam
     from app.storage import FolderStore
 
     model = register(api, tiny_llama).json()
-    extraction = api.post("/v1/extractions", json={"model": model["id"], "layers": [1], "texts": ["x"]}).json()["extraction"]
+    extraction = api.post("/v1/extractions", json={"model": model["id"], "layers": [1], "texts": ["x"]}).json()[
+        "extraction"
+    ]
     states = np.random.default_rng(0).standard_normal((2000, 4, 512), dtype=np.float32)  # 16 MiB
     key = f"extractions/{extraction['id']}/hidden_states.safetensors"
     with FolderStore(settings.resolved_artifact_dir).temporary_path(key) as path:
         save_file({"hidden_states": states}, str(path))
     with session_factory(create_registry_engine(settings.resolved_database_url)).begin() as session:
-        session.execute(update(Extraction).where(Extraction.id == extraction["id"]).values(artifact=key, shape=list(states.shape)))
+        session.execute(
+            update(Extraction).where(Extraction.id == extraction["id"]).values(artifact=key, shape=list(states.shape))
+        )
     with api.stream("GET", f"/v1/extractions/{extraction['id']}/hidden-states") as response:
         chunks = list(response.iter_raw())
         assert int(response.headers["content-length"]) == sum(len(chunk) for chunk in chunks)
@@ -210,7 +242,11 @@ def test_a_large_array_streams_in_chunks(api: Any, settings: Settings, tiny_llam
     FolderStore(settings.resolved_artifact_dir).delete(key)  # removed from under its row: gone, not a 500
     for fmt in ["npy", "safetensors"]:
         response = api.get(f"/v1/extractions/{extraction['id']}/hidden-states", params={"format": fmt})
-        assert (response.status_code, response.json()["error"]["code"], response.json()["error"]["details"]["key"]) == (410, "artifact_missing", key)
+        assert (response.status_code, response.json()["error"]["code"], response.json()["error"]["details"]["key"]) == (
+            410,
+            "artifact_missing",
+            key,
+        )
 
 
 def test_extractions_of_a_dataset(api: Any, settings: Settings, tiny_llama: Path, tmp_path: Path) -> None:
@@ -226,7 +262,9 @@ def test_extractions_of_a_dataset(api: Any, settings: Settings, tiny_llama: Path
     run_queued_jobs(settings)
     job = api.get(f"/v1/jobs/{response.json()['job']['id']}").json()
     assert job["status"] == "succeeded", job["error"]
-    np.testing.assert_allclose(download(api, response.json()["extraction"]["id"]), direct_reference(tiny_llama, TEXTS, [2]), atol=1e-5)
+    np.testing.assert_allclose(
+        download(api, response.json()["extraction"]["id"]), direct_reference(tiny_llama, TEXTS, [2]), atol=1e-5
+    )
 
 
 def test_the_real_minilm_encoder_through_the_service_equals_a_direct_forward(stack: Stack) -> None:
@@ -244,7 +282,9 @@ def test_the_real_minilm_encoder_through_the_service_equals_a_direct_forward(sta
     expected = []
     with torch.inference_mode():
         for text in TEXTS:
-            hidden_states = reference_model(**tokenizer(text, return_tensors="pt"), output_hidden_states=True).hidden_states
+            hidden_states = reference_model(
+                **tokenizer(text, return_tensors="pt"), output_hidden_states=True
+            ).hidden_states
             expected.append([hidden_states[layer][0].mean(dim=0).numpy() for layer in layers])
     np.testing.assert_allclose(download(stack.client, job["result"]["extraction_id"]), np.array(expected), atol=1e-5)
 
@@ -263,7 +303,11 @@ def test_progress_is_reported_per_batch(api: Any, settings: Settings, tiny_llama
     listener = threading.Thread(target=lambda: events.extend(read_events(api, job_id)))
     listener.start()
     channel = f"{settings.queue_prefix}:job:{job_id}"
-    wait_until(lambda: redis.Redis.from_url(settings.resolved_redis_url).pubsub_numsub(channel)[0][1], 10, "the stream to subscribe")
+    wait_until(
+        lambda: redis.Redis.from_url(settings.resolved_redis_url).pubsub_numsub(channel)[0][1],
+        10,
+        "the stream to subscribe",
+    )
     run_queued_jobs(settings.model_copy(update={"extraction_max_batch_size": 1}))
     listener.join(30)
     forward = [event["progress"]["done"] for event in events if event["progress"]["stage"] == "forward"]

@@ -34,7 +34,14 @@ PASSES = [("sqlite", False), ("postgresql", False), ("postgresql", True)]
 # three statements per label, the fewest a probe run splits
 STATEMENTS = "".join(
     json.dumps({"text": text, "label": label}) + "\n"
-    for text, label in [("Paris is in France.", 1), ("Two is even.", 1), ("Ice is cold.", 1), ("Tokyo is in Peru.", 0), ("Three is even.", 0), ("Fire is cold.", 0)]
+    for text, label in [
+        ("Paris is in France.", 1),
+        ("Two is even.", 1),
+        ("Ice is cold.", 1),
+        ("Tokyo is in Peru.", 0),
+        ("Three is even.", 0),
+        ("Fire is cold.", 0),
+    ]
 ).encode()
 # routes that answer 200 for the real object: proof that the real ids were sent
 SEEN_REAL = [
@@ -82,13 +89,23 @@ def seeded(client: TestClient, headers: dict[str, str], model_folder: Path) -> t
     return path_ids, {"model": model["id"], "base_model": model["id"], "dataset": dataset["id"]}
 
 
-@pytest.fixture(scope="module", params=PASSES, ids=[f"{backend}{'-auth' if auth_on else ''}" for backend, auth_on in PASSES])
+@pytest.fixture(
+    scope="module", params=PASSES, ids=[f"{backend}{'-auth' if auth_on else ''}" for backend, auth_on in PASSES]
+)
 def service(
-    request: pytest.FixtureRequest, redis_server: Any, databases: Any, tiny_llama_template: Path, tmp_path_factory: pytest.TempPathFactory
+    request: pytest.FixtureRequest,
+    redis_server: Any,
+    databases: Any,
+    tiny_llama_template: Path,
+    tmp_path_factory: pytest.TempPathFactory,
 ) -> Iterator[Service]:
     backend, auth_on = request.param
     service_settings = make_settings(
-        databases.new(backend), redis_server.url, tmp_path_factory.mktemp("fuzz") / "var", tinker_api_key=None, auth_enabled=auth_on
+        databases.new(backend),
+        redis_server.url,
+        tmp_path_factory.mktemp("fuzz") / "var",
+        tinker_api_key=None,
+        auth_enabled=auth_on,
     )
     app = create_app(service_settings)
     with TestClient(app) as client:  # runs the lifespan: registry, Redis, artifact store
@@ -120,6 +137,32 @@ def really_missing(response: Any) -> bool:
     return details.get("setting") == "TINKER_API_KEY" or details.get("missing") == ["worker"]
 
 
+def fuzz(operation: Any, service: Service, calls: list[int], failures: list[str], deadline: float) -> None:
+    """Calls one operation with generated requests, recording each status in `calls` and
+    each 500 (other than a 503 naming what this service lacks) in `failures`."""
+
+    @given(case=operation.as_strategy())
+    @settings(
+        max_examples=EXAMPLES if time.monotonic() < deadline else 1,
+        deadline=None,
+        suppress_health_check=list(HealthCheck),
+        derandomize=True,
+        database=None,
+    )
+    def call(case: Any) -> None:
+        if calls and time.monotonic() > deadline:
+            return
+        if len(calls) % 2 == 0:  # the first call of each operation, and every other one
+            with_real_ids(case, service)
+        response = case.call(headers=service.headers)
+        calls.append(response.status_code)
+        if response.status_code >= 500 and not (response.status_code == 503 and really_missing(response)):
+            body = json.dumps(case.body, default=str)[:300] if case.body is not None else ""
+            failures.append(f"{case.method} {case.formatted_path} {body}: {response.status_code} {response.text[:300]}")
+
+    call()
+
+
 @pytest.mark.slow
 def test_no_generated_request_gets_a_500(service: Service) -> None:
     failures: list[str] = []
@@ -127,28 +170,7 @@ def test_no_generated_request_gets_a_500(service: Service) -> None:
     operations = [result.ok() for result in service.schema.get_all_operations()]
     deadline = time.monotonic() + PASS_SECONDS
     for operation in operations:
-        calls = statuses.setdefault(operation.label, [])
-
-        @given(case=operation.as_strategy())
-        @settings(
-            max_examples=EXAMPLES if time.monotonic() < deadline else 1,
-            deadline=None,
-            suppress_health_check=list(HealthCheck),
-            derandomize=True,
-            database=None,
-        )
-        def call(case: Any) -> None:
-            if calls and time.monotonic() > deadline:
-                return
-            if len(calls) % 2 == 0:  # the first call of each operation, and every other one
-                with_real_ids(case, service)
-            response = case.call(headers=service.headers)
-            calls.append(response.status_code)
-            if response.status_code >= 500 and not (response.status_code == 503 and really_missing(response)):
-                body = json.dumps(case.body, default=str)[:300] if case.body is not None else ""
-                failures.append(f"{case.method} {case.formatted_path} {body}: {response.status_code} {response.text[:300]}")
-
-        call()
+        fuzz(operation, service, statuses.setdefault(operation.label, []), failures, deadline)
     assert failures == []
     assert [label for label, calls in statuses.items() if not calls] == [], "some operations were never called"
     assert [label for label in SEEN_REAL if 200 not in statuses[label]] == [], "the real objects were never found"

@@ -45,7 +45,9 @@ def experiment(model_name: str, **model: Any) -> dict[str, Any]:
 
 
 @pytest.mark.parametrize("content_type", ["application/json", "application/yaml"])
-def test_an_experiment_config_nested_past_the_parsers_stack_is_a_422_naming_the_body(api: Any, content_type: str) -> None:
+def test_an_experiment_config_nested_past_the_parsers_stack_is_a_422_naming_the_body(
+    api: Any, content_type: str
+) -> None:
     response = api.post("/v1/experiments", content=nested_json(DEEP), headers={"content-type": content_type})
     error = assert_envelope(response, 422, "invalid_field")
     assert error["details"]["field"] == "body"
@@ -59,7 +61,9 @@ def test_a_yaml_config_of_nested_mappings_is_a_422(api: Any) -> None:
 
 def test_a_config_just_past_the_depth_limit_is_refused_though_it_parses(api: Any) -> None:
     config = experiment("org/model") | {"extras": nested_object(MAX_DOCUMENT_DEPTH + 1)}
-    response = api.post("/v1/experiments", content=json.dumps(config).encode(), headers={"content-type": "application/json"})
+    response = api.post(
+        "/v1/experiments", content=json.dumps(config).encode(), headers={"content-type": "application/json"}
+    )
     error = assert_envelope(response, 422, "invalid_field")
     assert error["details"] == {"field": "body", "max_depth": MAX_DOCUMENT_DEPTH}
 
@@ -67,13 +71,17 @@ def test_a_config_just_past_the_depth_limit_is_refused_though_it_parses(api: Any
 def test_yaml_aliases_standing_for_a_billion_values_are_a_422(api: Any) -> None:
     lines = ["a0: &a0 [x, x, x, x, x, x, x, x, x]"]
     lines += [f"a{i}: &a{i} [{', '.join([f'*a{i - 1}'] * 9)}]" for i in range(1, 10)]
-    response = api.post("/v1/experiments", content="\n".join(lines).encode(), headers={"content-type": "application/yaml"})
+    response = api.post(
+        "/v1/experiments", content="\n".join(lines).encode(), headers={"content-type": "application/yaml"}
+    )
     error = assert_envelope(response, 422, "invalid_field")
     assert "values" in error["message"]
 
 
 def test_a_yaml_config_that_contains_itself_is_a_422(api: Any) -> None:
-    response = api.post("/v1/experiments", content=b"experiment: &loop [*loop]", headers={"content-type": "application/yaml"})
+    response = api.post(
+        "/v1/experiments", content=b"experiment: &loop [*loop]", headers={"content-type": "application/yaml"}
+    )
     assert_envelope(response, 422, "invalid_field")
 
 
@@ -102,7 +110,9 @@ def test_uploaded_adapter_metadata_nested_too_deeply_is_a_422_naming_it(api: Any
     assert error["details"]["field"] == "metadata"
 
 
-def test_an_experiment_model_path_longer_than_a_display_name_registers_under_the_folders_name(api: Any, tiny_llama: Path, tmp_path: Path) -> None:
+def test_an_experiment_model_path_longer_than_a_display_name_registers_under_the_folders_name(
+    api: Any, tiny_llama: Path, tmp_path: Path
+) -> None:
     folder = tmp_path.joinpath(*["d" * 60] * 4, "tiny-llama")
     shutil.copytree(tiny_llama, folder)
     assert len(str(folder)) > 200
@@ -129,7 +139,12 @@ def small_disk(tmp_path: Path) -> Iterator[Path]:
     """A real 2 MiB filesystem (tmpfs), where writes fail with ENOSPC as on a full disk."""
     mount_point = tmp_path / "small-disk"
     mount_point.mkdir()
-    if os.geteuid() != 0 or subprocess.run(["mount", "-t", "tmpfs", "-o", "size=2m", "tmpfs", str(mount_point)], capture_output=True).returncode:
+    if (
+        os.geteuid() != 0
+        or subprocess.run(
+            ["mount", "-t", "tmpfs", "-o", "size=2m", "tmpfs", str(mount_point)], capture_output=True
+        ).returncode
+    ):
         pytest.skip("mounting a small tmpfs needs root and a system that allows it")
     try:
         yield mount_point
@@ -148,9 +163,13 @@ def files_under(folder: Path) -> list[Path]:
     return [path for path in folder.rglob("*") if path.is_file()] if folder.exists() else []
 
 
-def test_a_dataset_upload_that_fills_the_disk_is_a_503_and_leaves_no_file(api_on_small_disk: tuple[TestClient, Settings]) -> None:
+def test_a_dataset_upload_that_fills_the_disk_is_a_503_and_leaves_no_file(
+    api_on_small_disk: tuple[TestClient, Settings],
+) -> None:
     client, settings = api_on_small_disk
-    rows = "".join(json.dumps({"text": f"statement number {i} " + "x" * 40, "label": i % 2}) + "\n" for i in range(60_000))
+    rows = "".join(
+        json.dumps({"text": f"statement number {i} " + "x" * 40, "label": i % 2}) + "\n" for i in range(60_000)
+    )
     response = client.post("/v1/datasets", files={"file": ("big.jsonl", rows.encode(), "application/jsonl")})
     error = assert_envelope(response, 503, "store_full")
     assert response.headers["retry-after"]
@@ -159,12 +178,16 @@ def test_a_dataset_upload_that_fills_the_disk_is_a_503_and_leaves_no_file(api_on
     assert client.get("/v1/datasets").json()["items"] == []
 
 
-def test_an_adapter_upload_that_fills_the_disk_is_a_503_and_leaves_no_file(api_on_small_disk: tuple[TestClient, Settings], tiny_llama: Path) -> None:
+def test_an_adapter_upload_that_fills_the_disk_is_a_503_and_leaves_no_file(
+    api_on_small_disk: tuple[TestClient, Settings], tiny_llama: Path
+) -> None:
     client, settings = api_on_small_disk
     model = client.post("/v1/models", json={"name": "tiny", "source": str(tiny_llama)}).json()
     archive = b"PK\x03\x04" + os.urandom(3 * 2**20)  # checked by its magic bytes only, then stored
     response = client.post(
-        "/v1/adapters/upload", data={"base_model": model["id"], "name": "a"}, files={"file": ("a.zip", archive, "application/zip")}
+        "/v1/adapters/upload",
+        data={"base_model": model["id"], "name": "a"},
+        files={"file": ("a.zip", archive, "application/zip")},
     )
     assert_envelope(response, 503, "store_full")
     assert files_under(settings.resolved_artifact_dir / "staging") == []

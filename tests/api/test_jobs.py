@@ -25,13 +25,15 @@ def run_queued_jobs(settings: Settings) -> None:
 def test_a_job_has_the_documented_shape(api: Any, tiny_llama: Path) -> None:
     job_id = register(api, tiny_llama).json()["check_job_id"]
     job = api.get(f"/v1/jobs/{job_id}").json()
-    assert JOB_KEYS <= set(job)
+    assert set(job) >= JOB_KEYS
     assert job["progress"] == {"stage": None, "done": 0, "total": None}
     assert job["created_at"].endswith("Z") or "+00:00" in job["created_at"]
 
 
 def test_jobs_are_filtered_by_status_and_kind_and_paginated(api: Any, tiny_llama: Path) -> None:
-    ids = [register(api, tiny_llama, dtype=dtype).json()["check_job_id"] for dtype in ("float32", "bfloat16", "float16")]
+    ids = [
+        register(api, tiny_llama, dtype=dtype).json()["check_job_id"] for dtype in ("float32", "bfloat16", "float16")
+    ]
     api.post(f"/v1/jobs/{ids[0]}/cancel")
     queued = api.get("/v1/jobs", params={"status": "queued"}).json()["items"]
     assert [job["id"] for job in queued] == ids[:0:-1]
@@ -64,7 +66,9 @@ def test_a_cancelled_queued_job_never_runs(api: Any, settings: Settings, tiny_ll
     assert api.get(f"/v1/jobs/{other['check_job_id']}").json()["status"] == "succeeded"
 
 
-def test_a_running_job_stops_at_its_next_progress_point(api: Any, settings: Settings, tiny_llama: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_a_running_job_stops_at_its_next_progress_point(
+    api: Any, settings: Settings, tiny_llama: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     job_id = register(api, tiny_llama).json()["check_job_id"]
     seen: dict[str, Any] = {}
 
@@ -136,7 +140,9 @@ def test_events_follow_a_job_from_queued_to_succeeded(api: Any, settings: Settin
     assert stages == [None, "loading", "forward", "done"]
 
 
-def test_events_of_a_finished_job_are_its_final_state_then_the_end(api: Any, settings: Settings, tiny_llama: Path) -> None:
+def test_events_of_a_finished_job_are_its_final_state_then_the_end(
+    api: Any, settings: Settings, tiny_llama: Path
+) -> None:
     job_id = register(api, tiny_llama).json()["check_job_id"]
     run_queued_jobs(settings)
     events = read_events(api, job_id)

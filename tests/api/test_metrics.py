@@ -39,19 +39,33 @@ def test_queued_jobs_show_as_queue_depth_and_as_jobs_by_kind_and_status(api: Any
 
 def test_requests_are_counted_by_route_template_not_by_path(api: Any) -> None:
     ids = [api.post("/v1/jobs/ping").json()["job"]["id"] for _ in range(2)]
-    before = samples(api).get(("confprobe_http_requests_total", (("method", "GET"), ("route", "/v1/jobs/{job_id}"), ("status", "200"))), 0)
+    before = samples(api).get(
+        ("confprobe_http_requests_total", (("method", "GET"), ("route", "/v1/jobs/{job_id}"), ("status", "200"))), 0
+    )
     for job_id in ids * 2:
         api.get(f"/v1/jobs/{job_id}")
     api.get("/v1/jobs/job_missing")
     figures = samples(api)
-    assert figures[("confprobe_http_requests_total", (("method", "GET"), ("route", "/v1/jobs/{job_id}"), ("status", "200")))] == before + 4
-    assert figures[("confprobe_http_requests_total", (("method", "GET"), ("route", "/v1/jobs/{job_id}"), ("status", "404")))] == 1
+    assert (
+        figures[
+            ("confprobe_http_requests_total", (("method", "GET"), ("route", "/v1/jobs/{job_id}"), ("status", "200")))
+        ]
+        == before + 4
+    )
+    assert (
+        figures[
+            ("confprobe_http_requests_total", (("method", "GET"), ("route", "/v1/jobs/{job_id}"), ("status", "404")))
+        ]
+        == 1
+    )
     assert not any(name == "confprobe_http_requests_total" and ids[0] in str(labels) for name, labels in figures)
 
 
 def test_finished_jobs_fill_the_duration_histogram_and_workers_report_memory(stack: Stack) -> None:
     client = stack.client
-    before = samples(client).get(("confprobe_job_duration_seconds_count", (("kind", "ping"), ("status", "succeeded"))), 0)
+    before = samples(client).get(
+        ("confprobe_job_duration_seconds_count", (("kind", "ping"), ("status", "succeeded"))), 0
+    )
     for _ in range(3):
         assert wait_for_job(client, client.post("/v1/jobs/ping").json()["job"]["id"])["status"] == "succeeded"
     figures = samples(client)
@@ -60,9 +74,14 @@ def test_finished_jobs_fill_the_duration_histogram_and_workers_report_memory(sta
     buckets = sorted(
         (float(dict(labels)["le"]), value)
         for (name, labels), value in figures.items()
-        if name == "confprobe_job_duration_seconds_bucket" and dict(labels)["kind"] == "ping" and dict(labels)["status"] == "succeeded"
+        if name == "confprobe_job_duration_seconds_bucket"
+        and dict(labels)["kind"] == "ping"
+        and dict(labels)["status"] == "succeeded"
     )
-    assert [value for _, value in buckets] == sorted(value for _, value in buckets) and buckets[-1] == (float("inf"), count)
+    assert [value for _, value in buckets] == sorted(value for _, value in buckets) and buckets[-1] == (
+        float("inf"),
+        count,
+    )
     assert 0 < figures[("confprobe_job_duration_seconds_sum", (("kind", "ping"), ("status", "succeeded")))] < 60 * count
 
     workers = client.get("/v1/workers").json()["items"]
@@ -73,7 +92,9 @@ def test_finished_jobs_fill_the_duration_histogram_and_workers_report_memory(sta
     assert figures[("confprobe_jobs", (("kind", "ping"), ("status", "succeeded")))] == len(succeeded)
 
 
-def test_a_worker_holding_a_model_reports_the_footprint_its_check_recorded_as_memory_used(stack: Stack, tiny_llama: Path) -> None:
+def test_a_worker_holding_a_model_reports_the_footprint_its_check_recorded_as_memory_used(
+    stack: Stack, tiny_llama: Path
+) -> None:
     client = stack.client
     model = client.post("/v1/models", json={"name": "tiny", "source": str(tiny_llama)}).json()
     assert wait_for_job(client, model["check_job_id"])["status"] == "succeeded"
@@ -86,13 +107,16 @@ def test_a_worker_holding_a_model_reports_the_footprint_its_check_recorded_as_me
         return worker if any(resident["model_id"] == model["id"] for resident in worker["resident_models"]) else None
 
     worker = wait_until(holding_it, 30, "the worker's heartbeat to list the model")  # it beats on its own clock
-    assert next(resident["bytes"] for resident in worker["resident_models"] if resident["model_id"] == model["id"]) == footprint
+    assert (
+        next(resident["bytes"] for resident in worker["resident_models"] if resident["model_id"] == model["id"])
+        == footprint
+    )
     used = samples(client)[("confprobe_worker_memory_used_bytes", (("device", "cpu"), ("worker", stack.worker_name)))]
     assert used == sum(resident["bytes"] for resident in worker["resident_models"]) >= footprint
 
 
 def test_a_scrape_while_redis_is_away_still_answers_and_says_so(api: Any, settings: Settings) -> None:
-    from app.metrics import DeploymentCollector
+    from app.monitoring import DeploymentCollector
 
     assert samples(api)[("confprobe_backend_up", (("backend", "redis"),))] == 1
     api.post("/v1/jobs/ping")

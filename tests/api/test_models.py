@@ -118,7 +118,9 @@ def test_a_local_folder_with_a_revision_is_refused(api: Any, tiny_llama: Path) -
     assert response.json()["error"]["details"]["field"] == "revision"
 
 
-def _put_in_hf_cache(cache: Path, repo_id: str, files: Path, commit: str = "0123456789abcdef0123456789abcdef01234567") -> Path:
+def _put_in_hf_cache(
+    cache: Path, repo_id: str, files: Path, commit: str = "0123456789abcdef0123456789abcdef01234567"
+) -> Path:
     """The layout huggingface_hub writes: models--org--name/{refs/main, snapshots/<commit>/}."""
     repo = cache / f"models--{repo_id.replace('/', '--')}"
     snapshot = repo / "snapshots" / commit
@@ -178,7 +180,9 @@ def test_a_path_too_long_for_the_filesystem_is_a_422(api: Any) -> None:
     assert response.status_code == 422 and response.json()["error"]["details"]["field"] == "source"
 
 
-def test_with_model_roots_a_folder_outside_them_is_a_403_whether_or_not_it_exists(settings: Settings, tiny_llama: Path, tmp_path: Path) -> None:
+def test_with_model_roots_a_folder_outside_them_is_a_403_whether_or_not_it_exists(
+    settings: Settings, tiny_llama: Path, tmp_path: Path
+) -> None:
     from fastapi.testclient import TestClient
 
     from app.main import create_app
@@ -192,7 +196,10 @@ def test_with_model_roots_a_folder_outside_them_is_a_403_whether_or_not_it_exist
         for outside in (tiny_llama, tmp_path / "nowhere", inside / "escape", f"{inside}/../elsewhere"):
             response = register(api, outside)
             assert response.status_code == 403, outside
-            assert response.json()["error"]["details"]["field"] == "source" and "MODEL_ROOTS" in response.json()["error"]["message"]
+            assert (
+                response.json()["error"]["details"]["field"] == "source"
+                and "MODEL_ROOTS" in response.json()["error"]["message"]
+            )
         assert len(api.get("/v1/models").json()["items"]) == 1
 
 
@@ -237,13 +244,31 @@ def _error(response: Any) -> dict[str, Any]:
 
 def _names_field(response: Any, field: str) -> bool:
     error = _error(response)
-    return error["details"].get("field") == field or field in {item["field"] for item in error["details"].get("fields", [])}
+    return error["details"].get("field") == field or field in {
+        item["field"] for item in error["details"].get("fields", [])
+    }
 
 
 @pytest.mark.parametrize(
-    "revision", ["/dev/zero", "../..", "../../../../etc/passwd", "main/../../x", "a//b", "/main", "main/", ".git", "refs/.hidden", "x.lock", "a b", "main\n"]
+    "revision",
+    [
+        "/dev/zero",
+        "../..",
+        "../../../../etc/passwd",
+        "main/../../x",
+        "a//b",
+        "/main",
+        "main/",
+        ".git",
+        "refs/.hidden",
+        "x.lock",
+        "a b",
+        "main\n",
+    ],
 )
-def test_a_revision_that_is_not_a_ref_name_is_a_422_naming_revision(api: Any, settings: Settings, tiny_llama: Path, revision: str) -> None:
+def test_a_revision_that_is_not_a_ref_name_is_a_422_naming_revision(
+    api: Any, settings: Settings, tiny_llama: Path, revision: str
+) -> None:
     _hf_repository(settings, tiny_llama)
     response = answered(lambda: register(api, "tiny-org/tiny-llama", revision=revision))
     assert response.status_code == 422
@@ -263,7 +288,9 @@ def test_an_experiment_configs_model_revision_is_checked_the_same_way(api: Any) 
     assert _names_field(response, "model.revision")
 
 
-def test_a_commit_hash_revision_and_a_tag_in_refs_both_resolve_to_the_snapshot(api: Any, settings: Settings, tiny_llama: Path) -> None:
+def test_a_commit_hash_revision_and_a_tag_in_refs_both_resolve_to_the_snapshot(
+    api: Any, settings: Settings, tiny_llama: Path
+) -> None:
     repository = _hf_repository(settings, tiny_llama)
     (repository / "refs" / "release").mkdir()
     (repository / "refs" / "release" / "v1.0").write_text(COMMIT + "\n")
@@ -281,7 +308,9 @@ def test_a_ref_that_is_a_fifo_is_a_prompt_422_naming_revision(api: Any, settings
     assert _names_field(response, "revision") and "FIFO" in _error(response)["message"]
 
 
-def test_a_ref_that_is_a_folder_answers_exactly_like_a_missing_ref(api: Any, settings: Settings, tiny_llama: Path) -> None:
+def test_a_ref_that_is_a_folder_answers_exactly_like_a_missing_ref(
+    api: Any, settings: Settings, tiny_llama: Path
+) -> None:
     repository = _hf_repository(settings, tiny_llama)
     (repository / "refs" / "dir-ref").mkdir()
     as_folder = register(api, "tiny-org/tiny-llama", revision="dir-ref")
@@ -291,8 +320,14 @@ def test_a_ref_that_is_a_folder_answers_exactly_like_a_missing_ref(api: Any, set
     assert _error(as_folder)["details"] == _error(as_missing)["details"]
 
 
-@pytest.mark.parametrize("content", ["{elsewhere}", "../../../{elsewhere_name}", "not a commit", "0" * 100_000], ids=["absolute", "relative", "text", "long"])
-def test_a_ref_that_does_not_hold_a_commit_hash_registers_nothing(api: Any, settings: Settings, tiny_llama: Path, tmp_path: Path, content: str) -> None:
+@pytest.mark.parametrize(
+    "content",
+    ["{elsewhere}", "../../../{elsewhere_name}", "not a commit", "0" * 100_000],
+    ids=["absolute", "relative", "text", "long"],
+)
+def test_a_ref_that_does_not_hold_a_commit_hash_registers_nothing(
+    api: Any, settings: Settings, tiny_llama: Path, tmp_path: Path, content: str
+) -> None:
     repository = _hf_repository(settings, tiny_llama)
     elsewhere = shutil.copytree(tiny_llama, tmp_path / "elsewhere")  # a model outside the cache
     (repository / "refs" / "main").write_text(content.format(elsewhere=elsewhere, elsewhere_name=elsewhere.name))
@@ -323,7 +358,9 @@ def test_a_snapshot_linked_out_of_the_cache_is_a_403_that_does_not_say_where_it_
     assert api.get("/v1/models").json()["items"] == []
 
 
-def test_with_model_roots_a_cache_outside_them_is_a_403_whether_or_not_the_model_is_cached(settings: Settings, tiny_llama: Path, tmp_path: Path) -> None:
+def test_with_model_roots_a_cache_outside_them_is_a_403_whether_or_not_the_model_is_cached(
+    settings: Settings, tiny_llama: Path, tmp_path: Path
+) -> None:
     from fastapi.testclient import TestClient
 
     from app.main import create_app
@@ -376,7 +413,11 @@ def test_a_config_json_over_its_size_bound_is_a_422_naming_the_source(api: Any, 
     assert _names_field(response, "source") and "config.json is larger than" in _error(response)["message"]
 
 
-@pytest.mark.parametrize("text", ['{"n": ' + "1" * 5000 + "}", "[" * 100_000 + "]" * 100_000, b"\xff\xfe{}"], ids=["long-number", "deep", "not-utf8"])
+@pytest.mark.parametrize(
+    "text",
+    ['{"n": ' + "1" * 5000 + "}", "[" * 100_000 + "]" * 100_000, b"\xff\xfe{}"],
+    ids=["long-number", "deep", "not-utf8"],
+)
 def test_a_config_json_python_cannot_parse_is_a_422_not_a_500(api: Any, tiny_llama: Path, text: str | bytes) -> None:
     (tiny_llama / "config.json").write_bytes(text if isinstance(text, bytes) else text.encode())
     response = register(api, tiny_llama)
@@ -411,7 +452,9 @@ def _with_config(folder: Path, **changes: Any) -> Path:
         ("num_local_experts", MAX_EXPERTS),
     ],
 )
-def test_a_config_size_over_its_bound_is_a_422_naming_the_key_and_the_bound(api: Any, tiny_llama: Path, key: str, bound: int) -> None:
+def test_a_config_size_over_its_bound_is_a_422_naming_the_key_and_the_bound(
+    api: Any, tiny_llama: Path, key: str, bound: int
+) -> None:
     response = register(api, _with_config(tiny_llama, **{key: 10**9}))
     assert response.status_code == 422
     error = _error(response)
@@ -421,12 +464,20 @@ def test_a_config_size_over_its_bound_is_a_422_naming_the_key_and_the_bound(api:
 
 
 def test_the_largest_sizes_within_the_bounds_are_accepted(api: Any, tiny_llama: Path) -> None:
-    folder = _with_config(tiny_llama, num_hidden_layers=MAX_LAYERS, hidden_size=MAX_HIDDEN_SIZE, vocab_size=MAX_VOCAB_SIZE)
+    folder = _with_config(
+        tiny_llama, num_hidden_layers=MAX_LAYERS, hidden_size=MAX_HIDDEN_SIZE, vocab_size=MAX_VOCAB_SIZE
+    )
     assert register(api, folder).status_code == 201
 
 
-@pytest.mark.parametrize("value", [-1, 1.5, True, "12", [4, -4], {"n": 3}], ids=["negative", "float", "bool", "string", "negative-in-list", "object"])
-def test_a_config_size_that_is_not_a_whole_number_is_a_422_naming_the_key(api: Any, tiny_llama: Path, value: Any) -> None:
+@pytest.mark.parametrize(
+    "value",
+    [-1, 1.5, True, "12", [4, -4], {"n": 3}],
+    ids=["negative", "float", "bool", "string", "negative-in-list", "object"],
+)
+def test_a_config_size_that_is_not_a_whole_number_is_a_422_naming_the_key(
+    api: Any, tiny_llama: Path, value: Any
+) -> None:
     response = register(api, _with_config(tiny_llama, intermediate_size=value))
     assert response.status_code == 422
     assert _error(response)["details"]["config_key"].startswith("intermediate_size")
@@ -447,7 +498,9 @@ def test_too_many_expert_blocks_are_a_422_even_when_each_size_is_within_bounds(a
 # --- Messages name paths as the caller gave them ---------------------------------------
 
 
-def test_a_403_for_model_roots_names_the_source_as_given_not_where_its_link_leads(settings: Settings, tiny_llama: Path, tmp_path: Path) -> None:
+def test_a_403_for_model_roots_names_the_source_as_given_not_where_its_link_leads(
+    settings: Settings, tiny_llama: Path, tmp_path: Path
+) -> None:
     from fastapi.testclient import TestClient
 
     from app.main import create_app

@@ -40,9 +40,16 @@ def test_statement_probes_train_per_layer_and_method_with_one_best(stack: Stack,
     rows = shared_rows("geometry_of_truth/cities.jsonl", 120)
     dataset = upload_rows(stack.client, rows, "cities-120")
     model = register(stack.client, tiny_llama).json()
-    run = train(stack.client, model=model["id"], dataset=dataset["id"], layers=[1, -1], method=["logistic", "mass_mean"], seed=3)
+    run = train(
+        stack.client, model=model["id"], dataset=dataset["id"], layers=[1, -1], method=["logistic", "mass_mean"], seed=3
+    )
     assert run["status"] == "succeeded"
-    assert sorted((p["layer"], p["method"]) for p in run["probes"]) == [(1, "logistic"), (1, "mass_mean"), (2, "logistic"), (2, "mass_mean")]
+    assert sorted((p["layer"], p["method"]) for p in run["probes"]) == [
+        (1, "logistic"),
+        (1, "mass_mean"),
+        (2, "logistic"),
+        (2, "mass_mean"),
+    ]
     best = [p for p in run["probes"] if p["is_best"]]
     assert len(best) == 1 and best[0]["id"] == run["best_probe_id"]
     chosen_on = max(run["probes"], key=lambda p: (p["validation"]["auroc"], -p["validation"]["nll"]))
@@ -54,10 +61,15 @@ def test_held_out_metrics_match_scikit_learn_on_the_test_predictions(stack: Stac
     model = register(stack.client, tiny_llama).json()
     run = train(stack.client, model=model["id"], dataset=dataset["id"], layers=[2], recalibration="temperature")
     probe = run["probes"][0]
-    predictions = json.loads((stack.settings.resolved_artifact_dir / "probes" / probe["id"] / "predictions.json").read_text())
+    predictions = json.loads(
+        (stack.settings.resolved_artifact_dir / "probes" / probe["id"] / "predictions.json").read_text()
+    )
     y, p = np.array(predictions["labels"]), np.array(predictions["confidences"])
     assert len(y) == 24  # 20% of 120, stratified
-    assert [rows_label for rows_label in y] == [[row["label"] for row in shared_rows("geometry_of_truth/cities.jsonl", 120)][i] for i in predictions["test_indices"]]
+    assert [rows_label for rows_label in y] == [
+        [row["label"] for row in shared_rows("geometry_of_truth/cities.jsonl", 120)][i]
+        for i in predictions["test_indices"]
+    ]
     report = stack.client.get(f"/v1/probes/{probe['id']}/report").json()
     assert report["probe"]["id"] == probe["id"] and report["report"]["n"] == 24
     assert report["report"]["metrics"]["auroc"]["value"] == pytest.approx(roc_auc_score(y, p))
@@ -79,21 +91,34 @@ def test_minilm_probes_find_the_truth_of_city_statements_and_not_of_shuffled_lab
     labels = [row["label"] for row in rows]
     random.Random(0).shuffle(labels)
     shuffled_rows = [{"text": row["text"], "label": label} for row, label in zip(rows, labels, strict=True)]
-    shuffled = train(stack.client, model=model["id"], dataset=upload_rows(stack.client, shuffled_rows, "cities-shuffled")["id"], **layers)
+    shuffled = train(
+        stack.client,
+        model=model["id"],
+        dataset=upload_rows(stack.client, shuffled_rows, "cities-shuffled")["id"],
+        **layers,
+    )
     real_best = next(p for p in real["probes"] if p["is_best"])["metrics"]["auroc"]
     shuffled_best = next(p for p in shuffled["probes"] if p["is_best"])["metrics"]["auroc"]
     assert real_best["interval"][0] > 0.6, real_best  # 300 held-out statements: well clear of chance
-    assert abs(shuffled_best["value"] - 0.5) < 0.1 and shuffled_best["interval"][0] < 0.5 < shuffled_best["interval"][1], shuffled_best
+    assert (
+        abs(shuffled_best["value"] - 0.5) < 0.1 and shuffled_best["interval"][0] < 0.5 < shuffled_best["interval"][1]
+    ), shuffled_best
 
 
-def test_multiple_choice_probes_use_the_models_own_labels_and_report_its_confidence(stack: Stack, tiny_llama: Path) -> None:
+def test_multiple_choice_probes_use_the_models_own_labels_and_report_its_confidence(
+    stack: Stack, tiny_llama: Path
+) -> None:
     rows = shared_rows("mmlu/mmlu_test_sample.jsonl", 80)
-    dataset = upload_rows(stack.client, [{key: row[key] for key in ("question", "choices", "answer")} for row in rows], "mmlu-80")
+    dataset = upload_rows(
+        stack.client, [{key: row[key] for key in ("question", "choices", "answer")} for row in rows], "mmlu-80"
+    )
     model = register(stack.client, tiny_llama).json()
     run = train(stack.client, model=model["id"], dataset=dataset["id"], layers=[2])
     probe = run["probes"][0]
     labels = json.loads((stack.settings.resolved_artifact_dir / "probe_runs" / run["id"] / "labels.json").read_text())
-    assert labels["labels"] == [int(chosen == row["answer"]) for chosen, row in zip(labels["chosen"], rows, strict=True)]
+    assert labels["labels"] == [
+        int(chosen == row["answer"]) for chosen, row in zip(labels["chosen"], rows, strict=True)
+    ]
     report = stack.client.get(f"/v1/probes/{probe['id']}/report").json()
     test = labels["split"]["test"]
     y = np.array([labels["labels"][i] for i in test])
@@ -106,7 +131,9 @@ def test_scoring_gives_the_probes_confidence_for_new_texts(stack: Stack, tiny_ll
     dataset = upload_rows(stack.client, rows, "cities-120")
     model = register(stack.client, tiny_llama).json()
     probe = train(stack.client, model=model["id"], dataset=dataset["id"], layers=[2])["probes"][0]
-    predictions = json.loads((stack.settings.resolved_artifact_dir / "probes" / probe["id"] / "predictions.json").read_text())
+    predictions = json.loads(
+        (stack.settings.resolved_artifact_dir / "probes" / probe["id"] / "predictions.json").read_text()
+    )
     texts = [rows[i]["text"] for i in predictions["test_indices"][:5]]
     response = stack.client.post(f"/v1/probes/{probe['id']}/score", json={"texts": texts})
     assert response.status_code == 200, response.json()
@@ -125,12 +152,15 @@ def test_reports_render_as_svg_png_and_html(stack: Stack, tiny_llama: Path) -> N
     assert 'id="metrics"' in html.text and 'id="reliability-diagram"' in html.text
 
     # each is rendered once and kept beside the report: a later request reads the kept copy
-    from app.api.rendering import RENDER_VERSION
+    from app.api.render_cache import RENDER_VERSION
     from app.storage import open_store
 
     store = open_store(stack.settings)
     folder = f"probes/{probe['id']}/rendered/v{RENDER_VERSION}"
-    assert store.read_bytes(f"{folder}/report.png") == png.content and store.read_bytes(f"{folder}/report.html") == html.content
+    assert (
+        store.read_bytes(f"{folder}/report.png") == png.content
+        and store.read_bytes(f"{folder}/report.html") == html.content
+    )
     store.write_bytes(f"{folder}/report.svg", b"<svg>kept</svg>")
     assert stack.client.get(f"/v1/probes/{probe['id']}/report.svg").text == "<svg>kept</svg>"
     store.delete(f"{folder}/report.svg")
@@ -141,7 +171,10 @@ def test_reports_render_as_svg_png_and_html(stack: Stack, tiny_llama: Path) -> N
     assert stack.client.get(f"/v1/probes/{probe['id']}").status_code == 200
     for suffix in ["report", "report.svg", "report.png", "report.html"]:
         response = stack.client.get(f"/v1/probes/{probe['id']}/{suffix}")
-        assert response.status_code == 410 and response.json()["error"]["code"] == "artifact_missing", (suffix, response.text)
+        assert response.status_code == 410 and response.json()["error"]["code"] == "artifact_missing", (
+            suffix,
+            response.text,
+        )
         assert response.json()["error"]["details"]["key"] == f"probes/{probe['id']}/report.json"
 
 
@@ -158,14 +191,18 @@ def test_reports_render_as_svg_png_and_html(stack: Stack, tiny_llama: Path) -> N
         ({"method": "svm"}, 422, "method"),
     ],
 )
-def test_a_bad_training_request_is_refused_naming_the_field(api: Any, tiny_llama: Path, body: dict[str, Any], status: int, field: str | None) -> None:
+def test_a_bad_training_request_is_refused_naming_the_field(
+    api: Any, tiny_llama: Path, body: dict[str, Any], status: int, field: str | None
+) -> None:
     dataset = upload_rows(api, [{"text": f"statement {i}", "label": i % 2} for i in range(20)], "small")
     model = register(api, tiny_llama).json()
     response = api.post("/v1/probes", json={"model": model["id"], "dataset": dataset["id"], "layers": [1]} | body)
     assert response.status_code == status, response.json()
     if field:
         error = response.json()["error"]
-        assert field in {error["details"].get("field")} | {item["field"].split(".")[0] for item in error["details"].get("fields", [])}
+        assert field in {error["details"].get("field")} | {
+            item["field"].split(".")[0] for item in error["details"].get("fields", [])
+        }
     assert [job["kind"] for job in api.get("/v1/jobs").json()["items"]] == ["model_check"]
 
 
@@ -183,9 +220,33 @@ def test_scoring_with_no_worker_in_time_answers_202_with_the_job(api: Any, setti
     model = register(api, tiny_llama).json()
     dataset = upload_rows(api, [{"text": f"statement {i}", "label": i % 2} for i in range(20)], "small")
     with session_factory(create_registry_engine(settings.resolved_database_url)).begin() as session:
-        session.add(ProbeRun(id="prr_t", job_id="job_t", model_id=model["id"], dataset_id=dataset["id"], layers=[1], methods=["logistic"], token_position="last", split={}))
+        session.add(
+            ProbeRun(
+                id="prr_t",
+                job_id="job_t",
+                model_id=model["id"],
+                dataset_id=dataset["id"],
+                layers=[1],
+                methods=["logistic"],
+                token_position="last",
+                split={},
+            )
+        )
         session.flush()
-        session.add(Probe(id="prb_t", run_id="prr_t", model_id=model["id"], dataset_id=dataset["id"], layer=1, method="logistic", token_position="last", artifact="probes/prb_t", validation={}, metrics={}))
+        session.add(
+            Probe(
+                id="prb_t",
+                run_id="prr_t",
+                model_id=model["id"],
+                dataset_id=dataset["id"],
+                layer=1,
+                method="logistic",
+                token_position="last",
+                artifact="probes/prb_t",
+                validation={},
+                metrics={},
+            )
+        )
     response = api.post("/v1/probes/prb_t/score", json={"texts": ["Paris is in France."], "timeout_s": 0.2})
     assert response.status_code == 202
     assert response.json()["job"]["kind"] == "probe_scoring"

@@ -36,13 +36,23 @@ ROWS = [{"text": f"The number {n} is {claim}.", "label": int((n % 2 == 0) == (cl
 TEXTS = ["The city of Paris is in France.", "Fifty-one is larger than forty-nine."]
 
 
-def s3_settings(databases: Databases, redis_server: RedisServer, s3_server: S3Server, var_dir: Path, bucket: str | None = None) -> Settings:
+def s3_settings(
+    databases: Databases, redis_server: RedisServer, s3_server: S3Server, var_dir: Path, bucket: str | None = None
+) -> Settings:
     store = f"s3://{bucket or s3_server.bucket}/{s3_server.new_prefix()}"
-    return make_settings(databases.new("postgresql"), redis_server.url, var_dir, artifact_store=store, s3_endpoint_url=s3_server.endpoint_url)
+    return make_settings(
+        databases.new("postgresql"),
+        redis_server.url,
+        var_dir,
+        artifact_store=store,
+        s3_endpoint_url=s3_server.endpoint_url,
+    )
 
 
 @pytest.fixture(scope="module")
-def s3_stack(databases: Databases, redis_server: RedisServer, s3_server: S3Server, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
+def s3_stack(
+    databases: Databases, redis_server: RedisServer, s3_server: S3Server, tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[Stack]:
     """The gateway and a worker with different var folders: nothing but the bucket carries
     artifacts from one to the other."""
     from fastapi.testclient import TestClient
@@ -73,7 +83,9 @@ def nothing_stored_locally(stack: Stack) -> bool:
     return not any((var_dir / "artifacts").exists() for var_dir in var_dirs)
 
 
-def test_datasets_and_hidden_states_go_through_the_bucket(s3_stack: Stack, s3_server: S3Server, tiny_llama: Path) -> None:
+def test_datasets_and_hidden_states_go_through_the_bucket(
+    s3_stack: Stack, s3_server: S3Server, tiny_llama: Path
+) -> None:
     client, prefix = s3_stack.client, bucket_prefix(s3_stack)
     dataset = upload_rows(client, ROWS, "numbers")
     assert f"{prefix}/datasets/{dataset['sha256']}.jsonl" in s3_server.keys(prefix)
@@ -92,7 +104,9 @@ def test_datasets_and_hidden_states_go_through_the_bucket(s3_stack: Stack, s3_se
     assert any(key.startswith(f"{prefix}/cache/") for key in keys)
     # the cache hit read the shard through the worker's own local copy
     worker_cache = s3_stack.settings.var_dir.parent / "worker-var" / "cache" / "artifacts" / "objects"
-    assert list(worker_cache.rglob(f"{first['extraction_id']}-1.safetensors"))  # its shard, from the job's first attempt
+    assert list(
+        worker_cache.rglob(f"{first['extraction_id']}-1.safetensors")
+    )  # its shard, from the job's first attempt
     assert nothing_stored_locally(s3_stack)
 
 
@@ -104,23 +118,39 @@ def _tar(folder: Path) -> bytes:
     return payload.getvalue()
 
 
-def test_an_uploaded_adapter_imports_from_the_bucket_and_is_probed_and_compared(s3_stack: Stack, s3_server: S3Server, tiny_llama: Path, tmp_path: Path) -> None:
+def test_an_uploaded_adapter_imports_from_the_bucket_and_is_probed_and_compared(
+    s3_stack: Stack, s3_server: S3Server, tiny_llama: Path, tmp_path: Path
+) -> None:
     from transformers import AutoTokenizer
 
     client, prefix = s3_stack.client, bucket_prefix(s3_stack)
     model = register(client, tiny_llama).json()
     tensors = tiny_models.save_tinker_adapter(tmp_path / "export", tiny_llama)
-    response = client.post("/v1/adapters/upload", data={"base_model": model["id"], "name": "ft"}, files={"file": ("adapter.tar.gz", _tar(tmp_path / "export"))})
+    response = client.post(
+        "/v1/adapters/upload",
+        data={"base_model": model["id"], "name": "ft"},
+        files={"file": ("adapter.tar.gz", _tar(tmp_path / "export"))},
+    )
     assert response.status_code == 202, response.json()
     job = wait_for_job(client, response.json()["job"]["id"])
     assert job["status"] == "succeeded", job["error"]
     adapter = client.get(f"/v1/adapters/{job['result']['adapter_id']}").json()
     keys = s3_server.keys(prefix)
-    assert {f"{prefix}/adapters/{adapter['identity']}/adapter_config.json", f"{prefix}/adapters/{adapter['identity']}/adapter_model.safetensors"} <= set(keys)
+    assert {
+        f"{prefix}/adapters/{adapter['identity']}/adapter_config.json",
+        f"{prefix}/adapters/{adapter['identity']}/adapter_model.safetensors",
+    } <= set(keys)
     assert not [key for key in keys if key.startswith(f"{prefix}/staging/")], "the staged upload stayed"
 
-    extraction = finished(client, client.post("/v1/extractions", json={"model": model["id"], "adapter": adapter["id"], "layers": [1], "texts": TEXTS}))
-    merged = hidden_layer_one(tiny_models.merge_by_hand(tiny_llama, tensors), TEXTS, AutoTokenizer.from_pretrained(tiny_llama))
+    extraction = finished(
+        client,
+        client.post(
+            "/v1/extractions", json={"model": model["id"], "adapter": adapter["id"], "layers": [1], "texts": TEXTS}
+        ),
+    )
+    merged = hidden_layer_one(
+        tiny_models.merge_by_hand(tiny_llama, tensors), TEXTS, AutoTokenizer.from_pretrained(tiny_llama)
+    )
     np.testing.assert_allclose(download(client, extraction["result"]["extraction_id"])[:, 0], merged, atol=1e-5)
 
     dataset = upload_rows(client, ROWS, "numbers")
@@ -134,7 +164,10 @@ def test_an_uploaded_adapter_imports_from_the_bucket_and_is_probed_and_compared(
     assert scored.status_code == 200, scored.json()
     np.testing.assert_allclose(scored.json()["confidences"], predictions["confidences"][:3], atol=1e-6)
 
-    compared = client.post("/v1/comparisons", json={"model": model["id"], "adapters": [adapter["id"]], "dataset": dataset["id"], "layers": [1]})
+    compared = client.post(
+        "/v1/comparisons",
+        json={"model": model["id"], "adapters": [adapter["id"]], "dataset": dataset["id"], "layers": [1]},
+    )
     assert compared.status_code == 202, compared.json()
     assert wait_for_job(client, compared.json()["job"]["id"])["status"] == "succeeded"
     comparison = client.get(f"/v1/comparisons/{compared.json()['comparison']['id']}").json()
@@ -161,19 +194,30 @@ def test_hidden_states_stream_from_the_bucket_without_being_held_whole(
     states = np.random.default_rng(0).standard_normal((2000, 4, 512), dtype=np.float32)
     with served(create_app(settings)) as url, httpx.Client(base_url=url, timeout=60) as client:
         model = register(client, tiny_llama).json()
-        extraction = client.post("/v1/extractions", json={"model": model["id"], "layers": [1], "texts": ["x"]}).json()["extraction"]
+        extraction = client.post("/v1/extractions", json={"model": model["id"], "layers": [1], "texts": ["x"]}).json()[
+            "extraction"
+        ]
         key = f"extractions/{extraction['id']}/hidden_states.safetensors"
         with open_store(settings).temporary_path(key) as path:
             save_file({"hidden_states": states}, str(path))
         with session_factory(create_registry_engine(settings.resolved_database_url)).begin() as session:
-            session.execute(update(Extraction).where(Extraction.id == extraction["id"]).values(artifact=key, shape=list(states.shape)))
+            session.execute(
+                update(Extraction)
+                .where(Extraction.id == extraction["id"])
+                .values(artifact=key, shape=list(states.shape))
+            )
 
         # the first request also makes the gateway's S3 client (some MiB of botocore models)
-        received = {format: client.get(f"/v1/extractions/{extraction['id']}/hidden-states", params={"format": format}).content for format in ("npy", "safetensors")}
+        received = {
+            format: client.get(f"/v1/extractions/{extraction['id']}/hidden-states", params={"format": format}).content
+            for format in ("npy", "safetensors")
+        }
         for format in ("npy", "safetensors"):
             tracemalloc.start()
             try:
-                with client.stream("GET", f"/v1/extractions/{extraction['id']}/hidden-states", params={"format": format}) as response:
+                with client.stream(
+                    "GET", f"/v1/extractions/{extraction['id']}/hidden-states", params={"format": format}
+                ) as response:
                     assert response.status_code == 200
                     chunks = [len(chunk) for chunk in response.iter_raw()]
                     assert int(response.headers["content-length"]) == sum(chunks)
@@ -185,7 +229,9 @@ def test_hidden_states_stream_from_the_bucket_without_being_held_whole(
     np.testing.assert_array_equal(load(received["safetensors"])["hidden_states"], states)
 
 
-def test_a_bucket_that_is_not_there_is_a_503_and_nothing_is_registered(databases: Databases, redis_server: RedisServer, s3_server: S3Server, tmp_path: Path) -> None:
+def test_a_bucket_that_is_not_there_is_a_503_and_nothing_is_registered(
+    databases: Databases, redis_server: RedisServer, s3_server: S3Server, tmp_path: Path
+) -> None:
     from fastapi.testclient import TestClient
 
     from app.main import create_app
@@ -194,5 +240,8 @@ def test_a_bucket_that_is_not_there_is_a_503_and_nothing_is_registered(databases
     with TestClient(create_app(settings)) as client:
         response = client.post("/v1/datasets", files={"file": ("rows.jsonl", b'{"text": "a", "label": 1}\n')})
         assert response.status_code == 503
-        assert response.json()["error"]["details"] == {"backend": "artifact store"} and "NoSuchBucket" in response.json()["error"]["message"]
+        assert (
+            response.json()["error"]["details"] == {"backend": "artifact store"}
+            and "NoSuchBucket" in response.json()["error"]["message"]
+        )
         assert client.get("/v1/datasets").json()["items"] == []

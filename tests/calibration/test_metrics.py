@@ -25,9 +25,21 @@ from app.calibration.scoring import accuracy, auprc, auroc, base_rate, brier, nl
 from app.calibration.smooth import smooth_ece
 
 REPORTED = (
-    "accuracy", "auroc", "auprc", "brier", "nll", "ece", "ece_equal_mass", "ece_l2", "ece_equal_mass_l2",
-    "ece_max_probability", "mce", "ace", "smooth_ece", "debiased_ece",
-)  # fmt: skip
+    "accuracy",
+    "auroc",
+    "auprc",
+    "brier",
+    "nll",
+    "ece",
+    "ece_equal_mass",
+    "ece_l2",
+    "ece_equal_mass_l2",
+    "ece_max_probability",
+    "mce",
+    "ace",
+    "smooth_ece",
+    "debiased_ece",
+)
 CALIBRATION_ERRORS = REPORTED[5:]
 BOOTSTRAPPED = tuple(name for name in REPORTED if name != "smooth_ece")
 
@@ -164,7 +176,11 @@ def test_equal_mass_bins_do_not_depend_on_the_order_of_tied_items() -> None:
 
 def test_equal_mass_reliability_bins_span_their_smallest_and_largest_prediction() -> None:
     bins = reliability_bins(MASS_Y, MASS_P, bins=3, binning="equal_mass")
-    assert [(b.lower, b.upper, b.count, b.accuracy) for b in bins] == [(0.1, 0.2, 3, 0.0), (0.2, 0.4, 2, 1.0), (0.6, 0.9, 2, 0.5)]
+    assert [(b.lower, b.upper, b.count, b.accuracy) for b in bins] == [
+        (0.1, 0.2, 3, 0.0),
+        (0.2, 0.4, 2, 1.0),
+        (0.6, 0.9, 2, 0.5),
+    ]
 
 
 def test_confidence_histogram_counts_p_in_equal_width_bins() -> None:
@@ -181,7 +197,9 @@ def test_every_calibration_error_names_its_variant() -> None:
     assert mce(y, p).label == "MCE — 15 equal-width bins, max gap, binary P(y=1)"
     assert ace(y, p).label == "ACE — 15 equal-mass bins, L1, binary P(y=1)"
     assert debiased_ece(y, p).label == "Debiased ECE — 15 equal-mass bins, L2, binary P(y=1)"
-    assert smooth_ece(y, p).label == "Smooth ECE — reflected Gaussian kernel, self-consistent bandwidth, L1, binary P(y=1)"
+    assert (
+        smooth_ece(y, p).label == "Smooth ECE — reflected Gaussian kernel, self-consistent bandwidth, L1, binary P(y=1)"
+    )
 
 
 # --- Against Kumar, Liang & Ma's package -----------------------------------------------------
@@ -200,13 +218,17 @@ def test_binned_ece_equals_kumars_package_with_the_same_bins() -> None:
 
 def test_max_probability_ece_equals_kumars_top_label_ece() -> None:
     y, p = distinct(3000, seed=8)
-    assert ece(y, p, form="max_probability").value == pytest.approx(kumar.get_ece(np.column_stack([1 - p, p]), y), abs=1e-12)
+    assert ece(y, p, form="max_probability").value == pytest.approx(
+        kumar.get_ece(np.column_stack([1 - p, p]), y), abs=1e-12
+    )
 
 
 def test_debiased_ece_equals_kumars_debiased_l2_estimate() -> None:
     y, p = distinct(3000, seed=9)
     assert debiased_ece(y, p).value == pytest.approx(kumar.get_calibration_error(p, y, p=2, debias=True), abs=1e-12)
-    equal_width = kumar.lower_bound_scaling_ce(p, y, p=2, debias=True, num_bins=15, binning_scheme=kumar.get_equal_prob_bins)
+    equal_width = kumar.lower_bound_scaling_ce(
+        p, y, p=2, debias=True, num_bins=15, binning_scheme=kumar.get_equal_prob_bins
+    )
     assert debiased_ece(y, p, binning="equal_width").value == pytest.approx(equal_width, abs=1e-12)
 
 
@@ -346,8 +368,12 @@ def test_paired_differences_are_b_minus_a_on_the_same_resamples() -> None:
     rows_a, rows_b = resampled_metrics(y, p_a, indices), resampled_metrics(y, p_b, indices)
     report_a, report_b = calibration_report(y, p_a, resamples=0), calibration_report(y, p_b, resamples=0)
     for name in BOOTSTRAPPED:
-        assert differences.metrics[name].value == pytest.approx(report_b.metrics[name].value - report_a.metrics[name].value)
-        assert differences.metrics[name].interval == pytest.approx(tuple(np.nanpercentile(rows_b[name] - rows_a[name], [2.5, 97.5])))
+        assert differences.metrics[name].value == pytest.approx(
+            report_b.metrics[name].value - report_a.metrics[name].value
+        )
+        assert differences.metrics[name].interval == pytest.approx(
+            tuple(np.nanpercentile(rows_b[name] - rows_a[name], [2.5, 97.5]))
+        )
 
 
 # --- The report's JSON -------------------------------------------------------------------------
@@ -363,9 +389,17 @@ def test_report_dict_has_the_documented_shape_and_plain_json_values() -> None:
     assert list(shape["metrics"]) == list(REPORTED)
     for name, entry in shape["metrics"].items():
         assert set(entry) == (
-            {"value", "interval", "label", "estimator"} if name in CALIBRATION_ERRORS else {"value", "interval", "label"}
+            {"value", "interval", "label", "estimator"}
+            if name in CALIBRATION_ERRORS
+            else {"value", "interval", "label"}
         ), name
-    assert shape["metrics"]["ece"]["estimator"] == {"name": "ece", "bins": 15, "binning": "equal_width", "norm": "l1", "form": "binary"}
+    assert shape["metrics"]["ece"]["estimator"] == {
+        "name": "ece",
+        "bins": 15,
+        "binning": "equal_width",
+        "norm": "l1",
+        "form": "binary",
+    }
     assert len(shape["bins"]["equal_width"]) == 15 and len(shape["bins"]["equal_mass"]) == 15
     assert set(shape["bins"]["equal_width"][0]) == {"lower", "upper", "count", "mean_confidence", "accuracy"}
     assert len(shape["histogram"]["edges"]) == 16 and len(shape["histogram"]["counts"]) == 15

@@ -76,13 +76,20 @@ ADAPTER = report_from_bins(
     },
 )
 TWO_REPORTS = [("base", BASE), ("adapter sft-v1", ADAPTER)]
-DIFFERENCES = {"adapter sft-v1": {"accuracy": {"value": -0.022, "interval": [-0.051, 0.004]}, "ece": {"value": 0.046, "interval": None}}}
+DIFFERENCES = {
+    "adapter sft-v1": {
+        "accuracy": {"value": -0.022, "interval": [-0.051, 0.004]},
+        "ece": {"value": 0.046, "interval": None},
+    }
+}
 HOSTILE = "<script>alert(1)</script>"
 
 
 @pytest.fixture(scope="module")
 def page() -> str:
-    return render_html("Probe p-1: base vs adapter", TWO_REPORTS, differences=DIFFERENCES, notes=["layer 16, last token"])
+    return render_html(
+        "Probe p-1: base vs adapter", TWO_REPORTS, differences=DIFFERENCES, notes=["layer 16, last token"]
+    )
 
 
 def table_cells(page: str, metric: str) -> list[str]:
@@ -95,7 +102,9 @@ def table_cells(page: str, metric: str) -> list[str]:
 # --- Reports from synthetic predictions ----------------------------------------------------
 
 
-def bootstrap_estimate(statistic: Any, confidences: np.ndarray, outcomes: np.ndarray, label: str, rng: np.random.Generator) -> dict[str, Any]:
+def bootstrap_estimate(
+    statistic: Any, confidences: np.ndarray, outcomes: np.ndarray, label: str, rng: np.random.Generator
+) -> dict[str, Any]:
     resampled = rng.integers(0, len(confidences), size=(200, len(confidences)))
     values = [statistic(confidences[rows], outcomes[rows]) for rows in resampled]
     lower, upper = np.percentile(values, [2.5, 97.5])
@@ -117,7 +126,9 @@ def report_from_predictions(confidences: np.ndarray, outcomes: np.ndarray, seed:
     counts = np.bincount(bins, minlength=BINS)
     equal_width = [
         {
-            "lower": index / BINS, "upper": (index + 1) / BINS, "count": int(counts[index]),
+            "lower": index / BINS,
+            "upper": (index + 1) / BINS,
+            "count": int(counts[index]),
             "mean_confidence": float(confidences[bins == index].mean()) if counts[index] else None,
             "accuracy": float(outcomes[bins == index].mean()) if counts[index] else None,
         }
@@ -128,7 +139,9 @@ def report_from_predictions(confidences: np.ndarray, outcomes: np.ndarray, seed:
         "n": len(confidences),
         "base_rate": float(outcomes.mean()),
         "metrics": {
-            "accuracy": bootstrap_estimate(lambda c, y: ((c >= 0.5) == y).mean(), confidences, outcomes, "Accuracy (threshold 0.5)", rng),
+            "accuracy": bootstrap_estimate(
+                lambda c, y: ((c >= 0.5) == y).mean(), confidences, outcomes, "Accuracy (threshold 0.5)", rng
+            ),
             "brier": bootstrap_estimate(lambda c, y: ((c - y) ** 2).mean(), confidences, outcomes, "Brier score", rng),
             "ece": ece,
         },
@@ -185,7 +198,8 @@ def test_diagram_title_names_the_ece_variant_of_its_bins() -> None:
 def test_legend_gives_each_report_its_ece_and_interval() -> None:
     legend = reliability_figure(TWO_REPORTS).legends[0]
     assert [text.get_text() for text in legend.get_texts()] == [
-        "base — ECE 0.052 [0.031, 0.071]", "adapter sft-v1 — ECE 0.098 [0.074, 0.121]",
+        "base — ECE 0.052 [0.031, 0.071]",
+        "adapter sft-v1 — ECE 0.098 [0.074, 0.121]",
     ]
 
 
@@ -217,7 +231,14 @@ def test_page_needs_nothing_from_the_network(page: str) -> None:
 
 def test_table_has_a_row_per_metric_label(page: str) -> None:
     headers = [table_cells(page, metric)[0] for metric in ("n", "base_rate", "accuracy", "auroc", "brier", "ece")]
-    assert headers == ["n", "Base rate", "Accuracy (threshold 0.5)", "AUROC (ties count half)", "Brier score", ECE_LABEL]
+    assert headers == [
+        "n",
+        "Base rate",
+        "Accuracy (threshold 0.5)",
+        "AUROC (ties count half)",
+        "Brier score",
+        ECE_LABEL,
+    ]
 
 
 def test_table_gives_each_report_its_value_and_interval(page: str) -> None:
@@ -234,7 +255,7 @@ def test_a_null_interval_renders_as_a_dash(page: str) -> None:
 
 
 def test_differences_add_a_signed_column_per_adapter(page: str) -> None:
-    assert "<th scope=\"col\">Δ adapter sft-v1</th>" in page
+    assert '<th scope="col">Δ adapter sft-v1</th>' in page
     assert table_cells(page, "accuracy")[3] == "-0.022 [-0.051, +0.004]"
     assert table_cells(page, "ece")[3] == "+0.046 [—]"
 
@@ -249,7 +270,9 @@ def test_notes_appear_below_the_table(page: str) -> None:
 
 def test_every_caller_string_is_escaped() -> None:
     hostile_metrics = BASE["metrics"] | {"nll": {"value": 0.4, "interval": None, "label": HOSTILE}}
-    page = render_html(HOSTILE, [(HOSTILE, BASE | {"metrics": hostile_metrics})], differences={HOSTILE: {}}, notes=[HOSTILE])
+    page = render_html(
+        HOSTILE, [(HOSTILE, BASE | {"metrics": hostile_metrics})], differences={HOSTILE: {}}, notes=[HOSTILE]
+    )
     assert "<script" not in page
     assert page.count("&lt;script&gt;alert(1)&lt;/script&gt;") >= 6
 
@@ -273,10 +296,21 @@ def run_headless_chromium(*arguments: str) -> subprocess.CompletedProcess[str]:
     with tempfile.TemporaryDirectory() as profile:
         return subprocess.run(
             [
-                browser, "--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
-                "--disable-component-update", "--no-first-run", "--disable-sync", f"--user-data-dir={profile}", *arguments,
+                browser,
+                "--headless",
+                "--no-sandbox",
+                "--disable-gpu",
+                "--disable-background-networking",
+                "--disable-component-update",
+                "--no-first-run",
+                "--disable-sync",
+                f"--user-data-dir={profile}",
+                *arguments,
             ],
-            capture_output=True, text=True, timeout=120, check=True,
+            capture_output=True,
+            text=True,
+            timeout=120,
+            check=True,
         )
 
 
@@ -290,7 +324,13 @@ def test_page_renders_its_table_and_diagram_in_headless_chromium(tmp_path: Path)
     run_headless_chromium(f"--screenshot={screenshot}", "--window-size=1280,1400", page_path.as_uri())
 
     table = re.search(r'<table id="metrics">.*?</table>', dom, re.DOTALL)
-    assert table and re.findall(r'data-metric="([^"]+)"', table.group(0)) == ["n", "base_rate", "accuracy", "brier", "ece"]
+    assert table and re.findall(r'data-metric="([^"]+)"', table.group(0)) == [
+        "n",
+        "base_rate",
+        "accuracy",
+        "brier",
+        "ece",
+    ]
     assert re.search(r'<figure id="reliability-diagram"><svg[ >]', dom)
     pixels = imread(str(screenshot))
     assert len(np.unique(pixels.reshape(-1, pixels.shape[-1]), axis=0)) > 16

@@ -65,7 +65,11 @@ def test_a_key_over_its_limit_raises_rate_limited_with_retry_after(gateway: Gate
         client.list_models()
         with pytest.raises(RateLimited) as refused:
             client.list_models()
-    assert refused.value.code == "rate_limited" and refused.value.retry_after is not None and refused.value.retry_after >= 1
+    assert (
+        refused.value.code == "rate_limited"
+        and refused.value.retry_after is not None
+        and refused.value.retry_after >= 1
+    )
 
 
 def test_an_admin_creates_lists_and_revokes_keys_through_the_client(gateway: Gateway) -> None:
@@ -83,14 +87,18 @@ def test_an_admin_creates_lists_and_revokes_keys_through_the_client(gateway: Gat
 
 def test_cli_commands_send_the_key_from_confprobe_api_key(gateway: Gateway) -> None:
     key = gateway.key("read")
-    allowed = CliRunner().invoke(cli.main, ["--url", gateway.url, "--json", "jobs", "ls"], env={"CONFPROBE_API_KEY": key})
+    allowed = CliRunner().invoke(
+        cli.main, ["--url", gateway.url, "--json", "jobs", "ls"], env={"CONFPROBE_API_KEY": key}
+    )
     assert allowed.exit_code == 0, allowed.output
     refused = CliRunner().invoke(cli.main, ["--url", gateway.url, "jobs", "ls"], env={"CONFPROBE_API_KEY": None})
     assert refused.exit_code == 7 and "CONFPROBE_API_KEY is not set" in refused.stderr
 
 
 def test_cli_exits_7_for_a_missing_scope_and_8_when_rate_limited(gateway: Gateway) -> None:
-    read_only = CliRunner().invoke(cli.main, ["--url", gateway.url, "jobs", "cancel", "job_x"], env={"CONFPROBE_API_KEY": gateway.key("read")})
+    read_only = CliRunner().invoke(
+        cli.main, ["--url", gateway.url, "jobs", "cancel", "job_x"], env={"CONFPROBE_API_KEY": gateway.key("read")}
+    )
     assert read_only.exit_code == 7 and "`submit`" in read_only.stderr
     limited = {"CONFPROBE_API_KEY": gateway.key("read", rate_limit_per_minute=1)}
     assert CliRunner().invoke(cli.main, ["--url", gateway.url, "jobs", "ls"], env=limited).exit_code == 0

@@ -38,7 +38,9 @@ def model(stack: Stack, tiny_llama_template: Path) -> Model:
 
 @pytest.fixture(scope="module")
 def dataset(stack: Stack, tmp_path_factory: pytest.TempPathFactory) -> Dataset:
-    return Client(http=stack.client).upload_dataset(write_jsonl(tmp_path_factory.mktemp("rows") / "sums.jsonl", statements()))
+    return Client(http=stack.client).upload_dataset(
+        write_jsonl(tmp_path_factory.mktemp("rows") / "sums.jsonl", statements())
+    )
 
 
 @pytest.fixture
@@ -48,7 +50,9 @@ def texts_file(tmp_path: Path) -> Path:
     return path
 
 
-def test_models_add_waits_for_the_check_and_prints_the_model_as_the_api_shows_it(confprobe: Confprobe, stack: Stack, tiny_llama: Path) -> None:
+def test_models_add_waits_for_the_check_and_prints_the_model_as_the_api_shows_it(
+    confprobe: Confprobe, stack: Stack, tiny_llama: Path
+) -> None:
     result = confprobe("--json", "models", "add", str(tiny_llama), "--name", "tiny-cli")
     assert result.exit_code == 0, result.output
     printed = json.loads(result.stdout)
@@ -72,29 +76,54 @@ def test_datasets_ls_as_json_is_the_apis_list(confprobe: Confprobe, stack: Stack
 
 
 def test_datasets_add_uploads_the_file_under_its_name(confprobe: Confprobe, tmp_path: Path) -> None:
-    result = confprobe("--json", "datasets", "add", str(write_jsonl(tmp_path / "rows.jsonl", statements(10))), "--name", "ten sums")
+    result = confprobe(
+        "--json", "datasets", "add", str(write_jsonl(tmp_path / "rows.jsonl", statements(10))), "--name", "ten sums"
+    )
     assert result.exit_code == 0, result.output
-    assert {key: json.loads(result.stdout)[key] for key in ("name", "rows", "kind")} == {"name": "ten sums", "rows": 10, "kind": "statements"}
+    assert {key: json.loads(result.stdout)[key] for key in ("name", "rows", "kind")} == {
+        "name": "ten sums",
+        "rows": 10,
+        "kind": "statements",
+    }
 
 
-def test_extract_saves_the_states_it_extracted_to_out(confprobe: Confprobe, stack: Stack, model: Model, texts_file: Path, tmp_path: Path) -> None:
+def test_extract_saves_the_states_it_extracted_to_out(
+    confprobe: Confprobe, stack: Stack, model: Model, texts_file: Path, tmp_path: Path
+) -> None:
     out = tmp_path / "states.npy"
-    result = confprobe("--json", "extract", "--model", model.id, "--layers", "0,-1", "--texts-file", str(texts_file), "--out", str(out))
+    result = confprobe(
+        "--json", "extract", "--model", model.id, "--layers", "0,-1", "--texts-file", str(texts_file), "--out", str(out)
+    )
     assert result.exit_code == 0, result.output
     extraction = json.loads(result.stdout)
     assert extraction["status"] == "succeeded" and extraction["shape"] == [len(TEXTS), 2, 16]
     np.testing.assert_array_equal(np.load(out), Client(http=stack.client).download_hidden_states(extraction["id"]))
 
 
-def test_probes_train_prints_each_probe_with_the_best_starred(confprobe: Confprobe, model: Model, dataset: Dataset) -> None:
-    result = confprobe("probes", "train", "--model", model.id, "--dataset", dataset.id, "--layers", "1,2", "--method", "logistic,mass_mean")
+def test_probes_train_prints_each_probe_with_the_best_starred(
+    confprobe: Confprobe, model: Model, dataset: Dataset
+) -> None:
+    result = confprobe(
+        "probes",
+        "train",
+        "--model",
+        model.id,
+        "--dataset",
+        dataset.id,
+        "--layers",
+        "1,2",
+        "--method",
+        "logistic,mass_mean",
+    )
     assert result.exit_code == 0, result.output
     header, *rows = result.stdout.splitlines()
     assert header.split() == ["ID", "LAYER", "METHOD", "BEST", "AUROC", "ECE", "BRIER"]
     assert len(rows) == 4 and sum(" * " in row for row in rows) == 1
 
 
-def test_probes_report_writes_the_html_and_opens_it_on_request(confprobe: Confprobe, stack: Stack, model: Model, dataset: Dataset, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_probes_report_writes_the_html_and_opens_it_on_request(
+    confprobe: Confprobe, stack: Stack, model: Model, dataset: Dataset, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     opened: list[str] = []
     monkeypatch.setattr("webbrowser.open", opened.append)
     probe = Client(http=stack.client).train(model.id, dataset.id, layers=[2], progress=False).probes[0]
@@ -105,8 +134,12 @@ def test_probes_report_writes_the_html_and_opens_it_on_request(confprobe: Confpr
     assert result.stdout.splitlines()[0].split() == ["METRIC", "VALUE", "95%", "INTERVAL"]
 
 
-def test_no_wait_answers_with_the_queued_run_and_jobs_watch_follows_it(confprobe: Confprobe, model: Model, dataset: Dataset) -> None:
-    queued = confprobe("--json", "probes", "train", "--model", model.id, "--dataset", dataset.id, "--layers", "1", "--no-wait")
+def test_no_wait_answers_with_the_queued_run_and_jobs_watch_follows_it(
+    confprobe: Confprobe, model: Model, dataset: Dataset
+) -> None:
+    queued = confprobe(
+        "--json", "probes", "train", "--model", model.id, "--dataset", dataset.id, "--layers", "1", "--no-wait"
+    )
     assert queued.exit_code == 0, queued.output
     run = json.loads(queued.stdout)
     watched = confprobe("--json", "jobs", "watch", run["job_id"])
@@ -128,7 +161,9 @@ def test_an_unknown_id_exits_3(confprobe: Confprobe) -> None:
     assert result.exit_code == 3 and "adp_nope" in result.stderr
 
 
-def test_an_invalid_request_exits_4_with_the_error_envelope_under_json(confprobe: Confprobe, model: Model, texts_file: Path) -> None:
+def test_an_invalid_request_exits_4_with_the_error_envelope_under_json(
+    confprobe: Confprobe, model: Model, texts_file: Path
+) -> None:
     result = confprobe("--json", "extract", "--model", model.id, "--layers", "99", "--texts-file", str(texts_file))
     assert result.exit_code == 4
     error = json.loads(result.stderr)["error"]
@@ -140,13 +175,26 @@ def test_cancelling_a_finished_job_exits_4(confprobe: Confprobe, model: Model) -
 
 
 def test_a_failed_job_exits_5_naming_its_error(confprobe: Confprobe, model: Model, tmp_path: Path) -> None:
-    result = confprobe("--json", "adapters", "upload", str(hostile_archive(tmp_path / "evil.tar")), "--base-model", model.id, "--name", "evil")
+    result = confprobe(
+        "--json",
+        "adapters",
+        "upload",
+        str(hostile_archive(tmp_path / "evil.tar")),
+        "--base-model",
+        model.id,
+        "--name",
+        "evil",
+    )
     assert result.exit_code == 5
     error = json.loads(result.stderr.splitlines()[-1])["error"]
     assert error["code"] == "path_traversal" and error["details"]["job_id"].startswith("job_")
 
 
-@pytest.mark.parametrize(("args", "env"), [(["--url", "http://127.0.0.1:1"], {}), ([], {"CONFPROBE_URL": "http://127.0.0.1:1"})], ids=["option", "environment"])
+@pytest.mark.parametrize(
+    ("args", "env"),
+    [(["--url", "http://127.0.0.1:1"], {}), ([], {"CONFPROBE_URL": "http://127.0.0.1:1"})],
+    ids=["option", "environment"],
+)
 def test_an_unreachable_service_exits_6(args: list[str], env: dict[str, Any]) -> None:
     result = CliRunner().invoke(cli.main, [*args, "jobs", "ls"], env=env)
     assert result.exit_code == 6 and "127.0.0.1:1" in result.stderr
@@ -157,7 +205,9 @@ def test_a_usage_error_exits_2() -> None:
     assert result.exit_code == 2 and "--texts-file" in result.stderr
 
 
-def test_experiment_run_follows_the_job_and_lists_what_it_made(stack: Any, tiny_llama: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_experiment_run_follows_the_job_and_lists_what_it_made(
+    stack: Any, tiny_llama: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     import yaml
 
     monkeypatch.setattr(cli, "make_client", lambda url: Client(http=stack.client))
@@ -165,13 +215,17 @@ def test_experiment_run_follows_the_job_and_lists_what_it_made(stack: Any, tiny_
     dataset.write_text("\n".join(json.dumps({"text": f"statement number {i}", "label": i % 2}) for i in range(40)))
     uploaded = CliRunner().invoke(cli.main, ["--json", "datasets", "add", str(dataset)])
     config = tmp_path / "config.yaml"
-    config.write_text(yaml.safe_dump({
-        "experiment": {"name": "cli-run"},
-        "model": {"name": str(tiny_llama)},
-        "extraction": {"layers": [1]},
-        "probe": {"dataset": json.loads(uploaded.output)["id"]},
-    }))  # fmt: skip
+    config.write_text(
+        yaml.safe_dump(
+            {
+                "experiment": {"name": "cli-run"},
+                "model": {"name": str(tiny_llama)},
+                "extraction": {"layers": [1]},
+                "probe": {"dataset": json.loads(uploaded.output)["id"]},
+            }
+        )
+    )
     result = CliRunner().invoke(cli.main, ["--json", "experiment", "run", str(config)])
     assert result.exit_code == 0, result.output
-    experiment = json.loads(result.output[result.output.index("{"):])
+    experiment = json.loads(result.output[result.output.index("{") :])
     assert experiment["status"] == "succeeded" and experiment["links"]["report"].endswith("/report.html")

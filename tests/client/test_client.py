@@ -91,11 +91,18 @@ def test_a_registered_model_is_checked_by_a_worker_and_becomes_ready(client: Cli
 
 def test_an_uploaded_dataset_comes_back_typed_with_its_rows_and_label_balance(client: Client, tmp_path: Path) -> None:
     uploaded = client.upload_dataset(write_jsonl(tmp_path / "sums.jsonl", statements(14)), name="sums")
-    assert (uploaded.name, uploaded.kind, uploaded.rows, uploaded.label_balance) == ("sums", "statements", 14, {"0": 7, "1": 7})
+    assert (uploaded.name, uploaded.kind, uploaded.rows, uploaded.label_balance) == (
+        "sums",
+        "statements",
+        14,
+        {"0": 7, "1": 7},
+    )
     assert client.get_dataset(uploaded.id) == uploaded
 
 
-def test_extract_returns_texts_by_layers_by_hidden_equal_to_the_download_of_that_extraction(client: Client, model: Model) -> None:
+def test_extract_returns_texts_by_layers_by_hidden_equal_to_the_download_of_that_extraction(
+    client: Client, model: Model
+) -> None:
     states = client.extract(model.id, layers=[0, -1], texts=TEXTS, progress=False)
     assert states.shape == (len(TEXTS), 2, 16) and states.dtype == np.float32
     extraction = client.list_extractions(limit=1).items[0]
@@ -103,7 +110,9 @@ def test_extract_returns_texts_by_layers_by_hidden_equal_to_the_download_of_that
     np.testing.assert_array_equal(client.download_hidden_states(extraction.id), states)
 
 
-def test_wait_follows_a_job_to_success_with_a_progress_bar_on_stderr(client: Client, capsys: pytest.CaptureFixture[str]) -> None:
+def test_wait_follows_a_job_to_success_with_a_progress_bar_on_stderr(
+    client: Client, capsys: pytest.CaptureFixture[str]
+) -> None:
     job = client.wait(client.ping().id)
     assert job.status == "succeeded" and job.finished_at is not None
     assert f"{job.id} ping" in capsys.readouterr().err
@@ -142,7 +151,9 @@ class EventsRefused(httpx.BaseTransport):
         if request.url.path.endswith("/events"):
             self.refused += 1
             return httpx.Response(502, text="<html>bad gateway</html>")
-        answer = self.service.request(request.method, request.url.raw_path.decode(), headers=dict(request.headers), content=request.read())
+        answer = self.service.request(
+            request.method, request.url.raw_path.decode(), headers=dict(request.headers), content=request.read()
+        )
         return httpx.Response(answer.status_code, headers=answer.headers, content=answer.content)
 
 
@@ -189,9 +200,24 @@ def test_wait_gives_up_at_its_timeout_and_the_job_goes_on(settings: Settings, mo
     ("call", "kind", "status", "code"),
     [
         (lambda client, model: client.get_model("mdl_nope"), NotFound, 404, "not_found"),
-        (lambda client, model: client.create_extraction(model.id, layers=[99], texts=TEXTS), InvalidRequest, 422, "invalid_field"),
-        (lambda client, model: client.create_extraction(model.id, layers=[], texts=TEXTS), InvalidRequest, 422, "validation_error"),
-        (lambda client, model: client.cancel_job(client.wait(client.ping().id, progress=False).id), Conflict, 409, "conflict"),
+        (
+            lambda client, model: client.create_extraction(model.id, layers=[99], texts=TEXTS),
+            InvalidRequest,
+            422,
+            "invalid_field",
+        ),
+        (
+            lambda client, model: client.create_extraction(model.id, layers=[], texts=TEXTS),
+            InvalidRequest,
+            422,
+            "validation_error",
+        ),
+        (
+            lambda client, model: client.cancel_job(client.wait(client.ping().id, progress=False).id),
+            Conflict,
+            409,
+            "conflict",
+        ),
     ],
     ids=["unknown-id", "layer-out-of-range", "bad-body", "cancel-finished-job"],
 )
@@ -217,7 +243,12 @@ def test_no_service_at_the_url_raises_unreachable() -> None:
 
 def test_train_returns_the_finished_run_with_one_best_probe_per_run(trained: ProbeRun) -> None:
     assert trained.status == "succeeded"
-    assert sorted((probe.layer, probe.method) for probe in trained.probes) == [(1, "logistic"), (1, "mass_mean"), (2, "logistic"), (2, "mass_mean")]
+    assert sorted((probe.layer, probe.method) for probe in trained.probes) == [
+        (1, "logistic"),
+        (1, "mass_mean"),
+        (2, "logistic"),
+        (2, "mass_mean"),
+    ]
     assert [probe.id for probe in trained.probes if probe.is_best] == [trained.best_probe_id]
 
 
@@ -238,6 +269,9 @@ def test_score_gives_a_confidence_per_text(client: Client, trained: ProbeRun) ->
 
 @pytest.mark.parametrize("module", ["confprobe_client", "confprobe_client.cli"], ids=["client", "command line"])
 def test_importing_the_client_imports_neither_torch_nor_the_service(module: str) -> None:
-    probe = f"import sys\nimport {module}\n" + "print(sorted({name.split('.')[0] for name in sys.modules} & {'torch', 'app', 'workers', 'numpy'}))\n"
+    probe = (
+        f"import sys\nimport {module}\n"
+        + "print(sorted({name.split('.')[0] for name in sys.modules} & {'torch', 'app', 'workers', 'numpy'}))\n"
+    )
     result = subprocess.run([sys.executable, "-c", probe], cwd=ROOT, capture_output=True, text=True, check=True)
     assert result.stdout.strip() == "[]"

@@ -117,8 +117,22 @@ OLDER_GATEWAYS: dict[tuple[type[BaseModel], str], str] = {
 
 ANY: Shape = ("any",)
 NULL: Shape = ("null",)
-SCALARS: dict[Any, Shape] = {str: ("str",), int: ("int",), float: ("float",), bool: ("bool",), type(None): NULL, datetime: ("datetime",), Any: ANY}
-JSON_TYPES: dict[str, Shape] = {"string": ("str",), "integer": ("int",), "number": ("float",), "boolean": ("bool",), "null": NULL}
+SCALARS: dict[Any, Shape] = {
+    str: ("str",),
+    int: ("int",),
+    float: ("float",),
+    bool: ("bool",),
+    type(None): NULL,
+    datetime: ("datetime",),
+    Any: ANY,
+}
+JSON_TYPES: dict[str, Shape] = {
+    "string": ("str",),
+    "integer": ("int",),
+    "number": ("float",),
+    "boolean": ("bool",),
+    "null": NULL,
+}
 
 
 @pytest.fixture(scope="module")
@@ -210,7 +224,7 @@ def service_shape(schema: Schema, names: dict[str, str]) -> Shape:
     if kind == "object":
         values = schema.get("additionalProperties", True)
         return ("dict", ANY if values is True else service_shape(values, names))
-    if not schema or kind is None and set(schema) <= {"title", "description", "default"}:
+    if not schema or (kind is None and set(schema) <= {"title", "description", "default"}):
         return ANY
     raise AssertionError(f"the contract test cannot read the JSON schema {schema!r}: teach service_shape")
 
@@ -239,7 +253,9 @@ def compatible(client: Shape, service: Shape) -> bool:
         return True
     clients, services = _alternatives(client), _alternatives(service)
     if len(clients) > 1 or len(services) > 1:
-        return all(any(compatible(c, s) for c in clients) for s in services) and all(any(compatible(c, s) for s in services) for c in clients)
+        return all(any(compatible(c, s) for c in clients) for s in services) and all(
+            any(compatible(c, s) for s in services) for c in clients
+        )
     if client[0] == service[0] and client[0] in ("list", "dict"):
         return compatible(client[1], service[1])
     return False
@@ -278,9 +294,13 @@ def field_problems(client_type: type[BaseModel], service_name: str, schemas: dic
         where, omitted = f"{label}.{name}", (client_type, name) in OMITTED
         if name not in fields:
             if not omitted:
-                problems.append(f"{where}: the service sends it ({render(service_shape(properties[name], _client_names()))}), the client has no field")
+                problems.append(
+                    f"{where}: the service sends it ({render(service_shape(properties[name], _client_names()))}), the client has no field"
+                )
         elif name not in properties:
-            problems.append(f"{where}: the client expects it ({render(client_shape(fields[name].annotation))}), the service has no such field")
+            problems.append(
+                f"{where}: the client expects it ({render(client_shape(fields[name].annotation))}), the service has no such field"
+            )
         else:
             if omitted:
                 problems.append(f"{where}: listed as omitted, but the client has the field")
@@ -290,9 +310,15 @@ def field_problems(client_type: type[BaseModel], service_name: str, schemas: dic
     return problems + [f"{label}.{name}: listed as omitted, but the service has no such field" for name in stale]
 
 
-def _field_differences(client_type: type[BaseModel], name: str, field: FieldInfo, schema: Schema, service_required: bool) -> list[str]:
+def _field_differences(
+    client_type: type[BaseModel], name: str, field: FieldInfo, schema: Schema, service_required: bool
+) -> list[str]:
     """How one field both sides have differs: its type, and whether it is required."""
-    client, service, client_required = client_shape(field.annotation), service_shape(schema, _client_names()), field.is_required()
+    client, service, client_required = (
+        client_shape(field.annotation),
+        service_shape(schema, _client_names()),
+        field.is_required(),
+    )
     differences = []
     if (client_type, name) in OLDER_GATEWAYS:
         if client_required or NULL not in _alternatives(client):
@@ -316,14 +342,23 @@ def test_a_client_type_has_the_fields_types_enums_and_required_flags_of_the_serv
     client_type: type[BaseModel], service_schemas: dict[str, Schema]
 ) -> None:
     service_name = MIRRORS[client_type]
-    _fail_on(field_problems(client_type, service_name, service_schemas), f"{client_type.__name__} differs from the service's {service_name}")
+    _fail_on(
+        field_problems(client_type, service_name, service_schemas),
+        f"{client_type.__name__} differs from the service's {service_name}",
+    )
 
 
 @pytest.mark.parametrize(("envelope", "key"), list(ENVELOPES), ids=lambda part: str(part))
-def test_the_client_unwraps_an_answer_by_a_key_the_service_sends(envelope: str, key: str, service_schemas: dict[str, Schema]) -> None:
+def test_the_client_unwraps_an_answer_by_a_key_the_service_sends(
+    envelope: str, key: str, service_schemas: dict[str, Schema]
+) -> None:
     schema = service_schemas[envelope]
-    assert key in schema.get("properties", {}), f"{envelope} has no key {key!r}; it has {sorted(schema.get('properties', {}))}"
-    assert key in schema.get("required", []), f"{envelope}.{key} is optional on the service's side; the client reads it unconditionally"
+    assert key in schema.get("properties", {}), (
+        f"{envelope} has no key {key!r}; it has {sorted(schema.get('properties', {}))}"
+    )
+    assert key in schema.get("required", []), (
+        f"{envelope}.{key} is optional on the service's side; the client reads it unconditionally"
+    )
     client, service = client_shape(ENVELOPES[envelope, key]), service_shape(schema["properties"][key], _client_names())
     assert compatible(client, service), f"{envelope}.{key}: {type_difference(client, service)}"
 
@@ -332,14 +367,20 @@ def test_every_client_type_is_compared_or_says_why_it_cannot_be() -> None:
     answers = {value for value in vars(client_types).values() if isinstance(value, type) and issubclass(value, Answer)}
     compared = {client_type for client_type in MIRRORS if client_type.__pydantic_generic_metadata__["origin"] is None}
     unaccounted = answers - compared - set(UNDESCRIBED) - {Answer, Page}
-    assert not unaccounted, f"client types neither in MIRRORS nor in UNDESCRIBED: {sorted(answer.__name__ for answer in unaccounted)}"
+    assert not unaccounted, (
+        f"client types neither in MIRRORS nor in UNDESCRIBED: {sorted(answer.__name__ for answer in unaccounted)}"
+    )
 
 
 def test_every_answer_the_service_documents_has_a_client_type_or_a_reason(service_schemas: dict[str, Schema]) -> None:
     documented = _reachable(service_schemas, "#responses") - {"#responses"}
     accounted = set(MIRRORS.values()) | {envelope for envelope, _ in ENVELOPES} | set(NOT_MIRRORED)
-    assert not documented - accounted, f"answers of the service the client neither mirrors nor lists: {sorted(documented - accounted)}"
-    assert not set(NOT_MIRRORED) - documented, f"NOT_MIRRORED names schemas the service no longer has: {sorted(set(NOT_MIRRORED) - documented)}"
+    assert not documented - accounted, (
+        f"answers of the service the client neither mirrors nor lists: {sorted(documented - accounted)}"
+    )
+    assert not set(NOT_MIRRORED) - documented, (
+        f"NOT_MIRRORED names schemas the service no longer has: {sorted(set(NOT_MIRRORED) - documented)}"
+    )
 
 
 def _reachable(schemas: dict[str, Schema], start: str) -> set[str]:
@@ -363,10 +404,14 @@ def _references(value: Any) -> list[str]:
     return []
 
 
-def test_the_job_statuses_are_the_services_and_the_terminal_ones_are_among_them(service_schemas: dict[str, Schema]) -> None:
+def test_the_job_statuses_are_the_services_and_the_terminal_ones_are_among_them(
+    service_schemas: dict[str, Schema],
+) -> None:
     assert set(get_args(JobStatus)) == set(service_schemas["JobOut"]["properties"]["status"]["enum"])
-    assert TERMINAL_STATUSES == {"succeeded", "failed", "cancelled"}
-    assert all(Job.model_construct(status=status).is_final == (status in TERMINAL_STATUSES) for status in get_args(JobStatus))
+    assert {"succeeded", "failed", "cancelled"} == TERMINAL_STATUSES
+    assert all(
+        Job.model_construct(status=status).is_final == (status in TERMINAL_STATUSES) for status in get_args(JobStatus)
+    )
 
 
 def test_a_drifted_client_type_is_reported_by_class_field_and_difference() -> None:

@@ -26,9 +26,17 @@ from app.registry.tables import UTCDateTime
 SHAPE = ModelShape(architecture="LlamaForCausalLM", model_type="llama", num_layers=2, hidden_size=16)
 WEIGHTS = "ab" * 32
 CONVERTED_CONFIG = {
-    "peft_type": "LORA", "task_type": "CAUSAL_LM", "base_model_name_or_path": "/models/x", "r": 4, "lora_alpha": 8.0,
-    "target_modules": ["k_proj", "q_proj"], "lora_dropout": 0.0, "bias": "none", "fan_in_fan_out": False, "inference_mode": True,
-}  # fmt: skip  # what converters before 0008 wrote
+    "peft_type": "LORA",
+    "task_type": "CAUSAL_LM",
+    "base_model_name_or_path": "/models/x",
+    "r": 4,
+    "lora_alpha": 8.0,
+    "target_modules": ["k_proj", "q_proj"],
+    "lora_dropout": 0.0,
+    "bias": "none",
+    "fan_in_fan_out": False,
+    "inference_mode": True,
+}  # what converters before 0008 wrote
 
 
 def alembic_config(connection: sa.Connection) -> Config:
@@ -41,20 +49,41 @@ def alembic_config(connection: sa.Connection) -> Config:
 def adapters_table(with_identity: bool = True) -> sa.TableClause:
     """The adapters table as migration 0007 left it, and with the identity column after."""
     columns = [
-        sa.column("id", sa.String()), sa.column("name", sa.String()), sa.column("base_model_id", sa.String()), sa.column("source_kind", sa.String()),
-        sa.column("source", sa.String()), sa.column("r", sa.Integer()), sa.column("lora_alpha", sa.Double()), sa.column("target_modules", sa.JSON()),
-        sa.column("sha256", sa.String()), sa.column("size_bytes", sa.BigInteger()), sa.column("artifact", sa.String()),
-        sa.column("conversion", sa.JSON()), sa.column("training", sa.JSON()), sa.column("created_at", UTCDateTime()),
-    ]  # fmt: skip
+        sa.column("id", sa.String()),
+        sa.column("name", sa.String()),
+        sa.column("base_model_id", sa.String()),
+        sa.column("source_kind", sa.String()),
+        sa.column("source", sa.String()),
+        sa.column("r", sa.Integer()),
+        sa.column("lora_alpha", sa.Double()),
+        sa.column("target_modules", sa.JSON()),
+        sa.column("sha256", sa.String()),
+        sa.column("size_bytes", sa.BigInteger()),
+        sa.column("artifact", sa.String()),
+        sa.column("conversion", sa.JSON()),
+        sa.column("training", sa.JSON()),
+        sa.column("created_at", UTCDateTime()),
+    ]
     return sa.table("adapters", *columns, *([sa.column("identity", sa.String())] if with_identity else []))
 
 
 def old_row(adapter_id: str, model_id: str, sha256: str, lora_alpha: float) -> dict[str, object]:
     return {
-        "id": adapter_id, "name": adapter_id, "base_model_id": model_id, "source_kind": "local_folder", "source": "/adapters/x",
-        "r": 4, "lora_alpha": lora_alpha, "target_modules": ["q_proj", "k_proj"], "sha256": sha256, "size_bytes": 10,
-        "artifact": f"adapters/{sha256}", "conversion": {}, "training": {}, "created_at": datetime.now(UTC),
-    }  # fmt: skip
+        "id": adapter_id,
+        "name": adapter_id,
+        "base_model_id": model_id,
+        "source_kind": "local_folder",
+        "source": "/adapters/x",
+        "r": 4,
+        "lora_alpha": lora_alpha,
+        "target_modules": ["q_proj", "k_proj"],
+        "sha256": sha256,
+        "size_bytes": 10,
+        "artifact": f"adapters/{sha256}",
+        "conversion": {},
+        "training": {},
+        "created_at": datetime.now(UTC),
+    }
 
 
 def test_rows_converted_before_get_the_identity_a_new_import_computes(database_url: str) -> None:
@@ -62,24 +91,41 @@ def test_rows_converted_before_get_the_identity_a_new_import_computes(database_u
     with engine.begin() as connection:
         command.downgrade(alembic_config(connection), "0007")
     with transaction(session_factory(engine)) as session:
-        model = new_model("m", ResolvedSource(kind="local", identity="/models/x", path=Path("/models/x")), None, "float32", None, SHAPE, "f")
+        model = new_model(
+            "m",
+            ResolvedSource(kind="local", identity="/models/x", path=Path("/models/x")),
+            None,
+            "float32",
+            None,
+            SHAPE,
+            "f",
+        )
         session.add(model)
         model_id = model.id
     table = adapters_table()
     with engine.begin() as connection:
-        connection.execute(sa.insert(adapters_table(with_identity=False)).values(**old_row("adp_old", model_id, WEIGHTS, 8.0)))
+        connection.execute(
+            sa.insert(adapters_table(with_identity=False)).values(**old_row("adp_old", model_id, WEIGHTS, 8.0))
+        )
         command.upgrade(alembic_config(connection), "head")
     with engine.begin() as connection:
         identity = connection.execute(sa.select(table.c.identity).where(table.c.id == "adp_old")).scalar_one()
         assert identity == adapter_identity(WEIGHTS, CONVERTED_CONFIG)
         # the same weights with another lora_alpha are another adapter now
-        connection.execute(sa.insert(table).values(**old_row("adp_new", model_id, WEIGHTS, 16.0), identity=adapter_identity(WEIGHTS, CONVERTED_CONFIG | {"lora_alpha": 16.0})))
+        connection.execute(
+            sa.insert(table).values(
+                **old_row("adp_new", model_id, WEIGHTS, 16.0),
+                identity=adapter_identity(WEIGHTS, CONVERTED_CONFIG | {"lora_alpha": 16.0}),
+            )
+        )
     with pytest.raises(IntegrityError), engine.begin() as connection:
         connection.execute(sa.insert(table).values(**old_row("adp_same", model_id, WEIGHTS, 8.0), identity=identity))
 
 
 def test_the_migrations_frozen_identity_agrees_with_the_live_one() -> None:
-    spec = importlib.util.spec_from_file_location("migration_0008", MIGRATIONS_DIR / "versions" / "0008_adapter_identity.py")
+    spec = importlib.util.spec_from_file_location(
+        "migration_0008", MIGRATIONS_DIR / "versions" / "0008_adapter_identity.py"
+    )
     assert spec is not None and spec.loader is not None
     migration = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(migration)

@@ -32,7 +32,10 @@ def test_migrations_bring_the_database_to_the_newest_revision(database_url: str)
     config = Config()
     config.set_main_option("script_location", str(MIGRATIONS_DIR))
     with engine.connect() as connection:
-        assert MigrationContext.configure(connection).get_current_revision() == ScriptDirectory.from_config(config).get_current_head()
+        assert (
+            MigrationContext.configure(connection).get_current_revision()
+            == ScriptDirectory.from_config(config).get_current_head()
+        )
         assert {"models", "jobs"} <= set(inspect(connection).get_table_names())
 
 

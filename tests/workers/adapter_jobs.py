@@ -36,20 +36,44 @@ def worker(settings: Settings) -> Iterator[runtime.WorkerRuntime]:
 @pytest.fixture
 def model_id(worker: runtime.WorkerRuntime, tiny_llama: Path) -> str:
     shape = ModelShape(architecture="LlamaForCausalLM", model_type="llama", num_layers=2, hidden_size=16)
-    model = new_model("tiny", ResolvedSource(kind="local", identity=str(tiny_llama), path=tiny_llama), None, "float32", None, shape, "f")
+    model = new_model(
+        "tiny",
+        ResolvedSource(kind="local", identity=str(tiny_llama), path=tiny_llama),
+        None,
+        "float32",
+        None,
+        shape,
+        "f",
+    )
     model.status = "ready"
     with worker.sessions() as session, session.begin():
         session.add(model)
     return model.id
 
 
-def import_job(worker: runtime.WorkerRuntime, model_id: str, source_kind: str, source: Path, attempt: int = 1) -> JobContext:
+def import_job(
+    worker: runtime.WorkerRuntime, model_id: str, source_kind: str, source: Path, attempt: int = 1
+) -> JobContext:
     """A running `adapter_import` job of this worker, at `attempt`, and its context."""
-    params = {"source_kind": source_kind, "source": str(source), "base_model_id": model_id, "name": "ft", "metadata": {}}
+    params = {
+        "source_kind": source_kind,
+        "source": str(source),
+        "base_model_id": model_id,
+        "name": "ft",
+        "metadata": {},
+    }
     job_id = new_id("job")
     with worker.sessions() as session, session.begin():
         session.add(
-            Job(id=job_id, kind="adapter_import", params=params, status="running", worker=worker.name, attempts=attempt, queue=broker.default_queue(worker.settings))
+            Job(
+                id=job_id,
+                kind="adapter_import",
+                params=params,
+                status="running",
+                worker=worker.name,
+                attempts=attempt,
+                queue=broker.default_queue(worker.settings),
+            )
         )
     return JobContext(job_id=job_id, params=params, runtime=worker, attempt=attempt)
 

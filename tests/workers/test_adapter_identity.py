@@ -63,15 +63,21 @@ def test_the_same_weights_with_another_lora_alpha_are_a_second_adapter_applying_
         torch.testing.assert_close(got, expected, atol=1e-5, rtol=1e-5)
 
 
-def test_the_same_weights_and_config_again_are_the_existing_adapter(worker: runtime.WorkerRuntime, model_id: str, tiny_llama: Path, tmp_path: Path) -> None:
+def test_the_same_weights_and_config_again_are_the_existing_adapter(
+    worker: runtime.WorkerRuntime, model_id: str, tiny_llama: Path, tmp_path: Path
+) -> None:
     folder = adapter_folder(tmp_path / "adapter", tiny_llama, lora_alpha=8, lora_dropout=0.1)
     first = imported(worker, model_id, folder)
-    (folder / CONFIG).write_text(json.dumps({"lora_alpha": 8.0, "r": 4, "lora_dropout": 0.0}))  # nothing that changes the output
+    (folder / CONFIG).write_text(
+        json.dumps({"lora_alpha": 8.0, "r": 4, "lora_dropout": 0.0})
+    )  # nothing that changes the output
     second = imported(worker, model_id, folder)
     assert second["adapter_id"] == first["adapter_id"] and second["created"] is False
 
 
-def test_use_rslora_is_kept_and_makes_another_adapter(worker: runtime.WorkerRuntime, model_id: str, tiny_llama: Path, tmp_path: Path) -> None:
+def test_use_rslora_is_kept_and_makes_another_adapter(
+    worker: runtime.WorkerRuntime, model_id: str, tiny_llama: Path, tmp_path: Path
+) -> None:
     plain = imported(worker, model_id, adapter_folder(tmp_path / "plain", tiny_llama))
     rank_stabilised = imported(worker, model_id, adapter_folder(tmp_path / "rslora", tiny_llama, use_rslora=True))
     assert plain["identity"] != rank_stabilised["identity"]

@@ -65,14 +65,20 @@ def with_header(mutate: Callable[[dict[str, Any]], None]) -> Callable[[Path, Pat
 
 
 def first_entry(header: dict[str, Any]) -> dict[str, Any]:
-    return min((entry for name, entry in header.items() if name != "__metadata__"), key=lambda entry: entry["data_offsets"][0])
+    return min(
+        (entry for name, entry in header.items() if name != "__metadata__"), key=lambda entry: entry["data_offsets"][0]
+    )
 
 
 def second_entry(header: dict[str, Any]) -> dict[str, Any]:
-    return sorted((entry for name, entry in header.items() if name != "__metadata__"), key=lambda entry: entry["data_offsets"][0])[1]
+    return sorted(
+        (entry for name, entry in header.items() if name != "__metadata__"), key=lambda entry: entry["data_offsets"][0]
+    )[1]
 
 
-def set_in(entry_of: Callable[[dict[str, Any]], dict[str, Any]], key: str, value: Callable[[Any], Any]) -> Callable[[dict[str, Any]], None]:
+def set_in(
+    entry_of: Callable[[dict[str, Any]], dict[str, Any]], key: str, value: Callable[[Any], Any]
+) -> Callable[[dict[str, Any]], None]:
     def mutate(header: dict[str, Any]) -> None:
         entry = entry_of(header)
         entry[key] = value(entry[key])
@@ -144,16 +150,37 @@ HOSTILE: dict[str, tuple[Callable[[Path, Path], Path], str]] = {
     "modules_to_save is set": (with_config(modules_to_save=["lm_head"]), "unsupported_adapter"),
     "alpha_pattern is set": (with_config(alpha_pattern={"q_proj": 64}), "unsupported_adapter"),
     "the config is over a MiB": (with_config(notes="x" * (1 << 20)), "too_large"),
-    "offsets are strings": (with_header(set_in(first_entry, "data_offsets", lambda o: [str(o[0]), str(o[1])])), "invalid_weights"),
-    "offsets are floats": (with_header(set_in(first_entry, "data_offsets", lambda o: [float(o[0]), float(o[1])])), "invalid_weights"),
-    "offsets overlap": (with_header(set_in(second_entry, "data_offsets", lambda o: [o[0] - 4, o[1] - 4])), "invalid_weights"),
-    "offsets run past the file": (with_header(set_in(first_entry, "data_offsets", lambda o: [o[0], o[1] + (1 << 40)])), "invalid_weights"),
+    "offsets are strings": (
+        with_header(set_in(first_entry, "data_offsets", lambda o: [str(o[0]), str(o[1])])),
+        "invalid_weights",
+    ),
+    "offsets are floats": (
+        with_header(set_in(first_entry, "data_offsets", lambda o: [float(o[0]), float(o[1])])),
+        "invalid_weights",
+    ),
+    "offsets overlap": (
+        with_header(set_in(second_entry, "data_offsets", lambda o: [o[0] - 4, o[1] - 4])),
+        "invalid_weights",
+    ),
+    "offsets run past the file": (
+        with_header(set_in(first_entry, "data_offsets", lambda o: [o[0], o[1] + (1 << 40)])),
+        "invalid_weights",
+    ),
     "a dimension is negative": (with_header(set_in(first_entry, "shape", lambda s: [-s[0], -s[1]])), "invalid_weights"),
     "dimensions are huge": (with_header(set_in(first_entry, "shape", lambda s: [1 << 62, 1 << 62])), "invalid_weights"),
-    "a dimension is a float": (with_header(set_in(first_entry, "shape", lambda s: [float(s[0]), s[1]])), "invalid_weights"),
+    "a dimension is a float": (
+        with_header(set_in(first_entry, "shape", lambda s: [float(s[0]), s[1]])),
+        "invalid_weights",
+    ),
     "the dtype is unknown": (with_header(set_in(first_entry, "dtype", lambda d: "F128")), "invalid_weights"),
-    "metadata values are not strings": (with_header(lambda h: h.update({"__metadata__": {"format": 5}})), "invalid_weights"),
-    "an entry is a list": (with_header(lambda h: h.update({"base_model.model.x.lora_A.weight": [1, 2]})), "invalid_weights"),
+    "metadata values are not strings": (
+        with_header(lambda h: h.update({"__metadata__": {"format": 5}})),
+        "invalid_weights",
+    ),
+    "an entry is a list": (
+        with_header(lambda h: h.update({"base_model.model.x.lora_A.weight": [1, 2]})),
+        "invalid_weights",
+    ),
     "the header length is past the file": (with_header_length(1 << 40), "invalid_weights"),
     "the weights are a FIFO": (with_fifo(WEIGHTS), "invalid_weights"),
     "the config is a FIFO": (with_fifo(CONFIG), "unsupported_adapter"),
@@ -176,13 +203,15 @@ def test_a_hostile_adapter_fails_with_its_own_code_naming_no_server_path(
     assert (failure.value.code, case) == (code, case), failure.value.message
     for server_path in (str(tmp_path), os.getcwd(), str(worker.settings.var_dir)):
         assert server_path not in failure.value.message
-    assert not (worker.artifacts.scratch_root.parent / "adapters").exists() or not any((worker.artifacts.scratch_root.parent / "adapters").iterdir())
+    assert not (worker.artifacts.scratch_root.parent / "adapters").exists() or not any(
+        (worker.artifacts.scratch_root.parent / "adapters").iterdir()
+    )
     with worker.sessions() as session:
         assert session.query(Adapter).count() == 0
 
 
 def test_a_full_disk_is_store_full_with_no_path_in_the_message() -> None:
-    with pytest.raises(OSError) as raised, open("/dev/full", "wb", buffering=0) as device:  # noqa: PTH123 (a device, not a path of ours)
+    with pytest.raises(OSError) as raised, open("/dev/full", "wb", buffering=0) as device:
         device.write(b"x")
     failure = importer.os_failure(raised.value)
     assert failure is not None and failure.code == "store_full"

@@ -9,7 +9,7 @@ import torch
 
 from tests import tiny_models
 from workers import extraction, hidden_states
-from workers.models import LoadedModel
+from workers.resident_models import LoadedModel
 
 
 @pytest.fixture(scope="module")
@@ -51,7 +51,9 @@ def test_an_out_of_memory_batch_is_split_and_retried(loaded: LoadedModel, monkey
     assert batch_sizes[0] == 12 and max(batch_sizes[1:]) <= 6
 
 
-def test_a_single_text_that_does_not_fit_fails_the_job_clearly(loaded: LoadedModel, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_a_single_text_that_does_not_fit_fails_the_job_clearly(
+    loaded: LoadedModel, monkeypatch: pytest.MonkeyPatch
+) -> None:
     from workers.errors import JobFailed
 
     def never_fits(*_: Any) -> torch.Tensor:

@@ -63,7 +63,9 @@ def reference_vectors(folder: Path, auto_class: str, text: str, layers: list[int
 
 @pytest.mark.parametrize("token_position", ["last", "mean"])
 @pytest.mark.parametrize("padding_side", ["right", "left"])
-def test_batched_vectors_equal_a_direct_forward_pass_on_each_text_alone(architecture: tuple[str, Path, str], token_position: str, padding_side: str) -> None:
+def test_batched_vectors_equal_a_direct_forward_pass_on_each_text_alone(
+    architecture: tuple[str, Path, str], token_position: str, padding_side: str
+) -> None:
     name, folder, auto_class = architecture
     model, tokenizer = load(folder, auto_class)
     layers = list(range(len(find_blocks(model)) + 1))

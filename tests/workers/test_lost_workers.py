@@ -24,17 +24,25 @@ from workers.context import JobContext
 from workers.errors import AttemptSuperseded
 
 
-def add_job(settings: Settings, job_id: str, status: str, worker: str | None = None, started_ago_s: float = 0, **values: Any) -> None:
+def add_job(
+    settings: Settings, job_id: str, status: str, worker: str | None = None, started_ago_s: float = 0, **values: Any
+) -> None:
     worker_runtime = runtime.build_runtime(settings)
     started_at = utcnow() - timedelta(seconds=started_ago_s) if status == "running" else None
     with worker_runtime.sessions() as session, session.begin():
         values = {"queue": broker.default_queue(settings)} | values
-        session.add(Job(id=job_id, kind="ping", params={}, status=status, worker=worker, started_at=started_at, **values))
+        session.add(
+            Job(id=job_id, kind="ping", params={}, status=status, worker=worker, started_at=started_at, **values)
+        )
+
 
 def rq_ids(connection: redis.Redis, queue: str) -> list[str]:
     return Queue(queue, connection=connection).get_job_ids()
 
-def test_a_lost_job_with_attempts_left_is_queued_again_and_then_failed_with_the_reason(api: Any, settings: Settings) -> None:
+
+def test_a_lost_job_with_attempts_left_is_queued_again_and_then_failed_with_the_reason(
+    api: Any, settings: Settings
+) -> None:
     connection = redis.Redis.from_url(settings.resolved_redis_url)
     add_job(settings, "job_retry", "running", "gone-worker", started_ago_s=60, attempts=1)
     add_job(settings, "job_spent", "running", "gone-worker", started_ago_s=60, attempts=settings.job_max_attempts)
@@ -42,18 +50,28 @@ def test_a_lost_job_with_attempts_left_is_queued_again_and_then_failed_with_the_
     add_job(settings, "job_new", "running", "gone-worker", started_ago_s=0, attempts=1)
     broker.beat(connection, settings, {"name": "busy-worker", "device": "cpu", "current_job": "job_alive"})
 
-    assert sorted(runtime.build_runtime(settings).recover_jobs_of_lost_workers(suspect_for_s=0)) == ["job_retry", "job_spent"]
+    assert sorted(runtime.build_runtime(settings).recover_jobs_of_lost_workers(suspect_for_s=0)) == [
+        "job_retry",
+        "job_spent",
+    ]
 
     retried = api.get("/v1/jobs/job_retry").json()
     assert retried["status"] == "queued" and retried["started_at"] is None and retried["progress"]["done"] == 0
     assert rq_ids(connection, broker.default_queue(settings)) == ["job_retry-1"]  # a fresh RQ job for the new attempt
     spent = api.get("/v1/jobs/job_spent").json()
-    assert spent["status"] == "failed" and spent["error"]["code"] == "worker_lost" and "gone-worker" in spent["error"]["message"]
+    assert (
+        spent["status"] == "failed"
+        and spent["error"]["code"] == "worker_lost"
+        and "gone-worker" in spent["error"]["message"]
+    )
     assert spent["error"]["details"]["attempts"] == settings.job_max_attempts and spent["finished_at"] is not None
     assert api.get("/v1/jobs/job_alive").json()["status"] == "running"
     assert api.get("/v1/jobs/job_new").json()["status"] == "running"
 
-def test_queued_jobs_redis_forgot_or_left_on_a_dead_workers_queue_are_queued_again(api: Any, settings: Settings) -> None:
+
+def test_queued_jobs_redis_forgot_or_left_on_a_dead_workers_queue_are_queued_again(
+    api: Any, settings: Settings
+) -> None:
     connection = redis.Redis.from_url(settings.resolved_redis_url)
 
     def j(name: str) -> str:  # RQ's job keys are global to the Redis server, so ids differ per run
@@ -63,7 +81,9 @@ def test_queued_jobs_redis_forgot_or_left_on_a_dead_workers_queue_are_queued_aga
     add_job(settings, j("job_forgotten"), "queued", created_at=created)
     add_job(settings, j("job_waiting"), "queued", created_at=created)
     add_job(settings, j("job_fresh"), "queued")
-    add_job(settings, j("job_stranded"), "queued", created_at=created, queue=broker.worker_queue(settings, "gone-worker"))
+    add_job(
+        settings, j("job_stranded"), "queued", created_at=created, queue=broker.worker_queue(settings, "gone-worker")
+    )
     add_job(settings, j("job_parked"), "queued", created_at=created, queue=broker.worker_queue(settings, "busy-worker"))
     broker.beat(connection, settings, {"name": "busy-worker", "device": "cpu"})
     with runtime.build_runtime(settings).sessions() as session:
@@ -73,21 +93,37 @@ def test_queued_jobs_redis_forgot_or_left_on_a_dead_workers_queue_are_queued_aga
     requeued = jobs.requeue_orphans(runtime.build_runtime(settings).sessions, connection, settings, min_age_s=10)
 
     assert sorted(requeued) == [j("job_forgotten"), j("job_stranded")]
-    assert sorted(rq_ids(connection, broker.default_queue(settings))) == [j("job_forgotten"), j("job_stranded"), j("job_waiting")]
+    assert sorted(rq_ids(connection, broker.default_queue(settings))) == [
+        j("job_forgotten"),
+        j("job_stranded"),
+        j("job_waiting"),
+    ]
     assert rq_ids(connection, broker.worker_queue(settings, "gone-worker")) == []
     assert rq_ids(connection, broker.worker_queue(settings, "busy-worker")) == [j("job_parked")]
     with runtime.build_runtime(settings).sessions() as session:
         assert session.get(Job, j("job_stranded")).queue == broker.default_queue(settings)
-    assert jobs.requeue_orphans(runtime.build_runtime(settings).sessions, connection, settings, min_age_s=10) == []  # nothing twice
+    assert (
+        jobs.requeue_orphans(runtime.build_runtime(settings).sessions, connection, settings, min_age_s=10) == []
+    )  # nothing twice
+
 
 @pytest.mark.slow
 @pytest.mark.parametrize("successor", ["another worker", "the same worker restarted", "no attempt left"])
-def test_a_worker_killed_mid_job_has_its_job_finished_by_another_worker(api: Any, settings: Settings, tiny_llama: Path, successor: str) -> None:
+def test_a_worker_killed_mid_job_has_its_job_finished_by_another_worker(
+    api: Any, settings: Settings, tiny_llama: Path, successor: str
+) -> None:
     """Also when the worker comes back under its old name, as a container restarted with the
     same hostname and pid does: it starts (RQ still lists the killed one) and takes the job back.
     With no attempt left, the job fails with the reason instead, and nothing half-written stays."""
     attempts = 1 if successor == "no attempt left" else 2
-    slow = settings.model_copy(update={"extraction_max_batch_size": 1, "extraction_cache": False, "heartbeat_ttl_s": 2.0, "job_max_attempts": attempts})
+    slow = settings.model_copy(
+        update={
+            "extraction_max_batch_size": 1,
+            "extraction_cache": False,
+            "heartbeat_ttl_s": 2.0,
+            "job_max_attempts": attempts,
+        }
+    )
     model = register(api, tiny_llama).json()
     texts = [f"statement number {i} about the city of Paris" for i in range(600)]
     created = api.post("/v1/extractions", json={"model": model["id"], "layers": [1], "texts": texts}).json()
@@ -96,7 +132,12 @@ def test_a_worker_killed_mid_job_has_its_job_finished_by_another_worker(api: Any
     survivor_name = doomed_name if successor == "the same worker restarted" else f"survivor-{slow.queue_prefix}"
     doomed = start_worker(slow, doomed_name)
     try:
-        wait_until(lambda: api.get(f"/v1/jobs/{job_id}").json()["progress"]["done"] > 0, 120, "the job to make progress", interval=0.1)
+        wait_until(
+            lambda: api.get(f"/v1/jobs/{job_id}").json()["progress"]["done"] > 0,
+            120,
+            "the job to make progress",
+            interval=0.1,
+        )
         doomed.send_signal(signal.SIGKILL)
         doomed.wait(10)
         assert api.get(f"/v1/jobs/{job_id}").json()["status"] == "running"
@@ -109,7 +150,11 @@ def test_a_worker_killed_mid_job_has_its_job_finished_by_another_worker(api: Any
         stop_process(doomed)
     store = open_store(settings)
     if successor == "no attempt left":
-        assert (job["status"], job["error"]["code"], job["error"]["details"]) == ("failed", "worker_lost", {"worker": doomed_name, "attempts": 1})
+        assert (job["status"], job["error"]["code"], job["error"]["details"]) == (
+            "failed",
+            "worker_lost",
+            {"worker": doomed_name, "attempts": 1},
+        )
         janitor.sweep(runtime.build_runtime(settings).sessions, store, grace_s=0)
         assert not any(stored.partial or stored.key.startswith("extractions/") for stored in store.iter_objects(""))
         assert api.get(f"/v1/extractions/{created['extraction']['id']}/hidden-states").status_code == 409
@@ -126,7 +171,10 @@ def test_a_worker_killed_mid_job_has_its_job_finished_by_another_worker(api: Any
     # what the killed attempt left half-written was removed by the retry, before the janitor came
     assert not any(stored.partial for stored in store.iter_objects(""))
     assert janitor.sweep(runtime.build_runtime(settings).sessions, store, grace_s=0).removed == []
-    assert api.get(f"/v1/extractions/{created['extraction']['id']}/hidden-states?format=npy").content == download.content
+    assert (
+        api.get(f"/v1/extractions/{created['extraction']['id']}/hidden-states?format=npy").content == download.content
+    )
+
 
 def test_a_job_whose_last_attempt_dies_is_failed_with_the_reason(api: Any, settings: Settings) -> None:
     once = settings.model_copy(update={"job_max_attempts": 1})
@@ -136,8 +184,9 @@ def test_a_job_whose_last_attempt_dies_is_failed_with_the_reason(api: Any, setti
     assert job["status"] == "failed" and job["error"]["details"] == {"worker": "gone-worker", "attempts": 1}
 
 
-
-def test_a_job_is_taken_back_only_after_its_worker_stayed_silent_for_the_heartbeat_ttl(api: Any, settings: Settings) -> None:
+def test_a_job_is_taken_back_only_after_its_worker_stayed_silent_for_the_heartbeat_ttl(
+    api: Any, settings: Settings
+) -> None:
     """After Redis restarts empty, a live worker's heartbeat is missing until its next beat:
     a sweep in between must not take its job."""
     quick = settings.model_copy(update={"heartbeat_ttl_s": 0.5, "heartbeat_interval_s": 0.1})
@@ -156,7 +205,9 @@ def test_a_job_is_taken_back_only_after_its_worker_stayed_silent_for_the_heartbe
     assert api.get("/v1/jobs/job_late").json()["status"] == "queued"
 
 
-def test_a_live_worker_that_heartbeats_about_another_job_loses_the_one_it_left_running(api: Any, settings: Settings) -> None:
+def test_a_live_worker_that_heartbeats_about_another_job_loses_the_one_it_left_running(
+    api: Any, settings: Settings
+) -> None:
     """A worker restarted under the same name (a container keeps its hostname and pid) is
     alive, but no longer runs the job its earlier life left `running`."""
     connection = redis.Redis.from_url(settings.resolved_redis_url)

@@ -15,10 +15,10 @@ from app.settings import Settings
 from tests import tiny_models
 from tests.api.test_jobs import run_queued_jobs
 from tests.api.test_models import register
-from workers import models
+from workers import resident_models
 from workers.adapters.convert import base_modules, convert, read_config
 from workers.errors import JobFailed
-from workers.models import (
+from workers.resident_models import (
     ResidentModels,
     estimate_adapter_footprint,
     estimate_footprint,
@@ -34,7 +34,10 @@ BUFFER_SLACK = 1024
 def llamas(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     """Three tiny Llamas, each larger than the two before it together."""
     root = tmp_path_factory.mktemp("llamas")
-    return {name: tiny_models.save_tiny_llama(root / name, hidden_size=width) for name, width in (("small", 16), ("medium", 32), ("large", 48))}
+    return {
+        name: tiny_models.save_tiny_llama(root / name, hidden_size=width)
+        for name, width in (("small", 16), ("medium", 32), ("large", 48))
+    }
 
 
 def registered(folder: Path, dtype: str = "float32", quantization: str | None = None) -> Model:
@@ -47,7 +50,13 @@ def peft_adapter(tmp_path: Path, base: Path, r: int = 4) -> Path:
     export, destination = tmp_path / f"tinker-{base.name}-{r}", tmp_path / f"peft-{base.name}-{r}"
     tiny_models.save_tinker_adapter(export, base, r=r)
     destination.mkdir()
-    convert(export / "adapter_model.safetensors", read_config(export / "adapter_config.json"), base_modules(str(base)), destination, str(base))
+    convert(
+        export / "adapter_model.safetensors",
+        read_config(export / "adapter_config.json"),
+        base_modules(str(base)),
+        destination,
+        str(base),
+    )
     return destination
 
 
@@ -71,7 +80,7 @@ def record_loads(monkeypatch: pytest.MonkeyPatch, resident: ResidentModels) -> l
         seen.append((row.id, [entry["model_id"] for entry in resident.describe()]))
         return load_model(row, device)
 
-    monkeypatch.setattr(models, "load_model", recording_load)
+    monkeypatch.setattr(resident_models, "load_model", recording_load)
     return seen
 
 
@@ -85,7 +94,9 @@ def test_the_estimate_from_safetensors_headers_is_the_loaded_footprint(llamas: d
     assert estimate_footprint(row) == pytest.approx(load_model(row, "cpu").footprint_bytes, rel=0.01)
 
 
-def test_a_sharded_checkpoint_is_estimated_from_the_shards_its_index_names(llamas: dict[str, Path], tmp_path: Path) -> None:
+def test_a_sharded_checkpoint_is_estimated_from_the_shards_its_index_names(
+    llamas: dict[str, Path], tmp_path: Path
+) -> None:
     from transformers import AutoModelForCausalLM
 
     folder = Path(shutil.copytree(llamas["medium"], tmp_path / "sharded"))
@@ -99,7 +110,9 @@ def test_a_sharded_checkpoint_is_estimated_from_the_shards_its_index_names(llama
 
 
 @pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
-def test_without_safetensors_weights_the_estimate_comes_from_the_config(llamas: dict[str, Path], tmp_path: Path, dtype: str) -> None:
+def test_without_safetensors_weights_the_estimate_comes_from_the_config(
+    llamas: dict[str, Path], tmp_path: Path, dtype: str
+) -> None:
     import torch
     from safetensors.torch import load_file
 
@@ -112,9 +125,13 @@ def test_without_safetensors_weights_the_estimate_comes_from_the_config(llamas: 
 
 @pytest.mark.parametrize("tied", [False, True], ids=["untied", "tied"])
 @pytest.mark.parametrize("quantization", ["8bit", "4bit"])
-def test_a_quantized_estimate_counts_the_quantized_layers_at_their_width(tmp_path: Path, quantization: str, tied: bool) -> None:
+def test_a_quantized_estimate_counts_the_quantized_layers_at_their_width(
+    tmp_path: Path, quantization: str, tied: bool
+) -> None:
     pytest.importorskip("bitsandbytes")
-    folder = tiny_models.save_tiny_llama(tmp_path / "wide", hidden_size=64, tied=tied)  # bitsandbytes' CPU kernels want multiples of 32
+    folder = tiny_models.save_tiny_llama(
+        tmp_path / "wide", hidden_size=64, tied=tied
+    )  # bitsandbytes' CPU kernels want multiples of 32
     row = registered(folder, quantization=quantization)
     real = load_model(row, "cpu").footprint_bytes
     assert real < 0.5 * estimate_footprint(registered(folder))
@@ -130,9 +147,13 @@ def test_the_adapter_estimate_is_what_attaching_it_adds(llamas: dict[str, Path],
         assert attached.footprint_bytes - base_bytes == pytest.approx(estimate_adapter_footprint(adapter), rel=0.01)
 
 
-def test_the_least_recently_used_model_is_evicted_before_the_next_one_loads(llamas: dict[str, Path], monkeypatch: pytest.MonkeyPatch) -> None:
+def test_the_least_recently_used_model_is_evicted_before_the_next_one_loads(
+    llamas: dict[str, Path], monkeypatch: pytest.MonkeyPatch
+) -> None:
     small, medium, large = (registered(llamas[name]) for name in ("small", "medium", "large"))
-    resident = ResidentModels(budget_bytes=estimate_footprint(small) + estimate_footprint(large) + BUFFER_SLACK, device="cpu")
+    resident = ResidentModels(
+        budget_bytes=estimate_footprint(small) + estimate_footprint(large) + BUFFER_SLACK, device="cpu"
+    )
     loads = record_loads(monkeypatch, resident)
     for row in (small, medium, small, large):  # small again, so medium is the least recent
         resident.get(row)
@@ -142,16 +163,24 @@ def test_the_least_recently_used_model_is_evicted_before_the_next_one_loads(llam
     assert resident.loads == 3
 
 
-def test_a_model_larger_than_the_whole_budget_fails_and_leaves_the_resident_ones(llamas: dict[str, Path], monkeypatch: pytest.MonkeyPatch) -> None:
+def test_a_model_larger_than_the_whole_budget_fails_and_leaves_the_resident_ones(
+    llamas: dict[str, Path], monkeypatch: pytest.MonkeyPatch
+) -> None:
     small, medium, large = (registered(llamas[name]) for name in ("small", "medium", "large"))
-    resident = ResidentModels(budget_bytes=estimate_footprint(small) + estimate_footprint(medium) + BUFFER_SLACK, device="cpu")
+    resident = ResidentModels(
+        budget_bytes=estimate_footprint(small) + estimate_footprint(medium) + BUFFER_SLACK, device="cpu"
+    )
     loads = record_loads(monkeypatch, resident)
     resident.get(small)
     resident.get(medium)
     with pytest.raises(JobFailed) as failure:
         resident.get(large)
     assert failure.value.code == "over_memory_budget"
-    assert failure.value.details == {"needed_bytes": estimate_footprint(large), "budget_bytes": resident.budget_bytes, "setting": "WORKER_MEMORY_BUDGET_MB"}
+    assert failure.value.details == {
+        "needed_bytes": estimate_footprint(large),
+        "budget_bytes": resident.budget_bytes,
+        "setting": "WORKER_MEMORY_BUDGET_MB",
+    }
     assert "WORKER_MEMORY_BUDGET_MB" in failure.value.message and large.id in failure.value.message
     assert [model_id for model_id, _ in loads] == [small.id, medium.id]
     assert resident_ids(resident) == [small.id, medium.id] and resident.loads == 2
@@ -164,17 +193,19 @@ def test_an_adapter_that_does_not_fit_beside_the_others_evicts_another_model_bef
     adapter = peft_adapter(tmp_path, llamas["small"])
     adapter_bytes = estimate_adapter_footprint(adapter)
     assert adapter_bytes > BUFFER_SLACK
-    resident = ResidentModels(budget_bytes=estimate_footprint(small) + estimate_footprint(medium) + BUFFER_SLACK, device="cpu")
+    resident = ResidentModels(
+        budget_bytes=estimate_footprint(small) + estimate_footprint(medium) + BUFFER_SLACK, device="cpu"
+    )
     resident.get(small)
     resident.get(medium)
     resident_at_attach: list[list[str]] = []
-    real_attach = models.attach_adapter
+    real_attach = resident_models.attach_adapter
 
     def recording_attach(loaded: Any, adapter_id: str, folder: Path) -> None:
         resident_at_attach.append(resident_ids(resident))
         real_attach(loaded, adapter_id, folder)
 
-    monkeypatch.setattr(models, "attach_adapter", recording_attach)
+    monkeypatch.setattr(resident_models, "attach_adapter", recording_attach)
     base_bytes = resident.describe()[0]["bytes"]
     loaded = resident.get(small, ("adp_one", adapter))
     assert resident_at_attach == [[small.id]], "the other model must be evicted before the adapter attaches"
@@ -183,10 +214,14 @@ def test_an_adapter_that_does_not_fit_beside_the_others_evicts_another_model_bef
     assert resident.adapter_loads == 1 and resident.used_bytes <= resident.budget_bytes
 
 
-def test_an_adapter_that_cannot_fit_beside_its_base_fails_and_evicts_nothing(llamas: dict[str, Path], tmp_path: Path) -> None:
+def test_an_adapter_that_cannot_fit_beside_its_base_fails_and_evicts_nothing(
+    llamas: dict[str, Path], tmp_path: Path
+) -> None:
     small, large = registered(llamas["small"]), registered(llamas["large"])
     adapter = peft_adapter(tmp_path, llamas["large"], r=16)
-    resident = ResidentModels(budget_bytes=estimate_footprint(small) + estimate_footprint(large) + BUFFER_SLACK, device="cpu")
+    resident = ResidentModels(
+        budget_bytes=estimate_footprint(small) + estimate_footprint(large) + BUFFER_SLACK, device="cpu"
+    )
     assert estimate_footprint(large) + estimate_adapter_footprint(adapter) > resident.budget_bytes
     resident.get(small)
     resident.get(large)
@@ -204,7 +239,9 @@ def test_a_model_that_loads_larger_than_its_estimate_evicts_more_after_loading(
     partial = registered(without_tensor(llamas["small"], tmp_path / "partial", "lm_head.weight"))
     full_size = estimate_footprint(registered(llamas["small"]))
     assert estimate_footprint(partial) < full_size
-    resident = ResidentModels(budget_bytes=estimate_footprint(medium) + estimate_footprint(partial) + BUFFER_SLACK, device="cpu")
+    resident = ResidentModels(
+        budget_bytes=estimate_footprint(medium) + estimate_footprint(partial) + BUFFER_SLACK, device="cpu"
+    )
     loads = record_loads(monkeypatch, resident)
     resident.get(medium)
     loaded = resident.get(partial)
@@ -213,7 +250,9 @@ def test_a_model_that_loads_larger_than_its_estimate_evicts_more_after_loading(
     assert resident_ids(resident) == [partial.id] and resident.used_bytes <= resident.budget_bytes
 
 
-def test_a_model_that_loads_larger_than_the_whole_budget_is_dropped_and_fails(llamas: dict[str, Path], tmp_path: Path) -> None:
+def test_a_model_that_loads_larger_than_the_whole_budget_is_dropped_and_fails(
+    llamas: dict[str, Path], tmp_path: Path
+) -> None:
     partial = registered(without_tensor(llamas["small"], tmp_path / "partial", "lm_head.weight"))
     resident = ResidentModels(budget_bytes=estimate_footprint(partial) + BUFFER_SLACK, device="cpu")
     with pytest.raises(JobFailed) as failure:
@@ -222,7 +261,9 @@ def test_a_model_that_loads_larger_than_the_whole_budget_is_dropped_and_fails(ll
     assert resident.describe() == [] and resident.loads == 1
 
 
-def test_a_model_check_beyond_the_budget_fails_the_model_with_the_setting_to_raise(api: Any, settings: Settings, tmp_path: Path) -> None:
+def test_a_model_check_beyond_the_budget_fails_the_model_with_the_setting_to_raise(
+    api: Any, settings: Settings, tmp_path: Path
+) -> None:
     folder = tiny_models.save_tiny_llama(tmp_path / "wide", hidden_size=256)  # about 4.8 MiB in float32
     model = register(api, folder).json()
     run_queued_jobs(settings.model_copy(update={"worker_memory_budget_mb": 1}))

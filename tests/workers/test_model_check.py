@@ -60,7 +60,9 @@ def test_a_model_whose_weights_are_missing_fails_with_the_reason(stack: Stack, t
     assert str(tiny_llama) in failed["status_reason"]
 
 
-def test_weights_that_disagree_with_the_registered_config_fail_the_check(api: Any, settings: Settings, tiny_llama: Path) -> None:
+def test_weights_that_disagree_with_the_registered_config_fail_the_check(
+    api: Any, settings: Settings, tiny_llama: Path
+) -> None:
     from tests.tiny_models import save_tiny_llama
 
     model = register(api, tiny_llama).json()
@@ -87,7 +89,7 @@ def test_the_least_recently_used_model_is_evicted_when_the_budget_is_full(tmp_pa
     from app.model_sources import fingerprint, read_model_shape, resolve_source
     from app.registry.models import new_model
     from tests.tiny_models import save_tiny_llama
-    from workers.models import ResidentModels
+    from workers.resident_models import ResidentModels
 
     rows = []
     for name in ("a", "b", "c"):
@@ -103,7 +105,9 @@ def test_the_least_recently_used_model_is_evicted_when_the_budget_is_full(tmp_pa
     assert resident.loads == 4
 
 
-def test_a_config_made_absurd_after_registration_fails_the_check_as_unsupported(api: Any, settings: Settings, tiny_llama: Path) -> None:
+def test_a_config_made_absurd_after_registration_fails_the_check_as_unsupported(
+    api: Any, settings: Settings, tiny_llama: Path
+) -> None:
     model = register(api, tiny_llama).json()
     config = json.loads((tiny_llama / "config.json").read_text())
     (tiny_llama / "config.json").write_text(json.dumps({**config, "num_hidden_layers": 10**9}))

@@ -24,7 +24,7 @@ from app.registry.tables import Model
 from tests import tiny_models
 from tests.api.test_models import answered
 from workers.errors import JobFailed
-from workers.models import (
+from workers.resident_models import (
     SAFETENSORS_HEADER_MAX_BYTES,
     ResidentModels,
     estimate_footprint,
@@ -47,7 +47,9 @@ def unchecked_row(folder: Path, quantization: str | None = None) -> Model:
     """A model row for `folder` as registration left it: the folder may change afterwards,
     so the row says nothing about what the worker will find there now."""
     shape = ModelShape(architecture="LlamaForCausalLM", model_type="llama", num_layers=2, hidden_size=16)
-    return new_model(folder.name, resolve_source(str(folder), None), None, "float32", quantization, shape, "fingerprint")
+    return new_model(
+        folder.name, resolve_source(str(folder), None), None, "float32", quantization, shape, "fingerprint"
+    )
 
 
 def with_config(folder: Path, **changes: Any) -> dict[str, Any]:
@@ -172,7 +174,9 @@ def test_a_shard_index_naming_a_file_outside_the_folder_is_refused(folder: Path,
 
 
 @pytest.mark.parametrize("quantization", [None, "8bit"])
-def test_a_config_past_the_size_bounds_is_refused_before_anything_is_built(folder: Path, quantization: str | None) -> None:
+def test_a_config_past_the_size_bounds_is_refused_before_anything_is_built(
+    folder: Path, quantization: str | None
+) -> None:
     with_config(without_safetensors(folder), num_hidden_layers=10**9)
     failure = job_failure(lambda: estimate_footprint(unchecked_row(folder, quantization)))
     assert failure.code == "unsupported_model"
@@ -186,9 +190,16 @@ def test_a_config_past_the_size_bounds_also_fails_a_direct_load(folder: Path) ->
 
 
 def test_a_config_whose_arithmetic_passes_the_budget_is_estimated_from_it_without_a_build(folder: Path) -> None:
-    config = with_config(without_safetensors(folder), num_hidden_layers=MAX_LAYERS, hidden_size=MAX_HIDDEN_SIZE, intermediate_size=MAX_INTERMEDIATE_SIZE)
+    config = with_config(
+        without_safetensors(folder),
+        num_hidden_layers=MAX_LAYERS,
+        hidden_size=MAX_HIDDEN_SIZE,
+        intermediate_size=MAX_INTERMEDIATE_SIZE,
+    )
     floor_bytes = parameter_floor(config) * 4  # float32
-    assert estimate_footprint(unchecked_row(folder), budget_bytes=2**30) == floor_bytes  # the floor itself: no model was built
+    assert (
+        estimate_footprint(unchecked_row(folder), budget_bytes=2**30) == floor_bytes
+    )  # the floor itself: no model was built
     failure = job_failure(lambda: ResidentModels(budget_bytes=2**30, device="cpu").get(unchecked_row(folder)))
     assert failure.code == "over_memory_budget" and failure.details["needed_bytes"] == floor_bytes
 
@@ -212,4 +223,8 @@ def test_the_parameter_floor_is_below_the_real_parameter_count(tmp_path: Path, s
 
 def test_within_the_budget_the_estimate_still_comes_from_the_model_built_empty(folder: Path) -> None:
     row = unchecked_row(without_safetensors(folder))
-    assert estimate_footprint(row, budget_bytes=10**9) == estimate_footprint(row) == pytest.approx(load_model(row, "cpu").footprint_bytes, rel=0.01)
+    assert (
+        estimate_footprint(row, budget_bytes=10**9)
+        == estimate_footprint(row)
+        == pytest.approx(load_model(row, "cpu").footprint_bytes, rel=0.01)
+    )

@@ -71,8 +71,8 @@ def test_split_parts_are_sorted_disjoint_and_cover_every_index() -> None:
 def test_split_holds_each_class_within_one_item_of_its_fractions(class_sizes: tuple[int, int]) -> None:
     y = np.repeat([0, 1], class_sizes)
     split = probes.stratified_split(y, seed=7)
-    for part, fraction in zip([split.train, split.validation, split.test], probes.DEFAULT_FRACTIONS):
-        for label, class_size in zip([0, 1], class_sizes):
+    for part, fraction in zip([split.train, split.validation, split.test], probes.DEFAULT_FRACTIONS, strict=False):
+        for label, class_size in zip([0, 1], class_sizes, strict=False):
             assert abs(np.sum(y[part] == label) - fraction * class_size) <= 1
 
 
@@ -143,7 +143,10 @@ def test_fit_logistic_probe_chooses_the_argmin_of_independently_computed_validat
     X, y, _ = planted_direction_data(600, 80, shift=1.5, seed=5)
     x_train, y_train, x_val, y_val = X[:300], y[:300], X[300:], y[300:]
     independent_losses = [
-        log_loss(y_val, make_pipeline(StandardScaler(), LogisticRegression(C=strength)).fit(x_train, y_train).predict_proba(x_val))
+        log_loss(
+            y_val,
+            make_pipeline(StandardScaler(), LogisticRegression(C=strength)).fit(x_train, y_train).predict_proba(x_val),
+        )
         for strength in probes.DEFAULT_C_GRID
     ]
     probe, choice = probes.fit_logistic_probe(x_train, y_train, x_val, y_val)
@@ -217,7 +220,9 @@ def test_platt_scaling_is_the_maximum_likelihood_logistic_fit_on_the_logit() -> 
     def nll_and_gradient(ab: np.ndarray) -> tuple[float, np.ndarray]:
         scores = ab[0] * logits + ab[1]
         residual = expit(scores) - y
-        return float(np.mean(np.logaddexp(0.0, scores) - y * scores)), np.array([np.mean(residual * logits), np.mean(residual)])
+        return float(np.mean(np.logaddexp(0.0, scores) - y * scores)), np.array(
+            [np.mean(residual * logits), np.mean(residual)]
+        )
 
     a, b = minimize(nll_and_gradient, x0=np.zeros(2), jac=True, method="BFGS", options={"gtol": 1e-10}).x
     scaling = PlattScaling().fit(logits, y)
@@ -237,7 +242,8 @@ def test_a_loaded_probe_predicts_bit_identically_to_the_saved_one(
     assert np.array_equal(loaded_probe.predict_proba(X), probe.predict_proba(X))
     assert np.array_equal(loaded_probe.predict(X), probe.predict(X))
     assert np.array_equal(
-        probes.probability_of_correct(loaded_probe, loaded_recalibrator, X), probes.probability_of_correct(probe, recalibrator, X)
+        probes.probability_of_correct(loaded_probe, loaded_recalibrator, X),
+        probes.probability_of_correct(probe, recalibrator, X),
     )
 
 
@@ -253,7 +259,12 @@ def test_a_saved_probe_folder_holds_only_safetensors_and_plain_json(tmp_path: Pa
         return value is None or isinstance(value, str | int | float | bool)
 
     assert sorted(path.name for path in tmp_path.iterdir()) == ["probe.json", "probe.safetensors"]
-    assert set(load_file(tmp_path / "probe.safetensors")) == {"probe.mean", "probe.scale", "probe.coef", "probe.classes"}
+    assert set(load_file(tmp_path / "probe.safetensors")) == {
+        "probe.mean",
+        "probe.scale",
+        "probe.coef",
+        "probe.classes",
+    }
     params = json.loads((tmp_path / "probe.json").read_text())
     assert only_plain_values(params)
     assert params["probe"]["kind"] == "logistic" and params["recalibrator"]["kind"] == "temperature"

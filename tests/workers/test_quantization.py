@@ -38,7 +38,10 @@ def test_a_quantized_base_extracts_close_to_but_not_equal_to_full_precision(
     check = api.get(f"/v1/jobs/{model['check_job_id']}").json()
     job = api.get(f"/v1/jobs/{response.json()['job']['id']}").json()
     assert check["status"] == "succeeded" and job["status"] == "succeeded", (check["error"], job["error"])
-    assert check["result"]["memory_footprint_bytes"] < 0.6 * api.get(f"/v1/models/{full['id']}").json()["memory_footprint_bytes"]
+    assert (
+        check["result"]["memory_footprint_bytes"]
+        < 0.6 * api.get(f"/v1/models/{full['id']}").json()["memory_footprint_bytes"]
+    )
     got = download(api, response.json()["extraction"]["id"])
     reference = direct_reference(wide_llama, TEXTS, [1, 2])
     assert not np.allclose(got, reference, atol=1e-6), "a quantized run must not be full precision"
@@ -47,7 +50,9 @@ def test_a_quantized_base_extracts_close_to_but_not_equal_to_full_precision(
 
 
 @pytest.mark.skipif(not cpu_has_avx512_bf16(), reason="the 4-bit shape limit applies to CPUs with AVX512-BF16")
-def test_a_shape_4bit_cannot_run_fails_the_check_with_the_reason(api: Any, settings: Settings, tiny_llama: Path) -> None:
+def test_a_shape_4bit_cannot_run_fails_the_check_with_the_reason(
+    api: Any, settings: Settings, tiny_llama: Path
+) -> None:
     model = register(api, tiny_llama, quantization="4bit").json()
     run_queued_jobs(settings)
     job = api.get(f"/v1/jobs/{model['check_job_id']}").json()

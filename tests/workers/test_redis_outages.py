@@ -37,7 +37,10 @@ def kill(server: RedisServer) -> None:
 
 def is_live(settings: Settings, name: str) -> bool:
     try:
-        return any(worker["name"] == name for worker in broker.live_workers(broker.connect(settings, socket_timeout=2), settings))
+        return any(
+            worker["name"] == name
+            for worker in broker.live_workers(broker.connect(settings, socket_timeout=2), settings)
+        )
     except redis.exceptions.RedisError:
         return False
 
@@ -49,7 +52,9 @@ def test_pauses_between_tries_to_reach_redis_double_up_to_their_cap() -> None:
 
 @pytest.mark.slow
 @only_sqlite
-def test_a_worker_outlives_a_long_redis_outage_and_takes_jobs_again(database_url: str, own_redis: RedisServer, tmp_path: Path) -> None:
+def test_a_worker_outlives_a_long_redis_outage_and_takes_jobs_again(
+    database_url: str, own_redis: RedisServer, tmp_path: Path
+) -> None:
     from fastapi.testclient import TestClient
 
     from app.main import create_app
@@ -91,7 +96,14 @@ def test_a_job_running_when_redis_goes_away_succeeds_and_the_worker_goes_on(
 
     from app.main import create_app
 
-    settings = make_settings(database_url, own_redis.url, tmp_path / "var", extraction_max_batch_size=1, extraction_cache=False, heartbeat_ttl_s=2.0)
+    settings = make_settings(
+        database_url,
+        own_redis.url,
+        tmp_path / "var",
+        extraction_max_batch_size=1,
+        extraction_cache=False,
+        heartbeat_ttl_s=2.0,
+    )
     log_file = tmp_path / "worker.log"
     worker = start_worker(settings, f"steady-{settings.queue_prefix}", log_file=log_file)
     try:
@@ -99,8 +111,15 @@ def test_a_job_running_when_redis_goes_away_succeeds_and_the_worker_goes_on(
             model = register(api, tiny_llama).json()
             assert wait_for_job(api, model["check_job_id"])["status"] == "succeeded"
             statements = [f"statement number {i} about the city of Rome" for i in range(texts)]
-            long_job = api.post("/v1/extractions", json={"model": model["id"], "layers": [1], "texts": statements}).json()["job"]["id"]
-            wait_until(lambda: api.get(f"/v1/jobs/{long_job}").json()["progress"]["done"] > 0, 60, "the long job to start", interval=0.05)
+            long_job = api.post(
+                "/v1/extractions", json={"model": model["id"], "layers": [1], "texts": statements}
+            ).json()["job"]["id"]
+            wait_until(
+                lambda: api.get(f"/v1/jobs/{long_job}").json()["progress"]["done"] > 0,
+                60,
+                "the long job to start",
+                interval=0.05,
+            )
 
             kill(own_redis)
             time.sleep(OUTAGE_S)
@@ -120,14 +139,23 @@ def test_a_job_running_when_redis_goes_away_succeeds_and_the_worker_goes_on(
 
 @pytest.mark.slow
 @only_sqlite
-def test_a_worker_told_to_stop_while_redis_is_away_finishes_its_job_first(database_url: str, own_redis: RedisServer, tmp_path: Path, tiny_llama: Path) -> None:
+def test_a_worker_told_to_stop_while_redis_is_away_finishes_its_job_first(
+    database_url: str, own_redis: RedisServer, tmp_path: Path, tiny_llama: Path
+) -> None:
     """SIGTERM is a warm shutdown: RQ notes the request in Redis from inside the job, and that
     note failing must not fail the job."""
     from fastapi.testclient import TestClient
 
     from app.main import create_app
 
-    settings = make_settings(database_url, own_redis.url, tmp_path / "var", extraction_max_batch_size=1, extraction_cache=False, heartbeat_ttl_s=2.0)
+    settings = make_settings(
+        database_url,
+        own_redis.url,
+        tmp_path / "var",
+        extraction_max_batch_size=1,
+        extraction_cache=False,
+        heartbeat_ttl_s=2.0,
+    )
     log_file = tmp_path / "worker.log"
     worker = start_worker(settings, f"stopping-{settings.queue_prefix}", log_file=log_file)
     try:
@@ -135,8 +163,15 @@ def test_a_worker_told_to_stop_while_redis_is_away_finishes_its_job_first(databa
             model = register(api, tiny_llama).json()
             assert wait_for_job(api, model["check_job_id"])["status"] == "succeeded"
             texts = [f"statement number {i} about the city of Rome" for i in range(200)]
-            job_id = api.post("/v1/extractions", json={"model": model["id"], "layers": [1], "texts": texts}).json()["job"]["id"]
-            wait_until(lambda: api.get(f"/v1/jobs/{job_id}").json()["progress"]["done"] > 0, 60, "the job to start", interval=0.05)
+            job_id = api.post("/v1/extractions", json={"model": model["id"], "layers": [1], "texts": texts}).json()[
+                "job"
+            ]["id"]
+            wait_until(
+                lambda: api.get(f"/v1/jobs/{job_id}").json()["progress"]["done"] > 0,
+                60,
+                "the job to start",
+                interval=0.05,
+            )
 
             kill(own_redis)
             worker.send_signal(signal.SIGTERM)
@@ -149,13 +184,17 @@ def test_a_worker_told_to_stop_while_redis_is_away_finishes_its_job_first(databa
 
 @pytest.mark.slow
 @only_sqlite
-def test_a_job_that_runs_past_its_time_limit_fails_with_timeout(database_url: str, redis_server: RedisServer, tmp_path: Path, tiny_llama: Path) -> None:
+def test_a_job_that_runs_past_its_time_limit_fails_with_timeout(
+    database_url: str, redis_server: RedisServer, tmp_path: Path, tiny_llama: Path
+) -> None:
     """The limit is RQ's alarm in the worker's main thread, set on every job when it is queued."""
     from fastapi.testclient import TestClient
 
     from app.main import create_app
 
-    settings = make_settings(database_url, redis_server.url, tmp_path / "var", extraction_max_batch_size=1, extraction_cache=False)
+    settings = make_settings(
+        database_url, redis_server.url, tmp_path / "var", extraction_max_batch_size=1, extraction_cache=False
+    )
     worker = start_worker(settings, f"limited-{settings.queue_prefix}")
     try:
         with TestClient(create_app(settings)) as api:
@@ -163,7 +202,9 @@ def test_a_job_that_runs_past_its_time_limit_fails_with_timeout(database_url: st
             assert wait_for_job(api, model["check_job_id"])["status"] == "succeeded"
         with TestClient(create_app(settings.model_copy(update={"job_timeout_s": 2}))) as api:
             texts = [f"statement number {i} about the city of Rome" for i in range(2000)]
-            job_id = api.post("/v1/extractions", json={"model": model["id"], "layers": [1], "texts": texts}).json()["job"]["id"]
+            job_id = api.post("/v1/extractions", json={"model": model["id"], "layers": [1], "texts": texts}).json()[
+                "job"
+            ]["id"]
             job = wait_for_job(api, job_id, timeout=30)
             assert (job["status"], job["error"]["code"]) == ("failed", "timeout"), job["error"]
             assert job["error"]["details"] == {"limit_s": 2}
@@ -175,7 +216,9 @@ def test_a_job_that_runs_past_its_time_limit_fails_with_timeout(database_url: st
 
 @pytest.mark.slow
 @only_sqlite
-def test_a_job_finishes_while_redis_hangs_without_answering(database_url: str, own_redis: RedisServer, tmp_path: Path, tiny_llama: Path) -> None:
+def test_a_job_finishes_while_redis_hangs_without_answering(
+    database_url: str, own_redis: RedisServer, tmp_path: Path, tiny_llama: Path
+) -> None:
     """A stopped Redis still accepts connections and never answers, as one cut off by the
     network does: the job's events wait seconds for it, not minutes."""
     from fastapi.testclient import TestClient
@@ -183,7 +226,14 @@ def test_a_job_finishes_while_redis_hangs_without_answering(database_url: str, o
     from app.main import create_app
 
     # a thousand batches: long enough to be seen running, however fast the machine
-    settings = make_settings(database_url, own_redis.url, tmp_path / "var", extraction_max_batch_size=2, extraction_cache=False, heartbeat_ttl_s=2.0)
+    settings = make_settings(
+        database_url,
+        own_redis.url,
+        tmp_path / "var",
+        extraction_max_batch_size=2,
+        extraction_cache=False,
+        heartbeat_ttl_s=2.0,
+    )
     log_file = tmp_path / "worker.log"
     worker = start_worker(settings, f"hung-{settings.queue_prefix}", log_file=log_file)
     assert own_redis.process is not None
@@ -192,8 +242,15 @@ def test_a_job_finishes_while_redis_hangs_without_answering(database_url: str, o
             model = register(api, tiny_llama).json()
             assert wait_for_job(api, model["check_job_id"])["status"] == "succeeded"
             texts = [f"statement number {i} about the city of Rome" for i in range(2000)]
-            job_id = api.post("/v1/extractions", json={"model": model["id"], "layers": [1], "texts": texts}).json()["job"]["id"]
-            wait_until(lambda: api.get(f"/v1/jobs/{job_id}").json()["progress"]["done"] > 0, 60, "the job to start", interval=0.05)
+            job_id = api.post("/v1/extractions", json={"model": model["id"], "layers": [1], "texts": texts}).json()[
+                "job"
+            ]["id"]
+            wait_until(
+                lambda: api.get(f"/v1/jobs/{job_id}").json()["progress"]["done"] > 0,
+                60,
+                "the job to start",
+                interval=0.05,
+            )
 
             own_redis.process.send_signal(signal.SIGSTOP)
             try:

@@ -25,14 +25,23 @@ from tests.conftest import (
 pytestmark = pytest.mark.slow
 
 
-def test_a_redis_restart_loses_no_job(database_url: str, own_redis: RedisServer, tmp_path: Path, tiny_llama: Path) -> None:
+def test_a_redis_restart_loses_no_job(
+    database_url: str, own_redis: RedisServer, tmp_path: Path, tiny_llama: Path
+) -> None:
     """Two workers: the one not running the long job sweeps for lost jobs all along, and must
     not take the long job while the restarted Redis has not yet heard its worker again."""
     from fastapi.testclient import TestClient
 
     from app.main import create_app
 
-    settings = make_settings(database_url, own_redis.url, tmp_path / "var", extraction_max_batch_size=1, extraction_cache=False, heartbeat_ttl_s=2.0)
+    settings = make_settings(
+        database_url,
+        own_redis.url,
+        tmp_path / "var",
+        extraction_max_batch_size=1,
+        extraction_cache=False,
+        heartbeat_ttl_s=2.0,
+    )
     worker = start_worker(settings, f"steady-{settings.queue_prefix}")
     other = start_worker(settings, f"other-{settings.queue_prefix}")
     try:
@@ -40,8 +49,15 @@ def test_a_redis_restart_loses_no_job(database_url: str, own_redis: RedisServer,
             model = register(api, tiny_llama).json()
             assert wait_for_job(api, model["check_job_id"])["status"] == "succeeded"
             texts = [f"statement number {i} about the city of Rome" for i in range(400)]
-            long_job = api.post("/v1/extractions", json={"model": model["id"], "layers": [1], "texts": texts}).json()["job"]["id"]
-            wait_until(lambda: api.get(f"/v1/jobs/{long_job}").json()["progress"]["done"] > 0, 60, "the long job to start", interval=0.05)
+            long_job = api.post("/v1/extractions", json={"model": model["id"], "layers": [1], "texts": texts}).json()[
+                "job"
+            ]["id"]
+            wait_until(
+                lambda: api.get(f"/v1/jobs/{long_job}").json()["progress"]["done"] > 0,
+                60,
+                "the long job to start",
+                interval=0.05,
+            )
             waiting = [api.post("/v1/jobs/ping").json()["job"]["id"] for _ in range(3)]  # queued behind it
 
             own_redis.stop()  # everything Redis held is gone: queues, RQ's jobs, heartbeats
@@ -64,7 +80,9 @@ def test_a_gateway_killed_and_started_again_loses_nothing(settings: Settings, tm
     gateway = start_gateway(settings, port)
     base = f"http://127.0.0.1:{port}"
     try:
-        submitted = [httpx.post(f"{base}/v1/jobs/ping").json()["job"]["id"] for _ in range(5)]  # no worker yet: all queued
+        submitted = [
+            httpx.post(f"{base}/v1/jobs/ping").json()["job"]["id"] for _ in range(5)
+        ]  # no worker yet: all queued
         gateway.send_signal(signal.SIGKILL)
         gateway.wait(10)
         gateway = start_gateway(settings, port)
@@ -79,8 +97,6 @@ def test_a_gateway_killed_and_started_again_loses_nothing(settings: Settings, tm
             stop_process(worker)
     finally:
         stop_process(gateway)
-
-
 
 
 def test_a_gateway_killed_while_jobs_pour_in_leaves_no_job_behind(settings: Settings, tmp_path: Path) -> None:
@@ -122,7 +138,9 @@ def test_a_gateway_killed_while_jobs_pour_in_leaves_no_job_behind(settings: Sett
         def every_job_final() -> list[dict[str, Any]] | None:
             listed, cursor = [], None
             while True:  # every page
-                page = client.get("/v1/jobs", params={"kind": "ping", "limit": 200} | ({"cursor": cursor} if cursor else {})).json()
+                page = client.get(
+                    "/v1/jobs", params={"kind": "ping", "limit": 200} | ({"cursor": cursor} if cursor else {})
+                ).json()
                 listed += page["items"]
                 cursor = page.get("next_cursor")
                 if not cursor:
@@ -131,7 +149,9 @@ def test_a_gateway_killed_while_jobs_pour_in_leaves_no_job_behind(settings: Sett
 
         listed = wait_until(every_job_final, 120, "every job in the registry to finish", interval=0.2)
         assert set(accepted) <= {job["id"] for job in listed}
-        assert {job["status"] for job in listed} == {"succeeded"}, [job for job in listed if job["status"] != "succeeded"]
+        assert {job["status"] for job in listed} == {"succeeded"}, [
+            job for job in listed if job["status"] != "succeeded"
+        ]
     finally:
         stop.set()
         if worker is not None:

@@ -15,7 +15,12 @@ from tests.conftest import start_worker, stop_process, wait_for_job, wait_until
 
 
 def holding(name: str, *model_ids: str, current_job: str | None = None) -> dict[str, Any]:
-    return {"name": name, "device": "cpu", "resident_models": [{"model_id": m, "bytes": 1, "adapters": []} for m in model_ids], "current_job": current_job}
+    return {
+        "name": name,
+        "device": "cpu",
+        "resident_models": [{"model_id": m, "bytes": 1, "adapters": []} for m in model_ids],
+        "current_job": current_job,
+    }
 
 
 def test_route_prefers_the_least_backed_up_holder_and_falls_back_to_the_shared_queue(settings: Settings) -> None:
@@ -39,7 +44,10 @@ def test_route_prefers_the_least_backed_up_holder_and_falls_back_to_the_shared_q
 
 
 def _extract(client: Any, model_id: str) -> dict[str, Any]:
-    job = client.post("/v1/extractions", json={"model": model_id, "layers": [1], "texts": ["Paris is in France.", "Rome is in Spain."]}).json()["job"]
+    job = client.post(
+        "/v1/extractions",
+        json={"model": model_id, "layers": [1], "texts": ["Paris is in France.", "Rome is in Spain."]},
+    ).json()["job"]
     return job
 
 
@@ -52,7 +60,11 @@ def test_two_workers_share_jobs_by_model_affinity(api: Any, settings: Settings, 
         model = register(api, tiny_llama).json()
         check = wait_for_job(api, model["check_job_id"])
         assert check["status"] == "succeeded"
-        holder = next(w["name"] for w in api.get("/v1/workers").json()["items"] if any(m["model_id"] == model["id"] for m in w["resident_models"]))
+        holder = next(
+            w["name"]
+            for w in api.get("/v1/workers").json()["items"]
+            if any(m["model_id"] == model["id"] for m in w["resident_models"])
+        )
         other = next(name for name in names if name != holder)
 
         # one at a time: every job goes to the holder's own queue and runs there
@@ -69,9 +81,14 @@ def test_two_workers_share_jobs_by_model_affinity(api: Any, settings: Settings, 
         for job_id in burst:
             assert wait_for_job(api, job_id)["status"] == "succeeded"
         rows = {row["id"]: row for row in _job_rows(settings, "extraction")}
-        assert {rows[j]["queue"] for j in burst} == {broker.worker_queue(settings, holder), broker.default_queue(settings)}
+        assert {rows[j]["queue"] for j in burst} == {
+            broker.worker_queue(settings, holder),
+            broker.default_queue(settings),
+        }
         assert other in {rows[j]["worker"] for j in burst}
-        assert all(rows[j]["worker"] == holder for j in burst if rows[j]["queue"] == broker.worker_queue(settings, holder))
+        assert all(
+            rows[j]["worker"] == holder for j in burst if rows[j]["queue"] == broker.worker_queue(settings, holder)
+        )
         wait_until(lambda: _holds(api, other, model["id"]), 10, "the other worker to report the model resident")
     finally:
         for process in workers:
@@ -79,7 +96,10 @@ def test_two_workers_share_jobs_by_model_affinity(api: Any, settings: Settings, 
 
 
 def _holds(api: Any, worker: str, model_id: str) -> bool:
-    return any(w["name"] == worker and any(m["model_id"] == model_id for m in w["resident_models"]) for w in api.get("/v1/workers").json()["items"])
+    return any(
+        w["name"] == worker and any(m["model_id"] == model_id for m in w["resident_models"])
+        for w in api.get("/v1/workers").json()["items"]
+    )
 
 
 def _job_rows(settings: Settings, kind: str) -> list[dict[str, Any]]:
@@ -89,4 +109,7 @@ def _job_rows(settings: Settings, kind: str) -> list[dict[str, Any]]:
     from workers import runtime
 
     with runtime.build_runtime(settings).sessions() as session:
-        return [{"id": j.id, "worker": j.worker, "queue": j.queue} for j in session.scalars(select(Job).where(Job.kind == kind).order_by(Job.id))]
+        return [
+            {"id": j.id, "worker": j.worker, "queue": j.queue}
+            for j in session.scalars(select(Job).where(Job.kind == kind).order_by(Job.id))
+        ]

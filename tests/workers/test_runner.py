@@ -12,7 +12,9 @@ from workers import runner
 from workers.errors import JobFailed
 
 
-def test_a_known_failure_is_recorded_with_its_code_and_details(api: Any, settings: Settings, tiny_llama: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_a_known_failure_is_recorded_with_its_code_and_details(
+    api: Any, settings: Settings, tiny_llama: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     def refuse(context: runner.JobContext) -> dict[str, Any]:
         raise JobFailed("bad_input", "layer 99 is out of range", layer=99)
 
@@ -24,7 +26,9 @@ def test_a_known_failure_is_recorded_with_its_code_and_details(api: Any, setting
     assert job["error"] == {"code": "bad_input", "message": "layer 99 is out of range", "details": {"layer": 99}}
 
 
-def test_a_bug_fails_its_job_and_the_worker_goes_on_to_the_next(api: Any, settings: Settings, tiny_llama: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_a_bug_fails_its_job_and_the_worker_goes_on_to_the_next(
+    api: Any, settings: Settings, tiny_llama: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     calls: list[str] = []
 
     def crash_first(context: runner.JobContext) -> dict[str, Any]:
@@ -43,7 +47,9 @@ def test_a_bug_fails_its_job_and_the_worker_goes_on_to_the_next(api: Any, settin
     assert fine["status"] == "succeeded" and fine["result"] == {"ok": True}
 
 
-def test_a_job_of_unknown_kind_fails_clearly(api: Any, settings: Settings, tiny_llama: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_a_job_of_unknown_kind_fails_clearly(
+    api: Any, settings: Settings, tiny_llama: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     monkeypatch.delitem(runner.HANDLERS, "model_check")
     job_id = register(api, tiny_llama).json()["check_job_id"]
     run_queued_jobs(settings)
@@ -51,7 +57,9 @@ def test_a_job_of_unknown_kind_fails_clearly(api: Any, settings: Settings, tiny_
     assert error["code"] == "unknown_kind" and "model_check" in error["message"]
 
 
-def test_an_unreachable_artifact_store_fails_the_job_as_unavailable(api: Any, settings: Settings, tiny_llama: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_an_unreachable_artifact_store_fails_the_job_as_unavailable(
+    api: Any, settings: Settings, tiny_llama: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     from app.storage import StoreUnavailable
 
     def store_gone(context: runner.JobContext) -> dict[str, Any]:
@@ -61,10 +69,16 @@ def test_an_unreachable_artifact_store_fails_the_job_as_unavailable(api: Any, se
     job_id = register(api, tiny_llama).json()["check_job_id"]
     run_queued_jobs(settings)
     error = api.get(f"/v1/jobs/{job_id}").json()["error"]
-    assert error["code"] == "unavailable" and error["details"] == {"backend": "artifact store"} and "bucket confprobe" in error["message"]
+    assert (
+        error["code"] == "unavailable"
+        and error["details"] == {"backend": "artifact store"}
+        and "bucket confprobe" in error["message"]
+    )
 
 
-def test_a_job_that_runs_out_of_disk_fails_as_store_full(api: Any, settings: Settings, tiny_llama: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_a_job_that_runs_out_of_disk_fails_as_store_full(
+    api: Any, settings: Settings, tiny_llama: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     def write_to_a_full_disk(context: runner.JobContext) -> dict[str, Any]:
         with open("/dev/full", "wb") as full:  # a real device that answers every write with ENOSPC
             full.write(b"x" * 65536)
@@ -78,7 +92,9 @@ def test_a_job_that_runs_out_of_disk_fails_as_store_full(api: Any, settings: Set
     assert (error["code"], error["details"]) == ("store_full", {"backend": "disk"})
 
 
-def test_an_unexpected_os_error_is_recorded_without_the_servers_paths(api: Any, settings: Settings, tiny_llama: Path, monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+def test_an_unexpected_os_error_is_recorded_without_the_servers_paths(
+    api: Any, settings: Settings, tiny_llama: Path, monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
     def open_what_is_not_there(context: runner.JobContext) -> dict[str, Any]:
         (tmp_path / "server-side-secret-folder" / "file").read_bytes()
         return {}

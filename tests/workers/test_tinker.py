@@ -15,16 +15,16 @@ from safetensors.numpy import save_file
 # before the SDK builds any connection: its telemetry can hold a failing call ~30 s
 os.environ["TINKER_TELEMETRY"] = "0"
 
-from tests.tinker_standin import StandinCheckpoint, TinkerStandin  # noqa: E402
-from workers.adapters import tinker as tinker_client  # noqa: E402
-from workers.adapters.tinker import (  # noqa: E402
+from tests.tinker_standin import StandinCheckpoint, TinkerStandin
+from workers.adapters import tinker as tinker_client
+from workers.adapters.tinker import (
     SupportedModel,
     TinkerClient,
     TinkerPath,
     WeightsInfo,
     parse_tinker_path,
 )
-from workers.errors import JobCancelled, JobFailed  # noqa: E402
+from workers.errors import JobCancelled, JobFailed
 
 KEY = "tml-test-key"
 RUN_ID = "5b0e3a52-7a9c-4d1e-8f36-2c4b1d9e0a77:train:0"
@@ -37,7 +37,10 @@ def adapter_files(tmp_path_factory: pytest.TempPathFactory) -> dict[str, bytes]:
     rng = np.random.default_rng(0)
     prefix = "base_model.model.model.layers.0.self_attn.q_proj"
     save_file(
-        {f"{prefix}.lora_A.weight": rng.standard_normal((4, 16), dtype=np.float32), f"{prefix}.lora_B.weight": rng.standard_normal((16, 4), dtype=np.float32)},
+        {
+            f"{prefix}.lora_A.weight": rng.standard_normal((4, 16), dtype=np.float32),
+            f"{prefix}.lora_B.weight": rng.standard_normal((16, 4), dtype=np.float32),
+        },
         folder / "adapter_model.safetensors",
     )
     return {
@@ -49,7 +52,9 @@ def adapter_files(tmp_path_factory: pytest.TempPathFactory) -> dict[str, bytes]:
 @pytest.fixture
 def standin(adapter_files: dict[str, bytes]) -> Iterator[TinkerStandin]:
     with TinkerStandin(api_key=KEY) as service:
-        service.add_checkpoint(StandinCheckpoint(run_id=RUN_ID, name="final", base_model=BASE_MODEL, files=adapter_files))
+        service.add_checkpoint(
+            StandinCheckpoint(run_id=RUN_ID, name="final", base_model=BASE_MODEL, files=adapter_files)
+        )
         yield service
 
 
@@ -95,7 +100,9 @@ def test_a_malformed_path_is_refused_saying_what_is_wrong(path: str, complaint: 
 
 
 def test_weights_info_reports_the_base_model_and_lora_settings(client: TinkerClient) -> None:
-    assert client.weights_info(external()) == WeightsInfo(base_model=BASE_MODEL, is_lora=True, lora_rank=4, train_unembed=True, train_mlp=True, train_attn=True)
+    assert client.weights_info(external()) == WeightsInfo(
+        base_model=BASE_MODEL, is_lora=True, lora_rank=4, train_unembed=True, train_mlp=True, train_attn=True
+    )
 
 
 def test_the_supported_models_are_listed(client: TinkerClient) -> None:
@@ -108,7 +115,9 @@ def test_the_supported_models_are_listed(client: TinkerClient) -> None:
 # --- downloads ---------------------------------------------------------------------------
 
 
-def test_a_download_writes_the_served_files_byte_for_byte(client: TinkerClient, adapter_files: dict[str, bytes], tmp_path: Path) -> None:
+def test_a_download_writes_the_served_files_byte_for_byte(
+    client: TinkerClient, adapter_files: dict[str, bytes], tmp_path: Path
+) -> None:
     paths = client.download_external_weights(external(), tmp_path / "adapter", max_bytes=10**6)
     assert read_back(paths) == adapter_files
     assert sorted(path.name for path in (tmp_path / "adapter").iterdir()) == sorted(adapter_files)
@@ -116,7 +125,9 @@ def test_a_download_writes_the_served_files_byte_for_byte(client: TinkerClient, 
 
 def test_progress_is_reported_after_each_file(client: TinkerClient, tmp_path: Path) -> None:
     calls: list[tuple[int, int]] = []
-    client.download_external_weights(external(), tmp_path / "adapter", max_bytes=10**6, on_file=lambda done, total: calls.append((done, total)))
+    client.download_external_weights(
+        external(), tmp_path / "adapter", max_bytes=10**6, on_file=lambda done, total: calls.append((done, total))
+    )
     assert calls == [(1, 2), (2, 2)]
 
 
@@ -125,13 +136,17 @@ def test_urls_that_stay_valid_are_asked_for_once(client: TinkerClient, standin: 
     assert standin.url_requests == 1
 
 
-def test_urls_about_to_expire_are_asked_for_again_before_each_file(client: TinkerClient, standin: TinkerStandin, tmp_path: Path) -> None:
+def test_urls_about_to_expire_are_asked_for_again_before_each_file(
+    client: TinkerClient, standin: TinkerStandin, tmp_path: Path
+) -> None:
     standin.url_lifetime = timedelta(minutes=4)  # inside the 5 minutes kept in hand
     client.download_external_weights(external(), tmp_path / "adapter", max_bytes=10**6)
     assert standin.url_requests == 3
 
 
-def test_an_expiry_without_a_timezone_is_read_as_utc(client: TinkerClient, standin: TinkerStandin, adapter_files: dict[str, bytes], tmp_path: Path) -> None:
+def test_an_expiry_without_a_timezone_is_read_as_utc(
+    client: TinkerClient, standin: TinkerStandin, adapter_files: dict[str, bytes], tmp_path: Path
+) -> None:
     standin.naive_expires = True
     standin.url_lifetime = timedelta(minutes=4)
     paths = client.download_external_weights(external(), tmp_path / "adapter", max_bytes=10**6)
@@ -143,12 +158,16 @@ def test_a_url_refused_as_expired_is_signed_again_and_its_file_retried(
     client: TinkerClient, standin: TinkerStandin, adapter_files: dict[str, bytes], tmp_path: Path
 ) -> None:
     # the URLs die after the first file, long before the `expires` they were sent with
-    paths = client.download_external_weights(external(), tmp_path / "adapter", max_bytes=10**6, on_file=lambda done, total: standin.revoke_signed_urls())
+    paths = client.download_external_weights(
+        external(), tmp_path / "adapter", max_bytes=10**6, on_file=lambda done, total: standin.revoke_signed_urls()
+    )
     assert read_back(paths) == adapter_files
     assert standin.url_requests == 2
 
 
-def test_a_url_refused_again_after_signing_fails_and_leaves_nothing(client: TinkerClient, standin: TinkerStandin, tmp_path: Path) -> None:
+def test_a_url_refused_again_after_signing_fails_and_leaves_nothing(
+    client: TinkerClient, standin: TinkerStandin, tmp_path: Path
+) -> None:
     standin.url_lifetime = timedelta(0)
     with pytest.raises(JobFailed) as failure:
         client.download_external_weights(external(), tmp_path / "adapter", max_bytes=10**6)
@@ -160,16 +179,26 @@ def test_a_url_refused_again_after_signing_fails_and_leaves_nothing(client: Tink
 def test_a_file_name_outside_the_folder_is_refused_before_anything_is_downloaded(
     client: TinkerClient, standin: TinkerStandin, adapter_files: dict[str, bytes], tmp_path: Path, hostile_name: str
 ) -> None:
-    standin.add_checkpoint(StandinCheckpoint(run_id=RUN_ID, name="hostile", base_model=BASE_MODEL, files=adapter_files | {hostile_name: b"{}"}))
+    standin.add_checkpoint(
+        StandinCheckpoint(
+            run_id=RUN_ID, name="hostile", base_model=BASE_MODEL, files=adapter_files | {hostile_name: b"{}"}
+        )
+    )
     destination = tmp_path / "downloads" / "adapter"
     with pytest.raises(JobFailed) as failure:
         client.download_external_weights(external("hostile"), destination, max_bytes=10**6)
     assert failure.value.code == "tinker_unsafe_file_name" and hostile_name in failure.value.message
     assert standin.file_requests == 0
-    assert not destination.exists() and not (tmp_path / "downloads" / "evil.json").exists() and not (tmp_path / "evil.json").exists()
+    assert (
+        not destination.exists()
+        and not (tmp_path / "downloads" / "evil.json").exists()
+        and not (tmp_path / "evil.json").exists()
+    )
 
 
-def test_a_checkpoint_over_max_bytes_fails_and_leaves_its_folder_empty(client: TinkerClient, adapter_files: dict[str, bytes], tmp_path: Path) -> None:
+def test_a_checkpoint_over_max_bytes_fails_and_leaves_its_folder_empty(
+    client: TinkerClient, adapter_files: dict[str, bytes], tmp_path: Path
+) -> None:
     destination = tmp_path / "adapter"
     destination.mkdir()
     with pytest.raises(JobFailed) as failure:
@@ -223,7 +252,9 @@ def test_an_unknown_checkpoint_is_not_found(client: TinkerClient, tmp_path: Path
     assert not (tmp_path / "adapter").exists()
 
 
-def test_a_service_that_stops_answering_fails_within_the_deadline(client: TinkerClient, standin: TinkerStandin, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_a_service_that_stops_answering_fails_within_the_deadline(
+    client: TinkerClient, standin: TinkerStandin, monkeypatch: pytest.MonkeyPatch
+) -> None:
     monkeypatch.setattr(tinker_client, "SDK_TIMEOUT_S", 1.0)
     standin.stop()
     started = time.monotonic()

@@ -108,7 +108,11 @@ class LoraSettings:
 def _split_key(key: str) -> tuple[str, str, bool]:
     """(module path, "A"|"B", is_embedding_key) of a LoRA tensor name."""
     if not key.startswith(PREFIX):
-        raise JobFailed("unsupported_adapter", f"tensor {key!r} is not a LoRA weight (expected names starting {PREFIX!r})", tensor=key)
+        raise JobFailed(
+            "unsupported_adapter",
+            f"tensor {key!r} is not a LoRA weight (expected names starting {PREFIX!r})",
+            tensor=key,
+        )
     body = key[len(PREFIX) :]
     for suffixes, is_embedding in ((LINEAR_SUFFIXES, False), (EMBEDDING_SUFFIXES, True)):
         for suffix, side in suffixes.items():
@@ -122,7 +126,11 @@ def _target(path: str, base: BaseModules) -> tuple[str, bool, str | None]:
     if path in TINKER_UNEMBED_PATHS:
         if not base.tied_embeddings and "lm_head" in base.linears:
             return "lm_head", False, None
-        return base.input_embedding, True, "the unembedding LoRA went onto the tied input embedding as lora_embedding_A/B"
+        return (
+            base.input_embedding,
+            True,
+            "the unembedding LoRA went onto the tied input embedding as lora_embedding_A/B",
+        )
     if ".attn." in f"{path}." and path.replace(".attn", ".self_attn") in base.linears:
         return path.replace(".attn", ".self_attn"), False, "GPT-OSS `.attn` names became `.self_attn`"
     return path, path in base.embeddings, None
@@ -137,12 +145,23 @@ def _expected_shape(module: tuple[int, int], side: str, on_embedding: bool, r: i
 
 
 def _rank(tensors: dict[str, StoredTensor]) -> int:
-    ranks = {t.shape[0] if side == "A" else t.shape[-1] for key, t in tensors.items() for _, side, _ in [_split_key(key)] if len(t.shape) == 2}
+    ranks = {
+        t.shape[0] if side == "A" else t.shape[-1]
+        for key, t in tensors.items()
+        for _, side, _ in [_split_key(key)]
+        if len(t.shape) == 2
+    }
     if len(ranks) != 1:
-        raise JobFailed("unsupported_adapter", f"the LoRA tensors disagree on their rank: {sorted(ranks)}", ranks=sorted(ranks))
+        raise JobFailed(
+            "unsupported_adapter", f"the LoRA tensors disagree on their rank: {sorted(ranks)}", ranks=sorted(ranks)
+        )
     rank = ranks.pop()
     if not 1 <= rank <= MAX_LORA_RANK:
-        raise JobFailed("unsupported_adapter", f"the LoRA tensors have rank {rank}; ranks from 1 to {MAX_LORA_RANK} are accepted", rank=rank)
+        raise JobFailed(
+            "unsupported_adapter",
+            f"the LoRA tensors have rank {rank}; ranks from 1 to {MAX_LORA_RANK} are accepted",
+            rank=rank,
+        )
     return rank
 
 
@@ -155,9 +174,14 @@ def plan(tensors: dict[str, StoredTensor], base: BaseModules) -> tuple[list[Outp
             f"MoE expert LoRA tensors cannot be converted to PEFT: {', '.join(experts[:MAX_REPORTED])}",
             tensors=experts[:MAX_REPORTED],
         )
-    not_matrices = [f"{key} ({len(tensor.shape)} dimensions)" for key, tensor in tensors.items() if len(tensor.shape) != 2]
+    not_matrices = [
+        f"{key} ({len(tensor.shape)} dimensions)" for key, tensor in tensors.items() if len(tensor.shape) != 2
+    ]
     if not_matrices:
-        raise JobFailed("unsupported_adapter", f"LoRA weights are matrices, and these tensors are not: {', '.join(not_matrices[:MAX_REPORTED])}")
+        raise JobFailed(
+            "unsupported_adapter",
+            f"LoRA weights are matrices, and these tensors are not: {', '.join(not_matrices[:MAX_REPORTED])}",
+        )
     r = _rank(tensors)
     outputs: list[OutputTensor] = []
     targets: set[str] = set()
@@ -170,7 +194,12 @@ def plan(tensors: dict[str, StoredTensor], base: BaseModules) -> tuple[list[Outp
             notes.add(note)
         module = (base.embeddings if on_embedding else base.linears).get(target)
         if module is None:
-            mismatches.append({"tensor": key, "problem": f"the base model has no {'embedding' if on_embedding else 'linear'} module {target!r}"})
+            mismatches.append(
+                {
+                    "tensor": key,
+                    "problem": f"the base model has no {'embedding' if on_embedding else 'linear'} module {target!r}",
+                }
+            )
             continue
         # Tinker's unembedding tensors (linear layout) are transposed onto the embedding.
         transpose = on_embedding and not stored_as_embedding
@@ -178,14 +207,23 @@ def plan(tensors: dict[str, StoredTensor], base: BaseModules) -> tuple[list[Outp
         shape = tuple(reversed(stored.shape)) if transpose else stored.shape
         expected = _expected_shape(module, output_side, on_embedding, r)
         if shape != expected:
-            mismatches.append({"tensor": key, "problem": f"shape {list(stored.shape)} does not fit {target!r} (expected {list(expected)})"})
+            mismatches.append(
+                {
+                    "tensor": key,
+                    "problem": f"shape {list(stored.shape)} does not fit {target!r} (expected {list(expected)})",
+                }
+            )
             continue
         suffix = f".lora_embedding_{output_side}" if on_embedding else f".lora_{output_side}.weight"
         outputs.append(OutputTensor(name=f"{PREFIX}{target}{suffix}", source=stored, transpose=transpose))
         targets.add(target.rsplit(".", 1)[-1])
     if mismatches:
         shown = "; ".join(f"{m['tensor']}: {m['problem']}" for m in mismatches[:MAX_REPORTED])
-        raise JobFailed("adapter_base_mismatch", f"{len(mismatches)} tensors do not fit the base model — {shown}", mismatches=mismatches[:MAX_REPORTED])
+        raise JobFailed(
+            "adapter_base_mismatch",
+            f"{len(mismatches)} tensors do not fit the base model — {shown}",
+            mismatches=mismatches[:MAX_REPORTED],
+        )
     return sorted(outputs, key=lambda o: o.name), r, sorted(targets), sorted(notes)
 
 
@@ -244,7 +282,8 @@ def lora_settings(config: dict[str, Any]) -> LoraSettings:
         raise _bad_setting("r", r, f"a whole number from 1 to {MAX_LORA_RANK}")
     if "lora_alpha" not in config:
         raise JobFailed(
-            "unsupported_adapter", "adapter_config.json lacks lora_alpha, and the scale of a LoRA update cannot be read from its tensors"
+            "unsupported_adapter",
+            "adapter_config.json lacks lora_alpha, and the scale of a LoRA update cannot be read from its tensors",
         )
     alpha = config["lora_alpha"]
     if not (_is_number(alpha) and 0 < alpha <= MAX_LORA_ALPHA):
@@ -256,8 +295,10 @@ def lora_settings(config: dict[str, Any]) -> LoraSettings:
     if use_rslora is not None and not isinstance(use_rslora, bool):
         raise _bad_setting("use_rslora", use_rslora, "true or false")
     target_modules = config.get("target_modules")
-    if target_modules is not None and not isinstance(target_modules, str) and not (
-        isinstance(target_modules, list) and all(isinstance(name, str) for name in target_modules)
+    if (
+        target_modules is not None
+        and not isinstance(target_modules, str)
+        and not (isinstance(target_modules, list) and all(isinstance(name, str) for name in target_modules))
     ):
         raise _bad_setting("target_modules", target_modules, "a list of module names, or one pattern")
     return LoraSettings(r=r, lora_alpha=float(alpha), use_rslora=bool(use_rslora))
@@ -272,7 +313,9 @@ def _is_number(value: Any) -> bool:
 
 
 def _bad_setting(name: str, value: Any, wanted: str) -> JobFailed:
-    return JobFailed("unsupported_adapter", f"adapter_config.json: {name} must be {wanted}, not {_shown(value)}", setting=name)
+    return JobFailed(
+        "unsupported_adapter", f"adapter_config.json: {name} must be {wanted}, not {_shown(value)}", setting=name
+    )
 
 
 def _shown(value: Any) -> str:
@@ -282,10 +325,14 @@ def _shown(value: Any) -> str:
 
 
 def _json_type(value: Any) -> str:
-    return {list: "array", str: "string", int: "number", float: "number", bool: "boolean", type(None): "null"}.get(type(value), "value")
+    return {list: "array", str: "string", int: "number", float: "number", bool: "boolean", type(None): "null"}.get(
+        type(value), "value"
+    )
 
 
-def convert(source: Path, config: dict[str, Any], base: BaseModules, destination: Path, base_model_source: str) -> ConvertedAdapter:
+def convert(
+    source: Path, config: dict[str, Any], base: BaseModules, destination: Path, base_model_source: str
+) -> ConvertedAdapter:
     """Write `adapter_model.safetensors` and a complete `adapter_config.json` into
     `destination` (an existing empty folder)."""
     settings = lora_settings(config)  # before anything is written
@@ -334,14 +381,22 @@ def base_modules(model_folder: str) -> BaseModules:
     import torch
     from transformers import AutoConfig, AutoModelForCausalLM
 
-    from workers.models import read_model_config
+    from workers.resident_models import read_model_config
 
     read_model_config(Path(model_folder))  # special files and absurd sizes fail before anything is built
     config = AutoConfig.from_pretrained(model_folder, local_files_only=True, trust_remote_code=False)
     with torch.device("meta"):
         model = AutoModelForCausalLM.from_config(config, trust_remote_code=False)
-    linears = {name: tuple(module.weight.shape) for name, module in model.named_modules() if isinstance(module, torch.nn.Linear)}
-    embeddings = {name: tuple(module.weight.shape) for name, module in model.named_modules() if isinstance(module, torch.nn.Embedding)}
+    linears = {
+        name: tuple(module.weight.shape)
+        for name, module in model.named_modules()
+        if isinstance(module, torch.nn.Linear)
+    }
+    embeddings = {
+        name: tuple(module.weight.shape)
+        for name, module in model.named_modules()
+        if isinstance(module, torch.nn.Embedding)
+    }
     input_embedding = next(name for name, module in model.named_modules() if module is model.get_input_embeddings())
     tied = bool(getattr(config.get_text_config(), "tie_word_embeddings", False))
     return BaseModules(linears=linears, embeddings=embeddings, input_embedding=input_embedding, tied_embeddings=tied)  # type: ignore[arg-type]

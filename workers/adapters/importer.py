@@ -83,7 +83,12 @@ def _fetch_tinker(context: "JobContext", model: Model, staging: Path) -> tuple[P
             tinker_base_model=info.base_model,
         )
     folder = staging / "files"
-    client.download_external_weights(path, folder, settings.max_adapter_bytes, on_file=lambda done, total: context.progress("downloading", done, total))
+    client.download_external_weights(
+        path,
+        folder,
+        settings.max_adapter_bytes,
+        on_file=lambda done, total: context.progress("downloading", done, total),
+    )
     training = {key: value for key, value in vars(info).items() if value is not None}
     return folder, {"tinker": training}
 
@@ -99,7 +104,9 @@ def _fetch(context: "JobContext", model: Model, staging: Path) -> tuple[Path, di
     if kind == "local_archive":
         return _unpack(Path(source), staging / "files", settings), {}
     if kind == "url":
-        return _unpack(_download(source, staging / "download", settings.max_adapter_bytes), staging / "files", settings), {}
+        return _unpack(
+            _download(source, staging / "download", settings.max_adapter_bytes), staging / "files", settings
+        ), {}
     if kind == "upload":  # staged in the store by the gateway, which may be on another machine
         return _unpack(store.local_path(context.params["upload"]), staging / "files", settings), {}
     raise JobFailed("unknown_source", f"unknown adapter source kind {kind!r}")
@@ -125,7 +132,9 @@ def _locate(folder: Path) -> tuple[Path, Path]:
     return weights, config
 
 
-def _register(context: "JobContext", model: Model, converted: Path, summary: Any, provenance: dict[str, Any]) -> tuple[Adapter, bool]:
+def _register(
+    context: "JobContext", model: Model, converted: Path, summary: Any, provenance: dict[str, Any]
+) -> tuple[Adapter, bool]:
     """The adapter with this identity for this base: the existing one, or a new row over
     files published under `adapters/<identity>/` — keyed by identity, not by weights, so
     two adapters sharing weights never share a config file."""
@@ -183,13 +192,20 @@ def os_failure(error: OSError) -> JobFailed | None:
     a bug — with a message naming the problem and no path of the server; None otherwise."""
     if disk_full(error):
         return JobFailed(
-            "store_full", "no space is left on the worker's disk or in the artifact store for this adapter; free some and import it again",
+            "store_full",
+            "no space is left on the worker's disk or in the artifact store for this adapter; free some and import it again",
             errno=errno.errorcode[error.errno],
         )
     if error.errno == errno.EFBIG:
-        return JobFailed("too_large", "a file of the adapter is larger than the worker's filesystem accepts", errno="EFBIG")
+        return JobFailed(
+            "too_large", "a file of the adapter is larger than the worker's filesystem accepts", errno="EFBIG"
+        )
     if error.errno == errno.ENAMETOOLONG:
-        return JobFailed("name_too_long", "a file name of the adapter is longer than the worker's filesystem accepts", errno="ENAMETOOLONG")
+        return JobFailed(
+            "name_too_long",
+            "a file name of the adapter is longer than the worker's filesystem accepts",
+            errno="ENAMETOOLONG",
+        )
     return None
 
 
@@ -212,7 +228,13 @@ def run(context: "JobContext") -> dict[str, Any]:
             raise failure from exc
         raise
     _drop_upload(context)
-    return {"adapter_id": adapter.id, "sha256": adapter.sha256, "identity": adapter.identity, "created": created, "conversion_notes": notes}
+    return {
+        "adapter_id": adapter.id,
+        "sha256": adapter.sha256,
+        "identity": adapter.identity,
+        "created": created,
+        "conversion_notes": notes,
+    }
 
 
 def _import(context: "JobContext") -> tuple[Adapter, bool, list[str]]:

@@ -27,7 +27,20 @@ HASH_BACKLOG = 3
 MAX_HEADER_BYTES = 100 << 20
 MAX_DIMENSIONS = 8
 MAX_DIMENSION = 1 << 40  # no real dimension is near; the byte-range check bounds the product
-ITEM_SIZES = {"F64": 8, "F32": 4, "F16": 2, "BF16": 2, "I64": 8, "I32": 4, "I16": 2, "I8": 1, "U8": 1, "BOOL": 1, "F8_E4M3": 1, "F8_E5M2": 1}
+ITEM_SIZES = {
+    "F64": 8,
+    "F32": 4,
+    "F16": 2,
+    "BF16": 2,
+    "I64": 8,
+    "I32": 4,
+    "I16": 2,
+    "I8": 1,
+    "U8": 1,
+    "BOOL": 1,
+    "F8_E4M3": 1,
+    "F8_E5M2": 1,
+}
 
 
 @dataclass(frozen=True)
@@ -59,7 +72,9 @@ def read_index(path: Path) -> tuple[dict[str, StoredTensor], dict[str, str]]:
             raise InvalidSafetensors(f"{path.name} is too short to be a safetensors file")
         (header_length,) = struct.unpack("<Q", raw_length)
         if header_length > min(MAX_HEADER_BYTES, size - 8):
-            raise InvalidSafetensors(f"{path.name} declares a header of {header_length} bytes, more than the file or {MAX_HEADER_BYTES} bytes hold")
+            raise InvalidSafetensors(
+                f"{path.name} declares a header of {header_length} bytes, more than the file or {MAX_HEADER_BYTES} bytes hold"
+            )
         header = _parsed_header(path.name, handle.read(header_length))
     metadata = header.pop("__metadata__", None) or {}
     if not isinstance(metadata, dict) or not all(isinstance(value, str) for value in metadata.values()):
@@ -98,13 +113,26 @@ def _stored_tensor(file_name: str, name: str, entry: object, data_start: int) ->
         raise InvalidSafetensors(f"{file_name}: tensor {name!r} is not an entry of dtype, shape and data_offsets")
     dtype, shape, offsets = entry.get("dtype"), entry.get("shape"), entry.get("data_offsets")
     if not isinstance(dtype, str) or dtype not in ITEM_SIZES:
-        raise InvalidSafetensors(f"{file_name}: tensor {name!r} has an unknown dtype {str(dtype)[:40]!r} (known: {', '.join(ITEM_SIZES)})")
-    if not isinstance(shape, list) or len(shape) > MAX_DIMENSIONS or not all(_is_whole(n) and 0 <= n <= MAX_DIMENSION for n in shape):
+        raise InvalidSafetensors(
+            f"{file_name}: tensor {name!r} has an unknown dtype {str(dtype)[:40]!r} (known: {', '.join(ITEM_SIZES)})"
+        )
+    if (
+        not isinstance(shape, list)
+        or len(shape) > MAX_DIMENSIONS
+        or not all(_is_whole(n) and 0 <= n <= MAX_DIMENSION for n in shape)
+    ):
         raise InvalidSafetensors(
             f"{file_name}: tensor {name!r} has a malformed shape (at most {MAX_DIMENSIONS} whole numbers from 0 to {MAX_DIMENSION})"
         )
-    if not isinstance(offsets, list) or len(offsets) != 2 or not all(_is_whole(n) for n in offsets) or not 0 <= offsets[0] <= offsets[1]:
-        raise InvalidSafetensors(f"{file_name}: tensor {name!r} has malformed data_offsets (two whole numbers, start <= end)")
+    if (
+        not isinstance(offsets, list)
+        or len(offsets) != 2
+        or not all(_is_whole(n) for n in offsets)
+        or not 0 <= offsets[0] <= offsets[1]
+    ):
+        raise InvalidSafetensors(
+            f"{file_name}: tensor {name!r} has malformed data_offsets (two whole numbers, start <= end)"
+        )
     start, end = offsets
     if end - start != ITEM_SIZES[dtype] * math.prod(shape):
         raise InvalidSafetensors(f"{file_name}: tensor {name!r} ({dtype}, {shape}) does not match its byte range")
@@ -168,7 +196,11 @@ def write(source: Path, tensors: Sequence[OutputTensor], destination: Path, meta
     offset = 0
     for tensor in tensors:
         length = tensor.source.end - tensor.source.start
-        header[tensor.name] = {"dtype": tensor.source.dtype, "shape": list(tensor.shape), "data_offsets": [offset, offset + length]}
+        header[tensor.name] = {
+            "dtype": tensor.source.dtype,
+            "shape": list(tensor.shape),
+            "data_offsets": [offset, offset + length],
+        }
         offset += length
     encoded = json.dumps(header, separators=(",", ":")).encode()
     encoded += b" " * (-len(encoded) % 8)  # the data section starts 8-byte aligned
@@ -178,7 +210,10 @@ def write(source: Path, tensors: Sequence[OutputTensor], destination: Path, meta
     # HASH_BACKLOG chunks wait for it, so memory stays a few chunks whatever the file size.
     pending: deque[Future[None]] = deque()
     with _open_source(source) as reader, destination.open("xb") as writer, ThreadPoolExecutor(max_workers=1) as hasher:
-        chunks = chain([struct.pack("<Q", len(encoded)), encoded], (chunk for tensor in tensors for chunk in _chunks(reader, tensor)))
+        chunks = chain(
+            [struct.pack("<Q", len(encoded)), encoded],
+            (chunk for tensor in tensors for chunk in _chunks(reader, tensor)),
+        )
         for chunk in chunks:
             writer.write(chunk)
             pending.append(hasher.submit(digest.update, chunk))

@@ -86,7 +86,9 @@ class TinkerClient:
     def __init__(self, api_key: str, base_url: str | None) -> None:
         if not api_key:
             # without one the SDK would fall back to the machine's stored credentials
-            raise JobFailed("tinker_unauthorized", "no Tinker API key is configured: set TINKER_API_KEY for the workers")
+            raise JobFailed(
+                "tinker_unauthorized", "no Tinker API key is configured: set TINKER_API_KEY for the workers"
+            )
         # The SDK reads this whenever it builds a connection; its telemetry would report every
         # failure to Tinker and can hold a failing call for ~30 s while doing so.
         os.environ["TINKER_TELEMETRY"] = "0"
@@ -96,13 +98,20 @@ class TinkerClient:
 
     def weights_info(self, path: TinkerPath) -> WeightsInfo:
         info = self._result(self._rest.get_weights_info_by_tinker_path(str(path)), str(path))
-        return WeightsInfo(info.base_model, info.is_lora, info.lora_rank, info.train_unembed, info.train_mlp, info.train_attn)
+        return WeightsInfo(
+            info.base_model, info.is_lora, info.lora_rank, info.train_unembed, info.train_mlp, info.train_attn
+        )
 
     def supported_models(self) -> list[SupportedModel]:
         capabilities = self._result(self._rest.get_server_capabilities(), "the supported models")
-        return [SupportedModel(m.model_name, m.max_context_length, m.trainable, m.sampleable) for m in capabilities.supported_models]
+        return [
+            SupportedModel(m.model_name, m.max_context_length, m.trainable, m.sampleable)
+            for m in capabilities.supported_models
+        ]
 
-    def download_external_weights(self, path: TinkerPath, destination: Path, max_bytes: int, on_file: Callable[[int, int], None] | None = None) -> list[Path]:
+    def download_external_weights(
+        self, path: TinkerPath, destination: Path, max_bytes: int, on_file: Callable[[int, int], None] | None = None
+    ) -> list[Path]:
         """Download every file of the checkpoint into `destination` (missing or empty) and
         return their paths; on any failure nothing is left in `destination`."""
         _require_downloadable(path)
@@ -152,12 +161,22 @@ def _connect(api_key: str, base_url: str | None) -> tinker.RestClient:
 
 def _job_failure(error: BaseException, subject: str, base_url: str | None) -> JobFailed:
     if isinstance(error, tinker.AuthenticationError | tinker.PermissionDeniedError):
-        return JobFailed("tinker_unauthorized", f"{subject}: Tinker refused the API key ({error.message}); check TINKER_API_KEY", subject=subject)
+        return JobFailed(
+            "tinker_unauthorized",
+            f"{subject}: Tinker refused the API key ({error.message}); check TINKER_API_KEY",
+            subject=subject,
+        )
     if isinstance(error, tinker.NotFoundError):
-        return JobFailed("tinker_not_found", f"{subject}: Tinker has no such checkpoint, or this API key cannot see it", subject=subject)
+        return JobFailed(
+            "tinker_not_found",
+            f"{subject}: Tinker has no such checkpoint, or this API key cannot see it",
+            subject=subject,
+        )
     if isinstance(error, tinker.APIConnectionError | TimeoutError):
         service = base_url or "the Tinker service"
-        return JobFailed("tinker_unreachable", f"{subject}: {service} did not answer within {SDK_TIMEOUT_S:g} s", subject=subject)
+        return JobFailed(
+            "tinker_unreachable", f"{subject}: {service} did not answer within {SDK_TIMEOUT_S:g} s", subject=subject
+        )
     if isinstance(error, tinker.APIError):
         return JobFailed("tinker_error", f"{subject}: Tinker failed ({error.message})", subject=subject)
     # the SDK's own checks before any request, such as a key without the `tml-` prefix
@@ -218,7 +237,13 @@ def _safe_targets(path: TinkerPath, names: list[str], destination: Path) -> dict
     return targets
 
 
-def _download_all(path: TinkerPath, signed: SignedUrls, targets: dict[str, Path], max_bytes: int, on_file: Callable[[int, int], None] | None) -> list[Path]:
+def _download_all(
+    path: TinkerPath,
+    signed: SignedUrls,
+    targets: dict[str, Path],
+    max_bytes: int,
+    on_file: Callable[[int, int], None] | None,
+) -> list[Path]:
     with httpx.Client(timeout=DOWNLOAD_TIMEOUT, follow_redirects=True) as http:
         downloads = FileDownloads(path, signed, http, max_bytes)
         for done, (name, target) in enumerate(targets.items(), start=1):
@@ -257,7 +282,9 @@ class FileDownloads:
             raise self._failure(name, str(error)) from error
 
     def _save(self, response: httpx.Response, target: Path) -> None:
-        with tempfile.NamedTemporaryFile(dir=target.parent, prefix=f".{target.name}.", suffix=".partial", delete=False) as partial:
+        with tempfile.NamedTemporaryFile(
+            dir=target.parent, prefix=f".{target.name}.", suffix=".partial", delete=False
+        ) as partial:
             for chunk in response.iter_bytes(CHUNK_BYTES):
                 self.fetched_bytes += len(chunk)
                 if self.fetched_bytes > self.max_bytes:
@@ -271,7 +298,12 @@ class FileDownloads:
         Path(partial.name).replace(target)
 
     def _failure(self, name: str, reason: str) -> JobFailed:
-        return JobFailed("tinker_download_failed", f"{self.path}: downloading {name} failed: {reason}", path=str(self.path), file=name)
+        return JobFailed(
+            "tinker_download_failed",
+            f"{self.path}: downloading {name} failed: {reason}",
+            path=str(self.path),
+            file=name,
+        )
 
 
 def _remove_contents(folder: Path, remove_folder: bool) -> None:

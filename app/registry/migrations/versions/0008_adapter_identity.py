@@ -20,8 +20,8 @@ from typing import Any
 import sqlalchemy as sa
 from alembic import op
 
-revision: str = '0008'
-down_revision: str | None = '0007'
+revision: str = "0008"
+down_revision: str | None = "0007"
 branch_labels: str | Sequence[str] | None = None
 depends_on: str | Sequence[str] | None = None
 
@@ -37,33 +37,41 @@ def identity_of_row(sha256: str, r: int, lora_alpha: float, target_modules: list
         "bias": "none",
         "fan_in_fan_out": False,
     }
-    canonical = json.dumps({"weights_sha256": sha256, "config": config}, sort_keys=True, separators=(",", ":"), allow_nan=False)
+    canonical = json.dumps(
+        {"weights_sha256": sha256, "config": config}, sort_keys=True, separators=(",", ":"), allow_nan=False
+    )
     return hashlib.sha256(canonical.encode()).hexdigest()
 
 
 def upgrade() -> None:
-    with op.batch_alter_table('adapters', schema=None) as batch_op:
-        batch_op.add_column(sa.Column('identity', sa.String(length=64), nullable=True))
+    with op.batch_alter_table("adapters", schema=None) as batch_op:
+        batch_op.add_column(sa.Column("identity", sa.String(length=64), nullable=True))
     adapters = sa.table(
-        'adapters',
-        sa.column('id', sa.String()), sa.column('sha256', sa.String()), sa.column('r', sa.Integer()),
-        sa.column('lora_alpha', sa.Double()), sa.column('target_modules', sa.JSON()), sa.column('identity', sa.String()),
-    )  # fmt: skip
+        "adapters",
+        sa.column("id", sa.String()),
+        sa.column("sha256", sa.String()),
+        sa.column("r", sa.Integer()),
+        sa.column("lora_alpha", sa.Double()),
+        sa.column("target_modules", sa.JSON()),
+        sa.column("identity", sa.String()),
+    )
     connection = op.get_bind()
-    rows = connection.execute(sa.select(adapters.c.id, adapters.c.sha256, adapters.c.r, adapters.c.lora_alpha, adapters.c.target_modules)).all()
+    rows = connection.execute(
+        sa.select(adapters.c.id, adapters.c.sha256, adapters.c.r, adapters.c.lora_alpha, adapters.c.target_modules)
+    ).all()
     for row in rows:
         identity = identity_of_row(row.sha256, row.r, row.lora_alpha, row.target_modules)
         connection.execute(sa.update(adapters).where(adapters.c.id == row.id).values(identity=identity))
-    with op.batch_alter_table('adapters', schema=None) as batch_op:
-        batch_op.alter_column('identity', existing_type=sa.String(length=64), nullable=False)
-        batch_op.drop_constraint('uq_adapters_base_weights', type_='unique')
-        batch_op.create_unique_constraint('uq_adapters_base_identity', ['base_model_id', 'identity'])
+    with op.batch_alter_table("adapters", schema=None) as batch_op:
+        batch_op.alter_column("identity", existing_type=sa.String(length=64), nullable=False)
+        batch_op.drop_constraint("uq_adapters_base_weights", type_="unique")
+        batch_op.create_unique_constraint("uq_adapters_base_identity", ["base_model_id", "identity"])
 
 
 def downgrade() -> None:
     # fails if two adapters of one base now share weights (with different configs): only
     # one of them could stay, and choosing is not a migration's to do
-    with op.batch_alter_table('adapters', schema=None) as batch_op:
-        batch_op.drop_constraint('uq_adapters_base_identity', type_='unique')
-        batch_op.create_unique_constraint('uq_adapters_base_weights', ['base_model_id', 'sha256'])
-        batch_op.drop_column('identity')
+    with op.batch_alter_table("adapters", schema=None) as batch_op:
+        batch_op.drop_constraint("uq_adapters_base_identity", type_="unique")
+        batch_op.create_unique_constraint("uq_adapters_base_weights", ["base_model_id", "sha256"])
+        batch_op.drop_column("identity")

@@ -45,7 +45,9 @@ class DeploymentCollector(Collector):
     def collect(self) -> Iterator[Any]:
         """Each backend's figures, or none when it is away: the scrape still answers, with
         `confprobe_backend_up` saying which part is missing."""
-        up = GaugeMetricFamily("confprobe_backend_up", "1 when the gateway could read this backend's figures.", labels=["backend"])
+        up = GaugeMetricFamily(
+            "confprobe_backend_up", "1 when the gateway could read this backend's figures.", labels=["backend"]
+        )
         try:
             yield self._jobs()
             up.add_metric(["database"], 1)
@@ -61,19 +63,29 @@ class DeploymentCollector(Collector):
         yield up
 
     def _jobs(self) -> GaugeMetricFamily:
-        family = GaugeMetricFamily("confprobe_jobs", "Jobs in the registry by kind and status.", labels=["kind", "status"])
+        family = GaugeMetricFamily(
+            "confprobe_jobs", "Jobs in the registry by kind and status.", labels=["kind", "status"]
+        )
         with self.sessions() as session:
-            for kind, status, count in session.execute(select(Job.kind, Job.status, func.count()).group_by(Job.kind, Job.status)):
+            for kind, status, count in session.execute(
+                select(Job.kind, Job.status, func.count()).group_by(Job.kind, Job.status)
+            ):
                 family.add_metric([kind, status], count)
         return family
 
     def _queues_and_workers(self) -> Iterator[GaugeMetricFamily]:
         workers = broker.live_workers(self.connection, self.settings)
-        queues = [broker.default_queue(self.settings)] + [broker.worker_queue(self.settings, w["name"]) for w in workers]
+        queues = [broker.default_queue(self.settings)] + [
+            broker.worker_queue(self.settings, w["name"]) for w in workers
+        ]
         pipeline = self.connection.pipeline(transaction=False)
         for queue in queues:
             pipeline.llen(broker.rq_queue_key(queue))
-        depth = GaugeMetricFamily("confprobe_queue_depth", "Jobs waiting on each RQ queue (shared, and each live worker's own).", labels=["queue"])
+        depth = GaugeMetricFamily(
+            "confprobe_queue_depth",
+            "Jobs waiting on each RQ queue (shared, and each live worker's own).",
+            labels=["queue"],
+        )
         for queue, length in zip(queues, pipeline.execute(), strict=True):
             depth.add_metric([queue], length)
         yield depth
@@ -82,9 +94,15 @@ class DeploymentCollector(Collector):
         live.add_metric([], len(workers))
         yield live
         labels = ["worker", "device"]
-        used = GaugeMetricFamily("confprobe_worker_memory_used_bytes", "Memory a worker's resident models take.", labels=labels)
-        budget = GaugeMetricFamily("confprobe_worker_memory_budget_bytes", "Memory a worker may fill with resident models.", labels=labels)
-        resident = GaugeMetricFamily("confprobe_worker_resident_models", "Models a worker holds resident.", labels=labels)
+        used = GaugeMetricFamily(
+            "confprobe_worker_memory_used_bytes", "Memory a worker's resident models take.", labels=labels
+        )
+        budget = GaugeMetricFamily(
+            "confprobe_worker_memory_budget_bytes", "Memory a worker may fill with resident models.", labels=labels
+        )
+        resident = GaugeMetricFamily(
+            "confprobe_worker_resident_models", "Models a worker holds resident.", labels=labels
+        )
         busy = GaugeMetricFamily("confprobe_worker_busy", "1 while a worker runs a job.", labels=labels)
         for worker in workers:
             names = [worker["name"], worker.get("device", "")]
@@ -96,7 +114,9 @@ class DeploymentCollector(Collector):
 
     def _durations(self) -> HistogramMetricFamily:
         family = HistogramMetricFamily(
-            "confprobe_job_duration_seconds", "Seconds from start to finish of jobs, by kind and final status.", labels=["kind", "status"]
+            "confprobe_job_duration_seconds",
+            "Seconds from start to finish of jobs, by kind and final status.",
+            labels=["kind", "status"],
         )
         series: dict[tuple[str, str], dict[str, float]] = {}
         for field, value in self.connection.hgetall(_durations_key(self.settings)).items():
@@ -117,8 +137,18 @@ class RequestMetrics:
 
     def __init__(self, app: Any, registry: CollectorRegistry) -> None:
         self.app = app
-        self.requests = Counter("confprobe_http_requests", "HTTP requests this gateway answered.", ["method", "route", "status"], registry=registry)
-        self.seconds = Histogram("confprobe_http_request_duration_seconds", "Time to answer, by route.", ["method", "route"], registry=registry)
+        self.requests = Counter(
+            "confprobe_http_requests",
+            "HTTP requests this gateway answered.",
+            ["method", "route", "status"],
+            registry=registry,
+        )
+        self.seconds = Histogram(
+            "confprobe_http_request_duration_seconds",
+            "Time to answer, by route.",
+            ["method", "route"],
+            registry=registry,
+        )
 
     async def __call__(self, scope: dict[str, Any], receive: Any, send: Any) -> None:
         if scope["type"] != "http":

@@ -12,7 +12,10 @@ Column = tuple[str, Callable[[Any], str]]
 def aligned_table(headers: Sequence[str], rows: Sequence[Sequence[str]]) -> str:
     """Columns padded to their widest cell, trailing blanks cut, for eyes and `awk` alike."""
     widths = [max(len(text) for text in column) for column in zip(headers, *rows, strict=True)]
-    return "\n".join("  ".join(text.ljust(width) for text, width in zip(row, widths, strict=True)).rstrip() for row in [headers, *rows])
+    return "\n".join(
+        "  ".join(text.ljust(width) for text, width in zip(row, widths, strict=True)).rstrip()
+        for row in [headers, *rows]
+    )
 
 
 def metric(metrics: dict[str, Estimate], name: str) -> str:

@@ -8,6 +8,7 @@ remote code.
 """
 
 import gc
+import itertools
 import json
 import math
 import os
@@ -108,7 +109,9 @@ def _quantization_config(quantization: str, dtype: Any) -> Any:
     try:
         import bitsandbytes  # noqa: F401
     except ImportError as exc:
-        raise JobFailed("quantization_unavailable", f"{quantization} quantization needs bitsandbytes, which this worker lacks") from exc
+        raise JobFailed(
+            "quantization_unavailable", f"{quantization} quantization needs bitsandbytes, which this worker lacks"
+        ) from exc
     from transformers import BitsAndBytesConfig
 
     if quantization == "8bit":
@@ -130,7 +133,9 @@ def explained_quantization_errors(quantization: str | None, device: str) -> Iter
         if "block_n" in str(exc):
             hint = " (bitsandbytes' 4-bit CPU kernels need every quantized layer's output size to be a multiple of 32)"
         raise JobFailed(
-            "quantization_unsupported", f"bitsandbytes cannot run this model {quantization} on {device}: {exc or type(exc).__name__}{hint}", device=device
+            "quantization_unsupported",
+            f"bitsandbytes cannot run this model {quantization} on {device}: {exc or type(exc).__name__}{hint}",
+            device=device,
         ) from exc
 
 
@@ -205,7 +210,9 @@ def read_model_config(folder: Path) -> dict[str, Any]:
     except NotARegularFile as exc:
         raise _not_regular(exc) from None
     except (OSError, FileTooLarge, ValueError) as exc:
-        raise JobFailed("model_load_failed", f"could not read the config.json of {folder}: {exc}", path=str(folder)) from None
+        raise JobFailed(
+            "model_load_failed", f"could not read the config.json of {folder}: {exc}", path=str(folder)
+        ) from None
     try:
         check_config_sizes(config)
     except UnreasonableConfig as exc:
@@ -218,7 +225,11 @@ def _config_size(config: dict[str, Any], keys: tuple[str, ...], smallest: bool =
     per-layer list), else 0. Sizes are already checked to be whole numbers."""
     for key in keys:
         value = config.get(key)
-        values = [v for v in (value if isinstance(value, list) else [value]) if isinstance(v, int) and not isinstance(v, bool) and v > 0]
+        values = [
+            v
+            for v in (value if isinstance(value, list) else [value])
+            if isinstance(v, int) and not isinstance(v, bool) and v > 0
+        ]
         if values:
             return min(values) if smallest else max(values)
     return 0
@@ -232,9 +243,15 @@ def parameter_floor(config: dict[str, Any]) -> int:
     so it stays well below the real count and cannot refuse a model that would fit; but a
     floor over the budget refuses an absurd model before anything is built."""
     hidden = _config_size(config, HIDDEN_SIZE_KEYS)
-    narrower = [size for size in (_config_size(config, ("embedding_size",)), _config_size(config, ("word_embed_proj_dim",))) if size]
+    narrower = [
+        size
+        for size in (_config_size(config, ("embedding_size",)), _config_size(config, ("word_embed_proj_dim",)))
+        if size
+    ]
     embedding = min([hidden, *narrower])  # ALBERT and OPT embed narrower, then project
-    layers = _config_size(config, ("num_hidden_groups",)) or _config_size(config, LAYER_COUNT_KEYS)  # ALBERT shares layers in groups
+    layers = _config_size(config, ("num_hidden_groups",)) or _config_size(
+        config, LAYER_COUNT_KEYS
+    )  # ALBERT shares layers in groups
     intermediate = _config_size(config, INTERMEDIATE_SIZE_KEYS, smallest=True)
     return _config_size(config, VOCAB_SIZE_KEYS) * embedding + layers * hidden * max(intermediate, 1)
 
@@ -274,7 +291,9 @@ def safetensors_header(file: Path) -> dict[str, Any]:
             raise ValueError(f"{file.name} is too short to be a safetensors file")
         (length,) = struct.unpack("<Q", prefix)
         if length > min(SAFETENSORS_HEADER_MAX_BYTES, size - 8):
-            raise ValueError(f"{file.name} claims a {length:,}-byte header, more than the file or SAFETENSORS_HEADER_MAX_BYTES allows")
+            raise ValueError(
+                f"{file.name} claims a {length:,}-byte header, more than the file or SAFETENSORS_HEADER_MAX_BYTES allows"
+            )
         raw = handle.read(length)
     try:
         header = json.loads(raw)
@@ -288,7 +307,7 @@ def safetensors_header(file: Path) -> dict[str, Any]:
         if not _matches_its_bytes(entry, data_bytes):
             raise ValueError(f"{file.name}: tensor {name[:100]!r} does not match its byte range")
     ranges = sorted(tuple(entry["data_offsets"]) for entry in header.values())
-    if any(begin < previous_end for (_, previous_end), (begin, _) in zip(ranges, ranges[1:], strict=False)):
+    if any(begin < previous_end for (_, previous_end), (begin, _) in itertools.pairwise(ranges)):
         raise ValueError(f"{file.name}: tensors overlap, so their sizes cannot all be real")
     return header
 
@@ -406,9 +425,13 @@ def attach_adapter(loaded: LoadedModel, adapter_id: str, folder: Path) -> None:
         if loaded.adapters:
             loaded.model.load_adapter(str(folder), adapter_name=adapter_id, is_trainable=False)
         else:
-            loaded.model = PeftModel.from_pretrained(loaded.model, str(folder), adapter_name=adapter_id, is_trainable=False)
+            loaded.model = PeftModel.from_pretrained(
+                loaded.model, str(folder), adapter_name=adapter_id, is_trainable=False
+            )
     except (OSError, ValueError, KeyError, RuntimeError) as exc:
-        raise JobFailed("adapter_load_failed", f"could not attach adapter {adapter_id}: {exc}", adapter_id=adapter_id) from exc
+        raise JobFailed(
+            "adapter_load_failed", f"could not attach adapter {adapter_id}: {exc}", adapter_id=adapter_id
+        ) from exc
     loaded.adapters.add(adapter_id)
     loaded.footprint_bytes = int(loaded.model.get_memory_footprint())
 
@@ -458,7 +481,9 @@ class ResidentModels:
         adapter_bytes = estimate_adapter_footprint(attaching[1]) if attaching else 0
         if loaded is None:
             estimate = estimate_footprint(row, self.budget_bytes)
-            with_adapter = f" with adapter {attaching[0]} ({_mib(estimate)} + {_mib(adapter_bytes)})" if attaching else ""
+            with_adapter = (
+                f" with adapter {attaching[0]} ({_mib(estimate)} + {_mib(adapter_bytes)})" if attaching else ""
+            )
             self._refuse_beyond_budget(estimate + adapter_bytes, f"{_named(row)}{with_adapter} needs about")
             self._make_room(estimate + adapter_bytes)
             loaded = load_model(row, self.device)
