@@ -8,7 +8,7 @@ import shutil
 import subprocess
 import time
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import redis
 
@@ -29,6 +29,12 @@ def connect_async(settings: Settings) -> Any:
     import redis.asyncio
 
     return redis.asyncio.Redis.from_url(settings.resolved_redis_url, socket_connect_timeout=5)
+
+
+def text(value: bytes | str) -> str:
+    """A Redis name or field as text: connections here answer bytes, and every name this
+    service writes is UTF-8."""
+    return value.decode() if isinstance(value, bytes) else value
 
 
 def default_queue(settings: Settings) -> str:
@@ -83,7 +89,7 @@ end
 def live_workers(connection: redis.Redis, settings: Settings) -> list[dict[str, Any]]:
     """Workers whose heartbeat has not expired, with what they reported, by name. Names
     whose heartbeat has expired leave the set here."""
-    names = sorted(name.decode() for name in connection.zrange(_worker_index(settings), 0, -1))
+    names = sorted(text(name) for name in cast(list[bytes], connection.zrange(_worker_index(settings), 0, -1)))
     if not names:
         return []
     states = connection.mget([heartbeat_key(settings, name) for name in names])

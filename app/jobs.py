@@ -18,7 +18,7 @@ from sqlalchemy.orm import Session, sessionmaker
 
 from app import broker
 from app.errors import ServiceError, not_found
-from app.registry.database import keyset_page, transaction
+from app.registry.database import changed_rows, keyset_page, transaction
 from app.registry.tables import Base, Job, new_id, utcnow
 from app.schemas.jobs import JobOut
 from app.settings import Settings
@@ -104,9 +104,9 @@ def requeue_orphans(
         if job.queue != shared and job.queue not in live_queues:
             Queue(job.queue, connection=connection).remove(rq_job_id(job))
             with transaction(sessions) as session:
-                moved = session.execute(
-                    update(Job).where(Job.id == job.id, Job.status == "queued").values(queue=shared)
-                ).rowcount
+                moved = changed_rows(
+                    session, update(Job).where(Job.id == job.id, Job.status == "queued").values(queue=shared)
+                )
             if not moved:
                 continue
             job.queue = shared
@@ -114,7 +114,7 @@ def requeue_orphans(
             held = RQJob.fetch_many([rq_job_id(job)], connection=connection)[0]
             status = held.get_status(refresh=False) if held is not None else None
             if status == JobStatus.QUEUED or (
-                status == JobStatus.STARTED and broker.worker_of_rq_name(held.worker_name) in live
+                held is not None and status == JobStatus.STARTED and broker.worker_of_rq_name(held.worker_name) in live
             ):
                 continue  # waiting on its queue, or being started by a live worker right now
         put_on_queue(connection, settings, job)
@@ -226,7 +226,8 @@ def cancel(sessions: sessionmaker[Session], connection: redis.Redis, settings: S
         job = get_job(session, job_id)
         if job.status in TERMINAL_STATUSES:
             raise ServiceError(409, "conflict", f"job {job_id} already {job.status}", job_status=job.status)
-        cancelled_while_queued = session.execute(
+        cancelled_while_queued = changed_rows(
+            session,
             update(Job)
             .where(Job.id == job_id, Job.status == "queued")
             .values(
@@ -234,8 +235,8 @@ def cancel(sessions: sessionmaker[Session], connection: redis.Redis, settings: S
                 cancel_requested=True,
                 finished_at=utcnow(),
                 error={"code": "cancelled", "message": "cancelled before it started", "details": {}},
-            )
-        ).rowcount
+            ),
+        )
         if not cancelled_while_queued:
             session.execute(update(Job).where(Job.id == job_id, Job.status == "running").values(cancel_requested=True))
     with sessions() as session:

@@ -120,7 +120,7 @@ class DeploymentCollector(Collector):
         )
         series: dict[tuple[str, str], dict[str, float]] = {}
         for field, value in self.connection.hgetall(_durations_key(self.settings)).items():
-            kind, status, what = field.decode().split("|")
+            kind, status, what = broker.text(field).split("|")
             series.setdefault((kind, status), {})[what] = float(value)
         for (kind, status), values in sorted(series.items()):
             cumulative, buckets = 0.0, []

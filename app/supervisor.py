@@ -9,6 +9,7 @@ import sys
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from functools import partial
 from typing import TYPE_CHECKING
 
 import click
@@ -52,6 +53,12 @@ def worker(burst: bool) -> None:
 
 
 SERVE_RESTART_MAX_PAUSE_S = 10.0
+
+
+def _confprobe_process(command: list[str], env: dict[str, str]) -> subprocess.Popen[bytes]:
+    """`confprobe <command>` as a child in its own process group, so Ctrl-C reaches it only
+    through `serve`."""
+    return subprocess.Popen([sys.executable, "-m", "app.cli", *command], env=env, process_group=0)
 
 
 @dataclass
@@ -149,12 +156,7 @@ def serve(host: str | None, port: int | None) -> None:
         upgrade(settings.resolved_database_url)
         listen = ["--host", host or settings.host, "--port", str(port or settings.port)]
         for name, command in (("worker", ["worker"]), ("gateway", ["gateway", *listen])):
-            part = Part(
-                name,
-                lambda command=command: subprocess.Popen(
-                    [sys.executable, "-m", "app.cli", *command], env=env, process_group=0
-                ),
-            )
+            part = Part(name, partial(_confprobe_process, command, env))
             if not requests:
                 part.process = part.start()
             services.append(part)

@@ -447,7 +447,7 @@ def jobs() -> None:
 @click.option("--kind", help="e.g. extraction, probe_training, adapter_import, model_check.")
 @click.option("--limit", type=click.IntRange(1, 200), default=50, show_default=True)
 @pass_api
-def list_jobs(api: ApiContext, status: str | None, kind: str | None, limit: int) -> None:
+def list_jobs(api: ApiContext, status: JobStatus | None, kind: str | None, limit: int) -> None:
     """Jobs, newest first."""
     api.show(api.client().list_jobs(status=status, kind=kind, limit=limit).items, JOB_COLUMNS)
 

@@ -576,7 +576,8 @@ def _json_or_none(response: httpx.Response) -> Any:
 def _server_sent_events(lines: Iterable[str], deadline: float | None) -> Iterator[tuple[str, str]]:
     """(event, data) pairs of a text/event-stream; stops at the deadline, which keep-alive
     comments let it notice even while the job is quiet."""
-    event, data = "message", []
+    event: str = "message"
+    data: list[str] = []
     for line in lines:
         if deadline is not None and time.monotonic() >= deadline:
             return

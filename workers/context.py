@@ -10,6 +10,7 @@ from sqlalchemy import ColumnElement, update
 from sqlalchemy.orm import Session
 
 from app import jobs
+from app.registry.database import changed_rows
 from app.registry.tables import Job
 from workers.errors import AttemptSuperseded, JobCancelled, JobFailed
 from workers.runtime import WorkerRuntime
@@ -46,11 +47,12 @@ class JobContext:
         """Record progress, and stop here if the user asked to cancel or the job was taken
         back from this attempt."""
         with self.runtime.sessions() as session, session.begin():
-            recorded = session.execute(
+            recorded = changed_rows(
+                session,
                 update(Job)
                 .where(*this_attempt(self.job_id, self.runtime.name, self.attempt))
-                .values(progress_stage=stage, progress_done=done, progress_total=total)
-            ).rowcount
+                .values(progress_stage=stage, progress_done=done, progress_total=total),
+            )
             if not recorded:
                 raise AttemptSuperseded()
             job = jobs.get_job(session, self.job_id)

@@ -15,6 +15,7 @@ from sqlalchemy import update
 
 from app import jobs, logs, monitoring
 from app.errors import disk_full
+from app.registry.database import changed_rows
 from app.registry.tables import Job, utcnow
 from app.storage import ArtifactMissing, StoreUnavailable
 from workers import (
@@ -64,11 +65,12 @@ HANDLERS: dict[str, Handler] = {
 def _start(worker: WorkerRuntime, job_id: str) -> Job | None:
     """queued → running, unless the job was cancelled (or is unknown) meanwhile."""
     with worker.sessions() as session, session.begin():
-        started = session.execute(
+        started = changed_rows(
+            session,
             update(Job)
             .where(Job.id == job_id, Job.status == "queued")
-            .values(status="running", started_at=utcnow(), worker=worker.name, attempts=Job.attempts + 1)
-        ).rowcount
+            .values(status="running", started_at=utcnow(), worker=worker.name, attempts=Job.attempts + 1),
+        )
         return session.get(Job, job_id) if started else None
 
 
@@ -80,11 +82,12 @@ def _finish(worker: WorkerRuntime, job_id: str, attempt: int, started: float, **
     while True:
         try:
             with worker.sessions() as session, session.begin():
-                recorded = session.execute(
+                recorded = changed_rows(
+                    session,
                     update(Job)
                     .where(*this_attempt(job_id, worker.name, attempt))
-                    .values(finished_at=utcnow(), **outcome)
-                ).rowcount
+                    .values(finished_at=utcnow(), **outcome),
+                )
                 job = jobs.get_job(session, job_id)
             break
         except sqlalchemy.exc.OperationalError:

@@ -17,7 +17,7 @@ from sqlalchemy import select, update
 from sqlalchemy.orm import Session, sessionmaker
 
 from app import broker, janitor, jobs
-from app.registry.database import create_registry_engine, session_factory
+from app.registry.database import changed_rows, create_registry_engine, session_factory
 from app.registry.tables import Adapter, Job, Model, utcnow
 from app.settings import Settings, get_settings
 from app.storage import ArtifactStore, open_store
@@ -207,7 +207,8 @@ class WorkerRuntime:
                     Job.attempts == job.attempts,
                 )
                 if job.attempts < self.settings.job_max_attempts:
-                    taken = session.execute(
+                    taken = changed_rows(
+                        session,
                         update(Job)
                         .where(*still_running)
                         .values(
@@ -218,12 +219,13 @@ class WorkerRuntime:
                             progress_stage=None,
                             progress_done=0,
                             progress_total=None,
-                        )
-                    ).rowcount
+                        ),
+                    )
                     if taken:  # not already taken back by another worker's sweep
                         retried.append(job.id)
                 else:
-                    taken = session.execute(
+                    taken = changed_rows(
+                        session,
                         update(Job)
                         .where(*still_running)
                         .values(
@@ -234,8 +236,8 @@ class WorkerRuntime:
                                 "message": f"worker {job.worker} stopped while running this job (attempt {job.attempts} of {self.settings.job_max_attempts})",
                                 "details": {"worker": job.worker, "attempts": job.attempts},
                             },
-                        )
-                    ).rowcount
+                        ),
+                    )
                     if taken:
                         failed.append(job.id)
         for job_id in retried + failed:
@@ -257,14 +259,14 @@ class WorkerRuntime:
         key = f"{self.settings.queue_prefix}:suspect_jobs"
         seconds, microseconds = self.redis.time()
         now = seconds + microseconds / 1e6
-        since = {job_id.decode(): float(first) for job_id, first in self.redis.hgetall(key).items()}
+        since = {broker.text(job_id): float(first) for job_id, first in self.redis.hgetall(key).items()}
         cleared = [job_id for job_id in since if job_id not in suspects]
         fresh = {job_id: now for job_id in suspects if job_id not in since}
         pipeline = self.redis.pipeline(transaction=False)
         if cleared:
             pipeline.hdel(key, *cleared)
         if fresh:
-            pipeline.hset(key, mapping=fresh)
+            pipeline.hset(key, mapping={job_id: now for job_id in fresh})
         pipeline.execute()
         since |= fresh
         confirmed = [job_id for job_id in suspects if now - since[job_id] >= wait_s]

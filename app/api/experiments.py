@@ -117,7 +117,7 @@ def _view(experiment: Experiment, status: str, best_probe_id: str | None) -> Exp
         name=experiment.name,
         status=status,
         job_id=experiment.job_id,
-        config=experiment.config,  # type: ignore[arg-type]
+        config=experiment.config,
         links=links(experiment, best_probe_id),
         created_at=experiment.created_at,
         finished_at=experiment.finished_at,

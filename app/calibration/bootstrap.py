@@ -181,11 +181,11 @@ class _ResamplingPlan:
     def sums_of(self, indices: np.ndarray) -> ResampledSums:
         """The sums every bootstrapped metric of each resample of `indices` follows from."""
         counts = self.drawn_counts(indices)
-        prefixes = [
+        prefixes = (
             _prefix_sums(counts),
             _prefix_sums(counts * self.probabilities),
             _prefix_sums(counts * self.outcomes),
-        ]
+        )
         prefix_count, _, prefix_outcome = prefixes
         squared_error, log_loss = (counts @ self.item_scores).T
         return ResampledSums(

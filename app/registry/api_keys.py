@@ -1,5 +1,6 @@
 """Queries on API keys. Rows hold a key's hash, never the key (`app.auth` makes keys)."""
 
+from collections.abc import Sequence
 from datetime import datetime
 
 from sqlalchemy import select, update
@@ -16,7 +17,7 @@ def add_key(
     name: str,
     prefix: str,
     secret_sha256: str,
-    scopes: list[str],
+    scopes: Sequence[str],
     rate_limit_per_minute: int | None,
     rate_limit_burst: int | None,
 ) -> ApiKey:

@@ -3,9 +3,9 @@
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
-from typing import TypeVar
+from typing import Any, TypeVar, cast
 
-from sqlalchemy import Engine, Select, create_engine, event
+from sqlalchemy import CursorResult, Engine, Executable, Select, create_engine, event
 from sqlalchemy.orm import InstrumentedAttribute, Session, sessionmaker
 
 MIGRATIONS_DIR = Path(__file__).parent / "migrations"
@@ -65,7 +65,7 @@ def migrate(url: str) -> None:
 
 
 def keyset_page(
-    session: Session, query: Select[tuple[RowT]], id_column: InstrumentedAttribute[str], cursor: str | None, limit: int
+    session: Session, query: Select[RowT], id_column: InstrumentedAttribute[str], cursor: str | None, limit: int
 ) -> tuple[list[RowT], str | None]:
     """Newest first by id (ids sort by creation time); `cursor` is the last id of the
     previous page, and the returned cursor is None on the last page."""
@@ -75,3 +75,8 @@ def keyset_page(
     rows = list(session.scalars(query))
     next_cursor = getattr(rows[limit - 1], id_column.key) if len(rows) > limit else None
     return rows[:limit], next_cursor
+
+
+def changed_rows(session: Session, statement: Executable) -> int:
+    """How many rows an UPDATE or DELETE changed: the answer of a compare-and-set."""
+    return cast(CursorResult[Any], session.execute(statement)).rowcount

@@ -45,7 +45,7 @@ class JobOut(BaseModel):
         return cls(
             id=job.id,
             kind=job.kind,
-            status=job.status,  # type: ignore[arg-type]
+            status=job.status,
             progress=Progress(stage=job.progress_stage, done=job.progress_done, total=job.progress_total),
             result=job.result,
             error=JobError(**job.error) if job.error else None,

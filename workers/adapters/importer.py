@@ -190,7 +190,7 @@ def _unpublish(context: "JobContext", artifact: str, published: bool) -> None:
 def os_failure(error: OSError) -> JobFailed | None:
     """The job failure an operating-system error stands for when it is about the machine, not
     a bug — with a message naming the problem and no path of the server; None otherwise."""
-    if disk_full(error):
+    if disk_full(error) and error.errno is not None:
         return JobFailed(
             "store_full",
             "no space is left on the worker's disk or in the artifact store for this adapter; free some and import it again",
