@@ -7,7 +7,7 @@ BIN = $(VENV)/bin
 # torch first, then everything else under the same pin, so no install pulls another torch
 PIP_INSTALL = $(BIN)/pip install --quiet --constraint constraints.txt
 
-.PHONY: install run test test-fast bench clean
+.PHONY: install run test test-fast lint bench clean
 
 $(BIN)/.installed: pyproject.toml constraints.txt
 	$(PYTHON) -m venv $(VENV)
@@ -22,6 +22,12 @@ run: install
 
 test: install
 	$(BIN)/pytest
+
+# the checks CI runs before the tests: lint, formatting, types
+lint: install
+	$(BIN)/ruff check .
+	$(BIN)/ruff format --check .
+	$(BIN)/mypy
 
 # everything but the tests that start a browser or the whole service
 test-fast: install

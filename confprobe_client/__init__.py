@@ -11,7 +11,7 @@ It needs httpx and pydantic (numpy for hidden states, tqdm for progress bars, cl
 `confprobe` API commands in `confprobe_client.cli`), never torch or the service's own packages.
 """
 
-from confprobe_client.client import API_KEY_VARIABLE, DEFAULT_URL, Client
+from confprobe_client.client import Client
 from confprobe_client.errors import (
     ApiError,
     Conflict,
@@ -26,6 +26,7 @@ from confprobe_client.errors import (
     Unreachable,
     WaitTimedOut,
 )
+from confprobe_client.transport import API_KEY_VARIABLE, DEFAULT_URL
 from confprobe_client.types import (
     Adapter,
     ApiKey,

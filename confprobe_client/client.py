@@ -2,22 +2,13 @@
 and `wait` to follow a job to its end."""
 
 import io
-import os
-import time
-from collections.abc import Callable, Iterable, Iterator, Sequence
-from contextlib import contextmanager
+from collections.abc import Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Self
 
 import httpx
 
-from confprobe_client.errors import (
-    ApiError,
-    JobFailed,
-    Unreachable,
-    WaitTimedOut,
-    api_error,
-)
+from confprobe_client.transport import DEFAULT_URL, Transport
 from confprobe_client.types import (
     Adapter,
     ApiKey,
@@ -38,18 +29,10 @@ from confprobe_client.types import (
     Score,
     TinkerModel,
 )
+from confprobe_client.waiting import wait_for_job
 
 if TYPE_CHECKING:
     import numpy as np
-
-DEFAULT_URL = "http://127.0.0.1:8000"
-API_KEY_VARIABLE = "CONFPROBE_API_KEY"
-# Polling, when the events stream is not there, starts fast for short jobs and slows down
-# for long ones.
-FIRST_POLL_S = 0.1
-LONGEST_POLL_S = 2.0
-
-JobListener = Callable[[Job], None]
 
 
 class Client:
@@ -70,20 +53,18 @@ class Client:
         http: httpx.Client | None = None,
         api_key: str | None = None,
     ) -> None:
-        self._owns_http = http is None
-        self._http = http or httpx.Client(base_url=base_url, timeout=timeout, transport=transport)
-        self.timeout = timeout
-        key = api_key if api_key is not None else os.environ.get(API_KEY_VARIABLE)
-        # per request rather than on `http`: a client handed in is not ours to change
-        self._auth_headers = {"authorization": f"Bearer {key}"} if key else {}
+        self._api = Transport(base_url, timeout, transport, http, api_key)
 
     @property
     def base_url(self) -> str:
-        return str(self._http.base_url)
+        return self._api.base_url
+
+    @property
+    def timeout(self) -> float:
+        return self._api.timeout
 
     def close(self) -> None:
-        if self._owns_http:
-            self._http.close()
+        self._api.close()
 
     def __enter__(self) -> Self:
         return self
@@ -94,11 +75,11 @@ class Client:
     # --- health ----------------------------------------------------------------------------
 
     def health(self) -> Health:
-        return Health.model_validate(self._json("GET", "/healthz"))
+        return Health.model_validate(self._api.json("GET", "/healthz"))
 
     def ready(self) -> Readiness:
         """Raises `Unavailable` naming what is missing (database, Redis, a worker)."""
-        return Readiness.model_validate(self._json("GET", "/readyz"))
+        return Readiness.model_validate(self._api.json("GET", "/readyz"))
 
     # --- models ----------------------------------------------------------------------------
 
@@ -119,17 +100,17 @@ class Client:
             dtype=dtype,
             quantization=quantization,
         )
-        return Model.model_validate(self._json("POST", "/v1/models", json=body))
+        return Model.model_validate(self._api.json("POST", "/v1/models", json=body))
 
     def check_model(self, model_id: str) -> Job:
-        return _accepted_job(self._json("POST", f"/v1/models/{model_id}/check"))
+        return _accepted_job(self._api.json("POST", f"/v1/models/{model_id}/check"))
 
     def get_model(self, model_id: str) -> Model:
-        return Model.model_validate(self._json("GET", f"/v1/models/{model_id}"))
+        return Model.model_validate(self._api.json("GET", f"/v1/models/{model_id}"))
 
     def list_models(self, cursor: str | None = None, limit: int = 50) -> Page[Model]:
         return Page[Model].model_validate(
-            self._json("GET", "/v1/models", params=_without_none(cursor=cursor, limit=limit))
+            self._api.json("GET", "/v1/models", params=_without_none(cursor=cursor, limit=limit))
         )
 
     # --- datasets --------------------------------------------------------------------------
@@ -139,17 +120,17 @@ class Client:
         choices, answer}`. The same rows again give the same dataset."""
         path = Path(path)
         with path.open("rb") as handle:
-            answer = self._json(
+            answer = self._api.json(
                 "POST", "/v1/datasets", files={"file": (path.name, handle)}, data=_without_none(name=name)
             )
         return Dataset.model_validate(answer)
 
     def get_dataset(self, dataset_id: str) -> Dataset:
-        return Dataset.model_validate(self._json("GET", f"/v1/datasets/{dataset_id}"))
+        return Dataset.model_validate(self._api.json("GET", f"/v1/datasets/{dataset_id}"))
 
     def list_datasets(self, cursor: str | None = None, limit: int = 50) -> Page[Dataset]:
         return Page[Dataset].model_validate(
-            self._json("GET", "/v1/datasets", params=_without_none(cursor=cursor, limit=limit))
+            self._api.json("GET", "/v1/datasets", params=_without_none(cursor=cursor, limit=limit))
         )
 
     # --- adapters --------------------------------------------------------------------------
@@ -158,7 +139,7 @@ class Client:
         """Import from `tinker://…`, a folder or archive under the service's ADAPTER_ROOTS, or
         an allowed URL; the job's result names the `adapter_id`."""
         body = _without_none(source=source, base_model=base_model, name=name, metadata=metadata)
-        return _accepted_job(self._json("POST", "/v1/adapters/import", json=body))
+        return _accepted_job(self._api.json("POST", "/v1/adapters/import", json=body))
 
     def upload_adapter(
         self, path: str | Path, base_model: str, name: str, metadata: dict[str, Any] | None = None
@@ -172,19 +153,19 @@ class Client:
         )
         with path.open("rb") as handle:
             return _accepted_job(
-                self._json("POST", "/v1/adapters/upload", files={"file": (path.name, handle)}, data=form)
+                self._api.json("POST", "/v1/adapters/upload", files={"file": (path.name, handle)}, data=form)
             )
 
     def list_adapters(self, base_model: str | None = None, cursor: str | None = None, limit: int = 50) -> Page[Adapter]:
         params = _without_none(base_model=base_model, cursor=cursor, limit=limit)
-        return Page[Adapter].model_validate(self._json("GET", "/v1/adapters", params=params))
+        return Page[Adapter].model_validate(self._api.json("GET", "/v1/adapters", params=params))
 
     def get_adapter(self, adapter_id: str) -> Adapter:
-        return Adapter.model_validate(self._json("GET", f"/v1/adapters/{adapter_id}"))
+        return Adapter.model_validate(self._api.json("GET", f"/v1/adapters/{adapter_id}"))
 
     def delete_adapter(self, adapter_id: str, force: bool = False) -> None:
         """Raises `Conflict` while an unfinished job uses it, unless `force`."""
-        self._send("DELETE", f"/v1/adapters/{adapter_id}", params={"force": "true"} if force else None)
+        self._api.send("DELETE", f"/v1/adapters/{adapter_id}", params={"force": "true"} if force else None)
 
     # --- extractions -----------------------------------------------------------------------
 
@@ -208,14 +189,14 @@ class Client:
             token_position=token_position,
             max_length=max_length,
         )
-        return Extraction.model_validate(self._json("POST", "/v1/extractions", json=body)["extraction"])
+        return Extraction.model_validate(self._api.json("POST", "/v1/extractions", json=body)["extraction"])
 
     def get_extraction(self, extraction_id: str) -> Extraction:
-        return Extraction.model_validate(self._json("GET", f"/v1/extractions/{extraction_id}"))
+        return Extraction.model_validate(self._api.json("GET", f"/v1/extractions/{extraction_id}"))
 
     def list_extractions(self, cursor: str | None = None, limit: int = 50) -> Page[Extraction]:
         return Page[Extraction].model_validate(
-            self._json("GET", "/v1/extractions", params=_without_none(cursor=cursor, limit=limit))
+            self._api.json("GET", "/v1/extractions", params=_without_none(cursor=cursor, limit=limit))
         )
 
     def download_hidden_states(self, extraction_id: str) -> "np.ndarray":
@@ -224,7 +205,7 @@ class Client:
         import numpy as np
 
         buffer = io.BytesIO()
-        with self._stream(
+        with self._api.stream(
             "GET", f"/v1/extractions/{extraction_id}/hidden-states", params={"format": "npy"}
         ) as response:
             for chunk in response.iter_bytes():
@@ -279,7 +260,7 @@ class Client:
             seed=seed,
             recalibration=recalibration,
         )
-        return ProbeRun.model_validate(self._json("POST", "/v1/probes", json=body)["run"])
+        return ProbeRun.model_validate(self._api.json("POST", "/v1/probes", json=body)["run"])
 
     def train(
         self,
@@ -305,7 +286,7 @@ class Client:
         return self.get_probe_run(run.id)
 
     def get_probe_run(self, run_id: str) -> ProbeRun:
-        return ProbeRun.model_validate(self._json("GET", f"/v1/probe-runs/{run_id}"))
+        return ProbeRun.model_validate(self._api.json("GET", f"/v1/probe-runs/{run_id}"))
 
     def list_probes(
         self,
@@ -316,28 +297,28 @@ class Client:
         limit: int = 50,
     ) -> Page[Probe]:
         params = _without_none(model=model, dataset=dataset, best=best, cursor=cursor, limit=limit)
-        return Page[Probe].model_validate(self._json("GET", "/v1/probes", params=params))
+        return Page[Probe].model_validate(self._api.json("GET", "/v1/probes", params=params))
 
     def get_probe(self, probe_id: str) -> Probe:
-        return Probe.model_validate(self._json("GET", f"/v1/probes/{probe_id}"))
+        return Probe.model_validate(self._api.json("GET", f"/v1/probes/{probe_id}"))
 
     def probe_report(self, probe_id: str) -> ProbeReport:
-        return ProbeReport.model_validate(self._json("GET", f"/v1/probes/{probe_id}/report"))
+        return ProbeReport.model_validate(self._api.json("GET", f"/v1/probes/{probe_id}/report"))
 
     def probe_report_html(self, probe_id: str) -> str:
         """A standalone page: reliability diagram, confidence histogram and metrics table."""
-        return self._send("GET", f"/v1/probes/{probe_id}/report.html").text
+        return self._api.send("GET", f"/v1/probes/{probe_id}/report.html").text
 
     def probe_report_svg(self, probe_id: str) -> str:
-        return self._send("GET", f"/v1/probes/{probe_id}/report.svg").text
+        return self._api.send("GET", f"/v1/probes/{probe_id}/report.svg").text
 
     def probe_report_png(self, probe_id: str) -> bytes:
-        return self._send("GET", f"/v1/probes/{probe_id}/report.png").content
+        return self._api.send("GET", f"/v1/probes/{probe_id}/report.png").content
 
     def score(self, probe_id: str, texts: Sequence[str], timeout_s: float | None = None) -> Score:
         """P(correct) per text. The service answers within `timeout_s` or hands back a job,
         which this then waits for."""
-        response = self._send(
+        response = self._api.send(
             "POST", f"/v1/probes/{probe_id}/score", json=_without_none(texts=list(texts), timeout_s=timeout_s)
         )
         if response.status_code != 202:
@@ -373,40 +354,40 @@ class Client:
             seed=seed,
             on_mixed_precision=on_mixed_precision,
         )
-        return Comparison.model_validate(self._json("POST", "/v1/comparisons", json=body)["comparison"])
+        return Comparison.model_validate(self._api.json("POST", "/v1/comparisons", json=body)["comparison"])
 
     def run_experiment(self, config: str | Path | dict[str, Any]) -> Experiment:
         """Queue an experiment config (SPEC §6): a YAML or JSON file, YAML text, or a dict."""
         if isinstance(config, dict):
-            answer = self._json("POST", "/v1/experiments", json=config)
+            answer = self._api.json("POST", "/v1/experiments", json=config)
         else:
             text = (
                 Path(config).read_text(encoding="utf-8")
                 if isinstance(config, Path) or Path(str(config)).is_file()
                 else str(config)
             )
-            answer = self._json(
+            answer = self._api.json(
                 "POST", "/v1/experiments", content=text.encode(), headers={"content-type": "application/yaml"}
             )
         return Experiment.model_validate(answer["experiment"])
 
     def get_experiment(self, experiment_id: str) -> Experiment:
-        return Experiment.model_validate(self._json("GET", f"/v1/experiments/{experiment_id}"))
+        return Experiment.model_validate(self._api.json("GET", f"/v1/experiments/{experiment_id}"))
 
     def get_comparison(self, comparison_id: str) -> Comparison:
-        return Comparison.model_validate(self._json("GET", f"/v1/comparisons/{comparison_id}"))
+        return Comparison.model_validate(self._api.json("GET", f"/v1/comparisons/{comparison_id}"))
 
     def comparison_report_html(self, comparison_id: str) -> str:
-        return self._send("GET", f"/v1/comparisons/{comparison_id}/report.html").text
+        return self._api.send("GET", f"/v1/comparisons/{comparison_id}/report.html").text
 
     def comparison_report_svg(self, comparison_id: str) -> str:
-        return self._send("GET", f"/v1/comparisons/{comparison_id}/report.svg").text
+        return self._api.send("GET", f"/v1/comparisons/{comparison_id}/report.svg").text
 
     # --- Tinker ----------------------------------------------------------------------------
 
     def tinker_models(self) -> list[TinkerModel]:
         """The base models the Tinker service supports (the service needs TINKER_API_KEY)."""
-        response = self._send("GET", "/v1/tinker/models")
+        response = self._api.send("GET", "/v1/tinker/models")
         answer = (
             response.json()
             if response.status_code != 202
@@ -417,73 +398,30 @@ class Client:
     # --- jobs ------------------------------------------------------------------------------
 
     def get_job(self, job_id: str) -> Job:
-        return Job.model_validate(self._json("GET", f"/v1/jobs/{job_id}"))
+        return Job.model_validate(self._api.json("GET", f"/v1/jobs/{job_id}"))
 
     def list_jobs(
         self, status: JobStatus | None = None, kind: str | None = None, cursor: str | None = None, limit: int = 50
     ) -> Page[Job]:
         """Newest first."""
         params = _without_none(status=status, kind=kind, cursor=cursor, limit=limit)
-        return Page[Job].model_validate(self._json("GET", "/v1/jobs", params=params))
+        return Page[Job].model_validate(self._api.json("GET", "/v1/jobs", params=params))
 
     def cancel_job(self, job_id: str) -> Job:
         """A queued job is cancelled at once, a running one at its next progress point;
         raises `Conflict` for a finished one."""
-        return Job.model_validate(self._json("POST", f"/v1/jobs/{job_id}/cancel"))
+        return Job.model_validate(self._api.json("POST", f"/v1/jobs/{job_id}/cancel"))
 
     def ping(self) -> Job:
         """A canary job that runs the whole path to a worker and back without a model."""
-        return _accepted_job(self._json("POST", "/v1/jobs/ping"))
+        return _accepted_job(self._api.json("POST", "/v1/jobs/ping"))
 
     def wait(self, job_id: str, timeout: float | None = None, progress: bool = True) -> Job:
         """Follow a job to its end and return it; raise `JobFailed` (with the job's error
         code and message) when it failed or was cancelled, `WaitTimedOut` after `timeout`
         seconds. Follows the job's server-sent events and falls back to polling when the
         stream is refused or breaks. `progress` draws a progress bar on stderr."""
-        deadline = None if timeout is None else time.monotonic() + timeout
-        with _listener(progress) as show:
-            job = self._final_job_from_events(job_id, deadline, show) or self._final_job_by_polling(
-                job_id, deadline, show
-            )
-        if job.status != "succeeded":
-            raise JobFailed(job)
-        return job
-
-    def _final_job_from_events(self, job_id: str, deadline: float | None, show: JobListener) -> Job | None:
-        """The final job as `GET /v1/jobs/{id}/events` tells it; None when the stream is
-        refused (a proxy may answer it with an error of its own), is not one, breaks, ends
-        early or outlives the deadline, so that polling takes over. An error that is really
-        the service's comes back from polling."""
-        read_timeout = self.timeout if deadline is None else max(0.1, min(self.timeout, deadline - time.monotonic()))
-        timeouts = httpx.Timeout(self.timeout, read=read_timeout)
-        try:
-            with self._stream(
-                "GET", f"/v1/jobs/{job_id}/events", headers={"accept": "text/event-stream"}, timeout=timeouts
-            ) as response:
-                if not response.headers.get("content-type", "").startswith("text/event-stream"):
-                    return None
-                for event, data in _server_sent_events(response.iter_lines(), deadline):
-                    if event != "job":
-                        continue
-                    job = Job.model_validate_json(data)
-                    show(job)
-                    if job.is_final:
-                        return job
-        except (ApiError, Unreachable):
-            return None
-        return None
-
-    def _final_job_by_polling(self, job_id: str, deadline: float | None, show: JobListener) -> Job:
-        interval = FIRST_POLL_S
-        while True:
-            job = self.get_job(job_id)
-            show(job)
-            if job.is_final:
-                return job
-            if deadline is not None and time.monotonic() >= deadline:
-                raise WaitTimedOut(job)
-            time.sleep(interval if deadline is None else max(0.0, min(interval, deadline - time.monotonic())))
-            interval = min(interval * 2, LONGEST_POLL_S)
+        return wait_for_job(self._api, job_id, timeout, progress)
 
     # --- API keys (admin scope) ------------------------------------------------------------
 
@@ -501,52 +439,15 @@ class Client:
             rate_limit_per_minute=rate_limit_per_minute,
             rate_limit_burst=rate_limit_burst,
         )
-        return CreatedApiKey.model_validate(self._json("POST", "/v1/keys", json=body))
+        return CreatedApiKey.model_validate(self._api.json("POST", "/v1/keys", json=body))
 
     def list_keys(self, include_revoked: bool = False, cursor: str | None = None, limit: int = 50) -> Page[ApiKey]:
         params = _without_none(include_revoked=include_revoked or None, cursor=cursor, limit=limit)
-        return Page[ApiKey].model_validate(self._json("GET", "/v1/keys", params=params))
+        return Page[ApiKey].model_validate(self._api.json("GET", "/v1/keys", params=params))
 
     def revoke_key(self, key_id: str) -> ApiKey:
         """The key stops working at once."""
-        return ApiKey.model_validate(self._json("DELETE", f"/v1/keys/{key_id}"))
-
-    # --- transport -------------------------------------------------------------------------
-
-    def _send(self, method: str, path: str, **request: Any) -> httpx.Response:
-        try:
-            response = self._http.request(method, path, **self._authenticated(request))
-        except httpx.TransportError as exc:
-            raise self._unreachable(method, path, exc) from exc
-        if response.is_error:
-            raise api_error(response.status_code, _json_or_none(response), response.headers)
-        return response
-
-    def _json(self, method: str, path: str, **request: Any) -> Any:
-        return self._send(method, path, **request).json()
-
-    @contextmanager
-    def _stream(self, method: str, path: str, **request: Any) -> Iterator[httpx.Response]:
-        """A response whose body is read as it comes; errors as in `_send`, including a
-        connection that breaks mid-body."""
-        try:
-            with self._http.stream(method, path, **self._authenticated(request)) as response:
-                if response.is_error:
-                    response.read()
-                    raise api_error(response.status_code, _json_or_none(response), response.headers)
-                yield response
-        except httpx.TransportError as exc:
-            raise self._unreachable(method, path, exc) from exc
-
-    def _authenticated(self, request: dict[str, Any]) -> dict[str, Any]:
-        if not self._auth_headers:
-            return request
-        return request | {"headers": self._auth_headers | dict(request.get("headers") or {})}
-
-    def _unreachable(self, method: str, path: str, cause: httpx.TransportError) -> Unreachable:
-        return Unreachable(
-            f"no answer from {self.base_url.rstrip('/')} to {method} {path}: {cause or type(cause).__name__}"
-        )
+        return ApiKey.model_validate(self._api.json("DELETE", f"/v1/keys/{key_id}"))
 
 
 def _without_none(**fields: Any) -> dict[str, Any]:
@@ -564,48 +465,3 @@ def _accepted_job(answer: dict[str, Any]) -> Job:
 
 def _result(job: Job) -> dict[str, Any]:
     return job.result or {}
-
-
-def _json_or_none(response: httpx.Response) -> Any:
-    try:
-        return response.json()
-    except ValueError:
-        return None
-
-
-def _server_sent_events(lines: Iterable[str], deadline: float | None) -> Iterator[tuple[str, str]]:
-    """(event, data) pairs of a text/event-stream; stops at the deadline, which keep-alive
-    comments let it notice even while the job is quiet."""
-    event: str = "message"
-    data: list[str] = []
-    for line in lines:
-        if deadline is not None and time.monotonic() >= deadline:
-            return
-        if not line:
-            if data:
-                yield event, "\n".join(data)
-            event, data = "message", []
-        elif line.startswith(":"):
-            continue
-        else:
-            name, _, value = line.partition(":")
-            value = value.removeprefix(" ")
-            if name == "event":
-                event = value
-            elif name == "data":
-                data.append(value)
-
-
-@contextmanager
-def _listener(progress: bool) -> Iterator[JobListener]:
-    """What `wait` tells about each new state of the job: a progress bar, or nothing."""
-    if not progress:
-        yield lambda _job: None
-        return
-    from confprobe_client.progress import JobProgressBar
-
-    bar = JobProgressBar()
-    try:
-        yield bar.show
-    finally:
-        bar.close()

@@ -4,7 +4,6 @@ can tell them apart, and the message or error envelope it prints on stderr."""
 import os
 from typing import Any
 
-from confprobe_client.client import API_KEY_VARIABLE
 from confprobe_client.errors import (
     ApiError,
     Conflict,
@@ -17,6 +16,7 @@ from confprobe_client.errors import (
     Unavailable,
     Unreachable,
 )
+from confprobe_client.transport import API_KEY_VARIABLE
 
 EXIT_FAILURE = 1
 EXIT_NOT_FOUND = 3
