@@ -357,7 +357,7 @@ class Client:
         return Comparison.model_validate(self._api.json("POST", "/v1/comparisons", json=body)["comparison"])
 
     def run_experiment(self, config: str | Path | dict[str, Any]) -> Experiment:
-        """Queue an experiment config (SPEC §6): a YAML or JSON file, YAML text, or a dict."""
+        """Queue an experiment config (the seed framework's format): a YAML or JSON file, YAML text, or a dict."""
         if isinstance(config, dict):
             answer = self._api.json("POST", "/v1/experiments", json=config)
         else:

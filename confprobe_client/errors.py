@@ -103,7 +103,7 @@ ERRORS_BY_STATUS: dict[int, type[ApiError]] = {
 
 
 def api_error(status: int, body: Any, headers: Mapping[str, str] | None = None) -> ApiError:
-    """The exception for an error answer: the §3 envelope when the body is one, else the
+    """The exception for an error answer: the API's error envelope when the body is one, else the
     status alone (a proxy's HTML page, an empty body); a 429 keeps its `Retry-After`."""
     envelope = body.get("error") if isinstance(body, dict) else None
     if isinstance(envelope, dict) and "code" in envelope:

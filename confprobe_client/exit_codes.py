@@ -58,7 +58,7 @@ def exit_code_of(error: Exception) -> int:
 
 
 def error_envelope(error: Exception) -> dict[str, Any]:
-    """The §3 error shape for `--json`, whatever the kind: an answer's own, a job's error
+    """The API's error shape for `--json`, whatever the kind: an answer's own, a job's error
     (with its id), or a connection that never got an answer."""
     if isinstance(error, ApiError | JobFailed):
         details = error.details | ({"job_id": error.job.id} if isinstance(error, JobFailed) else {})

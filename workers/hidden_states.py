@@ -1,4 +1,4 @@
-"""Reading hidden states out of a transformers model, exactly as §4 of the spec defines them.
+"""Reading hidden states out of a transformers model, exactly as docs/concepts.md#hidden-states defines them.
 
 - Layer 0 is the input of the first block (the embedding output); layer i is the output of
   block i, *before* any final norm — also for the last block, where Hugging Face's own

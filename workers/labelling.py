@@ -1,4 +1,4 @@
-"""Multiple-choice questions labelled by the model itself (SPEC §5).
+"""Multiple-choice questions labelled by the model itself (docs/concepts.md#labels).
 
 The prompt lists the choices with letters and ends with `Answer:`; the model's answer is
 the choice whose letter has the highest logit at that position, and the label is 1 when

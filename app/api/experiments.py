@@ -1,4 +1,4 @@
-"""`/v1/experiments`: a whole experiment config (YAML or JSON, SPEC §6) run as one job that
+"""`/v1/experiments`: a whole experiment config (YAML or JSON, docs/concepts.md#experiment-configs) run as one job that
 chains adapter import, extraction, probe training and the report."""
 
 from pathlib import PurePath

@@ -27,7 +27,7 @@ from app.calibration.values import (
 def calibration_report(
     y: npt.ArrayLike, p: npt.ArrayLike, *, bins: int = 15, resamples: int = 1000, seed: int = 0, level: float = 0.95
 ) -> CalibrationReport:
-    """All metrics of §5 with percentile bootstrap intervals; `resamples=0` skips them."""
+    """All report metrics (docs/concepts.md#reports) with percentile bootstrap intervals; `resamples=0` skips them."""
     labels, probabilities = checked(y, p)
     settings = bootstrap_settings(resamples, seed, level)
     values = point_metrics(labels, probabilities, bins)

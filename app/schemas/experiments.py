@@ -51,7 +51,7 @@ class ExperimentProbe(Request):
 
 
 class ExperimentConfig(Request):
-    """The experiment config format of the seed framework (SPEC §6)."""
+    """The experiment config format of the seed framework (docs/concepts.md#experiment-configs)."""
 
     experiment: ExperimentMeta
     model: ExperimentModel

@@ -1,4 +1,4 @@
-"""Experiment configs (SPEC §6) run as one job, resumed from the registry and the cache."""
+"""Experiment configs (docs/concepts.md#experiment-configs) run as one job, resumed from the registry and the cache."""
 
 import json
 from pathlib import Path

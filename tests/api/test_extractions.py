@@ -43,7 +43,7 @@ def direct_reference(folder: Path, texts: list[str], layers: list[int], token_po
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     model = AutoModelForCausalLM.from_pretrained(folder).eval()
-    model.model.norm = torch.nn.Identity()  # §4: the last layer before the final norm
+    model.model.norm = torch.nn.Identity()  # the last layer before the final norm
     tokenizer = AutoTokenizer.from_pretrained(folder)
     rows = []
     with torch.inference_mode():

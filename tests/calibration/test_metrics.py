@@ -1,4 +1,4 @@
-"""§5 metrics: each against an independent computation — scikit-learn, hand-worked cases,
+"""Report metrics: each against an independent computation — scikit-learn, hand-worked cases,
 the authors' packages (`relplot` for smooth ECE, Kumar et al.'s `calibration` for the
 binned and debiased ECE) — and the vectorised bootstrap against a slow loop."""
 

@@ -1,4 +1,4 @@
-"""§4 exactness: every vector equals a direct Hugging Face forward pass on the text alone."""
+"""Hidden-state exactness (docs/concepts.md#hidden-states): every vector equals a direct Hugging Face forward pass on the text alone."""
 
 from collections.abc import Callable
 from pathlib import Path
