@@ -20,7 +20,7 @@ import numpy as np
 import pytest
 from safetensors.numpy import save_file
 
-from app.archives import ArchiveLimits, ArchiveRejected, archive_format, extract_archive
+from app.inputs.archives import ArchiveLimits, ArchiveRejected, archive_format, extract_archive
 from tests.conftest import ROOT
 from tests.special_files import call_without_blocking
 
@@ -474,8 +474,6 @@ def test_a_zip_bomb_is_stopped_just_past_the_limit(tmp_path: Path, decompressed_
 
 
 def test_the_module_imports_nothing_heavy() -> None:
-    probe = (
-        "import sys, app.archives\nprint([name for name in ('torch', 'numpy', 'safetensors') if name in sys.modules])\n"
-    )
+    probe = "import sys, app.inputs.archives\nprint([name for name in ('torch', 'numpy', 'safetensors') if name in sys.modules])\n"
     result = subprocess.run([sys.executable, "-c", probe], cwd=ROOT, capture_output=True, text=True, check=True)
     assert result.stdout.strip() == "[]"

@@ -8,8 +8,9 @@ from typing import Any
 
 from sqlalchemy import select, update
 
-from app.datasets import default_name, parse_upload
 from app.errors import ServiceError
+from app.inputs.datasets import default_name, parse_upload
+from app.inputs.user_files import FileTooLarge, NotARegularFile, read_regular_file
 from app.registry.datasets import register_dataset
 from app.registry.models import get_model
 from app.registry.tables import (
@@ -22,7 +23,6 @@ from app.registry.tables import (
     new_id,
     utcnow,
 )
-from app.user_files import FileTooLarge, NotARegularFile, read_regular_file
 from workers import extraction, probe_training
 from workers.adapters import importer
 from workers.context import JobContext, subject_row

@@ -14,7 +14,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from app.datasets import CHOICE_LETTERS, format_multiple_choice
+from app.inputs.datasets import CHOICE_LETTERS, format_multiple_choice
 from workers.errors import JobFailed
 from workers.hidden_states import pad, plan_batches
 from workers.resident_models import LoadedModel

@@ -15,7 +15,7 @@ from sqlalchemy import update
 
 from app.calibration.reporting import calibration_report
 from app.calibration.scoring import auroc, brier, nll
-from app.datasets import read_rows, texts_of_rows
+from app.inputs.datasets import read_rows, texts_of_rows
 from app.registry.models import get_model
 from app.registry.tables import Adapter, Dataset, Model, Probe, ProbeRun, new_id, utcnow
 from workers.context import subject_row

@@ -21,15 +21,14 @@ from dataclasses import dataclass, field
 from pathlib import Path, PurePosixPath
 from typing import Any
 
-from app.model_sources import (
+from app.inputs.model_sources import (
     HIDDEN_SIZE_KEYS,
     LAYER_COUNT_KEYS,
     UnreasonableConfig,
     check_config_sizes,
     parse_config,
 )
-from app.registry.tables import Model
-from app.user_files import (
+from app.inputs.user_files import (
     METADATA_MAX_BYTES,
     FileTooLarge,
     NotARegularFile,
@@ -38,6 +37,7 @@ from app.user_files import (
     read_regular_file,
     regular_file_or_none,
 )
+from app.registry.tables import Model
 from workers.errors import JobFailed
 
 TORCH_DTYPES = {"float32": "float32", "bfloat16": "bfloat16", "float16": "float16"}

@@ -12,11 +12,11 @@ from sqlalchemy import select
 from sqlalchemy.orm import Session, sessionmaker
 
 from app import jobs
-from app.adapters import classify_source
 from app.api.deps import ArtifactsDep, RedisDep, SessionDep, SessionsDep, SettingsDep
-from app.archives import FORMAT_HEAD_BYTES, ArchiveRejected, archive_format_of
-from app.documents import parse_document
 from app.errors import ServiceError, invalid_field, nul_free_filename
+from app.inputs.adapter_sources import classify_source
+from app.inputs.archives import FORMAT_HEAD_BYTES, ArchiveRejected, archive_format_of
+from app.inputs.documents import parse_document
 from app.registry.adapters import artifact_in_use, get_adapter, list_adapters
 from app.registry.database import transaction
 from app.registry.models import get_model

@@ -11,8 +11,8 @@ from sqlalchemy.orm import Session
 from app import jobs
 from app.api.deps import ArtifactsDep, RedisDep, SessionDep, SessionsDep, SettingsDep
 from app.api.render_cache import cached_render
-from app.comparisons import new_comparison
 from app.errors import ServiceError, not_found
+from app.registry.comparisons import new_comparison
 from app.registry.tables import Comparison, Job
 from app.schemas.common import ERROR_RESPONSES
 from app.schemas.comparisons import ComparisonAccepted, ComparisonCreate, ComparisonOut

@@ -6,8 +6,8 @@ from fastapi import APIRouter, File, Form, Query, Response, UploadFile, status
 from pydantic import AfterValidator
 
 from app.api.deps import ArtifactsDep, SessionDep, SessionsDep, SettingsDep
-from app.datasets import default_name, parse_upload
 from app.errors import nul_free_filename
+from app.inputs.datasets import default_name, parse_upload
 from app.registry.datasets import get_dataset, list_datasets, register_dataset
 from app.schemas.common import ERROR_RESPONSES, without_nul
 from app.schemas.datasets import DatasetOut, DatasetPage

@@ -11,12 +11,12 @@ from pydantic import ValidationError
 from sqlalchemy.orm import Session, sessionmaker
 
 from app import jobs
-from app.adapters import classify_source
 from app.api.deps import RedisDep, SessionDep, SessionsDep, SettingsDep
 from app.api.models import register
-from app.documents import parse_document
 from app.errors import ServiceError, invalid_field, not_found
-from app.extractions import resolve_layers
+from app.inputs.adapter_sources import classify_source
+from app.inputs.documents import parse_document
+from app.registry.extractions import resolve_layers
 from app.registry.tables import Dataset, Experiment, Job, new_id
 from app.schemas.common import DISPLAY_NAME_MAX, ERROR_RESPONSES
 from app.schemas.experiments import (

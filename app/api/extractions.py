@@ -16,8 +16,8 @@ from sqlalchemy.orm import Session
 from app import jobs
 from app.api.deps import ArtifactsDep, RedisDep, SessionDep, SessionsDep, SettingsDep
 from app.errors import ServiceError, not_found
-from app.extractions import new_extraction
 from app.registry.database import keyset_page
+from app.registry.extractions import new_extraction
 from app.registry.tables import Extraction, Job
 from app.schemas.common import ERROR_RESPONSES
 from app.schemas.extractions import (

@@ -10,7 +10,7 @@ from sqlalchemy.orm import Session, sessionmaker
 from app import broker, jobs
 from app.api.deps import RedisDep, SessionDep, SessionsDep, SettingsDep
 from app.errors import ServiceError
-from app.model_sources import fingerprint, read_model_shape, resolve_source
+from app.inputs.model_sources import fingerprint, read_model_shape, resolve_source
 from app.registry.database import transaction
 from app.registry.models import find_model, get_model, list_models, new_model
 from app.registry.tables import Model

@@ -13,8 +13,8 @@ from app import jobs
 from app.api.deps import ArtifactsDep, RedisDep, SessionDep, SessionsDep, SettingsDep
 from app.api.render_cache import cached_render
 from app.errors import ServiceError, not_found
-from app.probes import new_probe_run, run_view
 from app.registry.database import keyset_page
+from app.registry.probes import new_probe_run, run_view
 from app.registry.tables import Job, Probe, ProbeRun
 from app.schemas.common import ERROR_RESPONSES
 from app.schemas.jobs import JobAccepted, JobOut

@@ -4,8 +4,8 @@ from sqlalchemy import select
 from sqlalchemy.exc import IntegrityError, SQLAlchemyError
 from sqlalchemy.orm import Session, sessionmaker
 
-from app.datasets import NormalisedDataset
 from app.errors import ServiceError, not_found
+from app.inputs.datasets import NormalisedDataset
 from app.registry.database import keyset_page, transaction
 from app.registry.tables import Dataset, new_id
 from app.storage import ArtifactStore

@@ -4,7 +4,7 @@ from sqlalchemy import select
 from sqlalchemy.orm import Session
 
 from app.errors import not_found
-from app.model_sources import ModelShape, ResolvedSource
+from app.inputs.model_sources import ModelShape, ResolvedSource
 from app.registry.database import keyset_page
 from app.registry.tables import Model, new_id
 

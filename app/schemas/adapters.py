@@ -5,7 +5,7 @@ from typing import Annotated, Any, Literal
 
 from pydantic import AfterValidator, BaseModel, Field
 
-from app.documents import within_depth_limit
+from app.inputs.documents import within_depth_limit
 from app.registry.tables import Adapter
 from app.schemas.common import Request
 

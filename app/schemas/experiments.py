@@ -5,7 +5,7 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, Field
 
-from app.model_sources import Revision
+from app.inputs.model_sources import Revision
 from app.schemas.common import Dtype, Quantization, Request
 from app.schemas.jobs import JobOut, JobStatus
 from app.schemas.probes import ProbeMethod

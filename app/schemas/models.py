@@ -5,7 +5,7 @@ from typing import Literal
 
 from pydantic import BaseModel, Field
 
-from app.model_sources import Revision
+from app.inputs.model_sources import Revision
 from app.registry.tables import Model
 from app.schemas.common import DISPLAY_NAME_MAX, Dtype, Quantization, Request
 

@@ -14,8 +14,8 @@ from fastapi.testclient import TestClient
 from sqlalchemy import text
 from sqlalchemy.exc import SQLAlchemyError
 
-from app.datasets import format_multiple_choice, parse_upload, read_rows, texts_of
 from app.errors import ServiceError
+from app.inputs.datasets import format_multiple_choice, parse_upload, read_rows, texts_of
 from app.main import create_app
 from app.registry.database import create_registry_engine
 from app.registry.datasets import get_dataset, new_dataset, register_dataset

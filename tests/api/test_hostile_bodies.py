@@ -15,7 +15,7 @@ import pytest
 import yaml
 from fastapi.testclient import TestClient
 
-from app.documents import MAX_DOCUMENT_DEPTH
+from app.inputs.documents import MAX_DOCUMENT_DEPTH
 from app.main import create_app
 from app.settings import Settings
 from tests.api.test_errors import assert_envelope

@@ -11,7 +11,7 @@ from typing import Any
 import pytest
 import redis
 
-from app.model_sources import (
+from app.inputs.model_sources import (
     MAX_ATTENTION_HEADS,
     MAX_EXPERTS,
     MAX_HIDDEN_SIZE,
@@ -403,7 +403,7 @@ def test_a_config_json_linked_to_a_device_is_a_422_naming_the_source(api: Any, t
 
 
 def test_a_config_json_over_its_size_bound_is_a_422_naming_the_source(api: Any, tiny_llama: Path) -> None:
-    from app.user_files import METADATA_MAX_BYTES
+    from app.inputs.user_files import METADATA_MAX_BYTES
 
     config = json.loads((tiny_llama / "config.json").read_text())
     config["padding"] = "x" * METADATA_MAX_BYTES

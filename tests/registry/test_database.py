@@ -8,7 +8,7 @@ from alembic.script import ScriptDirectory
 from sqlalchemy import inspect
 from sqlalchemy.exc import IntegrityError
 
-from app.model_sources import ModelShape, ResolvedSource
+from app.inputs.model_sources import ModelShape, ResolvedSource
 from app.registry.database import (
     MIGRATIONS_DIR,
     create_registry_engine,

@@ -10,7 +10,7 @@ from typing import Any
 import pytest
 
 from app import broker
-from app.model_sources import ModelShape, ResolvedSource
+from app.inputs.model_sources import ModelShape, ResolvedSource
 from app.registry.models import new_model
 from app.registry.tables import Job, new_id
 from app.settings import Settings

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 import torch
 
-from app.datasets import format_multiple_choice
+from app.inputs.datasets import format_multiple_choice
 from tests import tiny_models
 from tests.conftest import SHARED_DATA, require
 from workers.errors import JobFailed

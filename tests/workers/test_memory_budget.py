@@ -8,7 +8,7 @@ from typing import Any
 
 import pytest
 
-from app.model_sources import fingerprint, read_model_shape, resolve_source
+from app.inputs.model_sources import fingerprint, read_model_shape, resolve_source
 from app.registry.models import new_model
 from app.registry.tables import Model
 from app.settings import Settings

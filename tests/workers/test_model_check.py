@@ -86,7 +86,7 @@ def test_a_model_loads_in_the_registered_dtype(api: Any, settings: Settings, tin
 
 
 def test_the_least_recently_used_model_is_evicted_when_the_budget_is_full(tmp_path: Path) -> None:
-    from app.model_sources import fingerprint, read_model_shape, resolve_source
+    from app.inputs.model_sources import fingerprint, read_model_shape, resolve_source
     from app.registry.models import new_model
     from tests.tiny_models import save_tiny_llama
     from workers.resident_models import ResidentModels

@@ -12,7 +12,7 @@ from typing import Any
 
 import pytest
 
-from app.model_sources import (
+from app.inputs.model_sources import (
     MAX_HIDDEN_SIZE,
     MAX_INTERMEDIATE_SIZE,
     MAX_LAYERS,

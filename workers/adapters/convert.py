@@ -27,8 +27,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from app.adapters import PUBLISHED_DEFAULTS, adapter_identity
-from app.user_files import (
+from app.inputs.adapter_sources import PUBLISHED_DEFAULTS, adapter_identity
+from app.inputs.user_files import (
     METADATA_MAX_BYTES,
     FileTooLarge,
     NotARegularFile,

@@ -11,8 +11,8 @@ from typing import TYPE_CHECKING, Any
 import httpx
 from sqlalchemy.exc import IntegrityError
 
-from app.archives import ArchiveLimits, ArchiveRejected, extract_archive
 from app.errors import disk_full
+from app.inputs.archives import ArchiveLimits, ArchiveRejected, extract_archive
 from app.registry.adapters import artifact_in_use, find_adapter
 from app.registry.models import get_model
 from app.registry.tables import Adapter, Model, new_id

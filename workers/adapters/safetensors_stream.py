@@ -20,7 +20,7 @@ from typing import BinaryIO
 
 import numpy as np
 
-from app.user_files import NotARegularFile, open_regular_file
+from app.inputs.user_files import NotARegularFile, open_regular_file
 
 COPY_CHUNK = 8 << 20
 HASH_BACKLOG = 3

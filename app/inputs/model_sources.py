@@ -4,7 +4,7 @@ gateway learns a model's shape without torch or transformers.
 Every path here comes from a request, so nothing is trusted: a Hugging Face revision is a
 checked ref name or commit hash and is resolved here, inside the cache, never handed to
 huggingface_hub as a path; files are read only when regular and within a bound
-(`app.user_files`); and a config's sizes are bounded, so a worker never tries to build an
+(`app.inputs.user_files`); and a config's sizes are bounded, so a worker never tries to build an
 absurd model.
 """
 
@@ -18,7 +18,7 @@ from typing import Annotated, Any
 from pydantic import BeforeValidator, Field
 
 from app.errors import ServiceError, invalid_field
-from app.user_files import (
+from app.inputs.user_files import (
     METADATA_MAX_BYTES,
     FileTooLarge,
     NotARegularFile,

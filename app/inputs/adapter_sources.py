@@ -14,8 +14,8 @@ from typing import Any, Literal
 from urllib.parse import urlsplit
 
 from app.errors import ServiceError, invalid_field
+from app.inputs.user_files import NotARegularFile, file_kind, regular_file_or_none
 from app.settings import Settings
-from app.user_files import NotARegularFile, file_kind, regular_file_or_none
 
 TINKER_PATH = re.compile(r"^tinker://(?P<run_id>[^/]+)/(?P<kind>[^/]+)/(?P<name>[^/]+)$")
 SourceKind = Literal["tinker", "local_folder", "local_archive", "url", "upload"]

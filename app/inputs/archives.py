@@ -28,7 +28,7 @@ from functools import partial
 from pathlib import Path, PurePosixPath
 from typing import BinaryIO, Literal
 
-from app.user_files import NotARegularFile, open_regular_file
+from app.inputs.user_files import NotARegularFile, open_regular_file
 
 ArchiveFormat = Literal["tar", "tar.gz", "zip"]
 MemberKind = Literal["file", "directory", "link", "special_file"]

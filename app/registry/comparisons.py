@@ -5,7 +5,7 @@ and flagged, as the request says — never mixed silently."""
 from sqlalchemy.orm import Session
 
 from app.errors import invalid_field, not_found
-from app.extractions import checked_model_and_adapter, resolve_layers
+from app.registry.extractions import checked_model_and_adapter, resolve_layers
 from app.registry.models import get_model
 from app.registry.tables import Adapter, Comparison, Dataset, new_id
 from app.schemas.comparisons import ComparisonCreate
