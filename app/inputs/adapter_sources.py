@@ -1,16 +1,14 @@
 """Where an adapter import may read from, decided before any job is queued: Tinker paths
 (external weights only), folders and archives under the configured roots — regular files
 only, so no worker blocks on a FIFO or reads a device for ever — and `https` URLs on the
-configured hosts. Also what makes two adapters the same (`adapter_identity`)."""
+configured hosts."""
 
-import hashlib
-import json
 import os
 import re
 import stat
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Literal
+from typing import Literal
 from urllib.parse import urlsplit
 
 from app.errors import ServiceError, invalid_field
@@ -19,12 +17,6 @@ from app.settings import Settings
 
 TINKER_PATH = re.compile(r"^tinker://(?P<run_id>[^/]+)/(?P<kind>[^/]+)/(?P<name>[^/]+)$")
 SourceKind = Literal["tinker", "local_folder", "local_archive", "url", "upload"]
-# What a converted adapter's config always says about settings it does not vary.
-PUBLISHED_DEFAULTS: dict[str, Any] = {"bias": "none", "fan_in_fan_out": False}
-# The config values that change what an adapter computes, with the value an adapter
-# converted before a setting was kept had. With the weights' sha256 they are its identity.
-IDENTITY_DEFAULTS: dict[str, Any] = {"use_rslora": False, **PUBLISHED_DEFAULTS}
-IDENTITY_KEYS = ("r", "lora_alpha", "target_modules", *IDENTITY_DEFAULTS)
 
 
 @dataclass(frozen=True)
@@ -32,20 +24,6 @@ class AdapterSource:
     kind: SourceKind
     location: str  # the tinker path, the resolved local path, or the URL
     tinker_run_id: str | None = None
-
-
-def adapter_identity(weights_sha256: str, config: dict[str, Any]) -> str:
-    """The sha256 of the weights' sha256 and the canonical JSON of the converted config's
-    values that change the adapter's output (`IDENTITY_KEYS`): the same weights with another
-    lora_alpha are another adapter, with its own row, files and cached hidden states.
-    Migration 0008 keeps a frozen copy of this for rows converted before it; they agree."""
-    relevant = {key: config.get(key, IDENTITY_DEFAULTS.get(key)) for key in IDENTITY_KEYS}
-    relevant["lora_alpha"] = float(relevant["lora_alpha"])
-    relevant["target_modules"] = sorted(relevant["target_modules"])
-    canonical = json.dumps(
-        {"weights_sha256": weights_sha256, "config": relevant}, sort_keys=True, separators=(",", ":"), allow_nan=False
-    )
-    return hashlib.sha256(canonical.encode()).hexdigest()
 
 
 def _tinker_source(source: str, settings: Settings) -> AdapterSource:

@@ -185,7 +185,7 @@ class Adapter(Base):
     lora_alpha: Mapped[float] = mapped_column()
     target_modules: Mapped[list[str]] = mapped_column(JSON)
     sha256: Mapped[str] = mapped_column(String(64))
-    # the weights' sha256 and the config values that change the output (app.inputs.adapter_sources.adapter_identity)
+    # the weights' sha256 and the config values that change the output (app.registry.adapters.adapter_identity)
     identity: Mapped[str] = mapped_column(String(64))
     size_bytes: Mapped[int] = mapped_column(BigInteger)
     artifact: Mapped[str] = mapped_column(String(500))

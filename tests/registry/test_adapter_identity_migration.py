@@ -12,8 +12,8 @@ from alembic import command
 from alembic.config import Config
 from sqlalchemy.exc import IntegrityError
 
-from app.inputs.adapter_sources import adapter_identity
 from app.inputs.model_sources import ModelShape, ResolvedSource
+from app.registry.adapters import adapter_identity
 from app.registry.database import (
     MIGRATIONS_DIR,
     create_registry_engine,

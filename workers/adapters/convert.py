@@ -27,13 +27,13 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from app.inputs.adapter_sources import PUBLISHED_DEFAULTS, adapter_identity
 from app.inputs.user_files import (
     METADATA_MAX_BYTES,
     FileTooLarge,
     NotARegularFile,
     read_regular_file,
 )
+from app.registry.adapters import PUBLISHED_DEFAULTS, adapter_identity
 from workers.adapters.safetensors_stream import (
     InvalidSafetensors,
     OutputTensor,

@@ -4,7 +4,7 @@ Until now an adapter was unique by its weights' sha256 alone, so the same weight
 with another lora_alpha came back as the existing adapter, with the old scale. Rows
 converted so far all have a config of r, lora_alpha and target_modules (their row's columns)
 with use_rslora false, bias "none" and fan_in_fan_out false, so their identity is computed
-from the row exactly as `app.inputs.adapter_sources.adapter_identity` computes it for new imports. Their
+from the row exactly as `app.registry.adapters.adapter_identity` computes it for new imports. Their
 files stay where they are (`adapters/<sha256>/`); the row names them.
 
 Revision ID: 0008
@@ -27,7 +27,7 @@ depends_on: str | Sequence[str] | None = None
 
 
 def identity_of_row(sha256: str, r: int, lora_alpha: float, target_modules: list[str]) -> str:
-    """A frozen copy of `app.inputs.adapter_sources.adapter_identity` for a config as converters before
+    """A frozen copy of `app.registry.adapters.adapter_identity` for a config as converters before
     this revision wrote it (a test checks they agree)."""
     config: dict[str, Any] = {
         "r": r,
