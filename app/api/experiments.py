@@ -16,7 +16,7 @@ from app.api.models import register
 from app.errors import ServiceError, invalid_field, not_found
 from app.inputs.adapter_sources import classify_source
 from app.inputs.documents import parse_document
-from app.registry.extractions import resolve_layers
+from app.registry.models import resolve_layers
 from app.registry.tables import Dataset, Experiment, Job, new_id
 from app.schemas.common import DISPLAY_NAME_MAX, ERROR_RESPONSES
 from app.schemas.experiments import (

@@ -5,8 +5,7 @@ and flagged, as the request says — never mixed silently."""
 from sqlalchemy.orm import Session
 
 from app.errors import invalid_field, not_found
-from app.registry.extractions import checked_model_and_adapter, resolve_layers
-from app.registry.models import get_model
+from app.registry.models import checked_model_and_adapter, get_model, resolve_layers
 from app.registry.tables import Adapter, Comparison, Dataset, new_id
 from app.schemas.comparisons import ComparisonCreate
 

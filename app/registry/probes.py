@@ -5,7 +5,7 @@ from typing import Any
 from sqlalchemy.orm import Session
 
 from app.errors import invalid_field, not_found
-from app.registry.extractions import checked_model_and_adapter, resolve_layers
+from app.registry.models import checked_model_and_adapter, resolve_layers
 from app.registry.tables import Dataset, Probe, ProbeRun, new_id
 from app.schemas.probes import ProbeCreate, ProbeOut, ProbeRunOut
 
