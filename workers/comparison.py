@@ -13,7 +13,8 @@ from sqlalchemy import update
 from app.calibration.binned import ece
 from app.calibration.reporting import calibration_report, paired_differences
 from app.calibration.scoring import auroc, brier
-from app.inputs.datasets import read_rows, texts_of_rows
+from app.inputs.datasets import texts_of_rows
+from app.registry.datasets import read_rows
 from app.registry.models import get_model
 from app.registry.tables import Adapter, Comparison, Dataset, Model, utcnow
 from workers.context import subject_row

@@ -8,8 +8,7 @@ from typing import Any
 
 from sqlalchemy import select, update
 
-from app.errors import ServiceError
-from app.inputs.datasets import default_name, parse_upload
+from app.inputs.datasets import InvalidDataset, default_name, parse_upload
 from app.inputs.user_files import FileTooLarge, NotARegularFile, read_regular_file
 from app.registry.datasets import register_dataset
 from app.registry.models import get_model
@@ -66,7 +65,7 @@ def _dataset(context: JobContext) -> Dataset:
         raise JobFailed(
             "too_large", f"{path.name} is larger than {limit} bytes (MAX_DATASET_BYTES)", limit_bytes=limit
         ) from exc
-    except ServiceError as exc:  # a malformed file: the same message the upload endpoint gives
+    except InvalidDataset as exc:  # a malformed file: the same message the upload endpoint gives
         raise JobFailed(exc.code, f"{path.name}: {exc.message}", **exc.details) from exc
     return register_dataset(worker.sessions, worker.artifacts, upload, default_name(path.name))[0]
 

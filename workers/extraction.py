@@ -21,7 +21,7 @@ from sqlalchemy.dialects.postgresql import insert as postgresql_insert
 from sqlalchemy.dialects.sqlite import insert as sqlite_insert
 from sqlalchemy.orm import Session, sessionmaker
 
-from app.inputs.datasets import texts_of
+from app.registry.datasets import texts_of
 from app.registry.models import get_model
 from app.registry.tables import (
     Adapter,

@@ -15,7 +15,8 @@ from sqlalchemy import update
 
 from app.calibration.reporting import calibration_report
 from app.calibration.scoring import auroc, brier, nll
-from app.inputs.datasets import read_rows, texts_of_rows
+from app.inputs.datasets import texts_of_rows
+from app.registry.datasets import read_rows
 from app.registry.models import get_model
 from app.registry.tables import Adapter, Dataset, Model, Probe, ProbeRun, new_id, utcnow
 from workers.context import subject_row

@@ -6,13 +6,21 @@ from fastapi import APIRouter, File, Form, Query, Response, UploadFile, status
 from pydantic import AfterValidator
 
 from app.api.deps import ArtifactsDep, SessionDep, SessionsDep, SettingsDep
-from app.errors import nul_free_filename
-from app.inputs.datasets import default_name, parse_upload
+from app.errors import ServiceError, nul_free_filename
+from app.inputs.datasets import InvalidDataset, NormalisedDataset, default_name, parse_upload
 from app.registry.datasets import get_dataset, list_datasets, register_dataset
 from app.schemas.common import ERROR_RESPONSES, without_nul
 from app.schemas.datasets import DatasetOut, DatasetPage
 
 router = APIRouter(prefix="/v1/datasets", tags=["datasets"], responses=ERROR_RESPONSES)
+
+
+def _parsed(raw: bytes, filename: str | None) -> NormalisedDataset:
+    """The upload's rows; a file that is not a dataset is a 422 naming its line and field."""
+    try:
+        return parse_upload(raw, filename)
+    except InvalidDataset as exc:
+        raise ServiceError(422, exc.code, exc.message, **exc.details) from exc
 
 
 @router.post(
@@ -41,7 +49,7 @@ def upload_dataset(
     """Upload a dataset. A malformed row is a 422 naming its line and field, and nothing is
     kept. Rows already uploaded (as CSV or JSONL) answer 200 with the existing dataset."""
     filename = nul_free_filename(file.filename)
-    upload = parse_upload(file.file.read(), filename)
+    upload = _parsed(file.file.read(), filename)
     dataset, created = register_dataset(sessions, artifacts, upload, name or default_name(filename))
     if created:
         response.headers["Location"] = f"/v1/datasets/{dataset.id}"

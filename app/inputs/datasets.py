@@ -1,5 +1,5 @@
 """Dataset files: an upload (JSONL or CSV) parsed into rows and normalised to the JSONL that
-is stored and hashed, and the stored rows read back for the workers.
+is stored and hashed, and what the model reads for each row.
 
 Two kinds of rows. *Statements* `{text, label}`: label 1 when the statement is true. In CSV
 the text column may be called `statement` (the Geometry-of-Truth and Azaria–Mitchell files)
@@ -24,10 +24,6 @@ from dataclasses import dataclass
 from pathlib import PurePath
 from typing import Any, Literal
 
-from app.errors import ServiceError, invalid_field
-from app.registry.tables import Dataset
-from app.storage import ArtifactStore
-
 DatasetKind = Literal["statements", "multiple_choice"]
 SourceFormat = Literal["jsonl", "csv"]
 
@@ -35,6 +31,23 @@ STATEMENT_KEYS = ("text", "statement", "label")
 MULTIPLE_CHOICE_KEYS = ("question", "choices", "answer")
 CHOICE_LETTERS = string.ascii_uppercase
 CSV_LABEL_WORDS = {"0": 0, "1": 1, "false": 0, "true": 1}
+
+
+class InvalidDataset(ValueError):
+    """A file that is not a dataset, said as the upload endpoint says it: `code` is
+    `invalid_row` for a malformed row (`details`: its `line` and `field`) or `invalid_field`
+    for the file as a whole (`details`: `field` is `file`). Raised in the gateway and in
+    workers alike, each of which tells its caller in its own way."""
+
+    def __init__(self, code: str, message: str, **details: Any) -> None:
+        super().__init__(message)
+        self.code = code
+        self.message = message
+        self.details = details
+
+
+def _file_error(problem: str, **details: Any) -> InvalidDataset:
+    return InvalidDataset("invalid_field", f"file: {problem}", field="file", **details)
 
 
 @dataclass(frozen=True)
@@ -85,8 +98,8 @@ class NormalisedDataset:
 
 
 def parse_upload(raw: bytes, filename: str | None) -> NormalisedDataset:
-    """Parse and normalise an uploaded file. A malformed row is a 422 whose message and
-    `details` give its line (1-based, as in the file) and field."""
+    """Parse and normalise an uploaded file. A malformed row is an `InvalidDataset` whose
+    message and `details` give its line (1-based, as in the file) and field."""
     text = _decoded(raw)
     source_format = _format_of(filename, text)
     records = _jsonl_records(text) if source_format == "jsonl" else _csv_records(text)
@@ -108,20 +121,8 @@ def default_name(filename: str | None) -> str:
     return (filename or "dataset")[:200]
 
 
-def read_rows(store: ArtifactStore, dataset: Dataset) -> list[dict[str, Any]]:
-    """The stored rows: `{text, label}` or `{question, choices, answer}`, in upload order."""
-    # split on "\n" only: str.splitlines would also split at U+2028, which JSON leaves raw
-    lines = store.read_bytes(dataset.artifact).split(b"\n")
-    return [json.loads(line) for line in lines if line]
-
-
-def texts_of(store: ArtifactStore, dataset: Dataset) -> list[str]:
-    """What the model reads for each row: a statement's text, or a multiple-choice prompt."""
-    return texts_of_rows(read_rows(store, dataset), dataset.kind)
-
-
 def texts_of_rows(rows: Sequence[dict[str, Any]], kind: str) -> list[str]:
-    """`texts_of` for rows already read."""
+    """What the model reads for each row: a statement's text, or a multiple-choice prompt."""
     if kind == "multiple_choice":
         return [format_multiple_choice(row["question"], row["choices"]) for row in rows]
     return [row["text"] for row in rows]
@@ -141,8 +142,8 @@ def format_multiple_choice(question: str, choices: Sequence[str]) -> str:
 Record = tuple[int, dict[str, Any]]  # the line a row starts on, and its values by key
 
 
-def _row_error(line: int, field: str, problem: str, name: str | None = None) -> ServiceError:
-    return ServiceError(422, "invalid_row", f"line {line}: {name or field} {problem}", line=line, field=field)
+def _row_error(line: int, field: str, problem: str, name: str | None = None) -> InvalidDataset:
+    return InvalidDataset("invalid_row", f"line {line}: {name or field} {problem}", line=line, field=field)
 
 
 def _decoded(raw: bytes) -> str:
@@ -150,7 +151,7 @@ def _decoded(raw: bytes) -> str:
         return raw.decode("utf-8-sig")
     except UnicodeDecodeError as exc:
         line = raw.count(b"\n", 0, exc.start) + 1
-        raise invalid_field("file", f"not UTF-8 text (byte {raw[exc.start]:#04x} on line {line})", line=line) from None
+        raise _file_error(f"not UTF-8 text (byte {raw[exc.start]:#04x} on line {line})", line=line) from None
 
 
 def _format_of(filename: str | None, text: str) -> SourceFormat:
@@ -268,7 +269,7 @@ def _rows_of(records: Iterable[Record]) -> tuple[DatasetKind, list[Row]]:
                 )
         rows.append(_statement(record, line) if kind == "statements" else _multiple_choice(record, line))
     if kind is None:
-        raise invalid_field("file", "has no rows")
+        raise _file_error("has no rows")
     return kind, rows
 
 

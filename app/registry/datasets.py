@@ -1,11 +1,15 @@
-"""Queries on uploaded datasets, and their registration: the stored file first, then the row."""
+"""Queries on uploaded datasets, their registration (the stored file first, then the row),
+and their stored rows read back."""
+
+import json
+from typing import Any
 
 from sqlalchemy import select
 from sqlalchemy.exc import IntegrityError, SQLAlchemyError
 from sqlalchemy.orm import Session, sessionmaker
 
 from app.errors import ServiceError, not_found
-from app.inputs.datasets import NormalisedDataset
+from app.inputs.datasets import NormalisedDataset, texts_of_rows
 from app.registry.database import keyset_page, transaction
 from app.registry.tables import Dataset, new_id
 from app.storage import ArtifactStore
@@ -86,3 +90,15 @@ def _discard_unregistered_file(
         registered = False  # the database is out of reach, most likely for the other upload too
     if not registered:
         store.delete(upload.artifact_key)
+
+
+def read_rows(store: ArtifactStore, dataset: Dataset) -> list[dict[str, Any]]:
+    """The stored rows: `{text, label}` or `{question, choices, answer}`, in upload order."""
+    # split on "\n" only: str.splitlines would also split at U+2028, which JSON leaves raw
+    lines = store.read_bytes(dataset.artifact).split(b"\n")
+    return [json.loads(line) for line in lines if line]
+
+
+def texts_of(store: ArtifactStore, dataset: Dataset) -> list[str]:
+    """What the model reads for each stored row (`texts_of_rows`)."""
+    return texts_of_rows(read_rows(store, dataset), dataset.kind)

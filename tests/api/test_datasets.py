@@ -15,10 +15,10 @@ from sqlalchemy import text
 from sqlalchemy.exc import SQLAlchemyError
 
 from app.errors import ServiceError
-from app.inputs.datasets import format_multiple_choice, parse_upload, read_rows, texts_of
+from app.inputs.datasets import format_multiple_choice, parse_upload
 from app.main import create_app
 from app.registry.database import create_registry_engine
-from app.registry.datasets import get_dataset, new_dataset, register_dataset
+from app.registry.datasets import get_dataset, new_dataset, read_rows, register_dataset, texts_of
 from app.registry.tables import Dataset
 from app.settings import Settings
 from tests.conftest import SHARED_DATA, RedisServer, make_settings, require, wait_until
