@@ -24,9 +24,8 @@ from workers.errors import JobFailed
 from workers.extraction import StatesRequest, cached_states
 from workers.labelling import self_label
 from workers.probes import (
+    RECALIBRATOR_KINDS,
     MassMeanProbe,
-    PlattScaling,
-    TemperatureScaling,
     fit_logistic_probe,
     load_probe,
     probability_of_correct,
@@ -36,8 +35,6 @@ from workers.probes import (
 
 if TYPE_CHECKING:
     from workers.context import JobContext
-
-RECALIBRATORS = {"temperature": TemperatureScaling, "platt": PlattScaling}
 
 
 @dataclass
@@ -92,7 +89,7 @@ def train_probe(
         probe, search = MassMeanProbe(whiten=whiten).fit(x[split.train], y[split.train]), {}
     recalibrator = None
     if recalibration:
-        recalibrator = RECALIBRATORS[recalibration]().fit(
+        recalibrator = RECALIBRATOR_KINDS[recalibration]().fit(
             probe.decision_function(x[split.validation]), y[split.validation]
         )
     return probe, recalibrator, search

@@ -17,7 +17,7 @@ import os
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Self
+from typing import Any, ClassVar, Self
 
 import numpy as np
 from safetensors.numpy import load_file, save_file
@@ -31,6 +31,8 @@ from sklearn.preprocessing import StandardScaler
 from sklearn.utils import Tags
 from sklearn.utils.multiclass import type_of_target
 from sklearn.utils.validation import check_array, check_is_fitted, validate_data
+
+from app.schemas.probes import MIN_PER_CLASS, Recalibration
 
 DEFAULT_FRACTIONS = (0.6, 0.2, 0.2)
 DEFAULT_C_GRID = tuple(float(strength) for strength in np.logspace(-4, 2, 7))
@@ -70,9 +72,9 @@ def stratified_split(
     if len(classes) != 2:
         raise ValueError(f"a split needs labels of exactly two classes, got {len(classes)}: {classes.tolist()}")
     for label, size in zip(classes.tolist(), class_sizes.tolist(), strict=False):
-        if size < 3:
+        if size < MIN_PER_CLASS:
             raise ValueError(
-                f"class {label!r} has {size} member(s); train, validation and test each need one, so every class needs at least 3"
+                f"class {label!r} has {size} member(s); train, validation and test each need one, so every class needs at least {MIN_PER_CLASS}"
             )
     rng = np.random.default_rng(seed)
     parts: list[list[np.ndarray]] = [[], [], []]
@@ -321,6 +323,8 @@ class TemperatureScaling(BaseEstimator):
     in its binary form. The search runs on log T, which keeps T positive.
     """
 
+    kind: ClassVar[Recalibration] = "temperature"
+
     def fit(self, logits: np.ndarray, y: np.ndarray) -> Self:
         logits, labels = zero_one_labels(logits, y)
         result = minimize_scalar(
@@ -338,7 +342,7 @@ class TemperatureScaling(BaseEstimator):
 
     def to_state(self) -> tuple[dict[str, np.ndarray], dict[str, Any]]:
         check_is_fitted(self)
-        return {}, {"kind": "temperature", "temperature": self.temperature_}
+        return {}, {"kind": self.kind, "temperature": self.temperature_}
 
     @classmethod
     def from_state(cls, arrays: dict[str, np.ndarray], params: dict[str, Any]) -> "TemperatureScaling":
@@ -355,6 +359,8 @@ class PlattScaling(BaseEstimator):
     smoothed targets.
     """
 
+    kind: ClassVar[Recalibration] = "platt"
+
     def fit(self, logits: np.ndarray, y: np.ndarray) -> Self:
         logits, labels = zero_one_labels(logits, y)
         model = LogisticRegression(C=np.inf, tol=1e-10, max_iter=10_000).fit(logits[:, None], labels)
@@ -368,7 +374,7 @@ class PlattScaling(BaseEstimator):
 
     def to_state(self) -> tuple[dict[str, np.ndarray], dict[str, Any]]:
         check_is_fitted(self)
-        return {}, {"kind": "platt", "a": self.a_, "b": self.b_}
+        return {}, {"kind": self.kind, "a": self.a_, "b": self.b_}
 
     @classmethod
     def from_state(cls, arrays: dict[str, np.ndarray], params: dict[str, Any]) -> "PlattScaling":
@@ -380,7 +386,9 @@ class PlattScaling(BaseEstimator):
 Probe = LogisticProbe | MassMeanProbe
 Recalibrator = TemperatureScaling | PlattScaling
 PROBE_KINDS: dict[str, type[Probe]] = {"logistic": LogisticProbe, "mass_mean": MassMeanProbe}
-RECALIBRATOR_KINDS: dict[str, type[Recalibrator]] = {"temperature": TemperatureScaling, "platt": PlattScaling}
+RECALIBRATOR_KINDS: dict[str, type[Recalibrator]] = {
+    recalibrator.kind: recalibrator for recalibrator in (TemperatureScaling, PlattScaling)
+}
 
 
 def probe_from_state(arrays: dict[str, np.ndarray], params: dict[str, Any]) -> Probe:

@@ -13,6 +13,7 @@ from app import jobs
 from app.api.deps import ArtifactsDep, RedisDep, SessionDep, SessionsDep, SettingsDep
 from app.api.render_cache import cached_render
 from app.errors import ServiceError, not_found
+from app.inputs.texts import refuse_empty_texts
 from app.registry.database import keyset_page
 from app.registry.probes import new_probe_run, run_view
 from app.registry.tables import Job, Probe, ProbeRun
@@ -190,9 +191,7 @@ async def score_texts(
         raise ServiceError(
             413, "payload_too_large", f"texts: at most {settings.max_score_texts} texts per request", field="texts"
         )
-    for index, text in enumerate(body.texts):
-        if not text.strip():
-            raise ServiceError(422, "invalid_field", f"texts[{index}]: is empty", field=f"texts[{index}]")
+    refuse_empty_texts(body.texts)
     with sessions() as session:
         probe = _probe(session, probe_id)
     job, _ = jobs.submit(

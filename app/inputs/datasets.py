@@ -24,6 +24,8 @@ from dataclasses import dataclass
 from pathlib import PurePath
 from typing import Any, Literal
 
+from app.inputs.texts import is_empty_text
+
 DatasetKind = Literal["statements", "multiple_choice"]
 SourceFormat = Literal["jsonl", "csv"]
 
@@ -302,9 +304,9 @@ def _stripped_text(value: Any, line: int, field: str, name: str | None = None) -
     """A non-empty string, its surrounding whitespace stripped."""
     if not isinstance(value, str):
         raise _row_error(line, field, f"must be a string, not {_shown(value)}", name)
-    stripped = value.strip()
-    if not stripped:
+    if is_empty_text(value):
         raise _row_error(line, field, "is empty", name)
+    stripped = value.strip()
     try:
         stripped.encode("utf-8")
     except UnicodeEncodeError:

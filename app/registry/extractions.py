@@ -4,6 +4,7 @@ dataset exist, layers are in range, texts are not empty."""
 from sqlalchemy.orm import Session
 
 from app.errors import ServiceError, invalid_field, not_found
+from app.inputs.texts import refuse_empty_texts
 from app.registry.models import checked_model_and_adapter, resolve_layers
 from app.registry.tables import Dataset, Extraction, Model, new_id
 from app.schemas.extractions import ExtractionCreate
@@ -20,9 +21,7 @@ def check_texts(texts: list[str], settings: Settings) -> None:
             f"texts: {len(texts)} texts inline, at most {settings.max_inline_texts}; upload a dataset instead",
             field="texts",
         )
-    for index, text in enumerate(texts):
-        if not text.strip():
-            raise invalid_field(f"texts[{index}]", "is empty", index=index)
+    refuse_empty_texts(texts)
 
 
 def new_extraction(

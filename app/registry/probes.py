@@ -7,9 +7,7 @@ from sqlalchemy.orm import Session
 from app.errors import invalid_field, not_found
 from app.registry.models import checked_model_and_adapter, resolve_layers
 from app.registry.tables import Dataset, Probe, ProbeRun, new_id
-from app.schemas.probes import ProbeCreate, ProbeOut, ProbeRunOut
-
-MIN_PER_CLASS = 3  # each of train, validation and test needs both classes
+from app.schemas.probes import MIN_PER_CLASS, ProbeCreate, ProbeOut, ProbeRunOut
 
 
 def new_probe_run(session: Session, request: ProbeCreate, job_id: str) -> ProbeRun:

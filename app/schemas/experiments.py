@@ -8,7 +8,7 @@ from pydantic import BaseModel, Field
 from app.inputs.model_sources import Revision
 from app.schemas.common import Dtype, Quantization, Request
 from app.schemas.jobs import JobOut, JobStatus
-from app.schemas.probes import ProbeMethod
+from app.schemas.probes import ProbeMethod, Recalibration
 
 
 class ExperimentMeta(Request):
@@ -47,7 +47,7 @@ class ExperimentExtraction(Request):
 class ExperimentProbe(Request):
     dataset: str = Field(description="Id of an uploaded dataset, or a JSONL/CSV file under ADAPTER_ROOTS.")
     method: ProbeMethod | list[ProbeMethod] = "logistic"
-    recalibration: Literal["temperature", "platt"] | None = None
+    recalibration: Recalibration | None = None
 
 
 class ExperimentConfig(Request):

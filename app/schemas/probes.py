@@ -10,6 +10,10 @@ from app.schemas.common import Request
 from app.schemas.jobs import JobOut, JobStatus
 
 ProbeMethod = Literal["logistic", "mass_mean"]
+# how a probe's validation logits are mapped to probabilities (none: left as they are)
+Recalibration = Literal["temperature", "platt"]
+# train, validation and test each need a member of every class
+MIN_PER_CLASS = 3
 
 
 class SplitFractions(Request):
@@ -35,7 +39,7 @@ class ProbeCreate(Request):
         default_factory=SplitFractions, description="Stratified train/validation/test fractions."
     )
     seed: int = Field(0, ge=0, le=2**31 - 1)
-    recalibration: Literal["temperature", "platt"] | None = Field(None, description="Fitted on the validation split.")
+    recalibration: Recalibration | None = Field(None, description="Fitted on the validation split.")
 
 
 class ProbeOut(BaseModel):

@@ -2,7 +2,7 @@
 
 import json
 from pathlib import Path
-from typing import Any
+from typing import Any, get_args
 
 import numpy as np
 import pytest
@@ -18,6 +18,7 @@ from sklearn.pipeline import make_pipeline
 from sklearn.preprocessing import StandardScaler
 from sklearn.utils.estimator_checks import check_estimator
 
+from app.schemas.probes import Recalibration
 from workers import probes
 from workers.probes import (
     LogisticProbe,
@@ -307,3 +308,7 @@ def test_probability_of_correct_with_a_recalibrator_recalibrates_the_probe_logit
     scaling = TemperatureScaling().fit(probe.decision_function(X), y)
     expected = expit(probe.decision_function(X) / scaling.temperature_)
     np.testing.assert_allclose(probes.probability_of_correct(probe, scaling, X), expected, rtol=1e-15)
+
+
+def test_every_recalibration_a_request_may_name_has_a_recalibrator() -> None:
+    assert set(probes.RECALIBRATOR_KINDS) == set(get_args(Recalibration))
