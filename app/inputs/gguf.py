@@ -37,14 +37,18 @@ HASH_CHUNK_BYTES = 1 << 20
 MAX_COUNT = (1 << 31) - 1
 ARCHITECTURE_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,63}")
 
-# `GGUF_SUPPORTED_ARCHITECTURES` of transformers 5.23 (`transformers.modeling_gguf_pytorch_utils`,
-# the sections of `GGUF_CONFIG_MAPPING`), less its `general` and `tokenizer` sections, which
-# are not architectures. Copied because the gateway never imports transformers; a test
-# compares the two.
-TRANSFORMERS_GGUF_ARCHITECTURES = frozenset(
+# The GGUF architectures (`general.architecture`, in llama.cpp's names) transformers 5.23
+# loads, copied because the gateway never imports transformers; tests compare them with
+# transformers' own lists and with what it does. Its newer reader
+# (`transformers.integrations.gguf.GGUF_CONFIG_ARCHS`) takes these:
+TRANSFORMERS_GGUF_NEW_READER_ARCHITECTURES = frozenset({"lfm2", "qwen35", "qwen35moe"})
+# and its legacy reader (`GGUF_SUPPORTED_ARCHITECTURES` of
+# `transformers.modeling_gguf_pytorch_utils`) the others it lists, less its `general` and
+# `tokenizer` sections, which are not architectures, and `deci`, which names no model type
+# transformers 5.23 has;
+TRANSFORMERS_GGUF_LEGACY_ARCHITECTURES = frozenset(
     {
         "bloom",
-        "deci",
         "falcon",
         "gemma2",
         "gemma3",
@@ -68,8 +72,7 @@ TRANSFORMERS_GGUF_ARCHITECTURES = frozenset(
         "umt5",
     }
 )
-# llama.cpp's names of architectures that transformers knows under another name, and renames
-# before it checks the list above.
+# which first renames these llama.cpp names to its own.
 TRANSFORMERS_GGUF_RENAMES = {
     "qwen2moe": "qwen2_moe",
     "qwen3moe": "qwen3_moe",
@@ -77,6 +80,11 @@ TRANSFORMERS_GGUF_RENAMES = {
     "minimax-m2": "minimax_m2",
     "t5encoder": "t5",
 }
+TRANSFORMERS_GGUF_ARCHITECTURES = (
+    TRANSFORMERS_GGUF_NEW_READER_ARCHITECTURES
+    | TRANSFORMERS_GGUF_LEGACY_ARCHITECTURES
+    | frozenset(TRANSFORMERS_GGUF_RENAMES)
+)
 
 # A value: numbers of an array are kept in an `array.array` of their own width.
 GgufValue: TypeAlias = "int | float | bool | str | array[int] | array[float] | tuple[GgufValue, ...]"
@@ -158,7 +166,7 @@ class GgufModelInfo:
 
 def transformers_loads(architecture: str) -> bool:
     """Whether transformers 5.23 loads GGUF files of this llama.cpp architecture."""
-    return TRANSFORMERS_GGUF_RENAMES.get(architecture, architecture) in TRANSFORMERS_GGUF_ARCHITECTURES
+    return architecture in TRANSFORMERS_GGUF_ARCHITECTURES
 
 
 def read_header(path: Path, limits: GgufLimits = DEFAULT_LIMITS) -> GgufHeader:
