@@ -42,11 +42,11 @@ def smollm2_folder(smollm2_gguf: Path, tmp_path_factory: pytest.TempPathFactory)
     copied into a plain model of the same config first."""
     from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
-    source = {"pretrained_model_name_or_path": smollm2_gguf.parent, "gguf_file": smollm2_gguf.name}
-    dequantized = AutoModelForCausalLM.from_pretrained(**source)
-    model = AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(**source))
+    where, name = smollm2_gguf.parent, smollm2_gguf.name
+    dequantized = AutoModelForCausalLM.from_pretrained(where, gguf_file=name)
+    model = AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(where, gguf_file=name))
     model.load_state_dict(dequantized.state_dict(), strict=True)
     folder = tmp_path_factory.mktemp("smollm2-135m-instruct")
     model.save_pretrained(folder)
-    AutoTokenizer.from_pretrained(**source).save_pretrained(folder)
+    AutoTokenizer.from_pretrained(where, gguf_file=name).save_pretrained(folder)
     return folder
