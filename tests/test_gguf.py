@@ -18,16 +18,18 @@ import pytest
 from app.inputs.gguf import (
     DEFAULT_LIMITS,
     NUMBER_TYPES,
-    TRANSFORMERS_GGUF_ARCHITECTURES,
-    TRANSFORMERS_GGUF_LEGACY_ARCHITECTURES,
-    TRANSFORMERS_GGUF_NEW_READER_ARCHITECTURES,
-    TRANSFORMERS_GGUF_RENAMES,
     GgufLimits,
     InvalidGguf,
     file_sha256,
     model_info,
     read_header,
     read_model_info,
+)
+from app.inputs.gguf_architectures import (
+    TRANSFORMERS_GGUF_ARCHITECTURES,
+    TRANSFORMERS_GGUF_LEGACY_ARCHITECTURES,
+    TRANSFORMERS_GGUF_NEW_READER_ARCHITECTURES,
+    TRANSFORMERS_GGUF_RENAMES,
     transformers_loads,
 )
 from app.user_files import NotARegularFile

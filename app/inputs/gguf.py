@@ -27,6 +27,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import BinaryIO, TypeAlias
 
+from app.inputs.gguf_architectures import transformers_loads
 from app.user_files import open_regular_file
 
 MAGIC = b"GGUF"
@@ -36,55 +37,6 @@ HASH_CHUNK_BYTES = 1 << 20
 # The registry keeps counts in 32-bit integer columns.
 MAX_COUNT = (1 << 31) - 1
 ARCHITECTURE_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,63}")
-
-# The GGUF architectures (`general.architecture`, in llama.cpp's names) transformers 5.23
-# loads, copied because the gateway never imports transformers; tests compare them with
-# transformers' own lists and with what it does. Its newer reader
-# (`transformers.integrations.gguf.GGUF_CONFIG_ARCHS`) takes these:
-TRANSFORMERS_GGUF_NEW_READER_ARCHITECTURES = frozenset({"lfm2", "qwen35", "qwen35moe"})
-# and its legacy reader (`GGUF_SUPPORTED_ARCHITECTURES` of
-# `transformers.modeling_gguf_pytorch_utils`) the others it lists, less its `general` and
-# `tokenizer` sections, which are not architectures, and `deci`, which names no model type
-# transformers 5.23 has;
-TRANSFORMERS_GGUF_LEGACY_ARCHITECTURES = frozenset(
-    {
-        "bloom",
-        "falcon",
-        "gemma2",
-        "gemma3",
-        "gemma4",
-        "gpt2",
-        "gpt_oss",
-        "lfm2",
-        "llama",
-        "mamba",
-        "minimax_m2",
-        "mistral",
-        "nemotron",
-        "phi3",
-        "qwen2",
-        "qwen2_moe",
-        "qwen3",
-        "qwen3_moe",
-        "stablelm",
-        "starcoder2",
-        "t5",
-        "umt5",
-    }
-)
-# which first renames these llama.cpp names to its own.
-TRANSFORMERS_GGUF_RENAMES = {
-    "qwen2moe": "qwen2_moe",
-    "qwen3moe": "qwen3_moe",
-    "gpt-oss": "gpt_oss",
-    "minimax-m2": "minimax_m2",
-    "t5encoder": "t5",
-}
-TRANSFORMERS_GGUF_ARCHITECTURES = (
-    TRANSFORMERS_GGUF_NEW_READER_ARCHITECTURES
-    | TRANSFORMERS_GGUF_LEGACY_ARCHITECTURES
-    | frozenset(TRANSFORMERS_GGUF_RENAMES)
-)
 
 # A value: numbers of an array are kept in an `array.array` of their own width.
 GgufValue: TypeAlias = "int | float | bool | str | array[int] | array[float] | tuple[GgufValue, ...]"
@@ -162,11 +114,6 @@ class GgufModelInfo:
     @property
     def loads_in_transformers(self) -> bool:
         return transformers_loads(self.architecture)
-
-
-def transformers_loads(architecture: str) -> bool:
-    """Whether transformers 5.23 loads GGUF files of this llama.cpp architecture."""
-    return architecture in TRANSFORMERS_GGUF_ARCHITECTURES
 
 
 def read_header(path: Path, limits: GgufLimits = DEFAULT_LIMITS) -> GgufHeader:
