@@ -39,12 +39,12 @@ from app.registry.tables import (
     ProbeRun,
     utcnow,
 )
+from app.schemas.jobs import TERMINAL_STATUSES
 from app.storage import ArtifactStore
 
 log = logging.getLogger("app.janitor")
 
 SERVICE_FOLDERS = ("adapters", "cache", "comparisons", "datasets", "extractions", "probe_runs", "probes", "staging")
-TERMINAL = ("succeeded", "failed", "cancelled")
 
 
 @dataclass
@@ -81,7 +81,7 @@ def referenced(session: Session) -> tuple[set[str], tuple[str, ...]]:
     for column in (Dataset.artifact, Extraction.artifact):
         files.update(key for key in session.scalars(select(column).where(column.is_not(None))))
     files.update(session.scalars(select(CachedHiddenState.shard).distinct()))
-    for params in session.scalars(select(Job.params).where(Job.status.not_in(TERMINAL))):
+    for params in session.scalars(select(Job.params).where(Job.status.not_in(sorted(TERMINAL_STATUSES)))):
         if isinstance(params, dict) and isinstance(params.get("upload"), str):
             files.add(params["upload"])  # an uploaded archive its import job has yet to read
     folders = {

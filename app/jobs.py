@@ -20,11 +20,10 @@ from app import broker
 from app.errors import ServiceError, not_found
 from app.registry.database import changed_rows, keyset_page, transaction
 from app.registry.tables import Base, Job, new_id, utcnow
-from app.schemas.jobs import JobOut
+from app.schemas.jobs import TERMINAL_STATUSES, JobOut
 from app.settings import Settings
 
 log = logging.getLogger("app.jobs")
-TERMINAL_STATUSES = frozenset({"succeeded", "failed", "cancelled"})
 RUN_JOB = "workers.runner.run_job"
 
 

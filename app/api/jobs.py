@@ -11,7 +11,7 @@ from fastapi.sse import EventSourceResponse, ServerSentEvent
 from app import broker, jobs
 from app.api.deps import RedisDep, SessionDep, SessionsDep, SettingsDep
 from app.schemas.common import ERROR_RESPONSES
-from app.schemas.jobs import JobAccepted, JobOut, JobPage, JobStatus
+from app.schemas.jobs import TERMINAL_STATUSES, JobAccepted, JobOut, JobPage, JobStatus
 
 router = APIRouter(prefix="/v1/jobs", tags=["jobs"], responses=ERROR_RESPONSES)
 
@@ -82,7 +82,7 @@ async def job_events(
         yield ServerSentEvent(
             event="job", id=f"{current.status}:{current.progress.done}", raw_data=current.model_dump_json()
         )
-        while current.status not in jobs.TERMINAL_STATUSES:
+        while current.status not in TERMINAL_STATUSES:
             if await request.is_disconnected():
                 return
             message = await pubsub.get_message(ignore_subscribe_messages=True, timeout=EVENT_POLL_S)

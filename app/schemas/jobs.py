@@ -1,13 +1,16 @@
 """Jobs: their status, progress, error and pages of them."""
 
 from datetime import datetime
-from typing import Any, Literal
+from typing import Any, Literal, get_args
 
 from pydantic import BaseModel, Field
 
 from app.registry.tables import Job
 
-JobStatus = Literal["queued", "running", "succeeded", "failed", "cancelled"]
+TerminalStatus = Literal["succeeded", "failed", "cancelled"]
+JobStatus = Literal["queued", "running", TerminalStatus]
+# read from the Literal, so that the statuses a job ends in are written once
+TERMINAL_STATUSES: frozenset[str] = frozenset(get_args(TerminalStatus))
 
 
 class Progress(BaseModel):
