@@ -8,12 +8,10 @@ remote code.
 """
 
 import gc
-import itertools
 import json
 import math
 import os
 import stat
-import struct
 from collections import OrderedDict
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -33,12 +31,12 @@ from app.inputs.user_files import (
     FileTooLarge,
     NotARegularFile,
     file_kind,
-    open_regular_file,
     read_regular_file,
     regular_file_or_none,
 )
 from app.registry.tables import Model
 from workers.errors import JobFailed
+from workers.safetensors_header import HeaderBounds, read_header
 
 TORCH_DTYPES = {"float32": "float32", "bfloat16": "bfloat16", "float16": "float16"}
 CAUSAL_LM_SUFFIXES = ("ForCausalLM", "LMHeadModel")
@@ -48,19 +46,10 @@ SAFETENSORS_FIXED_WIDTHS = {"BOOL": 1, "U8": 1, "I8": 1, "U16": 2, "I16": 2, "U3
 # PEFT keeps LoRA weights in float32 whatever the base's dtype (`autocast_adapter_dtype`).
 ADAPTER_WEIGHT_BYTES = 4
 BUDGET_SETTING = "WORKER_MEMORY_BUDGET_MB"
-# Bits per number of each safetensors dtype code, for checking a header's shapes against its
-# byte ranges.
-SAFETENSORS_BITS = {
-    **dict.fromkeys(("BOOL", "U8", "I8", "F8_E4M3", "F8_E5M2", "F8_E8M0"), 8),
-    **dict.fromkeys(("U16", "I16", "F16", "BF16"), 16),
-    **dict.fromkeys(("U32", "I32", "F32"), 32),
-    **dict.fromkeys(("U64", "I64", "F64", "C64"), 64),
-    **dict.fromkeys(("F6_E2M3", "F6_E3M2"), 6),
-    "F4": 4,
-}
 # A safetensors header is JSON naming each tensor (~100 bytes each): a model with 100,000
 # tensors has a ~10 MiB header. The format itself allows 100 MB.
 SAFETENSORS_HEADER_MAX_BYTES = 32 << 20
+MODEL_HEADER_BOUNDS = HeaderBounds(SAFETENSORS_HEADER_MAX_BYTES, "SAFETENSORS_HEADER_MAX_BYTES")
 # A sharded checkpoint's index maps every tensor to its shard: ~100 bytes per tensor too.
 SAFETENSORS_INDEX_MAX_BYTES = 32 << 20
 # Config keys read for the parameter floor, beyond the layer count and hidden size.
@@ -279,65 +268,14 @@ def _safetensors_files(folder: Path) -> list[Path]:
     return [single] if regular_file_or_none(single) is not None else []
 
 
-def safetensors_header(file: Path) -> dict[str, Any]:
-    """A safetensors file's header, `{name: {dtype, shape, data_offsets}}`, read from a
-    descriptor opened without blocking and only on a regular file; the header's length is
-    bounded by SAFETENSORS_HEADER_MAX_BYTES and by the file, and every tensor's shape must
-    match its byte range inside the file, so a header cannot claim more than the file holds."""
-    with open_regular_file(file) as handle:
-        size = os.fstat(handle.fileno()).st_size
-        prefix = handle.read(8)
-        if len(prefix) != 8:
-            raise ValueError(f"{file.name} is too short to be a safetensors file")
-        (length,) = struct.unpack("<Q", prefix)
-        if length > min(SAFETENSORS_HEADER_MAX_BYTES, size - 8):
-            raise ValueError(
-                f"{file.name} claims a {length:,}-byte header, more than the file or SAFETENSORS_HEADER_MAX_BYTES allows"
-            )
-        raw = handle.read(length)
-    try:
-        header = json.loads(raw)
-    except (ValueError, RecursionError) as exc:
-        raise ValueError(f"{file.name} has an unreadable header: {str(exc)[:200]}") from None
-    if not isinstance(header, dict):
-        raise ValueError(f"{file.name} has an unreadable header")
-    header.pop("__metadata__", None)
-    data_bytes = size - 8 - length
-    for name, entry in header.items():
-        if not _matches_its_bytes(entry, data_bytes):
-            raise ValueError(f"{file.name}: tensor {name[:100]!r} does not match its byte range")
-    ranges = sorted(tuple(entry["data_offsets"]) for entry in header.values())
-    if any(begin < previous_end for (_, previous_end), (begin, _) in itertools.pairwise(ranges)):
-        raise ValueError(f"{file.name}: tensors overlap, so their sizes cannot all be real")
-    return header
-
-
-def _whole(value: Any) -> bool:
-    return isinstance(value, int) and not isinstance(value, bool) and value >= 0
-
-
-def _matches_its_bytes(entry: Any, data_bytes: int) -> bool:
-    """Whether a header entry has a known dtype and a shape whose bytes are exactly its range,
-    a range inside the file's data."""
-    if not isinstance(entry, dict) or entry.get("dtype") not in SAFETENSORS_BITS:
-        return False
-    shape, offsets = entry.get("shape"), entry.get("data_offsets")
-    if not isinstance(shape, list) or not all(_whole(n) for n in shape):
-        return False
-    if not isinstance(offsets, list) or len(offsets) != 2 or not all(_whole(n) for n in offsets):
-        return False
-    begin, end = offsets
-    return begin <= end <= data_bytes and end - begin == (math.prod(shape) * SAFETENSORS_BITS[entry["dtype"]] + 7) // 8
-
-
 def _safetensors_bytes(files: list[Path], floating_width: int) -> int:
     """What the tensors in `files` take once loaded, read from their headers alone: floating
     tensors at `floating_width` bytes per number (they are cast to the requested dtype),
     integer ones as stored."""
     total = 0
     for file in files:
-        for entry in safetensors_header(file).values():
-            total += math.prod(entry["shape"]) * SAFETENSORS_FIXED_WIDTHS.get(entry["dtype"], floating_width)
+        for tensor in read_header(file, MODEL_HEADER_BOUNDS).tensors.values():
+            total += math.prod(tensor.shape) * SAFETENSORS_FIXED_WIDTHS.get(tensor.dtype, floating_width)
     return total
 
 

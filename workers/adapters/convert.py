@@ -34,14 +34,9 @@ from app.inputs.user_files import (
     read_regular_file,
 )
 from app.registry.adapters import PUBLISHED_DEFAULTS, adapter_identity
-from workers.adapters.safetensors_stream import (
-    InvalidSafetensors,
-    OutputTensor,
-    StoredTensor,
-    read_index,
-    write,
-)
+from workers.adapters.safetensors_stream import OutputTensor, read_index, write
 from workers.errors import JobFailed
+from workers.safetensors_header import InvalidSafetensors, StoredTensor
 
 PREFIX = "base_model.model."
 LINEAR_SUFFIXES = {".lora_A.weight": "A", ".lora_B.weight": "B"}

@@ -7,8 +7,6 @@ the raw bytes of every tensor.
 
 import hashlib
 import json
-import math
-import os
 import struct
 from collections import deque
 from collections.abc import Iterator, Sequence
@@ -21,12 +19,11 @@ from typing import BinaryIO
 import numpy as np
 
 from app.inputs.user_files import NotARegularFile, open_regular_file
+from workers.safetensors_header import HeaderBounds, InvalidSafetensors, StoredTensor, read_header
 
 COPY_CHUNK = 8 << 20
 HASH_BACKLOG = 3
 MAX_HEADER_BYTES = 100 << 20
-MAX_DIMENSIONS = 8
-MAX_DIMENSION = 1 << 40  # no real dimension is near; the byte-range check bounds the product
 ITEM_SIZES = {
     "F64": 8,
     "F32": 4,
@@ -41,116 +38,18 @@ ITEM_SIZES = {
     "F8_E4M3": 1,
     "F8_E5M2": 1,
 }
-
-
-@dataclass(frozen=True)
-class StoredTensor:
-    name: str
-    dtype: str
-    shape: tuple[int, ...]
-    start: int  # absolute byte offsets in the file
-    end: int
-
-
-class InvalidSafetensors(ValueError):
-    pass
+# Whole-byte dtypes only: a transposed tensor is moved number by number as raw bytes.
+ADAPTER_HEADER_BOUNDS = HeaderBounds(MAX_HEADER_BYTES, "MAX_HEADER_BYTES", tuple(ITEM_SIZES))
 
 
 def read_index(path: Path) -> tuple[dict[str, StoredTensor], dict[str, str]]:
-    """Every tensor's name, dtype, shape and byte range, and the file's metadata. The file is
-    opened only if it is a regular file (a FIFO would block the worker for good), and the
-    header is hostile input: every entry's types are checked, and the ranges must tile the
-    data section exactly, as the safetensors library requires, so no range points elsewhere."""
+    """Every tensor's name, dtype, shape and byte range, and the file's metadata, read and
+    checked as hostile input by `workers.safetensors_header`, within this rewrite's bounds."""
     try:
-        handle = open_regular_file(path)
+        header = read_header(path, ADAPTER_HEADER_BOUNDS)
     except NotARegularFile as exc:
         raise InvalidSafetensors(f"{path.name} is a {exc.kind}, not a regular file") from exc
-    with handle:
-        size = os.fstat(handle.fileno()).st_size
-        raw_length = handle.read(8)
-        if len(raw_length) != 8:
-            raise InvalidSafetensors(f"{path.name} is too short to be a safetensors file")
-        (header_length,) = struct.unpack("<Q", raw_length)
-        if header_length > min(MAX_HEADER_BYTES, size - 8):
-            raise InvalidSafetensors(
-                f"{path.name} declares a header of {header_length} bytes, more than the file or {MAX_HEADER_BYTES} bytes hold"
-            )
-        header = _parsed_header(path.name, handle.read(header_length))
-    metadata = header.pop("__metadata__", None) or {}
-    if not isinstance(metadata, dict) or not all(isinstance(value, str) for value in metadata.values()):
-        raise InvalidSafetensors(f"{path.name}: __metadata__ must map names to strings")
-    data_start = 8 + header_length
-    tensors = {name: _stored_tensor(path.name, name, entry, data_start) for name, entry in header.items()}
-    _check_tiling(path.name, tensors, data_start, size)
-    return tensors, {str(k): str(v) for k, v in metadata.items()}
-
-
-def _refuse_constant(name: str) -> None:
-    raise InvalidSafetensors(f"the header holds {name}, which JSON does not allow")
-
-
-def _parsed_header(file_name: str, raw: bytes) -> dict[str, object]:
-    try:
-        header = json.loads(raw, parse_constant=_refuse_constant)
-    except (UnicodeDecodeError, json.JSONDecodeError, RecursionError) as exc:
-        raise InvalidSafetensors(f"{file_name} has an unreadable header: {str(exc)[:200]}") from exc
-    except InvalidSafetensors as exc:
-        raise InvalidSafetensors(f"{file_name}: {exc}") from exc
-    if not isinstance(header, dict):
-        raise InvalidSafetensors(f"{file_name}'s header is not a JSON object")
-    return header
-
-
-def _is_whole(value: object) -> bool:
-    return isinstance(value, int) and not isinstance(value, bool)
-
-
-def _stored_tensor(file_name: str, name: str, entry: object, data_start: int) -> StoredTensor:
-    """One header entry, checked: a known dtype, a shape of at most `MAX_DIMENSIONS`
-    whole numbers from 0 to `MAX_DIMENSION`, and whole-number offsets whose range holds
-    exactly the bytes the shape needs."""
-    if not isinstance(entry, dict) or set(entry) - {"dtype", "shape", "data_offsets"}:
-        raise InvalidSafetensors(f"{file_name}: tensor {name!r} is not an entry of dtype, shape and data_offsets")
-    dtype, shape, offsets = entry.get("dtype"), entry.get("shape"), entry.get("data_offsets")
-    if not isinstance(dtype, str) or dtype not in ITEM_SIZES:
-        raise InvalidSafetensors(
-            f"{file_name}: tensor {name!r} has an unknown dtype {str(dtype)[:40]!r} (known: {', '.join(ITEM_SIZES)})"
-        )
-    if (
-        not isinstance(shape, list)
-        or len(shape) > MAX_DIMENSIONS
-        or not all(_is_whole(n) and 0 <= n <= MAX_DIMENSION for n in shape)
-    ):
-        raise InvalidSafetensors(
-            f"{file_name}: tensor {name!r} has a malformed shape (at most {MAX_DIMENSIONS} whole numbers from 0 to {MAX_DIMENSION})"
-        )
-    if (
-        not isinstance(offsets, list)
-        or len(offsets) != 2
-        or not all(_is_whole(n) for n in offsets)
-        or not 0 <= offsets[0] <= offsets[1]
-    ):
-        raise InvalidSafetensors(
-            f"{file_name}: tensor {name!r} has malformed data_offsets (two whole numbers, start <= end)"
-        )
-    start, end = offsets
-    if end - start != ITEM_SIZES[dtype] * math.prod(shape):
-        raise InvalidSafetensors(f"{file_name}: tensor {name!r} ({dtype}, {shape}) does not match its byte range")
-    return StoredTensor(name, dtype, tuple(shape), data_start + start, data_start + end)
-
-
-def _check_tiling(file_name: str, tensors: dict[str, StoredTensor], data_start: int, size: int) -> None:
-    """The byte ranges, in order, start at the data section, meet end to end, and end with
-    the file: none overlaps another, none points past the file."""
-    position = data_start
-    for tensor in sorted(tensors.values(), key=lambda t: (t.start, t.end)):
-        if tensor.start != position:
-            problem = "overlaps another" if tensor.start < position else "leaves a gap before it"
-            raise InvalidSafetensors(f"{file_name}: the byte range of tensor {tensor.name!r} {problem}")
-        position = tensor.end
-    if position != size:
-        problem = "past the end of the file" if position > size else "short of the end of the file"
-        raise InvalidSafetensors(f"{file_name}: the tensors' byte ranges end {problem}")
+    return header.tensors, header.metadata
 
 
 @dataclass(frozen=True)
