@@ -35,7 +35,7 @@ from confprobe_client.formatting import (
     metric,
 )
 from confprobe_client.options import LAYERS, comma_separated, no_wait_option
-from confprobe_client.types import CalibrationReport, Job, JobStatus
+from confprobe_client.types import Job, JobStatus
 
 
 def make_client(url: str | None) -> Client:
@@ -404,13 +404,12 @@ def compare(
     if api.as_json or comparison.report is None:
         api.show(comparison, COMPARISON_COLUMNS)
         return
-    reports = [
-        (variant["label"], CalibrationReport.model_validate(variant["report"]))
-        for variant in comparison.report["variants"]
+    rows = [
+        [variant.label, *(metric(variant.report.metrics, name) for name in ("auroc", "ece", "brier"))]
+        for variant in comparison.report.variants
     ]
-    rows = [[label, *(metric(report.metrics, name) for name in ("auroc", "ece", "brier"))] for label, report in reports]
     click.echo(aligned_table(["MODEL", "AUROC", "ECE", "BRIER"], rows))
-    click.echo(f"comparison {comparison.id}, layer {comparison.report['layer']}")
+    click.echo(f"comparison {comparison.id}, layer {comparison.report.layer}")
 
 
 @main.group(cls=ApiGroup)

@@ -98,5 +98,5 @@ COMPARISON_COLUMNS: list[Column] = [
     ("JOB", lambda c: c.job_id),
     ("STATUS", lambda c: c.status),
     ("ADAPTERS", lambda c: ",".join(c.adapter_ids)),
-    ("LAYER", lambda c: str(c.report["layer"]) if c.report else "-"),
+    ("LAYER", lambda c: str(c.report.layer) if c.report else "-"),
 ]

@@ -141,15 +141,24 @@ class Extraction(Answer):
     finished_at: datetime | None
 
 
+class Estimator(Answer):
+    """Which calibration-error estimator a value comes from: `bins` (None for the kernel of
+    smooth ECE), `binning`, `norm` and `form`."""
+
+    name: str
+    bins: int | None
+    binning: Literal["equal_width", "equal_mass", "kernel"]
+    norm: Literal["l1", "l2", "max"]
+    form: Literal["binary", "max_probability"]
+
+
 class Estimate(Answer):
     """A metric's value with its 95% percentile bootstrap interval (None where undefined)."""
 
     value: float | None
     interval: list[float] | None
     label: str | None = None
-    estimator: dict[str, Any] | None = Field(
-        None, description="Which definition: bins, binning, norm and form for ECE-like metrics."
-    )
+    estimator: Estimator | None = Field(None, description="Which definition, for ECE-like metrics.")
 
 
 class Probe(Answer):
@@ -191,6 +200,27 @@ class ProbeRun(Answer):
         return next((probe for probe in self.probes if probe.id == self.best_probe_id), None)
 
 
+class ReliabilityBin(Answer):
+    """One bin of a reliability diagram; the means are None for an empty bin."""
+
+    lower: float
+    upper: float
+    count: int
+    mean_confidence: float | None
+    accuracy: float | None
+
+
+class ConfidenceHistogram(Answer):
+    edges: list[float]
+    counts: list[int]
+
+
+class BootstrapSettings(Answer):
+    resamples: int
+    seed: int
+    level: float
+
+
 class CalibrationReport(Answer):
     """Every §5 metric on one set of items, with the reliability bins (`equal_width`,
     `equal_mass`), the confidence histogram and the bootstrap settings."""
@@ -198,9 +228,9 @@ class CalibrationReport(Answer):
     n: int
     base_rate: float
     metrics: dict[str, Estimate]
-    bins: dict[str, list[dict[str, Any]]]
-    histogram: dict[str, list[float]]
-    bootstrap: dict[str, Any]
+    bins: dict[str, list[ReliabilityBin]]
+    histogram: ConfidenceHistogram
+    bootstrap: BootstrapSettings
 
 
 class ProbeReport(Answer):
@@ -218,6 +248,48 @@ class Score(Answer):
     confidences: list[float]
 
 
+class ValidationSummary(Answer):
+    n: int
+    auroc: float | None
+    nll: float
+    brier: float
+
+
+class Precision(Answer):
+    dtype: Dtype
+    quantization: Quantization | None
+
+
+class ComparisonVariant(Answer):
+    """The base (`label` "base") or one adapter, at the comparison's layer."""
+
+    label: str
+    model_id: str
+    adapter_id: str | None
+    precision: Precision
+    report: CalibrationReport
+
+
+class CrossTransfer(Answer):
+    auroc: float | None
+    ece: float
+    brier: float
+    n: int
+
+
+class ComparisonReport(Answer):
+    """The base and its adapters side by side: `differences` and `cross_transfer` by label,
+    `per_layer_validation` by layer and then label."""
+
+    layer: int
+    variants: list[ComparisonVariant]
+    differences: dict[str, dict[str, Estimate]]
+    cross_transfer: dict[str, CrossTransfer]
+    per_layer_validation: dict[str, dict[str, ValidationSummary]]
+    flags: list[str]
+    test_n: int
+
+
 class Comparison(Answer):
     id: str
     job_id: str
@@ -230,7 +302,7 @@ class Comparison(Answer):
     token_position: TokenPosition
     created_at: datetime
     finished_at: datetime | None
-    report: dict[str, Any] | None = None
+    report: ComparisonReport | None = None
 
 
 class TinkerModel(Answer):

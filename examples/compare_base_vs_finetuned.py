@@ -26,12 +26,12 @@ def main() -> None:
     client.wait(comparison.job_id)
     report = client.get_comparison(comparison.id).report
     assert report is not None
-    print(f"layer {report['layer']} (chosen on the base's validation split)")
-    for variant in report["variants"]:
-        metrics = variant["report"]["metrics"]
-        print(f"{variant['label']:<40} AUROC {metrics['auroc']['value']:.3f}  ECE {metrics['ece']['value']:.3f}")
-    for label, transfer in report["cross_transfer"].items():
-        print(f"cross-transfer, {label}: AUROC {transfer['auroc']:.3f}")
+    print(f"layer {report.layer} (chosen on the base's validation split)")
+    for variant in report.variants:
+        metrics = variant.report.metrics
+        print(f"{variant.label:<40} AUROC {metrics['auroc'].value:.3f}  ECE {metrics['ece'].value:.3f}")
+    for label, transfer in report.cross_transfer.items():
+        print(f"cross-transfer, {label}: AUROC {transfer.auroc:.3f}")
     page = WORK / "comparison.html"
     page.write_text(client.comparison_report_html(comparison.id))
     print(f"report: {page}")

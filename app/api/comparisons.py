@@ -84,7 +84,8 @@ def _curves(report: dict[str, Any]) -> list[tuple[str, dict[str, Any]]]:
     return [(variant["label"], variant["report"]) for variant in report["variants"]]
 
 
-@router.get("/{comparison_id}")
+# A stored report is served as written: keys it lacks stay absent rather than null.
+@router.get("/{comparison_id}", response_model_exclude_unset=True)
 def show_comparison(comparison_id: str, session: SessionDep, artifacts: ArtifactsDep) -> ComparisonOut:
     comparison, status = _comparison(session, comparison_id)
     return _view(comparison, status, _report(artifacts, comparison))

@@ -24,6 +24,7 @@ from app.schemas.probes import (
     ProbeCreate,
     ProbeOut,
     ProbePage,
+    ProbeReportOut,
     ProbeRunOut,
     ScoreOut,
     ScoreRequest,
@@ -104,18 +105,15 @@ def _labelled_reports(report: dict[str, Any], probe: Probe) -> list[tuple[str, d
     return curves
 
 
-@router.get("/v1/probes/{probe_id}/report")
-def probe_report(probe_id: str, session: SessionDep, artifacts: ArtifactsDep) -> dict[str, Any]:
+# A stored report is served as written: keys it lacks stay absent rather than null.
+@router.get("/v1/probes/{probe_id}/report", response_model_exclude_unset=True)
+def probe_report(probe_id: str, session: SessionDep, artifacts: ArtifactsDep) -> ProbeReportOut:
     """The probe, and its calibration `report` on the held-out test split: every metric with
     its estimator named and a bootstrap interval, and the reliability bins; for multiple
     choice, the same for the model's own probability of its answer (`baseline`)."""
     probe = _probe(session, probe_id)
     report = _report(artifacts, probe)
-    return {
-        "probe": ProbeOut.of(probe).model_dump(mode="json"),
-        "report": report["probe"],
-        "baseline": report["baseline"],
-    }
+    return ProbeReportOut(probe=ProbeOut.of(probe), report=report["probe"], baseline=report["baseline"])
 
 
 @router.get(

@@ -4,5 +4,6 @@
 loss; `binned` the binned ECE family; `smooth` smooth ECE; `table` the one table of
 reported metrics; `bootstrap` their vectorised percentile bootstrap; `reporting` builds a
 `calibration_report` or `paired_differences`; `rendering` draws a report and writes its page.
-The gateway imports `rendering` only, so this package imports nothing at start-up.
+The gateway imports `values` (the report schemas name its estimator kinds) and, when a
+picture is asked for, `rendering`; `values` imports nothing but the standard library.
 """

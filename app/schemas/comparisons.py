@@ -1,13 +1,14 @@
 """Comparisons of a base model with its adapters."""
 
 from datetime import datetime
-from typing import Any, Literal
+from typing import Literal
 
 from pydantic import BaseModel, Field
 
 from app.schemas.common import Request
 from app.schemas.jobs import JobOut, JobStatus
 from app.schemas.probes import ProbeMethod, SplitFractions
+from app.schemas.reports import ComparisonReport
 
 
 class ComparisonCreate(Request):
@@ -38,8 +39,9 @@ class ComparisonOut(BaseModel):
     token_position: Literal["last", "mean"]
     created_at: datetime
     finished_at: datetime | None
-    report: dict[str, Any] | None = Field(
-        None, description="Side-by-side metrics, paired differences, cross-transfer, flags."
+    report: ComparisonReport | None = Field(
+        None,
+        description="Side-by-side metrics, paired differences, cross-transfer, flags; null until the job succeeds.",
     )
 
 

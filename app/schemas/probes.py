@@ -8,6 +8,7 @@ from pydantic import BaseModel, Field
 from app.registry.tables import Probe
 from app.schemas.common import Request
 from app.schemas.jobs import JobOut, JobStatus
+from app.schemas.reports import CalibrationReport
 
 ProbeMethod = Literal["logistic", "mass_mean"]
 # how a probe's validation logits are mapped to probabilities (none: left as they are)
@@ -61,6 +62,16 @@ class ProbeOut(BaseModel):
     @classmethod
     def of(cls, probe: Probe) -> "ProbeOut":
         return cls.model_validate(probe, from_attributes=True)
+
+
+class ProbeReportOut(BaseModel):
+    """A probe and its calibration on the held-out test split."""
+
+    probe: ProbeOut
+    report: CalibrationReport
+    baseline: CalibrationReport | None = Field(
+        description="The same for the model's own probability of its answer (multiple choice); null for statements."
+    )
 
 
 class ProbePage(BaseModel):

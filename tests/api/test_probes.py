@@ -80,6 +80,45 @@ def test_held_out_metrics_match_scikit_learn_on_the_test_predictions(stack: Stac
     assert report["baseline"] is None
 
 
+def test_the_report_route_documents_named_report_schemas_that_a_real_report_validates_against_as_stored(
+    stack: Stack, tiny_llama: Path
+) -> None:
+    import jsonschema_rs
+
+    dataset = upload_rows(stack.client, shared_rows("geometry_of_truth/cities.jsonl", 120), "cities-120")
+    model = register(stack.client, tiny_llama).json()
+    probe = train(stack.client, model=model["id"], dataset=dataset["id"], layers=[2])["probes"][0]
+    document = stack.client.get("/openapi.json").json()
+    schemas = document["components"]["schemas"]
+    answer = document["paths"]["/v1/probes/{probe_id}/report"]["get"]["responses"]["200"]["content"]
+    assert answer["application/json"]["schema"] == {"$ref": "#/components/schemas/ProbeReportOut"}
+    assert schemas["ProbeReportOut"]["properties"]["report"] == {"$ref": "#/components/schemas/CalibrationReport"}
+    assert set(schemas["CalibrationReport"]["required"]) == {
+        "n",
+        "base_rate",
+        "metrics",
+        "bins",
+        "histogram",
+        "bootstrap",
+    }
+    assert schemas["CalibrationReport"]["properties"]["metrics"]["additionalProperties"] == {
+        "$ref": "#/components/schemas/Estimate"
+    }
+    assert {"value", "interval", "label", "estimator"} <= set(schemas["Estimate"]["properties"])
+    assert "ComparisonReport" in json.dumps(schemas["ComparisonOut"]["properties"]["report"])
+
+    served = stack.client.get(f"/v1/probes/{probe['id']}/report")
+    validator = jsonschema_rs.validator_for(
+        {"$ref": "#/components/schemas/ProbeReportOut", "components": document["components"]}
+    )
+    errors = [error.message for error in validator.iter_errors(served.json())]
+    assert not errors, errors
+    stored = json.loads((stack.settings.resolved_artifact_dir / "probes" / probe["id"] / "report.json").read_text())
+    # served as stored: the same keys in the same order, the same nulls and numbers
+    assert json.dumps(served.json()["report"]) == json.dumps(stored["probe"])
+    assert served.json()["baseline"] is None and stored["baseline"] is None
+
+
 @pytest.mark.slow
 def test_minilm_probes_find_the_truth_of_city_statements_and_not_of_shuffled_labels(stack: Stack) -> None:
     from tests.tiny_models import minilm_folder

@@ -19,11 +19,17 @@ from confprobe_client.types import (
     Adapter,
     Answer,
     ApiKey,
+    BootstrapSettings,
     CalibrationReport,
     Comparison,
+    ComparisonReport,
+    ComparisonVariant,
+    ConfidenceHistogram,
     CreatedApiKey,
+    CrossTransfer,
     Dataset,
     Estimate,
+    Estimator,
     Experiment,
     Extraction,
     Health,
@@ -32,13 +38,16 @@ from confprobe_client.types import (
     JobStatus,
     Model,
     Page,
+    Precision,
     Probe,
     ProbeReport,
     ProbeRun,
     Progress,
     Readiness,
+    ReliabilityBin,
     Score,
     TinkerModel,
+    ValidationSummary,
 )
 from tests.conftest import make_settings
 
@@ -60,7 +69,19 @@ MIRRORS: dict[type[BaseModel], str] = {
     Extraction: "ExtractionOut",
     Probe: "ProbeOut",
     ProbeRun: "ProbeRunOut",
+    ProbeReport: "ProbeReportOut",
+    CalibrationReport: "CalibrationReport",
+    Estimate: "Estimate",
+    Estimator: "Estimator",
+    ReliabilityBin: "ReliabilityBin",
+    ConfidenceHistogram: "ConfidenceHistogram",
+    BootstrapSettings: "BootstrapSettings",
     Comparison: "ComparisonOut",
+    ComparisonReport: "ComparisonReport",
+    ComparisonVariant: "ComparisonVariant",
+    Precision: "Precision",
+    CrossTransfer: "CrossTransfer",
+    ValidationSummary: "ValidationSummary",
     Experiment: "ExperimentOut",
     ApiKey: "ApiKeyOut",
     CreatedApiKey: "ApiKeyCreated",
@@ -82,11 +103,7 @@ UNNAMED_IN_DOCUMENT = {
 }
 
 # Client types with no schema on the service's side at all.
-UNDESCRIBED: dict[type[Answer], str] = {
-    ProbeReport: "GET /v1/probes/{id}/report passes the worker's report.json through as a plain object",
-    CalibrationReport: "part of the probe report, which the service does not describe",
-    Estimate: "a metric of the probe report, and of ProbeOut.metrics, which the service types as a plain object",
-}
+UNDESCRIBED: dict[type[Answer], str] = {}
 
 # Answers the client unwraps by one key rather than reading into a type of their own.
 ENVELOPES: dict[tuple[str, str], Any] = {

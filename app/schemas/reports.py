@@ -1,0 +1,145 @@
+"""Calibration reports as the workers store them (JSON in the artifact store) and the routes
+serve them: one probe's report on a set of items, as `app.calibration.values` writes it
+(`CalibrationReport.to_dict`), and a comparison's report, as `workers/comparison.py` writes it.
+
+A stored report is served as it was written, old ones included: every model keeps keys it
+does not declare (`extra="allow"`), and the routes that serve reports leave out fields a
+stored report does not have (`response_model_exclude_unset`) rather than adding them as null.
+"""
+
+from typing import Annotated
+
+from pydantic import BaseModel, ConfigDict, Field
+
+from app.calibration.values import Binning, Form, Norm
+from app.schemas.common import Dtype, Quantization
+
+Interval = Annotated[list[float], Field(min_length=2, max_length=2)]
+
+
+class StoredReportPart(BaseModel):
+    """A part of a stored report: keys it does not declare are kept and served too."""
+
+    model_config = ConfigDict(extra="allow")
+
+
+class Estimator(StoredReportPart):
+    """Which calibration-error estimator a value comes from (ECE has many)."""
+
+    name: str = Field(description="`ece`, `mce`, `ace`, `smooth_ece` or `debiased_ece`.")
+    bins: int | None = Field(description="Number of bins; null for the kernel of smooth ECE.")
+    binning: Binning
+    norm: Norm = Field(description="`l1` and `l2` average the per-bin gaps, `max` takes the largest.")
+    form: Form = Field(
+        description="`binary` compares P(correct) with the frequency of correct; "
+        "`max_probability` compares max(p, 1 − p) with the accuracy of the thresholded prediction."
+    )
+
+
+class Estimate(StoredReportPart):
+    """A metric's value with its percentile bootstrap interval, and what it measures."""
+
+    value: float | None = Field(description="Null where the metric is undefined (AUROC with one class).")
+    interval: Interval | None = Field(
+        description="Percentile bootstrap interval at the report's `bootstrap.level`; "
+        "null where the metric is not bootstrapped (smooth ECE) or no resample defined it."
+    )
+    label: str | None = Field(
+        None, description="The metric's definition in words; absent from a comparison's unpaired differences."
+    )
+    estimator: Estimator | None = Field(None, description="For calibration errors only: which estimator.")
+
+
+class ReliabilityBin(StoredReportPart):
+    """One bin of a reliability diagram: equal-width bins span their edges, equal-mass bins
+    their smallest and largest prediction."""
+
+    lower: float
+    upper: float
+    count: int
+    mean_confidence: float | None = Field(description="Null for an empty bin.")
+    accuracy: float | None = Field(description="Frequency of correct in the bin; null for an empty bin.")
+
+
+class ConfidenceHistogram(StoredReportPart):
+    """Counts of P(correct) in equal-width bins."""
+
+    edges: list[float] = Field(description="The bins' edges, one more than the counts.")
+    counts: list[int]
+
+
+class BootstrapSettings(StoredReportPart):
+    """Percentile bootstrap: `resamples` resamples of the items drawn with `seed`; intervals
+    hold the central `level` of the resampled values."""
+
+    resamples: int
+    seed: int
+    level: float
+
+
+class CalibrationReport(StoredReportPart):
+    """Every metric of one probe (or the model's own probability) on one set of items."""
+
+    n: int = Field(description="Items reported on.")
+    base_rate: float = Field(description="Fraction of the items that are correct.")
+    metrics: dict[str, Estimate] = Field(
+        description="By name: accuracy, auroc, auprc, brier, nll, and the calibration errors "
+        "(ece and its variants, mce, ace, smooth_ece, debiased_ece)."
+    )
+    bins: dict[str, list[ReliabilityBin]] = Field(
+        description="Reliability bins by binning: `equal_width`, `equal_mass`."
+    )
+    histogram: ConfidenceHistogram
+    bootstrap: BootstrapSettings
+
+
+class ValidationSummary(StoredReportPart):
+    """Point metrics on a validation split, where choices are made."""
+
+    n: int
+    auroc: float | None
+    nll: float
+    brier: float
+
+
+class Precision(StoredReportPart):
+    dtype: Dtype
+    quantization: Quantization | None
+
+
+class ComparisonVariant(StoredReportPart):
+    """The base model, or one adapter of it, at the comparison's layer."""
+
+    label: str = Field(description="`base`, or `adapter <name> (<id>)`; names the variant everywhere in the report.")
+    model_id: str
+    adapter_id: str | None
+    precision: Precision
+    report: CalibrationReport
+
+
+class CrossTransfer(StoredReportPart):
+    """One model's probe on another model's hidden states, on the test split."""
+
+    auroc: float | None
+    ece: float
+    brier: float
+    n: int
+
+
+class ComparisonReport(StoredReportPart):
+    """A base model and its adapters side by side on the same texts, split and layer."""
+
+    layer: int = Field(description="Chosen on the base's validation split, used for every variant.")
+    variants: list[ComparisonVariant] = Field(description="The base first, then each adapter.")
+    differences: dict[str, dict[str, Estimate]] = Field(
+        description="By adapter label, each metric of the adapter minus the base's, with a paired bootstrap "
+        "interval; unpaired point estimates (no interval, no label) where the adapter answers differently."
+    )
+    cross_transfer: dict[str, CrossTransfer] = Field(
+        description="`base probe on <adapter>` and `<adapter> probe on base`."
+    )
+    per_layer_validation: dict[str, dict[str, ValidationSummary]] = Field(
+        description="By layer, then by variant label: the validation metrics the layer was chosen on."
+    )
+    flags: list[str] = Field(description="What makes the comparison less than like for like.")
+    test_n: int = Field(description="Items in the test split.")
