@@ -79,7 +79,7 @@ def referenced(session: Session) -> tuple[set[str], tuple[str, ...]]:
     contents it refers to."""
     files: set[str] = set()
     for column in (Dataset.artifact, Extraction.artifact):
-        files.update(key for key in session.scalars(select(column).where(column.is_not(None))))
+        files.update(key for key in session.scalars(select(column)) if key is not None)
     files.update(session.scalars(select(CachedHiddenState.shard).distinct()))
     for params in session.scalars(select(Job.params).where(Job.status.not_in(sorted(TERMINAL_STATUSES)))):
         if isinstance(params, dict) and isinstance(params.get("upload"), str):
@@ -87,12 +87,12 @@ def referenced(session: Session) -> tuple[set[str], tuple[str, ...]]:
     folders = {
         f"{prefix.rstrip('/')}/"
         for column in (Adapter.artifact, Probe.artifact, ProbeRun.artifact)
-        for prefix in session.scalars(select(column).where(column.is_not(None)))
+        for prefix in session.scalars(select(column))
+        if prefix is not None
     }
     # a comparison's folder holds its report and the renderings of it
     folders.update(
-        f"{key.rsplit('/', 1)[0]}/"
-        for key in session.scalars(select(Comparison.artifact).where(Comparison.artifact.is_not(None)))
+        f"{key.rsplit('/', 1)[0]}/" for key in session.scalars(select(Comparison.artifact)) if key is not None
     )
     return files, tuple(sorted(folders))
 

@@ -21,12 +21,12 @@ import tarfile
 import unicodedata
 import zipfile
 import zlib
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Generator, Iterator
 from contextlib import closing, nullcontext
 from dataclasses import dataclass
 from functools import partial
 from pathlib import Path, PurePosixPath
-from typing import BinaryIO, Literal
+from typing import IO, BinaryIO, Literal
 
 from app.inputs.user_files import NotARegularFile, open_regular_file
 
@@ -106,7 +106,7 @@ class ArchiveRejected(Exception):
 class _Member:
     name: str
     kind: MemberKind
-    open: Callable[[], io.BufferedIOBase]
+    open: Callable[[], IO[bytes]]
 
 
 def archive_format(path: Path) -> ArchiveFormat:
@@ -171,18 +171,19 @@ def _extract(archive: Path, destination: Path, limits: ArchiveLimits) -> list[Pa
     return extraction.files
 
 
-def _members(archive: BinaryIO, archive_type: ArchiveFormat, limits: ArchiveLimits) -> Iterator[_Member]:
+def _members(archive: BinaryIO, archive_type: ArchiveFormat, limits: ArchiveLimits) -> Generator[_Member]:
     if archive_type == "zip":
         return _zip_members(archive, limits)
     return _tar_members(archive, compressed=archive_type == "tar.gz")
 
 
-def _tar_members(raw: BinaryIO, compressed: bool) -> Iterator[_Member]:
+def _tar_members(raw: BinaryIO, compressed: bool) -> Generator[_Member]:
     """Members in stream order (`r|`): the archive is read once, front to back, and each
     member's data must be consumed before the next member is asked for."""
     with gzip.GzipFile(fileobj=raw) if compressed else nullcontext(raw) as stream:
         metered = _MeteredStream(stream, allowance=TAR_METADATA_BYTES)
-        with tarfile.open(fileobj=metered, mode="r|") as tar:
+        # a stream mode only reads, which is all the metered stream offers
+        with tarfile.open(fileobj=metered, mode="r|") as tar:  # type: ignore[call-overload]
             for info in tar:
                 # this member's data, then the headers of the next one
                 metered.allow(info.size + TAR_METADATA_BYTES)
@@ -199,7 +200,7 @@ def _tar_member_kind(info: tarfile.TarInfo) -> MemberKind:
     return "special_file"
 
 
-def _tar_member_data(tar: tarfile.TarFile, info: tarfile.TarInfo) -> io.BufferedIOBase:
+def _tar_member_data(tar: tarfile.TarFile, info: tarfile.TarInfo) -> IO[bytes]:
     data = tar.extractfile(info)
     if data is None:
         raise tarfile.ReadError(f"member {info.name!r} has no data")
@@ -210,7 +211,7 @@ class _MeteredStream:
     """The decompressed tar stream as tarfile sees it, refusing to hand over more bytes than
     it has been allowed since the last member."""
 
-    def __init__(self, stream: io.BufferedIOBase, allowance: int) -> None:
+    def __init__(self, stream: IO[bytes] | gzip.GzipFile, allowance: int) -> None:
         self.stream = stream
         self.allowance = allowance
 
@@ -227,7 +228,7 @@ class _MeteredStream:
         return data
 
 
-def _zip_members(archive: BinaryIO, limits: ArchiveLimits) -> Iterator[_Member]:
+def _zip_members(archive: BinaryIO, limits: ArchiveLimits) -> Generator[_Member]:
     _check_zip_directory(archive, limits)
     with zipfile.ZipFile(archive) as bundle:
         if len(bundle.infolist()) > limits.max_files:  # the record's count may lie; the directory cannot
@@ -354,7 +355,7 @@ class _Extraction:
         target.parent.mkdir(parents=True, exist_ok=True)
         return target
 
-    def _copy(self, data: io.BufferedIOBase, target: Path, name: str) -> None:
+    def _copy(self, data: IO[bytes], target: Path, name: str) -> None:
         # Read at most one byte past what the limit leaves, so a bomb is stopped there.
         with target.open("xb") as handle:
             while chunk := data.read(min(CHUNK_BYTES, self.limits.max_total_bytes - self.total_bytes + 1)):

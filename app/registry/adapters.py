@@ -25,8 +25,8 @@ def adapter_identity(weights_sha256: str, config: dict[str, Any]) -> str:
     lora_alpha are another adapter, with its own row, files and cached hidden states.
     Migration 0008 keeps a frozen copy of this for rows converted before it; they agree."""
     relevant = {key: config.get(key, IDENTITY_DEFAULTS.get(key)) for key in IDENTITY_KEYS}
-    relevant["lora_alpha"] = float(relevant["lora_alpha"])
-    relevant["target_modules"] = sorted(relevant["target_modules"])
+    relevant["lora_alpha"] = float(config["lora_alpha"])
+    relevant["target_modules"] = sorted(config["target_modules"])
     canonical = json.dumps(
         {"weights_sha256": weights_sha256, "config": relevant}, sort_keys=True, separators=(",", ":"), allow_nan=False
     )
