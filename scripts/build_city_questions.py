@@ -1,6 +1,7 @@
 """Build a multiple-choice set from the Geometry-of-Truth cities statements: for each distinct
 city, "In which country is the city of X?" with its country and three other countries of the
-set as choices, the gold letter balanced over A–D (exactly, when the count of cities allows).
+set as choices (drawn so that no country's presence gives the answer away), the gold letter
+balanced over A–D (exactly, when the count of cities allows).
 Seeded and deterministic: the same source and seed give the same bytes.
 
     python scripts/build_city_questions.py \\
@@ -15,6 +16,7 @@ import argparse
 import csv
 import json
 import random
+from collections import Counter
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -51,13 +53,17 @@ def balanced_positions(count: int, rng: random.Random) -> list[int]:
 
 
 def build_questions(cities: list[tuple[str, str]], seed: int) -> list[dict[str, object]]:
-    """One question per city: its country at its balanced position, three others drawn from
-    the countries of the set around it."""
+    """One question per city: its country at its balanced position, and three other countries
+    drawn in proportion to how many cities of the set each has. A country is then a wrong
+    choice about three times as often as it is the right one, whatever its share of cities,
+    so seeing a frequent country among the choices does not give the answer away."""
     rng = random.Random(seed)
-    countries = sorted({country for _, country in cities})
+    cities_in = Counter(country for _, country in cities)
     questions: list[dict[str, object]] = []
     for (city, country), gold in zip(cities, balanced_positions(len(cities), rng), strict=True):
-        others = rng.sample([other for other in countries if other != country], CHOICES - 1)
+        others = _weighted_sample(
+            {other: count for other, count in sorted(cities_in.items()) if other != country}, CHOICES - 1, rng
+        )
         choices = [*others[:gold], country, *others[gold:]]
         questions.append(
             {
@@ -67,6 +73,17 @@ def build_questions(cities: list[tuple[str, str]], seed: int) -> list[dict[str, 
             }
         )
     return questions
+
+
+def _weighted_sample(weights: dict[str, int], count: int, rng: random.Random) -> list[str]:
+    """`count` distinct keys, each draw in proportion to the weights of those left."""
+    left = dict(weights)
+    drawn = []
+    for _ in range(count):
+        key = rng.choices(list(left), weights=list(left.values()))[0]
+        drawn.append(key)
+        del left[key]
+    return drawn
 
 
 def as_jsonl(questions: list[dict[str, object]]) -> bytes:

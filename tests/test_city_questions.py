@@ -5,6 +5,7 @@ import csv
 import json
 import subprocess
 import sys
+from collections import Counter
 from pathlib import Path
 
 from app.inputs.datasets import parse_upload
@@ -53,3 +54,16 @@ def test_every_city_is_asked_once_with_its_own_country_as_gold_among_four_countr
         assert row["choices"][row["answer"]] == country_of[city]
         assert len(set(row["choices"])) == 4
         assert set(row["choices"]) <= countries
+
+
+def test_no_country_among_the_choices_gives_the_answer_away() -> None:
+    rows = [json.loads(line) for line in COMMITTED.read_text(encoding="utf-8").splitlines()]
+    shown: Counter[str] = Counter(choice for row in rows for choice in row["choices"])
+    gold: Counter[str] = Counter(row["choices"][row["answer"]] for row in rows)
+    often_shown = [country for country, count in shown.items() if count >= 20]
+    assert len(often_shown) >= 10
+    assert {
+        country: round(gold[country] / shown[country], 2)
+        for country in often_shown
+        if gold[country] / shown[country] > 0.4
+    } == {}
