@@ -18,6 +18,7 @@ from sqlalchemy.orm import Session, sessionmaker
 
 from app import broker
 from app.errors import ServiceError, not_found
+from app.job_kinds import PARAMETERS, JobParameters
 from app.registry.database import changed_rows, keyset_page, transaction
 from app.registry.tables import Base, Job, new_id, utcnow
 from app.schemas.jobs import TERMINAL_STATUSES, JobOut
@@ -27,8 +28,22 @@ log = logging.getLogger("app.jobs")
 RUN_JOB = "workers.runner.run_job"
 
 
-def new_job(kind: str, params: dict[str, Any], queue: str, model_id: str | None = None) -> Job:
-    return Job(id=new_id("job"), kind=kind, params=params, queue=queue, model_id=model_id, status="queued")
+def new_job(
+    kind: str, params: JobParameters, queue: str, model_id: str | None = None, job_id: str | None = None
+) -> Job:
+    """A queued job row of `kind`, its parameters (the model of that kind's, `PARAMETERS`)
+    kept as JSON."""
+    expected = PARAMETERS[kind]
+    if type(params) is not expected:
+        raise TypeError(f"a {kind} job takes {expected.__name__}, not {type(params).__name__}")
+    return Job(
+        id=job_id or new_id("job"),
+        kind=kind,
+        params=params.model_dump(mode="json"),
+        queue=queue,
+        model_id=model_id,
+        status="queued",
+    )
 
 
 def rq_job_id(job: Job) -> str:
@@ -127,10 +142,11 @@ SubjectT = TypeVar("SubjectT", bound=Base | None)
 
 @dataclass(frozen=True)
 class Submission(Generic[SubjectT]):
-    """What a job is submitted with: its parameters, the model it runs (for routing), and the
-    row it works on (an extraction, a probe run…), inserted with it and removed with it."""
+    """What a job is submitted with: its parameters (the model of its kind's, from
+    `app.job_kinds`), the model it runs (for routing), and the row it works on (an
+    extraction, a probe run…), inserted with it and removed with it."""
 
-    params: dict[str, Any]
+    params: JobParameters
     model_id: str | None
     subject: SubjectT
 
@@ -149,9 +165,9 @@ def submit(
     subject row and the job row are removed together, `undo_also` runs (a staged upload,
     say), and the client gets 503 — nothing half-submitted remains."""
     with transaction(sessions) as session:
-        job = new_job(kind, {}, broker.default_queue(settings))
-        submission = prepare(session, job.id)
-        job.params, job.model_id = submission.params, submission.model_id
+        job_id = new_id("job")
+        submission = prepare(session, job_id)
+        job = new_job(kind, submission.params, broker.default_queue(settings), submission.model_id, job_id)
         session.add(job)
         session.flush()
         if submission.subject is not None:

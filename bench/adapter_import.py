@@ -26,6 +26,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
+from app.job_kinds import AdapterImportParameters  # noqa: E402
 from app.registry.database import create_registry_engine, migrate, session_factory  # noqa: E402
 from app.registry.tables import Job, Model  # noqa: E402
 from app.settings import Settings  # noqa: E402
@@ -116,13 +117,9 @@ def main() -> None:
         copy_s = time.perf_counter() - copy_start
 
         rss_before = peak_rss_bytes()
-        params = {
-            "source_kind": "local_folder",
-            "source": str(adapter),
-            "base_model_id": "mdl_8b",
-            "name": "bench",
-            "metadata": {},
-        }
+        params = AdapterImportParameters(
+            source_kind="local_folder", source=str(adapter), base_model_id="mdl_8b", name="bench"
+        )
         start = time.perf_counter()
         result = importer.run(NoRedisContext(job_id="job_import", params=params, runtime=worker))
         import_s = time.perf_counter() - start

@@ -30,6 +30,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 from app.broker import redis_server_executable  # noqa: E402
+from app.job_kinds import ExtractionParameters  # noqa: E402
 from app.registry.database import create_registry_engine, migrate, session_factory  # noqa: E402
 from app.registry.tables import Extraction, Job, Model  # noqa: E402
 from app.settings import Settings  # noqa: E402
@@ -145,7 +146,9 @@ def main() -> None:
                 start = time.perf_counter()
                 result = extraction.run(
                     JobContext(
-                        job_id=f"job_{name}", params={"extraction_id": f"ext_{name}", "texts": texts}, runtime=worker
+                        job_id=f"job_{name}",
+                        params=ExtractionParameters(extraction_id=f"ext_{name}", texts=texts),
+                        runtime=worker,
                     )
                 )
                 return time.perf_counter() - start, result

@@ -30,6 +30,7 @@ import numpy as np
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
+from app.job_kinds import NoParameters  # noqa: E402
 from app.registry.database import create_registry_engine, migrate, session_factory  # noqa: E402
 from app.registry.tables import Job, Model  # noqa: E402
 from app.settings import Settings  # noqa: E402
@@ -77,7 +78,7 @@ def direct(folder: Path, model_folder: Path, texts: list[str]) -> tuple[float, n
     with session_factory(create_registry_engine(settings.resolved_database_url)).begin() as session:
         session.add(Job(id="job_direct", kind="extraction", params={}, queue="bench", status="running"))
     worker.models.get(model)
-    context = QuietContext(job_id="job_direct", params={}, runtime=worker)
+    context = QuietContext(job_id="job_direct", params=NoParameters(), runtime=worker)
     cached_states(
         context, StatesRequest(model, None, LAYERS, "last", None), texts[:8], shard_name="warm-up"
     )  # as the worker's model check did

@@ -14,6 +14,7 @@ from app.calibration.binned import ece
 from app.calibration.reporting import calibration_report, paired_differences
 from app.calibration.scoring import auroc, brier
 from app.inputs.datasets import texts_of_rows
+from app.job_kinds import ComparisonParameters
 from app.registry.datasets import read_rows
 from app.registry.models import get_model
 from app.registry.tables import Adapter, Comparison, Dataset, Model, utcnow
@@ -54,12 +55,12 @@ def _transfer(probe: Any, x: np.ndarray, y: np.ndarray) -> dict[str, Any]:
     return {"auroc": auroc(y, p).value, "ece": ece(y, p).value, "brier": brier(y, p).value, "n": len(y)}
 
 
-def run(context: "JobContext") -> dict[str, Any]:
+def run(context: "JobContext[ComparisonParameters]") -> dict[str, Any]:
     worker = context.runtime
     store, sessions, settings = worker.artifacts, worker.sessions, worker.settings
     params = context.params
     with sessions() as session:
-        comparison = subject_row(session, Comparison, params["comparison_id"], "comparison")
+        comparison = subject_row(session, Comparison, params.comparison_id, "comparison")
         dataset = session.get(Dataset, comparison.dataset_id)
         variants = _variants(session, comparison)
     if dataset is None:
@@ -76,18 +77,14 @@ def run(context: "JobContext") -> dict[str, Any]:
     for number, variant in enumerate(variants):
         context.progress(f"states of {variant.label}", number, len(variants))
         variant.labels = labels_for(context, variant.model, variant.adapter, dataset, rows)
-        request = StatesRequest(
-            variant.model, variant.adapter, layers, comparison.token_position, params.get("max_length")
-        )
+        request = StatesRequest(variant.model, variant.adapter, layers, comparison.token_position, params.max_length)
         variant.states = cached_states(context, request, texts, shard_name=f"{comparison.id}-{number}").states
 
-    spec = params["split"]
+    spec = params.split
     base_labels = variants[0].labels
     assert base_labels is not None
     try:  # one split for every model, stratified on the base's labels, so differences are paired
-        split = stratified_split(
-            base_labels.y, fractions=(spec["train"], spec["validation"], spec["test"]), seed=spec["seed"]
-        )
+        split = stratified_split(base_labels.y, fractions=(spec.train, spec.validation, spec.test), seed=spec.seed)
     except ValueError as exc:
         raise JobFailed("unsplittable", f"cannot split the base's labels: {exc}") from exc
 
@@ -110,7 +107,7 @@ def run(context: "JobContext") -> dict[str, Any]:
     best_slot = max(range(len(layers)), key=lambda slot: per_layer[str(layers[slot])]["base"]["auroc"] or -1)
 
     context.progress("reporting", 0, len(variants))
-    resamples, seed = settings.bootstrap_resamples, spec["seed"]
+    resamples, seed = settings.bootstrap_resamples, spec.seed
     test_probabilities = []
     reports = []
     for number, variant in enumerate(variants):

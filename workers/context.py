@@ -1,21 +1,24 @@
-"""What a job handler gets: its parameters, the worker's runtime, and `progress()`."""
+"""What a job handler gets: its parameters (the model of its kind's, `app.job_kinds`), the
+worker's runtime, and `progress()`."""
 
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Generic, TypeVar
 
 from sqlalchemy import ColumnElement, update
 from sqlalchemy.orm import Session
 
 from app import jobs
+from app.job_kinds import JobParameters
 from app.registry.database import changed_rows
 from app.registry.tables import Job
 from workers.errors import AttemptSuperseded, JobCancelled, JobFailed
 from workers.runtime import WorkerRuntime
 
 RowT = TypeVar("RowT")
+ParametersT = TypeVar("ParametersT", bound=JobParameters)
 
 
 def subject_row(session: Session, table: type[RowT], row_id: str, what: str) -> RowT:
@@ -35,11 +38,12 @@ def this_attempt(job_id: str, worker: str, attempt: int) -> tuple[ColumnElement[
 
 
 @dataclass
-class JobContext:
-    """What a handler gets: its parameters, the worker's runtime, and `progress()`."""
+class JobContext(Generic[ParametersT]):
+    """What a handler gets: its parameters, validated against its kind's model, the
+    worker's runtime, and `progress()`."""
 
     job_id: str
-    params: dict[str, Any]
+    params: ParametersT
     runtime: WorkerRuntime
     attempt: int = 1
 

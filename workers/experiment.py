@@ -4,12 +4,19 @@ previous run already did comes back from the registry or the cache."""
 
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 from sqlalchemy import select, update
 
 from app.inputs.datasets import InvalidDataset, default_name, parse_upload
 from app.inputs.user_files import FileTooLarge, NotARegularFile, read_regular_file
+from app.job_kinds import (
+    AdapterImportParameters,
+    ExperimentParameters,
+    ExtractionParameters,
+    JobParameters,
+    ProbeTrainingParameters,
+)
 from app.registry.datasets import register_dataset
 from app.registry.models import get_model
 from app.registry.tables import (
@@ -28,10 +35,11 @@ from workers.context import JobContext, subject_row
 from workers.errors import JobFailed
 
 SPLIT = {"train": 0.6, "validation": 0.2, "test": 0.2}
+StepParametersT = TypeVar("StepParametersT", bound=JobParameters)
 
 
 @dataclass
-class StageContext(JobContext):
+class StageContext(JobContext[StepParametersT]):
     """The experiment's job context for one step: progress is named after the step."""
 
     step: str = ""
@@ -40,19 +48,21 @@ class StageContext(JobContext):
         super().progress(f"{self.step}: {stage}", done, total)
 
 
-def _step(context: JobContext, step: str, params: dict[str, Any]) -> StageContext:
+def _step(context: JobContext[Any], step: str, params: StepParametersT) -> StageContext[StepParametersT]:
     return StageContext(job_id=context.job_id, params=params, runtime=context.runtime, step=step)
 
 
-def _dataset(context: JobContext) -> Dataset:
+def _dataset(context: JobContext[ExperimentParameters]) -> Dataset:
     worker = context.runtime
-    if context.params.get("dataset"):
+    dataset_id, dataset_path = context.params.dataset, context.params.dataset_path
+    if dataset_id is not None:
         with worker.sessions() as session:
-            dataset = session.get(Dataset, context.params["dataset"])
+            dataset = session.get(Dataset, dataset_id)
         if dataset is None:
-            raise JobFailed("not_found", f"dataset {context.params['dataset']} was deleted")
+            raise JobFailed("not_found", f"dataset {dataset_id} was deleted")
         return dataset
-    path = Path(context.params["dataset_path"])
+    assert dataset_path is not None  # the parameters' model requires one of the two
+    path = Path(dataset_path)
     limit = worker.settings.max_dataset_bytes
     try:
         # a user-named path: it may have become a FIFO or a device, or grown, since the gateway looked
@@ -71,7 +81,11 @@ def _dataset(context: JobContext) -> Dataset:
 
 
 def _probe_run(
-    context: JobContext, experiment: Experiment, model: Model, adapter: Adapter | None, dataset: Dataset
+    context: JobContext[ExperimentParameters],
+    experiment: Experiment,
+    model: Model,
+    adapter: Adapter | None,
+    dataset: Dataset,
 ) -> ProbeRun:
     """A finished run with exactly these settings, or a new one trained now."""
     config = experiment.config
@@ -81,7 +95,7 @@ def _probe_run(
         "model_id": model.id,
         "adapter_id": adapter.id if adapter else None,
         "dataset_id": dataset.id,
-        "layers": context.params["layers"],
+        "layers": context.params.layers,
         "methods": methods,
         "token_position": config["extraction"]["token_position"],
         "max_length": config["extraction"]["max_length"],
@@ -97,26 +111,30 @@ def _probe_run(
     run = ProbeRun(id=new_id("prr"), job_id=context.job_id, **settings)
     with context.runtime.sessions() as session, session.begin():
         session.add(run)
-    probe_training.run(_step(context, "probes", {"run_id": run.id}))
+    probe_training.run(_step(context, "probes", ProbeTrainingParameters(run_id=run.id)))
     with context.runtime.sessions() as session:
         finished = session.get(ProbeRun, run.id)
     assert finished is not None
     return finished
 
 
-def run(context: JobContext) -> dict[str, Any]:
+def run(context: JobContext[ExperimentParameters]) -> dict[str, Any]:
     worker = context.runtime
     with worker.sessions() as session:
-        experiment = subject_row(session, Experiment, context.params["experiment_id"], "experiment")
+        experiment = subject_row(session, Experiment, context.params.experiment_id, "experiment")
         model = get_model(session, experiment.model_id)
 
     adapter = None
-    if context.params.get("adapter"):
-        params = context.params["adapter"] | {
-            "base_model_id": model.id,
-            "name": f"{experiment.name} adapter",
-            "metadata": {"experiment": experiment.name},
-        }
+    source = context.params.adapter
+    if source is not None:
+        params = AdapterImportParameters(
+            source_kind=source.source_kind,
+            source=source.source,
+            tinker_run_id=source.tinker_run_id,
+            base_model_id=model.id,
+            name=f"{experiment.name} adapter",
+            metadata={"experiment": experiment.name},
+        )
         imported = importer.run(_step(context, "adapter import", params))
         with worker.sessions() as session:
             adapter = session.get(Adapter, imported["adapter_id"])
@@ -130,7 +148,7 @@ def run(context: JobContext) -> dict[str, Any]:
         adapter_id=adapter.id if adapter else None,
         dataset_id=dataset.id,
         text_count=dataset.rows,
-        layers=context.params["layers"],
+        layers=context.params.layers,
         token_position=config["token_position"],
         max_length=config["max_length"],
         model_fingerprint=model.fingerprint,
@@ -138,7 +156,7 @@ def run(context: JobContext) -> dict[str, Any]:
     )
     with worker.sessions() as session, session.begin():
         session.add(states)
-    extracted = extraction.run(_step(context, "extraction", {"extraction_id": states.id}))
+    extracted = extraction.run(_step(context, "extraction", ExtractionParameters(extraction_id=states.id)))
     probe_run = _probe_run(context, experiment, model, adapter, dataset)
 
     with worker.sessions() as session, session.begin():

@@ -21,6 +21,7 @@ from sqlalchemy.dialects.postgresql import insert as postgresql_insert
 from sqlalchemy.dialects.sqlite import insert as sqlite_insert
 from sqlalchemy.orm import Session, sessionmaker
 
+from app.job_kinds import ExtractionParameters
 from app.registry.datasets import texts_of
 from app.registry.models import get_model
 from app.registry.tables import (
@@ -244,7 +245,11 @@ class States:
 
 
 def cached_states(
-    context: "JobContext", request: StatesRequest, texts: Sequence[str], shard_name: str, out: np.ndarray | None = None
+    context: "JobContext[Any]",
+    request: StatesRequest,
+    texts: Sequence[str],
+    shard_name: str,
+    out: np.ndarray | None = None,
 ) -> States:
     """States of `texts`, from the content cache where they are, computed (and cached under
     `shard_name`) where they are not; written into `out` (texts, layers, hidden) when given —
@@ -315,17 +320,22 @@ def cached_states(
     )
 
 
-def run(context: "JobContext") -> dict[str, Any]:
+def run(context: "JobContext[ExtractionParameters]") -> dict[str, Any]:
     worker = context.runtime
     store, sessions = worker.artifacts, worker.sessions
     with sessions() as session:
-        extraction = subject_row(session, Extraction, context.params["extraction_id"], "extraction")
+        extraction = subject_row(session, Extraction, context.params.extraction_id, "extraction")
         model = get_model(session, extraction.model_id)
         dataset = session.get(Dataset, extraction.dataset_id) if extraction.dataset_id else None
         adapter = session.get(Adapter, extraction.adapter_id) if extraction.adapter_id else None
     if extraction.adapter_id and adapter is None:
         raise JobFailed("not_found", f"adapter {extraction.adapter_id} was deleted")
-    texts: list[str] = context.params["texts"] if dataset is None else texts_of(store, dataset)
+    if dataset is not None:
+        texts = texts_of(store, dataset)
+    elif context.params.texts is not None:
+        texts = context.params.texts
+    else:
+        raise JobFailed("invalid_parameters", f"extraction {extraction.id} has neither a dataset nor texts")
     layers = list(extraction.layers)
     request = StatesRequest(model, adapter, layers, extraction.token_position, extraction.max_length)
     artifact = f"extractions/{extraction.id}/hidden_states.safetensors"

@@ -5,6 +5,7 @@ from typing import TYPE_CHECKING, Any
 
 from sqlalchemy import update
 
+from app.job_kinds import ModelCheckParameters
 from app.registry.models import get_model
 from app.registry.tables import Model
 from workers.errors import AttemptSuperseded, JobCancelled, JobFailed
@@ -24,8 +25,8 @@ def _one_token_hidden_states(model: Any, token_id: int, device: str) -> tuple[in
     return len(hidden_states) - 1, int(hidden_states[-1].shape[-1])
 
 
-def run(context: "JobContext") -> dict[str, Any]:
-    model_id = context.params["model_id"]
+def run(context: "JobContext[ModelCheckParameters]") -> dict[str, Any]:
+    model_id = context.params.model_id
     sessions = context.runtime.sessions
     with sessions() as session:
         row = get_model(session, model_id)

@@ -16,6 +16,7 @@ from sqlalchemy import update
 from app.calibration.reporting import calibration_report
 from app.calibration.scoring import auroc, brier, nll
 from app.inputs.datasets import texts_of_rows
+from app.job_kinds import ProbeScoringParameters, ProbeTrainingParameters
 from app.registry.datasets import read_rows
 from app.registry.models import get_model
 from app.registry.tables import Adapter, Dataset, Model, Probe, ProbeRun, new_id, utcnow
@@ -55,7 +56,7 @@ class TrainedProbe:
 
 
 def labels_for(
-    context: "JobContext", model: Model, adapter: Adapter | None, dataset: Dataset, rows: list[dict[str, Any]]
+    context: "JobContext[Any]", model: Model, adapter: Adapter | None, dataset: Dataset, rows: list[dict[str, Any]]
 ) -> Labels:
     """Statements' own labels, or the model's (with its adapter) for multiple choice."""
     if dataset.kind == "statements":
@@ -103,11 +104,11 @@ def _best(candidates: list[TrainedProbe]) -> TrainedProbe:
     )
 
 
-def run(context: "JobContext") -> dict[str, Any]:
+def run(context: "JobContext[ProbeTrainingParameters]") -> dict[str, Any]:
     worker = context.runtime
     store, sessions, settings = worker.artifacts, worker.sessions, worker.settings
     with sessions() as session:
-        run_row = subject_row(session, ProbeRun, context.params["run_id"], "probe run")
+        run_row = subject_row(session, ProbeRun, context.params.run_id, "probe run")
         model = get_model(session, run_row.model_id)
         adapter = session.get(Adapter, run_row.adapter_id) if run_row.adapter_id else None
         dataset = session.get(Dataset, run_row.dataset_id)
@@ -196,7 +197,7 @@ def run(context: "JobContext") -> dict[str, Any]:
 
 
 def _write_probes(
-    context: "JobContext",
+    context: "JobContext[ProbeTrainingParameters]",
     run_row: ProbeRun,
     candidates: list[TrainedProbe],
     best: TrainedProbe,
@@ -271,13 +272,13 @@ def _write_probes(
     return rows
 
 
-def score(context: "JobContext") -> dict[str, Any]:
+def score(context: "JobContext[ProbeScoringParameters]") -> dict[str, Any]:
     worker = context.runtime
     with worker.sessions() as session:
-        probe_row = subject_row(session, Probe, context.params["probe_id"], "probe")
+        probe_row = subject_row(session, Probe, context.params.probe_id, "probe")
         model = get_model(session, probe_row.model_id)
         adapter = session.get(Adapter, probe_row.adapter_id) if probe_row.adapter_id else None
     request = StatesRequest(model, adapter, [probe_row.layer], probe_row.token_position, probe_row.max_length)
-    states = cached_states(context, request, context.params["texts"], shard_name=context.job_id).states[:, 0]
+    states = cached_states(context, request, context.params.texts, shard_name=context.job_id).states[:, 0]
     probe, recalibrator = load_probe(worker.artifacts.local_folder(probe_row.artifact))
     return {"confidences": [float(p) for p in probability_of_correct(probe, recalibrator, states)]}

@@ -1,5 +1,6 @@
 """The one function RQ calls: `run_job(job_id)`. It moves the job row through its states,
-hands the job to the handler for its kind, and records the outcome."""
+checks the job's parameters against its kind's model, hands the job to the handler for its
+kind, and records the outcome."""
 
 import functools
 import logging
@@ -9,12 +10,14 @@ from typing import Any
 
 import redis
 import sqlalchemy.exc
+from pydantic import ValidationError
 from rq import get_current_job
 from rq.timeouts import JobTimeoutException
 from sqlalchemy import update
 
 from app import jobs, logs, monitoring
 from app.errors import disk_full
+from app.job_kinds import PARAMETERS, JobParameters, NoParameters
 from app.registry.database import changed_rows
 from app.registry.tables import Job, utcnow
 from app.storage import ArtifactMissing, StoreUnavailable
@@ -31,17 +34,17 @@ from workers.context import JobContext, this_attempt
 from workers.errors import AttemptSuperseded, JobCancelled, JobFailed
 from workers.runtime import WorkerRuntime
 
-Handler = Callable[[JobContext], dict[str, Any]]
+Handler = Callable[[JobContext[Any]], dict[str, Any]]
 log = logging.getLogger("workers.runner")
 # how long a finished job waits for an unreachable database to record its outcome
 FINISH_RETRY_S = 60.0
 
 
-def ping(context: JobContext) -> dict[str, Any]:
+def ping(context: JobContext[NoParameters]) -> dict[str, Any]:
     return {"worker": context.runtime.name, "device": context.runtime.settings.worker_device}
 
 
-def tinker_models(context: JobContext) -> dict[str, Any]:
+def tinker_models(context: JobContext[NoParameters]) -> dict[str, Any]:
     from workers.adapters.tinker import TinkerClient
 
     settings = context.runtime.settings
@@ -60,6 +63,22 @@ HANDLERS: dict[str, Handler] = {
     "probe_training": probe_training.run,
     "tinker_models": tinker_models,
 }
+
+
+def parameters_of(job: Job) -> JobParameters:
+    """The job row's parameters as its kind's model. A row that does not fit fails the job
+    before its handler runs, naming each field that is wrong."""
+    try:
+        return PARAMETERS[job.kind].model_validate(job.params)
+    except ValidationError as exc:
+        fields = [
+            {"field": ".".join(str(part) for part in error["loc"]), "message": error["msg"], "type": error["type"]}
+            for error in exc.errors()
+        ]
+        summary = "; ".join(f"{field['field']}: {field['message']}" for field in fields)
+        raise JobFailed(
+            "invalid_parameters", f"the parameters of this {job.kind} job are invalid: {summary}", fields=fields
+        ) from exc
 
 
 def _start(worker: WorkerRuntime, job_id: str) -> Job | None:
@@ -152,12 +171,12 @@ def _run_job(job_id: str) -> None:
     started = time.monotonic()
     jobs.publish(worker.redis, worker.settings, job)
     worker.set_current_job(job_id)
-    context = JobContext(job_id=job_id, params=dict(job.params), runtime=worker, attempt=job.attempts)
     finish = functools.partial(_finish, worker, job_id, job.attempts, started)
     try:
         handler = HANDLERS.get(job.kind)
         if handler is None:
             raise JobFailed("unknown_kind", f"this worker has no handler for jobs of kind {job.kind!r}")
+        context = JobContext(job_id=job_id, params=parameters_of(job), runtime=worker, attempt=job.attempts)
         result = handler(context)
     except AttemptSuperseded:
         log.warning("job stopped: it was taken back from this attempt", extra={"attempt": job.attempts})

@@ -3,7 +3,7 @@ list, show and delete them."""
 
 import shutil
 from collections.abc import Callable
-from typing import Annotated, Any
+from typing import Annotated
 
 import redis
 from fastapi import APIRouter, File, Form, Query, Response, UploadFile
@@ -17,6 +17,7 @@ from app.errors import ServiceError, invalid_field, nul_free_filename
 from app.inputs.adapter_sources import classify_source
 from app.inputs.archives import FORMAT_HEAD_BYTES, ArchiveRejected, archive_format_of
 from app.inputs.documents import parse_document
+from app.job_kinds import AdapterImportParameters
 from app.registry.adapters import artifact_in_use, get_adapter, list_adapters
 from app.registry.database import transaction
 from app.registry.models import get_model
@@ -33,13 +34,12 @@ def _queue_import(
     sessions: sessionmaker[Session],
     connection: redis.Redis,
     settings: Settings,
-    base_model: str,
-    params: dict[str, Any],
+    params: AdapterImportParameters,
     undo_also: Callable[[], None] | None = None,
 ) -> Job:
     def prepare(session: Session, _job_id: str) -> jobs.Submission[None]:
-        base = get_model(session, base_model)
-        return jobs.Submission(params | {"base_model_id": base.id}, base.id, None)
+        base = get_model(session, params.base_model_id)
+        return jobs.Submission(params, base.id, None)
 
     job, _ = jobs.submit(sessions, connection, settings, "adapter_import", prepare, undo_also)
     return job
@@ -52,14 +52,15 @@ def import_adapter(
     """Import from a Tinker checkpoint, a local PEFT folder or archive, or an allowed URL. The
     job converts the adapter to PEFT, checks it against the base model, and registers it."""
     source = classify_source(body.source, settings)
-    params = {
-        "source_kind": source.kind,
-        "source": source.location,
-        "tinker_run_id": source.tinker_run_id,
-        "name": body.name,
-        "metadata": body.metadata,
-    }
-    job = _queue_import(sessions, connection, settings, body.base_model, params)
+    params = AdapterImportParameters(
+        source_kind=source.kind,
+        source=source.location,
+        tinker_run_id=source.tinker_run_id,
+        base_model_id=body.base_model,
+        name=body.name,
+        metadata=body.metadata,
+    )
+    job = _queue_import(sessions, connection, settings, params)
     response.headers["Location"] = f"/v1/jobs/{job.id}"
     return JobAccepted(job=JobOut.of(job))
 
@@ -99,11 +100,11 @@ def upload_adapter(
     staged = f"staging/uploads/{new_id('upl')}.archive"
     with artifacts.writer(staged) as handle:
         shutil.copyfileobj(file.file, handle, 1 << 20)
-    params = {"source_kind": "upload", "source": source, "upload": staged, "name": name, "metadata": user_metadata}
+    params = AdapterImportParameters(
+        source_kind="upload", source=source, upload=staged, base_model_id=base_model, name=name, metadata=user_metadata
+    )
     try:
-        job = _queue_import(
-            sessions, connection, settings, base_model, params, undo_also=lambda: artifacts.delete(staged)
-        )
+        job = _queue_import(sessions, connection, settings, params, undo_also=lambda: artifacts.delete(staged))
     except ServiceError:
         artifacts.delete(staged)
         raise

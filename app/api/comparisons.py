@@ -12,6 +12,7 @@ from app import jobs
 from app.api.deps import ArtifactsDep, RedisDep, SessionDep, SessionsDep, SettingsDep
 from app.api.render_cache import cached_render
 from app.errors import ServiceError, not_found
+from app.job_kinds import ComparisonParameters, SplitParameters
 from app.registry.comparisons import new_comparison
 from app.registry.tables import Comparison, Job
 from app.schemas.common import ERROR_RESPONSES
@@ -39,13 +40,13 @@ def compare(
 
     def prepare(session: Session, job_id: str) -> jobs.Submission[Comparison]:
         comparison = new_comparison(session, body, job_id)
-        split = body.split.model_dump() | {"seed": body.seed}
-        params = {
-            "comparison_id": comparison.id,
-            "split": split,
-            "max_length": body.max_length,
-            "on_mixed_precision": body.on_mixed_precision,
-        }
+        params = ComparisonParameters(
+            comparison_id=comparison.id,
+            split=SplitParameters(
+                train=body.split.train, validation=body.split.validation, test=body.split.test, seed=body.seed
+            ),
+            max_length=body.max_length,
+        )
         return jobs.Submission(params, comparison.model_id, comparison)
 
     job, comparison = jobs.submit(sessions, connection, settings, "comparison", prepare)

@@ -16,6 +16,7 @@ from app.api.models import register
 from app.errors import ServiceError, invalid_field, not_found
 from app.inputs.adapter_sources import classify_source
 from app.inputs.documents import parse_document
+from app.job_kinds import ExperimentParameters, ImportSource
 from app.registry.models import resolve_layers
 from app.registry.tables import Dataset, Experiment, Job, new_id
 from app.schemas.common import DISPLAY_NAME_MAX, ERROR_RESPONSES
@@ -179,19 +180,19 @@ def _submit(
             config=config.model_dump(mode="json"),
             model_id=model.id,
         )
-        params = {
-            "experiment_id": experiment.id,
-            "layers": layers,
-            "adapter": {
-                "source_kind": adapter_source.kind,
-                "source": adapter_source.location,
-                "tinker_run_id": adapter_source.tinker_run_id,
-            }
+        params = ExperimentParameters(
+            experiment_id=experiment.id,
+            layers=layers,
+            adapter=ImportSource(
+                source_kind=adapter_source.kind,
+                source=adapter_source.location,
+                tinker_run_id=adapter_source.tinker_run_id,
+            )
             if adapter_source
             else None,
-            "dataset": config.probe.dataset if dataset_path is None else None,
-            "dataset_path": dataset_path.location if dataset_path else None,
-        }
+            dataset=config.probe.dataset if dataset_path is None else None,
+            dataset_path=dataset_path.location if dataset_path else None,
+        )
         return jobs.Submission(params, model.id, experiment)
 
     job, experiment = jobs.submit(sessions, connection, settings, "experiment", prepare)

@@ -16,6 +16,7 @@ from sqlalchemy.orm import Session
 from app import jobs
 from app.api.deps import ArtifactsDep, RedisDep, SessionDep, SessionsDep, SettingsDep
 from app.errors import ServiceError, not_found
+from app.job_kinds import ExtractionParameters
 from app.registry.database import keyset_page
 from app.registry.extractions import new_extraction
 from app.registry.tables import Extraction, Job
@@ -42,7 +43,7 @@ def create_extraction(
 
     def prepare(session: Session, job_id: str) -> jobs.Submission[Extraction]:
         extraction, model = new_extraction(session, body, settings, job_id)
-        params = {"extraction_id": extraction.id} | ({"texts": body.texts} if body.texts is not None else {})
+        params = ExtractionParameters(extraction_id=extraction.id, texts=body.texts)
         return jobs.Submission(params, model.id, extraction)
 
     job, extraction = jobs.submit(sessions, connection, settings, "extraction", prepare)

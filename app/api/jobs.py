@@ -10,6 +10,7 @@ from fastapi.sse import EventSourceResponse, ServerSentEvent
 
 from app import broker, jobs
 from app.api.deps import RedisDep, SessionDep, SessionsDep, SettingsDep
+from app.job_kinds import NoParameters
 from app.schemas.common import ERROR_RESPONSES
 from app.schemas.jobs import TERMINAL_STATUSES, JobAccepted, JobOut, JobPage, JobStatus
 
@@ -39,7 +40,7 @@ def ping_workers(response: Response, settings: SettingsDep, sessions: SessionsDe
     """A canary job that does nothing on a worker: it proves the whole path (gateway →
     Redis → worker → registry) works, and how fast, without touching a model."""
     job, _ = jobs.submit(
-        sessions, connection, settings, "ping", lambda _session, _job_id: jobs.Submission({}, None, None)
+        sessions, connection, settings, "ping", lambda _session, _job_id: jobs.Submission(NoParameters(), None, None)
     )
     response.headers["Location"] = f"/v1/jobs/{job.id}"
     return JobAccepted(job=JobOut.of(job))

@@ -11,6 +11,7 @@ from app import broker, jobs
 from app.api.deps import RedisDep, SessionDep, SessionsDep, SettingsDep
 from app.errors import ServiceError
 from app.inputs.model_sources import fingerprint, read_model_shape, resolve_source
+from app.job_kinds import ModelCheckParameters
 from app.registry.database import transaction
 from app.registry.models import find_model, get_model, list_models, new_model
 from app.registry.tables import Model
@@ -47,7 +48,9 @@ def register(
     source = resolve_source(body.source, body.revision, settings.hf_cache_dir, settings.model_roots)
     shape = read_model_shape(source.path)
     model = new_model(body.name, source, body.revision, body.dtype, body.quantization, shape, fingerprint(source))
-    job = jobs.new_job("model_check", {"model_id": model.id}, broker.default_queue(settings), model_id=model.id)
+    job = jobs.new_job(
+        "model_check", ModelCheckParameters(model_id=model.id), broker.default_queue(settings), model_id=model.id
+    )
     model.check_job_id = job.id
     try:
         with transaction(sessions) as session:
@@ -96,7 +99,9 @@ def check_model(
     worker can load it). The model keeps its status until the check ends."""
     with transaction(sessions) as session:
         model = get_model(session, model_id)
-        job = jobs.new_job("model_check", {"model_id": model.id}, broker.default_queue(settings), model_id=model.id)
+        job = jobs.new_job(
+            "model_check", ModelCheckParameters(model_id=model.id), broker.default_queue(settings), model_id=model.id
+        )
         session.add(job)
         session.flush()
         previous_check = model.check_job_id

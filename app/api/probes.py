@@ -14,6 +14,7 @@ from app.api.deps import ArtifactsDep, RedisDep, SessionDep, SessionsDep, Settin
 from app.api.render_cache import cached_render
 from app.errors import ServiceError, not_found
 from app.inputs.texts import refuse_empty_texts
+from app.job_kinds import ProbeScoringParameters, ProbeTrainingParameters
 from app.registry.database import keyset_page
 from app.registry.probes import new_probe_run, run_view
 from app.registry.tables import Job, Probe, ProbeRun
@@ -42,9 +43,9 @@ def train_probes(
     at each layer, one probe per layer and method, the best marked on validation, and a
     calibration report on the held-out test split."""
 
-    def prepare(session: Session, job_id: str) -> jobs.Submission:
+    def prepare(session: Session, job_id: str) -> jobs.Submission[ProbeRun]:
         run = new_probe_run(session, body, job_id)
-        return jobs.Submission({"run_id": run.id}, run.model_id, run)
+        return jobs.Submission(ProbeTrainingParameters(run_id=run.id), run.model_id, run)
 
     job, run = jobs.submit(sessions, connection, settings, "probe_training", prepare)
     response.headers["Location"] = f"/v1/probe-runs/{run.id}"
@@ -197,7 +198,9 @@ async def score_texts(
         connection,
         settings,
         "probe_scoring",
-        lambda _session, _job_id: jobs.Submission({"probe_id": probe.id, "texts": body.texts}, probe.model_id, None),
+        lambda _session, _job_id: jobs.Submission(
+            ProbeScoringParameters(probe_id=probe.id, texts=body.texts), probe.model_id, None
+        ),
     )
     final = await jobs.wait_for_final(sessions, request.app.state.async_redis, settings, job.id, body.timeout_s)
     if final.status == "succeeded" and final.result is not None:

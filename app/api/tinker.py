@@ -11,6 +11,7 @@ from fastapi import APIRouter, Query, Request, Response
 from app import jobs
 from app.api.deps import RedisDep, SessionsDep, SettingsDep
 from app.errors import ServiceError
+from app.job_kinds import NoParameters
 from app.schemas.adapters import TinkerModels
 from app.schemas.common import ERROR_RESPONSES
 from app.schemas.jobs import JobAccepted
@@ -43,7 +44,11 @@ async def tinker_models(
     if cached:
         return TinkerModels.model_validate_json(cached)
     job, _ = jobs.submit(
-        sessions, connection, settings, "tinker_models", lambda _session, _job_id: jobs.Submission({}, None, None)
+        sessions,
+        connection,
+        settings,
+        "tinker_models",
+        lambda _session, _job_id: jobs.Submission(NoParameters(), None, None),
     )
     final = await jobs.wait_for_final(sessions, request.app.state.async_redis, settings, job.id, timeout_s)
     if final.status == "succeeded" and final.result is not None:

@@ -10,7 +10,9 @@ from typing import Any
 import pytest
 
 from app import broker
+from app.inputs.adapter_sources import SourceKind
 from app.inputs.model_sources import ModelShape, ResolvedSource
+from app.job_kinds import AdapterImportParameters
 from app.registry.models import new_model
 from app.registry.tables import Job, new_id
 from app.settings import Settings
@@ -52,23 +54,19 @@ def model_id(worker: runtime.WorkerRuntime, tiny_llama: Path) -> str:
 
 
 def import_job(
-    worker: runtime.WorkerRuntime, model_id: str, source_kind: str, source: Path, attempt: int = 1
-) -> JobContext:
+    worker: runtime.WorkerRuntime, model_id: str, source_kind: SourceKind, source: Path, attempt: int = 1
+) -> JobContext[AdapterImportParameters]:
     """A running `adapter_import` job of this worker, at `attempt`, and its context."""
-    params = {
-        "source_kind": source_kind,
-        "source": str(source),
-        "base_model_id": model_id,
-        "name": "ft",
-        "metadata": {},
-    }
+    params = AdapterImportParameters(
+        source_kind=source_kind, source=str(source), base_model_id=model_id, name="ft", metadata={}
+    )
     job_id = new_id("job")
     with worker.sessions() as session, session.begin():
         session.add(
             Job(
                 id=job_id,
                 kind="adapter_import",
-                params=params,
+                params=params.model_dump(mode="json"),
                 status="running",
                 worker=worker.name,
                 attempts=attempt,

@@ -7,13 +7,15 @@ from typing import Any
 
 import pytest
 
+from app.job_kinds import ExperimentParameters
 from workers.errors import JobFailed
 from workers.experiment import _dataset
 
 
 def dataset_failure(path: Path) -> JobFailed:
     runtime = SimpleNamespace(settings=SimpleNamespace(max_dataset_bytes=1 << 20))
-    context: Any = SimpleNamespace(params={"dataset_path": str(path)}, runtime=runtime)
+    params = ExperimentParameters(experiment_id="exp_1", layers=[1], adapter=None, dataset=None, dataset_path=str(path))
+    context: Any = SimpleNamespace(params=params, runtime=runtime)
     with pytest.raises(JobFailed) as failure:
         _dataset(context)
     return failure.value

@@ -14,6 +14,7 @@ import redis
 from rq import Queue
 
 from app import broker, janitor, jobs
+from app.job_kinds import NoParameters
 from app.registry.tables import Job, utcnow
 from app.settings import Settings
 from app.storage import open_store
@@ -223,7 +224,7 @@ def test_an_attempt_taken_back_can_no_longer_write_progress_or_an_outcome(api: A
     old = runtime.build_runtime(settings.model_copy(update={"worker_name": "old-worker"}))
     new = runtime.build_runtime(settings.model_copy(update={"worker_name": "new-worker"}))
     add_job(settings, "job_fenced", "running", "old-worker", started_ago_s=60, attempts=1)
-    old_attempt = JobContext(job_id="job_fenced", params={}, runtime=old, attempt=1)
+    old_attempt = JobContext(job_id="job_fenced", params=NoParameters(), runtime=old, attempt=1)
     old_attempt.progress("working", 1, 3)
     assert api.get("/v1/jobs/job_fenced").json()["progress"]["done"] == 1
 

@@ -1,14 +1,18 @@
-"""How the runner ends jobs: success, a known failure, a bug, an unknown kind."""
+"""How the runner ends jobs: success, a known failure, a bug, an unknown kind, parameters
+that do not fit the kind."""
 
 from pathlib import Path
 from typing import Any
 
 import pytest
+from sqlalchemy import update
 
+from app.job_kinds import PARAMETERS
+from app.registry.tables import Job
 from app.settings import Settings
 from tests.api.test_jobs import run_queued_jobs
 from tests.api.test_models import register
-from workers import runner
+from workers import runner, runtime
 from workers.errors import JobFailed
 
 
@@ -104,3 +108,27 @@ def test_an_unexpected_os_error_is_recorded_without_the_servers_paths(
     run_queued_jobs(settings)
     error = api.get(f"/v1/jobs/{job_id}").json()["error"]
     assert error == {"code": "internal", "message": "FileNotFoundError: No such file or directory", "details": {}}
+
+
+def test_a_job_whose_parameters_do_not_fit_its_kind_fails_as_invalid_parameters_before_its_handler_runs(
+    api: Any, settings: Settings, tiny_llama: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    ran: list[str] = []
+
+    def check(context: runner.JobContext) -> dict[str, Any]:
+        ran.append(context.job_id)
+        return {}
+
+    monkeypatch.setitem(runner.HANDLERS, "model_check", check)
+    job_id = register(api, tiny_llama).json()["check_job_id"]
+    with runtime.build_runtime(settings).sessions() as session, session.begin():
+        session.execute(update(Job).where(Job.id == job_id).values(params={"model": "mdl_renamed"}))
+    run_queued_jobs(settings)
+    error = api.get(f"/v1/jobs/{job_id}").json()["error"]
+    assert error["code"] == "invalid_parameters" and "model_id" in error["message"]
+    assert [field["field"] for field in error["details"]["fields"]] == ["model_id"]
+    assert ran == []
+
+
+def test_every_kind_of_job_the_worker_runs_has_a_parameter_model() -> None:
+    assert set(runner.HANDLERS) == set(PARAMETERS)

@@ -6,13 +6,14 @@ archive go, and no row or file is left without the other."""
 import errno
 import shutil
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, assert_never
 
 import httpx
 from sqlalchemy.exc import IntegrityError
 
 from app.errors import disk_full
 from app.inputs.archives import ArchiveLimits, ArchiveRejected, extract_archive
+from app.job_kinds import AdapterImportParameters
 from app.registry.adapters import artifact_in_use, find_adapter
 from app.registry.models import get_model
 from app.registry.tables import Adapter, Model, new_id
@@ -65,21 +66,24 @@ def _names_match(tinker_base: str, model: Model) -> bool:
     return wanted in candidates or wanted.rsplit("/", 1)[-1] in candidates
 
 
-def _fetch_tinker(context: "JobContext", model: Model, staging: Path) -> tuple[Path, dict[str, Any]]:
+def _fetch_tinker(
+    context: "JobContext[AdapterImportParameters]", model: Model, staging: Path
+) -> tuple[Path, dict[str, Any]]:
     from workers.adapters.tinker import TinkerClient, parse_tinker_path
 
     settings = context.runtime.settings
     if not settings.tinker_api_key:
         raise JobFailed("tinker_unconfigured", "the worker has no TINKER_API_KEY setting")
-    path = parse_tinker_path(context.params["source"])
+    source = context.params.source
+    path = parse_tinker_path(source)
     client = TinkerClient(settings.tinker_api_key, settings.tinker_base_url)
     info = client.weights_info(path)
     if not info.is_lora:
-        raise JobFailed("unsupported_adapter", f"{context.params['source']} is not a LoRA checkpoint")
+        raise JobFailed("unsupported_adapter", f"{source} is not a LoRA checkpoint")
     if not _names_match(info.base_model, model):
         raise JobFailed(
             "base_model_mismatch",
-            f"{context.params['source']} was trained on {info.base_model}, but model {model.id} is {model.source}",
+            f"{source} was trained on {info.base_model}, but model {model.id} is {model.source}",
             tinker_base_model=info.base_model,
         )
     folder = staging / "files"
@@ -93,10 +97,10 @@ def _fetch_tinker(context: "JobContext", model: Model, staging: Path) -> tuple[P
     return folder, {"tinker": training}
 
 
-def _fetch(context: "JobContext", model: Model, staging: Path) -> tuple[Path, dict[str, Any]]:
+def _fetch(context: "JobContext[AdapterImportParameters]", model: Model, staging: Path) -> tuple[Path, dict[str, Any]]:
     """The folder holding the adapter's files, and what the source says about training."""
     settings, store = context.runtime.settings, context.runtime.artifacts
-    kind, source = context.params["source_kind"], context.params["source"]
+    kind, source = context.params.source_kind, context.params.source
     if kind == "tinker":
         return _fetch_tinker(context, model, staging)
     if kind == "local_folder":
@@ -108,8 +112,9 @@ def _fetch(context: "JobContext", model: Model, staging: Path) -> tuple[Path, di
             _download(source, staging / "download", settings.max_adapter_bytes), staging / "files", settings
         ), {}
     if kind == "upload":  # staged in the store by the gateway, which may be on another machine
-        return _unpack(store.local_path(context.params["upload"]), staging / "files", settings), {}
-    raise JobFailed("unknown_source", f"unknown adapter source kind {kind!r}")
+        assert context.params.upload is not None  # the parameters' model requires it for an upload
+        return _unpack(store.local_path(context.params.upload), staging / "files", settings), {}
+    assert_never(kind)
 
 
 def _locate(folder: Path) -> tuple[Path, Path]:
@@ -133,7 +138,11 @@ def _locate(folder: Path) -> tuple[Path, Path]:
 
 
 def _register(
-    context: "JobContext", model: Model, converted: Path, summary: Any, provenance: dict[str, Any]
+    context: "JobContext[AdapterImportParameters]",
+    model: Model,
+    converted: Path,
+    summary: Any,
+    provenance: dict[str, Any],
 ) -> tuple[Adapter, bool]:
     """The adapter with this identity for this base: the existing one, or a new row over
     files published under `adapters/<identity>/` — keyed by identity, not by weights, so
@@ -145,14 +154,15 @@ def _register(
     if existing is not None:
         return existing, False
     published = store.publish_folder(artifact, converted)
+    params = context.params
     adapter = Adapter(
         id=new_id("adp"),
-        name=context.params["name"],
+        name=params.name,
         base_model_id=model.id,
-        source_kind=context.params["source_kind"],
-        source=context.params["source"],
-        tinker_path=context.params["source"] if context.params["source_kind"] == "tinker" else None,
-        tinker_run_id=context.params.get("tinker_run_id"),
+        source_kind=params.source_kind,
+        source=params.source,
+        tinker_path=params.source if params.source_kind == "tinker" else None,
+        tinker_run_id=params.tinker_run_id,
         r=summary.r,
         lora_alpha=summary.lora_alpha,
         target_modules=summary.target_modules,
@@ -180,7 +190,7 @@ def _register(
     return adapter, True
 
 
-def _unpublish(context: "JobContext", artifact: str, published: bool) -> None:
+def _unpublish(context: "JobContext[AdapterImportParameters]", artifact: str, published: bool) -> None:
     """Files this attempt published, removed when no row came to name them."""
     with context.runtime.sessions() as session:
         if published and not artifact_in_use(session, artifact):
@@ -216,7 +226,7 @@ def _remove_earlier_attempts(store: ArtifactStore, job_id: str, attempt: int) ->
         shutil.rmtree(store.scratch_root / f"{job_id}-{earlier}", ignore_errors=True)
 
 
-def run(context: "JobContext") -> dict[str, Any]:
+def run(context: "JobContext[AdapterImportParameters]") -> dict[str, Any]:
     try:
         adapter, created, notes = _import(context)
     except AttemptSuperseded:
@@ -237,10 +247,10 @@ def run(context: "JobContext") -> dict[str, Any]:
     }
 
 
-def _import(context: "JobContext") -> tuple[Adapter, bool, list[str]]:
+def _import(context: "JobContext[AdapterImportParameters]") -> tuple[Adapter, bool, list[str]]:
     store, sessions = context.runtime.artifacts, context.runtime.sessions
     with sessions() as session:
-        model = get_model(session, context.params["base_model_id"])
+        model = get_model(session, context.params.base_model_id)
     _remove_earlier_attempts(store, context.job_id, context.attempt)
     with store.scratch(f"{context.job_id}-{context.attempt}") as staging:  # attempts never share one
         context.progress("fetching", 0, 3)
@@ -251,13 +261,13 @@ def _import(context: "JobContext") -> tuple[Adapter, bool, list[str]]:
         converted.mkdir()
         summary = convert(weights, read_config(config_path), base_modules(model.resolved_path), converted, model.source)
         context.progress("registering", 2, 3)
-        provenance = provenance | {"user": context.params.get("metadata") or {}}
+        provenance = provenance | {"user": context.params.metadata}
         adapter, created = _register(context, model, converted, summary, provenance)
         context.progress("done", 3, 3)
     return adapter, created, summary.notes
 
 
-def _drop_upload(context: "JobContext") -> None:
+def _drop_upload(context: "JobContext[AdapterImportParameters]") -> None:
     """An uploaded archive is read by its job's one finishing attempt, then removed."""
-    if context.params.get("upload"):
-        context.runtime.artifacts.delete(context.params["upload"])
+    if context.params.upload:
+        context.runtime.artifacts.delete(context.params.upload)

@@ -1,0 +1,138 @@
+"""What each kind of job is given: one frozen model of its parameters per kind.
+
+A route builds the model of its job's kind, `app.jobs` stores it in the job row as JSON,
+and the worker validates the row against the same model before the handler runs
+(`workers/runner.py`): a handler reads typed attributes, and a row that does not fit fails
+its job at once with `invalid_parameters`. Fields that today's rows leave out when they have
+no value (`texts` of an extraction of a dataset, `upload` of an import that is no upload)
+are left out of the JSON too. Torch-free: the gateway imports it.
+"""
+
+from typing import Any
+
+from pydantic import BaseModel, ConfigDict, Field, model_validator
+
+from app.inputs.adapter_sources import SourceKind
+
+
+def _is_none(value: Any) -> bool:
+    return value is None
+
+
+class JobParameters(BaseModel):
+    """Parameters of a job, or a part of them: frozen, as nothing changes them once the job
+    is submitted."""
+
+    model_config = ConfigDict(frozen=True)
+
+
+class NoParameters(JobParameters):
+    """A job that needs nothing but its kind (`ping`, `tinker_models`)."""
+
+
+class ModelCheckParameters(JobParameters):
+    """A `model_check`: load a registered model and run one token through it."""
+
+    model_id: str = Field(description="The model to check; its row becomes `ready` or `failed`.")
+
+
+class ExtractionParameters(JobParameters):
+    """An `extraction`: hidden states of texts at layers, as its extraction row says."""
+
+    extraction_id: str = Field(description="The extraction row: model, adapter, dataset, layers, position.")
+    texts: list[str] | None = Field(
+        None,
+        exclude_if=_is_none,
+        description="The texts of an extraction of inline texts; left out for one of a dataset.",
+    )
+
+
+class ImportSource(JobParameters):
+    """Where an adapter is imported from, as the gateway classified it (`app/inputs/adapter_sources.py`)."""
+
+    source_kind: SourceKind = Field(description="`tinker`, `local_folder`, `local_archive`, `url` or `upload`.")
+    source: str = Field(
+        description="The Tinker path, the resolved local path, the URL, or an upload's file name (for the record)."
+    )
+    tinker_run_id: str | None = Field(None, description="The Tinker training run, for a Tinker source.")
+
+
+class AdapterImportParameters(ImportSource):
+    """An `adapter_import`: fetch, convert and register a LoRA adapter of a base model."""
+
+    base_model_id: str = Field(description="The registered model the adapter was trained on.")
+    name: str = Field(description="The adapter's name in the registry.")
+    metadata: dict[str, Any] = Field(
+        default_factory=dict, description="The user's training metadata, kept with the adapter."
+    )
+    upload: str | None = Field(
+        None,
+        exclude_if=_is_none,
+        description="The store key of an uploaded archive (`staging/uploads/…`), removed once the import ends; "
+        "left out for other sources.",
+    )
+
+    @model_validator(mode="after")
+    def _upload_names_its_archive(self) -> "AdapterImportParameters":
+        if (self.source_kind == "upload") != (self.upload is not None):
+            raise ValueError("`upload` is given for an upload, and only for one")
+        return self
+
+
+class ProbeTrainingParameters(JobParameters):
+    """A `probe_training`: probes per layer and method, as its probe run row says."""
+
+    run_id: str = Field(description="The probe run row: model, adapter, dataset, layers, methods, split.")
+
+
+class ProbeScoringParameters(JobParameters):
+    """A `probe_scoring`: P(correct) of texts under a trained probe."""
+
+    probe_id: str = Field(description="The probe to score with.")
+    texts: list[str] = Field(description="The texts to score, in the answer's order.")
+
+
+class SplitParameters(JobParameters):
+    """A seeded stratified train/validation/test split."""
+
+    train: float = Field(description="Fraction of the texts probes are fitted on.")
+    validation: float = Field(description="Fraction the layer is chosen on.")
+    test: float = Field(description="Fraction the report is made on.")
+    seed: int = Field(description="Seed of the split and of the bootstrap.")
+
+
+class ComparisonParameters(JobParameters):
+    """A `comparison`: a base model and its adapters on the same texts, split and layers."""
+
+    comparison_id: str = Field(description="The comparison row: model, adapters, dataset, layers, method.")
+    split: SplitParameters = Field(description="The one split every model is trained and reported on.")
+    max_length: int | None = Field(description="Tokens kept of each text; None: the model's own limit.")
+
+
+class ExperimentParameters(JobParameters):
+    """An `experiment`: a config run end to end — adapter import, dataset, extraction, probes."""
+
+    experiment_id: str = Field(description="The experiment row, holding the config.")
+    layers: list[int] = Field(description="The config's layers, resolved against the model's layer count.")
+    adapter: ImportSource | None = Field(description="Where to import the adapter from; None: the base model alone.")
+    dataset: str | None = Field(description="A registered dataset's id; None when `dataset_path` is given.")
+    dataset_path: str | None = Field(description="A dataset file to register first; None when `dataset` is given.")
+
+    @model_validator(mode="after")
+    def _one_dataset(self) -> "ExperimentParameters":
+        if (self.dataset is None) == (self.dataset_path is None):
+            raise ValueError("exactly one of `dataset` and `dataset_path` is given")
+        return self
+
+
+PARAMETERS: dict[str, type[JobParameters]] = {
+    "adapter_import": AdapterImportParameters,
+    "comparison": ComparisonParameters,
+    "experiment": ExperimentParameters,
+    "extraction": ExtractionParameters,
+    "model_check": ModelCheckParameters,
+    "ping": NoParameters,
+    "probe_scoring": ProbeScoringParameters,
+    "probe_training": ProbeTrainingParameters,
+    "tinker_models": NoParameters,
+}
