@@ -5,7 +5,7 @@ Texts: 1,000 city statements from the shared data. Model: a small random Llama (
 hidden 256), float32 on the CPU, layers [2, 4], last token. The content cache is off in
 both paths, so both compute every vector.
 
-(a) direct — the worker's own function (`workers.extraction.hidden_states`) called in this
+(a) direct — the worker's own function (`workers.state_cache.cached_states`) called in this
     process, the model already loaded.
 (b) service — `confprobe serve` (embedded Redis, SQLite, one worker that has already loaded
     the model; both paths first run the same 8-text warm-up) driven by the Python client: submit the job, wait for it over server-sent
@@ -38,7 +38,7 @@ from confprobe_client import Client  # noqa: E402
 from tests.tiny_models import save_tiny_llama  # noqa: E402
 from workers import runtime  # noqa: E402
 from workers.context import JobContext  # noqa: E402
-from workers.extraction import StatesRequest, cached_states  # noqa: E402
+from workers.state_cache import StatesRequest, cached_states  # noqa: E402
 
 TEXT_COUNT = 1000
 LAYERS = [2, 4]

@@ -20,9 +20,9 @@ from app.registry.models import get_model
 from app.registry.tables import Adapter, Comparison, Dataset, Model, utcnow
 from workers.context import subject_row
 from workers.errors import JobFailed
-from workers.extraction import StatesRequest, cached_states
-from workers.probe_training import Labels, labels_for, train_probe, validation_summary
 from workers.probes import probability_of_correct, stratified_split
+from workers.state_cache import StatesRequest, cached_states
+from workers.training import Labels, labels_for, train_probe, validation_summary
 
 if TYPE_CHECKING:
     from workers.context import JobContext

@@ -1,4 +1,4 @@
-"""The `probe_training` and `probe_scoring` jobs.
+"""The `probe_training` and `probe_scoring` jobs (the training itself: `workers/training.py`).
 
 Training: labels (given by statements, or the model's own for multiple choice), hidden
 states at every requested layer (through the content cache), a seeded stratified split,
@@ -7,101 +7,24 @@ validation, and the calibration report on the test split — which no choice eve
 """
 
 import json
-from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
-import numpy as np
 from sqlalchemy import update
 
 from app.calibration.reporting import calibration_report
-from app.calibration.scoring import auroc, brier, nll
 from app.inputs.datasets import texts_of_rows
 from app.job_kinds import ProbeScoringParameters, ProbeTrainingParameters
 from app.registry.datasets import read_rows
 from app.registry.models import get_model
-from app.registry.tables import Adapter, Dataset, Model, Probe, ProbeRun, new_id, utcnow
+from app.registry.tables import Adapter, Dataset, Probe, ProbeRun, new_id, utcnow
 from workers.context import subject_row
 from workers.errors import JobFailed
-from workers.extraction import StatesRequest, cached_states
-from workers.labelling import self_label
-from workers.probes import (
-    RECALIBRATOR_KINDS,
-    MassMeanProbe,
-    fit_logistic_probe,
-    load_probe,
-    probability_of_correct,
-    save_probe,
-    stratified_split,
-)
+from workers.probes import load_probe, probability_of_correct, save_probe, stratified_split
+from workers.state_cache import StatesRequest, cached_states
+from workers.training import Labels, TrainedProbe, best_candidate, labels_for, train_probe, validation_summary
 
 if TYPE_CHECKING:
     from workers.context import JobContext
-
-
-@dataclass
-class Labels:
-    y: np.ndarray
-    baseline: np.ndarray | None  # the model's own probability of its answer (multiple choice)
-    chosen: np.ndarray | None
-
-
-@dataclass
-class TrainedProbe:
-    layer: int
-    method: str
-    probe: Any
-    recalibrator: Any
-    validation: dict[str, Any]
-    test_probabilities: np.ndarray
-
-
-def labels_for(
-    context: "JobContext[Any]", model: Model, adapter: Adapter | None, dataset: Dataset, rows: list[dict[str, Any]]
-) -> Labels:
-    """Statements' own labels, or the model's (with its adapter) for multiple choice."""
-    if dataset.kind == "statements":
-        return Labels(y=np.array([row["label"] for row in rows], dtype=np.int64), baseline=None, chosen=None)
-    worker = context.runtime
-    loaded = worker.resident(model, adapter)
-    context.progress("labelling", 0, len(rows))
-    with worker.running(loaded, model, adapter):
-        labelled = self_label(
-            loaded,
-            rows,
-            device=worker.models.device,
-            token_budget=worker.settings.extraction_token_budget,
-            max_batch_size=worker.settings.extraction_max_batch_size,
-        )
-    context.progress("labelling", len(rows), len(rows))
-    return Labels(y=labelled.labels, baseline=labelled.confidence, chosen=labelled.chosen)
-
-
-def validation_summary(y: np.ndarray, p: np.ndarray) -> dict[str, Any]:
-    """Point metrics for choices on the validation split (no intervals needed there)."""
-    return {"n": len(y), "auroc": auroc(y, p).value, "nll": nll(y, p).value, "brier": brier(y, p).value}
-
-
-def train_probe(
-    method: str, x: np.ndarray, y: np.ndarray, split: Any, whiten: bool, recalibration: str | None
-) -> tuple[Any, Any, dict[str, Any]]:
-    if method == "logistic":
-        probe, search = fit_logistic_probe(x[split.train], y[split.train], x[split.validation], y[split.validation])
-    else:
-        probe, search = MassMeanProbe(whiten=whiten).fit(x[split.train], y[split.train]), {}
-    recalibrator = None
-    if recalibration:
-        recalibrator = RECALIBRATOR_KINDS[recalibration]().fit(
-            probe.decision_function(x[split.validation]), y[split.validation]
-        )
-    return probe, recalibrator, search
-
-
-def _best(candidates: list[TrainedProbe]) -> TrainedProbe:
-    """Highest validation AUROC; ties go to the lower validation log loss."""
-    return max(
-        candidates,
-        key=lambda c: (c.validation["auroc"] if c.validation["auroc"] is not None else -1, -c.validation["nll"]),
-    )
 
 
 def run(context: "JobContext[ProbeTrainingParameters]") -> dict[str, Any]:
@@ -157,7 +80,7 @@ def run(context: "JobContext[ProbeTrainingParameters]") -> dict[str, Any]:
                     probability_of_correct(probe, recalibrator, x[split.test]),
                 )
             )
-    best = _best(candidates)
+    best = best_candidate(candidates)
 
     context.progress("reporting", 0, len(candidates))
     y_test = labels.y[split.test]

@@ -1,4 +1,4 @@
-"""The extraction job's own parts: truncation, out-of-memory splitting."""
+"""Hidden states for the content cache: truncation, out-of-memory splitting, cache spaces."""
 
 from pathlib import Path
 from typing import Any
@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from tests import tiny_models
-from workers import extraction, hidden_states
+from workers import hidden_states, state_cache
 from workers.resident_models import LoadedModel
 
 
@@ -24,7 +24,7 @@ def loaded(tmp_path_factory: pytest.TempPathFactory) -> LoadedModel:
 def test_texts_over_max_length_are_truncated_and_counted(loaded: LoadedModel) -> None:
     texts = ["short", "a much longer text that the tokenizer splits into many tokens"]
     full = [len(ids) for ids in loaded.tokenizer(texts)["input_ids"]]
-    tokenized = extraction.tokenize(loaded.tokenizer, texts, max_length=full[0] + 1)
+    tokenized = state_cache.tokenize(loaded.tokenizer, texts, max_length=full[0] + 1)
     assert tokenized.truncated == [False, True]
     assert [len(ids) for ids in tokenized.token_ids] == [full[0], full[0] + 1]
     assert tokenized.token_ids[1][0] == loaded.tokenizer.bos_token_id
@@ -32,9 +32,9 @@ def test_texts_over_max_length_are_truncated_and_counted(loaded: LoadedModel) ->
 
 def test_an_out_of_memory_batch_is_split_and_retried(loaded: LoadedModel, monkeypatch: pytest.MonkeyPatch) -> None:
     texts = [f"The city number {i} is in France." * (1 + i % 3) for i in range(12)]
-    token_ids = extraction.tokenize(loaded.tokenizer, texts, None).token_ids
+    token_ids = state_cache.tokenize(loaded.tokenizer, texts, None).token_ids
     options: dict[str, Any] = {"device": "cpu", "token_budget": 10_000, "max_batch_size": 64}
-    expected = extraction.compute(loaded, token_ids, [1, 2], "last", **options)
+    expected = state_cache.compute(loaded, token_ids, [1, 2], "last", **options)
 
     real_read_layers = hidden_states.read_layers
     batch_sizes: list[int] = []
@@ -45,8 +45,8 @@ def test_an_out_of_memory_batch_is_split_and_retried(loaded: LoadedModel, monkey
             raise torch.OutOfMemoryError("CUDA out of memory (simulated: this machine has no GPU)")
         return real_read_layers(model, batch, layers, token_position)
 
-    monkeypatch.setattr(extraction, "read_layers", no_room_for_more_than_three)
-    got = extraction.compute(loaded, token_ids, [1, 2], "last", **options)
+    monkeypatch.setattr(state_cache, "read_layers", no_room_for_more_than_three)
+    got = state_cache.compute(loaded, token_ids, [1, 2], "last", **options)
     np.testing.assert_allclose(got, expected, atol=1e-5)
     assert batch_sizes[0] == 12 and max(batch_sizes[1:]) <= 6
 
@@ -59,9 +59,9 @@ def test_a_single_text_that_does_not_fit_fails_the_job_clearly(
     def never_fits(*_: Any) -> torch.Tensor:
         raise torch.OutOfMemoryError("CUDA out of memory (simulated)")
 
-    monkeypatch.setattr(extraction, "read_layers", never_fits)
+    monkeypatch.setattr(state_cache, "read_layers", never_fits)
     with pytest.raises(JobFailed, match="lower max_length") as failure:
-        extraction.compute(loaded, [[1, 5, 6]], [1], "last", device="cpu", token_budget=100, max_batch_size=4)
+        state_cache.compute(loaded, [[1, 5, 6]], [1], "last", device="cpu", token_budget=100, max_batch_size=4)
     assert failure.value.code == "out_of_memory"
 
 
@@ -70,12 +70,12 @@ def test_the_cache_space_changes_with_everything_the_vectors_depend_on(tmp_path:
 
     base = {"source": "/m", "revision": None, "fingerprint": "f", "quantization": None, "dtype": "float32"}
     spaces = {
-        extraction.cache_space(Model(**base), None, "last", None),
-        extraction.cache_space(Model(**base | {"dtype": "bfloat16"}), None, "last", None),
-        extraction.cache_space(Model(**base | {"quantization": "8bit"}), None, "last", None),
-        extraction.cache_space(Model(**base | {"fingerprint": "g"}), None, "last", None),
-        extraction.cache_space(Model(**base), "adapter-sha", "last", None),
-        extraction.cache_space(Model(**base), None, "mean", None),
-        extraction.cache_space(Model(**base), None, "last", 32),
+        state_cache.cache_space(Model(**base), None, "last", None),
+        state_cache.cache_space(Model(**base | {"dtype": "bfloat16"}), None, "last", None),
+        state_cache.cache_space(Model(**base | {"quantization": "8bit"}), None, "last", None),
+        state_cache.cache_space(Model(**base | {"fingerprint": "g"}), None, "last", None),
+        state_cache.cache_space(Model(**base), "adapter-sha", "last", None),
+        state_cache.cache_space(Model(**base), None, "mean", None),
+        state_cache.cache_space(Model(**base), None, "last", 32),
     }
     assert len(spaces) == 7

@@ -1,0 +1,85 @@
+"""Training probes on hidden states, shared by the jobs that train them (`probe_training`,
+`comparison`): labels for a dataset (given, or the model's own for multiple choice), a probe
+per layer and method with its recalibration, point metrics on the validation split, and the
+choice of the best probe there."""
+
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+
+from app.calibration.scoring import auroc, brier, nll
+from app.registry.tables import Adapter, Dataset, Model
+from workers.labelling import self_label
+from workers.probes import RECALIBRATOR_KINDS, MassMeanProbe, fit_logistic_probe
+
+if TYPE_CHECKING:
+    from workers.context import JobContext
+
+
+@dataclass
+class Labels:
+    y: np.ndarray
+    baseline: np.ndarray | None  # the model's own probability of its answer (multiple choice)
+    chosen: np.ndarray | None
+
+
+@dataclass
+class TrainedProbe:
+    layer: int
+    method: str
+    probe: Any
+    recalibrator: Any
+    validation: dict[str, Any]
+    test_probabilities: np.ndarray
+
+
+def labels_for(
+    context: "JobContext[Any]", model: Model, adapter: Adapter | None, dataset: Dataset, rows: list[dict[str, Any]]
+) -> Labels:
+    """Statements' own labels, or the model's (with its adapter) for multiple choice."""
+    if dataset.kind == "statements":
+        return Labels(y=np.array([row["label"] for row in rows], dtype=np.int64), baseline=None, chosen=None)
+    worker = context.runtime
+    loaded = worker.resident(model, adapter)
+    context.progress("labelling", 0, len(rows))
+    with worker.running(loaded, model, adapter):
+        labelled = self_label(
+            loaded,
+            rows,
+            device=worker.models.device,
+            token_budget=worker.settings.extraction_token_budget,
+            max_batch_size=worker.settings.extraction_max_batch_size,
+        )
+    context.progress("labelling", len(rows), len(rows))
+    return Labels(y=labelled.labels, baseline=labelled.confidence, chosen=labelled.chosen)
+
+
+def validation_summary(y: np.ndarray, p: np.ndarray) -> dict[str, Any]:
+    """Point metrics for choices on the validation split (no intervals needed there)."""
+    return {"n": len(y), "auroc": auroc(y, p).value, "nll": nll(y, p).value, "brier": brier(y, p).value}
+
+
+def train_probe(
+    method: str, x: np.ndarray, y: np.ndarray, split: Any, whiten: bool, recalibration: str | None
+) -> tuple[Any, Any, dict[str, Any]]:
+    """A probe of `method` fitted on the train split (a logistic probe's L2 strength chosen
+    on validation), its recalibrator fitted on validation, and the strength search."""
+    if method == "logistic":
+        probe, search = fit_logistic_probe(x[split.train], y[split.train], x[split.validation], y[split.validation])
+    else:
+        probe, search = MassMeanProbe(whiten=whiten).fit(x[split.train], y[split.train]), {}
+    recalibrator = None
+    if recalibration:
+        recalibrator = RECALIBRATOR_KINDS[recalibration]().fit(
+            probe.decision_function(x[split.validation]), y[split.validation]
+        )
+    return probe, recalibrator, search
+
+
+def best_candidate(candidates: list[TrainedProbe]) -> TrainedProbe:
+    """Highest validation AUROC; ties go to the lower validation log loss."""
+    return max(
+        candidates,
+        key=lambda c: (c.validation["auroc"] if c.validation["auroc"] is not None else -1, -c.validation["nll"]),
+    )
