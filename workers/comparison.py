@@ -109,7 +109,7 @@ def run(context: "JobContext[ComparisonParameters]") -> dict[str, Any]:
     context.progress("reporting", 0, len(variants))
     resamples, seed = settings.bootstrap_resamples, spec.seed
     test_probabilities = []
-    reports = []
+    reports: list[dict[str, Any]] = []
     for number, variant in enumerate(variants):
         assert variant.labels is not None and variant.states is not None
         p = probability_of_correct(probes[(number, best_slot)], None, variant.states[split.test, best_slot])

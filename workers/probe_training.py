@@ -94,10 +94,10 @@ def run(context: "JobContext[ProbeTrainingParameters]") -> dict[str, Any]:
     run_artifact = f"probe_runs/{run_row.id}"
     written = [run_artifact]
     try:
-        rows = _write_probes(context, run_row, candidates, best, labels, split, baseline_report, written)
-        best_row = next(row for row in rows if row.is_best)
+        probe_rows = _write_probes(context, run_row, candidates, best, labels, split, baseline_report, written)
+        best_row = next(row for row in probe_rows if row.is_best)
         with sessions() as session, session.begin():
-            session.add_all(rows)
+            session.add_all(probe_rows)
             session.flush()
             session.execute(
                 update(ProbeRun)
@@ -110,7 +110,7 @@ def run(context: "JobContext[ProbeTrainingParameters]") -> dict[str, Any]:
         raise
     return {
         "run_id": run_row.id,
-        "probe_ids": [row.id for row in rows],
+        "probe_ids": [row.id for row in probe_rows],
         "best_probe_id": best_row.id,
         "best_layer": best_row.layer,
         "best_method": best_row.method,
