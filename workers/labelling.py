@@ -17,7 +17,7 @@ import torch
 from app.inputs.datasets import CHOICE_LETTERS, format_multiple_choice
 from workers.errors import JobFailed
 from workers.hidden_states import pad, plan_batches
-from workers.resident_models import LoadedModel
+from workers.model_loading import LoadedModel
 
 
 @dataclass(frozen=True)

@@ -9,7 +9,7 @@ from app.job_kinds import ModelCheckParameters
 from app.registry.models import get_model
 from app.registry.tables import Model
 from workers.errors import AttemptSuperseded, JobCancelled, JobFailed
-from workers.resident_models import active_adapter, explained_quantization_errors
+from workers.model_loading import active_adapter, explained_quantization_errors
 
 if TYPE_CHECKING:
     from workers.context import JobContext

@@ -21,12 +21,8 @@ from app.registry.database import changed_rows, create_registry_engine, session_
 from app.registry.tables import Adapter, Job, Model, utcnow
 from app.settings import Settings, get_settings
 from app.storage import ArtifactStore, open_store
-from workers.resident_models import (
-    LoadedModel,
-    ResidentModels,
-    active_adapter,
-    explained_quantization_errors,
-)
+from workers.model_loading import LoadedModel, active_adapter, explained_quantization_errors
+from workers.resident_models import ResidentModels
 
 log = logging.getLogger("workers.runtime")
 # Redis away, as redis-py reports it: refused, reset or still loading (ConnectionError), or

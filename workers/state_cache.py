@@ -31,7 +31,7 @@ from app.storage import ArtifactStore
 from workers import arrays
 from workers.errors import JobFailed
 from workers.hidden_states import pad, plan_batches, read_layers
-from workers.resident_models import LoadedModel
+from workers.model_loading import LoadedModel
 
 if TYPE_CHECKING:
     from workers.context import JobContext

@@ -13,7 +13,7 @@ from tests import tiny_models
 from tests.conftest import SHARED_DATA, require
 from workers.errors import JobFailed
 from workers.labelling import letter_token_ids, self_label
-from workers.resident_models import LoadedModel
+from workers.model_loading import LoadedModel
 
 
 @pytest.fixture(scope="module")

@@ -18,12 +18,9 @@ from tests.api.test_models import register
 from workers import resident_models
 from workers.adapters.convert import base_modules, convert, read_config
 from workers.errors import JobFailed
-from workers.resident_models import (
-    ResidentModels,
-    estimate_adapter_footprint,
-    estimate_footprint,
-    load_model,
-)
+from workers.model_footprint import estimate_adapter_footprint, estimate_footprint
+from workers.model_loading import load_model
+from workers.resident_models import ResidentModels
 
 # What the real footprint may add to an estimate read from safetensors headers: the buffers
 # a model computes rather than stores (a tiny Llama's rotary frequencies, 32 bytes).

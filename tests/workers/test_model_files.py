@@ -24,13 +24,9 @@ from app.registry.tables import Model
 from tests import tiny_models
 from tests.api.test_models import answered
 from workers.errors import JobFailed
-from workers.resident_models import (
-    SAFETENSORS_HEADER_MAX_BYTES,
-    ResidentModels,
-    estimate_footprint,
-    load_model,
-    parameter_floor,
-)
+from workers.model_footprint import SAFETENSORS_HEADER_MAX_BYTES, estimate_footprint, parameter_floor
+from workers.model_loading import load_model
+from workers.resident_models import ResidentModels
 
 
 @pytest.fixture(scope="module")

@@ -9,7 +9,7 @@ import torch
 
 from tests import tiny_models
 from workers import hidden_states, state_cache
-from workers.resident_models import LoadedModel
+from workers.model_loading import LoadedModel
 
 
 @pytest.fixture(scope="module")

@@ -376,7 +376,7 @@ def base_modules(model_folder: str) -> BaseModules:
     import torch
     from transformers import AutoConfig, AutoModelForCausalLM
 
-    from workers.resident_models import read_model_config
+    from workers.model_loading import read_model_config
 
     read_model_config(Path(model_folder))  # special files and absurd sizes fail before anything is built
     config = AutoConfig.from_pretrained(model_folder, local_files_only=True, trust_remote_code=False)
