@@ -16,7 +16,6 @@ from app.calibration.scoring import auroc, brier
 from app.inputs.datasets import texts_of_rows
 from app.job_kinds import ComparisonParameters
 from app.registry.datasets import read_rows
-from app.registry.models import get_model
 from app.registry.tables import Adapter, Comparison, Dataset, Model, utcnow
 from workers.context import subject_row
 from workers.errors import JobFailed
@@ -38,14 +37,18 @@ class Variant:
 
 
 def _variants(session: Any, comparison: Comparison) -> list[Variant]:
-    base = get_model(session, comparison.model_id)
+    base = subject_row(session, Model, comparison.model_id, "model")
     variants = [Variant("base", base, None)]
     for adapter_id in comparison.adapter_ids:
         adapter = session.get(Adapter, adapter_id)
         if adapter is None:
             raise JobFailed("not_found", f"adapter {adapter_id} was deleted")
         variants.append(
-            Variant(f"adapter {adapter.name} ({adapter.id})", get_model(session, adapter.base_model_id), adapter)
+            Variant(
+                f"adapter {adapter.name} ({adapter.id})",
+                subject_row(session, Model, adapter.base_model_id, "model"),
+                adapter,
+            )
         )
     return variants
 

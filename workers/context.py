@@ -59,7 +59,7 @@ class JobContext(Generic[ParametersT]):
             )
             if not recorded:
                 raise AttemptSuperseded()
-            job = jobs.get_job(session, self.job_id)
+            job = session.get_one(Job, self.job_id)
         jobs.publish(self.runtime.redis, self.runtime.settings, job)
         if job.cancel_requested:
             raise JobCancelled()

@@ -17,8 +17,7 @@ from app.job_kinds import (
     JobParameters,
     ProbeTrainingParameters,
 )
-from app.registry.datasets import register_dataset
-from app.registry.models import get_model
+from app.registry.datasets import RegistrationRace, register_dataset
 from app.registry.tables import (
     Adapter,
     Dataset,
@@ -77,7 +76,10 @@ def _dataset(context: JobContext[ExperimentParameters]) -> Dataset:
         ) from exc
     except InvalidDataset as exc:  # a malformed file: the same message the upload endpoint gives
         raise JobFailed(exc.code, f"{path.name}: {exc.message}", **exc.details) from exc
-    return register_dataset(worker.sessions, worker.artifacts, upload, default_name(path.name))[0]
+    try:
+        return register_dataset(worker.sessions, worker.artifacts, upload, default_name(path.name))[0]
+    except RegistrationRace as exc:
+        raise JobFailed("conflict", exc.message) from None
 
 
 def _probe_run(
@@ -122,7 +124,7 @@ def run(context: JobContext[ExperimentParameters]) -> dict[str, Any]:
     worker = context.runtime
     with worker.sessions() as session:
         experiment = subject_row(session, Experiment, context.params.experiment_id, "experiment")
-        model = get_model(session, experiment.model_id)
+        model = subject_row(session, Model, experiment.model_id, "model")
 
     adapter = None
     source = context.params.adapter

@@ -9,8 +9,7 @@ from sqlalchemy import update
 
 from app.job_kinds import ExtractionParameters
 from app.registry.datasets import texts_of
-from app.registry.models import get_model
-from app.registry.tables import Adapter, Dataset, Extraction, utcnow
+from app.registry.tables import Adapter, Dataset, Extraction, Model, utcnow
 from workers import arrays
 from workers.context import subject_row
 from workers.errors import JobFailed
@@ -25,7 +24,7 @@ def run(context: "JobContext[ExtractionParameters]") -> dict[str, Any]:
     store, sessions = worker.artifacts, worker.sessions
     with sessions() as session:
         extraction = subject_row(session, Extraction, context.params.extraction_id, "extraction")
-        model = get_model(session, extraction.model_id)
+        model = subject_row(session, Model, extraction.model_id, "model")
         dataset = session.get(Dataset, extraction.dataset_id) if extraction.dataset_id else None
         adapter = session.get(Adapter, extraction.adapter_id) if extraction.adapter_id else None
     if extraction.adapter_id and adapter is None:

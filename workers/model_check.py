@@ -6,8 +6,8 @@ from typing import TYPE_CHECKING, Any
 from sqlalchemy import update
 
 from app.job_kinds import ModelCheckParameters
-from app.registry.models import get_model
 from app.registry.tables import Model
+from workers.context import subject_row
 from workers.errors import AttemptSuperseded, JobCancelled, JobFailed
 from workers.model_loading import active_adapter, explained_quantization_errors
 
@@ -29,7 +29,7 @@ def run(context: "JobContext[ModelCheckParameters]") -> dict[str, Any]:
     model_id = context.params.model_id
     sessions = context.runtime.sessions
     with sessions() as session:
-        row = get_model(session, model_id)
+        row = subject_row(session, Model, model_id, "model")
     try:
         context.progress("loading", 0, 2)
         loaded = context.runtime.models.get(row)

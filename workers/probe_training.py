@@ -15,8 +15,7 @@ from app.calibration.reporting import calibration_report
 from app.inputs.datasets import texts_of_rows
 from app.job_kinds import ProbeScoringParameters, ProbeTrainingParameters
 from app.registry.datasets import read_rows
-from app.registry.models import get_model
-from app.registry.tables import Adapter, Dataset, Probe, ProbeRun, new_id, utcnow
+from app.registry.tables import Adapter, Dataset, Model, Probe, ProbeRun, new_id, utcnow
 from workers.context import subject_row
 from workers.errors import JobFailed
 from workers.probes import load_probe, probability_of_correct, save_probe, stratified_split
@@ -32,7 +31,7 @@ def run(context: "JobContext[ProbeTrainingParameters]") -> dict[str, Any]:
     store, sessions, settings = worker.artifacts, worker.sessions, worker.settings
     with sessions() as session:
         run_row = subject_row(session, ProbeRun, context.params.run_id, "probe run")
-        model = get_model(session, run_row.model_id)
+        model = subject_row(session, Model, run_row.model_id, "model")
         adapter = session.get(Adapter, run_row.adapter_id) if run_row.adapter_id else None
         dataset = session.get(Dataset, run_row.dataset_id)
     if dataset is None or (run_row.adapter_id and adapter is None):
@@ -199,7 +198,7 @@ def score(context: "JobContext[ProbeScoringParameters]") -> dict[str, Any]:
     worker = context.runtime
     with worker.sessions() as session:
         probe_row = subject_row(session, Probe, context.params.probe_id, "probe")
-        model = get_model(session, probe_row.model_id)
+        model = subject_row(session, Model, probe_row.model_id, "model")
         adapter = session.get(Adapter, probe_row.adapter_id) if probe_row.adapter_id else None
     request = StatesRequest(model, adapter, [probe_row.layer], probe_row.token_position, probe_row.max_length)
     states = cached_states(context, request, context.params.texts, shard_name=context.job_id).states[:, 0]

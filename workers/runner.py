@@ -107,7 +107,7 @@ def _finish(worker: WorkerRuntime, job_id: str, attempt: int, started: float, **
                     .where(*this_attempt(job_id, worker.name, attempt))
                     .values(finished_at=utcnow(), **outcome),
                 )
-                job = jobs.get_job(session, job_id)
+                job = session.get_one(Job, job_id)
             break
         except sqlalchemy.exc.OperationalError:
             if time.monotonic() > deadline:

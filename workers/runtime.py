@@ -238,7 +238,7 @@ class WorkerRuntime:
                         failed.append(job.id)
         for job_id in retried + failed:
             with self.sessions() as session:
-                job = jobs.get_job(session, job_id)
+                job = session.get_one(Job, job_id)
             if job_id in retried and job.status == "queued":
                 jobs.put_on_queue(self.redis, self.settings, job)
             log.warning(

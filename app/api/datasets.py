@@ -8,7 +8,7 @@ from pydantic import AfterValidator
 from app.api.deps import ArtifactsDep, SessionDep, SessionsDep, SettingsDep
 from app.errors import ServiceError, nul_free_filename
 from app.inputs.datasets import InvalidDataset, NormalisedDataset, default_name, parse_upload
-from app.registry.datasets import get_dataset, list_datasets, register_dataset
+from app.registry.datasets import RegistrationRace, get_dataset, list_datasets, register_dataset
 from app.schemas.common import ERROR_RESPONSES, without_nul
 from app.schemas.datasets import DatasetOut, DatasetPage
 
@@ -50,7 +50,10 @@ def upload_dataset(
     kept. Rows already uploaded (as CSV or JSONL) answer 200 with the existing dataset."""
     filename = nul_free_filename(file.filename)
     upload = _parsed(file.file.read(), filename)
-    dataset, created = register_dataset(sessions, artifacts, upload, name or default_name(filename))
+    try:
+        dataset, created = register_dataset(sessions, artifacts, upload, name or default_name(filename))
+    except RegistrationRace as exc:
+        raise ServiceError(409, "conflict", exc.message) from None
     if created:
         response.headers["Location"] = f"/v1/datasets/{dataset.id}"
     else:

@@ -8,7 +8,7 @@ from sqlalchemy import select
 from sqlalchemy.exc import IntegrityError, SQLAlchemyError
 from sqlalchemy.orm import Session, sessionmaker
 
-from app.errors import ServiceError, not_found
+from app.errors import not_found
 from app.inputs.datasets import NormalisedDataset, texts_of_rows
 from app.registry.database import keyset_page, transaction
 from app.registry.tables import Dataset, new_id
@@ -50,6 +50,12 @@ def _registered(sessions: sessionmaker[Session], sha256: str) -> Dataset | None:
         return find_dataset(session, sha256)
 
 
+class RegistrationRace(Exception):
+    """Another request inserted the same rows and rolled back: registering again succeeds."""
+
+    message = "the dataset is being registered by another request; retry"
+
+
 def register_dataset(
     sessions: sessionmaker[Session], store: ArtifactStore, upload: NormalisedDataset, name: str
 ) -> tuple[Dataset, bool]:
@@ -58,6 +64,7 @@ def register_dataset(
     The file is written (atomically) before the row is inserted, so no row ever lacks its
     file. Its key is its content's hash: a concurrent upload of the same rows writes the
     same bytes to the same key, and the loser of the insert keeps the file for the winner.
+    `RegistrationRace` when the other insert was rolled back meanwhile.
     """
     existing = _registered(sessions, upload.sha256)
     if existing is not None:
@@ -72,7 +79,7 @@ def register_dataset(
         existing = _registered(sessions, upload.sha256)
         if existing is None:
             _discard_unregistered_file(sessions, store, upload)
-            raise ServiceError(409, "conflict", "the dataset is being registered by another request; retry") from None
+            raise RegistrationRace() from None
         return existing, False
     except Exception:
         _discard_unregistered_file(sessions, store, upload)

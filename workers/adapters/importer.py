@@ -15,11 +15,11 @@ from app.errors import disk_full
 from app.inputs.archives import ArchiveLimits, ArchiveRejected, extract_archive
 from app.job_kinds import AdapterImportParameters
 from app.registry.adapters import artifact_in_use, find_adapter
-from app.registry.models import get_model
 from app.registry.tables import Adapter, Model, new_id
 from app.settings import Settings
 from app.storage.base import ArtifactStore
 from workers.adapters.convert import base_modules, convert, read_config
+from workers.context import subject_row
 from workers.errors import AttemptSuperseded, JobFailed
 
 if TYPE_CHECKING:
@@ -250,7 +250,7 @@ def run(context: "JobContext[AdapterImportParameters]") -> dict[str, Any]:
 def _import(context: "JobContext[AdapterImportParameters]") -> tuple[Adapter, bool, list[str]]:
     store, sessions = context.runtime.artifacts, context.runtime.sessions
     with sessions() as session:
-        model = get_model(session, context.params.base_model_id)
+        model = subject_row(session, Model, context.params.base_model_id, "model")
     _remove_earlier_attempts(store, context.job_id, context.attempt)
     with store.scratch(f"{context.job_id}-{context.attempt}") as staging:  # attempts never share one
         context.progress("fetching", 0, 3)
