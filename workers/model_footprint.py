@@ -8,7 +8,7 @@ import math
 from pathlib import Path, PurePosixPath
 from typing import Any
 
-from app.inputs.model_sources import (
+from app.inputs.model_configs import (
     HIDDEN_SIZE_KEYS,
     LAYER_COUNT_KEYS,
 )

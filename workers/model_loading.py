@@ -12,7 +12,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from app.inputs.model_sources import (
+from app.inputs.model_configs import (
     UnreasonableConfig,
     check_config_sizes,
     parse_config,

@@ -11,7 +11,7 @@ from typing import Any
 import pytest
 import redis
 
-from app.inputs.model_sources import (
+from app.inputs.model_configs import (
     MAX_ATTENTION_HEADS,
     MAX_EXPERTS,
     MAX_HIDDEN_SIZE,

@@ -12,13 +12,8 @@ from typing import Any
 
 import pytest
 
-from app.inputs.model_sources import (
-    MAX_HIDDEN_SIZE,
-    MAX_INTERMEDIATE_SIZE,
-    MAX_LAYERS,
-    ModelShape,
-    resolve_source,
-)
+from app.inputs.model_configs import MAX_HIDDEN_SIZE, MAX_INTERMEDIATE_SIZE, MAX_LAYERS
+from app.inputs.model_sources import ModelShape, resolve_source
 from app.registry.models import new_model
 from app.registry.tables import Model
 from tests import tiny_models
