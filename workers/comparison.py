@@ -19,7 +19,8 @@ from app.registry.datasets import read_rows
 from app.registry.tables import Adapter, Comparison, Dataset, Model, utcnow
 from workers.context import subject_row
 from workers.errors import JobFailed
-from workers.probes import probability_of_correct, stratified_split
+from workers.probes import probability_of_correct
+from workers.splits import stratified_split
 from workers.state_cache import StatesRequest, cached_states
 from workers.training import Labels, labels_for, train_probe, validation_summary
 

@@ -18,7 +18,8 @@ from app.registry.datasets import read_rows
 from app.registry.tables import Adapter, Dataset, Model, Probe, ProbeRun, new_id, utcnow
 from workers.context import subject_row
 from workers.errors import JobFailed
-from workers.probes import load_probe, probability_of_correct, save_probe, stratified_split
+from workers.probes import load_probe, probability_of_correct, save_probe
+from workers.splits import stratified_split
 from workers.state_cache import StatesRequest, cached_states
 from workers.training import Labels, TrainedProbe, best_candidate, labels_for, train_probe, validation_summary
 

@@ -1,5 +1,5 @@
 """Probes that read "is this answer correct" off hidden states, their recalibration, and
-their storage (§5 of the spec).
+their storage (docs/concepts.md#probes).
 
 Two probes, both scikit-learn estimators over features shaped (texts, hidden):
 
@@ -15,7 +15,6 @@ Recalibration maps a probe's validation logits to better probabilities: `Tempera
 import json
 import os
 from collections.abc import Sequence
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, ClassVar, Self
 
@@ -32,71 +31,14 @@ from sklearn.utils import Tags
 from sklearn.utils.multiclass import type_of_target
 from sklearn.utils.validation import check_array, check_is_fitted, validate_data
 
-from app.schemas.probes import MIN_PER_CLASS, Recalibration
+from app.schemas.probes import Recalibration
 
-DEFAULT_FRACTIONS = (0.6, 0.2, 0.2)
 DEFAULT_C_GRID = tuple(float(strength) for strength in np.logspace(-4, 2, 7))
 DEFAULT_MAX_ITER = 1000
 PROBE_ARRAYS = "probe.safetensors"
 PROBE_PARAMS = "probe.json"
 # only logits with no signal (T → ∞) or perfectly separated labels (T → 0) push the optimum past these
 LOG_TEMPERATURE_BOUNDS = (np.log(1e-3), np.log(1e3))
-
-
-@dataclass(frozen=True)
-class Split:
-    """Sorted row indices of the three parts; the test part is never used for choices."""
-
-    train: np.ndarray
-    validation: np.ndarray
-    test: np.ndarray
-
-
-def stratified_split(
-    y: Sequence[Any] | np.ndarray, *, fractions: tuple[float, float, float] = DEFAULT_FRACTIONS, seed: int
-) -> Split:
-    """Split rows into train, validation and test, class by class, seeded.
-
-    Each class is divided in the given fractions (largest remainder rounding, so each part
-    holds its share of the class to within one item), with at least one member of every
-    class in every part. scikit-learn's `train_test_split(stratify=...)` rounds per split,
-    and two splits in a row can leave a small class out of a part or off its share by more
-    than one item, so the class-wise division is done here.
-    """
-    labels = np.asarray(y)
-    if labels.ndim != 1:
-        raise ValueError(f"labels must be one-dimensional, got shape {labels.shape}")
-    if len(fractions) != 3 or min(fractions) <= 0 or not np.isclose(sum(fractions), 1.0):
-        raise ValueError(f"fractions must be three positive numbers summing to 1, got {fractions}")
-    classes, class_sizes = np.unique(labels, return_counts=True)
-    if len(classes) != 2:
-        raise ValueError(f"a split needs labels of exactly two classes, got {len(classes)}: {classes.tolist()}")
-    for label, size in zip(classes.tolist(), class_sizes.tolist(), strict=False):
-        if size < MIN_PER_CLASS:
-            raise ValueError(
-                f"class {label!r} has {size} member(s); train, validation and test each need one, so every class needs at least {MIN_PER_CLASS}"
-            )
-    rng = np.random.default_rng(seed)
-    parts: list[list[np.ndarray]] = [[], [], []]
-    for label, size in zip(classes, class_sizes, strict=False):
-        members = rng.permutation(np.flatnonzero(labels == label))
-        for part, chunk in zip(
-            parts, np.split(members, np.cumsum(class_part_sizes(int(size), fractions))[:-1]), strict=False
-        ):
-            part.append(chunk)
-    train, validation, test = (np.sort(np.concatenate(part)) for part in parts)
-    return Split(train, validation, test)
-
-
-def class_part_sizes(class_size: int, fractions: tuple[float, float, float]) -> np.ndarray:
-    """How many members of one class go to each part: largest remainder, at least one each."""
-    shares = class_size * np.asarray(fractions, dtype=np.float64)
-    sizes = np.floor(shares).astype(np.int64)
-    sizes[np.argsort(sizes - shares, kind="stable")[: class_size - sizes.sum()]] += 1
-    for empty in np.flatnonzero(sizes == 0):
-        sizes[np.argmax(sizes)] -= 1
-        sizes[empty] = 1
-    return sizes
 
 
 def binary_classes(y: np.ndarray) -> np.ndarray:

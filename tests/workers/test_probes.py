@@ -19,7 +19,7 @@ from sklearn.preprocessing import StandardScaler
 from sklearn.utils.estimator_checks import check_estimator
 
 from app.schemas.probes import Recalibration
-from workers import probes
+from workers import probes, splits
 from workers.probes import (
     LogisticProbe,
     MassMeanProbe,
@@ -62,7 +62,7 @@ def fitted_recalibrators() -> list[probes.Recalibrator | None]:
 
 def test_split_parts_are_sorted_disjoint_and_cover_every_index() -> None:
     y = np.random.default_rng(0).integers(0, 2, 101)
-    split = probes.stratified_split(y, seed=1)
+    split = splits.stratified_split(y, seed=1)
     parts = [split.train, split.validation, split.test]
     assert all(np.array_equal(part, np.sort(part)) and part.dtype.kind == "i" for part in parts)
     assert np.array_equal(np.sort(np.concatenate(parts)), np.arange(101))
@@ -71,8 +71,8 @@ def test_split_parts_are_sorted_disjoint_and_cover_every_index() -> None:
 @pytest.mark.parametrize("class_sizes", [(3, 3), (3, 97), (4, 11), (50, 50), (17, 230), (333, 667)])
 def test_split_holds_each_class_within_one_item_of_its_fractions(class_sizes: tuple[int, int]) -> None:
     y = np.repeat([0, 1], class_sizes)
-    split = probes.stratified_split(y, seed=7)
-    for part, fraction in zip([split.train, split.validation, split.test], probes.DEFAULT_FRACTIONS, strict=False):
+    split = splits.stratified_split(y, seed=7)
+    for part, fraction in zip([split.train, split.validation, split.test], splits.DEFAULT_FRACTIONS, strict=False):
         for label, class_size in zip([0, 1], class_sizes, strict=False):
             assert abs(np.sum(y[part] == label) - fraction * class_size) <= 1
 
@@ -80,29 +80,29 @@ def test_split_holds_each_class_within_one_item_of_its_fractions(class_sizes: tu
 def test_split_gives_every_part_both_classes_when_a_class_has_three_members() -> None:
     y = np.repeat([0, 1], [3, 40])
     for seed in range(20):
-        split = probes.stratified_split(y, seed=seed)
+        split = splits.stratified_split(y, seed=seed)
         assert all(set(y[part]) == {0, 1} for part in [split.train, split.validation, split.test])
 
 
 def test_split_is_the_same_for_the_same_seed() -> None:
     y = np.random.default_rng(0).integers(0, 2, 200)
-    first, second = probes.stratified_split(y, seed=5), probes.stratified_split(y, seed=5)
+    first, second = splits.stratified_split(y, seed=5), splits.stratified_split(y, seed=5)
     assert all(np.array_equal(getattr(first, part), getattr(second, part)) for part in ["train", "validation", "test"])
 
 
 def test_split_differs_between_seeds() -> None:
     y = np.random.default_rng(0).integers(0, 2, 200)
-    assert not np.array_equal(probes.stratified_split(y, seed=5).test, probes.stratified_split(y, seed=6).test)
+    assert not np.array_equal(splits.stratified_split(y, seed=5).test, splits.stratified_split(y, seed=6).test)
 
 
 def test_split_refuses_a_class_with_fewer_than_three_members() -> None:
     with pytest.raises(ValueError, match="class 1 has 2 member"):
-        probes.stratified_split(np.repeat([0, 1], [30, 2]), seed=0)
+        splits.stratified_split(np.repeat([0, 1], [30, 2]), seed=0)
 
 
 def test_split_refuses_labels_of_a_single_class() -> None:
     with pytest.raises(ValueError, match="exactly two classes"):
-        probes.stratified_split(np.zeros(30, dtype=int), seed=0)
+        splits.stratified_split(np.zeros(30, dtype=int), seed=0)
 
 
 def test_logistic_probe_recovers_a_planted_direction() -> None:
