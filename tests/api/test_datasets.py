@@ -14,11 +14,10 @@ from fastapi.testclient import TestClient
 from sqlalchemy import text
 from sqlalchemy.exc import SQLAlchemyError
 
-from app.errors import ServiceError
 from app.inputs.datasets import format_multiple_choice, parse_upload
 from app.main import create_app
 from app.registry.database import create_registry_engine
-from app.registry.datasets import get_dataset, new_dataset, read_rows, register_dataset, texts_of
+from app.registry.datasets import RegistrationRace, get_dataset, new_dataset, read_rows, register_dataset, texts_of
 from app.registry.tables import Dataset
 from app.settings import Settings
 from tests.conftest import SHARED_DATA, RedisServer, make_settings, require, wait_until
@@ -328,6 +327,6 @@ def refuse_dataset_inserts(database_url: str) -> None:
 def test_a_refused_insert_leaves_no_file_behind(api: Any, settings: Settings) -> None:
     refuse_dataset_inserts(settings.resolved_database_url)
     normalised = parse_upload(STATEMENTS, "rows.jsonl")
-    with pytest.raises((ServiceError, SQLAlchemyError)):
+    with pytest.raises((RegistrationRace, SQLAlchemyError)):
         register_dataset(api.app.state.sessions, api.app.state.artifacts, normalised, "refused")
     assert stored_dataset_files(settings) == []
