@@ -11,7 +11,6 @@ Standard library only: the gateway imports this module.
 """
 
 import gzip
-import io
 import lzma
 import re
 import shutil
@@ -21,13 +20,14 @@ import tarfile
 import unicodedata
 import zipfile
 import zlib
-from collections.abc import Callable, Generator, Iterator
+from collections.abc import Callable, Generator
 from contextlib import closing, nullcontext
 from dataclasses import dataclass
 from functools import partial
 from pathlib import Path, PurePosixPath
 from typing import IO, BinaryIO, Literal
 
+from app.inputs.pickled_weights import PICKLE_SUFFIXES, holds_pickle
 from app.inputs.user_files import NotARegularFile, open_regular_file
 
 ArchiveFormat = Literal["tar", "tar.gz", "zip"]
@@ -50,8 +50,6 @@ CHUNK_BYTES = 1 << 20
 # so the bytes it may read between two members are capped; real headers take a few KiB.
 TAR_METADATA_BYTES = 1 << 20
 FORMAT_HEAD_BYTES = 262  # a tar's `ustar` magic ends at byte 262
-PICKLE_SUFFIXES = frozenset({".bin", ".pt", ".pth", ".pkl", ".pickle", ".ckpt"})
-PICKLE_PROTOCOLS = range(2, 6)
 ZIP_ENCRYPTED_FLAG = 0x1
 # zipfile reads the whole central directory into memory, one object per entry, before it
 # lists anything; its size is bounded by the entries allowed. A real entry takes 46 fixed
@@ -60,9 +58,6 @@ ZIP_DIRECTORY_BYTES_PER_ENTRY = 4096
 # A name longer than the filesystems' limits fails when written (ENAMETOOLONG): it is
 # refused, as a name, before.
 MAX_NAME_COMPONENT_BYTES = 255
-# A central directory record's fixed part; the name, extra field and comment lengths are
-# its fields 12, 13 and 14 (zipfile's structCentralDir).
-ZIP_DIRECTORY_RECORD = struct.Struct("<4s4B4HL2L5H2L")
 MAX_NAME_BYTES = 1024
 WINDOWS_DRIVE = re.compile(r"^[A-Za-z]:")
 # Backslashes count as separators too: an archive made on Windows may use them, and a name
@@ -311,7 +306,7 @@ class _Extraction:
         target = self._admit_file(member.name, parts)
         with member.open() as data:
             self._copy(data, target, member.name)
-        if _holds_pickle(target):
+        if holds_pickle(target):
             raise _pickle_weights(member.name)
         self.files.append(target)
 
@@ -416,51 +411,3 @@ def _pickle_weights(name: str) -> ArchiveRejected:
         "convert the adapter to safetensors (save_pretrained(..., safe_serialization=True)) and upload it again",
         name,
     )
-
-
-def _holds_pickle(path: Path) -> bool:
-    """A raw pickle (protocol 2 to 5, as `torch.save` writes in its legacy format) or a torch
-    zip checkpoint, whatever the file is called."""
-    with path.open("rb") as handle:
-        head = handle.read(2)
-    if len(head) == 2 and head[0] == 0x80 and head[1] in PICKLE_PROTOCOLS:
-        return True
-    return _is_torch_checkpoint(path)
-
-
-def _is_torch_checkpoint(path: Path) -> bool:
-    """A zip (as torch writes its checkpoints) with a `data.pkl` in it. Its names are read
-    from the central directory record by record: `zipfile.ZipFile` would hold the whole
-    directory, and a member may be a zip listing millions of entries."""
-    if not zipfile.is_zipfile(path):
-        return False
-    try:
-        with path.open("rb") as handle:
-            return any(name.rsplit(b"/", 1)[-1] == b"data.pkl" for name in _zip_directory_names(handle))
-    except CORRUPTION_ERRORS:
-        return False  # too damaged to list: whatever it is, it holds no readable data.pkl
-
-
-def _zip_directory_names(handle: BinaryIO) -> Iterator[bytes]:
-    """The raw names in a zip's central directory, one record in memory at a time; the
-    directory is found where `zipfile.ZipFile` finds it."""
-    record = zipfile._EndRecData(handle)  # type: ignore[attr-defined]
-    if not record:
-        raise zipfile.BadZipFile("no end-of-central-directory record")
-    size = record[zipfile._ECD_SIZE]  # type: ignore[attr-defined]
-    start = record[zipfile._ECD_LOCATION] - size  # type: ignore[attr-defined]
-    if record[zipfile._ECD_SIGNATURE] == zipfile.stringEndArchive64:  # type: ignore[attr-defined]
-        start -= zipfile.sizeEndCentDir64 + zipfile.sizeEndCentDir64Locator  # type: ignore[attr-defined]
-    if start < 0:
-        raise zipfile.BadZipFile("the central directory starts before the file")
-    handle.seek(start)
-    consumed = 0
-    while consumed < size:
-        fixed = handle.read(ZIP_DIRECTORY_RECORD.size)
-        if len(fixed) != ZIP_DIRECTORY_RECORD.size or fixed[:4] != b"PK\x01\x02":
-            raise zipfile.BadZipFile("a central directory record is damaged")
-        fields = ZIP_DIRECTORY_RECORD.unpack(fixed)
-        name_length, extra_length, comment_length = fields[12], fields[13], fields[14]
-        yield handle.read(name_length)
-        handle.seek(extra_length + comment_length, io.SEEK_CUR)
-        consumed += ZIP_DIRECTORY_RECORD.size + name_length + extra_length + comment_length
