@@ -222,7 +222,7 @@ class BootstrapSettings(Answer):
 
 
 class CalibrationReport(Answer):
-    """Every §5 metric on one set of items, with the reliability bins (`equal_width`,
+    """Every report metric on one set of items, with the reliability bins (`equal_width`,
     `equal_mass`), the confidence histogram and the bootstrap settings."""
 
     n: int

@@ -1,4 +1,4 @@
-"""The `experiment` job: a §6 config run end to end in one job — adapter import, dataset,
+"""The `experiment` job: an experiment config (docs/concepts.md#experiment-configs) run end to end in one job — adapter import, dataset,
 extraction, probes — each step through the same code as its own endpoint, so every step a
 previous run already did comes back from the registry or the cache."""
 

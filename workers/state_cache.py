@@ -2,7 +2,7 @@
 (`extraction`, `probe_training`, `probe_scoring`, `comparison`).
 
 Vectors already in the cache are read from it; the rest are computed in batches of similar
-length, and added to the cache. The cache key is the one §4 of the spec names:
+length, and added to the cache. The cache key is the one docs/concepts.md#hidden-states names:
 model source, revision and weights fingerprint, adapter, quantization, dtype (together the
 cache *space*), then text sha256, layer, token position and max_length.
 """

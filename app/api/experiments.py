@@ -13,12 +13,13 @@ from sqlalchemy.orm import Session, sessionmaker
 from app import jobs
 from app.api.deps import RedisDep, SessionDep, SessionsDep, SettingsDep
 from app.api.models import register
-from app.errors import ServiceError, invalid_field, not_found
+from app.errors import ServiceError, invalid_field
 from app.inputs.adapter_sources import classify_source
 from app.inputs.documents import parse_document
 from app.job_kinds import ExperimentParameters, ImportSource
+from app.registry.experiments import experiment_view, new_experiment, shown_experiment
 from app.registry.models import resolve_layers
-from app.registry.tables import Dataset, Experiment, Job, new_id
+from app.registry.tables import Dataset, Experiment
 from app.schemas.common import DISPLAY_NAME_MAX, ERROR_RESPONSES
 from app.schemas.experiments import (
     ExperimentAccepted,
@@ -94,37 +95,6 @@ def _adapter_source(config: ExperimentConfig) -> str | None:
     return config.model.tinker_lora_path
 
 
-def links(experiment: Experiment, best_probe_id: str | None) -> dict[str, str | None]:
-    def path(prefix: str, value: str | None) -> str | None:
-        return f"{prefix}/{value}" if value else None
-
-    return {
-        "model": path("/v1/models", experiment.model_id),
-        "adapter": path("/v1/adapters", experiment.adapter_id),
-        "dataset": path("/v1/datasets", experiment.dataset_id),
-        "extraction": path("/v1/extractions", experiment.extraction_id),
-        "hidden_states": path("/v1/extractions", experiment.extraction_id)
-        and f"/v1/extractions/{experiment.extraction_id}/hidden-states",
-        "probe_run": path("/v1/probe-runs", experiment.probe_run_id),
-        "best_probe": path("/v1/probes", best_probe_id),
-        "report": best_probe_id and f"/v1/probes/{best_probe_id}/report.html",
-        "job": f"/v1/jobs/{experiment.job_id}",
-    }
-
-
-def _view(experiment: Experiment, status: str, best_probe_id: str | None) -> ExperimentOut:
-    return ExperimentOut(
-        id=experiment.id,
-        name=experiment.name,
-        status=status,
-        job_id=experiment.job_id,
-        config=experiment.config,
-        links=links(experiment, best_probe_id),
-        created_at=experiment.created_at,
-        finished_at=experiment.finished_at,
-    )
-
-
 @router.post(
     "",
     status_code=202,
@@ -173,13 +143,7 @@ def _submit(
     layers = resolve_layers(config.extraction.layers, model.num_layers)
 
     def prepare(_session: Session, job_id: str) -> jobs.Submission[Experiment]:
-        experiment = Experiment(
-            id=new_id("exp"),
-            job_id=job_id,
-            name=config.experiment.name,
-            config=config.model_dump(mode="json"),
-            model_id=model.id,
-        )
+        experiment = new_experiment(config, job_id, model.id)
         params = ExperimentParameters(
             experiment_id=experiment.id,
             layers=layers,
@@ -197,19 +161,12 @@ def _submit(
 
     job, experiment = jobs.submit(sessions, connection, settings, "experiment", prepare)
     response.headers["Location"] = f"/v1/experiments/{experiment.id}"
-    return ExperimentAccepted(job=JobOut.of(job), experiment=_view(experiment, job.status, None))
+    return ExperimentAccepted(job=JobOut.of(job), experiment=experiment_view(experiment, job.status, None))
 
 
 @router.get("/{experiment_id}")
 def show_experiment(experiment_id: str, session: SessionDep) -> ExperimentOut:
-    from app.registry.tables import ProbeRun
-
-    experiment = session.get(Experiment, experiment_id)
-    if experiment is None:
-        raise not_found("experiment", experiment_id)
-    job = session.get(Job, experiment.job_id)
-    run = session.get(ProbeRun, experiment.probe_run_id) if experiment.probe_run_id else None
-    return _view(experiment, job.status if job else "failed", run.best_probe_id if run else None)
+    return shown_experiment(session, experiment_id)
 
 
 def add_config_schema(openapi: dict[str, Any]) -> None:

@@ -254,7 +254,7 @@ class BootstrapSettings:
 
 @dataclass(frozen=True)
 class CalibrationReport:
-    """Every metric of one probe on one set of items (§5), with bootstrap intervals."""
+    """Every metric of one probe on one set of items (docs/concepts.md#reports), with bootstrap intervals."""
 
     n: int
     base_rate: float

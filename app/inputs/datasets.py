@@ -132,7 +132,7 @@ def texts_of_rows(rows: Sequence[dict[str, Any]], kind: str) -> list[str]:
 
 def format_multiple_choice(question: str, choices: Sequence[str]) -> str:
     """The question, then the choices lettered `A.`, `B.`, … one per line, then `Answer:`,
-    so that the model's next token is the letter of the choice it picks (SPEC §5)."""
+    so that the model's next token is the letter of the choice it picks (docs/concepts.md#labels)."""
     if len(choices) > len(CHOICE_LETTERS):
         raise ValueError(f"{len(choices)} choices, but only {len(CHOICE_LETTERS)} letters")
     lettered = [f"{letter}. {choice}" for letter, choice in zip(CHOICE_LETTERS, choices, strict=False)]
