@@ -23,6 +23,7 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
 
@@ -37,6 +38,9 @@ from app.settings import Settings  # noqa: E402
 from tests.tiny_models import save_tokenizer  # noqa: E402
 from workers import extraction, runtime  # noqa: E402
 from workers.context import JobContext  # noqa: E402
+
+if TYPE_CHECKING:
+    from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 TEXT_COUNT = 2000
 LAYERS = [2, 4]
@@ -69,7 +73,7 @@ def build_model(folder: Path) -> None:
     save_tokenizer(folder, vocab_size=1000)
 
 
-def naive(model: object, tokenizer: object, texts: list[str]) -> torch.Tensor:
+def naive(model: "PreTrainedModel", tokenizer: "PreTrainedTokenizerBase", texts: list[str]) -> torch.Tensor:
     rows = []
     with torch.inference_mode():
         for start in range(0, len(texts), NAIVE_BATCH):
@@ -116,7 +120,7 @@ def main() -> None:
                     )
                 )
             with sessions() as session:
-                model_row = session.get(Model, "mdl_bench")
+                model_row = session.get_one(Model, "mdl_bench")
             worker.models.get(model_row)  # loaded once, outside the timings, as a resident model is
 
             def service_run(name: str) -> tuple[float, dict]:

@@ -113,6 +113,7 @@ def through_service(folder: Path, model_folder: Path, texts: list[str]) -> tuple
                     raise RuntimeError("the service did not become ready") from None
                 time.sleep(0.2)
         model = client.register_model(str(model_folder), name="bench")
+        assert model.check_job_id is not None
         client.wait(model.check_job_id, progress=False)  # the worker now has the model loaded
         client.extract(model.id, LAYERS, texts=texts[:8], progress=False)  # the same warm-up as the direct path
         start = time.perf_counter()

@@ -20,6 +20,7 @@ def main() -> None:
     adapters = []
     for name, files in manifest["adapters"].items():
         job = client.wait(client.upload_adapter(files["archive"], base_model=model.id, name=name).id)
+        assert job.result is not None
         adapters.append(job.result["adapter_id"])
     dataset = client.upload_dataset(manifest["statements"])
     comparison = client.compare(model.id, adapters, dataset.id, layers=[2, 3, 4])

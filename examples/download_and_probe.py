@@ -18,6 +18,7 @@ def main() -> None:
     manifest = json.loads((WORK / "manifest.json").read_text())
     client = Client(os.environ.get("CONFPROBE_URL", "http://127.0.0.1:8000"), timeout=120)
     model = client.register_model(manifest["base_model"], name="tiny-llama")
+    assert model.check_job_id is not None
     client.wait(model.check_job_id)
     dataset = client.upload_dataset(manifest["statements"])
     states = client.extract(model.id, layers=[1, 2, 3, 4], dataset=dataset.id)

@@ -22,6 +22,7 @@ def main() -> None:
     imported = client.wait(
         client.upload_adapter(manifest["adapters"]["sft-v1"]["archive"], base_model=model.id, name="sft-v1").id
     )
+    assert imported.result is not None
     adapter = client.get_adapter(imported.result["adapter_id"])
     print(
         f"adapter {adapter.id}: r={adapter.r}, lora_alpha={adapter.lora_alpha}, targets {', '.join(adapter.target_modules)}"

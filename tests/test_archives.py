@@ -14,6 +14,7 @@ import tracemalloc
 import warnings
 import zipfile
 from collections.abc import Iterator
+from functools import partial
 from pathlib import Path
 
 import numpy as np
@@ -212,7 +213,7 @@ def test_the_format_of_a_fifo_or_a_device_behind_a_link_is_not_read(tmp_path: Pa
     device.symlink_to("/dev/zero")
     for path in (fifo, device):
         with pytest.raises(ArchiveRejected) as raised:
-            call_without_blocking(lambda path=path: archive_format(path), [fifo])
+            call_without_blocking(partial(archive_format, path), [fifo])
         assert raised.value.code == "special_file"
 
 
@@ -427,10 +428,10 @@ def decompressed_bytes(monkeypatch: pytest.MonkeyPatch) -> dict[str, int]:
     """Bytes handed out by the gzip and zip-member readers while a test runs."""
     counts = {"gzip": 0, "zip": 0}
 
-    def counting(reader: type, key: str) -> None:
+    def counting(reader: type[io.BufferedIOBase], key: str) -> None:
         real_read = reader.read
 
-        def read(self: object, size: int = -1) -> bytes:
+        def read(self: io.BufferedIOBase, size: int = -1) -> bytes:
             data = real_read(self, size)
             counts[key] += len(data)
             return data

@@ -39,6 +39,15 @@ def is_alive(pid: int) -> bool:
     return True
 
 
+def heartbeat_pid(var_dir: Path) -> int:
+    """The pid a worker's heartbeat in the embedded Redis names."""
+    embedded_redis = redis.Redis(unix_socket_path=str(var_dir / "redis.sock"))
+    heartbeat = embedded_redis.get(next(embedded_redis.scan_iter("confprobe:worker:*")))
+    assert heartbeat is not None
+    pid: int = json.loads(heartbeat)["pid"]
+    return pid
+
+
 @pytest.mark.slow
 def test_serve_runs_redis_gateway_and_worker_and_ctrl_c_stops_them_all(tmp_path: Path, tiny_llama: Path) -> None:
     var_dir, port = tmp_path / "var", free_port()
@@ -66,10 +75,7 @@ def test_serve_runs_redis_gateway_and_worker_and_ctrl_c_stops_them_all(tmp_path:
         )
         assert (var_dir / "registry.db").exists()
 
-        embedded_redis = redis.Redis(unix_socket_path=str(var_dir / "redis.sock"))
-        worker_pid = next(
-            json.loads(embedded_redis.get(key))["pid"] for key in embedded_redis.scan_iter("confprobe:worker:*")
-        )
+        worker_pid = heartbeat_pid(var_dir)
         assert is_alive(worker_pid)
 
         # Ctrl-C while the worker runs a job: the job finishes, then Redis stops (not before)
@@ -210,10 +216,7 @@ def test_serve_restarts_a_killed_worker_and_the_job_it_was_running_succeeds(tmp_
     base = f"http://127.0.0.1:{port}"
     with serving(var_dir, port, HEARTBEAT_TTL_S="2") as serve:
         job_id = start_long_extraction(base, tiny_llama)
-        embedded_redis = redis.Redis(unix_socket_path=str(var_dir / "redis.sock"))
-        worker_pid = next(
-            json.loads(embedded_redis.get(key))["pid"] for key in embedded_redis.scan_iter("confprobe:worker:*")
-        )
+        worker_pid = heartbeat_pid(var_dir)
         os.kill(worker_pid, signal.SIGKILL)
         job = final_job(base, job_id, timeout=90)
         assert (job["status"], job["attempts"]) == ("succeeded", 2), job["error"]

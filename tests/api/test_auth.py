@@ -319,8 +319,9 @@ def test_the_default_limit_applies_to_keys_without_their_own(
     strict = make_settings(
         database_url, redis_server.url, tmp_path / "var", auth_enabled=True, rate_limit_per_minute=1, rate_limit_burst=3
     )
-    with TestClient(create_app(strict)) as client:
-        key = make_key(client.app.state.sessions, ["read"])
+    app = create_app(strict)
+    with TestClient(app) as client:
+        key = make_key(app.state.sessions, ["read"])
         statuses = [client.get("/v1/models", headers=bearer(key)).status_code for _ in range(4)]
     assert statuses == [200, 200, 200, 429]
 
@@ -338,8 +339,9 @@ def test_without_redis_keys_are_still_checked_and_limits_are_not(database_url: s
     no_redis = make_settings(
         database_url, f"redis://127.0.0.1:{free_port()}/0", tmp_path / "var", auth_enabled=True, rate_limit_per_minute=1
     )
-    with TestClient(create_app(no_redis)) as client:
-        key = make_key(client.app.state.sessions, ["read"])
+    app = create_app(no_redis)
+    with TestClient(app) as client:
+        key = make_key(app.state.sessions, ["read"])
         assert [client.get("/v1/models", headers=bearer(key)).status_code for _ in range(3)] == [200, 200, 200]
         assert_envelope(client.get("/v1/models"), 401, "unauthorized")
 

@@ -6,7 +6,7 @@ import shutil
 import threading
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import pytest
 import redis
@@ -44,7 +44,8 @@ def test_registration_queues_a_model_check_job_on_redis(api: Any, settings: Sett
     model = register(api, tiny_llama).json()
     job = api.get(f"/v1/jobs/{model['check_job_id']}").json()
     assert job["kind"] == "model_check" and job["status"] == "queued" and job["model_id"] == model["id"]
-    queued = redis.Redis.from_url(settings.resolved_redis_url).lrange(f"rq:queue:{settings.queue_prefix}:jobs", 0, -1)
+    queue = redis.Redis.from_url(settings.resolved_redis_url).lrange(f"rq:queue:{settings.queue_prefix}:jobs", 0, -1)
+    queued = cast(list[bytes], queue)  # a connection without decode_responses answers bytes
     assert [item.decode() for item in queued] == [job["id"]]
 
 

@@ -8,6 +8,7 @@ import tarfile
 import tracemalloc
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
@@ -32,7 +33,9 @@ from tests.conftest import (
 )
 
 CLAIMS = [(n, "even" if n // 2 % 2 == 0 else "odd") for n in range(60)]
-ROWS = [{"text": f"The number {n} is {claim}.", "label": int((n % 2 == 0) == (claim == "even"))} for n, claim in CLAIMS]
+ROWS: list[dict[str, Any]] = [
+    {"text": f"The number {n} is {claim}.", "label": int((n % 2 == 0) == (claim == "even"))} for n, claim in CLAIMS
+]
 TEXTS = ["The city of Paris is in France.", "Fifty-one is larger than forty-nine."]
 
 

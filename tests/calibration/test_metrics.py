@@ -4,6 +4,7 @@ binned and debiased ECE) — and the vectorised bootstrap against a slow loop.""
 
 import json
 import math
+from typing import Any, Literal
 
 import calibration as kumar
 import numpy as np
@@ -211,7 +212,11 @@ def test_binned_ece_equals_kumars_package_with_the_same_bins() -> None:
     y, p = distinct(3000, seed=7)
     assert ece(y, p).value == pytest.approx(kumar.get_ece(p, y), abs=1e-12)
     assert ece(y, p, binning="equal_mass").value == pytest.approx(kumar.get_ece_em(p, y), abs=1e-12)
-    for binning, scheme in (("equal_width", kumar.get_equal_prob_bins), ("equal_mass", kumar.get_equal_bins)):
+    schemes: tuple[tuple[Literal["equal_width", "equal_mass"], Any], ...] = (
+        ("equal_width", kumar.get_equal_prob_bins),
+        ("equal_mass", kumar.get_equal_bins),
+    )
+    for binning, scheme in schemes:
         expected = kumar.lower_bound_scaling_ce(p, y, p=2, debias=False, num_bins=15, binning_scheme=scheme)
         assert ece(y, p, binning=binning, norm="l2").value == pytest.approx(expected, abs=1e-12)
 
@@ -327,15 +332,19 @@ def test_bootstrap_intervals_contain_the_point_estimate() -> None:
     y, p = overconfident(2000, seed=15)
     report = calibration_report(y, p, resamples=300)
     for name in BOOTSTRAPPED:
-        low, high = report.metrics[name].interval
-        assert low <= report.metrics[name].value <= high, name
+        estimate = report.metrics[name]
+        assert estimate.value is not None and estimate.interval is not None, name
+        low, high = estimate.interval
+        assert low <= estimate.value <= high, name
 
 
 def test_bootstrap_intervals_shrink_as_n_grows() -> None:
     small = calibration_report(*overconfident(200, seed=16), resamples=300)
     large = calibration_report(*overconfident(5000, seed=16), resamples=300)
     for name in BOOTSTRAPPED:
-        (small_low, small_high), (large_low, large_high) = small.metrics[name].interval, large.metrics[name].interval
+        small_interval, large_interval = small.metrics[name].interval, large.metrics[name].interval
+        assert small_interval is not None and large_interval is not None, name
+        (small_low, small_high), (large_low, large_high) = small_interval, large_interval
         assert large_high - large_low < small_high - small_low, name
 
 
@@ -368,9 +377,9 @@ def test_paired_differences_are_b_minus_a_on_the_same_resamples() -> None:
     rows_a, rows_b = resampled_metrics(y, p_a, indices), resampled_metrics(y, p_b, indices)
     report_a, report_b = calibration_report(y, p_a, resamples=0), calibration_report(y, p_b, resamples=0)
     for name in BOOTSTRAPPED:
-        assert differences.metrics[name].value == pytest.approx(
-            report_b.metrics[name].value - report_a.metrics[name].value
-        )
+        value_a, value_b = report_a.metrics[name].value, report_b.metrics[name].value
+        assert value_a is not None and value_b is not None, name
+        assert differences.metrics[name].value == pytest.approx(value_b - value_a)
         assert differences.metrics[name].interval == pytest.approx(
             tuple(np.nanpercentile(rows_b[name] - rows_a[name], [2.5, 97.5]))
         )

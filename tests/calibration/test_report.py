@@ -76,7 +76,7 @@ ADAPTER = report_from_bins(
     },
 )
 TWO_REPORTS = [("base", BASE), ("adapter sft-v1", ADAPTER)]
-DIFFERENCES = {
+DIFFERENCES: dict[str, dict[str, dict[str, Any]]] = {
     "adapter sft-v1": {
         "accuracy": {"value": -0.022, "interval": [-0.051, 0.004]},
         "ece": {"value": 0.046, "interval": None},
@@ -186,8 +186,10 @@ def test_svg_names_one_curve_per_report() -> None:
 def test_curves_pass_through_the_non_empty_bins_only() -> None:
     figure = reliability_figure(TWO_REPORTS)
     curve = next(line for line in figure.axes[0].get_lines() if line.get_gid() == "curve-1")
-    assert list(curve.get_xdata()) == [0.04, 0.50, 0.90]
-    assert list(curve.get_ydata()) == [0.10, 0.40, 0.78]
+    confidences, accuracies = curve.get_xdata(), curve.get_ydata()
+    assert isinstance(confidences, np.ndarray) and isinstance(accuracies, np.ndarray)
+    assert list(confidences) == [0.04, 0.50, 0.90]
+    assert list(accuracies) == [0.10, 0.40, 0.78]
 
 
 def test_diagram_title_names_the_ece_variant_of_its_bins() -> None:

@@ -5,6 +5,7 @@ adapter."""
 import importlib.util
 from datetime import UTC, datetime
 from pathlib import Path
+from typing import Any
 
 import pytest
 import sqlalchemy as sa
@@ -48,7 +49,7 @@ def alembic_config(connection: sa.Connection) -> Config:
 
 def adapters_table(with_identity: bool = True) -> sa.TableClause:
     """The adapters table as migration 0007 left it, and with the identity column after."""
-    columns = [
+    columns: list[sa.ColumnClause[Any]] = [
         sa.column("id", sa.String()),
         sa.column("name", sa.String()),
         sa.column("base_model_id", sa.String()),
@@ -64,7 +65,9 @@ def adapters_table(with_identity: bool = True) -> sa.TableClause:
         sa.column("training", sa.JSON()),
         sa.column("created_at", UTCDateTime()),
     ]
-    return sa.table("adapters", *columns, *([sa.column("identity", sa.String())] if with_identity else []))
+    if with_identity:
+        columns.append(sa.column("identity", sa.String()))
+    return sa.table("adapters", *columns)
 
 
 def old_row(adapter_id: str, model_id: str, sha256: str, lora_alpha: float) -> dict[str, object]:

@@ -89,7 +89,7 @@ def test_queued_jobs_redis_forgot_or_left_on_a_dead_workers_queue_are_queued_aga
     broker.beat(connection, settings, {"name": "busy-worker", "device": "cpu"})
     with runtime.build_runtime(settings).sessions() as session:
         for job_id in (j("job_waiting"), j("job_stranded"), j("job_parked")):
-            jobs.put_on_queue(connection, settings, session.get(Job, job_id))
+            jobs.put_on_queue(connection, settings, session.get_one(Job, job_id))
 
     requeued = jobs.requeue_orphans(runtime.build_runtime(settings).sessions, connection, settings, min_age_s=10)
 
@@ -102,7 +102,7 @@ def test_queued_jobs_redis_forgot_or_left_on_a_dead_workers_queue_are_queued_aga
     assert rq_ids(connection, broker.worker_queue(settings, "gone-worker")) == []
     assert rq_ids(connection, broker.worker_queue(settings, "busy-worker")) == [j("job_parked")]
     with runtime.build_runtime(settings).sessions() as session:
-        assert session.get(Job, j("job_stranded")).queue == broker.default_queue(settings)
+        assert session.get_one(Job, j("job_stranded")).queue == broker.default_queue(settings)
     assert (
         jobs.requeue_orphans(runtime.build_runtime(settings).sessions, connection, settings, min_age_s=10) == []
     )  # nothing twice
@@ -162,7 +162,7 @@ def test_a_worker_killed_mid_job_has_its_job_finished_by_another_worker(
         return
     assert job["status"] == "succeeded", job["error"]
     with runtime.build_runtime(settings).sessions() as session:
-        row = session.get(Job, job_id)
+        row = session.get_one(Job, job_id)
         assert (row.attempts, row.worker) == (2, survivor_name)
     download = api.get(f"/v1/extractions/{created['extraction']['id']}/hidden-states?format=npy")
     import io
@@ -263,8 +263,9 @@ def test_a_queued_job_a_live_worker_is_starting_is_left_to_it(api: Any, settings
     for name, worker in ((f"job_starting_{suffix}", "busy-worker"), (f"job_started_by_dead_{suffix}", "gone-worker")):
         add_job(settings, name, "queued", created_at=created)
         with runtime.build_runtime(settings).sessions() as session:
-            jobs.put_on_queue(connection, settings, session.get(Job, name))
+            jobs.put_on_queue(connection, settings, session.get_one(Job, name))
         held = Queue(broker.default_queue(settings), connection=connection).fetch_job(name)
+        assert held is not None
         Queue(broker.default_queue(settings), connection=connection).remove(held)
         held.worker_name = broker.rq_worker_name(worker)
         held.set_status(JobStatus.STARTED)

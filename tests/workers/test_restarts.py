@@ -136,11 +136,13 @@ def test_a_gateway_killed_while_jobs_pour_in_leaves_no_job_behind(settings: Sett
         client = httpx.Client(base_url=base)
 
         def every_job_final() -> list[dict[str, Any]] | None:
-            listed, cursor = [], None
+            listed: list[dict[str, Any]] = []
+            cursor: str | None = None
             while True:  # every page
-                page = client.get(
-                    "/v1/jobs", params={"kind": "ping", "limit": 200} | ({"cursor": cursor} if cursor else {})
-                ).json()
+                query: dict[str, str | int] = {"kind": "ping", "limit": 200}
+                if cursor:
+                    query["cursor"] = cursor
+                page = client.get("/v1/jobs", params=query).json()
                 listed += page["items"]
                 cursor = page.get("next_cursor")
                 if not cursor:
