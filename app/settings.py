@@ -257,6 +257,11 @@ class Settings(BaseSettings):
         return (self.artifact_cache_dir or self.var_dir / "cache" / "artifacts").resolve()
 
     @property
+    def resolved_gguf_cache_dir(self) -> Path:
+        """Where a worker keeps the dequantized copies of GGUF models (`workers/gguf_models.py`)."""
+        return (self.var_dir / "cache" / "gguf").resolve()
+
+    @property
     def embedded_redis_socket(self) -> Path:
         return (self.var_dir / "redis.sock").resolve()
 

@@ -68,7 +68,7 @@ class Model(Answer):
     id: str
     name: str
     source: str
-    source_kind: Literal["local", "hf_cache"]
+    source_kind: Literal["local", "gguf", "hf_cache"]
     resolved_path: str
     revision: str | None
     dtype: Dtype

@@ -1,6 +1,7 @@
 """How much memory a model or an adapter will take once loaded, found without loading it:
 from safetensors headers, from the model built empty on the meta device, or — for an absurd
-config — from the config's arithmetic alone (`parameter_floor`).
+config — from the config's arithmetic alone (`parameter_floor`). A GGUF model is sized from
+its dequantized copy when the worker has one, else from the GGUF file's config.
 """
 
 import json
@@ -20,6 +21,7 @@ from app.inputs.user_files import (
 )
 from app.registry.tables import Model
 from workers.errors import JobFailed
+from workers.gguf_models import cache_entry, check_gguf_file, default_cache_dir, gguf_config, intact_entry
 from workers.model_loading import TORCH_DTYPES, model_class, not_regular, read_model_config
 from workers.safetensors_header import HeaderBounds, read_header
 
@@ -152,7 +154,7 @@ def _floor_bytes(config: dict[str, Any], width: int, quantization: str | None) -
     return floor // 2 if quantization == "4bit" else floor * width
 
 
-def estimate_footprint(row: Model, budget_bytes: int | None = None) -> int:
+def estimate_footprint(row: Model, budget_bytes: int | None = None, gguf_cache_dir: Path | None = None) -> int:
     """Bytes `load_model` will take for `row`, found without loading it. Without quantization,
     from the safetensors headers of its weights: exact for what the checkpoint holds, short by
     the few buffers models compute rather than store (rotary frequencies, position ids) and
@@ -160,12 +162,19 @@ def estimate_footprint(row: Model, budget_bytes: int | None = None) -> int:
     `AutoModel` drops from a checkpoint with a head. Quantized, or without safetensors
     weights, from the model built empty from its config — unless the config's arithmetic
     (`parameter_floor`) already passes `budget_bytes`: that floor is the answer then, and
-    nothing is built."""
+    nothing is built. A GGUF model (`gguf_cache_dir` as for `load_model`) is sized as its
+    dequantized copy when there is one, else as the model built empty from the file's config."""
     import torch
     from transformers import AutoConfig
 
     path = Path(row.resolved_path)
     dtype = getattr(torch, TORCH_DTYPES[row.dtype])
+    if row.source_kind == "gguf":
+        entry = cache_entry(gguf_cache_dir or default_cache_dir(), row)
+        if intact_entry(entry, row):
+            path = entry
+        else:
+            return _gguf_footprint(path, dtype, row.quantization, budget_bytes)
     config = read_model_config(path)
     try:
         files = [] if row.quantization else _safetensors_files(path)
@@ -180,6 +189,20 @@ def estimate_footprint(row: Model, budget_bytes: int | None = None) -> int:
         raise not_regular(exc) from None
     except (OSError, ValueError, KeyError, RuntimeError, RecursionError, FileTooLarge) as exc:
         raise JobFailed("model_load_failed", f"could not size {path}: {exc}", path=str(path)) from exc
+
+
+def _gguf_footprint(path: Path, dtype: Any, quantization: str | None, budget_bytes: int | None) -> int:
+    """The bytes of a GGUF file's model, built empty from its config (its header checked
+    first), unless the config's parameter floor already passes `budget_bytes`."""
+    check_gguf_file(path)
+    try:
+        config = gguf_config(path)
+        floor = _floor_bytes(config.to_dict(), dtype.itemsize, quantization)
+        if budget_bytes is not None and floor > budget_bytes:
+            return floor
+        return _empty_model_bytes(config, dtype, quantization)
+    except (OSError, ValueError, KeyError, RuntimeError, RecursionError) as exc:
+        raise JobFailed("model_load_failed", f"could not size the GGUF file {path.name}: {exc}") from exc
 
 
 def estimate_adapter_footprint(folder: Path) -> int:

@@ -1,7 +1,8 @@
 """Loading a registered model with transformers, and attaching PEFT adapters to it.
 
 Loading reads only local files (`local_files_only`), never runs remote code, and checks the
-folder first: no special files, a `config.json` within the gateway's bounds.
+folder first: no special files, a `config.json` within the gateway's bounds. A GGUF source
+loads from its dequantized copy in the worker's cache (`workers/gguf_models.py`).
 """
 
 import os
@@ -26,6 +27,7 @@ from app.inputs.user_files import (
 )
 from app.registry.tables import Model
 from workers.errors import JobFailed
+from workers.gguf_models import default_cache_dir, dequantized_folder, discard
 
 TORCH_DTYPES = {"float32": "float32", "bfloat16": "bfloat16", "float16": "float16"}
 
@@ -107,14 +109,30 @@ def explained_quantization_errors(quantization: str | None, device: str) -> Iter
         ) from exc
 
 
-def load_model(row: Model, device: str) -> LoadedModel:
-    """Load a registered model and its tokenizer onto `device`, in eval mode."""
+def load_model(row: Model, device: str, gguf_cache_dir: Path | None = None) -> LoadedModel:
+    """Load a registered model and its tokenizer onto `device`, in eval mode. A GGUF model
+    loads from its copy in `gguf_cache_dir` (default `<VAR_DIR>/cache/gguf`), made first if
+    there is none; a copy that does not load is rebuilt once."""
     import torch
+
+    dtype = getattr(torch, TORCH_DTYPES[row.dtype])
+    if row.source_kind != "gguf":
+        return _load_folder(row, Path(row.resolved_path), dtype, device)
+    folder = dequantized_folder(row, dtype, gguf_cache_dir or default_cache_dir())
+    try:
+        return _load_folder(row, folder, dtype, device)
+    except JobFailed as exc:
+        if exc.code != "model_load_failed":
+            raise
+        discard(folder)
+        return _load_folder(row, dequantized_folder(row, dtype, gguf_cache_dir or default_cache_dir()), dtype, device)
+
+
+def _load_folder(row: Model, folder: Path, dtype: Any, device: str) -> LoadedModel:
     from transformers import AutoConfig, AutoTokenizer
 
-    path = row.resolved_path
-    dtype = getattr(torch, TORCH_DTYPES[row.dtype])
-    read_model_config(Path(path))
+    path = str(folder)
+    read_model_config(folder)
     try:
         config = AutoConfig.from_pretrained(path, local_files_only=True, trust_remote_code=False)
         is_causal_lm = _is_causal_lm(config)

@@ -10,7 +10,7 @@ from sqlalchemy.orm import Session, sessionmaker
 from app import broker, jobs
 from app.api.deps import RedisDep, SessionDep, SessionsDep, SettingsDep
 from app.errors import ServiceError
-from app.inputs.model_sources import fingerprint, read_model_shape, resolve_source
+from app.inputs.model_sources import fingerprint, resolve_source, source_shape
 from app.job_kinds import ModelCheckParameters
 from app.registry.database import transaction
 from app.registry.models import find_model, get_model, list_models, new_model
@@ -46,7 +46,7 @@ def register(
 ) -> tuple[Model, bool]:
     """The registered model, and whether this call registered it (else it already was)."""
     source = resolve_source(body.source, body.revision, settings.hf_cache_dir, settings.model_roots)
-    shape = read_model_shape(source.path)
+    shape = source_shape(source)
     model = new_model(body.name, source, body.revision, body.dtype, body.quantization, shape, fingerprint(source))
     job = jobs.new_job(
         "model_check", ModelCheckParameters(model_id=model.id), broker.default_queue(settings), model_id=model.id

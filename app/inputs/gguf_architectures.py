@@ -52,3 +52,8 @@ TRANSFORMERS_GGUF_ARCHITECTURES = (
 def transformers_loads(architecture: str) -> bool:
     """Whether transformers 5.23 loads GGUF files of this llama.cpp architecture."""
     return architecture in TRANSFORMERS_GGUF_ARCHITECTURES
+
+
+def transformers_model_type(architecture: str) -> str:
+    """transformers' `model_type` for a llama.cpp architecture it loads."""
+    return TRANSFORMERS_GGUF_RENAMES.get(architecture, architecture)

@@ -1,6 +1,6 @@
 """Where a model's files are, and what its `config.json` says — read as plain JSON (checked
-by `app/inputs/model_configs.py`), so the gateway learns a model's shape without torch or
-transformers.
+by `app/inputs/model_configs.py`) — or its GGUF file's header (read by `app/inputs/gguf.py`),
+so the gateway learns a model's shape without torch or transformers.
 
 Every path here comes from a request, so nothing is trusted: a Hugging Face revision is a
 checked ref name or commit hash and is resolved here, inside the cache, never handed to
@@ -18,6 +18,8 @@ from typing import Annotated, Any
 from pydantic import BeforeValidator, Field
 
 from app.errors import ServiceError, invalid_field
+from app.inputs.gguf import GgufModelInfo, InvalidGguf, file_sha256, read_model_info
+from app.inputs.gguf_architectures import TRANSFORMERS_GGUF_ARCHITECTURES, transformers_model_type
 from app.inputs.model_configs import (
     HIDDEN_SIZE_KEYS,
     LAYER_COUNT_KEYS,
@@ -89,7 +91,7 @@ class ModelShape:
 
 @dataclass(frozen=True)
 class ResolvedSource:
-    kind: str  # "local" or "hf_cache"
+    kind: str  # "local" (a folder), "gguf" (a GGUF file) or "hf_cache"
     identity: str  # what makes two registrations the same source
     path: Path
 
@@ -106,9 +108,9 @@ def _outside_roots(path: Path, model_roots: list[Path] | None) -> bool:
     return bool(roots) and not any(path.is_relative_to(root) for root in roots)
 
 
-def _local_folder(source: str, revision: str | None, model_roots: list[Path] | None) -> ResolvedSource:
-    """A local folder, judged by where its links lead; messages name it as the caller did,
-    never where its links lead or the gateway's working directory."""
+def _local_path(source: str, revision: str | None, model_roots: list[Path] | None) -> ResolvedSource:
+    """A local folder, or a GGUF file, judged by where its links lead; messages name it as
+    the caller did, never where its links lead or the gateway's working directory."""
     try:
         path = Path(source).expanduser().resolve()
         if _outside_roots(path, model_roots):
@@ -120,15 +122,16 @@ def _local_folder(source: str, revision: str | None, model_roots: list[Path] | N
             )
         exists = path.exists()
         is_dir = path.is_dir()
+        is_file = path.is_file()
     except (OSError, ValueError, RuntimeError) as exc:
         raise invalid_field("source", f"{source!r} is not a usable path") from exc
     if not exists:
         raise ServiceError(404, "not_found", f"source: no such folder {source!r}", field="source")
-    if not is_dir:
-        raise invalid_field("source", f"{source!r} is not a folder")
+    if not (is_dir or is_file):
+        raise invalid_field("source", f"{source!r} is not a folder or a GGUF file")
     if revision is not None:
         raise invalid_field("revision", "a local folder has no revisions; leave revision out")
-    return ResolvedSource(kind="local", identity=str(path), path=path)
+    return ResolvedSource(kind="local" if is_dir else "gguf", identity=str(path), path=path)
 
 
 def _hf_cache_root(hf_cache_dir: Path | None) -> Path:
@@ -217,12 +220,12 @@ def _hf_snapshot(
 def resolve_source(
     source: str, revision: str | None, hf_cache_dir: Path | None = None, model_roots: list[Path] | None = None
 ) -> ResolvedSource:
-    """A local folder, or a Hugging Face id that is already in the local cache. Nothing is
+    """A local folder, a local GGUF file, or a Hugging Face id that is already in the local cache. Nothing is
     downloaded: a model not on this machine is a 404 naming `source`. With `model_roots`,
     the folder must lie under one of them (after resolving links), else 403 — checked
     before existence, so callers cannot map the filesystem."""
     if _looks_like_path(source):
-        return _local_folder(source, revision, model_roots)
+        return _local_path(source, revision, model_roots)
     if not HF_REPO_ID.match(source) or "--" in source or ".." in source:
         raise invalid_field("source", "neither an existing local folder nor a Hugging Face id like 'org/name'")
     try:
@@ -256,7 +259,10 @@ def fingerprint(source: ResolvedSource) -> str:
     by its commit, which pins every file; a local folder is hashed from its config bytes and
     each weight file's name, size and modification time (hashing gigabytes of weights on
     every registration would cost minutes). Weight files are only stat'ed, never opened, so
-    a FIFO or device among them cannot block the request."""
+    a FIFO or device among them cannot block the request. A GGUF file is one file, its own
+    sha256, streamed."""
+    if source.kind == "gguf":
+        return _gguf_sha256(source.path)
     digest = hashlib.sha256()
     if source.kind == "hf_cache":
         digest.update(f"hf:{source.identity}@{source.path.name}".encode())
@@ -314,3 +320,75 @@ def read_model_shape(folder: Path) -> ModelShape:
         num_layers=_first_int(config, LAYER_COUNT_KEYS, "layer count"),
         hidden_size=_first_int(config, HIDDEN_SIZE_KEYS, "hidden size"),
     )
+
+
+def source_shape(source: ResolvedSource) -> ModelShape:
+    """The shape of a resolved source: from a GGUF file's header, or a folder's config.json."""
+    if source.kind == "gguf":
+        return read_gguf_shape(source.path)
+    return read_model_shape(source.path)
+
+
+def gguf_model_info(path: Path) -> GgufModelInfo:
+    """The model facts of a GGUF file's header, read as hostile input, its sizes within this
+    service's bounds; a file that is not GGUF, is cut short, or holds a model transformers
+    cannot load from GGUF is a 422 naming `source` and the problem."""
+    try:
+        info = read_model_info(path)
+    except InvalidGguf as exc:
+        raise invalid_field("source", f"not a usable GGUF file: {exc}", gguf_key=exc.key) from None
+    except NotARegularFile as exc:
+        raise invalid_field("source", f"the GGUF source is a {exc.kind}, not a regular file") from None
+    except OSError as exc:
+        raise invalid_field("source", f"the GGUF file cannot be read ({exc.strerror})") from None
+    if not info.loads_in_transformers:
+        supported = sorted(TRANSFORMERS_GGUF_ARCHITECTURES)
+        raise invalid_field(
+            "source",
+            f"the GGUF file's architecture {info.architecture!r} is not one transformers loads from GGUF; "
+            f"supported: {', '.join(supported)}",
+            architecture=info.architecture,
+            supported=supported,
+        )
+    try:
+        check_config_sizes(gguf_config_sizes(info))
+    except UnreasonableConfig as exc:
+        raise invalid_field(
+            "source",
+            f"the GGUF header's sizes: {str(exc).removeprefix('config.json: ')}",
+            config_key=exc.key,
+            bound=exc.bound,
+        ) from exc
+    return info
+
+
+def gguf_config_sizes(info: GgufModelInfo) -> dict[str, Any]:
+    """A GGUF header's sizes under the config keys `check_config_sizes` bounds."""
+    return {
+        "num_hidden_layers": info.num_layers,
+        "hidden_size": info.hidden_size,
+        "max_position_embeddings": info.context_length,
+        "num_attention_heads": info.attention_heads,
+        "num_key_value_heads": info.key_value_heads,
+        "vocab_size": info.vocab_size,
+    }
+
+
+def read_gguf_shape(path: Path) -> ModelShape:
+    """Architecture (llama.cpp's name), layer count and hidden size from a GGUF header."""
+    info = gguf_model_info(path)
+    return ModelShape(
+        architecture=info.architecture,
+        model_type=transformers_model_type(info.architecture),
+        num_layers=info.num_layers,
+        hidden_size=info.hidden_size,
+    )
+
+
+def _gguf_sha256(path: Path) -> str:
+    try:
+        return file_sha256(path)
+    except NotARegularFile as exc:
+        raise invalid_field("source", f"the GGUF source is a {exc.kind}, not a regular file") from None
+    except OSError as exc:
+        raise invalid_field("source", f"the GGUF file cannot be read ({exc.strerror})") from None

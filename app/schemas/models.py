@@ -15,7 +15,10 @@ class ModelCreate(Request):
     source: str = Field(
         min_length=1,
         max_length=1000,
-        description="A local folder with config.json and weights, or a Hugging Face id already in the local cache.",
+        description="A local folder with config.json and weights; a local GGUF file (llama.cpp's single-file "
+        "format, e.g. `/models/SmolLM2-135M-Instruct.Q4_1.gguf`: architecture, layers and hidden size come from "
+        "its header, the fingerprint is its sha256, and workers dequantize it into `dtype`); or a Hugging Face id "
+        "already in the local cache.",
     )
     revision: Revision | None = Field(
         None, description="Hugging Face revision: a 40-hex commit hash, or a branch or tag name in the local cache."
@@ -28,15 +31,20 @@ class ModelOut(BaseModel):
     id: str
     name: str
     source: str
-    source_kind: Literal["local", "hf_cache"]
+    source_kind: Literal["local", "gguf", "hf_cache"] = Field(
+        description="`local` (a folder), `gguf` (a GGUF file) or `hf_cache` (a Hugging Face id in the local cache)."
+    )
     resolved_path: str
     revision: str | None
     dtype: Dtype
     quantization: Quantization | None
     fingerprint: str = Field(
-        description="Identifies the weights: the snapshot commit, or a hash of a local folder's config and weight files."
+        description="Identifies the weights: the snapshot commit, a hash of a local folder's config and weight files, "
+        "or a GGUF file's sha256."
     )
-    architecture: str
+    architecture: str = Field(
+        description="The config's first architecture (`LlamaForCausalLM`), or a GGUF file's `general.architecture` (`llama`)."
+    )
     model_type: str
     num_layers: int
     hidden_size: int
