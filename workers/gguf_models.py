@@ -13,6 +13,8 @@ manifest, written last, lists every file's size, and an entry whose files do not
 manifest (a disk filled up, a file removed or cut short by hand) is removed and rebuilt.
 """
 
+import copy
+import functools
 import json
 import secrets
 import shutil
@@ -68,11 +70,20 @@ def check_gguf_file(path: Path) -> None:
 def gguf_config(path: Path) -> Any:
     """transformers' config of a GGUF file (read after `check_gguf_file`), naming the model
     class with a language-model head when transformers has one for its type, as a folder's
-    config does (a GGUF file names no class)."""
+    config does (a GGUF file names no class). transformers reads the whole file's metadata
+    for it (seconds): sizing a model and then loading it share one reading of each version
+    of the file, and each caller gets its own copy to change."""
+    stat = path.stat()
+    return copy.deepcopy(_gguf_config(str(path), stat.st_size, stat.st_mtime_ns))
+
+
+@functools.lru_cache(maxsize=4)
+def _gguf_config(path: str, size: int, mtime_ns: int) -> Any:
     from transformers import AutoConfig
     from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
 
-    config = AutoConfig.from_pretrained(path.parent, gguf_file=path.name, local_files_only=True)
+    where = Path(path)
+    config = AutoConfig.from_pretrained(where.parent, gguf_file=where.name, local_files_only=True)
     causal_lm = MODEL_FOR_CAUSAL_LM_MAPPING_NAMES.get(config.model_type)
     config.architectures = [causal_lm] if causal_lm else None
     return config
