@@ -90,6 +90,7 @@ class ProbeScoringParameters(JobParameters):
 
     probe_id: str = Field(description="The probe to score with.")
     texts: list[str] = Field(description="The texts to score, in the answer's order.")
+    prompt_format: str = Field("raw", description="How each text becomes the model's input, checked by the gateway.")
 
 
 class SplitParameters(JobParameters):

@@ -34,7 +34,7 @@ from confprobe_client.formatting import (
     interval,
     metric,
 )
-from confprobe_client.options import LAYERS, comma_separated, no_wait_option
+from confprobe_client.options import LAYERS, comma_separated, no_wait_option, prompt_format_option
 from confprobe_client.types import Job, JobStatus
 
 
@@ -243,6 +243,7 @@ def list_datasets(api: ApiContext, limit: int) -> None:
 @click.option("--dataset", help="Id of an uploaded dataset (instead of --texts-file).")
 @click.option("--token-position", type=click.Choice(["last", "mean"]), help="[default: last]")
 @click.option("--max-length", type=click.IntRange(min=1), help="Truncate texts to this many tokens.")
+@prompt_format_option
 @click.option(
     "--out",
     type=click.Path(dir_okay=False, writable=True, path_type=Path),
@@ -259,6 +260,7 @@ def extract(
     dataset: str | None,
     token_position: str | None,
     max_length: int | None,
+    prompt_format: str | None,
     out: Path | None,
     no_wait: bool,
 ) -> None:
@@ -277,6 +279,7 @@ def extract(
         adapter=adapter,
         token_position=token_position,
         max_length=max_length,
+        prompt_format=prompt_format,
     )
     if not no_wait:
         client.wait(extraction.job_id)
@@ -305,6 +308,7 @@ def probes() -> None:
 )
 @click.option("--recalibration", type=click.Choice(["temperature", "platt"]), help="Fitted on the validation split.")
 @click.option("--seed", type=click.IntRange(min=0), help="Seed of the split [default: 0].")
+@prompt_format_option
 @no_wait_option
 @pass_api
 def train_probes(
@@ -316,6 +320,7 @@ def train_probes(
     method: str,
     recalibration: str | None,
     seed: int | None,
+    prompt_format: str | None,
     no_wait: bool,
 ) -> None:
     """Train probes and show their held-out metrics; the best on validation is starred."""
@@ -329,6 +334,7 @@ def train_probes(
         adapter=adapter,
         seed=seed,
         recalibration=recalibration,
+        prompt_format=prompt_format,
     )
     if no_wait:
         api.show(run, RUN_COLUMNS)
@@ -390,14 +396,24 @@ def probe_report(api: ApiContext, probe_id: str, out: Path | None, open_in_brows
     "--layers", type=LAYERS, required=True, help="Comma-separated; the best on the base's validation split is reported."
 )
 @click.option("--method", type=click.Choice(["logistic", "mass_mean"]), help="[default: logistic]")
+@prompt_format_option
 @no_wait_option
 @pass_api
 def compare(
-    api: ApiContext, model: str, adapter_ids: str, dataset: str, layers: list[int], method: str | None, no_wait: bool
+    api: ApiContext,
+    model: str,
+    adapter_ids: str,
+    dataset: str,
+    layers: list[int],
+    method: str | None,
+    prompt_format: str | None,
+    no_wait: bool,
 ) -> None:
     """Compare a base model with its adapters on the same texts, split and layer."""
     client = api.client()
-    comparison = client.compare(model, comma_separated(adapter_ids), dataset, layers, method=method)
+    comparison = client.compare(
+        model, comma_separated(adapter_ids), dataset, layers, method=method, prompt_format=prompt_format
+    )
     if not no_wait:
         client.wait(comparison.job_id)
         comparison = client.get_comparison(comparison.id)

@@ -178,8 +178,11 @@ class Client:
         adapter: str | None = None,
         token_position: str | None = None,
         max_length: int | None = None,
+        prompt_format: str | None = None,
     ) -> Extraction:
-        """Queue an extraction of `texts` or a `dataset`; follow `job_id`, then download."""
+        """Queue an extraction of `texts` or a `dataset`; follow `job_id`, then download.
+        `prompt_format`: `raw` (the default), `chat`, or a template naming `{text}`
+        (`{question}` and `{choices}` for a multiple-choice dataset)."""
         body = _without_none(
             model=model,
             adapter=adapter,
@@ -188,6 +191,7 @@ class Client:
             layers=list(layers),
             token_position=token_position,
             max_length=max_length,
+            prompt_format=prompt_format,
         )
         return Extraction.model_validate(self._api.json("POST", "/v1/extractions", json=body)["extraction"])
 
@@ -224,9 +228,12 @@ class Client:
         max_length: int | None = None,
         timeout: float | None = None,
         progress: bool = True,
+        prompt_format: str | None = None,
     ) -> "np.ndarray":
         """Extract, wait and download: hidden states shaped `(texts, layers, hidden)`."""
-        extraction = self.create_extraction(model, layers, texts, dataset, adapter, token_position, max_length)
+        extraction = self.create_extraction(
+            model, layers, texts, dataset, adapter, token_position, max_length, prompt_format=prompt_format
+        )
         self.wait(extraction.job_id, timeout=timeout, progress=progress)
         return self.download_hidden_states(extraction.id)
 
@@ -245,6 +252,7 @@ class Client:
         split: dict[str, float] | None = None,
         seed: int | None = None,
         recalibration: str | None = None,
+        prompt_format: str | None = None,
     ) -> ProbeRun:
         """Queue training of one probe per layer and method; follow the run's `job_id`."""
         body = _without_none(
@@ -254,6 +262,7 @@ class Client:
             layers=list(layers),
             token_position=token_position,
             max_length=max_length,
+            prompt_format=prompt_format,
             method=method if method is None or isinstance(method, str) else list(method),
             whiten=whiten,
             split=split,
@@ -277,10 +286,22 @@ class Client:
         recalibration: str | None = None,
         timeout: float | None = None,
         progress: bool = True,
+        prompt_format: str | None = None,
     ) -> ProbeRun:
         """Train, wait, and return the finished run with its probes and the best one marked."""
         run = self.train_probes(
-            model, dataset, layers, method, adapter, token_position, max_length, whiten, split, seed, recalibration
+            model,
+            dataset,
+            layers,
+            method,
+            adapter,
+            token_position,
+            max_length,
+            whiten,
+            split,
+            seed,
+            recalibration,
+            prompt_format=prompt_format,
         )
         self.wait(run.job_id, timeout=timeout, progress=progress)
         return self.get_probe_run(run.id)
@@ -315,12 +336,14 @@ class Client:
     def probe_report_png(self, probe_id: str) -> bytes:
         return self._api.send("GET", f"/v1/probes/{probe_id}/report.png").content
 
-    def score(self, probe_id: str, texts: Sequence[str], timeout_s: float | None = None) -> Score:
-        """P(correct) per text. The service answers within `timeout_s` or hands back a job,
-        which this then waits for."""
-        response = self._api.send(
-            "POST", f"/v1/probes/{probe_id}/score", json=_without_none(texts=list(texts), timeout_s=timeout_s)
-        )
+    def score(
+        self, probe_id: str, texts: Sequence[str], timeout_s: float | None = None, prompt_format: str | None = None
+    ) -> Score:
+        """P(correct) per text, under the probe's own prompt format unless `prompt_format` says
+        otherwise. The service answers within `timeout_s` or hands back a job, which this then
+        waits for."""
+        body = _without_none(texts=list(texts), timeout_s=timeout_s, prompt_format=prompt_format)
+        response = self._api.send("POST", f"/v1/probes/{probe_id}/score", json=body)
         if response.status_code != 202:
             return Score.model_validate(response.json())
         job = self.wait(_accepted_job(response.json()).id, progress=False)
@@ -340,6 +363,7 @@ class Client:
         split: dict[str, float] | None = None,
         seed: int | None = None,
         on_mixed_precision: str | None = None,
+        prompt_format: str | None = None,
     ) -> Comparison:
         """Queue a base-versus-adapters comparison; follow its `job_id`, then `get_comparison`."""
         body = _without_none(
@@ -350,6 +374,7 @@ class Client:
             method=method,
             token_position=token_position,
             max_length=max_length,
+            prompt_format=prompt_format,
             split=split,
             seed=seed,
             on_mixed_precision=on_mixed_precision,

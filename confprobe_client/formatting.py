@@ -61,12 +61,18 @@ JOB_COLUMNS: list[Column] = [
     ("PROGRESS", lambda j: f"{j.progress.done}/{j.progress.total}" if j.progress.total else str(j.progress.done)),
     ("ERROR", lambda j: j.error.code if j.error else "-"),
 ]
+def prompt_format_label(prompt_format: str) -> str:
+    """`raw`, `chat`, or `template` for a template (whole, it would not fit a column)."""
+    return prompt_format if prompt_format in ("raw", "chat") else "template"
+
+
 EXTRACTION_COLUMNS: list[Column] = [
     ("ID", lambda e: e.id),
     ("JOB", lambda e: e.job_id),
     ("STATUS", lambda e: e.status),
     ("LAYERS", lambda e: ",".join(map(str, e.layers))),
     ("SHAPE", lambda e: "x".join(map(str, e.shape)) if e.shape else "-"),
+    ("PROMPT", lambda e: prompt_format_label(e.prompt_format)),
 ]
 PROBE_COLUMNS: list[Column] = [
     ("ID", lambda p: p.id),
@@ -83,6 +89,7 @@ RUN_COLUMNS: list[Column] = [
     ("STATUS", lambda r: r.status),
     ("LAYERS", lambda r: ",".join(map(str, r.layers))),
     ("METHODS", lambda r: ",".join(r.methods)),
+    ("PROMPT", lambda r: prompt_format_label(r.prompt_format)),
 ]
 KEY_COLUMNS: list[Column] = [
     ("ID", lambda k: k.id),

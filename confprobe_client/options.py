@@ -28,3 +28,10 @@ no_wait_option = click.option(
     "--no-wait", is_flag=True, help="Answer once the job is queued instead of following it with a progress bar."
 )
 LAYERS = IntegerList()
+
+prompt_format_option = click.option(
+    "--prompt-format",
+    metavar="FORMAT",
+    help="raw (as the texts are), chat (the model's chat template), or a template naming {text} "
+    "({question} and {choices} for multiple choice) [default: raw].",
+)

@@ -82,6 +82,7 @@ class Model(Answer):
     status_reason: str | None
     parameter_count: int | None
     memory_footprint_bytes: int | None
+    has_chat_template: bool | None
     check_job_id: str | None
     created_at: datetime
     updated_at: datetime
@@ -130,6 +131,7 @@ class Extraction(Answer):
     text_count: int
     layers: list[int]
     token_position: TokenPosition
+    prompt_format: str
     max_length: int | None
     shape: list[int] | None
     dtype: str | None
@@ -170,6 +172,7 @@ class Probe(Answer):
     layer: int
     method: ProbeMethod
     token_position: TokenPosition
+    prompt_format: str
     max_length: int | None
     recalibration: str | None
     is_best: bool
@@ -188,6 +191,7 @@ class ProbeRun(Answer):
     layers: list[int]
     methods: list[ProbeMethod]
     token_position: TokenPosition
+    prompt_format: str
     split: dict[str, Any]
     recalibration: str | None
     best_probe_id: str | None
@@ -300,6 +304,7 @@ class Comparison(Answer):
     layers: list[int]
     method: ProbeMethod
     token_position: TokenPosition
+    prompt_format: str
     created_at: datetime
     finished_at: datetime | None
     report: ComparisonReport | None = None

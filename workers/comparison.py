@@ -13,7 +13,7 @@ from sqlalchemy import update
 from app.calibration.binned import ece
 from app.calibration.reporting import calibration_report, paired_differences
 from app.calibration.scoring import auroc, brier
-from app.inputs.datasets import texts_of_rows
+from app.inputs.prompt_formats import rendered_rows
 from app.job_kinds import ComparisonParameters
 from app.registry.datasets import read_rows
 from app.registry.tables import Adapter, Comparison, Dataset, Model, utcnow
@@ -70,7 +70,7 @@ def run(context: "JobContext[ComparisonParameters]") -> dict[str, Any]:
     if dataset is None:
         raise JobFailed("not_found", "the dataset of this comparison was deleted")
     rows = read_rows(store, dataset)
-    texts = texts_of_rows(rows, dataset.kind)
+    texts = rendered_rows(rows, dataset.kind, comparison.prompt_format)
     layers = list(comparison.layers)
     flags = [
         f"{v.label} runs on {v.model.dtype}{'/' + v.model.quantization if v.model.quantization else ''}, the base on "
@@ -80,8 +80,15 @@ def run(context: "JobContext[ComparisonParameters]") -> dict[str, Any]:
     ]
     for number, variant in enumerate(variants):
         context.progress(f"states of {variant.label}", number, len(variants))
-        variant.labels = labels_for(context, variant.model, variant.adapter, dataset, rows)
-        request = StatesRequest(variant.model, variant.adapter, layers, comparison.token_position, params.max_length)
+        variant.labels = labels_for(context, variant.model, variant.adapter, dataset, rows, comparison.prompt_format)
+        request = StatesRequest(
+            variant.model,
+            variant.adapter,
+            layers,
+            comparison.token_position,
+            params.max_length,
+            comparison.prompt_format,
+        )
         variant.states = cached_states(context, request, texts, shard_name=f"{comparison.id}-{number}").states
 
     spec = params.split

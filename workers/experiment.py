@@ -9,6 +9,7 @@ from typing import Any, TypeVar
 from sqlalchemy import select, update
 
 from app.inputs.datasets import InvalidDataset, default_name, parse_upload
+from app.inputs.prompt_formats import RAW, InvalidPromptFormat, check_prompt_format, data_kind
 from app.inputs.user_files import FileTooLarge, NotARegularFile, read_regular_file
 from app.job_kinds import (
     AdapterImportParameters,
@@ -82,6 +83,11 @@ def _dataset(context: JobContext[ExperimentParameters]) -> Dataset:
         raise JobFailed("conflict", exc.message) from None
 
 
+def prompt_format_of(config: dict[str, Any]) -> str:
+    """The config's prompt format: `raw` for configs stored before it could be given."""
+    return str(config["extraction"].get("prompt_format", RAW))
+
+
 def _probe_run(
     context: JobContext[ExperimentParameters],
     experiment: Experiment,
@@ -101,6 +107,7 @@ def _probe_run(
         "methods": methods,
         "token_position": config["extraction"]["token_position"],
         "max_length": config["extraction"]["max_length"],
+        "prompt_format": prompt_format_of(config),
         "split": split,
         "recalibration": config["probe"]["recalibration"],
     }
@@ -141,6 +148,14 @@ def run(context: JobContext[ExperimentParameters]) -> dict[str, Any]:
         with worker.sessions() as session:
             adapter = session.get(Adapter, imported["adapter_id"])
     dataset = _dataset(context)
+    try:
+        check_prompt_format(prompt_format_of(experiment.config), data_kind(dataset.kind))
+    except InvalidPromptFormat as exc:
+        raise JobFailed(
+            "invalid_parameters",
+            f"extraction.prompt_format: {exc} (the dataset holds {dataset.kind.replace('_', ' ')})",
+            field="extraction.prompt_format",
+        ) from None
 
     config = experiment.config["extraction"]
     states = Extraction(
@@ -153,6 +168,7 @@ def run(context: JobContext[ExperimentParameters]) -> dict[str, Any]:
         layers=context.params.layers,
         token_position=config["token_position"],
         max_length=config["max_length"],
+        prompt_format=prompt_format_of(experiment.config),
         model_fingerprint=model.fingerprint,
         adapter_fingerprint=adapter.identity if adapter else None,
     )

@@ -7,8 +7,9 @@ from typing import TYPE_CHECKING, Any
 
 from sqlalchemy import update
 
+from app.inputs.prompt_formats import render, rendered_rows
 from app.job_kinds import ExtractionParameters
-from app.registry.datasets import texts_of
+from app.registry.datasets import read_rows
 from app.registry.tables import Adapter, Dataset, Extraction, Model, utcnow
 from workers import arrays
 from workers.context import subject_row
@@ -30,13 +31,15 @@ def run(context: "JobContext[ExtractionParameters]") -> dict[str, Any]:
     if extraction.adapter_id and adapter is None:
         raise JobFailed("not_found", f"adapter {extraction.adapter_id} was deleted")
     if dataset is not None:
-        texts = texts_of(store, dataset)
+        texts = rendered_rows(read_rows(store, dataset), dataset.kind, extraction.prompt_format)
     elif context.params.texts is not None:
-        texts = context.params.texts
+        texts = render(extraction.prompt_format, "text", context.params.texts)
     else:
         raise JobFailed("invalid_parameters", f"extraction {extraction.id} has neither a dataset nor texts")
     layers = list(extraction.layers)
-    request = StatesRequest(model, adapter, layers, extraction.token_position, extraction.max_length)
+    request = StatesRequest(
+        model, adapter, layers, extraction.token_position, extraction.max_length, extraction.prompt_format
+    )
     artifact = f"extractions/{extraction.id}/hidden_states.safetensors"
     metadata = {"layers": json.dumps(layers), "token_position": extraction.token_position, "model_id": model.id}
     # the result is written in place as it is computed: never held whole in memory

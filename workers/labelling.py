@@ -1,8 +1,10 @@
 """Multiple-choice questions labelled by the model itself (docs/concepts.md#labels).
 
-The prompt lists the choices with letters and ends with `Answer:`; the model's answer is
-the choice whose letter has the highest logit at that position, and the label is 1 when
-it is the gold one. The model's own probability of its answer — a softmax over the
+The prompt lists the choices with letters and ends with `Answer:` (under `raw`; under
+`chat` that prompt is the user turn and the answer is the assistant's first token; a
+template writes its own, docs/concepts.md#prompt-formats); the model's answer is the choice
+whose letter has the highest logit at the prompt's end, and the label is 1 when it is the
+gold one. The model's own probability of its answer — a softmax over the
 choices' letters only — is kept as a baseline confidence to compare probes against.
 """
 
@@ -14,10 +16,12 @@ from typing import Any
 import numpy as np
 import torch
 
-from app.inputs.datasets import CHOICE_LETTERS, format_multiple_choice
+from app.inputs.datasets import CHOICE_LETTERS
+from app.inputs.prompt_formats import RAW, render
 from workers.errors import JobFailed
 from workers.hidden_states import pad, plan_batches
 from workers.model_loading import LoadedModel
+from workers.prompts import prompt_strings
 
 
 @dataclass(frozen=True)
@@ -27,15 +31,20 @@ class SelfLabels:
     confidence: np.ndarray  # the model's probability of its pick, over the choice letters
 
 
-def letter_token_ids(tokenizer: Any, choice_count: int) -> list[int]:
-    """The token each letter becomes when written right after `Answer:`: among the tokens
-    a prompt with ` A` appended has beyond the prompt alone, the one that decodes to `A`
-    (large vocabularies merge the space into it; small ones may give the space its own)."""
-    prompt = format_multiple_choice("Question?", [f"option {i}" for i in range(choice_count)])
-    without = tokenizer(prompt)["input_ids"]
+def letter_token_ids(tokenizer: Any, choice_count: int, prompt_format: str = RAW) -> list[int]:
+    """The token each letter becomes when written right after the prompt: among the tokens
+    the prompt with the letter appended has beyond the prompt alone, the one that decodes to
+    the letter. After a prompt ending in a word (`Answer:`) the letter comes after a space —
+    large vocabularies merge the space into it, small ones may give it its own token; after
+    one ending in whitespace (a chat template's `assistant` line) it comes alone."""
+    sample = render(prompt_format, "multiple_choice", [{"question": "Question?", "choices": ["option"] * choice_count}])
+    strings = prompt_strings(tokenizer, prompt_format, sample)
+    prompt, special = strings.strings[0], strings.add_special_tokens
+    separator = "" if prompt[-1:].isspace() else " "
+    without = tokenizer(prompt, add_special_tokens=special)["input_ids"]
     ids = []
     for letter in CHOICE_LETTERS[:choice_count]:
-        with_letter = tokenizer(f"{prompt} {letter}")["input_ids"]
+        with_letter = tokenizer(f"{prompt}{separator}{letter}", add_special_tokens=special)["input_ids"]
         first_new = next(
             (i for i, (a, b) in enumerate(zip(without, with_letter, strict=False)) if a != b), len(without)
         )
@@ -65,16 +74,24 @@ def _answer_logits(loaded: LoadedModel, token_ids: list[list[int]], device: str)
 
 
 def self_label(
-    loaded: LoadedModel, rows: Sequence[dict[str, Any]], *, device: str, token_budget: int, max_batch_size: int
+    loaded: LoadedModel,
+    rows: Sequence[dict[str, Any]],
+    *,
+    device: str,
+    token_budget: int,
+    max_batch_size: int,
+    prompt_format: str = RAW,
 ) -> SelfLabels:
     if not loaded.is_causal_lm:
         raise JobFailed(
             "unsupported_model",
             "multiple-choice labelling needs a causal language model (it reads the answer letter's logit)",
         )
-    prompts = [format_multiple_choice(row["question"], row["choices"]) for row in rows]
-    token_ids = [list(ids) for ids in loaded.tokenizer(prompts)["input_ids"]]
-    letters = {count: letter_token_ids(loaded.tokenizer, count) for count in {len(row["choices"]) for row in rows}}
+    prompts = prompt_strings(loaded.tokenizer, prompt_format, render(prompt_format, "multiple_choice", rows))
+    encoded = loaded.tokenizer(prompts.strings, add_special_tokens=prompts.add_special_tokens)["input_ids"]
+    token_ids = [list(ids) for ids in encoded]
+    counts = {len(row["choices"]) for row in rows}
+    letters = {count: letter_token_ids(loaded.tokenizer, count, prompt_format) for count in counts}
     chosen = np.zeros(len(rows), dtype=np.int64)
     confidence = np.zeros(len(rows), dtype=np.float64)
     for indices in plan_batches([len(ids) for ids in token_ids], token_budget, max_batch_size):

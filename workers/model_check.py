@@ -69,6 +69,7 @@ def run(context: "JobContext[ModelCheckParameters]") -> dict[str, Any]:
                 status_reason=None,
                 parameter_count=loaded.parameter_count,
                 memory_footprint_bytes=loaded.footprint_bytes,
+                has_chat_template=bool(getattr(tokenizer, "chat_template", None)),
             )
         )
     context.progress("done", 2, 2)

@@ -12,7 +12,7 @@ from typing import TYPE_CHECKING, Any
 from sqlalchemy import update
 
 from app.calibration.reporting import calibration_report
-from app.inputs.datasets import texts_of_rows
+from app.inputs.prompt_formats import render, rendered_rows
 from app.job_kinds import ProbeScoringParameters, ProbeTrainingParameters
 from app.registry.datasets import read_rows
 from app.registry.tables import Adapter, Dataset, Model, Probe, ProbeRun, new_id, utcnow
@@ -39,7 +39,7 @@ def run(context: "JobContext[ProbeTrainingParameters]") -> dict[str, Any]:
         raise JobFailed("not_found", "the dataset or adapter of this run was deleted")
 
     rows = read_rows(store, dataset)
-    labels = labels_for(context, model, adapter, dataset, rows)
+    labels = labels_for(context, model, adapter, dataset, rows, run_row.prompt_format)
     split_spec = run_row.split
     try:
         split = stratified_split(
@@ -55,8 +55,9 @@ def run(context: "JobContext[ProbeTrainingParameters]") -> dict[str, Any]:
             n=len(labels.y),
         ) from exc
     layers = list(run_row.layers)
-    request = StatesRequest(model, adapter, layers, run_row.token_position, run_row.max_length)
-    states = cached_states(context, request, texts_of_rows(rows, dataset.kind), shard_name=run_row.id).states
+    request = StatesRequest(model, adapter, layers, run_row.token_position, run_row.max_length, run_row.prompt_format)
+    texts = rendered_rows(rows, dataset.kind, run_row.prompt_format)
+    states = cached_states(context, request, texts, shard_name=run_row.id).states
 
     candidates: list[TrainedProbe] = []
     total = len(layers) * len(run_row.methods)
@@ -181,6 +182,7 @@ def _write_probes(
                 method=candidate.method,
                 token_position=run_row.token_position,
                 max_length=run_row.max_length,
+                prompt_format=run_row.prompt_format,
                 recalibration=run_row.recalibration,
                 is_best=candidate is best,
                 artifact=folder,
@@ -201,7 +203,11 @@ def score(context: "JobContext[ProbeScoringParameters]") -> dict[str, Any]:
         probe_row = subject_row(session, Probe, context.params.probe_id, "probe")
         model = subject_row(session, Model, probe_row.model_id, "model")
         adapter = session.get(Adapter, probe_row.adapter_id) if probe_row.adapter_id else None
-    request = StatesRequest(model, adapter, [probe_row.layer], probe_row.token_position, probe_row.max_length)
-    states = cached_states(context, request, context.params.texts, shard_name=context.job_id).states[:, 0]
+    prompt_format = context.params.prompt_format
+    request = StatesRequest(
+        model, adapter, [probe_row.layer], probe_row.token_position, probe_row.max_length, prompt_format
+    )
+    texts = render(prompt_format, "text", context.params.texts)
+    states = cached_states(context, request, texts, shard_name=context.job_id).states[:, 0]
     probe, recalibrator = load_probe(worker.artifacts.local_folder(probe_row.artifact))
     return {"confidences": [float(p) for p in probability_of_correct(probe, recalibrator, states)]}

@@ -3,8 +3,10 @@
 
 Vectors already in the cache are read from it; the rest are computed in batches of similar
 length, and added to the cache. The cache key is the one docs/concepts.md#hidden-states names:
-model source, revision and weights fingerprint, adapter, quantization, dtype (together the
-cache *space*), then text sha256, layer, token position and max_length.
+model source, revision and weights fingerprint, adapter, quantization, dtype, token position,
+max_length and prompt format (together the cache *space*), then the sha256 of the text as the
+prompt format rendered it, and the layer. A `raw` space is keyed as it was before prompt
+formats existed, so entries cached then are still found.
 """
 
 import hashlib
@@ -22,6 +24,7 @@ from sqlalchemy.dialects.postgresql import insert as postgresql_insert
 from sqlalchemy.dialects.sqlite import insert as sqlite_insert
 from sqlalchemy.orm import Session, sessionmaker
 
+from app.inputs.prompt_formats import RAW
 from app.registry.tables import (
     Adapter,
     CachedHiddenState,
@@ -32,6 +35,7 @@ from workers import arrays
 from workers.errors import JobFailed
 from workers.hidden_states import pad, plan_batches, read_layers
 from workers.model_loading import LoadedModel
+from workers.prompts import prompt_strings
 
 if TYPE_CHECKING:
     from workers.context import JobContext
@@ -44,8 +48,10 @@ def text_sha256(text: str) -> str:
     return hashlib.sha256(text.encode("utf-8")).hexdigest()
 
 
-def cache_space(model: Model, adapter_fingerprint: str | None, token_position: str, max_length: int | None) -> str:
-    key = [
+def cache_space(
+    model: Model, adapter_fingerprint: str | None, token_position: str, max_length: int | None, prompt_format: str = RAW
+) -> str:
+    key: list[Any] = [
         model.source,
         model.revision,
         model.fingerprint,
@@ -55,6 +61,8 @@ def cache_space(model: Model, adapter_fingerprint: str | None, token_position: s
         token_position,
         max_length,
     ]
+    if prompt_format != RAW:
+        key.append(prompt_format)
     return hashlib.sha256(json.dumps(key).encode()).hexdigest()
 
 
@@ -69,15 +77,23 @@ def model_token_limit(loaded: LoadedModel) -> int | None:
     return limit if isinstance(limit, int) and limit > 0 else None
 
 
-def tokenize(tokenizer: Any, texts: Sequence[str], max_length: int | None) -> Tokenized:
-    """Token ids with the tokenizer's special tokens; texts longer than `max_length` are
-    truncated by the tokenizer itself (it knows which special tokens to keep)."""
-    token_ids = [list(ids) for ids in tokenizer(list(texts), add_special_tokens=True, truncation=False)["input_ids"]]
+def tokenize(tokenizer: Any, texts: Sequence[str], max_length: int | None, prompt_format: str = RAW) -> Tokenized:
+    """Token ids of the texts under a prompt format (`workers/prompts.py`); texts longer than
+    `max_length` are truncated by the tokenizer itself (it knows which special tokens to keep),
+    keeping their first tokens."""
+    prompts = prompt_strings(tokenizer, prompt_format, texts)
+    special = prompts.add_special_tokens
+    token_ids = [
+        list(ids) for ids in tokenizer(prompts.strings, add_special_tokens=special, truncation=False)["input_ids"]
+    ]
     truncated = [max_length is not None and len(ids) > max_length for ids in token_ids]
     too_long = [index for index, flag in enumerate(truncated) if flag]
     if too_long:
         shortened = tokenizer(
-            [texts[index] for index in too_long], add_special_tokens=True, truncation=True, max_length=max_length
+            [prompts.strings[index] for index in too_long],
+            add_special_tokens=special,
+            truncation=True,
+            max_length=max_length,
         )["input_ids"]
         for index, ids in zip(too_long, shortened, strict=True):
             token_ids[index] = list(ids)
@@ -227,6 +243,7 @@ class StatesRequest:
     layers: list[int]
     token_position: str
     max_length: int | None
+    prompt_format: str = RAW
 
 
 @dataclass
@@ -254,7 +271,9 @@ def cached_states(
     shas = [text_sha256(text) for text in texts]
     unique_shas = list(dict.fromkeys(shas))
     text_of = dict(zip(shas, texts, strict=True))
-    space = cache_space(model, adapter.identity if adapter else None, request.token_position, request.max_length)
+    space = cache_space(
+        model, adapter.identity if adapter else None, request.token_position, request.max_length, request.prompt_format
+    )
     cache = HiddenStateCache(worker.sessions, store, space)
     hits = cache.lookup(unique_shas, layers) if settings.extraction_cache else {}
     missing = [sha for sha in unique_shas if any((sha, layer) not in hits for layer in layers)]
@@ -271,7 +290,10 @@ def cached_states(
     if missing:
         loaded = worker.resident(model, adapter)
         tokenized = tokenize(
-            loaded.tokenizer, [text_of[sha] for sha in missing], request.max_length or model_token_limit(loaded)
+            loaded.tokenizer,
+            [text_of[sha] for sha in missing],
+            request.max_length or model_token_limit(loaded),
+            request.prompt_format,
         )
         context.progress("forward", 0, len(missing))
 

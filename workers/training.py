@@ -35,9 +35,15 @@ class TrainedProbe:
 
 
 def labels_for(
-    context: "JobContext[Any]", model: Model, adapter: Adapter | None, dataset: Dataset, rows: list[dict[str, Any]]
+    context: "JobContext[Any]",
+    model: Model,
+    adapter: Adapter | None,
+    dataset: Dataset,
+    rows: list[dict[str, Any]],
+    prompt_format: str,
 ) -> Labels:
-    """Statements' own labels, or the model's (with its adapter) for multiple choice."""
+    """Statements' own labels, or the model's (with its adapter) for multiple choice, asked
+    under `prompt_format`."""
     if dataset.kind == "statements":
         return Labels(y=np.array([row["label"] for row in rows], dtype=np.int64), baseline=None, chosen=None)
     worker = context.runtime
@@ -50,6 +56,7 @@ def labels_for(
             device=worker.models.device,
             token_budget=worker.settings.extraction_token_budget,
             max_batch_size=worker.settings.extraction_max_batch_size,
+            prompt_format=prompt_format,
         )
     context.progress("labelling", len(rows), len(rows))
     return Labels(y=labelled.labels, baseline=labelled.confidence, chosen=labelled.chosen)

@@ -16,9 +16,10 @@ from app.api.models import register
 from app.errors import ServiceError, invalid_field
 from app.inputs.adapter_sources import classify_source
 from app.inputs.documents import parse_document
+from app.inputs.prompt_formats import data_kind
 from app.job_kinds import ExperimentParameters, ImportSource
 from app.registry.experiments import experiment_view, new_experiment, shown_experiment
-from app.registry.models import resolve_layers
+from app.registry.models import checked_prompt_format, resolve_layers
 from app.registry.tables import Dataset, Experiment
 from app.schemas.common import DISPLAY_NAME_MAX, ERROR_RESPONSES
 from app.schemas.experiments import (
@@ -136,11 +137,16 @@ def _submit(
         raise _named_in_config(exc) from exc
     dataset_path = None
     with sessions() as session:
-        if session.get(Dataset, config.probe.dataset) is None:
+        dataset = session.get(Dataset, config.probe.dataset)
+        if dataset is None:
             dataset_path = classify_source(config.probe.dataset, settings)
             if dataset_path.kind != "local_archive":
                 raise invalid_field("probe.dataset", "neither a dataset id nor a dataset file")
     layers = resolve_layers(config.extraction.layers, model.num_layers)
+    try:  # a dataset file's kind is known once the worker reads it, and checked there
+        checked_prompt_format(model, config.extraction.prompt_format, data_kind(dataset.kind) if dataset else None)
+    except ServiceError as exc:
+        raise invalid_field("extraction.prompt_format", exc.message.removeprefix("prompt_format: ")) from None
 
     def prepare(_session: Session, job_id: str) -> jobs.Submission[Experiment]:
         experiment = new_experiment(config, job_id, model.id)

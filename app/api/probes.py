@@ -12,12 +12,14 @@ from sqlalchemy.orm import Session
 from app import jobs
 from app.api.deps import ArtifactsDep, RedisDep, SessionDep, SessionsDep, SettingsDep
 from app.api.render_cache import cached_render
-from app.errors import ServiceError, not_found
+from app.errors import ServiceError, invalid_field, not_found
+from app.inputs.prompt_formats import InvalidPromptFormat, check_prompt_format
 from app.inputs.texts import refuse_empty_texts
 from app.job_kinds import ProbeScoringParameters, ProbeTrainingParameters
 from app.registry.database import keyset_page
+from app.registry.models import checked_prompt_format, get_model
 from app.registry.probes import new_probe_run, run_view
-from app.registry.tables import Job, Probe, ProbeRun
+from app.registry.tables import Job, Model, Probe, ProbeRun
 from app.schemas.common import ERROR_RESPONSES
 from app.schemas.jobs import JobAccepted, JobOut
 from app.schemas.probes import (
@@ -171,6 +173,22 @@ def probe_report_html(probe_id: str, session: SessionDep, artifacts: ArtifactsDe
     return HTMLResponse(cached_render(artifacts, probe.artifact, "report.html", render))
 
 
+def _scoring_format(probe: Probe, model: Model, asked: str | None) -> str:
+    """The prompt format texts are scored under: the one asked for, else the probe's own
+    unless that is a multiple-choice template, which has no `{text}` to fill."""
+    if asked is None:
+        try:
+            check_prompt_format(probe.prompt_format, "text")
+        except InvalidPromptFormat:
+            raise invalid_field(
+                "prompt_format",
+                f"probe {probe.id} was trained under a multiple-choice template, which texts cannot fill; "
+                "give a prompt_format for texts (`raw`, `chat`, or a template naming {text})",
+            ) from None
+        asked = probe.prompt_format
+    return checked_prompt_format(model, asked, "text")
+
+
 @router.post(
     "/v1/probes/{probe_id}/score",
     responses={202: {"model": JobAccepted, "description": "Not done within timeout_s: follow the job."}},
@@ -193,13 +211,16 @@ async def score_texts(
     refuse_empty_texts(body.texts)
     with sessions() as session:
         probe = _probe(session, probe_id)
+        prompt_format = _scoring_format(probe, get_model(session, probe.model_id), body.prompt_format)
     job, _ = jobs.submit(
         sessions,
         connection,
         settings,
         "probe_scoring",
         lambda _session, _job_id: jobs.Submission(
-            ProbeScoringParameters(probe_id=probe.id, texts=body.texts), probe.model_id, None
+            ProbeScoringParameters(probe_id=probe.id, texts=body.texts, prompt_format=prompt_format),
+            probe.model_id,
+            None,
         ),
     )
     final = await jobs.wait_for_final(sessions, request.app.state.async_redis, settings, job.id, body.timeout_s)

@@ -123,20 +123,17 @@ def default_name(filename: str | None) -> str:
     return (filename or "dataset")[:200]
 
 
-def texts_of_rows(rows: Sequence[dict[str, Any]], kind: str) -> list[str]:
-    """What the model reads for each row: a statement's text, or a multiple-choice prompt."""
-    if kind == "multiple_choice":
-        return [format_multiple_choice(row["question"], row["choices"]) for row in rows]
-    return [row["text"] for row in rows]
-
-
 def format_multiple_choice(question: str, choices: Sequence[str]) -> str:
     """The question, then the choices lettered `A.`, `B.`, … one per line, then `Answer:`,
     so that the model's next token is the letter of the choice it picks (docs/concepts.md#labels)."""
     if len(choices) > len(CHOICE_LETTERS):
         raise ValueError(f"{len(choices)} choices, but only {len(CHOICE_LETTERS)} letters")
-    lettered = [f"{letter}. {choice}" for letter, choice in zip(CHOICE_LETTERS, choices, strict=False)]
-    return "\n".join([question, *lettered, "Answer:"])
+    return "\n".join([question, lettered_choices(choices), "Answer:"])
+
+
+def lettered_choices(choices: Sequence[str]) -> str:
+    """`A. first`, `B. second`, … one per line."""
+    return "\n".join(f"{letter}. {choice}" for letter, choice in zip(CHOICE_LETTERS, choices, strict=False))
 
 
 # --- reading the upload ----------------------------------------------------------------

@@ -10,6 +10,7 @@ absurd model.
 """
 
 import hashlib
+import json
 import re
 from dataclasses import dataclass
 from pathlib import Path
@@ -87,6 +88,7 @@ class ModelShape:
     model_type: str
     num_layers: int
     hidden_size: int
+    has_chat_template: bool | None = None  # None: not known from the files
 
 
 @dataclass(frozen=True)
@@ -235,6 +237,7 @@ def resolve_source(
 
 
 WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".gguf")
+CHAT_TEMPLATE_FILES = ("chat_template.jinja", "chat_template.json")
 
 
 def read_config_bytes(folder: Path) -> bytes:
@@ -319,7 +322,24 @@ def read_model_shape(folder: Path) -> ModelShape:
         model_type=model_type,
         num_layers=_first_int(config, LAYER_COUNT_KEYS, "layer count"),
         hidden_size=_first_int(config, HIDDEN_SIZE_KEYS, "hidden size"),
+        has_chat_template=folder_has_chat_template(folder),
     )
+
+
+def folder_has_chat_template(folder: Path) -> bool | None:
+    """Whether the folder's tokenizer has a chat template: a `chat_template.jinja` or
+    `chat_template.json` file, or a non-empty `chat_template` in `tokenizer_config.json`.
+    None when that file cannot be read within METADATA_MAX_BYTES: the worker's tokenizer
+    will say."""
+    if any((folder / name).is_file() for name in CHAT_TEMPLATE_FILES):
+        return True
+    try:
+        config = json.loads(read_regular_file(folder / "tokenizer_config.json", METADATA_MAX_BYTES))
+    except FileNotFoundError:
+        return False
+    except (OSError, NotARegularFile, FileTooLarge, ValueError):
+        return None
+    return isinstance(config, dict) and bool(config.get("chat_template"))
 
 
 def source_shape(source: ResolvedSource) -> ModelShape:
@@ -382,6 +402,7 @@ def read_gguf_shape(path: Path) -> ModelShape:
         model_type=transformers_model_type(info.architecture),
         num_layers=info.num_layers,
         hidden_size=info.hidden_size,
+        has_chat_template=info.has_chat_template,
     )
 
 

@@ -5,7 +5,8 @@ and flagged, as the request says — never mixed silently."""
 from sqlalchemy.orm import Session
 
 from app.errors import invalid_field, not_found
-from app.registry.models import checked_model_and_adapter, get_model, resolve_layers
+from app.inputs.prompt_formats import data_kind
+from app.registry.models import checked_model_and_adapter, checked_prompt_format, get_model, resolve_layers
 from app.registry.tables import Adapter, Comparison, Dataset, new_id
 from app.schemas.comparisons import ComparisonCreate
 
@@ -16,8 +17,10 @@ def _precision(model_dtype: str, quantization: str | None) -> str:
 
 def new_comparison(session: Session, request: ComparisonCreate, job_id: str) -> Comparison:
     model, _ = checked_model_and_adapter(session, request.model, None)
-    if session.get(Dataset, request.dataset) is None:
+    dataset = session.get(Dataset, request.dataset)
+    if dataset is None:
         raise not_found("dataset", request.dataset)
+    prompt_format = checked_prompt_format(model, request.prompt_format, data_kind(dataset.kind))
     if len(set(request.adapters)) != len(request.adapters):
         raise invalid_field("adapters", "an adapter is listed twice")
     if abs(request.split.train + request.split.validation + request.split.test - 1) > 1e-6:
@@ -49,4 +52,5 @@ def new_comparison(session: Session, request: ComparisonCreate, job_id: str) -> 
         layers=resolve_layers(request.layers, model.num_layers),
         method=request.method,
         token_position=request.token_position,
+        prompt_format=prompt_format,
     )

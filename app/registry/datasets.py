@@ -9,7 +9,7 @@ from sqlalchemy.exc import IntegrityError, SQLAlchemyError
 from sqlalchemy.orm import Session, sessionmaker
 
 from app.errors import not_found
-from app.inputs.datasets import NormalisedDataset, texts_of_rows
+from app.inputs.datasets import NormalisedDataset
 from app.registry.database import keyset_page, transaction
 from app.registry.tables import Dataset, new_id
 from app.storage import ArtifactStore
@@ -104,8 +104,3 @@ def read_rows(store: ArtifactStore, dataset: Dataset) -> list[dict[str, Any]]:
     # split on "\n" only: str.splitlines would also split at U+2028, which JSON leaves raw
     lines = store.read_bytes(dataset.artifact).split(b"\n")
     return [json.loads(line) for line in lines if line]
-
-
-def texts_of(store: ArtifactStore, dataset: Dataset) -> list[str]:
-    """What the model reads for each stored row (`texts_of_rows`)."""
-    return texts_of_rows(read_rows(store, dataset), dataset.kind)

@@ -4,8 +4,9 @@ dataset exist, layers are in range, texts are not empty."""
 from sqlalchemy.orm import Session
 
 from app.errors import ServiceError, invalid_field, not_found
+from app.inputs.prompt_formats import data_kind
 from app.inputs.texts import refuse_empty_texts
-from app.registry.models import checked_model_and_adapter, resolve_layers
+from app.registry.models import checked_model_and_adapter, checked_prompt_format, resolve_layers
 from app.registry.tables import Dataset, Extraction, Model, new_id
 from app.schemas.extractions import ExtractionCreate
 from app.settings import Settings
@@ -31,6 +32,7 @@ def new_extraction(
     if (request.texts is None) == (request.dataset is None):
         raise invalid_field("texts", "give either texts or dataset, not both nor neither")
     text_count = 0
+    dataset_kind = None
     if request.texts is not None:
         check_texts(request.texts, settings)
         text_count = len(request.texts)
@@ -38,7 +40,8 @@ def new_extraction(
         dataset = session.get(Dataset, request.dataset)
         if dataset is None:
             raise not_found("dataset", str(request.dataset))
-        text_count = dataset.rows
+        text_count, dataset_kind = dataset.rows, dataset.kind
+    prompt_format = checked_prompt_format(model, request.prompt_format, data_kind(dataset_kind))
     extraction = Extraction(
         id=new_id("ext"),
         job_id=job_id,
@@ -49,6 +52,7 @@ def new_extraction(
         layers=resolve_layers(request.layers, model.num_layers),
         token_position=request.token_position,
         max_length=request.max_length,
+        prompt_format=prompt_format,
         model_fingerprint=model.fingerprint,
         adapter_fingerprint=adapter.identity if adapter else None,
     )

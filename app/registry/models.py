@@ -6,6 +6,7 @@ from sqlalchemy.orm import Session
 
 from app.errors import ServiceError, invalid_field, not_found
 from app.inputs.model_sources import ModelShape, ResolvedSource
+from app.inputs.prompt_formats import CHAT, DataKind, InvalidPromptFormat, check_prompt_format
 from app.registry.database import keyset_page
 from app.registry.tables import Adapter, Model, new_id
 
@@ -48,6 +49,7 @@ def new_model(
         model_type=shape.model_type,
         num_layers=shape.num_layers,
         hidden_size=shape.hidden_size,
+        has_chat_template=shape.has_chat_template,
         status="pending",
     )
 
@@ -95,3 +97,20 @@ def resolve_layers(layers: list[int], num_layers: int) -> list[int]:
     if len(set(resolved)) != len(resolved):
         raise invalid_field("layers", f"layers repeat once resolved: {resolved}")
     return resolved
+
+
+def checked_prompt_format(model: Model, prompt_format: str, kind: DataKind | None) -> str:
+    """A prompt format this model can apply to data of `kind` (None: not known yet): a 422
+    naming `prompt_format` for a template that does not fit, or for `chat` on a model known to
+    have no chat template (one registered before models said so is left to its worker)."""
+    try:
+        check_prompt_format(prompt_format, kind)
+    except InvalidPromptFormat as exc:
+        raise invalid_field("prompt_format", f"{prompt_format[:80]!r} {exc}") from None
+    if prompt_format == CHAT and model.has_chat_template is False:
+        raise invalid_field(
+            "prompt_format",
+            f"`chat` needs a chat template, and model {model.id} ({model.name}) has none; use `raw` or a template",
+            model=model.id,
+        )
+    return prompt_format

@@ -5,7 +5,8 @@ from typing import Any
 from sqlalchemy.orm import Session
 
 from app.errors import invalid_field, not_found
-from app.registry.models import checked_model_and_adapter, resolve_layers
+from app.inputs.prompt_formats import data_kind
+from app.registry.models import checked_model_and_adapter, checked_prompt_format, resolve_layers
 from app.registry.tables import Dataset, Probe, ProbeRun, new_id
 from app.schemas.probes import MIN_PER_CLASS, ProbeCreate, ProbeOut, ProbeRunOut
 
@@ -25,6 +26,7 @@ def new_probe_run(session: Session, request: ProbeCreate, job_id: str) -> ProbeR
         raise invalid_field(
             "dataset", f"each label needs at least {MIN_PER_CLASS} statements to split: {dataset.label_balance}"
         )
+    prompt_format = checked_prompt_format(model, request.prompt_format, data_kind(dataset.kind))
     methods = request.method if isinstance(request.method, list) else [request.method]
     if len(set(methods)) != len(methods):
         raise invalid_field("method", "a method is listed twice")
@@ -38,6 +40,7 @@ def new_probe_run(session: Session, request: ProbeCreate, job_id: str) -> ProbeR
         methods=methods,
         token_position=request.token_position,
         max_length=request.max_length,
+        prompt_format=prompt_format,
         split={
             "train": fractions.train,
             "validation": fractions.validation,

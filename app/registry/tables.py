@@ -77,6 +77,7 @@ class Model(Base):
     status_reason: Mapped[str | None] = mapped_column(Text)
     parameter_count: Mapped[int | None] = mapped_column(BigInteger)
     memory_footprint_bytes: Mapped[int | None] = mapped_column(BigInteger)
+    has_chat_template: Mapped[bool | None] = mapped_column(Boolean)
     check_job_id: Mapped[str | None] = mapped_column(String(40))
     created_at: Mapped[datetime] = mapped_column(default=utcnow)
     updated_at: Mapped[datetime] = mapped_column(default=utcnow, onupdate=utcnow)
@@ -139,6 +140,7 @@ class Extraction(Base):
     text_count: Mapped[int] = mapped_column(Integer)
     layers: Mapped[list[int]] = mapped_column(JSON)
     token_position: Mapped[str] = mapped_column(String(10))
+    prompt_format: Mapped[str] = mapped_column(Text, default="raw", server_default="raw")
     max_length: Mapped[int | None] = mapped_column(Integer)
     artifact: Mapped[str | None] = mapped_column(String(500))
     shape: Mapped[list[int] | None] = mapped_column(JSON)
@@ -154,7 +156,7 @@ class Extraction(Base):
 class CachedHiddenState(Base):
     """Where the hidden state of one text at one layer is kept: row `row`, layer slot `slot`
     of a cache shard. `space` hashes everything else the state depends on (model, adapter,
-    quantization, dtype, token position, max_length)."""
+    quantization, dtype, token position, max_length, prompt format)."""
 
     __tablename__ = "hidden_state_cache"
 
@@ -209,6 +211,7 @@ class ProbeRun(Base):
     layers: Mapped[list[int]] = mapped_column(JSON)
     methods: Mapped[list[str]] = mapped_column(JSON)
     token_position: Mapped[str] = mapped_column(String(10))
+    prompt_format: Mapped[str] = mapped_column(Text, default="raw", server_default="raw")
     max_length: Mapped[int | None] = mapped_column(Integer)
     split: Mapped[dict[str, Any]] = mapped_column()
     recalibration: Mapped[str | None] = mapped_column(String(20))
@@ -232,6 +235,7 @@ class Probe(Base):
     layer: Mapped[int] = mapped_column(Integer)
     method: Mapped[str] = mapped_column(String(20))
     token_position: Mapped[str] = mapped_column(String(10))
+    prompt_format: Mapped[str] = mapped_column(Text, default="raw", server_default="raw")
     max_length: Mapped[int | None] = mapped_column(Integer)
     recalibration: Mapped[str | None] = mapped_column(String(20))
     is_best: Mapped[bool] = mapped_column(Boolean, default=False)
@@ -254,6 +258,7 @@ class Comparison(Base):
     layers: Mapped[list[int]] = mapped_column(JSON)
     method: Mapped[str] = mapped_column(String(20))
     token_position: Mapped[str] = mapped_column(String(10))
+    prompt_format: Mapped[str] = mapped_column(Text, default="raw", server_default="raw")
     artifact: Mapped[str | None] = mapped_column(String(500))
     created_at: Mapped[datetime] = mapped_column(default=utcnow)
     finished_at: Mapped[datetime | None] = mapped_column()

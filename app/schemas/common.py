@@ -14,6 +14,18 @@ DISPLAY_NAME_MAX = 200  # characters in a resource's display name
 
 Quantization = Literal["8bit", "4bit"]
 
+PROMPT_FORMAT_DESCRIPTION = (
+    "How each text or question becomes the model's input: `raw` (as it is), `chat` (the user turn of the "
+    "model's chat template, with the generation prompt), or a template naming `{text}` (statements, texts) "
+    "or `{question}` and `{choices}` (multiple choice). See docs/concepts.md#prompt-formats."
+)
+MAX_PROMPT_FORMAT_CHARS = 4_000
+
+
+def prompt_format_field(default: str | None = "raw", description: str = PROMPT_FORMAT_DESCRIPTION) -> Any:
+    """The `prompt_format` of a request; its fit to the model and data is checked with them."""
+    return Field(default, min_length=1, max_length=MAX_PROMPT_FORMAT_CHARS, description=description)
+
 
 def _holds_nul(value: Any) -> bool:
     """Whether any string in `value`, however deeply nested, holds a NUL (a loop, not

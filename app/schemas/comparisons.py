@@ -5,7 +5,7 @@ from typing import Literal
 
 from pydantic import BaseModel, Field
 
-from app.schemas.common import Request
+from app.schemas.common import Request, prompt_format_field
 from app.schemas.jobs import JobOut, JobStatus
 from app.schemas.probes import ProbeMethod, SplitFractions
 from app.schemas.reports import ComparisonReport
@@ -18,6 +18,7 @@ class ComparisonCreate(Request):
     layers: list[int] = Field(min_length=1, max_length=64)
     token_position: Literal["last", "mean"] = "last"
     max_length: int | None = Field(None, ge=1, le=1_000_000)
+    prompt_format: str = prompt_format_field()
     method: ProbeMethod = "logistic"
     split: SplitFractions = Field(default_factory=SplitFractions)
     seed: int = Field(0, ge=0, le=2**31 - 1)
@@ -37,6 +38,7 @@ class ComparisonOut(BaseModel):
     layers: list[int]
     method: ProbeMethod
     token_position: Literal["last", "mean"]
+    prompt_format: str = Field(description="How texts became model input: `raw`, `chat`, or the template.")
     created_at: datetime
     finished_at: datetime | None
     report: ComparisonReport | None = Field(

@@ -6,7 +6,7 @@ from typing import Any, Literal
 from pydantic import BaseModel, Field
 
 from app.inputs.model_sources import Revision
-from app.schemas.common import Dtype, Quantization, Request
+from app.schemas.common import Dtype, Quantization, Request, prompt_format_field
 from app.schemas.jobs import JobOut, JobStatus
 from app.schemas.probes import ProbeMethod, Recalibration
 
@@ -39,6 +39,7 @@ class ExperimentExtraction(Request):
     layers: list[int] = Field(min_length=1, max_length=128)
     token_position: Literal["last", "mean"] = "last"
     max_length: int | None = Field(None, ge=1, le=1_000_000)
+    prompt_format: str = prompt_format_field()
     cache_dir: str | None = Field(
         None, description="Accepted for compatibility: the service keeps its own content cache."
     )

@@ -6,7 +6,7 @@ from typing import Literal
 from pydantic import BaseModel, Field
 
 from app.registry.tables import Extraction
-from app.schemas.common import Request
+from app.schemas.common import Request, prompt_format_field
 from app.schemas.jobs import JobOut, JobStatus
 
 
@@ -26,6 +26,7 @@ class ExtractionCreate(Request):
     max_length: int | None = Field(
         None, ge=1, le=1_000_000, description="Truncate texts to this many tokens (the job counts how many were)."
     )
+    prompt_format: str = prompt_format_field()
 
 
 class ExtractionOut(BaseModel):
@@ -39,6 +40,7 @@ class ExtractionOut(BaseModel):
     layers: list[int] = Field(description="Requested layers, negative indices resolved.")
     token_position: Literal["last", "mean"]
     max_length: int | None
+    prompt_format: str = Field(description="How texts became model input: `raw`, `chat`, or the template.")
     shape: list[int] | None = Field(description="(texts, layers, hidden) once computed.")
     dtype: str | None
     truncated_count: int | None

@@ -52,6 +52,9 @@ class ModelOut(BaseModel):
     status_reason: str | None
     parameter_count: int | None
     memory_footprint_bytes: int | None
+    has_chat_template: bool | None = Field(
+        description="Whether the tokenizer has a chat template (`prompt_format: chat` needs one); null until known."
+    )
     check_job_id: str | None
     created_at: datetime
     updated_at: datetime

@@ -6,7 +6,7 @@ from typing import Any, Literal
 from pydantic import BaseModel, Field
 
 from app.registry.tables import Probe
-from app.schemas.common import Request
+from app.schemas.common import Request, prompt_format_field
 from app.schemas.jobs import JobOut, JobStatus
 from app.schemas.reports import CalibrationReport
 
@@ -32,6 +32,7 @@ class ProbeCreate(Request):
     )
     token_position: Literal["last", "mean"] = "last"
     max_length: int | None = Field(None, ge=1, le=1_000_000)
+    prompt_format: str = prompt_format_field()
     method: ProbeMethod | list[ProbeMethod] = Field(
         "logistic", description="`logistic`, `mass_mean`, or a list of both."
     )
@@ -53,6 +54,7 @@ class ProbeOut(BaseModel):
     method: ProbeMethod
     token_position: Literal["last", "mean"]
     max_length: int | None
+    prompt_format: str = Field(description="How texts became model input: `raw`, `chat`, or the template.")
     recalibration: str | None
     is_best: bool = Field(description="The best of its run on the validation split.")
     validation: dict[str, Any] = Field(description="Validation metrics the choices were made on.")
@@ -89,6 +91,7 @@ class ProbeRunOut(BaseModel):
     layers: list[int]
     methods: list[ProbeMethod]
     token_position: Literal["last", "mean"]
+    prompt_format: str = Field(description="How texts became model input: `raw`, `chat`, or the template.")
     split: dict[str, Any]
     recalibration: str | None
     best_probe_id: str | None
@@ -105,6 +108,11 @@ class ProbeAccepted(BaseModel):
 class ScoreRequest(Request):
     texts: list[str] = Field(
         min_length=1, description="Texts to score (statements, or multiple-choice prompts as the dataset formats them)."
+    )
+    prompt_format: str | None = prompt_format_field(
+        None,
+        "How each text becomes the model's input (`raw`, `chat`, or a template naming `{text}`); by default the "
+        "probe's own, which states it was trained on.",
     )
     timeout_s: float = Field(
         30, ge=0, le=300, description="How long to wait for the answer before answering 202 with the job."

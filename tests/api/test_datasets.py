@@ -15,9 +15,10 @@ from sqlalchemy import text
 from sqlalchemy.exc import SQLAlchemyError
 
 from app.inputs.datasets import format_multiple_choice, parse_upload
+from app.inputs.prompt_formats import rendered_rows
 from app.main import create_app
 from app.registry.database import create_registry_engine
-from app.registry.datasets import RegistrationRace, get_dataset, new_dataset, read_rows, register_dataset, texts_of
+from app.registry.datasets import RegistrationRace, get_dataset, new_dataset, read_rows, register_dataset
 from app.registry.tables import Dataset
 from app.settings import Settings
 from tests.conftest import SHARED_DATA, RedisServer, make_settings, require, wait_until
@@ -253,12 +254,17 @@ def test_texts_of_statements_are_their_texts(api: Any) -> None:
     dataset = upload(api, path.name, path.read_bytes()).json()
     with path.open(newline="", encoding="utf-8") as handle:
         statements = [row["statement"].strip() for row in csv.DictReader(handle)]
-    assert texts_of(api.app.state.artifacts, registered(api, dataset["id"])) == statements
+    assert texts_of(api, dataset["id"]) == statements
 
 
 def test_texts_of_multiple_choice_are_lettered_prompts(api: Any) -> None:
     dataset = upload(api, "rows.jsonl", QUESTION).json()
-    assert texts_of(api.app.state.artifacts, registered(api, dataset["id"])) == ["What is 2 + 2?\nA. 3\nB. 4\nAnswer:"]
+    assert texts_of(api, dataset["id"]) == ["What is 2 + 2?\nA. 3\nB. 4\nAnswer:"]
+
+
+def texts_of(api: Any, dataset_id: str) -> list[str]:
+    dataset = registered(api, dataset_id)
+    return rendered_rows(read_rows(api.app.state.artifacts, dataset), dataset.kind, "raw")
 
 
 def test_format_multiple_choice_letters_each_choice_on_its_line_and_ends_with_answer() -> None:

@@ -18,11 +18,9 @@ from app.registry.adapters import adapter_identity
 from app.registry.database import (
     MIGRATIONS_DIR,
     create_registry_engine,
-    session_factory,
-    transaction,
 )
 from app.registry.models import new_model
-from app.registry.tables import UTCDateTime
+from app.registry.tables import Model, UTCDateTime
 
 SHAPE = ModelShape(architecture="LlamaForCausalLM", model_type="llama", num_layers=2, hidden_size=16)
 WEIGHTS = "ab" * 32
@@ -93,20 +91,22 @@ def test_rows_converted_before_get_the_identity_a_new_import_computes(database_u
     engine = create_registry_engine(database_url)
     with engine.begin() as connection:
         command.downgrade(alembic_config(connection), "0007")
-    with transaction(session_factory(engine)) as session:
-        model = new_model(
-            "m",
-            ResolvedSource(kind="local", identity="/models/x", path=Path("/models/x")),
-            None,
-            "float32",
-            None,
-            SHAPE,
-            "f",
-        )
-        session.add(model)
-        model_id = model.id
+    model = new_model(
+        "m",
+        ResolvedSource(kind="local", identity="/models/x", path=Path("/models/x")),
+        None,
+        "float32",
+        None,
+        SHAPE,
+        "f",
+    )
+    model_id = model.id
     table = adapters_table()
     with engine.begin() as connection:
+        # the model as a row of that revision: only the columns it had (the table's defaults fill the rest)
+        old_columns = {column["name"] for column in sa.inspect(connection).get_columns("models")}
+        values = {name: getattr(model, name) for name in old_columns if getattr(model, name, None) is not None}
+        connection.execute(sa.insert(Model.__table__).values(**values))
         connection.execute(
             sa.insert(adapters_table(with_identity=False)).values(**old_row("adp_old", model_id, WEIGHTS, 8.0))
         )
