@@ -61,6 +61,8 @@ JOB_COLUMNS: list[Column] = [
     ("PROGRESS", lambda j: f"{j.progress.done}/{j.progress.total}" if j.progress.total else str(j.progress.done)),
     ("ERROR", lambda j: j.error.code if j.error else "-"),
 ]
+
+
 def prompt_format_label(prompt_format: str) -> str:
     """`raw`, `chat`, or `template` for a template (whole, it would not fit a column)."""
     return prompt_format if prompt_format in ("raw", "chat") else "template"

@@ -17,6 +17,14 @@ TRAINING_TEXT = [
 ]
 
 
+# a chat template in the shape of ChatML's: each turn opened by <s> and its role, closed by
+# </s>; the generation prompt opens the assistant's turn and ends with a newline
+CHAT_TEMPLATE = (
+    "{% for message in messages %}<s>{{ message['role'] }}\n{{ message['content'] }}</s>\n{% endfor %}"
+    "{% if add_generation_prompt %}<s>assistant\n{% endif %}"
+)
+
+
 def save_tokenizer(folder: Path, vocab_size: int = 128) -> Any:
     """A byte-free BPE over printable ASCII: every printable text tokenizes without <unk>."""
     from tokenizers import (
@@ -60,6 +68,7 @@ def save_tiny_llama(
     vocab_size: int = 128,
     tied: bool = False,
     seed: int = 0,
+    chat_template: str | None = None,
 ) -> Path:
     import torch
     from transformers import LlamaConfig, LlamaForCausalLM
@@ -79,7 +88,10 @@ def save_tiny_llama(
         pad_token_id=0,
     )
     LlamaForCausalLM(config).save_pretrained(folder)
-    save_tokenizer(folder, vocab_size=vocab_size)
+    tokenizer = save_tokenizer(folder, vocab_size=vocab_size)
+    if chat_template is not None:
+        tokenizer.chat_template = chat_template
+        tokenizer.save_pretrained(folder)
     return folder
 
 

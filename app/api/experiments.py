@@ -16,7 +16,7 @@ from app.api.models import register
 from app.errors import ServiceError, invalid_field
 from app.inputs.adapter_sources import classify_source
 from app.inputs.documents import parse_document
-from app.inputs.prompt_formats import data_kind
+from app.inputs.prompt_formats import InvalidPromptFormat, check_prompt_format, data_kind
 from app.job_kinds import ExperimentParameters, ImportSource
 from app.registry.experiments import experiment_view, new_experiment, shown_experiment
 from app.registry.models import checked_prompt_format, resolve_layers
@@ -131,6 +131,10 @@ def _submit(
 ) -> ExperimentAccepted:
     adapter = _adapter_source(config)
     adapter_source = classify_source(adapter, settings) if adapter else None
+    try:  # before anything is registered: a template no data can fill
+        check_prompt_format(config.extraction.prompt_format, None)
+    except InvalidPromptFormat as exc:
+        raise invalid_field("extraction.prompt_format", f"{config.extraction.prompt_format[:80]!r} {exc}") from None
     try:
         model, _ = register(_model_registration(config.model), settings, sessions, connection)
     except ServiceError as exc:

@@ -94,7 +94,7 @@ def test_a_json_config_with_a_peft_folder_runs(
     config = {
         "experiment": {"name": "peft-probe"},
         "model": {"name": cached_model, "tinker_lora_path": str(folder)},
-        "extraction": {"layers": [-1]},
+        "extraction": {"layers": [-1], "prompt_format": "Claim: {text}"},
         "probe": {"method": ["logistic", "mass_mean"], "dataset": str(cities_file(stack, f"{tmp_path.name}.jsonl"))},
     }
     job = finished(stack, config, as_yaml=False)
@@ -102,6 +102,37 @@ def test_a_json_config_with_a_peft_folder_runs(
     assert {probe["method"] for probe in run["probes"]} == {"logistic", "mass_mean"} and run["adapter_id"] == job[
         "result"
     ]["adapter_id"]
+    extraction = stack.client.get(f"/v1/extractions/{job['result']['extraction_id']}").json()
+    assert run["prompt_format"] == extraction["prompt_format"] == "Claim: {text}"
+
+
+def test_a_template_for_questions_on_a_statements_file_fails_the_job_naming_the_key(
+    stack: Stack, cached_model: str, tmp_path: Path
+) -> None:
+    config = {
+        "experiment": {"name": "wrong-template"},
+        "model": {"name": cached_model},
+        "extraction": {"layers": [1], "prompt_format": "{question}\n{choices}\nAnswer:"},
+        "probe": {"dataset": str(cities_file(stack, f"{tmp_path.name}.jsonl"))},
+    }
+    response = submit(stack.client, config)
+    assert response.status_code == 202, response.json()  # the file's kind is known once a worker reads it
+    job = wait_for_job(stack.client, response.json()["job"]["id"], timeout=300)
+    assert job["status"] == "failed" and job["error"]["code"] == "invalid_parameters"
+    assert (
+        job["error"]["message"].startswith("extraction.prompt_format:") and "unknown field" in job["error"]["message"]
+    )
+
+
+def test_a_prompt_format_that_fits_no_data_is_a_422_naming_its_key(api: Any, tiny_llama: Path) -> None:
+    config = {
+        "experiment": {"name": "x"},
+        "model": {"name": str(tiny_llama)},
+        "extraction": {"layers": [1], "prompt_format": "{text} {choices}"},
+        "probe": {"dataset": "dst_x"},
+    }
+    response = submit(api, config)
+    assert response.status_code == 422 and response.json()["error"]["details"]["field"] == "extraction.prompt_format"
 
 
 def test_unknown_keys_are_a_422_naming_each(api: Any) -> None:
