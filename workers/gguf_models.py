@@ -10,14 +10,20 @@ is refused rather than cached under another file's name.
 
 An entry is written into a temporary folder beside it and renamed into place whole; its
 manifest, written last, lists every file's size, and an entry whose files do not match its
-manifest (a disk filled up, a file removed or cut short by hand) is removed and rebuilt.
+manifest (a disk filled up, a file removed or cut short by hand) is removed and rebuilt. A
+temporary folder a worker killed mid-write left behind is removed by the next build in the
+same cache, once nothing has been written into it for STALE_SCRATCH_AGE_S.
 """
 
 import copy
 import functools
 import json
+import logging
+import os
 import secrets
 import shutil
+import stat
+import time
 from pathlib import Path
 from typing import Any
 
@@ -30,8 +36,16 @@ from app.registry.tables import Model
 from app.settings import get_settings
 from workers.errors import JobFailed
 
+log = logging.getLogger("workers.gguf_models")
+
 MANIFEST_NAME = "gguf-source.json"
 LOAD_ERRORS = (OSError, ValueError, KeyError, RuntimeError)
+SCRATCH_SUFFIX = ".partial"
+# A build writes into its scratch folder without pause, from its first file to the rename
+# (the GGUF file is dequantized in memory before the folder exists): a scratch folder with
+# nothing written in it for this long belongs to no live process, on any machine sharing
+# the cache, and is removed.
+STALE_SCRATCH_AGE_S = 3600.0
 
 
 def default_cache_dir() -> Path:
@@ -136,7 +150,8 @@ def build_entry(row: Model, dtype: Any, entry: Path) -> None:
             sha256=sha256,
         )
     entry.parent.mkdir(parents=True, exist_ok=True)
-    scratch = entry.parent / f".{entry.name}.{secrets.token_hex(8)}.partial"
+    remove_stale_scratch(entry.parent)
+    scratch = entry.parent / f".{entry.name}.{secrets.token_hex(8)}{SCRATCH_SUFFIX}"
     try:
         _write_dequantized(path, dtype, scratch)
         files = {file.name: file.stat().st_size for file in scratch.iterdir()}
@@ -151,6 +166,42 @@ def build_entry(row: Model, dtype: Any, entry: Path) -> None:
         raise JobFailed("model_load_failed", f"could not dequantize the GGUF file {path.name}: {exc}") from exc
     finally:
         shutil.rmtree(scratch, ignore_errors=True)
+
+
+def remove_stale_scratch(cache_dir: Path, older_than_s: float = STALE_SCRATCH_AGE_S) -> list[Path]:
+    """Remove the scratch folders in `cache_dir` (`.<entry>.<hex>.partial`) that nothing has
+    been written into for `older_than_s`: the folder and everything in it unchanged as long.
+    A link, or anything not named as a scratch folder, is left alone. The removed, in order."""
+    cutoff = time.time() - older_than_s
+    try:
+        candidates = sorted(
+            path for path in cache_dir.iterdir() if path.name.startswith(".") and path.name.endswith(SCRATCH_SUFFIX)
+        )
+    except OSError:
+        return []
+    removed = []
+    for scratch in candidates:
+        try:
+            if not stat.S_ISDIR(scratch.lstat().st_mode) or _last_written(scratch) >= cutoff:
+                continue
+        except OSError:  # gone meanwhile: renamed into place, or removed by another worker
+            continue
+        shutil.rmtree(scratch, ignore_errors=True)
+        log.info("removed %s, a GGUF cache scratch folder left by a build that never finished", scratch.name)
+        removed.append(scratch)
+    return removed
+
+
+def _last_written(folder: Path) -> float:
+    """The latest modification time of `folder` and of everything in it (links not followed)."""
+    latest = folder.lstat().st_mtime
+    for where, folders, files in os.walk(folder):
+        for name in folders + files:
+            try:
+                latest = max(latest, os.lstat(os.path.join(where, name)).st_mtime)
+            except FileNotFoundError:
+                pass
+    return latest
 
 
 def _write_dequantized(path: Path, dtype: Any, folder: Path) -> None:
