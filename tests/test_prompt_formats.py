@@ -1,12 +1,14 @@
 """Prompt formats as the gateway checks them and the workers render them: `raw`, `chat`, and
 templates with named fields."""
 
+from typing import Any
+
 import pytest
 
 from app.inputs.datasets import format_multiple_choice
 from app.inputs.prompt_formats import DataKind, InvalidPromptFormat, check_prompt_format, render, rendered_rows
 
-QUESTION = {"question": "Where is Lyon?", "choices": ["France", "Peru"], "answer": 0}
+QUESTION: dict[str, Any] = {"question": "Where is Lyon?", "choices": ["France", "Peru"], "answer": 0}
 
 
 @pytest.mark.parametrize("prompt_format", ["raw", "chat"])

@@ -4,7 +4,7 @@ kept apart in the content cache."""
 
 import shutil
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import numpy as np
 import pytest
@@ -79,7 +79,7 @@ def test_chat_states_equal_a_direct_forward_of_the_chat_template_and_are_cached_
 
     tokenizer = AutoTokenizer.from_pretrained(chat_llama)
     token_ids = [
-        tokenizer.apply_chat_template(
+        cast(Any, tokenizer.apply_chat_template)(
             [{"role": "user", "content": text}], add_generation_prompt=True, tokenize=True, return_dict=True
         )["input_ids"]
         for text in TEXTS

@@ -106,7 +106,7 @@ def test_rows_converted_before_get_the_identity_a_new_import_computes(database_u
         # the model as a row of that revision: only the columns it had (the table's defaults fill the rest)
         old_columns = {column["name"] for column in sa.inspect(connection).get_columns("models")}
         values = {name: getattr(model, name) for name in old_columns if getattr(model, name, None) is not None}
-        connection.execute(sa.insert(Model.__table__).values(**values))
+        connection.execute(sa.insert(Model).values(**values))
         connection.execute(
             sa.insert(adapters_table(with_identity=False)).values(**old_row("adp_old", model_id, WEIGHTS, 8.0))
         )
