@@ -3,6 +3,7 @@ real SmolLM2-135M-Instruct file checked, extracted and cached by a worker."""
 
 import hashlib
 import os
+import random
 from pathlib import Path
 from typing import Any
 
@@ -15,6 +16,7 @@ from app.inputs.gguf_architectures import TRANSFORMERS_GGUF_ARCHITECTURES
 from app.settings import Settings
 from tests.api.test_extractions import download, extract, finished
 from tests.api.test_models import register
+from tests.api.test_probes import shared_rows, train, upload_rows
 from tests.conftest import Stack, wait_for_job
 from tests.real_models import smollm2_gguf, smollm2_gguf_model  # noqa: F401
 from tests.test_gguf import LLAMA_PAIRS, gguf_file, string_pair, u32_pair
@@ -172,3 +174,64 @@ def test_the_smollm2_gguf_file_is_checked_and_extracted_like_a_direct_forward_of
     scale = np.abs(expected).max()
     np.testing.assert_allclose(got_alone, expected, rtol=1e-4, atol=1e-4 * scale)
     np.testing.assert_allclose(got_batched, expected, rtol=1e-4, atol=1e-4 * scale)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("stack", ["sqlite"], indirect=True)
+def test_smollm2_chat_states_equal_a_direct_forward_of_its_chat_template(
+    stack: Stack, smollm2_gguf: Path, smollm2_gguf_model: Any
+) -> None:
+    from transformers import AutoTokenizer
+
+    model = register(stack.client, smollm2_gguf).json()
+    assert model["has_chat_template"] is True  # read from the GGUF header
+    layers = [0, 15, 30]
+    response = extract(stack.client, model["id"], texts=TEXTS, layers=layers, prompt_format="chat")
+    got = download(stack.client, finished(stack.client, response)["result"]["extraction_id"])
+    tokenizer = AutoTokenizer.from_pretrained(smollm2_gguf.parent, gguf_file=smollm2_gguf.name)
+    chats = [
+        str(
+            tokenizer.apply_chat_template(
+                [{"role": "user", "content": text}], tokenize=False, add_generation_prompt=True
+            )
+        )
+        for text in TEXTS
+    ]
+    assert all(chat.endswith("<|im_start|>assistant\n") for chat in chats)
+    expected = direct_reference(smollm2_gguf_model, _without_special_tokens(tokenizer), chats, layers)
+    np.testing.assert_allclose(got, expected, rtol=1e-4, atol=1e-4 * np.abs(expected).max())
+
+
+def _without_special_tokens(tokenizer: Any) -> Any:
+    """The tokenizer, called as `apply_chat_template(tokenize=True)` calls it on the rendered chat."""
+    return lambda text, **options: tokenizer(text, add_special_tokens=False, **options)
+
+
+CITY_STATEMENTS = 400
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("stack", ["sqlite"], indirect=True)
+def test_a_probe_on_smollm2_reads_the_truth_of_city_statements_and_not_shuffled_labels(
+    stack: Stack, smollm2_gguf: Path
+) -> None:
+    rows = random.Random(7).sample(shared_rows("geometry_of_truth/cities.jsonl"), CITY_STATEMENTS)
+    shuffled_labels = [row["label"] for row in rows]
+    random.Random(8).shuffle(shuffled_labels)
+    model = register(stack.client, smollm2_gguf).json()
+    body = {"model": model["id"], "layers": [12], "seed": 0}
+
+    true = upload_rows(stack.client, rows, "cities-400")
+    probe = train(stack.client, dataset=true["id"], **body)["probes"][0]
+    low, high = probe["metrics"]["auroc"]["interval"]
+    assert low > 0.75, probe["metrics"]["auroc"]
+
+    # the same texts (their states come from the cache) with the labels shuffled: nothing to read
+    shuffled = upload_rows(
+        stack.client,
+        [{"text": row["text"], "label": label} for row, label in zip(rows, shuffled_labels, strict=True)],
+        "cities-shuffled",
+    )
+    chance = train(stack.client, dataset=shuffled["id"], **body)["probes"][0]
+    low, high = chance["metrics"]["auroc"]["interval"]
+    assert low < 0.5 < high, chance["metrics"]["auroc"]
