@@ -12,6 +12,7 @@ from app import jobs
 from app.api.deps import ArtifactsDep, RedisDep, SessionDep, SessionsDep, SettingsDep
 from app.api.render_cache import cached_render
 from app.errors import ServiceError, not_found
+from app.inputs.prompt_formats import prompt_format_note
 from app.job_kinds import ComparisonParameters, SplitParameters
 from app.registry.comparisons import new_comparison
 from app.registry.tables import Comparison, Job
@@ -112,6 +113,7 @@ def comparison_html(comparison_id: str, session: SessionDep, artifacts: Artifact
     def render() -> bytes:
         notes = [
             f"layer {report['layer']} (chosen on the base's validation split), {comparison.method} probes, held-out test split",
+            prompt_format_note(comparison.prompt_format),
             *report["flags"],
         ]
         for label, transfer in report["cross_transfer"].items():

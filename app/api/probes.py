@@ -13,7 +13,7 @@ from app import jobs
 from app.api.deps import ArtifactsDep, RedisDep, SessionDep, SessionsDep, SettingsDep
 from app.api.render_cache import cached_render
 from app.errors import ServiceError, invalid_field, not_found
-from app.inputs.prompt_formats import InvalidPromptFormat, check_prompt_format
+from app.inputs.prompt_formats import InvalidPromptFormat, check_prompt_format, prompt_format_note
 from app.inputs.texts import refuse_empty_texts
 from app.job_kinds import ProbeScoringParameters, ProbeTrainingParameters
 from app.registry.database import keyset_page
@@ -166,6 +166,7 @@ def probe_report_html(probe_id: str, session: SessionDep, artifacts: ArtifactsDe
         notes = [
             f"model {probe.model_id}" + (f" with adapter {probe.adapter_id}" if probe.adapter_id else ""),
             f"dataset {probe.dataset_id}",
+            prompt_format_note(probe.prompt_format),
             "held-out test split",
         ]
         return render_html(title, _labelled_reports(_report(artifacts, probe), probe), notes=notes).encode()

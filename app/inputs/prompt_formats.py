@@ -104,6 +104,15 @@ def _fits(fields: set[str], kind: DataKind) -> bool:
     return REQUIRED[kind] <= fields <= FIELDS[kind]
 
 
+def prompt_format_note(prompt_format: str) -> str:
+    """How a report page says what the model read."""
+    if prompt_format == RAW:
+        return "prompt format: raw (the texts as they are)"
+    if prompt_format == CHAT:
+        return "prompt format: chat (the user turn of the model's chat template)"
+    return f"prompt format: the template {prompt_format!r}"
+
+
 def rendered_rows(rows: Sequence[dict[str, Any]], dataset_kind: str, prompt_format: str) -> list[str]:
     """What each stored dataset row becomes before tokenization (`render`)."""
     kind = data_kind(dataset_kind)

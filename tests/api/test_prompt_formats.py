@@ -153,6 +153,8 @@ def test_a_probe_records_its_prompt_format_and_scores_under_it_unless_told_other
     run = train(stack.client, model=model["id"], dataset=dataset["id"], layers=[1], prompt_format="chat")
     assert run["prompt_format"] == "chat"
     assert all(probe["prompt_format"] == "chat" for probe in run["probes"])
+    page = stack.client.get(f"/v1/probes/{run['best_probe_id']}/report.html").text
+    assert "prompt format: chat" in page
 
     def score(**body: Any) -> list[float]:
         response = stack.client.post(f"/v1/probes/{run['best_probe_id']}/score", json={"texts": TEXTS, **body})
