@@ -146,18 +146,31 @@ def read_layers(model: Any, batch: Batch, layers: Sequence[int], token_position:
     return torch.stack([pool(captured[layer], batch.attention_mask, token_position) for layer in layers], dim=1)
 
 
-def plan_batches(lengths: Sequence[int], token_budget: int, max_batch_size: int) -> list[list[int]]:
+DEFAULT_MAX_PADDING = 0.1
+
+
+def plan_batches(
+    lengths: Sequence[int], token_budget: int, max_batch_size: int, max_padding: float = DEFAULT_MAX_PADDING
+) -> list[list[int]]:
     """Indices grouped longest first, each batch's padded size (rows × longest) within the
-    token budget: similar lengths share a batch, so little compute goes to padding."""
+    token budget, and at most `max_padding` of its padded size padding: similar lengths share
+    a batch, and a batch that would compute more padding than that is closed instead."""
     order = sorted(range(len(lengths)), key=lambda index: lengths[index], reverse=True)
     batches: list[list[int]] = []
     current: list[int] = []
+    real_tokens = 0
     for index in order:
         longest = lengths[current[0]] if current else lengths[index]
-        if current and (longest * (len(current) + 1) > token_budget or len(current) >= max_batch_size):
+        padded = longest * (len(current) + 1)
+        if current and (
+            padded > token_budget
+            or len(current) >= max_batch_size
+            or padded - real_tokens - lengths[index] > max_padding * padded
+        ):
             batches.append(current)
-            current = []
+            current, real_tokens = [], 0
         current.append(index)
+        real_tokens += lengths[index]
     if current:
         batches.append(current)
     return batches

@@ -129,6 +129,24 @@ def test_batches_group_similar_lengths_within_the_token_budget() -> None:
     assert padding_waste(lengths, batches) < 0.1 * padding_waste(lengths, in_order)
 
 
+def test_no_batch_computes_more_padding_than_its_cap_even_on_a_long_tail_of_lengths() -> None:
+    import random
+
+    rng = random.Random(5)
+    # most texts short, a long tail of longer ones: one token budget would batch the tail together
+    lengths = [rng.randint(12, 20) for _ in range(900)] + [rng.randint(21, 200) for _ in range(100)]
+    for cap in (0.0, 0.05, 0.1, 0.3):
+        batches = plan_batches(lengths, token_budget=16_384, max_batch_size=256, max_padding=cap)
+        assert sorted(index for batch in batches for index in batch) == list(range(len(lengths)))
+        for batch in batches:
+            padded = max(lengths[i] for i in batch) * len(batch)
+            assert padded - sum(lengths[i] for i in batch) <= cap * padded + 1e-9
+    # with no cap worth the name, the same texts waste far more
+    loose = plan_batches(lengths, token_budget=16_384, max_batch_size=256, max_padding=1.0)
+    capped = plan_batches(lengths, token_budget=16_384, max_batch_size=256, max_padding=0.1)
+    assert padding_waste(lengths, capped) < 0.5 * padding_waste(lengths, loose)
+
+
 def test_a_batch_never_exceeds_the_row_limit() -> None:
     assert [len(batch) for batch in plan_batches([3] * 10, token_budget=10_000, max_batch_size=4)] == [4, 4, 2]
 
