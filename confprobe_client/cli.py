@@ -136,8 +136,8 @@ def models() -> None:
 def add_model(
     api: ApiContext, source: str, name: str | None, dtype: str | None, quantization: str | None, no_wait: bool
 ) -> None:
-    """Register the base model at SOURCE (a folder, or a Hugging Face id in the service's
-    cache) and wait for a worker to check it."""
+    """Register the base model at SOURCE (a folder, a GGUF file, or a Hugging Face id in the
+    service's cache; paths as the service sees them) and wait for a worker to check it."""
     client = api.client()
     model = client.register_model(source, name=name, dtype=dtype, quantization=quantization)
     if not no_wait and model.status == "pending" and model.check_job_id:

@@ -91,8 +91,9 @@ class Client:
         dtype: str | None = None,
         quantization: str | None = None,
     ) -> Model:
-        """Register a base model (a local folder, or a Hugging Face id in the service's cache);
-        a worker checks it in the job `check_job_id`. The same source again gives the same model."""
+        """Register a base model (a local folder, a GGUF file, or a Hugging Face id in the
+        service's cache); a worker checks it in the job `check_job_id`. The same source again
+        gives the same model."""
         body = _without_none(
             name=name or _last_path_part(source),
             source=source,

@@ -177,25 +177,30 @@ TINKER_PROJECTIONS = {
 
 def save_tinker_adapter(
     folder: Path,
-    base_folder: Path,
+    base_folder: Path | Any,
     *,
     r: int = 4,
     lora_alpha: float = 8,
     seed: int = 1,
     unembed_name: str | None = "model.unembed_tokens",
     config: dict[str, Any] | None = None,
+    a_scale: float = 0.3,
+    b_scale: float = 0.3,
 ) -> dict[str, Any]:
     """A LoRA checkpoint laid out as Tinker exports it: `base_model.model.<module>.lora_A.weight`
     (r, in) and `.lora_B.weight` (out, r), unscaled, for every attention and MLP projection of
     every layer, plus the unembedding; `adapter_config.json` with only r and lora_alpha.
-    Returns the tensors by name (torch), for merging by hand."""
+    `base_folder` is the base model's folder, or an object with the sizes its transformers
+    config names (a config, or a namespace of those sizes); the entries of A and B are
+    standard normal times `a_scale` and `b_scale`. Returns the tensors by name (torch), for
+    merging by hand."""
     import json
 
     import torch
     from safetensors.torch import save_file
     from transformers import AutoConfig
 
-    base = AutoConfig.from_pretrained(base_folder)
+    base = AutoConfig.from_pretrained(base_folder) if isinstance(base_folder, (str, Path)) else base_folder
     head_dim = getattr(base, "head_dim", None) or base.hidden_size // base.num_attention_heads
     out_in = {
         "q_proj": (base.num_attention_heads * head_dim, base.hidden_size),
@@ -210,8 +215,10 @@ def save_tinker_adapter(
     tensors: dict[str, Any] = {}
 
     def add(module: str, out_features: int, in_features: int) -> None:
-        tensors[f"base_model.model.{module}.lora_A.weight"] = torch.randn(r, in_features, generator=generator) * 0.3
-        tensors[f"base_model.model.{module}.lora_B.weight"] = torch.randn(out_features, r, generator=generator) * 0.3
+        tensors[f"base_model.model.{module}.lora_A.weight"] = torch.randn(r, in_features, generator=generator) * a_scale
+        tensors[f"base_model.model.{module}.lora_B.weight"] = (
+            torch.randn(out_features, r, generator=generator) * b_scale
+        )
 
     for layer in range(base.num_hidden_layers):
         for block, projections in TINKER_PROJECTIONS.items():

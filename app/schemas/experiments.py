@@ -18,7 +18,7 @@ class ExperimentMeta(Request):
 
 class ExperimentModel(Request):
     name: str = Field(
-        min_length=1, max_length=1000, description="Hugging Face id in the local cache, or a local folder."
+        min_length=1, max_length=1000, description="Hugging Face id in the local cache, a local folder, or a GGUF file."
     )
     revision: Revision | None = None
     dtype: Dtype = "float32"

@@ -163,3 +163,44 @@ def test_a_gguf_file_rewritten_with_an_unsupported_architecture_fails_the_load(t
     with pytest.raises(JobFailed) as failed:
         load_model(row, "cpu", tmp_path / "cache")
     assert failed.value.code == "unsupported_model" and "rwkv6" in failed.value.message
+
+
+def test_an_adapter_of_a_gguf_model_is_checked_against_the_module_shapes_of_the_loaded_model(
+    first_load: FirstLoad, tmp_path: Path
+) -> None:
+    from tests.tiny_models import save_tinker_adapter
+    from workers.adapters.convert import convert, model_base_modules, read_config
+
+    modules = model_base_modules(first_load.row)
+    model = first_load.loaded.model
+    linears = {name: tuple(m.weight.shape) for name, m in model.named_modules() if isinstance(m, torch.nn.Linear)}
+    assert modules.linears == linears and modules.tied_embeddings
+    assert modules.embeddings == {"model.embed_tokens": tuple(model.get_input_embeddings().weight.shape)}
+
+    save_tinker_adapter(tmp_path / "tinker", model.config, a_scale=0.05, b_scale=0.01)
+    peft = tmp_path / "peft"
+    peft.mkdir()
+    converted = convert(
+        tmp_path / "tinker" / "adapter_model.safetensors",
+        read_config(tmp_path / "tinker" / "adapter_config.json"),
+        modules,
+        peft,
+        first_load.row.source,
+    )
+    projections = {"q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"}
+    # SmolLM2 ties its embeddings: the unembedding's LoRA goes on the input embedding
+    assert set(converted.target_modules) == projections | {"embed_tokens"}
+    assert any("tied input embedding" in note for note in converted.notes)
+
+
+def test_an_adapter_import_refuses_a_gguf_base_rewritten_with_an_unsupported_architecture(tmp_path: Path) -> None:
+    from workers.adapters.convert import model_base_modules
+
+    path = tmp_path / "model.gguf"
+    path.write_bytes(gguf_file(LLAMA_PAIRS))
+    row = gguf_row(path)
+    pairs = [string_pair("general.architecture", "rwkv6"), u32_pair("rwkv6.block_count", 2)]
+    path.write_bytes(gguf_file([*pairs, u32_pair("rwkv6.embedding_length", 16)]))
+    with pytest.raises(JobFailed) as failed:
+        model_base_modules(row)
+    assert failed.value.code == "unsupported_model" and "rwkv6" in failed.value.message

@@ -34,6 +34,7 @@ from app.inputs.user_files import (
     read_regular_file,
 )
 from app.registry.adapters import PUBLISHED_DEFAULTS, adapter_identity
+from app.registry.tables import Model
 from workers.adapters.safetensors_stream import OutputTensor, read_index, write
 from workers.errors import JobFailed
 from workers.safetensors_header import InvalidSafetensors, StoredTensor
@@ -371,15 +372,38 @@ def convert(
 
 
 def base_modules(model_folder: str) -> BaseModules:
-    """Module shapes of a base model, read by building it on the meta device: no weights
-    are loaded, so this costs no memory whatever the model's size."""
-    import torch
-    from transformers import AutoConfig, AutoModelForCausalLM
+    """Module shapes of the base model in a folder, read by building it on the meta device:
+    no weights are loaded, so this costs no memory whatever the model's size."""
+    from transformers import AutoConfig
 
     from workers.model_loading import read_model_config
 
     read_model_config(Path(model_folder))  # special files and absurd sizes fail before anything is built
-    config = AutoConfig.from_pretrained(model_folder, local_files_only=True, trust_remote_code=False)
+    return config_modules(AutoConfig.from_pretrained(model_folder, local_files_only=True, trust_remote_code=False))
+
+
+def model_base_modules(model: Model) -> BaseModules:
+    """Module shapes of a registered base model: a folder's as `base_modules` reads them; a
+    GGUF file's from its config (its header checked as hostile input first), without
+    dequantizing anything."""
+    if model.source_kind != "gguf":
+        return base_modules(model.resolved_path)
+    from workers.gguf_models import check_gguf_file, gguf_config
+
+    path = Path(model.resolved_path)
+    check_gguf_file(path)
+    try:
+        config = gguf_config(path)
+    except (OSError, ValueError, KeyError, RuntimeError) as exc:
+        raise JobFailed("model_load_failed", f"could not read the config of the GGUF file {path.name}: {exc}") from exc
+    return config_modules(config)
+
+
+def config_modules(config: Any) -> BaseModules:
+    """Module shapes of the model a transformers config describes, built on the meta device."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
     with torch.device("meta"):
         model = AutoModelForCausalLM.from_config(config, trust_remote_code=False)
     linears = {

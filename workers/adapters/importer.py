@@ -18,7 +18,7 @@ from app.registry.adapters import artifact_in_use, find_adapter
 from app.registry.tables import Adapter, Model, new_id
 from app.settings import Settings
 from app.storage.base import ArtifactStore
-from workers.adapters.convert import base_modules, convert, read_config
+from workers.adapters.convert import convert, model_base_modules, read_config
 from workers.context import subject_row
 from workers.errors import AttemptSuperseded, JobFailed
 
@@ -259,7 +259,7 @@ def _import(context: "JobContext[AdapterImportParameters]") -> tuple[Adapter, bo
         context.progress("converting", 1, 3)
         converted = staging / "converted"
         converted.mkdir()
-        summary = convert(weights, read_config(config_path), base_modules(model.resolved_path), converted, model.source)
+        summary = convert(weights, read_config(config_path), model_base_modules(model), converted, model.source)
         context.progress("registering", 2, 3)
         provenance = provenance | {"user": context.params.metadata}
         adapter, created = _register(context, model, converted, summary, provenance)
