@@ -11,6 +11,7 @@ shows the best probe's test metrics with 95% bootstrap intervals.
 
 import argparse
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -28,13 +29,20 @@ SETS = [
 ]
 
 
-def wait(client: httpx.Client, job_id: str) -> dict[str, Any]:
+def wait(client: httpx.Client, job_id: str, log: Callable[[str], None] | None = None) -> dict[str, Any]:
+    """The job once it succeeded (a RuntimeError if it did not); `log` is told its progress
+    every half minute."""
+    logged = time.monotonic()
     while True:
         job = client.get(f"/v1/jobs/{job_id}").raise_for_status().json()
         if job["status"] in ("succeeded", "failed", "cancelled"):
             if job["status"] != "succeeded":
                 raise RuntimeError(f"job {job_id} {job['status']}: {job['error']}")
             return job
+        if log and time.monotonic() - logged > 30:
+            progress = job["progress"]
+            log(f"{job['kind']} {job_id}: {job['status']}, {progress['stage']} {progress['done']}/{progress['total']}")
+            logged = time.monotonic()
         time.sleep(0.5)
 
 

@@ -12,6 +12,7 @@ from typing import TYPE_CHECKING, Any
 from sqlalchemy import update
 
 from app.calibration.reporting import calibration_report
+from app.inputs.datasets import CHOICE_LETTERS
 from app.inputs.prompt_formats import render, rendered_rows
 from app.job_kinds import ProbeScoringParameters, ProbeTrainingParameters
 from app.registry.datasets import read_rows
@@ -109,7 +110,7 @@ def run(context: "JobContext[ProbeTrainingParameters]") -> dict[str, Any]:
         for folder in written:  # no probe files without their rows
             store.delete_prefix(folder)
         raise
-    return {
+    result: dict[str, Any] = {
         "run_id": run_row.id,
         "probe_ids": [row.id for row in probe_rows],
         "best_probe_id": best_row.id,
@@ -118,6 +119,23 @@ def run(context: "JobContext[ProbeTrainingParameters]") -> dict[str, Any]:
         "test_n": len(split.test),
         "test_auroc": best_row.metrics["auroc"]["value"],
     }
+    if labels.chosen is not None:
+        result["self_labels"] = self_label_summary(labels, rows)
+    return result
+
+
+def self_label_summary(labels: Labels, rows: list[dict[str, Any]]) -> dict[str, Any]:
+    """How the model answered a multiple-choice set, over all its rows: the fraction it got
+    right, and how often it picked each letter beside how often each letter is the gold
+    answer (a model that favours one letter shows it here)."""
+    assert labels.chosen is not None
+    letters = CHOICE_LETTERS[: max(len(row["choices"]) for row in rows)]
+    picks = dict.fromkeys(letters, 0)
+    answers = dict.fromkeys(letters, 0)
+    for chosen, row in zip(labels.chosen.tolist(), rows, strict=True):
+        picks[letters[chosen]] += 1
+        answers[letters[row["answer"]]] += 1
+    return {"n": len(rows), "accuracy": float(labels.y.mean()), "picks": picks, "answers": answers}
 
 
 def _write_probes(

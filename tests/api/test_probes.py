@@ -3,6 +3,7 @@ multiple-choice answers, held-out reports checked against scikit-learn, scoring,
 
 import json
 import random
+from collections import Counter
 from pathlib import Path
 from typing import Any
 
@@ -12,6 +13,8 @@ from sklearn.metrics import brier_score_loss, roc_auc_score
 
 from tests.api.test_models import register
 from tests.conftest import SHARED_DATA, Stack, require, wait_for_job
+
+MMLU = "mmlu/mmlu_test_sample.jsonl"
 
 
 def upload_rows(client: Any, rows: list[dict[str, Any]], name: str) -> dict[str, Any]:
@@ -163,6 +166,39 @@ def test_multiple_choice_probes_use_the_models_own_labels_and_report_its_confide
     y = np.array([labels["labels"][i] for i in test])
     baseline = np.array([labels["baseline_confidence"][i] for i in test])
     assert report["baseline"]["metrics"]["brier"]["value"] == pytest.approx(brier_score_loss(y, baseline))
+
+
+def test_a_multiple_choice_run_reports_the_models_accuracy_and_the_letters_it_picked(
+    stack: Stack, tiny_llama: Path
+) -> None:
+    rows = [{key: row[key] for key in ("question", "choices", "answer")} for row in shared_rows(MMLU, 80)]
+    rows[0]["choices"] = rows[0]["choices"][:3]  # one question with three choices: still four letters counted
+    rows[0]["answer"] = min(rows[0]["answer"], 2)
+    dataset = upload_rows(stack.client, rows, "mmlu-80")
+    model = register(stack.client, tiny_llama).json()
+    response = stack.client.post("/v1/probes", json={"model": model["id"], "dataset": dataset["id"], "layers": [2]})
+    job = wait_for_job(stack.client, response.json()["job"]["id"], timeout=300)
+    assert job["status"] == "succeeded", job["error"]
+    run_id = job["result"]["run_id"]
+    labels = json.loads((stack.settings.resolved_artifact_dir / "probe_runs" / run_id / "labels.json").read_text())
+    picked = Counter("ABCD"[index] for index in labels["chosen"])
+    gold = Counter("ABCD"[row["answer"]] for row in rows)
+    correct = sum(chosen == row["answer"] for chosen, row in zip(labels["chosen"], rows, strict=True))
+    assert job["result"]["self_labels"] == {
+        "n": 80,
+        "accuracy": pytest.approx(correct / 80),
+        "picks": {letter: picked[letter] for letter in "ABCD"},
+        "answers": {letter: gold[letter] for letter in "ABCD"},
+    }
+    assert list(job["result"]["self_labels"]["picks"]) == ["A", "B", "C", "D"]
+
+
+def test_a_statement_run_has_no_self_labels(stack: Stack, tiny_llama: Path) -> None:
+    dataset = upload_rows(stack.client, shared_rows("geometry_of_truth/cities.jsonl", 120), "cities-120")
+    model = register(stack.client, tiny_llama).json()
+    response = stack.client.post("/v1/probes", json={"model": model["id"], "dataset": dataset["id"], "layers": [1]})
+    job = wait_for_job(stack.client, response.json()["job"]["id"], timeout=300)
+    assert job["status"] == "succeeded" and "self_labels" not in job["result"], job
 
 
 def test_scoring_gives_the_probes_confidence_for_new_texts(stack: Stack, tiny_llama: Path) -> None:
