@@ -40,7 +40,10 @@ STORED: list[tuple[JobParameters, dict[str, Any]]] = [
         },
     ),
     (ProbeTrainingParameters(run_id="prr_1"), {"run_id": "prr_1"}),
-    (ProbeScoringParameters(probe_id="prb_1", texts=["a"]), {"probe_id": "prb_1", "texts": ["a"]}),
+    (
+        ProbeScoringParameters(probe_id="prb_1", texts=["a"]),
+        {"probe_id": "prb_1", "texts": ["a"], "prompt_format": "raw"},
+    ),
     (
         ComparisonParameters(comparison_id="cmp_1", split=SplitParameters(**SPLIT), max_length=None),
         {"comparison_id": "cmp_1", "split": SPLIT, "max_length": None},
@@ -91,3 +94,7 @@ def test_a_job_takes_only_the_parameter_model_of_its_kind() -> None:
     assert jobs.new_job("model_check", ModelCheckParameters(model_id="mdl_1"), "q").params == {"model_id": "mdl_1"}
     with pytest.raises(TypeError, match="ModelCheckParameters"):
         jobs.new_job("model_check", ProbeTrainingParameters(run_id="prr_1"), "q")
+
+
+def test_a_scoring_row_from_before_prompt_formats_reads_its_texts_raw() -> None:
+    assert ProbeScoringParameters.model_validate({"probe_id": "prb_1", "texts": ["a"]}).prompt_format == "raw"
