@@ -89,9 +89,6 @@ def embedded_service(var_dir: Path) -> Iterator[str]:
     drop = {"DATABASE_URL", "REDIS_URL", "ARTIFACT_DIR", "ARTIFACT_STORE", "QUEUE_PREFIX", "CONFPROBE_URL"}
     env = {name: value for name, value in os.environ.items() if name not in drop}
     env |= {"VAR_DIR": str(var_dir.resolve()), "PORT": str(port), "PYTHONPATH": str(ROOT)}
-    # numpy's OpenBLAS threads only slow the small probe fits down, many times over on a busy
-    # machine (torch keeps its own threads for the forward passes)
-    env.setdefault("OPENBLAS_NUM_THREADS", "1")
     with (var_dir / "serve.log").open("ab") as output:
         serve = subprocess.Popen(
             [sys.executable, "-m", "app.cli", "serve"],

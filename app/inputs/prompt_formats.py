@@ -24,7 +24,7 @@ from app.inputs.datasets import format_multiple_choice, lettered_choices
 
 RAW = "raw"
 CHAT = "chat"
-MAX_TEMPLATE_CHARS = 4_000  # as `app.schemas.common.MAX_PROMPT_FORMAT_CHARS`
+MAX_TEMPLATE_CHARS = 4_000
 
 # the fields a template may name, by what the data is
 DataKind = Literal["text", "multiple_choice"]

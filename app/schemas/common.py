@@ -5,6 +5,7 @@ from typing import Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from app.errors import NUL_MESSAGE
+from app.inputs.prompt_formats import MAX_TEMPLATE_CHARS
 
 Dtype = Literal["float32", "bfloat16", "float16"]
 
@@ -19,12 +20,11 @@ PROMPT_FORMAT_DESCRIPTION = (
     "model's chat template, with the generation prompt), or a template naming `{text}` (statements, texts) "
     "or `{question}` and `{choices}` (multiple choice). See docs/concepts.md#prompt-formats."
 )
-MAX_PROMPT_FORMAT_CHARS = 4_000
 
 
 def prompt_format_field(default: str | None = "raw", description: str = PROMPT_FORMAT_DESCRIPTION) -> Any:
     """The `prompt_format` of a request; its fit to the model and data is checked with them."""
-    return Field(default, min_length=1, max_length=MAX_PROMPT_FORMAT_CHARS, description=description)
+    return Field(default, min_length=1, max_length=MAX_TEMPLATE_CHARS, description=description)
 
 
 def _holds_nul(value: Any) -> bool:

@@ -154,12 +154,18 @@ def test_a_file_changed_since_registration_is_refused_not_cached(
     assert list(tmp_path.iterdir()) == []
 
 
-def test_a_gguf_file_rewritten_with_an_unsupported_architecture_fails_the_load(tmp_path: Path) -> None:
-    path = tmp_path / "model.gguf"
+def rewritten_as_rwkv6(path: Path) -> Any:
+    """The row of a Llama GGUF file registered at `path`, which is then rewritten as an RWKV-6
+    file: an architecture transformers cannot load from GGUF."""
     path.write_bytes(gguf_file(LLAMA_PAIRS))
     row = gguf_row(path)
     pairs = [string_pair("general.architecture", "rwkv6"), u32_pair("rwkv6.block_count", 2)]
     path.write_bytes(gguf_file([*pairs, u32_pair("rwkv6.embedding_length", 16)]))
+    return row
+
+
+def test_a_gguf_file_rewritten_with_an_unsupported_architecture_fails_the_load(tmp_path: Path) -> None:
+    row = rewritten_as_rwkv6(tmp_path / "model.gguf")
     with pytest.raises(JobFailed) as failed:
         load_model(row, "cpu", tmp_path / "cache")
     assert failed.value.code == "unsupported_model" and "rwkv6" in failed.value.message
@@ -196,11 +202,7 @@ def test_an_adapter_of_a_gguf_model_is_checked_against_the_module_shapes_of_the_
 def test_an_adapter_import_refuses_a_gguf_base_rewritten_with_an_unsupported_architecture(tmp_path: Path) -> None:
     from workers.adapters.convert import model_base_modules
 
-    path = tmp_path / "model.gguf"
-    path.write_bytes(gguf_file(LLAMA_PAIRS))
-    row = gguf_row(path)
-    pairs = [string_pair("general.architecture", "rwkv6"), u32_pair("rwkv6.block_count", 2)]
-    path.write_bytes(gguf_file([*pairs, u32_pair("rwkv6.embedding_length", 16)]))
+    row = rewritten_as_rwkv6(tmp_path / "model.gguf")
     with pytest.raises(JobFailed) as failed:
         model_base_modules(row)
     assert failed.value.code == "unsupported_model" and "rwkv6" in failed.value.message
