@@ -34,6 +34,7 @@ from app.registry.tables import (
     Comparison,
     Dataset,
     Extraction,
+    Finetune,
     Job,
     Probe,
     ProbeRun,
@@ -44,7 +45,17 @@ from app.storage import ArtifactStore
 
 log = logging.getLogger("app.janitor")
 
-SERVICE_FOLDERS = ("adapters", "cache", "comparisons", "datasets", "extractions", "probe_runs", "probes", "staging")
+SERVICE_FOLDERS = (
+    "adapters",
+    "cache",
+    "comparisons",
+    "datasets",
+    "extractions",
+    "finetunes",
+    "probe_runs",
+    "probes",
+    "staging",
+)
 
 
 @dataclass
@@ -86,7 +97,7 @@ def referenced(session: Session) -> tuple[set[str], tuple[str, ...]]:
             files.add(params["upload"])  # an uploaded archive its import job has yet to read
     folders = {
         f"{prefix.rstrip('/')}/"
-        for column in (Adapter.artifact, Probe.artifact, ProbeRun.artifact)
+        for column in (Adapter.artifact, Finetune.artifact, Probe.artifact, ProbeRun.artifact)
         for prefix in session.scalars(select(column))
         if prefix is not None
     }

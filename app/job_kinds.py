@@ -110,6 +110,12 @@ class ComparisonParameters(JobParameters):
     max_length: int | None = Field(description="Tokens kept of each text; None: the model's own limit.")
 
 
+class FinetuneParameters(JobParameters):
+    """A `finetune`: a LoRA adapter trained as its fine-tune row says, then registered."""
+
+    finetune_id: str = Field(description="The fine-tune row: base model, dataset, settings, prompt format.")
+
+
 class ExperimentParameters(JobParameters):
     """An `experiment`: a config run end to end — adapter import, dataset, extraction, probes."""
 
@@ -131,6 +137,7 @@ PARAMETERS: dict[str, type[JobParameters]] = {
     "comparison": ComparisonParameters,
     "experiment": ExperimentParameters,
     "extraction": ExtractionParameters,
+    "finetune": FinetuneParameters,
     "model_check": ModelCheckParameters,
     "ping": NoParameters,
     "probe_scoring": ProbeScoringParameters,

@@ -14,6 +14,7 @@ from app.api import (
     datasets,
     experiments,
     extractions,
+    finetunes,
     health,
     jobs,
     keys,
@@ -92,6 +93,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.include_router(datasets.router, **by_method)
     app.include_router(experiments.router, **by_method)
     app.include_router(extractions.router, **by_method)
+    app.include_router(finetunes.router, **by_method)
     app.include_router(jobs.router, **by_method)
     app.include_router(probes.router, **by_method)
     app.include_router(tinker.router, **by_method)

@@ -142,7 +142,7 @@ def main() -> None:
 class NoRedisContext(JobContext):
     """Progress goes to the registry row only: this benchmark runs no Redis."""
 
-    def progress(self, stage: str, done: int, total: int | None = None) -> None:
+    def progress(self, stage: str, done: int, total: int | None = None, details: dict | None = None) -> None:
         pass
 
 

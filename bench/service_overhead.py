@@ -48,7 +48,7 @@ CITIES = ROOT.parent / "shared" / "data" / "geometry_of_truth" / "cities.jsonl"
 class QuietContext(JobContext):
     """The direct path has no job row to report progress to."""
 
-    def progress(self, stage: str, done: int, total: int | None = None) -> None:
+    def progress(self, stage: str, done: int, total: int | None = None, details: dict | None = None) -> None:
         pass
 
 

@@ -111,7 +111,7 @@ class Adapter(Answer):
     sha256: str
     identity: str | None = None  # the weights and output-changing config, hashed; None from gateways before it existed
     size_bytes: int
-    source_kind: Literal["tinker", "local_folder", "local_archive", "url", "upload"]
+    source_kind: Literal["tinker", "local_folder", "local_archive", "url", "upload", "finetune"]
     source: str
     tinker_path: str | None
     tinker_run_id: str | None

@@ -5,7 +5,7 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Generic, TypeVar
+from typing import Any, Generic, TypeVar
 
 from sqlalchemy import ColumnElement, update
 from sqlalchemy.orm import Session
@@ -47,15 +47,16 @@ class JobContext(Generic[ParametersT]):
     runtime: WorkerRuntime
     attempt: int = 1
 
-    def progress(self, stage: str, done: int, total: int | None = None) -> None:
-        """Record progress, and stop here if the user asked to cancel or the job was taken
-        back from this attempt."""
+    def progress(self, stage: str, done: int, total: int | None = None, details: dict[str, Any] | None = None) -> None:
+        """Record progress (with `details`: figures of this point, such as a training step's
+        loss), and stop here if the user asked to cancel or the job was taken back from this
+        attempt."""
         with self.runtime.sessions() as session, session.begin():
             recorded = changed_rows(
                 session,
                 update(Job)
                 .where(*this_attempt(self.job_id, self.runtime.name, self.attempt))
-                .values(progress_stage=stage, progress_done=done, progress_total=total),
+                .values(progress_stage=stage, progress_done=done, progress_total=total, progress_details=details),
             )
             if not recorded:
                 raise AttemptSuperseded()

@@ -44,8 +44,8 @@ class StageContext(JobContext[StepParametersT]):
 
     step: str = ""
 
-    def progress(self, stage: str, done: int, total: int | None = None) -> None:
-        super().progress(f"{self.step}: {stage}", done, total)
+    def progress(self, stage: str, done: int, total: int | None = None, details: dict[str, Any] | None = None) -> None:
+        super().progress(f"{self.step}: {stage}", done, total, details)
 
 
 def _step(context: JobContext[Any], step: str, params: StepParametersT) -> StageContext[StepParametersT]:

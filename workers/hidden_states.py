@@ -51,6 +51,21 @@ def find_blocks(model: Any) -> torch.nn.ModuleList:
     return min(stacks, key=lambda item: item[0].count("."))[1]
 
 
+def block_linear_names(model: Any) -> list[str]:
+    """The last part of the name of every linear layer inside the model's blocks (`q_proj`,
+    `down_proj`; GPT-2's `Conv1D` layers count as linear): what LoRA may target, and by
+    default does. The LM head and embeddings sit outside the blocks."""
+    from transformers.pytorch_utils import Conv1D
+
+    names = {
+        name.rsplit(".", 1)[-1]
+        for block in find_blocks(model)
+        for name, module in block.named_modules()
+        if isinstance(module, torch.nn.Linear | Conv1D) and name
+    }
+    return sorted(names)
+
+
 def backbone(model: Any) -> Any:
     """The model without its head: the LM head never runs during extraction. A PEFT model is
     unwrapped first; its LoRA layers sit inside the base's modules and still run."""

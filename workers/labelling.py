@@ -32,28 +32,43 @@ class SelfLabels:
 
 
 def letter_token_ids(tokenizer: Any, choice_count: int, prompt_format: str = RAW) -> list[int]:
-    """The token each letter becomes when written right after the prompt: among the tokens
-    the prompt with the letter appended has beyond the prompt alone, the one that decodes to
-    the letter. After a prompt ending in a word (`Answer:`) the letter comes after a space —
-    large vocabularies merge the space into it, small ones may give it its own token; after
-    one ending in whitespace (a chat template's `assistant` line) it comes alone."""
+    """The token each choice letter becomes when written right after a multiple-choice prompt
+    under `prompt_format` (`answer_token_ids`)."""
     sample = render(prompt_format, "multiple_choice", [{"question": "Question?", "choices": ["option"] * choice_count}])
     strings = prompt_strings(tokenizer, prompt_format, sample)
-    prompt, special = strings.strings[0], strings.add_special_tokens
+    return answer_token_ids(tokenizer, strings.strings[0], strings.add_special_tokens, CHOICE_LETTERS[:choice_count])
+
+
+def answer_token_ids(tokenizer: Any, prompt: str, add_special_tokens: bool, answers: Sequence[str]) -> list[int]:
+    """The token each answer becomes when written right after `prompt`: among the tokens the
+    prompt with the answer appended has beyond the prompt alone, the first that decodes to the
+    start of the answer (the whole of it, for a letter). After a prompt ending in a word
+    (`Answer:`) the answer comes after a space — large vocabularies merge the space into it,
+    small ones may give it its own token; after one ending in whitespace (a chat template's
+    `assistant` line) it comes alone. Two answers must start with different tokens."""
     separator = "" if prompt[-1:].isspace() else " "
-    without = tokenizer(prompt, add_special_tokens=special)["input_ids"]
+    without = tokenizer(prompt, add_special_tokens=add_special_tokens)["input_ids"]
     ids = []
-    for letter in CHOICE_LETTERS[:choice_count]:
-        with_letter = tokenizer(f"{prompt}{separator}{letter}", add_special_tokens=special)["input_ids"]
+    for answer in answers:
+        with_answer = tokenizer(f"{prompt}{separator}{answer}", add_special_tokens=add_special_tokens)["input_ids"]
         first_new = next(
-            (i for i, (a, b) in enumerate(zip(without, with_letter, strict=False)) if a != b), len(without)
+            (i for i, (a, b) in enumerate(zip(without, with_answer, strict=False)) if a != b), len(without)
         )
-        token = next((t for t in with_letter[first_new:] if tokenizer.decode([t]).strip() == letter), None)
+        token = next(
+            (
+                t
+                for t in with_answer[first_new:]
+                if (piece := tokenizer.decode([t]).strip()) and answer.startswith(piece)
+            ),
+            None,
+        )
         if token is None:
-            raise JobFailed("unsupported_model", f"the tokenizer gives no token for the answer letter {letter}")
+            raise JobFailed("unsupported_model", f"the tokenizer gives no token for the answer {answer!r}")
         ids.append(token)
     if len(set(ids)) != len(ids):
-        raise JobFailed("unsupported_model", "the tokenizer gives the same token to two answer letters")
+        raise JobFailed(
+            "unsupported_model", f"the tokenizer starts two of the answers {list(answers)} with the same token"
+        )
     return ids
 
 

@@ -9,6 +9,7 @@ from app.job_kinds import ModelCheckParameters
 from app.registry.tables import Model
 from workers.context import subject_row
 from workers.errors import AttemptSuperseded, JobCancelled, JobFailed
+from workers.hidden_states import block_linear_names
 from workers.model_loading import active_adapter, explained_quantization_errors
 
 if TYPE_CHECKING:
@@ -60,6 +61,7 @@ def run(context: "JobContext[ModelCheckParameters]") -> dict[str, Any]:
         with sessions() as session, session.begin():
             session.execute(update(Model).where(Model.id == model_id).values(status="failed", status_reason=reason))
         raise
+    linear_modules = block_linear_names(loaded.model)
     with sessions() as session, session.begin():
         session.execute(
             update(Model)
@@ -70,6 +72,7 @@ def run(context: "JobContext[ModelCheckParameters]") -> dict[str, Any]:
                 parameter_count=loaded.parameter_count,
                 memory_footprint_bytes=loaded.footprint_bytes,
                 has_chat_template=bool(getattr(tokenizer, "chat_template", None)),
+                linear_modules=linear_modules,
             )
         )
     context.progress("done", 2, 2)

@@ -79,6 +79,13 @@ class ResidentModels:
             self._attach(loaded, *attaching, adapter_bytes)
         return loaded
 
+    def reserve(self, needed_bytes: int, what: str) -> None:
+        """Room for `needed_bytes` outside the resident models (a training run's own copy of a
+        model): least recently used models are evicted until it fits beside the rest; what
+        cannot fit even alone fails with `over_memory_budget`, `what` saying what it is."""
+        self._refuse_beyond_budget(needed_bytes, what)
+        self._make_room(needed_bytes)
+
     def _refuse_beyond_budget(self, needed_bytes: int, what: str) -> None:
         if needed_bytes > self.budget_bytes:
             raise JobFailed(

@@ -215,6 +215,7 @@ class WorkerRuntime:
                             progress_stage=None,
                             progress_done=0,
                             progress_total=None,
+                            progress_details=None,
                         ),
                     )
                     if taken:  # not already taken back by another worker's sweep

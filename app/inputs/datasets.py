@@ -131,6 +131,16 @@ def format_multiple_choice(question: str, choices: Sequence[str]) -> str:
     return "\n".join([question, lettered_choices(choices), "Answer:"])
 
 
+TRUE_FALSE_ANSWERS = ("False", "True")  # by label: 0 is false, 1 is true
+
+
+def true_false_question(statement: str) -> str:
+    """A statement asked as a question whose answer is `True` or `False`
+    (`TRUE_FALSE_ANSWERS`): the statement, then `Is this statement true or false?` and
+    `Answer:` on lines of their own. What fine-tuning on statements completes."""
+    return "\n".join([statement, "Is this statement true or false?", "Answer:"])
+
+
 def lettered_choices(choices: Sequence[str]) -> str:
     """`A. first`, `B. second`, … one per line."""
     return "\n".join(f"{letter}. {choice}" for letter, choice in zip(CHOICE_LETTERS, choices, strict=False))

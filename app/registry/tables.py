@@ -78,6 +78,8 @@ class Model(Base):
     parameter_count: Mapped[int | None] = mapped_column(BigInteger)
     memory_footprint_bytes: Mapped[int | None] = mapped_column(BigInteger)
     has_chat_template: Mapped[bool | None] = mapped_column(Boolean)
+    # the last part of the name of every linear layer inside the blocks, as the check found them
+    linear_modules: Mapped[list[str] | None] = mapped_column(JSON)
     check_job_id: Mapped[str | None] = mapped_column(String(40))
     created_at: Mapped[datetime] = mapped_column(default=utcnow)
     updated_at: Mapped[datetime] = mapped_column(default=utcnow, onupdate=utcnow)
@@ -95,6 +97,7 @@ class Job(Base):
     progress_stage: Mapped[str | None] = mapped_column(String(100))
     progress_done: Mapped[int] = mapped_column(Integer, default=0)
     progress_total: Mapped[int | None] = mapped_column(Integer)
+    progress_details: Mapped[dict[str, Any] | None] = mapped_column(JSON)
     result: Mapped[dict[str, Any] | None] = mapped_column(JSON)
     error: Mapped[dict[str, Any] | None] = mapped_column(JSON)
     cancel_requested: Mapped[bool] = mapped_column(Boolean, default=False)
@@ -260,6 +263,29 @@ class Comparison(Base):
     token_position: Mapped[str] = mapped_column(String(10))
     prompt_format: Mapped[str] = mapped_column(Text, default="raw", server_default="raw")
     artifact: Mapped[str | None] = mapped_column(String(500))
+    created_at: Mapped[datetime] = mapped_column(default=utcnow)
+    finished_at: Mapped[datetime | None] = mapped_column()
+
+
+class Finetune(Base):
+    """A LoRA adapter trained from a base model and a dataset. Its folder `artifact` holds the
+    loss history and, while it runs, checkpoints; `adapter_id` is set once the adapter it
+    made is registered."""
+
+    __tablename__ = "finetunes"
+
+    id: Mapped[str] = mapped_column(String(40), primary_key=True)
+    job_id: Mapped[str] = mapped_column(String(40), index=True)
+    name: Mapped[str] = mapped_column(String(200))
+    backend: Mapped[str] = mapped_column(String(20))
+    base_model_id: Mapped[str] = mapped_column(ForeignKey("models.id"), index=True)
+    dataset_id: Mapped[str] = mapped_column(ForeignKey("datasets.id"))
+    dataset_sha256: Mapped[str] = mapped_column(String(64))
+    prompt_format: Mapped[str] = mapped_column(Text, default="raw")
+    settings: Mapped[dict[str, Any]] = mapped_column()
+    artifact: Mapped[str] = mapped_column(String(500))
+    adapter_id: Mapped[str | None] = mapped_column(String(40))
+    summary: Mapped[dict[str, Any] | None] = mapped_column(JSON)
     created_at: Mapped[datetime] = mapped_column(default=utcnow)
     finished_at: Mapped[datetime | None] = mapped_column()
 

@@ -37,12 +37,18 @@ class AdapterOut(BaseModel):
         "target_modules, use_rslora, bias, fan_in_fan_out); one adapter per identity and base model."
     )
     size_bytes: int
-    source_kind: Literal["tinker", "local_folder", "local_archive", "url", "upload"]
+    source_kind: Literal["tinker", "local_folder", "local_archive", "url", "upload", "finetune"] = Field(
+        description="Where it came from: an import's source kind, or `finetune` for one a fine-tune of the service trained "
+        "(`source` is then the fine-tune's id)."
+    )
     source: str
     tinker_path: str | None
     tinker_run_id: str | None
     conversion: dict[str, Any] = Field(description="What the import changed to make a PEFT adapter.")
-    training: dict[str, Any] = Field(description="Training metadata: the user's, and what Tinker reports.")
+    training: dict[str, Any] = Field(
+        description="Training metadata: the user's, what Tinker reports, or a fine-tune's provenance (`finetune`: its id, "
+        "backend, base, dataset sha256, every setting, the losses)."
+    )
     import_job_id: str | None
     created_at: datetime
 

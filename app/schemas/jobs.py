@@ -17,6 +17,10 @@ class Progress(BaseModel):
     stage: str | None
     done: int
     total: int | None
+    details: dict[str, Any] | None = Field(
+        None,
+        description="Figures of this point, where the stage has some: a fine-tune's step `loss` and `learning_rate`.",
+    )
 
 
 class JobError(BaseModel):
@@ -49,7 +53,12 @@ class JobOut(BaseModel):
             id=job.id,
             kind=job.kind,
             status=job.status,
-            progress=Progress(stage=job.progress_stage, done=job.progress_done, total=job.progress_total),
+            progress=Progress(
+                stage=job.progress_stage,
+                done=job.progress_done,
+                total=job.progress_total,
+                details=job.progress_details,
+            ),
             result=job.result,
             error=JobError(**job.error) if job.error else None,
             cancel_requested=job.cancel_requested,

@@ -55,6 +55,11 @@ class ModelOut(BaseModel):
     has_chat_template: bool | None = Field(
         description="Whether the tokenizer has a chat template (`prompt_format: chat` needs one); null until known."
     )
+    linear_modules: list[str] | None = Field(
+        None,
+        description="The linear layers inside the blocks, by the last part of their names: what a fine-tune's "
+        "LoRA may target (all of them by default); null until the model's check has run.",
+    )
     check_job_id: str | None
     created_at: datetime
     updated_at: datetime

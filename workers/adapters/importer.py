@@ -5,6 +5,7 @@ archive go, and no row or file is left without the other."""
 
 import errno
 import shutil
+from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, assert_never
 
@@ -137,12 +138,38 @@ def _locate(folder: Path) -> tuple[Path, Path]:
     return weights, config
 
 
+@dataclass(frozen=True)
+class AdapterRecord:
+    """What the registry records of where an adapter came from."""
+
+    name: str
+    source_kind: str  # `tinker`, `local_folder`, …, or `finetune` for one the service trained
+    source: str
+    provenance: dict[str, Any]
+    tinker_path: str | None = None
+    tinker_run_id: str | None = None
+
+
+def register_adapter(
+    context: "JobContext[Any]", model: Model, files: Path, staging: Path, record: AdapterRecord
+) -> tuple[Adapter, bool, list[str]]:
+    """The PEFT or Tinker adapter in the folder `files`, converted against `model` (in
+    `staging`), published and registered: what every job that brings an adapter in ends with.
+    Returns the adapter, whether it is new, and the conversion's notes."""
+    weights, config_path = _locate(files)
+    converted = staging / "converted"
+    converted.mkdir()
+    summary = convert(weights, read_config(config_path), model_base_modules(model), converted, model.source)
+    adapter, created = _register(context, model, converted, summary, record)
+    return adapter, created, summary.notes
+
+
 def _register(
-    context: "JobContext[AdapterImportParameters]",
+    context: "JobContext[Any]",
     model: Model,
     converted: Path,
     summary: Any,
-    provenance: dict[str, Any],
+    record: AdapterRecord,
 ) -> tuple[Adapter, bool]:
     """The adapter with this identity for this base: the existing one, or a new row over
     files published under `adapters/<identity>/` — keyed by identity, not by weights, so
@@ -154,15 +181,14 @@ def _register(
     if existing is not None:
         return existing, False
     published = store.publish_folder(artifact, converted)
-    params = context.params
     adapter = Adapter(
         id=new_id("adp"),
-        name=params.name,
+        name=record.name,
         base_model_id=model.id,
-        source_kind=params.source_kind,
-        source=params.source,
-        tinker_path=params.source if params.source_kind == "tinker" else None,
-        tinker_run_id=params.tinker_run_id,
+        source_kind=record.source_kind,
+        source=record.source,
+        tinker_path=record.tinker_path,
+        tinker_run_id=record.tinker_run_id,
         r=summary.r,
         lora_alpha=summary.lora_alpha,
         target_modules=summary.target_modules,
@@ -171,7 +197,7 @@ def _register(
         size_bytes=summary.size_bytes,
         artifact=artifact,
         conversion={"notes": summary.notes},
-        training=provenance,
+        training=record.provenance,
         import_job_id=context.job_id,
     )
     try:
@@ -190,7 +216,7 @@ def _register(
     return adapter, True
 
 
-def _unpublish(context: "JobContext[AdapterImportParameters]", artifact: str, published: bool) -> None:
+def _unpublish(context: "JobContext[Any]", artifact: str, published: bool) -> None:
     """Files this attempt published, removed when no row came to name them."""
     with context.runtime.sessions() as session:
         if published and not artifact_in_use(session, artifact):
@@ -255,16 +281,19 @@ def _import(context: "JobContext[AdapterImportParameters]") -> tuple[Adapter, bo
     with store.scratch(f"{context.job_id}-{context.attempt}") as staging:  # attempts never share one
         context.progress("fetching", 0, 3)
         files, provenance = _fetch(context, model, staging)
-        weights, config_path = _locate(files)
         context.progress("converting", 1, 3)
-        converted = staging / "converted"
-        converted.mkdir()
-        summary = convert(weights, read_config(config_path), model_base_modules(model), converted, model.source)
-        context.progress("registering", 2, 3)
-        provenance = provenance | {"user": context.params.metadata}
-        adapter, created = _register(context, model, converted, summary, provenance)
+        params = context.params
+        record = AdapterRecord(
+            name=params.name,
+            source_kind=params.source_kind,
+            source=params.source,
+            provenance=provenance | {"user": params.metadata},
+            tinker_path=params.source if params.source_kind == "tinker" else None,
+            tinker_run_id=params.tinker_run_id,
+        )
+        adapter, created, notes = register_adapter(context, model, files, staging, record)
         context.progress("done", 3, 3)
-    return adapter, created, summary.notes
+    return adapter, created, notes
 
 
 def _drop_upload(context: "JobContext[AdapterImportParameters]") -> None:
