@@ -230,7 +230,7 @@ def _train(
             if result.step % settings["checkpoint_every"] == 0 and result.step < schedule.steps:
                 _save_checkpoint(context, finetune, training, {"step": result.step, "points": points}, scratch)
         seconds = time.monotonic() - started
-        context.progress("registering", schedule.steps, schedule.steps)
+        context.progress("registering", schedule.steps, schedule.steps, {"final_loss": points[-1]["loss"]})
         validation = [point["validation_loss"] for point in points if point.get("validation_loss") is not None]
         summary = {
             "examples": {

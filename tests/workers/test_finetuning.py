@@ -46,7 +46,7 @@ def _model(folder: Path) -> Any:
     return AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32)
 
 
-QUESTIONS = [
+QUESTIONS: list[dict[str, Any]] = [
     {"question": f"Which number is {n}?", "choices": [str(n), str(n + 1), str(n + 2)], "answer": n % 3}
     for n in range(24)
 ]
@@ -62,7 +62,10 @@ def test_a_multiple_choice_example_is_its_labelling_prompt_completed_by_the_gold
 
 
 def test_a_statement_example_is_completed_by_the_first_token_of_true_or_false(tokenizer: Any) -> None:
-    rows = [{"text": "Paris is in France.", "label": 1}, {"text": "Paris is in Peru.", "label": 0}]
+    rows: list[dict[str, Any]] = [
+        {"text": "Paris is in France.", "label": 1},
+        {"text": "Paris is in Peru.", "label": 0},
+    ]
     built = statement_examples(tokenizer, rows, "raw", 512)
     for example, row in zip(built.examples, rows, strict=True):
         prompt = tokenizer(true_false_question(row["text"]))["input_ids"]
