@@ -26,7 +26,7 @@ def test_a_job_has_the_documented_shape(api: Any, tiny_llama: Path) -> None:
     job_id = register(api, tiny_llama).json()["check_job_id"]
     job = api.get(f"/v1/jobs/{job_id}").json()
     assert set(job) >= JOB_KEYS
-    assert job["progress"] == {"stage": None, "done": 0, "total": None}
+    assert job["progress"] == {"stage": None, "done": 0, "total": None, "details": None}
     assert job["created_at"].endswith("Z") or "+00:00" in job["created_at"]
 
 

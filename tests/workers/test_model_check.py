@@ -25,7 +25,7 @@ def test_a_registered_model_becomes_ready_with_what_the_worker_measured(stack: S
     model = register(stack.client, tiny_llama).json()
     job = wait_for_job(stack.client, model["check_job_id"])
     assert job["status"] == "succeeded", job["error"]
-    assert job["progress"] == {"stage": "done", "done": 2, "total": 2}
+    assert job["progress"] == {"stage": "done", "done": 2, "total": 2, "details": None}
     assert job["started_at"] <= job["finished_at"]
     reference = direct_load(tiny_llama)
     with torch.inference_mode():
