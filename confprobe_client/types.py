@@ -91,7 +91,7 @@ class Model(Answer):
 class Dataset(Answer):
     id: str
     name: str
-    kind: Literal["statements", "multiple_choice"]
+    kind: Literal["statements", "multiple_choice", "chat"]
     source_format: Literal["jsonl", "csv"]
     rows: int
     label_balance: dict[str, int]

@@ -8,7 +8,7 @@ from typing import Any, TypeVar
 
 from sqlalchemy import select, update
 
-from app.inputs.datasets import InvalidDataset, default_name, parse_upload
+from app.inputs.datasets import InvalidDataset, UnlabelledDataset, default_name, parse_upload, require_labelled
 from app.inputs.prompt_formats import RAW, InvalidPromptFormat, check_prompt_format, data_kind
 from app.inputs.user_files import FileTooLarge, NotARegularFile, read_regular_file
 from app.job_kinds import (
@@ -52,7 +52,17 @@ def _step(context: JobContext[Any], step: str, params: StepParametersT) -> Stage
     return StageContext(job_id=context.job_id, params=params, runtime=context.runtime, step=step)
 
 
+def _labelled(kind: str, what: str) -> None:
+    """A chat dataset fails the job: its conversations have no labels to probe."""
+    try:
+        require_labelled(kind, what)
+    except UnlabelledDataset as exc:
+        raise JobFailed("invalid_dataset", str(exc), field="probe.dataset") from None
+
+
 def _dataset(context: JobContext[ExperimentParameters]) -> Dataset:
+    """The config's dataset: registered already, or a file read and registered now. A chat
+    file fails the job before it is registered."""
     worker = context.runtime
     dataset_id, dataset_path = context.params.dataset, context.params.dataset_path
     if dataset_id is not None:
@@ -60,6 +70,7 @@ def _dataset(context: JobContext[ExperimentParameters]) -> Dataset:
             dataset = session.get(Dataset, dataset_id)
         if dataset is None:
             raise JobFailed("not_found", f"dataset {dataset_id} was deleted")
+        _labelled(dataset.kind, f"dataset {dataset_id}")
         return dataset
     assert dataset_path is not None  # the parameters' model requires one of the two
     path = Path(dataset_path)
@@ -77,6 +88,7 @@ def _dataset(context: JobContext[ExperimentParameters]) -> Dataset:
         ) from exc
     except InvalidDataset as exc:  # a malformed file: the same message the upload endpoint gives
         raise JobFailed(exc.code, f"{path.name}: {exc.message}", **exc.details) from exc
+    _labelled(upload.kind, path.name)
     try:
         return register_dataset(worker.sessions, worker.artifacts, upload, default_name(path.name))[0]
     except RegistrationRace as exc:

@@ -1,4 +1,4 @@
-"""`/v1/datasets`: upload statements or multiple-choice sets, list and show them."""
+"""`/v1/datasets`: upload statements, multiple-choice sets or chat conversations, list and show them."""
 
 from typing import Annotated
 
@@ -34,7 +34,9 @@ def upload_dataset(
         File(
             description="JSONL or CSV (by the `.jsonl`/`.csv` extension, else by content), UTF-8. "
             "Statements: `text` (or `statement`), `label` 0/1. Multiple choice: `question`, `choices` "
-            "(in CSV a JSON list), `answer` (0-based index)."
+            "(in CSV a JSON list), `answer` (0-based index). Chat: `messages`, a list of `{role, content}` "
+            "(in CSV a JSON list): system only first, a user message before the first assistant one, "
+            "the assistant's last."
         ),
     ],
     response: Response,

@@ -18,6 +18,7 @@ from app.inputs.adapter_sources import classify_source
 from app.inputs.documents import parse_document
 from app.inputs.prompt_formats import InvalidPromptFormat, check_prompt_format, data_kind
 from app.job_kinds import ExperimentParameters, ImportSource
+from app.registry.datasets import checked_labelled
 from app.registry.experiments import experiment_view, new_experiment, shown_experiment
 from app.registry.models import checked_prompt_format, resolve_layers
 from app.registry.tables import Dataset, Experiment
@@ -146,6 +147,8 @@ def _submit(
             dataset_path = classify_source(config.probe.dataset, settings)
             if dataset_path.kind != "local_archive":
                 raise invalid_field("probe.dataset", "neither a dataset id nor a dataset file")
+        else:  # a dataset file's kind is known once the worker reads it, and checked there
+            checked_labelled(dataset, "probe.dataset")
     layers = resolve_layers(config.extraction.layers, model.num_layers)
     try:  # a dataset file's kind is known once the worker reads it, and checked there
         checked_prompt_format(model, config.extraction.prompt_format, data_kind(dataset.kind) if dataset else None)

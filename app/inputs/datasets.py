@@ -1,11 +1,17 @@
 """Dataset files: an upload (JSONL or CSV) parsed into rows and normalised to the JSONL that
 is stored and hashed, and what the model reads for each row.
 
-Two kinds of rows. *Statements* `{text, label}`: label 1 when the statement is true. In CSV
+Three kinds of rows. *Statements* `{text, label}`: label 1 when the statement is true. In CSV
 the text column may be called `statement` (the Geometry-of-Truth and Azaria–Mitchell files)
 and the label may be written `true`/`false`. *Multiple choice* `{question, choices, answer}`:
-`answer` is the 0-based index of the gold choice; in CSV `choices` is a JSON list. The first
-row decides the kind, every other row must be of it; other keys and columns are ignored.
+`answer` is the 0-based index of the gold choice; in CSV `choices` is a JSON list. *Chat*
+`{messages: [{role, content}, ...]}`: a conversation to fine-tune on, whose last message is
+the assistant's (what is learned); in CSV `messages` is a JSON list. The first row decides
+the kind, every other row must be of it; other keys and columns are ignored.
+
+Chat conversations carry no label, so nothing probes them: `require_labelled` is the one
+check, made by every request that extracts, probes or compares a dataset's rows, and by
+`prompt_formats.data_kind` before any row is rendered as a text.
 
 Normalising strips the surrounding whitespace of every text and writes one compact JSON
 object per row with only its kind's keys, in a fixed order. The sha256 of that content is
@@ -19,18 +25,22 @@ import io
 import json
 import string
 from collections import Counter
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import PurePath
 from typing import Any, Literal
 
 from app.inputs.texts import is_empty_text
 
-DatasetKind = Literal["statements", "multiple_choice"]
+DatasetKind = Literal["statements", "multiple_choice", "chat"]
 SourceFormat = Literal["jsonl", "csv"]
+ChatRole = Literal["system", "user", "assistant"]
 
 STATEMENT_KEYS = ("text", "statement", "label")
 MULTIPLE_CHOICE_KEYS = ("question", "choices", "answer")
+CHAT_KEYS = ("messages",)
+CHAT_ROLES: tuple[ChatRole, ...] = ("system", "user", "assistant")
+MAX_CHAT_MESSAGES = 256
 CHOICE_LETTERS = string.ascii_uppercase
 CSV_LABEL_WORDS = {"0": 0, "1": 1, "false": 0, "true": 1}
 
@@ -50,6 +60,20 @@ class InvalidDataset(ValueError):
 
 def _file_error(problem: str, **details: Any) -> InvalidDataset:
     return InvalidDataset("invalid_field", f"file: {problem}", field="file", **details)
+
+
+class UnlabelledDataset(ValueError):
+    """Rows without labels (chat conversations) where labelled rows are needed: an
+    extraction, a probe run, a comparison or an experiment. The message names the data."""
+
+
+def require_labelled(kind: str, what: str) -> None:
+    """An `UnlabelledDataset` when data of `kind`, named `what` in the message (`dataset
+    dst_…`, a file's name), has no labels to probe."""
+    if kind == "chat":
+        raise UnlabelledDataset(
+            f"{what} holds chat conversations, which have no labels to probe; chat datasets are for fine-tuning"
+        )
 
 
 @dataclass(frozen=True)
@@ -79,7 +103,24 @@ class MultipleChoice:
         return {"question": self.question, "choices": list(self.choices), "answer": self.answer}
 
 
-Row = Statement | MultipleChoice
+@dataclass(frozen=True)
+class ChatMessage:
+    role: ChatRole
+    content: str
+
+
+@dataclass(frozen=True)
+class ChatConversation:
+    """A conversation to fine-tune on. It has no gold label: its dataset's `label_balance`
+    is empty."""
+
+    messages: tuple[ChatMessage, ...]
+
+    def normalised(self) -> dict[str, Any]:
+        return {"messages": [{"role": message.role, "content": message.content} for message in self.messages]}
+
+
+Row = Statement | MultipleChoice | ChatConversation
 
 
 @dataclass(frozen=True)
@@ -224,18 +265,19 @@ def _checked_header(cells: list[str], line: int) -> list[str]:
         raise _row_error(
             line,
             "header",
-            "names neither statement columns (text or statement, label) nor multiple-choice columns (question, choices, answer)",
+            "names neither statement columns (text or statement, label), multiple-choice columns "
+            "(question, choices, answer) nor a chat column (messages)",
         )
-    required = (_text_key(columns), "label") if kind == "statements" else MULTIPLE_CHOICE_KEYS
-    missing = [column for column in required if column not in columns]
+    required = {"statements": (_text_key(columns), "label"), "multiple_choice": MULTIPLE_CHOICE_KEYS, "chat": CHAT_KEYS}
+    missing = [column for column in required[kind] if column not in columns]
     if missing:
         raise _row_error(line, missing[0], "column is missing from the header")
     return columns
 
 
 def _typed_cells(cells: dict[str, str]) -> dict[str, Any]:
-    """CSV cells are text: read label words, answer numbers and the choices' JSON list, so
-    that CSV and JSONL rows go through one validation."""
+    """CSV cells are text: read label words, answer numbers and the JSON lists of choices
+    and of messages, so that CSV and JSONL rows go through one validation."""
     typed: dict[str, Any] = dict(cells)
     if "label" in cells:
         typed["label"] = CSV_LABEL_WORDS.get(cells["label"].strip().lower(), cells["label"])
@@ -244,11 +286,12 @@ def _typed_cells(cells: dict[str, str]) -> dict[str, Any]:
             typed["answer"] = int(cells["answer"])
         except ValueError:
             pass  # left as text: validation names it
-    if "choices" in cells:
-        try:
-            typed["choices"] = json.loads(cells["choices"])
-        except (ValueError, RecursionError):
-            pass  # left as text: validation names it
+    for key in ("choices", "messages"):
+        if key in cells:
+            try:
+                typed[key] = json.loads(cells[key])
+            except (ValueError, RecursionError):
+                pass  # left as text: validation names it
     return typed
 
 
@@ -257,6 +300,8 @@ def _typed_cells(cells: dict[str, str]) -> dict[str, Any]:
 
 def _kind_of(keys: Iterable[str]) -> DatasetKind | None:
     present = set(keys)
+    if not present.isdisjoint(CHAT_KEYS):  # a row with messages is a conversation, whatever else it holds
+        return "chat"
     if not present.isdisjoint(MULTIPLE_CHOICE_KEYS):
         return "multiple_choice"
     if not present.isdisjoint(STATEMENT_KEYS):
@@ -274,9 +319,10 @@ def _rows_of(records: Iterable[Record]) -> tuple[DatasetKind, list[Row]]:
                 raise _row_error(
                     line,
                     "row",
-                    "has neither statement keys (text, label) nor multiple-choice keys (question, choices, answer)",
+                    "has neither statement keys (text, label), multiple-choice keys (question, choices, answer) "
+                    "nor chat messages (messages)",
                 )
-        rows.append(_statement(record, line) if kind == "statements" else _multiple_choice(record, line))
+        rows.append(ROW_READERS[kind](record, line))
     if kind is None:
         raise _file_error("has no rows")
     return kind, rows
@@ -298,7 +344,7 @@ def _required_value(record: dict[str, Any], key: str, line: int, kind: DatasetKi
         return record[key]
     row_kind = _kind_of(record)
     if row_kind is not None and row_kind != kind:
-        spoken = {"statements": "statements", "multiple_choice": "multiple-choice"}
+        spoken = {"statements": "statements", "multiple_choice": "multiple-choice", "chat": "chat"}
         raise _row_error(
             line,
             key,
@@ -352,13 +398,60 @@ def _multiple_choice(record: dict[str, Any], line: int) -> MultipleChoice:
     return MultipleChoice(question=question, choices=cleaned, answer=answer)
 
 
+def _chat_conversation(record: dict[str, Any], line: int) -> ChatConversation:
+    """Roles are valid, a system message comes only first, a user message comes before the
+    first assistant message, and the last message is the assistant's: the one learned."""
+    messages = _required_value(record, "messages", line, "chat")
+    if not isinstance(messages, list):
+        raise _row_error(
+            line,
+            "messages",
+            f"must be a list of {{role, content}} objects (in CSV, a JSON list), not {_shown(messages)}",
+        )
+    if not 1 <= len(messages) <= MAX_CHAT_MESSAGES:
+        raise _row_error(line, "messages", f"must hold 1 to {MAX_CHAT_MESSAGES} messages, not {len(messages)}")
+    cleaned: list[ChatMessage] = []
+    for index, message in enumerate(messages):
+        field = f"messages[{index}]"
+        if not isinstance(message, dict):
+            raise _row_error(line, field, f"must be a {{role, content}} object, not {_shown(message)}")
+        if "role" not in message:
+            raise _row_error(line, f"{field}.role", "is missing")
+        role = message["role"]
+        if role not in CHAT_ROLES:
+            raise _row_error(line, f"{field}.role", f"must be system, user or assistant, not {_shown(role)}")
+        if role == "system" and index > 0:
+            raise _row_error(line, f"{field}.role", "is system, but only the first message may be a system message")
+        if role == "assistant" and not any(earlier.role == "user" for earlier in cleaned):
+            raise _row_error(line, f"{field}.role", "is assistant, but no user message comes before it")
+        if "content" not in message:
+            raise _row_error(line, f"{field}.content", "is missing")
+        cleaned.append(ChatMessage(role=role, content=_stripped_text(message["content"], line, f"{field}.content")))
+    last = len(cleaned) - 1
+    if cleaned[last].role != "assistant":
+        raise _row_error(
+            line,
+            f"messages[{last}].role",
+            f"is {cleaned[last].role}, but the last message must be the assistant's (it is what is learned)",
+        )
+    return ChatConversation(messages=tuple(cleaned))
+
+
+ROW_READERS: dict[DatasetKind, Callable[[dict[str, Any], int], Row]] = {
+    "statements": _statement,
+    "multiple_choice": _multiple_choice,
+    "chat": _chat_conversation,
+}
+
+
 def _json_line(values: dict[str, Any]) -> bytes:
     return (json.dumps(values, ensure_ascii=False, separators=(",", ":")) + "\n").encode()
 
 
 def _label_balance(kind: DatasetKind, rows: list[Row]) -> dict[str, int]:
-    """Statements: rows per label. Multiple choice: rows per gold answer index."""
-    counts = Counter(row.gold for row in rows)
+    """Statements: rows per label. Multiple choice: rows per gold answer index. Chat: empty,
+    as conversations have no label."""
+    counts = Counter(row.gold for row in rows if not isinstance(row, ChatConversation))
     if kind == "statements":
         counts.update({0: 0, 1: 0})  # both labels are named, even when one never occurs
     return {str(gold): counts[gold] for gold in sorted(counts)}

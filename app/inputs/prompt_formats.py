@@ -20,7 +20,7 @@ import string
 from collections.abc import Sequence
 from typing import Any, Literal
 
-from app.inputs.datasets import format_multiple_choice, lettered_choices
+from app.inputs.datasets import format_multiple_choice, lettered_choices, require_labelled
 
 RAW = "raw"
 CHAT = "chat"
@@ -44,7 +44,11 @@ class InvalidPromptFormat(ValueError):
 
 
 def data_kind(dataset_kind: str | None) -> DataKind:
-    """The kind of data a dataset kind (or inline texts, None) is, for a template's fields."""
+    """The kind of data a dataset kind (or inline texts, None) is, for a template's fields.
+    Chat conversations are no text to render: an `UnlabelledDataset` (requests refuse them
+    before they get here)."""
+    if dataset_kind is not None:
+        require_labelled(dataset_kind, f"a {dataset_kind} dataset")
     return "multiple_choice" if dataset_kind == "multiple_choice" else "text"
 
 
@@ -114,7 +118,8 @@ def prompt_format_note(prompt_format: str) -> str:
 
 
 def rendered_rows(rows: Sequence[dict[str, Any]], dataset_kind: str, prompt_format: str) -> list[str]:
-    """What each stored dataset row becomes before tokenization (`render`)."""
+    """What each stored dataset row becomes before tokenization (`render`); an
+    `UnlabelledDataset` for chat conversations, which are never rendered as texts."""
     kind = data_kind(dataset_kind)
     return render(prompt_format, kind, rows if kind == "multiple_choice" else [row["text"] for row in rows])
 

@@ -6,8 +6,9 @@ from sqlalchemy.orm import Session
 
 from app.errors import invalid_field, not_found
 from app.inputs.prompt_formats import data_kind
+from app.registry.datasets import labelled_dataset
 from app.registry.models import checked_model_and_adapter, checked_prompt_format, get_model, resolve_layers
-from app.registry.tables import Adapter, Comparison, Dataset, new_id
+from app.registry.tables import Adapter, Comparison, new_id
 from app.schemas.comparisons import ComparisonCreate
 
 
@@ -17,9 +18,7 @@ def _precision(model_dtype: str, quantization: str | None) -> str:
 
 def new_comparison(session: Session, request: ComparisonCreate, job_id: str) -> Comparison:
     model, _ = checked_model_and_adapter(session, request.model, None)
-    dataset = session.get(Dataset, request.dataset)
-    if dataset is None:
-        raise not_found("dataset", request.dataset)
+    dataset = labelled_dataset(session, request.dataset)
     prompt_format = checked_prompt_format(model, request.prompt_format, data_kind(dataset.kind))
     if len(set(request.adapters)) != len(request.adapters):
         raise invalid_field("adapters", "an adapter is listed twice")

@@ -1,5 +1,6 @@
 """Queries on uploaded datasets, their registration (the stored file first, then the row),
-and their stored rows read back."""
+their stored rows read back, and the check every request that probes a dataset's rows makes
+(`labelled_dataset`): chat conversations, having no labels, are refused."""
 
 import json
 from typing import Any
@@ -8,8 +9,8 @@ from sqlalchemy import select
 from sqlalchemy.exc import IntegrityError, SQLAlchemyError
 from sqlalchemy.orm import Session, sessionmaker
 
-from app.errors import not_found
-from app.inputs.datasets import NormalisedDataset
+from app.errors import invalid_field, not_found
+from app.inputs.datasets import NormalisedDataset, UnlabelledDataset, require_labelled
 from app.registry.database import keyset_page, transaction
 from app.registry.tables import Dataset, new_id
 from app.storage import ArtifactStore
@@ -39,6 +40,21 @@ def get_dataset(session: Session, dataset_id: str) -> Dataset:
     if dataset is None:
         raise not_found("dataset", dataset_id)
     return dataset
+
+
+def checked_labelled(dataset: Dataset, field: str = "dataset") -> Dataset:
+    """`dataset` itself when its rows have labels to probe, else a 422 naming `field`."""
+    try:
+        require_labelled(dataset.kind, f"dataset {dataset.id}")
+    except UnlabelledDataset as exc:
+        raise invalid_field(field, str(exc), dataset=dataset.id) from None
+    return dataset
+
+
+def labelled_dataset(session: Session, dataset_id: str, field: str = "dataset") -> Dataset:
+    """The dataset an extraction, probe run or comparison reads: a 404 when there is none,
+    a 422 naming `field` when it holds chat conversations (`checked_labelled`)."""
+    return checked_labelled(get_dataset(session, dataset_id), field)
 
 
 def list_datasets(session: Session, *, cursor: str | None, limit: int) -> tuple[list[Dataset], str | None]:
@@ -100,7 +116,7 @@ def _discard_unregistered_file(
 
 
 def read_rows(store: ArtifactStore, dataset: Dataset) -> list[dict[str, Any]]:
-    """The stored rows: `{text, label}` or `{question, choices, answer}`, in upload order."""
+    """The stored rows: `{text, label}`, `{question, choices, answer}` or `{messages}`, in upload order."""
     # split on "\n" only: str.splitlines would also split at U+2028, which JSON leaves raw
     lines = store.read_bytes(dataset.artifact).split(b"\n")
     return [json.loads(line) for line in lines if line]

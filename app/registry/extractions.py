@@ -1,13 +1,15 @@
 """Extraction requests, checked against the registry before a job is queued: the model and
-dataset exist, layers are in range, texts are not empty."""
+dataset exist (a dataset of labelled rows: no chat conversations), layers are in range,
+texts are not empty."""
 
 from sqlalchemy.orm import Session
 
-from app.errors import ServiceError, invalid_field, not_found
+from app.errors import ServiceError, invalid_field
 from app.inputs.prompt_formats import data_kind
 from app.inputs.texts import refuse_empty_texts
+from app.registry.datasets import labelled_dataset
 from app.registry.models import checked_model_and_adapter, checked_prompt_format, resolve_layers
-from app.registry.tables import Dataset, Extraction, Model, new_id
+from app.registry.tables import Extraction, Model, new_id
 from app.schemas.extractions import ExtractionCreate
 from app.settings import Settings
 
@@ -37,9 +39,7 @@ def new_extraction(
         check_texts(request.texts, settings)
         text_count = len(request.texts)
     else:
-        dataset = session.get(Dataset, request.dataset)
-        if dataset is None:
-            raise not_found("dataset", str(request.dataset))
+        dataset = labelled_dataset(session, str(request.dataset))
         text_count, dataset_kind = dataset.rows, dataset.kind
     prompt_format = checked_prompt_format(model, request.prompt_format, data_kind(dataset_kind))
     extraction = Extraction(

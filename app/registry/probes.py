@@ -4,18 +4,17 @@ from typing import Any
 
 from sqlalchemy.orm import Session
 
-from app.errors import invalid_field, not_found
+from app.errors import invalid_field
 from app.inputs.prompt_formats import data_kind
+from app.registry.datasets import labelled_dataset
 from app.registry.models import checked_model_and_adapter, checked_prompt_format, resolve_layers
-from app.registry.tables import Dataset, Probe, ProbeRun, new_id
+from app.registry.tables import Probe, ProbeRun, new_id
 from app.schemas.probes import MIN_PER_CLASS, ProbeCreate, ProbeOut, ProbeRunOut
 
 
 def new_probe_run(session: Session, request: ProbeCreate, job_id: str) -> ProbeRun:
     model, adapter = checked_model_and_adapter(session, request.model, request.adapter)
-    dataset = session.get(Dataset, request.dataset)
-    if dataset is None:
-        raise not_found("dataset", request.dataset)
+    dataset = labelled_dataset(session, request.dataset)
     fractions = request.split
     if abs(fractions.train + fractions.validation + fractions.test - 1) > 1e-6:
         raise invalid_field("split", "train, validation and test must add up to 1")

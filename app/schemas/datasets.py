@@ -5,17 +5,21 @@ from typing import Literal
 
 from pydantic import BaseModel, Field
 
+from app.inputs.datasets import DatasetKind
 from app.registry.tables import Dataset
 
 
 class DatasetOut(BaseModel):
     id: str
     name: str
-    kind: Literal["statements", "multiple_choice"]
+    kind: DatasetKind = Field(
+        description="`statements`, `multiple_choice`, or `chat` (conversations to fine-tune on, which nothing probes)."
+    )
     source_format: Literal["jsonl", "csv"]
     rows: int
     label_balance: dict[str, int] = Field(
-        description="Statements: count per label (`'0'`, `'1'`). Multiple choice: count per gold answer index."
+        description="Statements: count per label (`'0'`, `'1'`). Multiple choice: count per gold answer index. "
+        "Chat: empty, as conversations have no label."
     )
     sha256: str = Field(
         description="sha256 of the normalised rows (JSONL); the same rows uploaded again give the same dataset."

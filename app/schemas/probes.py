@@ -26,7 +26,9 @@ class SplitFractions(Request):
 class ProbeCreate(Request):
     model: str = Field(description="Id of a registered base model.")
     adapter: str | None = Field(None, description="Id of an adapter of that model; its own labels and states are used.")
-    dataset: str = Field(description="Statements (labels given) or multiple choice (labelled by the model itself).")
+    dataset: str = Field(
+        description="Statements (labels given) or multiple choice (labelled by the model itself); not chat."
+    )
     layers: list[int] = Field(
         min_length=1, max_length=128, description="One probe per layer (and method); negative counts from the end."
     )

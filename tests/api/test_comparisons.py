@@ -7,6 +7,7 @@ import pytest
 
 from tests import tiny_models
 from tests.api.test_adapters import import_adapter, sources_root
+from tests.api.test_datasets import CONVERSATION
 from tests.api.test_models import register
 from tests.api.test_probes import shared_rows, upload_rows
 from tests.conftest import Stack, wait_for_job
@@ -86,6 +87,22 @@ def test_an_adapter_of_another_model_is_refused(api: Any, tiny_llama: Path, tmp_
         "/v1/comparisons", json={"model": base["id"], "adapters": [adapter_id], "dataset": dataset["id"], "layers": [1]}
     )
     assert response.status_code == 422 and response.json()["error"]["details"]["field"] == "adapters"
+
+
+def test_a_chat_dataset_is_a_422_naming_the_dataset_and_queues_nothing(api: Any, tiny_llama: Path) -> None:
+    base = register(api, tiny_llama).json()
+    dataset = upload_rows(api, [CONVERSATION], "chat")
+    response = api.post(
+        "/v1/comparisons", json={"model": base["id"], "adapters": ["adp_any"], "dataset": dataset["id"], "layers": [1]}
+    )
+    assert response.status_code == 422, response.json()
+    error = response.json()["error"]
+    assert (error["details"]["field"], error["details"]["dataset"]) == ("dataset", dataset["id"])
+    assert error["message"] == (
+        f"dataset: dataset {dataset['id']} holds chat conversations, which have no labels to probe; "
+        "chat datasets are for fine-tuning"
+    )
+    assert [job["kind"] for job in api.get("/v1/jobs").json()["items"]] == ["model_check"]
 
 
 def test_a_comparison_report_before_it_is_done_is_a_409(api: Any, tiny_llama: Path, tmp_path: Path) -> None:

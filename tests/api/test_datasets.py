@@ -1,5 +1,5 @@
-"""Uploading datasets: statements and multiple-choice sets, as JSONL or CSV, normalised,
-hashed and registered once per content; and reading them back for the workers."""
+"""Uploading datasets: statements, multiple-choice sets and chat conversations, as JSONL or
+CSV, normalised, hashed and registered once per content; and reading them back for the workers."""
 
 import csv
 import hashlib
@@ -14,7 +14,7 @@ from fastapi.testclient import TestClient
 from sqlalchemy import text
 from sqlalchemy.exc import SQLAlchemyError
 
-from app.inputs.datasets import format_multiple_choice, parse_upload
+from app.inputs.datasets import MAX_CHAT_MESSAGES, UnlabelledDataset, format_multiple_choice, parse_upload
 from app.inputs.prompt_formats import rendered_rows
 from app.main import create_app
 from app.registry.database import create_registry_engine
@@ -32,6 +32,20 @@ REAL_SETS = [
 ]
 STATEMENTS = b'{"text": "Paris is in France.", "label": 1}\n{"text": "Paris is in Peru.", "label": 0}\n'
 QUESTION = b'{"question": "What is 2 + 2?", "choices": ["3", "4"], "answer": 1, "subject": "arithmetic"}\n'
+CONVERSATION = {
+    "messages": [
+        {"role": "system", "content": "Answer in one word."},
+        {"role": "user", "content": "What is the capital of France?"},
+        {"role": "assistant", "content": "Paris."},
+    ]
+}
+CHAT = (json.dumps(CONVERSATION) + "\n").encode()
+
+
+def chat_row(*messages: Any) -> bytes:
+    """One JSONL row of these messages: (role, content) pairs, or anything else as it is."""
+    written = [{"role": item[0], "content": item[1]} if isinstance(item, tuple) else item for item in messages]
+    return (json.dumps({"messages": written}) + "\n").encode()
 
 
 def real_file(relative: str) -> Path:
@@ -145,6 +159,61 @@ MALFORMED = {
     "a row of neither kind": ("rows.jsonl", b'{"prompt": "q", "target": 1}\n', 1, "row"),
     "a CSV row with too few cells": ("rows.csv", b"statement,label,city\na,1,Paris\nb,0\n", 3, "row"),
     "a CSV header without labels": ("rows.csv", b"statement,city\na,Paris\n", 1, "label"),
+    "chat messages that are not a list": ("rows.jsonl", b'{"messages": "hello"}\n', 1, "messages"),
+    "a chat row without messages": ("rows.jsonl", b'{"messages": []}\n', 1, "messages"),
+    "too many chat messages": (
+        "rows.jsonl",
+        chat_row(*[("user", "q"), ("assistant", "a")] * (MAX_CHAT_MESSAGES // 2), ("assistant", "a")),
+        1,
+        "messages",
+    ),
+    "a chat message that is not an object": (
+        "rows.jsonl",
+        CHAT + chat_row(("user", "q"), "a", ("assistant", "a")),
+        2,
+        "messages[1]",
+    ),
+    "an unknown chat role": ("rows.jsonl", chat_row(("human", "q"), ("assistant", "a")), 1, "messages[0].role"),
+    "a chat message without a role": (
+        "rows.jsonl",
+        chat_row({"content": "q"}, ("assistant", "a")),
+        1,
+        "messages[0].role",
+    ),
+    "an empty chat content": ("rows.jsonl", chat_row(("user", "q"), ("assistant", " \n")), 1, "messages[1].content"),
+    "a chat content that is not a string": (
+        "rows.jsonl",
+        chat_row(("user", ["q"]), ("assistant", "a")),
+        1,
+        "messages[0].content",
+    ),
+    "a chat content with a lone surrogate": (
+        "rows.jsonl",
+        b'{"messages": [{"role": "user", "content": "q\\ud800"}, {"role": "assistant", "content": "a"}]}\n',
+        1,
+        "messages[0].content",
+    ),
+    "a system message after the first": (
+        "rows.jsonl",
+        chat_row(("user", "q"), ("system", "s"), ("assistant", "a")),
+        1,
+        "messages[1].role",
+    ),
+    "an assistant message before any user message": (
+        "rows.jsonl",
+        chat_row(("system", "s"), ("assistant", "a"), ("user", "q"), ("assistant", "a")),
+        1,
+        "messages[1].role",
+    ),
+    "a conversation not ending with the assistant": (
+        "rows.jsonl",
+        chat_row(("user", "q"), ("assistant", "a"), ("user", "q2")),
+        1,
+        "messages[2].role",
+    ),
+    "a statements row in a chat dataset": ("rows.jsonl", CHAT + STATEMENTS, 2, "messages"),
+    "a chat row in a statements dataset": ("rows.jsonl", STATEMENTS + CHAT, 3, "text"),
+    "chat messages that are not JSON in CSV": ("rows.csv", b"messages\nhello\n", 2, "messages"),
 }
 
 
@@ -159,6 +228,43 @@ def test_a_malformed_row_is_a_422_naming_its_line_and_field_and_nothing_is_kept(
     assert error["message"].startswith(f"line {line}: {field}")
     assert api.get("/v1/datasets").json()["items"] == []
     assert stored_dataset_files(settings) == []
+
+
+def test_a_chat_upload_is_stored_as_compact_messages_with_only_role_and_content(api: Any, settings: Settings) -> None:
+    content = (
+        b'{"id": 7, "messages": [{"content": " Hi? ", "role": "user", "name": "ann"},'
+        b' {"role": "assistant", "content": "Hello.\\n", "weight": 1}]}\n' + CHAT
+    )
+    response = upload(api, "chats.jsonl", content)
+    assert response.status_code == 201
+    dataset = response.json()
+    assert (dataset["kind"], dataset["rows"], dataset["label_balance"]) == ("chat", 2, {})
+    stored = (settings.resolved_artifact_dir / "datasets" / f"{dataset['sha256']}.jsonl").read_bytes()
+    assert (
+        stored.split(b"\n")[0]
+        == b'{"messages":[{"role":"user","content":"Hi?"},{"role":"assistant","content":"Hello."}]}'
+    )
+    assert read_rows(api.app.state.artifacts, registered(api, dataset["id"]))[1] == CONVERSATION
+    assert dataset["sha256"] == hashlib.sha256(stored).hexdigest()
+
+
+def test_the_same_conversations_with_other_keys_and_whitespace_are_one_dataset(api: Any) -> None:
+    first = upload(api, "chats.jsonl", CHAT).json()
+    padded = {
+        "source": "x",
+        "messages": [message | {"content": f"  {message['content']} "} for message in CONVERSATION["messages"]],
+    }
+    second = upload(api, "padded.jsonl", b"\n" + json.dumps(padded, indent=None).encode() + b"\n\n")
+    assert second.status_code == 200
+    assert (second.json()["id"], second.json()["sha256"]) == (first["id"], first["sha256"])
+
+
+def test_csv_chat_reads_messages_as_a_json_list(api: Any) -> None:
+    from_jsonl = upload(api, "chats.jsonl", CHAT).json()
+    cell = json.dumps(CONVERSATION["messages"]).replace('"', '""')
+    from_csv = upload(api, "chats.csv", f'messages,topic\n"{cell}",geography\n'.encode())
+    assert from_csv.status_code == 200
+    assert from_csv.json()["id"] == from_jsonl["id"]
 
 
 def test_blank_jsonl_lines_are_skipped_but_still_counted_in_line_numbers(api: Any) -> None:
@@ -260,6 +366,12 @@ def test_texts_of_statements_are_their_texts(api: Any) -> None:
 def test_texts_of_multiple_choice_are_lettered_prompts(api: Any) -> None:
     dataset = upload(api, "rows.jsonl", QUESTION).json()
     assert texts_of(api, dataset["id"]) == ["What is 2 + 2?\nA. 3\nB. 4\nAnswer:"]
+
+
+def test_chat_conversations_are_never_rendered_as_texts(api: Any) -> None:
+    dataset = upload(api, "chats.jsonl", CHAT).json()
+    with pytest.raises(UnlabelledDataset, match="holds chat conversations"):
+        texts_of(api, dataset["id"])
 
 
 def texts_of(api: Any, dataset_id: str) -> list[str]:

@@ -9,8 +9,9 @@ import yaml
 
 from tests import tiny_models
 from tests.api.test_adapters import adapter_files, sources_root
+from tests.api.test_datasets import CONVERSATION
 from tests.api.test_models import _put_in_hf_cache
-from tests.api.test_probes import shared_rows
+from tests.api.test_probes import shared_rows, upload_rows
 from tests.conftest import Stack, wait_for_job
 from tests.tinker_standin import StandinCheckpoint
 
@@ -133,6 +134,25 @@ def test_a_prompt_format_that_fits_no_data_is_a_422_naming_its_key(api: Any, tin
     }
     response = submit(api, config)
     assert response.status_code == 422 and response.json()["error"]["details"]["field"] == "extraction.prompt_format"
+
+
+def test_a_chat_dataset_is_a_422_naming_the_probe_dataset(api: Any, tiny_llama: Path) -> None:
+    dataset = upload_rows(api, [CONVERSATION], "chat")
+    config = {
+        "experiment": {"name": "x"},
+        "model": {"name": str(tiny_llama)},
+        "extraction": {"layers": [1]},
+        "probe": {"dataset": dataset["id"]},
+    }
+    response = submit(api, config)
+    assert response.status_code == 422, response.json()
+    error = response.json()["error"]
+    assert (error["details"]["field"], error["details"]["dataset"]) == ("probe.dataset", dataset["id"])
+    assert error["message"] == (
+        f"probe.dataset: dataset {dataset['id']} holds chat conversations, which have no labels to probe; "
+        "chat datasets are for fine-tuning"
+    )
+    assert api.get("/v1/jobs", params={"kind": "experiment"}).json()["items"] == []
 
 
 def test_unknown_keys_are_a_422_naming_each(api: Any) -> None:

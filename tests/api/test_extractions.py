@@ -11,8 +11,10 @@ import pytest
 import torch
 
 from app.settings import Settings
+from tests.api.test_datasets import CONVERSATION
 from tests.api.test_jobs import run_queued_jobs
 from tests.api.test_models import register
+from tests.api.test_probes import upload_rows
 from tests.conftest import Stack, wait_for_job
 
 TEXTS = [
@@ -198,6 +200,21 @@ def test_an_unknown_reference_is_a_404(api: Any, tiny_llama: Path, field: str, v
     response = api.post("/v1/extractions", json=body)
     assert response.status_code == 404
     assert response.json()["error"]["details"]["resource"] == field
+
+
+def test_a_chat_dataset_is_a_422_naming_the_dataset_and_queues_nothing(api: Any, tiny_llama: Path) -> None:
+    dataset = upload_rows(api, [CONVERSATION], "chat")
+    model = register(api, tiny_llama).json()
+    response = api.post("/v1/extractions", json={"model": model["id"], "layers": [1], "dataset": dataset["id"]})
+    assert response.status_code == 422, response.json()
+    error = response.json()["error"]
+    assert (error["details"]["field"], error["details"]["dataset"]) == ("dataset", dataset["id"])
+    assert error["message"] == (
+        f"dataset: dataset {dataset['id']} holds chat conversations, which have no labels to probe; "
+        "chat datasets are for fine-tuning"
+    )
+    assert api.get("/v1/extractions").json()["items"] == []
+    assert [job["kind"] for job in api.get("/v1/jobs").json()["items"]] == ["model_check"]
 
 
 def test_hidden_states_before_the_job_ran_are_a_409(api: Any, tiny_llama: Path) -> None:

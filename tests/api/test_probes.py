@@ -288,6 +288,22 @@ def test_a_dataset_too_small_to_split_is_a_422(api: Any, tiny_llama: Path) -> No
     assert response.status_code == 422 and response.json()["error"]["details"]["field"] == "dataset"
 
 
+def test_a_chat_dataset_is_a_422_naming_the_dataset_and_queues_nothing(api: Any, tiny_llama: Path) -> None:
+    from tests.api.test_datasets import CONVERSATION
+
+    dataset = upload_rows(api, [CONVERSATION], "chat")
+    model = register(api, tiny_llama).json()
+    response = api.post("/v1/probes", json={"model": model["id"], "dataset": dataset["id"], "layers": [1]})
+    assert response.status_code == 422, response.json()
+    error = response.json()["error"]
+    assert (error["details"]["field"], error["details"]["dataset"]) == ("dataset", dataset["id"])
+    assert error["message"] == (
+        f"dataset: dataset {dataset['id']} holds chat conversations, which have no labels to probe; "
+        "chat datasets are for fine-tuning"
+    )
+    assert [job["kind"] for job in api.get("/v1/jobs").json()["items"]] == ["model_check"]
+
+
 def test_scoring_with_no_worker_in_time_answers_202_with_the_job(api: Any, settings: Any, tiny_llama: Path) -> None:
     from app.registry.database import create_registry_engine, session_factory
     from app.registry.tables import Probe, ProbeRun

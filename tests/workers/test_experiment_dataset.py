@@ -1,5 +1,6 @@
 """An experiment's dataset file is parsed as an upload is: a malformed one fails the job with
-the code, message and details the upload endpoint would answer, prefixed by the file's name."""
+the code, message and details the upload endpoint would answer, prefixed by the file's name;
+a file of chat conversations, which have no labels to probe, fails it too."""
 
 from pathlib import Path
 from types import SimpleNamespace
@@ -28,6 +29,19 @@ def test_a_malformed_row_fails_the_job_naming_the_file_its_line_and_field(tmp_pa
     assert failure.code == "invalid_row"
     assert failure.message == 'rows.jsonl: line 2: label must be 0 or 1 (or true/false), not "yes"'
     assert failure.details == {"line": 2, "field": "label"}
+
+
+def test_a_chat_file_fails_the_job_naming_the_file_before_it_is_registered(tmp_path: Path) -> None:
+    path = tmp_path / "chats.jsonl"
+    path.write_bytes(
+        b'{"messages": [{"role": "user", "content": "Hi?"}, {"role": "assistant", "content": "Hello."}]}\n'
+    )
+    failure = dataset_failure(path)  # the runtime has no registry: registering would fail otherwise
+    assert failure.code == "invalid_dataset"
+    assert failure.message == (
+        "chats.jsonl holds chat conversations, which have no labels to probe; chat datasets are for fine-tuning"
+    )
+    assert failure.details == {"field": "probe.dataset"}
 
 
 def test_a_file_that_is_not_utf8_fails_the_job_naming_the_file_and_its_line(tmp_path: Path) -> None:
