@@ -11,7 +11,7 @@ import numpy as np
 from sqlalchemy import update
 
 from app.calibration.binned import ece
-from app.calibration.reporting import calibration_report, paired_differences
+from app.calibration.reporting import calibration_report, paired_differences, paired_rate_difference
 from app.calibration.scoring import auroc, brier
 from app.inputs.prompt_formats import rendered_rows
 from app.job_kinds import ComparisonParameters
@@ -22,7 +22,7 @@ from workers.errors import JobFailed
 from workers.probes import probability_of_correct
 from workers.splits import stratified_split
 from workers.state_cache import StatesRequest, cached_states
-from workers.training import Labels, labels_for, train_probe, validation_summary
+from workers.training import Labels, labels_for, self_label_summary, train_probe, validation_summary
 
 if TYPE_CHECKING:
     from workers.context import JobContext
@@ -57,6 +57,26 @@ def _variants(session: Any, comparison: Comparison) -> list[Variant]:
 def _transfer(probe: Any, x: np.ndarray, y: np.ndarray) -> dict[str, Any]:
     p = probability_of_correct(probe, None, x)
     return {"auroc": auroc(y, p).value, "ece": ece(y, p).value, "brier": brier(y, p).value, "n": len(y)}
+
+
+def _answers(variants: list[Variant], rows: list[dict[str, Any]], resamples: int, seed: int) -> dict[str, Any]:
+    """How each model answered the multiple-choice questions, and by how much each adapter's
+    accuracy and letter picks differ from the base's on the same questions."""
+    summaries = {}
+    for variant in variants:
+        assert variant.labels is not None
+        summaries[variant.label] = self_label_summary(variant.labels, rows)
+    base = variants[0]
+    assert base.labels is not None
+    differences = {}
+    for variant in variants[1:]:
+        assert variant.labels is not None
+        own, theirs = summaries[variant.label]["picks"], summaries[base.label]["picks"]
+        differences[variant.label] = {
+            "accuracy": paired_rate_difference(base.labels.y, variant.labels.y, resamples=resamples, seed=seed),
+            "picks_total_variation": 0.5 * sum(abs(own[letter] - theirs[letter]) for letter in own) / len(rows),
+        }
+    return {"answers": summaries, "answer_differences": differences}
 
 
 def run(context: "JobContext[ComparisonParameters]") -> dict[str, Any]:
@@ -164,7 +184,9 @@ def run(context: "JobContext[ComparisonParameters]") -> dict[str, Any]:
             probes[(number, best_slot)], base_states[split.test, best_slot], base_y
         )
 
+    answers = _answers(variants, rows, resamples, seed) if dataset.kind == "multiple_choice" else {}
     report = {
+        **answers,
         "layer": layers[best_slot],
         "variants": reports,
         "differences": differences,

@@ -12,7 +12,6 @@ from typing import TYPE_CHECKING, Any
 from sqlalchemy import update
 
 from app.calibration.reporting import calibration_report
-from app.inputs.datasets import CHOICE_LETTERS
 from app.inputs.prompt_formats import render, rendered_rows
 from app.job_kinds import ProbeScoringParameters, ProbeTrainingParameters
 from app.registry.datasets import read_rows
@@ -22,7 +21,15 @@ from workers.errors import JobFailed
 from workers.probes import load_probe, probability_of_correct, save_probe
 from workers.splits import stratified_split
 from workers.state_cache import StatesRequest, cached_states
-from workers.training import Labels, TrainedProbe, best_candidate, labels_for, train_probe, validation_summary
+from workers.training import (
+    Labels,
+    TrainedProbe,
+    best_candidate,
+    labels_for,
+    self_label_summary,
+    train_probe,
+    validation_summary,
+)
 
 if TYPE_CHECKING:
     from workers.context import JobContext
@@ -122,20 +129,6 @@ def run(context: "JobContext[ProbeTrainingParameters]") -> dict[str, Any]:
     if labels.chosen is not None:
         result["self_labels"] = self_label_summary(labels, rows)
     return result
-
-
-def self_label_summary(labels: Labels, rows: list[dict[str, Any]]) -> dict[str, Any]:
-    """How the model answered a multiple-choice set, over all its rows: the fraction it got
-    right, and how often it picked each letter beside how often each letter is the gold
-    answer (a model that favours one letter shows it here)."""
-    assert labels.chosen is not None
-    letters = CHOICE_LETTERS[: max(len(row["choices"]) for row in rows)]
-    picks = dict.fromkeys(letters, 0)
-    answers = dict.fromkeys(letters, 0)
-    for chosen, row in zip(labels.chosen.tolist(), rows, strict=True):
-        picks[letters[chosen]] += 1
-        answers[letters[row["answer"]]] += 1
-    return {"n": len(rows), "accuracy": float(labels.y.mean()), "picks": picks, "answers": answers}
 
 
 def _write_probes(

@@ -10,6 +10,7 @@ import numpy as np
 from threadpoolctl import threadpool_limits
 
 from app.calibration.scoring import auroc, brier, nll
+from app.inputs.datasets import CHOICE_LETTERS
 from app.registry.tables import Adapter, Dataset, Model
 from workers.labelling import self_label
 from workers.probes import RECALIBRATOR_KINDS, MassMeanProbe, fit_logistic_probe
@@ -61,6 +62,20 @@ def labels_for(
         )
     context.progress("labelling", len(rows), len(rows))
     return Labels(y=labelled.labels, baseline=labelled.confidence, chosen=labelled.chosen)
+
+
+def self_label_summary(labels: Labels, rows: list[dict[str, Any]]) -> dict[str, Any]:
+    """How the model answered a multiple-choice set, over all its rows: the fraction it got
+    right, and how often it picked each letter beside how often each letter is the gold
+    answer (a model that favours one letter shows it here)."""
+    assert labels.chosen is not None
+    letters = CHOICE_LETTERS[: max(len(row["choices"]) for row in rows)]
+    picks = dict.fromkeys(letters, 0)
+    answers = dict.fromkeys(letters, 0)
+    for chosen, row in zip(labels.chosen.tolist(), rows, strict=True):
+        picks[letters[chosen]] += 1
+        answers[letters[row["answer"]]] += 1
+    return {"n": len(rows), "accuracy": float(labels.y.mean()), "picks": picks, "answers": answers}
 
 
 def validation_summary(y: np.ndarray, p: np.ndarray) -> dict[str, Any]:

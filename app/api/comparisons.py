@@ -116,6 +116,18 @@ def comparison_html(comparison_id: str, session: SessionDep, artifacts: Artifact
             prompt_format_note(comparison.prompt_format),
             *report["flags"],
         ]
+        for label, answered in (report.get("answers") or {}).items():
+            picks = ", ".join(f"{letter} {count}" for letter, count in answered["picks"].items())
+            notes.append(
+                f"{label} answers {answered['accuracy']:.1%} of {answered['n']} questions right; picks {picks}"
+            )
+        for label, moved in (report.get("answer_differences") or {}).items():
+            accuracy = moved["accuracy"]
+            low, high = accuracy["interval"] or (float("nan"), float("nan"))
+            notes.append(
+                f"{label} accuracy minus the base's: {accuracy['value']:+.1%} [{low:+.1%}, {high:+.1%}] "
+                f"({accuracy['estimator']}); letter picks moved by {moved['picks_total_variation']:.1%} (total variation)"
+            )
         for label, transfer in report["cross_transfer"].items():
             notes.append(
                 f"cross-transfer {label}: AUROC {transfer['auroc']:.3f}"

@@ -126,6 +126,27 @@ class CrossTransfer(StoredReportPart):
     n: int
 
 
+class SelfLabelSummary(StoredReportPart):
+    n: int
+    accuracy: float = Field(description="Fraction of the questions the model answered right.")
+    picks: dict[str, int] = Field(description="How often it picked each letter.")
+    answers: dict[str, int] = Field(description="How often each letter is the gold answer.")
+
+
+class RateDifference(StoredReportPart):
+    value: float
+    interval: list[float] | None
+    estimator: str
+
+
+class AnswerDifference(StoredReportPart):
+    accuracy: RateDifference = Field(description="The adapter's accuracy minus the base's, on the same questions.")
+    picks_total_variation: float = Field(
+        description="Half the sum over letters of the difference in the fraction of picks: 0 when both pick each "
+        "letter as often, 1 when they never pick the same."
+    )
+
+
 class ComparisonReport(StoredReportPart):
     """A base model and its adapters side by side on the same texts, split and layer."""
 
@@ -143,3 +164,13 @@ class ComparisonReport(StoredReportPart):
     )
     flags: list[str] = Field(description="What makes the comparison less than like for like.")
     test_n: int = Field(description="Items in the test split.")
+    answers: dict[str, SelfLabelSummary] | None = Field(
+        None,
+        description="Multiple choice only: by variant label, how each model answered every question of the dataset "
+        "(its accuracy, the letters it picked, the gold letters).",
+    )
+    answer_differences: dict[str, AnswerDifference] | None = Field(
+        None,
+        description="Multiple choice only: by adapter label, its accuracy minus the base's on the same questions with "
+        "a paired bootstrap interval, and how far its letter picks moved (total variation distance).",
+    )

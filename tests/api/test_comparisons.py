@@ -128,3 +128,33 @@ def test_a_comparison_report_before_it_is_done_is_a_409(api: Any, tiny_llama: Pa
     assert api.get("/v1/comparisons/cmp_t/report.svg").status_code == 409
     assert api.get("/v1/comparisons/cmp_t").json()["report"] is None
     assert api.get("/v1/comparisons/cmp_nope").status_code == 404
+
+
+def test_a_multiple_choice_comparison_reports_each_models_answers_and_the_paired_accuracy_difference(
+    stack: Stack, tiny_llama: Path, tmp_path: Path
+) -> None:
+    base = register(stack.client, tiny_llama).json()
+    adapter = adapter_for(stack, base, tiny_llama, tmp_path, seed=31)
+    rows = [
+        {"question": f"Which number is {n}?", "choices": [str(n), str(n + 1), str(n + 2)], "answer": n % 3}
+        for n in range(90)
+    ]
+    dataset = upload_rows(stack.client, rows, "numbers-90")
+    comparison = compare(stack, model=base["id"], adapters=[adapter], dataset=dataset["id"], layers=[2])
+    report = comparison["report"]
+    (base_label, adapter_label) = [variant["label"] for variant in report["variants"]]
+    answers = report["answers"]
+    for label in (base_label, adapter_label):
+        assert answers[label]["n"] == 90 and sum(answers[label]["picks"].values()) == 90
+        assert answers[label]["answers"] == {"A": 30, "B": 30, "C": 30}
+    moved = report["answer_differences"][adapter_label]
+    accuracy = moved["accuracy"]
+    assert accuracy["value"] == pytest.approx(answers[adapter_label]["accuracy"] - answers[base_label]["accuracy"])
+    low, high = accuracy["interval"]
+    assert low <= accuracy["value"] <= high
+    picks = [answers[label]["picks"] for label in (base_label, adapter_label)]
+    assert moved["picks_total_variation"] == pytest.approx(
+        sum(abs(picks[1][letter] - picks[0][letter]) for letter in "ABC") / 2 / 90
+    )
+    html = stack.client.get(f"/v1/comparisons/{comparison['id']}/report.html").text
+    assert "accuracy minus the base" in html
