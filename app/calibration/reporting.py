@@ -4,6 +4,8 @@ items, each difference with a paired percentile bootstrap interval."""
 
 from __future__ import annotations
 
+from typing import Any
+
 import numpy.typing as npt
 
 from app.calibration.binned import confidence_histogram, reliability_bins
@@ -80,7 +82,7 @@ def _estimate(metric: Metric, interval: Interval | None) -> Estimate:
 
 def paired_rate_difference(
     a: npt.ArrayLike, b: npt.ArrayLike, *, resamples: int = 1000, seed: int = 0, level: float = 0.95
-) -> dict[str, object]:
+) -> dict[str, Any]:
     """The mean of the 0/1 outcomes `b` minus that of `a` on the same items (how much more
     often model b answers right than model a, on the same questions), with a paired
     percentile bootstrap interval: items are resampled with replacement, both outcomes of an
