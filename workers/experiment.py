@@ -1,5 +1,5 @@
-"""The `experiment` job: an experiment config (docs/concepts.md#experiment-configs) run end to end in one job — adapter import, dataset,
-extraction, probes — each step through the same code as its own endpoint, so every step a
+"""The `experiment` job: an experiment config (docs/concepts.md#experiment-configs) run end to end in one job — a fine-tune
+or an adapter import, dataset, extraction, probes — each step through the same code as its own endpoint, so every step a
 previous run already did comes back from the registry or the cache."""
 
 from dataclasses import dataclass
@@ -8,6 +8,7 @@ from typing import Any, TypeVar
 
 from sqlalchemy import select, update
 
+from app.errors import ServiceError
 from app.inputs.datasets import InvalidDataset, UnlabelledDataset, default_name, parse_upload, require_labelled
 from app.inputs.prompt_formats import RAW, InvalidPromptFormat, check_prompt_format, data_kind
 from app.inputs.user_files import FileTooLarge, NotARegularFile, read_regular_file
@@ -15,21 +16,24 @@ from app.job_kinds import (
     AdapterImportParameters,
     ExperimentParameters,
     ExtractionParameters,
+    FinetuneParameters,
     JobParameters,
     ProbeTrainingParameters,
 )
 from app.registry.datasets import RegistrationRace, register_dataset
+from app.registry.finetunes import finetune_request, matching_finetune, new_finetune
 from app.registry.tables import (
     Adapter,
     Dataset,
     Experiment,
     Extraction,
+    Finetune,
     Model,
     ProbeRun,
     new_id,
     utcnow,
 )
-from workers import extraction, probe_training
+from workers import extraction, finetune, probe_training
 from workers.adapters import importer
 from workers.context import JobContext, subject_row
 from workers.errors import JobFailed
@@ -49,7 +53,9 @@ class StageContext(JobContext[StepParametersT]):
 
 
 def _step(context: JobContext[Any], step: str, params: StepParametersT) -> StageContext[StepParametersT]:
-    return StageContext(job_id=context.job_id, params=params, runtime=context.runtime, step=step)
+    return StageContext(
+        job_id=context.job_id, params=params, runtime=context.runtime, attempt=context.attempt, step=step
+    )
 
 
 def _labelled(kind: str, what: str) -> None:
@@ -139,13 +145,36 @@ def _probe_run(
     return finished
 
 
+def _finetuned_adapter(context: JobContext[ExperimentParameters], experiment: Experiment, model: Model) -> Adapter:
+    """The adapter of the config's fine-tune: from a finished fine-tune with the same
+    settings, or trained now as a `finetune` job would train it."""
+    request = finetune_request(experiment.config["finetune"], model.id, f"{experiment.name} fine-tune")
+    with context.runtime.sessions() as session, session.begin():
+        try:
+            row = new_finetune(session, request, context.job_id)
+        except ServiceError as exc:
+            raise JobFailed(exc.code, f"finetune: {exc.message}", **exc.details) from None
+        existing = matching_finetune(session, request, row.dataset_sha256, row.prompt_format)
+        if existing is None:
+            session.add(row)
+    finetune_id = existing.id if existing is not None else row.id
+    if existing is None:
+        finetune.run(_step(context, "fine-tune", FinetuneParameters(finetune_id=finetune_id)))
+    with context.runtime.sessions() as session:
+        finished = session.get(Finetune, finetune_id)
+        adapter = session.get(Adapter, finished.adapter_id) if finished and finished.adapter_id else None
+    if adapter is None:
+        raise JobFailed("not_found", f"the adapter of fine-tune {finetune_id} is gone")
+    return adapter
+
+
 def run(context: JobContext[ExperimentParameters]) -> dict[str, Any]:
     worker = context.runtime
     with worker.sessions() as session:
         experiment = subject_row(session, Experiment, context.params.experiment_id, "experiment")
         model = subject_row(session, Model, experiment.model_id, "model")
 
-    adapter = None
+    adapter = _finetuned_adapter(context, experiment, model) if experiment.config.get("finetune") else None
     source = context.params.adapter
     if source is not None:
         params = AdapterImportParameters(
@@ -203,6 +232,7 @@ def run(context: JobContext[ExperimentParameters]) -> dict[str, Any]:
         )
     return {
         "experiment_id": experiment.id,
+        "finetune_id": adapter.source if adapter and adapter.source_kind == "finetune" else None,
         "adapter_id": adapter.id if adapter else None,
         "dataset_id": dataset.id,
         "extraction_id": states.id,

@@ -20,6 +20,7 @@ from app.inputs.prompt_formats import InvalidPromptFormat, check_prompt_format, 
 from app.job_kinds import ExperimentParameters, ImportSource
 from app.registry.datasets import checked_labelled
 from app.registry.experiments import experiment_view, new_experiment, shown_experiment
+from app.registry.finetunes import finetune_request, new_finetune
 from app.registry.models import checked_prompt_format, resolve_layers
 from app.registry.tables import Dataset, Experiment
 from app.schemas.common import DISPLAY_NAME_MAX, ERROR_RESPONSES
@@ -90,6 +91,11 @@ def _named_in_config(exc: ServiceError) -> ServiceError:
 
 
 def _adapter_source(config: ExperimentConfig) -> str | None:
+    if config.finetune is not None and (config.tinker.enabled or config.model.tinker_lora_path):
+        raise invalid_field(
+            "finetune",
+            "an experiment fine-tunes its adapter or imports one (tinker, model.tinker_lora_path), not both",
+        )
     if config.tinker.enabled:
         if not config.tinker.checkpoint_path:
             raise invalid_field("tinker.checkpoint_path", "is required when tinker.enabled is true")
@@ -155,7 +161,9 @@ def _submit(
     except ServiceError as exc:
         raise invalid_field("extraction.prompt_format", exc.message.removeprefix("prompt_format: ")) from None
 
-    def prepare(_session: Session, job_id: str) -> jobs.Submission[Experiment]:
+    def prepare(session: Session, job_id: str) -> jobs.Submission[Experiment]:
+        if config.finetune is not None:  # checked as a fine-tune request; the worker makes the row
+            _checked_finetune(session, config, model.id, job_id)
         experiment = new_experiment(config, job_id, model.id)
         params = ExperimentParameters(
             experiment_id=experiment.id,
@@ -175,6 +183,29 @@ def _submit(
     job, experiment = jobs.submit(sessions, connection, settings, "experiment", prepare)
     response.headers["Location"] = f"/v1/experiments/{experiment.id}"
     return ExperimentAccepted(job=JobOut.of(job), experiment=experiment_view(experiment, job.status, None))
+
+
+def _checked_finetune(session: Session, config: ExperimentConfig, model_id: str, job_id: str) -> None:
+    """The config's fine-tune, checked as `POST /v1/finetunes` checks one, its errors named
+    under `finetune`."""
+    assert config.finetune is not None
+    try:
+        request = finetune_request(config.finetune.model_dump(), model_id, config.experiment.name)
+    except ValidationError as exc:
+        raise _body_errors(exc, ("finetune",)) from exc
+    try:
+        new_finetune(session, request, job_id)
+    except ServiceError as exc:
+        if exc.code == "not_found" and exc.details.get("resource") == "dataset":
+            raise invalid_field("finetune.dataset", f"no dataset with id {request.dataset!r}") from exc
+        field = exc.details.get("field")
+        if field is None:
+            raise
+        key = "finetune.dataset" if field == "dataset" else f"finetune.{field}"
+        message = f"{key}: {exc.message.removeprefix(f'{field}: ')}"
+        raise ServiceError(
+            exc.status, exc.code, message, headers=exc.headers, **(exc.details | {"field": key})
+        ) from exc
 
 
 @router.get("/{experiment_id}")

@@ -112,3 +112,43 @@ def list_finetunes(
 def finetune_view(finetune: Finetune, status: str) -> FinetuneOut:
     fields: dict[str, Any] = {name: getattr(finetune, name) for name in FinetuneOut.model_fields if name != "status"}
     return FinetuneOut(**fields, status=status)
+
+
+def finetune_request(config: dict[str, Any], model_id: str, default_name: str) -> FinetuneCreate:
+    """The fine-tune an experiment config's `finetune` section asks for, as a request."""
+    section = dict(config)
+    return FinetuneCreate(
+        base_model=model_id,
+        dataset=section["dataset"],
+        name=section.get("name") or default_name,
+        lora=section.get("lora") or {},
+        training=section.get("training") or {},
+        prompt_format=section.get("prompt_format"),
+    )
+
+
+def matching_finetune(
+    session: Session, request: FinetuneCreate, dataset_sha256: str, prompt_format: str
+) -> Finetune | None:
+    """A finished fine-tune that this request would repeat: the same base, dataset content and
+    prompt format, and every setting the request gives equal to the one that run used (a
+    setting it leaves to the run — the default targets, the steps of some epochs — matches
+    what the run resolved it to)."""
+    wanted = {"lora": request.lora.model_dump(), "training": request.training.model_dump()}
+    resolved_later = {"target_modules", "steps"}
+    for row in session.scalars(
+        select(Finetune).where(
+            Finetune.base_model_id == request.base_model,
+            Finetune.dataset_sha256 == dataset_sha256,
+            Finetune.prompt_format == prompt_format,
+            Finetune.adapter_id.is_not(None),
+        )
+    ):
+        used = row.settings
+        if all(
+            used[part].get(key) == value or (value is None and key in resolved_later)
+            for part, values in wanted.items()
+            for key, value in values.items()
+        ):
+            return row
+    return None

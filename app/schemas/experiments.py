@@ -7,6 +7,7 @@ from pydantic import BaseModel, Field
 
 from app.inputs.model_sources import Revision
 from app.schemas.common import Dtype, Quantization, Request, prompt_format_field
+from app.schemas.finetunes import LoraSettings, TrainingSettings
 from app.schemas.jobs import JobOut, JobStatus
 from app.schemas.probes import ProbeMethod, Recalibration
 
@@ -51,12 +52,31 @@ class ExperimentProbe(Request):
     recalibration: Recalibration | None = None
 
 
+class ExperimentFinetune(Request):
+    """Fine-tune the model first (docs/concepts.md#fine-tunes) and probe the adapter it makes:
+    the seed's "fine-tune, then probe" as one config. Excludes an imported adapter."""
+
+    dataset: str = Field(description="Id of a registered dataset to fine-tune on (statements, multiple choice, chat).")
+    name: str | None = Field(
+        None, min_length=1, max_length=200, description="The adapter's name; default: the experiment's."
+    )
+    lora: LoraSettings = Field(default_factory=LoraSettings)
+    training: TrainingSettings = Field(default_factory=TrainingSettings)
+    prompt_format: str | None = prompt_format_field(
+        None, "How each example's prompt is written; default `raw`, `chat` for chat data."
+    )
+
+
 class ExperimentConfig(Request):
     """The experiment config format of the seed framework (docs/concepts.md#experiment-configs)."""
 
     experiment: ExperimentMeta
     model: ExperimentModel
     tinker: ExperimentTinker = Field(default_factory=ExperimentTinker)
+    finetune: ExperimentFinetune | None = Field(
+        None,
+        description="Fine-tune the model first and probe the adapter; excludes `tinker` and `model.tinker_lora_path`.",
+    )
     extraction: ExperimentExtraction
     probe: ExperimentProbe
 

@@ -196,3 +196,66 @@ def test_tinker_enabled_without_a_checkpoint_is_a_422(api: Any, tiny_llama: Path
 
 def test_an_unknown_experiment_is_a_404(api: Any) -> None:
     assert api.get("/v1/experiments/exp_nope").status_code == 404
+
+
+def _number_questions(stack_or_api: Any) -> dict[str, Any]:
+    rows = [
+        {"question": f"Which number is {n}?", "choices": [str(n), str(n + 1), str(n + 2)], "answer": n % 3}
+        for n in range(30)
+    ]
+    return upload_rows(stack_or_api, rows, "numbers-30")
+
+
+def test_a_config_with_a_finetune_section_probes_the_adapter_it_trained_and_reuses_it_on_a_rerun(
+    stack: Stack, cached_model: str, tmp_path: Path
+) -> None:
+    questions = _number_questions(stack.client)
+    config = {
+        "experiment": {"name": "finetune-then-probe", "seed": 3},
+        "model": {"name": cached_model},
+        "finetune": {
+            "dataset": questions["id"],
+            "lora": {"r": 4, "lora_alpha": 8, "target_modules": ["q_proj", "v_proj"]},
+            "training": {"steps": 3, "batch_size": 4},
+        },
+        "extraction": {"layers": [1, 2]},
+        "probe": {"dataset": str(cities_file(stack, f"{tmp_path.name}.jsonl"))},
+    }
+    first = finished(stack, config)
+    finetune = stack.client.get(f"/v1/finetunes/{first['result']['finetune_id']}").json()
+    assert finetune["status"] == "succeeded" and finetune["adapter_id"] == first["result"]["adapter_id"]
+    assert finetune["name"] == "finetune-then-probe fine-tune" and finetune["dataset_id"] == questions["id"]
+    run = stack.client.get(f"/v1/probe-runs/{first['result']['probe_run_id']}").json()
+    assert run["adapter_id"] == finetune["adapter_id"]
+
+    again = finished(stack, config)
+    assert again["result"]["finetune_id"] == finetune["id"]  # the finished fine-tune, not a second one
+    assert again["result"]["probe_run_id"] == first["result"]["probe_run_id"]
+
+
+@pytest.mark.parametrize(
+    ("finetune", "extra", "field"),
+    [
+        ({"lora": {"r": 0}}, {}, "finetune.lora.r"),
+        ({"training": {"colour": 1}}, {}, "finetune.training.colour"),
+        ({"dataset": "dst_nope"}, {}, "finetune.dataset"),
+        ({"prompt_format": "{text}"}, {}, "finetune.prompt_format"),
+        ({}, {"tinker_lora_path": "somewhere"}, "finetune"),
+    ],
+)
+def test_a_bad_finetune_section_is_a_422_naming_its_key(
+    api: Any, tiny_llama: Path, finetune: dict[str, Any], extra: dict[str, Any], field: str
+) -> None:
+    questions = _number_questions(api)
+    config = {
+        "experiment": {"name": "bad"},
+        "model": {"name": str(tiny_llama), **extra},
+        "finetune": {"dataset": questions["id"], **finetune},
+        "extraction": {"layers": [1]},
+        "probe": {"dataset": questions["id"]},
+    }
+    response = submit(api, config)
+    assert response.status_code == 422, response.json()
+    error = response.json()["error"]
+    assert (error["details"].get("field") or error["details"]["fields"][0]["field"]) == field, error
+    assert api.get("/v1/finetunes").json()["items"] == []
