@@ -2,8 +2,9 @@
 (`serve`) or in parts (`gateway`, `worker`), in `app.supervisor`; administers the registry
 on its database (`migrate`, `janitor`, `keys`) in `app.admin`; and uses a running service
 through its API (`models`, `adapters`, `datasets`, `extract`, `probes`, `compare`,
-`experiment`, `jobs`) in `confprobe_client.cli`, which needs only the client package (the API
-key comes from CONFPROBE_API_KEY). `python -m app.cli` is how `serve` starts its parts."""
+`finetune`, `finetunes`, `experiment`, `jobs`) in `confprobe_client.cli`, which needs only
+the client package (the API key comes from CONFPROBE_API_KEY). `python -m app.cli` is how
+`serve` starts its parts."""
 
 import click
 

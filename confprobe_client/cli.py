@@ -1,5 +1,5 @@
 """`confprobe`'s API commands (`models`, `adapters`, `datasets`, `extract`, `probes`,
-`compare`, `experiment`, `jobs`): a running service used through `Client`, with progress
+`compare`, `finetune`, `finetunes`, `experiment`, `jobs`): a running service used through `Client`, with progress
 bars, `--json` and an exit code per kind of failure. Like the rest of the package it never
 imports the service's own code or torch, so it works on any machine with the client."""
 
@@ -25,7 +25,9 @@ from confprobe_client.formatting import (
     COMPARISON_COLUMNS,
     DATASET_COLUMNS,
     EXTRACTION_COLUMNS,
+    FINETUNE_COLUMNS,
     JOB_COLUMNS,
+    LOSS_POINT_COLUMNS,
     MODEL_COLUMNS,
     PROBE_COLUMNS,
     RUN_COLUMNS,
@@ -214,7 +216,7 @@ def remove_adapter(api: ApiContext, adapter_id: str, force: bool) -> None:
 
 @main.group(cls=ApiGroup)
 def datasets() -> None:
-    """Statements and multiple-choice datasets."""
+    """Statements, multiple-choice and chat datasets."""
 
 
 @datasets.command("add")
@@ -222,8 +224,8 @@ def datasets() -> None:
 @click.option("--name", help="Display name [default: the file name].")
 @pass_api
 def add_dataset(api: ApiContext, file: Path, name: str | None) -> None:
-    """Upload FILE (JSONL or CSV): statements {text, label} or multiple choice {question,
-    choices, answer}."""
+    """Upload FILE (JSONL or CSV): statements {text, label}, multiple choice {question,
+    choices, answer}, or chat {messages} (for fine-tuning only)."""
     api.show(api.client().upload_dataset(file, name=name), DATASET_COLUMNS)
 
 
@@ -428,6 +430,154 @@ def compare(
     click.echo(f"comparison {comparison.id}, layer {comparison.report.layer}")
 
 
+@main.command(cls=ApiCommand)
+@click.option("--model", required=True, help="Id of the base model.")
+@click.option("--dataset", required=True, help="Id of a statements, multiple-choice or chat dataset.")
+@click.option("--name", required=True, help="Name of the adapter it registers.")
+@click.option("--steps", type=int, help="Optimizer steps (training.steps) [default: one epoch].")
+@click.option("--epochs", type=float, help="Passes over the training examples (training.epochs), instead of --steps.")
+@click.option(
+    "--learning-rate", type=float, help="AdamW's peak learning rate (training.learning_rate) [default: 1e-4]."
+)
+@click.option(
+    "--batch-size", type=int, help="Examples per forward and backward pass (training.batch_size) [default: 8]."
+)
+@click.option(
+    "--max-length",
+    type=int,
+    help="Most tokens of one example; longer ones are left out (training.max_length) [default: 512].",
+)
+@click.option("--seed", type=int, help="Seed of the initialisation and data order (training.seed) [default: 0].")
+@click.option(
+    "--validation-fraction",
+    type=float,
+    help="Examples held out for the validation loss (training.validation_fraction) [default: 0.1].",
+)
+@click.option("--rank", "-r", "r", type=int, help="LoRA rank (lora.r) [default: 32].")
+@click.option("--lora-alpha", type=float, help="The update is scaled by alpha / rank (lora.lora_alpha) [default: 32].")
+@click.option(
+    "--target-module",
+    "target_modules",
+    multiple=True,
+    metavar="NAME",
+    help="A linear layer of the blocks to adapt, e.g. q_proj; repeat for more (lora.target_modules) "
+    "[default: every one].",
+)
+@click.option(
+    "--prompt-format",
+    metavar="FORMAT",
+    help="How each example's prompt is written: raw, chat (the model's chat template), or a template naming "
+    "{text} ({question} and {choices} for multiple choice) [default: raw; chat for a chat dataset].",
+)
+@no_wait_option
+@pass_api
+def finetune(
+    api: ApiContext,
+    model: str,
+    dataset: str,
+    name: str,
+    steps: int | None,
+    epochs: float | None,
+    learning_rate: float | None,
+    batch_size: int | None,
+    max_length: int | None,
+    seed: int | None,
+    validation_fraction: float | None,
+    r: int | None,
+    lora_alpha: float | None,
+    target_modules: tuple[str, ...],
+    prompt_format: str | None,
+    no_wait: bool,
+) -> None:
+    """Fine-tune a LoRA adapter of a base model on a dataset, following each step's loss, and
+    show the fine-tune with the adapter it registered and its final and best validation
+    losses. The settings are checked by the service, which names the one it refuses."""
+    if steps is not None and epochs is not None:
+        raise click.UsageError("give --steps or --epochs, not both")
+    client = api.client()
+    started = client.create_finetune(
+        model,
+        dataset,
+        name,
+        steps=steps,
+        epochs=epochs,
+        learning_rate=learning_rate,
+        batch_size=batch_size,
+        max_length=max_length,
+        seed=seed,
+        validation_fraction=validation_fraction,
+        r=r,
+        lora_alpha=lora_alpha,
+        target_modules=target_modules or None,
+        prompt_format=prompt_format,
+    )
+    if no_wait:
+        api.show(started, FINETUNE_COLUMNS)
+        if not api.as_json:
+            click.echo(f"job: {started.job_id}")
+        return
+    client.wait(started.job_id)
+    api.show(client.get_finetune(started.id), FINETUNE_COLUMNS)
+
+
+@main.group(cls=ApiGroup)
+def finetunes() -> None:
+    """Fine-tunes: list, show, their loss history and report."""
+
+
+@finetunes.command("ls")
+@click.option("--base-model", help="Only the fine-tunes of this base model.")
+@click.option("--limit", type=click.IntRange(1, 200), default=50, show_default=True)
+@pass_api
+def list_finetunes(api: ApiContext, base_model: str | None, limit: int) -> None:
+    """Fine-tunes, newest first."""
+    api.show(api.client().list_finetunes(base_model=base_model, limit=limit).items, FINETUNE_COLUMNS)
+
+
+@finetunes.command("show")
+@click.argument("finetune_id")
+@pass_api
+def show_finetune(api: ApiContext, finetune_id: str) -> None:
+    """A fine-tune: its status, the adapter it registered and its losses."""
+    api.show(api.client().get_finetune(finetune_id), FINETUNE_COLUMNS)
+
+
+@finetunes.command("history")
+@click.argument("finetune_id")
+@pass_api
+def finetune_history(api: ApiContext, finetune_id: str) -> None:
+    """Every step's loss, learning rate and completion tokens, and the validation loss where
+    it was computed (once the run has ended)."""
+    api.show(api.client().finetune_history(finetune_id).points, LOSS_POINT_COLUMNS)
+
+
+@finetunes.command("report")
+@click.argument("finetune_id")
+@click.option(
+    "--out",
+    type=click.Path(dir_okay=False, writable=True, path_type=Path),
+    help="Where to write the HTML report [default: FINETUNE_ID.html].",
+)
+@click.option("--open", "open_in_browser", is_flag=True, help="Open the HTML report in a web browser.")
+@pass_api
+def finetune_report(api: ApiContext, finetune_id: str, out: Path | None, open_in_browser: bool) -> None:
+    """Write a fine-tune's report (its loss curve and what the run was) as HTML and show the
+    fine-tune."""
+    client = api.client()
+    path = out or Path(f"{finetune_id}.html")
+    path.write_text(client.finetune_report_html(finetune_id), encoding="utf-8")
+    finished = client.get_finetune(finetune_id)
+    if api.as_json:
+        click.echo(json.dumps(finished.model_dump(mode="json") | {"html": str(path)}, indent=2))
+    else:
+        api.show(finished, FINETUNE_COLUMNS)
+        click.echo(f"report: {path}")
+    if open_in_browser:
+        import webbrowser
+
+        webbrowser.open(path.resolve().as_uri())
+
+
 @main.group(cls=ApiGroup)
 def experiment() -> None:
     """Experiment configs (the seed framework's YAML) run as one job."""
@@ -459,7 +609,7 @@ def jobs() -> None:
 
 @jobs.command("ls")
 @click.option("--status", type=click.Choice(get_args(JobStatus)))
-@click.option("--kind", help="e.g. extraction, probe_training, adapter_import, model_check.")
+@click.option("--kind", help="e.g. extraction, probe_training, adapter_import, model_check, finetune.")
 @click.option("--limit", type=click.IntRange(1, 200), default=50, show_default=True)
 @pass_api
 def list_jobs(api: ApiContext, status: JobStatus | None, kind: str | None, limit: int) -> None:

@@ -17,9 +17,11 @@ from confprobe_client.types import (
     Dataset,
     Experiment,
     Extraction,
+    Finetune,
     Health,
     Job,
     JobStatus,
+    LossHistory,
     Model,
     Page,
     Probe,
@@ -117,8 +119,9 @@ class Client:
     # --- datasets --------------------------------------------------------------------------
 
     def upload_dataset(self, path: str | Path, name: str | None = None) -> Dataset:
-        """Upload JSONL or CSV: statements `{text, label}` or multiple choice `{question,
-        choices, answer}`. The same rows again give the same dataset."""
+        """Upload JSONL or CSV: statements `{text, label}`, multiple choice `{question,
+        choices, answer}` or chat `{messages}` (for fine-tuning only). The same rows again
+        give the same dataset."""
         path = Path(path)
         with path.open("rb") as handle:
             answer = self._api.json(
@@ -409,6 +412,137 @@ class Client:
     def comparison_report_svg(self, comparison_id: str) -> str:
         return self._api.send("GET", f"/v1/comparisons/{comparison_id}/report.svg").text
 
+    # --- fine-tunes ------------------------------------------------------------------------
+
+    def create_finetune(
+        self,
+        base_model: str,
+        dataset: str,
+        name: str,
+        *,
+        steps: int | None = None,
+        epochs: float | None = None,
+        learning_rate: float | None = None,
+        batch_size: int | None = None,
+        max_length: int | None = None,
+        seed: int | None = None,
+        validation_fraction: float | None = None,
+        r: int | None = None,
+        lora_alpha: float | None = None,
+        target_modules: Sequence[str] | None = None,
+        lora: dict[str, Any] | None = None,
+        training: dict[str, Any] | None = None,
+        prompt_format: str | None = None,
+        backend: str | None = None,
+    ) -> Finetune:
+        """Queue a LoRA fine-tune of `base_model` on `dataset` (statements, multiple choice or
+        chat), whose adapter is registered as `name`; follow its `job_id`, then `get_finetune`.
+        The keywords set the common settings; `lora` {r, lora_alpha, dropout, target_modules}
+        and `training` {learning_rate, lr_schedule, warmup_steps, weight_decay, max_grad_norm,
+        steps, epochs, batch_size, gradient_accumulation_steps, max_length, seed,
+        validation_fraction, validation_every, checkpoint_every} take any of them, and the
+        service's defaults apply to the rest. A setting given both ways raises `TypeError`."""
+        body = _without_none(
+            base_model=base_model,
+            dataset=dataset,
+            name=name,
+            backend=backend,
+            prompt_format=prompt_format,
+            lora=_settings(
+                "lora",
+                lora,
+                r=r,
+                lora_alpha=lora_alpha,
+                target_modules=list(target_modules) if target_modules is not None else None,
+            ),
+            training=_settings(
+                "training",
+                training,
+                steps=steps,
+                epochs=epochs,
+                learning_rate=learning_rate,
+                batch_size=batch_size,
+                max_length=max_length,
+                seed=seed,
+                validation_fraction=validation_fraction,
+            ),
+        )
+        return Finetune.model_validate(self._api.json("POST", "/v1/finetunes", json=body)["finetune"])
+
+    def finetune(
+        self,
+        base_model: str,
+        dataset: str,
+        name: str,
+        *,
+        steps: int | None = None,
+        epochs: float | None = None,
+        learning_rate: float | None = None,
+        batch_size: int | None = None,
+        max_length: int | None = None,
+        seed: int | None = None,
+        validation_fraction: float | None = None,
+        r: int | None = None,
+        lora_alpha: float | None = None,
+        target_modules: Sequence[str] | None = None,
+        lora: dict[str, Any] | None = None,
+        training: dict[str, Any] | None = None,
+        prompt_format: str | None = None,
+        backend: str | None = None,
+        timeout: float | None = None,
+        progress: bool = True,
+    ) -> Finetune:
+        """Fine-tune, wait (the progress bar shows each step's loss), and return the finished
+        fine-tune with its `adapter_id` and `summary`; raises `JobFailed` when the run fails
+        or is cancelled. The settings are `create_finetune`'s."""
+        started = self.create_finetune(
+            base_model,
+            dataset,
+            name,
+            steps=steps,
+            epochs=epochs,
+            learning_rate=learning_rate,
+            batch_size=batch_size,
+            max_length=max_length,
+            seed=seed,
+            validation_fraction=validation_fraction,
+            r=r,
+            lora_alpha=lora_alpha,
+            target_modules=target_modules,
+            lora=lora,
+            training=training,
+            prompt_format=prompt_format,
+            backend=backend,
+        )
+        self.wait(started.job_id, timeout=timeout, progress=progress)
+        return self.get_finetune(started.id)
+
+    def get_finetune(self, finetune_id: str) -> Finetune:
+        return Finetune.model_validate(self._api.json("GET", f"/v1/finetunes/{finetune_id}"))
+
+    def list_finetunes(
+        self, base_model: str | None = None, cursor: str | None = None, limit: int = 50
+    ) -> Page[Finetune]:
+        params = _without_none(base_model=base_model, cursor=cursor, limit=limit)
+        return Page[Finetune].model_validate(self._api.json("GET", "/v1/finetunes", params=params))
+
+    def finetune_history(self, finetune_id: str) -> LossHistory:
+        """Every step's loss, learning rate and completion tokens, and the validation loss
+        where it was computed. Raises `Conflict` until the run has ended (each step's loss is
+        in the job's `progress.details` meanwhile)."""
+        return LossHistory.model_validate(self._api.json("GET", f"/v1/finetunes/{finetune_id}/history"))
+
+    def finetune_loss_svg(self, finetune_id: str) -> str:
+        return self._api.send("GET", f"/v1/finetunes/{finetune_id}/loss.svg").text
+
+    def finetune_loss_png(self, finetune_id: str) -> bytes:
+        return self._api.send("GET", f"/v1/finetunes/{finetune_id}/loss.png").content
+
+    def finetune_report_html(self, finetune_id: str) -> str:
+        """A standalone page: the loss curve and what the run was (base, dataset, settings,
+        summary)."""
+        return self._api.send("GET", f"/v1/finetunes/{finetune_id}/report.html").text
+
     # --- Tinker ----------------------------------------------------------------------------
 
     def tinker_models(self) -> list[TinkerModel]:
@@ -479,6 +613,18 @@ class Client:
 def _without_none(**fields: Any) -> dict[str, Any]:
     """Request fields the caller gave; the service's defaults apply to the rest."""
     return {name: value for name, value in fields.items() if value is not None}
+
+
+def _settings(group: str, given: dict[str, Any] | None, **named: Any) -> dict[str, Any] | None:
+    """A nested group of settings: `given` with the keywords the caller set added to it."""
+    merged = dict(given or {})
+    for key, value in named.items():
+        if value is None:
+            continue
+        if key in merged:
+            raise TypeError(f"{key} is given twice: as {key}= and in {group}")
+        merged[key] = value
+    return merged or None
 
 
 def _last_path_part(source: str) -> str:

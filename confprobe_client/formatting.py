@@ -29,6 +29,11 @@ def interval(bounds: list[float] | None) -> str:
     return f"[{bounds[0]:.3f}, {bounds[1]:.3f}]" if bounds else "-"
 
 
+def loss(value: float | None) -> str:
+    """A loss to three decimals; "-" until there is one."""
+    return "-" if value is None else f"{value:.3f}"
+
+
 MODEL_COLUMNS: list[Column] = [
     ("ID", lambda m: m.id),
     ("NAME", lambda m: m.name),
@@ -108,4 +113,20 @@ COMPARISON_COLUMNS: list[Column] = [
     ("STATUS", lambda c: c.status),
     ("ADAPTERS", lambda c: ",".join(c.adapter_ids)),
     ("LAYER", lambda c: str(c.report.layer) if c.report else "-"),
+]
+FINETUNE_COLUMNS: list[Column] = [
+    ("ID", lambda f: f.id),
+    ("NAME", lambda f: f.name),
+    ("STATUS", lambda f: f.status),
+    ("ADAPTER", lambda f: f.adapter_id or "-"),
+    ("LOSS", lambda f: loss(f.final_loss)),
+    ("VAL LOSS", lambda f: loss(f.final_validation_loss)),
+    ("BEST VAL", lambda f: loss(f.best_validation_loss)),
+]
+LOSS_POINT_COLUMNS: list[Column] = [
+    ("STEP", lambda p: str(p.step)),
+    ("LOSS", lambda p: loss(p.loss)),
+    ("LR", lambda p: f"{p.learning_rate:.2e}"),
+    ("TOKENS", lambda p: str(p.tokens)),
+    ("VAL LOSS", lambda p: loss(p.validation_loss)),
 ]

@@ -33,9 +33,14 @@ class Readiness(Answer):
 
 
 class Progress(Answer):
+    """Where a job is: `done` of `total` in `stage`, and `details`, the figures of this point
+    where the stage has some (a fine-tune's step: `loss`, `learning_rate`, `tokens`, and
+    `validation_loss` where it was computed)."""
+
     stage: str | None
     done: int
     total: int | None
+    details: dict[str, Any] | None = None
 
 
 class JobError(Answer):
@@ -83,6 +88,7 @@ class Model(Answer):
     parameter_count: int | None
     memory_footprint_bytes: int | None
     has_chat_template: bool | None
+    linear_modules: list[str] | None = None  # what a fine-tune's LoRA may target; None until checked
     check_job_id: str | None
     created_at: datetime
     updated_at: datetime
@@ -345,6 +351,56 @@ class Page(Answer, Generic[Item]):
 
     items: list[Item]
     next_cursor: str | None
+
+
+class Finetune(Answer):
+    """A LoRA adapter trained from a base model and a dataset. `settings` holds every setting
+    the run used (`lora` and `training`, defaults filled in); `summary` (None until it
+    succeeds) the examples used and left out and the final and best losses."""
+
+    id: str
+    job_id: str
+    status: JobStatus
+    name: str
+    backend: Literal["local"]
+    base_model_id: str
+    dataset_id: str
+    dataset_sha256: str
+    prompt_format: str
+    settings: dict[str, Any]
+    adapter_id: str | None
+    summary: dict[str, Any] | None
+    created_at: datetime
+    finished_at: datetime | None
+
+    @property
+    def final_loss(self) -> float | None:
+        """The training loss of the last step."""
+        return (self.summary or {}).get("final_loss")
+
+    @property
+    def final_validation_loss(self) -> float | None:
+        return (self.summary or {}).get("final_validation_loss")
+
+    @property
+    def best_validation_loss(self) -> float | None:
+        return (self.summary or {}).get("best_validation_loss")
+
+
+class LossPoint(Answer):
+    """One optimizer step: its mean cross-entropy over the completion tokens it covers, and
+    the loss on the held-out examples where it was computed."""
+
+    step: int
+    loss: float
+    learning_rate: float
+    tokens: int
+    validation_loss: float | None = None
+
+
+class LossHistory(Answer):
+    finetune_id: str
+    points: list[LossPoint]
 
 
 class Experiment(Answer):

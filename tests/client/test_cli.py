@@ -2,6 +2,7 @@
 the API's, aligned tables with the ids, and exit codes that tell failures apart."""
 
 import json
+import re
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -10,8 +11,8 @@ import numpy as np
 import pytest
 from click.testing import CliRunner, Result
 
-from confprobe_client import Client, Dataset, Model, cli
-from tests.client.test_client import TEXTS, hostile_archive, statements, write_jsonl
+from confprobe_client import Client, Dataset, Finetune, Model, cli
+from tests.client.test_client import QUICK_FINETUNE, TEXTS, hostile_archive, questions, statements, write_jsonl
 from tests.conftest import Stack
 
 Confprobe = Callable[..., Result]
@@ -41,6 +42,18 @@ def dataset(stack: Stack, tmp_path_factory: pytest.TempPathFactory) -> Dataset:
     return Client(http=stack.client).upload_dataset(
         write_jsonl(tmp_path_factory.mktemp("rows") / "sums.jsonl", statements())
     )
+
+
+@pytest.fixture(scope="module")
+def numbers(stack: Stack, tmp_path_factory: pytest.TempPathFactory) -> Dataset:
+    return Client(http=stack.client).upload_dataset(
+        write_jsonl(tmp_path_factory.mktemp("rows") / "numbers.jsonl", questions())
+    )
+
+
+@pytest.fixture(scope="module")
+def finetuned(stack: Stack, model: Model, numbers: Dataset) -> Finetune:
+    return Client(http=stack.client).finetune(model.id, numbers.id, "numbers-sft", **QUICK_FINETUNE, progress=False)
 
 
 @pytest.fixture
@@ -147,6 +160,67 @@ def test_no_wait_answers_with_the_queued_run_and_jobs_watch_follows_it(
     assert json.loads(watched.stdout)["status"] == "succeeded"
 
 
+def test_finetune_follows_each_steps_loss_and_prints_the_finished_finetune_as_the_api_shows_it(
+    confprobe: Confprobe, stack: Stack, model: Model, numbers: Dataset
+) -> None:
+    result = confprobe(
+        "--json",
+        "finetune",
+        "--model",
+        model.id,
+        "--dataset",
+        numbers.id,
+        "--name",
+        "cli-sft",
+        "--steps",
+        "4",
+        "--batch-size",
+        "4",
+        "-r",
+        "4",
+        "--target-module",
+        "q_proj",
+        "--target-module",
+        "v_proj",
+    )
+    assert result.exit_code == 0, result.output
+    printed = json.loads(result.stdout)
+    assert printed == stack.client.get(f"/v1/finetunes/{printed['id']}").json()
+    assert printed["status"] == "succeeded" and printed["adapter_id"].startswith("adp_")
+    assert (printed["settings"]["lora"]["r"], printed["settings"]["lora"]["target_modules"]) == (
+        4,
+        ["q_proj", "v_proj"],
+    )
+    assert "finetune: " in result.stderr and " loss " in result.stderr
+
+
+def test_finetunes_ls_shows_each_finetune_with_its_adapter_and_losses(
+    confprobe: Confprobe, finetuned: Finetune
+) -> None:
+    result = confprobe("finetunes", "ls", "--base-model", finetuned.base_model_id)
+    assert result.exit_code == 0, result.output
+    header, *rows = result.stdout.splitlines()
+    assert re.split(r"\s{2,}", header) == ["ID", "NAME", "STATUS", "ADAPTER", "LOSS", "VAL LOSS", "BEST VAL"]
+    row = next(row for row in rows if row.startswith(finetuned.id))
+    assert row.index(finetuned.adapter_id or "") == header.index("ADAPTER")
+    assert row.rstrip().endswith(f"{finetuned.best_validation_loss:.3f}")
+
+
+def test_finetunes_history_as_json_is_the_apis_points(confprobe: Confprobe, stack: Stack, finetuned: Finetune) -> None:
+    result = confprobe("--json", "finetunes", "history", finetuned.id)
+    assert result.exit_code == 0, result.output
+    assert json.loads(result.stdout) == stack.client.get(f"/v1/finetunes/{finetuned.id}/history").json()["points"]
+
+
+def test_finetunes_report_writes_the_loss_curves_page(
+    confprobe: Confprobe, finetuned: Finetune, tmp_path: Path
+) -> None:
+    out = tmp_path / "finetune.html"
+    result = confprobe("finetunes", "report", finetuned.id, "--out", str(out))
+    assert result.exit_code == 0, result.output
+    assert 'id="loss-curve"' in out.read_text() and result.stdout.splitlines()[-1] == f"report: {out}"
+
+
 def test_jobs_ls_as_json_is_the_apis_list(confprobe: Confprobe, stack: Stack, model: Model) -> None:
     result = confprobe("--json", "jobs", "ls", "--kind", "model_check")
     assert result.exit_code == 0, result.output
@@ -168,6 +242,15 @@ def test_an_invalid_request_exits_4_with_the_error_envelope_under_json(
     assert result.exit_code == 4
     error = json.loads(result.stderr)["error"]
     assert error["code"] == "invalid_field" and error["details"]["field"] == "layers"
+
+
+def test_a_finetune_refused_by_the_service_exits_4_naming_the_setting(
+    confprobe: Confprobe, model: Model, numbers: Dataset
+) -> None:
+    result = confprobe("--json", "finetune", "--model", model.id, "--dataset", numbers.id, "--name", "x", "--rank", "0")
+    assert result.exit_code == 4, result.output
+    error = json.loads(result.stderr)["error"]
+    assert (error.get("details", {}).get("field") or error["details"]["fields"][0]["field"]) == "lora.r"
 
 
 def test_cancelling_a_finished_job_exits_4(confprobe: Confprobe, model: Model) -> None:
@@ -203,6 +286,12 @@ def test_an_unreachable_service_exits_6(args: list[str], env: dict[str, Any]) ->
 def test_a_usage_error_exits_2() -> None:
     result = CliRunner().invoke(cli.main, ["extract", "--model", "mdl_x", "--layers", "1"])
     assert result.exit_code == 2 and "--texts-file" in result.stderr
+
+
+def test_finetune_with_both_steps_and_epochs_is_a_usage_error() -> None:
+    args = ["finetune", "--model", "mdl_x", "--dataset", "dst_x", "--name", "x", "--steps", "4", "--epochs", "1"]
+    result = CliRunner().invoke(cli.main, args)
+    assert result.exit_code == 2 and "--steps or --epochs" in result.stderr
 
 
 def test_experiment_run_follows_the_job_and_lists_what_it_made(

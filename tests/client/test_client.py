@@ -22,6 +22,7 @@ from confprobe_client import (
     Client,
     Conflict,
     Dataset,
+    Finetune,
     InvalidRequest,
     JobFailed,
     Model,
@@ -39,6 +40,26 @@ TEXTS = ["The city of Paris is in France.", "The city of Tokyo is in Japan.", "F
 def statements(count: int = 60) -> list[dict[str, Any]]:
     """Sums, right (label 1) and off by one (label 0): enough rows for a stratified split."""
     return [{"text": f"{i} plus {i + 3} is {2 * i + 3 + i % 2}.", "label": 1 - i % 2} for i in range(count)]
+
+
+def questions(count: int = 30) -> list[dict[str, Any]]:
+    """Multiple choice whose answer is the number itself, among three: enough rows to hold out
+    a validation fraction of 0.1."""
+    return [
+        {"question": f"Which number is {n}?", "choices": [str(n), str(n + 1), str(n + 2)], "answer": n % 3}
+        for n in range(count)
+    ]
+
+
+# a fine-tune of the tiny model in a few seconds: four steps of four examples, a rank-4 LoRA
+# on two of its layers
+QUICK_FINETUNE: dict[str, Any] = {
+    "steps": 4,
+    "batch_size": 4,
+    "r": 4,
+    "lora_alpha": 8,
+    "target_modules": ["q_proj", "v_proj"],
+}
 
 
 def write_jsonl(path: Path, rows: list[dict[str, Any]]) -> Path:
@@ -77,6 +98,18 @@ def trained(stack: Stack, tiny_llama_template: Path, tmp_path_factory: pytest.Te
     model = client.register_model(str(tiny_llama_template), name="tiny")
     dataset = client.upload_dataset(write_jsonl(tmp_path_factory.mktemp("rows") / "sums.jsonl", statements()))
     return client.train(model.id, dataset.id, layers=[1, -1], method=["logistic", "mass_mean"], progress=False)
+
+
+@pytest.fixture(scope="module")
+def finetuned(stack: Stack, tiny_llama_template: Path, tmp_path_factory: pytest.TempPathFactory) -> Finetune:
+    """One finished fine-tune that the fine-tune tests read."""
+    client = Client(http=stack.client)
+    model = client.register_model(str(tiny_llama_template), name="tiny")
+    client.wait(model.check_job_id or "", progress=False)  # checked: its linear layers are known
+    dataset = client.upload_dataset(write_jsonl(tmp_path_factory.mktemp("rows") / "numbers.jsonl", questions()))
+    # a seed of its own: the same run again makes the same weights, which are the adapter that
+    # run registered (with that run as its source)
+    return client.finetune(model.id, dataset.id, "numbers-sft", **QUICK_FINETUNE, seed=1, progress=False)
 
 
 def test_a_registered_model_is_checked_by_a_worker_and_becomes_ready(client: Client, tiny_llama: Path) -> None:
@@ -265,6 +298,52 @@ def test_score_gives_a_confidence_per_text(client: Client, trained: ProbeRun) ->
     score = client.score(trained.probes[0].id, TEXTS)
     assert score.layer == trained.probes[0].layer and len(score.confidences) == len(TEXTS)
     assert all(0 <= confidence <= 1 for confidence in score.confidences)
+
+
+def test_finetune_returns_the_finished_finetune_with_the_adapter_it_registered(
+    client: Client, finetuned: Finetune
+) -> None:
+    assert finetuned.status == "succeeded" and finetuned.adapter_id is not None
+    assert finetuned.settings["training"]["steps"] == 4 and finetuned.summary is not None
+    assert finetuned.best_validation_loss is not None and finetuned.final_validation_loss is not None
+    assert finetuned.best_validation_loss <= finetuned.final_validation_loss
+    adapter = client.get_adapter(finetuned.adapter_id)
+    assert (adapter.source_kind, adapter.source, adapter.name) == ("finetune", finetuned.id, "numbers-sft")
+    assert (adapter.r, adapter.lora_alpha, sorted(adapter.target_modules)) == (4, 8, ["q_proj", "v_proj"])
+    assert client.get_finetune(finetuned.id) == finetuned
+    assert finetuned.id in [listed.id for listed in client.list_finetunes(base_model=finetuned.base_model_id).items]
+
+
+def test_a_finetunes_history_has_a_point_per_step_ending_on_its_final_validation_loss(
+    client: Client, finetuned: Finetune
+) -> None:
+    history = client.finetune_history(finetuned.id)
+    assert history.finetune_id == finetuned.id
+    assert [point.step for point in history.points] == [1, 2, 3, 4]
+    assert history.points[-1].validation_loss == finetuned.final_validation_loss
+    assert history.points[-1].loss == finetuned.final_loss
+    assert all(point.tokens > 0 and point.learning_rate >= 0 for point in history.points)
+
+
+def test_a_finetunes_loss_curve_comes_as_svg_png_and_a_report_page(client: Client, finetuned: Finetune) -> None:
+    assert "validation-loss" in client.finetune_loss_svg(finetuned.id)
+    assert client.finetune_loss_png(finetuned.id).startswith(b"\x89PNG")
+    assert 'id="loss-curve"' in client.finetune_report_html(finetuned.id)
+
+
+def test_finetune_raises_job_failed_when_no_example_fits_in_max_length(
+    client: Client, model: Model, tmp_path: Path
+) -> None:
+    dataset = client.upload_dataset(write_jsonl(tmp_path / "numbers.jsonl", questions()))
+    with pytest.raises(JobFailed) as failed:
+        client.finetune(model.id, dataset.id, "too-short", max_length=2, progress=False)
+    assert failed.value.code == "no_examples" and "max_length" in failed.value.message
+    assert client.list_finetunes(base_model=model.id).items[0].status == "failed"
+
+
+def test_a_finetune_setting_given_both_as_a_keyword_and_in_its_group_is_refused_before_sending() -> None:
+    with Client("http://127.0.0.1:1") as client, pytest.raises(TypeError, match="steps is given twice"):
+        client.create_finetune("mdl_x", "dst_x", "x", steps=4, training={"steps": 5})
 
 
 @pytest.mark.parametrize("module", ["confprobe_client", "confprobe_client.cli"], ids=["client", "command line"])

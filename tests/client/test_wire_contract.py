@@ -32,10 +32,13 @@ from confprobe_client.types import (
     Estimator,
     Experiment,
     Extraction,
+    Finetune,
     Health,
     Job,
     JobError,
     JobStatus,
+    LossHistory,
+    LossPoint,
     Model,
     Page,
     Precision,
@@ -83,6 +86,9 @@ MIRRORS: dict[type[BaseModel], str] = {
     CrossTransfer: "CrossTransfer",
     ValidationSummary: "ValidationSummary",
     Experiment: "ExperimentOut",
+    Finetune: "FinetuneOut",
+    LossPoint: "LossPoint",
+    LossHistory: "LossHistory",
     ApiKey: "ApiKeyOut",
     CreatedApiKey: "ApiKeyCreated",
     Score: "ScoreOut",
@@ -94,6 +100,7 @@ MIRRORS: dict[type[BaseModel], str] = {
     Page[Extraction]: "ExtractionPage",
     Page[Probe]: "ProbePage",
     Page[ApiKey]: "ApiKeyPage",
+    Page[Finetune]: "FinetunePage",
 }
 
 # Server schemas the document does not name, read from the service's own models instead.
@@ -112,6 +119,7 @@ ENVELOPES: dict[tuple[str, str], Any] = {
     ("ProbeAccepted", "run"): ProbeRun,
     ("ComparisonAccepted", "comparison"): Comparison,
     ("ExperimentAccepted", "experiment"): Experiment,
+    ("FinetuneAccepted", "finetune"): Finetune,
     ("TinkerModels", "models"): list[TinkerModel],
 }
 
