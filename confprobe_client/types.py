@@ -287,9 +287,30 @@ class CrossTransfer(Answer):
     n: int
 
 
+class SelfLabelSummary(Answer):
+    """How a model answered a multiple-choice set: its accuracy, its letter picks, the gold letters."""
+
+    n: int
+    accuracy: float
+    picks: dict[str, int]
+    answers: dict[str, int]
+
+
+class RateDifference(Answer):
+    value: float
+    interval: list[float] | None
+    estimator: str
+
+
+class AnswerDifference(Answer):
+    accuracy: RateDifference
+    picks_total_variation: float
+
+
 class ComparisonReport(Answer):
     """The base and its adapters side by side: `differences` and `cross_transfer` by label,
-    `per_layer_validation` by layer and then label."""
+    `per_layer_validation` by layer and then label; on multiple choice, `answers` and
+    `answer_differences` by label."""
 
     layer: int
     variants: list[ComparisonVariant]
@@ -298,6 +319,8 @@ class ComparisonReport(Answer):
     per_layer_validation: dict[str, dict[str, ValidationSummary]]
     flags: list[str]
     test_n: int
+    answers: dict[str, SelfLabelSummary] | None = None
+    answer_differences: dict[str, AnswerDifference] | None = None
 
 
 class Comparison(Answer):
