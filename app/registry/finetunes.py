@@ -19,7 +19,8 @@ CHAT_KIND = "chat"
 
 
 def _trainable(model: Model) -> None:
-    if not model.architecture.endswith(CAUSAL_LM_SUFFIXES):
+    # a GGUF file names its architecture (`llama`), and always holds a causal language model
+    if model.source_kind != "gguf" and not model.architecture.endswith(CAUSAL_LM_SUFFIXES):
         raise invalid_field(
             "base_model",
             f"model {model.id} is a {model.architecture}, not a causal language model: fine-tuning needs one "

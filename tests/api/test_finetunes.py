@@ -214,3 +214,17 @@ def test_cancelling_a_running_finetune_stops_it_and_removes_its_checkpoints(
     assert latest_checkpoint(open_store(settings), _finetune_row(settings, finetune_id)) is None
     assert api.get(f"/v1/finetunes/{finetune_id}/history").status_code == 409
     assert json.loads(api.get("/v1/adapters").content)["items"] == []
+
+
+def test_a_finetune_beyond_the_workers_memory_budget_fails_before_training(api: Any, tiny_llama: Path) -> None:
+    model = checked_model(api, tiny_llama)
+    dataset = upload_rows(api, QUESTIONS, "numbers")
+    created = api.post("/v1/finetunes", json=finetune_body(model, dataset, max_length=512, batch_size=64)).json()
+    footprint = model["memory_footprint_bytes"]
+    # room for the model and its LoRA state, not for the activations of 64 examples at a time
+    tight = api.app.state.settings.model_copy(update={"worker_memory_budget_mb": max(1, (footprint * 2) // 2**20)})
+    run_queued_jobs(tight)
+    job = api.get(f"/v1/jobs/{created['job']['id']}").json()
+    assert job["status"] == "failed" and job["error"]["code"] == "over_memory_budget", job
+    assert "WORKER_MEMORY_BUDGET_MB" in job["error"]["message"]
+    assert api.get(f"/v1/finetunes/{created['finetune']['id']}").json()["adapter_id"] is None
