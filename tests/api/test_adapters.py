@@ -283,15 +283,15 @@ def training_state(tinker_standin: Any, base_folder: Path, steps: int = 2) -> st
     makes one with `save_state`."""
     import tinker
 
+    from workers.adapters.tinker_training import datum
+    from workers.finetuning import Example
+
     tinker_standin.add_base_model(BASE_NAME, base_folder)
     service = tinker.ServiceClient(base_url=tinker_standin.base_url, api_key=tinker_standin.api_key)
     training = service.create_lora_training_client(base_model=BASE_NAME, rank=4, seed=0).result(timeout=60)
-    datum = tinker.Datum(
-        model_input=tinker.ModelInput.from_ints([1, 17, 5, 42, 9]),
-        loss_fn_inputs={"target_tokens": [17, 5, 42, 9, 2], "weights": [0.0, 0.0, 1.0, 1.0, 1.0]},
-    )
+    example = datum(Example(token_ids=(1, 17, 5, 42, 9, 2), targets=(3, 4, 5)))
     for _ in range(steps):
-        training.forward_backward([datum], "cross_entropy").result(timeout=60)
+        training.forward_backward([example], "cross_entropy").result(timeout=60)
         training.optim_step(tinker.AdamParams(learning_rate=0.05)).result(timeout=60)
     path = training.save_state("trained").result(timeout=60).path
     service.close("success").result(timeout=60)
