@@ -128,6 +128,27 @@ def load_model(row: Model, device: str, gguf_cache_dir: Path | None = None) -> L
         return _load_folder(row, dequantized_folder(row, dtype, gguf_cache_dir or default_cache_dir()), dtype, device)
 
 
+def load_tokenizer(row: Model, gguf_cache_dir: Path | None = None) -> Any:
+    """Only the registered model's tokenizer, from the folder `load_model` would load (a GGUF
+    model's dequantized copy, made first if there is none): what a job needs that tokenizes
+    for training done elsewhere."""
+    import torch
+    from transformers import AutoTokenizer
+
+    if row.source_kind == "gguf":
+        dtype = getattr(torch, TORCH_DTYPES[row.dtype])
+        folder = dequantized_folder(row, dtype, gguf_cache_dir or default_cache_dir())
+    else:
+        folder = Path(row.resolved_path)
+    refuse_special_files(folder)
+    try:
+        return AutoTokenizer.from_pretrained(str(folder), local_files_only=True, trust_remote_code=False)
+    except (OSError, ValueError, KeyError) as exc:
+        raise JobFailed(
+            "model_load_failed", f"could not load the tokenizer of {folder}: {exc}", path=str(folder)
+        ) from exc
+
+
 def _load_folder(row: Model, folder: Path, dtype: Any, device: str) -> LoadedModel:
     from transformers import AutoConfig, AutoTokenizer
 

@@ -13,6 +13,7 @@ from app import jobs
 from app.api.deps import ArtifactsDep, RedisDep, SessionDep, SessionsDep, SettingsDep
 from app.api.render_cache import cached_render
 from app.errors import ServiceError, not_found
+from app.inputs.adapter_sources import require_tinker_key
 from app.inputs.prompt_formats import prompt_format_note
 from app.job_kinds import FinetuneParameters
 from app.registry.finetunes import finetune_view, list_finetunes, new_finetune
@@ -33,6 +34,8 @@ def create_finetune(
     """Queue a fine-tune: training examples from the dataset (completions only in the loss),
     LoRA on the base, checkpoints a retried attempt resumes from, and the adapter registered
     with its provenance when it ends. Progress reports each step's loss and learning rate."""
+    if body.backend == "tinker":
+        require_tinker_key(settings, "Tinker fine-tunes")
 
     def prepare(session: Session, job_id: str) -> jobs.Submission[Finetune]:
         finetune = new_finetune(session, body, job_id)

@@ -1,5 +1,5 @@
 """Where an adapter import may read from, decided before any job is queued: Tinker paths
-(external weights only), folders and archives under the configured roots — regular files
+(external weights, and training state the worker exports first), folders and archives under the configured roots — regular files
 only, so no worker blocks on a FIFO or reads a device for ever — and `https` URLs on the
 configured hosts."""
 
@@ -39,25 +39,23 @@ def _tinker_source(source: str, settings: Settings) -> AdapterSource:
             "already have with POST /v1/adapters/upload",
             tinker_kind=kind,
         )
-    if kind == "weights":
-        raise invalid_field(
-            "source",
-            "weights checkpoints hold training state and are not importable: load them in a training session, save "
-            "them as external weights, and import tinker://…/external_weights/…",
-            tinker_kind=kind,
-        )
-    if kind != "external_weights":
+    if kind not in ("external_weights", "weights"):
         raise invalid_field(
             "source", f"unknown Tinker checkpoint kind {kind!r} (external_weights, sampler_weights or weights)"
         )
+    require_tinker_key(settings, "Tinker imports")
+    return AdapterSource(kind="tinker", location=source, tinker_run_id=match["run_id"])
+
+
+def require_tinker_key(settings: Settings, what: str) -> None:
+    """A 503 naming the setting when the service has no Tinker API key for `what`."""
     if not settings.tinker_api_key:
         raise ServiceError(
             503,
             "unavailable",
-            "Tinker imports need the TINKER_API_KEY setting, which is not set",
+            f"{what} need the TINKER_API_KEY setting, which is not set",
             setting="TINKER_API_KEY",
         )
-    return AdapterSource(kind="tinker", location=source, tinker_run_id=match["run_id"])
 
 
 def _url_source(source: str, settings: Settings) -> AdapterSource:

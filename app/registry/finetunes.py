@@ -16,6 +16,8 @@ from app.schemas.finetunes import FinetuneCreate, FinetuneOut
 
 CAUSAL_LM_SUFFIXES = ("ForCausalLM", "LMHeadModel")
 CHAT_KIND = "chat"
+# Tinker adapts these groups of linear layers whole (train_attn, train_mlp), nothing else
+TINKER_GROUPS = ({"q_proj", "k_proj", "v_proj", "o_proj"}, {"gate_proj", "up_proj", "down_proj"})
 
 
 def _trainable(model: Model) -> None:
@@ -68,6 +70,21 @@ def _target_modules(model: Model, requested: list[str] | None) -> list[str] | No
     return list(requested)
 
 
+def _tinker_lora(request: FinetuneCreate) -> None:
+    """What Tinker's LoRA can be asked for: whole groups of layers, no dropout."""
+    if request.lora.dropout:
+        raise invalid_field("lora.dropout", "Tinker trains LoRA without dropout: set it to 0 for the tinker backend")
+    targets = request.lora.target_modules
+    if targets is not None:
+        chosen = set(targets)
+        if not chosen or chosen != set().union(*(group for group in TINKER_GROUPS if group & chosen)):
+            raise invalid_field(
+                "lora.target_modules",
+                "Tinker adapts every attention projection (q_proj, k_proj, v_proj, o_proj), every MLP projection "
+                "(gate_proj, up_proj, down_proj), or both: list whole groups, or leave it out for both",
+            )
+
+
 def new_finetune(session: Session, request: FinetuneCreate, job_id: str) -> Finetune:
     model, _ = checked_model_and_adapter(session, request.base_model, None)
     _trainable(model)
@@ -86,6 +103,8 @@ def new_finetune(session: Session, request: FinetuneCreate, job_id: str) -> Fine
     if training.steps is not None and training.warmup_steps >= training.steps:
         raise invalid_field("training.warmup_steps", f"must be fewer than the {training.steps} steps")
     lora = request.lora.model_dump() | {"target_modules": _target_modules(model, request.lora.target_modules)}
+    if request.backend == "tinker":
+        _tinker_lora(request)
     finetune_id = new_id("ft")
     return Finetune(
         id=finetune_id,

@@ -9,7 +9,7 @@ from pydantic import BaseModel, Field, model_validator
 from app.schemas.common import DISPLAY_NAME_MAX, Request, prompt_format_field
 from app.schemas.jobs import JobOut, JobStatus
 
-Backend = Literal["local"]
+Backend = Literal["local", "tinker"]
 MAX_TARGET_MODULES = 64
 
 
@@ -75,7 +75,13 @@ class TrainingSettings(Request):
 class FinetuneCreate(Request):
     base_model: str = Field(description="Id of the registered base model.")
     dataset: str = Field(description="Id of a registered dataset: statements, multiple choice or chat.")
-    backend: Backend = Field("local", description="`local`: PEFT on a worker's own device.")
+    backend: Backend = Field(
+        "local",
+        description="`local`: PEFT on a worker's own device. `tinker`: the steps run on Tinker (TINKER_API_KEY), "
+        "whose trainable models must include the base (matched by name); `lora.target_modules` may then be the "
+        "attention projections, the MLP's, or both, `lora.dropout` must be 0, and the LoRA alpha is Tinker's own "
+        "(the registered adapter records it). `training.checkpoint_every` saves Tinker training states.",
+    )
     name: str = Field(min_length=1, max_length=DISPLAY_NAME_MAX, description="Name of the adapter it makes.")
     lora: LoraSettings = Field(default_factory=LoraSettings)
     training: TrainingSettings = Field(default_factory=TrainingSettings)

@@ -264,19 +264,82 @@ def test_deleting_an_adapter_removes_its_row_and_files(
 # --- refused by the gateway at once -----------------------------------------------------------
 
 
-@pytest.mark.parametrize("kind", ["sampler_weights", "weights"])
-def test_tinker_checkpoints_that_cannot_be_downloaded_are_422s_saying_what_to_do(
-    api: Any, tiny_llama: Path, kind: str
+def test_tinker_sampler_checkpoints_that_cannot_be_downloaded_are_422s_saying_what_to_do(
+    api: Any, tiny_llama: Path
 ) -> None:
     model = register(api, tiny_llama).json()
     response = api.post(
         "/v1/adapters/import",
-        json={"source": f"tinker://run-1:train:0/{kind}/final", "base_model": model["id"], "name": "x"},
+        json={"source": "tinker://run-1:train:0/sampler_weights/final", "base_model": model["id"], "name": "x"},
     )
     assert response.status_code == 422
     message = response.json()["error"]["message"]
     assert "external_weights" in message
     assert api.get("/v1/jobs", params={"kind": "adapter_import"}).json()["items"] == []
+
+
+def training_state(tinker_standin: Any, base_folder: Path, steps: int = 2) -> str:
+    """A `weights` checkpoint made on the stand-in through the SDK, as a user's training run
+    makes one with `save_state`."""
+    import tinker
+
+    from workers.adapters.tinker_training import datum
+    from workers.finetuning import Example
+
+    tinker_standin.add_base_model(BASE_NAME, base_folder)
+    service = tinker.ServiceClient(base_url=tinker_standin.base_url, api_key=tinker_standin.api_key)
+    training = service.create_lora_training_client(base_model=BASE_NAME, rank=4, seed=0).result(timeout=60)
+    example = datum(Example(token_ids=(1, 17, 5, 42, 9, 2), targets=(3, 4, 5)))
+    for _ in range(steps):
+        training.forward_backward([example], "cross_entropy").result(timeout=60)
+        training.optim_step(tinker.AdamParams(learning_rate=0.05)).result(timeout=60)
+    path = training.save_state("trained").result(timeout=60).path
+    service.close("success").result(timeout=60)
+    return str(path)
+
+
+def test_a_tinker_training_state_imports_through_a_temporary_export_that_is_then_deleted(
+    stack: Stack, base: dict[str, Any], tiny_llama: Path, tinker_standin: Any
+) -> None:
+    path = training_state(tinker_standin, tiny_llama)
+    sessions_before = set(tinker_standin.finished)
+    job = import_adapter(stack, path, base["id"])
+    assert job["status"] == "succeeded", job["error"]
+    adapter = stack.client.get(f"/v1/adapters/{job['result']['adapter_id']}").json()
+    assert adapter["tinker_path"] == path and adapter["training"]["tinker"]["base_model"] == BASE_NAME
+    assert adapter["r"] == 4 and {"q_proj", "down_proj", "lm_head"} <= set(adapter["target_modules"])
+    deleted = [p for p in tinker_standin.deleted if "/external_weights/confprobe-" in p]
+    assert deleted and not [p for p in deleted if p in tinker_standin.checkpoints]
+    assert [status for session, status in tinker_standin.finished.items() if session not in sessions_before] == [
+        "success"
+    ]
+
+    # the imported adapter computes what the state the stand-in saved computes
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    exported_run = tinker_standin.runs[deleted[-1].removeprefix("tinker://").split("/")[0]]
+    stored = stack.settings.resolved_artifact_dir / "adapters" / adapter["identity"]
+    imported = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(tiny_llama), stored).eval()
+    ids = torch.tensor([[1, 17, 5, 42, 9]])
+    with torch.inference_mode():
+        torch.testing.assert_close(imported(ids).logits, exported_run.model.eval()(ids).logits, atol=1e-5, rtol=1e-5)
+
+
+def test_a_training_state_whose_download_fails_fails_the_import_and_still_deletes_the_export(
+    stack: Stack, base: dict[str, Any], tiny_llama: Path, tinker_standin: Any
+) -> None:
+    path = training_state(tinker_standin, tiny_llama, steps=1)
+    deleted_before = len(tinker_standin.deleted)
+    tinker_standin.failing_files = True
+    try:
+        job = import_adapter(stack, path, base["id"])
+    finally:
+        tinker_standin.failing_files = False
+    assert job["status"] == "failed" and job["error"]["code"] == "tinker_download_failed", job["error"]
+    deleted = tinker_standin.deleted[deleted_before:]
+    assert len(deleted) == 1 and "/external_weights/confprobe-" in deleted[0]
+    assert deleted[0] not in tinker_standin.checkpoints
 
 
 def test_a_tinker_import_without_a_key_is_a_503_naming_the_setting(

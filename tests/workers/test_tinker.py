@@ -262,3 +262,16 @@ def test_a_service_that_stops_answering_fails_within_the_deadline(
         client.weights_info(external())
     assert failure.value.code == "tinker_unreachable" and str(external()) in failure.value.message
     assert time.monotonic() - started < 5
+
+
+# --- training data -----------------------------------------------------------------------
+
+
+def test_a_datum_scores_each_next_token_weighting_only_the_completion_targets() -> None:
+    from workers.adapters.tinker_training import datum
+    from workers.finetuning import Example
+
+    built = datum(Example(token_ids=(1, 7, 8, 9, 2), targets=(3, 4)))
+    assert built.model_input.to_ints() == [1, 7, 8, 9]
+    assert built.loss_fn_inputs["target_tokens"].tolist() == [7, 8, 9, 2]
+    assert built.loss_fn_inputs["weights"].tolist() == [0.0, 0.0, 1.0, 1.0]

@@ -71,6 +71,7 @@ def _fetch_tinker(
     context: "JobContext[AdapterImportParameters]", model: Model, staging: Path
 ) -> tuple[Path, dict[str, Any]]:
     from workers.adapters.tinker import TinkerClient, parse_tinker_path
+    from workers.adapters.tinker_training import download_training_state
 
     settings = context.runtime.settings
     if not settings.tinker_api_key:
@@ -88,12 +89,14 @@ def _fetch_tinker(
             tinker_base_model=info.base_model,
         )
     folder = staging / "files"
-    client.download_external_weights(
-        path,
-        folder,
-        settings.max_adapter_bytes,
-        on_file=lambda done, total: context.progress("downloading", done, total),
-    )
+
+    def on_file(done: int, total: int) -> None:
+        context.progress("downloading", done, total)
+
+    if path.kind == "weights":  # training state: exported for the download, then the export deleted
+        download_training_state(client, path, folder, settings.max_adapter_bytes, on_file)
+    else:
+        client.download_external_weights(path, folder, settings.max_adapter_bytes, on_file)
     training = {key: value for key, value in vars(info).items() if value is not None}
     return folder, {"tinker": training}
 

@@ -4,7 +4,8 @@ download of an `external_weights` checkpoint, through the `tinker` SDK.
 The SDK (0.38) downloads only `external_weights` checkpoints: it signs one URL per file,
 valid until `expires`, and the files are fetched from those URLs directly. `sampler_weights`
 checkpoints cannot be downloaded at all any more, and `weights` (training state) only by
-exporting them from a training session first.
+exporting them from a training session first, as the SDK's `tinker checkpoint download` does
+(`workers/adapters/tinker_training.py`).
 
 The SDK retries a failing request for up to 300 s and offers no setting to shorten that, so
 every SDK call here, building the client included, waits at most `SDK_TIMEOUT_S`.
@@ -93,17 +94,18 @@ class TinkerClient:
         # failure to Tinker and can hold a failing call for ~30 s while doing so.
         os.environ["TINKER_TELEMETRY"] = "0"
         self.base_url = base_url
-        with self._failures_as_job_failed("connecting to Tinker"):
-            self._rest = _connect(api_key, base_url)
+        self.api_key = api_key
+        with self.failures_as_job_failed("connecting to Tinker"):
+            self._rest = in_thread(lambda: tinker.RestClient(base_url=base_url, api_key=api_key), SDK_TIMEOUT_S)
 
     def weights_info(self, path: TinkerPath) -> WeightsInfo:
-        info = self._result(self._rest.get_weights_info_by_tinker_path(str(path)), str(path))
+        info = self.result(self._rest.get_weights_info_by_tinker_path(str(path)), str(path))
         return WeightsInfo(
             info.base_model, info.is_lora, info.lora_rank, info.train_unembed, info.train_mlp, info.train_attn
         )
 
     def supported_models(self) -> list[SupportedModel]:
-        capabilities = self._result(self._rest.get_server_capabilities(), "the supported models")
+        capabilities = self.result(self._rest.get_server_capabilities(), "the supported models")
         return [
             SupportedModel(m.model_name, m.max_context_length, m.trainable, m.sampleable)
             for m in capabilities.supported_models
@@ -117,7 +119,7 @@ class TinkerClient:
         _require_downloadable(path)
         if destination.exists() and any(destination.iterdir()):
             raise ValueError(f"{destination} must be missing or empty")
-        signed = SignedUrls(lambda: self._result(self._rest.get_external_weights_urls(str(path)), str(path)))
+        signed = SignedUrls(lambda: self.result(self._rest.get_external_weights_urls(str(path)), str(path)))
         targets = _safe_targets(path, list(signed.urls), destination)
         created = not destination.exists()
         destination.mkdir(parents=True, exist_ok=True)
@@ -127,36 +129,45 @@ class TinkerClient:
             _remove_contents(destination, remove_folder=created)
             raise
 
-    def _result(self, future: tinker.APIFuture[T], subject: str) -> T:
-        """The call's answer, or a `JobFailed` that names `subject`."""
-        with self._failures_as_job_failed(subject):
-            try:
-                return future.result(timeout=SDK_TIMEOUT_S)
-            except TimeoutError:
-                future.future().cancel()  # ends the SDK's retries too
-                raise
+    def delete_checkpoint(self, path: TinkerPath) -> None:
+        self.result(self._rest.delete_checkpoint_from_tinker_path(str(path)), str(path))
+
+    def result(self, future: tinker.APIFuture[T], subject: str, timeout: float | None = None) -> T:
+        """The call's answer within `timeout` (default `SDK_TIMEOUT_S`), or a `JobFailed` that
+        names `subject`."""
+        with self.failures_as_job_failed(subject):
+            return wait(future, timeout or SDK_TIMEOUT_S)
 
     @contextmanager
-    def _failures_as_job_failed(self, subject: str) -> Iterator[None]:
+    def failures_as_job_failed(self, subject: str) -> Iterator[None]:
         try:
             yield
         except (TimeoutError, tinker.TinkerError) as error:
             raise _job_failure(error, subject, self.base_url) from error
 
 
-def _connect(api_key: str, base_url: str | None) -> tinker.RestClient:
-    """The SDK's client, built in a thread of its own and given up after `SDK_TIMEOUT_S`:
-    building it posts the client configuration, which the SDK retries for up to 300 s."""
-    building: concurrent.futures.Future[tinker.RestClient] = concurrent.futures.Future()
+def wait(future: tinker.APIFuture[T], timeout: float) -> T:
+    try:
+        return future.result(timeout=timeout)
+    except TimeoutError:
+        future.future().cancel()  # ends the SDK's retries too
+        raise
 
-    def build() -> None:
+
+def in_thread(call: Callable[[], T], timeout: float) -> T:
+    """`call()` in a thread of its own, given up after `timeout`: building an SDK client, or
+    a session's first call, posts the client configuration, which the SDK retries for up to
+    300 s."""
+    running: concurrent.futures.Future[T] = concurrent.futures.Future()
+
+    def run() -> None:
         try:
-            building.set_result(tinker.RestClient(base_url=base_url, api_key=api_key))
+            running.set_result(call())
         except BaseException as error:  # handed to the waiting thread
-            building.set_exception(error)
+            running.set_exception(error)
 
-    threading.Thread(target=build, name="tinker-connect", daemon=True).start()
-    return building.result(timeout=SDK_TIMEOUT_S)
+    threading.Thread(target=run, name="tinker-call", daemon=True).start()
+    return running.result(timeout=timeout)
 
 
 def _job_failure(error: BaseException, subject: str, base_url: str | None) -> JobFailed:
@@ -179,6 +190,13 @@ def _job_failure(error: BaseException, subject: str, base_url: str | None) -> Jo
         )
     if isinstance(error, tinker.APIError):
         return JobFailed("tinker_error", f"{subject}: Tinker failed ({error.message})", subject=subject)
+    if isinstance(error, tinker.RequestFailedError):
+        return JobFailed(
+            "tinker_request_failed",
+            f"{subject}: Tinker failed the request ({error.message})",
+            subject=subject,
+            category=str(error.category),
+        )
     # the SDK's own checks before any request, such as a key without the `tml-` prefix
     return JobFailed("tinker_unauthorized", f"{subject}: the Tinker API key cannot be used ({error})", subject=subject)
 
