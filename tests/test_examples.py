@@ -76,7 +76,9 @@ def test_download_and_probe(service: dict[str, str]) -> None:
 @pytest.mark.slow
 def test_finetuned_then_probe(service: dict[str, str]) -> None:
     """The full run takes 200 steps; a few show the same path end to end."""
-    output = run(service | {"FINETUNE_STEPS": "3", "HELD_OUT": "60"}, sys.executable, "examples/finetuned_then_probe.py")
+    output = run(
+        service | {"FINETUNE_STEPS": "3", "HELD_OUT": "60"}, sys.executable, "examples/finetuned_then_probe.py"
+    )
     assert "adapter adp_" in output and "accuracy minus the base's" in output
     figures = json.loads((EXAMPLES / "work" / "finetuned_then_probe.json").read_text())
     assert figures["finetune"]["steps"] == 3 and len(figures["answers"]) == 2
