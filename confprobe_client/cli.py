@@ -469,6 +469,11 @@ def compare(
     help="How each example's prompt is written: raw, chat (the model's chat template), or a template naming "
     "{text} ({question} and {choices} for multiple choice) [default: raw; chat for a chat dataset].",
 )
+@click.option(
+    "--backend",
+    type=click.Choice(["local", "tinker"]),
+    help="Where it trains: local (a worker's own device) or tinker (the service's Tinker account) [default: local].",
+)
 @no_wait_option
 @pass_api
 def finetune(
@@ -487,6 +492,7 @@ def finetune(
     lora_alpha: float | None,
     target_modules: tuple[str, ...],
     prompt_format: str | None,
+    backend: str | None,
     no_wait: bool,
 ) -> None:
     """Fine-tune a LoRA adapter of a base model on a dataset, following each step's loss, and
@@ -510,6 +516,7 @@ def finetune(
         lora_alpha=lora_alpha,
         target_modules=target_modules or None,
         prompt_format=prompt_format,
+        backend=backend,
     )
     if no_wait:
         api.show(started, FINETUNE_COLUMNS)

@@ -385,7 +385,7 @@ class Finetune(Answer):
     job_id: str
     status: JobStatus
     name: str
-    backend: Literal["local"]
+    backend: Literal["local", "tinker"]
     base_model_id: str
     dataset_id: str
     dataset_sha256: str
