@@ -141,6 +141,7 @@ def finetune_request(config: dict[str, Any], model_id: str, default_name: str) -
         base_model=model_id,
         dataset=section["dataset"],
         name=section.get("name") or default_name,
+        backend=section.get("backend") or "local",
         lora=section.get("lora") or {},
         training=section.get("training") or {},
         prompt_format=section.get("prompt_format"),
@@ -150,8 +151,8 @@ def finetune_request(config: dict[str, Any], model_id: str, default_name: str) -
 def matching_finetune(
     session: Session, request: FinetuneCreate, dataset_sha256: str, prompt_format: str
 ) -> Finetune | None:
-    """A finished fine-tune that this request would repeat: the same base, dataset content and
-    prompt format, and every setting the request gives equal to the one that run used (a
+    """A finished fine-tune that this request would repeat: the same base, dataset content,
+    prompt format and backend, and every setting the request gives equal to the one that run used (a
     setting it leaves to the run — the default targets, the steps of some epochs — matches
     what the run resolved it to)."""
     wanted = {"lora": request.lora.model_dump(), "training": request.training.model_dump()}
@@ -161,6 +162,7 @@ def matching_finetune(
             Finetune.base_model_id == request.base_model,
             Finetune.dataset_sha256 == dataset_sha256,
             Finetune.prompt_format == prompt_format,
+            Finetune.backend == request.backend,
             Finetune.adapter_id.is_not(None),
         )
     ):

@@ -7,7 +7,7 @@ from pydantic import BaseModel, Field
 
 from app.inputs.model_sources import Revision
 from app.schemas.common import Dtype, Quantization, Request, prompt_format_field
-from app.schemas.finetunes import LoraSettings, TrainingSettings
+from app.schemas.finetunes import Backend, LoraSettings, TrainingSettings
 from app.schemas.jobs import JobOut, JobStatus
 from app.schemas.probes import ProbeMethod, Recalibration
 
