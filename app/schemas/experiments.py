@@ -60,6 +60,7 @@ class ExperimentFinetune(Request):
     name: str | None = Field(
         None, min_length=1, max_length=200, description="The adapter's name; default: the experiment's."
     )
+    backend: Backend = Field("local", description="`local` (a worker's own device) or `tinker`.")
     lora: LoraSettings = Field(default_factory=LoraSettings)
     training: TrainingSettings = Field(default_factory=TrainingSettings)
     prompt_format: str | None = prompt_format_field(
