@@ -37,7 +37,7 @@ from app.job_kinds import FinetuneParameters
 from app.registry.datasets import read_rows
 from app.registry.tables import Dataset, Finetune, Model, utcnow
 from workers.adapters.convert import model_base_modules
-from workers.adapters.importer import AdapterRecord, _names_match, register_adapter
+from workers.adapters.importer import AdapterRecord, names_match, register_adapter
 from workers.context import subject_row
 from workers.errors import JobCancelled, JobFailed
 from workers.model_footprint import estimate_footprint
@@ -380,7 +380,7 @@ def _tinker_base_model(client: "TinkerClient", model: Model) -> str:
     is the registered model's (as an import matches a checkpoint's base)."""
     supported = client.supported_models()
     for candidate in supported:
-        if candidate.model_name and candidate.trainable is not False and _names_match(candidate.model_name, model):
+        if candidate.model_name and candidate.trainable is not False and names_match(candidate.model_name, model):
             return candidate.model_name
     names = ", ".join(sorted(m.model_name for m in supported if m.model_name and m.trainable is not False))
     raise JobFailed(

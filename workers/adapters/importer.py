@@ -61,7 +61,7 @@ def _download(url: str, destination: Path, max_bytes: int) -> Path:
     return destination
 
 
-def _names_match(tinker_base: str, model: Model) -> bool:
+def names_match(tinker_base: str, model: Model) -> bool:
     wanted = tinker_base.lower()
     candidates = {model.source.lower(), model.name.lower(), Path(model.source).name.lower()}
     return wanted in candidates or wanted.rsplit("/", 1)[-1] in candidates
@@ -82,7 +82,7 @@ def _fetch_tinker(
     info = client.weights_info(path)
     if not info.is_lora:
         raise JobFailed("unsupported_adapter", f"{source} is not a LoRA checkpoint")
-    if not _names_match(info.base_model, model):
+    if not names_match(info.base_model, model):
         raise JobFailed(
             "base_model_mismatch",
             f"{source} was trained on {info.base_model}, but model {model.id} is {model.source}",
