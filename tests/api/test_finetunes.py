@@ -21,6 +21,10 @@ from tests.api.test_probes import upload_rows
 from tests.conftest import start_worker, stop_process, wait_for_job, wait_until
 from workers.finetune import latest_checkpoint
 
+# the registry's backends are covered by the tests that reach the registry; the ones that run
+# whole fine-tunes under a worker's faults run once, on SQLite
+only_sqlite = pytest.mark.parametrize("database_url", ["sqlite"], indirect=True)
+
 QUESTIONS: list[dict[str, Any]] = [
     {"question": f"Which number is {n}?", "choices": [str(n), str(n + 1), str(n + 2)], "answer": n % 3}
     for n in range(40)
@@ -156,6 +160,7 @@ def _finetune_row(settings: Settings, finetune_id: str) -> Finetune:
         return row
 
 
+@only_sqlite
 def test_a_worker_killed_mid_finetune_has_its_job_resumed_from_the_last_checkpoint(
     api: Any, settings: Settings, tiny_llama: Path
 ) -> None:
@@ -193,6 +198,7 @@ def test_a_worker_killed_mid_finetune_has_its_job_resumed_from_the_last_checkpoi
     assert latest_checkpoint(store, _finetune_row(retrying, finetune_id)) is None  # removed once registered
 
 
+@only_sqlite
 def test_cancelling_a_running_finetune_stops_it_and_removes_its_checkpoints(
     api: Any, settings: Settings, tiny_llama: Path
 ) -> None:
@@ -216,6 +222,7 @@ def test_cancelling_a_running_finetune_stops_it_and_removes_its_checkpoints(
     assert json.loads(api.get("/v1/adapters").content)["items"] == []
 
 
+@only_sqlite
 def test_a_finetune_beyond_the_workers_memory_budget_fails_before_training(api: Any, tiny_llama: Path) -> None:
     model = checked_model(api, tiny_llama)
     dataset = upload_rows(api, QUESTIONS, "numbers")

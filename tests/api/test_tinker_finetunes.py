@@ -129,6 +129,7 @@ def test_a_base_model_tinker_does_not_train_fails_the_job_before_anything_is_cre
     assert tinker_standin.requests.count(CREATE_MODEL) == created_before
 
 
+@pytest.mark.parametrize("stack", ["sqlite"], indirect=True)
 def test_cancelling_a_tinker_finetune_stops_it_at_the_next_step(
     stack: Stack, tinker_base: dict[str, Any], tinker_standin: Any
 ) -> None:
@@ -191,6 +192,7 @@ def test_a_tinker_finetune_without_a_key_is_a_503_naming_the_setting(
         assert client.get("/v1/finetunes").json()["items"] == []
 
 
+@pytest.mark.parametrize("database_url", ["sqlite"], indirect=True)
 def test_a_worker_killed_mid_tinker_finetune_has_its_job_resumed_from_the_last_tinker_state(
     database_url: str, redis_server: Any, tinker_standin: Any, tiny_llama: Path, tmp_path: Path
 ) -> None:
