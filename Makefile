@@ -43,6 +43,7 @@ bench: install
 	$(BIN)/python bench/calibration.py
 	$(BIN)/python bench/service_overhead.py
 	$(BIN)/python bench/load.py
+	$(BIN)/python bench/finetune.py
 
 clean:
 	rm -rf $(VENV) var .pytest_cache
