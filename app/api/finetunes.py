@@ -139,8 +139,19 @@ def _facts(finetune: Finetune) -> list[tuple[str, str]]:
         ("training", ", ".join(f"{key} {value}" for key, value in training.items() if value is not None)),
         ("prompt", prompt_format_note(finetune.prompt_format)),
     ]
-    facts += [(key.replace("_", " "), json.dumps(value)) for key, value in summary.items()]
+    facts += [(key.replace("_", " "), _shown(value)) for key, value in summary.items()]
     return facts
+
+
+def _shown(value: Any) -> str:
+    """A summary value as a reader wants it: numbers to four significant digits, none as a dash."""
+    if value is None:
+        return "—"
+    if isinstance(value, float):
+        return f"{value:.4g}"
+    if isinstance(value, dict):
+        return ", ".join(f"{key.replace('_', ' ')} {_shown(item)}" for key, item in value.items())
+    return str(value)
 
 
 @router.get("/{finetune_id}/report.html", response_class=HTMLResponse)
