@@ -199,8 +199,8 @@ def _run_local(
         models.reserve(loaded.footprint_bytes + lora_bytes + activations, what)
 
         train_ids, validation_ids = _split(len(built.examples), settings)
-        targets = lora["target_modules"] or block_linear_names(loaded.model)
         available = block_linear_names(loaded.model)
+        targets = lora["target_modules"] or available
         unknown = [name for name in targets if name not in available]
         if unknown:
             raise JobFailed(
