@@ -37,6 +37,7 @@ from app.registry.tables import (
     Finetune,
     Job,
     Probe,
+    ProbeEvaluation,
     ProbeRun,
     utcnow,
 )
@@ -50,6 +51,7 @@ SERVICE_FOLDERS = (
     "cache",
     "comparisons",
     "datasets",
+    "evaluations",
     "extractions",
     "finetunes",
     "probe_runs",
@@ -97,7 +99,7 @@ def referenced(session: Session) -> tuple[set[str], tuple[str, ...]]:
             files.add(params["upload"])  # an uploaded archive its import job has yet to read
     folders = {
         f"{prefix.rstrip('/')}/"
-        for column in (Adapter.artifact, Finetune.artifact, Probe.artifact, ProbeRun.artifact)
+        for column in (Adapter.artifact, Finetune.artifact, Probe.artifact, ProbeEvaluation.artifact, ProbeRun.artifact)
         for prefix in session.scalars(select(column))
         if prefix is not None
     }

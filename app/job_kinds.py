@@ -93,6 +93,12 @@ class ProbeScoringParameters(JobParameters):
     prompt_format: str = Field("raw", description="How each text becomes the model's input, checked by the gateway.")
 
 
+class ProbeEvaluationParameters(JobParameters):
+    """A `probe_evaluation`: a trained probe scored on a labelled dataset, as its row says."""
+
+    evaluation_id: str = Field(description="The evaluation row: probe, model variant, dataset, prompt format, rows.")
+
+
 class SplitParameters(JobParameters):
     """A seeded stratified train/validation/test split."""
 
@@ -140,6 +146,7 @@ PARAMETERS: dict[str, type[JobParameters]] = {
     "finetune": FinetuneParameters,
     "model_check": ModelCheckParameters,
     "ping": NoParameters,
+    "probe_evaluation": ProbeEvaluationParameters,
     "probe_scoring": ProbeScoringParameters,
     "probe_training": ProbeTrainingParameters,
     "tinker_models": NoParameters,

@@ -12,6 +12,7 @@ from app.api import (
     adapters,
     comparisons,
     datasets,
+    evaluations,
     experiments,
     extractions,
     finetunes,
@@ -91,6 +92,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.include_router(adapters.router, **by_method)
     app.include_router(comparisons.router, **by_method)
     app.include_router(datasets.router, **by_method)
+    app.include_router(evaluations.router, **by_method)
     app.include_router(experiments.router, **by_method)
     app.include_router(extractions.router, **by_method)
     app.include_router(finetunes.router, **by_method)

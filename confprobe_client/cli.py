@@ -1,4 +1,4 @@
-"""`confprobe`'s API commands (`models`, `adapters`, `datasets`, `extract`, `probes`,
+"""`confprobe`'s API commands (`models`, `adapters`, `datasets`, `extract`, `probes`, `evaluations`,
 `compare`, `finetune`, `finetunes`, `experiment`, `jobs`): a running service used through `Client`, with progress
 bars, `--json` and an exit code per kind of failure. Like the rest of the package it never
 imports the service's own code or torch, so it works on any machine with the client."""
@@ -24,6 +24,7 @@ from confprobe_client.formatting import (
     ADAPTER_COLUMNS,
     COMPARISON_COLUMNS,
     DATASET_COLUMNS,
+    EVALUATION_COLUMNS,
     EXTRACTION_COLUMNS,
     FINETUNE_COLUMNS,
     JOB_COLUMNS,
@@ -388,6 +389,80 @@ def probe_report(api: ApiContext, probe_id: str, out: Path | None, open_in_brows
         import webbrowser
 
         webbrowser.open(path.resolve().as_uri())
+
+
+@probes.command("evaluate")
+@click.argument("probe_id")
+@click.option("--dataset", required=True, help="Id of a statements or multiple-choice dataset to score the probe on.")
+@click.option("--adapter", help="Score the states of this adapter of the probe's model [default: the probe's own].")
+@click.option("--base", is_flag=True, help="Score the base model's states, whatever the probe was trained on.")
+@prompt_format_option
+@no_wait_option
+@pass_api
+def evaluate_probe(
+    api: ApiContext,
+    probe_id: str,
+    dataset: str,
+    adapter: str | None,
+    base: bool,
+    prompt_format: str | None,
+    no_wait: bool,
+) -> None:
+    """Score a trained probe on another labelled dataset (or another variant of its model)
+    and show its metrics there."""
+    if base and adapter:
+        raise click.UsageError("give --adapter or --base, not both")
+    client = api.client()
+    evaluation = client.create_evaluation(probe_id, dataset, adapter=adapter, base=base, prompt_format=prompt_format)
+    if not no_wait:
+        client.wait(evaluation.job_id)
+        evaluation = client.get_evaluation(evaluation.id)
+    api.show(evaluation, EVALUATION_COLUMNS)
+
+
+@probes.command("evaluations")
+@click.argument("probe_id")
+@click.option("--limit", type=click.IntRange(1, 200), default=50, show_default=True)
+@pass_api
+def list_evaluations(api: ApiContext, probe_id: str, limit: int) -> None:
+    """A probe's evaluations on other datasets, with their metrics."""
+    api.show(api.client().list_evaluations(probe_id, limit=limit).items, EVALUATION_COLUMNS)
+
+
+@main.group(cls=ApiGroup)
+def evaluations() -> None:
+    """Probes scored on other datasets: their calibration reports."""
+
+
+@evaluations.command("show")
+@click.argument("evaluation_id")
+@pass_api
+def show_evaluation(api: ApiContext, evaluation_id: str) -> None:
+    """One evaluation with its metrics."""
+    api.show(api.client().get_evaluation(evaluation_id), EVALUATION_COLUMNS)
+
+
+@evaluations.command("report")
+@click.argument("evaluation_id")
+@click.option(
+    "--out",
+    type=click.Path(dir_okay=False, writable=True, path_type=Path),
+    help="Where to write the HTML report [default: EVALUATION_ID.html].",
+)
+@pass_api
+def evaluation_report(api: ApiContext, evaluation_id: str, out: Path | None) -> None:
+    """Write an evaluation's calibration report as HTML and show its metrics."""
+    client = api.client()
+    report = client.evaluation_report(evaluation_id)
+    path = out or Path(f"{evaluation_id}.html")
+    path.write_text(client.evaluation_report_html(evaluation_id), encoding="utf-8")
+    if api.as_json:
+        click.echo(json.dumps(report.model_dump(mode="json") | {"html": str(path)}, indent=2))
+        return
+    metrics = report.evaluation.metrics or {}
+    rows = [[name, metric(metrics, name), interval(estimate.interval)] for name, estimate in metrics.items()]
+    click.echo(aligned_table(["METRIC", "VALUE", "95% INTERVAL"], rows))
+    click.echo(f"report: {path}")
 
 
 @main.command(cls=ApiCommand)

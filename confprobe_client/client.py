@@ -15,6 +15,8 @@ from confprobe_client.types import (
     Comparison,
     CreatedApiKey,
     Dataset,
+    Evaluation,
+    EvaluationReport,
     Experiment,
     Extraction,
     Finetune,
@@ -352,6 +354,64 @@ class Client:
             return Score.model_validate(response.json())
         job = self.wait(_accepted_job(response.json()).id, progress=False)
         return Score(probe_id=probe_id, layer=self.get_probe(probe_id).layer, confidences=_result(job)["confidences"])
+
+    # --- evaluations -----------------------------------------------------------------------
+
+    def create_evaluation(
+        self,
+        probe_id: str,
+        dataset: str,
+        adapter: str | None = None,
+        base: bool = False,
+        prompt_format: str | None = None,
+    ) -> Evaluation:
+        """Queue scoring a trained probe on a labelled dataset; follow the evaluation's `job_id`.
+        The states scored are those of `adapter`, of the base model when `base`, else of the
+        probe's own variant; `prompt_format` defaults to the probe's own."""
+        if base and adapter is not None:
+            raise ValueError("give an adapter or base=True, not both")
+        body = _without_none(dataset=dataset, adapter=adapter, prompt_format=prompt_format)
+        if base:
+            body["adapter"] = None
+        answer = self._api.json("POST", f"/v1/probes/{probe_id}/evaluations", json=body)
+        return Evaluation.model_validate(answer["evaluation"])
+
+    def evaluate(
+        self,
+        probe_id: str,
+        dataset: str,
+        adapter: str | None = None,
+        base: bool = False,
+        prompt_format: str | None = None,
+        timeout: float | None = None,
+        progress: bool = True,
+    ) -> Evaluation:
+        """Evaluate, wait, and return the finished evaluation with its metrics."""
+        evaluation = self.create_evaluation(probe_id, dataset, adapter, base, prompt_format)
+        self.wait(evaluation.job_id, timeout=timeout, progress=progress)
+        return self.get_evaluation(evaluation.id)
+
+    def get_evaluation(self, evaluation_id: str) -> Evaluation:
+        return Evaluation.model_validate(self._api.json("GET", f"/v1/evaluations/{evaluation_id}"))
+
+    def list_evaluations(self, probe_id: str, cursor: str | None = None, limit: int = 50) -> Page[Evaluation]:
+        """A probe's evaluations, oldest first."""
+        params = _without_none(cursor=cursor, limit=limit)
+        return Page[Evaluation].model_validate(
+            self._api.json("GET", f"/v1/probes/{probe_id}/evaluations", params=params)
+        )
+
+    def evaluation_report(self, evaluation_id: str) -> EvaluationReport:
+        return EvaluationReport.model_validate(self._api.json("GET", f"/v1/evaluations/{evaluation_id}/report"))
+
+    def evaluation_report_html(self, evaluation_id: str) -> str:
+        return self._api.send("GET", f"/v1/evaluations/{evaluation_id}/report.html").text
+
+    def evaluation_report_svg(self, evaluation_id: str) -> str:
+        return self._api.send("GET", f"/v1/evaluations/{evaluation_id}/report.svg").text
+
+    def evaluation_report_png(self, evaluation_id: str) -> bytes:
+        return self._api.send("GET", f"/v1/evaluations/{evaluation_id}/report.png").content
 
     # --- comparisons -----------------------------------------------------------------------
 

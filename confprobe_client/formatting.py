@@ -90,6 +90,18 @@ PROBE_COLUMNS: list[Column] = [
     ("ECE", lambda p: metric(p.metrics, "ece")),
     ("BRIER", lambda p: metric(p.metrics, "brier")),
 ]
+EVALUATION_COLUMNS: list[Column] = [
+    ("ID", lambda e: e.id),
+    ("PROBE", lambda e: e.probe_id),
+    ("DATASET", lambda e: e.dataset_id),
+    ("VARIANT", lambda e: e.adapter_id or "base"),
+    ("ROWS", lambda e: e.rows),
+    ("N", lambda e: "" if e.n is None else str(e.n)),
+    ("STATUS", lambda e: e.status),
+    ("AUROC", lambda e: metric(e.metrics or {}, "auroc")),
+    ("ECE", lambda e: metric(e.metrics or {}, "ece")),
+    ("BRIER", lambda e: metric(e.metrics or {}, "brier")),
+]
 RUN_COLUMNS: list[Column] = [
     ("RUN", lambda r: r.id),
     ("JOB", lambda r: r.job_id),

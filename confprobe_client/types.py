@@ -252,6 +252,35 @@ class ProbeReport(Answer):
     baseline: CalibrationReport | None
 
 
+class Evaluation(Answer):
+    """A trained probe scored on a labelled dataset, perhaps under another variant of its
+    model (`adapter_id` None: the base). `rows` is `all`, or `test` when the dataset, variant
+    and prompt format are the probe's own (only its run's test split is scored); `n` and
+    `metrics` are None until the job ends."""
+
+    id: str
+    job_id: str
+    status: JobStatus
+    probe_id: str
+    model_id: str
+    adapter_id: str | None
+    dataset_id: str
+    prompt_format: str
+    rows: Literal["all", "test"]
+    n: int | None
+    metrics: dict[str, Estimate] | None
+    created_at: datetime
+    finished_at: datetime | None
+
+
+class EvaluationReport(Answer):
+    """An evaluation's calibration report on the rows it scored; `baseline` as a probe's."""
+
+    evaluation: Evaluation
+    report: CalibrationReport
+    baseline: CalibrationReport | None
+
+
 class Score(Answer):
     probe_id: str
     layer: int

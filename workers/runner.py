@@ -23,6 +23,7 @@ from app.registry.tables import Job, utcnow
 from app.storage import ArtifactMissing, StoreUnavailable
 from workers import (
     comparison,
+    evaluation,
     experiment,
     extraction,
     finetune,
@@ -61,6 +62,7 @@ HANDLERS: dict[str, Handler] = {
     "finetune": finetune.run,
     "model_check": model_check.run,
     "ping": ping,
+    "probe_evaluation": evaluation.run,
     "probe_scoring": probe_training.score,
     "probe_training": probe_training.run,
     "tinker_models": tinker_models,

@@ -248,6 +248,30 @@ class Probe(Base):
     created_at: Mapped[datetime] = mapped_column(default=utcnow)
 
 
+class ProbeEvaluation(Base):
+    """A trained probe scored on another labelled dataset (or another variant of its model):
+    labels, states and report are the evaluated model's. `rows` says which rows were scored:
+    `all`, or `test` when the dataset is the probe's own under the same model, adapter and
+    prompt format (its training rows would flatter it). The folder `artifact` holds the
+    report and the predictions."""
+
+    __tablename__ = "probe_evaluations"
+
+    id: Mapped[str] = mapped_column(String(40), primary_key=True)
+    job_id: Mapped[str] = mapped_column(String(40), index=True)
+    probe_id: Mapped[str] = mapped_column(ForeignKey("probes.id"), index=True)
+    model_id: Mapped[str] = mapped_column(ForeignKey("models.id"), index=True)
+    adapter_id: Mapped[str | None] = mapped_column(String(40))
+    dataset_id: Mapped[str] = mapped_column(ForeignKey("datasets.id"))
+    prompt_format: Mapped[str] = mapped_column(Text)
+    rows: Mapped[str] = mapped_column(String(10))
+    n: Mapped[int | None] = mapped_column(Integer)
+    metrics: Mapped[dict[str, Any] | None] = mapped_column(JSON)
+    artifact: Mapped[str | None] = mapped_column(String(500))
+    created_at: Mapped[datetime] = mapped_column(default=utcnow)
+    finished_at: Mapped[datetime | None] = mapped_column()
+
+
 class Comparison(Base):
     """Base and adapters side by side on the same texts and layers."""
 

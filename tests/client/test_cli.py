@@ -147,6 +147,32 @@ def test_probes_report_writes_the_html_and_opens_it_on_request(
     assert result.stdout.splitlines()[0].split() == ["METRIC", "VALUE", "95%", "INTERVAL"]
 
 
+@pytest.mark.parametrize("stack", ["sqlite"], indirect=True)
+def test_probes_evaluate_scores_a_probe_on_another_dataset_and_evaluations_report_writes_its_page(
+    confprobe: Confprobe, stack: Stack, model: Model, dataset: Dataset, numbers: Dataset, tmp_path: Path
+) -> None:
+    client = Client(http=stack.client)
+    probe = client.train(model.id, dataset.id, layers=[2], progress=False).probes[0]
+    result = confprobe("--json", "probes", "evaluate", probe.id, "--dataset", numbers.id, "--base")
+    assert result.exit_code == 0, result.output
+    shown = json.loads(result.stdout)
+    assert shown == client.get_evaluation(shown["id"]).model_dump(mode="json")
+    assert shown["status"] == "succeeded" and shown["dataset_id"] == numbers.id and shown["adapter_id"] is None
+    listed = confprobe("probes", "evaluations", probe.id)
+    assert listed.exit_code == 0 and shown["id"] in listed.stdout and "AUROC" in listed.stdout.splitlines()[0]
+    out = tmp_path / "evaluation.html"
+    report = confprobe("evaluations", "report", shown["id"], "--out", str(out))
+    assert report.exit_code == 0, report.output
+    assert 'id="metrics"' in out.read_text() and report.stdout.splitlines()[0].split() == [
+        "METRIC",
+        "VALUE",
+        "95%",
+        "INTERVAL",
+    ]
+    both = confprobe("probes", "evaluate", probe.id, "--dataset", numbers.id, "--base", "--adapter", "adp_x")
+    assert both.exit_code == 2 and "not both" in both.output
+
+
 def test_no_wait_answers_with_the_queued_run_and_jobs_watch_follows_it(
     confprobe: Confprobe, model: Model, dataset: Dataset
 ) -> None:
