@@ -39,6 +39,7 @@ from app.registry.tables import (
     Probe,
     ProbeEvaluation,
     ProbeRun,
+    Transfer,
     utcnow,
 )
 from app.schemas.jobs import TERMINAL_STATUSES
@@ -57,6 +58,7 @@ SERVICE_FOLDERS = (
     "probe_runs",
     "probes",
     "staging",
+    "transfers",
 )
 
 
@@ -99,7 +101,14 @@ def referenced(session: Session) -> tuple[set[str], tuple[str, ...]]:
             files.add(params["upload"])  # an uploaded archive its import job has yet to read
     folders = {
         f"{prefix.rstrip('/')}/"
-        for column in (Adapter.artifact, Finetune.artifact, Probe.artifact, ProbeEvaluation.artifact, ProbeRun.artifact)
+        for column in (
+            Adapter.artifact,
+            Finetune.artifact,
+            Probe.artifact,
+            ProbeEvaluation.artifact,
+            ProbeRun.artifact,
+            Transfer.artifact,
+        )
         for prefix in session.scalars(select(column))
         if prefix is not None
     }

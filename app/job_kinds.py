@@ -116,6 +116,14 @@ class ComparisonParameters(JobParameters):
     max_length: int | None = Field(description="Tokens kept of each text; None: the model's own limit.")
 
 
+class TransferParameters(JobParameters):
+    """A `transfer`: a transfer matrix, as its row says."""
+
+    transfer_id: str = Field(
+        description="The transfer row: model variant, training and test sets, layers, method, split."
+    )
+
+
 class FinetuneParameters(JobParameters):
     """A `finetune`: a LoRA adapter trained as its fine-tune row says, then registered."""
 
@@ -150,4 +158,5 @@ PARAMETERS: dict[str, type[JobParameters]] = {
     "probe_scoring": ProbeScoringParameters,
     "probe_training": ProbeTrainingParameters,
     "tinker_models": NoParameters,
+    "transfer": TransferParameters,
 }

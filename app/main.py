@@ -23,6 +23,7 @@ from app.api import (
     probes,
     security,
     tinker,
+    transfers,
 )
 from app.api import metrics as metrics_api
 from app.errors import install_error_handlers
@@ -99,6 +100,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.include_router(jobs.router, **by_method)
     app.include_router(probes.router, **by_method)
     app.include_router(tinker.router, **by_method)
+    app.include_router(transfers.router, **by_method)
     app.include_router(keys.router, dependencies=[Depends(security.admin_scope)], responses=security.AUTH_RESPONSES)
 
     def openapi() -> dict[str, Any]:

@@ -1,4 +1,4 @@
-"""`confprobe`'s API commands (`models`, `adapters`, `datasets`, `extract`, `probes`, `evaluations`,
+"""`confprobe`'s API commands (`models`, `adapters`, `datasets`, `extract`, `probes`, `evaluations`, `transfer`, `transfers`,
 `compare`, `finetune`, `finetunes`, `experiment`, `jobs`): a running service used through `Client`, with progress
 bars, `--json` and an exit code per kind of failure. Like the rest of the package it never
 imports the service's own code or torch, so it works on any machine with the client."""
@@ -38,7 +38,7 @@ from confprobe_client.formatting import (
     metric,
 )
 from confprobe_client.options import LAYERS, comma_separated, no_wait_option, prompt_format_option
-from confprobe_client.types import Job, JobStatus
+from confprobe_client.types import Job, JobStatus, Transfer
 
 
 def make_client(url: str | None) -> Client:
@@ -463,6 +463,105 @@ def evaluation_report(api: ApiContext, evaluation_id: str, out: Path | None) -> 
     rows = [[name, metric(metrics, name), interval(estimate.interval)] for name, estimate in metrics.items()]
     click.echo(aligned_table(["METRIC", "VALUE", "95% INTERVAL"], rows))
     click.echo(f"report: {path}")
+
+
+def show_transfer_matrix(api: ApiContext, transfer: Transfer) -> None:
+    """The AUROC matrix (value and interval per cell) as an aligned table, or the transfer as JSON."""
+    if api.as_json or transfer.matrix is None:
+        click.echo(json.dumps(transfer.model_dump(mode="json"), indent=2) if api.as_json else transfer.status)
+        return
+    matrix = transfer.matrix
+    headers = ["TRAINED ON (LAYER)", *(f"{column.label} ({column.rows})" for column in matrix.columns)]
+    rows = [
+        [
+            f"{row.label} ({row.layer})",
+            *(f"{metric(cell.metrics, 'auroc')} {interval(cell.metrics['auroc'].interval)}" for cell in cells),
+        ]
+        for row, cells in zip(matrix.rows, matrix.cells, strict=True)
+    ]
+    click.echo(aligned_table(headers, rows))
+
+
+@main.command(cls=ApiCommand)
+@click.option("--model", required=True, help="Id of the base model.")
+@click.option("--adapter", help="Id of an adapter of that model, whose states and labels are used.")
+@click.option("--train", "train_ids", required=True, help="Comma-separated dataset ids to train a probe on each.")
+@click.option("--test", "test_ids", required=True, help="Comma-separated dataset ids to score every probe on.")
+@click.option(
+    "--layers", type=LAYERS, required=True, help="Comma-separated; each probe's layer is chosen on validation."
+)
+@click.option("--union", is_flag=True, help="One probe on the union of the training sets.")
+@click.option("--method", type=click.Choice(["logistic", "mass_mean"]), help="[default: logistic]")
+@click.option("--seed", type=click.IntRange(min=0), help="Seed of the splits and the bootstrap [default: 0].")
+@click.option(
+    "--out", type=click.Path(dir_okay=False, writable=True, path_type=Path), help="Also write the HTML report here."
+)
+@prompt_format_option
+@no_wait_option
+@pass_api
+def transfer(
+    api: ApiContext,
+    model: str,
+    adapter: str | None,
+    train_ids: str,
+    test_ids: str,
+    layers: list[int],
+    union: bool,
+    method: str | None,
+    seed: int | None,
+    out: Path | None,
+    prompt_format: str | None,
+    no_wait: bool,
+) -> None:
+    """A transfer matrix: does a probe trained on one dataset work on another? Prints the
+    AUROC of every training set's probe on every test set, with intervals."""
+    client = api.client()
+    created = client.create_transfer(
+        model,
+        comma_separated(train_ids),
+        comma_separated(test_ids),
+        layers,
+        method=method,
+        adapter=adapter,
+        union=union or None,
+        prompt_format=prompt_format,
+        seed=seed,
+    )
+    if no_wait:
+        click.echo(json.dumps(created.model_dump(mode="json"), indent=2) if api.as_json else created.id)
+        return
+    client.wait(created.job_id)
+    if out is not None:
+        out.write_text(client.transfer_report_html(created.id), encoding="utf-8")
+    show_transfer_matrix(api, client.get_transfer(created.id))
+
+
+@main.group(cls=ApiGroup)
+def transfers() -> None:
+    """Transfer matrices: their cells and report pages."""
+
+
+@transfers.command("show")
+@click.argument("transfer_id")
+@pass_api
+def show_transfer(api: ApiContext, transfer_id: str) -> None:
+    """A transfer matrix's AUROC cells with intervals."""
+    show_transfer_matrix(api, api.client().get_transfer(transfer_id))
+
+
+@transfers.command("report")
+@click.argument("transfer_id")
+@click.option(
+    "--out",
+    type=click.Path(dir_okay=False, writable=True, path_type=Path),
+    help="Where to write the HTML report [default: TRANSFER_ID.html].",
+)
+@pass_api
+def transfer_report(api: ApiContext, transfer_id: str, out: Path | None) -> None:
+    """Write a transfer matrix's page (heatmap; AUROC, accuracy and ECE tables) as HTML."""
+    path = out or Path(f"{transfer_id}.html")
+    path.write_text(api.client().transfer_report_html(transfer_id), encoding="utf-8")
+    click.echo(str(path))
 
 
 @main.command(cls=ApiCommand)

@@ -32,6 +32,7 @@ from confprobe_client.types import (
     Readiness,
     Score,
     TinkerModel,
+    Transfer,
 )
 from confprobe_client.waiting import wait_for_job
 
@@ -412,6 +413,74 @@ class Client:
 
     def evaluation_report_png(self, evaluation_id: str) -> bytes:
         return self._api.send("GET", f"/v1/evaluations/{evaluation_id}/report.png").content
+
+    # --- transfer matrices -----------------------------------------------------------------
+
+    def create_transfer(
+        self,
+        model: str,
+        train: Sequence[str],
+        test: Sequence[str],
+        layers: Sequence[int],
+        method: str | None = None,
+        adapter: str | None = None,
+        union: bool | None = None,
+        token_position: str | None = None,
+        max_length: int | None = None,
+        prompt_format: str | None = None,
+        split: dict[str, float] | None = None,
+        seed: int | None = None,
+    ) -> Transfer:
+        """Queue a transfer matrix: a probe per training set (or one on their union with
+        `union=True`) scored on every test set; follow its `job_id`, then `get_transfer`."""
+        body = _without_none(
+            model=model,
+            adapter=adapter,
+            train=list(train),
+            test=list(test),
+            union=union,
+            layers=list(layers),
+            method=method,
+            token_position=token_position,
+            max_length=max_length,
+            prompt_format=prompt_format,
+            split=split,
+            seed=seed,
+        )
+        return Transfer.model_validate(self._api.json("POST", "/v1/transfers", json=body)["transfer"])
+
+    def transfer(
+        self,
+        model: str,
+        train: Sequence[str],
+        test: Sequence[str],
+        layers: Sequence[int],
+        timeout: float | None = None,
+        progress: bool = True,
+        **options: Any,
+    ) -> Transfer:
+        """Create a transfer matrix, wait, and return it with its cells (`create_transfer`'s options)."""
+        transfer = self.create_transfer(model, train, test, layers, **options)
+        self.wait(transfer.job_id, timeout=timeout, progress=progress)
+        return self.get_transfer(transfer.id)
+
+    def get_transfer(self, transfer_id: str) -> Transfer:
+        return Transfer.model_validate(self._api.json("GET", f"/v1/transfers/{transfer_id}"))
+
+    def list_transfers(self, model: str | None = None, cursor: str | None = None, limit: int = 50) -> Page[Transfer]:
+        params = _without_none(model=model, cursor=cursor, limit=limit)
+        return Page[Transfer].model_validate(self._api.json("GET", "/v1/transfers", params=params))
+
+    def transfer_svg(self, transfer_id: str) -> str:
+        """The AUROC heatmap."""
+        return self._api.send("GET", f"/v1/transfers/{transfer_id}/matrix.svg").text
+
+    def transfer_png(self, transfer_id: str) -> bytes:
+        return self._api.send("GET", f"/v1/transfers/{transfer_id}/matrix.png").content
+
+    def transfer_report_html(self, transfer_id: str) -> str:
+        """The heatmap and the AUROC, accuracy and ECE tables with intervals."""
+        return self._api.send("GET", f"/v1/transfers/{transfer_id}/report.html").text
 
     # --- comparisons -----------------------------------------------------------------------
 

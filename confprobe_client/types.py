@@ -281,6 +281,65 @@ class EvaluationReport(Answer):
     baseline: CalibrationReport | None
 
 
+class TransferRow(Answer):
+    """A training unit of a transfer matrix: one dataset, or the union of all of them, with
+    the layer chosen on its validation split and each layer's validation AUROC."""
+
+    label: str
+    dataset_ids: list[str]
+    layer: int
+    n_train: int
+    validation_auroc: dict[str, float | None]
+
+
+class TransferColumn(Answer):
+    """A test set: `rows` is `test` when it is a training set too (its test split only)."""
+
+    dataset_id: str
+    label: str
+    rows: Literal["all", "test"]
+    n: int
+
+
+class TransferCell(Answer):
+    n: int
+    metrics: dict[str, Estimate]
+    auroc_by_layer: dict[str, float | None]
+
+
+class TransferMatrix(Answer):
+    rows: list[TransferRow]
+    columns: list[TransferColumn]
+    cells: list[list[TransferCell]]
+
+    def values(self, metric: str = "auroc") -> list[list[float | None]]:
+        """`metric`'s value in every cell, row by row."""
+        return [[cell.metrics[metric].value if metric in cell.metrics else None for cell in row] for row in self.cells]
+
+
+class Transfer(Answer):
+    """Probes trained on `train_dataset_ids` (one per set, or one on their union) scored on
+    `test_dataset_ids`; `matrix` is None until the job succeeds (and in lists)."""
+
+    id: str
+    job_id: str
+    status: JobStatus
+    model_id: str
+    adapter_id: str | None
+    train_dataset_ids: list[str]
+    test_dataset_ids: list[str]
+    union_train: bool
+    layers: list[int]
+    method: ProbeMethod
+    token_position: TokenPosition
+    max_length: int | None
+    prompt_format: str
+    split: dict[str, Any]
+    created_at: datetime
+    finished_at: datetime | None
+    matrix: TransferMatrix | None = None
+
+
 class Score(Answer):
     probe_id: str
     layer: int

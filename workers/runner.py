@@ -30,6 +30,7 @@ from workers import (
     model_check,
     probe_training,
     runtime,
+    transfer,
 )
 from workers.adapters import importer
 from workers.context import JobContext, this_attempt
@@ -66,6 +67,7 @@ HANDLERS: dict[str, Handler] = {
     "probe_scoring": probe_training.score,
     "probe_training": probe_training.run,
     "tinker_models": tinker_models,
+    "transfer": transfer.run,
 }
 
 

@@ -272,6 +272,31 @@ class ProbeEvaluation(Base):
     finished_at: Mapped[datetime | None] = mapped_column()
 
 
+class Transfer(Base):
+    """A transfer matrix: probes trained on each dataset of `train_dataset_ids` (or on their
+    union) scored on each of `test_dataset_ids`, one model variant, the same layers, method
+    and split. `artifact` is the folder of its report once the job succeeds."""
+
+    __tablename__ = "transfers"
+
+    id: Mapped[str] = mapped_column(String(40), primary_key=True)
+    job_id: Mapped[str] = mapped_column(String(40), index=True)
+    model_id: Mapped[str] = mapped_column(ForeignKey("models.id"), index=True)
+    adapter_id: Mapped[str | None] = mapped_column(String(40))
+    train_dataset_ids: Mapped[list[str]] = mapped_column(JSON)
+    test_dataset_ids: Mapped[list[str]] = mapped_column(JSON)
+    union_train: Mapped[bool] = mapped_column(Boolean, default=False)
+    layers: Mapped[list[int]] = mapped_column(JSON)
+    method: Mapped[str] = mapped_column(String(20))
+    token_position: Mapped[str] = mapped_column(String(10))
+    max_length: Mapped[int | None] = mapped_column(Integer)
+    prompt_format: Mapped[str] = mapped_column(Text)
+    split: Mapped[dict[str, Any]] = mapped_column()
+    artifact: Mapped[str | None] = mapped_column(String(500))
+    created_at: Mapped[datetime] = mapped_column(default=utcnow)
+    finished_at: Mapped[datetime | None] = mapped_column()
+
+
 class Comparison(Base):
     """Base and adapters side by side on the same texts and layers."""
 

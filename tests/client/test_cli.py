@@ -173,6 +173,35 @@ def test_probes_evaluate_scores_a_probe_on_another_dataset_and_evaluations_repor
     assert both.exit_code == 2 and "not both" in both.output
 
 
+@pytest.mark.parametrize("stack", ["sqlite"], indirect=True)
+def test_transfer_prints_the_auroc_matrix_and_writes_its_page(
+    confprobe: Confprobe, stack: Stack, model: Model, dataset: Dataset, tmp_path: Path
+) -> None:
+    out = tmp_path / "transfer.html"
+    result = confprobe(
+        "transfer",
+        "--model",
+        model.id,
+        "--train",
+        dataset.id,
+        "--test",
+        dataset.id,
+        "--layers",
+        "1,2",
+        "--out",
+        str(out),
+    )
+    assert result.exit_code == 0, result.output
+    header, row = result.stdout.splitlines()
+    assert header.startswith("TRAINED ON (LAYER)") and "(test)" in header
+    transfer = Client(http=stack.client).list_transfers(model=model.id).items[-1]
+    cell = Client(http=stack.client).get_transfer(transfer.id).matrix.cells[0][0]  # type: ignore[union-attr]
+    assert f"{cell.metrics['auroc'].value:.3f}" in row
+    assert 'id="heatmap"' in out.read_text()
+    shown = confprobe("--json", "transfers", "show", transfer.id)
+    assert json.loads(shown.stdout)["matrix"]["cells"][0][0]["n"] == cell.n
+
+
 def test_no_wait_answers_with_the_queued_run_and_jobs_watch_follows_it(
     confprobe: Confprobe, model: Model, dataset: Dataset
 ) -> None:
