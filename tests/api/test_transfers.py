@@ -23,7 +23,7 @@ def test_a_transfer_matrix_agrees_with_probe_runs_and_evaluations_of_the_same_pr
     cities = upload_rows(client, shared_rows("geometry_of_truth/cities.jsonl", 100), "cities")
     negated = upload_rows(client, shared_rows("geometry_of_truth/neg_cities.jsonl", 80), "neg_cities")
     claims = upload_rows(client, shared_rows("geometry_of_truth/common_claim_true_false.jsonl", 60), "claims")
-    body = {
+    body: dict[str, Any] = {
         "model": model["id"],
         "train": [cities["id"], negated["id"]],
         "test": [cities["id"], negated["id"], claims["id"]],
