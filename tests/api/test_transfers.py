@@ -80,7 +80,7 @@ def test_a_transfer_matrix_agrees_with_probe_runs_and_evaluations_of_the_same_pr
     chat = upload_rows(
         client, [{"messages": [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Hello"}]}], "chat"
     )
-    refusals = [
+    refusals: list[tuple[dict[str, Any], int, str | None]] = [
         ({"train": [cities["id"], cities["id"]]}, 422, "train"),
         ({"test": [chat["id"]]}, 422, "test"),
         ({"split": {"train": 0.5, "validation": 0.2, "test": 0.2}}, 422, "split"),
