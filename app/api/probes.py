@@ -235,3 +235,91 @@ async def score_texts(
     response.status_code = 202
     response.headers["Location"] = f"/v1/jobs/{job.id}"
     return JobAccepted(job=final)
+
+
+# --- a probe run's layer sweep ---------------------------------------------------------------
+
+
+def _finished_run(session: Session, run_id: str) -> tuple[ProbeRun, list[Probe]]:
+    run = session.get(ProbeRun, run_id)
+    if run is None:
+        raise not_found("probe run", run_id)
+    probes = list(session.scalars(select(Probe).where(Probe.run_id == run_id).order_by(Probe.layer, Probe.method)))
+    if run.artifact is None or not probes:
+        job = session.get(Job, run.job_id)
+        status = job.status if job else "failed"
+        raise ServiceError(
+            409, "not_ready", f"probe run {run.id} is {status}; its probes are not there yet", job_status=status
+        )
+    return run, probes
+
+
+def _sweep(run: ProbeRun, probes: list[Probe]) -> tuple[dict[str, dict[int, dict[str, Any]]], str, dict[str, int]]:
+    """A curve per method over the run's layers, the run's title, and each method's best layer on validation."""
+    curves: dict[str, dict[int, dict[str, Any]]] = {}
+    for probe in probes:
+        curves.setdefault(probe.method, {})[probe.layer] = probe.metrics
+    chosen: dict[str, int] = {}
+    for method in curves:
+        candidates = [probe for probe in probes if probe.method == method]
+        best = max(candidates, key=lambda p: (p.validation.get("auroc") or -1.0, -(p.validation.get("nll") or 0.0)))
+        chosen[method] = best.layer
+    title = f"Probe run {run.id}: model {run.model_id}" + (f", adapter {run.adapter_id}" if run.adapter_id else "")
+    return curves, title + f", dataset {run.dataset_id}", chosen
+
+
+@router.get(
+    "/v1/probe-runs/{run_id}/layers.svg", response_class=Response, responses={200: {"content": {"image/svg+xml": {}}}}
+)
+def probe_run_sweep_svg(run_id: str, session: SessionDep, artifacts: ArtifactsDep) -> Response:
+    """Test AUROC and ECE against the layer, a curve per method with interval bands."""
+    from app.calibration.sweeps import render_sweep_svg
+
+    run, probes = _finished_run(session, run_id)
+    assert run.artifact is not None
+    svg = cached_render(artifacts, run.artifact, "layers.svg", lambda: render_sweep_svg(*_sweep(run, probes)).encode())
+    return Response(svg, media_type="image/svg+xml")
+
+
+@router.get(
+    "/v1/probe-runs/{run_id}/layers.png", response_class=Response, responses={200: {"content": {"image/png": {}}}}
+)
+def probe_run_sweep_png(run_id: str, session: SessionDep, artifacts: ArtifactsDep) -> Response:
+    from app.calibration.sweeps import render_sweep_png
+
+    run, probes = _finished_run(session, run_id)
+    assert run.artifact is not None
+    png = cached_render(artifacts, run.artifact, "layers.png", lambda: render_sweep_png(*_sweep(run, probes)))
+    return Response(png, media_type="image/png")
+
+
+@router.get("/v1/probe-runs/{run_id}/report.html", response_class=HTMLResponse)
+def probe_run_html(run_id: str, session: SessionDep, artifacts: ArtifactsDep) -> HTMLResponse:
+    """The run's page: the layer sweep and every probe's test metrics with intervals."""
+    from app.calibration.sweeps import estimate_cell, render_run_html
+
+    run, probes = _finished_run(session, run_id)
+    assert run.artifact is not None
+
+    def render() -> bytes:
+        curves, title, chosen = _sweep(run, probes)
+        rows = [
+            [
+                str(probe.layer),
+                probe.method,
+                "★ best of the run"
+                if probe.is_best
+                else ("best " + probe.method if chosen[probe.method] == probe.layer else ""),
+                *(estimate_cell(probe.metrics, name) for name in ("auroc", "ece", "brier")),
+            ]
+            for probe in probes
+        ]
+        split = run.split
+        notes = [
+            f"{run.token_position} token, {prompt_format_note(run.prompt_format)}",
+            f"split train/validation/test {split['train']:g}/{split['validation']:g}/{split['test']:g}, seed {split['seed']}",
+            "each probe's report: GET /v1/probes/{id}/report.html",
+        ]
+        return render_run_html(title, curves, chosen, rows, notes).encode()
+
+    return HTMLResponse(cached_render(artifacts, run.artifact, "report.html", render))
