@@ -397,7 +397,7 @@ class AnswerDifference(Answer):
 
 class ComparisonReport(Answer):
     """The base and its adapters side by side: `differences` and `cross_transfer` by label,
-    `per_layer_validation` by layer and then label; on multiple choice, `answers` and
+    `per_layer_validation` and `per_layer_test` (test AUROC and ECE) by layer and then label; on multiple choice, `answers` and
     `answer_differences` by label."""
 
     layer: int
@@ -407,6 +407,7 @@ class ComparisonReport(Answer):
     per_layer_validation: dict[str, dict[str, ValidationSummary]]
     flags: list[str]
     test_n: int
+    per_layer_test: dict[str, dict[str, dict[str, Estimate]]] | None = None
     answers: dict[str, SelfLabelSummary] | None = None
     answer_differences: dict[str, AnswerDifference] | None = None
 

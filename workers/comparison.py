@@ -79,6 +79,26 @@ def _answers(variants: list[Variant], rows: list[dict[str, Any]], resamples: int
     return {"answers": summaries, "answer_differences": differences}
 
 
+def _per_layer_test(
+    variants: list[Variant],
+    probes: dict[tuple[int, int], Any],
+    layers: list[int],
+    test: np.ndarray,
+    resamples: int,
+    seed: int,
+) -> dict[str, dict[str, dict[str, Any]]]:
+    """Each model's test AUROC and ECE at every layer, with their intervals: the layer sweep a
+    comparison's page draws, one curve per model."""
+    sweep: dict[str, dict[str, dict[str, Any]]] = {}
+    for number, variant in enumerate(variants):
+        assert variant.labels is not None and variant.states is not None
+        for slot, layer in enumerate(layers):
+            p = probability_of_correct(probes[(number, slot)], None, variant.states[test, slot])
+            metrics = calibration_report(variant.labels.y[test], p, resamples=resamples, seed=seed).to_dict()["metrics"]
+            sweep.setdefault(str(layer), {})[variant.label] = {"auroc": metrics["auroc"], "ece": metrics["ece"]}
+    return sweep
+
+
 def run(context: "JobContext[ComparisonParameters]") -> dict[str, Any]:
     worker = context.runtime
     store, sessions, settings = worker.artifacts, worker.sessions, worker.settings
@@ -139,6 +159,7 @@ def run(context: "JobContext[ComparisonParameters]") -> dict[str, Any]:
 
     context.progress("reporting", 0, len(variants))
     resamples, seed = settings.bootstrap_resamples, spec.seed
+    per_layer_test = _per_layer_test(variants, probes, layers, split.test, resamples, seed)
     test_probabilities = []
     reports: list[dict[str, Any]] = []
     for number, variant in enumerate(variants):
@@ -192,6 +213,7 @@ def run(context: "JobContext[ComparisonParameters]") -> dict[str, Any]:
         "differences": differences,
         "cross_transfer": cross_transfer,
         "per_layer_validation": per_layer,
+        "per_layer_test": per_layer_test,
         "flags": flags,
         "test_n": len(split.test),
     }

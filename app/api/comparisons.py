@@ -135,6 +135,18 @@ def comparison_html(comparison_id: str, session: SessionDep, artifacts: Artifact
                 else f"cross-transfer {label}: —"
             )
         title = f"Comparison {comparison.id}: base vs {len(comparison.adapter_ids)} adapter(s)"
-        return render_html(title, _curves(report), differences=report["differences"], notes=notes).encode()
+        sections = []
+        if report.get("per_layer_test"):
+            from app.calibration.sweeps import sweep_section
+
+            curves: dict[str, dict[int, Any]] = {}
+            for layer, by_variant in report["per_layer_test"].items():
+                for label, metrics in by_variant.items():
+                    curves.setdefault(label, {})[int(layer)] = metrics
+            chosen = dict.fromkeys(curves, report["layer"])
+            sections.append(sweep_section(curves, f"{title}: layer sweep", chosen))
+        return render_html(
+            title, _curves(report), differences=report["differences"], notes=notes, sections=sections
+        ).encode()
 
     return HTMLResponse(cached_render(artifacts, _folder(comparison), "report.html", render))

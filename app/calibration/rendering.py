@@ -256,7 +256,7 @@ def format_estimate(estimate: Mapping[str, Any] | None, *, signed: bool = False)
 PAGE_STYLE = """
 body { font-family: system-ui, -apple-system, "Segoe UI", Roboto, sans-serif; margin: 2rem auto; max-width: 80rem; padding: 0 1rem; color: #1b1b1b; }
 h1 { font-size: 1.5rem; }
-#reliability-diagram svg { width: 100%; height: auto; }
+#reliability-diagram svg, #layer-sweep svg { width: 100%; height: auto; }
 table { border-collapse: collapse; font-variant-numeric: tabular-nums; margin: 1rem 0; }
 caption { caption-side: bottom; text-align: left; color: #555; font-size: 0.9rem; padding-top: 0.5rem; }
 th, td { padding: 0.3rem 0.8rem; border-bottom: 1px solid #ddd; text-align: right; white-space: nowrap; }
@@ -268,10 +268,16 @@ td.difference { background: #f6f6f2; }
 
 
 def render_html(
-    title: str, reports: LabelledReports, *, differences: Differences | None = None, notes: Sequence[str] = ()
+    title: str,
+    reports: LabelledReports,
+    *,
+    differences: Differences | None = None,
+    notes: Sequence[str] = (),
+    sections: Sequence[str] = (),
 ) -> str:
     """A self-contained page (inline SVG and CSS, nothing fetched) with the diagram and
-    the metrics table; every string from the caller is escaped."""
+    the metrics table, then `sections` (HTML made by the caller, a figure say); every
+    string from the caller is escaped."""
     note_items = "".join(f"<li>{html.escape(note)}</li>" for note in notes)
     return (
         "<!DOCTYPE html>\n"
@@ -280,6 +286,7 @@ def render_html(
         f"<h1>{html.escape(title)}</h1>\n"
         f'<figure id="reliability-diagram">{inline_svg(render_svg(reports))}</figure>\n'
         f"{metrics_table(reports, differences or {})}\n"
+        + "".join(f"{section}\n" for section in sections)
         + (f'<ul class="notes">{note_items}</ul>\n' if note_items else "")
         + "</body></html>\n"
     )

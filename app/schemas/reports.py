@@ -162,6 +162,11 @@ class ComparisonReport(StoredReportPart):
     per_layer_validation: dict[str, dict[str, ValidationSummary]] = Field(
         description="By layer, then by variant label: the validation metrics the layer was chosen on."
     )
+    per_layer_test: dict[str, dict[str, dict[str, Estimate]]] | None = Field(
+        None,
+        description="By layer, then by variant label: the test AUROC and ECE of that layer's probe with their "
+        "intervals (the layer sweep the page draws); absent from comparisons made before it was reported.",
+    )
     flags: list[str] = Field(description="What makes the comparison less than like for like.")
     test_n: int = Field(description="Items in the test split.")
     answers: dict[str, SelfLabelSummary] | None = Field(

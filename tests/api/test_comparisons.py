@@ -51,7 +51,14 @@ def test_a_base_and_two_adapters_give_one_diagram_with_three_curves(
     svg = stack.client.get(f"/v1/comparisons/{comparison['id']}/report.svg").text
     assert all(f'id="curve-{index}"' in svg for index in range(3))
     html = stack.client.get(f"/v1/comparisons/{comparison['id']}/report.html").text
-    assert "cross-transfer" in html and 'id="metrics"' in html
+    assert "cross-transfer" in html and 'id="metrics"' in html and 'id="layer-sweep"' in html
+    # the layer sweep at the chosen layer is each model's own report: the same probe, items and resamples
+    assert sorted(report["per_layer_test"]) == ["1", "2"]
+    for variant in report["variants"]:
+        at_chosen = report["per_layer_test"][str(report["layer"])][variant["label"]]
+        for name in ("auroc", "ece"):
+            assert at_chosen[name]["value"] == pytest.approx(variant["report"]["metrics"][name]["value"])
+            assert at_chosen[name]["interval"] == pytest.approx(variant["report"]["metrics"][name]["interval"])
 
 
 def test_an_adapter_for_another_precision_is_refused_unless_flagged(
