@@ -308,7 +308,9 @@ def probes() -> None:
 @click.option(
     "--method", default="logistic", show_default=True, help="logistic, mass_mean, or both: logistic,mass_mean."
 )
-@click.option("--recalibration", type=click.Choice(["temperature", "platt"]), help="Fitted on the validation split.")
+@click.option(
+    "--recalibration", type=click.Choice(["temperature", "platt", "isotonic"]), help="Fitted on the validation split."
+)
 @click.option("--seed", type=click.IntRange(min=0), help="Seed of the split [default: 0].")
 @prompt_format_option
 @no_wait_option

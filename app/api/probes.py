@@ -103,6 +103,8 @@ def _report(artifacts: ArtifactStore, probe: Probe) -> dict[str, Any]:
 
 def _labelled_reports(report: dict[str, Any], probe: Probe) -> list[tuple[str, dict[str, Any]]]:
     curves = [(f"probe (layer {probe.layer}, {probe.method})", report["probe"])]
+    if report.get("uncalibrated"):
+        curves.append((f"probe before {probe.recalibration} recalibration", report["uncalibrated"]))
     if report.get("baseline"):
         curves.append(("model's own probability", report["baseline"]))
     return curves
@@ -112,11 +114,14 @@ def _labelled_reports(report: dict[str, Any], probe: Probe) -> list[tuple[str, d
 @router.get("/v1/probes/{probe_id}/report", response_model_exclude_unset=True)
 def probe_report(probe_id: str, session: SessionDep, artifacts: ArtifactsDep) -> ProbeReportOut:
     """The probe, and its calibration `report` on the held-out test split: every metric with
-    its estimator named and a bootstrap interval, and the reliability bins; for multiple
-    choice, the same for the model's own probability of its answer (`baseline`)."""
+    its estimator named and a bootstrap interval, and the reliability bins; for a recalibrated
+    probe, the same before its recalibration (`uncalibrated`); for multiple choice, the same
+    for the model's own probability of its answer (`baseline`)."""
     probe = _probe(session, probe_id)
     report = _report(artifacts, probe)
-    return ProbeReportOut(probe=ProbeOut.of(probe), report=report["probe"], baseline=report["baseline"])
+    # reports written before `uncalibrated` existed lack the key, and are served without it
+    optional = {key: report[key] for key in ("uncalibrated",) if key in report}
+    return ProbeReportOut(probe=ProbeOut.of(probe), report=report["probe"], baseline=report["baseline"], **optional)
 
 
 @router.get(

@@ -12,7 +12,7 @@ from app.schemas.reports import CalibrationReport
 
 ProbeMethod = Literal["logistic", "mass_mean"]
 # how a probe's validation logits are mapped to probabilities (none: left as they are)
-Recalibration = Literal["temperature", "platt"]
+Recalibration = Literal["temperature", "platt", "isotonic"]
 # train, validation and test each need a member of every class
 MIN_PER_CLASS = 3
 
@@ -43,7 +43,9 @@ class ProbeCreate(Request):
         default_factory=SplitFractions, description="Stratified train/validation/test fractions."
     )
     seed: int = Field(0, ge=0, le=2**31 - 1)
-    recalibration: Recalibration | None = Field(None, description="Fitted on the validation split.")
+    recalibration: Recalibration | None = Field(
+        None, description="`temperature`, `platt` or `isotonic`, fitted on the validation split."
+    )
 
 
 class ProbeOut(BaseModel):
@@ -75,6 +77,11 @@ class ProbeReportOut(BaseModel):
     report: CalibrationReport
     baseline: CalibrationReport | None = Field(
         description="The same for the model's own probability of its answer (multiple choice); null for statements."
+    )
+    uncalibrated: CalibrationReport | None = Field(
+        None,
+        description="For a recalibrated probe, the same for its own probabilities before the recalibration, on the "
+        "same test split; null or absent when the probe is not recalibrated.",
     )
 
 

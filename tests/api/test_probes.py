@@ -1,20 +1,25 @@
 """Probes through the service: training on statements and on the model's own
-multiple-choice answers, held-out reports checked against scikit-learn, scoring, rendering."""
+multiple-choice answers, held-out reports checked against scikit-learn, recalibration,
+export with cards, scoring, rendering."""
 
+import io
 import json
 import random
 from collections import Counter
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import pytest
-from sklearn.metrics import brier_score_loss, roc_auc_score
+from sklearn.metrics import brier_score_loss, log_loss, roc_auc_score
 
 from tests.api.test_models import register
 from tests.conftest import SHARED_DATA, Stack, require, wait_for_job
 
 MMLU = "mmlu/mmlu_test_sample.jsonl"
+CITIES = "geometry_of_truth/cities.jsonl"
+only_sqlite = pytest.mark.parametrize("stack", ["sqlite"], indirect=True)
 
 
 def upload_rows(client: Any, rows: list[dict[str, Any]], name: str) -> dict[str, Any]:
@@ -120,6 +125,7 @@ def test_the_report_route_documents_named_report_schemas_that_a_real_report_vali
     # served as stored: the same keys in the same order, the same nulls and numbers
     assert json.dumps(served.json()["report"]) == json.dumps(stored["probe"])
     assert served.json()["baseline"] is None and stored["baseline"] is None
+    assert served.json()["uncalibrated"] is None and stored["uncalibrated"] is None  # not recalibrated
 
 
 @pytest.mark.slow
@@ -251,6 +257,84 @@ def test_reports_render_as_svg_png_and_html(stack: Stack, tiny_llama: Path) -> N
             response.text,
         )
         assert response.json()["error"]["details"]["key"] == f"probes/{probe['id']}/report.json"
+
+
+# --- recalibrated probes, before and after ----------------------------------------------------
+
+
+@dataclass
+class RecalibratedRun:
+    model: dict[str, Any]
+    dataset: dict[str, Any]
+    probes: list[dict[str, Any]]
+    test_states: np.ndarray  # (test texts, hidden): the test split's states at the probes' layer, extracted anew
+
+
+@pytest.fixture(scope="module")
+def isotonic_run(stack: Stack, tiny_llama_template: Path) -> RecalibratedRun:
+    """A logistic and a mass-mean probe at layer 2, recalibrated by isotonic regression, and
+    the hidden states of their test texts as a user gets them: through an extraction."""
+    rows = shared_rows(CITIES, 120)
+    dataset = upload_rows(stack.client, rows, "cities-120")
+    model = register(stack.client, tiny_llama_template).json()
+    run = train(
+        stack.client,
+        model=model["id"],
+        dataset=dataset["id"],
+        layers=[2],
+        method=["logistic", "mass_mean"],
+        recalibration="isotonic",
+    )
+    test_indices = predictions_of(stack, run["probes"][0])["test_indices"]
+    response = stack.client.post(
+        "/v1/extractions",
+        json={"model": model["id"], "texts": [rows[i]["text"] for i in test_indices], "layers": [2]},
+    )
+    assert response.status_code == 202, response.json()
+    extraction = response.json()["extraction"]
+    assert wait_for_job(stack.client, extraction["job_id"])["status"] == "succeeded"
+    states = np.load(io.BytesIO(stack.client.get(f"/v1/extractions/{extraction['id']}/hidden-states").content))
+    return RecalibratedRun(model=model, dataset=dataset, probes=run["probes"], test_states=states[:, 0])
+
+
+def predictions_of(stack: Stack, probe: dict[str, Any]) -> dict[str, Any]:
+    path = stack.settings.resolved_artifact_dir / "probes" / probe["id"] / "predictions.json"
+    return dict(json.loads(path.read_text()))
+
+
+@only_sqlite
+def test_a_recalibrated_probes_report_gives_its_raw_probabilities_calibration_as_scikit_learn_computes_it(
+    stack: Stack, isotonic_run: RecalibratedRun
+) -> None:
+    from workers.probes import load_probe
+
+    for probe in isotonic_run.probes:
+        fitted, recalibrator = load_probe(stack.settings.resolved_artifact_dir / "probes" / probe["id"])
+        assert recalibrator is not None and recalibrator.kind == "isotonic"
+        raw = fitted.predict_proba(isotonic_run.test_states)[:, 1]
+        y = np.array(predictions_of(stack, probe)["labels"])
+        served = stack.client.get(f"/v1/probes/{probe['id']}/report").json()
+        before = served["uncalibrated"]["metrics"]
+        assert served["uncalibrated"]["n"] == len(y) == 24
+        assert before["auroc"]["value"] == pytest.approx(roc_auc_score(y, raw))
+        assert before["brier"]["value"] == pytest.approx(brier_score_loss(y, raw))
+        assert before["nll"]["value"] == pytest.approx(log_loss(y, raw))
+        after = np.array(predictions_of(stack, probe)["confidences"])
+        assert served["report"]["metrics"]["brier"]["value"] == pytest.approx(brier_score_loss(y, after))
+        assert not np.allclose(raw, after)  # two different sets of probabilities, each reported
+
+
+@only_sqlite
+def test_a_recalibrated_probes_pictures_draw_it_before_and_after_its_recalibration(
+    stack: Stack, isotonic_run: RecalibratedRun
+) -> None:
+    import re
+
+    probe = isotonic_run.probes[0]
+    svg = stack.client.get(f"/v1/probes/{probe['id']}/report.svg").text
+    assert re.findall(r'id="(curve-\d+)"', svg) == ["curve-0", "curve-1"]
+    html = stack.client.get(f"/v1/probes/{probe['id']}/report.html").text
+    assert '<th scope="col">probe before isotonic recalibration</th>' in html
 
 
 # --- refused at once --------------------------------------------------------------------------

@@ -289,6 +289,7 @@ def test_a_probes_report_gives_its_held_out_metrics_and_html(client: Client, tra
     probe = trained.probes[0]
     report = client.probe_report(probe.id)
     assert report.probe.id == probe.id and report.report.n == 12 and report.baseline is None  # 20% of 60 statements
+    assert report.uncalibrated is None  # not recalibrated
     assert report.report.metrics["auroc"].value == pytest.approx(client.get_probe(probe.id).metrics["auroc"].value)
     assert report.report.metrics["ece"].estimator is not None
     assert 'id="metrics"' in client.probe_report_html(probe.id)
