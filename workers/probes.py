@@ -385,7 +385,8 @@ def recalibrator_from_state(arrays: dict[str, np.ndarray], params: dict[str, Any
 
 
 def save_probe(folder: Path, probe: Probe, recalibrator: Recalibrator | None) -> None:
-    """Write `probe.safetensors` (the arrays) and `probe.json` (everything else) into `folder`.
+    """Write `probe.safetensors` (the arrays) and `probe.json` (everything else) into `folder`;
+    the gateway's export (`app/registry/probe_cards.py`) reads this layout.
 
     Each file is written beside its final name and renamed into place, so a reader never
     sees half a file.

@@ -12,6 +12,7 @@ from typing import Any
 
 import numpy as np
 import pytest
+from safetensors import safe_open
 from sklearn.metrics import brier_score_loss, log_loss, roc_auc_score
 
 from tests.api.test_models import register
@@ -250,6 +251,9 @@ def test_reports_render_as_svg_png_and_html(stack: Stack, tiny_llama: Path) -> N
     # the probe's files removed from under its row: the record still reads, its data is gone (410, not a 500)
     store.delete_prefix(f"probes/{probe['id']}")
     assert stack.client.get(f"/v1/probes/{probe['id']}").status_code == 200
+    assert stack.client.get(f"/v1/probes/{probe['id']}/card").status_code == 200  # the registry's alone
+    weights = stack.client.get(f"/v1/probes/{probe['id']}/weights")
+    assert (weights.status_code, weights.json()["error"]["code"]) == (410, "artifact_missing")
     for suffix in ["report", "report.svg", "report.png", "report.html"]:
         response = stack.client.get(f"/v1/probes/{probe['id']}/{suffix}")
         assert response.status_code == 410 and response.json()["error"]["code"] == "artifact_missing", (
@@ -259,7 +263,7 @@ def test_reports_render_as_svg_png_and_html(stack: Stack, tiny_llama: Path) -> N
         assert response.json()["error"]["details"]["key"] == f"probes/{probe['id']}/report.json"
 
 
-# --- recalibrated probes, before and after ----------------------------------------------------
+# --- recalibrated probes, before and after; exported probes and their cards -----------------
 
 
 @dataclass
@@ -335,6 +339,91 @@ def test_a_recalibrated_probes_pictures_draw_it_before_and_after_its_recalibrati
     assert re.findall(r'id="(curve-\d+)"', svg) == ["curve-0", "curve-1"]
     html = stack.client.get(f"/v1/probes/{probe['id']}/report.html").text
     assert '<th scope="col">probe before isotonic recalibration</th>' in html
+
+
+def probability_by_the_card(arrays: dict[str, np.ndarray], card: dict[str, Any], h: np.ndarray) -> np.ndarray:
+    """P(correct) as a user computes it from the exported arrays and the card's formula."""
+    h = h.astype(np.float64)
+    if card["method"] == "logistic":
+        logit = (((h - arrays["mean"]) / arrays["scale"]) * arrays["coef"]).sum(axis=1) + arrays["intercept"]
+    else:
+        logit = arrays["slope"] * (arrays["direction"] * h).sum(axis=1) + arrays["bias"]
+    assert card["recalibration"] == "isotonic"
+    return np.interp(logit, arrays["isotonic_x"], arrays["isotonic_y"])
+
+
+@only_sqlite
+def test_exported_weights_applied_with_numpy_give_the_services_own_confidences(
+    stack: Stack, isotonic_run: RecalibratedRun, tmp_path: Path
+) -> None:
+    from safetensors.numpy import load_file
+
+    assert sorted(probe["method"] for probe in isotonic_run.probes) == ["logistic", "mass_mean"]
+    for probe in isotonic_run.probes:
+        response = stack.client.get(f"/v1/probes/{probe['id']}/weights")
+        assert response.status_code == 200
+        assert response.headers["content-type"] == "application/octet-stream"
+        assert response.headers["content-disposition"] == f'attachment; filename="{probe["id"]}.safetensors"'
+        path = tmp_path / f"{probe['id']}.safetensors"
+        path.write_bytes(response.content)
+        arrays = load_file(path)
+        with safe_open(path, framework="np") as exported:
+            card = json.loads(exported.metadata()["card"])
+        assert set(arrays) == set(card["arrays"])
+        np.testing.assert_allclose(
+            probability_by_the_card(arrays, card, isotonic_run.test_states),
+            predictions_of(stack, probe)["confidences"],
+            rtol=0,
+            atol=1e-6,
+        )
+
+
+@only_sqlite
+def test_a_probes_card_names_what_it_reads_and_was_trained_on_and_is_the_one_in_its_weights(
+    stack: Stack, isotonic_run: RecalibratedRun, tmp_path: Path
+) -> None:
+    probe = isotonic_run.probes[0]
+    card = stack.client.get(f"/v1/probes/{probe['id']}/card").json()
+    path = tmp_path / "probe.safetensors"
+    path.write_bytes(stack.client.get(f"/v1/probes/{probe['id']}/weights").content)
+    with safe_open(path, framework="np") as exported:
+        assert json.loads(exported.metadata()["card"]) == card
+    model = stack.client.get(f"/v1/models/{isotonic_run.model['id']}").json()
+    assert card["model"] == {
+        key: model[key]
+        for key in (
+            "id",
+            "name",
+            "source",
+            "revision",
+            "fingerprint",
+            "dtype",
+            "quantization",
+            "num_layers",
+            "hidden_size",
+        )
+    }
+    assert card["dataset"] == {key: isotonic_run.dataset[key] for key in ("id", "name", "sha256", "kind", "rows")}
+    assert card["adapter"] is None
+    assert (card["probe_id"], card["run_id"], card["method"], card["layer"]) == (
+        probe["id"],
+        probe["run_id"],
+        probe["method"],
+        2,
+    )
+    assert (card["token_position"], card["max_length"], card["prompt_format"]) == ("last", None, "raw")
+    assert card["split"] == {"train": 0.6, "validation": 0.2, "test": 0.2, "seed": 0}
+    assert card["recalibration"] == "isotonic"
+    assert card["metrics"] == probe["metrics"] and card["created_at"] == probe["created_at"]
+    assert "decoder block" in card["layer_convention"] and "last real" in card["hidden_state"]
+    assert "isotonic_x" in card["formula"] and "coef" in card["formula"]
+
+
+@pytest.mark.parametrize("database_url", ["sqlite"], indirect=True)
+def test_the_card_and_weights_of_an_unknown_probe_are_404s(api: Any) -> None:
+    for suffix in ["card", "weights"]:
+        response = api.get(f"/v1/probes/prb_nope/{suffix}")
+        assert (response.status_code, response.json()["error"]["code"]) == (404, "not_found")
 
 
 # --- refused at once --------------------------------------------------------------------------
