@@ -309,7 +309,9 @@ def probes() -> None:
 @click.option(
     "--method", default="logistic", show_default=True, help="logistic, mass_mean, or both: logistic,mass_mean."
 )
-@click.option("--recalibration", type=click.Choice(["temperature", "platt"]), help="Fitted on the validation split.")
+@click.option(
+    "--recalibration", type=click.Choice(["temperature", "platt", "isotonic"]), help="Fitted on the validation split."
+)
 @click.option("--seed", type=click.IntRange(min=0), help="Seed of the split [default: 0].")
 @prompt_format_option
 @no_wait_option
@@ -562,6 +564,52 @@ def transfer_report(api: ApiContext, transfer_id: str, out: Path | None) -> None
     path = out or Path(f"{transfer_id}.html")
     path.write_text(api.client().transfer_report_html(transfer_id), encoding="utf-8")
     click.echo(str(path))
+
+
+@probes.command("export")
+@click.argument("probe_id")
+@click.option(
+    "--out",
+    "-o",
+    type=click.Path(dir_okay=False, writable=True, path_type=Path),
+    help="Where to write the weights (safetensors, the card in its metadata) [default: PROBE_ID.safetensors].",
+)
+@click.option(
+    "--card",
+    "card_out",
+    type=click.Path(dir_okay=False, writable=True, path_type=Path),
+    help="Also write the card here, as JSON.",
+)
+@pass_api
+def export_probe(api: ApiContext, probe_id: str, out: Path | None, card_out: Path | None) -> None:
+    """Write a probe's weights as a safetensors file of plain arrays, to apply with numpy as
+    its card says, and show the card."""
+    client = api.client()
+    path = out or Path(f"{probe_id}.safetensors")
+    path.write_bytes(client.probe_weights(probe_id))
+    card = client.probe_card(probe_id)
+    if card_out is not None:
+        card_out.write_text(json.dumps(card, indent=2), encoding="utf-8")
+    if api.as_json:
+        click.echo(json.dumps(card | {"weights": str(path)}, indent=2))
+        return
+    adapter = card["adapter"]
+    rows = [
+        ["probe", card["probe_id"]],
+        ["method", card["method"]],
+        ["recalibration", card["recalibration"] or "-"],
+        ["model", f"{card['model']['id']} ({card['model']['source']})"],
+        ["adapter", adapter["id"] if adapter else "-"],
+        ["layer", str(card["layer"])],
+        ["token position", card["token_position"]],
+        ["prompt format", card["prompt_format"]],
+        ["dataset", f"{card['dataset']['id']} ({card['dataset']['name']})"],
+        ["formula", card["formula"]],
+    ]
+    click.echo(aligned_table(["FIELD", "VALUE"], rows))
+    click.echo(f"weights: {path}")
+    if card_out is not None:
+        click.echo(f"card: {card_out}")
 
 
 @main.command(cls=ApiCommand)

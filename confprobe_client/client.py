@@ -343,6 +343,18 @@ class Client:
     def probe_report_png(self, probe_id: str) -> bytes:
         return self._api.send("GET", f"/v1/probes/{probe_id}/report.png").content
 
+    def probe_weights(self, probe_id: str) -> bytes:
+        """The probe as a safetensors file of float64 arrays, to apply with numpy as its card's
+        `formula` says (`safetensors.numpy.load(content)`); the card is JSON under `card` in the
+        file's metadata."""
+        return self._api.send("GET", f"/v1/probes/{probe_id}/weights").content
+
+    def probe_card(self, probe_id: str) -> dict[str, Any]:
+        """What it takes to apply the probe outside the service (formula, arrays, model,
+        adapter, layer, token position, prompt format) and what it was trained and measured on."""
+        card: dict[str, Any] = self._api.json("GET", f"/v1/probes/{probe_id}/card")
+        return card
+
     def score(
         self, probe_id: str, texts: Sequence[str], timeout_s: float | None = None, prompt_format: str | None = None
     ) -> Score:

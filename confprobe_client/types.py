@@ -245,11 +245,14 @@ class CalibrationReport(Answer):
 
 class ProbeReport(Answer):
     """A probe's calibration on its held-out test split; `baseline` is the same for a
-    multiple-choice model's own probability of its answer, None for statements."""
+    multiple-choice model's own probability of its answer, None for statements;
+    `uncalibrated` the same for a recalibrated probe's probabilities before recalibration,
+    None when it is not recalibrated."""
 
     probe: Probe
     report: CalibrationReport
     baseline: CalibrationReport | None
+    uncalibrated: CalibrationReport | None = None
 
 
 class Evaluation(Answer):

@@ -87,6 +87,7 @@ def run(context: "JobContext[ProbeTrainingParameters]") -> dict[str, Any]:
                     recalibrator,
                     validation,
                     probability_of_correct(probe, recalibrator, x[split.test]),
+                    probability_of_correct(probe, None, x[split.test]) if recalibrator is not None else None,
                 )
             )
     best = best_candidate(candidates)
@@ -169,9 +170,19 @@ def _write_probes(
         report = calibration_report(
             y_test, candidate.test_probabilities, resamples=settings.bootstrap_resamples, seed=seed
         ).to_dict()
+        # a recalibrated probe is reported before its recalibration too, on the same test split
+        uncalibrated_report = (
+            calibration_report(
+                y_test, candidate.uncalibrated_test_probabilities, resamples=settings.bootstrap_resamples, seed=seed
+            ).to_dict()
+            if candidate.uncalibrated_test_probabilities is not None
+            else None
+        )
         with store.scratch(folder) as scratch:
             save_probe(scratch, candidate.probe, candidate.recalibrator)
-            (scratch / "report.json").write_text(json.dumps({"probe": report, "baseline": baseline_report}))
+            (scratch / "report.json").write_text(
+                json.dumps({"probe": report, "baseline": baseline_report, "uncalibrated": uncalibrated_report})
+            )
             (scratch / "predictions.json").write_text(
                 json.dumps(
                     {

@@ -8,8 +8,9 @@ Two probes, both scikit-learn estimators over features shaped (texts, hidden):
 - `MassMeanProbe`: the difference of class means, optionally whitened (Marks & Tegmark 2023).
 
 Recalibration maps a probe's validation logits to better probabilities: `TemperatureScaling`
-(Guo et al. 2017) or `PlattScaling` (Platt 1999). A probe is saved as plain arrays
-(safetensors) and JSON, never a pickle, so loading an artifact cannot run code.
+(Guo et al. 2017), `PlattScaling` (Platt 1999) or `IsotonicRecalibration` (Zadrozny & Elkan
+2002). A probe is saved as plain arrays (safetensors) and JSON, never a pickle, so loading an
+artifact cannot run code.
 """
 
 import json
@@ -24,6 +25,7 @@ from scipy.optimize import minimize_scalar
 from scipy.special import expit
 from sklearn.base import BaseEstimator, ClassifierMixin
 from sklearn.covariance import LedoitWolf
+from sklearn.isotonic import IsotonicRegression
 from sklearn.linear_model import LogisticRegression
 from sklearn.metrics import log_loss
 from sklearn.preprocessing import StandardScaler
@@ -325,11 +327,48 @@ class PlattScaling(BaseEstimator):
         return scaling
 
 
+class IsotonicRecalibration(BaseEstimator):
+    """P(y=1) = the non-decreasing function of the logit closest in squared error to the 0/1
+    validation labels at the validation logits (pool adjacent violators), linear between them.
+
+    Zadrozny & Elkan (2002), "Transforming Classifier Scores into Accurate Multiclass
+    Probability Estimates", KDD. The fit is scikit-learn's `IsotonicRegression(out_of_bounds=
+    "clip", y_min=0, y_max=1)`; only its thresholds are kept (`x_thresholds_`, increasing
+    logits, and `y_thresholds_`, their probabilities), and a logit maps to
+    `numpy.interp(logit, x_thresholds_, y_thresholds_)`: the end values beyond the ends, as
+    `clip` gives. Unlike the two sigmoid maps it can reach exactly 0 and 1, and it ties the
+    logits of a step, which can lower AUROC.
+    """
+
+    kind: ClassVar[Recalibration] = "isotonic"
+
+    def fit(self, logits: np.ndarray, y: np.ndarray) -> Self:
+        logits, labels = zero_one_labels(logits, y)
+        model = IsotonicRegression(out_of_bounds="clip", y_min=0, y_max=1, increasing=True).fit(logits, labels)
+        self.x_thresholds_ = np.asarray(model.X_thresholds_, dtype=np.float64)
+        self.y_thresholds_ = np.asarray(model.y_thresholds_, dtype=np.float64)
+        return self
+
+    def transform(self, logits: np.ndarray) -> np.ndarray:
+        check_is_fitted(self)
+        return np.interp(np.asarray(logits, dtype=np.float64), self.x_thresholds_, self.y_thresholds_)
+
+    def to_state(self) -> tuple[dict[str, np.ndarray], dict[str, Any]]:
+        check_is_fitted(self)
+        return {"x_thresholds": self.x_thresholds_, "y_thresholds": self.y_thresholds_}, {"kind": self.kind}
+
+    @classmethod
+    def from_state(cls, arrays: dict[str, np.ndarray], params: dict[str, Any]) -> "IsotonicRecalibration":
+        recalibration = cls()
+        recalibration.x_thresholds_, recalibration.y_thresholds_ = arrays["x_thresholds"], arrays["y_thresholds"]
+        return recalibration
+
+
 Probe = LogisticProbe | MassMeanProbe
-Recalibrator = TemperatureScaling | PlattScaling
+Recalibrator = TemperatureScaling | PlattScaling | IsotonicRecalibration
 PROBE_KINDS: dict[str, type[Probe]] = {"logistic": LogisticProbe, "mass_mean": MassMeanProbe}
 RECALIBRATOR_KINDS: dict[str, type[Recalibrator]] = {
-    recalibrator.kind: recalibrator for recalibrator in (TemperatureScaling, PlattScaling)
+    recalibrator.kind: recalibrator for recalibrator in (TemperatureScaling, PlattScaling, IsotonicRecalibration)
 }
 
 
@@ -346,7 +385,8 @@ def recalibrator_from_state(arrays: dict[str, np.ndarray], params: dict[str, Any
 
 
 def save_probe(folder: Path, probe: Probe, recalibrator: Recalibrator | None) -> None:
-    """Write `probe.safetensors` (the arrays) and `probe.json` (everything else) into `folder`.
+    """Write `probe.safetensors` (the arrays) and `probe.json` (everything else) into `folder`;
+    the gateway's export (`app/registry/probe_cards.py`) reads this layout.
 
     Each file is written beside its final name and renamed into place, so a reader never
     sees half a file.

@@ -34,6 +34,8 @@ class TrainedProbe:
     recalibrator: Any
     validation: dict[str, Any]
     test_probabilities: np.ndarray
+    # the probe's own probabilities on the test split, before its recalibration (None without one)
+    uncalibrated_test_probabilities: np.ndarray | None = None
 
 
 def labels_for(

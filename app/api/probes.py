@@ -1,5 +1,5 @@
 """`/v1/probes`: train probes as a job, read their held-out metrics and calibration
-reports, and score new texts with them."""
+reports, export them with their cards, and score new texts with them."""
 
 import json
 from typing import Annotated, Any
@@ -18,12 +18,14 @@ from app.inputs.texts import refuse_empty_texts
 from app.job_kinds import ProbeScoringParameters, ProbeTrainingParameters
 from app.registry.database import keyset_page
 from app.registry.models import checked_prompt_format, get_model
+from app.registry.probe_cards import probe_card, probe_export
 from app.registry.probes import new_probe_run, run_view
 from app.registry.tables import Job, Model, Probe, ProbeRun
 from app.schemas.common import ERROR_RESPONSES
 from app.schemas.jobs import JobAccepted, JobOut
 from app.schemas.probes import (
     ProbeAccepted,
+    ProbeCard,
     ProbeCreate,
     ProbeOut,
     ProbePage,
@@ -103,6 +105,8 @@ def _report(artifacts: ArtifactStore, probe: Probe) -> dict[str, Any]:
 
 def _labelled_reports(report: dict[str, Any], probe: Probe) -> list[tuple[str, dict[str, Any]]]:
     curves = [(f"probe (layer {probe.layer}, {probe.method})", report["probe"])]
+    if report.get("uncalibrated"):
+        curves.append((f"probe before {probe.recalibration} recalibration", report["uncalibrated"]))
     if report.get("baseline"):
         curves.append(("model's own probability", report["baseline"]))
     return curves
@@ -112,11 +116,14 @@ def _labelled_reports(report: dict[str, Any], probe: Probe) -> list[tuple[str, d
 @router.get("/v1/probes/{probe_id}/report", response_model_exclude_unset=True)
 def probe_report(probe_id: str, session: SessionDep, artifacts: ArtifactsDep) -> ProbeReportOut:
     """The probe, and its calibration `report` on the held-out test split: every metric with
-    its estimator named and a bootstrap interval, and the reliability bins; for multiple
-    choice, the same for the model's own probability of its answer (`baseline`)."""
+    its estimator named and a bootstrap interval, and the reliability bins; for a recalibrated
+    probe, the same before its recalibration (`uncalibrated`); for multiple choice, the same
+    for the model's own probability of its answer (`baseline`)."""
     probe = _probe(session, probe_id)
     report = _report(artifacts, probe)
-    return ProbeReportOut(probe=ProbeOut.of(probe), report=report["probe"], baseline=report["baseline"])
+    # reports written before `uncalibrated` existed lack the key, and are served without it
+    optional = {key: report[key] for key in ("uncalibrated",) if key in report}
+    return ProbeReportOut(probe=ProbeOut.of(probe), report=report["probe"], baseline=report["baseline"], **optional)
 
 
 @router.get(
@@ -172,6 +179,31 @@ def probe_report_html(probe_id: str, session: SessionDep, artifacts: ArtifactsDe
         return render_html(title, _labelled_reports(_report(artifacts, probe), probe), notes=notes).encode()
 
     return HTMLResponse(cached_render(artifacts, probe.artifact, "report.html", render))
+
+
+@router.get("/v1/probes/{probe_id}/card")
+def show_probe_card(probe_id: str, session: SessionDep) -> ProbeCard:
+    """What it takes to apply the probe outside the service: the formula and its arrays, the
+    model, adapter, layer, token position and prompt format it reads, the dataset and split
+    it was trained on, and its held-out metrics. The same card is in the exported weights."""
+    return probe_card(session, _probe(session, probe_id))
+
+
+@router.get(
+    "/v1/probes/{probe_id}/weights",
+    response_class=Response,
+    responses={200: {"content": {"application/octet-stream": {}}, "description": "A safetensors file."}},
+)
+def probe_weights(probe_id: str, session: SessionDep, artifacts: ArtifactsDep) -> Response:
+    """The probe as a safetensors file of float64 arrays (the card's `arrays`), to apply with
+    numpy as the card's `formula` says; the card itself is JSON under `card` in the file's
+    `__metadata__`."""
+    probe = _probe(session, probe_id)
+    return Response(
+        probe_export(session, artifacts, probe),
+        media_type="application/octet-stream",
+        headers={"Content-Disposition": f'attachment; filename="{probe.id}.safetensors"'},
+    )
 
 
 def _scoring_format(probe: Probe, model: Model, asked: str | None) -> str:

@@ -5,14 +5,15 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, Field
 
+from app.inputs.datasets import DatasetKind
 from app.registry.tables import Probe
-from app.schemas.common import Request, prompt_format_field
+from app.schemas.common import Dtype, Quantization, Request, prompt_format_field
 from app.schemas.jobs import JobOut, JobStatus
 from app.schemas.reports import CalibrationReport
 
 ProbeMethod = Literal["logistic", "mass_mean"]
 # how a probe's validation logits are mapped to probabilities (none: left as they are)
-Recalibration = Literal["temperature", "platt"]
+Recalibration = Literal["temperature", "platt", "isotonic"]
 # train, validation and test each need a member of every class
 MIN_PER_CLASS = 3
 
@@ -43,7 +44,9 @@ class ProbeCreate(Request):
         default_factory=SplitFractions, description="Stratified train/validation/test fractions."
     )
     seed: int = Field(0, ge=0, le=2**31 - 1)
-    recalibration: Recalibration | None = Field(None, description="Fitted on the validation split.")
+    recalibration: Recalibration | None = Field(
+        None, description="`temperature`, `platt` or `isotonic`, fitted on the validation split."
+    )
 
 
 class ProbeOut(BaseModel):
@@ -76,6 +79,81 @@ class ProbeReportOut(BaseModel):
     baseline: CalibrationReport | None = Field(
         description="The same for the model's own probability of its answer (multiple choice); null for statements."
     )
+    uncalibrated: CalibrationReport | None = Field(
+        None,
+        description="For a recalibrated probe, the same for its own probabilities before the recalibration, on the "
+        "same test split; null or absent when the probe is not recalibrated.",
+    )
+
+
+class ProbeCardModel(BaseModel):
+    """The base model whose hidden states the probe reads."""
+
+    id: str
+    name: str
+    source: str = Field(description="As registered: a Hugging Face id, a folder or a GGUF file.")
+    revision: str | None
+    fingerprint: str = Field(
+        description="Identifies the weights: the snapshot commit, a hash of a local folder's config and weight files, "
+        "or a GGUF file's sha256."
+    )
+    dtype: Dtype
+    quantization: Quantization | None
+    num_layers: int
+    hidden_size: int = Field(description="Length of the hidden state the probe's vectors are applied to.")
+
+
+class ProbeCardAdapter(BaseModel):
+    """The LoRA adapter the model ran with; all but `id` null if it was deleted since."""
+
+    id: str
+    name: str | None
+    sha256: str | None = Field(description="sha256 of the adapter's adapter_model.safetensors.")
+    identity: str | None = Field(
+        description="sha256 over the weights' sha256 and the config values that change the adapter's output."
+    )
+
+
+class ProbeCardDataset(BaseModel):
+    id: str
+    name: str
+    sha256: str = Field(description="sha256 of the normalised rows (JSONL).")
+    kind: DatasetKind
+    rows: int
+
+
+class ProbeCardSplit(BaseModel):
+    """The stratified split of the dataset's rows: fitted on train, chosen on validation, measured on test."""
+
+    train: float
+    validation: float
+    test: float
+    seed: int
+
+
+class ProbeCard(BaseModel):
+    """Everything needed to apply a probe outside the service, and what it was trained and
+    measured on (docs/concepts.md#exporting-a-probe)."""
+
+    card_version: Literal[1] = 1
+    probe_id: str
+    run_id: str
+    method: ProbeMethod
+    formula: str = Field(description="How P(correct) is computed from a hidden state and the exported arrays.")
+    arrays: dict[str, str] = Field(description="Each array of the exported safetensors file and what it holds.")
+    hidden_state: str = Field(description="Which hidden state the probe reads, in words.")
+    model: ProbeCardModel
+    adapter: ProbeCardAdapter | None
+    layer: int
+    layer_convention: str
+    token_position: Literal["last", "mean"]
+    max_length: int | None = Field(description="Inputs were truncated to their first max_length tokens (null: never).")
+    prompt_format: str = Field(description="How texts became model input: `raw`, `chat`, or the template.")
+    dataset: ProbeCardDataset
+    split: ProbeCardSplit
+    recalibration: Recalibration | None
+    metrics: dict[str, Any] = Field(description="Held-out test metrics: value and 95% bootstrap interval each.")
+    created_at: datetime
 
 
 class ProbePage(BaseModel):

@@ -1,20 +1,26 @@
 """Probes through the service: training on statements and on the model's own
-multiple-choice answers, held-out reports checked against scikit-learn, scoring, rendering."""
+multiple-choice answers, held-out reports checked against scikit-learn, recalibration,
+export with cards, scoring, rendering."""
 
+import io
 import json
 import random
 from collections import Counter
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import pytest
-from sklearn.metrics import brier_score_loss, roc_auc_score
+from safetensors import safe_open
+from sklearn.metrics import brier_score_loss, log_loss, roc_auc_score
 
 from tests.api.test_models import register
 from tests.conftest import SHARED_DATA, Stack, require, wait_for_job
 
 MMLU = "mmlu/mmlu_test_sample.jsonl"
+CITIES = "geometry_of_truth/cities.jsonl"
+only_sqlite = pytest.mark.parametrize("stack", ["sqlite"], indirect=True)
 
 
 def upload_rows(client: Any, rows: list[dict[str, Any]], name: str) -> dict[str, Any]:
@@ -120,6 +126,7 @@ def test_the_report_route_documents_named_report_schemas_that_a_real_report_vali
     # served as stored: the same keys in the same order, the same nulls and numbers
     assert json.dumps(served.json()["report"]) == json.dumps(stored["probe"])
     assert served.json()["baseline"] is None and stored["baseline"] is None
+    assert served.json()["uncalibrated"] is None and stored["uncalibrated"] is None  # not recalibrated
 
 
 @pytest.mark.slow
@@ -244,6 +251,9 @@ def test_reports_render_as_svg_png_and_html(stack: Stack, tiny_llama: Path) -> N
     # the probe's files removed from under its row: the record still reads, its data is gone (410, not a 500)
     store.delete_prefix(f"probes/{probe['id']}")
     assert stack.client.get(f"/v1/probes/{probe['id']}").status_code == 200
+    assert stack.client.get(f"/v1/probes/{probe['id']}/card").status_code == 200  # the registry's alone
+    weights = stack.client.get(f"/v1/probes/{probe['id']}/weights")
+    assert (weights.status_code, weights.json()["error"]["code"]) == (410, "artifact_missing")
     for suffix in ["report", "report.svg", "report.png", "report.html"]:
         response = stack.client.get(f"/v1/probes/{probe['id']}/{suffix}")
         assert response.status_code == 410 and response.json()["error"]["code"] == "artifact_missing", (
@@ -251,6 +261,169 @@ def test_reports_render_as_svg_png_and_html(stack: Stack, tiny_llama: Path) -> N
             response.text,
         )
         assert response.json()["error"]["details"]["key"] == f"probes/{probe['id']}/report.json"
+
+
+# --- recalibrated probes, before and after; exported probes and their cards -----------------
+
+
+@dataclass
+class RecalibratedRun:
+    model: dict[str, Any]
+    dataset: dict[str, Any]
+    probes: list[dict[str, Any]]
+    test_states: np.ndarray  # (test texts, hidden): the test split's states at the probes' layer, extracted anew
+
+
+@pytest.fixture(scope="module")
+def isotonic_run(stack: Stack, tiny_llama_template: Path) -> RecalibratedRun:
+    """A logistic and a mass-mean probe at layer 2, recalibrated by isotonic regression, and
+    the hidden states of their test texts as a user gets them: through an extraction."""
+    rows = shared_rows(CITIES, 120)
+    dataset = upload_rows(stack.client, rows, "cities-120")
+    model = register(stack.client, tiny_llama_template).json()
+    run = train(
+        stack.client,
+        model=model["id"],
+        dataset=dataset["id"],
+        layers=[2],
+        method=["logistic", "mass_mean"],
+        recalibration="isotonic",
+    )
+    test_indices = predictions_of(stack, run["probes"][0])["test_indices"]
+    response = stack.client.post(
+        "/v1/extractions",
+        json={"model": model["id"], "texts": [rows[i]["text"] for i in test_indices], "layers": [2]},
+    )
+    assert response.status_code == 202, response.json()
+    extraction = response.json()["extraction"]
+    assert wait_for_job(stack.client, extraction["job_id"])["status"] == "succeeded"
+    states = np.load(io.BytesIO(stack.client.get(f"/v1/extractions/{extraction['id']}/hidden-states").content))
+    return RecalibratedRun(model=model, dataset=dataset, probes=run["probes"], test_states=states[:, 0])
+
+
+def predictions_of(stack: Stack, probe: dict[str, Any]) -> dict[str, Any]:
+    path = stack.settings.resolved_artifact_dir / "probes" / probe["id"] / "predictions.json"
+    return dict(json.loads(path.read_text()))
+
+
+@only_sqlite
+def test_a_recalibrated_probes_report_gives_its_raw_probabilities_calibration_as_scikit_learn_computes_it(
+    stack: Stack, isotonic_run: RecalibratedRun
+) -> None:
+    from workers.probes import load_probe
+
+    for probe in isotonic_run.probes:
+        fitted, recalibrator = load_probe(stack.settings.resolved_artifact_dir / "probes" / probe["id"])
+        assert recalibrator is not None and recalibrator.kind == "isotonic"
+        raw = fitted.predict_proba(isotonic_run.test_states)[:, 1]
+        y = np.array(predictions_of(stack, probe)["labels"])
+        served = stack.client.get(f"/v1/probes/{probe['id']}/report").json()
+        before = served["uncalibrated"]["metrics"]
+        assert served["uncalibrated"]["n"] == len(y) == 24
+        assert before["auroc"]["value"] == pytest.approx(roc_auc_score(y, raw))
+        assert before["brier"]["value"] == pytest.approx(brier_score_loss(y, raw))
+        assert before["nll"]["value"] == pytest.approx(log_loss(y, raw))
+        after = np.array(predictions_of(stack, probe)["confidences"])
+        assert served["report"]["metrics"]["brier"]["value"] == pytest.approx(brier_score_loss(y, after))
+        assert not np.allclose(raw, after)  # two different sets of probabilities, each reported
+
+
+@only_sqlite
+def test_a_recalibrated_probes_pictures_draw_it_before_and_after_its_recalibration(
+    stack: Stack, isotonic_run: RecalibratedRun
+) -> None:
+    import re
+
+    probe = isotonic_run.probes[0]
+    svg = stack.client.get(f"/v1/probes/{probe['id']}/report.svg").text
+    assert re.findall(r'id="(curve-\d+)"', svg) == ["curve-0", "curve-1"]
+    html = stack.client.get(f"/v1/probes/{probe['id']}/report.html").text
+    assert '<th scope="col">probe before isotonic recalibration</th>' in html
+
+
+def probability_by_the_card(arrays: dict[str, np.ndarray], card: dict[str, Any], h: np.ndarray) -> np.ndarray:
+    """P(correct) as a user computes it from the exported arrays and the card's formula."""
+    h = h.astype(np.float64)
+    if card["method"] == "logistic":
+        logit = (((h - arrays["mean"]) / arrays["scale"]) * arrays["coef"]).sum(axis=1) + arrays["intercept"]
+    else:
+        logit = arrays["slope"] * (arrays["direction"] * h).sum(axis=1) + arrays["bias"]
+    assert card["recalibration"] == "isotonic"
+    return np.interp(logit, arrays["isotonic_x"], arrays["isotonic_y"])
+
+
+@only_sqlite
+def test_exported_weights_applied_with_numpy_give_the_services_own_confidences(
+    stack: Stack, isotonic_run: RecalibratedRun, tmp_path: Path
+) -> None:
+    from safetensors.numpy import load_file
+
+    assert sorted(probe["method"] for probe in isotonic_run.probes) == ["logistic", "mass_mean"]
+    for probe in isotonic_run.probes:
+        response = stack.client.get(f"/v1/probes/{probe['id']}/weights")
+        assert response.status_code == 200
+        assert response.headers["content-type"] == "application/octet-stream"
+        assert response.headers["content-disposition"] == f'attachment; filename="{probe["id"]}.safetensors"'
+        path = tmp_path / f"{probe['id']}.safetensors"
+        path.write_bytes(response.content)
+        arrays = load_file(path)
+        with safe_open(path, framework="np") as exported:
+            card = json.loads(exported.metadata()["card"])
+        assert set(arrays) == set(card["arrays"])
+        np.testing.assert_allclose(
+            probability_by_the_card(arrays, card, isotonic_run.test_states),
+            predictions_of(stack, probe)["confidences"],
+            rtol=0,
+            atol=1e-6,
+        )
+
+
+@only_sqlite
+def test_a_probes_card_names_what_it_reads_and_was_trained_on_and_is_the_one_in_its_weights(
+    stack: Stack, isotonic_run: RecalibratedRun, tmp_path: Path
+) -> None:
+    probe = isotonic_run.probes[0]
+    card = stack.client.get(f"/v1/probes/{probe['id']}/card").json()
+    path = tmp_path / "probe.safetensors"
+    path.write_bytes(stack.client.get(f"/v1/probes/{probe['id']}/weights").content)
+    with safe_open(path, framework="np") as exported:
+        assert json.loads(exported.metadata()["card"]) == card
+    model = stack.client.get(f"/v1/models/{isotonic_run.model['id']}").json()
+    assert card["model"] == {
+        key: model[key]
+        for key in (
+            "id",
+            "name",
+            "source",
+            "revision",
+            "fingerprint",
+            "dtype",
+            "quantization",
+            "num_layers",
+            "hidden_size",
+        )
+    }
+    assert card["dataset"] == {key: isotonic_run.dataset[key] for key in ("id", "name", "sha256", "kind", "rows")}
+    assert card["adapter"] is None
+    assert (card["probe_id"], card["run_id"], card["method"], card["layer"]) == (
+        probe["id"],
+        probe["run_id"],
+        probe["method"],
+        2,
+    )
+    assert (card["token_position"], card["max_length"], card["prompt_format"]) == ("last", None, "raw")
+    assert card["split"] == {"train": 0.6, "validation": 0.2, "test": 0.2, "seed": 0}
+    assert card["recalibration"] == "isotonic"
+    assert card["metrics"] == probe["metrics"] and card["created_at"] == probe["created_at"]
+    assert "decoder block" in card["layer_convention"] and "last real" in card["hidden_state"]
+    assert "isotonic_x" in card["formula"] and "coef" in card["formula"]
+
+
+@pytest.mark.parametrize("database_url", ["sqlite"], indirect=True)
+def test_the_card_and_weights_of_an_unknown_probe_are_404s(api: Any) -> None:
+    for suffix in ["card", "weights"]:
+        response = api.get(f"/v1/probes/prb_nope/{suffix}")
+        assert (response.status_code, response.json()["error"]["code"]) == (404, "not_found")
 
 
 # --- refused at once --------------------------------------------------------------------------

@@ -202,6 +202,28 @@ def test_transfer_prints_the_auroc_matrix_and_writes_its_page(
     assert json.loads(shown.stdout)["matrix"]["cells"][0][0]["n"] == cell.n
 
 
+def test_probes_export_writes_the_weights_and_the_card_and_prints_the_card(
+    confprobe: Confprobe, stack: Stack, model: Model, dataset: Dataset, tmp_path: Path
+) -> None:
+    from safetensors import safe_open
+
+    client = Client(http=stack.client)
+    probe = client.train(model.id, dataset.id, layers=[2], recalibration="temperature", progress=False).probes[0]
+    weights, card = tmp_path / "probe.safetensors", tmp_path / "card.json"
+    result = confprobe("--json", "probes", "export", probe.id, "-o", str(weights), "--card", str(card))
+    assert result.exit_code == 0, result.output
+    printed = json.loads(result.stdout)
+    assert printed == client.probe_card(probe.id) | {"weights": str(weights)}
+    assert json.loads(card.read_text()) == client.probe_card(probe.id)
+    with safe_open(weights, framework="np") as exported:
+        assert json.loads(exported.metadata()["card"]) == client.probe_card(probe.id)
+        assert set(exported.keys()) == {"mean", "scale", "coef", "intercept", "temperature"}
+    table = confprobe("probes", "export", probe.id, "-o", str(weights))
+    assert table.exit_code == 0, table.output
+    assert table.stdout.splitlines()[0].split() == ["FIELD", "VALUE"] and f"weights: {weights}" in table.stdout
+    assert confprobe("probes", "export", "prb_nope", "-o", str(tmp_path / "nope.safetensors")).exit_code == 3
+
+
 def test_no_wait_answers_with_the_queued_run_and_jobs_watch_follows_it(
     confprobe: Confprobe, model: Model, dataset: Dataset
 ) -> None:

@@ -289,9 +289,28 @@ def test_a_probes_report_gives_its_held_out_metrics_and_html(client: Client, tra
     probe = trained.probes[0]
     report = client.probe_report(probe.id)
     assert report.probe.id == probe.id and report.report.n == 12 and report.baseline is None  # 20% of 60 statements
+    assert report.uncalibrated is None  # not recalibrated
     assert report.report.metrics["auroc"].value == pytest.approx(client.get_probe(probe.id).metrics["auroc"].value)
     assert report.report.metrics["ece"].estimator is not None
     assert 'id="metrics"' in client.probe_report_html(probe.id)
+
+
+def test_a_probes_exported_weights_applied_with_numpy_score_texts_as_the_service_does(
+    client: Client, trained: ProbeRun, tmp_path: Path
+) -> None:
+    from safetensors import safe_open
+    from safetensors.numpy import load
+
+    probe = next(probe for probe in trained.probes if probe.method == "logistic")
+    content = client.probe_weights(probe.id)
+    (tmp_path / "probe.safetensors").write_bytes(content)
+    with safe_open(tmp_path / "probe.safetensors", framework="np") as exported:
+        card = json.loads(exported.metadata()["card"])
+    assert card == client.probe_card(probe.id) and card["recalibration"] is None
+    arrays = load(content)
+    h = client.extract(trained.model_id, [probe.layer], TEXTS, progress=False)[:, 0].astype(np.float64)
+    logit = (((h - arrays["mean"]) / arrays["scale"]) * arrays["coef"]).sum(axis=1) + arrays["intercept"]
+    np.testing.assert_allclose(1 / (1 + np.exp(-logit)), client.score(probe.id, TEXTS).confidences, rtol=0, atol=1e-6)
 
 
 def test_score_gives_a_confidence_per_text(client: Client, trained: ProbeRun) -> None:

@@ -154,6 +154,11 @@ NOT_MIRRORED = {
     "ResidentModel": "the client has no call for GET /v1/workers",
     "ErrorOut": "confprobe_client.errors reads the error envelope by key into exceptions",
     "ErrorBody": "confprobe_client.errors reads the error envelope by key into exceptions",
+    "ProbeCard": "Client.probe_card gives the card as the JSON object it is, as the exported weights hold it",
+    "ProbeCardModel": "part of ProbeCard, given as JSON",
+    "ProbeCardAdapter": "part of ProbeCard, given as JSON",
+    "ProbeCardDataset": "part of ProbeCard, given as JSON",
+    "ProbeCardSplit": "part of ProbeCard, given as JSON",
 }
 
 # Fields the service sends and the client leaves out on purpose, each with why.

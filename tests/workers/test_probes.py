@@ -11,6 +11,7 @@ from scipy.optimize import minimize
 from scipy.special import expit
 from sklearn.base import clone
 from sklearn.covariance import LedoitWolf
+from sklearn.isotonic import IsotonicRegression
 from sklearn.linear_model import LogisticRegression
 from sklearn.metrics import log_loss, roc_auc_score
 from sklearn.model_selection import cross_val_score
@@ -21,6 +22,7 @@ from sklearn.utils.estimator_checks import check_estimator
 from app.schemas.probes import Recalibration
 from workers import probes, splits
 from workers.probes import (
+    IsotonicRecalibration,
     LogisticProbe,
     MassMeanProbe,
     PlattScaling,
@@ -57,7 +59,12 @@ def fitted_probes() -> list[probes.Probe]:
 
 def fitted_recalibrators() -> list[probes.Recalibrator | None]:
     logits, y = over_confident_logits(300, seed=4)
-    return [None, TemperatureScaling().fit(logits, y), PlattScaling().fit(logits, y)]
+    return [
+        None,
+        TemperatureScaling().fit(logits, y),
+        PlattScaling().fit(logits, y),
+        IsotonicRecalibration().fit(logits, y),
+    ]
 
 
 def test_split_parts_are_sorted_disjoint_and_cover_every_index() -> None:
@@ -228,6 +235,36 @@ def test_platt_scaling_is_the_maximum_likelihood_logistic_fit_on_the_logit() -> 
     a, b = minimize(nll_and_gradient, x0=np.zeros(2), jac=True, method="BFGS", options={"gtol": 1e-10}).x
     scaling = PlattScaling().fit(logits, y)
     assert (scaling.a_, scaling.b_) == pytest.approx((a, b), abs=1e-5)
+
+
+def test_isotonic_recalibration_predicts_what_scikit_learns_isotonic_regression_predicts() -> None:
+    logits, y = over_confident_logits(1000, seed=19)
+    reference = IsotonicRegression(out_of_bounds="clip", y_min=0, y_max=1).fit(logits, y)
+    recalibration = IsotonicRecalibration().fit(logits, y)
+    np.testing.assert_array_equal(recalibration.x_thresholds_, reference.X_thresholds_)
+    np.testing.assert_array_equal(recalibration.y_thresholds_, reference.y_thresholds_)
+    # new logits, some beyond the fitted ones on both sides, where `clip` holds the end values
+    unseen = np.concatenate([np.random.default_rng(20).normal(0.0, 12.0, 500), [logits.min() - 5, logits.max() + 5]])
+    np.testing.assert_allclose(recalibration.transform(unseen), reference.predict(unseen), rtol=0, atol=1e-12)
+
+
+def test_isotonic_recalibration_keeps_each_fitted_block_at_the_mean_of_its_labels() -> None:
+    """Pool adjacent violators, by hand on a case small enough to follow: sorted logits with
+    labels 0, 1, 0, 1, 1 pool the middle violators (1, 0) into one block of mean 1/2."""
+    recalibration = IsotonicRecalibration().fit(np.array([-2.0, -1.0, 0.0, 1.0, 2.0]), np.array([0, 1, 0, 1, 1]))
+    np.testing.assert_allclose(recalibration.transform(np.array([-2.0, -1.0, 0.0, 1.0, 2.0])), [0, 0.5, 0.5, 1, 1])
+    assert recalibration.transform(np.array([-0.5]))[0] == pytest.approx(0.5)  # inside a block: its value
+    assert recalibration.transform(np.array([0.5]))[0] == pytest.approx(0.75)  # between blocks: linear
+
+
+def test_isotonic_recalibration_is_stored_as_its_thresholds_in_safetensors(tmp_path: Path) -> None:
+    probe, recalibrator = fitted_probes()[0], fitted_recalibrators()[3]
+    assert isinstance(recalibrator, IsotonicRecalibration)
+    probes.save_probe(tmp_path, probe, recalibrator)
+    arrays = load_file(tmp_path / "probe.safetensors")
+    np.testing.assert_array_equal(arrays["recalibrator.x_thresholds"], recalibrator.x_thresholds_)
+    np.testing.assert_array_equal(arrays["recalibrator.y_thresholds"], recalibrator.y_thresholds_)
+    assert json.loads((tmp_path / "probe.json").read_text())["recalibrator"] == {"kind": "isotonic"}
 
 
 @pytest.mark.parametrize("recalibrator", fitted_recalibrators(), ids=repr)
