@@ -8,7 +8,7 @@ from pydantic import BaseModel, Field
 from app.registry.tables import Probe
 from app.schemas.common import Request, prompt_format_field
 from app.schemas.jobs import JobOut, JobStatus
-from app.schemas.reports import CalibrationReport
+from app.schemas.reports import BaselineDifference, CalibrationReport
 
 ProbeMethod = Literal["logistic", "mass_mean"]
 # how a probe's validation logits are mapped to probabilities (none: left as they are)
@@ -75,6 +75,17 @@ class ProbeReportOut(BaseModel):
     report: CalibrationReport
     baseline: CalibrationReport | None = Field(
         description="The same for the model's own probability of its answer (multiple choice); null for statements."
+    )
+    baselines: dict[str, CalibrationReport] = Field(
+        default_factory=dict,
+        description="The same for each of the model's own confidences, by name: `own_probability`, `entropy` and "
+        "`margin` for multiple choice, `p_true` for statements on a causal language model. Absent from reports "
+        "written before baselines had names.",
+    )
+    versus_baselines: dict[str, dict[str, BaselineDifference]] = Field(
+        default_factory=dict,
+        description="By baseline, then by metric: the probe's value minus the baseline's with a paired bootstrap "
+        "interval, and whether the probe is better. Absent where `baselines` is.",
     )
 
 
