@@ -30,6 +30,7 @@ from confprobe_client.transport import API_KEY_VARIABLE, DEFAULT_URL
 from confprobe_client.types import (
     Adapter,
     ApiKey,
+    BaselineDifference,
     BootstrapSettings,
     CalibrationReport,
     Comparison,
@@ -69,6 +70,7 @@ __all__ = [
     "Adapter",
     "ApiError",
     "ApiKey",
+    "BaselineDifference",
     "BootstrapSettings",
     "CalibrationReport",
     "Client",

@@ -243,16 +243,31 @@ class CalibrationReport(Answer):
     bootstrap: BootstrapSettings
 
 
+class BaselineDifference(Estimate):
+    """A metric of the probe minus the same metric of one baseline, with its paired
+    bootstrap interval; `better` says which way the metric improves, `verdict` whether the
+    interval excludes 0 ("probe better", "baseline better", "no clear difference")."""
+
+    better: Literal["higher", "lower"]
+    verdict: Literal["probe better", "baseline better", "no clear difference"]
+
+
 class ProbeReport(Answer):
     """A probe's calibration on its held-out test split; `baseline` is the same for a
     multiple-choice model's own probability of its answer, None for statements;
     `uncalibrated` the same for a recalibrated probe's probabilities before recalibration,
-    None when it is not recalibrated."""
+    None when it is not recalibrated; `baselines` the same for each of the model's own
+    confidences by name (`own_probability`, `entropy`, `margin`; `p_true`), and
+    `versus_baselines` the probe's difference from each, by baseline and metric (both empty
+    for reports written before baselines had names)."""
 
     probe: Probe
     report: CalibrationReport
     baseline: CalibrationReport | None
     uncalibrated: CalibrationReport | None = None
+
+    baselines: dict[str, CalibrationReport] = Field(default_factory=dict)
+    versus_baselines: dict[str, dict[str, BaselineDifference]] = Field(default_factory=dict)
 
 
 class Evaluation(Answer):
@@ -277,11 +292,15 @@ class Evaluation(Answer):
 
 
 class EvaluationReport(Answer):
-    """An evaluation's calibration report on the rows it scored; `baseline` as a probe's."""
+    """An evaluation's calibration report on the rows it scored; `baseline`, `uncalibrated`,
+    `baselines` and `versus_baselines` as a probe's report has them."""
 
     evaluation: Evaluation
     report: CalibrationReport
     baseline: CalibrationReport | None
+    uncalibrated: CalibrationReport | None = None
+    baselines: dict[str, CalibrationReport] = Field(default_factory=dict)
+    versus_baselines: dict[str, dict[str, BaselineDifference]] = Field(default_factory=dict)
 
 
 class TransferRow(Answer):
@@ -362,13 +381,17 @@ class Precision(Answer):
 
 
 class ComparisonVariant(Answer):
-    """The base (`label` "base") or one adapter, at the comparison's layer."""
+    """The base (`label` "base") or one adapter, at the comparison's layer, with its own
+    confidences' reports (`baselines`) and its probe's differences from them
+    (`versus_baselines`), both empty in reports written before baselines were reported."""
 
     label: str
     model_id: str
     adapter_id: str | None
     precision: Precision
     report: CalibrationReport
+    baselines: dict[str, CalibrationReport] = Field(default_factory=dict)
+    versus_baselines: dict[str, dict[str, BaselineDifference]] = Field(default_factory=dict)
 
 
 class CrossTransfer(Answer):

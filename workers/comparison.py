@@ -1,7 +1,8 @@
 """The `comparison` job: the base model and each adapter on the same texts, split and
 layers. Each model gets its own labels (its own answers, for multiple choice) and its own
 probe per layer; the reported layer is chosen on the base's validation split and used for
-every model, so the curves compare like with like."""
+every model, so the curves compare like with like. Each model's own confidences (its
+baselines, docs/concepts.md#baselines) are reported beside its probe."""
 
 import json
 from dataclasses import dataclass
@@ -11,7 +12,12 @@ import numpy as np
 from sqlalchemy import update
 
 from app.calibration.binned import ece
-from app.calibration.reporting import calibration_report, paired_differences, paired_rate_difference
+from app.calibration.reporting import (
+    baseline_comparison,
+    calibration_report,
+    paired_differences,
+    paired_rate_difference,
+)
 from app.calibration.scoring import auroc, brier
 from app.inputs.prompt_formats import rendered_rows
 from app.job_kinds import ComparisonParameters
@@ -166,13 +172,16 @@ def run(context: "JobContext[ComparisonParameters]") -> dict[str, Any]:
         assert variant.labels is not None and variant.states is not None
         p = probability_of_correct(probes[(number, best_slot)], None, variant.states[split.test, best_slot])
         test_probabilities.append(p)
+        y_test = variant.labels.y[split.test]
+        own = {name: confidence[split.test] for name, confidence in variant.labels.baselines.items()}
         reports.append(
             {
                 "label": variant.label,
                 "model_id": variant.model.id,
                 "adapter_id": variant.adapter.id if variant.adapter else None,
                 "precision": {"dtype": variant.model.dtype, "quantization": variant.model.quantization},
-                "report": calibration_report(variant.labels.y[split.test], p, resamples=resamples, seed=seed).to_dict(),
+                "report": calibration_report(y_test, p, resamples=resamples, seed=seed).to_dict(),
+                **baseline_comparison(y_test, p, own, resamples=resamples, seed=seed),
             }
         )
     differences: dict[str, Any] = {}

@@ -14,7 +14,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 from sqlalchemy import update
 
-from app.calibration.reporting import calibration_report
+from app.calibration.reporting import baseline_comparison, calibration_report
 from app.inputs.prompt_formats import rendered_rows
 from app.job_kinds import ProbeEvaluationParameters
 from app.registry.datasets import read_rows
@@ -58,24 +58,31 @@ def run(context: "JobContext[ProbeEvaluationParameters]") -> dict[str, Any]:
     confidences = probability_of_correct(trained, recalibrator, states)
 
     context.progress("reporting", 0, 1)
-    seed = run_row.split["seed"]
-    report = calibration_report(labels.y, confidences, resamples=settings.bootstrap_resamples, seed=seed).to_dict()
-    baseline = (
-        calibration_report(labels.y, labels.baseline, resamples=settings.bootstrap_resamples, seed=seed).to_dict()
-        if labels.baseline is not None
-        else None
-    )
+    resamples, seed = settings.bootstrap_resamples, run_row.split["seed"]
+    report = calibration_report(labels.y, confidences, resamples=resamples, seed=seed).to_dict()
+    compared = baseline_comparison(labels.y, confidences, labels.baselines, resamples=resamples, seed=seed)
+    stored_report = {
+        "probe": report,
+        "baseline": compared["baselines"].get("own_probability"),
+        **compared,
+        # a recalibrated probe is reported before its recalibration too, on the same rows
+        "uncalibrated": calibration_report(
+            labels.y, trained.predict_proba(states)[:, 1], resamples=resamples, seed=seed
+        ).to_dict()
+        if recalibrator is not None
+        else None,
+    }
     folder = f"evaluations/{evaluation.id}"
     try:
         with store.scratch(folder) as scratch:
-            (scratch / "report.json").write_text(json.dumps({"probe": report, "baseline": baseline}))
+            (scratch / "report.json").write_text(json.dumps(stored_report))
             (scratch / "predictions.json").write_text(
                 json.dumps(
                     {
                         "indices": indices.tolist(),
                         "labels": labels.y.tolist(),
                         "confidences": confidences.tolist(),
-                        "baseline_confidence": labels.baseline.tolist() if labels.baseline is not None else None,
+                        "baselines": {name: values.tolist() for name, values in labels.baselines.items()},
                         "chosen": labels.chosen.tolist() if labels.chosen is not None else None,
                     }
                 )

@@ -1,11 +1,13 @@
-"""Multiple-choice questions labelled by the model itself (docs/concepts.md#labels).
+"""Multiple-choice questions labelled by the model itself, and the model's own confidences
+that probes are compared against (docs/concepts.md#labels, docs/concepts.md#baselines).
 
 The prompt lists the choices with letters and ends with `Answer:` (under `raw`; under
 `chat` that prompt is the user turn and the answer is the assistant's first token; a
 template writes its own, docs/concepts.md#prompt-formats); the model's answer is the choice
 whose letter has the highest logit at the prompt's end, and the label is 1 when it is the
-gold one. The model's own probability of its answer — a softmax over the
-choices' letters only — is kept as a baseline confidence to compare probes against.
+gold one. From the softmax over the choices' letters only, the same pass keeps three
+baseline confidences (`choice_baselines`). Statements get one, `p_true`: the model asked
+whether the statement is true (`true_false_question`), P(True) against P(False).
 """
 
 import inspect
@@ -16,19 +18,38 @@ from typing import Any
 import numpy as np
 import torch
 
-from app.inputs.datasets import CHOICE_LETTERS
+from app.inputs.datasets import CHOICE_LETTERS, TRUE_FALSE_ANSWERS, true_false_question
 from app.inputs.prompt_formats import RAW, render
 from workers.errors import JobFailed
 from workers.hidden_states import pad, plan_batches
 from workers.model_loading import LoadedModel
-from workers.prompts import prompt_strings
+from workers.prompts import PromptStrings, prompt_strings
+
+# the baseline confidences a multiple-choice labelling gives, by name (`choice_baselines`)
+CHOICE_BASELINES = ("own_probability", "entropy", "margin")
+P_TRUE = "p_true"
 
 
 @dataclass(frozen=True)
 class SelfLabels:
     chosen: np.ndarray  # index of the choice the model picked
     labels: np.ndarray  # 1 when that is the gold answer
-    confidence: np.ndarray  # the model's probability of its pick, over the choice letters
+    baselines: dict[str, np.ndarray]  # `choice_baselines` of every question, by name
+
+
+def choice_baselines(probabilities: np.ndarray) -> dict[str, float]:
+    """Three confidences in [0, 1] that the model's pick is right, from its softmax over the k
+    choice letters: `own_probability`, the probability of its pick (the largest); `entropy`,
+    1 − H/ln k with H = −Σ p ln p (0 ln 0 = 0), 1 when one letter takes all the mass and 0 when
+    the k are equally likely; `margin`, the largest probability minus the second largest."""
+    ordered = np.sort(np.asarray(probabilities, dtype=np.float64))[::-1]
+    positive = ordered[ordered > 0]
+    entropy = float(-(positive * np.log(positive)).sum())
+    return {
+        "own_probability": float(ordered[0]),
+        "entropy": float(np.clip(1.0 - entropy / np.log(len(ordered)), 0.0, 1.0)),
+        "margin": float(ordered[0] - ordered[1]),
+    }
 
 
 def letter_token_ids(tokenizer: Any, choice_count: int, prompt_format: str = RAW) -> list[int]:
@@ -108,13 +129,51 @@ def self_label(
     counts = {len(row["choices"]) for row in rows}
     letters = {count: letter_token_ids(loaded.tokenizer, count, prompt_format) for count in counts}
     chosen = np.zeros(len(rows), dtype=np.int64)
-    confidence = np.zeros(len(rows), dtype=np.float64)
+    baselines = {name: np.zeros(len(rows), dtype=np.float64) for name in CHOICE_BASELINES}
     for indices in plan_batches([len(ids) for ids in token_ids], token_budget, max_batch_size):
         logits = _answer_logits(loaded, [token_ids[i] for i in indices], device)
         for row_logits, index in zip(logits, indices, strict=True):
             choice_logits = row_logits[letters[len(rows[index]["choices"])]]
-            probabilities = torch.softmax(choice_logits.double(), dim=0)
             chosen[index] = int(torch.argmax(choice_logits))
-            confidence[index] = float(probabilities[chosen[index]])
+            confidences = choice_baselines(torch.softmax(choice_logits.double(), dim=0).numpy())
+            for name, value in confidences.items():
+                baselines[name][index] = value
     gold = np.array([row["answer"] for row in rows])
-    return SelfLabels(chosen=chosen, labels=(chosen == gold).astype(np.int64), confidence=confidence)
+    return SelfLabels(chosen=chosen, labels=(chosen == gold).astype(np.int64), baselines=baselines)
+
+
+def true_false_prompts(tokenizer: Any, statements: Sequence[str], prompt_format: str) -> PromptStrings:
+    """Each statement asked as `true_false_question(statement)`, rendered under
+    `prompt_format` as a text is: as it is (`raw`), as the user turn with the generation
+    prompt (`chat`), or filling a template's `{text}`."""
+    questions = [true_false_question(statement) for statement in statements]
+    return prompt_strings(tokenizer, prompt_format, render(prompt_format, "text", questions))
+
+
+def p_true(
+    loaded: LoadedModel,
+    statements: Sequence[str],
+    *,
+    device: str,
+    token_budget: int,
+    max_batch_size: int,
+    prompt_format: str = RAW,
+) -> np.ndarray:
+    """The model's P(True) for each statement asked as a true-or-false question
+    (`true_false_prompts`): P(True) / (P(True) + P(False)) from the next-token logits at the
+    prompt's end, the answers' tokens found as `answer_token_ids` finds them (as fine-tuning
+    on statements does). A causal language model only (it reads the answers' logits)."""
+    if not loaded.is_causal_lm:
+        raise JobFailed("unsupported_model", "P(True) needs a causal language model (it reads the answers' logits)")
+    prompts = true_false_prompts(loaded.tokenizer, statements, prompt_format)
+    false_id, true_id = answer_token_ids(
+        loaded.tokenizer, prompts.strings[0], prompts.add_special_tokens, TRUE_FALSE_ANSWERS
+    )
+    encoded = loaded.tokenizer(prompts.strings, add_special_tokens=prompts.add_special_tokens)["input_ids"]
+    token_ids = [list(ids) for ids in encoded]
+    confidence = np.zeros(len(token_ids), dtype=np.float64)
+    for indices in plan_batches([len(ids) for ids in token_ids], token_budget, max_batch_size):
+        logits = _answer_logits(loaded, [token_ids[i] for i in indices], device)
+        answers = torch.softmax(logits[:, [false_id, true_id]].double(), dim=1)
+        confidence[indices] = answers[:, 1].numpy()
+    return confidence

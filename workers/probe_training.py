@@ -3,7 +3,8 @@
 Training: labels (given by statements, or the model's own for multiple choice), hidden
 states at every requested layer (through the content cache), a seeded stratified split,
 one probe per layer and method fitted on train, recalibration and the best probe chosen on
-validation, and the calibration report on the test split — which no choice ever sees.
+validation, and the calibration report on the test split — which no choice ever sees — with
+the model's own confidences reported beside it and compared with it (`baseline_comparison`).
 """
 
 import json
@@ -11,7 +12,7 @@ from typing import TYPE_CHECKING, Any
 
 from sqlalchemy import update
 
-from app.calibration.reporting import calibration_report
+from app.calibration.reporting import Baselines, calibration_report
 from app.inputs.prompt_formats import render, rendered_rows
 from app.job_kinds import ProbeScoringParameters, ProbeTrainingParameters
 from app.registry.datasets import read_rows
@@ -93,18 +94,16 @@ def run(context: "JobContext[ProbeTrainingParameters]") -> dict[str, Any]:
     best = best_candidate(candidates)
 
     context.progress("reporting", 0, len(candidates))
-    y_test = labels.y[split.test]
-    baseline_report = (
-        calibration_report(
-            y_test, labels.baseline[split.test], resamples=settings.bootstrap_resamples, seed=split_spec["seed"]
-        ).to_dict()
-        if labels.baseline is not None
-        else None
+    baselines = Baselines.of(
+        labels.y[split.test],
+        {name: confidence[split.test] for name, confidence in labels.baselines.items()},
+        resamples=settings.bootstrap_resamples,
+        seed=split_spec["seed"],
     )
     run_artifact = f"probe_runs/{run_row.id}"
     written = [run_artifact]
     try:
-        probe_rows = _write_probes(context, run_row, candidates, best, labels, split, baseline_report, written)
+        probe_rows = _write_probes(context, run_row, candidates, best, labels, split, baselines, written)
         best_row = next(row for row in probe_rows if row.is_best)
         with sessions() as session, session.begin():
             session.add_all(probe_rows)
@@ -139,20 +138,25 @@ def _write_probes(
     best: TrainedProbe,
     labels: Labels,
     split: Any,
-    baseline_report: dict[str, Any] | None,
+    baselines: Baselines,
     written: list[str],
 ) -> list[Probe]:
     """Probe folders (weights, report, test predictions) and their rows, not yet added. Each
-    folder is made locally and published whole, so no reader finds half a probe."""
+    folder is made locally and published whole, so no reader finds half a probe. A report
+    has the probe's calibration (`probe`), each baseline's (`baselines`; `baseline`, the own
+    probability, as before baselines had names) and the probe's differences from each
+    (`versus_baselines`)."""
     store, settings = context.runtime.artifacts, context.runtime.settings
     y_test = labels.y[split.test]
     seed = run_row.split["seed"]
+    baseline_reports = {name: report.to_dict() for name, report in baselines.reports().items()}
     store.write_bytes(
         f"probe_runs/{run_row.id}/labels.json",
         json.dumps(
             {
                 "labels": labels.y.tolist(),
                 "baseline_confidence": labels.baseline.tolist() if labels.baseline is not None else None,
+                "baselines": {name: confidence.tolist() for name, confidence in labels.baselines.items()},
                 "chosen": labels.chosen.tolist() if labels.chosen is not None else None,
                 "split": {
                     "train": split.train.tolist(),
@@ -181,7 +185,15 @@ def _write_probes(
         with store.scratch(folder) as scratch:
             save_probe(scratch, candidate.probe, candidate.recalibrator)
             (scratch / "report.json").write_text(
-                json.dumps({"probe": report, "baseline": baseline_report, "uncalibrated": uncalibrated_report})
+                json.dumps(
+                    {
+                        "probe": report,
+                        "baseline": baseline_reports.get("own_probability"),
+                        "baselines": baseline_reports,
+                        "versus_baselines": baselines.versus(candidate.test_probabilities),
+                        "uncalibrated": uncalibrated_report,
+                    }
+                )
             )
             (scratch / "predictions.json").write_text(
                 json.dumps(

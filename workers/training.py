@@ -1,7 +1,7 @@
 """Training probes on hidden states, shared by the jobs that train them (`probe_training`,
-`comparison`): labels for a dataset (given, or the model's own for multiple choice), a probe
-per layer and method with its recalibration, point metrics on the validation split, and the
-choice of the best probe there."""
+`comparison`): labels for a dataset (given, or the model's own for multiple choice) with the
+model's own confidences to compare probes against, a probe per layer and method with its
+recalibration, point metrics on the validation split, and the choice of the best probe there."""
 
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
@@ -12,7 +12,8 @@ from threadpoolctl import threadpool_limits
 from app.calibration.scoring import auroc, brier, nll
 from app.inputs.datasets import CHOICE_LETTERS
 from app.registry.tables import Adapter, Dataset, Model
-from workers.labelling import self_label
+from workers.errors import JobFailed
+from workers.labelling import P_TRUE, p_true, self_label
 from workers.probes import RECALIBRATOR_KINDS, MassMeanProbe, fit_logistic_probe
 
 if TYPE_CHECKING:
@@ -22,8 +23,15 @@ if TYPE_CHECKING:
 @dataclass
 class Labels:
     y: np.ndarray
-    baseline: np.ndarray | None  # the model's own probability of its answer (multiple choice)
+    # the model's own confidences that each item is correct, by name (docs/concepts.md#baselines):
+    # `own_probability`, `entropy` and `margin` for multiple choice, `p_true` for statements
+    baselines: dict[str, np.ndarray]
     chosen: np.ndarray | None
+
+    @property
+    def baseline(self) -> np.ndarray | None:
+        """The model's own probability of its answer (multiple choice): a report's `baseline`."""
+        return self.baselines.get("own_probability")
 
 
 @dataclass
@@ -45,12 +53,16 @@ def labels_for(
     dataset: Dataset,
     rows: list[dict[str, Any]],
     prompt_format: str,
+    baselines: bool = True,
 ) -> Labels:
     """Statements' own labels, or the model's (with its adapter) for multiple choice, asked
-    under `prompt_format`."""
-    if dataset.kind == "statements":
-        return Labels(y=np.array([row["label"] for row in rows], dtype=np.int64), baseline=None, chosen=None)
+    under `prompt_format`, with the model's baseline confidences. `baselines=False` skips
+    the statements' P(True) pass (multiple choice has its baselines from labelling anyway)."""
     worker = context.runtime
+    if dataset.kind == "statements":
+        y = np.array([row["label"] for row in rows], dtype=np.int64)
+        found = _statement_baselines(context, model, adapter, rows, prompt_format) if baselines else {}
+        return Labels(y=y, baselines=found, chosen=None)
     loaded = worker.resident(model, adapter)
     context.progress("labelling", 0, len(rows))
     with worker.running(loaded, model, adapter):
@@ -63,7 +75,35 @@ def labels_for(
             prompt_format=prompt_format,
         )
     context.progress("labelling", len(rows), len(rows))
-    return Labels(y=labelled.labels, baseline=labelled.confidence, chosen=labelled.chosen)
+    return Labels(y=labelled.labels, baselines=labelled.baselines, chosen=labelled.chosen)
+
+
+def _statement_baselines(
+    context: "JobContext[Any]", model: Model, adapter: Adapter | None, rows: list[dict[str, Any]], prompt_format: str
+) -> dict[str, np.ndarray]:
+    """`p_true` where the model is a causal language model whose tokenizer gives `True` and
+    `False` first tokens of their own; none otherwise (an encoder has no next-token logits)."""
+    worker = context.runtime
+    loaded = worker.resident(model, adapter)
+    if not loaded.is_causal_lm:
+        return {}
+    context.progress("baselines", 0, len(rows))
+    with worker.running(loaded, model, adapter):
+        try:
+            confidence = p_true(
+                loaded,
+                [row["text"] for row in rows],
+                device=worker.models.device,
+                token_budget=worker.settings.extraction_token_budget,
+                max_batch_size=worker.settings.extraction_max_batch_size,
+                prompt_format=prompt_format,
+            )
+        except JobFailed as failure:
+            if failure.code != "unsupported_model":  # the answers' tokens not found: no P(True) to report
+                raise
+            return {}
+    context.progress("baselines", len(rows), len(rows))
+    return {P_TRUE: confidence}
 
 
 def self_label_summary(labels: Labels, rows: list[dict[str, Any]]) -> dict[str, Any]:

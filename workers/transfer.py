@@ -44,7 +44,7 @@ def run(context: "JobContext[TransferParameters]") -> dict[str, Any]:
             raise JobFailed("not_found", f"dataset {dataset_id} of this transfer was deleted")
         context.progress("reading states", number, len(datasets))
         rows = read_rows(store, dataset)
-        labels = labels_for(context, model, adapter, dataset, rows, transfer.prompt_format)
+        labels = labels_for(context, model, adapter, dataset, rows, transfer.prompt_format, baselines=False)
         texts = rendered_rows(rows, dataset.kind, transfer.prompt_format)
         states = cached_states(context, request, texts, shard_name=f"{transfer.id}-{number}").states
         sets.append(LabelledStates(dataset_id, dataset.name, labels.y, states))

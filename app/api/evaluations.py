@@ -109,10 +109,14 @@ def _stored_report(artifacts: ArtifactStore, folder: str) -> dict[str, Any]:
 def _curves(
     report: dict[str, Any], probe: Probe | None, evaluation: ProbeEvaluation
 ) -> list[tuple[str, dict[str, Any]]]:
+    from app.calibration.rendering import baseline_title
+
     name = f"probe (layer {probe.layer}, {probe.method})" if probe else f"probe {evaluation.probe_id}"
     curves = [(name, report["probe"])]
-    if report.get("baseline"):
-        curves.append(("model's own probability", report["baseline"]))
+    if report.get("uncalibrated"):
+        recalibration = probe.recalibration if probe else "its"
+        curves.append((f"probe before {recalibration} recalibration", report["uncalibrated"]))
+    curves += [(baseline_title(name), baseline) for name, baseline in report.get("baselines", {}).items()]
     return curves
 
 
@@ -124,10 +128,12 @@ def evaluation_report(evaluation_id: str, session: SessionDep, artifacts: Artifa
     the evaluated model's own probability of its answer (`baseline`)."""
     evaluation, folder = _finished(session, evaluation_id)
     report = _stored_report(artifacts, folder)
+    optional = {key: report[key] for key in ("uncalibrated", "baselines", "versus_baselines") if key in report}
     return EvaluationReportOut(
         evaluation=EvaluationOut.of(evaluation, _status(session, evaluation)),
         report=report["probe"],
         baseline=report["baseline"],
+        **optional,
     )
 
 
@@ -171,7 +177,7 @@ def evaluation_png(evaluation_id: str, session: SessionDep, artifacts: Artifacts
 
 @router.get("/v1/evaluations/{evaluation_id}/report.html", response_class=HTMLResponse)
 def evaluation_html(evaluation_id: str, session: SessionDep, artifacts: ArtifactsDep) -> HTMLResponse:
-    from app.calibration.rendering import render_html
+    from app.calibration.rendering import baseline_title, render_html
 
     evaluation, folder = _finished(session, evaluation_id)
     probe = session.get(Probe, evaluation.probe_id)
@@ -192,6 +198,8 @@ def evaluation_html(evaluation_id: str, session: SessionDep, artifacts: Artifact
             "the test split of the probe's run" if evaluation.rows == "test" else f"all {evaluation.n} rows",
         ]
         title = f"Evaluation {evaluation.id} of probe {evaluation.probe_id}"
-        return render_html(title, _curves(_stored_report(artifacts, folder), probe, evaluation), notes=notes).encode()
+        report = _stored_report(artifacts, folder)
+        versus = [(baseline_title(name), by_metric) for name, by_metric in report.get("versus_baselines", {}).items()]
+        return render_html(title, _curves(report, probe, evaluation), versus=versus, notes=notes).encode()
 
     return HTMLResponse(cached_render(artifacts, folder, "report.html", render))

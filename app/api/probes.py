@@ -104,11 +104,17 @@ def _report(artifacts: ArtifactStore, probe: Probe) -> dict[str, Any]:
 
 
 def _labelled_reports(report: dict[str, Any], probe: Probe) -> list[tuple[str, dict[str, Any]]]:
+    """The probe's report, then each baseline's (a report written before baselines had names
+    has at most `baseline`, the own probability)."""
+    from app.calibration.rendering import baseline_title
+
     curves = [(f"probe (layer {probe.layer}, {probe.method})", report["probe"])]
     if report.get("uncalibrated"):
         curves.append((f"probe before {probe.recalibration} recalibration", report["uncalibrated"]))
-    if report.get("baseline"):
-        curves.append(("model's own probability", report["baseline"]))
+    if "baselines" in report:
+        curves += [(baseline_title(name), baseline) for name, baseline in report["baselines"].items()]
+    elif report.get("baseline"):
+        curves.append((baseline_title("own_probability"), report["baseline"]))
     return curves
 
 
@@ -117,12 +123,13 @@ def _labelled_reports(report: dict[str, Any], probe: Probe) -> list[tuple[str, d
 def probe_report(probe_id: str, session: SessionDep, artifacts: ArtifactsDep) -> ProbeReportOut:
     """The probe, and its calibration `report` on the held-out test split: every metric with
     its estimator named and a bootstrap interval, and the reliability bins; for a recalibrated
-    probe, the same before its recalibration (`uncalibrated`); for multiple choice, the same
-    for the model's own probability of its answer (`baseline`)."""
+    probe, the same before its recalibration (`uncalibrated`); the same for each of the
+    model's own confidences (`baselines`; for multiple choice `baseline` is the own
+    probability of its answer), and the probe's difference from each (`versus_baselines`)."""
     probe = _probe(session, probe_id)
     report = _report(artifacts, probe)
-    # reports written before `uncalibrated` existed lack the key, and are served without it
-    optional = {key: report[key] for key in ("uncalibrated",) if key in report}
+    # reports written before these keys existed lack them, and are served without them
+    optional = {key: report[key] for key in ("uncalibrated", "baselines", "versus_baselines") if key in report}
     return ProbeReportOut(probe=ProbeOut.of(probe), report=report["probe"], baseline=report["baseline"], **optional)
 
 
@@ -162,7 +169,7 @@ def probe_report_png(probe_id: str, session: SessionDep, artifacts: ArtifactsDep
 
 @router.get("/v1/probes/{probe_id}/report.html", response_class=HTMLResponse)
 def probe_report_html(probe_id: str, session: SessionDep, artifacts: ArtifactsDep) -> HTMLResponse:
-    from app.calibration.rendering import render_html
+    from app.calibration.rendering import baseline_title, render_html
 
     probe = _probe(session, probe_id)
 
@@ -176,7 +183,9 @@ def probe_report_html(probe_id: str, session: SessionDep, artifacts: ArtifactsDe
             prompt_format_note(probe.prompt_format),
             "held-out test split",
         ]
-        return render_html(title, _labelled_reports(_report(artifacts, probe), probe), notes=notes).encode()
+        report = _report(artifacts, probe)
+        versus = [(baseline_title(name), by_metric) for name, by_metric in report.get("versus_baselines", {}).items()]
+        return render_html(title, _labelled_reports(report, probe), versus=versus, notes=notes).encode()
 
     return HTMLResponse(cached_render(artifacts, probe.artifact, "report.html", render))
 

@@ -7,7 +7,7 @@ from collections.abc import Callable
 
 from app.storage import ArtifactStore
 
-RENDER_VERSION = 1
+RENDER_VERSION = 2
 
 
 def cached_render(artifacts: ArtifactStore, folder: str, name: str, render: Callable[[], bytes]) -> bytes:

@@ -25,10 +25,17 @@ Report = Mapping[str, Any]
 LabelledReports = Sequence[tuple[str, Report]]
 # {adapter label: {metric name: {"value": d, "interval": [lo, hi]}}}
 Differences = Mapping[str, Mapping[str, Mapping[str, Any]]]
+# (baseline title, {metric name: {"value", "interval", "label", "better", "verdict"}}), as a
+# report's `versus_baselines` holds them (`app.calibration.reporting.Baselines.versus`)
+LabelledVersus = Sequence[tuple[str, Mapping[str, Mapping[str, Any]]]]
 
 MISSING = "—"
 FIGURE_INCHES = (12.0, 6.0)
 FIGURE_LABEL_CHARACTERS = 40
+# how many characters of 10-point legend text fit across the figure, and what a legend
+# entry's line and gaps take beside its label, in characters
+LEGEND_LINE_CHARACTERS = 150
+LEGEND_HANDLE_CHARACTERS = 8
 SMALLEST_MARKER_AREA = 12.0
 LARGEST_MARKER_AREA = 320.0
 # The order a reader takes a report in; metrics not listed follow in the order they appear.
@@ -48,6 +55,19 @@ METRIC_ORDER = (
     "smooth_ece",
     "debiased_ece",
 )
+
+
+# How pages name the model's own confidences (docs/concepts.md#baselines).
+BASELINE_TITLES = {
+    "own_probability": "own probability",
+    "entropy": "1 − normalised entropy",
+    "margin": "top-two margin",
+    "p_true": "P(True)",
+}
+
+
+def baseline_title(name: str) -> str:
+    return f"baseline: {BASELINE_TITLES.get(name, name)}"
 
 
 # --- The figure ------------------------------------------------------------------------
@@ -70,15 +90,22 @@ def reliability_figure(reports: LabelledReports) -> Figure:
         draw_histogram_bars(histogram, index, len(reports), report)
     style_reliability_axes(reliability, diagram_bins_description(reports), largest_count)
     style_histogram_axes(histogram)
+    labels = [legend_label(label, report) for label, report in reports]
     figure.legend(
         curves,
-        [legend_label(label, report) for label, report in reports],
+        labels,
         loc="outside lower center",
-        ncols=min(len(reports), 3) or 1,
+        ncols=legend_columns(labels),
         frameon=False,
         fontsize=10,
     )
     return figure
+
+
+def legend_columns(labels: Sequence[str]) -> int:
+    """Up to three columns, as many as fit the figure's width with the longest label."""
+    longest = max((len(label) for label in labels), default=1) + LEGEND_HANDLE_CHARACTERS
+    return max(1, min(len(labels), 3, LEGEND_LINE_CHARACTERS // longest))
 
 
 def render_svg(reports: LabelledReports) -> str:
@@ -232,8 +259,11 @@ def metric(report: Report, name: str) -> Mapping[str, Any] | None:
 
 
 def format_number(value: Any, *, signed: bool = False) -> str:
+    """Three decimals; a value that rounds to zero prints as zero, never `-0.000`."""
     if value is None or not math.isfinite(value):
         return MISSING
+    if round(value, 3) == 0:
+        value = 0.0
     return f"{value:+.3f}" if signed else f"{value:.3f}"
 
 
@@ -261,8 +291,17 @@ table { border-collapse: collapse; font-variant-numeric: tabular-nums; margin: 1
 caption { caption-side: bottom; text-align: left; color: #555; font-size: 0.9rem; padding-top: 0.5rem; }
 th, td { padding: 0.3rem 0.8rem; border-bottom: 1px solid #ddd; text-align: right; white-space: nowrap; }
 th[scope=row] { text-align: left; font-weight: normal; white-space: normal; max-width: 28rem; }
-thead th { border-bottom: 2px solid #888; }
+thead th { border-bottom: 2px solid #888; white-space: normal; vertical-align: bottom; }
+thead th:first-child, thead th.better { text-align: left; }
 td.difference { background: #f6f6f2; }
+td.versus .verdict { display: block; font-size: 0.85rem; }
+td.verdict-probe { background: #e2f2df; }
+td.verdict-probe .verdict { color: #1d5b1a; font-weight: 600; }
+td.verdict-baseline { background: #f9e1de; }
+td.verdict-baseline .verdict { color: #7a1f14; font-weight: 600; }
+td.verdict-none .verdict { color: #777; }
+td.better { text-align: left; color: #444; }
+h2 { font-size: 1.15rem; margin-top: 2rem; }
 .notes { color: #444; }
 """
 
@@ -272,12 +311,13 @@ def render_html(
     reports: LabelledReports,
     *,
     differences: Differences | None = None,
+    versus: LabelledVersus = (),
     notes: Sequence[str] = (),
     sections: Sequence[str] = (),
 ) -> str:
-    """A self-contained page (inline SVG and CSS, nothing fetched) with the diagram and
-    the metrics table, then `sections` (HTML made by the caller, a figure say); every
-    string from the caller is escaped."""
+    """A self-contained page (inline SVG and CSS, nothing fetched) with the diagram, the
+    metrics table, given `versus` the probe-versus-baselines table, then `sections` (HTML
+    made by the caller, a figure say); every string from the caller is escaped."""
     note_items = "".join(f"<li>{html.escape(note)}</li>" for note in notes)
     return (
         "<!DOCTYPE html>\n"
@@ -286,6 +326,7 @@ def render_html(
         f"<h1>{html.escape(title)}</h1>\n"
         f'<figure id="reliability-diagram">{inline_svg(render_svg(reports))}</figure>\n'
         f"{metrics_table(reports, differences or {})}\n"
+        + (f"<h2>Probe vs baselines</h2>\n{versus_table(versus)}\n" if versus else "")
         + "".join(f"{section}\n" for section in sections)
         + (f'<ul class="notes">{note_items}</ul>\n' if note_items else "")
         + "</body></html>\n"
@@ -374,3 +415,43 @@ def bootstrap_description(report: Report) -> str:
     level = bootstrap.get("level")
     level_text = f"{level * 100:g}%" if level is not None else "level unknown"
     return f"{level_text}, {bootstrap.get('resamples')} resamples, seed {bootstrap.get('seed')}"
+
+
+VERDICT_CLASSES = {"probe better": "verdict-probe", "baseline better": "verdict-baseline"}
+
+
+def versus_table(versus: LabelledVersus) -> str:
+    """Per metric, which way it improves, then for each baseline the probe's value minus the
+    baseline's with its paired interval, and under it the verdict."""
+    header = "".join(f'<th scope="col">probe − {html.escape(title)}</th>' for title, _ in versus)
+    rows = []
+    for name in metric_names((), {title: by_metric for title, by_metric in versus}):
+        entries = [by_metric.get(name) or {} for _, by_metric in versus]
+        label = next((str(entry["label"]) for entry in entries if entry.get("label")), name)
+        better = next((str(entry["better"]) for entry in entries if entry.get("better")), "")
+        cells = "".join(
+            f'<td class="versus {VERDICT_CLASSES.get(entry.get("verdict", ""), "verdict-none")}">'
+            f"{html.escape(format_estimate(entry, signed=True))}"
+            f'<span class="verdict">{html.escape(str(entry.get("verdict") or MISSING))}</span></td>'
+            for entry in entries
+        )
+        rows.append(
+            f'<tr data-metric="{html.escape(name)}"><th scope="row">{html.escape(label)}</th>'
+            f'<td class="better">{html.escape(BETTER_WORDS.get(better, MISSING))}</td>{cells}</tr>'
+        )
+    return (
+        f'<table id="versus-baselines"><caption>{html.escape(VERSUS_CAPTION)}</caption>'
+        f'<thead><tr><th scope="col">Metric</th><th scope="col" class="better">Better</th>{header}</tr></thead>'
+        f"<tbody>{''.join(rows)}</tbody></table>"
+    )
+
+
+BETTER_WORDS = {"higher": "higher ↑", "lower": "lower ↓"}
+
+
+VERSUS_CAPTION = (
+    "The probe's value minus the baseline's on the same test items, with a paired-bootstrap interval "
+    "(the items resampled together, as in the table above). The probe is better when the interval excludes 0 "
+    "on the metric's better side, the baseline when it excludes 0 on the other; otherwise, or without an "
+    f"interval (smooth ECE), there is no clear difference ({MISSING} where a value is undefined)."
+)

@@ -9,7 +9,7 @@ from pydantic import BaseModel, Field
 from app.registry.tables import ProbeEvaluation
 from app.schemas.common import Request, prompt_format_field
 from app.schemas.jobs import JobOut, JobStatus
-from app.schemas.reports import CalibrationReport
+from app.schemas.reports import BaselineDifference, CalibrationReport
 
 EvaluatedRows = Literal["all", "test"]
 
@@ -71,4 +71,17 @@ class EvaluationReportOut(BaseModel):
     report: CalibrationReport
     baseline: CalibrationReport | None = Field(
         description="The same for the model's own probability of its answer (multiple choice); null for statements."
+    )
+    uncalibrated: CalibrationReport | None = Field(
+        None, description="For a recalibrated probe, the same for its probabilities before the recalibration."
+    )
+    baselines: dict[str, CalibrationReport] = Field(
+        default_factory=dict,
+        description="The same for each of the evaluated model's own confidences on these rows, by name "
+        "(docs/concepts.md#baselines).",
+    )
+    versus_baselines: dict[str, dict[str, BaselineDifference]] = Field(
+        default_factory=dict,
+        description="By baseline, then by metric: the probe's value minus the baseline's with a paired bootstrap "
+        "interval, and whether the probe is better.",
     )

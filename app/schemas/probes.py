@@ -9,7 +9,7 @@ from app.inputs.datasets import DatasetKind
 from app.registry.tables import Probe
 from app.schemas.common import Dtype, Quantization, Request, prompt_format_field
 from app.schemas.jobs import JobOut, JobStatus
-from app.schemas.reports import CalibrationReport
+from app.schemas.reports import BaselineDifference, CalibrationReport
 
 ProbeMethod = Literal["logistic", "mass_mean"]
 # how a probe's validation logits are mapped to probabilities (none: left as they are)
@@ -83,6 +83,17 @@ class ProbeReportOut(BaseModel):
         None,
         description="For a recalibrated probe, the same for its own probabilities before the recalibration, on the "
         "same test split; null or absent when the probe is not recalibrated.",
+    )
+    baselines: dict[str, CalibrationReport] = Field(
+        default_factory=dict,
+        description="The same for each of the model's own confidences, by name: `own_probability`, `entropy` and "
+        "`margin` for multiple choice, `p_true` for statements on a causal language model. Absent from reports "
+        "written before baselines had names.",
+    )
+    versus_baselines: dict[str, dict[str, BaselineDifference]] = Field(
+        default_factory=dict,
+        description="By baseline, then by metric: the probe's value minus the baseline's with a paired bootstrap "
+        "interval, and whether the probe is better. Absent where `baselines` is.",
     )
 
 

@@ -7,7 +7,7 @@ does not declare (`extra="allow"`), and the routes that serve reports leave out 
 stored report does not have (`response_model_exclude_unset`) rather than adding them as null.
 """
 
-from typing import Annotated
+from typing import Annotated, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
@@ -48,6 +48,17 @@ class Estimate(StoredReportPart):
         None, description="The metric's definition in words; absent from a comparison's unpaired differences."
     )
     estimator: Estimator | None = Field(None, description="For calibration errors only: which estimator.")
+
+
+class BaselineDifference(Estimate):
+    """A metric of the probe minus the same metric of one baseline, on the same test items,
+    with a paired percentile bootstrap interval (docs/concepts.md#baselines)."""
+
+    better: Literal["higher", "lower"] = Field(description="Which way the metric improves.")
+    verdict: Literal["probe better", "baseline better", "no clear difference"] = Field(
+        description="`probe better` when the interval excludes 0 on the metric's better side, `baseline better` when "
+        "it excludes 0 on the other, else `no clear difference` (also where there is no interval)."
+    )
 
 
 class ReliabilityBin(StoredReportPart):
@@ -115,6 +126,16 @@ class ComparisonVariant(StoredReportPart):
     adapter_id: str | None
     precision: Precision
     report: CalibrationReport
+    baselines: dict[str, CalibrationReport] = Field(
+        default_factory=dict,
+        description="The same for each of this model's own confidences, by name (docs/concepts.md#baselines). "
+        "Absent from reports written before baselines were reported.",
+    )
+    versus_baselines: dict[str, dict[str, BaselineDifference]] = Field(
+        default_factory=dict,
+        description="By baseline, then by metric: this model's probe minus the baseline, with a paired bootstrap "
+        "interval and a verdict. Absent where `baselines` is.",
+    )
 
 
 class CrossTransfer(StoredReportPart):

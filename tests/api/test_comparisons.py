@@ -41,6 +41,10 @@ def test_a_base_and_two_adapters_give_one_diagram_with_three_curves(
     assert report["layer"] in (1, 2) and report["flags"] == []
     for variant in report["variants"]:
         assert variant["report"]["n"] == report["test_n"]
+        # each model asked whether each statement is true, beside its own probe
+        assert variant["baselines"]["p_true"]["n"] == report["test_n"]
+        own, asked = variant["report"]["metrics"]["auroc"], variant["baselines"]["p_true"]["metrics"]["auroc"]
+        assert variant["versus_baselines"]["p_true"]["auroc"]["value"] == pytest.approx(own["value"] - asked["value"])
     for label, differences in report["differences"].items():
         base_auroc = report["variants"][0]["report"]["metrics"]["auroc"]["value"]
         own_auroc = next(v for v in report["variants"] if v["label"] == label)["report"]["metrics"]["auroc"]["value"]

@@ -62,7 +62,19 @@ def test_a_probe_scored_on_another_dataset_reports_what_scikit_learn_and_a_direc
     assert report["report"]["metrics"]["auroc"]["value"] == pytest.approx(roc_auc_score(y, p))
     assert report["report"]["metrics"]["brier"]["value"] == pytest.approx(brier_score_loss(y, p))
     assert evaluation["metrics"]["auroc"]["value"] == pytest.approx(roc_auc_score(y, p))
-    assert report["baseline"] is None
+    assert report["baseline"] is None and report["uncalibrated"] is not None  # a Platt-recalibrated probe
+    # beside it, the model asked whether each statement is true, scored on the same rows
+    p_true = np.array(predictions["baselines"]["p_true"])
+    assert report["baselines"]["p_true"]["metrics"]["auroc"]["value"] == pytest.approx(roc_auc_score(y, p_true))
+    versus = report["versus_baselines"]["p_true"]["auroc"]
+    assert versus["value"] == pytest.approx(roc_auc_score(y, p) - roc_auc_score(y, p_true))
+    assert versus["better"] == "higher" and versus["verdict"] in {
+        "probe better",
+        "baseline better",
+        "no clear difference",
+    }
+    raw = trained.predict_proba(states)[:, 1]
+    assert report["uncalibrated"]["metrics"]["brier"]["value"] == pytest.approx(brier_score_loss(y, raw), abs=1e-6)
 
     # the states went into the cache: the same texts at the same layer run no forward pass
     again = finished(stack.client, extract(stack.client, model["id"], dataset=negated["id"], layers=[2]))["result"]
@@ -128,3 +140,5 @@ def test_on_its_own_dataset_a_probe_is_scored_on_its_test_split_only_and_gets_it
     assert mc["n"] == 20 and mc["rows"] == "all"
     report = stack.client.get(f"/v1/evaluations/{mc['id']}/report").json()
     assert report["baseline"] is not None and report["baseline"]["n"] == 20
+    assert sorted(report["baselines"]) == ["entropy", "margin", "own_probability"]
+    assert report["baselines"]["own_probability"] == report["baseline"]

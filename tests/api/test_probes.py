@@ -88,6 +88,20 @@ def test_held_out_metrics_match_scikit_learn_on_the_test_predictions(stack: Stac
     assert probe["metrics"]["auroc"]["value"] == pytest.approx(roc_auc_score(y, p))
     assert report["baseline"] is None
 
+    # the model asked whether each statement is true, reported and compared on the same items
+    labels = json.loads((stack.settings.resolved_artifact_dir / "probe_runs" / run["id"] / "labels.json").read_text())
+    p_true = np.array([labels["baselines"]["p_true"][i] for i in predictions["test_indices"]])
+    assert list(report["baselines"]) == list(report["versus_baselines"]) == ["p_true"]
+    baseline, versus = report["baselines"]["p_true"], report["versus_baselines"]["p_true"]
+    assert baseline["metrics"]["auroc"]["value"] == pytest.approx(roc_auc_score(y, p_true))
+    assert baseline["metrics"]["brier"]["value"] == pytest.approx(brier_score_loss(y, p_true))
+    assert versus["auroc"]["value"] == pytest.approx(roc_auc_score(y, p) - roc_auc_score(y, p_true))
+    assert versus["brier"]["value"] == pytest.approx(brier_score_loss(y, p) - brier_score_loss(y, p_true))
+    low, high = versus["auroc"]["interval"]
+    assert low <= versus["auroc"]["value"] <= high and versus["auroc"]["better"] == "higher"
+    expected = "probe better" if low > 0 else "baseline better" if high < 0 else "no clear difference"
+    assert versus["auroc"]["verdict"] == expected
+
 
 def test_the_report_route_documents_named_report_schemas_that_a_real_report_validates_against_as_stored(
     stack: Stack, tiny_llama: Path
@@ -127,6 +141,7 @@ def test_the_report_route_documents_named_report_schemas_that_a_real_report_vali
     assert json.dumps(served.json()["report"]) == json.dumps(stored["probe"])
     assert served.json()["baseline"] is None and stored["baseline"] is None
     assert served.json()["uncalibrated"] is None and stored["uncalibrated"] is None  # not recalibrated
+    assert json.dumps(served.json()["versus_baselines"]) == json.dumps(stored["versus_baselines"])
 
 
 @pytest.mark.slow
@@ -173,6 +188,18 @@ def test_multiple_choice_probes_use_the_models_own_labels_and_report_its_confide
     y = np.array([labels["labels"][i] for i in test])
     baseline = np.array([labels["baseline_confidence"][i] for i in test])
     assert report["baseline"]["metrics"]["brier"]["value"] == pytest.approx(brier_score_loss(y, baseline))
+    assert list(report["baselines"]) == ["own_probability", "entropy", "margin"]
+    assert report["baselines"]["own_probability"] == report["baseline"]
+    predictions = json.loads(
+        (stack.settings.resolved_artifact_dir / "probes" / probe["id"] / "predictions.json").read_text()
+    )
+    p = np.array(predictions["confidences"])
+    for name in ("entropy", "margin"):
+        confidence = np.array([labels["baselines"][name][i] for i in test])
+        assert report["baselines"][name]["metrics"]["auroc"]["value"] == pytest.approx(roc_auc_score(y, confidence))
+        assert report["versus_baselines"][name]["brier"]["value"] == pytest.approx(
+            brier_score_loss(y, p) - brier_score_loss(y, confidence)
+        )
 
 
 def test_a_multiple_choice_run_reports_the_models_accuracy_and_the_letters_it_picked(
@@ -232,6 +259,8 @@ def test_reports_render_as_svg_png_and_html(stack: Stack, tiny_llama: Path) -> N
     assert png.headers["content-type"] == "image/png" and png.content.startswith(b"\x89PNG")
     html = stack.client.get(f"/v1/probes/{probe['id']}/report.html")
     assert 'id="metrics"' in html.text and 'id="reliability-diagram"' in html.text
+    assert 'id="versus-baselines"' in html.text and "baseline: P(True)" in html.text
+    assert 'id="curve-1"' in svg.text  # the baseline's curve beside the probe's
 
     # each is rendered once and kept beside the report: a later request reads the kept copy
     from app.api.render_cache import RENDER_VERSION

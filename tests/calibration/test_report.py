@@ -20,6 +20,8 @@ import pytest
 from matplotlib.image import imread
 
 from app.calibration.rendering import (
+    format_number,
+    legend_columns,
     reliability_figure,
     render_html,
     render_png,
@@ -262,6 +264,83 @@ def test_differences_add_a_signed_column_per_adapter(page: str) -> None:
     assert table_cells(page, "ece")[3] == "+0.046 [—]"
 
 
+VERSUS: list[tuple[str, dict[str, dict[str, Any]]]] = [
+    (
+        "baseline: P(True)",
+        {
+            "auroc": {
+                "value": 0.081,
+                "interval": [0.012, 0.150],
+                "label": "AUROC (ties count half)",
+                "better": "higher",
+                "verdict": "probe better",
+            },
+            "brier": {
+                "value": 0.021,
+                "interval": [0.004, 0.040],
+                "label": "Brier score",
+                "better": "lower",
+                "verdict": "baseline better",
+            },
+            "smooth_ece": {
+                "value": -0.0002,
+                "interval": None,
+                "label": "Smooth ECE",
+                "better": "lower",
+                "verdict": "no clear difference",
+            },
+        },
+    )
+]
+
+
+@pytest.fixture(scope="module")
+def versus_page() -> str:
+    return render_html("Probe p-2", [("probe", BASE), ("baseline: P(True)", ADAPTER)], versus=VERSUS)
+
+
+def versus_row(page: str, metric: str) -> str:
+    table = page[page.index('<table id="versus-baselines">') :]
+    row = re.search(rf'<tr data-metric="{metric}">(.*?)</tr>', table)
+    assert row, f"no row for {metric}"
+    return row.group(1)
+
+
+def test_the_versus_table_gives_each_metric_its_direction_signed_difference_and_verdict(versus_page: str) -> None:
+    assert "<h2>Probe vs baselines</h2>" in versus_page
+    assert '<th scope="col">probe − baseline: P(True)</th>' in versus_page
+    assert re.findall(r"<t[hd][^>]*>(.*?)<", versus_row(versus_page, "auroc")) == [
+        "AUROC (ties count half)",
+        "higher ↑",
+        "+0.081 [+0.012, +0.150]",
+    ]
+    assert '<span class="verdict">probe better</span>' in versus_row(versus_page, "auroc")
+    assert '<span class="verdict">baseline better</span>' in versus_row(versus_page, "brier")
+    assert "lower ↓" in versus_row(versus_page, "brier")
+
+
+def test_the_versus_table_colours_a_cell_by_its_verdict(versus_page: str) -> None:
+    assert 'class="versus verdict-probe"' in versus_row(versus_page, "auroc")
+    assert 'class="versus verdict-baseline"' in versus_row(versus_page, "brier")
+    assert 'class="versus verdict-none"' in versus_row(versus_page, "smooth_ece")
+
+
+def test_a_difference_that_rounds_to_zero_shows_no_minus_sign(versus_page: str) -> None:
+    assert "+0.000 [—]" in versus_row(versus_page, "smooth_ece")
+    assert (format_number(-0.0002), format_number(-0.0002, signed=True)) == ("0.000", "+0.000")
+
+
+def test_a_page_without_baselines_has_no_versus_table(page: str) -> None:
+    assert 'id="versus-baselines"' not in page and "Probe vs baselines" not in page
+
+
+def test_legend_entries_go_in_as_many_columns_as_the_longest_fits() -> None:
+    assert legend_columns(["base — ECE 0.1", "adapter — ECE 0.2", "adapter — ECE 0.3"]) == 3
+    assert legend_columns(["x" * 60] * 4) == 2
+    assert legend_columns(["x" * 200] * 2) == 1
+    assert legend_columns(["probe"]) == 1
+
+
 def test_caption_states_the_bootstrap_behind_the_intervals(page: str) -> None:
     assert "(95%, 1000 resamples, seed 0)" in page
 
@@ -272,11 +351,16 @@ def test_notes_appear_below_the_table(page: str) -> None:
 
 def test_every_caller_string_is_escaped() -> None:
     hostile_metrics = BASE["metrics"] | {"nll": {"value": 0.4, "interval": None, "label": HOSTILE}}
+    hostile_versus = [(HOSTILE, {HOSTILE: {"value": 0.1, "interval": None, "label": HOSTILE, "verdict": HOSTILE}})]
     page = render_html(
-        HOSTILE, [(HOSTILE, BASE | {"metrics": hostile_metrics})], differences={HOSTILE: {}}, notes=[HOSTILE]
+        HOSTILE,
+        [(HOSTILE, BASE | {"metrics": hostile_metrics})],
+        differences={HOSTILE: {}},
+        versus=hostile_versus,
+        notes=[HOSTILE],
     )
     assert "<script" not in page
-    assert page.count("&lt;script&gt;alert(1)&lt;/script&gt;") >= 6
+    assert page.count("&lt;script&gt;alert(1)&lt;/script&gt;") >= 10
 
 
 # --- The module ----------------------------------------------------------------------------

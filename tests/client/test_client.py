@@ -292,6 +292,11 @@ def test_a_probes_report_gives_its_held_out_metrics_and_html(client: Client, tra
     assert report.uncalibrated is None  # not recalibrated
     assert report.report.metrics["auroc"].value == pytest.approx(client.get_probe(probe.id).metrics["auroc"].value)
     assert report.report.metrics["ece"].estimator is not None
+    assert list(report.baselines) == ["p_true"] and report.baselines["p_true"].n == 12
+    versus = report.versus_baselines["p_true"]["auroc"]
+    probe_auroc, asked_auroc = report.report.metrics["auroc"].value, report.baselines["p_true"].metrics["auroc"].value
+    assert probe_auroc is not None and asked_auroc is not None
+    assert versus.better == "higher" and versus.value == pytest.approx(probe_auroc - asked_auroc)
     assert 'id="metrics"' in client.probe_report_html(probe.id)
 
 

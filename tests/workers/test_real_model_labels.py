@@ -76,4 +76,6 @@ def test_smollm2_self_labels_equal_a_direct_computation_of_each_answer_letter(
             assert labels.chosen[index] == int(np.argmax(scores)), row["question"]
         assert labels.labels[index] == int(labels.chosen[index] == row["answer"])
         over_letters = np.exp(scores - scores.max()) / np.exp(scores - scores.max()).sum()
-        np.testing.assert_allclose(labels.confidence[index], over_letters[labels.chosen[index]], rtol=1e-3, atol=1e-4)
+        np.testing.assert_allclose(
+            labels.baselines["own_probability"][index], over_letters[labels.chosen[index]], rtol=1e-3, atol=1e-4
+        )
