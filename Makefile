@@ -41,6 +41,7 @@ bench: install
 	$(BIN)/python bench/extraction.py
 	$(BIN)/python bench/adapter_import.py
 	$(BIN)/python bench/calibration.py
+	$(BIN)/python bench/interval_coverage.py
 	$(BIN)/python bench/service_overhead.py
 	$(BIN)/python bench/load.py
 	$(BIN)/python bench/finetune.py

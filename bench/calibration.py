@@ -5,10 +5,14 @@ distortion of it rounded to 3 decimals in [0.001, 0.999] (so there are ties, as 
 real data give, and no prediction where log-loss clipping conventions differ).
 
 - `metrics_1e6_s`: `calibration_report(..., resamples=0)` on 1,000,000 predictions — every
-  metric (AUROC, AUPRC, Brier, NLL, the ECE family, smooth ECE, debiased ECE), both sets of
-  reliability bins and the histogram, no bootstrap. Best of 3.
+  metric (AUROC, AUPRC, AURC, PRR, Brier, NLL, the ECE family, smooth ECE, debiased ECE),
+  both sets of reliability bins, the histogram and the risk–coverage curve, no bootstrap.
+  Best of 3.
+- `selective_metrics_1e6_s`: `selective.aurc` and `selective.prr` on the same 1,000,000
+  predictions, each from its own inputs (ties in p averaged over their orders). Best of 3.
 - `bootstrap_1000_s`: `calibration_report(..., resamples=1000)` on 100,000 predictions:
-  the same, plus 1,000 percentile bootstrap resamples of every metric but smooth ECE.
+  the same, plus 1,000 bootstrap resamples of every metric but smooth ECE and the
+  leave-one-out values of the binned errors behind their BCa intervals.
 - `bootstrap_speedup_vs_loop`: against the plain way — a Python loop over the same
   resamples (rows of the same `default_rng(0)` index matrix) calling scikit-learn's
   `roc_auc_score`, `average_precision_score`, `brier_score_loss`, `log_loss`,
@@ -46,6 +50,7 @@ sys.path.insert(0, str(ROOT))
 
 from app.calibration.bootstrap import resampled_metrics  # noqa: E402
 from app.calibration.reporting import calibration_report  # noqa: E402
+from app.calibration.selective import aurc, prr  # noqa: E402
 
 METRICS_N = 1_000_000
 BOOTSTRAP_N = 100_000
@@ -134,6 +139,7 @@ def main() -> None:
 
     big_y, big_p = predictions(METRICS_N, seed=1)
     metrics_s = seconds(lambda: calibration_report(big_y, big_p, bins=BINS, resamples=0), repeats=3)
+    selective_s = seconds(lambda: (aurc(big_y, big_p), prr(big_y, big_p)), repeats=3)
 
     y, p = predictions(BOOTSTRAP_N, seed=2)
     bootstrap_s = seconds(lambda: calibration_report(y, p, bins=BINS, resamples=RESAMPLES, seed=0))
@@ -146,6 +152,7 @@ def main() -> None:
         "cpu_cores": os.cpu_count(),
         "metrics_n": METRICS_N,
         "metrics_1e6_s": round(metrics_s, 3),
+        "selective_metrics_1e6_s": round(selective_s, 3),
         "bootstrap_n": BOOTSTRAP_N,
         "bootstrap_resamples": RESAMPLES,
         "bootstrap_1000_s": round(bootstrap_s, 3),

@@ -382,10 +382,10 @@ def probe_report(api: ApiContext, probe_id: str, out: Path | None, open_in_brows
         click.echo(json.dumps(report.model_dump(mode="json") | {"html": str(path)}, indent=2))
     else:
         rows = [
-            [name, metric(report.probe.metrics, name), interval(estimate.interval)]
+            [name, metric(report.probe.metrics, name), interval(estimate.interval), estimate.interval_method or "-"]
             for name, estimate in report.probe.metrics.items()
         ]
-        click.echo(aligned_table(["METRIC", "VALUE", "95% INTERVAL"], rows))
+        click.echo(aligned_table(["METRIC", "VALUE", "95% INTERVAL", "METHOD"], rows))
         click.echo(f"report: {path}")
     if open_in_browser:
         import webbrowser

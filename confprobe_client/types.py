@@ -161,10 +161,13 @@ class Estimator(Answer):
 
 
 class Estimate(Answer):
-    """A metric's value with its 95% percentile bootstrap interval (None where undefined)."""
+    """A metric's value with its 95% bootstrap interval (None where undefined) and the
+    interval's method: "percentile", or "bca" / "basic" for the binned calibration errors
+    (None without an interval, or from a service before intervals named their method)."""
 
     value: float | None
     interval: list[float] | None
+    interval_method: Literal["percentile", "bca", "basic"] | None = None
     label: str | None = None
     estimator: Estimator | None = Field(None, description="Which definition, for ECE-like metrics.")
 
@@ -225,6 +228,13 @@ class ConfidenceHistogram(Answer):
     counts: list[int]
 
 
+class RiskCoverage(Answer):
+    """Keeping the most confident items first: the fraction wrong among the kept at each coverage."""
+
+    coverage: list[float]
+    risk: list[float]
+
+
 class BootstrapSettings(Answer):
     resamples: int
     seed: int
@@ -233,13 +243,15 @@ class BootstrapSettings(Answer):
 
 class CalibrationReport(Answer):
     """Every report metric on one set of items, with the reliability bins (`equal_width`,
-    `equal_mass`), the confidence histogram and the bootstrap settings."""
+    `equal_mass`), the confidence histogram, the risk–coverage curve (None from reports
+    stored before it) and the bootstrap settings."""
 
     n: int
     base_rate: float
     metrics: dict[str, Estimate]
     bins: dict[str, list[ReliabilityBin]]
     histogram: ConfidenceHistogram
+    risk_coverage: RiskCoverage | None = None
     bootstrap: BootstrapSettings
 
 

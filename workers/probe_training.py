@@ -222,7 +222,7 @@ def _write_probes(
                 artifact=folder,
                 validation=candidate.validation,
                 metrics={
-                    name: {"value": entry["value"], "interval": entry["interval"]}
+                    name: {key: entry[key] for key in ("value", "interval", "interval_method")}
                     for name, entry in report["metrics"].items()
                 },
             )

@@ -1,8 +1,11 @@
-"""The vectorised percentile bootstrap of every metric in the table but smooth ECE.
+"""The vectorised bootstrap of every metric in the table but smooth ECE, and the jackknife of
+the binned calibration errors that BCa's acceleration needs.
 
 Each resample is reduced to how often it drew each item, and every metric of every
 resample follows from prefix sums over the items sorted by p (`_ResamplingPlan`); the
-table's resampled functions turn those sums into values.
+table's resampled functions turn those sums into values. Leaving one item out changes the
+sums of one equal-width bin, or moves each equal-mass cut by at most one item, so the n
+leave-one-out samples cost O(n·bins), not O(n²).
 """
 
 from __future__ import annotations
@@ -16,8 +19,14 @@ import numpy.typing as npt
 from app.calibration.binned import BinSums, equal_mass_sizes, equal_width_ids
 from app.calibration.inputs import THRESHOLD, checked
 from app.calibration.scoring import item_log_loss
-from app.calibration.table import BOOTSTRAPPED, ResampledSums, resampled_values_of
-from app.calibration.values import BootstrapSettings, Interval
+from app.calibration.table import (
+    BOOTSTRAPPED,
+    BinnedSums,
+    ResampledSums,
+    leave_one_out_values_of,
+    resampled_values_of,
+)
+from app.calibration.values import BootstrapSettings
 
 # Resamples are processed in blocks of about this many drawn items (at least one
 # resample): each block's arrays then stay in the CPU cache, which is 2-3 times faster
@@ -31,16 +40,6 @@ def bootstrap_settings(resamples: int, seed: int, level: float) -> BootstrapSett
     if not 0.0 < level < 1.0:
         raise ValueError("level must lie strictly between 0 and 1")
     return BootstrapSettings(int(resamples), int(seed), float(level))
-
-
-def percentile_interval(rows: np.ndarray | None, level: float) -> Interval | None:
-    """Plain percentile interval. For binned ECE it can sit above the point estimate:
-    resampling duplicates items, which makes every bin look noisier, so the resampled ECEs
-    run high. `debiased_ece` is the estimate to read when that matters."""
-    if rows is None or not np.isfinite(rows).any():
-        return None
-    lower, upper = np.nanpercentile(rows, [50.0 * (1.0 - level), 50.0 * (1.0 + level)])
-    return float(lower), float(upper)
 
 
 def resampled_metrics(
@@ -95,6 +94,17 @@ def resampled_values(
     return [_concatenated(plan_blocks) for plan_blocks in blocks]
 
 
+def leave_one_out_values(labels: np.ndarray, probabilities: np.ndarray, bins: int) -> dict[str, np.ndarray]:
+    """Every metric of the table with a BCa interval on each leave-one-out sample: entry i
+    of each array is the metric without item i, items in the order given, so the arrays of
+    two predictions of the same items pair up. Empty for a single item, which leaves nothing."""
+    if len(labels) < 2:
+        return {}
+    plan = _ResamplingPlan.of(labels, probabilities, bins)
+    blocks = [leave_one_out_values_of(sums) for sums in plan.leave_one_out_sums()]
+    return {name: values[plan.rank] for name, values in _concatenated(blocks).items()}
+
+
 def _concatenated(blocks: list[dict[str, np.ndarray]]) -> dict[str, np.ndarray]:
     if not blocks:
         return {name: np.empty(0) for name in BOOTSTRAPPED}
@@ -123,6 +133,17 @@ class _Runs:
         into_bins = np.zeros((len(self.bin_of_run), bins))
         into_bins[np.arange(len(self.bin_of_run)), self.bin_of_run] = 1.0
         return BinSums(run_count @ into_bins, confidence @ into_bins, outcome @ into_bins)
+
+    def without(self, left_out: np.ndarray, whole: BinSums, probabilities: np.ndarray, outcomes: np.ndarray) -> BinSums:
+        """The bin sums of all sorted items (`whole`, one row) less sorted item j in its own
+        bin, one row per j of `left_out`."""
+        run = np.searchsorted(self.bounds, left_out, side="right") - 1
+        flipped = self.flipped[run]
+        confidence = np.where(flipped, 1.0 - probabilities[left_out], probabilities[left_out])[:, None]
+        outcome = np.where(flipped, 1.0 - outcomes[left_out], outcomes[left_out])[:, None]
+        in_bin = np.zeros((len(left_out), whole.count.shape[-1]))
+        in_bin[np.arange(len(left_out)), self.bin_of_run[run]] = 1.0
+        return BinSums(whole.count - in_bin, whole.confidence - in_bin * confidence, whole.outcome - in_bin * outcome)
 
 
 @dataclass(frozen=True)
@@ -194,9 +215,45 @@ class _ResamplingPlan:
             tie_prefixes=(prefix_outcome[:, self.tie_bounds], prefix_count[:, self.tie_bounds]),
             squared_error=squared_error,
             log_loss=log_loss,
-            equal_width=self.binary_runs.sums(*prefixes, self.bins),
-            equal_mass=self._equal_mass_sums(*prefixes),
-            max_probability=self.max_probability_runs.sums(*prefixes, self.bins),
+            binned=BinnedSums(
+                equal_width=self.binary_runs.sums(*prefixes, self.bins),
+                equal_mass=self._equal_mass_sums(*prefixes),
+                max_probability=self.max_probability_runs.sums(*prefixes, self.bins),
+            ),
+        )
+
+    def leave_one_out_sums(self) -> Iterator[BinnedSums]:
+        """Bin sums without sorted item j, one row for each j in order, a block of rows at a time."""
+        items = (np.ones(self.n), self.probabilities, self.outcomes)
+        prefix_count, prefix_probability, prefix_outcome = (_prefix_sums(values[None, :]) for values in items)
+        binary, max_probability = (
+            runs.sums(prefix_count, prefix_probability, prefix_outcome, self.bins)
+            for runs in (self.binary_runs, self.max_probability_runs)
+        )
+        cuts = np.concatenate([[0], np.cumsum(equal_mass_sizes(self.n - 1, self.bins))])
+        rows_per_block = max(1, BOOTSTRAP_BLOCK_ITEMS // self.bins)
+        for start in range(0, self.n, rows_per_block):
+            left_out = np.arange(start, min(start + rows_per_block, self.n))
+            yield BinnedSums(
+                equal_width=self.binary_runs.without(left_out, binary, self.probabilities, self.outcomes),
+                equal_mass=self._equal_mass_without(left_out, cuts, (prefix_count, prefix_probability, prefix_outcome)),
+                max_probability=self.max_probability_runs.without(
+                    left_out, max_probability, self.probabilities, self.outcomes
+                ),
+            )
+
+    def _equal_mass_without(self, left_out: np.ndarray, cuts: np.ndarray, prefixes: tuple[np.ndarray, ...]) -> BinSums:
+        """Without item j the n − 1 items are cut at `cuts` (`equal_mass_sizes(n − 1, bins)`).
+        A cut at c of the shorter list falls at c of the full one if c ≤ j and at c + 1 if
+        c > j, so a bin sums the full list's items between its cuts, less item j if it lies
+        there."""
+        starts = cuts[None, :] + (cuts[None, :] > left_out[:, None])
+        holds_left_out = (starts[:, :-1] <= left_out[:, None]) & (left_out[:, None] < starts[:, 1:])
+        return BinSums(
+            *(
+                np.diff(prefix[0, starts], axis=1) - holds_left_out * values[left_out, None]
+                for prefix, values in zip(prefixes, (np.ones(self.n), self.probabilities, self.outcomes), strict=True)
+            )
         )
 
     def _correct_counts(self, prefix_count: np.ndarray, prefix_outcome: np.ndarray) -> np.ndarray:

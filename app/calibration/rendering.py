@@ -1,8 +1,10 @@
-"""Report rendering: the reliability diagram, the confidence histogram and the metrics table.
+"""Report rendering: the reliability diagram, the confidence histogram, the risk–coverage
+curve and the metrics table.
 
 A report is the JSON-ready dict of `CalibrationReport.to_dict()`; a comparison passes
 several, each labelled (`("base", report), ("adapter sft-v1", report2)`). Any metric,
-interval or bin mean may be missing, and renders as "—".
+interval or bin mean may be missing, and renders as "—"; a report stored before it had a
+risk–coverage curve draws none.
 
 The gateway imports this module at start-up, so matplotlib is imported only inside the
 functions that draw, and numpy not at all.
@@ -43,6 +45,8 @@ METRIC_ORDER = (
     "accuracy",
     "auroc",
     "auprc",
+    "aurc",
+    "prr",
     "brier",
     "nll",
     "ece",
@@ -55,6 +59,12 @@ METRIC_ORDER = (
     "smooth_ece",
     "debiased_ece",
 )
+# How the table marks an interval that is not a percentile one, and what the caption says of it.
+INTERVAL_MARKS = {"bca": "†", "basic": "‡"}
+INTERVAL_WORDS = {
+    "bca": "BCa (bias-corrected and accelerated percentiles)",
+    "basic": "basic (percentiles reflected about the value)",
+}
 
 
 # How pages name the model's own confidences (docs/concepts.md#baselines).
@@ -75,21 +85,34 @@ def baseline_title(name: str) -> str:
 
 def reliability_figure(reports: LabelledReports) -> Figure:
     """Left, the reliability diagram: one curve per report through its non-empty
-    equal-width bins, marker area growing with the bin's count. Right, the confidence
-    histogram, one bar per report in each bin."""
+    equal-width bins, marker area growing with the bin's count. Right, above, the
+    confidence histogram, one bar per report in each bin; below, the risk–coverage curve,
+    one line per report with its random level (the error rate) dashed."""
     from matplotlib.figure import Figure
 
     # Figure, not pyplot: no global state and no display, so requests may draw concurrently.
     figure = Figure(figsize=FIGURE_INCHES, layout="constrained")
-    reliability, histogram = figure.subplots(1, 2)
+    grid = figure.add_gridspec(2, 2)
+    reliability = figure.add_subplot(grid[:, 0])
+    histogram, risk_coverage = figure.add_subplot(grid[0, 1]), figure.add_subplot(grid[1, 1])
     largest_count = max((bin_["count"] for _, report in reports for bin_ in plotted_bins(report)), default=1)
     curves = [
         draw_reliability_curve(reliability, index, report, largest_count) for index, (_, report) in enumerate(reports)
     ]
     for index, (_, report) in enumerate(reports):
         draw_histogram_bars(histogram, index, len(reports), report)
+    risk_lines = {
+        index: line
+        for index, (_, report) in enumerate(reports)
+        if (line := draw_risk_coverage_curve(risk_coverage, index, report)) is not None
+    }
     style_reliability_axes(reliability, diagram_bins_description(reports), largest_count)
     style_histogram_axes(histogram)
+    style_risk_coverage_axes(
+        risk_coverage,
+        list(risk_lines.values()),
+        [f"AURC {format_estimate(metric(reports[index][1], 'aurc'))}" for index in risk_lines],
+    )
     labels = [legend_label(label, report) for label, report in reports]
     figure.legend(
         curves,
@@ -206,6 +229,47 @@ def style_reliability_axes(axes: Axes, bins_description: str, largest_count: int
     )
 
 
+def draw_risk_coverage_curve(axes: Axes, index: int, report: Report) -> Any:
+    """The report's risk–coverage line (gid `risk-coverage-<index>`) and its random level,
+    the error rate, dashed in the same colour (gid `risk-random-<index>`); None when the
+    report has no curve."""
+    curve = report.get("risk_coverage")
+    if not curve or not curve.get("coverage"):
+        return None
+    color = f"C{index % 10}"
+    (line,) = axes.plot(
+        curve["coverage"], curve["risk"], color=color, linewidth=1.6, gid=f"risk-coverage-{index}", zorder=3
+    )
+    if report.get("base_rate") is not None:
+        axes.axhline(
+            1.0 - report["base_rate"], color=color, linestyle="--", linewidth=1, alpha=0.8, gid=f"risk-random-{index}"
+        )
+    return line
+
+
+def style_risk_coverage_axes(axes: Axes, lines: list[Any], labels: list[str]) -> None:
+    """A key of each line's AURC and of the dashed random level; a note where no report has a curve."""
+    axes.set_xlim(0, 1)
+    axes.set_ylim(bottom=0)
+    axes.set_title("Risk–coverage — most confident kept first, lower is better", fontsize=11)
+    axes.set_xlabel("Coverage (fraction of items kept)")
+    axes.set_ylabel("Risk (wrong among kept)")
+    axes.grid(color="0.92")
+    if not lines:
+        axes.text(
+            0.5, 0.5, "no risk–coverage curve in these reports", transform=axes.transAxes, color="0.4", ha="center"
+        )
+        return
+    (random_key,) = axes.plot([], [], color="0.45", linestyle="--", linewidth=1)
+    axes.legend(
+        handles=[*lines, random_key],
+        labels=[*labels, "random order: the error rate"],
+        loc="lower right",
+        fontsize=8,
+        framealpha=0.9,
+    )
+
+
 def style_histogram_axes(axes: Axes) -> None:
     axes.set_xlim(0, 1)
     axes.set_title("Confidence histogram", fontsize=11)
@@ -290,7 +354,8 @@ h1 { font-size: 1.5rem; }
 table { border-collapse: collapse; font-variant-numeric: tabular-nums; margin: 1rem 0; }
 caption { caption-side: bottom; text-align: left; color: #555; font-size: 0.9rem; padding-top: 0.5rem; }
 th, td { padding: 0.3rem 0.8rem; border-bottom: 1px solid #ddd; text-align: right; white-space: nowrap; }
-th[scope=row] { text-align: left; font-weight: normal; white-space: normal; max-width: 28rem; }
+th[scope=row] { text-align: left; font-weight: normal; white-space: normal; min-width: 12rem; max-width: 28rem; }
+.scrolls { overflow-x: auto; }
 thead th { border-bottom: 2px solid #888; white-space: normal; vertical-align: bottom; }
 thead th:first-child, thead th.better { text-align: left; }
 td.difference { background: #f6f6f2; }
@@ -325,7 +390,7 @@ def render_html(
         f"<style>{PAGE_STYLE}</style></head><body>\n"
         f"<h1>{html.escape(title)}</h1>\n"
         f'<figure id="reliability-diagram">{inline_svg(render_svg(reports))}</figure>\n'
-        f"{metrics_table(reports, differences or {})}\n"
+        f'<div class="scrolls">{metrics_table(reports, differences or {})}</div>\n'
         + (f"<h2>Probe vs baselines</h2>\n{versus_table(versus)}\n" if versus else "")
         + "".join(f"{section}\n" for section in sections)
         + (f'<ul class="notes">{note_items}</ul>\n' if note_items else "")
@@ -354,8 +419,8 @@ def metrics_table(reports: LabelledReports, differences: Differences) -> str:
         table_row(
             name,
             metric_label(name, reports),
-            [format_estimate(metric(report, name)) for _, report in reports],
-            [format_estimate(by_metric.get(name), signed=True) for by_metric in differences.values()],
+            [marked_estimate(metric(report, name)) for _, report in reports],
+            [marked_estimate(by_metric.get(name), signed=True) for by_metric in differences.values()],
         )
         for name in metric_names(reports, differences)
     ]
@@ -370,6 +435,13 @@ def table_row(name: str, label: str, cells: Sequence[str], difference_cells: Seq
     values = "".join(f"<td>{html.escape(cell)}</td>" for cell in cells)
     values += "".join(f'<td class="difference">{html.escape(cell)}</td>' for cell in difference_cells)
     return f'<tr data-metric="{html.escape(name)}"><th scope="row">{html.escape(label)}</th>{values}</tr>'
+
+
+def marked_estimate(estimate: Mapping[str, Any] | None, *, signed: bool = False) -> str:
+    """`format_estimate`, its interval marked by `INTERVAL_MARKS` where it is not a percentile one."""
+    text = format_estimate(estimate, signed=signed)
+    mark = INTERVAL_MARKS.get(str((estimate or {}).get("interval_method")))
+    return f"{text} {mark}" if mark and (estimate or {}).get("interval") else text
 
 
 def format_count(count: Any) -> str:
@@ -405,9 +477,29 @@ def table_caption(reports: LabelledReports, differences: Differences) -> str:
         caption += f" ({'; '.join(f'{label}: {setting}' for label, setting in settings.items())})."
     else:
         caption += "."
+    caption += interval_methods_caption(reports, differences)
     if differences and reports:
         caption += f" Δ columns: the value minus the {reports[0][0]} column's, with a paired-bootstrap interval."
     return caption
+
+
+def interval_methods_caption(reports: LabelledReports, differences: Differences) -> str:
+    """What the marks of the table's intervals mean, for the methods it shows."""
+    shown = {
+        str(entry.get("interval_method"))
+        for metrics in metric_dicts(reports, differences)
+        for entry in metrics.values()
+        if entry.get("interval")
+    }
+    marked = [f"{INTERVAL_MARKS[method]} {INTERVAL_WORDS[method]}" for method in INTERVAL_MARKS if method in shown]
+    if not marked:
+        return ""
+    return (
+        " Intervals are percentile ones except where marked: "
+        + "; ".join(marked)
+        + " — the binned calibration errors' resamples run above the value, and these correct for that bias."
+        " Each interval is widened, where needed, to hold its value."
+    )
 
 
 def bootstrap_description(report: Report) -> str:

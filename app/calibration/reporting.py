@@ -1,8 +1,9 @@
 """Reports: `calibration_report` computes every metric of the table for one probe with
-percentile bootstrap intervals, `paired_differences` compares two probes on the same
-items, each difference with a paired percentile bootstrap interval, and
-`baseline_comparison` reports the model's own confidences beside a probe, with the probe's
-difference from each and a verdict (docs/concepts.md#baselines)."""
+bootstrap intervals, `paired_differences` compares two probes on the same items, each
+difference with a paired bootstrap interval, and `baseline_comparison` reports the
+model's own confidences beside a probe, with the probe's difference from each and a
+verdict (docs/concepts.md#baselines). `interval_of` picks each interval's method: the
+table's (percentile, or bias-corrected for the binned calibration errors)."""
 
 from __future__ import annotations
 
@@ -16,17 +17,20 @@ import numpy.typing as npt
 from app.calibration.binned import confidence_histogram, reliability_bins
 from app.calibration.bootstrap import (
     bootstrap_settings,
-    percentile_interval,
+    leave_one_out_values,
     resampled_values,
 )
 from app.calibration.inputs import checked, checked_labels
+from app.calibration.intervals import bias_corrected_interval, holding, percentile_interval
 from app.calibration.scoring import base_rate
-from app.calibration.table import point_metrics
+from app.calibration.selective import risk_coverage_curve
+from app.calibration.table import METRICS, point_metrics
 from app.calibration.values import (
     BootstrapSettings,
     CalibrationReport,
     Estimate,
     Interval,
+    IntervalMethod,
     Metric,
     PairedDifferences,
 )
@@ -45,6 +49,7 @@ class _Scored:
     probabilities: np.ndarray
     values: dict[str, Metric]
     resampled: dict[str, np.ndarray]
+    left_out: dict[str, np.ndarray]  # leave-one-out values behind the BCa intervals (none without resamples)
 
 
 def _scored(labels: np.ndarray, predictions: list[np.ndarray], bins: int, settings: BootstrapSettings) -> list[_Scored]:
@@ -53,7 +58,12 @@ def _scored(labels: np.ndarray, predictions: list[np.ndarray], bins: int, settin
         return []
     resampled = resampled_values(labels, predictions, bins, settings)
     return [
-        _Scored(probabilities, point_metrics(labels, probabilities, bins), rows)
+        _Scored(
+            probabilities,
+            point_metrics(labels, probabilities, bins),
+            rows,
+            leave_one_out_values(labels, probabilities, bins) if settings.resamples else {},
+        )
         for probabilities, rows in zip(predictions, resampled, strict=True)
     ]
 
@@ -61,7 +71,7 @@ def _scored(labels: np.ndarray, predictions: list[np.ndarray], bins: int, settin
 def calibration_report(
     y: npt.ArrayLike, p: npt.ArrayLike, *, bins: int = 15, resamples: int = 1000, seed: int = 0, level: float = 0.95
 ) -> CalibrationReport:
-    """All report metrics (docs/concepts.md#reports) with percentile bootstrap intervals; `resamples=0` skips them."""
+    """All report metrics (docs/concepts.md#reports) with bootstrap intervals; `resamples=0` skips them."""
     labels, probabilities = checked(y, p)
     settings = bootstrap_settings(resamples, seed, level)
     return _report(labels, _scored(labels, [probabilities], bins, settings)[0], bins, settings)
@@ -73,7 +83,11 @@ def _report(labels: np.ndarray, scored: _Scored, bins: int, settings: BootstrapS
         n=len(labels),
         base_rate=base_rate(labels).value,
         metrics={
-            name: _estimate(metric, percentile_interval(scored.resampled.get(name), settings.level))
+            name: _estimate(
+                metric.value,
+                metric,
+                *interval_of(name, scored.resampled.get(name), metric.value, scored.left_out.get(name), settings.level),
+            )
             for name, metric in scored.values.items()
         },
         bins={
@@ -81,8 +95,38 @@ def _report(labels: np.ndarray, scored: _Scored, bins: int, settings: BootstrapS
             "equal_mass": tuple(reliability_bins(labels, probabilities, bins, "equal_mass")),
         },
         histogram=confidence_histogram(probabilities, bins),
+        risk_coverage=risk_coverage_curve(labels, probabilities),
         bootstrap=settings,
     )
+
+
+def interval_of(
+    name: str,
+    rows: np.ndarray | None,
+    estimate: float | None,
+    leave_one_out: np.ndarray | None,
+    level: float,
+    *,
+    difference: bool = False,
+) -> tuple[Interval | None, IntervalMethod | None]:
+    """The interval of metric `name` (or of a difference of it) and its method: the
+    percentile interval, or for the metrics the table bias-corrects
+    `intervals.bias_corrected_interval` (BCa falling back to basic, or basic alone where
+    the table gives no leave-one-out values), clipped to the metric's range (for a
+    difference, ± its width). Either is widened, where needed, to hold the estimate, so a
+    reader never finds a value outside its own interval; for the percentile metrics that
+    happens rarely (debiased ECE's resamples, too, run above it near 0). A difference takes
+    its metric's method: it inherits the bias of both estimates, which cancels only where
+    the two are alike."""
+    if rows is None:
+        return None, None
+    entry = METRICS[name]
+    if entry.interval == "percentile":
+        interval = holding(estimate, percentile_interval(rows, level))
+        return interval, ("percentile" if interval is not None else None)
+    low, high = entry.bounds
+    bounds = (low - high, high - low) if difference else entry.bounds
+    return bias_corrected_interval(rows, estimate, leave_one_out, level, bounds)
 
 
 def paired_differences(
@@ -110,14 +154,18 @@ def _differences(a: _Scored, b: _Scored, level: float) -> dict[str, Estimate]:
         value_a, value_b = a.values[name].value, metric.value
         difference = None if value_a is None or value_b is None else value_b - value_a
         rows = b.resampled[name] - a.resampled[name] if name in b.resampled else None
-        differences[name] = Estimate(
-            difference, percentile_interval(rows, level), metric.label, getattr(metric, "estimator", None)
+        left_out = b.left_out[name] - a.left_out[name] if name in b.left_out else None
+        differences[name] = _estimate(
+            difference, metric, *interval_of(name, rows, difference, left_out, level, difference=True)
         )
     return differences
 
 
-def _estimate(metric: Metric, interval: Interval | None) -> Estimate:
-    return Estimate(metric.value, interval, metric.label, getattr(metric, "estimator", None))
+def _estimate(
+    value: float | None, metric: Metric, interval: Interval | None, method: IntervalMethod | None
+) -> Estimate:
+    """An estimate of `metric` (or, with its own value, of a difference of it)."""
+    return Estimate(value, interval, metric.label, getattr(metric, "estimator", None), method)
 
 
 # --- Baselines ---------------------------------------------------------------------------
@@ -222,8 +270,6 @@ def paired_rate_difference(
     often model b answers right than model a, on the same questions), with a paired
     percentile bootstrap interval: items are resampled with replacement, both outcomes of an
     item together (Efron & Tibshirani 1993, ch. 13)."""
-    import numpy as np
-
     first, second = np.asarray(a, dtype=np.float64), np.asarray(b, dtype=np.float64)
     if first.shape != second.shape or first.ndim != 1 or len(first) == 0:
         raise ValueError("a and b must be non-empty 1-D outcomes of the same items")

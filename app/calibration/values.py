@@ -3,8 +3,8 @@
 `y` ∈ {0, 1} says whether the answer or statement is correct (1 = correct) and `p` is the
 probe's P(y = 1). Every metric is a small frozen dataclass whose docstring names the
 definition and its source; calibration errors also carry an `Estimator` that says which
-variant they are (ECE has many). A report holds `Estimate`s: a value with its percentile
-bootstrap interval.
+variant they are (ECE has many). A report holds `Estimate`s: a value with its bootstrap
+interval and the method of that interval (`IntervalMethod`).
 """
 
 from __future__ import annotations
@@ -18,6 +18,10 @@ Binning = Literal["equal_width", "equal_mass", "kernel"]
 Norm = Literal["l1", "l2", "max"]
 Form = Literal["binary", "max_probability"]
 Interval = tuple[float, float]
+# "percentile": the central quantiles of the resampled values (Efron & Tibshirani 1993, ch. 13).
+# "bca": bias-corrected and accelerated percentiles (Efron 1987), acceleration from the jackknife.
+# "basic": the percentiles reflected about the estimate, 2θ̂ − q (Davison & Hinkley 1997, §5.2).
+IntervalMethod = Literal["percentile", "bca", "basic"]
 
 _TITLES = {"ece": "ECE", "mce": "MCE", "ace": "ACE", "smooth_ece": "Smooth ECE", "debiased_ece": "Debiased ECE"}
 _NORM_WORDS = {"l1": "L1", "l2": "L2", "max": "max gap"}
@@ -92,6 +96,35 @@ class Auprc:
 
     value: float | None
     label: ClassVar[str] = "AUPRC (average precision)"
+
+
+@dataclass(frozen=True)
+class AreaUnderRiskCoverage:
+    """Area under the risk–coverage curve (Geifman & El-Yaniv 2017, "Selective classification
+    for deep neural networks"; as LM-Polygraph reports it): keep the
+    items in decreasing p; the risk at coverage k/n is the fraction of the k kept items with
+    y = 0, and AURC = (1/n)·Σₖ riskₖ. Items tied in p are taken in every order equally
+    likely, so the value does not depend on the input order: inside a tie group of c items
+    with e errors, after N items with E errors, the expected risk at its j-th position is
+    (E + j·e/c)/(N + j), and the group adds e + (E − N·e/c)·(H_{N+c} − H_N), H the harmonic
+    numbers. Lower is better; a random order gives the error rate."""
+
+    value: float
+    label: ClassVar[str] = "AURC (risk–coverage area, lower is better)"
+
+
+@dataclass(frozen=True)
+class PredictionRejectionRatio:
+    """Prediction–rejection ratio (Malinin et al. 2017, "Incorporating uncertainty into deep
+    learning for spoken language assessment"; as LM-Polygraph reports it, Fadeeva et al.
+    2023, "LM-Polygraph: Uncertainty estimation for language models"): (AURC_random − AURC)/(AURC_random − AURC_oracle), where
+    AURC_random is the error rate (the AURC of a random order) and AURC_oracle the AURC
+    when every correct item is kept before every wrong one, (n₀ − n₁·(H_n − H_{n₁}))/n. 1 is
+    the oracle's order, 0 a random one, below 0 worse than random. None when y holds one
+    class."""
+
+    value: float | None
+    label: ClassVar[str] = "PRR (prediction–rejection ratio, 1 = oracle, 0 = random)"
 
 
 @dataclass(frozen=True)
@@ -187,6 +220,8 @@ Metric = (
     Accuracy
     | Auroc
     | Auprc
+    | AreaUnderRiskCoverage
+    | PredictionRejectionRatio
     | BrierScore
     | LogLoss
     | ExpectedCalibrationError
@@ -217,23 +252,41 @@ class ConfidenceHistogram:
     counts: tuple[int, ...]
 
 
+@dataclass(frozen=True)
+class RiskCoverageCurve:
+    """Expected risk (fraction of y = 0 among the kept items, ties in p in every order
+    equally likely) when the most confident k items are kept, at coverage k/n: every k when
+    n ≤ `RISK_COVERAGE_POINTS`, else k = 1 and, for each of 1/100, 2/100, …, 1, the smallest
+    k with k/n at least that.
+    The area under the full curve is `AreaUnderRiskCoverage`."""
+
+    coverage: tuple[float, ...]
+    risk: tuple[float, ...]
+
+
+RISK_COVERAGE_POINTS = 101
+
+
 # --- Reports -------------------------------------------------------------------------------
 
 
 @dataclass(frozen=True)
 class Estimate:
-    """A value with its percentile bootstrap interval (None when it was not bootstrapped or
-    no resample defined it) and the label and estimator of the metric it measures."""
+    """A value with its bootstrap interval (None when it was not bootstrapped or no resample
+    defined it), the method of that interval (None without one), and the label and
+    estimator of the metric it measures."""
 
     value: float | None
     interval: Interval | None
     label: str
     estimator: Estimator | None = None
+    interval_method: IntervalMethod | None = None
 
     def to_dict(self) -> dict[str, Any]:
         entry: dict[str, Any] = {
             "value": finite_or_none(self.value),
             "interval": None if self.interval is None else [float(bound) for bound in self.interval],
+            "interval_method": self.interval_method if self.interval is not None else None,
             "label": self.label,
         }
         if self.estimator is not None:
@@ -243,9 +296,9 @@ class Estimate:
 
 @dataclass(frozen=True)
 class BootstrapSettings:
-    """Percentile bootstrap: `resamples` rows of `numpy.random.default_rng(seed).integers(0,
-    n, size=(resamples, n))`, each a resample of the items; the interval holds the central
-    `level` of the resampled values."""
+    """Nonparametric bootstrap: `resamples` rows of `numpy.random.default_rng(seed).integers(0,
+    n, size=(resamples, n))`, each a resample of the items; each interval covers `level` by
+    the method its estimate names (`reporting.interval_of`)."""
 
     resamples: int
     seed: int
@@ -261,6 +314,7 @@ class CalibrationReport:
     metrics: Mapping[str, Estimate]
     bins: Mapping[str, tuple[ReliabilityBin, ...]]
     histogram: ConfidenceHistogram
+    risk_coverage: RiskCoverageCurve
     bootstrap: BootstrapSettings
 
     def to_dict(self) -> dict[str, Any]:
@@ -271,22 +325,25 @@ class CalibrationReport:
             "metrics": {name: estimate.to_dict() for name, estimate in self.metrics.items()},
             "bins": {binning: [asdict(bin_) for bin_ in bins] for binning, bins in self.bins.items()},
             "histogram": {"edges": list(self.histogram.edges), "counts": list(self.histogram.counts)},
+            "risk_coverage": {"coverage": list(self.risk_coverage.coverage), "risk": list(self.risk_coverage.risk)},
             "bootstrap": asdict(self.bootstrap),
         }
 
 
 @dataclass(frozen=True)
 class PairedDifferences:
-    """For each metric, b − a on the same items, with a paired percentile bootstrap
-    interval: both predictions are scored on the same resamples, so the interval measures
-    the difference's own variability rather than the two metrics' separate ones."""
+    """For each metric, b − a on the same items, with a paired bootstrap interval: both
+    predictions are scored on the same resamples (and, for BCa's acceleration, the same
+    leave-one-out samples), so the interval measures the difference's own variability
+    rather than the two metrics' separate ones. Each metric's interval has the method its
+    report's has: a difference of two biased estimates is biased too."""
 
     n: int
     metrics: Mapping[str, Estimate]
     bootstrap: BootstrapSettings
 
     def to_dict(self) -> dict[str, dict[str, Any]]:
-        """`{metric name: {"value", "interval", "label"[, "estimator"]}}`, the shape a
+        """`{metric name: {"value", "interval", "interval_method", "label"[, "estimator"]}}`, the shape a
         report's "metrics" has and the renderer's differences take."""
         return {name: estimate.to_dict() for name, estimate in self.metrics.items()}
 

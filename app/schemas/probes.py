@@ -63,7 +63,9 @@ class ProbeOut(BaseModel):
     recalibration: str | None
     is_best: bool = Field(description="The best of its run on the validation split.")
     validation: dict[str, Any] = Field(description="Validation metrics the choices were made on.")
-    metrics: dict[str, Any] = Field(description="Held-out test metrics: value and 95% bootstrap interval each.")
+    metrics: dict[str, Any] = Field(
+        description="Held-out test metrics: value, 95% bootstrap interval and its method (`interval_method`) each."
+    )
     created_at: datetime
 
     @classmethod

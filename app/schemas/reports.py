@@ -11,7 +11,7 @@ from typing import Annotated, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
-from app.calibration.values import Binning, Form, Norm
+from app.calibration.values import Binning, Form, IntervalMethod, Norm
 from app.schemas.common import Dtype, Quantization
 
 Interval = Annotated[list[float], Field(min_length=2, max_length=2)]
@@ -37,12 +37,19 @@ class Estimator(StoredReportPart):
 
 
 class Estimate(StoredReportPart):
-    """A metric's value with its percentile bootstrap interval, and what it measures."""
+    """A metric's value with its bootstrap interval and the interval's method, and what it measures."""
 
     value: float | None = Field(description="Null where the metric is undefined (AUROC with one class).")
     interval: Interval | None = Field(
-        description="Percentile bootstrap interval at the report's `bootstrap.level`; "
+        description="Bootstrap interval at the report's `bootstrap.level`, by `interval_method`; "
         "null where the metric is not bootstrapped (smooth ECE) or no resample defined it."
+    )
+    interval_method: IntervalMethod | None = Field(
+        None,
+        description="`percentile`; `bca` (bias-corrected and accelerated) or `basic` (percentiles reflected about "
+        "the value) for the binned calibration errors, whose resamples run above the value "
+        "(docs/concepts.md#reports). Null without an interval; absent from reports stored before intervals "
+        "named their method (all percentile).",
     )
     label: str | None = Field(
         None, description="The metric's definition in words; absent from a comparison's unpaired differences."
@@ -79,9 +86,19 @@ class ConfidenceHistogram(StoredReportPart):
     counts: list[int]
 
 
+class RiskCoverage(StoredReportPart):
+    """The risk–coverage curve: keeping the most confident items first, the expected fraction
+    wrong among the kept (ties in confidence in every order equally likely) at each coverage."""
+
+    coverage: list[float] = Field(
+        description="Fractions of the items kept, from 1/n to 1: every k/n for n ≤ 101, else 101 points."
+    )
+    risk: list[float] = Field(description="The fraction wrong among the kept items at each coverage.")
+
+
 class BootstrapSettings(StoredReportPart):
-    """Percentile bootstrap: `resamples` resamples of the items drawn with `seed`; intervals
-    hold the central `level` of the resampled values."""
+    """Bootstrap: `resamples` resamples of the items drawn with `seed`; each interval covers
+    `level` by its estimate's `interval_method`."""
 
     resamples: int
     seed: int
@@ -94,13 +111,16 @@ class CalibrationReport(StoredReportPart):
     n: int = Field(description="Items reported on.")
     base_rate: float = Field(description="Fraction of the items that are correct.")
     metrics: dict[str, Estimate] = Field(
-        description="By name: accuracy, auroc, auprc, brier, nll, and the calibration errors "
+        description="By name: accuracy, auroc, auprc, aurc, prr, brier, nll, and the calibration errors "
         "(ece and its variants, mce, ace, smooth_ece, debiased_ece)."
     )
     bins: dict[str, list[ReliabilityBin]] = Field(
         description="Reliability bins by binning: `equal_width`, `equal_mass`."
     )
     histogram: ConfidenceHistogram
+    risk_coverage: RiskCoverage | None = Field(
+        None, description="Absent from reports stored before reports had the curve."
+    )
     bootstrap: BootstrapSettings
 
 

@@ -365,9 +365,11 @@ def test_a_recalibrated_probes_pictures_draw_it_before_and_after_its_recalibrati
 
     probe = isotonic_run.probes[0]
     svg = stack.client.get(f"/v1/probes/{probe['id']}/report.svg").text
-    assert re.findall(r'id="(curve-\d+)"', svg) == ["curve-0", "curve-1"]
+    # the probe, the probe before its recalibration, and the model's own P(True)
+    assert re.findall(r'id="(curve-\d+)"', svg) == ["curve-0", "curve-1", "curve-2"]
     html = stack.client.get(f"/v1/probes/{probe['id']}/report.html").text
     assert '<th scope="col">probe before isotonic recalibration</th>' in html
+    assert '<th scope="col">baseline: P(True)</th>' in html
 
 
 def probability_by_the_card(arrays: dict[str, np.ndarray], card: dict[str, Any], h: np.ndarray) -> np.ndarray:

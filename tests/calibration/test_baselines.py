@@ -13,6 +13,7 @@ from app.calibration.reporting import (
     baseline_comparison,
     better_direction,
     calibration_report,
+    paired_differences,
     verdict,
 )
 from app.calibration.values import Estimate
@@ -46,10 +47,15 @@ def test_the_probe_versus_a_baseline_is_probe_minus_baseline_on_the_resamples_of
         assert entries["auroc"]["value"] == pytest.approx(roc_auc_score(y, probe) - roc_auc_score(y, baseline))
         assert entries["brier"]["value"] == pytest.approx(brier_score_loss(y, probe) - brier_score_loss(y, baseline))
         baseline_rows = resampled_metrics(y, baseline, indices)
-        for metric in ("auroc", "brier", "ece"):
+        for metric in ("auroc", "brier"):  # percentile intervals of the paired differences
+            assert entries[metric]["interval_method"] == "percentile"
             assert entries[metric]["interval"] == pytest.approx(
                 list(np.nanpercentile(probe_rows[metric] - baseline_rows[metric], [2.5, 97.5]))
             ), (name, metric)
+        # ECE's difference is bias-corrected, as paired_differences corrects it on the same resamples
+        paired = paired_differences(y, baseline, probe, resamples=300, seed=7).metrics["ece"]
+        assert entries["ece"]["interval_method"] == paired.interval_method in {"bca", "basic"}
+        assert entries["ece"]["interval"] == pytest.approx(list(paired.interval or ()))
         assert entries["smooth_ece"]["interval"] is None
         assert entries["smooth_ece"]["verdict"] == "no clear difference"
         assert entries["ece"]["label"] == calibration_report(y, probe, resamples=0).metrics["ece"].label

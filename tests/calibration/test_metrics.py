@@ -1,6 +1,7 @@
 """Report metrics: each against an independent computation — scikit-learn, hand-worked cases,
 the authors' packages (`relplot` for smooth ECE, Kumar et al.'s `calibration` for the
-binned and debiased ECE) — and the vectorised bootstrap against a slow loop."""
+binned and debiased ECE) — the vectorised bootstrap and jackknife against slow loops, and
+the report's intervals against the resamples they come from."""
 
 import json
 import math
@@ -20,15 +21,19 @@ from sklearn.metrics import (
 
 from app.calibration import bootstrap as metrics
 from app.calibration.binned import ace, confidence_histogram, debiased_ece, ece, mce, reliability_bins
-from app.calibration.bootstrap import resampled_metrics
+from app.calibration.bootstrap import leave_one_out_values, resampled_metrics
+from app.calibration.intervals import bias_corrected_interval
 from app.calibration.reporting import calibration_report, paired_differences
 from app.calibration.scoring import accuracy, auprc, auroc, base_rate, brier, nll
+from app.calibration.selective import aurc, prr
 from app.calibration.smooth import smooth_ece
 
 REPORTED = (
     "accuracy",
     "auroc",
     "auprc",
+    "aurc",
+    "prr",
     "brier",
     "nll",
     "ece",
@@ -41,8 +46,20 @@ REPORTED = (
     "smooth_ece",
     "debiased_ece",
 )
-CALIBRATION_ERRORS = REPORTED[5:]
+CALIBRATION_ERRORS = REPORTED[7:]
 BOOTSTRAPPED = tuple(name for name in REPORTED if name != "smooth_ece")
+# The binned errors whose resamples run above the estimate: BCa falling back to basic, or basic.
+WITH_BCA = ("ece", "ece_equal_mass", "ece_l2", "ece_equal_mass_l2", "ece_max_probability", "ace")
+BIAS_CORRECTED = (*WITH_BCA, "mce")
+PERCENTILE = tuple(name for name in BOOTSTRAPPED if name not in BIAS_CORRECTED)
+BCA_POINT_FUNCTIONS: dict[str, Any] = {
+    "ece": lambda y, p, bins: ece(y, p, bins),
+    "ece_equal_mass": lambda y, p, bins: ece(y, p, bins, "equal_mass"),
+    "ece_l2": lambda y, p, bins: ece(y, p, bins, norm="l2"),
+    "ece_equal_mass_l2": lambda y, p, bins: ece(y, p, bins, "equal_mass", "l2"),
+    "ece_max_probability": lambda y, p, bins: ece(y, p, bins, form="max_probability"),
+    "ace": lambda y, p, bins: ace(y, p, bins),
+}
 
 
 def overconfident(n: int, seed: int, decimals: int | None = 2) -> tuple[np.ndarray, np.ndarray]:
@@ -288,6 +305,8 @@ def slow_metrics(y: np.ndarray, p: np.ndarray) -> dict[str, float]:
         "accuracy": accuracy_score(y, p >= 0.5),
         "auroc": roc_auc_score(y, p),
         "auprc": average_precision_score(y, p),
+        "aurc": aurc(y, p).value,
+        "prr": prr(y, p).value,
         "brier": brier_score_loss(y, p),
         "nll": log_loss(y, p),
         "ece": ece(y, p).value,
@@ -313,13 +332,58 @@ def test_resampled_metrics_equal_a_slow_loop_over_the_same_indices() -> None:
             assert fast[name][row] == pytest.approx(slow[name], rel=1e-9, abs=1e-12), (name, row)
 
 
-def test_report_intervals_are_percentiles_over_default_rng_resamples(monkeypatch: pytest.MonkeyPatch) -> None:
+def slow_leave_one_out(y: np.ndarray, p: np.ndarray, name: str, bins: int = 15) -> np.ndarray:
+    """The metric recomputed without each item in turn."""
+    keep = ~np.eye(len(y), dtype=bool)
+    return np.array([BCA_POINT_FUNCTIONS[name](y[kept], p[kept], bins).value for kept in keep])
+
+
+@pytest.mark.parametrize(("n", "bins"), [(61, 15), (45, 15), (23, 4), (7, 3)])
+def test_leave_one_out_values_equal_the_metrics_recomputed_without_each_item(n: int, bins: int) -> None:
+    # Rounded to one decimal, so many items tie and equal-mass cuts fall inside tie runs;
+    # n mod bins varies, so leaving an item out moves the cuts differently.
+    y, p = overconfident(n, seed=n, decimals=1)
+    fast = leave_one_out_values(y.astype(float), p, bins)
+    assert set(fast) == set(WITH_BCA)
+    for name in WITH_BCA:
+        assert fast[name] == pytest.approx(slow_leave_one_out(y, p, name, bins), rel=1e-9, abs=1e-12), name
+
+
+def test_report_intervals_come_from_default_rng_resamples_by_each_metrics_method(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
     monkeypatch.setattr(metrics, "BOOTSTRAP_BLOCK_ITEMS", 700)  # three resamples per block
     y, p = overconfident(200, seed=14)
     report = calibration_report(y, p, resamples=40, seed=5, level=0.9)
     rows = resampled_metrics(y, p, np.random.default_rng(5).integers(0, 200, size=(40, 200)))
-    for name in BOOTSTRAPPED:
-        assert report.metrics[name].interval == pytest.approx(tuple(np.nanpercentile(rows[name], [5, 95]))), name
+    for name in PERCENTILE:
+        value, (low, high) = report.metrics[name].value, np.nanpercentile(rows[name], [5, 95])
+        assert report.metrics[name].interval == pytest.approx((min(low, value), max(high, value))), name
+        assert report.metrics[name].interval_method == "percentile"
+    for name in BIAS_CORRECTED:
+        estimate = report.metrics[name]
+        left_out = slow_leave_one_out(y, p, name) if name in WITH_BCA else None
+        expected, method = bias_corrected_interval(rows[name], estimate.value, left_out, 0.9, (0.0, 1.0))
+        assert expected is not None, name
+        assert (estimate.interval, estimate.interval_method) == (pytest.approx(expected), method), name
+    assert report.metrics["mce"].interval_method == "basic"
+
+
+def test_resampled_percentile_metrics_fall_about_as_often_below_their_estimate_as_above() -> None:
+    # Why these keep the percentile interval: about half their resamples lie below the
+    # estimate, where nearly all of a binned error's lie above it.
+    below: dict[str, list[float]] = {}
+    for seed in range(4):
+        y, p = overconfident(300, seed=40 + seed)
+        report = calibration_report(y, p, resamples=0)
+        rows = resampled_metrics(y, p, np.random.default_rng(seed).integers(0, 300, size=(400, 300)))
+        for name in (*PERCENTILE, "ece"):
+            value = report.metrics[name].value
+            below.setdefault(name, []).append(float(np.mean(rows[name] < value)))
+    for name in PERCENTILE:
+        if name != "debiased_ece":
+            assert 0.4 < np.mean(below[name]) < 0.6, (name, below[name])
+    assert np.mean(below["ece"]) < 0.25, below["ece"]
 
 
 def test_resamples_with_one_class_give_nan_auroc_and_auprc() -> None:
@@ -353,7 +417,11 @@ def test_the_same_seed_gives_the_same_intervals_and_another_seed_others() -> Non
     first, again, other = (calibration_report(y, p, resamples=200, seed=seed) for seed in (1, 1, 2))
     for name in BOOTSTRAPPED:
         assert first.metrics[name].interval == again.metrics[name].interval
-        assert first.metrics[name].interval != other.metrics[name].interval, name
+        # A bias-corrected interval can be pinned to the metric's floor and its estimate
+        # whatever the seed (here MCE's, whose resamples lie far above the estimate).
+        pinned = (0.0, first.metrics[name].value)
+        if name not in BIAS_CORRECTED or first.metrics[name].interval != pinned:
+            assert first.metrics[name].interval != other.metrics[name].interval, name
 
 
 def test_smooth_ece_is_reported_without_an_interval() -> None:
@@ -369,7 +437,7 @@ def test_paired_differences_of_identical_predictions_are_exactly_zero() -> None:
         assert difference.interval == ((0.0, 0.0) if name in BOOTSTRAPPED else None), name
 
 
-def test_paired_differences_are_b_minus_a_on_the_same_resamples() -> None:
+def test_paired_differences_are_b_minus_a_on_the_same_resamples_by_the_metrics_own_method() -> None:
     y, p_a = overconfident(300, seed=20)
     p_b = np.clip(p_a + np.random.default_rng(1).normal(0.0, 0.1, len(p_a)), 0.0, 1.0)
     differences = paired_differences(y, p_a, p_b, resamples=100, seed=4)
@@ -379,10 +447,17 @@ def test_paired_differences_are_b_minus_a_on_the_same_resamples() -> None:
     for name in BOOTSTRAPPED:
         value_a, value_b = report_a.metrics[name].value, report_b.metrics[name].value
         assert value_a is not None and value_b is not None, name
-        assert differences.metrics[name].value == pytest.approx(value_b - value_a)
-        assert differences.metrics[name].interval == pytest.approx(
-            tuple(np.nanpercentile(rows_b[name] - rows_a[name], [2.5, 97.5]))
-        )
+        difference = differences.metrics[name]
+        assert difference.value == pytest.approx(value_b - value_a)
+        rows = rows_b[name] - rows_a[name]
+        if name in PERCENTILE:
+            low, high = np.nanpercentile(rows, [2.5, 97.5])
+            percentile = (min(low, value_b - value_a), max(high, value_b - value_a))
+            assert (difference.interval, difference.interval_method) == (pytest.approx(percentile), "percentile"), name
+        else:
+            left_out = slow_leave_one_out(y, p_b, name) - slow_leave_one_out(y, p_a, name) if name in WITH_BCA else None
+            corrected, method = bias_corrected_interval(rows, value_b - value_a, left_out, 0.95, (-1.0, 1.0))
+            assert (difference.interval, difference.interval_method) == (pytest.approx(corrected), method), name
 
 
 # --- The report's JSON -------------------------------------------------------------------------
@@ -393,15 +468,19 @@ def test_report_dict_has_the_documented_shape_and_plain_json_values() -> None:
     shape = calibration_report(y, p, resamples=100, seed=7).to_dict()
     decoded = json.loads(json.dumps(shape, allow_nan=False))
     assert decoded == shape
-    assert set(shape) == {"n", "base_rate", "metrics", "bins", "histogram", "bootstrap"}
+    assert set(shape) == {"n", "base_rate", "metrics", "bins", "histogram", "risk_coverage", "bootstrap"}
     assert (shape["n"], shape["bootstrap"]) == (300, {"resamples": 100, "seed": 7, "level": 0.95})
     assert list(shape["metrics"]) == list(REPORTED)
     for name, entry in shape["metrics"].items():
         assert set(entry) == (
-            {"value", "interval", "label", "estimator"}
+            {"value", "interval", "interval_method", "label", "estimator"}
             if name in CALIBRATION_ERRORS
-            else {"value", "interval", "label"}
+            else {"value", "interval", "interval_method", "label"}
         ), name
+    assert {name: entry["interval_method"] for name, entry in shape["metrics"].items()} == {
+        name: "percentile" for name in PERCENTILE
+    } | {name: shape["metrics"][name]["interval_method"] for name in WITH_BCA} | {"mce": "basic", "smooth_ece": None}
+    assert all(shape["metrics"][name]["interval_method"] in ("bca", "basic") for name in WITH_BCA)
     assert shape["metrics"]["ece"]["estimator"] == {
         "name": "ece",
         "bins": 15,
@@ -412,12 +491,22 @@ def test_report_dict_has_the_documented_shape_and_plain_json_values() -> None:
     assert len(shape["bins"]["equal_width"]) == 15 and len(shape["bins"]["equal_mass"]) == 15
     assert set(shape["bins"]["equal_width"][0]) == {"lower", "upper", "count", "mean_confidence", "accuracy"}
     assert len(shape["histogram"]["edges"]) == 16 and len(shape["histogram"]["counts"]) == 15
+    curve = shape["risk_coverage"]
+    assert set(curve) == {"coverage", "risk"} and len(curve["coverage"]) == len(curve["risk"]) == 101
+    assert (curve["coverage"][0], curve["coverage"][-1]) == (1 / 300, 1.0)
 
 
 def test_report_of_one_class_has_null_auroc_and_stays_valid_json() -> None:
     shape = calibration_report([1] * 50, np.linspace(0.1, 0.9, 50), resamples=20).to_dict()
     json.dumps(shape, allow_nan=False)
-    assert shape["metrics"]["auroc"] == {"value": None, "interval": None, "label": "AUROC (ties count half)"}
+    assert shape["metrics"]["auroc"] == {
+        "value": None,
+        "interval": None,
+        "interval_method": None,
+        "label": "AUROC (ties count half)",
+    }
+    assert (shape["metrics"]["prr"]["value"], shape["metrics"]["prr"]["interval"]) == (None, None)
+    assert shape["risk_coverage"]["risk"] == [0.0] * 50
     assert any(bin_["mean_confidence"] is None for bin_ in shape["bins"]["equal_width"])
 
 

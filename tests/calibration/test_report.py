@@ -1,8 +1,9 @@
-"""Report rendering: the reliability diagram as SVG and PNG, and the self-contained HTML page.
+"""Report rendering: the reliability diagram, histogram and risk–coverage curve as SVG and
+PNG, and the self-contained HTML page.
 
 Reports are built here, from synthetic bins or synthetic predictions, so these tests do
 not depend on the metrics module. `python -m tests.calibration.test_report` rewrites
-`docs/report-example.png` from the realistic comparison below.
+`docs/report-example.png` from the service's reports of the realistic comparison's predictions.
 """
 
 import io
@@ -77,6 +78,11 @@ ADAPTER = report_from_bins(
         "ece": {"value": 0.098, "interval": [0.074, 0.121], "label": ECE_LABEL, "estimator": ECE_ESTIMATOR},
     },
 )
+# The base has a risk–coverage curve; the adapter's report is one stored before reports had them.
+BASE["risk_coverage"] = {"coverage": [0.25, 0.5, 0.75, 1.0], "risk": [0.0, 0.1, 0.15, 0.188]}
+BASE["metrics"]["aurc"] = {"value": 0.09, "interval": [0.07, 0.11], "label": "AURC", "interval_method": "percentile"}
+BASE["metrics"]["ece"] |= {"interval_method": "bca"}
+ADAPTER["metrics"]["ece"] |= {"interval_method": "basic"}
 TWO_REPORTS = [("base", BASE), ("adapter sft-v1", ADAPTER)]
 DIFFERENCES: dict[str, dict[str, dict[str, Any]]] = {
     "adapter sft-v1": {
@@ -113,6 +119,12 @@ def bootstrap_estimate(
     return {"value": float(statistic(confidences, outcomes)), "interval": [float(lower), float(upper)], "label": label}
 
 
+def risks_kept(confidences: np.ndarray, outcomes: np.ndarray) -> np.ndarray:
+    """Fraction wrong among the k most confident, for k = 1 … n (no tied confidences here)."""
+    wrong = 1.0 - outcomes[np.argsort(-confidences)]
+    return np.cumsum(wrong) / np.arange(1, len(wrong) + 1)
+
+
 def equal_width_ece(confidences: np.ndarray, outcomes: np.ndarray) -> float:
     bins = np.minimum((confidences * BINS).astype(int), BINS - 1)
     counts = np.bincount(bins, minlength=BINS)
@@ -137,6 +149,8 @@ def report_from_predictions(confidences: np.ndarray, outcomes: np.ndarray, seed:
         for index in range(BINS)
     ]
     ece = bootstrap_estimate(equal_width_ece, confidences, outcomes, ECE_LABEL, rng) | {"estimator": ECE_ESTIMATOR}
+    kept = np.unique(np.ceil(np.linspace(0.0, 1.0, 101)[1:] * len(confidences)).astype(int))
+    risks = risks_kept(confidences, outcomes)
     return {
         "n": len(confidences),
         "base_rate": float(outcomes.mean()),
@@ -144,31 +158,41 @@ def report_from_predictions(confidences: np.ndarray, outcomes: np.ndarray, seed:
             "accuracy": bootstrap_estimate(
                 lambda c, y: ((c >= 0.5) == y).mean(), confidences, outcomes, "Accuracy (threshold 0.5)", rng
             ),
+            "aurc": bootstrap_estimate(
+                lambda c, y: risks_kept(c, y).mean(), confidences, outcomes, "AURC (lower is better)", rng
+            ),
             "brier": bootstrap_estimate(lambda c, y: ((c - y) ** 2).mean(), confidences, outcomes, "Brier score", rng),
             "ece": ece,
         },
         "bins": {"equal_width": equal_width, "equal_mass": []},
         "histogram": {"edges": [index / BINS for index in range(BINS + 1)], "counts": counts.tolist()},
+        "risk_coverage": {
+            "coverage": [1 / len(confidences), *(kept / len(confidences)).tolist()],
+            "risk": [float(risks[0]), *risks[kept - 1].tolist()],
+        },
         "bootstrap": {"resamples": 200, "seed": seed, "level": 0.95},
     }
 
 
-def simulated_report(seed: int, sharpness: float, shift: float, items: int = 300) -> dict[str, Any]:
-    """Probe confidences from two humps (likely wrong, likely right); the truth is the
-    confidence's logit scaled by `sharpness` (< 1: overconfident) and moved by `shift`."""
+def simulated_predictions(seed: int, sharpness: float, shift: float, items: int = 300) -> tuple[np.ndarray, np.ndarray]:
+    """Probe confidences from two humps (likely wrong, likely right), and outcomes whose
+    truth is the confidence's logit scaled by `sharpness` (< 1: overconfident) and moved by
+    `shift`."""
     rng = np.random.default_rng(seed)
     right = rng.random(items) < 0.6
     confidences = np.where(right, rng.beta(5, 1.6, items), rng.beta(1.8, 4, items)).clip(1e-3, 1 - 1e-3)
     logits = np.log(confidences / (1 - confidences))
     outcomes = (rng.random(items) < 1 / (1 + np.exp(-(sharpness * logits + shift)))).astype(float)
-    return report_from_predictions(confidences, outcomes, seed)
+    return confidences, outcomes
+
+
+SIMULATED = {"base": (1, 0.75, 0.0), "adapter sft-v1": (2, 0.5, -0.3), "adapter dpo-v2": (3, 0.95, 0.1)}
 
 
 def realistic_comparison() -> list[tuple[str, dict[str, Any]]]:
     return [
-        ("base", simulated_report(seed=1, sharpness=0.75, shift=0.0)),
-        ("adapter sft-v1", simulated_report(seed=2, sharpness=0.5, shift=-0.3)),
-        ("adapter dpo-v2", simulated_report(seed=3, sharpness=0.95, shift=0.1)),
+        (label, report_from_predictions(*simulated_predictions(seed, sharpness, shift), seed))
+        for label, (seed, sharpness, shift) in SIMULATED.items()
     ]
 
 
@@ -205,6 +229,36 @@ def test_legend_gives_each_report_its_ece_and_interval() -> None:
         "base — ECE 0.052 [0.031, 0.071]",
         "adapter sft-v1 — ECE 0.098 [0.074, 0.121]",
     ]
+
+
+def test_risk_coverage_panel_draws_each_reports_curve_and_its_error_rate_dashed() -> None:
+    axes = reliability_figure(TWO_REPORTS).axes[2]
+    lines = {line.get_gid(): line for line in axes.get_lines() if line.get_gid()}
+    assert set(lines) == {"risk-coverage-0", "risk-random-0"}  # the adapter's stored report has no curve
+    assert np.asarray(lines["risk-coverage-0"].get_xdata()).tolist() == [0.25, 0.5, 0.75, 1.0]
+    assert np.asarray(lines["risk-coverage-0"].get_ydata()).tolist() == [0.0, 0.1, 0.15, 0.188]
+    assert np.asarray(lines["risk-random-0"].get_ydata()).tolist() == pytest.approx([1.0 - BASE["base_rate"]] * 2)
+    assert lines["risk-random-0"].get_linestyle() == "--"
+
+
+def test_risk_coverage_key_gives_each_curve_its_aurc_and_names_the_dashed_level() -> None:
+    legend = reliability_figure(TWO_REPORTS).axes[2].get_legend()
+    assert legend is not None
+    assert [text.get_text() for text in legend.get_texts()] == [
+        "AURC 0.090 [0.070, 0.110]",
+        "random order: the error rate",
+    ]
+
+
+def test_reports_stored_before_risk_coverage_curves_leave_the_panel_with_a_note() -> None:
+    axes = reliability_figure([("adapter sft-v1", ADAPTER)]).axes[2]
+    assert not axes.get_lines()
+    assert [text.get_text() for text in axes.texts] == ["no risk–coverage curve in these reports"]
+
+
+def test_svg_names_each_risk_coverage_curve() -> None:
+    svg = render_svg(realistic_comparison())
+    assert re.findall(r'id="(risk-coverage-\d+)"', svg) == ["risk-coverage-0", "risk-coverage-1", "risk-coverage-2"]
 
 
 def test_png_starts_with_the_png_signature() -> None:
@@ -345,6 +399,17 @@ def test_caption_states_the_bootstrap_behind_the_intervals(page: str) -> None:
     assert "(95%, 1000 resamples, seed 0)" in page
 
 
+def test_intervals_other_than_percentile_ones_are_marked_and_the_caption_says_how(page: str) -> None:
+    assert table_cells(page, "ece")[1:3] == ["0.052 [0.031, 0.071] †", "0.098 [0.074, 0.121] ‡"]
+    assert table_cells(page, "accuracy")[1] == "0.812 [0.776, 0.845]"
+    assert "† BCa (bias-corrected and accelerated percentiles); ‡ basic (percentiles reflected about the value)" in page
+
+
+def test_a_page_of_percentile_intervals_only_explains_no_marks() -> None:
+    page = render_html("p", [("base", BASE | {"metrics": {"accuracy": BASE["metrics"]["accuracy"]}})])
+    assert "except where marked" not in page and "†" not in page
+
+
 def test_notes_appear_below_the_table(page: str) -> None:
     assert "<li>layer 16, last token</li>" in page
 
@@ -414,6 +479,7 @@ def test_page_renders_its_table_and_diagram_in_headless_chromium(tmp_path: Path)
         "n",
         "base_rate",
         "accuracy",
+        "aurc",
         "brier",
         "ece",
     ]
@@ -423,4 +489,11 @@ def test_page_renders_its_table_and_diagram_in_headless_chromium(tmp_path: Path)
 
 
 if __name__ == "__main__":
-    (ROOT / "docs" / "report-example.png").write_bytes(render_png(realistic_comparison()))
+    # The picture in the docs shows the service's own reports of the same predictions.
+    from app.calibration.reporting import calibration_report
+
+    service_reports = []
+    for label, (seed, sharpness, shift) in SIMULATED.items():
+        confidences, outcomes = simulated_predictions(seed, sharpness, shift)
+        service_reports.append((label, calibration_report(outcomes, confidences).to_dict()))
+    (ROOT / "docs" / "report-example.png").write_bytes(render_png(service_reports))

@@ -144,7 +144,13 @@ def test_probes_report_writes_the_html_and_opens_it_on_request(
     result = confprobe("probes", "report", probe.id, "--out", str(out), "--open")
     assert result.exit_code == 0, result.output
     assert 'id="metrics"' in out.read_text() and opened == [out.resolve().as_uri()]
-    assert result.stdout.splitlines()[0].split() == ["METRIC", "VALUE", "95%", "INTERVAL"]
+    header, *rows = result.stdout.splitlines()
+    assert header.split() == ["METRIC", "VALUE", "95%", "INTERVAL", "METHOD"]
+    methods = {row.split()[0]: row.split()[-1] for row in rows if row.strip() and not row.startswith("report:")}
+    assert (methods["auroc"], methods["aurc"], methods["mce"], methods["smooth_ece"]) == ("percentile",) * 2 + (
+        "basic",
+        "-",
+    )
 
 
 @pytest.mark.parametrize("stack", ["sqlite"], indirect=True)
