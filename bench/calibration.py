@@ -19,6 +19,11 @@ real data give, and no prediction where log-loss clipping conventions differ).
   `accuracy_score` and a 15-bin equal-width ECE by `numpy.bincount`. The loop is timed on
   its first LOOP_RESAMPLES resamples and scaled linearly to 1,000 (each resample costs the
   same); its values are checked against the vectorised ones for those resamples.
+- `transfer_matrix_s`: `workers.transfer_matrix.transfer_matrix` for 4 training × 4 test sets
+  of 2,000 texts each, states at 4 layers of width 576 (SmolLM2's) already in memory as the
+  job has them once read from the cache: a logistic probe per set and layer (its strength
+  searched on validation), the layer chosen on validation, and every cell's full report with
+  1,000 bootstrap resamples. Target: under 30 s.
 - `probe_fit_s`: `workers.probes.fit_logistic_probe` (standardisation and its strength
   search on the validation split) on 8,000 training and 2,000 validation rows of 4,096
   Gaussian features whose labels follow a planted direction. If that module cannot be
@@ -59,6 +64,7 @@ LOOP_RESAMPLES = 50
 BINS = 15
 PROBE_ROWS, PROBE_FEATURES, PROBE_VALIDATION_ROWS = 10_000, 4096, 2000
 FALLBACK_C_GRID = np.logspace(-4, 2, 7)
+TRANSFER_SETS, TRANSFER_TEXTS, TRANSFER_LAYERS, TRANSFER_HIDDEN = 4, 2000, 4, 576
 
 
 def predictions(n: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
@@ -134,6 +140,36 @@ def time_probe_fit() -> tuple[float, str]:
     return seconds(lambda: fit(x[train], y[train], x[validation], y[validation])), implementation
 
 
+def time_transfer_matrix() -> float:
+    from workers.transfer_matrix import LabelledStates, transfer_matrix
+
+    rng = np.random.default_rng(11)
+    direction = rng.normal(size=TRANSFER_HIDDEN)
+    sets = []
+    for number in range(TRANSFER_SETS):
+        y = rng.integers(0, 2, TRANSFER_TEXTS)
+        states = rng.normal(size=(TRANSFER_TEXTS, TRANSFER_LAYERS, TRANSFER_HIDDEN)).astype(np.float32)
+        # each set shares the truth direction, more strongly at deeper layers, plus a direction of its own
+        own = rng.normal(size=TRANSFER_HIDDEN)
+        for slot in range(TRANSFER_LAYERS):
+            states[:, slot] += np.outer(2 * y - 1, 0.02 * (slot + 1) * direction + 0.05 * own).astype(np.float32)
+        sets.append(LabelledStates(f"set-{number}", f"set {number}", y, states))
+    ids = [labelled.dataset_id for labelled in sets]
+    return seconds(
+        lambda: transfer_matrix(
+            sets,
+            ids,
+            ids,
+            list(range(TRANSFER_LAYERS)),
+            "logistic",
+            union=False,
+            fractions=(0.6, 0.2, 0.2),
+            seed=0,
+            resamples=RESAMPLES,
+        )
+    )
+
+
 def main() -> None:
     calibration_report(*predictions(2000, seed=9), resamples=20)  # first calls pay for imports and caches
 
@@ -147,6 +183,7 @@ def main() -> None:
     loop_s = loop_subset_s * RESAMPLES / LOOP_RESAMPLES
 
     probe_s, probe_implementation = time_probe_fit()
+    transfer_s = time_transfer_matrix()
 
     figures = {
         "cpu_cores": os.cpu_count(),
@@ -165,6 +202,8 @@ def main() -> None:
         "probe_features": PROBE_FEATURES,
         "probe_fit_s": round(probe_s, 2),
         "probe_fit_impl": probe_implementation,
+        "transfer_matrix": f"{TRANSFER_SETS}x{TRANSFER_SETS} sets of {TRANSFER_TEXTS} texts, {TRANSFER_LAYERS} layers",
+        "transfer_matrix_s": round(transfer_s, 2),
     }
     print(json.dumps(figures))
 

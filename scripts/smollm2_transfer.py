@@ -94,7 +94,7 @@ def measure(url: str, args: argparse.Namespace) -> dict[str, Any]:
 
 def print_tables(results: dict[str, Any]) -> None:
     matrix = results["transfer"]["matrix"]
-    names = [column["label"] for column in matrix["columns"]]
+    names = [short(column["label"]) for column in matrix["columns"]]
     print("Transfer matrix: test AUROC [95% interval] of the probe trained on the row's set (its layer)\n")
     print("| trained on ↓ / scored on → | " + " | ".join(names) + " |")
     print("|---|" + "---|" * len(names))
@@ -105,7 +105,7 @@ def print_tables(results: dict[str, Any]) -> None:
             else interval_cell(cell["metrics"]["auroc"])
             for cell, column in zip(cells, matrix["columns"], strict=True)
         )
-        print(f"| {row['label']} (layer {row['layer']}) | {values} |")
+        print(f"| {short(row['label'])} (layer {row['layer']}) | {values} |")
     print("\nThe cities probe against P(True)\n")
     print("| scored on | n | probe AUROC | P(True) AUROC | probe ECE | P(True) ECE | AUROC: probe − P(True) |")
     print("|---|---|---|---|---|---|---|")
