@@ -17,7 +17,8 @@ the `raw` prompt format, last token. The transfer matrix trains a logistic probe
 its train split (60/20/20, seed 0) at layers 9, 12, …, 21 (the layer chosen on the set's
 validation split) and scores it on every set — a set's own on its test split only. The
 cities probe is one probe run at the same layers; its evaluations score it on every row of
-the other two sets. P(True) is the model asked whether each statement is true
+the other two sets. A last row trains one probe on the union of cities and neg_cities
+(their train splits together) and scores it on every set. P(True) is the model asked whether each statement is true
 (docs/concepts.md#baselines), scored with the same metrics on the same rows.
 """
 
@@ -66,6 +67,12 @@ def measure(url: str, args: argparse.Namespace) -> dict[str, Any]:
         if args.png:
             args.png.write_bytes(client.get(f"/v1/transfers/{transfer['id']}/matrix.png").raise_for_status().content)
 
+        log("one probe on cities and neg_cities together")
+        union_body = body | {"train": [datasets[CITIES]["id"], datasets[NEG_CITIES]["id"]], "union": True}
+        created = client.post("/v1/transfers", json=union_body).raise_for_status().json()
+        wait(client, created["job"]["id"], log)
+        union = client.get(f"/v1/transfers/{created['transfer']['id']}").raise_for_status().json()
+
         log("the cities probe run")
         probe_body = {"model": model["id"], "dataset": datasets[CITIES]["id"], "layers": LAYERS, "seed": 0}
         job = wait(client, client.post("/v1/probes", json=probe_body).raise_for_status().json()["job"]["id"], log)
@@ -87,6 +94,7 @@ def measure(url: str, args: argparse.Namespace) -> dict[str, Any]:
         "rows_per_set": args.rows,
         "layers": LAYERS,
         "transfer": transfer,
+        "union": union,
         "cities_probe": {"id": best_id, "layer": own["probe"]["layer"], "report": own},
         "evaluations": evaluations,
     }
@@ -106,6 +114,12 @@ def print_tables(results: dict[str, Any]) -> None:
             for cell, column in zip(cells, matrix["columns"], strict=True)
         )
         print(f"| {short(row['label'])} (layer {row['layer']}) | {values} |")
+    if "union" in results:
+        union = results["union"]["matrix"]
+        row, cells = union["rows"][0], union["cells"][0]
+        label = " + ".join(short(name) for name in row["label"].split(" + "))
+        values = " | ".join(interval_cell(cell["metrics"]["auroc"]) for cell in cells)
+        print(f"| {label} (layer {row['layer']}) | {values} |")
     print("\nThe cities probe against P(True)\n")
     print("| scored on | n | probe AUROC | P(True) AUROC | probe ECE | P(True) ECE | AUROC: probe − P(True) |")
     print("|---|---|---|---|---|---|---|")

@@ -11,7 +11,7 @@ whether the statement is true (`true_false_question`), P(True) against P(False).
 """
 
 import inspect
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -117,6 +117,7 @@ def self_label(
     token_budget: int,
     max_batch_size: int,
     prompt_format: str = RAW,
+    progress: Callable[[int], None] = lambda done: None,
 ) -> SelfLabels:
     if not loaded.is_causal_lm:
         raise JobFailed(
@@ -130,6 +131,7 @@ def self_label(
     letters = {count: letter_token_ids(loaded.tokenizer, count, prompt_format) for count in counts}
     chosen = np.zeros(len(rows), dtype=np.int64)
     baselines = {name: np.zeros(len(rows), dtype=np.float64) for name in CHOICE_BASELINES}
+    done = 0
     for indices in plan_batches([len(ids) for ids in token_ids], token_budget, max_batch_size):
         logits = _answer_logits(loaded, [token_ids[i] for i in indices], device)
         for row_logits, index in zip(logits, indices, strict=True):
@@ -138,6 +140,8 @@ def self_label(
             confidences = choice_baselines(torch.softmax(choice_logits.double(), dim=0).numpy())
             for name, value in confidences.items():
                 baselines[name][index] = value
+        done += len(indices)
+        progress(done)
     gold = np.array([row["answer"] for row in rows])
     return SelfLabels(chosen=chosen, labels=(chosen == gold).astype(np.int64), baselines=baselines)
 
@@ -158,6 +162,7 @@ def p_true(
     token_budget: int,
     max_batch_size: int,
     prompt_format: str = RAW,
+    progress: Callable[[int], None] = lambda done: None,
 ) -> np.ndarray:
     """The model's P(True) for each statement asked as a true-or-false question
     (`true_false_prompts`): P(True) / (P(True) + P(False)) from the next-token logits at the
@@ -172,8 +177,11 @@ def p_true(
     encoded = loaded.tokenizer(prompts.strings, add_special_tokens=prompts.add_special_tokens)["input_ids"]
     token_ids = [list(ids) for ids in encoded]
     confidence = np.zeros(len(token_ids), dtype=np.float64)
+    done = 0
     for indices in plan_batches([len(ids) for ids in token_ids], token_budget, max_batch_size):
         logits = _answer_logits(loaded, [token_ids[i] for i in indices], device)
         answers = torch.softmax(logits[:, [false_id, true_id]].double(), dim=1)
         confidence[indices] = answers[:, 1].numpy()
+        done += len(indices)
+        progress(done)
     return confidence

@@ -73,6 +73,7 @@ def labels_for(
             token_budget=worker.settings.extraction_token_budget,
             max_batch_size=worker.settings.extraction_max_batch_size,
             prompt_format=prompt_format,
+            progress=lambda done: context.progress("labelling", done, len(rows)),
         )
     context.progress("labelling", len(rows), len(rows))
     return Labels(y=labelled.labels, baselines=labelled.baselines, chosen=labelled.chosen)
@@ -97,6 +98,7 @@ def _statement_baselines(
                 token_budget=worker.settings.extraction_token_budget,
                 max_batch_size=worker.settings.extraction_max_batch_size,
                 prompt_format=prompt_format,
+                progress=lambda done: context.progress("baselines", done, len(rows)),
             )
         except JobFailed as failure:
             if failure.code != "unsupported_model":  # the answers' tokens not found: no P(True) to report

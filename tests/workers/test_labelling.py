@@ -37,7 +37,9 @@ def mmlu_rows() -> list[dict[str, Any]]:
 def test_the_chosen_letter_is_the_argmax_of_a_direct_forward_pass(
     loaded: LoadedModel, mmlu_rows: list[dict[str, Any]]
 ) -> None:
-    labels = self_label(loaded, mmlu_rows, device="cpu", token_budget=2048, max_batch_size=8)
+    done: list[int] = []
+    labels = self_label(loaded, mmlu_rows, device="cpu", token_budget=2048, max_batch_size=8, progress=done.append)
+    assert done == sorted(done) and done[-1] == len(mmlu_rows)  # progress after every batch
     for index, row in enumerate(mmlu_rows):
         prompt = format_multiple_choice(row["question"], row["choices"])
         with torch.inference_mode():
@@ -182,7 +184,9 @@ STATEMENTS = [
 def test_p_true_renormalises_the_next_token_probabilities_of_true_and_false_after_the_question(
     loaded: LoadedModel,
 ) -> None:
-    confidences = p_true(loaded, STATEMENTS, device="cpu", token_budget=2048, max_batch_size=2)
+    done: list[int] = []
+    confidences = p_true(loaded, STATEMENTS, device="cpu", token_budget=2048, max_batch_size=2, progress=done.append)
+    assert done == sorted(done) and done[-1] == len(STATEMENTS) and len(done) == -(-len(STATEMENTS) // 2)
     tokenizer = loaded.tokenizer
     for statement, confidence in zip(STATEMENTS, confidences, strict=True):
         prompt = f"{statement}\nIs this statement true or false?\nAnswer:"
