@@ -100,6 +100,24 @@ def measure(url: str, args: argparse.Namespace) -> dict[str, Any]:
     }
 
 
+KEPT_METRICS = ("accuracy", "auroc", "aurc", "prr", "brier", "ece")
+
+
+def slim(value: Any) -> Any:
+    """The results without what the tables do not read: reliability bins, histograms and
+    risk-coverage curves, and of each metric table only `KEPT_METRICS`."""
+    if isinstance(value, list):
+        return [slim(item) for item in value]
+    if not isinstance(value, dict):
+        return value
+    kept = {key: item for key, item in value.items() if key not in {"bins", "histogram", "risk_coverage"}}
+    if "metrics" in kept and isinstance(kept["metrics"], dict):
+        kept["metrics"] = {name: kept["metrics"][name] for name in KEPT_METRICS if name in kept["metrics"]}
+    if set(kept) >= {"auroc", "ece"} and all(isinstance(item, dict) and "value" in item for item in kept.values()):
+        kept = {name: kept[name] for name in KEPT_METRICS if name in kept}  # a versus_baselines table
+    return {key: slim(item) for key, item in kept.items()}
+
+
 def print_tables(results: dict[str, Any]) -> None:
     matrix = results["transfer"]["matrix"]
     names = [short(column["label"]) for column in matrix["columns"]]
@@ -153,7 +171,7 @@ def main() -> None:
     with embedded_service(args.serve) if args.serve else nullcontext(args.url) as url:
         results = measure(url, args)
     if args.results:
-        args.results.write_text(json.dumps(results, indent=1) + "\n")
+        args.results.write_text(json.dumps(slim(results), indent=1) + "\n")
     print_tables(results)
     sys.stdout.flush()
 

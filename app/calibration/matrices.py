@@ -45,7 +45,8 @@ def heatmap_figure(matrix: Matrix, title: str) -> Figure:
         dtype=float,
     )
     width = 2.0 + 1.6 * len(columns) + 0.06 * max(len(row_label(row)) for row in rows)
-    figure = Figure(figsize=(max(width, 6.0), 1.6 + 0.9 * len(rows)), layout="constrained")
+    # a row or two still gets room for the column labels and a readable colour bar
+    figure = Figure(figsize=(max(width, 6.0), max(3.6, 1.8 + 0.9 * len(rows))), layout="constrained")
     axes = figure.subplots()
     image = axes.imshow(np.ma.masked_invalid(values), cmap="RdBu_r", vmin=0.0, vmax=1.0, aspect="auto")
     for i, row in enumerate(matrix["cells"]):
@@ -60,7 +61,7 @@ def heatmap_figure(matrix: Matrix, title: str) -> Figure:
     axes.set_xlabel("scored on")
     axes.set_ylabel("trained on")
     axes.set_title(title, fontsize=11)
-    figure.colorbar(image, ax=axes, label="AUROC (0.5: chance)", shrink=0.8)
+    figure.colorbar(image, ax=axes, label="AUROC (0.5: chance)")
     return figure
 
 
@@ -90,9 +91,9 @@ def metric_table(matrix: Matrix, name: str, heading: str) -> str:
     )
     label = next((cell["metrics"][name].get("label") for cells in matrix["cells"] for cell in cells), None) or heading
     return (
-        f'<h2>{html.escape(heading)}</h2><table id="{name}"><thead><tr><th scope="col">trained on ↓ / scored on →</th>'
+        f'<h2>{html.escape(heading)}</h2><div class="scrolls"><table id="{name}"><thead><tr><th scope="col">trained on ↓ / scored on →</th>'
         f"{header}</tr></thead><tbody>{body}</tbody><caption>{html.escape(label)}; 95% bootstrap intervals"
-        "</caption></table>"
+        "</caption></table></div>"
     )
 
 
