@@ -21,6 +21,7 @@ looked at; anything else in a shared bucket is left alone.
 is the part for every other machine."""
 
 import logging
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 from typing import Any
@@ -161,6 +162,45 @@ def sweep(sessions: sessionmaker[Session], store: ArtifactStore, grace_s: float,
         )
     remove_local_leftovers(store, report)
     return report
+
+
+def remove_unreferenced(
+    sessions: sessionmaker[Session], store: ArtifactStore, keys: Iterable[str] = (), folders: Iterable[str] = ()
+) -> list[str]:
+    """Remove the objects `keys` and everything under `folders` that no registry row refers
+    to, as a sweep would, and say what went (a folder removed whole ends in `/`): the safe
+    path for what a deletion let go, called once its rows are committed. Artifacts can be
+    shared (an adapter's files by adapters of the same weights on other bases, a cache shard
+    by other spaces), so each is checked against the registry, not assumed to be free. No
+    grace period: a folder named by a deleted row's id cannot be claimed again, and what
+    is named by content (a dataset, an adapter, a shard) is kept if a row refers to it at
+    the moment of the check. Rows go first, so a removal that fails half-way leaves orphans
+    for the next sweep, never a row without its files."""
+    with sessions() as session:
+        files, referenced_folders = referenced(session)
+    removed: list[str] = []
+    for key in keys:
+        if key not in files and not key.startswith(referenced_folders):
+            store.delete(key)
+            removed.append(key)
+    for folder in folders:
+        prefix = f"{folder.rstrip('/')}/"
+        if prefix.startswith(referenced_folders):
+            continue  # inside (or the same as) a folder a row refers to
+        if not any(key.startswith(prefix) for key in files) and not any(
+            inner.startswith(prefix) for inner in referenced_folders
+        ):
+            store.delete_prefix(folder)
+            removed.append(prefix)
+            continue
+        for stored in list(store.iter_objects(folder)):
+            # a temporary may be a live writer's, in a folder others still use: the sweep's to judge
+            if not stored.partial and stored.key not in files and not stored.key.startswith(referenced_folders):
+                store.delete(stored.key)
+                removed.append(stored.key)
+    if removed:
+        log.info("removed %d deleted artifacts", len(removed))
+    return removed
 
 
 def sweep_local(

@@ -28,7 +28,7 @@ from app.api import (
 from app.api import metrics as metrics_api
 from app.errors import install_error_handlers
 from app.limits import BodySizeLimit, RefuseNulCharacters
-from app.monitoring import DeploymentCollector, RequestMetrics
+from app.monitoring import DeploymentCollector, RequestMetrics, StorageUsage
 from app.registry.database import create_registry_engine, session_factory
 from app.settings import Settings, get_settings
 from app.storage import open_store
@@ -55,7 +55,10 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         app.state.artifacts = open_store(settings)
         app.state.async_redis = broker.connect_async(settings)
         app.state.metrics = metrics
-        collector = DeploymentCollector(app.state.sessions, app.state.redis, settings)
+        storage = StorageUsage(
+            app.state.artifacts, settings.storage_metrics_ttl_s, settings.storage_metrics_max_objects
+        )
+        collector = DeploymentCollector(app.state.sessions, app.state.redis, settings, storage)
         metrics.register(collector)
         try:
             yield

@@ -4,10 +4,16 @@ Most figures belong to the whole deployment, not to one gateway, so they are rea
 they live at scrape time: jobs by kind and status from the registry, queue depths and
 worker memory from Redis, and job durations from a histogram the workers keep in Redis
 (bucket counters they increment as jobs finish). Only HTTP request figures are this
-gateway process's own. Any gateway answers for the deployment."""
+gateway process's own. Any gateway answers for the deployment. Storage use per top-level
+folder of the artifact store is listed from the store itself, at most once every
+STORAGE_METRICS_TTL_S and at most STORAGE_METRICS_MAX_OBJECTS objects a folder
+(`StorageUsage`), so a scrape stays cheap on a bucket of millions of objects."""
 
+import itertools
+import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
 from typing import Any
 
 import redis
@@ -19,8 +25,10 @@ from sqlalchemy import func, select
 from sqlalchemy.orm import Session, sessionmaker
 
 from app import broker
+from app.janitor import SERVICE_FOLDERS
 from app.registry.tables import Job
 from app.settings import Settings
+from app.storage import ArtifactStore, StoreUnavailable
 
 DURATION_BUCKETS = (0.1, 0.5, 1.0, 5.0, 15.0, 60.0, 300.0, 1800.0, 7200.0, float("inf"))
 
@@ -38,9 +46,61 @@ def record_job_duration(connection: redis.Redis, settings: Settings, kind: str, 
     pipeline.execute()
 
 
+@dataclass(frozen=True)
+class FolderUsage:
+    """What one listing counted under a top-level folder of the store. `complete` is False
+    when the listing stopped at its bound: `bytes` and `objects` are then lower bounds."""
+
+    bytes: int
+    objects: int
+    complete: bool
+
+
+class StorageUsage:
+    """Bytes and objects under each of the store's top-level folders (`SERVICE_FOLDERS`,
+    one per resource kind, `staging` for uploads and scratch), temporaries of interrupted
+    writes included (they take space too). A listing serves every scrape for `ttl_s`
+    seconds, and stops after `max_objects` objects in a folder, so that on a bucket, where
+    listing is paged (a thousand keys a request), a listing costs at most `max_objects` /
+    1000 requests a folder, however many objects the bucket holds."""
+
+    def __init__(
+        self, store: ArtifactStore, ttl_s: float, max_objects: int, folders: Sequence[str] = SERVICE_FOLDERS
+    ) -> None:
+        self.store, self.ttl_s, self.max_objects, self.folders = store, ttl_s, max_objects, folders
+        self._lock = threading.Lock()
+        self._listed_at: float | None = None
+        self._usage: dict[str, FolderUsage] = {}
+
+    def usage(self) -> dict[str, FolderUsage]:
+        """The figures of the last listing, listing again once they are `ttl_s` old; a store
+        that cannot be listed raises `StoreUnavailable` (or OSError) and is asked again at
+        the next scrape."""
+        with self._lock:  # concurrent scrapes wait for one listing rather than each making one
+            if self._listed_at is None or time.monotonic() - self._listed_at >= self.ttl_s:
+                self._usage = {folder: self._count(folder) for folder in self.folders}
+                self._listed_at = time.monotonic()
+            return self._usage
+
+    def _count(self, folder: str) -> FolderUsage:
+        listed = list(itertools.islice(self.store.iter_objects(folder), self.max_objects + 1))
+        counted = listed[: self.max_objects]
+        return FolderUsage(
+            bytes=sum(stored.size for stored in counted),
+            objects=len(counted),
+            complete=len(listed) <= self.max_objects,
+        )
+
+
 class DeploymentCollector(Collector):
-    def __init__(self, sessions: sessionmaker[Session], connection: redis.Redis, settings: Settings) -> None:
-        self.sessions, self.connection, self.settings = sessions, connection, settings
+    def __init__(
+        self,
+        sessions: sessionmaker[Session],
+        connection: redis.Redis,
+        settings: Settings,
+        storage: StorageUsage | None = None,
+    ) -> None:
+        self.sessions, self.connection, self.settings, self.storage = sessions, connection, settings, storage
 
     def collect(self) -> Iterator[Any]:
         """Each backend's figures, or none when it is away: the scrape still answers, with
@@ -60,7 +120,35 @@ class DeploymentCollector(Collector):
             families = []
             up.add_metric(["redis"], 0)
         yield from families
+        if self.storage is not None:
+            try:
+                storage = self._storage(self.storage.usage())
+                up.add_metric(["store"], 1)
+            except (StoreUnavailable, OSError):
+                storage = []
+                up.add_metric(["store"], 0)
+            yield from storage
         yield up
+
+    def _storage(self, usage: dict[str, FolderUsage]) -> list[GaugeMetricFamily]:
+        labels = ["kind"]
+        stored_bytes = GaugeMetricFamily(
+            "confprobe_storage_bytes", "Bytes in the artifact store under each top-level folder.", labels=labels
+        )
+        objects = GaugeMetricFamily(
+            "confprobe_storage_objects", "Objects in the artifact store under each top-level folder.", labels=labels
+        )
+        complete = GaugeMetricFamily(
+            "confprobe_storage_listing_complete",
+            "1 when the folder was listed whole; 0 when the listing stopped at STORAGE_METRICS_MAX_OBJECTS "
+            "and the bytes and objects are lower bounds.",
+            labels=labels,
+        )
+        for folder, counted in usage.items():
+            stored_bytes.add_metric([folder], counted.bytes)
+            objects.add_metric([folder], counted.objects)
+            complete.add_metric([folder], 1 if counted.complete else 0)
+        return [stored_bytes, objects, complete]
 
     def _jobs(self) -> GaugeMetricFamily:
         family = GaugeMetricFamily(

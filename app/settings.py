@@ -115,6 +115,18 @@ class Settings(BaseSettings):
     janitor_grace_s: float = Field(
         3600, ge=0, description="The janitor leaves alone objects younger than this (and than the oldest running job)."
     )
+    storage_metrics_ttl_s: float = Field(
+        300,
+        ge=0,
+        description="`GET /metrics` lists the artifact store for its storage figures at most this often (per gateway); "
+        "scrapes in between get the last listing's figures.",
+    )
+    storage_metrics_max_objects: int = Field(
+        20000,
+        ge=1,
+        description="The most objects one listing for the storage figures counts per top-level folder (on a bucket, "
+        "a thousand a request); past it the folder's figures are lower bounds, and say so.",
+    )
     affinity_max_backlog: int = Field(
         2,
         ge=1,

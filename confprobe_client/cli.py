@@ -74,6 +74,10 @@ class ApiContext:
 pass_api = click.make_pass_decorator(ApiContext)
 
 
+def show_deleted(api: ApiContext, resource_id: str) -> None:
+    click.echo(json.dumps({"deleted": resource_id}) if api.as_json else f"deleted {resource_id}")
+
+
 def root_group(description: str) -> click.Group:
     """A `confprobe` group with the global options, which every API command reads through its
     `ApiContext`; `app.cli` makes the full one from it, with the service's own commands."""
@@ -157,6 +161,21 @@ def list_models(api: ApiContext, limit: int) -> None:
     api.show(api.client().list_models(limit=limit).items, MODEL_COLUMNS)
 
 
+@models.command("rm")
+@click.argument("model_id")
+@click.option(
+    "--force",
+    is_flag=True,
+    help="Delete even while unfinished jobs use it (they are cancelled), with everything made from it.",
+)
+@pass_api
+def remove_model(api: ApiContext, model_id: str, force: bool) -> None:
+    """Delete a model's registration and cached hidden states (never its files); refused while
+    anything made from it exists, unless --force."""
+    api.client().delete_model(model_id, force=force)
+    show_deleted(api, model_id)
+
+
 @main.group(cls=ApiGroup)
 def adapters() -> None:
     """LoRA adapters of the base models."""
@@ -212,7 +231,7 @@ def list_adapters(api: ApiContext, base_model: str | None, limit: int) -> None:
 def remove_adapter(api: ApiContext, adapter_id: str, force: bool) -> None:
     """Delete an adapter's registration and files."""
     api.client().delete_adapter(adapter_id, force=force)
-    click.echo(json.dumps({"deleted": adapter_id}) if api.as_json else f"deleted {adapter_id}")
+    show_deleted(api, adapter_id)
 
 
 @main.group(cls=ApiGroup)
@@ -236,6 +255,20 @@ def add_dataset(api: ApiContext, file: Path, name: str | None) -> None:
 def list_datasets(api: ApiContext, limit: int) -> None:
     """Uploaded datasets, newest first."""
     api.show(api.client().list_datasets(limit=limit).items, DATASET_COLUMNS)
+
+
+@datasets.command("rm")
+@click.argument("dataset_id")
+@click.option(
+    "--force",
+    is_flag=True,
+    help="Delete even while unfinished jobs use it (they are cancelled), with everything made from it.",
+)
+@pass_api
+def remove_dataset(api: ApiContext, dataset_id: str, force: bool) -> None:
+    """Delete a dataset; refused while extractions, probes… made from it exist, unless --force."""
+    api.client().delete_dataset(dataset_id, force=force)
+    show_deleted(api, dataset_id)
 
 
 @main.command(cls=ApiCommand)
@@ -294,6 +327,21 @@ def extract(
     api.show(extraction, EXTRACTION_COLUMNS)
     if out is not None and not api.as_json:
         click.echo(f"states: {out}")
+
+
+@main.group(cls=ApiGroup)
+def extractions() -> None:
+    """Extracted hidden states."""
+
+
+@extractions.command("rm")
+@click.argument("extraction_id")
+@click.option("--force", is_flag=True, help="Delete even while its job is unfinished (it is cancelled).")
+@pass_api
+def remove_extraction(api: ApiContext, extraction_id: str, force: bool) -> None:
+    """Delete an extraction's array (its vectors stay cached with the model)."""
+    api.client().delete_extraction(extraction_id, force=force)
+    show_deleted(api, extraction_id)
 
 
 @main.group(cls=ApiGroup)
@@ -360,6 +408,16 @@ def list_probes(api: ApiContext, model: str | None, dataset: str | None, best: b
         api.client().list_probes(model=model, dataset=dataset, best=True if best else None, limit=limit).items,
         PROBE_COLUMNS,
     )
+
+
+@probes.command("rm")
+@click.argument("probe_id")
+@click.option("--force", is_flag=True, help="Delete even while unfinished jobs use it (they are cancelled).")
+@pass_api
+def remove_probe(api: ApiContext, probe_id: str, force: bool) -> None:
+    """Delete a probe and its evaluations (and its run, if it was the run's last probe)."""
+    api.client().delete_probe(probe_id, force=force)
+    show_deleted(api, probe_id)
 
 
 @probes.command("report")
@@ -566,6 +624,16 @@ def transfer_report(api: ApiContext, transfer_id: str, out: Path | None) -> None
     click.echo(str(path))
 
 
+@transfers.command("rm")
+@click.argument("transfer_id")
+@click.option("--force", is_flag=True, help="Delete even while its job is unfinished (it is cancelled).")
+@pass_api
+def remove_transfer(api: ApiContext, transfer_id: str, force: bool) -> None:
+    """Delete a transfer matrix and its report."""
+    api.client().delete_transfer(transfer_id, force=force)
+    show_deleted(api, transfer_id)
+
+
 @probes.command("export")
 @click.argument("probe_id")
 @click.option(
@@ -650,6 +718,21 @@ def compare(
     ]
     click.echo(aligned_table(["MODEL", "AUROC", "ECE", "BRIER"], rows))
     click.echo(f"comparison {comparison.id}, layer {comparison.report.layer}")
+
+
+@main.group(cls=ApiGroup)
+def comparisons() -> None:
+    """Comparisons of a base model and its adapters."""
+
+
+@comparisons.command("rm")
+@click.argument("comparison_id")
+@click.option("--force", is_flag=True, help="Delete even while its job is unfinished (it is cancelled).")
+@pass_api
+def remove_comparison(api: ApiContext, comparison_id: str, force: bool) -> None:
+    """Delete a comparison and its report."""
+    api.client().delete_comparison(comparison_id, force=force)
+    show_deleted(api, comparison_id)
 
 
 @main.command(cls=ApiCommand)

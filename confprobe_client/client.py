@@ -119,6 +119,12 @@ class Client:
             self._api.json("GET", "/v1/models", params=_without_none(cursor=cursor, limit=limit))
         )
 
+    def delete_model(self, model_id: str, force: bool = False) -> None:
+        """Delete the registration and its cached hidden states. Raises `Conflict` while an
+        unfinished job runs on it or anything made from it exists (adapters, extractions,
+        probes…), unless `force`, which deletes those too and cancels the jobs."""
+        self._api.send("DELETE", f"/v1/models/{model_id}", params={"force": "true"} if force else None)
+
     # --- datasets --------------------------------------------------------------------------
 
     def upload_dataset(self, path: str | Path, name: str | None = None) -> Dataset:
@@ -139,6 +145,12 @@ class Client:
         return Page[Dataset].model_validate(
             self._api.json("GET", "/v1/datasets", params=_without_none(cursor=cursor, limit=limit))
         )
+
+    def delete_dataset(self, dataset_id: str, force: bool = False) -> None:
+        """Raises `Conflict` while an unfinished job reads it or anything made from its rows exists
+        (extractions, probes, evaluations, comparisons, transfers, fine-tunes), unless `force`,
+        which deletes those too and cancels the jobs."""
+        self._api.send("DELETE", f"/v1/datasets/{dataset_id}", params={"force": "true"} if force else None)
 
     # --- adapters --------------------------------------------------------------------------
 
@@ -209,6 +221,10 @@ class Client:
         return Page[Extraction].model_validate(
             self._api.json("GET", "/v1/extractions", params=_without_none(cursor=cursor, limit=limit))
         )
+
+    def delete_extraction(self, extraction_id: str, force: bool = False) -> None:
+        """Raises `Conflict` while its job is unfinished, unless `force` (which cancels it)."""
+        self._api.send("DELETE", f"/v1/extractions/{extraction_id}", params={"force": "true"} if force else None)
 
     def download_hidden_states(self, extraction_id: str) -> "np.ndarray":
         """The `(texts, layers, hidden)` float32 array, streamed into memory as `.npy`.
@@ -329,6 +345,11 @@ class Client:
 
     def get_probe(self, probe_id: str) -> Probe:
         return Probe.model_validate(self._api.json("GET", f"/v1/probes/{probe_id}"))
+
+    def delete_probe(self, probe_id: str, force: bool = False) -> None:
+        """Delete the probe with its evaluations (and its run, if it was the run's last probe).
+        Raises `Conflict` while a job trains, scores or evaluates it, unless `force`."""
+        self._api.send("DELETE", f"/v1/probes/{probe_id}", params={"force": "true"} if force else None)
 
     def probe_report(self, probe_id: str) -> ProbeReport:
         return ProbeReport.model_validate(self._api.json("GET", f"/v1/probes/{probe_id}/report"))
@@ -494,6 +515,10 @@ class Client:
         """The heatmap and the AUROC, accuracy and ECE tables with intervals."""
         return self._api.send("GET", f"/v1/transfers/{transfer_id}/report.html").text
 
+    def delete_transfer(self, transfer_id: str, force: bool = False) -> None:
+        """Raises `Conflict` while its job is unfinished, unless `force` (which cancels it)."""
+        self._api.send("DELETE", f"/v1/transfers/{transfer_id}", params={"force": "true"} if force else None)
+
     # --- comparisons -----------------------------------------------------------------------
 
     def compare(
@@ -552,6 +577,10 @@ class Client:
 
     def comparison_report_svg(self, comparison_id: str) -> str:
         return self._api.send("GET", f"/v1/comparisons/{comparison_id}/report.svg").text
+
+    def delete_comparison(self, comparison_id: str, force: bool = False) -> None:
+        """Raises `Conflict` while its job is unfinished, unless `force` (which cancels it)."""
+        self._api.send("DELETE", f"/v1/comparisons/{comparison_id}", params={"force": "true"} if force else None)
 
     # --- fine-tunes ------------------------------------------------------------------------
 

@@ -25,6 +25,7 @@ from sqlalchemy.dialects.sqlite import insert as sqlite_insert
 from sqlalchemy.orm import Session, sessionmaker
 
 from app.inputs.prompt_formats import RAW
+from app.registry.cache_spaces import claim_space
 from app.registry.tables import (
     Adapter,
     CachedHiddenState,
@@ -318,6 +319,7 @@ def cached_states(
             context.clear_earlier_attempts(
                 *(cache.shard_key(f"{shard_name}-{earlier}") for earlier in range(1, context.attempt))
             )
+            claim_space(worker.sessions, space, model.id)
             cache.add(f"{shard_name}-{context.attempt}", missing, layers, computed, tokenized.truncated)
         for row, sha in enumerate(missing):
             truncated_by_sha[sha] = tokenized.truncated[row]

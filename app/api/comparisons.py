@@ -9,8 +9,9 @@ from fastapi.responses import HTMLResponse
 from sqlalchemy.orm import Session
 
 from app import jobs
-from app.api.deps import ArtifactsDep, RedisDep, SessionDep, SessionsDep, SettingsDep
+from app.api.deps import ArtifactsDep, Force, RedisDep, SessionDep, SessionsDep, SettingsDep
 from app.api.render_cache import cached_render
+from app.deletions import DELETE_RESPONSES, delete_resource
 from app.errors import ServiceError, not_found
 from app.inputs.prompt_formats import prompt_format_note
 from app.job_kinds import ComparisonParameters, SplitParameters
@@ -91,6 +92,20 @@ def _curves(report: dict[str, Any]) -> list[tuple[str, dict[str, Any]]]:
 def show_comparison(comparison_id: str, session: SessionDep, artifacts: ArtifactsDep) -> ComparisonOut:
     comparison, status = _comparison(session, comparison_id)
     return _view(comparison, status, _report(artifacts, comparison))
+
+
+@router.delete("/{comparison_id}", status_code=204, responses=DELETE_RESPONSES)
+def delete_comparison(
+    comparison_id: str,
+    sessions: SessionsDep,
+    artifacts: ArtifactsDep,
+    connection: RedisDep,
+    settings: SettingsDep,
+    force: Force = False,
+) -> Response:
+    """Delete the comparison, its report and the renderings of it."""
+    delete_resource(sessions, artifacts, connection, settings, "comparisons", comparison_id, force)
+    return Response(status_code=204)
 
 
 @router.get("/{comparison_id}/report.svg", response_class=Response, responses={200: {"content": {"image/svg+xml": {}}}})

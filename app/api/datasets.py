@@ -5,7 +5,8 @@ from typing import Annotated
 from fastapi import APIRouter, File, Form, Query, Response, UploadFile, status
 from pydantic import AfterValidator
 
-from app.api.deps import ArtifactsDep, SessionDep, SessionsDep, SettingsDep
+from app.api.deps import ArtifactsDep, Force, RedisDep, SessionDep, SessionsDep, SettingsDep
+from app.deletions import DELETE_RESPONSES, delete_resource
 from app.errors import ServiceError, nul_free_filename
 from app.inputs.datasets import InvalidDataset, NormalisedDataset, default_name, parse_upload
 from app.registry.datasets import RegistrationRace, get_dataset, list_datasets, register_dataset
@@ -77,3 +78,20 @@ def list_uploaded_datasets(
 @router.get("/{dataset_id}")
 def show_dataset(dataset_id: str, session: SessionDep) -> DatasetOut:
     return DatasetOut.of(get_dataset(session, dataset_id))
+
+
+@router.delete("/{dataset_id}", status_code=204, responses=DELETE_RESPONSES)
+def delete_dataset(
+    dataset_id: str,
+    sessions: SessionsDep,
+    artifacts: ArtifactsDep,
+    connection: RedisDep,
+    settings: SettingsDep,
+    force: Force = False,
+) -> Response:
+    """Delete the dataset and its file. Refused while an unfinished job reads it, and while
+    extractions, probes, evaluations, comparisons, transfers or fine-tunes made from its rows
+    exist: `force=true` deletes them with it. Cached hidden states stay: they are kept by
+    text, for every dataset holding the same texts."""
+    delete_resource(sessions, artifacts, connection, settings, "datasets", dataset_id, force)
+    return Response(status_code=204)

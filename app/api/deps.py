@@ -4,7 +4,7 @@ from collections.abc import Iterator
 from typing import Annotated
 
 import redis
-from fastapi import Depends, Request
+from fastapi import Depends, Query, Request
 from sqlalchemy.orm import Session, sessionmaker
 
 from app.settings import Settings
@@ -37,3 +37,7 @@ SessionsDep = Annotated[sessionmaker[Session], Depends(app_sessions)]
 SessionDep = Annotated[Session, Depends(request_session)]
 RedisDep = Annotated[redis.Redis, Depends(app_redis)]
 ArtifactsDep = Annotated[ArtifactStore, Depends(app_artifacts)]
+Force = Annotated[
+    bool,
+    Query(description="Delete even while unfinished jobs use it (they are cancelled), with everything made from it."),
+]

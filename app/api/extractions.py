@@ -14,7 +14,8 @@ from sqlalchemy import select
 from sqlalchemy.orm import Session
 
 from app import jobs
-from app.api.deps import ArtifactsDep, RedisDep, SessionDep, SessionsDep, SettingsDep
+from app.api.deps import ArtifactsDep, Force, RedisDep, SessionDep, SessionsDep, SettingsDep
+from app.deletions import DELETE_RESPONSES, delete_resource
 from app.errors import ServiceError, not_found
 from app.job_kinds import ExtractionParameters
 from app.registry.database import keyset_page
@@ -95,6 +96,21 @@ def _safetensors_data_range(artifacts: ArtifactStore, key: str) -> tuple[int, in
     header = json.loads(artifacts.read_bytes(key, 8, 8 + header_length))
     start, end = header["hidden_states"]["data_offsets"]
     return 8 + header_length + start, 8 + header_length + end
+
+
+@router.delete("/{extraction_id}", status_code=204, responses=DELETE_RESPONSES)
+def delete_extraction(
+    extraction_id: str,
+    sessions: SessionsDep,
+    artifacts: ArtifactsDep,
+    connection: RedisDep,
+    settings: SettingsDep,
+    force: Force = False,
+) -> Response:
+    """Delete the extraction and its array. Its vectors stay in the cache (they go with the
+    model), so extracting the same texts again runs no forward pass."""
+    delete_resource(sessions, artifacts, connection, settings, "extractions", extraction_id, force)
+    return Response(status_code=204)
 
 
 @router.get(

@@ -8,7 +8,8 @@ from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session, sessionmaker
 
 from app import broker, jobs
-from app.api.deps import RedisDep, SessionDep, SessionsDep, SettingsDep
+from app.api.deps import ArtifactsDep, Force, RedisDep, SessionDep, SessionsDep, SettingsDep
+from app.deletions import DELETE_RESPONSES, delete_resource
 from app.errors import ServiceError
 from app.inputs.model_sources import fingerprint, resolve_source, source_shape
 from app.job_kinds import ModelCheckParameters
@@ -89,6 +90,23 @@ def list_registered_models(
 @router.get("/{model_id}")
 def show_model(model_id: str, session: SessionDep) -> ModelOut:
     return ModelOut.of(get_model(session, model_id))
+
+
+@router.delete("/{model_id}", status_code=204, responses=DELETE_RESPONSES)
+def delete_model(
+    model_id: str,
+    sessions: SessionsDep,
+    artifacts: ArtifactsDep,
+    connection: RedisDep,
+    settings: SettingsDep,
+    force: Force = False,
+) -> Response:
+    """Delete the registration and its cached hidden states (the model's own files are never
+    touched). Refused while an unfinished job runs on it, and while adapters, extractions,
+    probes, evaluations, comparisons, transfers, fine-tunes or experiments of it exist:
+    `force=true` deletes them with it."""
+    delete_resource(sessions, artifacts, connection, settings, "models", model_id, force)
+    return Response(status_code=204)
 
 
 @router.post("/{model_id}/check", status_code=status.HTTP_202_ACCEPTED)

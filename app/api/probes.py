@@ -10,8 +10,9 @@ from sqlalchemy import select
 from sqlalchemy.orm import Session
 
 from app import jobs
-from app.api.deps import ArtifactsDep, RedisDep, SessionDep, SessionsDep, SettingsDep
+from app.api.deps import ArtifactsDep, Force, RedisDep, SessionDep, SessionsDep, SettingsDep
 from app.api.render_cache import cached_render
+from app.deletions import DELETE_RESPONSES, delete_resource
 from app.errors import ServiceError, invalid_field, not_found
 from app.inputs.prompt_formats import InvalidPromptFormat, check_prompt_format, prompt_format_note
 from app.inputs.texts import refuse_empty_texts
@@ -97,6 +98,23 @@ def _probe(session: Session, probe_id: str) -> Probe:
 @router.get("/v1/probes/{probe_id}")
 def show_probe(probe_id: str, session: SessionDep) -> ProbeOut:
     return ProbeOut.of(_probe(session, probe_id))
+
+
+@router.delete("/v1/probes/{probe_id}", status_code=204, responses=DELETE_RESPONSES)
+def delete_probe(
+    probe_id: str,
+    sessions: SessionsDep,
+    artifacts: ArtifactsDep,
+    connection: RedisDep,
+    settings: SettingsDep,
+    force: Force = False,
+) -> Response:
+    """Delete the probe, its folder (weights, predictions, report) and its evaluations. A run
+    that keeps other probes loses its best one if this was it (`best_probe_id` null); a run
+    whose last probe this was is deleted with it. Refused while its run is still training, or
+    an evaluation or a scoring of it is unfinished."""
+    delete_resource(sessions, artifacts, connection, settings, "probes", probe_id, force)
+    return Response(status_code=204)
 
 
 def _report(artifacts: ArtifactStore, probe: Probe) -> dict[str, Any]:

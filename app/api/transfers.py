@@ -10,8 +10,9 @@ from sqlalchemy import select
 from sqlalchemy.orm import Session
 
 from app import jobs
-from app.api.deps import ArtifactsDep, RedisDep, SessionDep, SessionsDep, SettingsDep
+from app.api.deps import ArtifactsDep, Force, RedisDep, SessionDep, SessionsDep, SettingsDep
 from app.api.render_cache import cached_render
+from app.deletions import DELETE_RESPONSES, delete_resource
 from app.errors import ServiceError, not_found
 from app.inputs.prompt_formats import prompt_format_note
 from app.job_kinds import TransferParameters
@@ -83,6 +84,20 @@ def _transfer(session: Session, transfer_id: str) -> Transfer:
 def show_transfer(transfer_id: str, session: SessionDep, artifacts: ArtifactsDep) -> TransferOut:
     transfer = _transfer(session, transfer_id)
     return TransferOut.of(transfer, _status(session, transfer), _matrix(artifacts, transfer))
+
+
+@router.delete("/{transfer_id}", status_code=204, responses=DELETE_RESPONSES)
+def delete_transfer(
+    transfer_id: str,
+    sessions: SessionsDep,
+    artifacts: ArtifactsDep,
+    connection: RedisDep,
+    settings: SettingsDep,
+    force: Force = False,
+) -> Response:
+    """Delete the transfer matrix and its folder (the matrix and the renderings of it)."""
+    delete_resource(sessions, artifacts, connection, settings, "transfers", transfer_id, force)
+    return Response(status_code=204)
 
 
 def _finished(session: Session, artifacts: ArtifactStore, transfer_id: str) -> tuple[Transfer, dict[str, Any]]:

@@ -172,6 +172,19 @@ class CachedHiddenState(Base):
     truncated: Mapped[bool] = mapped_column(Boolean, default=False)
 
 
+class CacheSpace(Base):
+    """Which model a cache space holds hidden states of, recorded before the space's first
+    entry is written: a space is a hash (`workers/state_cache.py` `cache_space`), so the
+    spaces of a model cannot be worked out from its row alone, and deleting the model
+    deletes them by this record."""
+
+    __tablename__ = "cache_spaces"
+
+    space: Mapped[str] = mapped_column(String(64), primary_key=True)
+    model_id: Mapped[str] = mapped_column(ForeignKey("models.id", ondelete="CASCADE"), primary_key=True, index=True)
+    created_at: Mapped[datetime] = mapped_column(default=utcnow)
+
+
 class Adapter(Base):
     """An imported LoRA adapter, converted to PEFT and checked against its base model.
     A row exists only once its files are in the artifact store."""

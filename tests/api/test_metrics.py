@@ -3,11 +3,14 @@
 from pathlib import Path
 from typing import Any
 
+import pytest
 import redis
 from prometheus_client.parser import text_string_to_metric_families
 
 from app import broker
+from app.monitoring import FolderUsage, StorageUsage
 from app.settings import Settings
+from app.storage import FolderStore, open_store
 from tests.conftest import Stack, wait_for_job, wait_until
 from workers.runtime import memory_budget_bytes
 
@@ -130,3 +133,65 @@ def test_a_scrape_while_redis_is_away_still_answers_and_says_so(api: Any, settin
     assert figures[("confprobe_backend_up", (("backend", "database"),))] == 1
     assert figures[("confprobe_jobs", (("kind", "ping"), ("status", "queued")))] == 1
     assert not any(name == "confprobe_queue_depth" for name, _ in figures)
+
+
+STORE_FOLDERS = (
+    "datasets",
+    "extractions",
+    "cache",
+    "adapters",
+    "probes",
+    "probe_runs",
+    "evaluations",
+    "transfers",
+    "comparisons",
+    "finetunes",
+    "staging",
+)
+
+
+def walked(root: Path) -> tuple[int, int]:
+    """Bytes and files under `root`, counted on the filesystem."""
+    files = [path for path in root.rglob("*") if path.is_file()] if root.is_dir() else []
+    return sum(path.stat().st_size for path in files), len(files)
+
+
+@pytest.mark.parametrize("database_url", ["sqlite"], indirect=True)
+def test_storage_use_per_kind_is_the_bytes_and_objects_the_store_holds(api: Any, settings: Settings) -> None:
+    rows = b'{"text": "Paris is in France.", "label": 1}\n{"text": "Rome is in Spain.", "label": 0}\n'
+    assert api.post("/v1/datasets", files={"file": ("s.jsonl", rows)}).status_code == 201
+    store = open_store(settings)
+    store.write_bytes("probes/prb_a/report.json", b"{}" * 100)
+    store.write_bytes("probes/prb_a/weights.safetensors", b"w" * 4096)
+    store.write_bytes("cache/ab/abcd/shard-1.safetensors", b"v" * 12345)
+    store.write_bytes("staging/uploads/upl_a.archive", b"a" * 7)
+    figures = samples(api)
+    root = settings.resolved_artifact_dir
+    for folder in STORE_FOLDERS:
+        labels = (("kind", folder),)
+        assert (figures[("confprobe_storage_bytes", labels)], figures[("confprobe_storage_objects", labels)]) == walked(
+            root / folder
+        ), folder
+        assert figures[("confprobe_storage_listing_complete", labels)] == 1
+    assert figures[("confprobe_storage_objects", (("kind", "probes"),))] == 2
+    assert figures[("confprobe_backend_up", (("backend", "store"),))] == 1
+
+
+def test_a_folder_past_the_listing_bound_is_counted_up_to_it_and_said_to_be_incomplete(tmp_path: Path) -> None:
+    store = FolderStore(tmp_path)
+    for name in "abc":
+        store.write_bytes(f"probes/{name}", b"x" * 10)
+    store.write_bytes("datasets/d.jsonl", b"y" * 3)
+    usage = StorageUsage(store, ttl_s=3600, max_objects=2, folders=("probes", "datasets")).usage()
+    assert usage["probes"] == FolderUsage(bytes=20, objects=2, complete=False)
+    assert usage["datasets"] == FolderUsage(bytes=3, objects=1, complete=True)
+
+
+def test_storage_figures_are_listed_again_only_once_they_are_ttl_old(tmp_path: Path) -> None:
+    store = FolderStore(tmp_path)
+    store.write_bytes("probes/a", b"x")
+    cached, fresh = (StorageUsage(store, ttl_s=ttl, max_objects=10, folders=("probes",)) for ttl in (3600, 0))
+    assert cached.usage()["probes"].objects == fresh.usage()["probes"].objects == 1
+    store.write_bytes("probes/b", b"x")
+    assert cached.usage()["probes"].objects == 1
+    assert fresh.usage()["probes"].objects == 2

@@ -401,3 +401,28 @@ def test_experiment_run_follows_the_job_and_lists_what_it_made(
     assert result.exit_code == 0, result.output
     experiment = json.loads(result.output[result.output.index("{") :])
     assert experiment["status"] == "succeeded" and experiment["links"]["report"].endswith("/report.html")
+
+
+@pytest.mark.parametrize("database_url", ["sqlite"], indirect=True)
+def test_datasets_rm_exits_4_naming_the_job_that_reads_it_and_deletes_it_with_force(
+    api: Any, tiny_llama_template: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(cli, "make_client", lambda url: Client(http=api))
+    client = Client(http=api)
+    model = client.register_model(str(tiny_llama_template), name="tiny")
+    dataset = client.upload_dataset(write_jsonl(tmp_path / "sums.jsonl", statements()))
+    extraction = client.create_extraction(model.id, layers=[1], dataset=dataset.id)
+    refused = CliRunner().invoke(cli.main, ["--json", "datasets", "rm", dataset.id])
+    assert refused.exit_code == 4 and json.loads(refused.stderr)["error"]["details"]["used_by"] == [extraction.job_id]
+    deleted = CliRunner().invoke(cli.main, ["datasets", "rm", dataset.id, "--force"])
+    assert deleted.exit_code == 0 and deleted.stdout == f"deleted {dataset.id}\n"
+    assert api.get(f"/v1/datasets/{dataset.id}").status_code == 404
+
+
+@pytest.mark.parametrize("database_url", ["sqlite"], indirect=True)
+@pytest.mark.parametrize("group", ["models", "datasets", "extractions", "probes", "comparisons", "transfers"])
+def test_each_rm_command_deletes_through_its_own_route(api: Any, group: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(cli, "make_client", lambda url: Client(http=api))
+    result = CliRunner().invoke(cli.main, ["--json", group, "rm", "x_nope"])
+    assert result.exit_code == 3
+    assert json.loads(result.stderr)["error"]["details"] == {"resource": group.removesuffix("s"), "id": "x_nope"}

@@ -378,3 +378,38 @@ def test_importing_the_client_imports_neither_torch_nor_the_service(module: str)
     )
     result = subprocess.run([sys.executable, "-c", probe], cwd=ROOT, capture_output=True, text=True, check=True)
     assert result.stdout.strip() == "[]"
+
+
+@pytest.mark.parametrize("database_url", ["sqlite"], indirect=True)
+def test_deleting_a_dataset_a_queued_job_reads_raises_conflict_naming_the_job_unless_forced(
+    api: Any, tiny_llama: Path, tmp_path: Path
+) -> None:
+    client = Client(http=api)
+    model = client.register_model(str(tiny_llama), name="tiny")
+    dataset = client.upload_dataset(write_jsonl(tmp_path / "sums.jsonl", statements()))
+    extraction = client.create_extraction(model.id, layers=[1], dataset=dataset.id)
+    with pytest.raises(Conflict) as raised:
+        client.delete_dataset(dataset.id)
+    assert raised.value.details["used_by"] == [extraction.job_id]
+    client.delete_dataset(dataset.id, force=True)
+    with pytest.raises(NotFound):
+        client.get_dataset(dataset.id)
+    assert client.get_job(extraction.job_id).status == "cancelled"
+
+
+@pytest.mark.parametrize("database_url", ["sqlite"], indirect=True)
+@pytest.mark.parametrize(
+    ("method", "resource"),
+    [
+        ("delete_model", "model"),
+        ("delete_dataset", "dataset"),
+        ("delete_extraction", "extraction"),
+        ("delete_probe", "probe"),
+        ("delete_comparison", "comparison"),
+        ("delete_transfer", "transfer"),
+    ],
+)
+def test_each_delete_method_asks_for_its_own_resource(api: Any, method: str, resource: str) -> None:
+    with pytest.raises(NotFound) as raised:
+        getattr(Client(http=api), method)("x_nope", force=True)
+    assert raised.value.details == {"resource": resource, "id": "x_nope"}
