@@ -276,8 +276,10 @@ class Client:
         seed: int | None = None,
         recalibration: str | None = None,
         prompt_format: str | None = None,
+        baselines: bool | None = None,
     ) -> ProbeRun:
-        """Queue training of one probe per layer and method; follow the run's `job_id`."""
+        """Queue training of one probe per layer and method; follow the run's `job_id`.
+        `baselines=False` skips the statements' P(True) pass."""
         body = _without_none(
             model=model,
             adapter=adapter,
@@ -291,6 +293,7 @@ class Client:
             split=split,
             seed=seed,
             recalibration=recalibration,
+            baselines=baselines,
         )
         return ProbeRun.model_validate(self._api.json("POST", "/v1/probes", json=body)["run"])
 

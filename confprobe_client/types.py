@@ -203,6 +203,7 @@ class ProbeRun(Answer):
     prompt_format: str
     split: dict[str, Any]
     recalibration: str | None
+    baselines: bool | None = None  # None from gateways that always computed them
     best_probe_id: str | None
     probes: list[Probe]
     created_at: datetime

@@ -48,7 +48,9 @@ def run(context: "JobContext[ProbeTrainingParameters]") -> dict[str, Any]:
         raise JobFailed("not_found", "the dataset or adapter of this run was deleted")
 
     rows = read_rows(store, dataset)
-    labels = labels_for(context, model, adapter, dataset, rows, run_row.prompt_format)
+    labels = labels_for(
+        context, model, adapter, dataset, rows, run_row.prompt_format, baselines=run_row.split.get("baselines", True)
+    )
     split_spec = run_row.split
     try:
         split = stratified_split(

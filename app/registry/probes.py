@@ -46,6 +46,7 @@ def new_probe_run(session: Session, request: ProbeCreate, job_id: str) -> ProbeR
             "test": fractions.test,
             "seed": request.seed,
             "whiten": request.whiten,
+            "baselines": request.baselines,
         },
         recalibration=request.recalibration,
     )
@@ -53,6 +54,8 @@ def new_probe_run(session: Session, request: ProbeCreate, job_id: str) -> ProbeR
 
 def run_view(run: ProbeRun, status: str, probes: list[Probe]) -> ProbeRunOut:
     fields: dict[str, Any] = {
-        name: getattr(run, name) for name in ProbeRunOut.model_fields if name not in {"status", "probes"}
+        name: getattr(run, name) for name in ProbeRunOut.model_fields if name not in {"status", "probes", "baselines"}
     }
-    return ProbeRunOut(**fields, status=status, probes=[ProbeOut.of(probe) for probe in probes])
+    # the run's options live in its `split` record; runs made before baselines could be skipped computed them
+    baselines = bool(run.split.get("baselines", True))
+    return ProbeRunOut(**fields, status=status, baselines=baselines, probes=[ProbeOut.of(probe) for probe in probes])

@@ -47,6 +47,12 @@ class ProbeCreate(Request):
     recalibration: Recalibration | None = Field(
         None, description="`temperature`, `platt` or `isotonic`, fitted on the validation split."
     )
+    baselines: bool = Field(
+        True,
+        description="Report the model's own confidences beside the probes (docs/concepts.md#baselines). For "
+        "statements on a causal LM this is one more forward pass over every statement (P(True)); false skips it. "
+        "Multiple choice has its baselines from labelling at no cost, so they are always reported.",
+    )
 
 
 class ProbeOut(BaseModel):
@@ -187,6 +193,7 @@ class ProbeRunOut(BaseModel):
     prompt_format: str = Field(description="How texts became model input: `raw`, `chat`, or the template.")
     split: dict[str, Any]
     recalibration: str | None
+    baselines: bool = Field(description="Whether statements' P(True) was computed beside the probes.")
     best_probe_id: str | None
     probes: list[ProbeOut]
     created_at: datetime

@@ -219,10 +219,14 @@ def test_a_probe_on_smollm2_reads_the_truth_of_city_statements_and_not_shuffled_
     shuffled_labels = [row["label"] for row in rows]
     random.Random(8).shuffle(shuffled_labels)
     model = register(stack.client, smollm2_gguf).json()
-    body = {"model": model["id"], "layers": [12], "seed": 0}
+    body = {"model": model["id"], "layers": [12], "seed": 0, "baselines": False}  # P(True): tested elsewhere
 
     true = upload_rows(stack.client, rows, "cities-400")
-    probe = train(stack.client, dataset=true["id"], **body)["probes"][0]
+    run = train(stack.client, dataset=true["id"], **body)
+    probe = run["probes"][0]
+    assert run["baselines"] is False
+    report = stack.client.get(f"/v1/probes/{probe['id']}/report").json()
+    assert report["baselines"] == {} and report["versus_baselines"] == {}
     low, high = probe["metrics"]["auroc"]["interval"]
     assert low > 0.75, probe["metrics"]["auroc"]
 

@@ -171,6 +171,7 @@ OMITTED: dict[tuple[type[BaseModel], str], str] = {}
 # Fields the client accepts missing or null because older gateways answer without them.
 OLDER_GATEWAYS: dict[tuple[type[BaseModel], str], str] = {
     (Adapter, "identity"): "gateways before adapter identities answer without it",
+    (ProbeRun, "baselines"): "gateways before baselines could be skipped answer without it",
 }
 
 ANY: Shape = ("any",)
