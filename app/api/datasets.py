@@ -1,6 +1,8 @@
 """`/v1/datasets`: upload statements, multiple-choice sets or chat conversations, list and show them."""
 
-from typing import Annotated
+import tempfile
+from dataclasses import replace
+from typing import Annotated, BinaryIO
 
 from fastapi import APIRouter, File, Form, Query, Response, UploadFile, status
 from pydantic import AfterValidator
@@ -8,7 +10,7 @@ from pydantic import AfterValidator
 from app.api.deps import ArtifactsDep, Force, RedisDep, SessionDep, SessionsDep, SettingsDep
 from app.deletions import DELETE_RESPONSES, delete_resource
 from app.errors import ServiceError, nul_free_filename
-from app.inputs.datasets import InvalidDataset, NormalisedDataset, default_name, parse_upload
+from app.inputs.datasets import InvalidDataset, NormalisedDataset, default_name, normalise_upload
 from app.registry.datasets import RegistrationRace, get_dataset, list_datasets, register_dataset
 from app.schemas.common import ERROR_RESPONSES, without_nul
 from app.schemas.datasets import DatasetOut, DatasetPage
@@ -16,10 +18,11 @@ from app.schemas.datasets import DatasetOut, DatasetPage
 router = APIRouter(prefix="/v1/datasets", tags=["datasets"], responses=ERROR_RESPONSES)
 
 
-def _parsed(raw: bytes, filename: str | None) -> NormalisedDataset:
-    """The upload's rows; a file that is not a dataset is a 422 naming its line and field."""
+def _normalised(source: BinaryIO, filename: str | None, out: BinaryIO) -> NormalisedDataset:
+    """The upload's rows, normalised into `out` as they are read; a file that is not a
+    dataset is a 422 naming its line and field."""
     try:
-        return parse_upload(raw, filename)
+        return replace(normalise_upload(source, filename, out), stored=out)
     except InvalidDataset as exc:
         raise ServiceError(422, exc.code, exc.message, **exc.details) from exc
 
@@ -52,11 +55,14 @@ def upload_dataset(
     """Upload a dataset. A malformed row is a 422 naming its line and field, and nothing is
     kept. Rows already uploaded (as CSV or JSONL) answer 200 with the existing dataset."""
     filename = nul_free_filename(file.filename)
-    upload = _parsed(file.file.read(), filename)
-    try:
-        dataset, created = register_dataset(sessions, artifacts, upload, name or default_name(filename))
-    except RegistrationRace as exc:
-        raise ServiceError(409, "conflict", exc.message) from None
+    # rows are read, checked and written out one at a time (the upload itself is spooled to
+    # disk by the multipart parser): memory does not grow with the dataset
+    with tempfile.TemporaryFile() as normalised:
+        upload = _normalised(file.file, filename, normalised)
+        try:
+            dataset, created = register_dataset(sessions, artifacts, upload, name or default_name(filename))
+        except RegistrationRace as exc:
+            raise ServiceError(409, "conflict", exc.message) from None
     if created:
         response.headers["Location"] = f"/v1/datasets/{dataset.id}"
     else:

@@ -22,13 +22,15 @@ lines, are one dataset.
 import csv
 import hashlib
 import io
+import itertools
 import json
+import re
 import string
 from collections import Counter
 from collections.abc import Callable, Iterable, Iterator, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import PurePath
-from typing import Any, Literal
+from typing import Any, BinaryIO, Literal
 
 from app.inputs.texts import is_empty_text
 
@@ -125,15 +127,19 @@ Row = Statement | MultipleChoice | ChatConversation
 
 @dataclass(frozen=True)
 class NormalisedDataset:
-    """An upload's rows as they are stored, and what the registry records of them."""
+    """An upload's rows as they are stored, and what the registry records of them. The
+    stored JSONL is either `content` (small files, parsed in memory) or the file `stored`
+    (an upload streamed to disk: the gateway never holds a large dataset whole)."""
 
     kind: DatasetKind
     source_format: SourceFormat
-    content: bytes
     sha256: str
     upload_sha256: str
     rows: int
     label_balance: dict[str, int]
+    size_bytes: int
+    content: bytes | None = None
+    stored: BinaryIO | None = None
 
     @property
     def artifact_key(self) -> str:
@@ -141,21 +147,53 @@ class NormalisedDataset:
 
 
 def parse_upload(raw: bytes, filename: str | None) -> NormalisedDataset:
-    """Parse and normalise an uploaded file. A malformed row is an `InvalidDataset` whose
-    message and `details` give its line (1-based, as in the file) and field."""
-    text = _decoded(raw)
-    source_format = _format_of(filename, text)
-    records = _jsonl_records(text) if source_format == "jsonl" else _csv_records(text)
-    kind, rows = _rows_of(records)
-    content = b"".join(_json_line(row.normalised()) for row in rows)
+    """Parse and normalise an uploaded file held in memory. A malformed row is an
+    `InvalidDataset` whose message and `details` give its line (1-based, as in the file) and field."""
+    out = io.BytesIO()
+    summary = normalise_upload(io.BytesIO(raw), filename, out)
+    return replace(summary, content=out.getvalue())
+
+
+def normalise_upload(source: BinaryIO, filename: str | None, out: BinaryIO) -> NormalisedDataset:
+    """Parse `source` line by line and write its normalised rows to `out` as they are read:
+    memory stays bounded by the longest row, whatever the number of rows. What is returned
+    describes the rows (neither `content` nor `stored` is set)."""
+    upload_hash = hashlib.sha256()
+    lines = _decoded_lines(source, upload_hash)
+    source_format, lines = _format_of(filename, lines)
+    records = _jsonl_records(lines) if source_format == "jsonl" else _csv_records(lines)
+    content_hash = hashlib.sha256()
+    kind: DatasetKind | None = None
+    rows = size = 0
+    golds: Counter[int] = Counter()
+    for line, record in records:
+        if kind is None:
+            kind = _kind_of(record)
+            if kind is None:
+                raise _row_error(
+                    line,
+                    "row",
+                    "has neither statement keys (text, label), multiple-choice keys (question, choices, answer) "
+                    "nor chat messages (messages)",
+                )
+        row = ROW_READERS[kind](record, line)
+        encoded = _json_line(row.normalised())
+        out.write(encoded)
+        content_hash.update(encoded)
+        rows += 1
+        size += len(encoded)
+        if not isinstance(row, ChatConversation):
+            golds[row.gold] += 1
+    if kind is None:
+        raise _file_error("has no rows")
     return NormalisedDataset(
         kind=kind,
         source_format=source_format,
-        content=content,
-        sha256=hashlib.sha256(content).hexdigest(),
-        upload_sha256=hashlib.sha256(raw).hexdigest(),
-        rows=len(rows),
-        label_balance=_label_balance(kind, rows),
+        sha256=content_hash.hexdigest(),
+        upload_sha256=upload_hash.hexdigest(),
+        rows=rows,
+        label_balance=_label_balance(kind, golds),
+        size_bytes=size,
     )
 
 
@@ -196,22 +234,33 @@ def _row_error(line: int, field: str, problem: str, name: str | None = None) -> 
     return InvalidDataset("invalid_row", f"line {line}: {name or field} {problem}", line=line, field=field)
 
 
-def _decoded(raw: bytes) -> str:
-    try:
-        return raw.decode("utf-8-sig")
-    except UnicodeDecodeError as exc:
-        line = raw.count(b"\n", 0, exc.start) + 1
-        raise _file_error(f"not UTF-8 text (byte {raw[exc.start]:#04x} on line {line})", line=line) from None
+def _decoded_lines(source: BinaryIO, upload_hash: "hashlib._Hash") -> Iterator[tuple[int, str]]:
+    """The file's lines, numbered from 1 and decoded one at a time (a leading BOM dropped),
+    each with its line break; every byte read goes into `upload_hash`. Lines end at "\n"
+    only: a raw U+2028 inside a JSON string is not a line break."""
+    for number, raw in enumerate(source, start=1):
+        upload_hash.update(raw)
+        try:
+            yield number, raw.decode("utf-8-sig" if number == 1 else "utf-8")
+        except UnicodeDecodeError as exc:
+            raise _file_error(f"not UTF-8 text (byte {raw[exc.start]:#04x} on line {number})", line=number) from None
 
 
-def _format_of(filename: str | None, text: str) -> SourceFormat:
+def _format_of(
+    filename: str | None, lines: Iterator[tuple[int, str]]
+) -> tuple[SourceFormat, Iterator[tuple[int, str]]]:
+    """The format by the file's extension, else by its first non-blank character (a JSONL
+    row is an object; a CSV header never starts with a brace), and the lines, none lost."""
     suffix = PurePath(filename or "").suffix.lower()
-    if suffix == ".jsonl":
-        return "jsonl"
-    if suffix == ".csv":
-        return "csv"
-    # a JSONL row is an object; a CSV header never starts with a brace
-    return "jsonl" if text.lstrip().startswith("{") else "csv"
+    if suffix in (".jsonl", ".csv"):
+        return ("jsonl" if suffix == ".jsonl" else "csv"), lines
+    seen: list[tuple[int, str]] = []
+    for numbered in lines:
+        seen.append(numbered)
+        if numbered[1].strip():
+            break
+    first = seen[-1][1].lstrip() if seen else ""
+    return ("jsonl" if first.startswith("{") else "csv"), itertools.chain(seen, lines)
 
 
 def _json_problem(exc: Exception) -> str:
@@ -222,9 +271,8 @@ def _json_problem(exc: Exception) -> str:
     return str(exc)
 
 
-def _jsonl_records(text: str) -> Iterator[Record]:
-    # split on "\n" only: a raw U+2028 inside a JSON string is not a line break
-    for number, line in enumerate(text.split("\n"), start=1):
+def _jsonl_records(lines: Iterable[tuple[int, str]]) -> Iterator[Record]:
+    for number, line in lines:
         if not line.strip():
             continue
         try:
@@ -236,8 +284,13 @@ def _jsonl_records(text: str) -> Iterator[Record]:
         yield number, record
 
 
-def _csv_records(text: str) -> Iterator[Record]:
-    reader = csv.reader(io.StringIO(text, newline=""))
+# a lone carriage return ends a CSV line too (as the csv module reads files opened with newline="")
+_LONE_CR = re.compile(r"(?<=\r)(?!\n)")
+
+
+def _csv_records(lines: Iterable[tuple[int, str]]) -> Iterator[Record]:
+    physical = (piece for _, line in lines for piece in _LONE_CR.split(line) if piece)
+    reader = csv.reader(physical)
     columns: list[str] | None = None
     while True:
         start_line = reader.line_num + 1  # a quoted cell may span lines: name the first
@@ -307,25 +360,6 @@ def _kind_of(keys: Iterable[str]) -> DatasetKind | None:
     if not present.isdisjoint(STATEMENT_KEYS):
         return "statements"
     return None
-
-
-def _rows_of(records: Iterable[Record]) -> tuple[DatasetKind, list[Row]]:
-    kind: DatasetKind | None = None
-    rows: list[Row] = []
-    for line, record in records:
-        if kind is None:
-            kind = _kind_of(record)
-            if kind is None:
-                raise _row_error(
-                    line,
-                    "row",
-                    "has neither statement keys (text, label), multiple-choice keys (question, choices, answer) "
-                    "nor chat messages (messages)",
-                )
-        rows.append(ROW_READERS[kind](record, line))
-    if kind is None:
-        raise _file_error("has no rows")
-    return kind, rows
 
 
 def _text_key(keys: Iterable[str]) -> str:
@@ -448,10 +482,10 @@ def _json_line(values: dict[str, Any]) -> bytes:
     return (json.dumps(values, ensure_ascii=False, separators=(",", ":")) + "\n").encode()
 
 
-def _label_balance(kind: DatasetKind, rows: list[Row]) -> dict[str, int]:
+def _label_balance(kind: DatasetKind, golds: Counter[int]) -> dict[str, int]:
     """Statements: rows per label. Multiple choice: rows per gold answer index. Chat: empty,
     as conversations have no label."""
-    counts = Counter(row.gold for row in rows if not isinstance(row, ChatConversation))
+    counts = Counter(golds)
     if kind == "statements":
         counts.update({0: 0, 1: 0})  # both labels are named, even when one never occurs
     return {str(gold): counts[gold] for gold in sorted(counts)}

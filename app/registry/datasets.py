@@ -3,6 +3,8 @@ their stored rows read back, and the check every request that probes a dataset's
 (`labelled_dataset`): chat conversations, having no labels, are refused."""
 
 import json
+import shutil
+from collections.abc import Iterator
 from typing import Any
 
 from sqlalchemy import select
@@ -14,6 +16,8 @@ from app.inputs.datasets import NormalisedDataset, UnlabelledDataset, require_la
 from app.registry.database import keyset_page, transaction
 from app.registry.tables import Dataset, new_id
 from app.storage import ArtifactStore
+
+COPY_CHUNK_BYTES = 2**20
 
 
 def find_dataset(session: Session, sha256: str) -> Dataset | None:
@@ -31,7 +35,7 @@ def new_dataset(name: str, upload: NormalisedDataset) -> Dataset:
         sha256=upload.sha256,
         upload_sha256=upload.upload_sha256,
         artifact=upload.artifact_key,
-        size_bytes=len(upload.content),
+        size_bytes=upload.size_bytes,
     )
 
 
@@ -85,7 +89,7 @@ def register_dataset(
     existing = _registered(sessions, upload.sha256)
     if existing is not None:
         return existing, False
-    store.write_bytes(upload.artifact_key, upload.content)
+    _store_content(store, upload)
     dataset = new_dataset(name, upload)
     try:
         with transaction(sessions) as session:
@@ -100,6 +104,19 @@ def register_dataset(
     except Exception:
         _discard_unregistered_file(sessions, store, upload)
         raise
+
+
+def _store_content(store: ArtifactStore, upload: NormalisedDataset) -> None:
+    """Write the normalised rows under the dataset's key, from memory or from the file the
+    upload was streamed into."""
+    if upload.content is not None:
+        store.write_bytes(upload.artifact_key, upload.content)
+        return
+    if upload.stored is None:
+        raise ValueError("a normalised dataset carries its content or a file holding it")
+    upload.stored.seek(0)
+    with store.writer(upload.artifact_key) as handle:
+        shutil.copyfileobj(upload.stored, handle, COPY_CHUNK_BYTES)
 
 
 def _discard_unregistered_file(
@@ -117,6 +134,14 @@ def _discard_unregistered_file(
 
 def read_rows(store: ArtifactStore, dataset: Dataset) -> list[dict[str, Any]]:
     """The stored rows: `{text, label}`, `{question, choices, answer}` or `{messages}`, in upload order."""
-    # split on "\n" only: str.splitlines would also split at U+2028, which JSON leaves raw
-    lines = store.read_bytes(dataset.artifact).split(b"\n")
-    return [json.loads(line) for line in lines if line]
+    return list(iter_rows(store, dataset))
+
+
+def iter_rows(store: ArtifactStore, dataset: Dataset) -> Iterator[dict[str, Any]]:
+    """The stored rows one at a time, read from the local copy of the file as they are
+    used: a dataset of any size is never held whole."""
+    # lines end at "\n" only: str.splitlines would also split at U+2028, which JSON leaves raw
+    with store.local_path(dataset.artifact).open("rb") as handle:
+        for line in handle:
+            if line.strip():
+                yield json.loads(line)

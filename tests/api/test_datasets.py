@@ -448,3 +448,37 @@ def test_a_refused_insert_leaves_no_file_behind(api: Any, settings: Settings) ->
     with pytest.raises((RegistrationRace, SQLAlchemyError)):
         register_dataset(api.app.state.sessions, api.app.state.artifacts, normalised, "refused")
     assert stored_dataset_files(settings) == []
+
+
+def test_a_large_upload_is_stored_as_the_normalised_rows_computed_independently(api: Any, settings: Settings) -> None:
+    count = 100_000
+    raw = b"".join(
+        b'{"text": " Statement number %d. ", "label": %d, "extra": 1}\n' % (i, i % 3 == 0) for i in range(count)
+    )
+    expected = b"".join(b'{"text":"Statement number %d.","label":%d}\n' % (i, i % 3 == 0) for i in range(count))
+    dataset = upload(api, "many.jsonl", raw).json()
+    assert dataset["rows"] == count
+    assert dataset["sha256"] == hashlib.sha256(expected).hexdigest()
+    assert dataset["upload_sha256"] == hashlib.sha256(raw).hexdigest()
+    assert dataset["size_bytes"] == len(expected)
+    assert dataset["label_balance"] == {"0": count - len(range(0, count, 3)), "1": len(range(0, count, 3))}
+    stored = settings.resolved_artifact_dir / "datasets" / f"{dataset['sha256']}.jsonl"
+    assert stored.read_bytes() == expected
+
+
+def test_a_malformed_row_deep_in_a_large_upload_is_a_422_and_nothing_is_kept(api: Any, settings: Settings) -> None:
+    good = b"".join(b'{"text": "Statement %d.", "label": 1}\n' % i for i in range(50_000))
+    response = upload(api, "many.jsonl", good + b'{"text": "Broken.", "label": 7}\n')
+    assert response.status_code == 422
+    assert response.json()["error"]["details"] == {"line": 50_001, "field": "label"}
+    assert stored_dataset_files(settings) == []
+
+
+@pytest.mark.parametrize("newline", [b"\n", b"\r\n", b"\r"])
+def test_csv_rows_end_at_any_line_break_and_a_quoted_cell_may_span_lines(api: Any, newline: bytes) -> None:
+    rows = [b"text,label", b'"Paris is', b'in France.",true', b"Paris is in Peru.,false", b"Rome is in Italy.,1"]
+    dataset = upload(api, "rows.csv", newline.join(rows) + newline).json()
+    stored = read_rows(api.app.state.artifacts, registered(api, dataset["id"]))
+    assert [row["label"] for row in stored] == [1, 0, 1]
+    assert stored[0]["text"] == "Paris is" + newline.decode() + "in France."
+    assert stored[2]["text"] == "Rome is in Italy."
