@@ -112,6 +112,7 @@ class Stack:
         self.base = f"http://127.0.0.1:{self.port}"
         self.started = time.monotonic()
         self.api_key = ""
+        self.gateway: subprocess.Popen[bytes] | None = None
 
     def _spawn(self, args: list[str], log: str, **env: str) -> subprocess.Popen[bytes]:
         with open(self.folder / log, "ab") as output:
@@ -119,7 +120,10 @@ class Stack:
         self.processes.append(process)
         return process
 
-    def start(self) -> None:
+    def start(self, workers: tuple[str, ...] = ("worker-a", "worker-b"), env: dict[str, str] | None = None) -> None:
+        """Redis, the registry's schema, a submit key, the gateway and `workers`; `env` adds
+        settings for the gateway and workers."""
+        self.env |= env or {}
         self._spawn(
             [
                 redis_server_executable(),
@@ -138,9 +142,11 @@ class Stack:
         wait_for(lambda: _pings(client), 10, "redis")
         migrate(self.env["DATABASE_URL"])
         self.api_key = self.create_key()
-        self._spawn([sys.executable, "-m", "app.cli", "gateway", "--port", str(self.port)], "gateway.log")
+        self.gateway = self._spawn(
+            [sys.executable, "-m", "app.cli", "gateway", "--port", str(self.port)], "gateway.log"
+        )
         wait_for(lambda: answers(self.base), 60, "the gateway")
-        for name in ("worker-a", "worker-b"):
+        for name in workers:
             self.start_worker(name)
 
     def create_key(self) -> str:

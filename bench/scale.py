@@ -1,0 +1,239 @@
+"""Extraction at lab scale, through the real stack (Redis, registry, one gateway process,
+worker processes), on a tiny random Llama (hidden 16, two blocks) so that the service's own
+costs — parsing, the registry, the content cache, writing and serving arrays — are what is
+measured, not the model.
+
+Million texts: datasets of 100,000 and then 1,000,000 distinct short statements ("Statement
+number 123456 is true.") go through upload, extraction (layers [1, 2], last token) and a
+download of the `.npy` array, on one worker. Reported: `texts`, `upload_s`, `extract_s` (the
+extraction job's own run time, from the registry), `download_s`, the peak resident memory of
+the gateway and of the worker (`VmHWM` of each process tree, read from /proc: targets ≤ 1,500
+MB each), the registry's size (`registry_mb`: PostgreSQL's `pg_database_size`, or the SQLite
+file), the content cache's index rows (`cache_rows`: target ≤ 1.1 × texts) and the
+extraction time of 1,000,000 texts over that of 100,000 (`linearity`: target ≤ 11). The
+downloaded array is checked: its shape, and a sample of its rows against the same texts
+extracted inline by a second, small request (equal to 1e-5).
+
+    python bench/scale.py [--texts 1000000] [--sqlite]
+
+Without PostgreSQL (PATH's `initdb`) the registry is SQLite, said in the output. Last line:
+one JSON object.
+"""
+
+import argparse
+import io
+import json
+import os
+import random
+import sys
+import tempfile
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import httpx
+import numpy as np
+from sqlalchemy import create_engine, text
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+from bench.load import Stack, wait_for  # noqa: E402
+from tests.servers import local_postgres, local_postgres_available  # noqa: E402
+from tests.tiny_models import save_tiny_llama  # noqa: E402
+
+LAYERS = [1, 2]
+SMALL_TEXTS = 100_000
+SAMPLE_ROWS = 200
+
+
+def statement(index: int) -> str:
+    return f"Statement number {index} is {'true' if index % 2 else 'false'}."
+
+
+def statements_file(first: int, count: int) -> Iterator[bytes]:
+    """JSONL of `count` distinct statements starting at number `first`, produced as it is sent."""
+    chunk: list[bytes] = []
+    for index in range(first, first + count):
+        chunk.append(json.dumps({"text": statement(index), "label": index % 2}).encode() + b"\n")
+        if len(chunk) == 10_000:
+            yield b"".join(chunk)
+            chunk = []
+    if chunk:
+        yield b"".join(chunk)
+
+
+class GeneratedFile(io.RawIOBase):
+    """A read-only file object over generated chunks, so httpx streams the upload."""
+
+    def __init__(self, chunks: Iterator[bytes]) -> None:
+        self.chunks = chunks
+        self.pending = b""
+
+    def readable(self) -> bool:
+        return True
+
+    def readinto(self, buffer: Any) -> int:
+        while not self.pending:
+            try:
+                self.pending = next(self.chunks)
+            except StopIteration:
+                return 0
+        size = min(len(buffer), len(self.pending))
+        buffer[:size] = self.pending[:size]
+        self.pending = self.pending[size:]
+        return size
+
+
+def peak_rss_mb(pid: int) -> float:
+    """The peak resident set of a process and its children (`VmHWM`), in MB."""
+    total = 0
+    pids = [pid]
+    children = Path(f"/proc/{pid}/task/{pid}/children")
+    if children.exists():
+        pids += [int(child) for child in children.read_text().split()]
+    for each in pids:
+        for line in Path(f"/proc/{each}/status").read_text().splitlines():
+            if line.startswith("VmHWM:"):
+                total += int(line.split()[1])
+    return total / 1024
+
+
+def job_seconds(client: httpx.Client, job_id: str) -> float:
+    job = wait_for(
+        lambda: (lambda j: j if j["status"] in ("succeeded", "failed", "cancelled") else None)(
+            client.get(f"/v1/jobs/{job_id}").json()
+        ),
+        3600,
+        f"job {job_id}",
+    )
+    if job["status"] != "succeeded":
+        raise RuntimeError(f"job {job_id} ended {job['status']}: {job.get('error')}")
+    started = np.datetime64(job["started_at"].replace("Z", ""))
+    finished = np.datetime64(job["finished_at"].replace("Z", ""))
+    return float((finished - started) / np.timedelta64(1, "ms")) / 1000
+
+
+def run_size(client: httpx.Client, model_id: str, first: int, count: int, folder: Path) -> dict[str, Any]:
+    """Upload, extract and download `count` statements; checks the array's shape and a sample."""
+    started = time.perf_counter()
+    dataset = (
+        client.post(
+            "/v1/datasets",
+            files={
+                "file": (f"statements-{count}.jsonl", io.BufferedReader(GeneratedFile(statements_file(first, count))))
+            },
+        )
+        .raise_for_status()
+        .json()
+    )
+    upload_s = time.perf_counter() - started
+    assert dataset["rows"] == count, dataset
+    created = (
+        client.post("/v1/extractions", json={"model": model_id, "dataset": dataset["id"], "layers": LAYERS})
+        .raise_for_status()
+        .json()
+    )
+    extract_s = job_seconds(client, created["job"]["id"])
+    started = time.perf_counter()
+    target = folder / f"states-{count}.npy"
+    with client.stream("GET", f"/v1/extractions/{created['extraction']['id']}/hidden-states") as response:
+        response.raise_for_status()
+        with target.open("wb") as handle:
+            for chunk in response.iter_bytes(2**20):
+                handle.write(chunk)
+    download_s = time.perf_counter() - started
+    states = np.load(target, mmap_mode="r")
+    assert states.shape[:2] == (count, len(LAYERS)), states.shape
+    sample = sorted(random.Random(count).sample(range(count), SAMPLE_ROWS))
+    inline = (
+        client.post(
+            "/v1/extractions",
+            json={"model": model_id, "texts": [statement(first + i) for i in sample], "layers": LAYERS},
+        )
+        .raise_for_status()
+        .json()
+    )
+    job_seconds(client, inline["job"]["id"])
+    expected = np.load(
+        io.BytesIO(client.get(f"/v1/extractions/{inline['extraction']['id']}/hidden-states").raise_for_status().content)
+    )
+    difference = float(np.abs(np.asarray(states[sample]) - expected).max())
+    assert difference <= 1e-5, f"the sampled rows differ from an inline extraction by {difference}"
+    target.unlink()
+    return {"upload_s": round(upload_s, 2), "extract_s": round(extract_s, 2), "download_s": round(download_s, 2)}
+
+
+def registry_numbers(database_url: str) -> tuple[float, int]:
+    """The registry's size in MB and the number of rows in the content cache's index."""
+    engine = create_engine(database_url)
+    with engine.connect() as connection:
+        tables = set(
+            connection.execute(
+                text("SELECT name FROM sqlite_master WHERE type='table'")
+                if engine.dialect.name == "sqlite"
+                else text("SELECT tablename FROM pg_tables WHERE schemaname = current_schema()")
+            ).scalars()
+        )
+        index = "cached_texts" if "cached_texts" in tables else "hidden_state_cache"
+        rows = int(connection.execute(text(f"SELECT count(*) FROM {index}")).scalar_one())
+        if engine.dialect.name == "sqlite":
+            size = os.path.getsize(engine.url.database or "")
+        else:
+            size = int(connection.execute(text("SELECT pg_database_size(current_database())")).scalar_one())
+    engine.dispose()
+    return size / 2**20, rows
+
+
+def million(folder: Path, database_url: str, texts: int) -> dict[str, Any]:
+    model_folder = folder / "tiny-llama"
+    save_tiny_llama(model_folder)
+    stack = Stack(folder, database_url)
+    try:
+        stack.start(workers=("worker-a",), env={"MAX_DATASET_BYTES": str(128 * 2**20)})
+        client = stack.client(timeout=600)
+        model = client.post("/v1/models", json={"name": "tiny", "source": str(model_folder)}).raise_for_status().json()
+        job_seconds(client, model["check_job_id"])
+        small = run_size(client, model["id"], 0, min(SMALL_TEXTS, texts), folder)
+        large = run_size(client, model["id"], 10**8, texts, folder)
+        assert stack.gateway is not None
+        gateway = peak_rss_mb(stack.gateway.pid)
+        worker = peak_rss_mb(stack.workers["worker-a"].pid)
+    finally:
+        stack.stop()
+    registry_mb, cache_rows = registry_numbers(database_url)
+    return {
+        "texts": texts,
+        "small_texts": min(SMALL_TEXTS, texts),
+        "upload_s": large["upload_s"],
+        "extract_s": large["extract_s"],
+        "download_s": large["download_s"],
+        "small_extract_s": small["extract_s"],
+        "linearity": round(large["extract_s"] / small["extract_s"], 2),
+        "gateway_peak_rss_mb": round(gateway, 1),
+        "worker_peak_rss_mb": round(worker, 1),
+        "registry_mb": round(registry_mb, 1),
+        "cache_rows": cache_rows,
+        "cache_rows_per_text": round(cache_rows / (texts + min(SMALL_TEXTS, texts) + 2 * SAMPLE_ROWS), 3),
+    }
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--texts", type=int, default=1_000_000)
+    parser.add_argument("--sqlite", action="store_true", help="a SQLite registry even where PostgreSQL is available")
+    args = parser.parse_args()
+    with tempfile.TemporaryDirectory(prefix="confprobe-scale-") as name:
+        folder = Path(name)
+        if args.sqlite or not local_postgres_available():
+            result = {"registry": "sqlite", **million(folder, f"sqlite:///{folder / 'registry.db'}", args.texts)}
+        else:
+            with local_postgres() as server:
+                database_url = server.url(server.create_database())
+                result = {"registry": "postgresql", **million(folder, database_url, args.texts)}
+    print(json.dumps(result))
+
+
+if __name__ == "__main__":
+    main()
