@@ -355,7 +355,9 @@ def read_layers(
             pass
         except _ReachedTrimmedBlock as reached:
             trimmed = _block_at_last(blocks[deepest - 1], reached, attention_mask, last_real(batch.attention_mask))
-        missing = [layer for layer in layers if layer not in captured and not (layer == deepest and trimmed is not None)]
+        missing = [
+            layer for layer in layers if layer not in captured and not (layer == deepest and trimmed is not None)
+        ]
         if missing:
             raise JobFailed("unsupported_model", f"the model never produced layers {missing}")
         pooled = [
