@@ -304,7 +304,7 @@ def nnsight_vectors(
 ) -> torch.Tensor:
     """nnsight as its users use it: each batch traced, the layers' outputs saved, the trace
     stopped after the deepest."""
-    from nnsight import LanguageModel
+    from nnsight import LanguageModel  # type: ignore[import-untyped]
 
     wrapped = LanguageModel(model, tokenizer=tokenizer)
     rows = []
@@ -360,11 +360,11 @@ class TokenCount:
             self.padded += int(batch.attention_mask.numel() - batch.attention_mask.sum())
             return batch
 
-        hidden_states.pad = counting  # type: ignore[assignment]
+        hidden_states.pad = counting
         return self
 
     def __exit__(self, *_: object) -> None:
-        hidden_states.pad = self.original  # type: ignore[assignment]
+        hidden_states.pad = self.original
 
 
 def service_vectors(loaded: LoadedModel, settings: Settings, token_ids: list[list[int]]) -> torch.Tensor:

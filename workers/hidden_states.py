@@ -197,9 +197,13 @@ def pad(token_ids: Sequence[Sequence[int]], pad_id: int, padding_side: str, devi
 
 
 @functools.cache
-def _signature(module_class: type) -> inspect.Signature:
-    """The signature of a module class's `forward`, `self` included (read once per class)."""
+def _forward_signature(module_class: Any) -> inspect.Signature:
     return inspect.signature(module_class.forward)
+
+
+def _signature(module_class: Any) -> inspect.Signature:
+    """The signature of a module class's `forward`, `self` included (read once per class)."""
+    return _forward_signature(module_class)
 
 
 def _accepts(module: Any, argument: str) -> bool:
@@ -246,7 +250,7 @@ def _attend_at_last(
 
 
 def _block_at_last(
-    block: torch.nn.Module, reached: _ReachedTrimmedBlock, key_mask: torch.Tensor, last: torch.Tensor
+    block: Any, reached: _ReachedTrimmedBlock, key_mask: torch.Tensor, last: torch.Tensor
 ) -> torch.Tensor:
     """The block's output at each row's last real token, (batch, hidden): keys and values for
     every token (appended to the block's cache layer, if any), everything else at `last` only.

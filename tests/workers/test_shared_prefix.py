@@ -27,7 +27,7 @@ PROMPT_FORMATS = ["raw", "chat", TEMPLATE]
 TOLERANCE = 1e-5  # float32, as tests/workers/test_hidden_states.py
 ALWAYS = Shortcuts(min_prefix=1, min_prefix_saving=0, min_trim_width=0)
 
-SAVERS: dict[str, Callable[[Path], Path]] = {
+SAVERS: dict[str, Callable[..., Path]] = {
     "llama": tiny_models.save_tiny_llama,
     "qwen2": tiny_models.save_tiny_qwen2,
     "gpt2": tiny_models.save_tiny_gpt2,
