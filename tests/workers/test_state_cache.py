@@ -37,16 +37,16 @@ def test_an_out_of_memory_batch_is_split_and_retried(loaded: LoadedModel, monkey
     options: dict[str, Any] = {"device": "cpu", "token_budget": 10_000, "max_batch_size": 64}
     expected = state_cache.compute(loaded, token_ids, [1, 2], "last", **options)
 
-    real_read_layers = hidden_states.read_layers
+    real_read_texts = hidden_states.read_texts
     batch_sizes: list[int] = []
 
-    def no_room_for_more_than_three(model: Any, batch: Any, layers: Any, token_position: str) -> torch.Tensor:
-        batch_sizes.append(batch.input_ids.shape[0])
-        if batch.input_ids.shape[0] > 3:
+    def no_room_for_more_than_three(model: Any, texts: Any, layers: Any, token_position: str, **options: Any) -> Any:
+        batch_sizes.append(len(texts))
+        if len(texts) > 3:
             raise torch.OutOfMemoryError("CUDA out of memory (simulated: this machine has no GPU)")
-        return real_read_layers(model, batch, layers, token_position)
+        return real_read_texts(model, texts, layers, token_position, **options)
 
-    monkeypatch.setattr(state_cache, "read_layers", no_room_for_more_than_three)
+    monkeypatch.setattr(state_cache, "read_texts", no_room_for_more_than_three)
     got = state_cache.compute(loaded, token_ids, [1, 2], "last", **options)
     np.testing.assert_allclose(got, expected, atol=1e-5)
     assert batch_sizes[0] == 12 and max(batch_sizes[1:]) <= 6
@@ -57,10 +57,10 @@ def test_a_single_text_that_does_not_fit_fails_the_job_clearly(
 ) -> None:
     from workers.errors import JobFailed
 
-    def never_fits(*_: Any) -> torch.Tensor:
+    def never_fits(*_: Any, **__: Any) -> torch.Tensor:
         raise torch.OutOfMemoryError("CUDA out of memory (simulated)")
 
-    monkeypatch.setattr(state_cache, "read_layers", never_fits)
+    monkeypatch.setattr(state_cache, "read_texts", never_fits)
     with pytest.raises(JobFailed, match="lower max_length") as failure:
         state_cache.compute(loaded, [[1, 5, 6]], [1], "last", device="cpu", token_budget=100, max_batch_size=4)
     assert failure.value.code == "out_of_memory"
