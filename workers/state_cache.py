@@ -230,17 +230,17 @@ class HiddenStateCache:
                         CacheShard.space == self.space, CachedText.text_sha256.in_(shas[start : start + LOOKUP_CHUNK])
                     )
                 )
-                found.extend(session.execute(query).tuples().all())
+                found.extend(session.execute(query).all())
             if not found:
                 return Hits.none(len(shas))
             shard_ids = sorted({entry[1] for entry in found})
             shards: dict[int, tuple[str, list[int | None]]] = {}
             for start in range(0, len(shard_ids), LOOKUP_CHUNK):
-                query = select(CacheShard.id, CacheShard.path, CacheShard.layers).where(
+                listed = select(CacheShard.id, CacheShard.path, CacheShard.layers).where(
                     CacheShard.id.in_(shard_ids[start : start + LOOKUP_CHUNK])
                 )
                 shards.update(
-                    (shard_id, (path, shard_layers)) for shard_id, path, shard_layers in session.execute(query)
+                    (shard_id, (path, shard_layers)) for shard_id, path, shard_layers in session.execute(listed)
                 )
         count = len(found)
         texts = np.fromiter((index[entry[0]] for entry in found), dtype=np.int64, count=count)
@@ -265,7 +265,7 @@ class HiddenStateCache:
             first = holding[np.r_[True, texts[holding][1:] != texts[holding][:-1]]] if len(holding) else holding
             serves[first, to_slot] = True
             have[texts[first], to_slot] = True
-        complete = have.all(axis=1)
+        complete = np.asarray(have.all(axis=1), dtype=bool)
         # one read per shard and set of slots it serves, for the texts found whole
         useful = np.flatnonzero(serves.any(axis=1) & complete[texts])
         if not len(useful):
