@@ -40,6 +40,7 @@ STATES_TENSOR = "hidden_states"
 LOOKUP_CHUNK = 5000  # values in one IN (…) list: well under SQLite's 32,766 variables
 INSERT_CHUNK = 5000  # index rows in one INSERT
 READ_BLOCK_BYTES = 32 << 20  # shard rows copied by one indexing operation
+MIN_RUN = 8  # consecutive rows, on average, that make slice copies worth it
 WRITE_BLOCK_ROWS = 4096  # computed rows copied into the output by one indexing operation
 
 
@@ -291,18 +292,29 @@ class HiddenStateCache:
 
     def read_into(self, hits: Hits, out: np.ndarray, positions: Positions) -> None:
         """Copy every vector `hits` reads into `out` at each output row of its text and the
-        slot of its layer: each shard mapped once, its rows read in ascending order, a block
-        of rows at a time by array indexing."""
+        slot of its layer, each shard mapped once. Where whole shard rows go to whole output
+        rows in runs (consecutive rows to consecutive output rows, as a request the shard was
+        computed for reads them), each run is one slice copy; otherwise the rows are read in
+        ascending order, a block of them at a time, by array indexing."""
         for shard, reads in groupby(hits.reads, key=lambda read: read.shard):
             states = np.asarray(arrays.mapped(self.store.local_path(shard), STATES_TENSOR))
             block = max(1, READ_BLOCK_BYTES // max(1, states.shape[1] * states.shape[2] * 4))
             for read in reads:
-                by_row = np.argsort(read.rows, kind="stable")
-                targets, rows = positions.expand(read.texts[by_row], read.rows[by_row])
-                # the shard's rows whole into whole output rows: one copy per vector row, no slot gather
+                targets, rows = positions.expand(read.texts, read.rows)
                 whole = np.array_equal(read.from_slots, np.arange(states.shape[1])) and np.array_equal(
                     read.to_slots, np.arange(out.shape[1])
                 )
+                if whole:
+                    by_target = np.argsort(targets, kind="stable")
+                    targets, rows = targets[by_target], rows[by_target]
+                    runs = np.flatnonzero((np.diff(rows) != 1) | (np.diff(targets) != 1)) + 1
+                    if len(runs) < len(rows) // MIN_RUN:
+                        for begin, end in pairwise([0, *runs.tolist(), len(rows)]):
+                            first, target = int(rows[begin]), int(targets[begin])
+                            out[target : target + end - begin] = states[first : first + end - begin]
+                        continue
+                by_row = np.argsort(rows, kind="stable")
+                targets, rows = targets[by_row], rows[by_row]
                 for start in range(0, len(rows), block):
                     into, taken = targets[start : start + block], rows[start : start + block]
                     if whole:

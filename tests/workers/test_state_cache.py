@@ -184,3 +184,17 @@ def test_a_shard_written_again_under_its_name_replaces_its_index(cache: state_ca
     hits, out = read(cache, ["a", "b", "c"], [1])
     assert hits.found.tolist() == [False, True, True]
     np.testing.assert_array_equal(out[1:], states)
+
+
+def test_runs_of_consecutive_rows_land_at_their_texts_output_rows(cache: state_cache.HiddenStateCache) -> None:
+    texts = [f"text {i}" for i in range(40)]
+    states = vectors(7, 40, 2)
+    cache.add("runs", texts, [1, 2], states, [False] * 40)
+    # two runs of the shard's rows, split by a text it does not hold, the last text asked twice
+    asked = [*texts[:25], "elsewhere", *texts[25:], texts[-1]]
+    hits, out = read(cache, asked, [1, 2])
+    assert hits.found.tolist() == [True] * 25 + [False] + [True] * 15
+    np.testing.assert_array_equal(out[:25], states[:25])
+    np.testing.assert_array_equal(out[26:41], states[25:])
+    np.testing.assert_array_equal(out[41], states[39])
+    assert np.isnan(out[25]).all()
