@@ -31,7 +31,7 @@ from sqlalchemy.orm import Session, sessionmaker
 
 from app.registry.tables import (
     Adapter,
-    CachedHiddenState,
+    CacheShard,
     Comparison,
     Dataset,
     Extraction,
@@ -96,7 +96,7 @@ def referenced(session: Session) -> tuple[set[str], tuple[str, ...]]:
     files: set[str] = set()
     for column in (Dataset.artifact, Extraction.artifact):
         files.update(key for key in session.scalars(select(column)) if key is not None)
-    files.update(session.scalars(select(CachedHiddenState.shard).distinct()))
+    files.update(session.scalars(select(CacheShard.path)))
     for params in session.scalars(select(Job.params).where(Job.status.not_in(sorted(TERMINAL_STATUSES)))):
         if isinstance(params, dict) and isinstance(params.get("upload"), str):
             files.add(params["upload"])  # an uploaded archive its import job has yet to read

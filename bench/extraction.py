@@ -11,7 +11,14 @@ vocabulary 32,000), float32 on the CPU. Request: layers [2, 4], last token.
 (b) service — `workers.extraction.run`, the job function a worker runs, against a real
     SQLite registry, a real Redis and an artifact folder: length-sorted token-budget
     batches, forward stopped after block 4, vectors written to the content cache and the
-    result file. Then the same request again, served from the cache.
+    result file. Then the same request again, served from the cache, CACHED_REPEATS times
+    (each a new extraction): `cache_hit_speedup` is the median of computing time over
+    cached time, `cache_hit_speedup_min` the smallest.
+(c) reading — the cache's own read of the cached vectors (`HiddenStateCache.read_into`
+    after its lookup, into a new array) against numpy reading the same shard files whole
+    (`np.fromfile`), both from the page cache, the median of CACHED_REPEATS each:
+    `cache_read_mb_per_s` (MB of vectors put in place) and `raw_read_mb_per_s` (MB of shard
+    file read).
 
 Real case (keys `real_…`, `gguf_…`, `folder_load_s`). Model: SmolLM2-135M-Instruct (30
 layers, hidden 576, vocabulary 49,152) registered from its GGUF file (Q4_1, in the
@@ -69,7 +76,9 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+import numpy as np
 import torch
+from sqlalchemy import select
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
@@ -79,7 +88,7 @@ from app.inputs.model_sources import fingerprint, resolve_source, source_shape  
 from app.job_kinds import ExtractionParameters  # noqa: E402
 from app.registry.database import create_registry_engine, migrate, session_factory  # noqa: E402
 from app.registry.models import new_model  # noqa: E402
-from app.registry.tables import Extraction, Job, Model  # noqa: E402
+from app.registry.tables import CacheShard, Extraction, Job, Model  # noqa: E402
 from app.settings import Settings, get_settings  # noqa: E402
 from tests.real_models import smollm2_gguf_path  # noqa: E402
 from tests.tiny_models import save_tokenizer  # noqa: E402
@@ -87,6 +96,7 @@ from workers import extraction, hidden_states, runtime, state_cache  # noqa: E40
 from workers.context import JobContext  # noqa: E402
 from workers.model_loading import LoadedModel  # noqa: E402
 from workers.resident_models import ResidentModels  # noqa: E402
+from workers.state_cache import HiddenStateCache, Positions, cache_space, text_sha256  # noqa: E402
 
 if TYPE_CHECKING:
     from sqlalchemy.orm import Session, sessionmaker
@@ -100,6 +110,7 @@ CITIES = STATEMENTS / "cities.jsonl"
 REAL_TEXT_COUNT = 2000
 REAL_LAYERS = [8, 16]
 LOAD_REPEATS = 3
+CACHED_REPEATS = 5
 # the worker's vectors against the naive ones: equal to this fraction of the largest magnitude
 TOLERANCE = 1e-4
 
@@ -492,6 +503,54 @@ def peers_case(worker: runtime.WorkerRuntime, model_folder: Path) -> dict:
     return figures
 
 
+def cached_runs(
+    worker: runtime.WorkerRuntime,
+    sessions: "sessionmaker[Session]",
+    model: Model,
+    texts: list[str],
+    service_s: float,
+) -> dict:
+    """The request again, served from the cache, CACHED_REPEATS times: its rate and speedups."""
+    seconds = []
+    for repeat in range(CACHED_REPEATS):
+        cached_s, cached = service_run(worker, sessions, f"cached-{repeat}", model, texts, LAYERS)
+        assert cached["batches_run"] == 0 and cached["cache_hits"] == len(texts)
+        seconds.append(cached_s)
+    return {
+        "cached_texts_per_s": round(len(texts) / statistics.median(seconds), 1),
+        "cache_hit_speedup": round(service_s / statistics.median(seconds), 1),
+        "cache_hit_speedup_min": round(service_s / max(seconds), 1),
+    }
+
+
+def read_rates(
+    worker: runtime.WorkerRuntime, sessions: "sessionmaker[Session]", model: Model, texts: list[str]
+) -> dict:
+    """The cache's read of the cached vectors against numpy's raw read of their shard files."""
+    cache = HiddenStateCache(sessions, worker.artifacts, cache_space(model, None, "last", None))
+    distinct: dict[str, int] = {}
+    inverse = np.asarray([distinct.setdefault(text_sha256(text), len(distinct)) for text in texts], dtype=np.int64)
+    positions = Positions.of(inverse, len(distinct))
+    hits = cache.lookup(list(distinct), LAYERS)
+    assert hits.found.all(), "the bench's texts are not all in the cache"
+    with sessions() as session:
+        paths = session.scalars(select(CacheShard.path).where(CacheShard.space == cache.space))
+        shards = [worker.artifacts.local_path(path) for path in paths]
+    cache_seconds, raw_seconds = [], []
+    for _ in range(CACHED_REPEATS):
+        out = np.empty((len(texts), len(LAYERS), model.hidden_size), dtype=np.float32)
+        start = time.perf_counter()
+        cache.read_into(hits, out, positions)
+        cache_seconds.append(time.perf_counter() - start)
+        start = time.perf_counter()
+        raw_bytes = sum(np.fromfile(path, dtype=np.uint8).nbytes for path in shards)
+        raw_seconds.append(time.perf_counter() - start)
+    return {
+        "cache_read_mb_per_s": round(out.nbytes / 1e6 / statistics.median(cache_seconds), 1),
+        "raw_read_mb_per_s": round(raw_bytes / 1e6 / statistics.median(raw_seconds), 1),
+    }
+
+
 def main() -> None:
     torch.set_num_threads(max(1, torch.get_num_threads()))
     texts = city_texts()
@@ -550,8 +609,7 @@ def main() -> None:
             naive_s = time.perf_counter() - naive_start
             del naive_model
             service_s, computed = service_run(worker, sessions, "computed", model_row, texts, LAYERS)
-            cached_s, cached = service_run(worker, sessions, "cached", model_row, texts, LAYERS)
-            assert cached["batches_run"] == 0 and cached["cache_hits"] == len(texts)
+            repeated = cached_runs(worker, sessions, model_row, texts, service_s)
             max_difference = float((service_states(worker, "computed") - naive_states).abs().max())
             figures = {
                 "texts": len(texts),
@@ -559,8 +617,8 @@ def main() -> None:
                 "naive_texts_per_s": round(len(texts) / naive_s, 1),
                 "texts_per_s": round(len(texts) / service_s, 1),
                 "speedup_vs_naive": round(naive_s / service_s, 2),
-                "cached_texts_per_s": round(len(texts) / cached_s, 1),
-                "cache_hit_speedup": round(service_s / cached_s, 1),
+                **repeated,
+                **read_rates(worker, sessions, model_row, texts),
                 "max_abs_difference_vs_naive": max_difference,
                 "batches_run": computed["batches_run"],
                 # the random case's peak, taken before the real model is loaded

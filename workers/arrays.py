@@ -45,3 +45,19 @@ def write(path: Path, name: str, array: np.ndarray, metadata: dict[str, str]) ->
     with path.open("wb") as handle:
         handle.write(_header(name, array.shape, metadata))
         array.tofile(handle)
+
+
+def mapped(path: Path, name: str) -> np.memmap:
+    """Tensor `name` (float32) of the safetensors file at `path`, mapped read-only: indexing
+    it reads just the rows it picks, through the page cache, with no copy of the whole file."""
+    with path.open("rb") as handle:
+        (header_length,) = struct.unpack("<Q", handle.read(8))
+        header = json.loads(handle.read(header_length))
+    entry = header[name]
+    if entry["dtype"] != "F32":
+        raise ValueError(f"{path}: tensor {name} is {entry['dtype']}, not F32")
+    shape = tuple(int(size) for size in entry["shape"])
+    begin, end = (int(offset) for offset in entry["data_offsets"])
+    if end - begin != int(np.prod(shape, dtype=np.int64)) * 4:
+        raise ValueError(f"{path}: tensor {name} has {end - begin} bytes for shape {list(shape)}")
+    return np.memmap(path, dtype="<f4", mode="r", offset=8 + header_length + begin, shape=shape)

@@ -11,26 +11,21 @@ formats existed, so entries cached then are still found.
 
 import hashlib
 import json
-from collections import defaultdict
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from itertools import groupby, pairwise
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
-from safetensors import safe_open
-from sqlalchemy import select
+from sqlalchemy import delete, select
 from sqlalchemy.dialects.postgresql import insert as postgresql_insert
 from sqlalchemy.dialects.sqlite import insert as sqlite_insert
 from sqlalchemy.orm import Session, sessionmaker
 
 from app.inputs.prompt_formats import RAW
 from app.registry.cache_spaces import claim_space
-from app.registry.tables import (
-    Adapter,
-    CachedHiddenState,
-    Model,
-)
+from app.registry.tables import Adapter, CachedText, CacheShard, Model, utcnow
 from app.storage import ArtifactStore
 from workers import arrays
 from workers.errors import JobFailed
@@ -42,7 +37,11 @@ if TYPE_CHECKING:
     from workers.context import JobContext
 
 STATES_TENSOR = "hidden_states"
-LOOKUP_CHUNK = 500
+LOOKUP_CHUNK = 5000  # values in one IN (…) list: well under SQLite's 32,766 variables
+INSERT_CHUNK = 5000  # index rows in one INSERT
+READ_BLOCK_BYTES = 32 << 20  # shard rows copied by one indexing operation
+MIN_RUN = 8  # consecutive rows, on average, that make slice copies worth it
+WRITE_BLOCK_ROWS = 4096  # computed rows copied into the output by one indexing operation
 
 
 def text_sha256(text: str) -> str:
@@ -182,54 +181,175 @@ def compute(
     return result
 
 
+@dataclass(frozen=True)
+class Positions:
+    """Where each distinct text goes in a request's output: distinct text `u` (an index into
+    the distinct hashes) is at output rows `order[starts[u] : starts[u] + counts[u]]`."""
+
+    order: np.ndarray
+    starts: np.ndarray
+    counts: np.ndarray
+
+    @classmethod
+    def of(cls, inverse: np.ndarray, distinct: int) -> "Positions":
+        """From `inverse`: per output row, the index of its distinct text."""
+        counts = np.bincount(inverse, minlength=distinct)
+        starts = np.zeros(distinct, dtype=np.int64)
+        np.cumsum(counts[:-1], out=starts[1:])
+        return cls(order=np.argsort(inverse, kind="stable"), starts=starts, counts=counts)
+
+    def expand(self, texts: np.ndarray, rows: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """(output rows, source rows): every output row of each of `texts`, with the source
+        row (`rows`, one per text) it takes."""
+        counts = self.counts[texts]
+        if len(counts) == 0 or counts.max() == 1:
+            return self.order[self.starts[texts]], rows
+        ends = np.cumsum(counts)
+        within = np.arange(int(ends[-1]), dtype=np.int64) - np.repeat(ends - counts, counts)
+        return self.order[np.repeat(self.starts[texts], counts) + within], np.repeat(rows, counts)
+
+
+@dataclass(frozen=True)
+class ShardRead:
+    """Vectors to copy out of one shard: row `rows[i]` of it at slots `from_slots` holds text
+    `texts[i]` (an index into the hashes looked up) at the request's slots `to_slots`."""
+
+    shard: str
+    from_slots: np.ndarray
+    to_slots: np.ndarray
+    texts: np.ndarray
+    rows: np.ndarray
+
+
+@dataclass(frozen=True)
+class Hits:
+    """What the cache holds of the texts looked up (by index): `found`, every requested layer
+    of it; `truncated`, whether it was truncated (where found); `reads`, where each layer of
+    each found text is, one shard — the earliest that holds the layer — per text and layer."""
+
+    found: np.ndarray
+    truncated: np.ndarray
+    reads: list[ShardRead]
+
+    @classmethod
+    def none(cls, texts: int) -> "Hits":
+        return cls(found=np.zeros(texts, dtype=bool), truncated=np.zeros(texts, dtype=bool), reads=[])
+
+
 class HiddenStateCache:
-    """Per-text, per-layer vectors in safetensors shards, indexed in the registry."""
+    """Per-text, per-layer vectors in safetensors shards, indexed in the registry: one
+    `CacheShard` per file, one `CachedText` per text in it (whatever its layer count)."""
 
     def __init__(self, sessions: sessionmaker[Session], store: ArtifactStore, space: str) -> None:
         self.sessions = sessions
         self.store = store
         self.space = space
 
-    def lookup(self, shas: Sequence[str], layers: Sequence[int]) -> dict[tuple[str, int], CachedHiddenState]:
-        found: dict[tuple[str, int], CachedHiddenState] = {}
+    def lookup(self, shas: Sequence[str], layers: Sequence[int]) -> Hits:
+        """Where the vectors of `shas` (distinct) at `layers` are: two queries a chunk of texts
+        (their rows in this space's shards, then those shards' paths and layers), read as
+        plain tuples; the choice of shards is made on arrays."""
+        index = {sha: position for position, sha in enumerate(shas)}
+        found: list[Any] = []
         with self.sessions() as session:
             for start in range(0, len(shas), LOOKUP_CHUNK):
-                query = select(CachedHiddenState).where(
-                    CachedHiddenState.space == self.space,
-                    CachedHiddenState.text_sha256.in_(shas[start : start + LOOKUP_CHUNK]),
-                    CachedHiddenState.layer.in_(list(layers)),
+                query = (
+                    select(CachedText.text_sha256, CachedText.shard_id, CachedText.row, CachedText.truncated)
+                    .join(CacheShard, CacheShard.id == CachedText.shard_id)
+                    .where(
+                        CacheShard.space == self.space, CachedText.text_sha256.in_(shas[start : start + LOOKUP_CHUNK])
+                    )
                 )
-                found.update(((entry.text_sha256, entry.layer), entry) for entry in session.scalars(query))
-        return found
+                found.extend(session.execute(query).all())
+            if not found:
+                return Hits.none(len(shas))
+            shard_ids = sorted({entry[1] for entry in found})
+            shards: dict[int, tuple[str, list[int | None]]] = {}
+            for start in range(0, len(shard_ids), LOOKUP_CHUNK):
+                listed = select(CacheShard.id, CacheShard.path, CacheShard.layers).where(
+                    CacheShard.id.in_(shard_ids[start : start + LOOKUP_CHUNK])
+                )
+                shards.update(
+                    (shard_id, (path, shard_layers)) for shard_id, path, shard_layers in session.execute(listed)
+                )
+        count = len(found)
+        texts = np.fromiter((index[entry[0]] for entry in found), dtype=np.int64, count=count)
+        ids = np.fromiter((entry[1] for entry in found), dtype=np.int64, count=count)
+        rows = np.fromiter((entry[2] for entry in found), dtype=np.int64, count=count)
+        truncated = np.zeros(len(shas), dtype=bool)
+        truncated[texts] = np.fromiter((bool(entry[3]) for entry in found), dtype=bool, count=count)
+        # candidates (a text in a shard) by text, then by shard: the earliest shard comes first
+        order = np.lexsort((ids, texts))
+        texts, ids, rows = texts[order], ids[order], rows[order]
+        shard_of = np.searchsorted(np.asarray(shard_ids, dtype=np.int64), ids)
+        # per shard and requested slot, the shard's slot of that layer (-1: not in the shard)
+        slot_in = np.full((len(shard_ids), len(layers)), -1, dtype=np.int64)
+        for position, shard_id in enumerate(shard_ids):
+            held = {layer: slot for slot, layer in enumerate(shards[shard_id][1]) if layer is not None}
+            slot_in[position] = [held.get(layer, -1) for layer in layers]
+        candidate_slots = slot_in[shard_of]  # (candidates, requested slots)
+        serves = np.zeros(candidate_slots.shape, dtype=bool)
+        have = np.zeros((len(shas), len(layers)), dtype=bool)
+        for to_slot in range(len(layers)):
+            holding = np.flatnonzero(candidate_slots[:, to_slot] >= 0)
+            first = holding[np.r_[True, texts[holding][1:] != texts[holding][:-1]]] if len(holding) else holding
+            serves[first, to_slot] = True
+            have[texts[first], to_slot] = True
+        complete = np.asarray(have.all(axis=1), dtype=bool)
+        # one read per shard and set of slots it serves, for the texts found whole
+        useful = np.flatnonzero(serves.any(axis=1) & complete[texts])
+        if not len(useful):
+            return Hits(found=complete, truncated=truncated, reads=[])
+        patterns, pattern_of = np.unique(serves[useful], axis=0, return_inverse=True)
+        group = shard_of[useful] * len(patterns) + pattern_of.reshape(-1)
+        by_group = np.argsort(group, kind="stable")
+        reads: list[ShardRead] = []
+        bounds = np.flatnonzero(np.r_[True, group[by_group][1:] != group[by_group][:-1], True])
+        for begin, end in pairwise(bounds):
+            members = useful[by_group[begin:end]]
+            to_slots = np.flatnonzero(serves[members[0]])
+            reads.append(
+                ShardRead(
+                    shard=shards[shard_ids[shard_of[members[0]]]][0],
+                    from_slots=candidate_slots[members[0], to_slots],
+                    to_slots=to_slots,
+                    texts=texts[members],
+                    rows=rows[members],
+                )
+            )
+        return Hits(found=complete, truncated=truncated, reads=reads)
 
-    def read_into(
-        self,
-        entries: Sequence[CachedHiddenState],
-        out: np.ndarray,
-        positions: dict[str, list[int]],
-        slots: dict[int, int],
-    ) -> None:
-        """Copy each entry's vector into `out` at every position of its text and the slot of
-        its layer, one shard at a time."""
-        by_shard: dict[str, list[CachedHiddenState]] = defaultdict(list)
-        for entry in entries:
-            by_shard[entry.shard].append(entry)
-        for shard, shard_entries in by_shard.items():
-            with safe_open(self.store.local_path(shard), framework="numpy") as handle:
-                states = handle.get_tensor(STATES_TENSOR)
-            # four lists of ints, not a tuple per vector: thousands of small tuples would set
-            # off a full garbage collection over the worker's whole heap (the model's included)
-            to_text: list[int] = []
-            to_slot: list[int] = []
-            from_row: list[int] = []
-            from_slot: list[int] = []
-            for entry in shard_entries:
-                for position in positions[entry.text_sha256]:
-                    to_text.append(position)
-                    to_slot.append(slots[entry.layer])
-                    from_row.append(entry.row)
-                    from_slot.append(entry.slot)
-            out[to_text, to_slot] = states[from_row, from_slot]
+    def read_into(self, hits: Hits, out: np.ndarray, positions: Positions) -> None:
+        """Copy every vector `hits` reads into `out` at each output row of its text and the
+        slot of its layer, each shard mapped once. Where whole shard rows go to whole output
+        rows in runs (consecutive rows to consecutive output rows, as a request the shard was
+        computed for reads them), each run is one slice copy; otherwise the rows are read in
+        ascending order, a block of them at a time, by array indexing."""
+        for shard, reads in groupby(hits.reads, key=lambda read: read.shard):
+            states = np.asarray(arrays.mapped(self.store.local_path(shard), STATES_TENSOR))
+            block = max(1, READ_BLOCK_BYTES // max(1, states.shape[1] * states.shape[2] * 4))
+            for read in reads:
+                targets, rows = positions.expand(read.texts, read.rows)
+                whole = np.array_equal(read.from_slots, np.arange(states.shape[1])) and np.array_equal(
+                    read.to_slots, np.arange(out.shape[1])
+                )
+                if whole:
+                    by_target = np.argsort(targets, kind="stable")
+                    targets, rows = targets[by_target], rows[by_target]
+                    runs = np.flatnonzero((np.diff(rows) != 1) | (np.diff(targets) != 1)) + 1
+                    if len(runs) < len(rows) // MIN_RUN:
+                        for begin, end in pairwise([0, *runs.tolist(), len(rows)]):
+                            first, target = int(rows[begin]), int(targets[begin])
+                            out[target : target + end - begin] = states[first : first + end - begin]
+                        continue
+                by_row = np.argsort(rows, kind="stable")
+                targets, rows = targets[by_row], rows[by_row]
+                for start in range(0, len(rows), block):
+                    into, taken = targets[start : start + block], rows[start : start + block]
+                    if whole:
+                        out[into] = states[taken]
+                    else:
+                        out[into[:, None], read.to_slots] = states[taken[:, None], read.from_slots]
             del states
 
     def shard_key(self, shard_name: str) -> str:
@@ -238,27 +358,31 @@ class HiddenStateCache:
     def add(
         self, shard_name: str, shas: Sequence[str], layers: Sequence[int], states: np.ndarray, truncated: Sequence[bool]
     ) -> None:
-        """Write a shard, then index it; an index that fails to commit takes its shard away."""
+        """Write a shard, then index it — its `CacheShard` and a `CachedText` per text, in one
+        transaction; an index that fails to commit takes its shard away. A shard written
+        again under its name replaces the index of the earlier one."""
         shard = self.shard_key(shard_name)
         with self.store.temporary_path(shard) as path:
             arrays.write(path, STATES_TENSOR, states, metadata={"layers": json.dumps(list(layers))})
-        rows = [
-            {
-                "space": self.space,
-                "text_sha256": sha,
-                "layer": layer,
-                "shard": shard,
-                "row": row,
-                "slot": slot,
-                "truncated": truncated[row],
-            }
-            for row, sha in enumerate(shas)
-            for slot, layer in enumerate(layers)
-        ]
         try:
             with self.sessions() as session, session.begin():
                 insert = postgresql_insert if session.get_bind().dialect.name == "postgresql" else sqlite_insert
-                session.execute(insert(CachedHiddenState).on_conflict_do_nothing(), rows)
+                earlier = select(CacheShard.id).where(CacheShard.path == shard).scalar_subquery()
+                session.execute(delete(CachedText).where(CachedText.shard_id == earlier))
+                session.execute(delete(CacheShard).where(CacheShard.path == shard))
+                shard_id = session.execute(
+                    insert(CacheShard)
+                    .values(space=self.space, path=shard, layers=list(layers), rows=len(shas), created_at=utcnow())
+                    .returning(CacheShard.id)
+                ).scalar_one()
+                for start in range(0, len(shas), INSERT_CHUNK):
+                    session.execute(
+                        insert(CachedText).on_conflict_do_nothing(),
+                        [
+                            {"text_sha256": shas[row], "shard_id": shard_id, "row": row, "truncated": truncated[row]}
+                            for row in range(start, min(start + INSERT_CHUNK, len(shas)))
+                        ],
+                    )
         except BaseException:
             self.store.delete(shard)
             raise
@@ -298,30 +422,31 @@ def cached_states(
     worker = context.runtime
     settings, store = worker.settings, worker.artifacts
     model, adapter, layers = request.model, request.adapter, request.layers
-    shas = [text_sha256(text) for text in texts]
-    unique_shas = list(dict.fromkeys(shas))
-    text_of = dict(zip(shas, texts, strict=True))
+    distinct: dict[str, int] = {}
+    inverse = np.fromiter(
+        (distinct.setdefault(text_sha256(text), len(distinct)) for text in texts), dtype=np.int64, count=len(texts)
+    )
+    unique_shas = list(distinct)
+    first_text = np.full(len(unique_shas), len(texts), dtype=np.int64)
+    np.minimum.at(first_text, inverse, np.arange(len(texts), dtype=np.int64))
     space = cache_space(
         model, adapter.identity if adapter else None, request.token_position, request.max_length, request.prompt_format
     )
     cache = HiddenStateCache(worker.sessions, store, space)
-    hits = cache.lookup(unique_shas, layers) if settings.extraction_cache else {}
-    missing = [sha for sha in unique_shas if any((sha, layer) not in hits for layer in layers)]
+    hits = cache.lookup(unique_shas, layers) if settings.extraction_cache else Hits.none(len(unique_shas))
+    missing = np.flatnonzero(~hits.found)
     context.progress("loading model", 0, len(missing))
 
-    positions: dict[str, list[int]] = defaultdict(list)
-    for index, sha in enumerate(shas):
-        positions[sha].append(index)
-    slots = {layer: slot for slot, layer in enumerate(layers)}
+    positions = Positions.of(inverse, len(unique_shas))
     if out is None:
-        out = np.empty((len(shas), len(layers), model.hidden_size), dtype=np.float32)
-    truncated_by_sha: dict[str, bool] = {}
+        out = np.empty((len(texts), len(layers), model.hidden_size), dtype=np.float32)
+    truncated = hits.truncated.copy()
     batches_run = 0
-    if missing:
+    if len(missing):
         loaded = worker.resident(model, adapter)
         tokenized = tokenize(
             loaded.tokenizer,
-            [text_of[sha] for sha in missing],
+            [texts[index] for index in first_text[missing]],
             request.max_length or model_token_limit(loaded),
             request.prompt_format,
         )
@@ -349,19 +474,23 @@ def cached_states(
                 *(cache.shard_key(f"{shard_name}-{earlier}") for earlier in range(1, context.attempt))
             )
             claim_space(worker.sessions, space, model.id)
-            cache.add(f"{shard_name}-{context.attempt}", missing, layers, computed, tokenized.truncated)
-        for row, sha in enumerate(missing):
-            truncated_by_sha[sha] = tokenized.truncated[row]
-            out[positions[sha]] = computed[row]
+            cache.add(
+                f"{shard_name}-{context.attempt}",
+                [unique_shas[index] for index in missing],
+                layers,
+                computed,
+                tokenized.truncated,
+            )
+        truncated[missing] = tokenized.truncated
+        targets, rows = positions.expand(missing, np.arange(len(missing), dtype=np.int64))
+        for start in range(0, len(rows), WRITE_BLOCK_ROWS):
+            out[targets[start : start + WRITE_BLOCK_ROWS]] = computed[rows[start : start + WRITE_BLOCK_ROWS]]
         del computed
-    served = [sha for sha in unique_shas if sha not in truncated_by_sha]
-    cache.read_into([hits[(sha, layer)] for sha in served for layer in layers], out, positions, slots)
-    truncated_by_sha.update((sha, hits[(sha, layers[0])].truncated) for sha in served)
-    served_set = set(served)
+    cache.read_into(hits, out, positions)
     return States(
         states=out,
-        truncated=[truncated_by_sha[sha] for sha in shas],
-        cache_hits=sum(1 for sha in shas if sha in served_set),
+        truncated=truncated[inverse].tolist(),
+        cache_hits=int(hits.found[inverse].sum()),
         computed_texts=len(missing),
         batches_run=batches_run,
     )

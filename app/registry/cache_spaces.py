@@ -9,7 +9,7 @@ from sqlalchemy.dialects.sqlite import insert as sqlite_insert
 from sqlalchemy.orm import Session, sessionmaker
 
 from app.registry.database import transaction
-from app.registry.tables import CachedHiddenState, CacheSpace
+from app.registry.tables import CachedText, CacheShard, CacheSpace
 
 CHUNK = 500  # ids in one IN (…) list
 
@@ -23,9 +23,10 @@ def claim_space(sessions: sessionmaker[Session], space: str, model_id: str) -> N
 
 
 def forget_models(session: Session, model_ids: Collection[str]) -> set[str]:
-    """Delete the cache entries of the models' spaces, except spaces another model claims
-    too, and the models' claims; the shards the deleted entries were in, for the caller to
-    remove once nothing else refers to them."""
+    """Delete the cache shards of the models' spaces (their `CacheShard` rows and the
+    `CachedText` rows of their texts), except spaces another model claims too, and the
+    models' claims; the paths of the deleted shards, for the caller to remove once nothing
+    else refers to them."""
     ids = sorted(model_ids)
     claimed: set[str] = set()
     for start in range(0, len(ids), CHUNK):
@@ -45,11 +46,15 @@ def forget_models(session: Session, model_ids: Collection[str]) -> set[str]:
     doomed = [space for space in spaces if space not in shared]
     shards: set[str] = set()
     for start in range(0, len(doomed), CHUNK):
-        chunk = doomed[start : start + CHUNK]
-        shards.update(
-            session.scalars(select(CachedHiddenState.shard).where(CachedHiddenState.space.in_(chunk)).distinct())
-        )
-        session.execute(delete(CachedHiddenState).where(CachedHiddenState.space.in_(chunk)))
+        found = session.execute(
+            select(CacheShard.id, CacheShard.path).where(CacheShard.space.in_(doomed[start : start + CHUNK]))
+        ).all()
+        shards.update(path for _, path in found)
+        shard_ids = [shard_id for shard_id, _ in found]
+        for first in range(0, len(shard_ids), CHUNK):
+            chunk = shard_ids[first : first + CHUNK]
+            session.execute(delete(CachedText).where(CachedText.shard_id.in_(chunk)))
+            session.execute(delete(CacheShard).where(CacheShard.id.in_(chunk)))
     for start in range(0, len(ids), CHUNK):
         session.execute(delete(CacheSpace).where(CacheSpace.model_id.in_(ids[start : start + CHUNK])))
     return shards

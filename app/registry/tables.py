@@ -156,19 +156,37 @@ class Extraction(Base):
     finished_at: Mapped[datetime | None] = mapped_column()
 
 
-class CachedHiddenState(Base):
-    """Where the hidden state of one text at one layer is kept: row `row`, layer slot `slot`
-    of a cache shard. `space` hashes everything else the state depends on (model, adapter,
-    quantization, dtype, token position, max_length, prompt format)."""
+class CacheShard(Base):
+    """One shard of the hidden-state cache: the safetensors file at `path` holds tensor
+    `hidden_states`, float32, shaped (`rows`, len(`layers`), hidden) — row r of it is the text
+    its `CachedText` gives row r, slot s is layer `layers[s]`. Every vector in it is of cache
+    `space`, the hash of everything a vector depends on besides its text and layer (model,
+    adapter, quantization, dtype, token position, max_length, prompt format). A slot whose
+    layer the registry never learned (`null`, only in shards indexed before this table) is
+    never read."""
 
-    __tablename__ = "hidden_state_cache"
+    __tablename__ = "cache_shards"
 
-    space: Mapped[str] = mapped_column(String(64), primary_key=True)
+    id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=True)
+    space: Mapped[str] = mapped_column(String(64), index=True)
+    path: Mapped[str] = mapped_column(String(500), unique=True)
+    layers: Mapped[list[int | None]] = mapped_column(JSON)
+    rows: Mapped[int] = mapped_column(Integer)
+    created_at: Mapped[datetime] = mapped_column(default=utcnow)
+
+
+class CachedText(Base):
+    """A text in a cache shard: its vectors at every layer of the shard are row `row` of it.
+    One row per text per shard, whatever the number of layers; keyed by the text's sha256
+    first, so "these texts, in this space's shards" is one index range per text."""
+
+    __tablename__ = "cached_texts"
+
     text_sha256: Mapped[str] = mapped_column(String(64), primary_key=True)
-    layer: Mapped[int] = mapped_column(Integer, primary_key=True)
-    shard: Mapped[str] = mapped_column(String(500))
+    shard_id: Mapped[int] = mapped_column(
+        ForeignKey("cache_shards.id", ondelete="CASCADE"), primary_key=True, index=True
+    )
     row: Mapped[int] = mapped_column(Integer)
-    slot: Mapped[int] = mapped_column(Integer)
     truncated: Mapped[bool] = mapped_column(Boolean, default=False)
 
 

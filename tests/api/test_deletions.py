@@ -15,7 +15,8 @@ from sqlalchemy.orm import Session, sessionmaker
 from app.registry.database import create_registry_engine, session_factory, transaction
 from app.registry.tables import (
     Adapter,
-    CachedHiddenState,
+    CachedText,
+    CacheShard,
     CacheSpace,
     Comparison,
     Extraction,
@@ -397,9 +398,7 @@ def cache_entries(settings: Settings, model_id: str) -> tuple[list[str], list[st
     """The spaces the registry records for the model, and the shards their entries are in."""
     with registry(settings)() as session:
         spaces = list(session.scalars(select(CacheSpace.space).where(CacheSpace.model_id == model_id)))
-        shards = list(
-            session.scalars(select(CachedHiddenState.shard).where(CachedHiddenState.space.in_(spaces)).distinct())
-        )
+        shards = list(session.scalars(select(CacheShard.path).where(CacheShard.space.in_(spaces))))
     return spaces, shards
 
 
@@ -425,17 +424,17 @@ def test_a_deleted_models_cache_entries_and_shards_go_and_another_models_stay(
 
     assert api.delete(f"/v1/models/{models[0]['id']}", params={"force": True}).status_code == 204
     with registry(settings)() as session:
-        counts = session.execute(select(CachedHiddenState.space, func.count()).group_by(CachedHiddenState.space))
+        counts = session.execute(select(CacheShard.space, func.count()).join(CachedText).group_by(CacheShard.space))
         remaining = {space: count for space, count in counts}
         assert list(session.scalars(select(CacheSpace.model_id))) == [models[1]["id"]]
-    assert remaining == {kept_space: len(texts) * 2}
+    assert remaining == {kept_space: len(texts)}  # one row per text, whatever its layers
     assert not any(stored(settings, shard) for shard in doomed_shards)
     assert not stored(settings, doomed_shards[0].rsplit("/", 1)[0])
     assert all(stored(settings, shard) for shard in kept_shards)
 
 
 @only_sqlite
-def test_a_shard_another_space_still_uses_stays_when_a_model_goes(
+def test_a_space_another_model_claims_too_stays_when_a_model_goes(
     api: Any, settings: Settings, tiny_llama: Path
 ) -> None:
     models = [ready_model(api, settings, tiny_llama, dtype=dtype)["id"] for dtype in ("float32", "bfloat16")]
@@ -443,21 +442,30 @@ def test_a_shard_another_space_still_uses_stays_when_a_model_goes(
     shared, own = "cache/sh/shared/one.safetensors", "cache/ow/own/one.safetensors"
     for key in (shared, own):
         store.write_bytes(key, b"vectors")
-    entries = [("space-a", shared, 0), ("space-a", own, 1), ("space-b", shared, 1)]
     with transaction(registry(settings)) as session:
         session.add_all(
-            [CacheSpace(space="space-a", model_id=models[0]), CacheSpace(space="space-b", model_id=models[1])]
+            [
+                CacheSpace(space="space-own", model_id=models[0]),
+                CacheSpace(space="space-shared", model_id=models[0]),
+                CacheSpace(space="space-shared", model_id=models[1]),
+            ]
         )
-        session.add_all(
-            CachedHiddenState(space=space, text_sha256="t" * 64, layer=layer, shard=shard, row=0, slot=0)
-            for space, shard, layer in entries
-        )
+        shards = [
+            CacheShard(space=space, path=path, layers=[1, 2], rows=1)
+            for space, path in (("space-own", own), ("space-shared", shared))
+        ]
+        session.add_all(shards)
+        session.flush()
+        session.add_all(CachedText(text_sha256="t" * 64, shard_id=shard.id, row=0) for shard in shards)
 
     assert api.delete(f"/v1/models/{models[0]}").status_code == 204
     assert stored(settings, shared) and not stored(settings, own)
     with registry(settings)() as session:
-        entries_left = session.execute(select(CachedHiddenState.space, CachedHiddenState.shard))
-        assert [(space, shard) for space, shard in entries_left] == [("space-b", shared)]
+        texts_left = session.execute(select(CacheShard.space, CacheShard.path).join(CachedText))
+        assert [(space, path) for space, path in texts_left] == [("space-shared", shared)]
+        assert list(session.scalars(select(CacheShard.path))) == [shared]
+        claims = session.execute(select(CacheSpace.space, CacheSpace.model_id))
+        assert [(space, model_id) for space, model_id in claims] == [("space-shared", models[1])]
 
 
 @only_sqlite

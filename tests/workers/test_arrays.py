@@ -33,3 +33,23 @@ def test_a_written_array_reads_back_equal_whatever_its_layout(tmp_path: Path) ->
     loaded = load_file(tmp_path / "shard.safetensors")["hidden_states"]
     assert loaded.dtype == np.float32
     np.testing.assert_array_equal(loaded, array.astype(np.float32))
+
+
+def test_a_mapped_tensor_reads_as_the_safetensors_library_reads_it(tmp_path: Path) -> None:
+    from safetensors.numpy import save_file
+
+    path = tmp_path / "two.safetensors"
+    first = np.random.default_rng(1).standard_normal((4, 2, 3)).astype(np.float32)
+    save_file({"other": np.ones((5,), dtype=np.float32), "hidden_states": first}, str(path), metadata={"a": "b"})
+    mapped = arrays.mapped(path, "hidden_states")
+    assert mapped.shape == (4, 2, 3)
+    np.testing.assert_array_equal(mapped[[3, 0], 1], first[[3, 0], 1])
+
+
+def test_a_mapped_tensor_that_is_not_float32_is_refused(tmp_path: Path) -> None:
+    from safetensors.numpy import save_file
+
+    path = tmp_path / "halves.safetensors"
+    save_file({"hidden_states": np.ones((2, 2), dtype=np.float16)}, str(path))
+    with pytest.raises(ValueError, match="F16, not F32"):
+        arrays.mapped(path, "hidden_states")
