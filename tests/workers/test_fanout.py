@@ -57,12 +57,15 @@ def result_file(api: Any, extraction_id: str) -> bytes:
     return bytes(response.content)
 
 
-def unsplit_reference(api: Any, settings: Settings, dataset: dict[str, Any], model: dict[str, Any]) -> bytes:
+def unsplit_reference(
+    api: Any, settings: Settings, dataset: dict[str, Any], model: dict[str, Any], batch_size: int = 4
+) -> bytes:
     """The result file of the extraction run in one piece (EXTRACTION_PART_TEXTS above the
     text count) by one worker in this process, on an empty cache; the cache is emptied again
     after, so the split run computes every text."""
     job_id, extraction_id = extract(api, dataset, model)
-    run_queued_jobs(settings.model_copy(update={"extraction_part_texts": 10**6, "extraction_max_batch_size": 4}))
+    one_piece = {"extraction_part_texts": 10**6, "extraction_max_batch_size": batch_size}
+    run_queued_jobs(settings.model_copy(update=one_piece))
     job = api.get(f"/v1/jobs/{job_id}").json()
     assert job["status"] == "succeeded", job["error"]
     assert "parts" not in job["result"] and job["parts"] is None
@@ -82,7 +85,7 @@ def workers(settings: Settings, *names: str) -> Iterator[dict[str, Any]]:
     started: dict[str, Any] = {}
     try:
         for name in names:
-            started[name] = start_worker(settings, name, Path(f"/tmp/fanout-{name}.log"))
+            started[name] = start_worker(settings, name)
         yield started
     finally:
         for process in started.values():
@@ -207,7 +210,7 @@ def test_a_part_whose_worker_is_killed_is_retried_alone_and_the_result_is_unchan
     api: Any, settings: Settings, dataset_and_model: tuple[dict[str, Any], dict[str, Any]]
 ) -> None:
     dataset, model = dataset_and_model
-    reference = unsplit_reference(api, settings, dataset, model)
+    reference = unsplit_reference(api, settings, dataset, model, batch_size=1)
     slow = split(settings, extraction_part_texts=120, extraction_max_batch_size=1, heartbeat_ttl_s=2.0)
     names = [f"first-{settings.queue_prefix}", f"second-{settings.queue_prefix}"]
     with workers(slow, *names) as started:
