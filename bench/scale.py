@@ -1,0 +1,201 @@
+"""How one extraction scales with workers: the same 4,000-text extraction of a dataset, through
+the HTTP API, on one worker and then on two.
+
+(a) Each run starts a fresh stack as real processes — a Redis, a SQLite registry and an
+    artifact store in a new folder (so the content cache starts empty), one gateway, and one
+    or two worker processes, each limited to one CPU thread (`OMP_NUM_THREADS=1`, which
+    torch reads for its thread pool) so that workers, not threads, are what is counted.
+    EXTRACTION_PART_TEXTS (default 500) splits the extraction into parts in both runs: one
+    worker runs every part itself, two share them (`workers/fanout.py`). The model is a small
+    random Llama (4 layers, hidden 256), float32, layers [2, 4], last token; the texts are the
+    first 4,000 distinct statements of the shared geometry-of-truth files.
+
+The time is from submitting the extraction to its job having succeeded (after the model
+check, so the first worker has the model loaded; the second loads it on its first part). The
+two runs' result files are compared byte for byte (`identical`). `two_worker_speedup` =
+one_worker_s / two_workers_s; the machine's load average is printed with it, as other
+processes on a shared machine take CPU from the workers.
+
+    python bench/scale.py [--texts 4000] [--part-texts 500]
+
+Last line: one JSON object.
+"""
+
+import argparse
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import httpx
+import redis
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+from app.broker import heartbeat_key, redis_server_executable  # noqa: E402
+from app.settings import Settings  # noqa: E402
+from tests.tiny_models import save_tiny_llama  # noqa: E402
+
+LAYERS = [2, 4]
+QUEUE_PREFIX = "scale"
+STATEMENTS = ROOT.parent / "shared" / "data" / "geometry_of_truth"
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+def wait_for(predicate: Callable[[], Any], timeout: float, what: str, pause: float = 0.1) -> Any:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        value = predicate()
+        if value:
+            return value
+        time.sleep(pause)
+    raise TimeoutError(f"waited {timeout} s for {what}")
+
+
+def statements(count: int) -> list[str]:
+    texts: dict[str, None] = {}
+    for path in sorted(STATEMENTS.glob("*.jsonl")):
+        for line in path.read_text().splitlines():
+            if line.strip():
+                texts.setdefault(json.loads(line)["text"], None)
+    if len(texts) < count:
+        raise SystemExit(f"only {len(texts)} distinct statements in {STATEMENTS}, {count} asked")
+    return list(texts)[:count]
+
+
+def _pings(client: redis.Redis) -> bool:
+    try:
+        return bool(client.ping())
+    except redis.exceptions.ConnectionError:
+        return False
+
+
+def answers(base: str) -> bool:
+    try:
+        return httpx.get(f"{base}/healthz", timeout=2).status_code == 200
+    except httpx.HTTPError:
+        return False
+
+
+def run(folder: Path, model_folder: Path, dataset: Path, workers: int, part_texts: int) -> tuple[float, bytes, int]:
+    """Seconds from submitting the extraction to its success, its result file, its parts."""
+    redis_port, port = free_port(), free_port()
+    env = os.environ | {
+        "DATABASE_URL": f"sqlite:///{folder / 'registry.db'}",
+        "REDIS_URL": f"redis://127.0.0.1:{redis_port}/0",
+        "VAR_DIR": str(folder / "var"),
+        "LOG_LEVEL": "warning",
+        "HF_HUB_OFFLINE": "1",
+        "OMP_NUM_THREADS": "1",
+        "MKL_NUM_THREADS": "1",
+        "EXTRACTION_PART_TEXTS": str(part_texts),
+        "HEARTBEAT_INTERVAL_S": "1",
+        "QUEUE_PREFIX": QUEUE_PREFIX,
+    }
+    processes: list[subprocess.Popen[bytes]] = []
+
+    def spawn(args: list[str], log: str, **more: str) -> subprocess.Popen[bytes]:
+        with open(folder / log, "ab") as output:
+            process = subprocess.Popen(args, env=env | more, cwd=ROOT, stdout=output, stderr=output)
+        processes.append(process)
+        return process
+
+    try:
+        spawn([redis_server_executable(), "--port", str(redis_port), "--bind", "127.0.0.1", "--save", ""], "redis.log")
+        wait_for(lambda: _pings(redis.Redis(port=redis_port)), 10, "redis")
+        base = f"http://127.0.0.1:{port}"
+        spawn([sys.executable, "-m", "app.cli", "gateway", "--port", str(port)], "gateway.log")
+        wait_for(lambda: answers(base), 120, "the gateway")
+        connection = redis.Redis(port=redis_port)
+        for number in range(workers):
+            name = f"worker-{number}"
+            spawn([sys.executable, "-m", "workers.main"], f"{name}.log", WORKER_NAME=name)
+            wait_for(lambda: connection.exists(heartbeat_key(Settings(queue_prefix=QUEUE_PREFIX), name)), 120, name)  # noqa: B023
+        with httpx.Client(base_url=base, timeout=120) as client:
+            model = client.post("/v1/models", json={"name": "bench", "source": str(model_folder)}).json()
+            finished(client, model["check_job_id"], 300)
+            with dataset.open("rb") as handle:
+                uploaded = client.post("/v1/datasets", files={"file": ("statements.jsonl", handle)}).json()
+            start = time.perf_counter()
+            created = client.post(
+                "/v1/extractions", json={"model": model["id"], "layers": LAYERS, "dataset": uploaded["id"]}
+            ).json()
+            job = finished(client, created["job"]["id"], 3600)
+            seconds = time.perf_counter() - start
+            result = client.get(
+                f"/v1/extractions/{created['extraction']['id']}/hidden-states", params={"format": "safetensors"}
+            ).content
+            return seconds, result, int(job["result"].get("parts", 0))
+    finally:
+        for process in reversed(processes):
+            if process.poll() is None:
+                process.send_signal(signal.SIGTERM)
+        for process in processes:
+            try:
+                process.wait(30)
+            except subprocess.TimeoutExpired:
+                process.kill()
+
+
+def finished(client: httpx.Client, job_id: str, timeout: float) -> dict[str, Any]:
+    def final() -> dict[str, Any] | None:
+        job = client.get(f"/v1/jobs/{job_id}").json()
+        return job if job["status"] in ("succeeded", "failed", "cancelled") else None
+
+    job = wait_for(final, timeout, f"job {job_id}", pause=0.05)
+    if job["status"] != "succeeded":
+        raise SystemExit(f"job {job_id} {job['status']}: {job['error']}")
+    return dict(job)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--texts", type=int, default=4000)
+    parser.add_argument("--part-texts", type=int, default=500)
+    args = parser.parse_args()
+    texts = statements(args.texts)
+    with tempfile.TemporaryDirectory(prefix="confprobe-scale-") as folder_name:
+        folder = Path(folder_name)
+        model_folder = save_tiny_llama(
+            folder / "llama-4x256", hidden_size=256, layers=4, heads=4, kv_heads=4, vocab_size=512
+        )
+        dataset = folder / "statements.jsonl"
+        dataset.write_text("\n".join(json.dumps({"text": text, "label": i % 2}) for i, text in enumerate(texts)))
+        load_before = os.getloadavg()
+        timings: dict[int, tuple[float, bytes, int]] = {}
+        for workers in (1, 2):
+            run_folder = folder / f"{workers}-workers"
+            run_folder.mkdir()
+            timings[workers] = run(run_folder, model_folder, dataset, workers, args.part_texts)
+        load_after = os.getloadavg()
+    one, two = timings[1], timings[2]
+    figures = {
+        "texts": len(texts),
+        "parts": two[2],
+        "part_texts": args.part_texts,
+        "one_worker_s": round(one[0], 3),
+        "two_workers_s": round(two[0], 3),
+        "two_worker_speedup": round(one[0] / two[0], 3),
+        "identical": one[1] == two[1],
+        "cpus": os.cpu_count(),
+        "load_average_1m_before": round(load_before[0], 2),
+        "load_average_1m_after": round(load_after[0], 2),
+    }
+    print(json.dumps(figures))
+
+
+if __name__ == "__main__":
+    main()
