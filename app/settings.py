@@ -146,8 +146,9 @@ class Settings(BaseSettings):
     extraction_part_texts: int = Field(
         2000,
         ge=1,
-        description="An extraction of a dataset with more texts to compute than this is split into `extraction_part` jobs "
-        "of about this many texts each, which every live worker takes from the shared queue (the content cache must be on).",
+        description="An extraction of a dataset with more texts to compute than this is split into `extraction_part` "
+        "jobs (as many as parts of this many texts it takes, each about the same work), which every live worker takes "
+        "from the shared queue (the content cache must be on).",
     )
 
     bootstrap_resamples: int = Field(1000, description="Bootstrap resamples behind every reported interval.")

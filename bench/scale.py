@@ -12,7 +12,8 @@ the HTTP API, on one worker and then on two.
 
 The time is from submitting the extraction to its job having succeeded (after the model
 check, so the first worker has the model loaded; the second loads it on its first part). The
-two runs' result files are compared byte for byte (`identical`). `two_worker_speedup` =
+two runs' arrays are compared byte for byte (`identical`; the `.npy` download, as the
+safetensors file's header names the model, whose id differs between the two registries). `two_worker_speedup` =
 one_worker_s / two_workers_s; the machine's load average is printed with it, as other
 processes on a shared machine take CPU from the workers.
 
@@ -136,8 +137,15 @@ def run(folder: Path, model_folder: Path, dataset: Path, workers: int, part_text
             job = finished(client, created["job"]["id"], 3600)
             seconds = time.perf_counter() - start
             result = client.get(
-                f"/v1/extractions/{created['extraction']['id']}/hidden-states", params={"format": "safetensors"}
+                f"/v1/extractions/{created['extraction']['id']}/hidden-states", params={"format": "npy"}
             ).content
+            shown = client.get(f"/v1/jobs/{job['id']}").json()
+            for part in shown["parts"] or []:
+                row = client.get(f"/v1/jobs/{part['id']}").json()
+                print(
+                    f"{workers} worker(s): part {part['id']} on {part['worker']}, {row['started_at']} → {row['finished_at']}",
+                    file=sys.stderr,
+                )
             return seconds, result, int(job["result"].get("parts", 0))
     finally:
         for process in reversed(processes):

@@ -4,8 +4,8 @@ result from the content cache once every part has succeeded.
 
 - Parts: the extraction's job (the *parent*) plans the batches one worker would run for the
   texts the cache lacks (`state_cache.plan_missing`), and cuts that plan, in its order, into
-  runs of whole batches of at least EXTRACTION_PART_TEXTS texts (the last run: what is left).
-  Each run is a part: its texts' positions in the extraction's list, with the plan's token
+  runs of whole batches: as many as parts of EXTRACTION_PART_TEXTS texts it takes, each about
+  the same work by padded tokens (`cut_plan`). Each run is a part: its texts' positions in the extraction's list, with the plan's token
   budget and batch size. A part plans its texts into exactly those batches again, so every
   vector is the same bytes a one-worker run computes (`plan_missing` says why). A plan with no
   more texts to compute than EXTRACTION_PART_TEXTS is not split: the job runs as one.
@@ -25,6 +25,7 @@ result from the content cache once every part has succeeded.
 """
 
 import logging
+import math
 import time
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
@@ -37,7 +38,7 @@ from app.registry.database import changed_rows
 from app.registry.tables import Job
 from workers.context import this_attempt
 from workers.errors import AttemptSuperseded, JobCancelled, JobFailed
-from workers.state_cache import StatesRequest, plan_missing
+from workers.state_cache import BatchPlan, StatesRequest, plan_missing
 
 if TYPE_CHECKING:
     from collections.abc import Sequence
@@ -62,15 +63,22 @@ class PartsOutcome:
     batches_run: int
 
 
-def cut_plan(batches: "Sequence[Sequence[int]]", missing: "Sequence[int]", part_texts: int) -> list[list[int]]:
-    """The plan's batches, in order, cut into runs of whole batches holding at least
-    `part_texts` texts each (the last: what is left); each run as the texts' positions in the
+def cut_plan(plan: BatchPlan, part_texts: int) -> list[list[int]]:
+    """The plan's batches, in order, cut into runs of whole batches: as many runs as parts of
+    `part_texts` texts it takes to hold them all, each about as much work as the others (by
+    padded tokens, rows × longest: the plan puts the longest texts first, and a run of them
+    costs more than as many short ones). Each run as the texts' positions in the
     extraction's list, ascending."""
+    count = math.ceil(len(plan.missing) / part_texts)
+    costs = [len(batch) * max(plan.lengths[index] for index in batch) for batch in plan.batches]
+    total = sum(costs)
     parts: list[list[int]] = []
     current: list[int] = []
-    for batch in batches:
-        current.extend(missing[index] for index in batch)
-        if len(current) >= part_texts:
+    spent = 0
+    for batch, cost in zip(plan.batches, costs, strict=True):
+        current.extend(plan.missing[index] for index in batch)
+        spent += cost
+        if len(parts) < count - 1 and spent * count >= total * (len(parts) + 1):
             parts.append(sorted(current))
             current = []
     if current:
@@ -149,7 +157,7 @@ def compute_in_parts(
         if len(plan.missing) <= settings.extraction_part_texts:
             return None
         cache_hits = plan.cache_hits
-        runs = cut_plan(plan.batches, plan.missing, settings.extraction_part_texts)
+        runs = cut_plan(plan, settings.extraction_part_texts)
         _create_parts(context, extraction_id, request.model.id, runs, budget, size)
         parts = _read_parts(context)
     else:
@@ -193,6 +201,8 @@ def _wait_for(context: "JobContext[Any]", parts: list[Job]) -> None:
             context.check()
 
     def while_running_a_part() -> None:
+        if time.monotonic() - reported[1] < PROGRESS_EVERY_S:
+            return
         try:
             report(_read_parts(context), force=False)
         except (AttemptSuperseded, JobCancelled):

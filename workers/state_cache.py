@@ -274,6 +274,7 @@ class BatchPlan:
     missing: list[int]
     batches: list[list[int]]
     cache_hits: int  # texts of the list served from the cache
+    lengths: list[int]  # tokens of each missing text, as `missing`
 
 
 def plan_missing(
@@ -294,7 +295,7 @@ def plan_missing(
     hits = state_cache_of(context, request).lookup(list(first), layers)
     missing = [index for sha, index in first.items() if any((sha, layer) not in hits for layer in layers)]
     if not missing:
-        return BatchPlan(missing=[], batches=[], cache_hits=len(texts))
+        return BatchPlan(missing=[], batches=[], cache_hits=len(texts), lengths=[])
     loaded = worker.resident(request.model, request.adapter)
     tokenized = tokenize(
         loaded.tokenizer,
@@ -302,9 +303,11 @@ def plan_missing(
         request.max_length or model_token_limit(loaded),
         request.prompt_format,
     )
-    batches = plan_batches([len(ids) for ids in tokenized.token_ids], token_budget, max_batch_size)
+    lengths = [len(ids) for ids in tokenized.token_ids]
+    batches = plan_batches(lengths, token_budget, max_batch_size)
     missing_shas = {shas[index] for index in missing}
-    return BatchPlan(missing=missing, batches=batches, cache_hits=sum(1 for sha in shas if sha not in missing_shas))
+    served = sum(1 for sha in shas if sha not in missing_shas)
+    return BatchPlan(missing=missing, batches=batches, cache_hits=served, lengths=lengths)
 
 
 def cached_states(

@@ -6,23 +6,28 @@ import random
 import signal
 from collections.abc import Iterator
 from contextlib import contextmanager
+from datetime import timedelta
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import pytest
 import redis
 from sqlalchemy import delete
 
 from app import broker
-from app.registry.tables import CachedHiddenState, Job
+from app.job_kinds import NoParameters
+from app.registry.tables import CachedHiddenState, Job, utcnow
 from app.settings import Settings
 from tests.api.test_jobs import run_queued_jobs
 from tests.api.test_models import register
 from tests.api.test_probes import upload_rows
 from tests.conftest import start_worker, stop_process, wait_for_job, wait_until
-from workers import runtime
+from workers import fanout, runtime
+from workers.context import JobContext
+from workers.errors import JobFailed
 from workers.fanout import cut_plan
 from workers.hidden_states import plan_batches
+from workers.state_cache import BatchPlan
 
 WORDS = ["Paris", "city", "France", "of", "is", "the", "Tokyo", "Japan", "river", "north", "capital", "large"]
 
@@ -94,20 +99,30 @@ def workers(settings: Settings, *names: str) -> Iterator[dict[str, Any]]:
 
 def test_a_run_of_whole_batches_is_planned_into_the_same_batches_again() -> None:
     """What makes a split result the same bytes: each part, planned on its own, runs exactly
-    the batches of the plan for all texts."""
+    the batches of the plan for all texts. The parts are as many as parts of `part_texts` it
+    takes, and about equal in padded tokens, though the first hold the longest texts."""
     rng = random.Random(3)
     lengths = [rng.randint(1, 40) for _ in range(500)]
     missing = list(range(0, 1000, 2))  # positions of the texts to compute in a longer list
     whole = plan_batches(lengths, token_budget=120, max_batch_size=8)
-    parts = cut_plan(whole, missing, part_texts=45)
+    parts = cut_plan(BatchPlan(missing=missing, batches=whole, cache_hits=0, lengths=lengths), part_texts=45)
     assert sorted(position for part in parts for position in part) == missing
-    assert all(len(part) >= 45 for part in parts[:-1]) and len(parts) > 5
+    assert len(parts) == 12  # ⌈500 / 45⌉
     expected = [[missing[index] for index in batch] for batch in whole]
     replanned = []
     for part in parts:
         part_lengths = [lengths[missing.index(position)] for position in part]
-        replanned += [[part[index] for index in batch] for batch in plan_batches(part_lengths, 120, 8)]
+        batches = plan_batches(part_lengths, 120, 8)
+        replanned += [[part[index] for index in batch] for batch in batches]
     assert replanned == expected
+
+    def cost(part: list[int]) -> int:
+        batches = [batch for batch in expected if batch[0] in part]
+        return sum(len(batch) * max(lengths[missing.index(position)] for position in batch) for batch in batches)
+
+    total, biggest_batch = sum(cost(part) for part in parts), 8 * 40
+    assert all(abs(cost(part) - total / 12) <= biggest_batch for part in parts)
+    assert len(parts[0]) < len(parts[-1])  # fewer of the longest texts, as many tokens
 
 
 def test_a_split_extraction_runs_on_both_workers_and_equals_one_run_in_one_piece(
@@ -234,3 +249,97 @@ def test_a_part_whose_worker_is_killed_is_retried_alone_and_the_result_is_unchan
     assert result_file(api, extraction_id) == reference
     connection = redis.Redis.from_url(settings.resolved_redis_url)
     assert not connection.exists(broker.heartbeat_key(settings, other))
+
+
+def add_parent_with_parts(settings: Settings, parts: list[dict[str, Any]]) -> list[str]:
+    """A running `extraction` job of `parent-worker` and its parts as rows, each part's
+    `values` as given; the parts' ids."""
+    with runtime.build_runtime(settings).sessions() as session, session.begin():
+        shared = broker.default_queue(settings)
+        session.add(
+            Job(
+                id="job_parent",
+                kind="extraction",
+                params={"extraction_id": "ext_x"},
+                status="running",
+                queue=shared,
+                worker="parent-worker",
+                attempts=1,
+                started_at=utcnow() - timedelta(seconds=60),
+            )
+        )
+        session.flush()
+        for number, values in enumerate(parts):
+            params = {
+                "extraction_id": "ext_x",
+                "part": number,
+                "indices": [number],
+                "token_budget": 8,
+                "max_batch_size": 1,
+            }
+            session.add(
+                Job(
+                    id=f"job_part{number}",
+                    kind="extraction_part",
+                    params=params,
+                    queue=shared,
+                    parent_id="job_parent",
+                    **values,
+                )
+            )
+    return [f"job_part{number}" for number in range(len(parts))]
+
+
+def test_a_failed_part_fails_its_parent_with_its_error_and_the_other_parts_are_cancelled(
+    api: Any, settings: Settings
+) -> None:
+    failure = {"code": "empty_text", "message": "text 0 has no tokens", "details": {"text_index": 0}}
+    ids = add_parent_with_parts(
+        settings,
+        [
+            {"status": "succeeded", "attempts": 1, "result": {"computed_texts": 1}},
+            {"status": "failed", "attempts": 1, "error": failure},
+            {"status": "queued"},
+        ],
+    )
+    parent = runtime.build_runtime(settings.model_copy(update={"worker_name": "parent-worker"}))
+    context = JobContext(job_id="job_parent", params=NoParameters(), runtime=parent, attempt=1)
+    with pytest.raises(JobFailed) as failed:
+        fanout.compute_in_parts(context, cast(Any, None), ["a", "b", "c"], "ext_x")
+    assert failed.value.code == "empty_text"
+    assert failed.value.message == f"part 2 of 3 ({ids[1]}) failed: text 0 has no tokens"
+    assert failed.value.details == {"part_id": ids[1], "part": 1, "part_details": {"text_index": 0}}
+    statuses = [api.get(f"/v1/jobs/{part_id}").json()["status"] for part_id in ids]
+    assert statuses == ["succeeded", "failed", "cancelled"]  # the queued part never runs
+
+
+def test_a_part_a_worker_runs_inside_its_job_is_not_taken_for_lost(api: Any, settings: Settings) -> None:
+    """The worker's heartbeat names the parent as its `current_job` and the part it runs in
+    the parent's place as its `current_part`: neither is suspect, a part of a dead worker is."""
+    ids = add_parent_with_parts(
+        settings,
+        [
+            {
+                "status": "running",
+                "worker": "parent-worker",
+                "attempts": 1,
+                "started_at": utcnow() - timedelta(seconds=60),
+            },
+            {
+                "status": "running",
+                "worker": "gone-worker",
+                "attempts": 1,
+                "started_at": utcnow() - timedelta(seconds=60),
+            },
+        ],
+    )
+    connection = redis.Redis.from_url(settings.resolved_redis_url)
+    broker.beat(
+        connection,
+        settings,
+        {"name": "parent-worker", "device": "cpu", "current_job": "job_parent", "current_part": ids[0]},
+    )
+    assert runtime.build_runtime(settings).recover_jobs_of_lost_workers(suspect_for_s=0) == [ids[1]]
+    parent = api.get("/v1/jobs/job_parent").json()
+    assert parent["status"] == "running"
+    assert [(part["id"], part["status"]) for part in parent["parts"]] == [(ids[0], "running"), (ids[1], "queued")]
