@@ -125,6 +125,7 @@ def test_a_run_of_whole_batches_is_planned_into_the_same_batches_again() -> None
     assert len(parts[0]) < len(parts[-1])  # fewer of the longest texts, as many tokens
 
 
+@pytest.mark.slow
 def test_a_split_extraction_runs_on_both_workers_and_equals_one_run_in_one_piece(
     api: Any, settings: Settings, dataset_and_model: tuple[dict[str, Any], dict[str, Any]]
 ) -> None:
@@ -188,6 +189,7 @@ def test_one_worker_alone_runs_every_part_itself(
     assert result_file(api, extraction_id) == reference
 
 
+@pytest.mark.slow
 def test_cancelling_the_parent_cancels_every_part(
     api: Any, settings: Settings, dataset_and_model: tuple[dict[str, Any], dict[str, Any]]
 ) -> None:
@@ -343,3 +345,27 @@ def test_a_part_a_worker_runs_inside_its_job_is_not_taken_for_lost(api: Any, set
     parent = api.get("/v1/jobs/job_parent").json()
     assert parent["status"] == "running"
     assert [(part["id"], part["status"]) for part in parent["parts"]] == [(ids[0], "running"), (ids[1], "queued")]
+
+
+def test_a_retried_parent_goes_on_with_the_parts_it_created(api: Any, settings: Settings) -> None:
+    """Its second attempt finds the parts by `parent_id`, plans nothing and creates none."""
+    add_parent_with_parts(
+        settings,
+        [
+            {"status": "succeeded", "attempts": 2, "result": {"computed_texts": 1, "batches_run": 1}},
+            {"status": "succeeded", "attempts": 1, "result": {"computed_texts": 1, "batches_run": 1}},
+        ],
+    )
+    with runtime.build_runtime(settings).sessions() as session, session.begin():
+        session.get_one(Job, "job_parent").attempts = 2
+    parent = runtime.build_runtime(settings.model_copy(update={"worker_name": "parent-worker"}))
+    context = JobContext(job_id="job_parent", params=NoParameters(), runtime=parent, attempt=2)
+    outcome = fanout.compute_in_parts(context, cast(Any, None), ["a", "b", "c"], "ext_x")
+    assert outcome == fanout.PartsOutcome(parts=2, cache_hits=1, computed_texts=2, batches_run=2)
+    assert len(api.get("/v1/jobs", params={"kind": "extraction_part"}).json()["items"]) == 2
+    assert api.get("/v1/jobs/job_parent").json()["progress"] == {
+        "stage": "forward",
+        "done": 2,
+        "total": 2,
+        "details": None,
+    }
