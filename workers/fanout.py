@@ -166,7 +166,7 @@ def compute_in_parts(
         _wait_for(context, parts)
     except AttemptSuperseded:
         raise  # the next attempt at the parent carries on with the parts
-    except BaseException:
+    except Exception:  # the parent ends here for good; a worker stopped at once (SystemExit) leaves them to its retry
         try:
             jobs.cancel_parts(worker.sessions, worker.redis, worker.settings, context.job_id)
         except Exception:
