@@ -47,6 +47,25 @@ class ExtractionParameters(JobParameters):
     )
 
 
+class ExtractionPartParameters(JobParameters):
+    """An `extraction_part`: one part of an extraction spread over workers (`workers/fanout.py`).
+    It computes the states of some of the extraction's texts into the content cache, and keeps
+    no array of its own; the extraction's job assembles the result from the cache."""
+
+    extraction_id: str = Field(description="The extraction this part belongs to.")
+    part: int = Field(ge=0, description="The part's number, from 0, in the order of the extraction's batch plan.")
+    indices: list[int] = Field(
+        description="Positions in the extraction's text list of the texts this part computes, in that list's order: "
+        "together a run of whole batches of the plan one worker would make for all of them."
+    )
+    token_budget: int = Field(
+        gt=0, description="The batch plan's padded tokens per batch, as the planning worker had it."
+    )
+    max_batch_size: int = Field(
+        gt=0, description="The batch plan's most texts per batch, as the planning worker had it."
+    )
+
+
 class ImportSource(JobParameters):
     """Where an adapter is imported from, as the gateway classified it (`app/inputs/adapter_sources.py`)."""
 
@@ -151,6 +170,7 @@ PARAMETERS: dict[str, type[JobParameters]] = {
     "comparison": ComparisonParameters,
     "experiment": ExperimentParameters,
     "extraction": ExtractionParameters,
+    "extraction_part": ExtractionPartParameters,
     "finetune": FinetuneParameters,
     "model_check": ModelCheckParameters,
     "ping": NoParameters,

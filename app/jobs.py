@@ -64,6 +64,31 @@ def put_on_queue(connection: redis.Redis, settings: Settings, job: Job) -> None:
     )
 
 
+def put_all_on_queue(connection: redis.Redis, settings: Settings, batch: list[Job]) -> None:
+    """Hand several jobs to RQ in one round trip (RQ's `enqueue_many`, a Redis pipeline), each
+    on its `job.queue`; as harmless to repeat as `put_on_queue`."""
+    from rq import Queue
+
+    by_queue: dict[str, list[Job]] = {}
+    for job in batch:
+        by_queue.setdefault(job.queue, []).append(job)
+    for name, queued in by_queue.items():
+        queue = Queue(name, connection=connection)
+        queue.enqueue_many(
+            [
+                Queue.prepare_data(
+                    RUN_JOB,
+                    (job.id,),
+                    job_id=rq_job_id(job),
+                    timeout=settings.job_timeout_s,
+                    result_ttl=0,
+                    failure_ttl=86400,
+                )
+                for job in queued
+            ]
+        )
+
+
 def enqueue(
     sessions: sessionmaker[Session],
     connection: redis.Redis,
@@ -234,37 +259,80 @@ def publish(connection: redis.Redis, settings: Settings, job: Job) -> None:
         pass
 
 
+def parts_of(session: Session, job_id: str) -> list[Job]:
+    """The parts of a job spread over workers, in order (by part number); none for other jobs."""
+    found = list(session.scalars(select(Job).where(Job.parent_id == job_id)))
+    return sorted(found, key=lambda part: int(part.params.get("part", 0)))
+
+
+def _cancel_row(session: Session, job_id: str) -> bool:
+    """Cancel one unfinished row: a queued one at once (True), a running one by asking it
+    to stop at its next progress point (False)."""
+    cancelled_while_queued = changed_rows(
+        session,
+        update(Job)
+        .where(Job.id == job_id, Job.status == "queued")
+        .values(
+            status="cancelled",
+            cancel_requested=True,
+            finished_at=utcnow(),
+            error={"code": "cancelled", "message": "cancelled before it started", "details": {}},
+        ),
+    )
+    if not cancelled_while_queued:
+        session.execute(update(Job).where(Job.id == job_id, Job.status == "running").values(cancel_requested=True))
+    return bool(cancelled_while_queued)
+
+
 def cancel(sessions: sessionmaker[Session], connection: redis.Redis, settings: Settings, job_id: str) -> Job:
     """A queued job is cancelled at once and never runs; a running one is asked to stop and
-    stops at its next progress point."""
+    stops at its next progress point. A job spread over workers is cancelled with every part
+    it has not finished; a part alone is refused (409 naming its job), as the job could
+    never finish without it."""
     with transaction(sessions) as session:
         job = get_job(session, job_id)
+        if job.parent_id is not None:
+            raise ServiceError(
+                409,
+                "conflict",
+                f"job {job_id} is a part of job {job.parent_id}; cancel that job, which cancels all its parts",
+                parent_id=job.parent_id,
+            )
         if job.status in TERMINAL_STATUSES:
             raise ServiceError(409, "conflict", f"job {job_id} already {job.status}", job_status=job.status)
-        cancelled_while_queued = changed_rows(
-            session,
-            update(Job)
-            .where(Job.id == job_id, Job.status == "queued")
-            .values(
-                status="cancelled",
-                cancel_requested=True,
-                finished_at=utcnow(),
-                error={"code": "cancelled", "message": "cancelled before it started", "details": {}},
-            ),
-        )
-        if not cancelled_while_queued:
-            session.execute(update(Job).where(Job.id == job_id, Job.status == "running").values(cancel_requested=True))
+        cancelled_while_queued = _cancel_row(session, job_id)
     with sessions() as session:
         job = get_job(session, job_id)
     if cancelled_while_queued:
-        from rq import Queue
-
-        try:
-            Queue(job.queue, connection=connection).remove(rq_job_id(job))
-        except redis.exceptions.RedisError:
-            pass  # the worker skips a cancelled row anyway
+        _unqueue(connection, job)
     publish(connection, settings, job)
+    cancel_parts(sessions, connection, settings, job_id)
     return job
+
+
+def _unqueue(connection: redis.Redis, job: Job) -> None:
+    from rq import Queue
+
+    try:
+        Queue(job.queue, connection=connection).remove(rq_job_id(job))
+    except redis.exceptions.RedisError:
+        pass  # the worker skips a cancelled row anyway
+
+
+def cancel_parts(sessions: sessionmaker[Session], connection: redis.Redis, settings: Settings, job_id: str) -> None:
+    """Cancel every part of `job_id` not yet finished: queued ones never start, running ones
+    stop at their next progress point."""
+    with transaction(sessions) as session:
+        unfinished = [part.id for part in parts_of(session, job_id) if part.status not in TERMINAL_STATUSES]
+        cancelled = {part_id for part_id in unfinished if _cancel_row(session, part_id)}
+    if not unfinished:
+        return
+    with sessions() as session:
+        changed = [get_job(session, part_id) for part_id in unfinished]
+    for part in changed:
+        if part.id in cancelled:
+            _unqueue(connection, part)
+        publish(connection, settings, part)
 
 
 async def wait_for_final(

@@ -143,6 +143,13 @@ class Settings(BaseSettings):
     )
     extraction_max_batch_size: int = Field(256, description="Most texts in one forward batch.")
     extraction_cache: bool = Field(True, description="Keep every extracted vector and serve repeated texts from it.")
+    extraction_part_texts: int = Field(
+        2000,
+        ge=1,
+        description="An extraction of a dataset with more texts to compute than this is split into `extraction_part` "
+        "jobs (as many as parts of this many texts it takes, each about the same work), which every live worker takes "
+        "from the shared queue (the content cache must be on).",
+    )
 
     bootstrap_resamples: int = Field(1000, description="Bootstrap resamples behind every reported interval.")
     max_score_texts: int = Field(1000, description="Most texts one scoring request may carry.")

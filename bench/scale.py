@@ -1,9 +1,13 @@
 """Extraction at lab scale, through the real stack (Redis, registry, one gateway process,
-worker processes), on a tiny random Llama (hidden 16, two blocks) so that the service's own
-costs — parsing, the registry, the content cache, writing and serving arrays — are what is
-measured, not the model.
+worker processes), on tiny random Llamas so that the service's own costs — parsing, the
+registry, the content cache, writing and serving arrays, spreading work — are what is
+measured, not the model. Two cases (`--case workers|million|both`, default both):
 
-Million texts: datasets of 100,000 and then 1,000,000 distinct short statements ("Statement
+(a) Workers (`bench/scale_workers.py`): the same 4,000-text extraction through the API on one
+    worker and on two, each limited to one torch thread: `two_worker_speedup` (target ≥ 1.7),
+    `identical` (the two arrays byte for byte), each worker's CPU time and the load average.
+
+(b) Million texts, on a tiny Llama of hidden 16 and two blocks: datasets of 100,000 and then 1,000,000 distinct short statements ("Statement
 number 123456 is true.") go through upload, extraction (layers [1, 2], last token) and a
 download of the `.npy` array, on one worker. Reported: `texts`, `upload_s`, `extract_s` (the
 extraction job's own run time, from the registry), `download_s`, the peak resident memory of
@@ -14,7 +18,7 @@ extraction time of 1,000,000 texts over that of 100,000 (`linearity`: target ≤
 downloaded array is checked: its shape, and a sample of its rows against the same texts
 extracted inline by a second, small request (equal to 1e-5).
 
-    python bench/scale.py [--texts 1000000] [--sqlite]
+    python bench/scale.py [--case both] [--texts 1000000] [--workers-texts 4000] [--part-texts 500] [--sqlite]
 
 Without PostgreSQL (PATH's `initdb`) the registry is SQLite, said in the output. Last line:
 one JSON object.
@@ -40,6 +44,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 from bench.load import Stack, wait_for  # noqa: E402
+from bench.scale_workers import workers_case  # noqa: E402
 from tests.servers import local_postgres, local_postgres_available  # noqa: E402
 from tests.tiny_models import save_tiny_llama  # noqa: E402
 
@@ -169,15 +174,7 @@ def registry_numbers(database_url: str) -> tuple[float, int]:
     """The registry's size in MB and the number of rows in the content cache's index."""
     engine = create_engine(database_url)
     with engine.connect() as connection:
-        tables = set(
-            connection.execute(
-                text("SELECT name FROM sqlite_master WHERE type='table'")
-                if engine.dialect.name == "sqlite"
-                else text("SELECT tablename FROM pg_tables WHERE schemaname = current_schema()")
-            ).scalars()
-        )
-        index = "cached_texts" if "cached_texts" in tables else "hidden_state_cache"
-        rows = int(connection.execute(text(f"SELECT count(*) FROM {index}")).scalar_one())
+        rows = int(connection.execute(text("SELECT count(*) FROM cached_texts")).scalar_one())
         if engine.dialect.name == "sqlite":
             size = os.path.getsize(engine.url.database or "")
         else:
@@ -221,9 +218,18 @@ def million(folder: Path, database_url: str, texts: int) -> dict[str, Any]:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--texts", type=int, default=1_000_000)
+    parser.add_argument("--case", choices=["workers", "million", "both"], default="both")
+    parser.add_argument("--texts", type=int, default=1_000_000, help="texts of the million case")
+    parser.add_argument("--workers-texts", type=int, default=4000, help="texts of the workers case")
+    parser.add_argument("--part-texts", type=int, default=500, help="EXTRACTION_PART_TEXTS in the workers case")
     parser.add_argument("--sqlite", action="store_true", help="a SQLite registry even where PostgreSQL is available")
     args = parser.parse_args()
+    figures: dict[str, Any] = {}
+    if args.case in ("workers", "both"):
+        figures |= workers_case(args.workers_texts, args.part_texts)
+    if args.case == "workers":
+        print(json.dumps(figures))
+        return
     with tempfile.TemporaryDirectory(prefix="confprobe-scale-") as name:
         folder = Path(name)
         if args.sqlite or not local_postgres_available():
@@ -232,7 +238,7 @@ def main() -> None:
             with local_postgres() as server:
                 database_url = server.url(server.create_database())
                 result = {"registry": "postgresql", **million(folder, database_url, args.texts)}
-    print(json.dumps(result))
+    print(json.dumps(figures | result))
 
 
 if __name__ == "__main__":

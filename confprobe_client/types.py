@@ -49,6 +49,16 @@ class JobError(Answer):
     details: dict[str, Any] = {}
 
 
+class JobPart(Answer):
+    """One part of a job spread over workers (a large extraction)."""
+
+    id: str
+    status: JobStatus
+    worker: str | None
+    attempts: int
+    progress: Progress
+
+
 class Job(Answer):
     id: str
     kind: str
@@ -60,6 +70,8 @@ class Job(Answer):
     attempts: int = 0
     worker: str | None
     model_id: str | None
+    parent_id: str | None = None
+    parts: list[JobPart] | None = None
     created_at: datetime
     started_at: datetime | None
     finished_at: datetime | None

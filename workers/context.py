@@ -7,7 +7,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Generic, TypeVar
 
-from sqlalchemy import ColumnElement, update
+from sqlalchemy import ColumnElement, select, update
 from sqlalchemy.orm import Session
 
 from app import jobs
@@ -62,6 +62,20 @@ class JobContext(Generic[ParametersT]):
                 raise AttemptSuperseded()
             job = session.get_one(Job, self.job_id)
         jobs.publish(self.runtime.redis, self.runtime.settings, job)
+        if self.runtime.on_part_progress is not None and self.runtime.current_part == self.job_id:
+            self.runtime.on_part_progress()
+        if job.cancel_requested:
+            raise JobCancelled()
+
+    def check(self) -> None:
+        """Stop here if the user asked to cancel or the job was taken back from this attempt,
+        without recording progress."""
+        with self.runtime.sessions() as session:
+            job = session.scalars(
+                select(Job).where(*this_attempt(self.job_id, self.runtime.name, self.attempt))
+            ).first()
+        if job is None:
+            raise AttemptSuperseded()
         if job.cancel_requested:
             raise JobCancelled()
 

@@ -170,6 +170,10 @@ def run_worker(settings: Settings | None = None, burst: bool = False) -> None:
 
     transformers.utils.logging.disable_progress_bar()  # one bar per load would flood the worker's log
     logs.route_library_logs()
+    # the handlers (transformers, PEFT…) are imported before the worker listens, not inside its
+    # first job: a job's part taken by a fresh worker starts at once, not seconds later
+    import workers.runner  # noqa: F401
+
     # bitsandbytes warns on every 8-bit matmul that it casts float32 inputs to float16
     warnings.filterwarnings("ignore", message="MatMul8bitLt")
 

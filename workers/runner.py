@@ -60,6 +60,7 @@ HANDLERS: dict[str, Handler] = {
     "comparison": comparison.run,
     "experiment": experiment.run,
     "extraction": extraction.run,
+    "extraction_part": extraction.run_part,
     "finetune": finetune.run,
     "model_check": model_check.run,
     "ping": ping,
@@ -173,10 +174,28 @@ def _run_job(job_id: str) -> None:
     if job is None:
         log.info("job skipped: no longer queued")
         return
+    run_started(worker, job)
+
+
+def run_part(worker: WorkerRuntime, part_id: str) -> bool:
+    """Start and run a queued part of the job this worker is running, in its place (as RQ
+    would have run it: the same start, handler and outcome), reported in the heartbeat as
+    the worker's `current_part`. Whether this worker started it: another may have first."""
+    with logs.job_scope(part_id):
+        job = _start(worker, part_id)
+        if job is None:
+            return False
+        run_started(worker, job, part=True)
+        return True
+
+
+def run_started(worker: WorkerRuntime, job: Job, part: bool = False) -> None:
+    """Run a job this worker has just started (moved to `running`), and record its outcome."""
+    job_id = job.id
     log.info("job started", extra={"kind": job.kind, "attempt": job.attempts, "worker": worker.name})
     started = time.monotonic()
     jobs.publish(worker.redis, worker.settings, job)
-    worker.set_current_job(job_id)
+    worker.set_current_job(job_id, part=part)
     finish = functools.partial(_finish, worker, job_id, job.attempts, started)
     try:
         handler = HANDLERS.get(job.kind)
@@ -233,4 +252,4 @@ def _run_job(job_id: str) -> None:
     else:
         finish(status="succeeded", result=result)
     finally:
-        worker.set_current_job(None)
+        worker.set_current_job(None, part=part)

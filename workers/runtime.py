@@ -6,7 +6,7 @@ import os
 import socket
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
@@ -80,6 +80,11 @@ class WorkerRuntime:
     artifacts: ArtifactStore
     started_at: datetime = field(default_factory=utcnow)
     current_job: str | None = None
+    # a part of a job spread over workers that the worker runs inside `current_job` while
+    # that job waits for its parts (`workers/fanout.py`)
+    current_part: str | None = None
+    # called after each progress point of `current_part`, so the job waiting for it reports too
+    on_part_progress: Callable[[], None] | None = None
     outage: RedisOutage = field(default_factory=RedisOutage)
 
     def heartbeat(self) -> None:
@@ -94,6 +99,7 @@ class WorkerRuntime:
             "memory_used_bytes": self.models.used_bytes,
             "resident_models": self.models.describe(),
             "current_job": self.current_job,
+            "current_part": self.current_part,
         }
         broker.beat(self.redis, self.settings, state)
 
@@ -111,9 +117,13 @@ class WorkerRuntime:
         ):
             yield
 
-    def set_current_job(self, job_id: str | None) -> None:
-        """Change what the heartbeat reports, and report it at once."""
-        self.current_job = job_id
+    def set_current_job(self, job_id: str | None, part: bool = False) -> None:
+        """Change what the heartbeat reports, and report it at once: the job the worker runs,
+        or (`part`) the part it runs inside that job."""
+        if part:
+            self.current_part = job_id
+        else:
+            self.current_job = job_id
         if self.outage.ongoing:
             return  # the heartbeat thread reports it when Redis is back
         try:
@@ -166,16 +176,18 @@ class WorkerRuntime:
         nothing stays `running` forever.
 
         A job is suspect when its worker has no live heartbeat (killed, its machine gone) or
-        heartbeats about another job (it restarted under the same name, or could not record
-        the outcome). It is taken back only once it has stayed suspect for `suspect_for_s`
-        (default: the heartbeat TTL) by Redis's clock, so a worker that is merely late — after
+        heartbeats about other jobs than this one, as its `current_job` or `current_part` (it
+        restarted under the same name, or could not record the outcome). It is taken back only
+        once it has stayed suspect for `suspect_for_s` (default: the heartbeat TTL) by Redis's
+        clock, so a worker that is merely late — after
         Redis restarted empty, say — beats again before anyone takes its job. A job younger
         than the TTL is left alone: its worker may not have reported it yet. Should the old
         attempt still be running somewhere, it can no longer write: its updates are fenced
         by attempt (`workers/context.py`)."""
         wait_s = self.settings.heartbeat_ttl_s if suspect_for_s is None else suspect_for_s
         running_on = {
-            worker["name"]: worker.get("current_job") for worker in broker.live_workers(self.redis, self.settings)
+            worker["name"]: {worker.get("current_job"), worker.get("current_part")} - {None}
+            for worker in broker.live_workers(self.redis, self.settings)
         }
         cutoff = utcnow() - timedelta(seconds=self.settings.heartbeat_ttl_s)
         with self.sessions() as session:
@@ -184,7 +196,7 @@ class WorkerRuntime:
                 for job_id, worker in session.execute(
                     select(Job.id, Job.worker).where(Job.status == "running", Job.started_at < cutoff)
                 )
-                if worker not in running_on or running_on[worker] != job_id
+                if worker not in running_on or job_id not in running_on[worker]
             }
         confirmed = self._confirmed(suspects, wait_s)
         shared = broker.default_queue(self.settings)

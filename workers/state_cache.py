@@ -409,18 +409,79 @@ class States:
     batches_run: int
 
 
+def state_cache_of(context: "JobContext[Any]", request: StatesRequest) -> HiddenStateCache:
+    """The content cache's space for `request`."""
+    model, adapter = request.model, request.adapter
+    space = cache_space(
+        model, adapter.identity if adapter else None, request.token_position, request.max_length, request.prompt_format
+    )
+    return HiddenStateCache(context.runtime.sessions, context.runtime.artifacts, space)
+
+
+@dataclass(frozen=True)
+class BatchPlan:
+    """What `cached_states` would compute for a list of texts, and in which batches: `missing`
+    holds the position in the list of the first occurrence of each text the cache lacks, in
+    the list's order; `batches` hold indices into `missing`, as `compute` runs them."""
+
+    missing: list[int]
+    batches: list[list[int]]
+    cache_hits: int  # texts of the list served from the cache
+    lengths: list[int]  # tokens of each missing text, as `missing`
+
+
+def plan_missing(
+    context: "JobContext[Any]", request: StatesRequest, texts: Sequence[str], token_budget: int, max_batch_size: int
+) -> BatchPlan:
+    """The batches `cached_states` would run for `texts` now, with the same planning: the
+    texts the cache lacks are tokenized (the model's tokenizer is loaded for it) and grouped
+    by `plan_batches`. A run of whole batches of this plan, passed to `cached_states` in the
+    list's order, is planned by it into exactly those batches again (the plan sorts stably
+    and closes a batch by what it holds and what comes next alone), so its vectors are the
+    same bytes as the whole list's would be."""
+    worker = context.runtime
+    shas = [text_sha256(text) for text in texts]
+    first: dict[str, int] = {}
+    for index, sha in enumerate(shas):
+        first.setdefault(sha, index)
+    layers = request.layers
+    unique = list(first)
+    hits = state_cache_of(context, request).lookup(unique, layers)
+    missing = [first[unique[position]] for position in np.flatnonzero(~hits.found)]
+    if not missing:
+        return BatchPlan(missing=[], batches=[], cache_hits=len(texts), lengths=[])
+    loaded = worker.resident(request.model, request.adapter)
+    tokenized = tokenize(
+        loaded.tokenizer,
+        [texts[index] for index in missing],
+        request.max_length or model_token_limit(loaded),
+        request.prompt_format,
+    )
+    lengths = [len(ids) for ids in tokenized.token_ids]
+    batches = plan_batches(lengths, token_budget, max_batch_size)
+    missing_shas = {shas[index] for index in missing}
+    served = sum(1 for sha in shas if sha not in missing_shas)
+    return BatchPlan(missing=missing, batches=batches, cache_hits=served, lengths=lengths)
+
+
 def cached_states(
     context: "JobContext[Any]",
     request: StatesRequest,
     texts: Sequence[str],
     shard_name: str,
     out: np.ndarray | None = None,
+    *,
+    fill_only: bool = False,
+    token_budget: int | None = None,
+    max_batch_size: int | None = None,
 ) -> States:
     """States of `texts`, from the content cache where they are, computed (and cached under
     `shard_name`) where they are not; written into `out` (texts, layers, hidden) when given —
-    a mapped file, say — else into a new array."""
+    a mapped file, say — else into a new array. With `fill_only`, only the cache is filled:
+    nothing is read from it and the returned `states` is empty (0, layers, hidden). Batches
+    are planned within `token_budget` and `max_batch_size` (default: the worker's settings)."""
     worker = context.runtime
-    settings, store = worker.settings, worker.artifacts
+    settings = worker.settings
     model, adapter, layers = request.model, request.adapter, request.layers
     distinct: dict[str, int] = {}
     inverse = np.fromiter(
@@ -429,16 +490,16 @@ def cached_states(
     unique_shas = list(distinct)
     first_text = np.full(len(unique_shas), len(texts), dtype=np.int64)
     np.minimum.at(first_text, inverse, np.arange(len(texts), dtype=np.int64))
-    space = cache_space(
-        model, adapter.identity if adapter else None, request.token_position, request.max_length, request.prompt_format
-    )
-    cache = HiddenStateCache(worker.sessions, store, space)
+    cache = state_cache_of(context, request)
+    space = cache.space
     hits = cache.lookup(unique_shas, layers) if settings.extraction_cache else Hits.none(len(unique_shas))
     missing = np.flatnonzero(~hits.found)
     context.progress("loading model", 0, len(missing))
 
     positions = Positions.of(inverse, len(unique_shas))
-    if out is None:
+    if fill_only:
+        out = np.empty((0, len(layers), model.hidden_size), dtype=np.float32)
+    elif out is None:
         out = np.empty((len(texts), len(layers), model.hidden_size), dtype=np.float32)
     truncated = hits.truncated.copy()
     batches_run = 0
@@ -464,8 +525,8 @@ def cached_states(
                 layers,
                 request.token_position,
                 device=worker.models.device,
-                token_budget=settings.extraction_token_budget,
-                max_batch_size=settings.extraction_max_batch_size,
+                token_budget=token_budget or settings.extraction_token_budget,
+                max_batch_size=max_batch_size or settings.extraction_max_batch_size,
                 on_batch=on_batch,
             )
         if settings.extraction_cache:
@@ -482,11 +543,13 @@ def cached_states(
                 tokenized.truncated,
             )
         truncated[missing] = tokenized.truncated
-        targets, rows = positions.expand(missing, np.arange(len(missing), dtype=np.int64))
-        for start in range(0, len(rows), WRITE_BLOCK_ROWS):
-            out[targets[start : start + WRITE_BLOCK_ROWS]] = computed[rows[start : start + WRITE_BLOCK_ROWS]]
+        if not fill_only:
+            targets, rows = positions.expand(missing, np.arange(len(missing), dtype=np.int64))
+            for start in range(0, len(rows), WRITE_BLOCK_ROWS):
+                out[targets[start : start + WRITE_BLOCK_ROWS]] = computed[rows[start : start + WRITE_BLOCK_ROWS]]
         del computed
-    cache.read_into(hits, out, positions)
+    if not fill_only:
+        cache.read_into(hits, out, positions)
     return States(
         states=out,
         truncated=truncated[inverse].tolist(),

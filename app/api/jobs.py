@@ -48,13 +48,15 @@ def ping_workers(response: Response, settings: SettingsDep, sessions: SessionsDe
 
 @router.get("/{job_id}")
 def show_job(job_id: str, session: SessionDep) -> JobOut:
-    return JobOut.of(jobs.get_job(session, job_id))
+    """The job; a job spread over workers lists its `parts`, which are jobs of their own."""
+    return JobOut.of(jobs.get_job(session, job_id), parts=jobs.parts_of(session, job_id))
 
 
 @router.post("/{job_id}/cancel")
 def cancel_job(job_id: str, settings: SettingsDep, sessions: SessionsDep, connection: RedisDep) -> JobOut:
     """A queued job is cancelled at once; a running one gets `cancel_requested` and stops at
-    its next progress point. A finished job → 409."""
+    its next progress point. A job spread over workers is cancelled with all its parts; a part
+    alone cannot be (409 naming its job). A finished job → 409."""
     return JobOut.of(jobs.cancel(sessions, connection, settings, job_id))
 
 

@@ -105,6 +105,8 @@ class Job(Base):
     queue: Mapped[str] = mapped_column(String(200))
     worker: Mapped[str | None] = mapped_column(String(200))
     model_id: Mapped[str | None] = mapped_column(ForeignKey("models.id", ondelete="SET NULL"), index=True)
+    # a part of a job spread over workers (`extraction_part`) names the job it is part of
+    parent_id: Mapped[str | None] = mapped_column(ForeignKey("jobs.id", ondelete="CASCADE"), index=True)
     created_at: Mapped[datetime] = mapped_column(default=utcnow)
     started_at: Mapped[datetime | None] = mapped_column()
     finished_at: Mapped[datetime | None] = mapped_column()

@@ -29,6 +29,16 @@ class JobError(BaseModel):
     details: dict[str, Any] = {}
 
 
+class JobPart(BaseModel):
+    """One part of a job spread over workers, as the job's own record lists it."""
+
+    id: str
+    status: JobStatus
+    worker: str | None = Field(description="The worker that ran (or runs) the part's latest attempt.")
+    attempts: int
+    progress: Progress
+
+
 class JobOut(BaseModel):
     id: str
     kind: str
@@ -43,12 +53,18 @@ class JobOut(BaseModel):
     )
     worker: str | None
     model_id: str | None
+    parent_id: str | None = Field(None, description="For a part of a job spread over workers: the job it is part of.")
+    parts: list[JobPart] | None = Field(
+        None,
+        description="For a job spread over workers (a large extraction), its parts in order, as `GET /v1/jobs/{id}` "
+        "shows them; null for other jobs, in listings and in events.",
+    )
     created_at: datetime
     started_at: datetime | None
     finished_at: datetime | None
 
     @classmethod
-    def of(cls, job: Job) -> "JobOut":
+    def of(cls, job: Job, parts: list[Job] | None = None) -> "JobOut":
         return cls(
             id=job.id,
             kind=job.kind,
@@ -65,6 +81,19 @@ class JobOut(BaseModel):
             attempts=job.attempts or 0,
             worker=job.worker,
             model_id=job.model_id,
+            parent_id=job.parent_id,
+            parts=None
+            if not parts
+            else [
+                JobPart(
+                    id=part.id,
+                    status=part.status,
+                    worker=part.worker,
+                    attempts=part.attempts or 0,
+                    progress=Progress(stage=part.progress_stage, done=part.progress_done, total=part.progress_total),
+                )
+                for part in parts
+            ],
             created_at=job.created_at,
             started_at=job.started_at,
             finished_at=job.finished_at,
