@@ -323,12 +323,17 @@ def nnsight_vectors(
     for start in range(0, len(token_ids), PEER_BATCH):
         input_ids, attention_mask, last = right_padded(token_ids[start : start + PEER_BATCH])
         saved: list = []
-        with wrapped.trace({"input_ids": input_ids, "attention_mask": attention_mask}) as tracer:
+        # without autograd, as a user reading activations runs it: a graph kept per batch
+        # would hold every batch's activations
+        with (
+            torch.no_grad(),
+            wrapped.trace({"input_ids": input_ids, "attention_mask": attention_mask}) as tracer,
+        ):
             for layer in REAL_LAYERS:
                 saved.append(wrapped.model.layers[layer - 1].output.save())
             tracer.stop()
         outputs = [value[0] if isinstance(value, tuple) else value for value in saved]
-        rows.append(torch.stack([output[torch.arange(len(last)), last] for output in outputs], dim=1))
+        rows.append(torch.stack([output[torch.arange(len(last)), last].detach() for output in outputs], dim=1))
     return torch.cat(rows).float()
 
 
