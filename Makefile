@@ -46,6 +46,7 @@ bench: install
 	$(BIN)/python bench/service_overhead.py
 	$(BIN)/python bench/load.py
 	$(BIN)/python bench/finetune.py
+	$(BIN)/python bench/scale.py
 
 clean:
 	rm -rf $(VENV) var .pytest_cache
