@@ -10,7 +10,7 @@ from sqlalchemy import update
 
 from app.inputs.prompt_formats import render, rendered_rows
 from app.job_kinds import ExtractionParameters, ExtractionPartParameters
-from app.registry.datasets import read_rows
+from app.registry.datasets import read_rows, rows_at
 from app.registry.tables import Adapter, Dataset, Extraction, Model, utcnow
 from workers import arrays, fanout
 from workers.context import subject_row
@@ -31,7 +31,11 @@ class ExtractionInputs:
     request: StatesRequest
 
 
-def load_inputs(context: "JobContext[Any]", extraction_id: str, inline_texts: list[str] | None) -> ExtractionInputs:
+def load_inputs(
+    context: "JobContext[Any]", extraction_id: str, inline_texts: list[str] | None, rows: list[int] | None = None
+) -> ExtractionInputs:
+    """The extraction's inputs; with `rows`, only the texts of the dataset's rows at those
+    positions, in that order (a part reads just its own rows, whatever the dataset's size)."""
     worker = context.runtime
     store, sessions = worker.artifacts, worker.sessions
     with sessions() as session:
@@ -41,7 +45,12 @@ def load_inputs(context: "JobContext[Any]", extraction_id: str, inline_texts: li
         adapter = session.get(Adapter, extraction.adapter_id) if extraction.adapter_id else None
     if extraction.adapter_id and adapter is None:
         raise JobFailed("not_found", f"adapter {extraction.adapter_id} was deleted")
-    if dataset is not None:
+    if dataset is not None and rows is not None:
+        try:
+            texts = rendered_rows(rows_at(store, dataset, rows), dataset.kind, extraction.prompt_format)
+        except IndexError as exc:
+            raise JobFailed("invalid_parameters", f"extraction {extraction.id}: {exc}") from None
+    elif dataset is not None:
         texts = rendered_rows(read_rows(store, dataset), dataset.kind, extraction.prompt_format)
     elif inline_texts is not None:
         texts = render(extraction.prompt_format, "text", inline_texts)
@@ -117,12 +126,12 @@ def run_part(context: "JobContext[ExtractionPartParameters]") -> dict[str, Any]:
     """An `extraction_part`: the states of its texts into the content cache, planned into the
     batches its parent planned for them; no array is kept."""
     params = context.params
-    inputs = load_inputs(context, params.extraction_id, None)
+    if params.indices and min(params.indices) < 0:
+        raise JobFailed("invalid_parameters", f"part {params.part} names texts the extraction does not have")
+    inputs = load_inputs(context, params.extraction_id, None, rows=params.indices)
     if inputs.dataset is None:
         raise JobFailed("invalid_parameters", f"extraction {params.extraction_id} has no dataset to compute parts of")
-    if params.indices and not 0 <= min(params.indices) <= max(params.indices) < len(inputs.texts):
-        raise JobFailed("invalid_parameters", f"part {params.part} names texts the extraction does not have")
-    texts = [inputs.texts[index] for index in params.indices]
+    texts = inputs.texts
     result = cached_states(
         context,
         inputs.request,

@@ -4,7 +4,7 @@ their stored rows read back, and the check every request that probes a dataset's
 
 import json
 import shutil
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from typing import Any
 
 from sqlalchemy import select
@@ -135,6 +135,27 @@ def _discard_unregistered_file(
 def read_rows(store: ArtifactStore, dataset: Dataset) -> list[dict[str, Any]]:
     """The stored rows: `{text, label}`, `{question, choices, answer}` or `{messages}`, in upload order."""
     return list(iter_rows(store, dataset))
+
+
+def rows_at(store: ArtifactStore, dataset: Dataset, indices: Sequence[int]) -> list[dict[str, Any]]:
+    """The stored rows at `indices` (0-based, in upload order), in the order asked: one pass
+    over the file's lines, parsing only the rows asked for. IndexError for a position past
+    the last row."""
+    wanted = sorted(set(indices))
+    found: dict[int, dict[str, Any]] = {}
+    if wanted:
+        position = 0
+        with store.local_path(dataset.artifact).open("rb") as handle:
+            for index, line in enumerate(line for line in handle if line.strip()):
+                if index == wanted[position]:
+                    found[index] = json.loads(line)
+                    position += 1
+                    if position == len(wanted):
+                        break
+    missing = [index for index in wanted if index not in found]
+    if missing:
+        raise IndexError(f"dataset {dataset.id} has no row {missing[0]}")
+    return [found[index] for index in indices]
 
 
 def iter_rows(store: ArtifactStore, dataset: Dataset) -> Iterator[dict[str, Any]]:

@@ -18,7 +18,7 @@ from app.inputs.datasets import MAX_CHAT_MESSAGES, UnlabelledDataset, format_mul
 from app.inputs.prompt_formats import rendered_rows
 from app.main import create_app
 from app.registry.database import create_registry_engine
-from app.registry.datasets import RegistrationRace, get_dataset, new_dataset, read_rows, register_dataset
+from app.registry.datasets import RegistrationRace, get_dataset, new_dataset, read_rows, register_dataset, rows_at
 from app.registry.tables import Dataset
 from app.settings import Settings
 from tests.conftest import SHARED_DATA, RedisServer, make_settings, require, wait_until
@@ -482,3 +482,15 @@ def test_csv_rows_end_at_any_line_break_and_a_quoted_cell_may_span_lines(api: An
     assert [row["label"] for row in stored] == [1, 0, 1]
     assert stored[0]["text"] == "Paris is" + newline.decode() + "in France."
     assert stored[2]["text"] == "Rome is in Italy."
+
+
+def test_rows_at_gives_the_rows_at_those_positions_in_the_order_asked(api: Any) -> None:
+    raw = b"".join(b'{"text": "Statement %d.", "label": %d}\n\n' % (i, i % 2) for i in range(50))
+    dataset = registered(api, upload(api, "rows.jsonl", raw).json()["id"])
+    store = api.app.state.artifacts
+    every = read_rows(store, dataset)
+    asked = [49, 0, 7, 7, 21]
+    assert rows_at(store, dataset, asked) == [every[index] for index in asked]
+    assert rows_at(store, dataset, []) == []
+    with pytest.raises(IndexError, match="no row 50"):
+        rows_at(store, dataset, [3, 50])
