@@ -316,7 +316,7 @@ def nnsight_vectors(
 ) -> torch.Tensor:
     """nnsight as its users use it: each batch traced, the layers' outputs saved, the trace
     stopped after the deepest."""
-    from nnsight import LanguageModel  # type: ignore[import-untyped]
+    from nnsight import LanguageModel
 
     wrapped = LanguageModel(model, tokenizer=tokenizer)
     rows = []
