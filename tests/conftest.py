@@ -154,7 +154,8 @@ def own_redis(tmp_path: Path) -> Iterator[RedisServer]:
 @pytest.fixture(scope="session")
 def postgres_server() -> Iterator[PostgresServer]:
     require(local_postgres_available(), "PostgreSQL server binaries (initdb, pg_ctl) are not installed")
-    with local_postgres() as server:
+    # room for the engines of many tests: a test's pooled connections close only once it is collected
+    with local_postgres(max_connections=300) as server:
         yield server
 
 

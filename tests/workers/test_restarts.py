@@ -63,7 +63,8 @@ def test_a_redis_restart_loses_no_job(
             own_redis.stop()  # everything Redis held is gone: queues, RQ's jobs, heartbeats
             own_redis.start()
 
-            assert api.get(f"/v1/jobs/{waiting[0]}").json()["status"] == "queued"  # the registry still knows
+            # the registry still knows them (queued, unless the other worker ran them before the restart)
+            assert api.get(f"/v1/jobs/{waiting[0]}").json()["status"] in ("queued", "running", "succeeded")
             after = api.post("/v1/jobs/ping")  # the gateway reconnects by itself
             assert after.status_code == 202
             for job_id in [long_job, *waiting, after.json()["job"]["id"]]:

@@ -1,5 +1,6 @@
 """Hidden states for the content cache: truncation, out-of-memory splitting, cache spaces."""
 
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -88,12 +89,13 @@ HIDDEN = 8
 
 
 @pytest.fixture
-def cache(database_url: str, tmp_path: Path) -> state_cache.HiddenStateCache:
+def cache(database_url: str, tmp_path: Path) -> Iterator[state_cache.HiddenStateCache]:
     from app.registry.database import create_registry_engine, session_factory
     from app.storage.folder import FolderStore
 
-    sessions = session_factory(create_registry_engine(database_url))
-    return state_cache.HiddenStateCache(sessions, FolderStore(tmp_path / "artifacts"), "s" * 64)
+    engine = create_registry_engine(database_url)
+    yield state_cache.HiddenStateCache(session_factory(engine), FolderStore(tmp_path / "artifacts"), "s" * 64)
+    engine.dispose()  # its pooled connections closed: the tests' PostgreSQL has a connection limit
 
 
 def vectors(seed: int, texts: int, layers: int) -> np.ndarray:
