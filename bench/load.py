@@ -79,13 +79,13 @@ WORDS = [
 ]
 
 
-def wait_for(predicate: Any, timeout: float, what: str) -> Any:
+def wait_for(predicate: Any, timeout: float, what: str, pause: float = 0.1) -> Any:
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         value = predicate()
         if value:
             return value
-        time.sleep(0.1)
+        time.sleep(pause)
     raise TimeoutError(f"waited {timeout} s for {what}")
 
 

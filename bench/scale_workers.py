@@ -29,12 +29,10 @@ Run by `bench/scale.py` (its `--case workers`), which prints the figures.
 import json
 import os
 import signal
-import socket
 import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -47,27 +45,13 @@ sys.path.insert(0, str(ROOT))
 
 from app.broker import heartbeat_key, redis_server_executable  # noqa: E402
 from app.settings import Settings  # noqa: E402
+from bench.load import _pings, wait_for  # noqa: E402
+from tests.servers import answers, free_port  # noqa: E402
 from tests.tiny_models import save_tiny_llama  # noqa: E402
 
 LAYERS = [2, 4]
 QUEUE_PREFIX = "scale"
 STATEMENTS = ROOT.parent / "shared" / "data" / "geometry_of_truth"
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
-
-
-def wait_for(predicate: Callable[[], Any], timeout: float, what: str, pause: float = 0.1) -> Any:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        value = predicate()
-        if value:
-            return value
-        time.sleep(pause)
-    raise TimeoutError(f"waited {timeout} s for {what}")
 
 
 def statements(count: int) -> list[str]:
@@ -79,20 +63,6 @@ def statements(count: int) -> list[str]:
     if len(texts) < count:
         raise SystemExit(f"only {len(texts)} distinct statements in {STATEMENTS}, {count} asked")
     return list(texts)[:count]
-
-
-def _pings(client: redis.Redis) -> bool:
-    try:
-        return bool(client.ping())
-    except redis.exceptions.ConnectionError:
-        return False
-
-
-def answers(base: str) -> bool:
-    try:
-        return httpx.get(f"{base}/healthz", timeout=2).status_code == 200
-    except httpx.HTTPError:
-        return False
 
 
 def cpu_seconds(process: subprocess.Popen[bytes]) -> float:
