@@ -48,9 +48,9 @@ class ExtractionParameters(JobParameters):
 
 
 class ExtractionPartParameters(JobParameters):
-    """An `extraction_part`: one part of an extraction spread over workers (`workers/fanout.py`).
-    It computes the states of some of the extraction's texts into the content cache, and keeps
-    no array of its own; the extraction's job assembles the result from the cache."""
+    """An `extraction_part`: one part of an extraction spread over workers, as earlier versions
+    planned them (parts are `states_part` jobs now; one still queued runs as before). It
+    computes the states of some of the extraction's texts into the content cache."""
 
     extraction_id: str = Field(description="The extraction this part belongs to.")
     part: int = Field(ge=0, description="The part's number, from 0, in the order of the extraction's batch plan.")
@@ -64,6 +64,32 @@ class ExtractionPartParameters(JobParameters):
     max_batch_size: int = Field(
         gt=0, description="The batch plan's most texts per batch, as the planning worker had it."
     )
+
+
+class StatesPartParameters(JobParameters):
+    """A `states_part`: one part of the hidden states a job needs of a dataset's rows, spread
+    over workers (`workers/fanout.py`). It computes the states of some rows, rendered under
+    the prompt format, into the content cache and keeps no array; its parent job reads them
+    from the cache once every part has succeeded."""
+
+    group: str = Field(
+        description="Which set of states of its parent this part serves (a window of an extraction, a variant of a "
+        "comparison, a dataset of a transfer)."
+    )
+    part: int = Field(ge=0, description="The part's number among its parent's parts, from 0, in planning order.")
+    dataset_id: str = Field(description="The dataset whose rows are the texts.")
+    prompt_format: str = Field(description="How each row becomes the text the model reads.")
+    model_id: str = Field(description="The model whose hidden states are computed.")
+    adapter_id: str | None = Field(None, description="The adapter applied to the model; null for the base model.")
+    layers: list[int] = Field(min_length=1, description="The layers, as the parent's request lists them.")
+    token_position: str = Field(description="`last` or `mean`, as the parent's request says.")
+    max_length: int | None = Field(None, description="Tokens kept of each text, as the parent's request says.")
+    rows: list[int] = Field(
+        description="Positions in the dataset of the rows this part computes, ascending: together a run of whole "
+        "batches of the plan one worker would make for the parent's texts."
+    )
+    token_budget: int = Field(gt=0, description="The batch plan's padded tokens per batch, as the parent planned.")
+    max_batch_size: int = Field(gt=0, description="The batch plan's most texts per batch, as the parent planned.")
 
 
 class ImportSource(JobParameters):
@@ -177,6 +203,7 @@ PARAMETERS: dict[str, type[JobParameters]] = {
     "probe_evaluation": ProbeEvaluationParameters,
     "probe_scoring": ProbeScoringParameters,
     "probe_training": ProbeTrainingParameters,
+    "states_part": StatesPartParameters,
     "tinker_models": NoParameters,
     "transfer": TransferParameters,
 }

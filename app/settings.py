@@ -146,9 +146,16 @@ class Settings(BaseSettings):
     extraction_part_texts: int = Field(
         2000,
         ge=1,
-        description="An extraction of a dataset with more texts to compute than this is split into `extraction_part` "
-        "jobs (as many as parts of this many texts it takes, each about the same work), which every live worker takes "
-        "from the shared queue (the content cache must be on).",
+        description="A dataset's hidden states with more texts to compute than this (an extraction's, a probe run's, "
+        "a comparison's, an evaluation's, a transfer's) are split into `states_part` jobs (as many as parts of this "
+        "many texts it takes, each about the same work), which every live worker takes from the shared queue (the "
+        "content cache must be on).",
+    )
+    extraction_window_texts: int = Field(
+        32768,
+        ge=1,
+        description="An extraction of a dataset reads, plans and writes its rows this many at a time, so a worker's "
+        "memory does not grow with the dataset's size; batches are planned within a window.",
     )
 
     bootstrap_resamples: int = Field(1000, description="Bootstrap resamples behind every reported interval.")

@@ -47,9 +47,8 @@ def write(path: Path, name: str, array: np.ndarray, metadata: dict[str, str]) ->
         array.tofile(handle)
 
 
-def mapped(path: Path, name: str) -> np.memmap:
-    """Tensor `name` (float32) of the safetensors file at `path`, mapped read-only: indexing
-    it reads just the rows it picks, through the page cache, with no copy of the whole file."""
+def _entry(path: Path, name: str) -> tuple[tuple[int, ...], int]:
+    """Tensor `name`'s shape and the offset of its data in the safetensors file at `path`."""
     with path.open("rb") as handle:
         (header_length,) = struct.unpack("<Q", handle.read(8))
         header = json.loads(handle.read(header_length))
@@ -60,4 +59,22 @@ def mapped(path: Path, name: str) -> np.memmap:
     begin, end = (int(offset) for offset in entry["data_offsets"])
     if end - begin != int(np.prod(shape, dtype=np.int64)) * 4:
         raise ValueError(f"{path}: tensor {name} has {end - begin} bytes for shape {list(shape)}")
-    return np.memmap(path, dtype="<f4", mode="r", offset=8 + header_length + begin, shape=shape)
+    return shape, 8 + header_length + begin
+
+
+def mapped(path: Path, name: str) -> np.memmap:
+    """Tensor `name` (float32) of the safetensors file at `path`, mapped read-only: indexing
+    it reads just the rows it picks, through the page cache, with no copy of the whole file."""
+    shape, offset = _entry(path, name)
+    return np.memmap(path, dtype="<f4", mode="r", offset=offset, shape=shape)
+
+
+def mapped_rows(path: Path, name: str, start: int, stop: int) -> np.memmap:
+    """Rows `start` to `stop` (not included) of tensor `name` in the file at `path`, mapped
+    for writing: a window of a large result is written, then unmapped, so the pages it
+    touched leave the process's memory with it."""
+    shape, offset = _entry(path, name)
+    if not 0 <= start <= stop <= shape[0]:
+        raise ValueError(f"{path}: rows {start}:{stop} of a tensor of {shape[0]} rows")
+    row_bytes = int(np.prod(shape[1:], dtype=np.int64)) * 4
+    return np.memmap(path, dtype="<f4", mode="r+", offset=offset + start * row_bytes, shape=(stop - start, *shape[1:]))

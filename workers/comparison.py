@@ -23,11 +23,12 @@ from app.inputs.prompt_formats import rendered_rows
 from app.job_kinds import ComparisonParameters
 from app.registry.datasets import read_rows
 from app.registry.tables import Adapter, Comparison, Dataset, Model, utcnow
+from workers import fanout
 from workers.context import subject_row
 from workers.errors import JobFailed
 from workers.probes import probability_of_correct
 from workers.splits import stratified_split
-from workers.state_cache import StatesRequest, cached_states
+from workers.state_cache import StatesRequest
 from workers.training import Labels, labels_for, self_label_summary, train_probe, validation_summary
 
 if TYPE_CHECKING:
@@ -135,7 +136,7 @@ def run(context: "JobContext[ComparisonParameters]") -> dict[str, Any]:
             params.max_length,
             comparison.prompt_format,
         )
-        variant.states = cached_states(context, request, texts, shard_name=f"{comparison.id}-{number}").states
+        variant.states = fanout.dataset_states(context, request, texts, dataset, f"{comparison.id}-{number}").states
 
     spec = params.split
     base_labels = variants[0].labels

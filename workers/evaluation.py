@@ -19,10 +19,11 @@ from app.inputs.prompt_formats import rendered_rows
 from app.job_kinds import ProbeEvaluationParameters
 from app.registry.datasets import read_rows
 from app.registry.tables import Adapter, Dataset, Model, Probe, ProbeEvaluation, ProbeRun, utcnow
+from workers import fanout
 from workers.context import subject_row
 from workers.errors import JobFailed
 from workers.probes import load_probe, probability_of_correct
-from workers.state_cache import StatesRequest, cached_states
+from workers.state_cache import StatesRequest
 from workers.training import labels_for, self_label_summary
 
 if TYPE_CHECKING:
@@ -53,7 +54,7 @@ def run(context: "JobContext[ProbeEvaluationParameters]") -> dict[str, Any]:
         model, adapter, [probe.layer], probe.token_position, probe.max_length, evaluation.prompt_format
     )
     texts = rendered_rows(rows, dataset.kind, evaluation.prompt_format)
-    states = cached_states(context, request, texts, shard_name=evaluation.id).states[:, 0]
+    states = fanout.dataset_states(context, request, texts, dataset, evaluation.id, rows=indices.tolist()).states[:, 0]
     trained, recalibrator = load_probe(store.local_folder(probe.artifact))
     confidences = probability_of_correct(trained, recalibrator, states)
 

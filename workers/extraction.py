@@ -10,7 +10,7 @@ from sqlalchemy import update
 
 from app.inputs.prompt_formats import render, rendered_rows
 from app.job_kinds import ExtractionParameters, ExtractionPartParameters
-from app.registry.datasets import read_rows, rows_at
+from app.registry.datasets import rows_at
 from app.registry.tables import Adapter, Dataset, Extraction, Model, utcnow
 from workers import arrays, fanout
 from workers.context import subject_row
@@ -34,8 +34,8 @@ class ExtractionInputs:
 def load_inputs(
     context: "JobContext[Any]", extraction_id: str, inline_texts: list[str] | None, rows: list[int] | None = None
 ) -> ExtractionInputs:
-    """The extraction's inputs; with `rows`, only the texts of the dataset's rows at those
-    positions, in that order (a part reads just its own rows, whatever the dataset's size)."""
+    """The extraction's inputs. Of a dataset, only the texts of its rows at positions `rows`,
+    in that order (a part reads just its own rows; `run` reads its windows itself)."""
     worker = context.runtime
     store, sessions = worker.artifacts, worker.sessions
     with sessions() as session:
@@ -45,13 +45,11 @@ def load_inputs(
         adapter = session.get(Adapter, extraction.adapter_id) if extraction.adapter_id else None
     if extraction.adapter_id and adapter is None:
         raise JobFailed("not_found", f"adapter {extraction.adapter_id} was deleted")
-    if dataset is not None and rows is not None:
+    if dataset is not None:
         try:
-            texts = rendered_rows(rows_at(store, dataset, rows), dataset.kind, extraction.prompt_format)
+            texts = rendered_rows(rows_at(store, dataset, rows or []), dataset.kind, extraction.prompt_format)
         except IndexError as exc:
             raise JobFailed("invalid_parameters", f"extraction {extraction.id}: {exc}") from None
-    elif dataset is not None:
-        texts = rendered_rows(read_rows(store, dataset), dataset.kind, extraction.prompt_format)
     elif inline_texts is not None:
         texts = render(extraction.prompt_format, "text", inline_texts)
     else:
@@ -68,28 +66,57 @@ def load_inputs(
 
 
 def run(context: "JobContext[ExtractionParameters]") -> dict[str, Any]:
+    """The extraction's states, written window by window: a dataset's rows are read, planned
+    and written EXTRACTION_WINDOW_TEXTS at a time, each window through the content cache into
+    its rows of the result file, so the worker's memory does not grow with the dataset."""
     worker = context.runtime
     store, sessions = worker.artifacts, worker.sessions
     inputs = load_inputs(context, context.params.extraction_id, context.params.texts)
-    extraction, texts, request = inputs.extraction, inputs.texts, inputs.request
+    extraction, dataset, request = inputs.extraction, inputs.dataset, inputs.request
     model, layers = request.model, request.layers
-    # a dataset's texts are spread over every live worker in parts when they are many
-    # (`workers/fanout.py`); the parts fill the cache, and the result is assembled from it
     parts = None
-    if inputs.dataset is not None and worker.settings.extraction_cache:
-        parts = fanout.compute_in_parts(context, request, texts, extraction.id)
+    if dataset is not None:
+        texts_between = fanout.dataset_texts(context, dataset, extraction.prompt_format)
+        count, window = dataset.rows, worker.settings.extraction_window_texts
+        # many texts are spread over every live worker in parts (`workers/fanout.py`); the
+        # parts fill the cache, and the windows below read them from it
+        parts = fanout.spread_extraction(context, request, dataset, texts_between)
+    else:
+        inline = inputs.texts
+        count, window = len(inline), max(1, len(inline))
+
+        def texts_between(start: int, stop: int) -> list[str]:
+            return inline[start:stop]
+
     artifact = f"extractions/{extraction.id}/hidden_states.safetensors"
     metadata = {"layers": json.dumps(layers), "token_position": extraction.token_position, "model_id": model.id}
+    truncated_count = cache_hits = computed_texts = batches_run = 0
     # the result is written in place as it is computed: never held whole in memory
     context.clear_earlier_attempts(artifact)
     with store.temporary_path(artifact) as path:
-        out = arrays.allocate(path, STATES_TENSOR, (len(texts), len(layers), model.hidden_size), metadata)
-        result = cached_states(context, request, texts, shard_name=extraction.id, out=out)
-        context.progress("writing", len(texts), len(texts))
-        shape = list(out.shape)
-        del out
-    truncated_count = sum(result.truncated)
-    cache_hits = result.cache_hits if parts is None else parts.cache_hits
+        arrays.allocate(path, STATES_TENSOR, (count, len(layers), model.hidden_size), metadata)  # unmapped at once
+        for start in range(0, count, window):
+            stop = min(start + window, count)
+            texts = texts_between(start, stop)
+            if len(texts) != stop - start:
+                raise JobFailed("invalid_parameters", f"dataset {extraction.dataset_id} has fewer rows than it says")
+
+            def report(stage: str, done: int, total: int | None, start: int = start, stop: int = stop) -> None:
+                within = (stop - start) * done // total if total else 0
+                context.progress(stage, start + within, count)
+
+            out = arrays.mapped_rows(path, STATES_TENSOR, start, stop)
+            shard = extraction.id if start == 0 else f"{extraction.id}-r{start}"
+            result = cached_states(context, request, texts, shard_name=shard, out=out, progress=report)
+            del out
+            truncated_count += sum(result.truncated)
+            cache_hits += result.cache_hits
+            computed_texts += result.computed_texts
+            batches_run += result.batches_run
+        context.progress("writing", count, count)
+        shape = [count, len(layers), model.hidden_size]
+    if parts is not None:
+        cache_hits = parts.cache_hits
     with sessions() as session, session.begin():
         session.execute(
             update(Extraction)
@@ -108,22 +135,22 @@ def run(context: "JobContext[ExtractionParameters]") -> dict[str, Any]:
         "shape": shape,
         "truncated_count": truncated_count,
         "cache_hits": cache_hits,
-        "computed_texts": result.computed_texts,
-        "batches_run": result.batches_run,
+        "computed_texts": computed_texts,
+        "batches_run": batches_run,
         "model_loads": worker.models.loads,
         "adapter_loads": worker.models.adapter_loads,
     }
     if parts is not None:  # what the parts computed, and what assembling computed (nothing, unless evicted)
         figures |= {
             "parts": parts.parts,
-            "computed_texts": parts.computed_texts + result.computed_texts,
-            "batches_run": parts.batches_run + result.batches_run,
+            "computed_texts": parts.computed_texts + computed_texts,
+            "batches_run": parts.batches_run + batches_run,
         }
     return figures
 
 
 def run_part(context: "JobContext[ExtractionPartParameters]") -> dict[str, Any]:
-    """An `extraction_part`: the states of its texts into the content cache, planned into the
+    """An `extraction_part` an earlier version queued: the states of its texts into the content cache, planned into the
     batches its parent planned for them; no array is kept."""
     params = context.params
     if params.indices and min(params.indices) < 0:

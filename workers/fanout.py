@@ -1,23 +1,30 @@
-"""One extraction spread over every live worker: its texts are computed in parts, each part a
-job of its own (`extraction_part`) on the shared queue, and the extraction's job assembles the
-result from the content cache once every part has succeeded.
+"""The hidden states of a dataset's rows spread over every live worker: the texts are computed
+in parts, each part a job of its own (`states_part`) on the shared queue, and the job that
+needs the states (the *parent*: an extraction, a probe run, a comparison, an evaluation, a
+transfer) reads them from the content cache once every part has succeeded.
 
-- Parts: the extraction's job (the *parent*) plans the batches one worker would run for the
-  texts the cache lacks (`state_cache.plan_missing`), and cuts that plan, in its order, into
-  runs of whole batches: as many as parts of EXTRACTION_PART_TEXTS texts it takes, each about
-  the same work by padded tokens (`cut_plan`). Each run is a part: its texts' positions in the extraction's list, with the plan's token
-  budget and batch size. A part plans its texts into exactly those batches again, so every
-  vector is the same bytes a one-worker run computes (`plan_missing` says why). A plan with no
-  more texts to compute than EXTRACTION_PART_TEXTS is not split: the job runs as one.
+- Parts: the parent plans the batches one worker would run for the texts the cache lacks
+  (`state_cache.plan_missing`), and cuts that plan, in its order, into runs of whole batches:
+  as many as parts of EXTRACTION_PART_TEXTS texts it takes, each about the same work by
+  padded tokens (`cut_plan`). Each run is a part: the dataset rows it renders into texts,
+  with the plan's token budget and batch size. A part plans its texts into exactly those
+  batches again, so every vector is the same bytes a one-worker run computes (`plan_missing`
+  says why). Texts to compute no more than EXTRACTION_PART_TEXTS are not split: the parent
+  computes them itself.
+- Groups: each set of states a parent needs is a *group* of parts (a variant of a
+  comparison, a dataset of a transfer). An extraction plans its dataset a window of
+  EXTRACTION_WINDOW_TEXTS rows at a time (`spread_extraction`), a group per window, so its
+  memory does not grow with the dataset; a text already planned in an earlier window is not
+  planned again, as a one-worker run would find it in the cache by then.
 - Queue: the parts are committed with `parent_id` naming the parent, in the transaction that
   checks the parent is still this attempt's, and handed to RQ together (`enqueue_many`) on
   the shared queue, which every worker listens on. A retried parent finds its parts by
-  `parent_id` and creates none.
+  `parent_id` and group, and creates only the groups it lacks.
 - Waiting: the parent runs queued parts itself, taking each with the same compare-and-set
   start RQ's workers use (`runner.run_part`), so its worker computes too; the heartbeat names
-  the part as the worker's `current_part`. With no part left to take, it polls the parts' rows.
-  Its progress (`forward`, done/total) is the sum of its parts': a part that succeeded counts
-  whole, a running one its own `forward` progress.
+  the part as the worker's `current_part`. With no part left to take, it polls the parts'
+  statuses. Its progress (`forward`, done/total) is the sum of its parts': a part that
+  succeeded counts whole, a running one its own `forward` progress.
 - Failure: a part whose worker dies is taken back and queued again alone by the lost-worker
   sweep (its attempts are its own); the parent keeps waiting. A part that fails, or is lost
   with no attempt left, fails the parent with the part's error, and the parent cancels the
@@ -27,22 +34,24 @@ result from the content cache once every part has succeeded.
 import logging
 import math
 import time
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
-from sqlalchemy import update
+import numpy as np
+from sqlalchemy import select, update
 
 from app import broker, jobs
-from app.job_kinds import ExtractionPartParameters
+from app.inputs.prompt_formats import rendered_rows
+from app.job_kinds import StatesPartParameters
 from app.registry.database import changed_rows
-from app.registry.tables import Job
-from workers.context import this_attempt
+from app.registry.datasets import rows_at, rows_between
+from app.registry.tables import Adapter, Dataset, Job, Model
+from workers.context import subject_row, this_attempt
 from workers.errors import AttemptSuperseded, JobCancelled, JobFailed
-from workers.state_cache import BatchPlan, StatesRequest, plan_missing
+from workers.state_cache import BatchPlan, States, StatesRequest, cached_states, plan_missing, text_sha256
 
 if TYPE_CHECKING:
-    from collections.abc import Sequence
-
     from workers.context import JobContext
 
 log = logging.getLogger("workers.fanout")
@@ -63,12 +72,22 @@ class PartsOutcome:
     batches_run: int
 
 
+@dataclass(frozen=True)
+class PartRow:
+    """A part as its parent follows it: its id, group, number and how many texts it computes."""
+
+    id: str
+    group: str
+    number: int
+    size: int
+
+
 def cut_plan(plan: BatchPlan, part_texts: int) -> list[list[int]]:
     """The plan's batches, in order, cut into runs of whole batches: as many runs as parts of
     `part_texts` texts it takes to hold them all, each about as much work as the others (by
     padded tokens, rows × longest: the plan puts the longest texts first, and a run of them
-    costs more than as many short ones). Each run as the texts' positions in the
-    extraction's list, ascending."""
+    costs more than as many short ones). Each run as the texts' positions in the list the
+    plan was made for, ascending."""
     count = math.ceil(len(plan.missing) / part_texts)
     costs = [len(batch) * max(plan.lengths[index] for index in batch) for batch in plan.batches]
     total = sum(costs)
@@ -86,82 +105,210 @@ def cut_plan(plan: BatchPlan, part_texts: int) -> list[list[int]]:
     return parts
 
 
+class Planned:
+    """The texts planned into parts so far, by the first 64 bits of their sha256 (a sorted
+    array: 8 bytes a text). A text whose prefix matches is not planned again; were two
+    texts ever to share a prefix, the second would be computed by the parent instead."""
+
+    def __init__(self) -> None:
+        self.keys = np.empty(0, dtype=np.uint64)
+
+    @staticmethod
+    def prefixes(shas: Sequence[str]) -> np.ndarray:
+        return np.fromiter((int(sha[:16], 16) for sha in shas), dtype=np.uint64, count=len(shas))
+
+    def add(self, shas: Sequence[str]) -> None:
+        self.keys = np.union1d(self.keys, self.prefixes(shas))
+
+    def holds(self, shas: Sequence[str]) -> np.ndarray:
+        return np.isin(self.prefixes(shas), self.keys)
+
+
+def _known_parts(context: "JobContext[Any]") -> list[PartRow]:
+    """The parts of this parent its earlier attempts (or earlier calls) created."""
+    with context.runtime.sessions() as session:
+        found = session.execute(select(Job.id, Job.params).where(Job.parent_id == context.job_id)).all()
+    return sorted(
+        (
+            PartRow(
+                id=job_id,
+                group=str(params.get("group", "")),
+                number=int(params.get("part", 0)),
+                size=len(params.get("rows", params.get("indices", []))),
+            )
+            for job_id, params in found
+        ),
+        key=lambda part: part.number,
+    )
+
+
 def _create_parts(
-    context: "JobContext[Any]", extraction_id: str, model_id: str, runs: list[list[int]], budget: int, size: int
-) -> None:
-    """Commit the parts, unless this attempt at the parent was taken back meanwhile, and hand
-    them to RQ on the shared queue."""
+    context: "JobContext[Any]",
+    request: StatesRequest,
+    dataset: Dataset,
+    group: str,
+    runs: list[list[int]],
+    first_number: int,
+    plan: BatchPlan,
+) -> list[PartRow]:
+    """Commit the parts of `runs` (dataset rows), unless this attempt at the parent was taken
+    back meanwhile, and hand them to RQ on the shared queue."""
     worker = context.runtime
     shared = broker.default_queue(worker.settings)
-    with worker.sessions() as session, session.begin():
-        still_ours = changed_rows(
-            session,
-            update(Job)
-            .where(*this_attempt(context.job_id, worker.name, context.attempt))
-            .values(progress_stage="forward", progress_done=0, progress_total=sum(len(run) for run in runs)),
+    parts = [
+        jobs.new_job(
+            "states_part",
+            StatesPartParameters(
+                group=group,
+                part=first_number + offset,
+                dataset_id=dataset.id,
+                prompt_format=request.prompt_format,
+                model_id=request.model.id,
+                adapter_id=request.adapter.id if request.adapter else None,
+                layers=request.layers,
+                token_position=request.token_position,
+                max_length=request.max_length,
+                rows=run,
+                token_budget=plan.token_budget,
+                max_batch_size=plan.max_batch_size,
+            ),
+            shared,
+            request.model.id,
         )
-        if not still_ours:
+        for offset, run in enumerate(runs)
+    ]
+    for part in parts:
+        part.parent_id = context.job_id
+    with worker.sessions() as session, session.begin():
+        ours = update(Job).where(*this_attempt(context.job_id, worker.name, context.attempt)).values(attempts=Job.attempts)
+        if not changed_rows(session, ours):
             raise AttemptSuperseded()
-        parts = [
-            jobs.new_job(
-                "extraction_part",
-                ExtractionPartParameters(
-                    extraction_id=extraction_id, part=number, indices=run, token_budget=budget, max_batch_size=size
-                ),
-                shared,
-                model_id,
-            )
-            for number, run in enumerate(runs)
-        ]
-        for part in parts:
-            part.parent_id = context.job_id
         session.add_all(parts)
     jobs.put_all_on_queue(worker.redis, worker.settings, parts)
-    log.info("extraction split into %d parts", len(parts), extra={"parts": [part.id for part in parts]})
+    log.info("states split into %d parts", len(parts), extra={"group": group, "parts": [part.id for part in parts]})
+    return [
+        PartRow(id=part.id, group=group, number=first_number + offset, size=len(run))
+        for offset, (part, run) in enumerate(zip(parts, runs, strict=True))
+    ]
 
 
-def _size(part: Job) -> int:
-    return len(part.params.get("indices", []))
-
-
-def _done(part: Job) -> int:
-    """Texts of the part computed so far."""
-    if part.status == "succeeded":
-        return _size(part)
-    if part.status == "running" and part.progress_stage == "forward":
-        return min(part.progress_done, _size(part))
-    return 0
-
-
-def _read_parts(context: "JobContext[Any]") -> list[Job]:
-    with context.runtime.sessions() as session:
-        return jobs.parts_of(session, context.job_id)
-
-
-def compute_in_parts(
-    context: "JobContext[Any]", request: StatesRequest, texts: "Sequence[str]", extraction_id: str
+def spread_states(
+    context: "JobContext[Any]",
+    request: StatesRequest,
+    texts: Sequence[str],
+    dataset: Dataset,
+    group: str,
+    rows: Sequence[int] | None = None,
 ) -> PartsOutcome | None:
-    """Fill the content cache with the states of `texts`, spread over every live worker in
-    parts; None (nothing done) when the texts to compute are too few to split. A retried
-    parent goes on with the parts its earlier attempt created."""
-    worker = context.runtime
-    settings = worker.settings
-    parts = _read_parts(context)
-    cache_hits = 0
-    if not parts:
+    """Fill the content cache with the states of `texts` — the dataset's rows at positions
+    `rows` (default: every row), rendered under the request's prompt format — spread over
+    every live worker in parts of the group `group`; None (nothing done) when the texts to
+    compute are too few to split. A retried parent goes on with the group's parts its
+    earlier attempt created."""
+    settings = context.runtime.settings
+    if not settings.extraction_cache:
+        return None
+    known = _known_parts(context)
+    mine = [part for part in known if part.group == group]
+    if mine:
+        cache_hits = len(texts) - sum(part.size for part in mine)
+    else:
         if len(texts) <= settings.extraction_part_texts:
             return None
-        budget, size = settings.extraction_token_budget, settings.extraction_max_batch_size
-        context.progress("planning", 0, len(texts))
-        plan = plan_missing(context, request, texts, budget, size)
+        plan = plan_missing(
+            context, request, texts, settings.extraction_token_budget, settings.extraction_max_batch_size
+        )
         if len(plan.missing) <= settings.extraction_part_texts:
             return None
         cache_hits = plan.cache_hits
         runs = cut_plan(plan, settings.extraction_part_texts)
-        _create_parts(context, extraction_id, request.model.id, runs, budget, size)
-        parts = _read_parts(context)
-    else:
-        cache_hits = len(texts) - sum(_size(part) for part in parts)
+        if rows is not None:
+            runs = [[int(rows[index]) for index in run] for run in runs]
+        first = max((part.number for part in known), default=-1) + 1
+        mine = _create_parts(context, request, dataset, group, runs, first, plan)
+    return _follow(context, mine, cache_hits)
+
+
+def dataset_states(
+    context: "JobContext[Any]",
+    request: StatesRequest,
+    texts: Sequence[str],
+    dataset: Dataset,
+    shard_name: str,
+    rows: Sequence[int] | None = None,
+) -> States:
+    """`cached_states` of a dataset's rows (`texts`: the rows at positions `rows`, default
+    every row, rendered under the request's prompt format), their missing states first
+    spread over every live worker when they are many (`spread_states`, a group named
+    `shard_name`)."""
+    spread_states(context, request, texts, dataset, shard_name, rows)
+    return cached_states(context, request, texts, shard_name=shard_name)
+
+
+def spread_extraction(
+    context: "JobContext[Any]", request: StatesRequest, dataset: Dataset, texts_between: Callable[[int, int], list[str]]
+) -> PartsOutcome | None:
+    """`spread_states` for a whole dataset read a window of EXTRACTION_WINDOW_TEXTS rows at
+    a time (`texts_between(start, stop)`): each window is planned on its own, as the
+    extraction computes it in one piece, its parts a group named by its first row. Parts are
+    queued as soon as the texts to compute are known to be more than EXTRACTION_PART_TEXTS,
+    so workers start while later windows are still planned."""
+    settings = context.runtime.settings
+    rows, window, part_texts = dataset.rows, settings.extraction_window_texts, settings.extraction_part_texts
+    if not settings.extraction_cache or rows <= part_texts:
+        return None
+    known = _known_parts(context)
+    by_group: dict[str, list[PartRow]] = {}
+    for part in known:
+        by_group.setdefault(part.group, []).append(part)
+    planned = Planned()
+    followed: list[PartRow] = [part for part in known if part.group.startswith("rows-")]
+    pending: list[tuple[str, list[list[int]], BatchPlan]] = []
+    splitting = bool(followed)
+    to_compute = sum(part.size for part in followed)
+    cache_hits = 0
+    number = max((part.number for part in known), default=-1) + 1
+    for start in range(0, rows, window):
+        stop = min(start + window, rows)
+        group = f"rows-{start}"
+        texts = texts_between(start, stop)
+        earlier = by_group.get(group)
+        if earlier is not None:  # planned by an earlier attempt: its texts count as planned
+            with context.runtime.sessions() as session:
+                part_rows = session.scalars(select(Job.params).where(Job.id.in_([part.id for part in earlier]))).all()
+            planned.add([text_sha256(texts[row - start]) for params in part_rows for row in params["rows"]])
+            cache_hits += len(texts) - sum(part.size for part in earlier)
+            continue
+        context.progress("planning", start, rows)
+        plan = plan_missing(
+            context,
+            request,
+            texts,
+            settings.extraction_token_budget,
+            settings.extraction_max_batch_size,
+            planned=planned.holds,
+        )
+        cache_hits += plan.cache_hits
+        if plan.missing:
+            planned.add(plan.missing_shas)
+            pending.append((group, [[start + index for index in run] for run in cut_plan(plan, part_texts)], plan))
+            to_compute += len(plan.missing)
+        if to_compute > part_texts:
+            splitting = True
+        if splitting:
+            for pending_group, runs, pending_plan in pending:
+                followed += _create_parts(context, request, dataset, pending_group, runs, number, pending_plan)
+                number += len(runs)
+            pending = []
+    if not splitting:
+        return None
+    return _follow(context, followed, cache_hits)
+
+
+def _follow(context: "JobContext[Any]", parts: list[PartRow], cache_hits: int) -> PartsOutcome:
+    """Wait for `parts` (running queued ones here), then their figures summed; on a failure
+    the parent's other unfinished parts are cancelled."""
+    worker = context.runtime
     try:
         _wait_for(context, parts)
     except AttemptSuperseded:
@@ -172,27 +319,54 @@ def compute_in_parts(
         except Exception:
             log.exception("the unfinished parts could not be cancelled")
         raise
-    finished = _read_parts(context)
-    results = [part.result or {} for part in finished]
+    with worker.sessions() as session:
+        results = session.scalars(select(Job.result).where(Job.id.in_([part.id for part in parts]))).all()
     return PartsOutcome(
-        parts=len(finished),
+        parts=len(parts),
         cache_hits=cache_hits,
-        computed_texts=sum(int(result.get("computed_texts", 0)) for result in results),
-        batches_run=sum(int(result.get("batches_run", 0)) for result in results),
+        computed_texts=sum(int((result or {}).get("computed_texts", 0)) for result in results),
+        batches_run=sum(int((result or {}).get("batches_run", 0)) for result in results),
     )
 
 
-def _wait_for(context: "JobContext[Any]", parts: list[Job]) -> None:
+@dataclass(frozen=True)
+class _Status:
+    status: str
+    stage: str | None
+    done: int
+
+
+def _statuses(context: "JobContext[Any]") -> dict[str, _Status]:
+    """Every part's status and progress, without its parameters."""
+    with context.runtime.sessions() as session:
+        found = session.execute(
+            select(Job.id, Job.status, Job.progress_stage, Job.progress_done).where(Job.parent_id == context.job_id)
+        ).all()
+    return {job_id: _Status(status, stage, done or 0) for job_id, status, stage, done in found}
+
+
+def _done(part: PartRow, status: _Status | None) -> int:
+    """Texts of the part computed so far."""
+    if status is None:
+        return 0
+    if status.status == "succeeded":
+        return part.size
+    if status.status == "running" and status.stage == "forward":
+        return min(status.done, part.size)
+    return 0
+
+
+def _wait_for(context: "JobContext[Any]", parts: list[PartRow]) -> None:
     """Run queued parts here and wait for the others, reporting the parts' summed progress,
     until every part has succeeded; a part that failed fails the parent with its error."""
     from workers import runner  # the runner imports this module's callers
 
     worker = context.runtime
-    total = sum(_size(part) for part in parts)
+    total = sum(part.size for part in parts)
     reported: list[Any] = [None, 0.0]  # the last (done) reported, and when
 
-    def report(parts: list[Job], force: bool) -> None:
-        done = sum(_done(part) for part in parts)
+    def report(statuses: dict[str, _Status], force: bool) -> None:
+        done = sum(_done(part, statuses.get(part.id)) for part in parts)
         now = time.monotonic()
         if done != reported[0] and (force or now - reported[1] >= PROGRESS_EVERY_S):
             context.progress("forward", done, total)
@@ -204,21 +378,23 @@ def _wait_for(context: "JobContext[Any]", parts: list[Job]) -> None:
         if time.monotonic() - reported[1] < PROGRESS_EVERY_S:
             return
         try:
-            report(_read_parts(context), force=False)
+            report(_statuses(context), force=False)
         except (AttemptSuperseded, JobCancelled):
             pass  # the part runs on; the parent stops once it is back in its own loop
 
     worker.on_part_progress = while_running_a_part
     try:
         while True:
-            parts = _read_parts(context)
-            report(parts, force=True)
-            ended = [part for part in parts if part.status in ("failed", "cancelled")]
+            statuses = _statuses(context)
+            report(statuses, force=True)
+            ended = [
+                part for part in parts if part.id in statuses and statuses[part.id].status in ("failed", "cancelled")
+            ]
             if ended:
-                _fail_with(ended[0], len(parts))
-            if all(part.status == "succeeded" for part in parts):
+                _fail_with(context, ended[0], len(parts))
+            if all(part.id in statuses and statuses[part.id].status == "succeeded" for part in parts):
                 return
-            queued = [part for part in parts if part.status == "queued"]
+            queued = [part for part in parts if part.id in statuses and statuses[part.id].status == "queued"]
             # the last queued part: RQ's workers take theirs from the front of the queue
             if not (queued and runner.run_part(worker, queued[-1].id)):
                 time.sleep(POLL_S)
@@ -226,12 +402,61 @@ def _wait_for(context: "JobContext[Any]", parts: list[Job]) -> None:
         worker.on_part_progress = None
 
 
-def _fail_with(part: Job, count: int) -> None:
-    error = part.error or {}
-    number = int(part.params.get("part", 0))
-    if part.status == "cancelled":
-        code, message = "part_cancelled", f"part {number + 1} of {count} ({part.id}) was cancelled"
+def _fail_with(context: "JobContext[Any]", part: PartRow, count: int) -> None:
+    with context.runtime.sessions() as session:
+        row = session.get(Job, part.id)
+    status, error = (row.status, row.error or {}) if row is not None else ("cancelled", {})
+    if status == "cancelled":
+        code, message = "part_cancelled", f"part {part.number + 1} of {count} ({part.id}) was cancelled"
     else:
         code = str(error.get("code", "internal"))
-        message = f"part {number + 1} of {count} ({part.id}) failed: {error.get('message', '')}"
-    raise JobFailed(code, message, part_id=part.id, part=number, part_details=error.get("details", {}))
+        message = f"part {part.number + 1} of {count} ({part.id}) failed: {error.get('message', '')}"
+    raise JobFailed(code, message, part_id=part.id, part=part.number, part_details=error.get("details", {}))
+
+
+def run_part(context: "JobContext[StatesPartParameters]") -> dict[str, Any]:
+    """A `states_part`: the states of its rows' texts into the content cache, planned into the
+    batches its parent planned for them; no array is kept."""
+    params = context.params
+    worker = context.runtime
+    with worker.sessions() as session:
+        dataset = subject_row(session, Dataset, params.dataset_id, "dataset")
+        model = subject_row(session, Model, params.model_id, "model")
+        adapter = subject_row(session, Adapter, params.adapter_id, "adapter") if params.adapter_id else None
+    if params.rows and min(params.rows) < 0:
+        raise JobFailed("invalid_parameters", f"part {params.part} names rows the dataset does not have")
+    try:
+        rows = rows_at(worker.artifacts, dataset, params.rows)
+    except IndexError as exc:
+        raise JobFailed("invalid_parameters", f"part {params.part}: {exc}") from None
+    texts = rendered_rows(rows, dataset.kind, params.prompt_format)
+    request = StatesRequest(
+        model, adapter, list(params.layers), params.token_position, params.max_length, params.prompt_format
+    )
+    result = cached_states(
+        context,
+        request,
+        texts,
+        shard_name=context.job_id,
+        fill_only=True,
+        token_budget=params.token_budget,
+        max_batch_size=params.max_batch_size,
+    )
+    return {
+        "group": params.group,
+        "part": params.part,
+        "texts": len(texts),
+        "cache_hits": result.cache_hits,
+        "computed_texts": result.computed_texts,
+        "batches_run": result.batches_run,
+    }
+
+
+def dataset_texts(context: "JobContext[Any]", dataset: Dataset, prompt_format: str) -> Callable[[int, int], list[str]]:
+    """Texts of rows `start` to `stop` of `dataset`, rendered under `prompt_format`."""
+    store = context.runtime.artifacts
+
+    def between(start: int, stop: int) -> list[str]:
+        return rendered_rows(rows_between(store, dataset, start, stop), dataset.kind, prompt_format)
+
+    return between

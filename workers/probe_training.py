@@ -17,6 +17,7 @@ from app.inputs.prompt_formats import render, rendered_rows
 from app.job_kinds import ProbeScoringParameters, ProbeTrainingParameters
 from app.registry.datasets import read_rows
 from app.registry.tables import Adapter, Dataset, Model, Probe, ProbeRun, new_id, utcnow
+from workers import fanout
 from workers.context import subject_row
 from workers.errors import JobFailed
 from workers.probes import load_probe, probability_of_correct, save_probe
@@ -68,7 +69,7 @@ def run(context: "JobContext[ProbeTrainingParameters]") -> dict[str, Any]:
     layers = list(run_row.layers)
     request = StatesRequest(model, adapter, layers, run_row.token_position, run_row.max_length, run_row.prompt_format)
     texts = rendered_rows(rows, dataset.kind, run_row.prompt_format)
-    states = cached_states(context, request, texts, shard_name=run_row.id).states
+    states = fanout.dataset_states(context, request, texts, dataset, run_row.id).states
 
     candidates: list[TrainedProbe] = []
     total = len(layers) * len(run_row.methods)

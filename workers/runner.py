@@ -26,6 +26,7 @@ from workers import (
     evaluation,
     experiment,
     extraction,
+    fanout,
     finetune,
     model_check,
     probe_training,
@@ -67,6 +68,7 @@ HANDLERS: dict[str, Handler] = {
     "probe_evaluation": evaluation.run,
     "probe_scoring": probe_training.score,
     "probe_training": probe_training.run,
+    "states_part": fanout.run_part,
     "tinker_models": tinker_models,
     "transfer": transfer.run,
 }

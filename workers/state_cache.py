@@ -422,35 +422,49 @@ def state_cache_of(context: "JobContext[Any]", request: StatesRequest) -> Hidden
 class BatchPlan:
     """What `cached_states` would compute for a list of texts, and in which batches: `missing`
     holds the position in the list of the first occurrence of each text the cache lacks, in
-    the list's order; `batches` hold indices into `missing`, as `compute` runs them."""
+    the list's order; `batches` hold indices into `missing`, as `compute` runs them, planned
+    within `token_budget` and `max_batch_size`."""
 
     missing: list[int]
     batches: list[list[int]]
     cache_hits: int  # texts of the list served from the cache
     lengths: list[int]  # tokens of each missing text, as `missing`
+    missing_shas: list[str]  # the sha256 of each missing text, as `missing`
+    token_budget: int
+    max_batch_size: int
 
 
 def plan_missing(
-    context: "JobContext[Any]", request: StatesRequest, texts: Sequence[str], token_budget: int, max_batch_size: int
+    context: "JobContext[Any]",
+    request: StatesRequest,
+    texts: Sequence[str],
+    token_budget: int,
+    max_batch_size: int,
+    planned: Callable[[Sequence[str]], np.ndarray] | None = None,
 ) -> BatchPlan:
     """The batches `cached_states` would run for `texts` now, with the same planning: the
     texts the cache lacks are tokenized (the model's tokenizer is loaded for it) and grouped
     by `plan_batches`. A run of whole batches of this plan, passed to `cached_states` in the
     list's order, is planned by it into exactly those batches again (the plan sorts stably
     and closes a batch by what it holds and what comes next alone), so its vectors are the
-    same bytes as the whole list's would be."""
-    worker = context.runtime
-    shas = [text_sha256(text) for text in texts]
-    first: dict[str, int] = {}
-    for index, sha in enumerate(shas):
-        first.setdefault(sha, index)
-    layers = request.layers
-    unique = list(first)
-    hits = state_cache_of(context, request).lookup(unique, layers)
-    missing = [first[unique[position]] for position in np.flatnonzero(~hits.found)]
-    if not missing:
-        return BatchPlan(missing=[], batches=[], cache_hits=len(texts), lengths=[])
-    loaded = worker.resident(request.model, request.adapter)
+    same bytes as the whole list's would be. Texts `planned` says (by their hashes) are
+    computed elsewhere are left out, as if the cache held them."""
+    distinct: dict[str, int] = {}
+    inverse = np.fromiter(
+        (distinct.setdefault(text_sha256(text), len(distinct)) for text in texts), dtype=np.int64, count=len(texts)
+    )
+    unique = list(distinct)
+    first = np.full(len(unique), len(texts), dtype=np.int64)
+    np.minimum.at(first, inverse, np.arange(len(texts), dtype=np.int64))
+    found = state_cache_of(context, request).lookup(unique, request.layers).found
+    skipped = found | planned(unique) if planned is not None and len(unique) else found
+    missing_unique = np.flatnonzero(~skipped)
+    served = int(found[inverse].sum())
+    if not len(missing_unique):
+        return BatchPlan([], [], served, [], [], token_budget, max_batch_size)
+    # the list's order: first occurrences ascend with the distinct texts' numbering
+    missing = first[missing_unique].tolist()
+    loaded = context.runtime.resident(request.model, request.adapter)
     tokenized = tokenize(
         loaded.tokenizer,
         [texts[index] for index in missing],
@@ -459,9 +473,15 @@ def plan_missing(
     )
     lengths = [len(ids) for ids in tokenized.token_ids]
     batches = plan_batches(lengths, token_budget, max_batch_size)
-    missing_shas = {shas[index] for index in missing}
-    served = sum(1 for sha in shas if sha not in missing_shas)
-    return BatchPlan(missing=missing, batches=batches, cache_hits=served, lengths=lengths)
+    return BatchPlan(
+        missing=missing,
+        batches=batches,
+        cache_hits=served,
+        lengths=lengths,
+        missing_shas=[unique[index] for index in missing_unique],
+        token_budget=token_budget,
+        max_batch_size=max_batch_size,
+    )
 
 
 def cached_states(
@@ -474,12 +494,14 @@ def cached_states(
     fill_only: bool = False,
     token_budget: int | None = None,
     max_batch_size: int | None = None,
+    progress: Callable[[str, int, int | None], None] | None = None,
 ) -> States:
     """States of `texts`, from the content cache where they are, computed (and cached under
     `shard_name`) where they are not; written into `out` (texts, layers, hidden) when given —
     a mapped file, say — else into a new array. With `fill_only`, only the cache is filled:
     nothing is read from it and the returned `states` is empty (0, layers, hidden). Batches
-    are planned within `token_budget` and `max_batch_size` (default: the worker's settings)."""
+    are planned within `token_budget` and `max_batch_size` (default: the worker's settings).
+    Progress goes to `progress` (default: the job's own), as texts computed of those missing."""
     worker = context.runtime
     settings = worker.settings
     model, adapter, layers = request.model, request.adapter, request.layers
@@ -494,7 +516,8 @@ def cached_states(
     space = cache.space
     hits = cache.lookup(unique_shas, layers) if settings.extraction_cache else Hits.none(len(unique_shas))
     missing = np.flatnonzero(~hits.found)
-    context.progress("loading model", 0, len(missing))
+    report = progress or context.progress
+    report("loading model", 0, len(missing))
 
     positions = Positions.of(inverse, len(unique_shas))
     if fill_only:
@@ -511,12 +534,12 @@ def cached_states(
             request.max_length or model_token_limit(loaded),
             request.prompt_format,
         )
-        context.progress("forward", 0, len(missing))
+        report("forward", 0, len(missing))
 
         def on_batch(done: int) -> None:
             nonlocal batches_run
             batches_run += 1
-            context.progress("forward", done, len(missing))
+            report("forward", done, len(missing))
 
         with worker.running(loaded, model, adapter):
             computed = compute(

@@ -14,9 +14,10 @@ from app.inputs.prompt_formats import rendered_rows
 from app.job_kinds import TransferParameters
 from app.registry.datasets import read_rows
 from app.registry.tables import Adapter, Dataset, Model, Transfer, utcnow
+from workers import fanout
 from workers.context import subject_row
 from workers.errors import JobFailed
-from workers.state_cache import StatesRequest, cached_states
+from workers.state_cache import StatesRequest
 from workers.training import labels_for
 from workers.transfer_matrix import LabelledStates, transfer_matrix
 
@@ -46,7 +47,7 @@ def run(context: "JobContext[TransferParameters]") -> dict[str, Any]:
         rows = read_rows(store, dataset)
         labels = labels_for(context, model, adapter, dataset, rows, transfer.prompt_format, baselines=False)
         texts = rendered_rows(rows, dataset.kind, transfer.prompt_format)
-        states = cached_states(context, request, texts, shard_name=f"{transfer.id}-{number}").states
+        states = fanout.dataset_states(context, request, texts, dataset, f"{transfer.id}-{number}").states
         sets.append(LabelledStates(dataset_id, dataset.name, labels.y, states))
     split = transfer.split
     try:

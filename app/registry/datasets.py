@@ -4,9 +4,13 @@ their stored rows read back, and the check every request that probes a dataset's
 
 import json
 import shutil
+from array import array
+from collections import OrderedDict
 from collections.abc import Iterator, Sequence
+from pathlib import Path
 from typing import Any
 
+import numpy as np
 from sqlalchemy import select
 from sqlalchemy.exc import IntegrityError, SQLAlchemyError
 from sqlalchemy.orm import Session, sessionmaker
@@ -137,25 +141,72 @@ def read_rows(store: ArtifactStore, dataset: Dataset) -> list[dict[str, Any]]:
     return list(iter_rows(store, dataset))
 
 
+# the row offsets of the most recently read dataset files, by path, size and modification time
+_OFFSETS: "OrderedDict[tuple[str, int, int], np.ndarray]" = OrderedDict()
+OFFSETS_KEPT = 8
+
+
+def row_offsets(path: Path) -> np.ndarray:
+    """The byte offset of every row (non-blank line) of a stored dataset file, in order, and
+    the file's size last: found in one pass the first time, then kept for the file as it is
+    (8 bytes a row; the few most recent files)."""
+    stat = path.stat()
+    key = (str(path), stat.st_size, stat.st_mtime_ns)
+    offsets = _OFFSETS.get(key)
+    if offsets is not None:
+        _OFFSETS.move_to_end(key)
+        return offsets
+    starts = array("q")
+    position = 0
+    with path.open("rb") as handle:
+        for line in handle:
+            if line.strip():
+                starts.append(position)
+            position += len(line)
+    starts.append(position)
+    offsets = np.frombuffer(starts, dtype=np.int64)
+    _OFFSETS[key] = offsets
+    while len(_OFFSETS) > OFFSETS_KEPT:
+        _OFFSETS.popitem(last=False)
+    return offsets
+
+
 def rows_at(store: ArtifactStore, dataset: Dataset, indices: Sequence[int]) -> list[dict[str, Any]]:
-    """The stored rows at `indices` (0-based, in upload order), in the order asked: one pass
-    over the file's lines, parsing only the rows asked for. IndexError for a position past
-    the last row."""
+    """The stored rows at `indices` (0-based, in upload order), in the order asked: each row
+    read where it starts (`row_offsets`), so a few rows of a large dataset cost a few reads.
+    IndexError for a position past the last row."""
     wanted = sorted(set(indices))
+    if not wanted:
+        return []
+    path = store.local_path(dataset.artifact)
+    offsets = row_offsets(path)
+    if wanted[0] < 0 or wanted[-1] >= len(offsets) - 1:
+        bad = wanted[0] if wanted[0] < 0 else wanted[-1]
+        raise IndexError(f"dataset {dataset.id} has no row {bad}")
     found: dict[int, dict[str, Any]] = {}
-    if wanted:
-        position = 0
-        with store.local_path(dataset.artifact).open("rb") as handle:
-            for index, line in enumerate(line for line in handle if line.strip()):
-                if index == wanted[position]:
-                    found[index] = json.loads(line)
-                    position += 1
-                    if position == len(wanted):
-                        break
-    missing = [index for index in wanted if index not in found]
-    if missing:
-        raise IndexError(f"dataset {dataset.id} has no row {missing[0]}")
+    with path.open("rb") as handle:
+        for index in wanted:
+            handle.seek(int(offsets[index]))
+            found[index] = json.loads(handle.readline())
     return [found[index] for index in indices]
+
+
+def rows_between(store: ArtifactStore, dataset: Dataset, start: int, stop: int) -> list[dict[str, Any]]:
+    """The stored rows from position `start` up to (not including) `stop`, read in one pass
+    from where row `start` begins."""
+    path = store.local_path(dataset.artifact)
+    offsets = row_offsets(path)
+    stop = min(stop, len(offsets) - 1)
+    if start >= stop:
+        return []
+    rows: list[dict[str, Any]] = []
+    with path.open("rb") as handle:
+        handle.seek(int(offsets[start]))
+        while len(rows) < stop - start:
+            line = handle.readline()
+            if line.strip():
+                rows.append(json.loads(line))
+    return rows
 
 
 def iter_rows(store: ArtifactStore, dataset: Dataset) -> Iterator[dict[str, Any]]:

@@ -18,7 +18,16 @@ from app.inputs.datasets import MAX_CHAT_MESSAGES, UnlabelledDataset, format_mul
 from app.inputs.prompt_formats import rendered_rows
 from app.main import create_app
 from app.registry.database import create_registry_engine
-from app.registry.datasets import RegistrationRace, get_dataset, new_dataset, read_rows, register_dataset, rows_at
+from app.registry.datasets import (
+    RegistrationRace,
+    get_dataset,
+    new_dataset,
+    read_rows,
+    register_dataset,
+    row_offsets,
+    rows_at,
+    rows_between,
+)
 from app.registry.tables import Dataset
 from app.settings import Settings
 from tests.conftest import SHARED_DATA, RedisServer, make_settings, require, wait_until
@@ -494,3 +503,19 @@ def test_rows_at_gives_the_rows_at_those_positions_in_the_order_asked(api: Any) 
     assert rows_at(store, dataset, []) == []
     with pytest.raises(IndexError, match="no row 50"):
         rows_at(store, dataset, [3, 50])
+    with pytest.raises(IndexError, match="no row -1"):
+        rows_at(store, dataset, [-1])
+
+
+def test_rows_between_reads_a_window_of_rows_from_where_it_starts(api: Any) -> None:
+    raw = b"".join(b'{"text": "Statement %d.", "label": %d}\n' % (i, i % 2) for i in range(50))
+    dataset = registered(api, upload(api, "rows.jsonl", raw).json()["id"])
+    store = api.app.state.artifacts
+    every = read_rows(store, dataset)
+    assert rows_between(store, dataset, 10, 20) == every[10:20]
+    assert rows_between(store, dataset, 45, 60) == every[45:]
+    assert rows_between(store, dataset, 50, 60) == []
+    offsets = row_offsets(store.local_path(dataset.artifact))
+    content = store.local_path(dataset.artifact).read_bytes()
+    assert len(offsets) == 51 and offsets[-1] == len(content)
+    assert [json.loads(content[offsets[i] : offsets[i + 1]]) for i in (0, 33, 49)] == [every[0], every[33], every[49]]

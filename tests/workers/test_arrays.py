@@ -27,6 +27,19 @@ def test_an_allocated_file_filled_in_place_reads_back_as_written(tmp_path: Path,
     assert (8 + header_length) % 8 == 0  # the data section is aligned, as the format asks
 
 
+def test_windows_of_rows_mapped_one_at_a_time_fill_the_file_as_one_mapping_would(tmp_path: Path) -> None:
+    expected = np.random.default_rng(1).standard_normal((1000, 2, 3)).astype(np.float32)
+    path = tmp_path / "states.safetensors"
+    arrays.allocate(path, "hidden_states", expected.shape, {})
+    for start in range(0, 1000, 333):  # windows not aligned to pages
+        window = arrays.mapped_rows(path, "hidden_states", start, min(start + 333, 1000))
+        window[:] = expected[start : start + 333]
+        del window
+    np.testing.assert_array_equal(load_file(path)["hidden_states"], expected)
+    with pytest.raises(ValueError, match="rows 990:1001"):
+        arrays.mapped_rows(path, "hidden_states", 990, 1001)
+
+
 def test_a_written_array_reads_back_equal_whatever_its_layout(tmp_path: Path) -> None:
     array = np.arange(24, dtype=np.float64).reshape(2, 3, 4).transpose(1, 0, 2)  # not contiguous, not float32
     arrays.write(tmp_path / "shard.safetensors", "hidden_states", array, {})

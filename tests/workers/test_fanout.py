@@ -10,6 +10,7 @@ from datetime import timedelta
 from pathlib import Path
 from typing import Any, cast
 
+import numpy as np
 import pytest
 import redis
 from sqlalchemy import delete
@@ -63,7 +64,12 @@ def result_file(api: Any, extraction_id: str) -> bytes:
 
 
 def unsplit_reference(
-    api: Any, settings: Settings, dataset: dict[str, Any], model: dict[str, Any], batch_size: int = 4
+    api: Any,
+    settings: Settings,
+    dataset: dict[str, Any],
+    model: dict[str, Any],
+    batch_size: int = 4,
+    computed: int | None = None,
 ) -> bytes:
     """The result file of the extraction run in one piece (EXTRACTION_PART_TEXTS above the
     text count) by one worker in this process, on an empty cache; the cache is emptied again
@@ -74,7 +80,7 @@ def unsplit_reference(
     job = api.get(f"/v1/jobs/{job_id}").json()
     assert job["status"] == "succeeded", job["error"]
     assert "parts" not in job["result"] and job["parts"] is None
-    assert job["result"]["computed_texts"] == dataset["rows"]
+    assert job["result"]["computed_texts"] == (dataset["rows"] if computed is None else computed)
     with runtime.build_runtime(settings).sessions() as session, session.begin():
         session.execute(delete(CachedText))
         session.execute(delete(CacheShard))
@@ -106,7 +112,16 @@ def test_a_run_of_whole_batches_is_planned_into_the_same_batches_again() -> None
     lengths = [rng.randint(1, 40) for _ in range(500)]
     missing = list(range(0, 1000, 2))  # positions of the texts to compute in a longer list
     whole = plan_batches(lengths, token_budget=120, max_batch_size=8)
-    parts = cut_plan(BatchPlan(missing=missing, batches=whole, cache_hits=0, lengths=lengths), part_texts=45)
+    plan = BatchPlan(
+        missing=missing,
+        batches=whole,
+        cache_hits=0,
+        lengths=lengths,
+        missing_shas=[f"{position:064x}" for position in missing],
+        token_budget=120,
+        max_batch_size=8,
+    )
+    parts = cut_plan(plan, part_texts=45)
     assert sorted(position for part in parts for position in part) == missing
     assert len(parts) == 12  # ⌈500 / 45⌉
     expected = [[missing[index] for index in batch] for batch in whole]
@@ -154,9 +169,9 @@ def test_a_split_extraction_runs_on_both_workers_and_equals_one_run_in_one_piece
     assert len(parts) == job["result"]["parts"] > 2
     assert {part["status"] for part in parts} == {"succeeded"}
     # each text computed by exactly one part, each part a job on the shared queue under the parent
-    assert sorted(index for row in rows for index in row.params["indices"]) == list(range(texts))
+    assert sorted(index for row in rows for index in row.params["rows"]) == list(range(texts))
     assert {(row.parent_id, row.kind, row.queue) for row in rows} == {
-        (job_id, "extraction_part", broker.default_queue(settings))
+        (job_id, "states_part", broker.default_queue(settings))
     }
     assert {part["worker"] for part in parts} == set(names)  # both workers ran parts
     assert job["result"]["computed_texts"] == sum((row.result or {})["computed_texts"] for row in rows) == texts
@@ -167,7 +182,7 @@ def test_a_split_extraction_runs_on_both_workers_and_equals_one_run_in_one_piece
     assert (job["progress"]["done"], job["progress"]["total"]) == (texts, texts)
 
     # parts are jobs of their own in listings, and only the parent can be cancelled
-    listed = api.get("/v1/jobs", params={"kind": "extraction_part"}).json()["items"]
+    listed = api.get("/v1/jobs", params={"kind": "states_part"}).json()["items"]
     assert sorted(item["id"] for item in listed) == sorted(part["id"] for part in parts)
     assert all(item["parent_id"] == job_id for item in listed)
     refused = api.post(f"/v1/jobs/{parts[0]['id']}/cancel")
@@ -255,7 +270,7 @@ def test_a_part_whose_worker_is_killed_is_retried_alone_and_the_result_is_unchan
 
 
 def add_parent_with_parts(settings: Settings, parts: list[dict[str, Any]]) -> list[str]:
-    """A running `extraction` job of `parent-worker` and its parts as rows, each part's
+    """A running `extraction` job of `parent-worker` and its `states_part` rows, each part's
     `values` as given; the parts' ids."""
     with runtime.build_runtime(settings).sessions() as session, session.begin():
         shared = broker.default_queue(settings)
@@ -274,16 +289,21 @@ def add_parent_with_parts(settings: Settings, parts: list[dict[str, Any]]) -> li
         session.flush()
         for number, values in enumerate(parts):
             params = {
-                "extraction_id": "ext_x",
+                "group": "rows-0",
                 "part": number,
-                "indices": [number],
+                "dataset_id": "dst_x",
+                "prompt_format": "raw",
+                "model_id": "mdl_x",
+                "layers": [1],
+                "token_position": "last",
+                "rows": [number],
                 "token_budget": 8,
                 "max_batch_size": 1,
             }
             session.add(
                 Job(
                     id=f"job_part{number}",
-                    kind="extraction_part",
+                    kind="states_part",
                     params=params,
                     queue=shared,
                     parent_id="job_parent",
@@ -308,7 +328,7 @@ def test_a_failed_part_fails_its_parent_with_its_error_and_the_other_parts_are_c
     parent = runtime.build_runtime(settings.model_copy(update={"worker_name": "parent-worker"}))
     context = JobContext(job_id="job_parent", params=NoParameters(), runtime=parent, attempt=1)
     with pytest.raises(JobFailed) as failed:
-        fanout.compute_in_parts(context, cast(Any, None), ["a", "b", "c"], "ext_x")
+        fanout.spread_states(context, cast(Any, None), ["a", "b", "c"], cast(Any, None), "rows-0")
     assert failed.value.code == "empty_text"
     assert failed.value.message == f"part 2 of 3 ({ids[1]}) failed: text 0 has no tokens"
     assert failed.value.details == {"part_id": ids[1], "part": 1, "part_details": {"text_index": 0}}
@@ -361,12 +381,100 @@ def test_a_retried_parent_goes_on_with_the_parts_it_created(api: Any, settings: 
         session.get_one(Job, "job_parent").attempts = 2
     parent = runtime.build_runtime(settings.model_copy(update={"worker_name": "parent-worker"}))
     context = JobContext(job_id="job_parent", params=NoParameters(), runtime=parent, attempt=2)
-    outcome = fanout.compute_in_parts(context, cast(Any, None), ["a", "b", "c"], "ext_x")
+    outcome = fanout.spread_states(context, cast(Any, None), ["a", "b", "c"], cast(Any, None), "rows-0")
     assert outcome == fanout.PartsOutcome(parts=2, cache_hits=1, computed_texts=2, batches_run=2)
-    assert len(api.get("/v1/jobs", params={"kind": "extraction_part"}).json()["items"]) == 2
+    assert len(api.get("/v1/jobs", params={"kind": "states_part"}).json()["items"]) == 2
     assert api.get("/v1/jobs/job_parent").json()["progress"] == {
         "stage": "forward",
         "done": 2,
         "total": 2,
         "details": None,
     }
+
+
+def windows(settings: Settings, **more: Any) -> Settings:
+    """`split` settings that also read, plan and write an extraction 100 rows at a time."""
+    return split(settings, extraction_window_texts=100, **more)
+
+
+def test_an_extraction_read_in_windows_and_split_equals_the_same_windows_in_one_piece(
+    api: Any, settings: Settings, dataset_and_model: tuple[dict[str, Any], dict[str, Any]]
+) -> None:
+    """Each window of rows is planned on its own, into parts of its own group; the result is
+    the bytes of a one-worker run over the same windows, and within 1e-5 of a run in one
+    window (batches differ, so the sums do in their last bits)."""
+    dataset, model = dataset_and_model
+    reference = unsplit_reference(api, windows(settings), dataset, model)
+    one_window = unsplit_reference(api, settings, dataset, model)
+    job_id, extraction_id = extract(api, dataset, model)
+    run_queued_jobs(windows(settings, worker_name="alone"))
+    job = api.get(f"/v1/jobs/{job_id}").json()
+    assert job["status"] == "succeeded", job["error"]
+    assert result_file(api, extraction_id) == reference
+    rows = job_rows(settings, *(part["id"] for part in job["parts"]))
+    groups: dict[str, list[int]] = {}
+    for row in rows:
+        groups.setdefault(row.params["group"], []).extend(row.params["rows"])
+    assert sorted(groups) == sorted(f"rows-{start}" for start in range(0, 480, 100))
+    for group, positions in groups.items():
+        start = int(group.removeprefix("rows-"))
+        assert sorted(positions) == list(range(start, min(start + 100, 480)))
+    assert job["result"]["computed_texts"] == 480
+
+    def array(content: bytes) -> Any:
+        from safetensors.numpy import load
+
+        return load(content)["hidden_states"]
+
+    assert np.allclose(array(result_file(api, extraction_id)), array(one_window), atol=1e-5)
+
+
+def test_a_text_repeated_in_a_later_window_is_computed_once_and_read_from_the_cache(
+    api: Any, settings: Settings, tiny_llama: Path
+) -> None:
+    texts = statements(300)
+    texts[250] = texts[10]  # a repeat in the third window of the first
+    texts[251] = texts[150]  # and of the second
+    dataset = upload_rows(api, [{"text": text, "label": i % 2} for i, text in enumerate(texts)], "repeats")
+    model = register(api, tiny_llama).json()
+    reference = unsplit_reference(api, windows(settings), dataset, model, computed=298)
+    job_id, extraction_id = extract(api, dataset, model)
+    run_queued_jobs(windows(settings, worker_name="alone"))
+    job = api.get(f"/v1/jobs/{job_id}").json()
+    assert job["status"] == "succeeded", job["error"]
+    assert job["result"]["computed_texts"] == 298  # every distinct text once, by the parts
+    planned = [row for part in job_rows(settings, *(p["id"] for p in job["parts"])) for row in part.params["rows"]]
+    assert 250 not in planned and 251 not in planned and len(planned) == 298
+    assert result_file(api, extraction_id) == reference
+
+
+def test_a_probe_runs_states_are_spread_over_parts_and_train_the_same_probes(
+    api: Any, settings: Settings, dataset_and_model: tuple[dict[str, Any], dict[str, Any]]
+) -> None:
+    """Probe runs (as comparisons, evaluations and transfers) read their states through the
+    same parts: a group named by the run, rows of its dataset."""
+    dataset, model = dataset_and_model
+    body = {"model": model["id"], "dataset": dataset["id"], "layers": [1, 2], "method": ["logistic"], "seed": 3}
+
+    def probes(part_texts: int) -> tuple[dict[str, Any], list[dict[str, Any]]]:
+        created = api.post("/v1/probes", json=body)
+        assert created.status_code == 202, created.json()
+        run_queued_jobs(split(settings, extraction_part_texts=part_texts, worker_name="alone"))
+        job = api.get(f"/v1/jobs/{created.json()['job']['id']}").json()
+        assert job["status"] == "succeeded", job["error"]
+        run = api.get(f"/v1/probe-runs/{job['result']['run_id']}").json()
+        with runtime.build_runtime(settings).sessions() as session, session.begin():
+            session.execute(delete(CachedText))
+            session.execute(delete(CacheShard))
+        return job, run["probes"]
+
+    whole_job, whole = probes(10**6)
+    split_job, spread = probes(60)
+    assert whole_job["parts"] is None
+    rows = job_rows(settings, *(part["id"] for part in split_job["parts"]))
+    assert len(rows) == 8 and {row.kind for row in rows} == {"states_part"}
+    assert {row.params["group"] for row in rows} == {split_job["result"]["run_id"]}
+    assert sorted(index for row in rows for index in row.params["rows"]) == list(range(480))
+    assert [(p["layer"], p["validation"], p["metrics"]) for p in spread] == [
+        (p["layer"], p["validation"], p["metrics"]) for p in whole
+    ]
