@@ -180,7 +180,9 @@ def _create_parts(
     for part in parts:
         part.parent_id = context.job_id
     with worker.sessions() as session, session.begin():
-        ours = update(Job).where(*this_attempt(context.job_id, worker.name, context.attempt)).values(attempts=Job.attempts)
+        ours = (
+            update(Job).where(*this_attempt(context.job_id, worker.name, context.attempt)).values(attempts=Job.attempts)
+        )
         if not changed_rows(session, ours):
             raise AttemptSuperseded()
         session.add_all(parts)
