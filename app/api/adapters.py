@@ -8,7 +8,6 @@ from typing import Annotated
 import redis
 from fastapi import APIRouter, File, Form, Query, Response, UploadFile
 from pydantic import AfterValidator
-from sqlalchemy import select
 from sqlalchemy.orm import Session, sessionmaker
 
 from app import jobs
@@ -20,8 +19,9 @@ from app.inputs.documents import parse_document
 from app.job_kinds import AdapterImportParameters
 from app.registry.adapters import artifact_in_use, get_adapter, list_adapters
 from app.registry.database import transaction
+from app.registry.deletions import jobs_using_adapter
 from app.registry.models import get_model
-from app.registry.tables import Extraction, Job, new_id
+from app.registry.tables import Job, new_id
 from app.schemas.adapters import AdapterImport, AdapterOut, AdapterPage
 from app.schemas.common import ERROR_RESPONSES, without_nul
 from app.schemas.jobs import JobAccepted, JobOut
@@ -140,11 +140,7 @@ def delete_adapter(adapter_id: str, sessions: SessionsDep, artifacts: ArtifactsD
     """Remove the adapter's row and files together."""
     with transaction(sessions) as session:
         adapter = get_adapter(session, adapter_id)
-        users = session.scalars(
-            select(Extraction.id)
-            .join(Job, Job.id == Extraction.job_id)
-            .where(Extraction.adapter_id == adapter_id, Job.status.in_(("queued", "running")))
-        ).all()
+        users = jobs_using_adapter(session, adapter_id)
         if users and not force:
             raise ServiceError(
                 409,

@@ -207,6 +207,31 @@ def unfinished_jobs(session: Session, doomed: Doomed) -> list[str]:
     return found
 
 
+def jobs_using_adapter(session: Session, adapter_id: str) -> list[str]:
+    """Queued or running jobs that read the adapter: the jobs of extractions, probe runs,
+    evaluations, transfers, experiments and comparisons of it, scoring with a probe of it,
+    and parts computing its states."""
+    own_jobs: set[str] = set()
+    for table in (Extraction, ProbeRun, ProbeEvaluation, Transfer, Experiment):
+        column: Any = table
+        own_jobs.update(session.scalars(select(column.job_id).where(column.adapter_id == adapter_id)))
+    own_jobs |= {
+        job_id
+        for job_id, compared in session.execute(select(Comparison.job_id, Comparison.adapter_ids))
+        if adapter_id in (compared or [])
+    }
+    probes = set(session.scalars(select(Probe.id).where(Probe.adapter_id == adapter_id)))
+    found = []
+    for job_id, kind in session.execute(select(Job.id, Job.kind).where(Job.status.in_(UNFINISHED)).order_by(Job.id)):
+        if job_id in own_jobs:
+            found.append(job_id)
+        elif kind in ("states_part", "probe_scoring"):
+            params = session.scalar(select(Job.params).where(Job.id == job_id)) or {}
+            if params.get("adapter_id") == adapter_id or params.get("probe_id") in probes:
+                found.append(job_id)
+    return found
+
+
 def _column_values(session: Session, column: Any, id_column: Any, ids: Collection[str]) -> list[str]:
     values: list[str] = []
     for chunk in _chunks(ids):

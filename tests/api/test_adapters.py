@@ -507,6 +507,7 @@ def test_deleting_an_adapter_an_unfinished_job_uses_is_a_409_unless_forced(
     api: Any, settings: Any, tiny_llama: Path
 ) -> None:
     from tests.api.test_jobs import run_queued_jobs
+    from tests.api.test_probes import upload_rows
 
     model = register(api, tiny_llama).json()
     folder = settings.adapter_roots[0] / "in-use"
@@ -516,9 +517,18 @@ def test_deleting_an_adapter_an_unfinished_job_uses_is_a_409_unless_forced(
     ).json()["job"]["id"]
     run_queued_jobs(settings)
     adapter = api.get(f"/v1/adapters/{api.get(f'/v1/jobs/{job_id}').json()['result']['adapter_id']}").json()
-    api.post("/v1/extractions", json={"model": model["id"], "adapter": adapter["id"], "layers": [1], "texts": ["x"]})
+    extraction = api.post(
+        "/v1/extractions", json={"model": model["id"], "adapter": adapter["id"], "layers": [1], "texts": ["x"]}
+    ).json()
+    rows = [{"text": f"Statement {i}.", "label": i % 2} for i in range(40)]
+    dataset = upload_rows(api, rows, "adapter-probe")
+    body = {"model": model["id"], "adapter": adapter["id"], "dataset": dataset["id"], "layers": [1]}
+    probe_run = api.post("/v1/probes", json=body).json()
     refused = api.delete(f"/v1/adapters/{adapter['id']}")
-    assert refused.status_code == 409 and len(refused.json()["error"]["details"]["used_by"]) == 1
+    assert refused.status_code == 409
+    assert sorted(refused.json()["error"]["details"]["used_by"]) == sorted(
+        [extraction["job"]["id"], probe_run["job"]["id"]]
+    )
     assert api.get(f"/v1/adapters/{adapter['id']}").status_code == 200
     assert api.delete(f"/v1/adapters/{adapter['id']}", params={"force": True}).status_code == 204
     assert not (settings.resolved_artifact_dir / "adapters" / adapter["identity"]).exists()
