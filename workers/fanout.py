@@ -34,7 +34,8 @@ transfer) reads them from the content cache once every part has succeeded.
 import logging
 import math
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
@@ -270,58 +271,71 @@ def spread_extraction(
     to_compute = sum(part.size for part in followed)
     cache_hits = 0
     number = max((part.number for part in known), default=-1) + 1
-    for start in range(0, rows, window):
-        stop = min(start + window, rows)
-        group = f"rows-{start}"
-        texts = texts_between(start, stop)
-        earlier = by_group.get(group)
-        if earlier is not None:  # planned by an earlier attempt: its texts count as planned
-            with context.runtime.sessions() as session:
-                part_rows = session.scalars(select(Job.params).where(Job.id.in_([part.id for part in earlier]))).all()
-            planned.add([text_sha256(texts[row - start]) for params in part_rows for row in params["rows"]])
-            cache_hits += len(texts) - sum(part.size for part in earlier)
-            continue
-        context.progress("planning", start, rows)
-        plan = plan_missing(
-            context,
-            request,
-            texts,
-            settings.extraction_token_budget,
-            settings.extraction_max_batch_size,
-            planned=planned.holds,
-        )
-        cache_hits += plan.cache_hits
-        if plan.missing:
-            planned.add(plan.missing_shas)
-            pending.append((group, [[start + index for index in run] for run in cut_plan(plan, part_texts)], plan))
-            to_compute += len(plan.missing)
-        if to_compute > part_texts:
-            splitting = True
-        if splitting:
-            for pending_group, runs, pending_plan in pending:
-                followed += _create_parts(context, request, dataset, pending_group, runs, number, pending_plan)
-                number += len(runs)
-            pending = []
+    # a window that fails to plan (a text with no tokens, say) stops the parts queued before it
+    with _parts_cancelled_on_failure(context):
+        for start in range(0, rows, window):
+            stop = min(start + window, rows)
+            group = f"rows-{start}"
+            texts = texts_between(start, stop)
+            earlier = by_group.get(group)
+            if earlier is not None:  # planned by an earlier attempt: its texts count as planned
+                with context.runtime.sessions() as session:
+                    part_rows = session.scalars(
+                        select(Job.params).where(Job.id.in_([part.id for part in earlier]))
+                    ).all()
+                planned.add([text_sha256(texts[row - start]) for params in part_rows for row in params["rows"]])
+                cache_hits += len(texts) - sum(part.size for part in earlier)
+                continue
+            context.progress("planning", start, rows)
+            plan = plan_missing(
+                context,
+                request,
+                texts,
+                settings.extraction_token_budget,
+                settings.extraction_max_batch_size,
+                planned=planned.holds,
+            )
+            cache_hits += plan.cache_hits
+            if plan.missing:
+                planned.add(plan.missing_shas)
+                pending.append((group, [[start + index for index in run] for run in cut_plan(plan, part_texts)], plan))
+                to_compute += len(plan.missing)
+            if to_compute > part_texts:
+                splitting = True
+            if splitting:
+                for pending_group, runs, pending_plan in pending:
+                    followed += _create_parts(context, request, dataset, pending_group, runs, number, pending_plan)
+                    number += len(runs)
+                pending = []
     if not splitting:
         return None
     return _follow(context, followed, cache_hits)
 
 
-def _follow(context: "JobContext[Any]", parts: list[PartRow], cache_hits: int) -> PartsOutcome:
-    """Wait for `parts` (running queued ones here), then their figures summed; on a failure
-    the parent's other unfinished parts are cancelled."""
+@contextmanager
+def _parts_cancelled_on_failure(context: "JobContext[Any]") -> Iterator[None]:
+    """The parent's unfinished parts cancelled when it ends here for good (failed, cancelled);
+    not when this attempt was taken back (the next carries on with them), nor when the worker
+    stops at once (SystemExit: the retry does)."""
     worker = context.runtime
     try:
-        _wait_for(context, parts)
+        yield
     except AttemptSuperseded:
-        raise  # the next attempt at the parent carries on with the parts
-    except Exception:  # the parent ends here for good; a worker stopped at once (SystemExit) leaves them to its retry
+        raise
+    except Exception:
         try:
             jobs.cancel_parts(worker.sessions, worker.redis, worker.settings, context.job_id)
         except Exception:
             log.exception("the unfinished parts could not be cancelled")
         raise
-    with worker.sessions() as session:
+
+
+def _follow(context: "JobContext[Any]", parts: list[PartRow], cache_hits: int) -> PartsOutcome:
+    """Wait for `parts` (running queued ones here), then their figures summed; on a failure
+    the parent's other unfinished parts are cancelled."""
+    with _parts_cancelled_on_failure(context):
+        _wait_for(context, parts)
+    with context.runtime.sessions() as session:
         results = session.scalars(select(Job.result).where(Job.id.in_([part.id for part in parts]))).all()
     return PartsOutcome(
         parts=len(parts),
