@@ -14,7 +14,7 @@ from typing import Any, Generic, TypeVar
 
 import redis
 from sqlalchemy import delete, select, update
-from sqlalchemy.orm import Session, sessionmaker
+from sqlalchemy.orm import Session, load_only, sessionmaker
 
 from app import broker
 from app.errors import ServiceError, not_found
@@ -260,9 +260,23 @@ def publish(connection: redis.Redis, settings: Settings, job: Job) -> None:
 
 
 def parts_of(session: Session, job_id: str) -> list[Job]:
-    """The parts of a job spread over workers, in order (by part number); none for other jobs."""
-    found = list(session.scalars(select(Job).where(Job.parent_id == job_id)))
-    return sorted(found, key=lambda part: int(part.params.get("part", 0)))
+    """The parts of a job spread over workers, in order (by part number); none for other jobs.
+    Their parameters, which list a part's rows (thousands of numbers each), are left unread
+    until asked for: a job's record lists hundreds of parts, and is read every few seconds."""
+    listed = load_only(
+        Job.id,
+        Job.kind,
+        Job.status,
+        Job.worker,
+        Job.attempts,
+        Job.queue,
+        Job.parent_id,
+        Job.progress_stage,
+        Job.progress_done,
+        Job.progress_total,
+    )
+    query = select(Job).options(listed).where(Job.parent_id == job_id).order_by(Job.params["part"].as_integer())
+    return list(session.scalars(query))
 
 
 def _cancel_row(session: Session, job_id: str) -> bool:
