@@ -106,12 +106,15 @@ def peak_rss_mb(pid: int) -> float:
 
 
 def job_seconds(client: httpx.Client, job_id: str) -> float:
+    """The job's own run time, from its record; asked for once a second, so the bench takes
+    little CPU from the worker (a split job's record lists its parts)."""
     job = wait_for(
         lambda: (lambda j: j if j["status"] in ("succeeded", "failed", "cancelled") else None)(
             client.get(f"/v1/jobs/{job_id}").json()
         ),
         3600,
         f"job {job_id}",
+        pause=1.0,
     )
     if job["status"] != "succeeded":
         raise RuntimeError(f"job {job_id} ended {job['status']}: {job.get('error')}")
