@@ -275,7 +275,9 @@ def parts_of(session: Session, job_id: str) -> list[Job]:
         Job.progress_done,
         Job.progress_total,
     )
-    query = select(Job).options(listed).where(Job.parent_id == job_id).order_by(Job.params["part"].as_integer())
+    # parts are created in order, a microsecond apart (`workers/fanout.py`): ordering by their
+    # creation reads no parameters, where ordering by `params.part` would parse each one's
+    query = select(Job).options(listed).where(Job.parent_id == job_id).order_by(Job.created_at, Job.id)
     return list(session.scalars(query))
 
 

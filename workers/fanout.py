@@ -37,6 +37,7 @@ import time
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
+from datetime import timedelta
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
@@ -47,7 +48,7 @@ from app.inputs.prompt_formats import rendered_rows
 from app.job_kinds import StatesPartParameters
 from app.registry.database import changed_rows
 from app.registry.datasets import rows_at, rows_between
-from app.registry.tables import Adapter, Dataset, Job, Model
+from app.registry.tables import Adapter, Dataset, Job, Model, utcnow
 from workers.context import subject_row, this_attempt
 from workers.errors import AttemptSuperseded, JobCancelled, JobFailed
 from workers.state_cache import BatchPlan, States, StatesRequest, cached_states, plan_missing, text_sha256
@@ -178,8 +179,10 @@ def _create_parts(
         )
         for offset, run in enumerate(runs)
     ]
-    for part in parts:
+    created = utcnow()
+    for offset, part in enumerate(parts):
         part.parent_id = context.job_id
+        part.created_at = created + timedelta(microseconds=offset)  # their order, for listings
     with worker.sessions() as session, session.begin():
         ours = (
             update(Job).where(*this_attempt(context.job_id, worker.name, context.attempt)).values(attempts=Job.attempts)
