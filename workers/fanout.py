@@ -85,21 +85,24 @@ class PartRow:
 
 
 def cut_plan(plan: BatchPlan, part_texts: int) -> list[list[int]]:
-    """The plan's batches, in order, cut into runs of whole batches: as many runs as parts of
+    """The plan's batches, in order, cut into runs of whole batches: a run for every
     `part_texts` texts it takes to hold them all, each about as much work as the others (by
     padded tokens, rows × longest: the plan puts the longest texts first, and a run of them
-    costs more than as many short ones). Each run as the texts' positions in the list the
-    plan was made for, ascending."""
+    costs more than as many short ones) — but the last of them cut in two halves, so that
+    workers taking runs in order end within half a run of each other. Each run as the
+    texts' positions in the list the plan was made for, ascending."""
     count = math.ceil(len(plan.missing) / part_texts)
+    shares = [1.0] * (count - 1) + ([0.5, 0.5] if count > 1 else [1.0])
     costs = [len(batch) * max(plan.lengths[index] for index in batch) for batch in plan.batches]
     total = sum(costs)
+    ends = [total * sum(shares[: number + 1]) / count for number in range(len(shares) - 1)]
     parts: list[list[int]] = []
     current: list[int] = []
     spent = 0
     for batch, cost in zip(plan.batches, costs, strict=True):
         current.extend(plan.missing[index] for index in batch)
         spent += cost
-        if len(parts) < count - 1 and spent * count >= total * (len(parts) + 1):
+        if len(parts) < len(ends) and spent >= ends[len(parts)]:
             parts.append(sorted(current))
             current = []
     if current:
@@ -414,8 +417,9 @@ def _wait_for(context: "JobContext[Any]", parts: list[PartRow]) -> None:
             if all(part.id in statuses and statuses[part.id].status == "succeeded" for part in parts):
                 return
             queued = [part for part in parts if part.id in statuses and statuses[part.id].status == "queued"]
-            # the last queued part: RQ's workers take theirs from the front of the queue
-            if not (queued and runner.run_part(worker, queued[-1].id)):
+            # the first queued part, as RQ's workers take theirs: the longest texts go first,
+            # and the last parts, the smallest, even out the end (`cut_plan`)
+            if not (queued and runner.run_part(worker, queued[0].id)):
                 time.sleep(POLL_S)
     finally:
         worker.on_part_progress = None
