@@ -43,6 +43,24 @@ ROOT = Path(__file__).resolve().parent.parent
 # the real data sets sit beside the checkout, in shared/data
 SHARED_DATA = Path(os.environ.get("CONFPROBE_TEST_DATA", ROOT.parent / "shared" / "data"))
 BACKENDS = ["sqlite", "postgresql"]
+# Tests of the registry's own behaviour — its tables and migrations, jobs and their
+# compare-and-set changes, deletion, the content cache's index, work spread over workers —
+# run on both backends. Every other test runs on one: SQLite where the test works on the
+# registry in its own process (`database_url`), PostgreSQL where a gateway and a worker
+# process share it (`stack`), as a deployment does.
+BOTH_BACKENDS = (
+    "tests/registry/",
+    "tests/api/test_jobs.py",
+    "tests/api/test_deletions.py",
+    "tests/api/test_datasets.py",
+    "tests/test_janitor.py",
+    "tests/workers/test_fanout.py",
+    "tests/workers/test_state_cache.py",
+    "tests/workers/test_lost_workers.py",
+    "tests/workers/test_runner.py",
+    "tests/workers/test_restarts.py",
+    "tests/workers/test_routing.py",
+)
 TERMINAL = {"succeeded", "failed", "cancelled"}
 
 
@@ -191,7 +209,22 @@ def databases(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathF
     return Databases(request, tmp_path_factory.mktemp("registries"))
 
 
-@pytest.fixture(params=BACKENDS)
+def pytest_generate_tests(metafunc: pytest.Metafunc) -> None:
+    """The registry backends a test runs on (`BOTH_BACKENDS`)."""
+    path = Path(metafunc.definition.path).relative_to(ROOT).as_posix()
+    both = path.startswith(BOTH_BACKENDS)
+    pinned = {
+        name.strip()
+        for mark in metafunc.definition.iter_markers("parametrize")
+        for name in (mark.args[0].split(",") if isinstance(mark.args[0], str) else mark.args[0])
+    }
+    if "database_url" in metafunc.fixturenames and "database_url" not in pinned:
+        metafunc.parametrize("database_url", BACKENDS if both else ["sqlite"], indirect=True)
+    if "stack" in metafunc.fixturenames and "stack" not in pinned:
+        metafunc.parametrize("stack", BACKENDS if both else ["postgresql"], indirect=True, scope="session")
+
+
+@pytest.fixture
 def database_url(request: pytest.FixtureRequest, databases: Databases) -> str:
     return databases.new(request.param)
 
@@ -304,7 +337,7 @@ def tinker_standin() -> Iterator[Any]:
         yield standin
 
 
-@pytest.fixture(scope="session", params=BACKENDS)
+@pytest.fixture(scope="session")
 def stack(
     request: pytest.FixtureRequest,
     databases: Databases,
