@@ -130,8 +130,12 @@ def requeue_orphans(
 
     cutoff = utcnow() - timedelta(seconds=min_age_s)
     with sessions() as session:
+        # what queueing needs, not the parameters: a split job has hundreds of queued parts
+        listed = load_only(Job.id, Job.status, Job.queue, Job.attempts, Job.kind)
         waiting = list(
-            session.scalars(select(Job).where(Job.status == "queued", Job.created_at < cutoff).order_by(Job.id))
+            session.scalars(
+                select(Job).options(listed).where(Job.status == "queued", Job.created_at < cutoff).order_by(Job.id)
+            )
         )
     if not waiting:
         return []
@@ -139,8 +143,17 @@ def requeue_orphans(
     live_queues = {broker.worker_queue(settings, name) for name in live}
     shared = broker.default_queue(settings)
     requeued = []
+    on_live_queues = [job for job in waiting if job.queue == shared or job.queue in live_queues]
+    # what RQ holds of them, in one round trip
+    held_by_rq = dict(
+        zip(
+            [job.id for job in on_live_queues],
+            RQJob.fetch_many([rq_job_id(job) for job in on_live_queues], connection=connection),
+            strict=True,
+        )
+    )
     for job in waiting:
-        if job.queue != shared and job.queue not in live_queues:
+        if job.id not in held_by_rq:
             Queue(job.queue, connection=connection).remove(rq_job_id(job))
             with transaction(sessions) as session:
                 moved = changed_rows(
@@ -150,7 +163,7 @@ def requeue_orphans(
                 continue
             job.queue = shared
         else:
-            held = RQJob.fetch_many([rq_job_id(job)], connection=connection)[0]
+            held = held_by_rq[job.id]
             status = held.get_status(refresh=False) if held is not None else None
             if status == JobStatus.QUEUED or (
                 held is not None and status == JobStatus.STARTED and broker.worker_of_rq_name(held.worker_name) in live
