@@ -7,8 +7,8 @@ measured, not the model. Two cases (`--case workers|million|both`, default both)
     worker and on two, each limited to one torch thread: `two_worker_speedup` (target ≥ 1.7),
     `identical` (the two arrays byte for byte), each worker's CPU time and the load average.
 
-(b) Million texts, on a tiny Llama of hidden 16 and two blocks: datasets of 100,000 and then 1,000,000 distinct short statements ("Statement
-number 123456 is true.") go through upload, extraction (layers [1, 2], last token) and a
+(b) Million texts, on a tiny Llama of hidden 16 and two blocks: datasets of 100,000 and then 1,000,000 distinct short statements of one length ("Statement
+number 100123456 is true.", the two sets numbered apart) go through upload, extraction (layers [1, 2], last token) and a
 download of the `.npy` array, on one worker. Reported: `texts`, `upload_s`, `extract_s` (the
 extraction job's own run time, from the registry), `download_s`, the peak resident memory of
 the gateway and of the worker (`VmHWM` of each process tree, read from /proc: targets ≤ 1,500
@@ -195,7 +195,9 @@ def million(folder: Path, database_url: str, texts: int) -> dict[str, Any]:
         client = stack.client(timeout=600)
         model = client.post("/v1/models", json={"name": "tiny", "source": str(model_folder)}).raise_for_status().json()
         job_seconds(client, model["check_job_id"])
-        small = run_size(client, model["id"], 0, min(SMALL_TEXTS, texts), folder)
+        # numbered from 200,000,000 and from 100,000,000: statements of the same length in
+        # tokens (nine digits each), and none of the small set in the large one
+        small = run_size(client, model["id"], 2 * 10**8, min(SMALL_TEXTS, texts), folder)
         large = run_size(client, model["id"], 10**8, texts, folder)
         assert stack.gateway is not None
         gateway = peak_rss_mb(stack.gateway.pid)
