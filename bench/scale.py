@@ -7,16 +7,21 @@ measured, not the model. Two cases (`--case workers|million|both`, default both)
     worker and on two, each limited to one torch thread: `two_worker_speedup` (target ≥ 1.7),
     `identical` (the two arrays byte for byte), each worker's CPU time and the load average.
 
-(b) Million texts, on a tiny Llama of hidden 16 and two blocks: datasets of 100,000 and then 1,000,000 distinct short statements of one length ("Statement
-number 100123456 is true.", the two sets numbered apart) go through upload, extraction (layers [1, 2], last token) and a
-download of the `.npy` array, on one worker. Reported: `texts`, `upload_s`, `extract_s` (the
-extraction job's own run time, from the registry), `download_s`, the peak resident memory of
-the gateway and of the worker (`VmHWM` of each process tree, read from /proc: targets ≤ 1,500
-MB each), the registry's size (`registry_mb`: PostgreSQL's `pg_database_size`, or the SQLite
-file), the content cache's index rows (`cache_rows`: target ≤ 1.1 × texts) and the
-extraction time of 1,000,000 texts over that of 100,000 (`linearity`: target ≤ 11). The
-downloaded array is checked: its shape, and a sample of its rows against the same texts
-extracted inline by a second, small request (equal to 1e-5).
+(b) Million texts, on a tiny Llama of hidden 16 and two blocks: datasets of 100,000 and then
+    1,000,000 distinct short statements of one length ("Statement number 100123456 is
+    true.", the two sets numbered apart) go through upload, extraction (layers [1, 2], last
+    token) and a download of the `.npy` array, on one worker. Reported: `texts`, `upload_s`,
+    `extract_s` (the extraction job's own run time, from the registry), `download_s`, the
+    peak resident memory of the gateway and of the worker (`VmHWM` of each process tree, read
+    from /proc: targets ≤ 1,500 MB each), the registry's size (`registry_mb`: PostgreSQL's
+    `pg_database_size`, or the SQLite file), the content cache's index rows (`cache_rows`:
+    target ≤ 1.1 × texts) and the extraction time of 1,000,000 texts over that of 100,000
+    (`linearity`: target ≤ 11). Where the time went, for each size (`small_` the smaller):
+    the parts' seconds summed (`parts_s`), the rest (`outside_parts_s`: planning, assembling
+    the result, waiting) and the median seconds of the first and the last tenth of the parts
+    (`part_s_first_tenth`, `part_s_last_tenth`). The downloaded array is checked: its shape,
+    and a sample of its rows against the same texts extracted inline by a second, small
+    request (equal to 1e-5).
 
     python bench/scale.py [--case both] [--texts 1000000] [--workers-texts 4000] [--part-texts 500] [--sqlite]
 
@@ -170,7 +175,45 @@ def run_size(client: httpx.Client, model_id: str, first: int, count: int, folder
     difference = float(np.abs(np.asarray(states[sample]) - expected).max())
     assert difference <= 1e-5, f"the sampled rows differ from an inline extraction by {difference}"
     target.unlink()
-    return {"upload_s": round(upload_s, 2), "extract_s": round(extract_s, 2), "download_s": round(download_s, 2)}
+    return {
+        "upload_s": round(upload_s, 2),
+        "extract_s": round(extract_s, 2),
+        "download_s": round(download_s, 2),
+        "job_id": created["job"]["id"],
+    }
+
+
+def parts_split(database_url: str, job_id: str) -> dict[str, float]:
+    """Where a split extraction's time went, from the registry: the seconds its parts ran
+    (summed), the rest (planning, assembling, waiting), and the median seconds of the first
+    and of the last tenth of its parts, in the order they were queued (the same work each,
+    but the last two halves: a part slower late than early is a cost that grows as it runs)."""
+    engine = create_engine(database_url)
+    with engine.connect() as connection:
+        parent = connection.execute(
+            text("SELECT started_at, finished_at FROM jobs WHERE id = :id"), {"id": job_id}
+        ).one()
+        parts = connection.execute(
+            text("SELECT started_at, finished_at FROM jobs WHERE parent_id = :id ORDER BY created_at, id"),
+            {"id": job_id},
+        ).all()
+    engine.dispose()
+
+    def seconds(started: Any, finished: Any) -> float:
+        if isinstance(started, str):  # SQLite hands datetimes back as text
+            started, finished = np.datetime64(started), np.datetime64(finished)
+            return float((finished - started) / np.timedelta64(1, "ms")) / 1000
+        return (finished - started).total_seconds()
+
+    durations = [seconds(*part) for part in parts if part[0] is not None and part[1] is not None]
+    tenth = max(1, len(durations) // 10)
+    whole = durations[:-2] if len(durations) > 2 else durations  # the two halves left out
+    return {
+        "parts_s": round(sum(durations), 2),
+        "outside_parts_s": round(seconds(*parent) - sum(durations), 2),
+        "part_s_first_tenth": round(float(np.median(whole[:tenth])), 3) if whole else 0.0,
+        "part_s_last_tenth": round(float(np.median(whole[-tenth:])), 3) if whole else 0.0,
+    }
 
 
 def registry_numbers(database_url: str) -> tuple[float, int]:
@@ -205,6 +248,7 @@ def million(folder: Path, database_url: str, texts: int) -> dict[str, Any]:
     finally:
         stack.stop()
     registry_mb, cache_rows = registry_numbers(database_url)
+    small_split, large_split = parts_split(database_url, small["job_id"]), parts_split(database_url, large["job_id"])
     return {
         "texts": texts,
         "small_texts": min(SMALL_TEXTS, texts),
@@ -218,6 +262,8 @@ def million(folder: Path, database_url: str, texts: int) -> dict[str, Any]:
         "registry_mb": round(registry_mb, 1),
         "cache_rows": cache_rows,
         "cache_rows_per_text": round(cache_rows / (texts + min(SMALL_TEXTS, texts) + 2 * SAMPLE_ROWS), 3),
+        **large_split,
+        **{f"small_{key}": value for key, value in small_split.items()},
     }
 
 
