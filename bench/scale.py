@@ -17,8 +17,8 @@ measured, not the model. Two cases (`--case workers|million|both`, default both)
     `pg_database_size`, or the SQLite file), the content cache's index rows (`cache_rows`:
     target ≤ 1.1 × texts) and the extraction time of 1,000,000 texts over that of 100,000
     (`linearity`: target ≤ 11). Where the time went, for each size (`small_` the smaller):
-    the parts' seconds summed (`parts_s`), the rest (`outside_parts_s`: planning, assembling
-    the result, waiting) and the median seconds of the first and the last tenth of the parts
+    the parts' seconds summed (`parts_s`), the rest (`outside_parts_s`), of it the planning
+    (`planning_s`) and the result read out of the cache (`assembling_s`) and the median seconds of the first and the last tenth of the parts
     (`part_s_first_tenth`, `part_s_last_tenth`). The downloaded array is checked: its shape,
     and a sample of its rows against the same texts extracted inline by a second, small
     request (equal to 1e-5).
@@ -149,6 +149,7 @@ def run_size(client: httpx.Client, model_id: str, first: int, count: int, folder
         .json()
     )
     extract_s = job_seconds(client, created["job"]["id"])
+    seconds = client.get(f"/v1/jobs/{created['job']['id']}").json()["result"].get("seconds", {})
     started = time.perf_counter()
     target = folder / f"states-{count}.npy"
     with client.stream("GET", f"/v1/extractions/{created['extraction']['id']}/hidden-states") as response:
@@ -180,6 +181,8 @@ def run_size(client: httpx.Client, model_id: str, first: int, count: int, folder
         "extract_s": round(extract_s, 2),
         "download_s": round(download_s, 2),
         "job_id": created["job"]["id"],
+        "planning_s": seconds.get("planning"),
+        "assembling_s": seconds.get("assembling"),
     }
 
 
@@ -262,7 +265,11 @@ def million(folder: Path, database_url: str, texts: int) -> dict[str, Any]:
         "registry_mb": round(registry_mb, 1),
         "cache_rows": cache_rows,
         "cache_rows_per_text": round(cache_rows / (texts + min(SMALL_TEXTS, texts) + 2 * SAMPLE_ROWS), 3),
+        "planning_s": large["planning_s"],
+        "assembling_s": large["assembling_s"],
         **large_split,
+        "small_planning_s": small["planning_s"],
+        "small_assembling_s": small["assembling_s"],
         **{f"small_{key}": value for key, value in small_split.items()},
     }
 

@@ -38,6 +38,10 @@ from tests.servers import (
     local_postgres_available,
 )
 
+# the real models' fixtures, one instance a session for every module that uses them (a
+# fixture imported into each module would be made again for each)
+pytest_plugins = ["tests.real_models"]
+
 IN_CI = os.environ.get("CI") == "true"
 ROOT = Path(__file__).resolve().parent.parent
 # the real data sets sit beside the checkout, in shared/data
@@ -58,8 +62,6 @@ BOTH_BACKENDS = (
     "tests/workers/test_state_cache.py",
     "tests/workers/test_lost_workers.py",
     "tests/workers/test_runner.py",
-    "tests/workers/test_restarts.py",
-    "tests/workers/test_routing.py",
 )
 TERMINAL = {"succeeded", "failed", "cancelled"}
 

@@ -34,7 +34,6 @@ from app.inputs.gguf_architectures import (
 )
 from app.inputs.user_files import NotARegularFile
 from tests.conftest import ROOT
-from tests.real_models import smollm2_folder, smollm2_gguf, smollm2_gguf_model  # noqa: F401
 from tests.special_files import call_without_blocking
 
 UINT8, INT8, UINT16, INT16, UINT32, INT32, FLOAT32, BOOL, STRING, ARRAY, UINT64, INT64, FLOAT64 = range(13)

@@ -3,6 +3,7 @@ written in place as one safetensors file while they come from the content cache 
 computed (`workers/state_cache.py`)."""
 
 import json
+import time
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
@@ -93,6 +94,7 @@ def run(context: "JobContext[ExtractionParameters]") -> dict[str, Any]:
     truncated_count = cache_hits = computed_texts = batches_run = 0
     # the result is written in place as it is computed: never held whole in memory
     context.clear_earlier_attempts(artifact)
+    assembling = time.monotonic()
     with store.temporary_path(artifact) as path:
         arrays.allocate(path, STATES_TENSOR, (count, len(layers), model.hidden_size), metadata)  # unmapped at once
         for start in range(0, count, window):
@@ -115,6 +117,7 @@ def run(context: "JobContext[ExtractionParameters]") -> dict[str, Any]:
             batches_run += result.batches_run
         context.progress("writing", count, count)
         shape = [count, len(layers), model.hidden_size]
+    assembling_s = time.monotonic() - assembling
     if parts is not None:
         cache_hits = parts.cache_hits
     with sessions() as session, session.begin():
@@ -145,6 +148,13 @@ def run(context: "JobContext[ExtractionParameters]") -> dict[str, Any]:
             "parts": parts.parts,
             "computed_texts": parts.computed_texts + computed_texts,
             "batches_run": parts.batches_run + batches_run,
+            # where a split extraction's time went: planning its parts, waiting for them
+            # (running some here), reading the result out of the cache
+            "seconds": {
+                "planning": round(parts.planning_s, 3),
+                "parts": round(parts.parts_s, 3),
+                "assembling": round(assembling_s, 3),
+            },
         }
     return figures
 

@@ -36,7 +36,7 @@ import math
 import time
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, field, replace
 from datetime import timedelta
 from typing import TYPE_CHECKING, Any
 
@@ -72,6 +72,9 @@ class PartsOutcome:
     cache_hits: int
     computed_texts: int
     batches_run: int
+    # seconds planning the parts, and waiting for them (running them here included)
+    planning_s: float = field(default=0.0, compare=False)
+    parts_s: float = field(default=0.0, compare=False)
 
 
 @dataclass(frozen=True)
@@ -266,6 +269,7 @@ def spread_extraction(
     rows, window, part_texts = dataset.rows, settings.extraction_window_texts, settings.extraction_part_texts
     if not settings.extraction_cache or rows <= part_texts:
         return None
+    started = time.monotonic()
     known = _known_parts(context)
     by_group: dict[str, list[PartRow]] = {}
     for part in known:
@@ -315,7 +319,9 @@ def spread_extraction(
                 pending = []
     if not splitting:
         return None
-    return _follow(context, followed, cache_hits)
+    planned_at = time.monotonic()
+    outcome = _follow(context, followed, cache_hits)
+    return replace(outcome, planning_s=planned_at - started, parts_s=time.monotonic() - planned_at)
 
 
 @contextmanager

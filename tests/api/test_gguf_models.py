@@ -18,7 +18,6 @@ from tests.api.test_extractions import download, extract, finished
 from tests.api.test_models import register
 from tests.api.test_probes import shared_rows, train, upload_rows
 from tests.conftest import Stack, wait_for_job
-from tests.real_models import smollm2_gguf, smollm2_gguf_model  # noqa: F401
 from tests.test_gguf import LLAMA_PAIRS, gguf_file, string_pair, u32_pair
 
 TEXTS = [

@@ -15,7 +15,6 @@ import torch
 from app.inputs.model_sources import fingerprint, resolve_source, source_shape
 from app.registry.models import new_model
 from app.registry.tables import Model
-from tests.real_models import smollm2_gguf, smollm2_gguf_model  # noqa: F401
 from tests.test_gguf import LLAMA_PAIRS, gguf_file, string_pair, u32_pair
 from workers import gguf_models
 from workers.errors import JobFailed

@@ -11,7 +11,6 @@ import torch
 
 from app.inputs.prompt_formats import render
 from tests import tiny_models
-from tests.real_models import smollm2_gguf, smollm2_gguf_model  # noqa: F401
 from workers import hidden_states
 from workers.hidden_states import NO_SHORTCUTS, Shortcuts, read_texts, shared_prefix_length, trimmable
 from workers.prompts import prompt_strings
