@@ -18,7 +18,8 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
-from sqlalchemy import delete, select
+from sqlalchemy import String, any_, bindparam, delete, select
+from sqlalchemy.dialects.postgresql import ARRAY
 from sqlalchemy.dialects.postgresql import insert as postgresql_insert
 from sqlalchemy.dialects.sqlite import insert as sqlite_insert
 from sqlalchemy.orm import Session, sessionmaker
@@ -38,6 +39,10 @@ if TYPE_CHECKING:
 
 STATES_TENSOR = "hidden_states"
 LOOKUP_CHUNK = 5000  # values in one IN (…) list: well under SQLite's 32,766 variables
+# texts looked up in one PostgreSQL query, as one array parameter (`= ANY`): few enough that
+# the planner probes the index for each rather than scanning the whole table, which
+# from about a million entries it does for 5,000 (every lookup then costs as the cache grows)
+POSTGRESQL_LOOKUP_CHUNK = 2000
 INSERT_CHUNK = 5000  # index rows in one INSERT
 READ_BLOCK_BYTES = 32 << 20  # shard rows copied by one indexing operation
 MIN_RUN = 8  # consecutive rows, on average, that make slice copies worth it
@@ -252,12 +257,18 @@ class HiddenStateCache:
         index = {sha: position for position, sha in enumerate(shas)}
         found: list[Any] = []
         with self.sessions() as session:
-            for start in range(0, len(shas), LOOKUP_CHUNK):
+            postgresql = session.get_bind().dialect.name == "postgresql"
+            chunk = POSTGRESQL_LOOKUP_CHUNK if postgresql else LOOKUP_CHUNK
+            for start in range(0, len(shas), chunk):
+                wanted = list(shas[start : start + chunk])
                 query = (
                     select(CachedText.text_sha256, CachedText.shard_id, CachedText.row, CachedText.truncated)
                     .join(CacheShard, CacheShard.id == CachedText.shard_id)
                     .where(
-                        CacheShard.space == self.space, CachedText.text_sha256.in_(shas[start : start + LOOKUP_CHUNK])
+                        CacheShard.space == self.space,
+                        CachedText.text_sha256 == any_(bindparam("shas", wanted, type_=ARRAY(String(64))))
+                        if postgresql
+                        else CachedText.text_sha256.in_(wanted),
                     )
                 )
                 found.extend(session.execute(query).all())
