@@ -116,7 +116,9 @@ def cut_plan(plan: BatchPlan, part_texts: int) -> list[list[int]]:
 class Planned:
     """The texts planned into parts so far, by the first 64 bits of their sha256 (a sorted
     array: 8 bytes a text). A text whose prefix matches is not planned again; were two
-    texts ever to share a prefix, the second would be computed by the parent instead."""
+    texts ever to share a prefix, the second would be computed by the parent instead. Each
+    window's texts are looked up by binary search and merged in without sorting the whole
+    array again: the cost of a window does not grow with the windows before it."""
 
     def __init__(self) -> None:
         self.keys = np.empty(0, dtype=np.uint64)
@@ -125,11 +127,20 @@ class Planned:
     def prefixes(shas: Sequence[str]) -> np.ndarray:
         return np.fromiter((int(sha[:16], 16) for sha in shas), dtype=np.uint64, count=len(shas))
 
+    def _contains(self, values: np.ndarray) -> np.ndarray:
+        at = np.searchsorted(self.keys, values)
+        inside = at < len(self.keys)
+        found = np.zeros(len(values), dtype=bool)
+        found[inside] = self.keys[at[inside]] == values[inside]
+        return found
+
     def add(self, shas: Sequence[str]) -> None:
-        self.keys = np.union1d(self.keys, self.prefixes(shas))
+        new = np.unique(self.prefixes(shas))
+        new = new[~self._contains(new)]
+        self.keys = np.insert(self.keys, np.searchsorted(self.keys, new), new)
 
     def holds(self, shas: Sequence[str]) -> np.ndarray:
-        return np.isin(self.prefixes(shas), self.keys)
+        return self._contains(self.prefixes(shas))
 
 
 def _known_parts(context: "JobContext[Any]") -> list[PartRow]:

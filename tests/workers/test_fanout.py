@@ -480,3 +480,17 @@ def test_a_probe_runs_states_are_spread_over_parts_and_train_the_same_probes(
     assert [(p["layer"], p["validation"], p["metrics"]) for p in spread] == [
         (p["layer"], p["validation"], p["metrics"]) for p in whole
     ]
+
+
+def test_the_texts_planned_in_earlier_windows_are_the_ones_found_again() -> None:
+    rng = random.Random(7)
+    pool = [f"{rng.getrandbits(256):064x}" for _ in range(3000)]
+    planned, reference = fanout.Planned(), set()
+    for _ in range(12):  # windows that overlap earlier ones and repeat texts within themselves
+        window = [rng.choice(pool) for _ in range(400)]
+        assert fanout.Planned.prefixes(window).dtype == np.uint64
+        assert planned.holds(window).tolist() == [sha in reference for sha in window]
+        planned.add(window)
+        reference.update(window)
+    assert planned.keys.tolist() == sorted({int(sha[:16], 16) for sha in reference})
+    assert planned.holds([]).tolist() == []
