@@ -39,10 +39,6 @@ if TYPE_CHECKING:
 
 STATES_TENSOR = "hidden_states"
 LOOKUP_CHUNK = 5000  # values in one IN (…) list: well under SQLite's 32,766 variables
-# texts looked up in one PostgreSQL query, as one array parameter (`= ANY`): few enough that
-# the planner probes the index for each rather than scanning the whole table, which
-# from about a million entries it does for 5,000 (every lookup then costs as the cache grows)
-POSTGRESQL_LOOKUP_CHUNK = 2000
 INSERT_CHUNK = 5000  # index rows in one INSERT
 READ_BLOCK_BYTES = 32 << 20  # shard rows copied by one indexing operation
 MIN_RUN = 8  # consecutive rows, on average, that make slice copies worth it
@@ -251,38 +247,39 @@ class HiddenStateCache:
         self.space = space
 
     def lookup(self, shas: Sequence[str], layers: Sequence[int]) -> Hits:
-        """Where the vectors of `shas` (distinct) at `layers` are: two queries a chunk of texts
-        (their rows in this space's shards, then those shards' paths and layers), read as
-        plain tuples; the choice of shards is made on arrays."""
+        """Where the vectors of `shas` (distinct) at `layers` are: a query a chunk of texts
+        for their rows in any shard (by the index's first column alone: no join for the
+        planner to misjudge while the table's statistics lag behind its growth), then one for
+        which of those shards are this space's, with their paths and layers; read as plain
+        tuples, the choice of shards made on arrays."""
         index = {sha: position for position, sha in enumerate(shas)}
-        found: list[Any] = []
+        candidates: list[Any] = []
         with self.sessions() as session:
             postgresql = session.get_bind().dialect.name == "postgresql"
-            chunk = POSTGRESQL_LOOKUP_CHUNK if postgresql else LOOKUP_CHUNK
-            for start in range(0, len(shas), chunk):
-                wanted = list(shas[start : start + chunk])
-                query = (
-                    select(CachedText.text_sha256, CachedText.shard_id, CachedText.row, CachedText.truncated)
-                    .join(CacheShard, CacheShard.id == CachedText.shard_id)
-                    .where(
-                        CacheShard.space == self.space,
-                        CachedText.text_sha256 == any_(bindparam("shas", wanted, type_=ARRAY(String(64))))
-                        if postgresql
-                        else CachedText.text_sha256.in_(wanted),
-                    )
+            for start in range(0, len(shas), LOOKUP_CHUNK):
+                wanted = list(shas[start : start + LOOKUP_CHUNK])
+                query = select(CachedText.text_sha256, CachedText.shard_id, CachedText.row, CachedText.truncated).where(
+                    # PostgreSQL: one array parameter rather than thousands of bound values
+                    CachedText.text_sha256 == any_(bindparam("shas", wanted, type_=ARRAY(String(64))))
+                    if postgresql
+                    else CachedText.text_sha256.in_(wanted)
                 )
-                found.extend(session.execute(query).all())
-            if not found:
+                candidates.extend(session.execute(query).all())
+            if not candidates:
                 return Hits.none(len(shas))
-            shard_ids = sorted({entry[1] for entry in found})
+            all_shards = sorted({entry[1] for entry in candidates})
             shards: dict[int, tuple[str, list[int | None]]] = {}
-            for start in range(0, len(shard_ids), LOOKUP_CHUNK):
+            for start in range(0, len(all_shards), LOOKUP_CHUNK):
                 listed = select(CacheShard.id, CacheShard.path, CacheShard.layers).where(
-                    CacheShard.id.in_(shard_ids[start : start + LOOKUP_CHUNK])
+                    CacheShard.id.in_(all_shards[start : start + LOOKUP_CHUNK]), CacheShard.space == self.space
                 )
                 shards.update(
                     (shard_id, (path, shard_layers)) for shard_id, path, shard_layers in session.execute(listed)
                 )
+        found = [entry for entry in candidates if entry[1] in shards]
+        if not found:
+            return Hits.none(len(shas))
+        shard_ids = sorted(shards)
         count = len(found)
         texts = np.fromiter((index[entry[0]] for entry in found), dtype=np.int64, count=count)
         ids = np.fromiter((entry[1] for entry in found), dtype=np.int64, count=count)

@@ -200,3 +200,19 @@ def test_runs_of_consecutive_rows_land_at_their_texts_output_rows(cache: state_c
     np.testing.assert_array_equal(out[26:41], states[25:])
     np.testing.assert_array_equal(out[41], states[39])
     assert np.isnan(out[25]).all()
+
+
+def test_a_text_cached_in_another_space_is_not_found_in_this_one(cache: state_cache.HiddenStateCache) -> None:
+    other = state_cache.HiddenStateCache(cache.sessions, cache.store, "o" * 64)
+    theirs, ours = vectors(2, 2, 1), vectors(3, 1, 1)
+    other.add("theirs", ["a", "b"], [1], theirs, [True, True])
+    cache.add("ours", ["b"], [1], ours, [False])
+
+    hits, out = read(cache, ["a", "b"], [1])
+    assert hits.found.tolist() == [False, True]
+    assert hits.truncated.tolist() == [False, False]  # not the other space's flags
+    np.testing.assert_array_equal(out[1], ours[0])
+    assert np.isnan(out[0]).all()
+    hits, out = read(other, ["b", "a"], [1])
+    assert hits.found.tolist() == [True, True]
+    np.testing.assert_array_equal(out, theirs[[1, 0]])
