@@ -18,8 +18,9 @@ measured, not the model. Two cases (`--case workers|million|both`, default both)
     target ≤ 1.1 × texts) and the extraction time of 1,000,000 texts over that of 100,000
     (`linearity`: target ≤ 11). Where the time went, for each size (`small_` the smaller):
     the parts' seconds summed (`parts_s`), the rest (`outside_parts_s`), of it the planning
-    (`planning_s`) and the result read out of the cache (`assembling_s`) and the median seconds of the first and the last tenth of the parts
-    (`part_s_first_tenth`, `part_s_last_tenth`). The downloaded array is checked: its shape,
+    (`planning_s`) and the result read out of the cache (`assembling_s`), and the median
+    seconds of the first and the last tenth of the parts (`part_s_first_tenth`,
+    `part_s_last_tenth`). The downloaded array is checked: its shape,
     and a sample of its rows against the same texts extracted inline by a second, small
     request (equal to 1e-5).
 
@@ -110,9 +111,9 @@ def peak_rss_mb(pid: int) -> float:
     return total / 1024
 
 
-def job_seconds(client: httpx.Client, job_id: str) -> float:
-    """The job's own run time, from its record; asked for once a second, so the bench takes
-    little CPU from the worker (a split job's record lists its parts)."""
+def finished_job(client: httpx.Client, job_id: str) -> tuple[float, dict[str, Any]]:
+    """The job's own run time, from its record, and the record; asked for once a second, so
+    the bench takes little CPU from the worker (a split job's record lists its parts)."""
     job = wait_for(
         lambda: (lambda j: j if j["status"] in ("succeeded", "failed", "cancelled") else None)(
             client.get(f"/v1/jobs/{job_id}").json()
@@ -125,7 +126,7 @@ def job_seconds(client: httpx.Client, job_id: str) -> float:
         raise RuntimeError(f"job {job_id} ended {job['status']}: {job.get('error')}")
     started = np.datetime64(job["started_at"].replace("Z", ""))
     finished = np.datetime64(job["finished_at"].replace("Z", ""))
-    return float((finished - started) / np.timedelta64(1, "ms")) / 1000
+    return float((finished - started) / np.timedelta64(1, "ms")) / 1000, job
 
 
 def run_size(client: httpx.Client, model_id: str, first: int, count: int, folder: Path) -> dict[str, Any]:
@@ -148,8 +149,8 @@ def run_size(client: httpx.Client, model_id: str, first: int, count: int, folder
         .raise_for_status()
         .json()
     )
-    extract_s = job_seconds(client, created["job"]["id"])
-    seconds = client.get(f"/v1/jobs/{created['job']['id']}").json()["result"].get("seconds", {})
+    extract_s, job = finished_job(client, created["job"]["id"])
+    seconds = job["result"].get("seconds", {})
     started = time.perf_counter()
     target = folder / f"states-{count}.npy"
     with client.stream("GET", f"/v1/extractions/{created['extraction']['id']}/hidden-states") as response:
@@ -169,7 +170,7 @@ def run_size(client: httpx.Client, model_id: str, first: int, count: int, folder
         .raise_for_status()
         .json()
     )
-    job_seconds(client, inline["job"]["id"])
+    finished_job(client, inline["job"]["id"])
     expected = np.load(
         io.BytesIO(client.get(f"/v1/extractions/{inline['extraction']['id']}/hidden-states").raise_for_status().content)
     )
@@ -240,7 +241,7 @@ def million(folder: Path, database_url: str, texts: int) -> dict[str, Any]:
         stack.start(workers=("worker-a",), env={"MAX_DATASET_BYTES": str(128 * 2**20)})
         client = stack.client(timeout=600)
         model = client.post("/v1/models", json={"name": "tiny", "source": str(model_folder)}).raise_for_status().json()
-        job_seconds(client, model["check_job_id"])
+        finished_job(client, model["check_job_id"])
         # numbered from 200,000,000 and from 100,000,000: statements of the same length in
         # tokens (nine digits each), and none of the small set in the large one
         small = run_size(client, model["id"], 2 * 10**8, min(SMALL_TEXTS, texts), folder)
