@@ -23,8 +23,12 @@ install: $(BIN)/.installed
 run: install
 	$(BIN)/confprobe serve
 
+# the suite in one process per core (at least two: many tests wait on servers and worker
+# processes), a test file's tests in the same process, sharing its fixtures
+TEST_PROCESSES ?= $(shell n=$$(nproc 2>/dev/null || echo 2); [ $$n -lt 2 ] && n=2; echo $$n)
+
 test: install
-	$(BIN)/pytest
+	$(BIN)/pytest --numprocesses $(TEST_PROCESSES) --dist loadfile
 
 # the checks CI runs before the tests: lint, formatting, types
 lint: install
@@ -34,7 +38,7 @@ lint: install
 
 # everything but the tests that start a browser or the whole service
 test-fast: install
-	$(BIN)/pytest -m "not slow"
+	$(BIN)/pytest --numprocesses $(TEST_PROCESSES) --dist loadfile -m "not slow"
 
 bench: install
 	$(PIP_INSTALL) --editable '.[bench]'

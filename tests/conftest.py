@@ -26,6 +26,11 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 os.environ.setdefault("TINKER_TELEMETRY", "0")
+if os.environ.get("PYTEST_XDIST_WORKER"):
+    # `make test` runs the suite in as many processes as the machine has cores: each (and the
+    # gateways and workers its tests start, which inherit this) computes on one thread, or
+    # their thread pools would contend for the same cores and every one of them slow down
+    os.environ.setdefault("OMP_NUM_THREADS", "1")
 
 from app.broker import redis_server_executable
 from app.registry.database import migrate
