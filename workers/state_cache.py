@@ -106,13 +106,21 @@ def tokenize(tokenizer: Any, texts: Sequence[str], max_length: int | None, promp
 
 
 def _forward(
-    loaded: LoadedModel, token_ids: list[list[int]], layers: Sequence[int], token_position: str, device: str
+    loaded: LoadedModel,
+    token_ids: list[list[int]],
+    layers: Sequence[int],
+    token_position: str,
+    device: str,
+    compiled: bool = False,
 ) -> torch.Tensor:
     """One batch, its vectors left on `device` (a GPU's still being computed: nothing here
-    waits for them); on an out-of-memory error the batch is split in two and retried."""
+    waits for them); on an out-of-memory error the batch is split in two and retried. With
+    `compiled`, the blocks run compiled (`hidden_states.compiled_blocks`)."""
     pad_id = loaded.tokenizer.pad_token_id if loaded.tokenizer.pad_token_id is not None else 0
     try:
-        return read_texts(loaded.model, token_ids, layers, token_position, pad_id=pad_id, device=device)
+        return read_texts(
+            loaded.model, token_ids, layers, token_position, pad_id=pad_id, device=device, compiled=compiled
+        )
     except torch.OutOfMemoryError as exc:
         if len(token_ids) == 1:
             raise JobFailed(
@@ -124,8 +132,8 @@ def _forward(
         half = len(token_ids) // 2
         return torch.cat(
             [
-                _forward(loaded, token_ids[:half], layers, token_position, device),
-                _forward(loaded, token_ids[half:], layers, token_position, device),
+                _forward(loaded, token_ids[:half], layers, token_position, device, compiled),
+                _forward(loaded, token_ids[half:], layers, token_position, device, compiled),
             ]
         )
 
@@ -152,6 +160,7 @@ def compute(
     token_budget: int,
     max_batch_size: int,
     on_batch: Callable[[int], None] = lambda done: None,
+    compiled: bool = False,
 ) -> np.ndarray:
     """(texts, layers, hidden) float32 for every text, computed in length-sorted batches. On
     a GPU one batch is queued before the one before it is read back, so padding and copying
@@ -173,7 +182,7 @@ def compute(
         on_batch(done)
 
     for indices in plan_batches([len(ids) for ids in token_ids], token_budget, max_batch_size):
-        states = _forward(loaded, [token_ids[index] for index in indices], layers, token_position, device)
+        states = _forward(loaded, [token_ids[index] for index in indices], layers, token_position, device, compiled)
         pending.append((indices, *_to_host(states)))
         if len(pending) > 1:
             collect()
@@ -568,6 +577,7 @@ def cached_states(
                 token_budget=token_budget or settings.extraction_token_budget,
                 max_batch_size=max_batch_size or settings.extraction_max_batch_size,
                 on_batch=on_batch,
+                compiled=settings.extraction_compile,
             )
         if settings.extraction_cache:
             # one shard per attempt: an attempt taken back must not overwrite the next one's
