@@ -49,7 +49,7 @@ service's figures are then the compiled path's, the eager path's are the `eager_
 the two must agree to 1e-4 of the vectors' scale), against nnsight 0.8.1 (`LanguageModel.trace`, the layers' outputs saved, `tracer.stop()`
 after the deepest) and TransformerLens 4.3.0 (`HookedTransformer` around the same weights,
 `run_with_cache(..., stop_at_layer=16)`), each peer in right-padded batches of 32 in the
-given order. Rounds interleave (service, nnsight, TransformerLens, three times) and
+given order. Rounds interleave (service eager and compiled, nnsight, TransformerLens, three times) and
 medians are reported; each peer's vectors must equal the service's to 1e-3 of their scale,
 or its keys are left out with a note on stderr. Then the same with the texts chat-formatted
 (`prompt_format: chat`, SmolLM2's own template: every text behind the same system turn).
@@ -57,8 +57,8 @@ or its keys are left out with a note on stderr. Then the same with the texts cha
 `real_token_gflops_fraction`: the FLOPs of the blocks the service run actually ran, counted
 on real tokens only (the shared prefix once per batch, the deepest block's query, output
 projection and MLP at the last token), per second, over this run's measured `torch.mm`
-GFLOP/s. Without the peers (`make bench` installs them: the `bench` extra) their keys are
-left out, said on stderr.
+GFLOP/s (`mm_gflops`, the median of one measurement a round). Without the peers (`make
+bench` installs them: the `bench` extra) their keys are left out, said on stderr.
 
 Last line: one JSON object.
 """
@@ -499,7 +499,9 @@ def peers_case(
         seconds: dict[str, list[float]] = {name: [] for name in [*ours, *peers]}
         vectors: dict[str, torch.Tensor] = {}
         count = TokenCount()
+        reference: list[float] = []  # torch.mm's rate, once a round: it drifts with the machine's load and clock
         for round_ in range(rounds):
+            reference.append(mm_gflops())
             for name in seconds:
                 start = time.perf_counter()
                 if name in ours:
@@ -539,9 +541,10 @@ def peers_case(
             figures[f"{key}eager_speedup_vs_best_peer"] = round(best / eager_s, 2)
         if prompt_format == "raw":
             figures["padding_fraction"] = round(count.padded / count.computed, 4)
-            flops, reference = block_flops(model.config, token_ids, settings), mm_gflops()
-            figures["real_token_gflops_fraction"] = round(flops / service_s / 1e9 / reference, 3)
-            figures["eager_real_token_gflops_fraction"] = round(flops / eager_s / 1e9 / reference, 3)
+            flops, mm = block_flops(model.config, token_ids, settings), statistics.median(reference)
+            figures["real_token_gflops_fraction"] = round(flops / service_s / 1e9 / mm, 3)
+            figures["eager_real_token_gflops_fraction"] = round(flops / eager_s / 1e9 / mm, 3)
+            figures["mm_gflops"] = round(mm, 1)
     return figures
 
 
