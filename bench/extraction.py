@@ -516,7 +516,7 @@ def peers_case(
             assert difference <= COMPILED_TOLERANCE * scale, (
                 f"compiled vectors differ by {difference:.3g} of {scale:.3g}"
             )
-        # the service: its fastest configuration measured here (`compiled` says which)
+        # the service's figures: the compiled path's where it runs (`compiled`), else the eager one's
         service = "compiled" if compiling else "eager"
         vectors["service"] = vectors[service]
         eager_s, service_s = statistics.median(seconds["eager"]), statistics.median(seconds[service])
