@@ -101,13 +101,13 @@ def backbone(model: Any) -> Any:
     return base if isinstance(base, torch.nn.Module) else model
 
 
-_COMPILED_FORWARDS: dict[type, Any] = {}
-
-
 def inductor_compiler() -> str | None:
     """The C++ compiler TorchInductor calls to build its kernels ($CXX, else g++), where it is
     on the PATH; None where compiled blocks cannot run."""
     return shutil.which(os.environ.get("CXX") or "g++")
+
+
+_COMPILED_FORWARDS: dict[type, Any] = {}
 
 
 def _compiled_forward(block_class: type[torch.nn.Module]) -> Any:
