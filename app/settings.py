@@ -84,6 +84,14 @@ class Settings(BaseSettings):
         description="Memory a worker may fill with resident models before evicting the least recently used; a model "
         "that does not fit alone fails with `over_memory_budget`. Unset: 90% of the GPU's memory on cuda:N, half the machine's on cpu.",
     )
+    worker_keep_freed_mb: int = Field(
+        1024,
+        ge=0,
+        le=2047,
+        description="Memory a worker's C allocator (glibc) keeps mapped after a batch frees it, for the next batch "
+        "to reuse instead of faulting in fresh pages (requests up to 32 MiB come from its heap): on a CPU worker "
+        "~500 page faults a text fewer. 0 leaves glibc's own thresholds.",
+    )
     heartbeat_interval_s: float = Field(2.0, description="How often a worker writes its heartbeat.")
     heartbeat_ttl_s: float = Field(10.0, description="A worker whose heartbeat is older than this is gone.")
     job_timeout_s: int = Field(6 * 3600, description="A job running longer than this is stopped and failed.")

@@ -96,7 +96,7 @@ from app.registry.tables import CacheShard, Extraction, Job, Model  # noqa: E402
 from app.settings import Settings, get_settings  # noqa: E402
 from tests.real_models import smollm2_gguf_path  # noqa: E402
 from tests.tiny_models import save_tokenizer  # noqa: E402
-from workers import extraction, hidden_states, runtime, state_cache  # noqa: E402
+from workers import allocator, extraction, hidden_states, runtime, state_cache  # noqa: E402
 from workers.context import JobContext  # noqa: E402
 from workers.model_loading import LoadedModel  # noqa: E402
 from workers.resident_models import ResidentModels  # noqa: E402
@@ -459,6 +459,8 @@ def peers_case(
     `text_count` statements, `rounds` interleaved rounds, medians."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
+    # the worker process's allocator, as `runtime.build_runtime` sets it (the peers share it)
+    allocator.keep_freed_memory(settings.worker_keep_freed_mb * 2**20)
     model = AutoModelForCausalLM.from_pretrained(model_folder).eval()
     tokenizer = AutoTokenizer.from_pretrained(model_folder)
     loaded = LoadedModel("mdl_peers", model, tokenizer, 0, 0, True)
