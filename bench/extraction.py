@@ -57,7 +57,9 @@ or its keys are left out with a note on stderr. Then the same with the texts cha
 `real_token_gflops_fraction`: the FLOPs of the blocks the service run actually ran, counted
 on real tokens only (the shared prefix once per batch, the deepest block's query, output
 projection and MLP at the last token), per second, over this run's measured `torch.mm`
-GFLOP/s (`mm_gflops`, the median of one measurement a round). Without the peers (`make
+GFLOP/s (`mm_gflops`, the median of one measurement a round); `page_faults_per_text`: the
+minor page faults of the eager service runs after the first, per text (the process keeps
+freed memory as a worker does: `workers/allocator.py`). Without the peers (`make
 bench` installs them: the `bench` extra) their keys are left out, said on stderr.
 
 Last line: one JSON object.
@@ -502,16 +504,19 @@ def peers_case(
         vectors: dict[str, torch.Tensor] = {}
         count = TokenCount()
         reference: list[float] = []  # torch.mm's rate, once a round: it drifts with the machine's load and clock
+        faults = 0  # minor page faults of the eager service runs after the first
         for round_ in range(rounds):
             reference.append(mm_gflops())
             for name in seconds:
-                start = time.perf_counter()
+                start, faulted = time.perf_counter(), resource.getrusage(resource.RUSAGE_SELF).ru_minflt
                 if name in ours:
                     with count if round_ == 0 and name == "eager" else contextlib.nullcontext():
                         vectors[name] = service_vectors(loaded, settings, token_ids, compiled=name == "compiled")
                 else:
                     vectors[name] = peers[name](token_ids)
                 seconds[name].append(time.perf_counter() - start)
+                if name == "eager" and round_ > 0:
+                    faults += resource.getrusage(resource.RUSAGE_SELF).ru_minflt - faulted
         if compiling:
             scale = float(vectors["eager"].abs().max())
             difference = float((vectors["compiled"] - vectors["eager"]).abs().max())
@@ -547,6 +552,8 @@ def peers_case(
             figures["real_token_gflops_fraction"] = round(flops / service_s / 1e9 / mm, 3)
             figures["eager_real_token_gflops_fraction"] = round(flops / eager_s / 1e9 / mm, 3)
             figures["mm_gflops"] = round(mm, 1)
+            if rounds > 1:
+                figures["page_faults_per_text"] = round(faults / (rounds - 1) / len(texts), 1)
     return figures
 
 
