@@ -231,18 +231,6 @@ def pytest_generate_tests(metafunc: pytest.Metafunc) -> None:
         metafunc.parametrize("stack", BACKENDS if both else ["postgresql"], indirect=True, scope="session")
 
 
-def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
-    """Files with the most `slow` tests first, each file's own order kept: `make test` hands
-    whole files to its processes in this order, so the long ones start first and the short
-    ones fill in at the end, rather than the long ones (the worker tests, last by name)
-    ending the run on one process while the other idles."""
-    slow: dict[Path, int] = {}
-    for item in items:
-        slow[item.path] = slow.get(item.path, 0) + (item.get_closest_marker("slow") is not None)
-    collected = {path: index for index, path in enumerate(dict.fromkeys(item.path for item in items))}
-    items.sort(key=lambda item: (-slow[item.path], collected[item.path]))
-
-
 @pytest.fixture
 def database_url(request: pytest.FixtureRequest, databases: Databases) -> str:
     return databases.new(request.param)
