@@ -155,8 +155,9 @@ class Settings(BaseSettings):
         False,
         description="Run the transformer blocks of an extraction compiled by torch.compile (TorchInductor: on a CPU "
         "it needs a C++ compiler, g++ or clang): element-wise work fused around the matrix products; on SmolLM2 on a "
-        "2-core CPU as fast as eager blocks once the worker keeps freed memory (97.3 against 96.9 texts/s). A worker's first batch of each architecture "
-        "compiles first (10 s to 2 min); vectors equal the eager ones to float32 rounding (1e-4 relative).",
+        "2-core CPU as fast as eager blocks once the worker keeps freed memory (97.3 against 96.9 texts/s). A "
+        "worker's first batch of each architecture compiles first (10 s to 2 min); vectors equal the eager ones to "
+        "float32 rounding (1e-4 relative).",
     )
     extraction_part_texts: int = Field(
         2000,

@@ -461,8 +461,6 @@ def peers_case(
     `text_count` statements, `rounds` interleaved rounds, medians."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    # the worker process's allocator, as `runtime.build_runtime` sets it (the peers share it)
-    allocator.keep_freed_memory(settings.worker_keep_freed_mb * 2**20)
     model = AutoModelForCausalLM.from_pretrained(model_folder).eval()
     tokenizer = AutoTokenizer.from_pretrained(model_folder)
     loaded = LoadedModel("mdl_peers", model, tokenizer, 0, 0, True)
@@ -639,6 +637,8 @@ def main() -> None:
     )
     args = parser.parse_args()
     torch.set_num_threads(max(1, torch.get_num_threads()))
+    # the process's allocator as a worker process sets it (the peers share the process)
+    allocator.keep_freed_memory(Settings().worker_keep_freed_mb * 2**20)
     if args.peers_only:
         peers_only(args.peer_texts, args.peer_rounds)
         return

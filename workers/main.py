@@ -15,7 +15,7 @@ from rq.exceptions import InvalidJobOperation, StopRequested
 from app import broker, jobs, logs
 from app.registry.tables import Job
 from app.settings import Settings, get_settings
-from workers import runtime
+from workers import allocator, runtime
 from workers.runtime import REDIS_DOWN, WorkerRuntime, backoff
 
 log = logging.getLogger("workers.main")
@@ -177,6 +177,8 @@ def run_worker(settings: Settings | None = None, burst: bool = False) -> None:
     # bitsandbytes warns on every 8-bit matmul that it casts float32 inputs to float16
     warnings.filterwarnings("ignore", message="MatMul8bitLt")
 
+    # once for the process: the memory its batches free stays mapped for the next batch
+    allocator.keep_freed_memory(settings.worker_keep_freed_mb * 2**20)
     worker_runtime = runtime.build_runtime(settings)
     runtime.install(worker_runtime)
     logging.getLogger("rq.worker").addFilter(QuietRetries(worker_runtime))

@@ -21,7 +21,7 @@ from app.registry.database import changed_rows, create_registry_engine, session_
 from app.registry.tables import Adapter, Job, Model, utcnow
 from app.settings import Settings, get_settings
 from app.storage import ArtifactStore, open_store
-from workers import allocator, hidden_states
+from workers import hidden_states
 from workers.model_loading import LoadedModel, active_adapter, explained_quantization_errors
 from workers.resident_models import ResidentModels
 
@@ -345,7 +345,6 @@ def memory_budget_bytes(settings: Settings) -> int:
 
 
 def build_runtime(settings: Settings) -> WorkerRuntime:
-    allocator.keep_freed_memory(settings.worker_keep_freed_mb * 2**20)
     if settings.extraction_compile and hidden_states.inductor_compiler() is None:
         log.warning(
             "EXTRACTION_COMPILE is set but TorchInductor finds no C++ compiler ($CXX, else g++): "
