@@ -24,6 +24,7 @@ only for the causal decoders whose blocks this module knows, `trimmable`):
 
 import functools
 import inspect
+import logging
 import os
 import shutil
 import sys
@@ -37,6 +38,8 @@ import torch
 from workers.errors import JobFailed
 
 TokenPosition = str  # "last" | "mean"
+
+log = logging.getLogger("workers.hidden_states")
 
 
 class _StopForward(Exception):
@@ -108,6 +111,25 @@ def inductor_compiler() -> str | None:
 
 
 _COMPILED_FORWARDS: dict[type, Any] = {}
+# why compiling failed in this process (the first failure), after which blocks run eagerly
+_COMPILE_FAILURE: list[str] = []
+
+
+def compile_failure() -> str | None:
+    """Why TorchInductor failed to compile blocks in this process, if it did: from then on
+    this process runs its blocks eagerly."""
+    return _COMPILE_FAILURE[0] if _COMPILE_FAILURE else None
+
+
+def _record_compile_failure(exc: Exception) -> None:
+    reason = next((line.strip() for line in str(exc).splitlines() if line.strip()), type(exc).__name__)
+    _COMPILE_FAILURE.append(reason)
+    log.warning(
+        "compiling blocks failed (%s): this process runs its blocks eagerly from now on, with the same "
+        "vectors; a damaged TorchInductor cache is one cause (delete $TORCHINDUCTOR_CACHE_DIR, by default "
+        "/tmp/torchinductor_<user>)",
+        reason,
+    )
 
 
 def _compiled_forward(block_class: type[torch.nn.Module]) -> Any:
@@ -375,7 +397,27 @@ def read_layers(
     """Pooled hidden states of one padded batch: (batch, len(layers), hidden), float32. With
     `prefix`, the batch holds each text's tokens after that prefix (position ids starting at
     its length); with `trim` (`last` only, a `trimmable` model), the deepest block runs at
-    the last real tokens only; with `compiled`, the blocks run compiled (`compiled_blocks`)."""
+    the last real tokens only; with `compiled`, the blocks run compiled (`compiled_blocks`),
+    unless compiling has failed in this process: then, and for the batch that failed, they
+    run eagerly (`compile_failure` says why)."""
+    if compiled and prefix is None and not _COMPILE_FAILURE:
+        try:
+            return _read_layers(model, batch, layers, token_position, trim=trim, prefix=None, compiled=True)
+        except torch._dynamo.exc.BackendCompilerFailed as exc:  # the C++ compiler's error, among others
+            _record_compile_failure(exc)
+    return _read_layers(model, batch, layers, token_position, trim=trim, prefix=prefix, compiled=False)
+
+
+def _read_layers(
+    model: Any,
+    batch: Batch,
+    layers: Sequence[int],
+    token_position: TokenPosition,
+    *,
+    trim: bool,
+    prefix: SharedPrefix | None,
+    compiled: bool,
+) -> torch.Tensor:
     blocks = find_blocks(model)
     body = backbone(model)
     deepest = max(layers)

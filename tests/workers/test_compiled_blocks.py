@@ -1,8 +1,13 @@
 """Compiled blocks (the `extraction_compile` setting; `compiled_blocks` in
 workers/hidden_states.py): blocks run through `torch.compile` give each text the vectors of a
-direct Hugging Face forward pass on it alone, the model is left as it was, and a worker
-without a C++ compiler for TorchInductor runs its blocks eagerly."""
+direct Hugging Face forward pass on it alone, the model is left as it was, a worker
+without a C++ compiler for TorchInductor runs its blocks eagerly, and so does one whose
+compiler fails."""
 
+import json
+import os
+import subprocess
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -95,3 +100,63 @@ def test_a_worker_without_a_cpp_compiler_runs_its_blocks_eagerly(
     monkeypatch.delenv("CXX")
     assert runtime.build_runtime(settings).settings.extraction_compile is True
     assert hidden_states.inductor_compiler() is not None
+
+
+# A C++ compiler that answers for its version but fails every build (as one reading a damaged
+# precompiled header did), counting the builds it was asked for.
+BROKEN_COMPILER = """#!/bin/sh
+case "$*" in *--version*|*-dumpversion*|*-v) exec g++ "$@";; esac
+echo "$@" >> "$(dirname "$0")/builds"
+echo "g++: internal compiler error" >&2
+exit 1
+"""
+
+# Three texts read eagerly, then compiled (the compiler fails), then compiled again: the
+# vectors' differences from the eager ones and the builds attempted after each compiled read.
+BROKEN_COMPILE = """
+import json, sys, tempfile
+from pathlib import Path
+from transformers import AutoModelForCausalLM
+from tests import tiny_models
+from workers import hidden_states
+
+folder = tiny_models.save_tiny_llama(Path(tempfile.mkdtemp()), layers=3)
+model = AutoModelForCausalLM.from_pretrained(folder, local_files_only=True).eval()
+builds = Path(sys.argv[1])
+ids = [[5, 6, 7, 8, 9], [10, 11, 12], [13, 14, 15, 16]]
+def read(compiled):
+    return hidden_states.read_texts(model, ids, [1, 3], "last", pad_id=0, device="cpu", compiled=compiled)
+eager = read(False)
+first = read(True)
+after_first = len(builds.read_text().splitlines()) if builds.exists() else 0
+again = read(True)
+print(json.dumps({
+    "first": float((first - eager).abs().max()),
+    "again": float((again - eager).abs().max()),
+    "builds_after_first": after_first,
+    "builds_after_again": len(builds.read_text().splitlines()) if builds.exists() else 0,
+    "failure": hidden_states.compile_failure(),
+}))
+"""
+
+
+def test_a_compiler_that_fails_leaves_the_blocks_eager_with_the_same_vectors(tmp_path: Path) -> None:
+    compiler = tmp_path / "g++"
+    compiler.write_text(BROKEN_COMPILER)
+    compiler.chmod(0o755)
+    environment = {**os.environ, "CXX": str(compiler), "TORCHINDUCTOR_CACHE_DIR": str(tmp_path / "inductor")}
+    done = subprocess.run(
+        [sys.executable, "-c", BROKEN_COMPILE, str(tmp_path / "builds")],
+        capture_output=True,
+        text=True,
+        env=environment,
+        timeout=300,
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+    result = json.loads(done.stdout.splitlines()[-1])
+    # the failing batch itself was read eagerly, and so was the next, without a new attempt
+    assert result["first"] == 0.0 and result["again"] == 0.0
+    assert result["builds_after_first"] >= 1
+    assert result["builds_after_again"] == result["builds_after_first"]
+    assert "C++ compile error" in result["failure"]
+    assert "compiling blocks failed" in done.stderr
