@@ -400,6 +400,8 @@ def read_layers(
     the last real tokens only; with `compiled`, the blocks run compiled (`compiled_blocks`),
     unless compiling has failed in this process: then, and for the batch that failed, they
     run eagerly (`compile_failure` says why)."""
+    # with a prefix, each block writes its layer of the cache (an index the compiled graph
+    # would be specialised on, once a block): those batches run eagerly
     if compiled and prefix is None and not _COMPILE_FAILURE:
         try:
             return _read_layers(model, batch, layers, token_position, trim=trim, prefix=None, compiled=True)
@@ -434,11 +436,7 @@ def _read_layers(
     elif _accepts(body, "use_cache"):
         inputs["use_cache"] = False
     trimmed: torch.Tensor | None = None
-    # with a prefix, each block writes its layer of the cache (an index the compiled graph
-    # would be specialised on, once a block): those batches run eagerly
-    compiling = (
-        compiled_blocks(blocks[: deepest - 1 if trim else deepest]) if compiled and prefix is None else nullcontext()
-    )
+    compiling = compiled_blocks(blocks[: deepest - 1 if trim else deepest]) if compiled else nullcontext()
     with torch.inference_mode(), compiling, capturing(blocks, layers, trim=trim) as captured:
         try:
             body(**inputs)
