@@ -157,6 +157,12 @@ def _finish(worker: WorkerRuntime, job_id: str, attempt: int, started: float, **
         pass  # a figure lost to a Redis outage; the job's outcome is in the registry
 
 
+def timed_out(exc: BaseException) -> bool:
+    """Whether `exc` is RQ's alarm for the job's time limit, also where it went off inside a
+    database statement (SQLAlchemy wraps it in a StatementError, the alarm as `orig`)."""
+    return isinstance(exc, JobTimeoutException) or isinstance(getattr(exc, "orig", None), JobTimeoutException)
+
+
 def unexpected_error_message(exc: Exception) -> str:
     """What a job's record says of an unexpected error: its kind and text, but for an OSError
     only the system's reason, as its text repeats the server's paths (the log keeps them)."""
@@ -230,21 +236,21 @@ def run_started(worker: WorkerRuntime, job: Job, part: bool = False) -> None:
                 "details": {"backend": "database"},
             },
         )
-    except JobTimeoutException:
-        # RQ's alarm (JOB_TIMEOUT_S, set on every job when it is queued) went off in the handler
-        rq_job = get_current_job()
-        limit = int(rq_job.timeout) if rq_job is not None and rq_job.timeout else worker.settings.job_timeout_s
-        log.warning("job stopped: it ran longer than its limit of %d s", limit)
-        finish(
-            status="failed",
-            error={
-                "code": "timeout",
-                "message": f"the job ran longer than its limit of {limit} s (JOB_TIMEOUT_S)",
-                "details": {"limit_s": limit},
-            },
-        )
     except Exception as exc:
-        if disk_full(exc):
+        if timed_out(exc):
+            # RQ's alarm (JOB_TIMEOUT_S, set on every job when it is queued) went off in the handler
+            rq_job = get_current_job()
+            limit = int(rq_job.timeout) if rq_job is not None and rq_job.timeout else worker.settings.job_timeout_s
+            log.warning("job stopped: it ran longer than its limit of %d s", limit)
+            finish(
+                status="failed",
+                error={
+                    "code": "timeout",
+                    "message": f"the job ran longer than its limit of {limit} s (JOB_TIMEOUT_S)",
+                    "details": {"limit_s": limit},
+                },
+            )
+        elif disk_full(exc):
             log.error("job failed: no space left: %s", exc)
             message = "no space is left on the worker's disk or in the artifact store; free some and run the job again"
             finish(status="failed", error={"code": "store_full", "message": message, "details": {"backend": "disk"}})

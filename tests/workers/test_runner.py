@@ -5,6 +5,8 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+import sqlalchemy
+from rq.timeouts import JobTimeoutException
 from sqlalchemy import update
 
 from app.job_kinds import PARAMETERS
@@ -94,6 +96,23 @@ def test_a_job_that_runs_out_of_disk_fails_as_store_full(
     run_queued_jobs(settings)
     error = api.get(f"/v1/jobs/{job_id}").json()["error"]
     assert (error["code"], error["details"]) == ("store_full", {"backend": "disk"})
+
+
+def test_a_time_limit_reached_inside_a_database_statement_fails_the_job_as_timeout(
+    api: Any, settings: Settings, tiny_llama: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    def alarm_inside_a_statement(context: runner.JobContext) -> dict[str, Any]:
+        # RQ's alarm going off while SQLAlchemy runs a statement reaches the runner wrapped
+        alarm = JobTimeoutException("Task exceeded maximum timeout value (2 seconds)")
+        raise sqlalchemy.exc.StatementError(
+            f"({type(alarm).__module__}.{type(alarm).__name__}) {alarm}", "UPDATE jobs", None, alarm
+        )
+
+    monkeypatch.setitem(runner.HANDLERS, "model_check", alarm_inside_a_statement)
+    job_id = register(api, tiny_llama).json()["check_job_id"]
+    run_queued_jobs(settings)
+    error = api.get(f"/v1/jobs/{job_id}").json()["error"]
+    assert (error["code"], error["details"]) == ("timeout", {"limit_s": settings.job_timeout_s})
 
 
 def test_an_unexpected_os_error_is_recorded_without_the_servers_paths(
