@@ -136,15 +136,35 @@ def test_no_batch_computes_more_padding_than_its_cap_even_on_a_long_tail_of_leng
     # most texts short, a long tail of longer ones: one token budget would batch the tail together
     lengths = [rng.randint(12, 20) for _ in range(900)] + [rng.randint(21, 200) for _ in range(100)]
     for cap in (0.0, 0.05, 0.1, 0.3):
-        batches = plan_batches(lengths, token_budget=16_384, max_batch_size=256, max_padding=cap)
+        batches = plan_batches(lengths, token_budget=16_384, max_batch_size=256, max_padding=cap, free_padding=0)
         assert sorted(index for batch in batches for index in batch) == list(range(len(lengths)))
         for batch in batches:
             padded = max(lengths[i] for i in batch) * len(batch)
             assert padded - sum(lengths[i] for i in batch) <= cap * padded + 1e-9
+        # by default a batch may also pad 64 tokens, whatever its size
+        for batch in plan_batches(lengths, token_budget=16_384, max_batch_size=256, max_padding=cap):
+            padded = max(lengths[i] for i in batch) * len(batch)
+            assert padded - sum(lengths[i] for i in batch) <= max(cap * padded, 64)
     # with no cap worth the name, the same texts waste far more
     loose = plan_batches(lengths, token_budget=16_384, max_batch_size=256, max_padding=1.0)
     capped = plan_batches(lengths, token_budget=16_384, max_batch_size=256, max_padding=0.1)
     assert padding_waste(lengths, capped) < 0.5 * padding_waste(lengths, loose)
+
+
+def test_the_few_longest_and_shortest_texts_join_a_batch_instead_of_running_alone() -> None:
+    # 3 texts of 24 tokens, 520 of 20, 2 of 5 and 3 of 4: capped at 5% padding alone, the
+    # longest run with one text of 20 and the shortest as batches of 2 and 3 rows
+    lengths = [24] * 3 + [20] * 520 + [5] * 2 + [4] * 3
+    strict = plan_batches(lengths, token_budget=16_384, max_batch_size=256, free_padding=0)
+    assert [len(batch) for batch in strict] == [4, 256, 256, 7, 2, 3]
+    batches = plan_batches(lengths, token_budget=16_384, max_batch_size=256)
+    assert sorted(index for batch in batches for index in batch) == list(range(len(lengths)))
+    assert [len(batch) for batch in batches] == [19, 256, 253]
+    # the longest pad 16 texts of 20 by 4 tokens; the shortest pad 15 tokens to 20 twice and 16 thrice
+    assert [lengths[i] for i in batches[0]] == [24] * 3 + [20] * 16
+    assert [lengths[i] for i in batches[-1][-5:]] == [5, 5, 4, 4, 4]
+    padded = sum(max(lengths[i] for i in batch) * len(batch) for batch in batches)
+    assert padded - sum(lengths) == 16 * 4 + 15 * 2 + 16 * 3
 
 
 def test_a_batch_never_exceeds_the_row_limit() -> None:
