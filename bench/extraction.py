@@ -56,8 +56,10 @@ or its keys are left out with a note on stderr. Then the same with the texts cha
 `padding_fraction`: pad tokens over all tokens the service run computed;
 `real_token_gflops_fraction`: the FLOPs of the blocks the service run actually ran, counted
 on real tokens only (the shared prefix once per batch, the deepest block's query, output
-projection and MLP at the last token), per second, over this run's measured `torch.mm`
-GFLOP/s (`mm_gflops`, the median of one measurement a round); `page_faults_per_text`: the
+projection and MLP at the last token), per second, over the `torch.mm` GFLOP/s measured
+just before and after that run (their mean; the machine's rate drifts by a quarter within
+minutes), the median over the rounds (`mm_gflops`: the median of all those measurements);
+`page_faults_per_text`: the
 minor page faults of the eager service runs after the first, per text (the process keeps
 freed memory as a worker does: `workers/allocator.py`). Without the peers (`make
 bench` installs them: the `bench` extra) their keys are left out, said on stderr.
@@ -501,11 +503,12 @@ def peers_case(
         seconds: dict[str, list[float]] = {name: [] for name in [*ours, *peers]}
         vectors: dict[str, torch.Tensor] = {}
         count = TokenCount()
-        reference: list[float] = []  # torch.mm's rate, once a round: it drifts with the machine's load and clock
+        # torch.mm's rate just before and after each run of ours: it drifts with the machine's load and clock
+        reference: dict[str, list[tuple[float, float]]] = {name: [] for name in ours}
         faults = 0  # minor page faults of the eager service runs after the first
         for round_ in range(rounds):
-            reference.append(mm_gflops())
             for name in seconds:
+                before = mm_gflops() if name in ours else 0.0
                 start, faulted = time.perf_counter(), resource.getrusage(resource.RUSAGE_SELF).ru_minflt
                 if name in ours:
                     with count if round_ == 0 and name == "eager" else contextlib.nullcontext():
@@ -515,6 +518,8 @@ def peers_case(
                 seconds[name].append(time.perf_counter() - start)
                 if name == "eager" and round_ > 0:
                     faults += resource.getrusage(resource.RUSAGE_SELF).ru_minflt - faulted
+                if name in ours:
+                    reference[name].append((before, mm_gflops()))
         if compiling:
             scale = float(vectors["eager"].abs().max())
             difference = float((vectors["compiled"] - vectors["eager"]).abs().max())
@@ -546,10 +551,16 @@ def peers_case(
             figures[f"{key}eager_speedup_vs_best_peer"] = round(best / eager_s, 2)
         if prompt_format == "raw":
             figures["padding_fraction"] = round(count.padded / count.computed, 4)
-            flops, mm = block_flops(model.config, token_ids, settings), statistics.median(reference)
-            figures["real_token_gflops_fraction"] = round(flops / service_s / 1e9 / mm, 3)
-            figures["eager_real_token_gflops_fraction"] = round(flops / eager_s / 1e9 / mm, 3)
-            figures["mm_gflops"] = round(mm, 1)
+            flops = block_flops(model.config, token_ids, settings)
+            for name, figure in (
+                (service, "real_token_gflops_fraction"),
+                ("eager", "eager_real_token_gflops_fraction"),
+            ):
+                runs = zip(seconds[name], reference[name], strict=True)
+                figures[figure] = round(
+                    statistics.median(flops / run_s / 1e9 / statistics.mean(mm) for run_s, mm in runs), 3
+                )
+            figures["mm_gflops"] = round(statistics.median(rate for pair in reference[service] for rate in pair), 1)
             if rounds > 1:
                 figures["page_faults_per_text"] = round(faults / (rounds - 1) / len(texts), 1)
     return figures
