@@ -59,9 +59,8 @@ on real tokens only (the shared prefix once per batch, the deepest block's query
 projection and MLP at the last token), per second, over the `torch.mm` GFLOP/s measured
 just before and after that run (their mean; the machine's rate drifts by a quarter within
 minutes), the median over the rounds (`mm_gflops`: the median of all those measurements);
-`page_faults_per_text`: the
-minor page faults of the eager service runs after the first, per text (the process keeps
-freed memory as a worker does: `workers/allocator.py`). Without the peers (`make
+`page_faults_per_text`: the minor page faults of the eager service runs after the first, per
+text (the process keeps freed memory as a worker does: `workers/allocator.py`). Without the peers (`make
 bench` installs them: the `bench` extra) their keys are left out, said on stderr.
 
 Last line: one JSON object.
