@@ -5,8 +5,6 @@ import time
 from collections.abc import Callable, Iterable, Iterator
 from contextlib import contextmanager
 
-import httpx
-
 from confprobe_client.errors import ApiError, JobFailed, Unreachable, WaitTimedOut
 from confprobe_client.transport import Transport
 from confprobe_client.types import Job
@@ -36,7 +34,8 @@ def _final_job_from_events(api: Transport, job_id: str, deadline: float | None, 
     early or outlives the deadline, so that polling takes over. An error that is really
     the service's comes back from polling."""
     read_timeout = api.timeout if deadline is None else max(0.1, min(api.timeout, deadline - time.monotonic()))
-    timeouts = httpx.Timeout(api.timeout, read=read_timeout)
+    # (connect, read, write, pool) as a plain tuple, which any httpx-compatible client takes
+    timeouts = (api.timeout, read_timeout, api.timeout, api.timeout)
     try:
         with api.stream(
             "GET", f"/v1/jobs/{job_id}/events", headers={"accept": "text/event-stream"}, timeout=timeouts
