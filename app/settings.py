@@ -147,7 +147,8 @@ class Settings(BaseSettings):
     )
     extraction_token_budget: int = Field(
         16384,
-        description="Padded tokens per forward batch (rows × longest text); lower it for big models on small devices.",
+        description="Tokens per forward batch, pads included (rows × row width); lower it for big models on small "
+        "devices.",
     )
     extraction_max_batch_size: int = Field(256, description="Most texts in one forward batch.")
     extraction_cache: bool = Field(True, description="Keep every extracted vector and serve repeated texts from it.")

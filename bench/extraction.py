@@ -370,25 +370,33 @@ def transformer_lens_vectors(lens: object, token_ids: list[list[int]]) -> torch.
 
 
 class TokenCount:
-    """Counts the tokens the service's batches compute while installed: every padded batch
-    (`hidden_states.pad`: prefixes and rests alike), its pads, and its real tokens."""
+    """Counts the tokens the service's batches compute while installed: every batch laid out
+    (`hidden_states.pad` and `hidden_states.pad_packed`: prefixes and rests, padded and
+    packed rows alike), its pads, and its real tokens."""
+
+    LAYOUTS = ("pad", "pad_packed")
 
     def __init__(self) -> None:
         self.computed = self.padded = 0
-        self.original = hidden_states.pad
+        self.originals = {name: getattr(hidden_states, name) for name in self.LAYOUTS}
 
     def __enter__(self) -> "TokenCount":
-        def counting(*args: object, **kwargs: object) -> hidden_states.Batch:
-            batch = self.original(*args, **kwargs)  # type: ignore[arg-type]
-            self.computed += batch.attention_mask.numel()
-            self.padded += int(batch.attention_mask.numel() - batch.attention_mask.sum())
-            return batch
+        def counting(original: Callable[..., hidden_states.Batch]) -> Callable[..., hidden_states.Batch]:
+            def count(*args: object, **kwargs: object) -> hidden_states.Batch:
+                batch = original(*args, **kwargs)
+                self.computed += batch.attention_mask.numel()
+                self.padded += int(batch.attention_mask.numel() - batch.attention_mask.sum())
+                return batch
 
-        hidden_states.pad = counting
+            return count
+
+        for name, original in self.originals.items():
+            setattr(hidden_states, name, counting(original))
         return self
 
     def __exit__(self, *_: object) -> None:
-        hidden_states.pad = self.original
+        for name, original in self.originals.items():
+            setattr(hidden_states, name, original)
 
 
 def service_vectors(
@@ -408,11 +416,12 @@ def service_vectors(
     )
 
 
-def block_flops(config: object, token_ids: list[list[int]], settings: Settings) -> float:
+def block_flops(config: object, token_ids: list[list[int]], settings: Settings, packed: bool = True) -> float:
     """FLOPs of the blocks the service runs for these texts, on real tokens only: per token
     and block, 2 × the block's weights' multiply-adds plus attention over the earlier tokens
-    (4 × head width × keys); the shared prefix of a batch counted once; in the deepest block,
-    keys and values for every token and everything else at the last token."""
+    of its own text (4 × head width × keys); the shared prefix of a batch counted once; in
+    the deepest block, keys and values for every token and everything else at the last
+    token. Batches as the service plans them (`packed`: for a model whose texts share rows)."""
     hidden = config.hidden_size  # type: ignore[attr-defined]
     heads = config.num_attention_heads  # type: ignore[attr-defined]
     kv = config.num_key_value_heads * (hidden // heads)  # type: ignore[attr-defined]
@@ -423,7 +432,7 @@ def block_flops(config: object, token_ids: list[list[int]], settings: Settings) 
     total = 0.0
     lengths = [len(ids) for ids in token_ids]
     for indices in hidden_states.plan_batches(
-        lengths, settings.extraction_token_budget, settings.extraction_max_batch_size
+        lengths, settings.extraction_token_budget, settings.extraction_max_batch_size, packed=packed
     ):
         texts = [token_ids[index] for index in indices]
         prefix = hidden_states.shared_prefix_length(texts)

@@ -85,7 +85,9 @@ def block_flops(token_ids: list[list[int]]) -> float:
     qo, kv_weights, mlp = 2 * hidden * hidden, 2 * hidden * kv, 3 * hidden * intermediate
     shortcuts = hidden_states.DEFAULT_SHORTCUTS
     total = 0.0
-    for indices in hidden_states.plan_batches([len(ids) for ids in token_ids], TOKEN_BUDGET, MAX_BATCH_SIZE):
+    lengths = [len(ids) for ids in token_ids]
+    # batches as the worker plans them for a Llama model: its texts share rows
+    for indices in hidden_states.plan_batches(lengths, TOKEN_BUDGET, MAX_BATCH_SIZE, packed=True):
         texts = [token_ids[index] for index in indices]
         prefix = hidden_states.shared_prefix_length(texts)
         if prefix < shortcuts.min_prefix or prefix * (len(texts) - 1) < shortcuts.min_prefix_saving:

@@ -30,7 +30,7 @@ from app.registry.tables import Adapter, CachedText, CacheShard, Model, utcnow
 from app.storage import ArtifactStore
 from workers import arrays
 from workers.errors import JobFailed
-from workers.hidden_states import plan_batches, read_texts
+from workers.hidden_states import packs, plan_batches, read_texts
 from workers.model_loading import LoadedModel
 from workers.prompts import prompt_strings
 
@@ -181,7 +181,8 @@ def compute(
         done += len(indices)
         on_batch(done)
 
-    for indices in plan_batches([len(ids) for ids in token_ids], token_budget, max_batch_size):
+    lengths = [len(ids) for ids in token_ids]
+    for indices in plan_batches(lengths, token_budget, max_batch_size, packed=packs(loaded.model)):
         states = _forward(loaded, [token_ids[index] for index in indices], layers, token_position, device, compiled)
         pending.append((indices, *_to_host(states)))
         if len(pending) > 1:
@@ -498,7 +499,7 @@ def plan_missing(
         request.prompt_format,
     )
     lengths = [len(ids) for ids in tokenized.token_ids]
-    batches = plan_batches(lengths, token_budget, max_batch_size)
+    batches = plan_batches(lengths, token_budget, max_batch_size, packed=packs(loaded.model))
     return BatchPlan(
         missing=missing,
         batches=batches,

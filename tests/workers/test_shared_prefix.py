@@ -73,9 +73,9 @@ def shortcuts_taken(monkeypatch: pytest.MonkeyPatch) -> list[tuple[str, int]]:
         taken.append(("prefix", len(prefix_ids)))
         return run_prefix(model, prefix_ids, *args)
 
-    def recording_trim(block: Any, reached: Any, key_mask: torch.Tensor, last: torch.Tensor) -> torch.Tensor:
-        taken.append(("trim", len(last)))
-        return block_at_last(block, reached, key_mask, last)
+    def recording_trim(block: Any, reached: Any, last: Any) -> torch.Tensor:
+        taken.append(("trim", len(last.columns)))
+        return block_at_last(block, reached, last)
 
     monkeypatch.setattr(hidden_states, "run_prefix", recording_prefix)
     monkeypatch.setattr(hidden_states, "_block_at_last", recording_trim)
