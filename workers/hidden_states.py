@@ -651,23 +651,16 @@ def _read_layers(
         ]
         if missing:
             raise JobFailed("unsupported_model", f"the model never produced layers {missing}")
-        pooled = [
-            trimmed.float()
-            if layer == deepest and trimmed is not None
-            else pool_packed(captured[layer], batch, token_position, prefix.sums[layer], prefix_length)
-            if batch.segments is not None and prefix is not None
-            else pool_packed(captured[layer], batch, token_position)
-            if batch.segments is not None
-            else pool(
-                captured[layer],
-                batch.attention_mask,
-                token_position,
-                prefix.sums[layer] if prefix is not None else None,
-                prefix_length,
-            )
-            for layer in layers
-        ]
-        return torch.stack(pooled, dim=1)
+
+        def pooled(layer: int) -> torch.Tensor:
+            if layer == deepest and trimmed is not None:
+                return trimmed.float()
+            prefix_sum = prefix.sums[layer] if prefix is not None else None
+            if batch.segments is not None:
+                return pool_packed(captured[layer], batch, token_position, prefix_sum, prefix_length)
+            return pool(captured[layer], batch.attention_mask, token_position, prefix_sum, prefix_length)
+
+        return torch.stack([pooled(layer) for layer in layers], dim=1)
 
 
 @dataclass(frozen=True)
