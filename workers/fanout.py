@@ -90,13 +90,13 @@ class PartRow:
 def cut_plan(plan: BatchPlan, part_texts: int) -> list[list[int]]:
     """The plan's batches, in order, cut into runs of whole batches: a run for every
     `part_texts` texts it takes to hold them all, each about as much work as the others (by
-    padded tokens, rows × longest: the plan puts the longest texts first, and a run of them
-    costs more than as many short ones) — but the last of them cut in two halves, so that
-    workers taking runs in order end within half a run of each other. Each run as the
-    texts' positions in the list the plan was made for, ascending."""
+    the tokens its batches compute, pads included, `BatchPlan.batch_tokens`: the plan puts the
+    longest texts first, and a run of them costs more than as many short ones) — but the last
+    of them cut in two halves, so that workers taking runs in order end within half a run of
+    each other. Each run as the texts' positions in the list the plan was made for, ascending."""
     count = math.ceil(len(plan.missing) / part_texts)
     shares = [1.0] * (count - 1) + ([0.5, 0.5] if count > 1 else [1.0])
-    costs = [len(batch) * max(plan.lengths[index] for index in batch) for batch in plan.batches]
+    costs = [plan.batch_tokens(batch) for batch in plan.batches]
     total = sum(costs)
     ends = [total * sum(shares[: number + 1]) / count for number in range(len(shares) - 1)]
     parts: list[list[int]] = []

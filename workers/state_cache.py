@@ -30,7 +30,7 @@ from app.registry.tables import Adapter, CachedText, CacheShard, Model, utcnow
 from app.storage import ArtifactStore
 from workers import arrays
 from workers.errors import JobFailed
-from workers.hidden_states import packs, plan_batches, read_texts
+from workers.hidden_states import packed_size, packs, plan_batches, read_texts
 from workers.model_loading import LoadedModel
 from workers.prompts import prompt_strings
 
@@ -450,7 +450,7 @@ class BatchPlan:
     """What `cached_states` would compute for a list of texts, and in which batches: `missing`
     holds the position in the list of the first occurrence of each text the cache lacks, in
     the list's order; `batches` hold indices into `missing`, as `compute` runs them, planned
-    within `token_budget` and `max_batch_size`."""
+    within `token_budget` and `max_batch_size` (`packed`: texts sharing rows)."""
 
     missing: list[int]
     batches: list[list[int]]
@@ -459,6 +459,12 @@ class BatchPlan:
     missing_shas: list[str]  # the sha256 of each missing text, as `missing`
     token_budget: int
     max_batch_size: int
+    packed: bool = False
+
+    def batch_tokens(self, batch: Sequence[int]) -> int:
+        """Tokens a batch of the plan computes, pads included: rows × longest, or packed."""
+        lengths = [self.lengths[index] for index in batch]
+        return packed_size(lengths) if self.packed else len(lengths) * max(lengths)
 
 
 def plan_missing(
@@ -499,7 +505,8 @@ def plan_missing(
         request.prompt_format,
     )
     lengths = [len(ids) for ids in tokenized.token_ids]
-    batches = plan_batches(lengths, token_budget, max_batch_size, packed=packs(loaded.model))
+    packed = packs(loaded.model)
+    batches = plan_batches(lengths, token_budget, max_batch_size, packed=packed)
     return BatchPlan(
         missing=missing,
         batches=batches,
@@ -508,6 +515,7 @@ def plan_missing(
         missing_shas=[unique[index] for index in missing_unique],
         token_budget=token_budget,
         max_batch_size=max_batch_size,
+        packed=packed,
     )
 
 

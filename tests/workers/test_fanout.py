@@ -27,7 +27,7 @@ from workers import fanout, runtime
 from workers.context import JobContext
 from workers.errors import JobFailed
 from workers.fanout import cut_plan
-from workers.hidden_states import plan_batches
+from workers.hidden_states import packed_size, plan_batches
 from workers.state_cache import BatchPlan
 
 WORDS = ["Paris", "city", "France", "of", "is", "the", "Tokyo", "Japan", "river", "north", "capital", "large"]
@@ -141,6 +141,38 @@ def test_a_run_of_whole_batches_is_planned_into_the_same_batches_again() -> None
     assert all(abs(cost(part) - total / 12) <= biggest_batch for part in parts[:-2])
     assert all(abs(cost(part) - total / 24) <= biggest_batch for part in parts[-2:])
     assert len(parts[0]) < len(parts[-3])  # fewer of the longest texts, as many tokens
+
+
+def test_a_packed_plan_is_cut_by_the_tokens_its_batches_compute() -> None:
+    """A packed batch of one long text and many short ones computes a row for the long one
+    and a row for the rest, far fewer tokens than rows × longest: parts of a packed plan are
+    balanced by what their batches compute."""
+    mixed, even = [40] + [5] * 7, [10] * 8  # packed: 2 rows of 40 and 8 rows of 10, 80 tokens each
+    batches: list[list[int]] = []
+    lengths: list[int] = []
+    for number in range(48):
+        batches.append(list(range(len(lengths), len(lengths) + 8)))
+        lengths += mixed if number < 24 else even  # the longest texts first, as a plan has them
+    assert packed_size(mixed) == packed_size(even) == 80
+
+    def cut(packed: bool) -> list[int]:
+        plan = BatchPlan(
+            missing=list(range(len(lengths))),
+            batches=batches,
+            cache_hits=0,
+            lengths=lengths,
+            missing_shas=[f"{index:064x}" for index in range(len(lengths))],
+            token_budget=400,
+            max_batch_size=8,
+            packed=packed,
+        )
+        return [len(part) // 8 for part in cut_plan(plan, part_texts=64)]  # batches per part
+
+    # 48 batches of equal work in 6 parts, the last two halves: 8 batches a part, 4 in each half
+    assert cut(packed=True) == [8, 8, 8, 8, 8, 4, 4]
+    # weighed as rows × longest, a mixed batch (320) counts 4 times an even one (80): parts of
+    # 1,600 take 5 mixed batches each, the fifth the last 4 and 4 even ones, the halves 10 even
+    assert cut(packed=False) == [5, 5, 5, 5, 8, 10, 10]
 
 
 @pytest.mark.slow
