@@ -416,7 +416,7 @@ def service_vectors(
     )
 
 
-def block_flops(config: object, token_ids: list[list[int]], settings: Settings, packed: bool = True) -> float:
+def block_flops(config: object, token_ids: list[list[int]], settings: Settings, packed: bool) -> float:
     """FLOPs of the blocks the service runs for these texts, on real tokens only: per token
     and block, 2 × the block's weights' multiply-adds plus attention over the earlier tokens
     of its own text (4 × head width × keys); the shared prefix of a batch counted once; in
@@ -559,7 +559,7 @@ def peers_case(
             figures[f"{key}eager_speedup_vs_best_peer"] = round(best / eager_s, 2)
         if prompt_format == "raw":
             figures["padding_fraction"] = round(count.padded / count.computed, 4)
-            flops = block_flops(model.config, token_ids, settings)
+            flops = block_flops(model.config, token_ids, settings, packed=hidden_states.packs(model))
             for name, figure in (
                 (service, "real_token_gflops_fraction"),
                 ("eager", "eager_real_token_gflops_fraction"),

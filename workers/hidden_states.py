@@ -721,13 +721,14 @@ def read_texts(
     the shortcuts that pay for this batch (a shared prefix, the trimmed deepest block, packed
     rows) on a `trimmable` model: the same vectors as `read_layers` on the whole texts, each
     padded in a row of its own."""
-    usable = max(layers) > 0 and trimmable(model)
+    known = trimmable(model)
+    usable = max(layers) > 0 and known
     prefix_length = shared_prefix_length(token_ids) if usable and len(token_ids) > 1 else 0
     if prefix_length < shortcuts.min_prefix or prefix_length * (len(token_ids) - 1) < shortcuts.min_prefix_saving:
         prefix_length = 0
     rest = [ids[prefix_length:] for ids in token_ids]
     trim = usable and token_position == "last" and max(len(ids) for ids in rest) >= shortcuts.min_trim_width
-    if packs(model, shortcuts):
+    if shortcuts.pack and known:  # `packs`, its answer on trimmable already in hand
         width, rows = pack_rows([len(ids) for ids in rest], key_cost(model))
         batch = pad_packed(rest, rows, width, pad_id, device, start=prefix_length)
     else:
